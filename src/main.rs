@@ -1,1 +1,21 @@
-fn main() {}
+//! The `amq2api` daemon binary: parse the command line, set up logging, call the library.
+
+use amq2api::cli::{Cli, Command};
+use amq2api::{exit, logging};
+use clap::Parser;
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    logging::init("info");
+    let code = match cli.command {
+        Command::CheckConfig => amq2api::cli::check_config(&cli.config),
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,550 @@
+//! `accounts.toml`: the operator's list of Amazon Q accounts, parsed and validated.
+
+use super::diag::{Diagnostics, Reporter};
+use super::secret::{Secret, sha256};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::num::NonZeroU32;
+use std::path::Path;
+use toml::Spanned;
+
+/// An account id: `[a-z0-9_-]{1,64}`. The key the store, the pool and `amqctl` use.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AccountId(String);
+
+impl AccountId {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() || s.len() > 64 {
+            return Err(format!("account id {s:?} must be 1 to 64 characters long"));
+        }
+        if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-') {
+            return Err(format!("account id {s:?} may only contain lowercase letters, digits, '_' and '-'"));
+        }
+        Ok(AccountId(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One validated account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountSpec {
+    pub id: AccountId,
+    pub label: String,
+    pub client_id: Secret,
+    pub client_secret: Secret,
+    pub refresh_token: Secret,
+    pub profile_arn: Option<String>,
+    /// The region the account's endpoints live in (from `region`, else the profile ARN).
+    pub region: Option<String>,
+    pub enabled: bool,
+    pub weight: NonZeroU32,
+    pub max_concurrency: NonZeroU32,
+}
+
+impl AccountSpec {
+    /// SHA-256 over the credentials as written in the file. The store keeps it beside the
+    /// token chain: a changed fingerprint means the operator gave new credentials, which then
+    /// win over a rotated refresh token kept in the store.
+    pub fn credentials_fingerprint(&self) -> [u8; 32] {
+        let mut buf = Vec::new();
+        for part in [&self.client_id, &self.client_secret, &self.refresh_token] {
+            buf.extend_from_slice(&(part.expose().len() as u64).to_be_bytes());
+            buf.extend_from_slice(part.expose().as_bytes());
+        }
+        sha256(&buf)
+    }
+
+    fn settings_differ(&self, other: &AccountSpec) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.label != other.label {
+            out.push("label");
+        }
+        if self.profile_arn != other.profile_arn {
+            out.push("profile_arn");
+        }
+        if self.region != other.region {
+            out.push("region");
+        }
+        if self.enabled != other.enabled {
+            out.push("enabled");
+        }
+        if self.weight != other.weight {
+            out.push("weight");
+        }
+        if self.max_concurrency != other.max_concurrency {
+            out.push("max_concurrency");
+        }
+        out
+    }
+}
+
+/// The accounts of one valid file, in file order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountSet {
+    accounts: Vec<AccountSpec>,
+}
+
+impl AccountSet {
+    pub fn new(accounts: Vec<AccountSpec>) -> Self {
+        AccountSet { accounts }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &AccountSpec> {
+        self.accounts.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.accounts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.accounts.is_empty()
+    }
+
+    pub fn get(&self, id: &AccountId) -> Option<&AccountSpec> {
+        self.accounts.iter().find(|a| &a.id == id)
+    }
+
+    /// What changed from `self` (the old set) to `new`.
+    pub fn diff(&self, new: &AccountSet) -> AccountsDiff {
+        let old: BTreeMap<&AccountId, &AccountSpec> = self.accounts.iter().map(|a| (&a.id, a)).collect();
+        let newm: BTreeMap<&AccountId, &AccountSpec> = new.accounts.iter().map(|a| (&a.id, a)).collect();
+        let mut diff = AccountsDiff::default();
+        for (id, n) in &newm {
+            match old.get(id) {
+                None => diff.added.push((*id).clone()),
+                Some(o) => {
+                    let credentials = o.credentials_fingerprint() != n.credentials_fingerprint();
+                    let settings = o.settings_differ(n);
+                    if credentials || !settings.is_empty() {
+                        diff.changed.push(AccountChange { id: (*id).clone(), credentials, settings });
+                    }
+                }
+            }
+        }
+        for id in old.keys() {
+            if !newm.contains_key(id) {
+                diff.removed.push((*id).clone());
+            }
+        }
+        diff
+    }
+}
+
+/// The typed difference between two account sets, applied by a live reload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountsDiff {
+    pub added: Vec<AccountId>,
+    pub removed: Vec<AccountId>,
+    pub changed: Vec<AccountChange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountChange {
+    pub id: AccountId,
+    /// client_id, client_secret or refresh_token changed: the token chain restarts.
+    pub credentials: bool,
+    /// Names of the other settings that changed.
+    pub settings: Vec<&'static str>,
+}
+
+impl AccountsDiff {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+impl fmt::Display for AccountsDiff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("no changes");
+        }
+        let mut parts = Vec::new();
+        if !self.added.is_empty() {
+            parts.push(format!("added {}", join(&self.added)));
+        }
+        if !self.removed.is_empty() {
+            parts.push(format!("removed {}", join(&self.removed)));
+        }
+        for c in &self.changed {
+            let mut what: Vec<&str> = Vec::new();
+            if c.credentials {
+                what.push("credentials");
+            }
+            what.extend(c.settings.iter().copied());
+            parts.push(format!("changed {} ({})", c.id, what.join(", ")));
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
+fn join(ids: &[AccountId]) -> String {
+    ids.iter().map(|i| i.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    account: Vec<Spanned<RawAccount>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    id: Option<Spanned<String>>,
+    #[serde(default)]
+    label: String,
+    client_id: Option<Spanned<Secret>>,
+    client_secret: Option<Spanned<Secret>>,
+    refresh_token: Option<Spanned<Secret>>,
+    profile_arn: Option<Spanned<String>>,
+    region: Option<Spanned<String>>,
+    enabled: Option<bool>,
+    weight: Option<Spanned<i64>>,
+    max_concurrency: Option<Spanned<i64>>,
+}
+
+/// Default in-flight cap per account when the file gives none.
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 4;
+
+/// Parses and validates the text of an accounts file. Every problem is reported, each with
+/// its line and column; the set is returned only when there is no error.
+pub fn parse(path: &Path, source: &str) -> Result<(AccountSet, Diagnostics), Diagnostics> {
+    let mut rep = Reporter::new(path, source);
+    let raw: RawFile = match toml::from_str(source) {
+        Ok(raw) => raw,
+        Err(e) => {
+            rep.toml_error(&e);
+            return Err(rep.out);
+        }
+    };
+    let mut seen: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut accounts = Vec::new();
+    for (index, entry) in raw.account.iter().enumerate() {
+        let span = entry.span();
+        let a = entry.get_ref();
+        let what = format!("account #{}", index + 1);
+        let id = match &a.id {
+            None => {
+                rep.error_at(
+                    Some(span.clone()),
+                    format!("{what}: missing `id` (expected [a-z0-9_-]{{1,64}})"),
+                );
+                None
+            }
+            Some(id) => match AccountId::parse(id.get_ref()) {
+                Ok(parsed) => {
+                    let here = rep.position(id.span().start);
+                    if let Some((l, c)) = seen.get(parsed.as_str()) {
+                        rep.error_at(
+                            Some(id.span()),
+                            format!(
+                                "duplicate account id {:?} (first defined at line {l}, column {c})",
+                                parsed.as_str()
+                            ),
+                        );
+                    } else {
+                        seen.insert(parsed.as_str().to_string(), here);
+                    }
+                    Some(parsed)
+                }
+                Err(msg) => {
+                    rep.error_at(Some(id.span()), msg);
+                    None
+                }
+            },
+        };
+        let name = id.as_ref().map(|i| format!("account {:?}", i.as_str())).unwrap_or(what);
+        let secret = |field: &Option<Spanned<Secret>>, key: &str, rep: &mut Reporter| -> Option<Secret> {
+            match field {
+                None => {
+                    rep.error_at(
+                        Some(span.clone()),
+                        format!("{name}: missing `{key}` (required credential)"),
+                    );
+                    None
+                }
+                Some(v) if v.get_ref().expose().trim().is_empty() => {
+                    rep.error_at(Some(v.span()), format!("{name}: `{key}` is empty"));
+                    None
+                }
+                Some(v) => Some(v.get_ref().clone()),
+            }
+        };
+        let client_id = secret(&a.client_id, "client_id", &mut rep);
+        let client_secret = secret(&a.client_secret, "client_secret", &mut rep);
+        let refresh_token = secret(&a.refresh_token, "refresh_token", &mut rep);
+
+        let mut arn_region = None;
+        if let Some(arn) = &a.profile_arn {
+            match parse_profile_arn(arn.get_ref()) {
+                Ok(region) => arn_region = Some(region),
+                Err(msg) => rep.error_at(Some(arn.span()), format!("{name}: {msg}")),
+            }
+        }
+        let mut region = arn_region.clone();
+        if let Some(r) = &a.region {
+            if !valid_region(r.get_ref()) {
+                rep.error_at(
+                    Some(r.span()),
+                    format!(
+                        "{name}: region {:?} is not an AWS region name (expected e.g. \"us-east-1\")",
+                        r.get_ref()
+                    ),
+                );
+            } else {
+                if let Some(ar) = &arn_region {
+                    if ar != r.get_ref() {
+                        rep.error_at(
+                            Some(r.span()),
+                            format!(
+                                "{name}: region {:?} disagrees with the profile ARN's region {ar:?}",
+                                r.get_ref()
+                            ),
+                        );
+                    }
+                }
+                region = Some(r.get_ref().clone());
+            }
+        }
+        let weight = positive(&a.weight, 1, "weight", &name, &mut rep);
+        let max_concurrency =
+            positive(&a.max_concurrency, DEFAULT_MAX_CONCURRENCY, "max_concurrency", &name, &mut rep);
+
+        if let (Some(id), Some(client_id), Some(client_secret), Some(refresh_token), Some(weight), Some(mc)) =
+            (id, client_id, client_secret, refresh_token, weight, max_concurrency)
+        {
+            accounts.push(AccountSpec {
+                id,
+                label: a.label.clone(),
+                client_id,
+                client_secret,
+                refresh_token,
+                profile_arn: a.profile_arn.as_ref().map(|s| s.get_ref().clone()),
+                region,
+                enabled: a.enabled.unwrap_or(true),
+                weight,
+                max_concurrency: mc,
+            });
+        }
+    }
+    if rep.out.has_errors() { Err(rep.out) } else { Ok((AccountSet::new(accounts), rep.out)) }
+}
+
+fn positive(
+    v: &Option<Spanned<i64>>,
+    default: u32,
+    key: &str,
+    name: &str,
+    rep: &mut Reporter,
+) -> Option<NonZeroU32> {
+    match v {
+        None => NonZeroU32::new(default),
+        Some(s) => match u32::try_from(*s.get_ref()).ok().and_then(NonZeroU32::new) {
+            Some(n) if n.get() <= 10_000 => Some(n),
+            _ => {
+                rep.error_at(
+                    Some(s.span()),
+                    format!("{name}: `{key}` must be a whole number from 1 to 10000, not {}", s.get_ref()),
+                );
+                None
+            }
+        },
+    }
+}
+
+/// Checks `arn:aws:codewhisperer:REGION:ACCOUNT12:profile/ID` and returns the region.
+pub fn parse_profile_arn(arn: &str) -> Result<String, String> {
+    let bad = || {
+        format!(
+            "profile_arn {arn:?} is malformed (expected arn:aws:codewhisperer:<region>:<12-digit account>:profile/<ID>)"
+        )
+    };
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    if parts.len() != 6 || parts[0] != "arn" || !parts[1].starts_with("aws") || parts[2] != "codewhisperer" {
+        return Err(bad());
+    }
+    if !valid_region(parts[3]) {
+        return Err(bad());
+    }
+    if parts[4].len() != 12 || !parts[4].bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let Some(profile) = parts[5].strip_prefix("profile/") else {
+        return Err(bad());
+    };
+    if profile.is_empty() || profile.len() > 64 || !profile.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(bad());
+    }
+    Ok(parts[3].to_string())
+}
+
+/// `us-east-1`, `eu-central-1`, `us-gov-west-1`, `ap-southeast-2`, …
+pub fn valid_region(r: &str) -> bool {
+    let parts: Vec<&str> = r.split('-').collect();
+    parts.len() >= 3
+        && parts[0].len() == 2
+        && parts[..parts.len() - 1].iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+        && parts
+            .last()
+            .is_some_and(|p| !p.is_empty() && p.len() <= 2 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Reads and parses an accounts file, adding a warning when the file is readable by others.
+pub fn load(path: &Path) -> Result<(AccountSet, Diagnostics), Diagnostics> {
+    let mut rep = Reporter::new(path, "");
+    let source = match std::fs::read_to_string(path) {
+        Ok(s) => s,
+        Err(e) => {
+            rep.error_at(None, format!("cannot read the accounts file: {e}"));
+            return Err(rep.out);
+        }
+    };
+    let (set, mut diags) = parse(path, &source)?;
+    if let Some(w) = permission_warning(path) {
+        diags.0.push(w);
+    }
+    Ok((set, diags))
+}
+
+fn permission_warning(path: &Path) -> Option<super::diag::Diagnostic> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o004 != 0).then(|| super::diag::Diagnostic {
+        severity: super::diag::Severity::Warning,
+        file: path.to_path_buf(),
+        position: None,
+        message: format!(
+            "the accounts file is readable by every user (mode {:04o}); it holds credentials: chmod 0640 and chown root:amq2api",
+            mode & 0o7777
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[account]]
+id = "a-1"
+client_id = "cid"
+client_secret = "csecret"
+refresh_token = "rt"
+
+[[account]]
+id = "b_2"
+label = "B"
+client_id = "cid2"
+client_secret = "csecret2"
+refresh_token = "rt2"
+profile_arn = "arn:aws:codewhisperer:eu-central-1:123456789012:profile/ABCDEFGHIJKL"
+weight = 3
+max_concurrency = 2
+enabled = false
+"#;
+
+    fn set(src: &str) -> AccountSet {
+        parse(Path::new("accounts.toml"), src).unwrap().0
+    }
+
+    #[test]
+    fn parses_good_file() {
+        let s = set(GOOD);
+        assert_eq!(s.len(), 2);
+        let b = s.get(&AccountId::parse("b_2").unwrap()).unwrap();
+        assert_eq!(b.region.as_deref(), Some("eu-central-1"));
+        assert_eq!(b.weight.get(), 3);
+        assert!(!b.enabled);
+        let a = s.get(&AccountId::parse("a-1").unwrap()).unwrap();
+        assert_eq!(a.max_concurrency.get(), DEFAULT_MAX_CONCURRENCY);
+        assert!(!format!("{s:?}").contains("csecret"));
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let src = r#"
+[[account]]
+id = "Bad Id"
+client_id = "x"
+client_secret = "y"
+refresh_token = "z"
+weight = 0
+
+[[account]]
+id = "ok"
+client_secret = "y"
+refresh_token = "z"
+profile_arn = "arn:aws:s3:::bucket"
+
+[[account]]
+id = "ok"
+client_id = "x"
+client_secret = "y"
+refresh_token = "z"
+"#;
+        let err = parse(Path::new("accounts.toml"), src).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("accounts.toml:3:6: error: account id \"Bad Id\""), "{text}");
+        assert!(text.contains("`weight` must be a whole number"), "{text}");
+        assert!(text.contains("missing `client_id`"), "{text}");
+        assert!(text.contains("profile_arn \"arn:aws:s3:::bucket\" is malformed"), "{text}");
+        assert!(text.contains("duplicate account id \"ok\" (first defined at line 10"), "{text}");
+        assert_eq!(err.errors().count(), 5, "{text}");
+    }
+
+    #[test]
+    fn diff_is_typed() {
+        let old = set(GOOD);
+        let new_src = GOOD
+            .replace("refresh_token = \"rt\"", "refresh_token = \"rt-new\"")
+            .replace("weight = 3", "weight = 5")
+            + r#"
+[[account]]
+id = "c"
+client_id = "c"
+client_secret = "c"
+refresh_token = "c"
+"#;
+        let new = set(&new_src);
+        let d = old.diff(&new);
+        assert_eq!(d.added, vec![AccountId::parse("c").unwrap()]);
+        assert!(d.removed.is_empty());
+        assert_eq!(d.changed.len(), 2);
+        let a = d.changed.iter().find(|c| c.id.as_str() == "a-1").unwrap();
+        assert!(a.credentials && a.settings.is_empty());
+        let b = d.changed.iter().find(|c| c.id.as_str() == "b_2").unwrap();
+        assert!(!b.credentials);
+        assert_eq!(b.settings, vec!["weight"]);
+
+        let removed = new.diff(&old);
+        assert_eq!(removed.removed, vec![AccountId::parse("c").unwrap()]);
+        assert!(old.diff(&old).is_empty());
+        assert_eq!(old.diff(&old).to_string(), "no changes");
+        assert!(d.to_string().contains("added c"));
+    }
+
+    #[test]
+    fn arn_and_region_rules() {
+        assert_eq!(
+            parse_profile_arn("arn:aws:codewhisperer:us-east-1:123456789012:profile/ABCDEFGHIJKL").unwrap(),
+            "us-east-1"
+        );
+        assert!(parse_profile_arn("arn:aws:codewhisperer:us-east-1:12345:profile/X").is_err());
+        assert!(parse_profile_arn("arn:aws:codewhisperer:us-east-1:123456789012:app/X").is_err());
+        assert!(valid_region("us-gov-west-1"));
+        assert!(!valid_region("US-east-1"));
+        assert!(!valid_region("useast1"));
+    }
+}

@@ -1,0 +1,504 @@
+//! The `amq2api.toml` schema (serde, unknown keys refused) and its validation into [`Config`].
+
+use super::diag::{Diagnostics, Reporter};
+use super::secret::{ApiKeys, parse_api_key_entry};
+use super::{
+    AccountsConfig, AuthConfig, Config, ControlConfig, Env, ServerConfig, StateConfig, Strategy, TlsFiles,
+    UpstreamConfig,
+};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    accounts: RawAccounts,
+    #[serde(default)]
+    models: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default)]
+    control: RawControl,
+}
+
+type Secs = Option<Spanned<i64>>;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Spanned<Vec<Spanned<String>>>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+    #[serde(default)]
+    allow_plaintext: bool,
+    max_body_bytes: Option<Spanned<i64>>,
+    request_timeout_secs: Secs,
+    header_read_timeout_secs: Secs,
+    idle_timeout_secs: Secs,
+    max_connections: Option<Spanned<i64>>,
+    max_header_count: Option<Spanned<i64>>,
+    max_header_bytes: Option<Spanned<i64>>,
+    drain_timeout_secs: Secs,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    api_keys: Vec<Spanned<String>>,
+    api_keys_file: Option<Spanned<String>>,
+    #[serde(default)]
+    allow_anonymous: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    endpoint: Option<Spanned<String>>,
+    token_endpoint: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+    connect_timeout_secs: Secs,
+    first_byte_timeout_secs: Secs,
+    stream_idle_timeout_secs: Secs,
+    max_attempts: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAccounts {
+    file: Option<Spanned<String>>,
+    strategy: Option<Spanned<String>>,
+    refresh_before_expiry_secs: Secs,
+    queue_timeout_secs: Secs,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
+}
+
+const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
+const DEFAULT_ACCOUNTS_FILE: &str = "/etc/amq2api/accounts.toml";
+const DEFAULT_STATE_DIR: &str = "/var/lib/amq2api";
+const DEFAULT_CONTROL_SOCKET: &str = "/run/amq2api/control.sock";
+
+/// Resolves a path from the file against the file's own directory.
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() { p.to_path_buf() } else { base.parent().unwrap_or(Path::new(".")).join(p) }
+}
+
+/// The accounts path named by a file that failed validation, so its accounts can still be checked.
+pub(super) fn accounts_path_hint(path: &Path, source: &str) -> Option<PathBuf> {
+    let value: toml::Table = toml::from_str(source).ok()?;
+    let file = value.get("accounts")?.get("file");
+    match file {
+        Some(v) => v.as_str().map(|s| resolve(path, s)),
+        None => Some(PathBuf::from(DEFAULT_ACCOUNTS_FILE)),
+    }
+}
+
+struct Checker<'a> {
+    rep: Reporter<'a>,
+}
+
+impl Checker<'_> {
+    /// A whole number within `min..=max`, or the default when absent.
+    fn number(&mut self, v: &Option<Spanned<i64>>, key: &str, default: i64, min: i64, max: i64) -> i64 {
+        match v {
+            None => default,
+            Some(s) if (min..=max).contains(s.get_ref()) => *s.get_ref(),
+            Some(s) => {
+                self.rep.error_at(
+                    Some(s.span()),
+                    format!("`{key}` must be a whole number from {min} to {max}, not {}", s.get_ref()),
+                );
+                default
+            }
+        }
+    }
+
+    fn secs(&mut self, v: &Secs, key: &str, default: u64, min: i64, max: i64) -> Duration {
+        Duration::from_secs(self.number(v, key, default as i64, min, max) as u64)
+    }
+
+    fn readable_file(&mut self, s: &Spanned<String>, base: &Path, what: &str) -> PathBuf {
+        let p = resolve(base, s.get_ref());
+        if let Err(e) = std::fs::read(&p) {
+            self.rep.error_at(Some(s.span()), format!("{what} {} cannot be read: {e}", p.display()));
+        }
+        p
+    }
+
+    fn uri(&mut self, s: &Option<Spanned<String>>, key: &str) -> Option<http::Uri> {
+        let s = s.as_ref()?;
+        let text = s.get_ref();
+        let uri: http::Uri = match text.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                self.rep.error_at(Some(s.span()), format!("`{key}` {text:?} is not a URL: {e}"));
+                return None;
+            }
+        };
+        let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+        match uri.scheme_str() {
+            Some("https") if !host.is_empty() => Some(uri),
+            Some("http") if is_loopback_host(host) => Some(uri),
+            Some("http") => {
+                self.rep.error_at(
+                    Some(s.span()),
+                    format!("`{key}` {text:?}: http:// is accepted only for loopback addresses (the emulator, tests); use https://"),
+                );
+                None
+            }
+            _ => {
+                self.rep.error_at(
+                    Some(s.span()),
+                    format!("`{key}` {text:?} must be an https:// URL with a host"),
+                );
+                None
+            }
+        }
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Parses and validates the text of `amq2api.toml`. Every problem is reported with its place.
+/// Returns the config and any warnings, or all the errors found.
+pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Diagnostics), Diagnostics> {
+    let mut ck = Checker { rep: Reporter::new(path, source) };
+    let raw: RawConfig = match toml::from_str(source) {
+        Ok(r) => r,
+        Err(e) => {
+            ck.rep.toml_error(&e);
+            return Err(ck.rep.out);
+        }
+    };
+
+    // [server]
+    let s = &raw.server;
+    let mut listen = Vec::new();
+    let mut listen_spans = Vec::new();
+    match &s.listen {
+        None => listen.push(DEFAULT_LISTEN.parse::<SocketAddr>().expect("valid default")),
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                ck.rep.error_at(
+                    Some(list.span()),
+                    "`listen` is empty: give at least one address such as \"127.0.0.1:8443\" (systemd socket activation overrides it)",
+                );
+            }
+            for entry in list.get_ref() {
+                match entry.get_ref().parse::<SocketAddr>() {
+                    Ok(a) => {
+                        listen.push(a);
+                        listen_spans.push(Some(entry.span()));
+                    }
+                    Err(_) => ck.rep.error_at(
+                        Some(entry.span()),
+                        format!(
+                            "listen address {:?} is not IP:PORT (expected e.g. \"0.0.0.0:8443\" or \"[::1]:8443\")",
+                            entry.get_ref()
+                        ),
+                    ),
+                }
+            }
+        }
+    }
+    let cert = s.tls_cert.as_ref().map(|c| ck.readable_file(c, path, "tls_cert"));
+    let credential_key = env.credentials_directory.as_ref().map(|d| d.join("tls.key")).filter(|p| p.exists());
+    let key = match (&s.tls_key, credential_key) {
+        (_, Some(k)) => Some(k),
+        (Some(k), None) => Some(ck.readable_file(k, path, "tls_key")),
+        (None, None) => None,
+    };
+    let tls = match (cert, key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        (Some(_), None) => {
+            ck.rep.error_at(
+                s.tls_cert.as_ref().map(|c| c.span()),
+                "`tls_cert` is set without `tls_key` (or $CREDENTIALS_DIRECTORY/tls.key): both are needed for HTTPS",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            ck.rep.error_at(
+                s.tls_key.as_ref().map(|c| c.span()),
+                "`tls_key` is set without `tls_cert`: both are needed for HTTPS",
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    if s.tls_cert.is_none() && !s.allow_plaintext {
+        for (addr, span) in listen.iter().zip(listen_spans.iter().chain(std::iter::repeat(&None))) {
+            if !addr.ip().is_loopback() {
+                let span = span.clone().or_else(|| s.listen.as_ref().map(|l| l.span()));
+                ck.rep.error_at(
+                    span,
+                    format!(
+                        "listen address {addr} is not loopback and no TLS is configured: set tls_cert and tls_key, listen on 127.0.0.1, or set allow_plaintext = true"
+                    ),
+                );
+            }
+        }
+    }
+    let server = ServerConfig {
+        listen,
+        tls,
+        allow_plaintext: s.allow_plaintext,
+        max_body_bytes: ck.number(&s.max_body_bytes, "max_body_bytes", 32 << 20, 1024, 1 << 30) as u64,
+        request_timeout: ck.secs(&s.request_timeout_secs, "request_timeout_secs", 600, 1, 86_400),
+        header_read_timeout: ck.secs(&s.header_read_timeout_secs, "header_read_timeout_secs", 10, 1, 600),
+        idle_timeout: ck.secs(&s.idle_timeout_secs, "idle_timeout_secs", 120, 1, 86_400),
+        max_connections: ck.number(&s.max_connections, "max_connections", 4096, 1, 1_000_000) as usize,
+        max_header_count: ck.number(&s.max_header_count, "max_header_count", 100, 8, 1000) as usize,
+        max_header_bytes: ck.number(&s.max_header_bytes, "max_header_bytes", 64 << 10, 1024, 1 << 20)
+            as usize,
+        drain_timeout: ck.secs(&s.drain_timeout_secs, "drain_timeout_secs", 20, 0, 3600),
+    };
+
+    // [auth]
+    let mut digests = Vec::new();
+    for k in &raw.auth.api_keys {
+        match parse_api_key_entry(k.get_ref()) {
+            Ok(d) => digests.push(d),
+            Err(msg) => ck.rep.error_at(Some(k.span()), format!("api_keys entry: {msg}")),
+        }
+    }
+    if let Some(f) = &raw.auth.api_keys_file {
+        let p = resolve(path, f.get_ref());
+        match std::fs::read_to_string(&p) {
+            Err(e) => {
+                ck.rep.error_at(Some(f.span()), format!("api_keys_file {} cannot be read: {e}", p.display()))
+            }
+            Ok(text) => {
+                for (n, line) in text.lines().enumerate() {
+                    let line = line.trim();
+                    if line.is_empty() || line.starts_with('#') {
+                        continue;
+                    }
+                    match parse_api_key_entry(line) {
+                        Ok(d) => digests.push(d),
+                        Err(msg) => ck.rep.error_at(
+                            Some(f.span()),
+                            format!("api_keys_file {} line {}: {msg}", p.display(), n + 1),
+                        ),
+                    }
+                }
+            }
+        }
+    }
+    let keys = ApiKeys::new(digests);
+    if keys.is_empty() && !raw.auth.allow_anonymous && !ck.rep.out.has_errors() {
+        ck.rep.error_at(
+            None,
+            "[auth] has no api_keys (and no api_keys_file entries): add a key, or set allow_anonymous = true for a loopback-only setup",
+        );
+    }
+    if raw.auth.allow_anonymous && keys.is_empty() {
+        for addr in server.listen.iter().filter(|a| !a.ip().is_loopback()) {
+            ck.rep.error_at(
+                s.listen.as_ref().map(|l| l.span()),
+                format!("allow_anonymous without api_keys is only allowed on loopback listeners, and {addr} is not one"),
+            );
+        }
+    }
+    let auth = AuthConfig { keys, allow_anonymous: raw.auth.allow_anonymous };
+
+    // [upstream]
+    let u = &raw.upstream;
+    let upstream = UpstreamConfig {
+        endpoint: ck.uri(&u.endpoint, "endpoint"),
+        token_endpoint: ck.uri(&u.token_endpoint, "token_endpoint"),
+        ca_file: u.ca_file.as_ref().map(|c| ck.readable_file(c, path, "ca_file")),
+        connect_timeout: ck.secs(&u.connect_timeout_secs, "connect_timeout_secs", 10, 1, 600),
+        first_byte_timeout: ck.secs(&u.first_byte_timeout_secs, "first_byte_timeout_secs", 120, 1, 3600),
+        stream_idle_timeout: ck.secs(&u.stream_idle_timeout_secs, "stream_idle_timeout_secs", 120, 1, 3600),
+        max_attempts: ck.number(&u.max_attempts, "max_attempts", 3, 1, 100) as u32,
+    };
+
+    // [accounts]
+    let a = &raw.accounts;
+    let strategy = match a.strategy.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+        None | Some(("least-busy", _)) => Strategy::LeastBusy,
+        Some(("round-robin", _)) => Strategy::RoundRobin,
+        Some((other, span)) => {
+            ck.rep.error_at(
+                Some(span),
+                format!("unknown strategy {other:?} (expected \"least-busy\" or \"round-robin\")"),
+            );
+            Strategy::LeastBusy
+        }
+    };
+    let accounts = AccountsConfig {
+        file: a
+            .file
+            .as_ref()
+            .map(|f| resolve(path, f.get_ref()))
+            .unwrap_or_else(|| DEFAULT_ACCOUNTS_FILE.into()),
+        strategy,
+        refresh_before_expiry: ck.secs(
+            &a.refresh_before_expiry_secs,
+            "refresh_before_expiry_secs",
+            300,
+            30,
+            3000,
+        ),
+        queue_timeout: ck.secs(&a.queue_timeout_secs, "queue_timeout_secs", 30, 0, 600),
+    };
+
+    // [models]
+    let mut models = Vec::new();
+    for (prefix, target) in &raw.models {
+        let t = target.get_ref();
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"_:.-".contains(&b)) {
+            ck.rep.error_at(
+                Some(target.span()),
+                format!(
+                    "[models] {prefix:?} = {t:?}: an Amazon Q modelId is made of letters, digits and _ : . -"
+                ),
+            );
+        } else {
+            models.push((prefix.clone(), t.clone()));
+        }
+    }
+
+    // [state], [control]
+    let state = StateConfig {
+        dir: match (&raw.state.dir, &env.state_directory) {
+            (Some(d), _) => resolve(path, d.get_ref()),
+            (None, Some(envdir)) => envdir.clone(),
+            (None, None) => DEFAULT_STATE_DIR.into(),
+        },
+    };
+    let mode = match &raw.control.mode {
+        None => 0o660,
+        Some(m) => match u32::from_str_radix(m.get_ref().trim_start_matches("0o"), 8) {
+            Ok(v) if v <= 0o777 => v,
+            _ => {
+                ck.rep.error_at(
+                    Some(m.span()),
+                    format!("control mode {:?} is not an octal file mode such as \"0660\"", m.get_ref()),
+                );
+                0o660
+            }
+        },
+    };
+    let control = ControlConfig {
+        socket: match (&raw.control.socket, &env.runtime_directory) {
+            (Some(s), _) => resolve(path, s.get_ref()),
+            (None, Some(rt)) => rt.join("control.sock"),
+            (None, None) => DEFAULT_CONTROL_SOCKET.into(),
+        },
+        mode,
+    };
+
+    if ck.rep.out.has_errors() {
+        return Err(ck.rep.out);
+    }
+    let config =
+        Config { path: path.to_path_buf(), server, auth, upstream, accounts, models, state, control };
+    Ok((config, ck.rep.out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(src: &str) -> Result<Config, Diagnostics> {
+        parse_config(Path::new("/etc/amq2api/amq2api.toml"), src, &Env::default()).map(|(c, _)| c)
+    }
+
+    #[test]
+    fn minimal_loopback_config() {
+        let c = parse(
+            r#"
+[server]
+listen = ["127.0.0.1:8080"]
+[auth]
+api_keys = ["sk-amq-0123456789abcdef"]
+[accounts]
+file = "accounts.toml"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(c.accounts.file, PathBuf::from("/etc/amq2api/accounts.toml"));
+        assert_eq!(c.accounts.strategy, Strategy::LeastBusy);
+        assert_eq!(c.upstream.max_attempts, 3);
+        assert!(c.upstream.endpoint.is_none());
+        assert_eq!(c.control.mode, 0o660);
+        assert!(c.auth.keys.verify("sk-amq-0123456789abcdef"));
+    }
+
+    #[test]
+    fn all_problems_listed() {
+        let err = parse(
+            r#"
+[server]
+listen = ["nonsense", "0.0.0.0:8443"]
+tls_key = "/nonexistent/key.pem"
+max_body_bytes = -1
+[accounts]
+strategy = "random"
+[upstream]
+endpoint = "http://example.com/"
+"#,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(":3:11: error: listen address \"nonsense\""), "{text}");
+        assert!(text.contains("tls_key /nonexistent/key.pem cannot be read"), "{text}");
+        assert!(text.contains("`max_body_bytes` must be"), "{text}");
+        assert!(text.contains("unknown strategy \"random\""), "{text}");
+        assert!(text.contains("http:// is accepted only for loopback"), "{text}");
+        assert!(text.contains("0.0.0.0:8443 is not loopback and no TLS"), "{text}");
+    }
+
+    #[test]
+    fn unknown_key_refused_with_place() {
+        let err = parse("[server]\nlisten = [\"127.0.0.1:1\"]\nlisten_port = 3\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(":3:1: error: unknown field `listen_port`"), "{text}");
+    }
+
+    #[test]
+    fn environment_paths() {
+        let env = Env {
+            state_directory: Some("/var/lib/x".into()),
+            runtime_directory: Some("/run/x".into()),
+            credentials_directory: None,
+        };
+        let (c, _) = parse_config(
+            Path::new("/etc/a/amq2api.toml"),
+            "[server]\nlisten=[\"127.0.0.1:1\"]\n[auth]\nallow_anonymous = true\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.state.dir, PathBuf::from("/var/lib/x"));
+        assert_eq!(c.control.socket, PathBuf::from("/run/x/control.sock"));
+    }
+}

@@ -1,0 +1,183 @@
+//! Configuration: `amq2api.toml` and `accounts.toml` — parse, validate (every problem, with
+//! place), typed diffs for reloads, and the [`Secret`] newtype.
+
+pub mod accounts;
+pub mod diag;
+mod file;
+pub mod secret;
+
+pub use accounts::{AccountChange, AccountId, AccountSet, AccountSpec, AccountsDiff};
+pub use diag::{Diagnostic, Diagnostics, Severity};
+pub use file::parse_config;
+pub use secret::{ApiKeys, Secret};
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the daemon looks for its configuration when neither `--config` nor `$AMQ2API_CONFIG`
+/// names a file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/amq2api/amq2api.toml";
+
+/// The validated `amq2api.toml`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from (relative paths inside it are resolved against its directory).
+    pub path: PathBuf,
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub upstream: UpstreamConfig,
+    pub accounts: AccountsConfig,
+    /// Claude model-name prefix → Amazon Q `modelId`, in file order; `"*"` is the fallback.
+    pub models: Vec<(String, String)>,
+    pub state: StateConfig,
+    pub control: ControlConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    pub tls: Option<TlsFiles>,
+    pub allow_plaintext: bool,
+    pub max_body_bytes: u64,
+    pub request_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_header_count: usize,
+    pub max_header_bytes: usize,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub keys: ApiKeys,
+    pub allow_anonymous: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Amazon Q endpoint; `None` means the AWS default for each account's region.
+    pub endpoint: Option<http::Uri>,
+    /// OIDC token endpoint; `None` means the AWS default for each account's region.
+    pub token_endpoint: Option<http::Uri>,
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    LeastBusy,
+    RoundRobin,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccountsConfig {
+    pub file: PathBuf,
+    pub strategy: Strategy,
+    pub refresh_before_expiry: Duration,
+    /// How long a request may wait for a free account when all are busy.
+    pub queue_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+    pub mode: u32,
+}
+
+/// The parts of the environment that change where things live (set by systemd).
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    pub credentials_directory: Option<PathBuf>,
+    pub state_directory: Option<PathBuf>,
+    pub runtime_directory: Option<PathBuf>,
+}
+
+impl Env {
+    pub fn from_process() -> Self {
+        let get = |k: &str| {
+            std::env::var_os(k).filter(|v| !v.is_empty()).map(|v| {
+                // systemd may pass several colon-separated directories; the first is ours.
+                let s = v.to_string_lossy().into_owned();
+                PathBuf::from(s.split(':').next().unwrap_or_default())
+            })
+        };
+        Env {
+            credentials_directory: get("CREDENTIALS_DIRECTORY"),
+            state_directory: get("STATE_DIRECTORY"),
+            runtime_directory: get("RUNTIME_DIRECTORY"),
+        }
+    }
+}
+
+/// A validated pair of files.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub accounts: AccountSet,
+    /// Warnings found on the way (for example a world-readable accounts file).
+    pub warnings: Diagnostics,
+}
+
+/// Reads and validates `amq2api.toml` and the accounts file it names. On failure every problem
+/// of both files is returned.
+pub fn load(path: &Path, env: &Env) -> Result<Loaded, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let source = match std::fs::read_to_string(path) {
+        Ok(s) => s,
+        Err(e) => {
+            diags.0.push(Diagnostic {
+                severity: Severity::Error,
+                file: path.to_path_buf(),
+                position: None,
+                message: format!("cannot read the configuration file: {e}"),
+            });
+            return Err(diags);
+        }
+    };
+    let config = match parse_config(path, &source, env) {
+        Ok((config, warnings)) => {
+            diags.extend(warnings);
+            Some(config)
+        }
+        Err(errors) => {
+            diags.extend(errors);
+            None
+        }
+    };
+    // The accounts file is checked even when the main file has errors, so one run lists all.
+    let accounts_path =
+        config.as_ref().map(|c| c.accounts.file.clone()).or_else(|| file::accounts_path_hint(path, &source));
+    let mut accounts = None;
+    if let Some(ap) = accounts_path {
+        match accounts::load(&ap) {
+            Ok((set, warnings)) => {
+                diags.extend(warnings);
+                accounts = Some(set);
+            }
+            Err(errors) => diags.extend(errors),
+        }
+    }
+    diags.sort();
+    match (config, accounts) {
+        (Some(config), Some(accounts)) if !diags.has_errors() => {
+            Ok(Loaded { config, accounts, warnings: diags })
+        }
+        _ => Err(diags),
+    }
+}

@@ -1,0 +1,167 @@
+//! `amq2api check-config` against the example files and every invalid fixture, through the
+//! real binary; and the guarantee that no secret leaks from a loaded configuration.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn check_config(config: &Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_amq2api"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(config)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("RUNTIME_DIRECTORY")
+        .output()
+        .expect("run amq2api");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A main config on loopback that names `accounts` as its accounts file.
+fn config_for_accounts(dir: &Path, accounts: &Path) -> PathBuf {
+    let p = dir.join("amq2api.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:8443\"]\n[auth]\napi_keys = [\"sk-amq-test-key-0123456789\"]\n\
+             [accounts]\nfile = {:?}\n",
+            accounts.display().to_string()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn example_files_are_valid() {
+    let (code, stdout, stderr) = check_config(&root().join("examples/amq2api.toml"));
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+    assert!(stdout.contains("(2 accounts, 2 enabled)"), "{stdout}");
+    assert!(!stderr.contains("error"), "{stderr}");
+}
+
+#[test]
+fn every_invalid_fixture_fails_with_its_message() {
+    let dir = root().join("tests/fixtures/invalid");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut count = 0;
+    let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    entries.sort();
+    for fixture in entries {
+        let name = fixture.file_name().unwrap().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&fixture).unwrap();
+        let expects: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# expect: ")).collect();
+        assert!(!expects.is_empty(), "{name} has no `# expect:` line");
+        let config = if name.starts_with("accounts-") {
+            let sub = tmp.path().join(&name);
+            std::fs::create_dir(&sub).unwrap();
+            config_for_accounts(&sub, &fixture)
+        } else {
+            fixture.clone()
+        };
+        let (code, stdout, stderr) = check_config(&config);
+        assert_eq!(code, 78, "{name}: expected exit 78\nstdout: {stdout}\nstderr: {stderr}");
+        for e in &expects {
+            assert!(stderr.contains(e), "{name}: missing {e:?} in:\n{stderr}");
+        }
+        assert!(stdout.is_empty(), "{name}: {stdout}");
+        count += 1;
+    }
+    assert!(count >= 17, "only {count} fixtures");
+}
+
+#[test]
+fn problems_in_both_files_are_listed_in_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let accounts = root().join("tests/fixtures/invalid/accounts-weight-zero.toml");
+    let p = tmp.path().join("amq2api.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1\"]\n[auth]\napi_keys = [\"sk-amq-test-key-0123456789\"]\n\
+             [accounts]\nfile = {:?}\n",
+            accounts.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = check_config(&p);
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("amq2api.toml:2:11: error: listen address \"127.0.0.1\" is not IP:PORT"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("accounts-weight-zero.toml:7:10: error:"), "{stderr}");
+    assert!(stderr.contains("configuration invalid: 2 errors"), "{stderr}");
+}
+
+#[test]
+fn world_readable_accounts_file_is_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let accounts = tmp.path().join("accounts.toml");
+    std::fs::copy(root().join("examples/accounts.toml"), &accounts).unwrap();
+    let config = config_for_accounts(tmp.path(), &accounts);
+
+    std::fs::set_permissions(&accounts, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, stderr) = check_config(&config);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("warning: the accounts file is readable by every user (mode 0644)"), "{stderr}");
+
+    std::fs::set_permissions(&accounts, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (code, _, stderr) = check_config(&config);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+/// Every secret value in the example files.
+fn example_secrets() -> Vec<String> {
+    let mut secrets = vec!["sk-amq-example-change-me-0123456789".to_string()];
+    let text = std::fs::read_to_string(root().join("examples/accounts.toml")).unwrap();
+    for line in text.lines() {
+        for key in ["client_id", "client_secret", "refresh_token"] {
+            if let Some(v) = line.strip_prefix(&format!("{key} = ")) {
+                secrets.push(v.trim_matches('"').to_string());
+            }
+        }
+    }
+    assert_eq!(secrets.len(), 7);
+    secrets
+}
+
+#[test]
+fn no_secret_in_debug_output_or_check_config_output() {
+    let loaded =
+        amq2api::config::load(&root().join("examples/amq2api.toml"), &amq2api::config::Env::default())
+            .unwrap();
+    let debug = format!("{loaded:?} {:#?}", loaded.accounts);
+    let (_, stdout, stderr) = check_config(&root().join("examples/amq2api.toml"));
+
+    // A broken copy of the accounts file: its errors must not echo the secrets either.
+    let tmp = tempfile::tempdir().unwrap();
+    let broken = tmp.path().join("accounts.toml");
+    let text = std::fs::read_to_string(root().join("examples/accounts.toml")).unwrap();
+    std::fs::write(
+        &broken,
+        text.replace("weight = 1", "weight = 0").replace("id = \"builder-2\"", "id = \"B 2\""),
+    )
+    .unwrap();
+    let (code, out2, err2) = check_config(&config_for_accounts(tmp.path(), &broken));
+    assert_eq!(code, 78, "{err2}");
+
+    for s in example_secrets() {
+        for (what, text) in [("Debug", &debug), ("stdout", &stdout), ("stderr", &stderr), ("broken", &err2)] {
+            assert!(!text.contains(&s), "secret {s:?} appears in {what}: {text}");
+        }
+        assert!(!out2.contains(&s));
+    }
+    assert!(debug.contains("***"));
+}
