@@ -1,4 +1,12 @@
-//! Amazon Q side: the wire codec for Amazon Q's streamed responses and, later, the request and event
-//! types and the HTTP client that speaks to the service.
+//! Amazon Q side: the event-stream codec, the request and event types, error classification,
+//! and the HTTP client that calls `GenerateAssistantResponse` and OIDC `CreateToken`.
 
+pub mod client;
+pub mod errors;
+pub mod events;
 pub mod eventstream;
+pub mod types;
+
+pub use client::{EventStream, RefreshError, TokenGrant, UpstreamClient, endpoints_for};
+pub use errors::{QuotaKind, UpstreamFailure};
+pub use events::{Event, StreamError};

@@ -1,0 +1,415 @@
+//! The HTTP client that speaks to Amazon Q and SSO OIDC: one shared connection pool (HTTP/1.1
+//! and h2 over rustls), connect and first-byte timeouts, bodies streamed as they arrive.
+
+use super::errors::{UpstreamFailure, classify};
+use super::events::{Event, StreamError, parse_frame};
+use super::eventstream::Decoder;
+use crate::config::{Secret, UpstreamConfig};
+use bytes::Bytes;
+use http::{Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `X-Amz-Target` of the one operation the daemon calls.
+pub const GENERATE_TARGET: &str = "AmazonCodeWhispererStreamingService.GenerateAssistantResponse";
+const USER_AGENT: &str = concat!(
+    "aws-sdk-rust/1.3.9 ua/2.1 os/linux lang/rust app/AmazonQ-For-CLI amq2api/",
+    env!("CARGO_PKG_VERSION")
+);
+/// Largest error body read from a failed call.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBuildError {
+    #[error("cannot read CA file {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("TLS set-up failed: {0}")]
+    Tls(String),
+}
+
+/// The endpoints one account talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    pub q: Uri,
+    pub token: Uri,
+}
+
+/// The account's endpoints: the configured ones, else AWS's for the account's region.
+pub fn endpoints_for(cfg: &UpstreamConfig, region: Option<&str>) -> Endpoints {
+    let region = region.unwrap_or("us-east-1");
+    let q = cfg.endpoint.clone().unwrap_or_else(|| {
+        format!("https://q.{region}.amazonaws.com/").parse().expect("a valid region makes a valid URL")
+    });
+    let token = cfg.token_endpoint.clone().unwrap_or_else(|| {
+        format!("https://oidc.{region}.amazonaws.com/token")
+            .parse()
+            .expect("a valid region makes a valid URL")
+    });
+    Endpoints { q, token }
+}
+
+/// A successful token refresh.
+#[derive(Debug, Clone)]
+pub struct TokenGrant {
+    pub access_token: Secret,
+    pub expires_in: Duration,
+    /// The successor refresh token, when the service rotated it. It replaces the old one,
+    /// which may stop working at once.
+    pub refresh_token: Option<Secret>,
+}
+
+/// Why a token refresh failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefreshError {
+    /// The refresh token is dead (revoked, expired, already rotated): new credentials needed.
+    #[error("refresh token rejected (invalid_grant): {0}")]
+    InvalidGrant(String),
+    /// The client registration is wrong or expired: new credentials needed.
+    #[error("client registration rejected (invalid_client): {0}")]
+    InvalidClient(String),
+    /// Network trouble, 5xx, SlowDown: retry later with backoff.
+    #[error("token endpoint unavailable: {0}")]
+    Transient(String),
+}
+
+impl RefreshError {
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, RefreshError::Transient(_))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TokenResponse {
+    access_token: String,
+    expires_in: Option<u64>,
+    refresh_token: Option<String>,
+}
+
+/// The shared upstream client. Cheap to clone.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    connect_timeout: Duration,
+    first_byte_timeout: Duration,
+    idle_timeout: Duration,
+    max_attempts: u32,
+}
+
+impl UpstreamClient {
+    pub fn new(cfg: &UpstreamConfig) -> Result<Self, ClientBuildError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &cfg.ca_file {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject;
+            let err = |reason: String| ClientBuildError::CaFile { path: path.display().to_string(), reason };
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .map_err(|e| err(e.to_string()))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| err(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(err("no certificate in the file".into()));
+            }
+            for c in certs {
+                roots.add(c).map_err(|e| err(e.to_string()))?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientBuildError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(https);
+        Ok(UpstreamClient {
+            http: client,
+            connect_timeout: cfg.connect_timeout,
+            first_byte_timeout: cfg.first_byte_timeout,
+            idle_timeout: cfg.stream_idle_timeout,
+            max_attempts: cfg.max_attempts,
+        })
+    }
+
+    /// Calls `GenerateAssistantResponse` and, on 200, returns the event stream as it arrives.
+    /// `attempt` is 1-based (it goes into `amz-sdk-request`).
+    pub async fn generate(
+        &self,
+        endpoint: &Uri,
+        access_token: &Secret,
+        body: Bytes,
+        attempt: u32,
+    ) -> Result<EventStream, UpstreamFailure> {
+        let req = Request::post(endpoint.clone())
+            .header(header::CONTENT_TYPE, "application/x-amz-json-1.0")
+            .header("x-amz-target", GENERATE_TARGET)
+            .header(header::AUTHORIZATION, format!("Bearer {}", access_token.expose()))
+            .header("x-amzn-codewhisperer-optout", "true")
+            .header("amz-sdk-invocation-id", crate::ids::uuid_v4())
+            .header("amz-sdk-request", format!("attempt={attempt}; max={}", self.max_attempts))
+            .header(header::USER_AGENT, USER_AGENT)
+            .header(header::ACCEPT, "application/vnd.amazon.eventstream, application/json")
+            .body(Full::new(body))
+            .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
+        let resp = match tokio::time::timeout(self.first_byte_timeout, self.http.request(req)).await {
+            Err(_) => {
+                return Err(UpstreamFailure::Transient {
+                    status: None,
+                    message: format!("no answer within {} s", self.first_byte_timeout.as_secs()),
+                });
+            }
+            Ok(Err(e)) => return Err(UpstreamFailure::Transient { status: None, message: describe(&e) }),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        let request_id =
+            resp.headers().get("x-amzn-requestid").and_then(|v| v.to_str().ok()).map(str::to_string);
+        if status != StatusCode::OK {
+            let (parts, body) = resp.into_parts();
+            let bytes = read_limited(body, MAX_ERROR_BODY, self.first_byte_timeout).await.unwrap_or_default();
+            return Err(classify(status, &parts.headers, &bytes));
+        }
+        Ok(EventStream {
+            body: resp.into_body(),
+            decoder: Decoder::new(),
+            idle_timeout: self.idle_timeout,
+            request_id,
+            done: false,
+        })
+    }
+
+    /// OIDC `CreateToken` with the refresh-token grant.
+    pub async fn create_token(
+        &self,
+        token_endpoint: &Uri,
+        client_id: &Secret,
+        client_secret: &Secret,
+        refresh_token: &Secret,
+    ) -> Result<TokenGrant, RefreshError> {
+        let body = serde_json::json!({
+            "clientId": client_id.expose(),
+            "clientSecret": client_secret.expose(),
+            "grantType": "refresh_token",
+            "refreshToken": refresh_token.expose(),
+        });
+        let req = Request::post(token_endpoint.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::USER_AGENT, USER_AGENT)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| RefreshError::Transient(e.to_string()))?;
+        let deadline = self.connect_timeout + Duration::from_secs(30);
+        let resp = match tokio::time::timeout(deadline, self.http.request(req)).await {
+            Err(_) => {
+                return Err(RefreshError::Transient(format!("no answer within {} s", deadline.as_secs())));
+            }
+            Ok(Err(e)) => return Err(RefreshError::Transient(describe(&e))),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        let (parts, body) = resp.into_parts();
+        let bytes = read_limited(body, MAX_ERROR_BODY, deadline)
+            .await
+            .map_err(|e| RefreshError::Transient(format!("reading the token answer: {e}")))?;
+        if status == StatusCode::OK {
+            let t: TokenResponse = serde_json::from_slice(&bytes)
+                .map_err(|e| RefreshError::Transient(format!("malformed token answer: {e}")))?;
+            if t.access_token.is_empty() {
+                return Err(RefreshError::Transient("token answer without an access token".into()));
+            }
+            return Ok(TokenGrant {
+                access_token: Secret::new(t.access_token),
+                expires_in: Duration::from_secs(t.expires_in.unwrap_or(3600).clamp(60, 86_400 * 30)),
+                refresh_token: t.refresh_token.filter(|r| !r.is_empty()).map(Secret::new),
+            });
+        }
+        Err(classify_refresh(status, &parts.headers, &bytes))
+    }
+}
+
+/// Classifies a failed `CreateToken` answer.
+pub fn classify_refresh(status: StatusCode, headers: &http::HeaderMap, body: &[u8]) -> RefreshError {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let error = v.get("error").and_then(|e| e.as_str()).unwrap_or("");
+    let description = v
+        .get("error_description")
+        .or_else(|| v.get("message"))
+        .and_then(|e| e.as_str())
+        .unwrap_or("")
+        .to_string();
+    let etype = headers.get("x-amzn-errortype").and_then(|h| h.to_str().ok()).unwrap_or("");
+    let etype = etype.rsplit('#').next().unwrap_or("").split(':').next().unwrap_or("");
+    let what =
+        if description.is_empty() { format!("HTTP {} {error}{etype}", status.as_u16()) } else { description };
+    if error == "invalid_grant" || etype.starts_with("InvalidGrant") || etype.starts_with("ExpiredToken") {
+        RefreshError::InvalidGrant(what)
+    } else if error == "invalid_client"
+        || error == "unauthorized_client"
+        || etype.starts_with("InvalidClient")
+        || etype.starts_with("UnauthorizedClient")
+        || status == StatusCode::UNAUTHORIZED
+    {
+        RefreshError::InvalidClient(what)
+    } else {
+        RefreshError::Transient(what)
+    }
+}
+
+fn describe(e: &hyper_util::client::legacy::Error) -> String {
+    use std::error::Error;
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+async fn read_limited(mut body: Incoming, limit: usize, deadline: Duration) -> Result<Vec<u8>, String> {
+    let read = async {
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            if let Ok(data) = frame.into_data() {
+                let room = limit.saturating_sub(out.len());
+                out.extend_from_slice(&data[..data.len().min(room)]);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    };
+    tokio::time::timeout(deadline, read).await.map_err(|_| "timed out".to_string())?
+}
+
+/// A `GenerateAssistantResponse` answer being received. Dropping it closes the upstream
+/// stream (the connection is reset or the h2 stream cancelled).
+pub struct EventStream {
+    body: Incoming,
+    decoder: Decoder,
+    idle_timeout: Duration,
+    request_id: Option<String>,
+    done: bool,
+}
+
+impl EventStream {
+    /// Amazon Q's request id (`x-amzn-RequestId`), for logs.
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
+    }
+
+    /// The next event; `None` at the clean end of the stream. After an error the stream is over.
+    pub async fn next(&mut self) -> Option<Result<Event, StreamError>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    let ev = parse_frame(&frame);
+                    if ev.is_err() {
+                        self.done = true;
+                    }
+                    return Some(ev);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(StreamError::Decode(e)));
+                }
+            }
+            match tokio::time::timeout(self.idle_timeout, self.body.frame()).await {
+                Err(_) => {
+                    self.done = true;
+                    return Some(Err(StreamError::Idle(self.idle_timeout.as_secs())));
+                }
+                Ok(None) => {
+                    self.done = true;
+                    return match self.decoder.finish() {
+                        Ok(()) => None,
+                        Err(e) => Some(Err(StreamError::Decode(e))),
+                    };
+                }
+                Ok(Some(Err(e))) => {
+                    self.done = true;
+                    return Some(Err(StreamError::Transport(e.to_string())));
+                }
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.decoder.push_bytes(data);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_errors() {
+        let mut h = http::HeaderMap::new();
+        assert!(matches!(
+            classify_refresh(
+                StatusCode::BAD_REQUEST,
+                &h,
+                br#"{"error":"invalid_grant","error_description":"x"}"#
+            ),
+            RefreshError::InvalidGrant(_)
+        ));
+        assert!(matches!(
+            classify_refresh(StatusCode::UNAUTHORIZED, &h, br#"{"error":"invalid_client"}"#),
+            RefreshError::InvalidClient(_)
+        ));
+        assert!(matches!(
+            classify_refresh(StatusCode::INTERNAL_SERVER_ERROR, &h, b""),
+            RefreshError::Transient(_)
+        ));
+        h.insert("x-amzn-errortype", "SlowDownException".parse().unwrap());
+        assert!(matches!(classify_refresh(StatusCode::BAD_REQUEST, &h, b"{}"), RefreshError::Transient(_)));
+        h.insert("x-amzn-errortype", "InvalidGrantException".parse().unwrap());
+        assert!(classify_refresh(StatusCode::BAD_REQUEST, &h, b"{}").is_permanent());
+    }
+
+    #[test]
+    fn default_endpoints_follow_region() {
+        let cfg = UpstreamConfig {
+            endpoint: None,
+            token_endpoint: None,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(1),
+            first_byte_timeout: Duration::from_secs(1),
+            stream_idle_timeout: Duration::from_secs(1),
+            max_attempts: 3,
+        };
+        let e = endpoints_for(&cfg, Some("eu-central-1"));
+        assert_eq!(e.q, "https://q.eu-central-1.amazonaws.com/");
+        assert_eq!(e.token, "https://oidc.eu-central-1.amazonaws.com/token");
+        assert_eq!(endpoints_for(&cfg, None).q, "https://q.us-east-1.amazonaws.com/");
+    }
+}

@@ -1,0 +1,252 @@
+//! Classification of Amazon Q's answers before the stream (non-200) into outcomes the account
+//! pool acts on (PROTOCOL.md §2 "Errors before the stream").
+
+use http::{HeaderMap, StatusCode};
+use serde_json::Value;
+use std::time::Duration;
+
+/// Which quota ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaKind {
+    Monthly,
+    Daily,
+}
+
+/// What a failed `GenerateAssistantResponse` call means.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UpstreamFailure {
+    /// The request itself is wrong: never retry, not the account's fault.
+    #[error("request rejected by Amazon Q: {message}")]
+    BadRequest { message: String },
+    /// The conversation is longer than the model accepts: a client error.
+    #[error("prompt is too long: {message}")]
+    ContextTooLong { message: String },
+    /// Rate-limited: cool this account down and fail over.
+    #[error("throttled: {message}")]
+    Throttled { retry_after: Option<Duration>, message: String },
+    /// The service has no capacity for the model right now: transient, try another account.
+    #[error("model capacity exhausted: {message}")]
+    Capacity { message: String },
+    /// The account's monthly or daily quota is used up: park it until the reset.
+    #[error("{kind:?} quota used up: {message}")]
+    Quota { kind: QuotaKind, message: String },
+    /// The bearer token was refused: refresh once and retry on the same account.
+    #[error("access token refused")]
+    TokenInvalid,
+    /// The account is suspended: take it out of rotation and record why.
+    #[error("account suspended: {reason}")]
+    Suspended { reason: String },
+    /// Another access-denied answer (for example a bad profile ARN): the account is unusable.
+    #[error("access denied: {message}")]
+    AccessDenied { message: String },
+    /// 5xx, connection failures, timeouts: fail over.
+    #[error("transient upstream failure: {message}")]
+    Transient { status: Option<u16>, message: String },
+}
+
+impl UpstreamFailure {
+    /// Whether another account may succeed where this one failed.
+    pub fn try_another_account(&self) -> bool {
+        !matches!(self, UpstreamFailure::BadRequest { .. } | UpstreamFailure::ContextTooLong { .. })
+    }
+
+    /// A short, stable name for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamFailure::BadRequest { .. } => "bad_request",
+            UpstreamFailure::ContextTooLong { .. } => "context_too_long",
+            UpstreamFailure::Throttled { .. } => "throttled",
+            UpstreamFailure::Capacity { .. } => "capacity",
+            UpstreamFailure::Quota { .. } => "quota",
+            UpstreamFailure::TokenInvalid => "token_invalid",
+            UpstreamFailure::Suspended { .. } => "suspended",
+            UpstreamFailure::AccessDenied { .. } => "access_denied",
+            UpstreamFailure::Transient { .. } => "transient",
+        }
+    }
+}
+
+/// The short exception name: the part after `#` and before `:`, e.g.
+/// `com.amazon.aws.codewhisperer#ThrottlingException:http://…` → `ThrottlingException`.
+fn short_type(t: &str) -> &str {
+    let t = t.rsplit('#').next().unwrap_or(t);
+    t.split(':').next().unwrap_or(t).trim()
+}
+
+fn is(name: &str, base: &str) -> bool {
+    name == base || name == format!("{base}Exception") || name == format!("{base}Error")
+}
+
+/// Classifies a non-200 answer from the body (`__type`, `code`, `message`, `reason`), the
+/// `x-amzn-ErrorType` header, and the status as the last resort.
+pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> UpstreamFailure {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let field = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+    let type_name = field("__type")
+        .or_else(|| field("code"))
+        .or_else(|| headers.get("x-amzn-errortype").and_then(|h| h.to_str().ok()).map(str::to_string))
+        .map(|t| short_type(&t).to_string())
+        .unwrap_or_default();
+    let message = field("message").or_else(|| field("Message")).unwrap_or_else(|| {
+        if v.is_object() {
+            String::new()
+        } else {
+            String::from_utf8_lossy(&body[..body.len().min(512)]).trim().to_string()
+        }
+    });
+    let reason = field("reason").unwrap_or_default();
+    let retry_after = headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let text = format!("{reason} {message}");
+    let message = if message.is_empty() { format!("HTTP {}", status.as_u16()) } else { message };
+
+    if reason.contains("MONTHLY_REQUEST_COUNT") || text.contains("MONTHLY_REQUEST_COUNT") {
+        return UpstreamFailure::Quota { kind: QuotaKind::Monthly, message };
+    }
+    if reason.contains("DAILY_REQUEST_COUNT") || text.contains("DAILY_REQUEST_COUNT") {
+        return UpstreamFailure::Quota { kind: QuotaKind::Daily, message };
+    }
+    if is(&type_name, "ServiceQuotaExceeded") {
+        return UpstreamFailure::Quota { kind: QuotaKind::Monthly, message };
+    }
+    if reason.contains("CONTENT_LENGTH_EXCEEDS_THRESHOLD") || message.contains("Input is too long") {
+        return UpstreamFailure::ContextTooLong { message };
+    }
+    if reason.contains("INSUFFICIENT_MODEL_CAPACITY") || message.contains("high traffic") {
+        return UpstreamFailure::Capacity { message };
+    }
+    if is(&type_name, "Throttling") || status == StatusCode::TOO_MANY_REQUESTS {
+        return UpstreamFailure::Throttled { retry_after, message };
+    }
+    if reason.contains("TEMPORARILY_SUSPENDED") || message.to_ascii_lowercase().contains("suspended") {
+        let reason = if reason.is_empty() { message } else { format!("{reason}: {message}") };
+        return UpstreamFailure::Suspended { reason };
+    }
+    if is(&type_name, "AccessDenied")
+        || is(&type_name, "UnauthorizedAccess")
+        || status == StatusCode::FORBIDDEN
+    {
+        let lower = message.to_ascii_lowercase();
+        if lower.contains("bearer token")
+            || lower.contains("token") && lower.contains("invalid")
+            || lower.contains("expired")
+        {
+            return UpstreamFailure::TokenInvalid;
+        }
+        return UpstreamFailure::AccessDenied { message };
+    }
+    if status == StatusCode::UNAUTHORIZED || is(&type_name, "ExpiredToken") {
+        return UpstreamFailure::TokenInvalid;
+    }
+    if is(&type_name, "Validation") || is(&type_name, "Serialization") || status == StatusCode::BAD_REQUEST {
+        return UpstreamFailure::BadRequest { message };
+    }
+    if status.is_server_error()
+        || is(&type_name, "InternalServer")
+        || is(&type_name, "ServiceUnavailable")
+        || status == StatusCode::REQUEST_TIMEOUT
+    {
+        return UpstreamFailure::Transient { status: Some(status.as_u16()), message };
+    }
+    if status.is_client_error() {
+        return UpstreamFailure::BadRequest { message };
+    }
+    UpstreamFailure::Transient { status: Some(status.as_u16()), message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(status: u16, body: &str) -> UpstreamFailure {
+        classify(StatusCode::from_u16(status).unwrap(), &HeaderMap::new(), body.as_bytes())
+    }
+
+    #[test]
+    fn protocol_table() {
+        let p = "com.amazon.aws.codewhisperer#";
+        assert!(matches!(
+            c(
+                400,
+                &format!(
+                    r#"{{"__type":"{p}ValidationException","message":"Improperly formed request.","reason":"REQUEST_BODY_INVALID"}}"#
+                )
+            ),
+            UpstreamFailure::BadRequest { .. }
+        ));
+        assert!(matches!(
+            c(
+                400,
+                r#"{"__type":"ValidationException","message":"Input is too long.","reason":"CONTENT_LENGTH_EXCEEDS_THRESHOLD"}"#
+            ),
+            UpstreamFailure::ContextTooLong { .. }
+        ));
+        assert!(matches!(
+            c(
+                429,
+                r#"{"__type":"ThrottlingException","message":"I am experiencing high traffic","reason":"INSUFFICIENT_MODEL_CAPACITY"}"#
+            ),
+            UpstreamFailure::Capacity { .. }
+        ));
+        assert!(matches!(
+            c(429, r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#),
+            UpstreamFailure::Throttled { .. }
+        ));
+        assert!(matches!(
+            c(
+                402,
+                r#"{"__type":"ServiceQuotaExceededException","message":"x","reason":"MONTHLY_REQUEST_COUNT"}"#
+            ),
+            UpstreamFailure::Quota { kind: QuotaKind::Monthly, .. }
+        ));
+        assert!(matches!(
+            c(429, r#"{"__type":"ThrottlingError","message":"x","reason":"DAILY_REQUEST_COUNT"}"#),
+            UpstreamFailure::Quota { kind: QuotaKind::Daily, .. }
+        ));
+        assert_eq!(
+            c(
+                403,
+                &format!(
+                    r#"{{"__type":"{p}AccessDeniedException","message":"The bearer token included in the request is invalid."}}"#
+                )
+            ),
+            UpstreamFailure::TokenInvalid
+        );
+        assert!(matches!(
+            c(
+                403,
+                r#"{"__type":"AccessDeniedException","message":"Your account temporarily is suspended","reason":"TEMPORARILY_SUSPENDED"}"#
+            ),
+            UpstreamFailure::Suspended { .. }
+        ));
+        assert!(matches!(
+            c(500, r#"{"__type":"InternalServerException","message":"unexpectedly high load"}"#),
+            UpstreamFailure::Transient { status: Some(500), .. }
+        ));
+        assert!(matches!(c(503, ""), UpstreamFailure::Transient { status: Some(503), .. }));
+        assert!(matches!(c(502, "<html>bad gateway</html>"), UpstreamFailure::Transient { .. }));
+    }
+
+    #[test]
+    fn type_from_header_and_code() {
+        let mut h = HeaderMap::new();
+        h.insert("x-amzn-ErrorType", "ThrottlingException:http://internal.amazon.com/".parse().unwrap());
+        h.insert("retry-after", "7".parse().unwrap());
+        assert_eq!(
+            classify(StatusCode::BAD_REQUEST, &h, b"{}"),
+            UpstreamFailure::Throttled {
+                retry_after: Some(Duration::from_secs(7)),
+                message: "HTTP 400".into()
+            }
+        );
+        assert!(matches!(
+            c(400, r#"{"code":"ValidationError","message":"bad"}"#),
+            UpstreamFailure::BadRequest { .. }
+        ));
+        assert!(!c(400, r#"{"code":"ValidationError"}"#).try_another_account());
+        assert!(c(503, "").try_another_account());
+    }
+}

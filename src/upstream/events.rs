@@ -1,0 +1,305 @@
+//! Amazon Q response events: one typed value per event-stream frame, with in-stream
+//! exceptions and `error` frames as typed errors (PROTOCOL.md §2 "Response stream").
+
+use super::eventstream::{DecodeError, Frame};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// One event of a `GenerateAssistantResponse` stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The first frame of an RPC event stream: the non-stream output members.
+    InitialResponse {
+        conversation_id: Option<String>,
+    },
+    /// A fragment of the answer's text.
+    AssistantResponse {
+        content: String,
+    },
+    /// A tool-call frame: the first names the tool, later ones add `input` fragments, the
+    /// last has `stop: true`.
+    ToolUse {
+        tool_use_id: String,
+        name: String,
+        input: Option<String>,
+        stop: bool,
+    },
+    /// Visible reasoning: text, its signature, or redacted (base64) content.
+    Reasoning {
+        text: Option<String>,
+        signature: Option<String>,
+        redacted_content: Option<String>,
+    },
+    MessageMetadata {
+        conversation_id: Option<String>,
+        utterance_id: Option<String>,
+    },
+    Metadata {
+        token_usage: Option<TokenUsage>,
+    },
+    Metering {
+        usage: Option<f64>,
+        unit: Option<String>,
+    },
+    /// Share (0–100) of the model's context window the input used.
+    ContextUsage {
+        percentage: f64,
+    },
+    /// An event this daemon has no use for (citations, follow-up prompts, …); skipped safely.
+    Unknown {
+        event_type: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TokenUsage {
+    pub uncached_input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub total_tokens: Option<u64>,
+    pub cache_read_input_tokens: Option<u64>,
+    pub cache_write_input_tokens: Option<u64>,
+}
+
+/// Why a stream stopped before it ended cleanly.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum StreamError {
+    /// A modelled exception frame (`:message-type: exception`).
+    #[error("upstream exception {exception_type}: {message}")]
+    Exception { exception_type: String, message: String, reason: Option<String> },
+    /// An unmodelled `error` frame.
+    #[error("upstream error {code}: {message}")]
+    ErrorFrame { code: String, message: String },
+    /// The bytes were not a valid event stream.
+    #[error("corrupt event stream: {0}")]
+    Decode(#[from] DecodeError),
+    /// A known event whose payload did not parse.
+    #[error("malformed {event_type} event: {reason}")]
+    BadEvent { event_type: String, reason: String },
+    /// The connection failed or closed mid-frame.
+    #[error("upstream connection failed: {0}")]
+    Transport(String),
+    /// No bytes for longer than the stream idle timeout.
+    #[error("upstream stream silent for {0} s")]
+    Idle(u64),
+}
+
+impl StreamError {
+    /// The output was cut because it grew too long (stop reason `max_tokens`).
+    pub fn is_output_truncation(&self) -> bool {
+        matches!(self, StreamError::Exception { exception_type, reason, .. }
+            if exception_type.contains("ContentLengthExceeded")
+                || reason.as_deref().is_some_and(|r| r.contains("CONTENT_LENGTH")))
+    }
+
+    /// A capacity problem (`overloaded_error` for the client), as opposed to a fault.
+    pub fn is_capacity(&self) -> bool {
+        match self {
+            StreamError::Exception { exception_type, message, reason } => {
+                let r = reason.as_deref().unwrap_or("");
+                r.contains("MODEL_TEMPORARILY_UNAVAILABLE")
+                    || r.contains("INSUFFICIENT_MODEL_CAPACITY")
+                    || exception_type.contains("Throttling")
+                    || exception_type.contains("ServiceUnavailable")
+                    || message.contains("high traffic")
+                    || message.contains("unexpectedly high load")
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolUsePayload {
+    tool_use_id: String,
+    name: String,
+    #[serde(default)]
+    input: Option<Value>,
+    #[serde(default)]
+    stop: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct ReasoningPayload {
+    text: Option<String>,
+    signature: Option<String>,
+    redacted_content: Option<String>,
+}
+
+fn json(frame: &Frame) -> Result<Value, String> {
+    if frame.payload.is_empty() {
+        return Ok(Value::Object(Default::default()));
+    }
+    serde_json::from_slice(&frame.payload).map_err(|e| e.to_string())
+}
+
+fn str_field(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(Value::as_str).map(str::to_string)
+}
+
+/// Turns one frame into an [`Event`], or the error it carries.
+pub fn parse_frame(frame: &Frame) -> Result<Event, StreamError> {
+    let message_type = frame.header_str(":message-type").unwrap_or("event");
+    match message_type {
+        "exception" => {
+            let exception_type =
+                frame.header_str(":exception-type").unwrap_or("UnknownException").to_string();
+            let body = json(frame).unwrap_or_default();
+            let message = str_field(&body, "message")
+                .or_else(|| str_field(&body, "Message"))
+                .unwrap_or_else(|| String::from_utf8_lossy(&frame.payload).into_owned());
+            Err(StreamError::Exception { exception_type, message, reason: str_field(&body, "reason") })
+        }
+        "error" => Err(StreamError::ErrorFrame {
+            code: frame.header_str(":error-code").unwrap_or("UnknownError").to_string(),
+            message: frame.header_str(":error-message").unwrap_or("").to_string(),
+        }),
+        _ => {
+            let event_type = frame.header_str(":event-type").unwrap_or("").to_string();
+            let bad = |reason: String| StreamError::BadEvent { event_type: event_type.clone(), reason };
+            let body = || json(frame).map_err(bad);
+            Ok(match event_type.as_str() {
+                "initial-response" => {
+                    // Tolerate an empty or non-JSON initial response: it is informational.
+                    let v = json(frame).unwrap_or_default();
+                    Event::InitialResponse { conversation_id: str_field(&v, "conversationId") }
+                }
+                "assistantResponseEvent" => {
+                    let v = body()?;
+                    Event::AssistantResponse { content: str_field(&v, "content").unwrap_or_default() }
+                }
+                "toolUseEvent" => {
+                    let p: ToolUsePayload = serde_json::from_slice(&frame.payload).map_err(|e| {
+                        StreamError::BadEvent { event_type: event_type.clone(), reason: e.to_string() }
+                    })?;
+                    let input = match p.input {
+                        None | Some(Value::Null) => None,
+                        Some(Value::String(s)) => Some(s),
+                        // Some producers send the arguments as an object already.
+                        Some(other) => Some(other.to_string()),
+                    };
+                    Event::ToolUse {
+                        tool_use_id: p.tool_use_id,
+                        name: p.name,
+                        input,
+                        stop: p.stop.unwrap_or(false),
+                    }
+                }
+                "reasoningContentEvent" => {
+                    let p: ReasoningPayload = serde_json::from_slice(&frame.payload).unwrap_or_default();
+                    Event::Reasoning {
+                        text: p.text,
+                        signature: p.signature,
+                        redacted_content: p.redacted_content,
+                    }
+                }
+                "messageMetadataEvent" => {
+                    let v = body()?;
+                    Event::MessageMetadata {
+                        conversation_id: str_field(&v, "conversationId"),
+                        utterance_id: str_field(&v, "utteranceId"),
+                    }
+                }
+                "metadataEvent" => {
+                    let v = body()?;
+                    let token_usage = v
+                        .get("tokenUsage")
+                        .and_then(|t| serde_json::from_value::<TokenUsage>(t.clone()).ok());
+                    Event::Metadata { token_usage }
+                }
+                "meteringEvent" => {
+                    let v = body()?;
+                    Event::Metering {
+                        usage: v.get("usage").and_then(Value::as_f64),
+                        unit: str_field(&v, "unit"),
+                    }
+                }
+                "contextUsageEvent" => {
+                    let v = body()?;
+                    match v.get("contextUsagePercentage").and_then(Value::as_f64) {
+                        Some(p) if p.is_finite() && p >= 0.0 => Event::ContextUsage { percentage: p },
+                        _ => Event::Unknown { event_type },
+                    }
+                }
+                _ => Event::Unknown { event_type },
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::eventstream::HeaderValue;
+
+    fn event(kind: &str, payload: &str) -> Frame {
+        Frame::new()
+            .with_header(":message-type", HeaderValue::from("event"))
+            .with_header(":event-type", HeaderValue::from(kind.to_string()))
+            .with_header(":content-type", HeaderValue::from("application/json"))
+            .with_payload(payload.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn parses_each_event() {
+        assert_eq!(
+            parse_frame(&event("assistantResponseEvent", r#"{"content":"Hi","modelId":"m"}"#)).unwrap(),
+            Event::AssistantResponse { content: "Hi".into() }
+        );
+        assert_eq!(
+            parse_frame(&event("toolUseEvent", r#"{"toolUseId":"t","name":"n","input":"{\"a\""}"#)).unwrap(),
+            Event::ToolUse {
+                tool_use_id: "t".into(),
+                name: "n".into(),
+                input: Some("{\"a\"".into()),
+                stop: false
+            }
+        );
+        assert_eq!(
+            parse_frame(&event("toolUseEvent", r#"{"toolUseId":"t","name":"n","stop":true}"#)).unwrap(),
+            Event::ToolUse { tool_use_id: "t".into(), name: "n".into(), input: None, stop: true }
+        );
+        assert_eq!(
+            parse_frame(&event("contextUsageEvent", r#"{"contextUsagePercentage":12.5}"#)).unwrap(),
+            Event::ContextUsage { percentage: 12.5 }
+        );
+        assert_eq!(
+            parse_frame(&event("citationEvent", r#"{"x":1}"#)).unwrap(),
+            Event::Unknown { event_type: "citationEvent".into() }
+        );
+        assert!(matches!(
+            parse_frame(&event("metadataEvent", r#"{"tokenUsage":{"outputTokens":7}}"#)).unwrap(),
+            Event::Metadata { token_usage: Some(TokenUsage { output_tokens: Some(7), .. }) }
+        ));
+        assert!(matches!(
+            parse_frame(&event("assistantResponseEvent", "{not json")),
+            Err(StreamError::BadEvent { .. })
+        ));
+    }
+
+    #[test]
+    fn exceptions_and_errors() {
+        let f = Frame::new()
+            .with_header(":message-type", HeaderValue::from("exception"))
+            .with_header(":exception-type", HeaderValue::from("ContentLengthExceededException"))
+            .with_payload(br#"{"message":"too long"}"#.to_vec());
+        let e = parse_frame(&f).unwrap_err();
+        assert!(e.is_output_truncation());
+        let f = Frame::new()
+            .with_header(":message-type", HeaderValue::from("exception"))
+            .with_header(":exception-type", HeaderValue::from("error"))
+            .with_payload(br#"{"message":"busy","reason":"MODEL_TEMPORARILY_UNAVAILABLE"}"#.to_vec());
+        let e = parse_frame(&f).unwrap_err();
+        assert!(e.is_capacity() && !e.is_output_truncation());
+        let f = Frame::new()
+            .with_header(":message-type", HeaderValue::from("error"))
+            .with_header(":error-code", HeaderValue::from("InternalFailure"))
+            .with_header(":error-message", HeaderValue::from("boom"));
+        assert_eq!(
+            parse_frame(&f).unwrap_err(),
+            StreamError::ErrorFrame { code: "InternalFailure".into(), message: "boom".into() }
+        );
+    }
+}

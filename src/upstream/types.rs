@@ -1,0 +1,228 @@
+//! Amazon Q `GenerateAssistantResponse` request body, typed and serialised exactly as the
+//! service expects it (PROTOCOL.md §2).
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// The whole request body: `{"conversationState": …, "profileArn"?: …}`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerateRequest {
+    pub conversation_state: ConversationState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile_arn: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversationState {
+    pub conversation_id: String,
+    pub chat_trigger_type: ChatTriggerType,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryMessage>,
+    pub current_message: CurrentMessage,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ChatTriggerType {
+    Manual,
+}
+
+/// One turn of the history: exactly one of the two message kinds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub enum HistoryMessage {
+    UserInputMessage(UserInputMessage),
+    AssistantResponseMessage(AssistantResponseMessage),
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CurrentMessage {
+    pub user_input_message: UserInputMessage,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct UserInputMessage {
+    pub content: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<Image>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_input_message_context: Option<UserInputMessageContext>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct UserInputMessageContext {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env_state: Option<EnvState>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Tool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_results: Vec<ToolResult>,
+}
+
+impl UserInputMessageContext {
+    pub fn is_empty(&self) -> bool {
+        self.env_state.is_none() && self.tools.is_empty() && self.tool_results.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvState {
+    pub operating_system: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_working_directory: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Tool {
+    pub tool_specification: ToolSpecification,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolSpecification {
+    pub name: String,
+    pub description: String,
+    pub input_schema: InputSchema,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InputSchema {
+    pub json: Value,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolResult {
+    pub tool_use_id: String,
+    pub content: Vec<ToolResultContent>,
+    pub status: ToolResultStatus,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub enum ToolResultContent {
+    Text(String),
+    Json(Value),
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum ToolResultStatus {
+    Success,
+    Error,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AssistantResponseMessage {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    pub content: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_uses: Vec<ToolUse>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolUse {
+    pub tool_use_id: String,
+    pub name: String,
+    pub input: Value,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Image {
+    /// `png`, `jpeg`, `gif` or `webp`.
+    pub format: String,
+    pub source: ImageSource,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ImageSource {
+    /// Base64 of the image bytes.
+    pub bytes: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn serialises_like_the_service_expects() {
+        let req = GenerateRequest {
+            conversation_state: ConversationState {
+                conversation_id: "c-1".into(),
+                chat_trigger_type: ChatTriggerType::Manual,
+                history: vec![
+                    HistoryMessage::UserInputMessage(UserInputMessage {
+                        content: "hi".into(),
+                        model_id: Some("claude-sonnet-4.5".into()),
+                        origin: Some("AI_EDITOR".into()),
+                        ..Default::default()
+                    }),
+                    HistoryMessage::AssistantResponseMessage(AssistantResponseMessage {
+                        message_id: None,
+                        content: "calling".into(),
+                        tool_uses: vec![ToolUse {
+                            tool_use_id: "t1".into(),
+                            name: "get".into(),
+                            input: json!({"a": 1}),
+                        }],
+                    }),
+                ],
+                current_message: CurrentMessage {
+                    user_input_message: UserInputMessage {
+                        content: "".into(),
+                        user_input_message_context: Some(UserInputMessageContext {
+                            env_state: None,
+                            tools: vec![Tool {
+                                tool_specification: ToolSpecification {
+                                    name: "get".into(),
+                                    description: "d".into(),
+                                    input_schema: InputSchema { json: json!({"type": "object"}) },
+                                },
+                            }],
+                            tool_results: vec![ToolResult {
+                                tool_use_id: "t1".into(),
+                                content: vec![ToolResultContent::Text("ok".into())],
+                                status: ToolResultStatus::Error,
+                            }],
+                        }),
+                        ..Default::default()
+                    },
+                },
+            },
+            profile_arn: None,
+        };
+        let v = serde_json::to_value(&req).unwrap();
+        assert_eq!(
+            v,
+            json!({"conversationState": {
+                "conversationId": "c-1",
+                "chatTriggerType": "MANUAL",
+                "history": [
+                    {"userInputMessage": {"content": "hi", "modelId": "claude-sonnet-4.5", "origin": "AI_EDITOR"}},
+                    {"assistantResponseMessage": {"content": "calling",
+                        "toolUses": [{"toolUseId": "t1", "name": "get", "input": {"a": 1}}]}}
+                ],
+                "currentMessage": {"userInputMessage": {"content": "", "userInputMessageContext": {
+                    "tools": [{"toolSpecification": {"name": "get", "description": "d",
+                        "inputSchema": {"json": {"type": "object"}}}}],
+                    "toolResults": [{"toolUseId": "t1", "content": [{"text": "ok"}], "status": "error"}]
+                }}}
+            }})
+        );
+    }
+}
