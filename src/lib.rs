@@ -7,9 +7,11 @@
 //! - [`logging`]: tracing set-up (terminal or journald), `RUST_LOG` filtering.
 //! - [`exit`]: the exit codes both binaries use.
 //! - [`ids`]: random identifiers (request, message and invocation ids).
+//! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, HTTP client.
 #![forbid(unsafe_code)]
 
+pub mod anthropic;
 pub mod cli;
 pub mod config;
 pub mod exit;

@@ -1,0 +1,10 @@
+//! The Anthropic side: Messages API request types (parsed at the edge), the error shape, and
+//! the SSE wire format.
+
+pub mod error;
+pub mod request;
+
+pub use error::{ApiError, ErrorKind};
+pub use request::{
+    ApiVersion, Block, Endpoint, Message, MessagesRequest, Role, Thinking, ToolChoice, ToolDef,
+};

@@ -1,0 +1,822 @@
+//! The Messages API request, parsed at the edge into typed values. Every rule violation is a
+//! 400 `invalid_request_error` whose message starts with the field path
+//! (`messages.3.content.0.tool_use_id: …`), as Anthropic's API reports it.
+
+use super::error::ApiError;
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+use std::fmt::Write as _;
+
+/// The `anthropic-version` a client spoke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApiVersion {
+    /// `2023-06-01` (SDK 1.x, Claude Code) and anything unrecognised.
+    #[default]
+    V2023_06_01,
+    /// `2026-10-21` (SDK 2.x): sampling parameters are refused.
+    V2026_10_21,
+}
+
+impl ApiVersion {
+    pub fn from_header(v: Option<&str>) -> Self {
+        match v.map(str::trim) {
+            Some(v) if v >= "2026-10-21" && v.len() == 10 => ApiVersion::V2026_10_21,
+            _ => ApiVersion::V2023_06_01,
+        }
+    }
+}
+
+/// Which endpoint the body was sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Messages,
+    CountTokens,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    User,
+    Assistant,
+    System,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub role: Role,
+    pub content: Vec<Block>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageSource {
+    Base64 { media_type: String, data: String },
+    Url { url: String },
+    File { file_id: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DocumentSource {
+    Base64Pdf,
+    Text { data: String },
+    Content(Vec<Block>),
+    Url,
+    File,
+}
+
+/// A content block.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Block {
+    Text {
+        text: String,
+    },
+    Image {
+        source: ImageSource,
+    },
+    Document {
+        source: DocumentSource,
+        title: Option<String>,
+    },
+    ToolUse {
+        id: String,
+        name: String,
+        input: Map<String, Value>,
+    },
+    ToolResult {
+        tool_use_id: String,
+        content: Vec<Block>,
+        is_error: bool,
+    },
+    Thinking {
+        thinking: String,
+        signature: String,
+    },
+    RedactedThinking {
+        data: String,
+    },
+    SearchResult {
+        source: String,
+        title: String,
+        content: Vec<String>,
+    },
+    /// Server-side tool traffic (`server_tool_use`, `web_search_tool_result`, …) in the history:
+    /// carried as context text.
+    ServerTool {
+        kind: String,
+        json: Value,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolDef {
+    Custom {
+        name: String,
+        description: Option<String>,
+        input_schema: Value,
+    },
+    /// A typed server tool (`web_search_20250305`, `bash_20250124`, …).
+    Server {
+        kind: String,
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    Auto,
+    Any,
+    Tool(String),
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Thinking {
+    Disabled,
+    Enabled { budget_tokens: u32 },
+    Adaptive,
+}
+
+/// A parsed `/v1/messages` or `/v1/messages/count_tokens` body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessagesRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    /// The `system` field as text blocks.
+    pub system: Vec<String>,
+    /// 0 for count_tokens.
+    pub max_tokens: u32,
+    pub stop_sequences: Vec<String>,
+    pub stream: bool,
+    pub tools: Vec<ToolDef>,
+    pub tool_choice: ToolChoice,
+    pub thinking: Thinking,
+    pub metadata_user_id: Option<String>,
+}
+
+/// A JSON path for messages (`messages.3.content.0.text`).
+#[derive(Clone, Default)]
+struct Path(Vec<String>);
+
+impl Path {
+    fn at(&self, seg: impl std::fmt::Display) -> Path {
+        let mut p = self.0.clone();
+        p.push(seg.to_string());
+        Path(p)
+    }
+    fn text(&self) -> String {
+        self.0.join(".")
+    }
+    fn err(&self, msg: impl AsRef<str>) -> ApiError {
+        if self.0.is_empty() {
+            ApiError::invalid(msg.as_ref().to_string())
+        } else {
+            ApiError::invalid(format!("{}: {}", self.text(), msg.as_ref()))
+        }
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn get<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    obj.get(key).filter(|v| !v.is_null())
+}
+
+fn req<'a>(obj: &'a Map<String, Value>, key: &str, p: &Path) -> Result<&'a Value, ApiError> {
+    get(obj, key).ok_or_else(|| p.at(key).err("Field required"))
+}
+
+fn as_str<'a>(v: &'a Value, p: &Path) -> Result<&'a str, ApiError> {
+    v.as_str().ok_or_else(|| p.err(format!("Input should be a valid string, not {}", type_name(v))))
+}
+
+fn as_obj<'a>(v: &'a Value, p: &Path) -> Result<&'a Map<String, Value>, ApiError> {
+    v.as_object().ok_or_else(|| p.err(format!("Input should be an object, not {}", type_name(v))))
+}
+
+fn as_arr<'a>(v: &'a Value, p: &Path) -> Result<&'a Vec<Value>, ApiError> {
+    v.as_array().ok_or_else(|| p.err(format!("Input should be a valid list, not {}", type_name(v))))
+}
+
+fn as_bool(v: &Value, p: &Path) -> Result<bool, ApiError> {
+    v.as_bool().ok_or_else(|| p.err(format!("Input should be a valid boolean, not {}", type_name(v))))
+}
+
+fn as_u32(v: &Value, p: &Path) -> Result<u32, ApiError> {
+    match v.as_u64() {
+        Some(n) if n <= u32::MAX as u64 => Ok(n as u32),
+        _ if v.as_i64().is_some_and(|n| n < 0) => Err(p.err("Input should be greater than or equal to 0")),
+        _ => Err(p.err(format!("Input should be a valid integer, not {}", describe(v)))),
+    }
+}
+
+fn as_f64(v: &Value, p: &Path) -> Result<f64, ApiError> {
+    v.as_f64().ok_or_else(|| p.err(format!("Input should be a valid number, not {}", type_name(v))))
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Number(n) => format!("the number {n}"),
+        other => type_name(other).to_string(),
+    }
+}
+
+fn opt_str(obj: &Map<String, Value>, key: &str, p: &Path) -> Result<Option<String>, ApiError> {
+    get(obj, key).map(|v| as_str(v, &p.at(key)).map(str::to_string)).transpose()
+}
+
+/// Media types Amazon Q (and Anthropic) accept for images.
+pub const IMAGE_MEDIA_TYPES: [&str; 4] = ["image/jpeg", "image/png", "image/gif", "image/webp"];
+
+/// Parses a request body. `version` decides whether sampling parameters are allowed.
+pub fn parse(body: &[u8], version: ApiVersion, endpoint: Endpoint) -> Result<MessagesRequest, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::invalid(format!("The request body is not valid UTF-8 (at byte {})", e.valid_up_to()))
+    })?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        let mut m = String::from("The request body is not valid JSON: ");
+        let _ = write!(m, "{e}");
+        ApiError::invalid(m)
+    })?;
+    parse_value(&value, version, endpoint)
+}
+
+/// Parses an already-decoded JSON body.
+pub fn parse_value(
+    value: &Value,
+    version: ApiVersion,
+    endpoint: Endpoint,
+) -> Result<MessagesRequest, ApiError> {
+    let root = Path::default();
+    let obj = value.as_object().ok_or_else(|| {
+        ApiError::invalid(format!("The request body must be a JSON object, not {}", type_name(value)))
+    })?;
+
+    let model = as_str(req(obj, "model", &root)?, &root.at("model"))?;
+    if model.trim().is_empty() {
+        return Err(root.at("model").err("String should have at least 1 character"));
+    }
+
+    let max_tokens = match endpoint {
+        Endpoint::Messages => {
+            let m = as_u32(req(obj, "max_tokens", &root)?, &root.at("max_tokens"))?;
+            if m == 0 {
+                return Err(root.at("max_tokens").err("Input should be greater than or equal to 1"));
+            }
+            m
+        }
+        Endpoint::CountTokens => 0,
+    };
+
+    let stream = match (endpoint, get(obj, "stream")) {
+        (Endpoint::Messages, Some(v)) => as_bool(v, &root.at("stream"))?,
+        _ => false,
+    };
+
+    let mut stop_sequences = Vec::new();
+    if let (Endpoint::Messages, Some(v)) = (endpoint, get(obj, "stop_sequences")) {
+        let p = root.at("stop_sequences");
+        for (i, s) in as_arr(v, &p)?.iter().enumerate() {
+            let s = as_str(s, &p.at(i))?;
+            if s.is_empty() {
+                return Err(p.at(i).err("String should have at least 1 character"));
+            }
+            stop_sequences.push(s.to_string());
+        }
+    }
+
+    for key in ["temperature", "top_p", "top_k"] {
+        if let Some(v) = get(obj, key) {
+            let p = root.at(key);
+            if version == ApiVersion::V2026_10_21 {
+                return Err(p.err(format!("`{key}` is not supported in anthropic-version 2026-10-21")));
+            }
+            let n = as_f64(v, &p)?;
+            let ok = match key {
+                "top_k" => v.as_u64().is_some(),
+                _ => (0.0..=1.0).contains(&n),
+            };
+            if !ok {
+                let msg = if key == "top_k" {
+                    "Input should be a valid integer greater than or equal to 0"
+                } else {
+                    "Input should be between 0 and 1"
+                };
+                return Err(p.err(msg));
+            }
+        }
+    }
+
+    let system = match get(obj, "system") {
+        None => Vec::new(),
+        Some(Value::String(s)) => {
+            if s.is_empty() {
+                Vec::new()
+            } else {
+                vec![s.clone()]
+            }
+        }
+        Some(v) => {
+            let p = root.at("system");
+            let mut out = Vec::new();
+            for (i, b) in as_arr(v, &p)?.iter().enumerate() {
+                let bp = p.at(i);
+                let bo = as_obj(b, &bp)?;
+                let t = as_str(req(bo, "type", &bp)?, &bp.at("type"))?;
+                if t != "text" {
+                    return Err(bp.at("type").err(format!("Input should be 'text', not '{t}'")));
+                }
+                out.push(as_str(req(bo, "text", &bp)?, &bp.at("text"))?.to_string());
+            }
+            out
+        }
+    };
+
+    let thinking = match get(obj, "thinking") {
+        None => Thinking::Disabled,
+        Some(v) => {
+            let p = root.at("thinking");
+            let o = as_obj(v, &p)?;
+            match as_str(req(o, "type", &p)?, &p.at("type"))? {
+                "disabled" => Thinking::Disabled,
+                "adaptive" => Thinking::Adaptive,
+                "enabled" => {
+                    let b = as_u32(req(o, "budget_tokens", &p)?, &p.at("budget_tokens"))?;
+                    if b < 1024 {
+                        return Err(p
+                            .at("budget_tokens")
+                            .err("Input should be greater than or equal to 1024"));
+                    }
+                    if endpoint == Endpoint::Messages && b >= max_tokens {
+                        return Err(p.at("budget_tokens").err(format!(
+                            "`max_tokens` must be greater than `thinking.budget_tokens` ({b} >= {max_tokens})"
+                        )));
+                    }
+                    Thinking::Enabled { budget_tokens: b }
+                }
+                other => {
+                    return Err(p.at("type").err(format!(
+                        "Input tag '{other}' does not match any of the expected tags: 'enabled', 'disabled', 'adaptive'"
+                    )));
+                }
+            }
+        }
+    };
+
+    let tools = match get(obj, "tools") {
+        None => Vec::new(),
+        Some(v) => parse_tools(v, &root.at("tools"))?,
+    };
+
+    let tool_choice = match get(obj, "tool_choice") {
+        None => ToolChoice::Auto,
+        Some(v) => {
+            let p = root.at("tool_choice");
+            let o = as_obj(v, &p)?;
+            if let Some(d) = get(o, "disable_parallel_tool_use") {
+                as_bool(d, &p.at("disable_parallel_tool_use"))?;
+            }
+            match as_str(req(o, "type", &p)?, &p.at("type"))? {
+                "auto" => ToolChoice::Auto,
+                "any" => ToolChoice::Any,
+                "none" => ToolChoice::None,
+                "tool" => {
+                    let name = as_str(req(o, "name", &p)?, &p.at("name"))?.to_string();
+                    let known = tools.iter().any(|t| match t {
+                        ToolDef::Custom { name: n, .. } | ToolDef::Server { name: n, .. } => n == &name,
+                    });
+                    if !known {
+                        return Err(p.at("name").err(format!("Tool '{name}' not found in tools")));
+                    }
+                    ToolChoice::Tool(name)
+                }
+                other => {
+                    return Err(p.at("type").err(format!(
+                        "Input tag '{other}' does not match any of the expected tags: 'auto', 'any', 'tool', 'none'"
+                    )));
+                }
+            }
+        }
+    };
+
+    let metadata_user_id = match get(obj, "metadata") {
+        None => None,
+        Some(v) => {
+            let p = root.at("metadata");
+            opt_str(as_obj(v, &p)?, "user_id", &p)?
+        }
+    };
+
+    let mp = root.at("messages");
+    let raw_messages = as_arr(req(obj, "messages", &root)?, &mp)?;
+    if raw_messages.is_empty() {
+        return Err(mp.err("At least one message is required"));
+    }
+    let mut messages = Vec::with_capacity(raw_messages.len());
+    let mut tool_use_ids: HashSet<String> = HashSet::new();
+    for (i, m) in raw_messages.iter().enumerate() {
+        let p = mp.at(i);
+        let o = as_obj(m, &p)?;
+        let role = match as_str(req(o, "role", &p)?, &p.at("role"))? {
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            "system" => Role::System,
+            other => {
+                return Err(p
+                    .at("role")
+                    .err(format!("Input should be 'user', 'assistant' or 'system', not '{other}'")));
+            }
+        };
+        let content = parse_content(req(o, "content", &p)?, &p.at("content"), role)?;
+        for (j, b) in content.iter().enumerate() {
+            match b {
+                Block::ToolUse { id, .. } => {
+                    tool_use_ids.insert(id.clone());
+                }
+                Block::ToolResult { tool_use_id, .. } if !tool_use_ids.contains(tool_use_id) => {
+                    return Err(p.at("content").at(j).at("tool_use_id").err(format!(
+                        "unexpected `tool_use_id` found in `tool_result` blocks: {tool_use_id}. Each `tool_result` block must have a corresponding `tool_use` block in an earlier message."
+                    )));
+                }
+                _ => {}
+            }
+        }
+        messages.push(Message { role, content });
+    }
+    if !messages.iter().any(|m| m.role == Role::User) {
+        return Err(mp.err("At least one message with role 'user' is required"));
+    }
+
+    Ok(MessagesRequest {
+        model: model.to_string(),
+        messages,
+        system,
+        max_tokens,
+        stop_sequences,
+        stream,
+        tools,
+        tool_choice,
+        thinking,
+        metadata_user_id,
+    })
+}
+
+/// Tool name rule of the Messages API.
+fn valid_tool_name(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 128 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn parse_tools(v: &Value, p: &Path) -> Result<Vec<ToolDef>, ApiError> {
+    let mut out = Vec::new();
+    let mut names = HashSet::new();
+    for (i, t) in as_arr(v, p)?.iter().enumerate() {
+        let tp = p.at(i);
+        let o = as_obj(t, &tp)?;
+        let name = as_str(req(o, "name", &tp)?, &tp.at("name"))?.to_string();
+        let kind = opt_str(o, "type", &tp)?;
+        let def = match kind.as_deref() {
+            None | Some("custom") => {
+                if !valid_tool_name(&name) {
+                    return Err(tp.at("name").err("String should match pattern '^[a-zA-Z0-9_-]{1,128}$'"));
+                }
+                let schema = req(o, "input_schema", &tp)?;
+                let sp = tp.at("input_schema");
+                let so = as_obj(schema, &sp)?;
+                if let Some(t) = get(so, "type") {
+                    if t.as_str() != Some("object") {
+                        return Err(sp.at("type").err("Input should be 'object'"));
+                    }
+                }
+                let description = opt_str(o, "description", &tp)?;
+                ToolDef::Custom { name: name.clone(), description, input_schema: schema.clone() }
+            }
+            Some(k) => ToolDef::Server { kind: k.to_string(), name: name.clone() },
+        };
+        if !names.insert(name.clone()) {
+            return Err(tp.at("name").err(format!("Tool names must be unique: '{name}' appears twice")));
+        }
+        out.push(def);
+    }
+    Ok(out)
+}
+
+fn parse_content(v: &Value, p: &Path, role: Role) -> Result<Vec<Block>, ApiError> {
+    match v {
+        Value::String(s) => Ok(vec![Block::Text { text: s.clone() }]),
+        Value::Array(items) => {
+            let mut out = Vec::with_capacity(items.len());
+            for (i, b) in items.iter().enumerate() {
+                out.push(parse_block(b, &p.at(i), role, false)?);
+            }
+            Ok(out)
+        }
+        other => Err(p.err(format!(
+            "Input should be a valid string or a list of content blocks, not {}",
+            type_name(other)
+        ))),
+    }
+}
+
+fn parse_block(v: &Value, p: &Path, role: Role, nested: bool) -> Result<Block, ApiError> {
+    let o = as_obj(v, p)?;
+    let kind = as_str(req(o, "type", p)?, &p.at("type"))?;
+    let only_user = |what: &str| -> Result<(), ApiError> {
+        if role == Role::Assistant {
+            Err(p.at("type").err(format!("`{what}` blocks are only allowed in user messages")))
+        } else {
+            Ok(())
+        }
+    };
+    Ok(match kind {
+        "text" => Block::Text { text: as_str(req(o, "text", p)?, &p.at("text"))?.to_string() },
+        "image" => {
+            let sp = p.at("source");
+            let so = as_obj(req(o, "source", p)?, &sp)?;
+            let source = match as_str(req(so, "type", &sp)?, &sp.at("type"))? {
+                "base64" => {
+                    let media_type = as_str(req(so, "media_type", &sp)?, &sp.at("media_type"))?;
+                    if !IMAGE_MEDIA_TYPES.contains(&media_type) {
+                        return Err(sp.at("media_type").err(format!(
+                            "Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp', not '{media_type}'"
+                        )));
+                    }
+                    let data = as_str(req(so, "data", &sp)?, &sp.at("data"))?;
+                    use base64::Engine;
+                    if base64::engine::general_purpose::STANDARD.decode(data.trim()).is_err() {
+                        return Err(sp.at("data").err("The image data is not valid base64"));
+                    }
+                    ImageSource::Base64 { media_type: media_type.to_string(), data: data.trim().to_string() }
+                }
+                "url" => ImageSource::Url { url: as_str(req(so, "url", &sp)?, &sp.at("url"))?.to_string() },
+                "file" => ImageSource::File {
+                    file_id: as_str(req(so, "file_id", &sp)?, &sp.at("file_id"))?.to_string(),
+                },
+                other => {
+                    return Err(sp.at("type").err(format!(
+                        "Input tag '{other}' does not match any of the expected tags: 'base64', 'url', 'file'"
+                    )));
+                }
+            };
+            Block::Image { source }
+        }
+        "document" => {
+            only_user("document")?;
+            let sp = p.at("source");
+            let so = as_obj(req(o, "source", p)?, &sp)?;
+            let source = match as_str(req(so, "type", &sp)?, &sp.at("type"))? {
+                "base64" => {
+                    let mt = as_str(req(so, "media_type", &sp)?, &sp.at("media_type"))?;
+                    if mt != "application/pdf" {
+                        return Err(sp
+                            .at("media_type")
+                            .err(format!("Input should be 'application/pdf', not '{mt}'")));
+                    }
+                    DocumentSource::Base64Pdf
+                }
+                "text" => {
+                    DocumentSource::Text { data: as_str(req(so, "data", &sp)?, &sp.at("data"))?.to_string() }
+                }
+                "content" => {
+                    let cp = sp.at("content");
+                    DocumentSource::Content(match req(so, "content", &sp)? {
+                        Value::String(s) => vec![Block::Text { text: s.clone() }],
+                        v => {
+                            let mut blocks = Vec::new();
+                            for (i, b) in as_arr(v, &cp)?.iter().enumerate() {
+                                blocks.push(parse_block(b, &cp.at(i), role, true)?);
+                            }
+                            blocks
+                        }
+                    })
+                }
+                "url" => DocumentSource::Url,
+                "file" => DocumentSource::File,
+                other => {
+                    return Err(sp.at("type").err(format!(
+                        "Input tag '{other}' does not match any of the expected tags: 'base64', 'text', 'content', 'url', 'file'"
+                    )));
+                }
+            };
+            Block::Document { source, title: opt_str(o, "title", p)? }
+        }
+        "tool_use" if !nested => {
+            if role != Role::Assistant {
+                return Err(p.at("type").err("`tool_use` blocks are only allowed in assistant messages"));
+            }
+            let id = as_str(req(o, "id", p)?, &p.at("id"))?.to_string();
+            if id.is_empty() {
+                return Err(p.at("id").err("String should have at least 1 character"));
+            }
+            let name = as_str(req(o, "name", p)?, &p.at("name"))?.to_string();
+            let input = match get(o, "input") {
+                None => Map::new(),
+                Some(v) => as_obj(v, &p.at("input"))?.clone(),
+            };
+            Block::ToolUse { id, name, input }
+        }
+        "tool_result" if !nested => {
+            only_user("tool_result")?;
+            let tool_use_id = as_str(req(o, "tool_use_id", p)?, &p.at("tool_use_id"))?.to_string();
+            let is_error = match get(o, "is_error") {
+                None => false,
+                Some(v) => as_bool(v, &p.at("is_error"))?,
+            };
+            let cp = p.at("content");
+            let content = match get(o, "content") {
+                None => Vec::new(),
+                Some(Value::String(s)) => vec![Block::Text { text: s.clone() }],
+                Some(v) => {
+                    let mut blocks = Vec::new();
+                    for (i, b) in as_arr(v, &cp)?.iter().enumerate() {
+                        let bp = cp.at(i);
+                        let block = parse_block(b, &bp, role, true)?;
+                        match block {
+                            Block::Text { .. }
+                            | Block::Image { .. }
+                            | Block::Document { .. }
+                            | Block::SearchResult { .. } => blocks.push(block),
+                            _ => {
+                                return Err(bp.at("type").err(
+                                    "tool_result content may only hold text, image, document and search_result blocks",
+                                ));
+                            }
+                        }
+                    }
+                    blocks
+                }
+            };
+            Block::ToolResult { tool_use_id, content, is_error }
+        }
+        "thinking" if !nested => Block::Thinking {
+            thinking: as_str(req(o, "thinking", p)?, &p.at("thinking"))?.to_string(),
+            signature: opt_str(o, "signature", p)?.unwrap_or_default(),
+        },
+        "redacted_thinking" if !nested => {
+            Block::RedactedThinking { data: as_str(req(o, "data", p)?, &p.at("data"))?.to_string() }
+        }
+        "search_result" => {
+            let cp = p.at("content");
+            let mut content = Vec::new();
+            for (i, b) in as_arr(req(o, "content", p)?, &cp)?.iter().enumerate() {
+                let bp = cp.at(i);
+                let bo = as_obj(b, &bp)?;
+                content.push(as_str(req(bo, "text", &bp)?, &bp.at("text"))?.to_string());
+            }
+            Block::SearchResult {
+                source: as_str(req(o, "source", p)?, &p.at("source"))?.to_string(),
+                title: as_str(req(o, "title", p)?, &p.at("title"))?.to_string(),
+                content,
+            }
+        }
+        k if !nested
+            && (k == "server_tool_use"
+                || k == "mcp_tool_use"
+                || k == "mcp_tool_result"
+                || k == "container_upload"
+                || k.ends_with("_tool_result")) =>
+        {
+            Block::ServerTool { kind: k.to_string(), json: v.clone() }
+        }
+        other => {
+            return Err(p
+                .at("type")
+                .err(format!("Input tag '{other}' does not match any of the expected content block tags")));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse_json(v: Value) -> Result<MessagesRequest, ApiError> {
+        parse_value(&v, ApiVersion::V2023_06_01, Endpoint::Messages)
+    }
+
+    fn err(v: Value) -> String {
+        parse_json(v).unwrap_err().message
+    }
+
+    #[test]
+    fn minimal_and_full() {
+        let r = parse_json(json!({"model": "claude-sonnet-4-5", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .unwrap();
+        assert_eq!(r.messages[0].content, vec![Block::Text { text: "hi".into() }]);
+        assert!(!r.stream);
+        let r = parse_json(json!({
+            "model": "m", "max_tokens": 4096, "stream": true, "system": [{"type": "text", "text": "S", "cache_control": {"type": "ephemeral"}}],
+            "tools": [{"name": "get_weather", "description": "d", "input_schema": {"type": "object", "properties": {}}},
+                      {"type": "web_search_20250305", "name": "web_search"}],
+            "tool_choice": {"type": "tool", "name": "get_weather"},
+            "thinking": {"type": "enabled", "budget_tokens": 2048},
+            "metadata": {"user_id": "u"}, "output_config": {"effort": "high"}, "unknown_field": 1,
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "q", "cache_control": {"type": "ephemeral"}}]},
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "sig"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny", "is_error": false}]},
+                {"role": "system", "content": "late system"}
+            ]}))
+        .unwrap();
+        assert!(r.stream);
+        assert_eq!(r.system, vec!["S".to_string()]);
+        assert_eq!(r.tools.len(), 2);
+        assert_eq!(r.tool_choice, ToolChoice::Tool("get_weather".into()));
+        assert_eq!(r.thinking, Thinking::Enabled { budget_tokens: 2048 });
+        assert_eq!(r.messages[3].role, Role::System);
+        assert_eq!(r.metadata_user_id.as_deref(), Some("u"));
+    }
+
+    #[test]
+    fn field_paths_in_errors() {
+        let base = |messages: Value| json!({"model": "m", "max_tokens": 10, "messages": messages});
+        assert_eq!(err(json!({"max_tokens": 1, "messages": []})), "model: Field required");
+        assert_eq!(
+            err(json!({"model": "m", "messages": [{"role":"user","content":"x"}]})),
+            "max_tokens: Field required"
+        );
+        assert_eq!(err(json!({"model": "m", "max_tokens": 1})), "messages: Field required");
+        assert_eq!(err(base(json!([]))), "messages: At least one message is required");
+        assert!(
+            err(base(json!([{"role": "bot", "content": "x"}])))
+                .starts_with("messages.0.role: Input should be")
+        );
+        assert_eq!(
+            err(base(json!([{"role": "user", "content": [{"type": "text"}]}]))),
+            "messages.0.content.0.text: Field required"
+        );
+        let e = err(base(json!([
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "nope", "content": "x"}]}
+        ])));
+        assert!(e.starts_with("messages.3.content.0.tool_use_id: unexpected `tool_use_id`"), "{e}");
+        let e = err(
+            json!({"model": "m", "max_tokens": 2000, "thinking": {"type": "enabled", "budget_tokens": 2000},
+            "messages": [{"role": "user", "content": "x"}]}),
+        );
+        assert!(e.starts_with("thinking.budget_tokens: `max_tokens` must be greater"), "{e}");
+        let e = err(base(json!([{"role": "user", "content": [{"type": "image",
+            "source": {"type": "base64", "media_type": "image/bmp", "data": "AAAA"}}]}])));
+        assert!(e.starts_with("messages.0.content.0.source.media_type:"), "{e}");
+        assert!(
+            err(json!({"model": 5, "max_tokens": 1, "messages": []}))
+                .starts_with("model: Input should be a valid string")
+        );
+        assert!(
+            err(json!({"model": "m", "max_tokens": "1", "messages": []}))
+                .starts_with("max_tokens: Input should be a valid integer")
+        );
+        assert!(err(json!({"model": "m", "max_tokens": -1, "messages": []})).starts_with("max_tokens:"));
+    }
+
+    #[test]
+    fn sampling_parameters_depend_on_version() {
+        let body = json!({"model": "m", "max_tokens": 10, "temperature": 0.5, "messages": [{"role": "user", "content": "x"}]});
+        assert!(parse_value(&body, ApiVersion::V2023_06_01, Endpoint::Messages).is_ok());
+        let e = parse_value(&body, ApiVersion::V2026_10_21, Endpoint::Messages).unwrap_err();
+        assert!(e.message.starts_with("temperature:"), "{}", e.message);
+        assert_eq!(ApiVersion::from_header(Some("2026-10-21")), ApiVersion::V2026_10_21);
+        assert_eq!(ApiVersion::from_header(Some("2023-06-01")), ApiVersion::V2023_06_01);
+        assert_eq!(ApiVersion::from_header(None), ApiVersion::V2023_06_01);
+    }
+
+    #[test]
+    fn count_tokens_needs_no_max_tokens() {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+        assert!(parse_value(&body, ApiVersion::V2023_06_01, Endpoint::CountTokens).is_ok());
+    }
+
+    #[test]
+    fn bad_bytes() {
+        assert!(
+            parse(b"\xff\xfe", ApiVersion::default(), Endpoint::Messages)
+                .unwrap_err()
+                .message
+                .contains("UTF-8")
+        );
+        assert!(
+            parse(b"{", ApiVersion::default(), Endpoint::Messages)
+                .unwrap_err()
+                .message
+                .contains("not valid JSON")
+        );
+        let deep = "[".repeat(100_000);
+        assert!(parse(deep.as_bytes(), ApiVersion::default(), Endpoint::Messages).is_err());
+        assert!(
+            parse(b"[]", ApiVersion::default(), Endpoint::Messages)
+                .unwrap_err()
+                .message
+                .contains("JSON object")
+        );
+    }
+}
