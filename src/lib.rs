@@ -8,6 +8,7 @@
 //! - [`exit`]: the exit codes both binaries use.
 //! - [`ids`]: random identifiers (request, message and invocation ids).
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
+//! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, HTTP client.
 #![forbid(unsafe_code)]
 
@@ -17,4 +18,5 @@ pub mod config;
 pub mod exit;
 pub mod ids;
 pub mod logging;
+pub mod translate;
 pub mod upstream;

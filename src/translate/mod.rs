@@ -1,0 +1,9 @@
+//! Translation between the two APIs: Claude requests → Amazon Q requests, Amazon Q events →
+//! Claude events; the model map and token accounting.
+
+pub mod models;
+pub mod request;
+pub mod tokens;
+
+pub use models::{ModelInfo, ModelMap};
+pub use request::{Context, ToolNames, Translated, translate};

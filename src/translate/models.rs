@@ -1,0 +1,145 @@
+//! The model map: Claude model names → Amazon Q `modelId`s (built-in table plus `[models]`),
+//! and the model list served at `/v1/models`.
+
+use crate::anthropic::{ApiError, ErrorKind};
+
+/// A model the daemon lists at `/v1/models`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    pub id: String,
+    pub display_name: String,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// Built-in prefixes (longest match wins) and the Claude ids listed by `/v1/models`.
+const BUILTIN: &[(&str, &str)] = &[
+    ("claude-opus-4-5", "claude-opus-4.5"),
+    ("claude-sonnet-4-5", "claude-sonnet-4.5"),
+    ("claude-haiku-4-5", "claude-haiku-4.5"),
+    ("claude-sonnet-4", "claude-sonnet-4"),
+    ("claude-3-7-sonnet", "claude-3.7-sonnet"),
+];
+
+const LISTED: &[(&str, &str, &str)] = &[
+    ("claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-24T00:00:00Z"),
+    ("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z"),
+    ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z"),
+    ("claude-sonnet-4-20250514", "Claude Sonnet 4", "2025-05-22T00:00:00Z"),
+    ("claude-3-7-sonnet-20250219", "Claude Sonnet 3.7", "2025-02-24T00:00:00Z"),
+];
+
+/// Context window (tokens) used to turn `contextUsageEvent` percentages into input tokens.
+pub const DEFAULT_CONTEXT_WINDOW: u64 = 200_000;
+
+#[derive(Debug, Clone)]
+pub struct ModelMap {
+    /// (prefix, Amazon Q id), longest prefix first.
+    entries: Vec<(String, String)>,
+    fallback: Option<String>,
+}
+
+impl Default for ModelMap {
+    fn default() -> Self {
+        ModelMap::new(&[])
+    }
+}
+
+impl ModelMap {
+    /// The built-in table with `overrides` (from `[models]`) on top; `"*"` is the fallback.
+    pub fn new(overrides: &[(String, String)]) -> Self {
+        let mut entries: Vec<(String, String)> =
+            BUILTIN.iter().map(|(p, q)| (p.to_string(), q.to_string())).collect();
+        let mut fallback = None;
+        for (prefix, target) in overrides {
+            if prefix == "*" {
+                fallback = Some(target.clone());
+                continue;
+            }
+            entries.retain(|(p, _)| p != prefix);
+            entries.push((prefix.clone(), target.clone()));
+        }
+        entries.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+        ModelMap { entries, fallback }
+    }
+
+    /// The Amazon Q model for a Claude model name, or 404 `not_found_error` as Anthropic answers.
+    pub fn resolve(&self, claude_name: &str) -> Result<String, ApiError> {
+        let name = claude_name.trim().to_ascii_lowercase();
+        if let Some((_, q)) = self.entries.iter().find(|(p, _)| name.starts_with(p.as_str())) {
+            return Ok(q.clone());
+        }
+        for family in ["opus", "sonnet", "haiku"] {
+            if name.contains(family) {
+                if let Some(best) =
+                    self.entries.iter().map(|(_, q)| q).filter(|q| q.contains(family)).max_by(|a, b| {
+                        version_key(a).partial_cmp(&version_key(b)).unwrap_or(std::cmp::Ordering::Equal)
+                    })
+                {
+                    return Ok(best.clone());
+                }
+            }
+        }
+        self.fallback
+            .clone()
+            .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("model: {claude_name}")))
+    }
+
+    /// The models `/v1/models` lists: every built-in id this map can serve, and each
+    /// configured prefix that names no listed model.
+    pub fn list(&self) -> Vec<ModelInfo> {
+        let mut out: Vec<ModelInfo> = LISTED
+            .iter()
+            .filter(|(id, _, _)| self.resolve(id).is_ok())
+            .map(|(id, name, at)| ModelInfo {
+                id: id.to_string(),
+                display_name: name.to_string(),
+                created_at: at.to_string(),
+            })
+            .collect();
+        for (prefix, q) in &self.entries {
+            if !out.iter().any(|m| m.id.starts_with(prefix.as_str())) {
+                out.push(ModelInfo {
+                    id: prefix.clone(),
+                    display_name: format!("{prefix} (Amazon Q {q})"),
+                    created_at: "2025-01-01T00:00:00Z".into(),
+                });
+            }
+        }
+        out
+    }
+
+    pub fn context_window(&self, _q_model: &str) -> u64 {
+        DEFAULT_CONTEXT_WINDOW
+    }
+}
+
+/// Sort key for "newest": the numeric parts of a model id.
+fn version_key(id: &str) -> f64 {
+    let digits: String = id.chars().filter(|c| c.is_ascii_digit() || *c == '.').collect();
+    digits.trim_matches('.').parse().unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_names() {
+        let m = ModelMap::default();
+        assert_eq!(m.resolve("claude-sonnet-4-5-20250929").unwrap(), "claude-sonnet-4.5");
+        assert_eq!(m.resolve("claude-sonnet-4-20250514").unwrap(), "claude-sonnet-4");
+        assert_eq!(m.resolve("claude-haiku-4-5").unwrap(), "claude-haiku-4.5");
+        assert_eq!(m.resolve("claude-opus-4-1-20250805").unwrap(), "claude-opus-4.5");
+        assert_eq!(m.resolve("claude-3-5-haiku-latest").unwrap(), "claude-haiku-4.5");
+        let e = m.resolve("gpt-4").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        let m = ModelMap::new(&[
+            ("*".into(), "claude-sonnet-4.5".into()),
+            ("claude-sonnet-4-5".into(), "x.y".into()),
+        ]);
+        assert_eq!(m.resolve("gpt-4").unwrap(), "claude-sonnet-4.5");
+        assert_eq!(m.resolve("claude-sonnet-4-5-20250929").unwrap(), "x.y");
+        assert!(!m.list().is_empty());
+    }
+}

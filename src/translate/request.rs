@@ -1,0 +1,705 @@
+//! Claude → Amazon Q: turns a parsed Messages request into a `GenerateAssistantResponse` body
+//! that Amazon Q accepts (alternating history, tool results answering earlier tool uses, every
+//! used tool defined, names and descriptions within limits) and that carries everything the
+//! model needs (system prompt, thinking request, tool-choice instruction, prefill).
+
+use super::models::ModelMap;
+use crate::anthropic::request::{
+    Block, DocumentSource, ImageSource, Message, MessagesRequest, Role, Thinking, ToolChoice, ToolDef,
+};
+use crate::anthropic::{ApiError, ErrorKind};
+use crate::upstream::types::{
+    AssistantResponseMessage, ChatTriggerType, ConversationState, CurrentMessage, GenerateRequest,
+    HistoryMessage, Image, ImageSource as QImageSource, InputSchema, Tool, ToolResult, ToolResultContent,
+    ToolResultStatus, ToolSpecification, ToolUse, UserInputMessage, UserInputMessageContext,
+};
+use serde_json::{Map, Value, json};
+use std::collections::{HashMap, HashSet};
+
+/// Amazon Q's practical limits (PROTOCOL.md §2).
+pub const MAX_USER_MESSAGE_CHARS: usize = 600_000;
+pub const MAX_TOOL_RESULT_CHARS: usize = 800_000;
+pub const MAX_DESCRIPTION_CHARS: usize = 10_240;
+pub const MAX_IMAGES_PER_MESSAGE: usize = 10;
+const ORIGIN: &str = "AI_EDITOR";
+
+/// Maps tool names that Amazon Q cannot take to short aliases, and back.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ToolNames {
+    to_alias: HashMap<String, String>,
+    to_original: HashMap<String, String>,
+}
+
+impl ToolNames {
+    /// The name to send upstream for a client's tool name.
+    pub fn upstream(&mut self, name: &str) -> String {
+        if valid_q_name(name) {
+            return name.to_string();
+        }
+        if let Some(a) = self.to_alias.get(name) {
+            return a.clone();
+        }
+        let alias = alias_for(name);
+        self.to_alias.insert(name.to_string(), alias.clone());
+        self.to_original.insert(alias.clone(), name.to_string());
+        alias
+    }
+
+    /// The client's name for a name Amazon Q used.
+    pub fn original<'a>(&'a self, upstream: &'a str) -> &'a str {
+        self.to_original.get(upstream).map(String::as_str).unwrap_or(upstream)
+    }
+}
+
+/// `[a-zA-Z0-9_-]{1,64}`: what Amazon Q accepts for tool names and tool-use ids.
+pub fn valid_q_name(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A readable prefix plus a hash: `mcp__server__very_long_…` → `mcp__server__very_lon_3f2a91c4`.
+fn alias_for(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .collect();
+    let hash = crate::config::secret::fingerprint_of(name.as_bytes());
+    let prefix: String = clean.chars().take(64 - 1 - hash.len()).collect();
+    format!("{prefix}_{hash}")
+}
+
+/// Tool-use ids that break Amazon Q's pattern get a stable alias (the same on every request).
+fn q_tool_use_id(id: &str) -> String {
+    if valid_q_name(id) { id.to_string() } else { alias_for(id) }
+}
+
+/// The translated request and what the response side needs to map answers back.
+#[derive(Debug, Clone)]
+pub struct Translated {
+    /// The body without `profileArn` (set per account when sending).
+    pub request: GenerateRequest,
+    pub tool_names: ToolNames,
+    pub q_model: String,
+}
+
+/// Inputs besides the request itself.
+pub struct Context<'a> {
+    pub models: &'a ModelMap,
+    /// A client session id (Claude Code's session header), for a stable conversation id.
+    pub session_id: Option<&'a str>,
+}
+
+fn too_long(what: &str, n: usize, max: usize) -> ApiError {
+    ApiError::new(
+        ErrorKind::InvalidRequest,
+        format!("prompt is too long: {what} has {n} characters, more than Amazon Q accepts ({max})"),
+    )
+}
+
+/// One merged turn while building the history.
+#[derive(Default)]
+struct UserTurn {
+    texts: Vec<String>,
+    images: Vec<Image>,
+    omitted_images: usize,
+    results: Vec<ToolResult>,
+}
+
+#[derive(Default)]
+struct AssistantTurn {
+    texts: Vec<String>,
+    uses: Vec<ToolUse>,
+}
+
+enum Turn {
+    User(UserTurn),
+    Assistant(AssistantTurn),
+}
+
+/// Translates a parsed request. Errors are client errors (400/404).
+pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, ApiError> {
+    let q_model = ctx.models.resolve(&req.model)?;
+    let mut names = ToolNames::default();
+    let mut preamble: Vec<String> = req.system.clone();
+
+    // Tools the client defined (server tools Amazon Q cannot run are left out).
+    let mut tools: Vec<Tool> = Vec::new();
+    let mut defined: HashSet<String> = HashSet::new();
+    for t in &req.tools {
+        match t {
+            ToolDef::Custom { name, description, input_schema } => {
+                let q_name = names.upstream(name);
+                let mut desc = description.clone().unwrap_or_default();
+                if desc.trim().is_empty() {
+                    desc = format!("Tool {name}");
+                }
+                if desc.chars().count() > MAX_DESCRIPTION_CHARS {
+                    preamble.push(format!("Full description of the tool `{name}`:\n{desc}"));
+                    let cut: String = desc.chars().take(MAX_DESCRIPTION_CHARS - 80).collect();
+                    desc = format!("{cut}… (truncated; the full description is in the system prompt)");
+                }
+                if defined.insert(q_name.clone()) {
+                    tools.push(tool_spec(q_name, desc, normalise_schema(input_schema)));
+                }
+            }
+            ToolDef::Server { kind, name } => {
+                tracing::debug!(tool = %name, kind = %kind, "server tool left out: Amazon Q cannot run it");
+            }
+        }
+    }
+
+    // Fold system messages into the user turn that follows them; build merged turns.
+    let mut turns: Vec<Turn> = Vec::new();
+    let mut pending_system: Vec<String> = Vec::new();
+    let first_user = req.messages.iter().position(|m| m.role == Role::User).unwrap_or(req.messages.len());
+    let mut total_images = 0usize;
+    for (i, m) in req.messages.iter().enumerate() {
+        match m.role {
+            Role::System => {
+                let text = plain_text(m);
+                if !text.trim().is_empty() {
+                    if i < first_user {
+                        preamble.push(text);
+                    } else {
+                        pending_system.push(text);
+                    }
+                }
+            }
+            Role::User => {
+                let mut turn = UserTurn::default();
+                for s in pending_system.drain(..) {
+                    turn.texts.push(format!("<system-reminder>\n{s}\n</system-reminder>"));
+                }
+                user_blocks(&m.content, &mut turn, &mut total_images)?;
+                match turns.last_mut() {
+                    Some(Turn::User(prev)) => {
+                        prev.texts.append(&mut turn.texts);
+                        prev.images.append(&mut turn.images);
+                        prev.results.append(&mut turn.results);
+                        prev.omitted_images += turn.omitted_images;
+                    }
+                    _ => turns.push(Turn::User(turn)),
+                }
+            }
+            Role::Assistant => {
+                let mut turn = AssistantTurn::default();
+                assistant_blocks(&m.content, &mut turn, &mut names);
+                match turns.last_mut() {
+                    Some(Turn::Assistant(prev)) => {
+                        prev.texts.append(&mut turn.texts);
+                        prev.uses.append(&mut turn.uses);
+                    }
+                    _ => turns.push(Turn::Assistant(turn)),
+                }
+            }
+        }
+    }
+
+    // A trailing assistant turn is a prefill: the answer must continue it.
+    let mut prefill = None;
+    if matches!(turns.last(), Some(Turn::Assistant(_))) {
+        if let Some(Turn::Assistant(a)) = turns.pop() {
+            let text = a.texts.join("\n\n");
+            if !a.uses.is_empty() {
+                return Err(ApiError::invalid(
+                    "messages: the final assistant message may not contain tool_use blocks without their tool_result",
+                ));
+            }
+            if !text.trim().is_empty() {
+                prefill = Some(text);
+            }
+        }
+    }
+    let Some(Turn::User(mut current)) = turns.pop() else {
+        return Err(ApiError::invalid(
+            "messages: a user message is required before the final assistant message",
+        ));
+    };
+    // System messages after the last user message belong to the current turn.
+    for s in pending_system.drain(..) {
+        current.texts.push(format!("<system-reminder>\n{s}\n</system-reminder>"));
+    }
+    if turns.first().is_some_and(|t| matches!(t, Turn::Assistant(_))) {
+        turns.insert(
+            0,
+            Turn::User(UserTurn { texts: vec!["(conversation start)".into()], ..Default::default() }),
+        );
+    }
+
+    // Every tool used in the history must be defined: placeholders for the missing ones.
+    for t in &turns {
+        if let Turn::Assistant(a) = t {
+            for u in &a.uses {
+                if defined.insert(u.name.clone()) {
+                    tools.push(tool_spec(
+                        u.name.clone(),
+                        format!(
+                            "Tool {} (used earlier in this conversation; no longer offered)",
+                            names.original(&u.name)
+                        ),
+                        json!({"type": "object", "properties": {}}),
+                    ));
+                }
+            }
+        }
+    }
+    let history_needs_tools = turns.iter().any(|t| matches!(t, Turn::Assistant(a) if !a.uses.is_empty()));
+
+    // The system prompt goes first: the first user turn, or the current message without history.
+    let mut instructions: Vec<String> = Vec::new();
+    match req.tool_choice {
+        ToolChoice::Auto => {}
+        ToolChoice::Any => {
+            instructions.push("You must call at least one of the available tools in this reply.".into())
+        }
+        ToolChoice::Tool(ref n) => instructions.push(format!("You must call the tool `{n}` in this reply.")),
+        ToolChoice::None => instructions.push("Do not call any tool in this reply; answer in text.".into()),
+    }
+    let send_tools = match req.tool_choice {
+        ToolChoice::None => {
+            if history_needs_tools {
+                tools
+            } else {
+                Vec::new()
+            }
+        }
+        _ => tools,
+    };
+
+    let thinking_prefix = match req.thinking {
+        Thinking::Disabled => None,
+        Thinking::Enabled { budget_tokens } => Some(budget_tokens),
+        Thinking::Adaptive => Some((req.max_tokens / 2).clamp(1024, 32_000)),
+    }
+    .map(|budget| {
+        format!("<thinking_mode>enabled</thinking_mode><max_thinking_length>{budget}</max_thinking_length>")
+    });
+
+    let system_text = if preamble.is_empty() { None } else { Some(preamble.join("\n\n")) };
+    let mut history: Vec<HistoryMessage> = Vec::with_capacity(turns.len());
+    let has_history = !turns.is_empty();
+    for (i, t) in turns.into_iter().enumerate() {
+        match t {
+            Turn::User(mut u) => {
+                if i == 0 {
+                    if let Some(s) = &system_text {
+                        u.texts.insert(0, format!("<system>\n{s}\n</system>"));
+                    }
+                }
+                history.push(HistoryMessage::UserInputMessage(user_message(u, &q_model, Vec::new())?));
+            }
+            Turn::Assistant(a) => {
+                let mut content = a.texts.join("\n\n");
+                if content.trim().is_empty() {
+                    content = if a.uses.is_empty() { "(no text)".into() } else { "(calling tools)".into() };
+                }
+                history.push(HistoryMessage::AssistantResponseMessage(AssistantResponseMessage {
+                    message_id: None,
+                    content,
+                    tool_uses: a.uses,
+                }));
+            }
+        }
+    }
+
+    let mut head: Vec<String> = Vec::new();
+    if let Some(t) = thinking_prefix {
+        head.push(t);
+    }
+    if !has_history {
+        if let Some(s) = &system_text {
+            head.push(format!("<system>\n{s}\n</system>"));
+        }
+    }
+    current.texts.splice(0..0, head);
+    current.texts.extend(instructions);
+    if let Some(p) = prefill {
+        current.texts.push(format!(
+            "Begin your reply with exactly the following text and continue from it (do not repeat it):\n{p}"
+        ));
+    }
+    let current = user_message(current, &q_model, send_tools)?;
+
+    let conversation_id = conversation_id(req.metadata_user_id.as_deref(), ctx.session_id);
+    Ok(Translated {
+        request: GenerateRequest {
+            conversation_state: ConversationState {
+                conversation_id,
+                chat_trigger_type: ChatTriggerType::Manual,
+                history,
+                current_message: CurrentMessage { user_input_message: current },
+            },
+            profile_arn: None,
+        },
+        tool_names: names,
+        q_model,
+    })
+}
+
+fn tool_spec(name: String, description: String, schema: Value) -> Tool {
+    Tool {
+        tool_specification: ToolSpecification {
+            name,
+            description,
+            input_schema: InputSchema { json: schema },
+        },
+    }
+}
+
+/// Drops `$schema`, and makes sure of `type: object`, a `properties` object and a `required` array.
+pub fn normalise_schema(schema: &Value) -> Value {
+    let mut m: Map<String, Value> = schema.as_object().cloned().unwrap_or_default();
+    m.remove("$schema");
+    m.insert("type".into(), Value::String("object".into()));
+    if !m.get("properties").is_some_and(Value::is_object) {
+        m.insert("properties".into(), Value::Object(Map::new()));
+    }
+    match m.get("required") {
+        Some(Value::Array(a)) => {
+            let only_strings: Vec<Value> = a.iter().filter(|v| v.is_string()).cloned().collect();
+            m.insert("required".into(), Value::Array(only_strings));
+        }
+        Some(_) => {
+            m.remove("required");
+        }
+        None => {}
+    }
+    Value::Object(m)
+}
+
+fn plain_text(m: &Message) -> String {
+    m.content
+        .iter()
+        .filter_map(|b| match b {
+            Block::Text { text } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+fn image(source: &ImageSource, path: &str) -> Result<Image, ApiError> {
+    match source {
+        ImageSource::Base64 { media_type, data } => Ok(Image {
+            format: media_type.trim_start_matches("image/").to_string(),
+            source: QImageSource { bytes: data.clone() },
+        }),
+        ImageSource::Url { .. } | ImageSource::File { .. } => Err(ApiError::invalid(format!(
+            "{path}: only base64 image sources are supported by this server (it does not fetch URLs or files)"
+        ))),
+    }
+}
+
+fn document_text(source: &DocumentSource, title: &Option<String>) -> Result<String, ApiError> {
+    let body = match source {
+        DocumentSource::Text { data } => data.clone(),
+        DocumentSource::Content(blocks) => blocks
+            .iter()
+            .filter_map(|b| match b {
+                Block::Text { text } => Some(text.clone()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n\n"),
+        DocumentSource::Base64Pdf => {
+            return Err(ApiError::invalid(
+                "document: PDF documents are not supported by this server; send the text as a plain-text document",
+            ));
+        }
+        DocumentSource::Url | DocumentSource::File => {
+            return Err(ApiError::invalid(
+                "document: only plain-text and inline content documents are supported (no URL or file sources)",
+            ));
+        }
+    };
+    Ok(match title {
+        Some(t) => format!("<document title=\"{t}\">\n{body}\n</document>"),
+        None => format!("<document>\n{body}\n</document>"),
+    })
+}
+
+fn search_result_text(source: &str, title: &str, content: &[String]) -> String {
+    format!("<search_result source=\"{source}\" title=\"{title}\">\n{}\n</search_result>", content.join("\n"))
+}
+
+fn push_image(turn: &mut UserTurn, img: Image, total: &mut usize) {
+    *total += 1;
+    turn.images.push(img);
+    if turn.images.len() > MAX_IMAGES_PER_MESSAGE {
+        // Keep the newest ten; the oldest become a note.
+        turn.images.remove(0);
+        turn.omitted_images += 1;
+    }
+}
+
+fn user_blocks(blocks: &[Block], turn: &mut UserTurn, total_images: &mut usize) -> Result<(), ApiError> {
+    for b in blocks {
+        match b {
+            Block::Text { text } => turn.texts.push(text.clone()),
+            Block::Image { source } => push_image(turn, image(source, "image")?, total_images),
+            Block::Document { source, title } => turn.texts.push(document_text(source, title)?),
+            Block::SearchResult { source, title, content } => {
+                turn.texts.push(search_result_text(source, title, content))
+            }
+            Block::ToolResult { tool_use_id, content, is_error } => {
+                let mut parts: Vec<ToolResultContent> = Vec::new();
+                for c in content {
+                    match c {
+                        Block::Text { text } => parts.push(ToolResultContent::Text(text.clone())),
+                        Block::Image { source } => {
+                            push_image(turn, image(source, "tool_result image")?, total_images);
+                            parts.push(ToolResultContent::Text("[image attached to this message]".into()));
+                        }
+                        Block::Document { source, title } => {
+                            parts.push(ToolResultContent::Text(document_text(source, title)?))
+                        }
+                        Block::SearchResult { source, title, content } => {
+                            parts.push(ToolResultContent::Text(search_result_text(source, title, content)))
+                        }
+                        _ => {}
+                    }
+                }
+                let size: usize = parts
+                    .iter()
+                    .map(|p| match p {
+                        ToolResultContent::Text(t) => t.chars().count(),
+                        ToolResultContent::Json(v) => v.to_string().len(),
+                    })
+                    .sum();
+                if size > MAX_TOOL_RESULT_CHARS {
+                    return Err(too_long("a tool result", size, MAX_TOOL_RESULT_CHARS));
+                }
+                if parts.is_empty()
+                    || parts.iter().all(|p| matches!(p, ToolResultContent::Text(t) if t.is_empty()))
+                {
+                    parts = vec![ToolResultContent::Text(
+                        if *is_error {
+                            "(the tool failed without output)"
+                        } else {
+                            "(the tool returned no output)"
+                        }
+                        .into(),
+                    )];
+                }
+                let id = q_tool_use_id(tool_use_id);
+                let status = if *is_error { ToolResultStatus::Error } else { ToolResultStatus::Success };
+                if let Some(existing) = turn.results.iter_mut().find(|r| r.tool_use_id == id) {
+                    // The same tool_use_id answered twice: merge into one result.
+                    existing.content.extend(parts);
+                    if status == ToolResultStatus::Error {
+                        existing.status = ToolResultStatus::Error;
+                    }
+                } else {
+                    turn.results.push(ToolResult { tool_use_id: id, content: parts, status });
+                }
+            }
+            Block::Thinking { thinking, .. } => turn.texts.push(format!("<thinking>{thinking}</thinking>")),
+            Block::RedactedThinking { .. } | Block::ToolUse { .. } => {}
+            Block::ServerTool { kind, json } => turn.texts.push(format!("[{kind}] {json}")),
+        }
+    }
+    Ok(())
+}
+
+fn assistant_blocks(blocks: &[Block], turn: &mut AssistantTurn, names: &mut ToolNames) {
+    for b in blocks {
+        match b {
+            Block::Text { text } => {
+                if !text.is_empty() {
+                    turn.texts.push(text.clone())
+                }
+            }
+            Block::Thinking { thinking, .. } => {
+                if !thinking.is_empty() {
+                    turn.texts.push(format!("<thinking>{thinking}</thinking>"))
+                }
+            }
+            Block::ToolUse { id, name, input } => turn.uses.push(ToolUse {
+                tool_use_id: q_tool_use_id(id),
+                name: names.upstream(name),
+                input: Value::Object(input.clone()),
+            }),
+            Block::ServerTool { kind, json } => turn.texts.push(format!("[{kind}] {json}")),
+            Block::RedactedThinking { .. } => {}
+            Block::Image { .. }
+            | Block::Document { .. }
+            | Block::SearchResult { .. }
+            | Block::ToolResult { .. } => {}
+        }
+    }
+}
+
+fn user_message(turn: UserTurn, q_model: &str, tools: Vec<Tool>) -> Result<UserInputMessage, ApiError> {
+    let mut texts = turn.texts;
+    if turn.omitted_images > 0 {
+        texts.push(format!(
+            "[{} older image(s) omitted: Amazon Q accepts at most {MAX_IMAGES_PER_MESSAGE} images per message]",
+            turn.omitted_images
+        ));
+    }
+    let content = texts.join("\n\n");
+    let n = content.chars().count();
+    if n > MAX_USER_MESSAGE_CHARS {
+        return Err(too_long("a user message", n, MAX_USER_MESSAGE_CHARS));
+    }
+    let ctx = UserInputMessageContext { env_state: None, tools, tool_results: turn.results };
+    Ok(UserInputMessage {
+        content,
+        model_id: Some(q_model.to_string()),
+        origin: Some(ORIGIN.into()),
+        images: turn.images,
+        user_input_message_context: if ctx.is_empty() { None } else { Some(ctx) },
+    })
+}
+
+/// Stable per client session when one can be identified, random otherwise.
+fn conversation_id(user_id: Option<&str>, session: Option<&str>) -> String {
+    let key = session.map(str::to_string).or_else(|| {
+        let u = user_id?;
+        // Claude Code puts JSON with a session id there, or `…_session_<uuid>`.
+        if let Ok(v) = serde_json::from_str::<Value>(u) {
+            if let Some(s) = v.get("session_id").and_then(Value::as_str) {
+                return Some(s.to_string());
+            }
+        }
+        Some(u.rsplit_once("_session_").map(|(_, s)| s.to_string()).unwrap_or_else(|| u.to_string()))
+    });
+    match key {
+        Some(k) if !k.is_empty() => {
+            let d = crate::config::secret::sha256(k.as_bytes());
+            let h = hex::encode(&d[..16]);
+            format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+        }
+        _ => crate::ids::uuid_v4(),
+    }
+}
+
+/// For tests and diagnostics: the request as the JSON Amazon Q receives (with `profileArn`).
+pub fn to_json(t: &Translated, profile_arn: Option<&str>) -> Value {
+    let mut req = t.request.clone();
+    req.profile_arn = profile_arn.map(str::to_string);
+    serde_json::to_value(&req).expect("request types always serialise")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::anthropic::request::{ApiVersion, Endpoint, parse_value};
+
+    fn tr(v: Value) -> Value {
+        let req = parse_value(&v, ApiVersion::default(), Endpoint::Messages).unwrap();
+        let models = ModelMap::default();
+        let t = translate(&req, &Context { models: &models, session_id: None }).unwrap();
+        let mut j = to_json(&t, None);
+        j["conversationState"]["conversationId"] = json!("ID");
+        j
+    }
+
+    #[test]
+    fn plain_request_with_system() {
+        let j = tr(json!({"model": "claude-sonnet-4-5", "max_tokens": 100, "system": "Be brief.",
+            "messages": [{"role": "user", "content": "Hi"}]}));
+        assert_eq!(
+            j,
+            json!({"conversationState": {"conversationId": "ID", "chatTriggerType": "MANUAL",
+                "currentMessage": {"userInputMessage": {"content": "<system>\nBe brief.\n</system>\n\nHi",
+                    "modelId": "claude-sonnet-4.5", "origin": "AI_EDITOR"}}}})
+        );
+    }
+
+    #[test]
+    fn merges_turns_and_folds_late_system_messages() {
+        let j = tr(
+            json!({"model": "claude-sonnet-4-5", "max_tokens": 100, "system": [{"type": "text", "text": "S"}],
+            "messages": [
+                {"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "c"},
+                {"role": "user", "content": "d"},
+                {"role": "system", "content": "late"}
+            ]}),
+        );
+        let cs = &j["conversationState"];
+        assert_eq!(cs["history"][0]["userInputMessage"]["content"], "<system>\nS\n</system>\n\na\n\nb");
+        assert_eq!(cs["history"][1]["assistantResponseMessage"]["content"], "c");
+        assert_eq!(cs["history"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            cs["currentMessage"]["userInputMessage"]["content"],
+            "d\n\n<system-reminder>\nlate\n</system-reminder>"
+        );
+    }
+
+    #[test]
+    fn tools_aliases_placeholders_and_results() {
+        let long = "x".repeat(70);
+        let j = tr(json!({"model": "claude-sonnet-4-5", "max_tokens": 100,
+        "tools": [{"name": long, "description": "", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "required": "bad"}}],
+        "messages": [
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "gone_tool", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [], "is_error": true}]}
+        ]}));
+        let cur = &j["conversationState"]["currentMessage"]["userInputMessage"];
+        let tools = cur["userInputMessageContext"]["tools"].as_array().unwrap();
+        assert_eq!(tools.len(), 2);
+        let alias = tools[0]["toolSpecification"]["name"].as_str().unwrap();
+        assert!(valid_q_name(alias) && alias.starts_with("xxxx"));
+        assert_eq!(tools[0]["toolSpecification"]["description"], format!("Tool {long}"));
+        assert_eq!(
+            tools[0]["toolSpecification"]["inputSchema"]["json"],
+            json!({"type": "object", "properties": {}})
+        );
+        assert_eq!(tools[1]["toolSpecification"]["name"], "gone_tool");
+        assert_eq!(
+            cur["userInputMessageContext"]["toolResults"][0],
+            json!({"toolUseId": "toolu_1", "content": [{"text": "(the tool failed without output)"}], "status": "error"})
+        );
+        assert_eq!(
+            j["conversationState"]["history"][1]["assistantResponseMessage"]["content"],
+            "(calling tools)"
+        );
+    }
+
+    #[test]
+    fn prefill_and_tool_choice() {
+        let j = tr(json!({"model": "claude-sonnet-4-5", "max_tokens": 100,
+            "tools": [{"name": "t", "input_schema": {"type": "object"}}], "tool_choice": {"type": "none"},
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "The answer is"}]}));
+        let cur = &j["conversationState"]["currentMessage"]["userInputMessage"];
+        let c = cur["content"].as_str().unwrap();
+        assert!(c.starts_with("q\n\nDo not call any tool"), "{c}");
+        assert!(c.ends_with("continue from it (do not repeat it):\nThe answer is"), "{c}");
+        assert!(cur.get("userInputMessageContext").is_none());
+        assert!(j["conversationState"].get("history").is_none());
+    }
+
+    #[test]
+    fn url_images_and_pdfs_are_refused_and_sizes_checked() {
+        let models = ModelMap::default();
+        let ctx = Context { models: &models, session_id: None };
+        let p = |v: Value| parse_value(&v, ApiVersion::default(), Endpoint::Messages).unwrap();
+        let r = p(
+            json!({"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]}]}),
+        );
+        assert!(translate(&r, &ctx).unwrap_err().message.contains("only base64 image sources"));
+        let r = p(
+            json!({"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "AA=="}}]}]}),
+        );
+        assert!(translate(&r, &ctx).unwrap_err().message.contains("PDF"));
+        let r = p(
+            json!({"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": "x".repeat(600_001)}]}),
+        );
+        assert!(translate(&r, &ctx).unwrap_err().message.starts_with("prompt is too long"));
+        let r = p(json!({"model": "nope", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]}));
+        assert_eq!(translate(&r, &ctx).unwrap_err().kind, ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn conversation_id_is_stable_per_session() {
+        let a = conversation_id(Some("user_abc_account__session_1234"), None);
+        assert_eq!(a, conversation_id(Some("user_x_account__session_1234"), None));
+        assert_ne!(a, conversation_id(Some("user_abc_account__session_9999"), None));
+        assert_ne!(conversation_id(None, None), conversation_id(None, None));
+        assert_eq!(a.len(), 36);
+    }
+}
