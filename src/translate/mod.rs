@@ -3,7 +3,9 @@
 
 pub mod models;
 pub mod request;
+pub mod response;
 pub mod tokens;
 
 pub use models::{ModelInfo, ModelMap};
 pub use request::{Context, ToolNames, Translated, translate};
+pub use response::{Aggregator, ResponseParams, ResponseState};

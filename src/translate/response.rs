@@ -1,0 +1,849 @@
+//! Amazon Q → Claude: one state machine turns upstream events into Claude stream events; the
+//! SSE writer and the non-streaming [`Aggregator`] both consume its output, so the two
+//! responses can never disagree.
+
+use super::request::ToolNames;
+use super::tokens::count_text;
+use crate::anthropic::sse::{BlockStart, Delta, StreamEvent, Usage};
+use crate::anthropic::{ApiError, ErrorKind};
+use crate::upstream::{Event, StreamError};
+use serde_json::{Value, json};
+
+const OPEN_TAG: &str = "<thinking>";
+const CLOSE_TAG: &str = "</thinking>";
+
+/// What the response needs to know about its request.
+#[derive(Debug, Clone)]
+pub struct ResponseParams {
+    pub message_id: String,
+    /// The model name the client asked for (echoed back).
+    pub model: String,
+    pub input_tokens: u64,
+    pub max_tokens: u64,
+    pub stop_sequences: Vec<String>,
+    /// Thinking was requested: `<thinking>` at the start of the answer becomes a thinking block.
+    pub thinking: bool,
+    pub tool_names: ToolNames,
+    /// Context window of the upstream model (for `contextUsageEvent`).
+    pub context_window: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TextMode {
+    /// Thinking requested, nothing decided yet: is the answer opening with `<thinking>`?
+    Start,
+    InThinking,
+    Text,
+}
+
+#[derive(Debug)]
+enum Open {
+    None,
+    Text { index: usize },
+    Thinking { index: usize, text: String, signature: Option<String> },
+    Tool { index: usize, upstream_id: String, input: String },
+}
+
+/// The state machine.
+pub struct ResponseState {
+    p: ResponseParams,
+    next_index: usize,
+    open: Open,
+    mode: TextMode,
+    buf: String,
+    output_tokens: u64,
+    tool_calls: usize,
+    stop: Option<(String, Option<String>)>,
+    finished: bool,
+    hold: usize,
+    /// Drop newlines at the start of the next thinking or text (after a thinking tag).
+    strip_leading: bool,
+}
+
+/// A daemon-issued thinking signature (clients send it back; it is accepted as context).
+pub fn signature_for(thinking: &str) -> String {
+    use base64::Engine;
+    let d = crate::config::secret::sha256(format!("amq2api-thinking\0{thinking}").as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(d)
+}
+
+/// Claude's id for an upstream tool-use id: `toolu_…`.
+pub fn claude_tool_id(upstream: &str) -> String {
+    let rest =
+        upstream.strip_prefix("tooluse_").or_else(|| upstream.strip_prefix("toolu_")).unwrap_or(upstream);
+    let clean: String =
+        rest.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-').collect();
+    format!("toolu_{clean}")
+}
+
+impl ResponseState {
+    pub fn new(p: ResponseParams) -> Self {
+        let mode = if p.thinking { TextMode::Start } else { TextMode::Text };
+        let hold = p.stop_sequences.iter().map(|s| s.len()).max().unwrap_or(0);
+        ResponseState {
+            p,
+            next_index: 0,
+            open: Open::None,
+            mode,
+            buf: String::new(),
+            output_tokens: 0,
+            tool_calls: 0,
+            stop: None,
+            finished: false,
+            hold,
+            strip_leading: false,
+        }
+    }
+
+    /// True once the message is complete (stop sequence or max_tokens reached, or ended):
+    /// the caller stops reading the upstream.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    fn usage(&self) -> Usage {
+        Usage { input_tokens: self.p.input_tokens, output_tokens: self.output_tokens }
+    }
+
+    /// `message_start` and the first `ping`.
+    pub fn start(&self) -> Vec<StreamEvent> {
+        vec![
+            StreamEvent::MessageStart {
+                id: self.p.message_id.clone(),
+                model: self.p.model.clone(),
+                usage: Usage { input_tokens: self.p.input_tokens, output_tokens: 1 },
+            },
+            StreamEvent::Ping,
+        ]
+    }
+
+    fn close_open(&mut self, out: &mut Vec<StreamEvent>) {
+        match std::mem::replace(&mut self.open, Open::None) {
+            Open::None => {}
+            Open::Text { index } => out.push(StreamEvent::BlockStop { index }),
+            Open::Thinking { index, text, signature } => {
+                let sig = signature.unwrap_or_else(|| signature_for(&text));
+                out.push(StreamEvent::BlockDelta { index, delta: Delta::Signature(sig) });
+                out.push(StreamEvent::BlockStop { index });
+            }
+            Open::Tool { index, .. } => out.push(StreamEvent::BlockStop { index }),
+        }
+    }
+
+    fn open_block(&mut self, block: BlockStart, out: &mut Vec<StreamEvent>) -> usize {
+        self.close_open(out);
+        let index = self.next_index;
+        self.next_index += 1;
+        out.push(StreamEvent::BlockStart { index, block });
+        index
+    }
+
+    /// Counts `text` against max_tokens; returns the part that fits (all of it, usually).
+    fn budget(&mut self, text: &str) -> String {
+        let n = count_text(text);
+        if self.output_tokens + n <= self.p.max_tokens {
+            self.output_tokens += n;
+            return text.to_string();
+        }
+        let room = self.p.max_tokens.saturating_sub(self.output_tokens) as usize;
+        let bpe = tiktoken_rs::cl100k_base_singleton();
+        let toks = bpe.encode_ordinary(text);
+        let kept = bpe.decode(&toks[..room.min(toks.len())]).unwrap_or_default();
+        self.output_tokens = self.p.max_tokens;
+        self.stop = Some(("max_tokens".into(), None));
+        self.finished = true;
+        kept
+    }
+
+    fn emit_text(&mut self, text: &str, out: &mut Vec<StreamEvent>) {
+        if text.is_empty() || self.finished {
+            return;
+        }
+        let text = self.budget(text);
+        if text.is_empty() {
+            return;
+        }
+        let index = match self.open {
+            Open::Text { index } => index,
+            _ => {
+                let i = self.open_block(BlockStart::Text, out);
+                self.open = Open::Text { index: i };
+                i
+            }
+        };
+        out.push(StreamEvent::BlockDelta { index, delta: Delta::Text(text) });
+    }
+
+    fn emit_thinking(&mut self, text: &str, signature: Option<String>, out: &mut Vec<StreamEvent>) {
+        if self.finished {
+            return;
+        }
+        let text = if text.is_empty() { String::new() } else { self.budget(text) };
+        if !matches!(self.open, Open::Thinking { .. }) {
+            let i = self.open_block(BlockStart::Thinking, out);
+            self.open = Open::Thinking { index: i, text: String::new(), signature: None };
+        }
+        if let Open::Thinking { index, text: acc, signature: sig } = &mut self.open {
+            if !text.is_empty() {
+                acc.push_str(&text);
+                out.push(StreamEvent::BlockDelta { index: *index, delta: Delta::Thinking(text) });
+            }
+            if signature.is_some() {
+                *sig = signature;
+            }
+        }
+    }
+
+    /// Length of the longest suffix of `buf` that is a proper prefix of `pat`.
+    fn partial_suffix(buf: &str, pat: &str) -> usize {
+        let max = pat.len().saturating_sub(1).min(buf.len());
+        (1..=max).rev().find(|&k| pat.is_char_boundary(k) && buf.ends_with(&pat[..k])).unwrap_or(0)
+    }
+
+    /// Runs buffered answer text through thinking-tag and stop-sequence detection.
+    fn process_text(&mut self, out: &mut Vec<StreamEvent>, at_end: bool) {
+        loop {
+            if self.finished {
+                self.buf.clear();
+                return;
+            }
+            if self.strip_leading && self.mode != TextMode::Start {
+                let trimmed = self.buf.trim_start_matches(['\n', '\r']);
+                if trimmed.len() != self.buf.len() {
+                    self.buf = trimmed.to_string();
+                }
+                if self.buf.is_empty() {
+                    return;
+                }
+                self.strip_leading = false;
+            }
+            match self.mode {
+                TextMode::Start => {
+                    let trimmed = self.buf.trim_start();
+                    if let Some(rest) = trimmed.strip_prefix(OPEN_TAG) {
+                        self.buf = rest.to_string();
+                        self.mode = TextMode::InThinking;
+                        self.strip_leading = true;
+                        continue;
+                    }
+                    if !at_end && OPEN_TAG.starts_with(trimmed) {
+                        return; // could still become the tag
+                    }
+                    self.mode = TextMode::Text;
+                }
+                TextMode::InThinking => {
+                    if let Some(pos) = self.buf.find(CLOSE_TAG) {
+                        let thinking = self.buf[..pos].trim_end_matches(['\n', '\r']).to_string();
+                        let rest = self.buf[pos + CLOSE_TAG.len()..].to_string();
+                        self.emit_thinking(&thinking, None, out);
+                        self.close_open(out);
+                        self.buf = rest;
+                        self.mode = TextMode::Text;
+                        self.strip_leading = true;
+                        continue;
+                    }
+                    let mut keep = if at_end { 0 } else { Self::partial_suffix(&self.buf, CLOSE_TAG) };
+                    if !at_end {
+                        // Newlines just before the closing tag are not part of the thinking.
+                        let body = &self.buf[..self.buf.len() - keep];
+                        keep += body.len() - body.trim_end_matches(['\n', '\r']).len();
+                    }
+                    let emit: String = self.buf[..self.buf.len() - keep].to_string();
+                    self.buf.drain(..self.buf.len() - keep);
+                    if !emit.is_empty() {
+                        self.emit_thinking(&emit, None, out);
+                    }
+                    return;
+                }
+                TextMode::Text => {
+                    // Earliest stop sequence in the buffer.
+                    let found = self
+                        .p
+                        .stop_sequences
+                        .iter()
+                        .filter_map(|s| self.buf.find(s.as_str()).map(|pos| (pos, s.clone())))
+                        .min_by_key(|(pos, _)| *pos);
+                    if let Some((pos, seq)) = found {
+                        let before = self.buf[..pos].to_string();
+                        self.emit_text(&before, out);
+                        if !self.finished {
+                            self.stop = Some(("stop_sequence".into(), Some(seq)));
+                            self.finished = true;
+                        }
+                        self.buf.clear();
+                        return;
+                    }
+                    let keep = if at_end || self.hold == 0 {
+                        0
+                    } else {
+                        self.p
+                            .stop_sequences
+                            .iter()
+                            .map(|s| Self::partial_suffix(&self.buf, s))
+                            .max()
+                            .unwrap_or(0)
+                    };
+                    let emit: String = self.buf[..self.buf.len() - keep].to_string();
+                    self.buf.drain(..self.buf.len() - keep);
+                    self.emit_text(&emit, out);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn flush_text(&mut self, out: &mut Vec<StreamEvent>) {
+        if !self.buf.is_empty() {
+            self.process_text(out, true);
+        }
+    }
+
+    /// Feeds one upstream event.
+    pub fn on_event(&mut self, ev: Event) -> Vec<StreamEvent> {
+        let mut out = Vec::new();
+        if self.finished {
+            return out;
+        }
+        match ev {
+            Event::AssistantResponse { content } => {
+                if matches!(self.open, Open::Tool { .. }) {
+                    // Text after a tool call starts a new text block.
+                    self.close_open(&mut out);
+                }
+                self.buf.push_str(&content);
+                self.process_text(&mut out, false);
+            }
+            Event::Reasoning { text, signature, redacted_content } => {
+                self.flush_text(&mut out);
+                if let Some(data) = redacted_content {
+                    self.open_block(BlockStart::RedactedThinking { data }, &mut out);
+                    let index = self.next_index - 1;
+                    out.push(StreamEvent::BlockStop { index });
+                } else {
+                    self.emit_thinking(text.as_deref().unwrap_or(""), signature, &mut out);
+                }
+            }
+            Event::ToolUse { tool_use_id, name, input, stop } => {
+                let same =
+                    matches!(&self.open, Open::Tool { upstream_id, .. } if *upstream_id == tool_use_id);
+                if !same {
+                    self.flush_text(&mut out);
+                    if self.finished {
+                        return out;
+                    }
+                    let original = self.p.tool_names.original(&name).to_string();
+                    let index = self.open_block(
+                        BlockStart::ToolUse { id: claude_tool_id(&tool_use_id), name: original },
+                        &mut out,
+                    );
+                    self.open = Open::Tool { index, upstream_id: tool_use_id.clone(), input: String::new() };
+                }
+                if let Open::Tool { index, input: acc, .. } = &mut self.open {
+                    if let Some(frag) = input.filter(|f| !f.is_empty()) {
+                        acc.push_str(&frag);
+                        self.output_tokens += count_text(&frag);
+                        out.push(StreamEvent::BlockDelta { index: *index, delta: Delta::InputJson(frag) });
+                    }
+                }
+                if stop {
+                    if let Open::Tool { input, index, .. } = &self.open {
+                        if input.trim().is_empty() {
+                            // No arguments at all: the SDK accumulates `{}` from nothing.
+                            out.push(StreamEvent::BlockDelta {
+                                index: *index,
+                                delta: Delta::InputJson("{}".into()),
+                            });
+                        }
+                    }
+                    self.tool_calls += 1;
+                    self.close_open(&mut out);
+                }
+            }
+            Event::ContextUsage { percentage } => {
+                let est = (percentage / 100.0 * self.p.context_window as f64).round() as u64;
+                if est > 0 {
+                    self.p.input_tokens = est;
+                }
+            }
+            Event::Metadata { token_usage: Some(u) } => {
+                if let Some(i) = u.uncached_input_tokens {
+                    let total =
+                        i + u.cache_read_input_tokens.unwrap_or(0) + u.cache_write_input_tokens.unwrap_or(0);
+                    if total > 0 {
+                        self.p.input_tokens = total;
+                    }
+                }
+            }
+            Event::InitialResponse { .. }
+            | Event::MessageMetadata { .. }
+            | Event::Metadata { .. }
+            | Event::Metering { .. }
+            | Event::Unknown { .. } => {}
+        }
+        if self.finished {
+            self.finish_into(&mut out);
+        }
+        out
+    }
+
+    fn finish_into(&mut self, out: &mut Vec<StreamEvent>) {
+        if matches!(self.open, Open::Tool { .. }) {
+            // Finishing (max_tokens / stop sequence) inside a tool call: never present it as whole.
+            self.open = Open::None;
+        }
+        self.close_open(out);
+        let (stop_reason, stop_sequence) = self
+            .stop
+            .take()
+            .unwrap_or_else(|| (if self.tool_calls > 0 { "tool_use" } else { "end_turn" }.to_string(), None));
+        out.push(StreamEvent::MessageDelta { stop_reason, stop_sequence, usage: self.usage() });
+        out.push(StreamEvent::MessageStop);
+        self.finished = true;
+        self.open = Open::None;
+    }
+
+    /// The upstream stream ended cleanly.
+    pub fn on_end(&mut self) -> Vec<StreamEvent> {
+        let mut out = Vec::new();
+        if self.finished {
+            return out;
+        }
+        self.flush_text(&mut out);
+        if self.finished {
+            // A stop sequence in the flushed text already finished the message.
+            self.finish_into(&mut out);
+            return out;
+        }
+        if matches!(self.open, Open::Tool { .. }) {
+            out.push(StreamEvent::Error(ApiError::new(
+                ErrorKind::Api,
+                "the upstream stream ended in the middle of a tool call (no stop); the tool call is incomplete",
+            )));
+            self.finished = true;
+            return out;
+        }
+        self.finish_into(&mut out);
+        out
+    }
+
+    /// The upstream stream failed.
+    pub fn on_error(&mut self, err: &StreamError) -> Vec<StreamEvent> {
+        let mut out = Vec::new();
+        if self.finished {
+            return out;
+        }
+        if err.is_output_truncation() {
+            self.flush_text(&mut out);
+            if !self.finished {
+                if matches!(self.open, Open::Tool { .. }) {
+                    self.open = Open::None;
+                }
+                self.stop = Some(("max_tokens".into(), None));
+            }
+            self.finish_into(&mut out);
+            return out;
+        }
+        self.flush_text(&mut out);
+        match self.open {
+            Open::Tool { .. } => self.open = Open::None,
+            _ => self.close_open(&mut out),
+        }
+        let kind = if err.is_capacity() { ErrorKind::Overloaded } else { ErrorKind::Api };
+        out.push(StreamEvent::Error(ApiError::new(kind, format!("upstream failed mid-response: {err}"))));
+        self.finished = true;
+        out
+    }
+}
+
+/// Builds the non-streaming `Message` from the same events the stream would carry.
+#[derive(Default)]
+pub struct Aggregator {
+    id: String,
+    model: String,
+    blocks: Vec<Value>,
+    tool_json: Vec<Option<String>>,
+    stop_reason: Option<String>,
+    stop_sequence: Option<String>,
+    usage: Usage,
+    error: Option<ApiError>,
+}
+
+impl Aggregator {
+    pub fn push(&mut self, ev: &StreamEvent) {
+        match ev {
+            StreamEvent::MessageStart { id, model, usage } => {
+                self.id = id.clone();
+                self.model = model.clone();
+                self.usage = *usage;
+            }
+            StreamEvent::Ping | StreamEvent::MessageStop => {}
+            StreamEvent::BlockStart { block, .. } => {
+                let (b, j) = match block {
+                    BlockStart::Text => (json!({"type": "text", "text": ""}), None),
+                    BlockStart::ToolUse { id, name } => (
+                        json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
+                        Some(String::new()),
+                    ),
+                    BlockStart::Thinking => {
+                        (json!({"type": "thinking", "thinking": "", "signature": ""}), None)
+                    }
+                    BlockStart::RedactedThinking { data } => {
+                        (json!({"type": "redacted_thinking", "data": data}), None)
+                    }
+                };
+                self.blocks.push(b);
+                self.tool_json.push(j);
+            }
+            StreamEvent::BlockDelta { index, delta } => {
+                let (Some(b), Some(j)) = (self.blocks.get_mut(*index), self.tool_json.get_mut(*index)) else {
+                    return;
+                };
+                let append = |b: &mut Value, key: &str, s: &str| {
+                    if let Some(Value::String(t)) = b.get_mut(key) {
+                        t.push_str(s);
+                    }
+                };
+                match delta {
+                    Delta::Text(t) => append(b, "text", t),
+                    Delta::Thinking(t) => append(b, "thinking", t),
+                    Delta::Signature(s) => append(b, "signature", s),
+                    Delta::InputJson(p) => {
+                        if let Some(acc) = j {
+                            acc.push_str(p);
+                        }
+                    }
+                }
+            }
+            StreamEvent::BlockStop { index } => {
+                if let (Some(b), Some(Some(j))) = (self.blocks.get_mut(*index), self.tool_json.get(*index)) {
+                    let input = if j.trim().is_empty() {
+                        json!({})
+                    } else {
+                        serde_json::from_str::<Value>(j).unwrap_or_else(|_| json!({}))
+                    };
+                    b["input"] = input;
+                }
+            }
+            StreamEvent::MessageDelta { stop_reason, stop_sequence, usage } => {
+                self.stop_reason = Some(stop_reason.clone());
+                self.stop_sequence = stop_sequence.clone();
+                self.usage = *usage;
+            }
+            StreamEvent::Error(e) => self.error = Some(e.clone()),
+        }
+    }
+
+    /// The message, or the error that ended the response.
+    pub fn finish(self) -> Result<Value, ApiError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let Some(stop_reason) = self.stop_reason else {
+            return Err(ApiError::new(ErrorKind::Api, "the upstream response ended without a result"));
+        };
+        Ok(json!({
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": self.blocks,
+            "stop_reason": stop_reason,
+            "stop_sequence": self.stop_sequence,
+            "usage": self.usage.to_json(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> ResponseParams {
+        ResponseParams {
+            message_id: "msg_test".into(),
+            model: "claude-sonnet-4-5".into(),
+            input_tokens: 10,
+            max_tokens: 1000,
+            stop_sequences: vec![],
+            thinking: false,
+            tool_names: ToolNames::default(),
+            context_window: 200_000,
+        }
+    }
+
+    fn text(s: &str) -> Event {
+        Event::AssistantResponse { content: s.into() }
+    }
+
+    fn tool(id: &str, name: &str, input: Option<&str>, stop: bool) -> Event {
+        Event::ToolUse { tool_use_id: id.into(), name: name.into(), input: input.map(str::to_string), stop }
+    }
+
+    enum Step {
+        Ev(Event),
+        End,
+        Fail(StreamError),
+    }
+
+    fn run(p: ResponseParams, steps: Vec<Step>) -> (Vec<StreamEvent>, Result<Value, ApiError>) {
+        let mut st = ResponseState::new(p);
+        let mut all = st.start();
+        for s in steps {
+            if st.is_finished() {
+                break;
+            }
+            all.extend(match s {
+                Step::Ev(e) => st.on_event(e),
+                Step::End => st.on_end(),
+                Step::Fail(e) => st.on_error(&e),
+            });
+        }
+        let mut agg = Aggregator::default();
+        for e in &all {
+            agg.push(e);
+        }
+        check_order(&all);
+        (all, agg.finish())
+    }
+
+    /// The event grammar of Anthropic's streaming documentation.
+    fn check_order(evs: &[StreamEvent]) {
+        assert!(matches!(evs[0], StreamEvent::MessageStart { .. }));
+        let mut open: Option<usize> = None;
+        let mut next = 0;
+        let mut ended = false;
+        for e in &evs[1..] {
+            assert!(!ended, "event after the end: {e:?}");
+            match e {
+                StreamEvent::BlockStart { index, .. } => {
+                    assert!(open.is_none(), "block started while {open:?} open");
+                    assert_eq!(*index, next);
+                    open = Some(*index);
+                    next += 1;
+                }
+                StreamEvent::BlockDelta { index, .. } => assert_eq!(Some(*index), open),
+                StreamEvent::BlockStop { index } => {
+                    assert_eq!(Some(*index), open);
+                    open = None;
+                }
+                StreamEvent::MessageDelta { .. } => assert!(open.is_none()),
+                StreamEvent::MessageStop | StreamEvent::Error(_) => ended = true,
+                _ => {}
+            }
+        }
+        assert!(ended, "no message_stop or error");
+    }
+
+    #[test]
+    fn text_only() {
+        let (_, m) = run(params(), vec![Step::Ev(text("Hel")), Step::Ev(text("lo")), Step::End]);
+        let m = m.unwrap();
+        assert_eq!(m["content"], json!([{"type": "text", "text": "Hello"}]));
+        assert_eq!(m["stop_reason"], "end_turn");
+        assert_eq!(m["stop_sequence"], Value::Null);
+        assert_eq!(m["usage"]["output_tokens"], 2);
+    }
+
+    #[test]
+    fn text_then_tool_then_stop_reason_tool_use() {
+        let (evs, m) = run(
+            params(),
+            vec![
+                Step::Ev(text("Let me check.")),
+                Step::Ev(Event::Unknown { event_type: "citationEvent".into() }),
+                Step::Ev(tool("tooluse_abc", "get_weather", None, false)),
+                Step::Ev(tool("tooluse_abc", "get_weather", Some("{\"city\":"), false)),
+                Step::Ev(tool("tooluse_abc", "get_weather", Some("\"Paris\"}"), false)),
+                Step::Ev(tool("tooluse_abc", "get_weather", None, true)),
+                Step::Ev(Event::Metering { usage: Some(0.1), unit: None }),
+                Step::End,
+            ],
+        );
+        let m = m.unwrap();
+        assert_eq!(m["stop_reason"], "tool_use");
+        assert_eq!(
+            m["content"][1],
+            json!({"type": "tool_use", "id": "toolu_abc", "name": "get_weather", "input": {"city": "Paris"}})
+        );
+        let partials: Vec<_> = evs
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::BlockDelta { delta: Delta::InputJson(p), .. } => Some(p.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(partials, vec!["{\"city\":", "\"Paris\"}"]);
+    }
+
+    #[test]
+    fn two_tools_and_tool_then_text() {
+        let (_, m) = run(
+            params(),
+            vec![
+                Step::Ev(tool("a", "t1", Some("{}"), false)),
+                Step::Ev(tool("a", "t1", None, true)),
+                Step::Ev(tool("b", "t2", None, false)),
+                Step::Ev(tool("b", "t2", None, true)),
+                Step::Ev(text("done")),
+                Step::End,
+            ],
+        );
+        let m = m.unwrap();
+        let c = m["content"].as_array().unwrap();
+        assert_eq!(c.len(), 3);
+        assert_eq!(c[0]["id"], "toolu_a");
+        assert_eq!(c[1]["input"], json!({}));
+        assert_eq!(c[2]["text"], "done");
+        assert_eq!(m["stop_reason"], "tool_use");
+    }
+
+    #[test]
+    fn aliased_tool_name_mapped_back() {
+        let mut p = params();
+        let long = "n".repeat(80);
+        let alias = p.tool_names.upstream(&long);
+        let (_, m) = run(p, vec![Step::Ev(tool("x", &alias, Some("{}"), true)), Step::End]);
+        assert_eq!(m.unwrap()["content"][0]["name"], long);
+    }
+
+    #[test]
+    fn thinking_tag_split_at_every_offset() {
+        let answer = "<thinking>\nStep one.\n</thinking>\n\nThe answer is 42.";
+        for i in 0..answer.len() {
+            for j in i..answer.len() {
+                let parts = [&answer[..i], &answer[i..j], &answer[j..]];
+                let mut p = params();
+                p.thinking = true;
+                let mut steps: Vec<Step> = parts.iter().map(|s| Step::Ev(text(s))).collect();
+                steps.push(Step::End);
+                let (_, m) = run(p, steps);
+                let m = m.unwrap();
+                assert_eq!(m["content"][0]["type"], "thinking", "split {i},{j}");
+                assert_eq!(m["content"][0]["thinking"], "Step one.", "split {i},{j}");
+                assert_eq!(m["content"][0]["signature"], signature_for("Step one."));
+                assert_eq!(
+                    m["content"][1],
+                    json!({"type": "text", "text": "The answer is 42."}),
+                    "split {i},{j}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn thinking_tag_later_in_text_is_text() {
+        let mut p = params();
+        p.thinking = true;
+        let (_, m) =
+            run(p, vec![Step::Ev(text("Use `<thinking>` tags like <thinking>x</thinking>.")), Step::End]);
+        let m = m.unwrap();
+        assert_eq!(m["content"].as_array().unwrap().len(), 1);
+        assert_eq!(m["content"][0]["type"], "text");
+        let (_, m) = run(params(), vec![Step::Ev(text("<thinking>not requested</thinking>")), Step::End]);
+        assert_eq!(m.unwrap()["content"][0]["type"], "text");
+    }
+
+    #[test]
+    fn reasoning_events_become_thinking_block() {
+        let (_, m) = run(
+            params(),
+            vec![
+                Step::Ev(Event::Reasoning {
+                    text: Some("hmm".into()),
+                    signature: None,
+                    redacted_content: None,
+                }),
+                Step::Ev(Event::Reasoning {
+                    text: None,
+                    signature: Some("SIG".into()),
+                    redacted_content: None,
+                }),
+                Step::Ev(text("ok")),
+                Step::End,
+            ],
+        );
+        let m = m.unwrap();
+        assert_eq!(m["content"][0], json!({"type": "thinking", "thinking": "hmm", "signature": "SIG"}));
+        assert_eq!(m["content"][1]["text"], "ok");
+    }
+
+    #[test]
+    fn stop_sequence_split_across_fragments() {
+        let answer = "one two STOP three";
+        for i in 1..answer.len() {
+            let mut p = params();
+            p.stop_sequences = vec!["STOP".into(), "never".into()];
+            let (_, m) = run(p, vec![Step::Ev(text(&answer[..i])), Step::Ev(text(&answer[i..])), Step::End]);
+            let m = m.unwrap();
+            assert_eq!(m["content"][0]["text"], "one two ", "split {i}");
+            assert_eq!(m["stop_reason"], "stop_sequence");
+            assert_eq!(m["stop_sequence"], "STOP");
+        }
+    }
+
+    #[test]
+    fn max_tokens_cut() {
+        let mut p = params();
+        p.max_tokens = 5;
+        let (_, m) = run(p, vec![Step::Ev(text("one two three four five six seven eight")), Step::End]);
+        let m = m.unwrap();
+        assert_eq!(m["stop_reason"], "max_tokens");
+        assert_eq!(m["usage"]["output_tokens"], 5);
+        assert_eq!(m["content"][0]["text"], "one two three four five");
+    }
+
+    #[test]
+    fn faults() {
+        // Output truncated upstream → max_tokens.
+        let (_, m) = run(
+            params(),
+            vec![
+                Step::Ev(text("partial")),
+                Step::Fail(StreamError::Exception {
+                    exception_type: "ContentLengthExceededException".into(),
+                    message: "x".into(),
+                    reason: None,
+                }),
+            ],
+        );
+        assert_eq!(m.unwrap()["stop_reason"], "max_tokens");
+        // Capacity exception → overloaded_error, text block closed first.
+        let (evs, m) = run(
+            params(),
+            vec![
+                Step::Ev(text("partial")),
+                Step::Fail(StreamError::Exception {
+                    exception_type: "error".into(),
+                    message: "busy".into(),
+                    reason: Some("MODEL_TEMPORARILY_UNAVAILABLE".into()),
+                }),
+            ],
+        );
+        assert_eq!(m.unwrap_err().kind, ErrorKind::Overloaded);
+        assert!(matches!(evs[evs.len() - 2], StreamEvent::BlockStop { .. }));
+        // Error frame / corrupt frame / idle / transport → api_error.
+        for e in [
+            StreamError::ErrorFrame { code: "X".into(), message: "y".into() },
+            StreamError::Idle(120),
+            StreamError::Transport("reset".into()),
+        ] {
+            let (_, m) = run(params(), vec![Step::Ev(text("a")), Step::Fail(e)]);
+            assert_eq!(m.unwrap_err().kind, ErrorKind::Api);
+        }
+        // A tool call cut before stop is never presented as complete.
+        for last in [Step::End, Step::Fail(StreamError::Transport("reset".into()))] {
+            let (evs, m) = run(params(), vec![Step::Ev(tool("a", "t", Some("{\"x\": 1}"), false)), last]);
+            assert!(m.is_err());
+            assert!(!evs.iter().any(|e| matches!(e, StreamEvent::BlockStop { .. })));
+        }
+    }
+
+    #[test]
+    fn context_usage_sets_input_tokens() {
+        let (_, m) = run(
+            params(),
+            vec![Step::Ev(Event::ContextUsage { percentage: 1.5 }), Step::Ev(text("x")), Step::End],
+        );
+        assert_eq!(m.unwrap()["usage"]["input_tokens"], 3000);
+    }
+}
