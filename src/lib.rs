@@ -7,11 +7,13 @@
 //! - [`logging`]: tracing set-up (terminal or journald), `RUST_LOG` filtering.
 //! - [`exit`]: the exit codes both binaries use.
 //! - [`ids`]: random identifiers (request, message and invocation ids).
+//! - [`accounts`]: the account pool (selection, leases, cooldowns, live reload) and token lifecycle.
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, HTTP client.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod anthropic;
 pub mod cli;
 pub mod config;

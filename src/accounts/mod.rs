@@ -1,0 +1,7 @@
+//! The account pool: selection, leases, cooldowns and suspensions ([`pool`]), and each account's
+//! token lifecycle — refresh before expiry, single flight, rotation ([`tokens`]).
+
+pub mod pool;
+pub mod tokens;
+
+pub use pool::{Account, AccountView, Lease, Pool, PoolError, PoolSummary, State};

@@ -1,0 +1,864 @@
+//! The account pool: which account serves a request (least-busy or round-robin, skipping
+//! cooling, parked, suspended, invalid, disabled and full accounts), a bounded wait when all
+//! are busy, leases that record outcomes, and live application of account-set diffs.
+
+use super::tokens::{Access, Chain, MIN_VALIDITY, Tokens};
+use crate::config::{
+    AccountId, AccountSet, AccountSpec, AccountsConfig, AccountsDiff, Secret, Strategy, UpstreamConfig,
+};
+use crate::upstream::client::Endpoints;
+use crate::upstream::{QuotaKind, RefreshError, UpstreamClient, UpstreamFailure, endpoints_for};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// An account's standing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum State {
+    #[default]
+    Active,
+    /// Throttled: back in rotation at `until`.
+    Cooling,
+    /// Monthly or daily quota used up: back at `until` (the reset) or on `amqctl enable`.
+    Quota,
+    /// Suspended by Amazon Q: out until an operator enables it or a check finds it healthy.
+    Suspended,
+    /// Disabled by an operator (`amqctl disable`).
+    Disabled,
+    /// Credentials refused (dead refresh token, bad client): needs new credentials in the file.
+    Invalid,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Active => "active",
+            State::Cooling => "cooling",
+            State::Quota => "quota",
+            State::Suspended => "suspended",
+            State::Disabled => "disabled",
+            State::Invalid => "invalid",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        Some(match s {
+            "active" => State::Active,
+            "cooling" => State::Cooling,
+            "quota" => State::Quota,
+            "suspended" => State::Suspended,
+            "disabled" => State::Disabled,
+            "invalid" => State::Invalid,
+            _ => return None,
+        })
+    }
+}
+
+/// State with its times and reason.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StateInfo {
+    pub state: State,
+    pub since: Option<SystemTime>,
+    pub until: Option<SystemTime>,
+    pub reason: Option<String>,
+    pub last_error: Option<String>,
+    /// Consecutive throttles, for the cooling backoff.
+    pub strikes: u32,
+}
+
+/// Per-account counters.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counters {
+    pub requests: u64,
+    pub failures: u64,
+    pub failures_by_kind: BTreeMap<String, u64>,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub last_used: Option<SystemTime>,
+}
+
+/// Where the pool writes what must survive a restart. The store implements it.
+pub trait StateSink: Send + Sync {
+    /// Must be durable when it returns (rotated refresh tokens).
+    fn tokens(&self, id: &AccountId, chain: &Chain, access: &Access) -> Result<(), String>;
+    fn state(&self, id: &AccountId, info: &StateInfo);
+    fn counters(&self, batch: Vec<(AccountId, Counters)>);
+    fn forget(&self, id: &AccountId);
+}
+
+/// A sink that keeps nothing (tests, tools).
+pub struct NoSink;
+
+impl StateSink for NoSink {
+    fn tokens(&self, _: &AccountId, _: &Chain, _: &Access) -> Result<(), String> {
+        Ok(())
+    }
+    fn state(&self, _: &AccountId, _: &StateInfo) {}
+    fn counters(&self, _: Vec<(AccountId, Counters)>) {}
+    fn forget(&self, _: &AccountId) {}
+}
+
+/// What a restart brings back for one account.
+#[derive(Debug, Clone, Default)]
+pub struct Restored {
+    pub chain: Option<Chain>,
+    pub access: Option<Access>,
+    pub state: Option<StateInfo>,
+    pub counters: Option<Counters>,
+}
+
+pub struct Account {
+    pub id: AccountId,
+    spec: RwLock<AccountSpec>,
+    endpoints: RwLock<Endpoints>,
+    state: Mutex<StateInfo>,
+    counters: Mutex<Counters>,
+    in_flight: AtomicU32,
+    removed: AtomicBool,
+    refreshing: AtomicBool,
+    refresh_failures: AtomicU32,
+    next_refresh_try: Mutex<Option<Instant>>,
+    counters_dirty: AtomicBool,
+    pub tokens: Tokens,
+}
+
+/// A read-only snapshot of an account for status output (never a secret).
+#[derive(Debug, Clone)]
+pub struct AccountView {
+    pub id: String,
+    pub label: String,
+    pub enabled: bool,
+    pub state: StateInfo,
+    pub in_flight: u32,
+    pub max_concurrency: u32,
+    pub weight: u32,
+    pub counters: Counters,
+    pub access_expires_at: Option<SystemTime>,
+    pub access_fingerprint: Option<String>,
+    pub refresh_rotated: bool,
+}
+
+impl Account {
+    fn new(spec: AccountSpec, upstream: &UpstreamConfig, restored: Restored) -> Self {
+        let fingerprint = spec.credentials_fingerprint();
+        let from_file = Chain {
+            refresh_token: spec.refresh_token.clone(),
+            rotated: false,
+            file_fingerprint: fingerprint,
+        };
+        // The stored chain wins only when it grew from the same file credentials.
+        let (chain, access) = match restored.chain {
+            Some(c) if c.file_fingerprint == fingerprint => (c, restored.access),
+            _ => (from_file, None),
+        };
+        let endpoints = endpoints_for(upstream, spec.region.as_deref());
+        let mut state = restored.state.unwrap_or_default();
+        if state.state == State::Invalid && chain.file_fingerprint != fingerprint {
+            state = StateInfo::default();
+        }
+        Account {
+            id: spec.id.clone(),
+            spec: RwLock::new(spec),
+            endpoints: RwLock::new(endpoints),
+            state: Mutex::new(state),
+            counters: Mutex::new(restored.counters.unwrap_or_default()),
+            in_flight: AtomicU32::new(0),
+            removed: AtomicBool::new(false),
+            refreshing: AtomicBool::new(false),
+            refresh_failures: AtomicU32::new(0),
+            next_refresh_try: Mutex::new(None),
+            counters_dirty: AtomicBool::new(false),
+            tokens: Tokens::new(chain, access),
+        }
+    }
+
+    pub fn spec(&self) -> AccountSpec {
+        self.spec.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn endpoints(&self) -> Endpoints {
+        self.endpoints.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn state(&self) -> StateInfo {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The state now, with expired cooling/quota periods turned back into active.
+    fn effective_state(&self, now: SystemTime) -> State {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(st.state, State::Cooling | State::Quota) && st.until.is_some_and(|u| u <= now) {
+            st.state = State::Active;
+            st.until = None;
+            st.reason = None;
+        }
+        st.state
+    }
+
+    fn usable(&self, now: SystemTime) -> bool {
+        !self.removed.load(Ordering::SeqCst)
+            && self.spec.read().unwrap_or_else(|e| e.into_inner()).enabled
+            && self.effective_state(now) == State::Active
+    }
+
+    pub fn view(&self) -> AccountView {
+        let spec = self.spec();
+        let access = self.tokens.current_access();
+        AccountView {
+            id: spec.id.to_string(),
+            label: spec.label.clone(),
+            enabled: spec.enabled,
+            state: {
+                self.effective_state(SystemTime::now());
+                self.state()
+            },
+            in_flight: self.in_flight(),
+            max_concurrency: spec.max_concurrency.get(),
+            weight: spec.weight.get(),
+            counters: self.counters.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            access_expires_at: access.as_ref().map(|a| a.expires_at),
+            access_fingerprint: access.as_ref().map(|a| a.token.fingerprint()),
+            refresh_rotated: false,
+        }
+    }
+}
+
+/// Why no account could be leased.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PoolError {
+    /// Every account that could serve is cooling or parked; the earliest is back after `retry_after`.
+    #[error("every Amazon Q account is rate-limited ({summary})")]
+    AllThrottled { retry_after: Duration, summary: String },
+    /// No account can serve at all (suspended, invalid, disabled, or none configured).
+    #[error("no usable Amazon Q account ({summary})")]
+    NoneUsable { summary: String },
+    /// All usable accounts stayed at their concurrency limit past the queue deadline.
+    #[error("every Amazon Q account is busy")]
+    Busy,
+}
+
+/// Counts of accounts by state (for `/health`, `STATUS=`, metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolSummary {
+    pub total: usize,
+    pub active: usize,
+    pub cooling: usize,
+    pub quota: usize,
+    pub suspended: usize,
+    pub invalid: usize,
+    pub disabled: usize,
+    pub in_flight: u64,
+}
+
+impl PoolSummary {
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        for (n, what) in [
+            (self.cooling, "cooling"),
+            (self.quota, "out of quota"),
+            (self.suspended, "suspended"),
+            (self.invalid, "with invalid credentials"),
+            (self.disabled, "disabled"),
+        ] {
+            if n > 0 {
+                parts.push(format!("{n} {what}"));
+            }
+        }
+        if self.total == 0 {
+            "no accounts configured".into()
+        } else if parts.is_empty() {
+            format!("{} accounts", self.total)
+        } else {
+            format!("{} of {} accounts: {}", self.total - self.active, self.total, parts.join(", "))
+        }
+    }
+}
+
+pub struct Pool {
+    accounts: RwLock<Vec<Arc<Account>>>,
+    strategy: Strategy,
+    rr: AtomicUsize,
+    freed: tokio::sync::Notify,
+    client: UpstreamClient,
+    upstream: UpstreamConfig,
+    refresh_before: Duration,
+    queue_timeout: Duration,
+    refresh_slots: tokio::sync::Semaphore,
+    sink: Arc<dyn StateSink>,
+    pub refreshes_ok: AtomicU64,
+    pub refreshes_failed: AtomicU64,
+}
+
+/// Most refreshes running at once (a thousand accounts never stampede the token endpoint).
+const MAX_CONCURRENT_REFRESHES: usize = 4;
+
+impl Pool {
+    pub fn new(
+        set: &AccountSet,
+        restored: BTreeMap<String, Restored>,
+        settings: &AccountsConfig,
+        upstream: UpstreamConfig,
+        client: UpstreamClient,
+        sink: Arc<dyn StateSink>,
+    ) -> Arc<Pool> {
+        let mut restored = restored;
+        let accounts = set
+            .iter()
+            .map(|spec| {
+                let r = restored.remove(spec.id.as_str()).unwrap_or_default();
+                Arc::new(Account::new(spec.clone(), &upstream, r))
+            })
+            .collect();
+        Arc::new(Pool {
+            accounts: RwLock::new(accounts),
+            strategy: settings.strategy,
+            rr: AtomicUsize::new(0),
+            freed: tokio::sync::Notify::new(),
+            client,
+            upstream,
+            refresh_before: settings.refresh_before_expiry,
+            queue_timeout: settings.queue_timeout,
+            refresh_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_REFRESHES),
+            sink,
+            refreshes_ok: AtomicU64::new(0),
+            refreshes_failed: AtomicU64::new(0),
+        })
+    }
+
+    pub fn client(&self) -> &UpstreamClient {
+        &self.client
+    }
+
+    pub fn accounts(&self) -> Vec<Arc<Account>> {
+        self.accounts.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Account>> {
+        self.accounts().into_iter().find(|a| a.id.as_str() == id)
+    }
+
+    pub fn summary(&self) -> PoolSummary {
+        let now = SystemTime::now();
+        let mut s = PoolSummary::default();
+        for a in self.accounts() {
+            s.total += 1;
+            s.in_flight += a.in_flight() as u64;
+            if !a.spec.read().unwrap_or_else(|e| e.into_inner()).enabled {
+                s.disabled += 1;
+                continue;
+            }
+            match a.effective_state(now) {
+                State::Active => s.active += 1,
+                State::Cooling => s.cooling += 1,
+                State::Quota => s.quota += 1,
+                State::Suspended => s.suspended += 1,
+                State::Disabled => s.disabled += 1,
+                State::Invalid => s.invalid += 1,
+            }
+        }
+        s
+    }
+
+    /// Picks an account, waiting (up to the queue timeout) while every usable one is full.
+    pub async fn lease(self: &Arc<Self>, exclude: &HashSet<AccountId>) -> Result<Lease, PoolError> {
+        let deadline = tokio::time::Instant::now() + self.queue_timeout;
+        loop {
+            let notified = self.freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.try_lease(exclude) {
+                Ok(Some(lease)) => return Ok(lease),
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(PoolError::Busy);
+            }
+        }
+    }
+
+    fn try_lease(self: &Arc<Self>, exclude: &HashSet<AccountId>) -> Result<Option<Lease>, PoolError> {
+        let now = SystemTime::now();
+        let accounts = self.accounts();
+        let usable: Vec<&Arc<Account>> =
+            accounts.iter().filter(|a| !exclude.contains(&a.id) && a.usable(now)).collect();
+        if usable.is_empty() {
+            let candidates: Vec<&Arc<Account>> = accounts
+                .iter()
+                .filter(|a| !exclude.contains(&a.id) && !a.removed.load(Ordering::SeqCst))
+                .filter(|a| a.spec.read().unwrap_or_else(|e| e.into_inner()).enabled)
+                .collect();
+            let soonest = candidates
+                .iter()
+                .filter_map(|a| {
+                    let st = a.state();
+                    matches!(st.state, State::Cooling | State::Quota).then_some(st.until).flatten()
+                })
+                .min();
+            let summary = self.summary().describe();
+            return Err(match soonest {
+                Some(t) => PoolError::AllThrottled {
+                    retry_after: t.duration_since(now).unwrap_or_default().max(Duration::from_secs(1)),
+                    summary,
+                },
+                None => PoolError::NoneUsable { summary },
+            });
+        }
+        let n = usable.len();
+        let start = self.rr.fetch_add(1, Ordering::Relaxed);
+        let order: Vec<&Arc<Account>> = match self.strategy {
+            Strategy::RoundRobin => {
+                // Weighted: an account of weight w appears w times in the rotation.
+                let total: usize = usable.iter().map(|a| weight(a) as usize).sum::<usize>().max(1);
+                let mut slot = start % total;
+                let mut first = 0;
+                for (i, a) in usable.iter().enumerate() {
+                    let w = weight(a) as usize;
+                    if slot < w {
+                        first = i;
+                        break;
+                    }
+                    slot -= w;
+                }
+                (0..n).map(|k| usable[(first + k) % n]).collect()
+            }
+            Strategy::LeastBusy => {
+                let mut v: Vec<(f64, usize, &Arc<Account>)> = usable
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| (a.in_flight() as f64 / weight(a) as f64, (i + n - start % n) % n, *a))
+                    .collect();
+                v.sort_by(|x, y| {
+                    x.0.partial_cmp(&y.0).unwrap_or(std::cmp::Ordering::Equal).then(x.1.cmp(&y.1))
+                });
+                v.into_iter().map(|(_, _, a)| a).collect()
+            }
+        };
+        for a in order {
+            let max = a.spec.read().unwrap_or_else(|e| e.into_inner()).max_concurrency.get();
+            let got =
+                a.in_flight.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| (x < max).then_some(x + 1));
+            if got.is_ok() {
+                return Ok(Some(Lease { account: a.clone(), pool: self.clone(), force_next: None }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Refreshes one account's token if needed (or forced), with the pool's bounded concurrency.
+    pub async fn access_token(&self, a: &Account, force: Option<&Secret>) -> Result<Secret, RefreshError> {
+        if force.is_none() {
+            if let Some(acc) = a.tokens.current_access().filter(|x| x.valid_for(MIN_VALIDITY)) {
+                return Ok(acc.token);
+            }
+        }
+        let spec = a.spec();
+        let endpoints = a.endpoints();
+        let client = self.client.clone();
+        let sink = self.sink.clone();
+        let id = a.id.clone();
+        let result = a
+            .tokens
+            .get(
+                MIN_VALIDITY,
+                force,
+                |chain| async move {
+                    let _slot = self.refresh_slots.acquire().await;
+                    client
+                        .create_token(
+                            &endpoints.token,
+                            &spec.client_id,
+                            &spec.client_secret,
+                            &chain.refresh_token,
+                        )
+                        .await
+                },
+                |chain, access| sink.tokens(&id, chain, access),
+            )
+            .await;
+        self.after_refresh(a, &result);
+        result
+    }
+
+    fn after_refresh(&self, a: &Account, result: &Result<Secret, RefreshError>) {
+        match result {
+            Ok(_) => {
+                self.refreshes_ok.fetch_add(1, Ordering::Relaxed);
+                a.refresh_failures.store(0, Ordering::SeqCst);
+                *a.next_refresh_try.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+            Err(e) => {
+                self.refreshes_failed.fetch_add(1, Ordering::Relaxed);
+                if e.is_permanent() {
+                    tracing::warn!(account = %a.id, error = %e, "credentials refused; the account is invalid until its credentials change");
+                    self.set_state(a, State::Invalid, None, Some(e.to_string()));
+                } else {
+                    let n = a.refresh_failures.fetch_add(1, Ordering::SeqCst) + 1;
+                    let backoff = backoff(n, Duration::from_secs(2), Duration::from_secs(300));
+                    *a.next_refresh_try.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Instant::now() + backoff);
+                    tracing::warn!(account = %a.id, error = %e, retry_in_s = backoff.as_secs(), "token refresh failed");
+                    a.state.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e.to_string());
+                }
+            }
+        }
+    }
+
+    fn set_state(&self, a: &Account, state: State, until: Option<SystemTime>, reason: Option<String>) {
+        let info = {
+            let mut st = a.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.state != state {
+                st.since = Some(SystemTime::now());
+            }
+            st.state = state;
+            st.until = until;
+            if reason.is_some() {
+                st.last_error = reason.clone();
+            }
+            st.reason = reason;
+            if state == State::Active {
+                st.strikes = 0;
+            }
+            st.clone()
+        };
+        self.sink.state(&a.id, &info);
+        if state == State::Active {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Operator override: back to active (clears suspension, quota, cooling, invalid).
+    pub fn enable(&self, id: &str) -> bool {
+        let Some(a) = self.get(id) else { return false };
+        self.set_state(&a, State::Active, None, None);
+        true
+    }
+
+    /// Operator override: no new requests until enabled.
+    pub fn disable(&self, id: &str) -> bool {
+        let Some(a) = self.get(id) else { return false };
+        self.set_state(&a, State::Disabled, None, Some("disabled by operator".into()));
+        true
+    }
+
+    /// Records the verdict of a health check.
+    pub fn record_check(&self, a: &Account, outcome: Result<(), &UpstreamFailure>) {
+        match outcome {
+            Ok(()) => {
+                if matches!(
+                    a.state().state,
+                    State::Suspended | State::Cooling | State::Quota | State::Invalid
+                ) {
+                    self.set_state(a, State::Active, None, None);
+                }
+            }
+            Err(f) => self.apply_failure(a, f),
+        }
+    }
+
+    /// Moves an account according to an upstream failure.
+    pub fn apply_failure(&self, a: &Account, f: &UpstreamFailure) {
+        {
+            let mut c = a.counters.lock().unwrap_or_else(|e| e.into_inner());
+            c.failures += 1;
+            *c.failures_by_kind.entry(f.kind().to_string()).or_default() += 1;
+            a.counters_dirty.store(true, Ordering::Relaxed);
+        }
+        let now = SystemTime::now();
+        match f {
+            UpstreamFailure::Throttled { retry_after, message } => {
+                let strikes = {
+                    let mut st = a.state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.strikes += 1;
+                    st.strikes
+                };
+                let wait = retry_after
+                    .unwrap_or_else(|| backoff(strikes, Duration::from_secs(10), Duration::from_secs(600)));
+                self.set_state(a, State::Cooling, Some(now + wait), Some(format!("throttled: {message}")));
+            }
+            UpstreamFailure::Quota { kind, message } => {
+                let until = match kind {
+                    QuotaKind::Monthly => next_utc_month(now),
+                    QuotaKind::Daily => next_utc_day(now),
+                };
+                self.set_state(
+                    a,
+                    State::Quota,
+                    Some(until),
+                    Some(format!("{kind:?} quota used up: {message}")),
+                );
+            }
+            UpstreamFailure::Suspended { reason } => {
+                tracing::warn!(account = %a.id, reason = %reason, "account suspended by Amazon Q");
+                self.set_state(a, State::Suspended, None, Some(reason.clone()));
+            }
+            UpstreamFailure::AccessDenied { message } => {
+                self.set_state(a, State::Invalid, None, Some(format!("access denied: {message}")));
+            }
+            UpstreamFailure::TokenInvalid => {
+                a.tokens.invalidate_access();
+                a.state.lock().unwrap_or_else(|e| e.into_inner()).last_error =
+                    Some("access token refused".into());
+            }
+            UpstreamFailure::Capacity { message } | UpstreamFailure::Transient { message, .. } => {
+                a.state.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(message.clone());
+            }
+            UpstreamFailure::BadRequest { .. } | UpstreamFailure::ContextTooLong { .. } => {}
+        }
+    }
+
+    /// Applies a new account set (a reload): joins, drains, resets, updates.
+    pub async fn apply(&self, new: &AccountSet, diff: &AccountsDiff) {
+        let mut added = Vec::new();
+        for id in &diff.added {
+            if let Some(spec) = new.get(id) {
+                added.push(Arc::new(Account::new(spec.clone(), &self.upstream, Restored::default())));
+            }
+        }
+        for change in &diff.changed {
+            let (Some(a), Some(spec)) = (self.get(change.id.as_str()), new.get(&change.id)) else { continue };
+            if change.credentials {
+                a.tokens
+                    .reset(Chain {
+                        refresh_token: spec.refresh_token.clone(),
+                        rotated: false,
+                        file_fingerprint: spec.credentials_fingerprint(),
+                    })
+                    .await;
+                if a.state().state == State::Invalid {
+                    self.set_state(&a, State::Active, None, None);
+                }
+            }
+            *a.endpoints.write().unwrap_or_else(|e| e.into_inner()) =
+                endpoints_for(&self.upstream, spec.region.as_deref());
+            *a.spec.write().unwrap_or_else(|e| e.into_inner()) = spec.clone();
+        }
+        {
+            let mut list = self.accounts.write().unwrap_or_else(|e| e.into_inner());
+            for id in &diff.removed {
+                if let Some(a) = list.iter().find(|a| &a.id == id) {
+                    a.removed.store(true, Ordering::SeqCst);
+                    self.sink.forget(id);
+                }
+            }
+            list.retain(|a| !diff.removed.contains(&a.id));
+            list.extend(added);
+            // Keep file order.
+            let order: Vec<&AccountId> = new.iter().map(|s| &s.id).collect();
+            list.sort_by_key(|a| order.iter().position(|id| **id == a.id).unwrap_or(usize::MAX));
+        }
+        self.freed.notify_waiters();
+    }
+
+    /// One pass of the background refresher: refreshes tokens that expire within
+    /// `refresh_before` (with per-account jitter), bounded by the refresh slots.
+    pub fn refresh_due(self: &Arc<Self>) -> usize {
+        let now = SystemTime::now();
+        let mut started = 0;
+        for a in self.accounts() {
+            if a.removed.load(Ordering::SeqCst) || !a.spec().enabled {
+                continue;
+            }
+            if matches!(a.state().state, State::Invalid | State::Suspended | State::Disabled) {
+                continue;
+            }
+            if a.next_refresh_try
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|t| t > Instant::now())
+            {
+                continue;
+            }
+            // Jitter: each account refreshes at its own point in the last 20% before the threshold.
+            let jitter = self.refresh_before.mul_f64(0.2 * jitter_fraction(a.id.as_str()));
+            let due = match a.tokens.current_access() {
+                None => true,
+                Some(acc) => acc.expires_at <= now + self.refresh_before + jitter,
+            };
+            if !due || a.refreshing.swap(true, Ordering::SeqCst) {
+                continue;
+            }
+            started += 1;
+            let pool = self.clone();
+            tokio::spawn(async move {
+                let current = a.tokens.current_access().map(|x| x.token);
+                let force = current.as_ref();
+                let _ = pool.access_token(&a, force).await;
+                a.refreshing.store(false, Ordering::SeqCst);
+            });
+        }
+        started
+    }
+
+    /// Runs the background refresher until `stop` resolves.
+    pub async fn run_refresher(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            self.refresh_due();
+            self.flush_counters();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => break,
+            }
+        }
+        self.flush_counters();
+    }
+
+    /// Writes changed counters to the sink (batched).
+    pub fn flush_counters(&self) {
+        let batch: Vec<(AccountId, Counters)> = self
+            .accounts()
+            .iter()
+            .filter(|a| a.counters_dirty.swap(false, Ordering::Relaxed))
+            .map(|a| (a.id.clone(), a.counters.lock().unwrap_or_else(|e| e.into_inner()).clone()))
+            .collect();
+        if !batch.is_empty() {
+            self.sink.counters(batch);
+        }
+    }
+}
+
+fn weight(a: &Account) -> u32 {
+    a.spec.read().unwrap_or_else(|e| e.into_inner()).weight.get()
+}
+
+/// A stable pseudo-random fraction in [0, 1) per account id.
+fn jitter_fraction(id: &str) -> f64 {
+    let d = crate::config::secret::sha256(id.as_bytes());
+    u16::from_be_bytes([d[0], d[1]]) as f64 / 65536.0
+}
+
+/// Exponential backoff with jitter: base·2^(n-1), capped, ±25%.
+pub fn backoff(n: u32, base: Duration, cap: Duration) -> Duration {
+    let exp = base.saturating_mul(1u32 << n.saturating_sub(1).min(16)).min(cap);
+    let r = crate::ids::random_bytes::<2>();
+    let f = 0.75 + 0.5 * (u16::from_be_bytes(r) as f64 / 65536.0);
+    exp.mul_f64(f)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp as i64 + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn unix_days(t: SystemTime) -> i64 {
+    (t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() / 86_400) as i64
+}
+
+fn from_days(days: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs((days.max(0) as u64) * 86_400)
+}
+
+/// Midnight UTC after `t`.
+pub fn next_utc_day(t: SystemTime) -> SystemTime {
+    from_days(unix_days(t) + 1)
+}
+
+/// The first day of the next month, 00:00 UTC.
+pub fn next_utc_month(t: SystemTime) -> SystemTime {
+    let (y, m, _) = civil_from_days(unix_days(t));
+    let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    from_days(days_from_civil(y, m, 1))
+}
+
+/// A request's hold on an account. Dropping it frees the slot.
+pub struct Lease {
+    pub account: Arc<Account>,
+    pool: Arc<Pool>,
+    force_next: Option<Secret>,
+}
+
+impl Lease {
+    pub fn id(&self) -> &AccountId {
+        &self.account.id
+    }
+
+    /// An access token for this account (refreshing if needed; after a refusal, a fresh one).
+    pub async fn access_token(&mut self) -> Result<Secret, RefreshError> {
+        let force = self.force_next.take();
+        self.pool.access_token(&self.account, force.as_ref()).await
+    }
+
+    /// The token `refused` was refused upstream: the next `access_token` refreshes.
+    pub fn token_refused(&mut self, refused: Secret) {
+        self.account.tokens.invalidate_access();
+        self.force_next = Some(refused);
+    }
+
+    pub fn failure(&self, f: &UpstreamFailure) {
+        self.pool.apply_failure(&self.account, f);
+    }
+
+    /// The request went through: count it.
+    pub fn success(&self, tokens_in: u64, tokens_out: u64) {
+        let mut c = self.account.counters.lock().unwrap_or_else(|e| e.into_inner());
+        c.requests += 1;
+        c.tokens_in += tokens_in;
+        c.tokens_out += tokens_out;
+        c.last_used = Some(SystemTime::now());
+        self.account.counters_dirty.store(true, Ordering::Relaxed);
+        let mut st = self.account.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.strikes = 0;
+    }
+
+    /// Counts a request that reached the account (whatever its outcome).
+    pub fn attempted(&self) {
+        let mut c = self.account.counters.lock().unwrap_or_else(|e| e.into_inner());
+        c.last_used = Some(SystemTime::now());
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.account.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.pool.freed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar() {
+        // 2026-11-29T12:00:00Z
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_953_600);
+        let d = next_utc_day(t).duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(d, 1_795_996_800); // 2026-11-30T00:00:00Z
+        let m = next_utc_month(t).duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(m, 1_796_083_200); // 2026-12-01T00:00:00Z
+        let dec = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_083_200 + 86_400 * 5);
+        let jan = next_utc_month(dec).duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(jan, 1_798_761_600); // 2027-01-01T00:00:00Z
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let b1 = backoff(1, Duration::from_secs(10), Duration::from_secs(600));
+        assert!(b1 >= Duration::from_millis(7500) && b1 <= Duration::from_millis(12_500));
+        let b10 = backoff(10, Duration::from_secs(10), Duration::from_secs(600));
+        assert!(b10 <= Duration::from_secs(750) && b10 >= Duration::from_secs(450));
+    }
+}
