@@ -5,10 +5,12 @@
 //! - [`config`]: `amq2api.toml` and `accounts.toml` — parse, validate with places, diff; [`config::Secret`].
 //! - [`cli`]: the `amq2api` command line and its offline subcommands (`check-config`).
 //! - [`logging`]: tracing set-up (terminal or journald), `RUST_LOG` filtering.
+//! - [`daemon`]: [`run`] — the daemon's life from validated config and bound listeners to drain.
 //! - [`exit`]: the exit codes both binaries use.
 //! - [`ids`]: random identifiers (request, message and invocation ids).
 //! - [`accounts`]: the account pool (selection, leases, cooldowns, live reload) and token lifecycle.
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
+//! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain.
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, HTTP client.
 #![forbid(unsafe_code)]
@@ -17,8 +19,12 @@ pub mod accounts;
 pub mod anthropic;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod exit;
 pub mod ids;
 pub mod logging;
+pub mod server;
 pub mod translate;
 pub mod upstream;
+
+pub use daemon::{Listeners, run};

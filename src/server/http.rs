@@ -1,0 +1,297 @@
+//! Routing and the HTTP edge: client keys, body and content-type limits, Anthropic-shaped
+//! errors with `request-id`, and the small endpoints (`/health`, `/metrics`, `/v1/models`,
+//! `/v1/messages/count_tokens`).
+
+use super::App;
+use super::body::Body;
+use super::messages::{self, Exchange};
+use crate::anthropic::request::{self as areq, ApiVersion, Endpoint};
+use crate::anthropic::{ApiError, ErrorKind};
+use crate::translate::tokens;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let mut r = Response::new(Body::full(serde_json::to_vec(v).expect("JSON values serialise")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// The error response: Anthropic's JSON shape, `retry-after`, `x-should-retry`.
+pub fn error_response(e: &ApiError, request_id: &str) -> Response<Body> {
+    let mut r = json_response(e.status(), &e.body(request_id));
+    let h = r.headers_mut();
+    if let Some(d) = e.retry_after {
+        let secs = d.as_secs().max(1);
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        h.insert("retry-after-ms", HeaderValue::from(d.as_millis().max(1) as u64));
+    }
+    h.insert("x-should-retry", HeaderValue::from_static(if e.should_retry() { "true" } else { "false" }));
+    r
+}
+
+fn presented_key(req: &http::request::Parts) -> Option<&str> {
+    if let Some(k) = req.headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(k.trim());
+    }
+    let auth = req.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = auth.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// The key's short fingerprint for the access log (never the key).
+fn key_tag(req: &http::request::Parts) -> String {
+    presented_key(req)
+        .map(|k| crate::config::secret::fingerprint_of(k.as_bytes()))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn authenticate(app: &App, req: &http::request::Parts) -> Result<(), ApiError> {
+    let auth = app.auth.read().unwrap_or_else(|e| e.into_inner());
+    if auth.keys.is_empty() && auth.allow_anonymous {
+        return Ok(());
+    }
+    match presented_key(req) {
+        Some(k) if auth.keys.verify(k) => Ok(()),
+        _ => Err(ApiError::new(ErrorKind::Authentication, "invalid x-api-key")),
+    }
+}
+
+async fn read_body(app: &App, parts: &http::request::Parts, body: Incoming) -> Result<Bytes, ApiError> {
+    let max = app.config.server.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            ErrorKind::RequestTooLarge,
+            format!("Request exceeds the maximum allowed size ({max} bytes)"),
+        )
+    };
+    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
+        let len: u64 = len
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| ApiError::invalid("Content-Length is not a number"))?;
+        if len > max {
+            return Err(too_large());
+        }
+    }
+    match parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        Some(ct) if ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json") => {}
+        Some(ct) => {
+            return Err(ApiError::invalid(format!("Content-Type must be application/json, not {ct:?}")));
+        }
+        None => return Err(ApiError::invalid("Content-Type must be application/json")),
+    }
+    let limited = http_body_util::Limited::new(body, max as usize);
+    let timeout = app.config.server.header_read_timeout.max(Duration::from_secs(30));
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Err(_) => {
+            Err(ApiError::invalid(format!("the request body did not arrive within {} s", timeout.as_secs()))
+                .with_status(StatusCode::REQUEST_TIMEOUT))
+        }
+        Ok(Err(e)) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                Err(too_large())
+            } else {
+                Err(ApiError::invalid(format!("the request body could not be read: {e}")))
+            }
+        }
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+/// Serves one request. Never panics on input; every error is Anthropic-shaped.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let request_id = crate::ids::prefixed("req_");
+    let (parts, body) = req.into_parts();
+    let mut x = Exchange { key: key_tag(&parts), ..Default::default() };
+    let mut resp = match tokio::time::timeout(
+        app.config.server.request_timeout,
+        route(&app, &parts, body, &request_id, &mut x, started),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => error_response(&e, &request_id),
+        Err(_) => error_response(
+            &ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)"),
+            &request_id,
+        ),
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("request-id", v);
+    }
+    let status = resp.status().as_u16();
+    let streaming = matches!(resp.body(), Body::Stream(_));
+    if parts.uri.path().starts_with("/v1/messages") {
+        app.metrics.request(&x.model, status);
+    }
+    if !streaming {
+        if parts.uri.path() != "/health" && parts.uri.path() != "/metrics" {
+            super::access_log(&app, &request_id, &x, status, started);
+        }
+        app.metrics.total(started.elapsed());
+    }
+    resp
+}
+
+fn not_found(path: &str) -> ApiError {
+    ApiError::new(ErrorKind::NotFound, format!("Not found: {path}"))
+}
+
+async fn route(
+    app: &Arc<App>,
+    parts: &http::request::Parts,
+    body: Incoming,
+    request_id: &str,
+    x: &mut Exchange,
+    started: Instant,
+) -> Result<Response<Body>, ApiError> {
+    let path = parts.uri.path();
+    let path = if path.len() > 1 { path.trim_end_matches('/') } else { path };
+    let allow = match path {
+        "/health" => "GET, HEAD",
+        "/metrics" | "/v1/models" => "GET",
+        "/v1/messages" | "/v1/messages/count_tokens" => "POST",
+        p if p.starts_with("/v1/models/") => "GET",
+        _ => return Err(not_found(parts.uri.path())),
+    };
+    let method_ok = match allow {
+        "GET, HEAD" => parts.method == Method::GET || parts.method == Method::HEAD,
+        "GET" => parts.method == Method::GET,
+        _ => parts.method == Method::POST,
+    };
+    if !method_ok {
+        let e = ApiError::invalid(format!("Method not allowed (allowed: {allow})"))
+            .with_status(StatusCode::METHOD_NOT_ALLOWED);
+        let mut r = error_response(&e, request_id);
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+        return Ok(r);
+    }
+    if path == "/health" {
+        return Ok(health(app));
+    }
+    authenticate(app, parts)?;
+    match path {
+        "/metrics" => {
+            let mut r = Response::new(Body::full(app.metrics.render(&app.pool)));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+            Ok(r)
+        }
+        "/v1/models" => Ok(models_list(app, parts)),
+        p if p.starts_with("/v1/models/") => {
+            let id = &p["/v1/models/".len()..];
+            app.models
+                .list()
+                .into_iter()
+                .find(|m| m.id == id)
+                .map(|m| json_response(StatusCode::OK, &model_json(&m)))
+                .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("model: {id}")))
+        }
+        "/v1/messages/count_tokens" => {
+            let bytes = read_body(app, parts, body).await?;
+            let version = ApiVersion::from_header(header_str(parts, "anthropic-version"));
+            let req = areq::parse(&bytes, version, Endpoint::CountTokens)?;
+            x.model = req.model.clone();
+            app.models.resolve(&req.model)?;
+            Ok(json_response(StatusCode::OK, &json!({"input_tokens": tokens::count_request(&req)})))
+        }
+        "/v1/messages" => {
+            let bytes = read_body(app, parts, body).await?;
+            let version = ApiVersion::from_header(header_str(parts, "anthropic-version"));
+            let session = header_str(parts, "x-claude-code-session-id");
+            let prepared = messages::prepare(app, &bytes, version, session)?;
+            x.model = prepared.req.model.clone();
+            x.stream = prepared.req.stream;
+            x.tokens_in = prepared.input_tokens;
+            if prepared.req.stream {
+                let rx = messages::stream(app, prepared, x.clone(), started, request_id.to_string()).await?;
+                let mut r = Response::new(Body::Stream(rx));
+                let h = r.headers_mut();
+                h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+                Ok(r)
+            } else {
+                let m = messages::aggregate(app, &prepared, x).await?;
+                x.first_byte = Some(started.elapsed());
+                app.metrics.first_byte(started.elapsed());
+                Ok(json_response(StatusCode::OK, &m))
+            }
+        }
+        _ => Err(not_found(parts.uri.path())),
+    }
+}
+
+fn header_str<'a>(parts: &'a http::request::Parts, name: &str) -> Option<&'a str> {
+    parts.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn health(app: &App) -> Response<Body> {
+    let s = app.pool.summary();
+    let status = if s.active == 0 {
+        "unavailable"
+    } else if s.active < s.total {
+        "degraded"
+    } else {
+        "ok"
+    };
+    let code = if status == "unavailable" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    json_response(
+        code,
+        &json!({
+            "status": status,
+            "accounts": {
+                "total": s.total, "active": s.active, "cooling": s.cooling + s.quota,
+                "suspended": s.suspended, "invalid": s.invalid, "disabled": s.disabled,
+            },
+            "version": env!("CARGO_PKG_VERSION"),
+        }),
+    )
+}
+
+fn model_json(m: &crate::translate::ModelInfo) -> Value {
+    json!({"type": "model", "id": m.id, "display_name": m.display_name, "created_at": m.created_at})
+}
+
+fn models_list(app: &App, parts: &http::request::Parts) -> Response<Body> {
+    let all = app.models.list();
+    let q: Vec<(String, String)> = parts
+        .uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    let limit = get("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(20).clamp(1, 1000);
+    let (start, end) = if let Some(after) = get("after_id") {
+        let s = all.iter().position(|m| m.id == after).map(|i| i + 1).unwrap_or(all.len());
+        (s, (s + limit).min(all.len()))
+    } else if let Some(before) = get("before_id") {
+        let e = all.iter().position(|m| m.id == before).unwrap_or(0);
+        (e.saturating_sub(limit), e)
+    } else {
+        (0, limit.min(all.len()))
+    };
+    let page = &all[start..end];
+    let has_more = if get("before_id").is_some() { start > 0 } else { end < all.len() };
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "data": page.iter().map(model_json).collect::<Vec<_>>(),
+            "has_more": has_more,
+            "first_id": page.first().map(|m| m.id.clone()),
+            "last_id": page.last().map(|m| m.id.clone()),
+        }),
+    )
+}

@@ -1,0 +1,378 @@
+//! `/v1/messages`: parse, translate, lease an account, call Amazon Q with failover until the
+//! first content arrives, then stream Claude SSE (or aggregate one JSON message).
+
+use super::App;
+use crate::accounts::{Lease, PoolError};
+use crate::anthropic::request::{self, ApiVersion, Endpoint, MessagesRequest};
+use crate::anthropic::sse::StreamEvent;
+use crate::anthropic::{ApiError, ErrorKind};
+use crate::translate::{Aggregator, Context, ResponseParams, ResponseState, Translated, tokens, translate};
+use crate::upstream::{Event, EventStream, UpstreamFailure};
+use bytes::Bytes;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Ping interval while the upstream is silent (keeps idle-timeout proxies from cutting the stream).
+pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+
+/// What the access log and metrics record about one exchange.
+#[derive(Debug, Default, Clone)]
+pub struct Exchange {
+    /// Short fingerprint of the client's key (never the key).
+    pub key: String,
+    pub model: String,
+    pub stream: bool,
+    pub account: Option<String>,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub first_byte: Option<Duration>,
+}
+
+/// The parsed and translated request, ready for an account.
+pub struct Prepared {
+    pub req: MessagesRequest,
+    pub translated: Translated,
+    pub input_tokens: u64,
+}
+
+pub fn prepare(
+    app: &App,
+    body: &[u8],
+    version: ApiVersion,
+    session: Option<&str>,
+) -> Result<Prepared, ApiError> {
+    let req = request::parse(body, version, Endpoint::Messages)?;
+    let translated = translate(&req, &Context { models: &app.models, session_id: session })?;
+    let input_tokens = tokens::count_request(&req);
+    Ok(Prepared { req, translated, input_tokens })
+}
+
+/// Maps the last upstream failure (after every attempt) to the client's error.
+pub fn failure_to_api(f: &UpstreamFailure) -> ApiError {
+    match f {
+        UpstreamFailure::BadRequest { message } => {
+            ApiError::invalid(format!("Amazon Q rejected the request: {message}"))
+        }
+        UpstreamFailure::ContextTooLong { message } => {
+            ApiError::invalid(format!("prompt is too long: {message}"))
+        }
+        UpstreamFailure::Throttled { retry_after, message } => ApiError::new(
+            ErrorKind::RateLimit,
+            format!("Amazon Q is rate-limiting every account tried: {message}"),
+        )
+        .with_retry_after(retry_after.unwrap_or(Duration::from_secs(10))),
+        UpstreamFailure::Quota { message, .. } => ApiError::new(
+            ErrorKind::RateLimit,
+            format!("the Amazon Q quota of every account tried is used up: {message}"),
+        )
+        .with_retry_after(Duration::from_secs(60)),
+        UpstreamFailure::Capacity { message } => {
+            ApiError::new(ErrorKind::Overloaded, format!("Amazon Q is overloaded: {message}"))
+        }
+        UpstreamFailure::TokenInvalid
+        | UpstreamFailure::Suspended { .. }
+        | UpstreamFailure::AccessDenied { .. } => ApiError::new(
+            ErrorKind::Overloaded,
+            format!("no usable Amazon Q account: the last one tried failed ({f})"),
+        ),
+        UpstreamFailure::Transient { status, message } => {
+            if matches!(status, Some(503) | Some(529)) {
+                ApiError::new(ErrorKind::Overloaded, format!("Amazon Q is unavailable: {message}"))
+            } else {
+                ApiError::new(ErrorKind::Api, format!("Amazon Q failed: {message}"))
+            }
+        }
+    }
+}
+
+pub fn pool_to_api(e: &PoolError) -> ApiError {
+    match e {
+        PoolError::AllThrottled { retry_after, .. } => {
+            ApiError::new(ErrorKind::RateLimit, e.to_string()).with_retry_after(*retry_after)
+        }
+        PoolError::NoneUsable { .. } => ApiError::new(ErrorKind::Overloaded, e.to_string()),
+        PoolError::Busy => {
+            ApiError::new(ErrorKind::RateLimit, e.to_string()).with_retry_after(Duration::from_secs(1))
+        }
+    }
+}
+
+fn is_content(ev: &Event) -> bool {
+    matches!(ev, Event::AssistantResponse { .. } | Event::ToolUse { .. } | Event::Reasoning { .. })
+}
+
+/// An account and an upstream stream whose first content has arrived (or that ended).
+pub struct Connected {
+    pub lease: Lease,
+    pub stream: EventStream,
+    /// Events read while deciding the stream is good, to be replayed.
+    pub pending: Vec<Event>,
+    pub ended: bool,
+}
+
+/// Calls Amazon Q, failing over to other accounts (up to `max_attempts`) while nothing has
+/// reached the client: errors before the stream and streams that fail before any content.
+pub async fn connect(app: &Arc<App>, translated: &Translated) -> Result<Connected, ApiError> {
+    let mut excluded = HashSet::new();
+    let mut last: Option<UpstreamFailure> = None;
+    let max = app.config.upstream.max_attempts;
+    for attempt in 1..=max {
+        if attempt > 1 {
+            app.metrics.failover();
+        }
+        let mut lease = match app.pool.lease(&excluded).await {
+            Ok(l) => l,
+            Err(e) => {
+                return Err(match (&last, &e) {
+                    (Some(f), PoolError::NoneUsable { .. }) => failure_to_api(f),
+                    _ => pool_to_api(&e),
+                });
+            }
+        };
+        let mut token_retried = false;
+        loop {
+            let token = match lease.access_token().await {
+                Ok(t) => t,
+                Err(e) => {
+                    app.metrics.attempt("refresh_failed");
+                    last = Some(UpstreamFailure::Transient {
+                        status: None,
+                        message: format!("token refresh: {e}"),
+                    });
+                    excluded.insert(lease.id().clone());
+                    break;
+                }
+            };
+            let account = lease.account.spec();
+            let mut body = translated.request.clone();
+            body.profile_arn = account.profile_arn.clone();
+            let bytes = Bytes::from(serde_json::to_vec(&body).expect("request types always serialise"));
+            lease.attempted();
+            match app.pool.client().generate(&lease.account.endpoints().q, &token, bytes, attempt).await {
+                Ok(mut stream) => {
+                    let mut pending = Vec::new();
+                    loop {
+                        match stream.next().await {
+                            Some(Ok(ev)) => {
+                                let content = is_content(&ev);
+                                pending.push(ev);
+                                if content {
+                                    app.metrics.attempt("ok");
+                                    return Ok(Connected { lease, stream, pending, ended: false });
+                                }
+                            }
+                            None => {
+                                app.metrics.attempt("ok");
+                                return Ok(Connected { lease, stream, pending, ended: true });
+                            }
+                            Some(Err(e)) => {
+                                tracing::info!(account = %lease.id(), error = %e, "upstream stream failed before any content; failing over");
+                                let f = if e.is_capacity() {
+                                    UpstreamFailure::Capacity { message: e.to_string() }
+                                } else {
+                                    UpstreamFailure::Transient { status: None, message: e.to_string() }
+                                };
+                                app.metrics.attempt(f.kind());
+                                lease.failure(&f);
+                                last = Some(f);
+                                excluded.insert(lease.id().clone());
+                                break;
+                            }
+                        }
+                    }
+                    break;
+                }
+                Err(UpstreamFailure::TokenInvalid) if !token_retried => {
+                    app.metrics.attempt("token_invalid");
+                    token_retried = true;
+                    lease.token_refused(token);
+                    continue;
+                }
+                Err(f) => {
+                    app.metrics.attempt(f.kind());
+                    if !f.try_another_account() {
+                        lease.failure(&f);
+                        return Err(failure_to_api(&f));
+                    }
+                    tracing::info!(account = %lease.id(), failure = %f, "upstream call failed; failing over");
+                    lease.failure(&f);
+                    last = Some(f);
+                    excluded.insert(lease.id().clone());
+                    break;
+                }
+            }
+        }
+    }
+    Err(last.map(|f| failure_to_api(&f)).unwrap_or_else(|| pool_to_api(&PoolError::Busy)))
+}
+
+fn params(p: &Prepared, app: &App) -> ResponseParams {
+    ResponseParams {
+        message_id: crate::ids::prefixed("msg_"),
+        model: p.req.model.clone(),
+        input_tokens: p.input_tokens,
+        max_tokens: p.req.max_tokens as u64,
+        stop_sequences: p.req.stop_sequences.clone(),
+        thinking: !matches!(p.req.thinking, request::Thinking::Disabled),
+        tool_names: p.translated.tool_names.clone(),
+        context_window: app.models.context_window(&p.translated.q_model),
+    }
+}
+
+/// Non-streaming: the whole message as one JSON value.
+pub async fn aggregate(
+    app: &Arc<App>,
+    p: &Prepared,
+    x: &mut Exchange,
+) -> Result<serde_json::Value, ApiError> {
+    let Connected { lease, mut stream, pending, ended } = connect(app, &p.translated).await?;
+    x.account = Some(lease.id().to_string());
+    let mut st = ResponseState::new(params(p, app));
+    let mut agg = Aggregator::default();
+    let feed = |evs: Vec<StreamEvent>, agg: &mut Aggregator| {
+        for e in &evs {
+            agg.push(e);
+        }
+    };
+    feed(st.start(), &mut agg);
+    for ev in pending {
+        feed(st.on_event(ev), &mut agg);
+    }
+    if ended {
+        feed(st.on_end(), &mut agg);
+    }
+    while !st.is_finished() {
+        match stream.next().await {
+            Some(Ok(ev)) => feed(st.on_event(ev), &mut agg),
+            Some(Err(e)) => feed(st.on_error(&e), &mut agg),
+            None => feed(st.on_end(), &mut agg),
+        }
+    }
+    drop(stream);
+    let result = agg.finish();
+    match &result {
+        Ok(m) => {
+            x.tokens_in = m["usage"]["input_tokens"].as_u64().unwrap_or(0);
+            x.tokens_out = m["usage"]["output_tokens"].as_u64().unwrap_or(0);
+            lease.success(x.tokens_in, x.tokens_out);
+        }
+        Err(e) => {
+            let f = UpstreamFailure::Transient { status: None, message: e.message.clone() };
+            lease.failure(&f);
+        }
+    }
+    result
+}
+
+/// Streaming: returns the channel the SSE frames go to, fed by a task that owns the lease and
+/// the upstream stream. The task ends (and drops both) when the client goes away.
+pub async fn stream(
+    app: &Arc<App>,
+    p: Prepared,
+    mut x: Exchange,
+    started: Instant,
+    request_id: String,
+) -> Result<tokio::sync::mpsc::Receiver<Bytes>, ApiError> {
+    let Connected { lease, mut stream, pending, ended } = connect(app, &p.translated).await?;
+    x.account = Some(lease.id().to_string());
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let app = app.clone();
+    let params = params(&p, &app);
+    let deadline = started + app.config.server.request_timeout;
+    tokio::spawn(async move {
+        app.metrics.stream_started();
+        let mut st = ResponseState::new(params);
+        let mut drain = app.drain_expired.clone();
+        let mut out_tokens = 0u64;
+        let mut in_tokens = 0u64;
+        let mut errored: Option<String> = None;
+        let mut client_gone = false;
+        // Sends a batch; false when the client is gone.
+        async fn send(tx: &tokio::sync::mpsc::Sender<Bytes>, evs: &[StreamEvent]) -> bool {
+            if evs.is_empty() {
+                return true;
+            }
+            let mut buf = Vec::new();
+            for e in evs {
+                buf.extend_from_slice(&e.to_sse());
+            }
+            tx.send(Bytes::from(buf)).await.is_ok()
+        }
+        let mut batch = st.start();
+        for ev in pending {
+            batch.extend(st.on_event(ev));
+        }
+        if ended {
+            batch.extend(st.on_end());
+        }
+        let note = |evs: &[StreamEvent], out: &mut u64, inp: &mut u64, err: &mut Option<String>| {
+            for e in evs {
+                match e {
+                    StreamEvent::MessageDelta { usage, .. } => {
+                        *out = usage.output_tokens;
+                        *inp = usage.input_tokens;
+                    }
+                    StreamEvent::Error(e) => *err = Some(e.message.clone()),
+                    _ => {}
+                }
+            }
+        };
+        note(&batch, &mut out_tokens, &mut in_tokens, &mut errored);
+        if x.first_byte.is_none() {
+            x.first_byte = Some(started.elapsed());
+            app.metrics.first_byte(started.elapsed());
+        }
+        if !send(&tx, &batch).await {
+            client_gone = true;
+        }
+        while !client_gone && !st.is_finished() {
+            let evs = tokio::select! {
+                biased;
+                _ = tx.closed() => { client_gone = true; break; }
+                _ = drain.changed() => {
+                    let e = ApiError::new(ErrorKind::Overloaded, "server shutting down");
+                    vec![StreamEvent::Error(e)]
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let e = ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)");
+                    vec![StreamEvent::Error(e)]
+                }
+                _ = tokio::time::sleep(PING_INTERVAL) => vec![StreamEvent::Ping],
+                ev = stream.next() => match ev {
+                    Some(Ok(ev)) => st.on_event(ev),
+                    Some(Err(e)) => st.on_error(&e),
+                    None => st.on_end(),
+                },
+            };
+            note(&evs, &mut out_tokens, &mut in_tokens, &mut errored);
+            let fatal = evs.iter().any(|e| matches!(e, StreamEvent::Error(_)));
+            if !send(&tx, &evs).await {
+                client_gone = true;
+            }
+            if fatal {
+                break;
+            }
+        }
+        // Dropping the upstream stream closes it (the emulator and Amazon Q see a cancel).
+        drop(stream);
+        x.tokens_in = in_tokens;
+        x.tokens_out = out_tokens;
+        let status = if client_gone {
+            499
+        } else if errored.is_some() {
+            lease.failure(&UpstreamFailure::Transient {
+                status: None,
+                message: errored.clone().unwrap_or_default(),
+            });
+            502
+        } else {
+            lease.success(in_tokens, out_tokens);
+            200
+        };
+        drop(lease);
+        app.metrics.stream_ended();
+        super::access_log(&app, &request_id, &x, status, started);
+    });
+    Ok(rx)
+}

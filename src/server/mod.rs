@@ -1,0 +1,142 @@
+//! The HTTPS front end: listeners (TCP, TLS with ALPN h2/http1.1, systemd sockets), HTTP/1.1
+//! and HTTP/2 via hyper, connection limits, and graceful drain on shutdown.
+
+pub mod body;
+pub mod http;
+pub mod messages;
+pub mod metrics;
+pub mod tls;
+
+use crate::accounts::Pool;
+use crate::config::{AuthConfig, Config};
+use crate::translate::ModelMap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use messages::Exchange;
+use std::convert::Infallible;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Everything a request handler needs.
+pub struct App {
+    pub config: Config,
+    pub auth: RwLock<AuthConfig>,
+    pub pool: Arc<Pool>,
+    pub models: ModelMap,
+    pub metrics: metrics::Metrics,
+    pub started: Instant,
+    /// Turns true when the drain deadline has passed: open streams end with an error event.
+    pub drain_expired: watch::Receiver<bool>,
+}
+
+/// Writes the access-log line of one request.
+pub fn access_log(app: &App, request_id: &str, x: &Exchange, status: u16, started: Instant) {
+    let _ = app;
+    tracing::info!(
+        target: "access",
+        request_id,
+        key = %x.key,
+        model = %x.model,
+        stream = x.stream,
+        account = x.account.as_deref().unwrap_or("-"),
+        status,
+        first_byte_ms = x.first_byte.map(|d| d.as_millis() as u64).unwrap_or(0),
+        total_ms = started.elapsed().as_millis() as u64,
+        tokens_in = x.tokens_in,
+        tokens_out = x.tokens_out,
+        "request"
+    );
+}
+
+/// How connections are accepted.
+pub struct ServeOptions {
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_count: usize,
+    pub max_header_bytes: usize,
+    pub idle_timeout: Duration,
+}
+
+fn builder(opts: &ServeOptions) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout)
+        .max_headers(opts.max_header_count)
+        .max_buf_size(opts.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(opts.max_header_bytes as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// Accepts connections on `listener` until `stop` turns true, then lets open connections finish
+/// (hyper's graceful shutdown: h1 closes after the current response, h2 sends GOAWAY).
+pub async fn serve(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    opts: Arc<ServeOptions>,
+    mut stop: watch::Receiver<bool>,
+    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+) {
+    let b = Arc::new(builder(&opts));
+    let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
+    let acceptor = opts.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    loop {
+        let permit = tokio::select! {
+            _ = stop.changed() => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = stop.changed() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let b = b.clone();
+        let acceptor = acceptor.clone();
+        let watcher = graceful.watcher();
+        let handshake_timeout = opts.header_read_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(http::handle(app, req).await) }
+            });
+            let result = match acceptor {
+                Some(acc) => match tokio::time::timeout(handshake_timeout, acc.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        watcher.watch(b.serve_connection(TokioIo::new(tls), svc).into_owned()).await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                },
+                None => watcher.watch(b.serve_connection(TokioIo::new(tcp), svc).into_owned()).await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
