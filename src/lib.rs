@@ -6,9 +6,11 @@
 //! - [`cli`]: the `amq2api` command line and its offline subcommands (`check-config`).
 //! - [`logging`]: tracing set-up (terminal or journald), `RUST_LOG` filtering.
 //! - [`exit`]: the exit codes both binaries use.
+//! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, HTTP client.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
 pub mod exit;
 pub mod logging;
+pub mod upstream;
