@@ -7,10 +7,12 @@
 //! - [`logging`]: tracing set-up (terminal or journald), `RUST_LOG` filtering.
 //! - [`exit`]: the exit codes both binaries use.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, HTTP client.
+//! - [`emulator`]: a strict Amazon Q + SSO OIDC stand-in on loopback (demo mode, tests, benchmarks).
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
+pub mod emulator;
 pub mod exit;
 pub mod logging;
 pub mod upstream;

@@ -16,71 +16,35 @@ pub enum DecodeError {
     #[error(
         "frame at byte offset {offset}: prelude checksum mismatch (expected {expected:#010x}, got {actual:#010x})"
     )]
-    PreludeChecksumMismatch {
-        offset: u64,
-        expected: u32,
-        actual: u32,
-    },
+    PreludeChecksumMismatch { offset: u64, expected: u32, actual: u32 },
     #[error(
         "frame at byte offset {offset}: message checksum mismatch (expected {expected:#010x}, got {actual:#010x})"
     )]
-    MessageChecksumMismatch {
-        offset: u64,
-        expected: u32,
-        actual: u32,
-    },
-    #[error(
-        "frame at byte offset {offset}: total length {total_len} is less than the 16-byte minimum"
-    )]
+    MessageChecksumMismatch { offset: u64, expected: u32, actual: u32 },
+    #[error("frame at byte offset {offset}: total length {total_len} is less than the 16-byte minimum")]
     FrameTooShort { offset: u64, total_len: u32 },
     #[error("frame at byte offset {offset}: total length {total_len} is over the {max}-byte limit")]
-    FrameTooLarge {
-        offset: u64,
-        total_len: u32,
-        max: usize,
-    },
+    FrameTooLarge { offset: u64, total_len: u32, max: usize },
     #[error(
         "frame at byte offset {offset}: headers length {headers_len} does not fit in a frame of {total_len} bytes"
     )]
-    HeadersLengthTooLong {
-        offset: u64,
-        headers_len: u32,
-        total_len: u32,
-    },
+    HeadersLengthTooLong { offset: u64, headers_len: u32, total_len: u32 },
     #[error(
         "frame at byte offset {offset}: headers length {headers_len} is over the format's {max}-byte limit"
     )]
-    HeadersTooLarge {
-        offset: u64,
-        headers_len: u32,
-        max: usize,
-    },
+    HeadersTooLarge { offset: u64, headers_len: u32, max: usize },
     #[error("frame at byte offset {offset}: header at frame byte {at} has an empty name")]
     EmptyHeaderName { offset: u64, at: usize },
     #[error(
         "frame at byte offset {offset}: header at frame byte {at} runs past the end of the headers section"
     )]
     HeaderOverrun { offset: u64, at: usize },
-    #[error(
-        "frame at byte offset {offset}: header at frame byte {at} has unknown value type {type_code}"
-    )]
-    UnknownHeaderType {
-        offset: u64,
-        at: usize,
-        type_code: u8,
-    },
+    #[error("frame at byte offset {offset}: header at frame byte {at} has unknown value type {type_code}")]
+    UnknownHeaderType { offset: u64, at: usize, type_code: u8 },
     #[error("frame at byte offset {offset}: header at frame byte {at}: {what} is not UTF-8")]
-    InvalidUtf8 {
-        offset: u64,
-        at: usize,
-        what: &'static str,
-    },
+    InvalidUtf8 { offset: u64, at: usize, what: &'static str },
     #[error("frame at byte offset {offset}: header {name:?} at frame byte {at} repeats a name")]
-    DuplicateHeader {
-        offset: u64,
-        at: usize,
-        name: String,
-    },
+    DuplicateHeader { offset: u64, at: usize, name: String },
     #[error(
         "frame at byte offset {offset}: truncated: {buffered} bytes of an incomplete frame at end of input"
     )]
@@ -226,10 +190,7 @@ impl Decoder {
         }
         match self.buffered_len() {
             0 => Ok(()),
-            buffered => Err(DecodeError::Truncated {
-                offset: self.offset,
-                buffered,
-            }),
+            buffered => Err(DecodeError::Truncated { offset: self.offset, buffered }),
         }
     }
 
@@ -282,50 +243,28 @@ impl Decoder {
         let (total_len, headers_len, actual) = (be_u32(p, 0), be_u32(p, 4), be_u32(p, 8));
         let expected = crc32fast::hash(p.get(..8).unwrap_or_default());
         if expected != actual {
-            return Err(DecodeError::PreludeChecksumMismatch {
-                offset,
-                expected,
-                actual,
-            });
+            return Err(DecodeError::PreludeChecksumMismatch { offset, expected, actual });
         }
         let total = total_len as usize;
         if total < MIN_FRAME_LEN {
             return Err(DecodeError::FrameTooShort { offset, total_len });
         }
         if total > self.max_frame_len {
-            return Err(DecodeError::FrameTooLarge {
-                offset,
-                total_len,
-                max: self.max_frame_len,
-            });
+            return Err(DecodeError::FrameTooLarge { offset, total_len, max: self.max_frame_len });
         }
         if headers_len > total_len - MIN_FRAME_LEN as u32 {
-            return Err(DecodeError::HeadersLengthTooLong {
-                offset,
-                headers_len,
-                total_len,
-            });
+            return Err(DecodeError::HeadersLengthTooLong { offset, headers_len, total_len });
         }
         if headers_len as usize > MAX_HEADERS_LEN {
-            return Err(DecodeError::HeadersTooLarge {
-                offset,
-                headers_len,
-                max: MAX_HEADERS_LEN,
-            });
+            return Err(DecodeError::HeadersTooLarge { offset, headers_len, max: MAX_HEADERS_LEN });
         }
-        Ok(Prelude {
-            total,
-            headers_len: headers_len as usize,
-            crc: actual,
-        })
+        Ok(Prelude { total, headers_len: headers_len as usize, crc: actual })
     }
 }
 
 /// The big-endian u32 at `at`, 0 if out of range (callers pass in-range offsets).
 fn be_u32(data: &[u8], at: usize) -> u32 {
-    data.get(at..at + 4)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u32::from_be_bytes)
+    data.get(at..at + 4).and_then(|b| b.try_into().ok()).map_or(0, u32::from_be_bytes)
 }
 
 /// Decodes a whole frame whose prelude has been checked: message CRC, then headers.
@@ -338,18 +277,11 @@ fn parse_frame(bytes: &Bytes, prelude: Prelude, offset: u64) -> Result<Frame, De
     hasher.update(data.get(8..crc_at).unwrap_or_default());
     let expected = hasher.finalize();
     if expected != actual {
-        return Err(DecodeError::MessageChecksumMismatch {
-            offset,
-            expected,
-            actual,
-        });
+        return Err(DecodeError::MessageChecksumMismatch { offset, expected, actual });
     }
     let headers_end = PRELUDE_LEN + prelude.headers_len;
     let headers = parse_headers(bytes, headers_end, offset)?;
-    Ok(Frame {
-        headers,
-        payload: bytes.slice(headers_end..crc_at),
-    })
+    Ok(Frame { headers, payload: bytes.slice(headers_end..crc_at) })
 }
 
 /// The next `N` bytes of the headers section (which ends at `end`), advancing `pos`.
@@ -387,11 +319,7 @@ fn parse_headers(bytes: &Bytes, end: usize, offset: u64) -> Result<Vec<Header>, 
             return Err(overrun());
         }
         if std::str::from_utf8(&data[name_start..type_at]).is_err() {
-            return Err(DecodeError::InvalidUtf8 {
-                offset,
-                at,
-                what: "header name",
-            });
+            return Err(DecodeError::InvalidUtf8 { offset, at, what: "header name" });
         }
         let name = bytes.slice(name_start..type_at);
         if is_duplicate(&mut seen, &headers, &name) {
@@ -406,26 +334,24 @@ fn parse_headers(bytes: &Bytes, end: usize, offset: u64) -> Result<Vec<Header>, 
         let value = match type_code {
             type_code::TRUE => HeaderValue::Bool(true),
             type_code::FALSE => HeaderValue::Bool(false),
-            type_code::BYTE => HeaderValue::Byte(i8::from_be_bytes(
-                take(data, &mut pos, end).ok_or_else(overrun)?,
-            )),
-            type_code::SHORT => HeaderValue::Short(i16::from_be_bytes(
-                take(data, &mut pos, end).ok_or_else(overrun)?,
-            )),
-            type_code::INT => HeaderValue::Int(i32::from_be_bytes(
-                take(data, &mut pos, end).ok_or_else(overrun)?,
-            )),
-            type_code::LONG => HeaderValue::Long(i64::from_be_bytes(
-                take(data, &mut pos, end).ok_or_else(overrun)?,
-            )),
-            type_code::TIMESTAMP => HeaderValue::Timestamp(i64::from_be_bytes(
-                take(data, &mut pos, end).ok_or_else(overrun)?,
-            )),
+            type_code::BYTE => {
+                HeaderValue::Byte(i8::from_be_bytes(take(data, &mut pos, end).ok_or_else(overrun)?))
+            }
+            type_code::SHORT => {
+                HeaderValue::Short(i16::from_be_bytes(take(data, &mut pos, end).ok_or_else(overrun)?))
+            }
+            type_code::INT => {
+                HeaderValue::Int(i32::from_be_bytes(take(data, &mut pos, end).ok_or_else(overrun)?))
+            }
+            type_code::LONG => {
+                HeaderValue::Long(i64::from_be_bytes(take(data, &mut pos, end).ok_or_else(overrun)?))
+            }
+            type_code::TIMESTAMP => {
+                HeaderValue::Timestamp(i64::from_be_bytes(take(data, &mut pos, end).ok_or_else(overrun)?))
+            }
             type_code::UUID => HeaderValue::Uuid(take(data, &mut pos, end).ok_or_else(overrun)?),
             type_code::BYTES | type_code::STRING => {
-                let len = usize::from(u16::from_be_bytes(
-                    take(data, &mut pos, end).ok_or_else(overrun)?,
-                ));
+                let len = usize::from(u16::from_be_bytes(take(data, &mut pos, end).ok_or_else(overrun)?));
                 if end - pos < len {
                     return Err(overrun());
                 }
@@ -435,27 +361,16 @@ fn parse_headers(bytes: &Bytes, end: usize, offset: u64) -> Result<Vec<Header>, 
                     HeaderValue::ByteArray(bytes.slice(range))
                 } else {
                     if std::str::from_utf8(&data[range.clone()]).is_err() {
-                        return Err(DecodeError::InvalidUtf8 {
-                            offset,
-                            at,
-                            what: "string value",
-                        });
+                        return Err(DecodeError::InvalidUtf8 { offset, at, what: "string value" });
                     }
                     HeaderValue::String(StrBytes(bytes.slice(range)))
                 }
             }
             _ => {
-                return Err(DecodeError::UnknownHeaderType {
-                    offset,
-                    at,
-                    type_code,
-                });
+                return Err(DecodeError::UnknownHeaderType { offset, at, type_code });
             }
         };
-        headers.push(Header {
-            name: StrBytes(name),
-            value,
-        });
+        headers.push(Header { name: StrBytes(name), value });
     }
     Ok(headers)
 }

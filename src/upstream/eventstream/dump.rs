@@ -49,14 +49,7 @@ fn value_to_json(value: &HeaderValue) -> Value {
 /// Canonical lowercase hyphenated form: 8-4-4-4-12 hex digits.
 fn uuid_text(u: &[u8; 16]) -> String {
     let hex = hex::encode(u);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
 }
 
 /// Why [`dump`] stopped.
@@ -99,14 +92,9 @@ pub fn dump(mut input: impl Read, out: impl Write) -> Result<usize, DumpError> {
     Ok(count)
 }
 
-fn write_frames(
-    decoder: &mut Decoder,
-    out: &mut impl Write,
-    count: &mut usize,
-) -> Result<(), DumpError> {
+fn write_frames(decoder: &mut Decoder, out: &mut impl Write, count: &mut usize) -> Result<(), DumpError> {
     while let Some(frame) = decoder.next_frame()? {
-        serde_json::to_writer(&mut *out, &frame_to_json(&frame))
-            .map_err(|e| DumpError::Write(e.into()))?;
+        serde_json::to_writer(&mut *out, &frame_to_json(&frame)).map_err(|e| DumpError::Write(e.into()))?;
         out.write_all(b"\n").map_err(DumpError::Write)?;
         *count += 1;
     }

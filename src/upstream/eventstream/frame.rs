@@ -7,8 +7,7 @@ use std::str::Utf8Error;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{
-    CRC_LEN, DEFAULT_MAX_FRAME_LEN, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_HEADERS_LEN,
-    PRELUDE_LEN,
+    CRC_LEN, DEFAULT_MAX_FRAME_LEN, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_HEADERS_LEN, PRELUDE_LEN,
 };
 
 /// Wire type codes of header values.
@@ -275,10 +274,7 @@ pub struct Header {
 impl Header {
     /// A header from anything convertible into a name and a value.
     pub fn new(name: impl Into<StrBytes>, value: impl Into<HeaderValue>) -> Self {
-        Header {
-            name: name.into(),
-            value: value.into(),
-        }
+        Header { name: name.into(), value: value.into() }
     }
 }
 
@@ -287,17 +283,12 @@ impl Header {
 /// Call it for every header in order with the same `seen`: up to 16 headers it compares linearly
 /// (no allocation, the common case); past that it keeps a hash set so that a frame packed with
 /// thousands of tiny headers costs linear time, not quadratic.
-pub(super) fn is_duplicate(
-    seen: &mut Option<HashSet<Bytes>>,
-    previous: &[Header],
-    name: &Bytes,
-) -> bool {
+pub(super) fn is_duplicate(seen: &mut Option<HashSet<Bytes>>, previous: &[Header], name: &Bytes) -> bool {
     const LINEAR_MAX: usize = 16;
     if previous.len() < LINEAR_MAX {
         return previous.iter().any(|h| h.name.as_bytes() == name);
     }
-    let set =
-        seen.get_or_insert_with(|| previous.iter().map(|h| h.name.as_bytes().clone()).collect());
+    let set = seen.get_or_insert_with(|| previous.iter().map(|h| h.name.as_bytes().clone()).collect());
     !set.insert(name.clone())
 }
 
@@ -346,10 +337,7 @@ impl Frame {
     /// The value of the first header named `name`.
     pub fn header(&self, name: &str) -> Option<&HeaderValue> {
         let name = name.as_bytes();
-        self.headers
-            .iter()
-            .find(|h| h.name.as_bytes() == name)
-            .map(|h| &h.value)
+        self.headers.iter().find(|h| h.name.as_bytes() == name).map(|h| &h.value)
     }
 
     /// The text of the header named `name`, if it is a string header.
@@ -372,27 +360,19 @@ impl Frame {
             if let Some(len) = h.value.var_len()
                 && len > MAX_HEADER_VALUE_LEN
             {
-                return Err(EncodeError::HeaderValueTooLong {
-                    name: h.name.to_string(),
-                    len,
-                });
+                return Err(EncodeError::HeaderValueTooLong { name: h.name.to_string(), len });
             }
             headers_len = headers_len.saturating_add(2 + name.len() + h.value.wire_len());
             if headers_len > MAX_HEADERS_LEN {
                 return Err(EncodeError::HeadersTooLong { len: headers_len });
             }
             if is_duplicate(&mut seen, &self.headers[..i], name) {
-                return Err(EncodeError::DuplicateHeader {
-                    name: h.name.to_string(),
-                });
+                return Err(EncodeError::DuplicateHeader { name: h.name.to_string() });
             }
         }
         let total = (PRELUDE_LEN + CRC_LEN + headers_len).saturating_add(self.payload.len());
         if total > DEFAULT_MAX_FRAME_LEN {
-            return Err(EncodeError::FrameTooLarge {
-                len: total,
-                max: DEFAULT_MAX_FRAME_LEN,
-            });
+            return Err(EncodeError::FrameTooLarge { len: total, max: DEFAULT_MAX_FRAME_LEN });
         }
         Ok((headers_len, total))
     }
