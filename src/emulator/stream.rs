@@ -109,6 +109,9 @@ impl Writer {
                     // Let the connection flush what it took from the channel, then cut it.
                     self.sleep(Duration::from_millis(30)).await?;
                     conn.kill();
+                    // Hold the body open until the connection is gone: ending it here would let
+                    // the connection finish the response cleanly first.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), self.tx.closed()).await;
                     return Ok(());
                 }
             }
