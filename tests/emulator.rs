@@ -940,3 +940,59 @@ async fn standalone_serves_its_accounts_until_shutdown() {
     tokio::time::timeout(Duration::from_secs(5), server).await.expect("stops on shutdown").unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn dropping_the_last_handle_stops_the_server() {
+    let emu = emulator().await;
+    let addr = emu.addr();
+    let clone = emu.clone();
+    drop(emu);
+    assert!(tokio::net::TcpStream::connect(addr).await.is_ok(), "a clone keeps it running");
+    drop(clone);
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(start.elapsed() < Duration::from_secs(1), "still listening");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Collects what the emulator logs on this thread (tests run on a current-thread runtime).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn rejection_warning_names_the_rule_and_the_path() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    let mut bad = tool_result_chat();
+    bad["conversationState"]["history"][1]["assistantResponseMessage"]["toolUses"][0]["name"] =
+        json!("get_forecast");
+    let resp = send(q_request(&emu, Some(&token), &bad)).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(log.contains("WARN"), "{log}");
+    assert!(
+        log.contains("every tool name used in history toolUses is defined in the current message's tools"),
+        "{log}"
+    );
+    assert!(log.contains("conversationState.history[1].assistantResponseMessage.toolUses[0].name"), "{log}");
+}

@@ -438,6 +438,15 @@ mod tests {
         assert_eq!(parts, fragments(text).collect::<Vec<_>>(), "deterministic");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn fragments_rejoin_to_any_text(text in "\\PC{0,200}") {
+            let parts: Vec<&str> = fragments(&text).collect();
+            proptest::prop_assert_eq!(parts.concat(), text.clone());
+            proptest::prop_assert!(parts.iter().all(|p| (1..=12).contains(&p.chars().count())));
+        }
+    }
+
     #[test]
     fn long_text_has_the_exact_length() {
         for n in [0, 1, 5, 1000, 12345] {
