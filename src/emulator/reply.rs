@@ -1,4 +1,4 @@
-//! Building the event-stream reply: what a request gets said back ([`plan`]), the event and
+//! Building the event-stream reply: what a request gets said back (`plan`), the event and
 //! exception frames that carry it, and the deterministic fragmentation of text into frames.
 
 use std::time::Duration;
