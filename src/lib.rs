@@ -13,6 +13,7 @@
 //! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain.
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, HTTP client.
+//! - [`emulator`]: a strict Amazon Q + SSO OIDC stand-in on loopback (demo mode, tests, benchmarks).
 #![forbid(unsafe_code)]
 
 pub mod accounts;
@@ -20,6 +21,7 @@ pub mod anthropic;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod emulator;
 pub mod exit;
 pub mod ids;
 pub mod logging;

@@ -1,0 +1,201 @@
+//! The HTTP side: one hyper server (HTTP/1.1 and cleartext HTTP/2) on the emulator's listener,
+//! routing `/token` and `/`, the response body type, and closing a connection abruptly on cue.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::state::Shared;
+use super::{assistant, oidc};
+
+/// Largest `CreateToken` body read.
+const MAX_TOKEN_BODY: usize = 64 * 1024;
+
+/// A response body: a whole buffer, or frames arriving on a channel as the writer makes them.
+pub(super) enum Body {
+    Full(Option<Bytes>),
+    Channel(mpsc::Receiver<Bytes>),
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Body::Channel(rx) => rx.poll_recv(cx).map(|chunk| chunk.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Body::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Body::Full(None) => SizeHint::with_exact(0),
+            Body::Channel(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// A JSON response with `Content-Type` and `x-amzn-RequestId`.
+pub(super) fn json_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: &Value,
+    request_id: &str,
+) -> Response<Body> {
+    let mut response = Response::new(Body::Full(Some(Bytes::from(body.to_string()))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        headers.insert("x-amzn-RequestId", id);
+    }
+    response
+}
+
+/// Per-connection control: lets a request close its whole connection abruptly.
+#[derive(Default)]
+pub(super) struct ConnCtl {
+    kill: Notify,
+}
+
+impl ConnCtl {
+    /// Closes the connection at once (a TCP reset), whatever is in flight on it.
+    pub fn kill(&self) {
+        self.kill.notify_one();
+    }
+}
+
+/// Serves `listener` until `shutdown` turns true (or its sender goes), then closes every
+/// connection.
+pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut connections = JoinSet::new();
+    let for_connections = shutdown.clone();
+    loop {
+        tokio::select! {
+            () = stopped(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    connections.spawn(connection(stream, shared.clone(), for_connections.clone()));
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "emulator: accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    drop(listener);
+    connections.shutdown().await;
+}
+
+/// Completes once the shutdown flag is set or its sender is gone.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+async fn connection(stream: TcpStream, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let _ = stream.set_nodelay(true);
+    // A second descriptor of the socket, to set SO_LINGER 0 before an abrupt close (a reset).
+    let (stream, twin) = match twin(stream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::warn!(error = %e, "emulator: cannot set up a connection");
+            return;
+        }
+    };
+    let ctl = Arc::new(ConnCtl::default());
+    let service_ctl = ctl.clone();
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        let ctl = service_ctl.clone();
+        async move { Ok::<_, Infallible>(route(req, shared, ctl).await) }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "emulator: connection ended with an error");
+            }
+        }
+        () = ctl.kill.notified() => {
+            tracing::debug!("emulator: resetting a connection as scripted");
+            let reset = nix::libc::linger { l_onoff: 1, l_linger: 0 };
+            if let Err(e) = nix::sys::socket::setsockopt(&twin, nix::sys::socket::sockopt::Linger, &reset) {
+                tracing::debug!(error = %e, "emulator: cannot set SO_LINGER; closing without a reset");
+            }
+        }
+        () = stopped(&mut shutdown) => {}
+    }
+}
+
+/// The stream and a duplicate of its descriptor.
+fn twin(stream: TcpStream) -> std::io::Result<(TcpStream, std::net::TcpStream)> {
+    let std_stream = stream.into_std()?;
+    let twin = std_stream.try_clone()?;
+    Ok((TcpStream::from_std(std_stream)?, twin))
+}
+
+async fn route(req: Request<Incoming>, shared: Arc<Shared>, ctl: Arc<ConnCtl>) -> Response<Body> {
+    let request_id = shared.ids().uuid();
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/token") => match read_body(req.into_body(), MAX_TOKEN_BODY).await {
+            Ok(body) => oidc::create_token(&shared, &body, &request_id),
+            Err(_) => {
+                shared.count_refresh_failure();
+                let body =
+                    json!({ "error": "invalid_request", "error_description": "Unreadable request body." });
+                json_response(StatusCode::BAD_REQUEST, "application/json", &body, &request_id)
+            }
+        },
+        (&Method::POST, "/") => assistant::handle(req, shared, ctl, request_id).await,
+        (method, path) => {
+            tracing::debug!(%method, path, "emulator: no such route");
+            let body =
+                json!({ "__type": "com.amazon.coral.service#UnknownOperationException", "message": null });
+            json_response(StatusCode::NOT_FOUND, assistant::AMZ_JSON, &body, &request_id)
+        }
+    }
+}
+
+/// Why a request body could not be read.
+#[derive(Debug)]
+pub(super) enum ReadError {
+    TooLarge,
+    Io,
+}
+
+/// Reads a whole request body of at most `limit` bytes.
+pub(super) async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ReadError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReadError::TooLarge),
+        Err(_) => Err(ReadError::Io),
+    }
+}
