@@ -981,6 +981,11 @@ fn zero_copy_slices_share_the_pushed_chunk() {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig {
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
     #[test]
     fn random_chunking_gives_the_same_result(
         lens in proptest::collection::vec(1usize..300, 1..40),
