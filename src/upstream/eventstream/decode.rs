@@ -303,7 +303,7 @@ fn parse_headers(bytes: &Bytes, end: usize, offset: u64) -> Result<Vec<Header>, 
     if pos >= end {
         return Ok(Vec::new());
     }
-    let mut headers = Vec::with_capacity(((end - pos) / 16).clamp(1, 8));
+    let mut headers = Vec::with_capacity(((end - pos) / 24).clamp(1, 8));
     let mut seen = None;
     while pos < end {
         let at = pos;
