@@ -1,10 +1,11 @@
-//! Command-line interface of the `amq2api` daemon binary (clap definitions and the
-//! subcommands that do not run the daemon).
+//! Command-line interface of the `amq2api` daemon binary: clap definitions and the dispatch
+//! of each subcommand to the library.
 
 use crate::config::{self, Env};
 use crate::exit;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -12,6 +13,7 @@ use std::path::PathBuf;
     version,
     about = "Serve the Anthropic Claude Messages API from a pool of Amazon Q Developer accounts",
     long_about = "Serve the Anthropic Claude Messages API from a pool of Amazon Q Developer accounts.\n\n\
+                  Without a command, runs the daemon in the foreground (as systemd does). \
                   Manage a running daemon with amqctl."
 )]
 pub struct Cli {
@@ -20,18 +22,178 @@ pub struct Cli {
     pub config: PathBuf,
 
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon in the foreground (the default).
+    Run,
+    /// Run the daemon with an embedded Amazon Q emulator, a temporary state directory, a
+    /// generated API key and three emulated accounts; prints the URL, the key and a curl line.
+    Demo {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        listen: SocketAddr,
+    },
     /// Validate amq2api.toml and the accounts file it names; exit 0, or 78 with every problem listed.
     CheckConfig,
+    /// Tools for AWS event-stream data (application/vnd.amazon.eventstream).
+    Eventstream {
+        #[command(subcommand)]
+        command: EventstreamCommand,
+    },
+    /// Run only the Amazon Q + OIDC emulator (for experiments and load tests).
+    Emulator {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR")]
+        listen: SocketAddr,
+        /// Register an account as CLIENT_ID:CLIENT_SECRET:REFRESH_TOKEN (repeatable).
+        #[arg(long = "account", value_name = "ID:SECRET:TOKEN")]
+        accounts: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventstreamCommand {
+    /// Decode frames from FILE (or standard input with `-`): one JSON object a line,
+    /// `{"headers": [{"name", "type", "value"}], "payload": …}`. Byte arrays are base64, uuids
+    /// hyphenated hex, timestamps milliseconds; a payload that is not UTF-8 is `{"base64": …}`.
+    /// Exits 65 naming the frame offset and the reason on corrupt input.
+    Decode {
+        #[arg(default_value = "-", value_name = "FILE|-")]
+        file: String,
+    },
+}
+
+/// Runs the command; returns the process exit code.
+pub fn main(cli: Cli) -> i32 {
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => check_config(&cli.config),
+        Command::Eventstream { command: EventstreamCommand::Decode { file } } => eventstream_decode(&file),
+        Command::Run => with_runtime(|| run_daemon(&cli.config)),
+        Command::Demo { listen } => with_runtime(|| async move {
+            match crate::demo::run(listen, shutdown_signal()).await {
+                Ok(()) => exit::OK,
+                Err(e) => {
+                    eprintln!("amq2api demo: {e:#}");
+                    exit::OSERR
+                }
+            }
+        }),
+        Command::Emulator { listen, accounts } => with_runtime(|| async move {
+            let mut list = Vec::new();
+            for a in &accounts {
+                let parts: Vec<&str> = a.splitn(3, ':').collect();
+                if parts.len() != 3 {
+                    eprintln!("amq2api emulator: --account takes CLIENT_ID:CLIENT_SECRET:REFRESH_TOKEN");
+                    return exit::USAGE;
+                }
+                list.push((parts[0].to_string(), parts[1].to_string(), parts[2].to_string()));
+            }
+            let listener = match tokio::net::TcpListener::bind(listen).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("amq2api emulator: cannot listen on {listen}: {e}");
+                    return exit::OSERR;
+                }
+            };
+            println!("emulator listening on http://{listen}/ (token endpoint http://{listen}/token)");
+            crate::emulator::run_standalone(listener, &list, shutdown_signal()).await;
+            exit::OK
+        }),
+    }
+}
+
+fn with_runtime<F, Fut>(f: F) -> i32
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = i32>,
+{
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(f()),
+        Err(e) => {
+            eprintln!("amq2api: cannot start the runtime: {e}");
+            exit::OSERR
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn run_daemon(path: &Path) -> i32 {
+    let loaded = match config::load(path, &Env::from_process()) {
+        Ok(l) => l,
+        Err(diags) => {
+            for d in &diags.0 {
+                tracing::error!("{d}");
+            }
+            eprintln!("{diags}");
+            return exit::CONFIG;
+        }
+    };
+    let mut http = Vec::new();
+    for addr in &loaded.config.server.listen {
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => http.push(l),
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot listen");
+                eprintln!("amq2api: cannot listen on {addr}: {e}");
+                return exit::OSERR;
+            }
+        }
+    }
+    match crate::daemon::run(loaded, crate::daemon::Listeners { http }, shutdown_signal()).await {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            tracing::error!(error = %e, "amq2api failed");
+            eprintln!("amq2api: {e}");
+            exit::SOFTWARE
+        }
+    }
+}
+
+/// `amq2api eventstream decode`.
+fn eventstream_decode(file: &str) -> i32 {
+    let stdout = std::io::stdout();
+    let out = std::io::BufWriter::new(stdout.lock());
+    let result = if file == "-" {
+        crate::upstream::eventstream::dump(std::io::stdin().lock(), out)
+    } else {
+        match std::fs::File::open(file) {
+            Ok(f) => crate::upstream::eventstream::dump(f, out),
+            Err(e) => {
+                eprintln!("amq2api eventstream decode: cannot open {file}: {e}");
+                return exit::IOERR;
+            }
+        }
+    };
+    match result {
+        Ok(_) => exit::OK,
+        Err(e) => {
+            eprintln!("amq2api eventstream decode: {e}");
+            exit::DATAERR
+        }
+    }
 }
 
 /// `amq2api check-config`: prints every problem (errors and warnings) to stderr, a summary to
 /// stdout, and returns the exit code.
-pub fn check_config(path: &std::path::Path) -> i32 {
+pub fn check_config(path: &Path) -> i32 {
     match config::load(path, &Env::from_process()) {
         Ok(loaded) => {
             for w in &loaded.warnings.0 {

@@ -6,6 +6,7 @@
 //! - [`cli`]: the `amq2api` command line and its offline subcommands (`check-config`).
 //! - [`logging`]: tracing set-up (terminal or journald), `RUST_LOG` filtering.
 //! - [`daemon`]: [`run`] — the daemon's life from validated config and bound listeners to drain.
+//! - [`demo`]: `amq2api demo` — emulator and daemon in one process, no credentials needed.
 //! - [`exit`]: the exit codes both binaries use.
 //! - [`ids`]: random identifiers (request, message and invocation ids).
 //! - [`accounts`]: the account pool (selection, leases, cooldowns, live reload) and token lifecycle.
@@ -21,6 +22,7 @@ pub mod anthropic;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod emulator;
 pub mod exit;
 pub mod ids;

@@ -1,6 +1,6 @@
 //! The `amq2api` daemon binary: parse the command line, set up logging, call the library.
 
-use amq2api::cli::{Cli, Command};
+use amq2api::cli::Cli;
 use amq2api::{exit, logging};
 use clap::Parser;
 
@@ -14,8 +14,5 @@ fn main() {
         }
     };
     logging::init("info");
-    let code = match cli.command {
-        Command::CheckConfig => amq2api::cli::check_config(&cli.config),
-    };
-    std::process::exit(code);
+    std::process::exit(amq2api::cli::main(cli));
 }

@@ -2,8 +2,8 @@
 //! aws-sdk-go) and smithy-rs's test frames rebuilt in code, every error kind, chunking, the JSON dump.
 
 use amq2api::upstream::eventstream::{
-    DEFAULT_MAX_FRAME_LEN, DecodeError, Decoder, EncodeError, Frame, Header, HeaderValue,
-    MAX_HEADERS_LEN, StrBytes, dump, frame_to_json,
+    DEFAULT_MAX_FRAME_LEN, DecodeError, Decoder, EncodeError, Frame, Header, HeaderValue, MAX_HEADERS_LEN,
+    StrBytes, dump, frame_to_json,
 };
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
@@ -94,18 +94,12 @@ fn decode_chunks(stream: &[u8], chunk_lens: &[usize], feed: Feed) -> Outcome {
                 Ok(Some(frame)) => frames.push(frame),
                 Ok(None) => break,
                 Err(error) => {
-                    return Outcome {
-                        frames,
-                        error: Some(error),
-                    };
+                    return Outcome { frames, error: Some(error) };
                 }
             }
         }
     }
-    Outcome {
-        frames,
-        error: decoder.finish().err(),
-    }
+    Outcome { frames, error: decoder.finish().err() }
 }
 
 fn decode_whole(stream: &[u8]) -> Outcome {
@@ -117,17 +111,7 @@ fn decode_whole(stream: &[u8]) -> Outcome {
 fn decode_every_way(stream: &[u8]) -> Outcome {
     let whole = decode_whole(stream);
     for feed in [Feed::Copy, Feed::ZeroCopy] {
-        for lens in [
-            &[1][..],
-            &[2],
-            &[3],
-            &[7],
-            &[11],
-            &[12],
-            &[13],
-            &[64],
-            &[5, 1, 17],
-        ] {
+        for lens in [&[1][..], &[2], &[3], &[7], &[11], &[12], &[13], &[64], &[5, 1, 17]] {
             let other = decode_chunks(stream, lens, feed);
             assert_eq!(whole, other, "chunks {lens:?} via {feed:?}");
         }
@@ -166,32 +150,22 @@ fn vector_payload_no_headers() -> Frame {
 }
 
 fn vector_payload_one_str_header() -> Frame {
-    Frame::new()
-        .with_header("content-type", "application/json")
-        .with_payload(FOO_BAR)
+    Frame::new().with_header("content-type", "application/json").with_payload(FOO_BAR)
 }
 
 fn vector_int32_header() -> Frame {
-    Frame::new()
-        .with_header("event-type", 40972i32)
-        .with_payload(FOO_BAR)
+    Frame::new().with_header("event-type", 40972i32).with_payload(FOO_BAR)
 }
 
 fn vector_all_headers() -> Frame {
     let uuid: [u8; 16] = std::array::from_fn(|i| i as u8 + 1);
     Frame::new()
         .with_header("event-type", HeaderValue::Int(40972))
-        .with_header(
-            "content-type",
-            HeaderValue::String("application/json".into()),
-        )
+        .with_header("content-type", HeaderValue::String("application/json".into()))
         .with_header("bool false", HeaderValue::Bool(false))
         .with_header("bool true", HeaderValue::Bool(true))
         .with_header("byte", HeaderValue::Byte(-49))
-        .with_header(
-            "byte buf",
-            HeaderValue::ByteArray(Bytes::from_static(b"I'm a little teapot!")),
-        )
+        .with_header("byte buf", HeaderValue::ByteArray(Bytes::from_static(b"I'm a little teapot!")))
         .with_header("timestamp", HeaderValue::Timestamp(8675309))
         .with_header("int16", HeaderValue::Short(42))
         .with_header("int64", HeaderValue::Long(42424242))
@@ -230,13 +204,7 @@ fn official_positive_payload_no_headers() {
 
 #[test]
 fn official_positive_payload_one_str_header() {
-    check_positive(
-        vector_payload_one_str_header(),
-        61,
-        32,
-        0x07fd_8396,
-        0x8d9c_08b1,
-    );
+    check_positive(vector_payload_one_str_header(), 61, 32, 0x07fd_8396, 0x8d9c_08b1);
     let frame = decode_one(&encode(&vector_payload_one_str_header()));
     assert_eq!(frame.header_str("content-type"), Some("application/json"));
     assert_eq!(frame.payload, FOO_BAR);
@@ -311,11 +279,7 @@ fn official_negative_corrupted_length() {
     let err = decode_err(&bytes);
     assert_eq!(
         err,
-        DecodeError::PreludeChecksumMismatch {
-            offset: 0,
-            expected: crc(&bytes[..8]),
-            actual: 0x07fd_8396,
-        }
+        DecodeError::PreludeChecksumMismatch { offset: 0, expected: crc(&bytes[..8]), actual: 0x07fd_8396 }
     );
     // Reported as soon as the 12th byte arrives.
     let mut decoder = Decoder::new();
@@ -337,11 +301,7 @@ fn official_negative_corrupted_header_len() {
     bytes[7] = 0x21;
     assert_eq!(
         decode_err(&bytes),
-        DecodeError::PreludeChecksumMismatch {
-            offset: 0,
-            expected: crc(&bytes[..8]),
-            actual: 0x07fd_8396,
-        }
+        DecodeError::PreludeChecksumMismatch { offset: 0, expected: crc(&bytes[..8]), actual: 0x07fd_8396 }
     );
 }
 
@@ -352,11 +312,7 @@ fn official_negative_corrupted_headers() {
     bytes[45] = b'a';
     assert_eq!(
         decode_err(&bytes),
-        DecodeError::MessageChecksumMismatch {
-            offset: 0,
-            expected: crc(&bytes[..57]),
-            actual: 0x8d9c_08b1,
-        }
+        DecodeError::MessageChecksumMismatch { offset: 0, expected: crc(&bytes[..57]), actual: 0x8d9c_08b1 }
     );
 }
 
@@ -366,11 +322,7 @@ fn official_negative_corrupted_payload() {
     bytes[12] = b'[';
     assert_eq!(
         decode_err(&bytes),
-        DecodeError::MessageChecksumMismatch {
-            offset: 0,
-            expected: crc(&bytes[..25]),
-            actual: 0xc365_3936,
-        }
+        DecodeError::MessageChecksumMismatch { offset: 0, expected: crc(&bytes[..25]), actual: 0xc365_3936 }
     );
 }
 
@@ -398,14 +350,8 @@ fn smithy_all_headers() -> Frame {
 fn smithy_valid_with_all_headers_and_payload() {
     check_positive(smithy_all_headers(), 150, 122, 0x8bb4_95fb, 0x01a0_5860);
     let frame = decode_one(&encode(&smithy_all_headers()));
-    assert_eq!(
-        frame.header("time"),
-        Some(&HeaderValue::Timestamp(5_000_000_000))
-    );
-    assert_eq!(
-        frame.header("long"),
-        Some(&HeaderValue::Long(50_000_000_000))
-    );
+    assert_eq!(frame.header("time"), Some(&HeaderValue::Timestamp(5_000_000_000)));
+    assert_eq!(frame.header("long"), Some(&HeaderValue::Long(50_000_000_000)));
     assert_eq!(frame.header_str("str"), Some("some str"));
     assert_eq!(frame.payload, &b"some payload"[..]);
 }
@@ -428,11 +374,7 @@ fn smithy_invalid_prelude_checksum() {
     bytes[8..12].copy_from_slice(&0xdead_beef_u32.to_be_bytes());
     assert_eq!(
         decode_err(&bytes),
-        DecodeError::PreludeChecksumMismatch {
-            offset: 0,
-            expected: 0x8bb4_95fb,
-            actual: 0xdead_beef,
-        }
+        DecodeError::PreludeChecksumMismatch { offset: 0, expected: 0x8bb4_95fb, actual: 0xdead_beef }
     );
 }
 
@@ -443,11 +385,7 @@ fn smithy_invalid_message_checksum() {
     bytes[n - 4..].copy_from_slice(&0xdead_beef_u32.to_be_bytes());
     assert_eq!(
         decode_err(&bytes),
-        DecodeError::MessageChecksumMismatch {
-            offset: 0,
-            expected: 0x01a0_5860,
-            actual: 0xdead_beef,
-        }
+        DecodeError::MessageChecksumMismatch { offset: 0, expected: 0x01a0_5860, actual: 0xdead_beef }
     );
 }
 
@@ -459,14 +397,7 @@ fn check_header_corruption(edit: impl Fn(&mut Vec<u8>), expected: DecodeError) {
     edit(&mut bytes);
     let as_shipped = decode_err(&bytes);
     assert!(
-        matches!(
-            as_shipped,
-            DecodeError::MessageChecksumMismatch {
-                offset: 0,
-                actual: 0x01a0_5860,
-                ..
-            }
-        ),
+        matches!(as_shipped, DecodeError::MessageChecksumMismatch { offset: 0, actual: 0x01a0_5860, .. }),
         "{as_shipped:?}"
     );
     fix_crcs(&mut bytes);
@@ -478,20 +409,13 @@ fn smithy_invalid_header_value_type() {
     // The "byte" header starts at frame byte 25: name length, 4-byte name, type at 30.
     check_header_corruption(
         |b| b[30] = 0x60,
-        DecodeError::UnknownHeaderType {
-            offset: 0,
-            at: 25,
-            type_code: 0x60,
-        },
+        DecodeError::UnknownHeaderType { offset: 0, at: 25, type_code: 0x60 },
     );
 }
 
 #[test]
 fn smithy_invalid_header_name_length() {
-    check_header_corruption(
-        |b| b[25] = 0xff,
-        DecodeError::HeaderOverrun { offset: 0, at: 25 },
-    );
+    check_header_corruption(|b| b[25] = 0xff, DecodeError::HeaderOverrun { offset: 0, at: 25 });
 }
 
 #[test]
@@ -526,15 +450,9 @@ fn smithy_invalid_header_string_length_cut_off() {
     let mut bytes = raw_frame(&headers, b"");
     assert_eq!(bytes.len(), 93);
     bytes[89..93].copy_from_slice(&[0; 4]);
-    assert!(matches!(
-        decode_err(&bytes),
-        DecodeError::MessageChecksumMismatch { actual: 0, .. }
-    ));
+    assert!(matches!(decode_err(&bytes), DecodeError::MessageChecksumMismatch { actual: 0, .. }));
     fix_crcs(&mut bytes);
-    assert_eq!(
-        decode_err(&bytes),
-        DecodeError::HeaderOverrun { offset: 0, at: 83 }
-    );
+    assert_eq!(decode_err(&bytes), DecodeError::HeaderOverrun { offset: 0, at: 83 });
 }
 
 #[test]
@@ -544,11 +462,7 @@ fn smithy_invalid_headers_length() {
     assert_eq!(be32(&bytes, 8), 0x584c_4ffe);
     bytes.extend_from_slice(&smithy_cut_off_headers());
     assert_eq!(bytes.len(), 89);
-    let expected = DecodeError::HeadersLengthTooLong {
-        offset: 0,
-        headers_len: 77,
-        total_len: 89,
-    };
+    let expected = DecodeError::HeadersLengthTooLong { offset: 0, headers_len: 77, total_len: 89 };
     assert_eq!(decode_err(&bytes), expected);
     assert_eq!(decode_err(&bytes[..12]), expected);
 }
@@ -562,17 +476,11 @@ fn smithy_invalid_header_name_length_too_long() {
     let mut bytes = raw_frame(&headers, b"");
     bytes[89..93].copy_from_slice(&[0; 4]);
     bytes.extend_from_slice(&[0x42; 30]);
-    assert!(matches!(
-        decode_err(&bytes),
-        DecodeError::MessageChecksumMismatch { .. }
-    ));
+    assert!(matches!(decode_err(&bytes), DecodeError::MessageChecksumMismatch { .. }));
     bytes.truncate(93);
     fix_crcs(&mut bytes);
     bytes.extend_from_slice(&[0x42; 30]);
-    assert_eq!(
-        decode_err(&bytes),
-        DecodeError::HeaderOverrun { offset: 0, at: 18 }
-    );
+    assert_eq!(decode_err(&bytes), DecodeError::HeaderOverrun { offset: 0, at: 18 });
 }
 
 #[test]
@@ -582,17 +490,10 @@ fn truncated_fixed_width_values_overrun() {
         let mut headers = vec![1, b'h', type_code];
         headers.resize(3 + supplied, 0);
         let bytes = raw_frame(&headers, b"payload");
-        assert_eq!(
-            decode_err(&bytes),
-            DecodeError::HeaderOverrun { offset: 0, at: 12 },
-            "type {type_code}"
-        );
+        assert_eq!(decode_err(&bytes), DecodeError::HeaderOverrun { offset: 0, at: 12 }, "type {type_code}");
         // With the full width it decodes.
         headers.push(0);
-        assert_eq!(
-            decode_one(&raw_frame(&headers, b"payload")).headers.len(),
-            1
-        );
+        assert_eq!(decode_one(&raw_frame(&headers, b"payload")).headers.len(), 1);
     }
     // A string or byte array whose length field is cut off, or whose bytes are short.
     for type_code in [6u8, 7] {
@@ -616,49 +517,26 @@ fn truncated_fixed_width_values_overrun() {
 fn header_errors() {
     let ok = [1u8, b'a', 0];
     let cases: Vec<(Vec<u8>, DecodeError)> = vec![
-        (
-            [&ok[..], &[0, 0]].concat(),
-            DecodeError::EmptyHeaderName { offset: 0, at: 15 },
-        ),
+        ([&ok[..], &[0, 0]].concat(), DecodeError::EmptyHeaderName { offset: 0, at: 15 }),
         (
             [&ok[..], &[2, 0xc3, 0x28, 1]].concat(),
-            DecodeError::InvalidUtf8 {
-                offset: 0,
-                at: 15,
-                what: "header name",
-            },
+            DecodeError::InvalidUtf8 { offset: 0, at: 15, what: "header name" },
         ),
         (
             [&ok[..], &[1, b'b', 7, 0, 2, 0xff, 0xfe]].concat(),
-            DecodeError::InvalidUtf8 {
-                offset: 0,
-                at: 15,
-                what: "string value",
-            },
+            DecodeError::InvalidUtf8 { offset: 0, at: 15, what: "string value" },
         ),
         (
             [&ok[..], &[1, b'a', 1]].concat(),
-            DecodeError::DuplicateHeader {
-                offset: 0,
-                at: 15,
-                name: "a".into(),
-            },
+            DecodeError::DuplicateHeader { offset: 0, at: 15, name: "a".into() },
         ),
         (
             [&ok[..], &[1, b'b', 10]].concat(),
-            DecodeError::UnknownHeaderType {
-                offset: 0,
-                at: 15,
-                type_code: 10,
-            },
+            DecodeError::UnknownHeaderType { offset: 0, at: 15, type_code: 10 },
         ),
         (
             [&ok[..], &[1, b'b', 255]].concat(),
-            DecodeError::UnknownHeaderType {
-                offset: 0,
-                at: 15,
-                type_code: 255,
-            },
+            DecodeError::UnknownHeaderType { offset: 0, at: 15, type_code: 255 },
         ),
         (
             // The name runs to the end of the section, leaving no type byte.
@@ -672,11 +550,7 @@ fn header_errors() {
         ),
     ];
     for (headers, expected) in cases {
-        assert_eq!(
-            decode_err(&raw_frame(&headers, b"")),
-            expected,
-            "{headers:?}"
-        );
+        assert_eq!(decode_err(&raw_frame(&headers, b"")), expected, "{headers:?}");
         // The same bad frame after a good one: the offset is the bad frame's.
         let good = encode(&vector_int32_header());
         let stream = [good.clone(), raw_frame(&headers, b"xyz")].concat();
@@ -687,10 +561,7 @@ fn header_errors() {
     }
     // A value's bytes may look like a name, type and value: they are not taken as headers.
     let frame = decode_one(&raw_frame(&[1, b'a', 6, 0, 3, 1, b'b', 0], b""));
-    assert_eq!(
-        frame.headers,
-        [Header::new("a", Bytes::from_static(&[1, b'b', 0]))]
-    );
+    assert_eq!(frame.headers, [Header::new("a", Bytes::from_static(&[1, b'b', 0]))]);
 }
 
 #[test]
@@ -709,11 +580,7 @@ fn duplicate_names_are_found_among_many_headers() {
     headers.extend_from_slice(&[4, b'h', b'5', b'0', b'0', 1]);
     assert_eq!(
         decode_err(&raw_frame(&headers, b"")),
-        DecodeError::DuplicateHeader {
-            offset: 0,
-            at,
-            name: "h500".into()
-        }
+        DecodeError::DuplicateHeader { offset: 0, at, name: "h500".into() }
     );
 }
 
@@ -722,36 +589,21 @@ fn prelude_length_errors() {
     for total in [0u32, 1, 12, 15] {
         assert_eq!(
             decode_err(&prelude(total, 0)),
-            DecodeError::FrameTooShort {
-                offset: 0,
-                total_len: total
-            }
+            DecodeError::FrameTooShort { offset: 0, total_len: total }
         );
     }
     assert_eq!(
         decode_err(&prelude(16, 1)),
-        DecodeError::HeadersLengthTooLong {
-            offset: 0,
-            headers_len: 1,
-            total_len: 16
-        }
+        DecodeError::HeadersLengthTooLong { offset: 0, headers_len: 1, total_len: 16 }
     );
     assert_eq!(
         decode_err(&prelude(100, u32::MAX)),
-        DecodeError::HeadersLengthTooLong {
-            offset: 0,
-            headers_len: u32::MAX,
-            total_len: 100
-        }
+        DecodeError::HeadersLengthTooLong { offset: 0, headers_len: u32::MAX, total_len: 100 }
     );
     let big = MAX_HEADERS_LEN as u32 + 1;
     assert_eq!(
         decode_err(&prelude(big + 16, big)),
-        DecodeError::HeadersTooLarge {
-            offset: 0,
-            headers_len: big,
-            max: MAX_HEADERS_LEN
-        }
+        DecodeError::HeadersTooLarge { offset: 0, headers_len: big, max: MAX_HEADERS_LEN }
     );
 }
 
@@ -761,11 +613,7 @@ fn frame_cap_is_enforced_on_the_prelude() {
     let gib = 1u32 << 30;
     let mut decoder = Decoder::new();
     decoder.push(&prelude(gib, 0));
-    let expected = DecodeError::FrameTooLarge {
-        offset: 0,
-        total_len: gib,
-        max: DEFAULT_MAX_FRAME_LEN,
-    };
+    let expected = DecodeError::FrameTooLarge { offset: 0, total_len: gib, max: DEFAULT_MAX_FRAME_LEN };
     assert_eq!(decoder.next_frame(), Err(expected.clone()));
     assert_eq!(decoder.buffered_len(), 0);
     assert_eq!(decoder.finish(), Err(expected.clone()));
@@ -782,14 +630,7 @@ fn frame_cap_is_enforced_on_the_prelude() {
     assert_eq!(exact.next_frame(), Ok(Some(frame)));
     let mut small = Decoder::with_max_frame_len(bytes.len() - 1);
     small.push(&bytes[..12]);
-    assert!(matches!(
-        small.next_frame(),
-        Err(DecodeError::FrameTooLarge {
-            total_len: 204,
-            max: 203,
-            ..
-        })
-    ));
+    assert!(matches!(small.next_frame(), Err(DecodeError::FrameTooLarge { total_len: 204, max: 203, .. })));
 }
 
 #[test]
@@ -802,10 +643,7 @@ fn errors_poison_the_decoder() {
     decoder.push(&bad);
     assert!(decoder.next_frame().unwrap().is_some());
     let err = decoder.next_frame().unwrap_err();
-    assert!(matches!(
-        err,
-        DecodeError::MessageChecksumMismatch { offset: 61, .. }
-    ));
+    assert!(matches!(err, DecodeError::MessageChecksumMismatch { offset: 61, .. }));
     assert_eq!(decoder.frame_offset(), 61);
     // Good bytes after the error change nothing: the stream is over.
     decoder.push(&good);
@@ -828,13 +666,7 @@ fn truncated_input() {
         assert_eq!(decoder.next_frame(), Ok(None));
         assert_eq!(decoder.frame_offset(), 204);
         let err = decoder.finish().unwrap_err();
-        assert_eq!(
-            err,
-            DecodeError::Truncated {
-                offset: 204,
-                buffered: cut
-            }
-        );
+        assert_eq!(err, DecodeError::Truncated { offset: 204, buffered: cut });
         assert_eq!(
             err.to_string(),
             format!(
@@ -1025,10 +857,7 @@ proptest! {
 #[test]
 fn encoder_limits() {
     let err = |f: Frame| f.to_bytes().unwrap_err();
-    assert_eq!(
-        err(Frame::new().with_header("", true)),
-        EncodeError::EmptyHeaderName
-    );
+    assert_eq!(err(Frame::new().with_header("", true)), EncodeError::EmptyHeaderName);
     assert_eq!(
         err(Frame::new().with_header("n".repeat(256), true)),
         EncodeError::HeaderNameTooLong { len: 256 }
@@ -1039,17 +868,11 @@ fn encoder_limits() {
     );
     assert_eq!(
         err(Frame::new().with_header("h", "a".repeat(32768))),
-        EncodeError::HeaderValueTooLong {
-            name: "h".into(),
-            len: 32768
-        }
+        EncodeError::HeaderValueTooLong { name: "h".into(), len: 32768 }
     );
     assert_eq!(
         err(Frame::new().with_header("h", Bytes::from(vec![0; 65536]))),
-        EncodeError::HeaderValueTooLong {
-            name: "h".into(),
-            len: 65536
-        }
+        EncodeError::HeaderValueTooLong { name: "h".into(), len: 65536 }
     );
     assert_eq!(
         err(Frame::new().with_header("a", 1i8).with_header("a", 2i8)),
@@ -1062,21 +885,12 @@ fn encoder_limits() {
     assert!(matches!(err(many), EncodeError::HeadersTooLong { .. }));
     assert_eq!(
         err(Frame::new().with_payload(vec![0; DEFAULT_MAX_FRAME_LEN - 15])),
-        EncodeError::FrameTooLarge {
-            len: DEFAULT_MAX_FRAME_LEN + 1,
-            max: DEFAULT_MAX_FRAME_LEN
-        }
+        EncodeError::FrameTooLarge { len: DEFAULT_MAX_FRAME_LEN + 1, max: DEFAULT_MAX_FRAME_LEN }
     );
 
     // Nothing is written on error; what was there stays.
     let mut out = BytesMut::from(&b"previous"[..]);
-    assert!(
-        Frame::new()
-            .with_header("ok", true)
-            .with_header("ok", true)
-            .encode(&mut out)
-            .is_err()
-    );
+    assert!(Frame::new().with_header("ok", true).with_header("ok", true).encode(&mut out).is_err());
     assert_eq!(&out[..], b"previous");
 
     // The largest allowed name, value and frame round-trip.
@@ -1101,18 +915,7 @@ fn header_accessors() {
     let types: Vec<&str> = frame.headers.iter().map(|h| h.value.type_name()).collect();
     assert_eq!(
         types,
-        [
-            "int",
-            "string",
-            "bool",
-            "bool",
-            "byte",
-            "bytes",
-            "timestamp",
-            "short",
-            "long",
-            "uuid"
-        ]
+        ["int", "string", "bool", "bool", "byte", "bytes", "timestamp", "short", "long", "uuid"]
     );
     assert_eq!(HeaderValue::from("x").as_str(), Some("x"));
     assert_eq!(HeaderValue::Long(1).as_str(), None);
@@ -1147,29 +950,17 @@ fn json_of_all_header_types() {
         })
     );
     let value = frame_to_json(&smithy_all_headers());
-    assert_eq!(
-        value["headers"][9]["value"],
-        "b79bc914-de21-4e13-b8b2-bc47e85b7f0b"
-    );
+    assert_eq!(value["headers"][9]["value"], "b79bc914-de21-4e13-b8b2-bc47e85b7f0b");
     assert_eq!(value["headers"][5]["value"], 50_000_000_000i64);
 }
 
 #[test]
 fn json_payloads() {
     let json_payload = Frame::new().with_payload(&br#"{"content": "hi"}"#[..]);
-    assert_eq!(
-        frame_to_json(&json_payload),
-        json!({"headers": [], "payload": "{\"content\": \"hi\"}"})
-    );
+    assert_eq!(frame_to_json(&json_payload), json!({"headers": [], "payload": "{\"content\": \"hi\"}"}));
     let binary = Frame::new().with_payload(&[0xff, 0x00, 0x61][..]);
-    assert_eq!(
-        frame_to_json(&binary),
-        json!({"headers": [], "payload": {"base64": "/wBh"}})
-    );
-    assert_eq!(
-        frame_to_json(&Frame::new()),
-        json!({"headers": [], "payload": ""})
-    );
+    assert_eq!(frame_to_json(&binary), json!({"headers": [], "payload": {"base64": "/wBh"}}));
+    assert_eq!(frame_to_json(&Frame::new()), json!({"headers": [], "payload": ""}));
 }
 
 #[test]
@@ -1207,11 +998,7 @@ fn dump_errors_name_the_frame_and_the_reason() {
         err.to_string(),
         format!(
             "frame at byte offset 45: message checksum mismatch (expected {:#010x}, got 0xc3653936)",
-            crc(&[
-                &b"\x00\x00\x00\x1d\x00\x00\x00\x00\xfd\x52\x8c\x5a"[..],
-                b"['foo':'bar'}"
-            ]
-            .concat())
+            crc(&[&b"\x00\x00\x00\x1d\x00\x00\x00\x00\xfd\x52\x8c\x5a"[..], b"['foo':'bar'}"].concat())
         )
     );
     // The good frame before it was written.
@@ -1221,8 +1008,7 @@ fn dump_errors_name_the_frame_and_the_reason() {
     bad[3] = 0x2e;
     let err = dump(&bad[..], &mut Vec::new()).unwrap_err();
     assert!(
-        err.to_string()
-            .starts_with("frame at byte offset 0: prelude checksum mismatch (expected 0x"),
+        err.to_string().starts_with("frame at byte offset 0: prelude checksum mismatch (expected 0x"),
         "{err}"
     );
 

@@ -67,11 +67,7 @@ fn measure<T>(f: impl FnOnce() -> T) -> (T, Usage) {
     BYTES.set(0);
     LARGEST.set(0);
     let out = f();
-    let usage = Usage {
-        allocs: ALLOCS.get(),
-        bytes: BYTES.get(),
-        largest: LARGEST.get(),
-    };
+    let usage = Usage { allocs: ALLOCS.get(), bytes: BYTES.get(), largest: LARGEST.get() };
     (out, usage)
 }
 
@@ -94,13 +90,7 @@ fn one_gib_prelude_is_refused_without_allocating() {
         decoder.push(&[0u8; 4096]);
         result
     });
-    assert!(matches!(
-        result,
-        Err(DecodeError::FrameTooLarge {
-            total_len: 1073741824,
-            ..
-        })
-    ));
+    assert!(matches!(result, Err(DecodeError::FrameTooLarge { total_len: 1073741824, .. })));
     assert_eq!(decoder.buffered_len(), 0);
     assert!(usage.largest < 4096, "{usage:?}");
     assert!(usage.bytes < 4096, "{usage:?}");

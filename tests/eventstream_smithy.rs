@@ -8,9 +8,7 @@
 use std::collections::HashSet;
 
 use amq2api::upstream::eventstream::{DecodeError, Decoder, Frame, Header, HeaderValue, StrBytes};
-use aws_smithy_eventstream::frame::{
-    DecodedFrame, MessageFrameDecoder, read_message_from, write_message_to,
-};
+use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder, read_message_from, write_message_to};
 use aws_smithy_types::DateTime;
 use aws_smithy_types::event_stream::{Header as SmithyHeader, HeaderValue as SmithyValue, Message};
 use bytes::{Buf, Bytes, BytesMut};
@@ -59,16 +57,10 @@ fn from_smithy(message: &Message) -> Frame {
                 SmithyValue::Uuid(u) => HeaderValue::Uuid(u.to_be_bytes()),
                 other => panic!("unexpected smithy header value {other:?}"),
             };
-            Header {
-                name: StrBytes::copy_from_str(h.name().as_str()),
-                value,
-            }
+            Header { name: StrBytes::copy_from_str(h.name().as_str()), value }
         })
         .collect();
-    Frame {
-        headers,
-        payload: message.payload().clone(),
-    }
+    Frame { headers, payload: message.payload().clone() }
 }
 
 fn smithy_encode(frame: &Frame) -> Vec<u8> {
@@ -90,10 +82,7 @@ fn our_decode_one(bytes: &[u8]) -> Result<Frame, DecodeError> {
     decoder.push(bytes);
     let frame = decoder.next_frame()?;
     decoder.finish()?;
-    frame.ok_or(DecodeError::Truncated {
-        offset: 0,
-        buffered: 0,
-    })
+    frame.ok_or(DecodeError::Truncated { offset: 0, buffered: 0 })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -107,12 +96,8 @@ fn header_value() -> impl Strategy<Value = HeaderValue> {
         any::<i32>().prop_map(HeaderValue::Int),
         any::<i64>().prop_map(HeaderValue::Long),
         vec(any::<u8>(), 0..48).prop_map(|v| HeaderValue::ByteArray(v.into())),
-        prop_oneof![
-            "[ -~]{0,40}",
-            "\\PC{0,12}",
-            Just("application/json".to_owned())
-        ]
-        .prop_map(|s| HeaderValue::String(s.into())),
+        prop_oneof!["[ -~]{0,40}", "\\PC{0,12}", Just("application/json".to_owned())]
+            .prop_map(|s| HeaderValue::String(s.into())),
         any::<i64>().prop_map(HeaderValue::Timestamp),
         any::<[u8; 16]>().prop_map(HeaderValue::Uuid),
     ]
@@ -127,10 +112,8 @@ fn header_name() -> impl Strategy<Value = String> {
 }
 
 fn frame() -> impl Strategy<Value = Frame> {
-    let payload = prop_oneof![
-        vec(any::<u8>(), 0..300).prop_map(Bytes::from),
-        "\\PC{0,100}".prop_map(Bytes::from),
-    ];
+    let payload =
+        prop_oneof![vec(any::<u8>(), 0..300).prop_map(Bytes::from), "\\PC{0,100}".prop_map(Bytes::from),];
     (vec((header_name(), header_value()), 0..14), payload).prop_map(|(headers, payload)| {
         let mut seen = HashSet::new();
         let headers = headers
@@ -158,10 +141,7 @@ enum Corruption {
     HeadersLenBy { delta: i8 },
     /// Change a byte in the headers section, recomputing both CRCs, so that the header parsers
     /// (not the checksums) judge it.
-    HeaderByte {
-        index: prop::sample::Index,
-        value: u8,
-    },
+    HeaderByte { index: prop::sample::Index, value: u8 },
 }
 
 fn corruption() -> impl Strategy<Value = Corruption> {
