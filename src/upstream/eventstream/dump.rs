@@ -87,9 +87,8 @@ pub fn dump(mut input: impl Read, out: impl Write) -> Result<usize, DumpError> {
             Err(e) => break Err(DumpError::Read(e)),
         };
         decoder.push(&chunk[..n]);
-        match write_frames(&mut decoder, &mut out, &mut count) {
-            Ok(()) => {}
-            Err(e) => break Err(e),
+        if let Err(e) = write_frames(&mut decoder, &mut out, &mut count) {
+            break Err(e);
         }
     };
     // Whatever came before a failure is still worth showing.

@@ -34,7 +34,8 @@
 //!
 //! Header names, string and byte-array values and the payload are [`Bytes`] slices of the frame's
 //! buffer, not copies; a frame wholly inside a chunk given to [`Decoder::push_bytes`] is not
-//! copied at all.
+//! copied at all. (A few dozen well-known names and values — `:event-type`, `application/json`,
+//! Amazon Q's event names — come back as static strings instead, which is cheaper still.)
 //!
 //! # JSON dump
 //!
