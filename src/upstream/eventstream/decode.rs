@@ -418,7 +418,8 @@ fn take<const N: usize>(data: &[u8], pos: &mut usize, end: usize) -> Option<[u8;
     Some(value)
 }
 
-/// Decodes the headers in `bytes[12..end]`; names and variable-length values are slices of `bytes`.
+/// Decodes the headers in `bytes[12..end]`; names and variable-length values are slices of `bytes`
+/// (or static strings, see [`WELL_KNOWN`]).
 fn parse_headers(bytes: &Bytes, end: usize, offset: u64) -> Result<Vec<Header>, DecodeError> {
     let data = bytes.get(..end).unwrap_or_default();
     let end = data.len();
@@ -441,16 +442,12 @@ fn parse_headers(bytes: &Bytes, end: usize, offset: u64) -> Result<Vec<Header>, 
         if type_at >= end {
             return Err(overrun());
         }
-        let name = match utf8_bytes(bytes, name_start..type_at) {
-            Some(name) => name,
-            None => {
-                return Err(DecodeError::InvalidUtf8 {
-                    offset,
-                    at,
-                    what: "header name",
-                });
-            }
-        };
+        let name =
+            utf8_bytes(bytes, name_start..type_at).ok_or_else(|| DecodeError::InvalidUtf8 {
+                offset,
+                at,
+                what: "header name",
+            })?;
         if is_duplicate(&mut seen, &headers, &name) {
             return Err(DecodeError::DuplicateHeader {
                 offset,
@@ -491,16 +488,13 @@ fn parse_headers(bytes: &Bytes, end: usize, offset: u64) -> Result<Vec<Header>, 
                 if type_code == type_code::BYTES {
                     HeaderValue::ByteArray(bytes.slice(range))
                 } else {
-                    match utf8_bytes(bytes, range) {
-                        Some(value) => HeaderValue::String(StrBytes(value)),
-                        None => {
-                            return Err(DecodeError::InvalidUtf8 {
-                                offset,
-                                at,
-                                what: "string value",
-                            });
-                        }
-                    }
+                    let value =
+                        utf8_bytes(bytes, range).ok_or_else(|| DecodeError::InvalidUtf8 {
+                            offset,
+                            at,
+                            what: "string value",
+                        })?;
+                    HeaderValue::String(StrBytes(value))
                 }
             }
             _ => {
