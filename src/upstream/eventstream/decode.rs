@@ -442,12 +442,11 @@ fn parse_headers(bytes: &Bytes, end: usize, offset: u64) -> Result<Vec<Header>, 
         if type_at >= end {
             return Err(overrun());
         }
-        let name =
-            utf8_bytes(bytes, name_start..type_at).ok_or_else(|| DecodeError::InvalidUtf8 {
-                offset,
-                at,
-                what: "header name",
-            })?;
+        let name = utf8_bytes(bytes, name_start..type_at).ok_or(DecodeError::InvalidUtf8 {
+            offset,
+            at,
+            what: "header name",
+        })?;
         if is_duplicate(&mut seen, &headers, &name) {
             return Err(DecodeError::DuplicateHeader {
                 offset,
@@ -488,12 +487,11 @@ fn parse_headers(bytes: &Bytes, end: usize, offset: u64) -> Result<Vec<Header>, 
                 if type_code == type_code::BYTES {
                     HeaderValue::ByteArray(bytes.slice(range))
                 } else {
-                    let value =
-                        utf8_bytes(bytes, range).ok_or_else(|| DecodeError::InvalidUtf8 {
-                            offset,
-                            at,
-                            what: "string value",
-                        })?;
+                    let value = utf8_bytes(bytes, range).ok_or(DecodeError::InvalidUtf8 {
+                        offset,
+                        at,
+                        what: "string value",
+                    })?;
                     HeaderValue::String(StrBytes(value))
                 }
             }
