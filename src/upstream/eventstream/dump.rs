@@ -60,13 +60,14 @@ pub enum DumpError {
     #[error(transparent)]
     Decode(#[from] DecodeError),
     #[error("reading input: {0}")]
-    Read(#[source] io::Error),
+    Read(io::Error),
     #[error("writing output: {0}")]
-    Write(#[source] io::Error),
+    Write(io::Error),
 }
 
 /// Decodes a whole event stream from `input`, writing one JSON object a line (see
-/// [`frame_to_json`]) to `out` as frames complete. Returns the number of frames.
+/// [`frame_to_json`]) to `out` as frames complete (flushed after every read, so a live stream
+/// shows as it arrives). Returns the number of frames.
 pub fn dump(mut input: impl Read, out: impl Write) -> Result<usize, DumpError> {
     let mut out = io::BufWriter::new(out);
     let mut decoder = Decoder::new();
@@ -80,9 +81,11 @@ pub fn dump(mut input: impl Read, out: impl Write) -> Result<usize, DumpError> {
             Err(e) => break Err(DumpError::Read(e)),
         };
         decoder.push(&chunk[..n]);
-        match write_frames(&mut decoder, &mut out, &mut count) {
-            Ok(()) => {}
-            Err(e) => break Err(e),
+        if let Err(e) = write_frames(&mut decoder, &mut out, &mut count) {
+            break Err(e);
+        }
+        if let Err(e) = out.flush() {
+            break Err(DumpError::Write(e));
         }
     };
     // Whatever came before a failure is still worth showing.

@@ -32,9 +32,11 @@
 //! stream; the first one ends the stream (the decoder returns it again on every later call). The
 //! decoder never panics on any input.
 //!
-//! Header names, string and byte-array values and the payload are [`Bytes`] slices of the frame's
-//! buffer, not copies; a frame wholly inside a chunk given to [`Decoder::push_bytes`] is not
-//! copied at all.
+//! Header names, string and byte-array values and the payload are [`Bytes`](bytes::Bytes)
+//! slices of the frame's buffer, not copies; a frame wholly inside a chunk given to
+//! [`Decoder::push_bytes`] is not copied at all. (Two dozen well-known names and values —
+//! `:event-type`, `application/json`, Amazon Q's event names — come back as static strings
+//! instead, which is cheaper still.)
 //!
 //! # JSON dump
 //!
@@ -49,7 +51,6 @@ mod decode;
 mod dump;
 mod frame;
 
-pub use bytes::Bytes;
 pub use decode::{DecodeError, Decoder};
 pub use dump::{DumpError, dump, frame_to_json};
 pub use frame::{EncodeError, Frame, Header, HeaderValue, StrBytes};
