@@ -129,44 +129,25 @@ fn smithy_chunks(chunks: &[Bytes]) -> usize {
 fn bench(c: &mut Criterion) {
     let stream = q_stream();
     let whole = vec![stream.clone()];
-    let reads: Vec<Bytes> = (0..stream.len())
-        .step_by(READ)
-        .map(|i| stream.slice(i..(i + READ).min(stream.len())))
-        .collect();
+    let reads: Vec<Bytes> =
+        (0..stream.len()).step_by(READ).map(|i| stream.slice(i..(i + READ).min(stream.len()))).collect();
     eprintln!(
         "stream: {FRAMES} frames, {} bytes, {:.0} bytes a frame on average",
         stream.len(),
         stream.len() as f64 / FRAMES as f64
     );
-    for n in [
-        ours_zero_copy(&whole),
-        ours_copy(&reads),
-        smithy_one_chunk(&stream),
-        smithy_chunks(&reads),
-    ] {
+    for n in [ours_zero_copy(&whole), ours_copy(&reads), smithy_one_chunk(&stream), smithy_chunks(&reads)] {
         assert_eq!(n, FRAMES);
     }
 
     let mut group = c.benchmark_group("eventstream_decode");
     group.throughput(Throughput::Bytes(stream.len() as u64));
-    group.bench_function("amq2api/one_chunk_zero_copy", |b| {
-        b.iter(|| ours_zero_copy(black_box(&whole)))
-    });
-    group.bench_function("amq2api/one_chunk_copy", |b| {
-        b.iter(|| ours_copy(black_box(&whole)))
-    });
-    group.bench_function("amq2api/1500B_reads_copy", |b| {
-        b.iter(|| ours_copy(black_box(&reads)))
-    });
-    group.bench_function("amq2api/1500B_reads_zero_copy", |b| {
-        b.iter(|| ours_zero_copy(black_box(&reads)))
-    });
-    group.bench_function("smithy/one_chunk", |b| {
-        b.iter(|| smithy_one_chunk(black_box(&stream)))
-    });
-    group.bench_function("smithy/1500B_reads", |b| {
-        b.iter(|| smithy_chunks(black_box(&reads)))
-    });
+    group.bench_function("amq2api/one_chunk_zero_copy", |b| b.iter(|| ours_zero_copy(black_box(&whole))));
+    group.bench_function("amq2api/one_chunk_copy", |b| b.iter(|| ours_copy(black_box(&whole))));
+    group.bench_function("amq2api/1500B_reads_copy", |b| b.iter(|| ours_copy(black_box(&reads))));
+    group.bench_function("amq2api/1500B_reads_zero_copy", |b| b.iter(|| ours_zero_copy(black_box(&reads))));
+    group.bench_function("smithy/one_chunk", |b| b.iter(|| smithy_one_chunk(black_box(&stream))));
+    group.bench_function("smithy/1500B_reads", |b| b.iter(|| smithy_chunks(black_box(&reads))));
     group.finish();
 }
 

@@ -1,0 +1,448 @@
+//! End to end through the daemon and the emulator over real TCP: streaming and non-streaming
+//! replies, tools, thinking, stop sequences, failover, error mapping, limits, cancellation.
+
+mod common;
+
+use amq2api::emulator::Behaviour;
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// The event order of Anthropic's streaming documentation.
+fn assert_stream_grammar(frames: &[(String, Value)]) {
+    assert_eq!(frames[0].0, "message_start", "{frames:?}");
+    let m = &frames[0].1["message"];
+    for key in ["id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"] {
+        assert!(m.get(key).is_some(), "message_start lacks {key}");
+    }
+    let mut open: Option<u64> = None;
+    let mut next = 0;
+    for (ev, data) in frames {
+        assert_eq!(&data["type"], ev, "data type differs from event name");
+        match ev.as_str() {
+            "content_block_start" => {
+                assert!(open.is_none());
+                assert_eq!(data["index"], next);
+                open = Some(next);
+                next += 1;
+            }
+            "content_block_delta" => assert_eq!(Some(data["index"].as_u64().unwrap()), open),
+            "content_block_stop" => {
+                assert_eq!(Some(data["index"].as_u64().unwrap()), open);
+                open = None;
+            }
+            "message_delta" => {
+                assert!(open.is_none());
+                assert!(data["usage"]["output_tokens"].is_u64());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(frames.last().unwrap().0, "message_stop");
+}
+
+#[tokio::test]
+async fn streaming_and_non_streaming_text() {
+    let h = Harness::start(Setup::default()).await;
+    let r = post(&h, "/v1/messages", &simple("hi there", true)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.headers["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(r.headers.get("request-id").unwrap().to_str().unwrap().starts_with("req_"));
+    let frames = r.sse();
+    assert_stream_grammar(&frames);
+    assert_eq!(frames[1].0, "ping");
+    assert_eq!(sse_text(&frames), "Hello from the Amazon Q emulator. You said: hi there");
+    let delta = frames.iter().find(|(e, _)| e == "message_delta").unwrap();
+    assert_eq!(delta.1["delta"]["stop_reason"], "end_turn");
+
+    let r = post(&h, "/v1/messages", &simple("hi there", false)).await;
+    assert_eq!(r.status, 200);
+    let m = r.json();
+    assert_eq!(m["type"], "message");
+    assert_eq!(m["model"], "claude-sonnet-4-5-20250929");
+    assert!(m["id"].as_str().unwrap().starts_with("msg_"));
+    assert_eq!(message_text(&m), "Hello from the Amazon Q emulator. You said: hi there");
+    assert_eq!(m["stop_reason"], "end_turn");
+    assert!(m["usage"]["input_tokens"].as_u64().unwrap() > 0);
+    assert!(m["usage"]["output_tokens"].as_u64().unwrap() > 5);
+    h.stop().await;
+}
+
+fn weather_tools() -> Value {
+    json!([{"name": "get_weather", "description": "Weather for a city",
+        "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": false}}])
+}
+
+#[tokio::test]
+async fn tool_call_and_tool_result_round_trip() {
+    let h = Harness::start(Setup::default()).await;
+    let ask = "What is the weather?\n#emulator: tool get_weather {\"city\": \"Paris\", \"days\": [1, 2]}";
+    for stream in [false, true] {
+        let body = json!({"model": "claude-sonnet-4-5", "max_tokens": 1024, "stream": stream, "tools": weather_tools(),
+            "messages": [{"role": "user", "content": ask}]});
+        let r = post(&h, "/v1/messages", &body).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let (id, input, stop) = if stream {
+            let frames = r.sse();
+            assert_stream_grammar(&frames);
+            let start = frames
+                .iter()
+                .find(|(e, d)| e == "content_block_start" && d["content_block"]["type"] == "tool_use")
+                .unwrap();
+            assert_eq!(start.1["content_block"]["input"], json!({}));
+            let partial: String = frames
+                .iter()
+                .filter(|(_, d)| d["delta"]["type"] == "input_json_delta")
+                .map(|(_, d)| d["delta"]["partial_json"].as_str().unwrap().to_string())
+                .collect();
+            let stop =
+                frames.iter().find(|(e, _)| e == "message_delta").unwrap().1["delta"]["stop_reason"].clone();
+            (start.1["content_block"]["id"].clone(), serde_json::from_str::<Value>(&partial).unwrap(), stop)
+        } else {
+            let m = r.json();
+            let tu =
+                m["content"].as_array().unwrap().iter().find(|b| b["type"] == "tool_use").unwrap().clone();
+            assert_eq!(tu["name"], "get_weather");
+            (tu["id"].clone(), tu["input"].clone(), m["stop_reason"].clone())
+        };
+        assert!(id.as_str().unwrap().starts_with("toolu_"));
+        assert_eq!(input, json!({"city": "Paris", "days": [1, 2]}));
+        assert_eq!(stop, "tool_use");
+
+        // The follow-up with the tool result is accepted by the (strict) emulator.
+        let follow = json!({"model": "claude-sonnet-4-5", "max_tokens": 1024, "tools": weather_tools(),
+        "messages": [
+            {"role": "user", "content": "What is the weather?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": id, "name": "get_weather", "input": input}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": id, "content": "Sunny, 21 C"}]}
+        ]});
+        let r = post(&h, "/v1/messages", &follow).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(message_text(&r.json()).contains("I received the tool result: Sunny, 21 C"));
+    }
+    assert_eq!(h.emulator.stats().rejected_malformed, 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn thinking_and_stop_sequences() {
+    let h = Harness::start(Setup::default()).await;
+    let body = json!({"model": "claude-sonnet-4-5", "max_tokens": 4096, "thinking": {"type": "enabled", "budget_tokens": 2048},
+        "messages": [{"role": "user", "content": "Think first.\n#emulator: thinking-tags"}]});
+    let m = post(&h, "/v1/messages", &body).await.json();
+    assert_eq!(m["content"][0]["type"], "thinking", "{m}");
+    assert!(!m["content"][0]["thinking"].as_str().unwrap().is_empty());
+    assert!(!m["content"][0]["signature"].as_str().unwrap().is_empty());
+    assert_eq!(m["content"][1]["type"], "text");
+    // The thinking block goes back as context and is accepted.
+    let follow = json!({"model": "claude-sonnet-4-5", "max_tokens": 4096, "thinking": {"type": "enabled", "budget_tokens": 2048},
+        "messages": [{"role": "user", "content": "Think first."}, {"role": "assistant", "content": m["content"].clone()},
+                     {"role": "user", "content": "And now?"}]});
+    assert_eq!(post(&h, "/v1/messages", &follow).await.status, 200);
+
+    for stream in [false, true] {
+        let mut body = simple("stop here", stream);
+        body["stop_sequences"] = json!(["You said"]);
+        let r = post(&h, "/v1/messages", &body).await;
+        if stream {
+            let frames = r.sse();
+            assert_eq!(sse_text(&frames), "Hello from the Amazon Q emulator. ");
+            let d = &frames.iter().find(|(e, _)| e == "message_delta").unwrap().1;
+            assert_eq!(d["delta"]["stop_reason"], "stop_sequence");
+            assert_eq!(d["delta"]["stop_sequence"], "You said");
+        } else {
+            let m = r.json();
+            assert_eq!(message_text(&m), "Hello from the Amazon Q emulator. ");
+            assert_eq!(m["stop_reason"], "stop_sequence");
+        }
+    }
+    let mut body = simple("x", false);
+    body["max_tokens"] = json!(3);
+    let m = post(&h, "/v1/messages", &body).await.json();
+    assert_eq!(m["stop_reason"], "max_tokens");
+    assert_eq!(m["usage"]["output_tokens"], 3);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn failover_skips_suspended_and_throttled_accounts() {
+    let setup = Setup {
+        accounts: vec!["acct-1".into(), "acct-2".into(), "acct-3".into()],
+        accounts_settings: "strategy = \"round-robin\"".into(),
+        ..Default::default()
+    };
+    let h = Harness::start(setup).await;
+    h.emulator.set_behaviour(&client_id("acct-1"), Behaviour::Suspended);
+    h.emulator.set_behaviour(&client_id("acct-2"), Behaviour::Throttled { retry_after_secs: Some(2) });
+    for i in 0..6 {
+        let r = post(&h, "/v1/messages", &simple("hello", i % 2 == 0)).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+    // The suspended account is tried once and never again.
+    assert_eq!(h.emulator.stats_for(&client_id("acct-1")).requests, 1);
+    assert_eq!(h.emulator.stats_for(&client_id("acct-3")).requests, 6);
+    let health = get(&h, "/health").await;
+    assert_eq!(health.status, 200);
+    let hj = health.json();
+    assert_eq!(hj["status"], "degraded");
+    assert_eq!(hj["accounts"]["suspended"], 1);
+    assert_eq!(hj["accounts"]["cooling"], 1);
+    // The throttled account comes back after its cooldown.
+    h.emulator.set_behaviour(&client_id("acct-2"), Behaviour::Normal);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let before = h.emulator.stats_for(&client_id("acct-2")).requests;
+    for _ in 0..4 {
+        assert_eq!(post(&h, "/v1/messages", &simple("again", false)).await.status, 200);
+    }
+    assert!(h.emulator.stats_for(&client_id("acct-2")).requests > before);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn errors_before_the_stream_map_to_anthropic_errors() {
+    let h = Harness::start(Setup::default()).await;
+    let cid = client_id("acct-1");
+    let cases: Vec<(&str, u16, &str)> = vec![
+        ("throttled 7", 429, "rate_limit_error"),
+        ("capacity", 529, "overloaded_error"),
+        ("error-500", 500, "api_error"),
+        ("error-503", 529, "overloaded_error"),
+    ];
+    for (directive, status, kind) in cases {
+        // The account must be usable again for the next case.
+        assert!(amq2api_enable(&h).await);
+        let r = post(&h, "/v1/messages", &simple(&format!("x\n#emulator: {directive}"), false)).await;
+        assert_eq!(r.status, status, "{directive}: {}", r.text());
+        let j = r.json();
+        assert_eq!(j["type"], "error");
+        assert_eq!(j["error"]["type"], kind, "{directive}");
+        assert!(j["request_id"].as_str().unwrap().starts_with("req_"));
+        if status == 429 {
+            assert_eq!(r.headers["retry-after"], "7");
+        }
+    }
+    let _ = cid;
+    // Too long for Amazon Q: refused before any upstream call.
+    let before = h.emulator.stats().requests;
+    let r = post(&h, "/v1/messages", &simple(&"x".repeat(600_001), false)).await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["message"].as_str().unwrap().starts_with("prompt is too long"));
+    assert_eq!(h.emulator.stats().requests, before);
+    h.stop().await;
+}
+
+/// Waits for the single test account to be active again (cooldowns are short in these tests).
+async fn amq2api_enable(h: &Harness) -> bool {
+    for _ in 0..100 {
+        let j = get(h, "/health").await.json();
+        if j["accounts"]["active"] == 1 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn suspended_only_account_gives_529_and_stays_out() {
+    let h = Harness::start(Setup::default()).await;
+    h.emulator.set_behaviour(&client_id("acct-1"), Behaviour::Suspended);
+    let r = post(&h, "/v1/messages", &simple("x", false)).await;
+    assert_eq!(r.status, 529);
+    assert_eq!(r.json()["error"]["type"], "overloaded_error");
+    let r = post(&h, "/v1/messages", &simple("x", true)).await;
+    assert_eq!(r.status, 529);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("no usable Amazon Q account"));
+    assert_eq!(h.emulator.stats_for(&client_id("acct-1")).requests, 1);
+    let health = get(&h, "/health").await;
+    assert_eq!(health.status, 503);
+    assert_eq!(health.json()["status"], "unavailable");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn faults_after_the_first_byte_end_with_an_error_event() {
+    let h = Harness::start(Setup::default()).await;
+    for (directive, kind) in [
+        ("corrupt-frame", "api_error"),
+        ("reset-after", "api_error"),
+        ("exception error MODEL_TEMPORARILY_UNAVAILABLE", "overloaded_error"),
+    ] {
+        let r = post(&h, "/v1/messages", &simple(&format!("hello\n#emulator: {directive}"), true)).await;
+        assert_eq!(r.status, 200, "{directive}");
+        let frames = r.sse();
+        let last = frames.last().unwrap();
+        assert_eq!(last.0, "error", "{directive}: {frames:?}");
+        assert_eq!(last.1["error"]["type"], kind, "{directive}");
+        // Non-streaming gets an error response instead of a truncated message.
+        let r = post(&h, "/v1/messages", &simple(&format!("hello\n#emulator: {directive}"), false)).await;
+        assert!(r.status >= 500, "{directive}: {}", r.text());
+        assert_eq!(r.json()["error"]["type"], kind);
+    }
+    // A tool call cut before its stop is never presented as complete.
+    let body = json!({"model": "claude-sonnet-4-5", "max_tokens": 1024, "stream": true, "tools": weather_tools(),
+        "messages": [{"role": "user", "content": "w\n#emulator: tool get_weather {\"city\": \"Oslo\"}\n#emulator: tool-cut"}]});
+    let frames = post(&h, "/v1/messages", &body).await.sse();
+    assert_eq!(frames.last().unwrap().0, "error", "{frames:?}");
+    let tool_index = frames
+        .iter()
+        .find(|(e, d)| e == "content_block_start" && d["content_block"]["type"] == "tool_use")
+        .map(|(_, d)| d["index"].clone());
+    if let Some(i) = tool_index {
+        assert!(!frames.iter().any(|(e, d)| e == "content_block_stop" && d["index"] == i));
+    }
+    assert!(!frames.iter().any(|(e, _)| e == "message_stop"));
+    // The ContentLengthExceeded exception is a max_tokens stop.
+    let m = post(
+        &h,
+        "/v1/messages",
+        &simple("x\n#emulator: exception ContentLengthExceededException too long", false),
+    )
+    .await
+    .json();
+    assert_eq!(m["stop_reason"], "max_tokens", "{m}");
+    // Still serving.
+    assert_eq!(post(&h, "/v1/messages", &simple("still there?", false)).await.status, 200);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_upstream_stream() {
+    let mut setup = Setup::default();
+    setup.emulator.fragment_delay = Duration::from_millis(50);
+    let h = Harness::start(setup).await;
+    let req = http::Request::post(h.url("/v1/messages"))
+        .header("content-type", "application/json")
+        .header("x-api-key", API_KEY)
+        .body(Full::new(Bytes::from(simple("go slowly\n#emulator: long 5000", true).to_string())))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    use http_body_util::BodyExt;
+    let _first = body.frame().await.unwrap().unwrap();
+    assert_eq!(h.emulator.stats().open_streams, 1);
+    drop(body);
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = h.emulator.stats();
+        if s.open_streams == 0 && s.cancelled_streams == 1 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(1), "upstream stream still open after 1 s: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The lease was released: the account serves again.
+    assert_eq!(post(&h, "/v1/messages", &simple("next", false)).await.status, 200);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn count_tokens_and_models() {
+    let h = Harness::start(Setup::default()).await;
+    let body = json!({"model": "claude-sonnet-4-5", "system": "You are terse.", "tools": weather_tools(),
+        "messages": [{"role": "user", "content": "How many tokens is this sentence?"}]});
+    let r = post(&h, "/v1/messages/count_tokens", &body).await;
+    assert_eq!(r.status, 200);
+    let n = r.json()["input_tokens"].as_u64().unwrap();
+    assert!(n > 20 && n < 200, "{n}");
+    assert_eq!(h.emulator.stats().requests, 0, "count_tokens never calls upstream");
+
+    // Pagination ends.
+    let mut after: Option<String> = None;
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let path = match &after {
+            Some(a) => format!("/v1/models?limit=2&after_id={a}"),
+            None => "/v1/models?limit=2".into(),
+        };
+        let page = get(&h, &path).await.json();
+        for m in page["data"].as_array().unwrap() {
+            assert_eq!(m["type"], "model");
+            seen.push(m["id"].as_str().unwrap().to_string());
+        }
+        if page["has_more"] == false {
+            break;
+        }
+        after = page["last_id"].as_str().map(str::to_string);
+    }
+    assert!(seen.len() >= 4 && seen.contains(&"claude-sonnet-4-5-20250929".to_string()), "{seen:?}");
+    let one = get(&h, "/v1/models/claude-sonnet-4-5-20250929").await;
+    assert_eq!(one.status, 200);
+    assert_eq!(one.json()["display_name"], "Claude Sonnet 4.5");
+    assert_eq!(get(&h, "/v1/models/gpt-5").await.status, 404);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn auth_and_http_edge_errors() {
+    let h = Harness::start(Setup::default()).await;
+    let send_with =
+        |key: Option<(&'static str, String)>, ct: &'static str, body: Bytes, path: &str, method: &str| {
+            let mut b = http::Request::builder().method(method).uri(h.url(path)).header("content-type", ct);
+            if let Some((k, v)) = key {
+                b = b.header(k, v);
+            }
+            send(b.body(Full::new(body)).unwrap())
+        };
+    let good = Bytes::from(simple("x", false).to_string());
+    let r = send_with(None, "application/json", good.clone(), "/v1/messages", "POST").await;
+    assert_eq!((r.status, r.json()["error"]["type"].clone()), (401, json!("authentication_error")));
+    let r = send_with(
+        Some(("x-api-key", "sk-wrong-key-000000000".into())),
+        "application/json",
+        good.clone(),
+        "/v1/messages",
+        "POST",
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    let r = send_with(
+        Some(("authorization", format!("Bearer {API_KEY}"))),
+        "application/json",
+        good.clone(),
+        "/v1/messages",
+        "POST",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let key = || Some(("x-api-key", API_KEY.to_string()));
+    let r = send_with(key(), "text/plain", good.clone(), "/v1/messages", "POST").await;
+    assert_eq!((r.status, r.json()["error"]["type"].clone()), (400, json!("invalid_request_error")));
+    let r = send_with(key(), "application/json", Bytes::from_static(b"{nope"), "/v1/messages", "POST").await;
+    assert_eq!(r.status, 400);
+    let r =
+        send_with(key(), "application/json", Bytes::from_static(b"\xff\xfe"), "/v1/messages", "POST").await;
+    assert_eq!(r.status, 400);
+    let r = send_with(key(), "application/json", good.clone(), "/v1/nothing", "POST").await;
+    assert_eq!((r.status, r.json()["error"]["type"].clone()), (404, json!("not_found_error")));
+    let r = send_with(key(), "application/json", good.clone(), "/v1/messages", "GET").await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.headers["allow"], "POST");
+    let huge = Bytes::from(vec![b' '; 33 * 1024 * 1024]);
+    let r = send_with(key(), "application/json", huge, "/v1/messages", "POST").await;
+    assert_eq!((r.status, r.json()["error"]["type"].clone()), (413, json!("request_too_large")));
+    let r = send_with(None, "application/json", Bytes::new(), "/health", "GET").await;
+    assert_eq!(r.status, 200);
+    let r = send_with(None, "application/json", Bytes::new(), "/metrics", "GET").await;
+    assert_eq!(r.status, 401);
+    let r = send_with(key(), "application/json", Bytes::new(), "/metrics", "GET").await;
+    assert!(
+        r.text().contains("amq2api_requests_total{model=\"claude-sonnet-4-5-20250929\",status=\"200\"} 1"),
+        "{}",
+        r.text()
+    );
+    let r = send_with(
+        key(),
+        "application/json",
+        Bytes::from(json!({"model": "m", "messages": []}).to_string()),
+        "/v1/messages",
+        "POST",
+    )
+    .await;
+    assert_eq!(r.json()["error"]["message"], "max_tokens: Field required");
+    h.stop().await;
+}
