@@ -1,16 +1,19 @@
 //! The daemon's life: build the pool, the server and the background tasks from a validated
-//! configuration, serve on already-bound listeners, and drain on shutdown.
+//! configuration, serve on already-bound listeners, reload on request (SIGHUP, `amqctl reload`,
+//! a changed accounts file), and drain on shutdown.
 
 use crate::accounts::Pool;
 use crate::accounts::pool::{NoSink, Restored, StateSink};
-use crate::config::Loaded;
+use crate::config::{self, AccountSet, Env, Loaded};
+use crate::control::wire::ReloadResult;
 use crate::server::{self, App, ServeOptions, tls};
 use crate::translate::ModelMap;
 use crate::upstream::UpstreamClient;
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 /// Sockets bound before the daemon starts (by `main`, by systemd, or by a test).
@@ -26,6 +29,127 @@ pub enum RunError {
     Client(#[from] crate::upstream::client::ClientBuildError),
     #[error("listener: {0}")]
     Listener(std::io::Error),
+    #[error("{0}")]
+    Control(#[from] crate::control::ControlError),
+}
+
+/// What the last reload did.
+#[derive(Debug, Clone)]
+pub struct ReloadInfo {
+    /// The set in use (the last good one).
+    pub accounts: AccountSet,
+    pub loaded_at: SystemTime,
+    pub last_error: Option<String>,
+    pub last_attempt: Option<SystemTime>,
+}
+
+/// State shared by the server, the control socket and the reload path.
+pub struct Shared {
+    pub app: Arc<App>,
+    pub config_path: PathBuf,
+    pub env: Env,
+    pub listeners: Vec<String>,
+    pub started_at: SystemTime,
+    pub tls_cert: Option<Arc<tls::ReloadableCert>>,
+    info: RwLock<ReloadInfo>,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl Shared {
+    pub fn reload_info(&self) -> ReloadInfo {
+        self.info.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn record(&self, result: &ReloadResult, new_set: Option<AccountSet>) {
+        let mut info = self.info.write().unwrap_or_else(|e| e.into_inner());
+        info.last_attempt = Some(SystemTime::now());
+        if result.ok {
+            info.last_error = None;
+            if let Some(set) = new_set {
+                info.accounts = set;
+                info.loaded_at = SystemTime::now();
+            }
+        } else {
+            info.last_error = Some(result.errors.join("; "));
+        }
+    }
+
+    /// Re-reads the accounts file and applies the difference; an invalid file changes nothing.
+    pub async fn reload_accounts(&self) -> ReloadResult {
+        let _guard = self.reload_lock.lock().await;
+        let path = self.app.config.accounts.file.clone();
+        let result = match config::accounts::load(&path) {
+            Ok((set, warnings)) => {
+                let old = self.reload_info().accounts;
+                let diff = old.diff(&set);
+                if !diff.is_empty() {
+                    self.app.pool.apply(&set, &diff).await;
+                    tracing::info!(changes = %diff, "accounts file reloaded");
+                }
+                let r = ReloadResult {
+                    ok: true,
+                    changes: diff.to_string(),
+                    errors: vec![],
+                    warnings: warnings.0.iter().map(|w| w.to_string()).collect(),
+                };
+                self.record(&r, Some(set));
+                return r;
+            }
+            Err(diags) => {
+                for d in diags.errors() {
+                    tracing::error!("accounts file not applied (the last good set keeps serving): {d}");
+                }
+                ReloadResult {
+                    ok: false,
+                    changes: "no changes".into(),
+                    errors: diags.errors().map(|d| d.to_string()).collect(),
+                    warnings: diags.warnings().map(|d| d.to_string()).collect(),
+                }
+            }
+        };
+        self.record(&result, None);
+        result
+    }
+
+    /// SIGHUP / `amqctl reload`: re-reads amq2api.toml (client keys, TLS certificate) and the
+    /// accounts file. Settings that need a restart (listeners, state dir) are reported.
+    pub async fn reload_all(&self) -> ReloadResult {
+        let loaded = match config::load(&self.config_path, &self.env) {
+            Ok(l) => l,
+            Err(diags) => {
+                for d in diags.errors() {
+                    tracing::error!("configuration not applied (the running one stays): {d}");
+                }
+                let r = ReloadResult {
+                    ok: false,
+                    changes: "no changes".into(),
+                    errors: diags.errors().map(|d| d.to_string()).collect(),
+                    warnings: diags.warnings().map(|d| d.to_string()).collect(),
+                };
+                self.record(&r, None);
+                return r;
+            }
+        };
+        let mut notes = Vec::new();
+        *self.app.auth.write().unwrap_or_else(|e| e.into_inner()) = loaded.config.auth.clone();
+        if let (Some(cert), Some(files)) = (&self.tls_cert, &loaded.config.server.tls) {
+            match cert.reload(&files.cert, &files.key) {
+                Ok(()) => notes.push("TLS certificate reloaded".to_string()),
+                Err(e) => {
+                    tracing::error!(error = %e, "new TLS certificate refused; the old one stays in use");
+                    notes.push(format!("TLS certificate NOT reloaded: {e}"));
+                }
+            }
+        }
+        if loaded.config.server.listen != self.app.config.server.listen {
+            notes.push("listen addresses changed: restart to apply".into());
+        }
+        let mut r = self.reload_accounts().await;
+        if !notes.is_empty() {
+            r.changes = format!("{}; {}", r.changes, notes.join("; "));
+        }
+        r
+    }
 }
 
 /// Runs the daemon until `shutdown` resolves, then drains: no new connections, in-flight
@@ -50,15 +174,17 @@ pub async fn run_with(
     for w in &warnings.0 {
         tracing::warn!("{w}");
     }
+    let config_path = config.path.clone();
     let client = UpstreamClient::new(&config.upstream)?;
     let pool = Pool::new(&accounts, restored, &config.accounts, config.upstream.clone(), client, sink);
-    let tls_config = match &config.server.tls {
+    let (tls_cert, tls_config) = match &config.server.tls {
         Some(files) => {
             let cert = tls::ReloadableCert::new(tls::load_certified_key(&files.cert, &files.key)?);
-            Some(tls::server_config(cert)?)
+            (Some(cert.clone()), Some(tls::server_config(cert)?))
         }
-        None => None,
+        None => (None, None),
     };
+    let control_listener = crate::control::bind(&config.control.socket, config.control.mode)?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = Arc::new(App {
@@ -80,11 +206,13 @@ pub async fn run_with(
     });
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let mut servers = Vec::new();
+    let mut addrs = Vec::new();
     for l in listeners.http {
         l.set_nonblocking(true).map_err(RunError::Listener)?;
         let addr = l.local_addr().map_err(RunError::Listener)?;
         let listener = tokio::net::TcpListener::from_std(l).map_err(RunError::Listener)?;
         tracing::info!(%addr, tls = opts.tls.is_some(), "listening");
+        addrs.push(format!("{}://{addr}", if opts.tls.is_some() { "https" } else { "http" }));
         servers.push(tokio::spawn(server::serve(
             app.clone(),
             listener,
@@ -93,8 +221,65 @@ pub async fn run_with(
             graceful.clone(),
         )));
     }
+    let shared = Arc::new(Shared {
+        app: app.clone(),
+        env: Env::from_process(),
+        config_path,
+        listeners: addrs,
+        started_at: SystemTime::now(),
+        tls_cert,
+        info: RwLock::new(ReloadInfo {
+            accounts,
+            loaded_at: SystemTime::now(),
+            last_error: None,
+            last_attempt: None,
+        }),
+        reload_lock: tokio::sync::Mutex::new(()),
+    });
+    let control = tokio::spawn(crate::control::serve(shared.clone(), control_listener, stop_rx.clone()));
     let refresher = tokio::spawn(pool.clone().run_refresher(stop_rx.clone()));
-    tracing::info!(accounts = accounts.len(), "amq2api ready");
+
+    // The accounts file, live.
+    let (file_tx, mut file_rx) = tokio::sync::mpsc::unbounded_channel();
+    let _watcher = match crate::accounts::watch::watch(&app.config.accounts.file, file_tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the accounts file; reload with SIGHUP or amqctl reload");
+            None
+        }
+    };
+    let watch_shared = shared.clone();
+    let mut watch_stop = stop_rx.clone();
+    let watcher_task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = watch_stop.changed() => break,
+                more = crate::accounts::watch::next_burst(&mut file_rx) => {
+                    if !more { break; }
+                    watch_shared.reload_accounts().await;
+                }
+            }
+        }
+    });
+    // SIGHUP: reload everything.
+    let hup_shared = shared.clone();
+    let mut hup_stop = stop_rx.clone();
+    let hup_task = tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup_stop.changed() => break,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading configuration and accounts");
+                    let r = hup_shared.reload_all().await;
+                    tracing::info!(ok = r.ok, changes = %r.changes, "reload finished");
+                }
+            }
+        }
+    });
+    tracing::info!(accounts = shared.reload_info().accounts.len(), "amq2api ready");
 
     shutdown.await;
     tracing::info!("shutting down: no new connections; draining in-flight requests");
@@ -103,18 +288,23 @@ pub async fn run_with(
         let _ = s.await;
     }
     let drain = app.config.server.drain_timeout;
-    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| unreachable!("accept loops have ended"));
-    let done = graceful.shutdown();
-    tokio::pin!(done);
-    if tokio::time::timeout(drain, &mut done).await.is_err() {
-        tracing::warn!(
-            streams = app.metrics.streams_in_flight(),
-            "drain deadline passed: closing open streams"
-        );
-        let _ = drain_tx.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(2), done).await;
+    let done = match Arc::try_unwrap(graceful) {
+        Ok(g) => Some(g.shutdown()),
+        Err(_) => None,
+    };
+    if let Some(done) = done {
+        tokio::pin!(done);
+        if tokio::time::timeout(drain, &mut done).await.is_err() {
+            tracing::warn!(
+                streams = app.metrics.streams_in_flight(),
+                "drain deadline passed: closing open streams"
+            );
+            let _ = drain_tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(2), done).await;
+        }
     }
-    let _ = refresher.await;
+    let _ = tokio::join!(refresher, control, watcher_task, hup_task);
+    let _ = std::fs::remove_file(&app.config.control.socket);
     tracing::info!("stopped");
     Ok(())
 }

@@ -5,6 +5,8 @@
 //! - [`config`]: `amq2api.toml` and `accounts.toml` — parse, validate with places, diff; [`config::Secret`].
 //! - [`cli`]: the `amq2api` command line and its offline subcommands (`check-config`).
 //! - [`logging`]: tracing set-up (terminal or journald), `RUST_LOG` filtering.
+//! - [`control`]: the admin API over the Unix socket (peer-credential checked) and its wire types.
+//! - [`ctl`]: `amqctl` — the operator's CLI over the control socket (tables, JSON, import).
 //! - [`daemon`]: [`run`] — the daemon's life from validated config and bound listeners to drain.
 //! - [`demo`]: `amq2api demo` — emulator and daemon in one process, no credentials needed.
 //! - [`exit`]: the exit codes both binaries use.
@@ -21,6 +23,8 @@ pub mod accounts;
 pub mod anthropic;
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod emulator;

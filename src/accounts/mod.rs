@@ -1,7 +1,9 @@
 //! The account pool: selection, leases, cooldowns and suspensions ([`pool`]), and each account's
-//! token lifecycle — refresh before expiry, single flight, rotation ([`tokens`]).
+//! token lifecycle — refresh before expiry, single flight, rotation ([`tokens`]), and the live
+//! accounts file ([`watch`]).
 
 pub mod pool;
 pub mod tokens;
+pub mod watch;
 
 pub use pool::{Account, AccountView, Lease, Pool, PoolError, PoolSummary, State};

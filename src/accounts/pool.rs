@@ -485,6 +485,12 @@ impl Pool {
         result
     }
 
+    /// Refreshes now, whatever the cached token's expiry.
+    pub async fn refresh_now(&self, a: &Account) -> Result<Secret, RefreshError> {
+        let current = a.tokens.current_access().map(|x| x.token).unwrap_or_else(|| Secret::new(""));
+        self.access_token(a, Some(&current)).await
+    }
+
     fn after_refresh(&self, a: &Account, result: &Result<Secret, RefreshError>) {
         match result {
             Ok(_) => {
@@ -686,9 +692,7 @@ impl Pool {
             started += 1;
             let pool = self.clone();
             tokio::spawn(async move {
-                let current = a.tokens.current_access().map(|x| x.token);
-                let force = current.as_ref();
-                let _ = pool.access_token(&a, force).await;
+                let _ = pool.refresh_now(&a).await;
                 a.refreshing.store(false, Ordering::SeqCst);
             });
         }

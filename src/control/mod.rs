@@ -1,0 +1,371 @@
+//! The admin API over a Unix socket (HTTP/1.1 + JSON): status, accounts, refresh, check,
+//! enable/disable, reload. Every connection's peer credentials are checked (root, the daemon's
+//! uid, or a member of its group); every mutating call is logged with uid and pid.
+
+pub mod wire;
+
+use crate::accounts::Account;
+use crate::accounts::pool::AccountView;
+use crate::daemon::Shared;
+use crate::server::body::Body;
+use crate::upstream::UpstreamFailure;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::net::UnixListener;
+use wire::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("another amq2api is already listening on {0}")]
+    InUse(String),
+    #[error("cannot create the control socket {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+/// Binds the control socket: a stale socket file from a crashed run is replaced, a live
+/// daemon already listening is refused; the file gets `mode`.
+pub fn bind(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListener, ControlError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let io = |source| ControlError::Io { path: path.display().to_string(), source };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ControlError::InUse(path.display().to_string()));
+            }
+            std::fs::remove_file(path).map_err(io)?;
+        } else {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            )));
+        }
+    }
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750));
+        }
+    }
+    let l = std::os::unix::net::UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    Ok(l)
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+/// Root, the daemon's own uid, or a member of the daemon's group.
+fn allowed(peer: &Peer) -> bool {
+    let my_uid = nix::unistd::getuid().as_raw();
+    let my_gid = nix::unistd::getgid().as_raw();
+    if peer.uid == 0 || peer.uid == my_uid || peer.gid == my_gid {
+        return true;
+    }
+    // Supplementary groups of the caller's user.
+    let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(peer.uid)) else {
+        return false;
+    };
+    let Ok(name) = std::ffi::CString::new(user.name.clone()) else { return false };
+    nix::unistd::getgrouplist(&name, user.gid)
+        .map(|gs| gs.iter().any(|g| g.as_raw() == my_gid))
+        .unwrap_or(false)
+}
+
+/// Serves the control API until `stop` turns true.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: std::os::unix::net::UnixListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    let Ok(listener) = UnixListener::from_std(listener) else { return };
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.changed() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let peer = match stream.peer_cred() {
+            Ok(c) => Peer { uid: c.uid(), gid: c.gid(), pid: c.pid() },
+            Err(_) => continue,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
+            });
+            let _ =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Body> {
+    let mut r = Response::new(Body::full(serde_json::to_vec_pretty(v).expect("wire types serialise")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
+    json(status, &ErrorBody { error: msg.into() })
+}
+
+fn unix(t: Option<SystemTime>) -> Option<u64> {
+    t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_secs())
+}
+
+pub fn account_info(v: &AccountView) -> AccountInfo {
+    AccountInfo {
+        id: v.id.clone(),
+        label: v.label.clone(),
+        enabled: v.enabled,
+        state: if v.enabled { v.state.state.as_str().to_string() } else { "disabled".into() },
+        since: unix(v.state.since),
+        until: unix(v.state.until),
+        reason: v
+            .state
+            .reason
+            .clone()
+            .or_else(|| (!v.enabled).then(|| "enabled = false in the accounts file".into())),
+        token_expires_at: unix(v.access_expires_at),
+        token_fingerprint: v.access_fingerprint.clone(),
+        in_flight: v.in_flight,
+        max_concurrency: v.max_concurrency,
+        weight: v.weight,
+        requests: v.counters.requests,
+        failures: v.counters.failures,
+        tokens_in: v.counters.tokens_in,
+        tokens_out: v.counters.tokens_out,
+        last_used: unix(v.counters.last_used),
+        last_error: v.state.last_error.clone(),
+    }
+}
+
+pub fn status(shared: &Shared) -> Status {
+    let s = shared.app.pool.summary();
+    let info = shared.reload_info();
+    Status {
+        server_version: env!("CARGO_PKG_VERSION").into(),
+        api_version: API_VERSION,
+        pid: std::process::id(),
+        started_at: unix(Some(shared.started_at)).unwrap_or(0),
+        uptime_secs: shared.app.started.elapsed().as_secs(),
+        listeners: shared.listeners.clone(),
+        config: ConfigState {
+            config_file: shared.config_path.display().to_string(),
+            accounts_file: shared.app.config.accounts.file.display().to_string(),
+            loaded_at: unix(Some(info.loaded_at)).unwrap_or(0),
+            last_reload_error: info.last_error.clone(),
+            last_reload_at: unix(info.last_attempt),
+        },
+        pool: PoolState {
+            total: s.total,
+            active: s.active,
+            cooling: s.cooling,
+            quota: s.quota,
+            suspended: s.suspended,
+            invalid: s.invalid,
+            disabled: s.disabled,
+            in_flight: s.in_flight,
+        },
+        streams_in_flight: shared.app.metrics.streams_in_flight(),
+        accounts: shared.app.pool.accounts().iter().map(|a| account_info(&a.view())).collect(),
+    }
+}
+
+fn expires_in(a: &Account) -> String {
+    match a.tokens.current_access() {
+        Some(acc) => {
+            let secs = acc.expires_at.duration_since(SystemTime::now()).unwrap_or_default().as_secs();
+            format!("token refreshed, expires in {} min", secs / 60)
+        }
+        None => "token refreshed".into(),
+    }
+}
+
+/// Refreshes one account's token now.
+pub async fn refresh_one(shared: &Shared, a: &Arc<Account>) -> ActionResult {
+    let r = shared.app.pool.refresh_now(a).await;
+    let (ok, message) = match r {
+        Ok(_) => (true, expires_in(a)),
+        Err(e) => (false, e.to_string()),
+    };
+    ActionResult { id: a.id.to_string(), ok, message, state: a.state().state.as_str().into() }
+}
+
+/// A real minimal upstream call on the account, classified like live traffic.
+pub async fn check_one(shared: &Shared, a: &Arc<Account>) -> ActionResult {
+    use crate::upstream::types::*;
+    let pool = &shared.app.pool;
+    let token = match pool.access_token(a, None).await {
+        Ok(t) => t,
+        Err(e) => {
+            return ActionResult {
+                id: a.id.to_string(),
+                ok: false,
+                message: e.to_string(),
+                state: a.state().state.as_str().into(),
+            };
+        }
+    };
+    let spec = a.spec();
+    let q_model =
+        shared.app.models.resolve("claude-sonnet-4-5").unwrap_or_else(|_| "claude-sonnet-4.5".into());
+    let req = GenerateRequest {
+        conversation_state: ConversationState {
+            conversation_id: crate::ids::uuid_v4(),
+            chat_trigger_type: ChatTriggerType::Manual,
+            history: vec![],
+            current_message: CurrentMessage {
+                user_input_message: UserInputMessage {
+                    content: "Reply with the single word: ok".into(),
+                    model_id: Some(q_model),
+                    origin: Some("AI_EDITOR".into()),
+                    ..Default::default()
+                },
+            },
+        },
+        profile_arn: spec.profile_arn.clone(),
+    };
+    let body = Bytes::from(serde_json::to_vec(&req).expect("request types serialise"));
+    let outcome: Result<(), UpstreamFailure> =
+        match pool.client().generate(&a.endpoints().q, &token, body, 1).await {
+            Ok(mut stream) => loop {
+                match stream.next().await {
+                    Some(Ok(_)) => continue,
+                    None => break Ok(()),
+                    Some(Err(e)) => {
+                        break Err(UpstreamFailure::Transient { status: None, message: e.to_string() });
+                    }
+                }
+            },
+            Err(f) => Err(f),
+        };
+    pool.record_check(a, outcome.as_ref().map(|_| ()));
+    let st = a.state();
+    let (ok, message) = match &outcome {
+        Ok(()) => (true, "healthy".to_string()),
+        Err(f) => (false, format!("{}: {f}", f.kind())),
+    };
+    ActionResult { id: a.id.to_string(), ok, message, state: st.state.as_str().into() }
+}
+
+/// Runs `f` over accounts with at most `limit` at once, results in account order.
+async fn for_all<F, Fut>(shared: &Arc<Shared>, limit: usize, f: F) -> Vec<ActionResult>
+where
+    F: Fn(Arc<Shared>, Arc<Account>) -> Fut,
+    Fut: std::future::Future<Output = ActionResult> + Send + 'static,
+{
+    let sem = Arc::new(tokio::sync::Semaphore::new(limit));
+    let mut tasks = Vec::new();
+    for a in shared.app.pool.accounts() {
+        let fut = f(shared.clone(), a);
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire().await;
+            fut.await
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        if let Ok(r) = t.await {
+            out.push(r);
+        }
+    }
+    out
+}
+
+async fn handle(shared: &Arc<Shared>, peer: Peer, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    if !allowed(&peer) {
+        tracing::warn!(uid = peer.uid, pid = peer.pid, %path, "control socket: caller refused (not root, not the daemon's user, not in its group)");
+        return error(
+            StatusCode::FORBIDDEN,
+            "permission denied: add yourself to the daemon's group (amq2api)",
+        );
+    }
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if method == Method::POST {
+        tracing::info!(uid = peer.uid, pid = peer.pid, %path, "control: {path}");
+    }
+    let find = |id: &str| shared.app.pool.get(id);
+    let not_found = |id: &str| error(StatusCode::NOT_FOUND, format!("no account {id:?}"));
+    match (&method, segs.as_slice()) {
+        (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &status(shared)),
+        (&Method::GET, ["v1", "accounts"]) => {
+            let list: Vec<AccountInfo> =
+                shared.app.pool.accounts().iter().map(|a| account_info(&a.view())).collect();
+            json(StatusCode::OK, &list)
+        }
+        (&Method::GET, ["v1", "accounts", id]) => match find(id) {
+            Some(a) => json(StatusCode::OK, &account_info(&a.view())),
+            None => not_found(id),
+        },
+        (&Method::POST, ["v1", "accounts", id, action]) => {
+            let Some(a) = find(id) else { return not_found(id) };
+            let r = match *action {
+                "refresh" => refresh_one(shared, &a).await,
+                "check" => check_one(shared, &a).await,
+                "enable" => {
+                    shared.app.pool.enable(id);
+                    ActionResult {
+                        id: id.to_string(),
+                        ok: true,
+                        message: "enabled".into(),
+                        state: a.state().state.as_str().into(),
+                    }
+                }
+                "disable" => {
+                    shared.app.pool.disable(id);
+                    ActionResult {
+                        id: id.to_string(),
+                        ok: true,
+                        message: "disabled".into(),
+                        state: a.state().state.as_str().into(),
+                    }
+                }
+                _ => return error(StatusCode::NOT_FOUND, format!("unknown action {action:?}")),
+            };
+            tracing::info!(uid = peer.uid, pid = peer.pid, account = %id, action = %action, ok = r.ok, result = %r.message, "control action");
+            json(StatusCode::OK, &r)
+        }
+        (&Method::POST, ["v1", "refresh"]) => {
+            let rs = for_all(shared, 8, |s, a| async move { refresh_one(&s, &a).await }).await;
+            json(StatusCode::OK, &rs)
+        }
+        (&Method::POST, ["v1", "check"]) => {
+            let rs = for_all(shared, 4, |s, a| async move { check_one(&s, &a).await }).await;
+            json(StatusCode::OK, &rs)
+        }
+        (&Method::POST, ["v1", "reload"]) => {
+            let r = shared.reload_all().await;
+            tracing::info!(uid = peer.uid, pid = peer.pid, ok = r.ok, changes = %r.changes, "control: reload");
+            json(StatusCode::OK, &r)
+        }
+        (_, ["v1", ..]) => error(StatusCode::NOT_FOUND, format!("no route {method} {path}")),
+        _ => error(StatusCode::NOT_FOUND, format!("no route {method} {path} (the API lives under /v1/)")),
+    }
+}

@@ -1,0 +1,94 @@
+//! The control API's wire types, shared by the daemon (`src/control`) and `amqctl`. Never a
+//! secret: tokens appear only as expiry times and short fingerprints.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped when a route or a field changes incompatibly; amqctl warns on a mismatch.
+pub const API_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub server_version: String,
+    pub api_version: u32,
+    pub pid: u32,
+    pub started_at: u64,
+    pub uptime_secs: u64,
+    pub listeners: Vec<String>,
+    pub config: ConfigState,
+    pub pool: PoolState,
+    pub streams_in_flight: i64,
+    pub accounts: Vec<AccountInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConfigState {
+    pub config_file: String,
+    pub accounts_file: String,
+    /// Unix seconds of the last successful load of the accounts file.
+    pub loaded_at: u64,
+    /// The last reload's problem (the last good set keeps serving), if the last attempt failed.
+    pub last_reload_error: Option<String>,
+    pub last_reload_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct PoolState {
+    pub total: usize,
+    pub active: usize,
+    pub cooling: usize,
+    pub quota: usize,
+    pub suspended: usize,
+    pub invalid: usize,
+    pub disabled: usize,
+    pub in_flight: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AccountInfo {
+    pub id: String,
+    pub label: String,
+    pub enabled: bool,
+    /// active, cooling, quota, suspended, disabled, invalid.
+    pub state: String,
+    pub since: Option<u64>,
+    pub until: Option<u64>,
+    pub reason: Option<String>,
+    pub token_expires_at: Option<u64>,
+    /// First 8 hex digits of the access token's SHA-256.
+    pub token_fingerprint: Option<String>,
+    pub in_flight: u32,
+    pub max_concurrency: u32,
+    pub weight: u32,
+    pub requests: u64,
+    pub failures: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub last_used: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// The result of an action on one account (refresh, check, enable, disable).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ActionResult {
+    pub id: String,
+    pub ok: bool,
+    /// What happened, for people ("token refreshed, expires in 59 min", "suspended: …").
+    pub message: String,
+    /// The account's state afterwards.
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReloadResult {
+    pub ok: bool,
+    /// What changed ("added a, removed b", "no changes").
+    pub changes: String,
+    /// Every problem when the new files were refused (the old set keeps serving).
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: String,
+}
