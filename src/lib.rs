@@ -10,6 +10,7 @@
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, HTTP client.
+//! - [`store`]: the redb state store (`amq2api.redb`): token chains, account states, counters.
 #![forbid(unsafe_code)]
 
 pub mod anthropic;
@@ -18,5 +19,6 @@ pub mod config;
 pub mod exit;
 pub mod ids;
 pub mod logging;
+pub mod store;
 pub mod translate;
 pub mod upstream;
