@@ -170,7 +170,7 @@ impl<T, E: Into<redb::Error>> Ctx<T> for Result<T, E> {
 }
 
 /// Everything stored about one account. An account with no row in a table gets that part's
-/// default (no tokens, `active`, zero counters).
+/// default (no tokens, `active`, zero counters). Timestamps come back to the millisecond.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct AccountRecord {
     pub tokens: Option<TokenRecord>,
@@ -203,6 +203,7 @@ pub struct StateRecord {
     pub last_error: Option<String>,
 }
 
+/// What the pool may do with an account; stored by name ([`AccountState::as_str`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash, PartialOrd, Ord)]
 pub enum AccountState {
     #[default]
