@@ -14,6 +14,7 @@
 //! - [`accounts`]: the account pool (selection, leases, cooldowns, live reload) and token lifecycle.
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
 //! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain.
+//! - [`store`]: the redb state store: token chains, account states, counters; versioned values.
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, HTTP client.
 //! - [`emulator`]: a strict Amazon Q + SSO OIDC stand-in on loopback (demo mode, tests, benchmarks).
@@ -32,6 +33,7 @@ pub mod exit;
 pub mod ids;
 pub mod logging;
 pub mod server;
+pub mod store;
 pub mod translate;
 pub mod upstream;
 
