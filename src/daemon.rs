@@ -31,6 +31,8 @@ pub enum RunError {
     Listener(std::io::Error),
     #[error("{0}")]
     Control(#[from] crate::control::ControlError),
+    #[error("state store: {0}")]
+    Store(String),
 }
 
 /// What the last reload did.

@@ -2,6 +2,7 @@
 //! token lifecycle — refresh before expiry, single flight, rotation ([`tokens`]), and the live
 //! accounts file ([`watch`]).
 
+pub mod persist;
 pub mod pool;
 pub mod tokens;
 pub mod watch;

@@ -13,47 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-/// An account's standing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum State {
-    #[default]
-    Active,
-    /// Throttled: back in rotation at `until`.
-    Cooling,
-    /// Monthly or daily quota used up: back at `until` (the reset) or on `amqctl enable`.
-    Quota,
-    /// Suspended by Amazon Q: out until an operator enables it or a check finds it healthy.
-    Suspended,
-    /// Disabled by an operator (`amqctl disable`).
-    Disabled,
-    /// Credentials refused (dead refresh token, bad client): needs new credentials in the file.
-    Invalid,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Active => "active",
-            State::Cooling => "cooling",
-            State::Quota => "quota",
-            State::Suspended => "suspended",
-            State::Disabled => "disabled",
-            State::Invalid => "invalid",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<State> {
-        Some(match s {
-            "active" => State::Active,
-            "cooling" => State::Cooling,
-            "quota" => State::Quota,
-            "suspended" => State::Suspended,
-            "disabled" => State::Disabled,
-            "invalid" => State::Invalid,
-            _ => return None,
-        })
-    }
-}
+pub use crate::store::{AccountState as State, Counters};
 
 /// State with its times and reason.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -65,17 +25,6 @@ pub struct StateInfo {
     pub last_error: Option<String>,
     /// Consecutive throttles, for the cooling backoff.
     pub strikes: u32,
-}
-
-/// Per-account counters.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Counters {
-    pub requests: u64,
-    pub failures: u64,
-    pub failures_by_kind: BTreeMap<String, u64>,
-    pub tokens_in: u64,
-    pub tokens_out: u64,
-    pub last_used: Option<SystemTime>,
 }
 
 /// Where the pool writes what must survive a restart. The store implements it.
