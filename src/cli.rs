@@ -146,8 +146,22 @@ async fn run_daemon(path: &Path) -> i32 {
             return exit::CONFIG;
         }
     };
+    let activated = match crate::systemd::listeners() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("amq2api: cannot take the sockets systemd passed: {e}");
+            return exit::OSERR;
+        }
+    };
     let mut http = Vec::new();
-    for addr in &loaded.config.server.listen {
+    if !activated.is_empty() {
+        for (name, l) in activated {
+            tracing::info!(name = %name, addr = ?l.local_addr().ok(), "using a socket passed by systemd");
+            http.push(l);
+        }
+    }
+    let bind_config = http.is_empty();
+    for addr in loaded.config.server.listen.iter().filter(|_| bind_config) {
         match std::net::TcpListener::bind(addr) {
             Ok(l) => http.push(l),
             Err(e) => {
@@ -162,7 +176,11 @@ async fn run_daemon(path: &Path) -> i32 {
         Err(e) => {
             tracing::error!(error = %e, "amq2api failed");
             eprintln!("amq2api: {e}");
-            exit::SOFTWARE
+            match e {
+                crate::daemon::RunError::Tls(_) => exit::CONFIG,
+                crate::daemon::RunError::Client(_) => exit::CONFIG,
+                _ => exit::OSERR,
+            }
         }
     }
 }

@@ -58,6 +58,22 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The line `systemctl status` shows: "serving 12/14 accounts, 3 streams", plus the last
+    /// reload error when there is one.
+    pub fn status_line(&self) -> String {
+        let s = self.app.pool.summary();
+        let mut line = format!(
+            "serving {}/{} accounts, {} streams",
+            s.active,
+            s.total,
+            self.app.metrics.streams_in_flight()
+        );
+        if let Some(e) = &self.reload_info().last_error {
+            line.push_str(&format!("; last reload failed: {e}"));
+        }
+        line
+    }
+
     pub fn reload_info(&self) -> ReloadInfo {
         self.info.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -275,15 +291,42 @@ pub async fn run_with(
                 _ = hup_stop.changed() => break,
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading configuration and accounts");
+                    crate::systemd::reloading();
                     let r = hup_shared.reload_all().await;
                     tracing::info!(ok = r.ok, changes = %r.changes, "reload finished");
+                    crate::systemd::ready(&hup_shared.status_line());
                 }
             }
         }
     });
+    // systemd: ready, a status line kept current, the watchdog.
+    let mut extra = Vec::new();
+    if let Some(interval) = crate::systemd::watchdog_interval() {
+        extra.push(tokio::spawn(crate::systemd::run_watchdog(interval, stop_rx.clone())));
+    }
+    if crate::systemd::under_systemd() {
+        let st_shared = shared.clone();
+        let mut st_stop = stop_rx.clone();
+        extra.push(tokio::spawn(async move {
+            let mut last = String::new();
+            loop {
+                let line = st_shared.status_line();
+                if line != last {
+                    crate::systemd::status(&line);
+                    last = line;
+                }
+                tokio::select! {
+                    _ = st_stop.changed() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        }));
+    }
     tracing::info!(accounts = shared.reload_info().accounts.len(), "amq2api ready");
+    crate::systemd::ready(&shared.status_line());
 
     shutdown.await;
+    crate::systemd::stopping();
     tracing::info!("shutting down: no new connections; draining in-flight requests");
     let _ = stop_tx.send(true);
     for s in servers {
@@ -306,6 +349,9 @@ pub async fn run_with(
         }
     }
     let _ = tokio::join!(refresher, control, watcher_task, hup_task);
+    for t in extra {
+        let _ = t.await;
+    }
     let _ = std::fs::remove_file(&app.config.control.socket);
     tracing::info!("stopped");
     Ok(())

@@ -15,6 +15,7 @@
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
 //! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain.
 //! - [`store`]: the redb state store: token chains, account states, counters; versioned values.
+//! - [`systemd`]: sd_notify (READY, STATUS, RELOADING, STOPPING), watchdog, socket activation.
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, HTTP client.
 //! - [`emulator`]: a strict Amazon Q + SSO OIDC stand-in on loopback (demo mode, tests, benchmarks).
@@ -34,6 +35,7 @@ pub mod ids;
 pub mod logging;
 pub mod server;
 pub mod store;
+pub mod systemd;
 pub mod translate;
 pub mod upstream;
 

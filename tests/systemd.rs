@@ -1,0 +1,194 @@
+//! The daemon binary under (a stand-in for) systemd: a real `NOTIFY_SOCKET` datagram socket
+//! read by the test (READY, STATUS, WATCHDOG, RELOADING with MONOTONIC_USEC, STOPPING), exit
+//! codes, and socket activation through `systemd-socket-activate` (real `LISTEN_FDS`).
+
+mod common;
+
+use amq2api::emulator::{Emulator, EmulatorOptions};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    _emulator: Emulator,
+}
+
+async fn setup(listen: &str) -> Setup {
+    let emulator = Emulator::start(EmulatorOptions::default()).await.unwrap();
+    emulator.add_account(&common::client_id("acct-1"), "secret-acct-1", "refresh-acct-1");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("accounts.toml"), common::accounts_toml(&["acct-1".to_string()])).unwrap();
+    let config = dir.path().join("amq2api.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"{listen}\"]\ndrain_timeout_secs = 1\n[auth]\napi_keys = [\"{}\"]\n\
+             [upstream]\nendpoint = \"{}\"\ntoken_endpoint = \"{}\"\n[accounts]\nfile = \"accounts.toml\"\n\
+             [state]\ndir = \"state\"\n[control]\nsocket = \"control.sock\"\n",
+            common::API_KEY,
+            emulator.endpoint(),
+            emulator.token_endpoint()
+        ),
+    )
+    .unwrap();
+    Setup { dir, config, _emulator: emulator }
+}
+
+fn notify_socket(dir: &Path) -> (UnixDatagram, PathBuf) {
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    (sock, path)
+}
+
+/// Reads notifications until one contains `want`, returning everything read.
+fn wait_for(sock: &UnixDatagram, want: &str, within: Duration) -> Vec<String> {
+    let t0 = Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while t0.elapsed() < within {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let done = msg.lines().any(|l| l == want || l.starts_with(want));
+            seen.push(msg);
+            if done {
+                return seen;
+            }
+        }
+    }
+    panic!("no {want:?} within {within:?}; got {seen:?}");
+}
+
+fn signal(child: &Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> i32 {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code().unwrap_or(-1);
+        }
+        if t0.elapsed() > within {
+            let _ = child.kill();
+            panic!("the daemon did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn notify_watchdog_reload_and_stop() {
+    let s = setup("127.0.0.1:0").await;
+    let (sock, path) = notify_socket(s.dir.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_amq2api"))
+        .arg("--config")
+        .arg(&s.config)
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "400000")
+        .env_remove("WATCHDOG_PID")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child_ref = &mut child;
+    let result = tokio::task::spawn_blocking({
+        let sock = sock.try_clone().unwrap();
+        let pid = child_ref.id();
+        move || {
+            let seen = wait_for(&sock, "READY=1", Duration::from_secs(15));
+            let all = seen.join("\n");
+            assert!(all.contains("STATUS=serving "), "{all}");
+            wait_for(&sock, "WATCHDOG=1", Duration::from_secs(2));
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGHUP)
+                .unwrap();
+            let seen = wait_for(&sock, "RELOADING=1", Duration::from_secs(5));
+            let reload_msg = seen.last().unwrap().clone();
+            assert!(reload_msg.contains("MONOTONIC_USEC="), "{reload_msg}");
+            wait_for(&sock, "READY=1", Duration::from_secs(5));
+        }
+    })
+    .await;
+    if let Err(e) = result {
+        let _ = child.kill();
+        std::panic::resume_unwind(e.into_panic());
+    }
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    wait_for(&sock, "STOPPING=1", Duration::from_secs(5));
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(15)), 0, "a clean stop exits 0");
+}
+
+#[tokio::test]
+async fn bad_config_exits_78() {
+    let s = setup("127.0.0.1:0").await;
+    std::fs::write(s.dir.path().join("accounts.toml"), "[[account]]\nid = \"Bad Id\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_amq2api")).arg("--config").arg(&s.config).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("accounts.toml:2:6: error"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn socket_activation_serves_the_passed_socket() {
+    let Ok(activate) = which("systemd-socket-activate") else {
+        eprintln!("systemd-socket-activate is not installed; skipping");
+        return;
+    };
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    // The configured address must not be used when systemd passes a socket.
+    let s = setup("127.0.0.1:0").await;
+    let (sock, path) = notify_socket(s.dir.path());
+    let mut child = Command::new(activate)
+        .arg("-l")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--fdname=https")
+        .arg(format!("--setenv=NOTIFY_SOCKET={}", path.display()))
+        .arg(env!("CARGO_BIN_EXE_amq2api"))
+        .arg("--config")
+        .arg(&s.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // systemd-socket-activate starts the daemon on the first connection.
+    let addr = format!("127.0.0.1:{port}");
+    let t0 = Instant::now();
+    let stream = loop {
+        match std::net::TcpStream::connect(&addr) {
+            Ok(s) => break s,
+            Err(_) if t0.elapsed() < Duration::from_secs(5) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                let _ = child.kill();
+                panic!("cannot connect: {e}");
+            }
+        }
+    };
+    drop(stream);
+    let ready = tokio::task::spawn_blocking({
+        let sock = sock.try_clone().unwrap();
+        move || wait_for(&sock, "READY=1", Duration::from_secs(15))
+    })
+    .await;
+    if ready.is_err() {
+        let _ = child.kill();
+        panic!("not ready");
+    }
+    let req = http::Request::get(format!("http://{addr}/health"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let r = common::send(req).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(15)), 0);
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.exists()))
+        .ok_or(())
+}
