@@ -172,7 +172,25 @@ impl Shared {
 
 /// Runs the daemon until `shutdown` resolves, then drains: no new connections, in-flight
 /// streams get up to `drain_timeout_secs`, then end with an `overloaded_error` event.
+/// Opens the state store in `[state] dir` (a second daemon on the same directory fails here).
 pub async fn run(
+    loaded: Loaded,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let dir = loaded.config.state.dir.clone();
+    let store = tokio::task::spawn_blocking(move || crate::store::Store::open(&dir))
+        .await
+        .map_err(|e| RunError::Store(e.to_string()))?
+        .map_err(|e| RunError::Store(e.to_string()))?;
+    let records = store.load_all().map_err(|e| RunError::Store(e.to_string()))?;
+    let restored = crate::accounts::persist::restored(records);
+    run_with(loaded, listeners, shutdown, Arc::new(crate::accounts::persist::StoreSink(store)), restored)
+        .await
+}
+
+/// [`run`] without persistence (nothing survives a restart): for tools and tests.
+pub async fn run_ephemeral(
     loaded: Loaded,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,

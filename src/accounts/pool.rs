@@ -443,6 +443,7 @@ impl Pool {
     fn after_refresh(&self, a: &Account, result: &Result<Secret, RefreshError>) {
         match result {
             Ok(_) => {
+                tracing::debug!(account = %a.id, "token refreshed");
                 self.refreshes_ok.fetch_add(1, Ordering::Relaxed);
                 a.refresh_failures.store(0, Ordering::SeqCst);
                 *a.next_refresh_try.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -638,6 +639,7 @@ impl Pool {
             if !due || a.refreshing.swap(true, Ordering::SeqCst) {
                 continue;
             }
+            tracing::debug!(account = %a.id, "background token refresh");
             started += 1;
             let pool = self.clone();
             tokio::spawn(async move {

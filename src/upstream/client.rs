@@ -239,7 +239,7 @@ impl UpstreamClient {
             }
             return Ok(TokenGrant {
                 access_token: Secret::new(t.access_token),
-                expires_in: Duration::from_secs(t.expires_in.unwrap_or(3600).clamp(60, 86_400 * 30)),
+                expires_in: Duration::from_secs(t.expires_in.unwrap_or(3600).clamp(1, 86_400 * 30)),
                 refresh_token: t.refresh_token.filter(|r| !r.is_empty()).map(Secret::new),
             });
         }

@@ -38,6 +38,8 @@ pub struct Setup {
     /// Extra keys for the `[accounts]` table.
     pub accounts_settings: String,
     pub emulator: EmulatorOptions,
+    /// Extra keys for every `[[account]]` table.
+    pub account_extra: String,
 }
 
 impl Default for Setup {
@@ -49,6 +51,7 @@ impl Default for Setup {
             upstream: String::new(),
             accounts_settings: String::new(),
             emulator: EmulatorOptions::default(),
+            account_extra: String::new(),
         }
     }
 }
@@ -58,10 +61,14 @@ pub fn client_id(account: &str) -> String {
 }
 
 pub fn accounts_toml(ids: &[String]) -> String {
+    accounts_toml_with(ids, "")
+}
+
+pub fn accounts_toml_with(ids: &[String], extra: &str) -> String {
     let mut s = String::new();
     for id in ids {
         s.push_str(&format!(
-            "[[account]]\nid = \"{id}\"\nclient_id = \"{cid}\"\nclient_secret = \"secret-{id}\"\nrefresh_token = \"refresh-{id}\"\n\n",
+            "[[account]]\nid = \"{id}\"\nclient_id = \"{cid}\"\nclient_secret = \"secret-{id}\"\nrefresh_token = \"refresh-{id}\"\n{extra}\n\n",
             cid = client_id(id)
         ));
     }
@@ -70,12 +77,19 @@ pub fn accounts_toml(ids: &[String]) -> String {
 
 impl Harness {
     pub async fn start(setup: Setup) -> Harness {
+        if std::env::var_os("AMQ_TEST_LOG").is_some() {
+            amq2api::logging::init("debug,hyper=info,h2=info,hyper_util=info");
+        }
         let emulator = Emulator::start(setup.emulator).await.expect("emulator starts");
         for id in &setup.accounts {
             emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
         }
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("accounts.toml"), accounts_toml(&setup.accounts)).unwrap();
+        std::fs::write(
+            dir.path().join("accounts.toml"),
+            accounts_toml_with(&setup.accounts, &setup.account_extra),
+        )
+        .unwrap();
         let config_path = dir.path().join("amq2api.toml");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -94,7 +108,13 @@ impl Harness {
             ),
         )
         .unwrap();
-        let loaded = load(&config_path);
+        let mut h = Harness { emulator, addr, dir, config_path, stop: None, task: None };
+        h.launch(listener);
+        h
+    }
+
+    fn launch(&mut self, listener: std::net::TcpListener) {
+        let loaded = load(&self.config_path);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             amq2api::run(loaded, amq2api::Listeners { http: vec![listener] }, async {
@@ -103,7 +123,30 @@ impl Harness {
             .await
             .expect("daemon runs");
         });
-        Harness { emulator, addr, dir, config_path, stop: Some(tx), task: Some(task) }
+        self.stop = Some(tx);
+        self.task = Some(task);
+    }
+
+    /// Stops the daemon (for inspecting its state directory).
+    pub async fn stop_only(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+        }
+    }
+
+    /// Stops the daemon and starts it again on the same address, config and state directory.
+    pub async fn restart(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+        }
+        let listener = std::net::TcpListener::bind(self.addr).expect("the old address is free again");
+        self.launch(listener);
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,236 @@
+//! The account pool end to end: single-flight refresh under load, rotation across restarts,
+//! no refresh storm on start, the live accounts file, and SIGKILL during token rotation.
+
+mod common;
+
+use amq2api::emulator::{Behaviour, EmulatorOptions};
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_token_refreshed_once_while_50_requests_wait() {
+    let setup = Setup { account_extra: "max_concurrency = 100".into(), ..Default::default() };
+    let h = Harness::start(setup).await;
+    let cid = client_id("acct-1");
+    assert_eq!(post(&h, "/v1/messages", &simple("warm up", false)).await.status, 200);
+    let before = h.emulator.stats_for(&cid).refreshes;
+    h.emulator.expire_access_tokens(&cid);
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let url = h.url("/v1/messages");
+        tasks.push(tokio::spawn(async move {
+            let req = http::Request::post(url)
+                .header("content-type", "application/json")
+                .header("x-api-key", API_KEY)
+                .body(Full::new(Bytes::from(simple(&format!("request {i}"), i % 2 == 0).to_string())))
+                .unwrap();
+            send(req).await.status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(
+        h.emulator.stats_for(&cid).refreshes - before,
+        1,
+        "exactly one refresh for 50 waiting requests"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn rotation_survives_a_restart_and_tokens_are_reused() {
+    let mut h = Harness::start(Setup::default()).await;
+    let cid = client_id("acct-1");
+    assert_eq!(post(&h, "/v1/messages", &simple("one", false)).await.status, 200);
+    let refreshes = h.emulator.stats_for(&cid).refreshes;
+    assert!(refreshes >= 1);
+    h.restart().await;
+    // The stored, unexpired access token is reused: no refresh on start.
+    assert_eq!(post(&h, "/v1/messages", &simple("two", false)).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(h.emulator.stats_for(&cid).refreshes, refreshes, "a restart must not refresh a valid token");
+    // The original refresh token is dead (rotated); a forced refresh must use the stored successor.
+    h.emulator.expire_access_tokens(&cid);
+    h.restart().await;
+    assert_eq!(post(&h, "/v1/messages", &simple("three", false)).await.status, 200);
+    assert_eq!(h.emulator.stats_for(&cid).refreshes, refreshes + 1);
+    assert_eq!(h.emulator.stats().refresh_failures, 0);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_accounts_start_without_a_refresh_storm() {
+    let ids: Vec<String> = (0..1000).map(|i| format!("a{i:04}")).collect();
+    let mut h = Harness::start(Setup { accounts: ids.clone(), ..Default::default() }).await;
+    // Serving at once, while the background refresher works through the accounts.
+    assert_eq!(post(&h, "/v1/messages", &simple("first", false)).await.status, 200);
+    let t0 = Instant::now();
+    while h.emulator.stats().refreshes < 1000 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "refreshed only {} of 1000",
+            h.emulator.stats().refreshes
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spread = t0.elapsed();
+    h.restart().await;
+    assert_eq!(post(&h, "/v1/messages", &simple("after restart", false)).await.status, 200);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.emulator.stats().refreshes, 1000, "stored tokens are reused after a restart");
+    assert_eq!(h.emulator.stats().refresh_failures, 0);
+    eprintln!("1000 initial refreshes took {spread:?}");
+    h.stop().await;
+}
+
+async fn total_accounts(h: &Harness) -> u64 {
+    get(h, "/health").await.json()["accounts"]["total"].as_u64().unwrap()
+}
+
+async fn until<F: AsyncFnMut() -> bool>(within: Duration, mut f: F) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        if f().await {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < within, "not applied within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_file_edits_apply_live_and_spare_in_flight_streams() {
+    let setup = Setup {
+        accounts: vec!["acct-1".into(), "acct-2".into()],
+        emulator: EmulatorOptions { fragment_delay: Duration::from_millis(30), ..Default::default() },
+        ..Default::default()
+    };
+    let h = Harness::start(setup).await;
+    for id in ["acct-3", "acct-4"] {
+        h.emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
+    }
+    let file = h.dir.path().join("accounts.toml");
+    let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    // A long stream in flight through every edit below.
+    let req = http::Request::post(h.url("/v1/messages"))
+        .header("content-type", "application/json")
+        .header("x-api-key", API_KEY)
+        .body(Full::new(Bytes::from(simple("long one\n#emulator: long 600", true).to_string())))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let streaming = tokio::spawn(async move { resp.into_body().collect().await.unwrap().to_bytes() });
+
+    // Add.
+    std::fs::write(&file, accounts_toml(&ids(&["acct-1", "acct-2", "acct-3"]))).unwrap();
+    let took = until(Duration::from_secs(1), async || total_accounts(&h).await == 3).await;
+    eprintln!("add applied in {took:?}");
+    // Break: the last good set keeps serving.
+    std::fs::write(&file, "[[account]]\nid = \"broken\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(total_accounts(&h).await, 3);
+    assert_eq!(post(&h, "/v1/messages", &simple("during breakage", false)).await.status, 200);
+    // Fix and remove (acct-1 carries the in-flight stream or not; either way it must finish).
+    std::fs::write(&file, accounts_toml(&ids(&["acct-2", "acct-3"]))).unwrap();
+    until(Duration::from_secs(1), async || total_accounts(&h).await == 2).await;
+    // Replace by rename, as editors do; change a setting and add one.
+    let tmp = h.dir.path().join(".accounts.toml.swp");
+    std::fs::write(&tmp, accounts_toml_with(&ids(&["acct-2", "acct-3", "acct-4"]), "weight = 2")).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    until(Duration::from_secs(1), async || total_accounts(&h).await == 3).await;
+    // Changed credentials restart the token chain from the file.
+    h.emulator.add_account(&client_id("acct-2"), "secret-acct-2", "refresh-acct-2-new");
+    std::fs::write(
+        &file,
+        accounts_toml(&ids(&["acct-2", "acct-3", "acct-4"])).replace("refresh-acct-2", "refresh-acct-2-new"),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.emulator.set_behaviour(&client_id("acct-3"), Behaviour::Suspended);
+    h.emulator.set_behaviour(&client_id("acct-4"), Behaviour::Suspended);
+    h.emulator.expire_access_tokens(&client_id("acct-2"));
+    assert_eq!(post(&h, "/v1/messages", &simple("on the new credentials", false)).await.status, 200);
+    // The stream that was in flight all along finished whole.
+    let body = tokio::time::timeout(Duration::from_secs(30), streaming).await.unwrap().unwrap();
+    let frames = parse_sse(&String::from_utf8_lossy(&body));
+    assert_eq!(frames.last().unwrap().0, "message_stop", "{:?}", frames.last());
+    assert_eq!(sse_text(&frames).chars().count(), 600);
+    h.stop().await;
+}
+
+/// Runs the daemon binary as a child process.
+fn spawn_daemon(config: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_amq2api"))
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_rotation_never_loses_a_refresh_token() {
+    // Access tokens that live 2 s keep every account refreshing (and rotating) all the time.
+    let emulator = amq2api::emulator::Emulator::start(EmulatorOptions {
+        access_token_ttl: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ids: Vec<String> = (0..8).map(|i| format!("k{i}")).collect();
+    for id in &ids {
+        emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("accounts.toml"), accounts_toml(&ids)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.path().join("amq2api.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[auth]\napi_keys = [\"{API_KEY}\"]\n[upstream]\nendpoint = \"{}\"\n\
+             token_endpoint = \"{}\"\n[accounts]\nfile = \"accounts.toml\"\nrefresh_before_expiry_secs = 30\n\
+             [state]\ndir = \"state\"\n[control]\nsocket = \"control.sock\"\n",
+            emulator.endpoint(),
+            emulator.token_endpoint()
+        ),
+    )
+    .unwrap();
+    let mut seed = 0x9e37_79b9u32;
+    for round in 0..20 {
+        let mut child = spawn_daemon(&config);
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        let wait = 300 + (seed % 900) as u64;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let _ = child.wait();
+        assert_eq!(emulator.stats().refresh_failures, 0, "round {round}: a refresh token was lost");
+    }
+    // Every account still refreshes: start once more and let them all go round.
+    let mut child = spawn_daemon(&config);
+    let before: Vec<u64> = ids.iter().map(|id| emulator.stats_for(&client_id(id)).refreshes).collect();
+    let t0 = Instant::now();
+    loop {
+        let now: Vec<u64> = ids.iter().map(|id| emulator.stats_for(&client_id(id)).refreshes).collect();
+        if now.iter().zip(&before).all(|(n, b)| n > b) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "not every account refreshed: {before:?} → {now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(emulator.stats().refresh_failures, 0);
+    assert!(emulator.stats().refreshes >= 8 * 3, "rotation really happened: {}", emulator.stats().refreshes);
+}
