@@ -104,7 +104,13 @@ pub async fn run(listen: SocketAddr, shutdown: impl Future<Output = ()>) -> anyh
     let addr = listener.local_addr()?;
     let demo = prepare(addr).await?;
     let loaded = config::load(&demo.config_path, &Env::default()).map_err(|d| anyhow::anyhow!("{d}"))?;
-    println!("{}", banner(addr, &demo));
+    // A closed stdout (the reader went away) must not take the demo down.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", banner(addr, &demo));
+        let _ = out.flush();
+    }
     crate::daemon::run(loaded, crate::daemon::Listeners { http: vec![listener] }, shutdown).await?;
     drop(demo);
     Ok(())

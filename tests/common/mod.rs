@@ -149,6 +149,11 @@ impl Harness {
         self.launch(listener);
     }
 
+    /// A handle with just what a blocking helper needs (the directory and the address).
+    pub fn clone_for_ctl(&self) -> CtlHandle {
+        CtlHandle { dir: self.dir.path().to_path_buf(), addr: self.addr }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -166,6 +171,12 @@ impl Harness {
 
 pub fn load(path: &std::path::Path) -> Loaded {
     config::load(path, &Env::default()).unwrap_or_else(|d| panic!("config: {d}"))
+}
+
+/// The parts of a harness a blocking thread may use.
+pub struct CtlHandle {
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
 }
 
 /// A response read whole.

@@ -1,0 +1,232 @@
+//! The front end over real TLS (a throwaway CA made here with rcgen): HTTP/1.1 and h2 by ALPN,
+//! certificate reload seen by a new handshake, a bad new certificate keeping the old one;
+//! graceful drain on shutdown; and `amq2api demo` run as a subprocess.
+
+mod common;
+
+use amq2api::emulator::EmulatorOptions;
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    der: CertificateDer<'static>,
+}
+
+fn ca() -> Ca {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.distinguished_name.push(rcgen::DnType::CommonName, "amq2api test CA");
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    Ca { der: cert.der().clone(), issuer: Issuer::new(params, key) }
+}
+
+/// Writes a server certificate for localhost signed by `ca`; returns its DER.
+fn write_server_cert(ca: &Ca, dir: &Path, cn: &str) -> CertificateDer<'static> {
+    let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    cert.der().clone()
+}
+
+fn client_tls(ca: &Ca, alpn: &[&[u8]]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der.clone()).unwrap();
+    let mut cfg =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg
+}
+
+async fn tls_harness(ca: &Ca) -> (Harness, tempfile::TempDir) {
+    let tls_dir = tempfile::tempdir().unwrap();
+    write_server_cert(ca, tls_dir.path(), "first");
+    let setup = Setup {
+        server: format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            tls_dir.path().join("cert.pem").display(),
+            tls_dir.path().join("key.pem").display()
+        ),
+        accounts: vec!["acct-1".into(), "acct-2".into()],
+        ..Default::default()
+    };
+    (Harness::start(setup).await, tls_dir)
+}
+
+/// Streams a message over HTTPS with the given protocol; returns the negotiated version and SSE.
+async fn stream_over(ca: &Ca, h: &Harness, h2: bool) -> (http::Version, Vec<(String, serde_json::Value)>) {
+    // hyper-rustls sets ALPN itself from the enabled protocols.
+    let builder =
+        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(client_tls(ca, &[])).https_only();
+    let https = if h2 { builder.enable_http2().build() } else { builder.enable_http1().build() };
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(h2).build(https);
+    let req = http::Request::post(format!("https://localhost:{}/v1/messages", h.addr.port()))
+        .header("content-type", "application/json")
+        .header("x-api-key", API_KEY)
+        .body(Full::new(Bytes::from(simple("over TLS", true).to_string())))
+        .unwrap();
+    let resp = client.request(req).await.expect("HTTPS request");
+    let version = resp.version();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (version, parse_sse(&String::from_utf8_lossy(&body)))
+}
+
+/// The certificate the server presents on a new handshake.
+async fn presented_cert(ca: &Ca, h: &Harness) -> CertificateDer<'static> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(ca, &[b"http/1.1"])));
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+}
+
+fn amqctl(h: &CtlHandle, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_amqctl"))
+        .arg("--socket")
+        .arg(h.dir.join("control.sock"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_and_h2_over_tls_and_certificate_reload() {
+    let ca = ca();
+    let (h, tls_dir) = tls_harness(&ca).await;
+    for h2 in [false, true] {
+        let (version, frames) = stream_over(&ca, &h, h2).await;
+        assert_eq!(version, if h2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 });
+        assert_eq!(frames.last().unwrap().0, "message_stop");
+        assert!(sse_text(&frames).contains("over TLS"));
+    }
+    let first = presented_cert(&ca, &h).await;
+
+    // A new certificate is used by new handshakes after a reload.
+    let second = write_server_cert(&ca, tls_dir.path(), "second");
+    assert_ne!(first, second);
+    let h2 = h.clone_for_ctl();
+    let (code, out) = tokio::task::spawn_blocking(move || amqctl(&h2, &["reload"])).await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("TLS certificate reloaded"), "{out}");
+    assert_eq!(presented_cert(&ca, &h).await, second);
+
+    // A broken certificate is refused and the working one stays.
+    std::fs::write(
+        tls_dir.path().join("cert.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot a cert\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let h3 = h.clone_for_ctl();
+    let (_, out) = tokio::task::spawn_blocking(move || amqctl(&h3, &["reload"])).await.unwrap();
+    assert!(out.contains("TLS certificate NOT reloaded"), "{out}");
+    assert_eq!(presented_cert(&ca, &h).await, second);
+    let (_, frames) = stream_over(&ca, &h, true).await;
+    assert_eq!(frames.last().unwrap().0, "message_stop");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_streams_then_closes_them_with_an_error() {
+    let setup = Setup {
+        server: "drain_timeout_secs = 1".into(),
+        emulator: EmulatorOptions { fragment_delay: Duration::from_millis(20), ..Default::default() },
+        ..Default::default()
+    };
+    let h = Harness::start(setup).await;
+    let url = h.url("/v1/messages");
+    let start_stream = |text: &str| {
+        let req = http::Request::post(url.clone())
+            .header("content-type", "application/json")
+            .header("x-api-key", API_KEY)
+            .body(Full::new(Bytes::from(simple(text, true).to_string())))
+            .unwrap();
+        tokio::spawn(async move {
+            let resp = client().request(req).await.unwrap();
+            String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
+        })
+    };
+    // One short stream that finishes inside the drain window, one that outlives it.
+    let short = start_stream("short\n#emulator: long 20");
+    let long = start_stream("long\n#emulator: long 5000");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = tokio::spawn(h.stop());
+    let short = parse_sse(&short.await.unwrap());
+    assert_eq!(short.last().unwrap().0, "message_stop");
+    let long = parse_sse(&long.await.unwrap());
+    let last = long.last().unwrap();
+    assert_eq!(last.0, "error", "{last:?}");
+    assert_eq!(last.1["error"]["type"], "overloaded_error");
+    assert_eq!(last.1["error"]["message"], "server shutting down");
+    tokio::time::timeout(Duration::from_secs(10), stopping).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_answers_its_printed_curl_line() {
+    use std::io::BufRead;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_amq2api"))
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let banner = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        let mut reader = std::io::BufReader::new(stdout).lines();
+        for line in reader.by_ref() {
+            let line = line.unwrap();
+            let done = line.contains("Press Ctrl-C");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        // Keep draining so the demo never writes into a closed pipe.
+        std::thread::spawn(move || for _ in reader {});
+        lines
+    })
+    .await
+    .unwrap();
+    let key = banner.iter().find_map(|l| l.trim().strip_prefix("API key:")).unwrap().trim().to_string();
+    let curl = banner.iter().find(|l| l.trim_start().starts_with("curl ")).expect("a curl line");
+    assert!(curl.contains(&format!("http://127.0.0.1:{port}/v1/messages")) && curl.contains(&key));
+    assert!(banner.iter().any(|l| l.contains(&format!("ANTHROPIC_BASE_URL=http://127.0.0.1:{port}"))));
+    let body = banner.iter().skip_while(|l| !l.contains("curl ")).nth(1).unwrap();
+    let json = body.trim().trim_start_matches("-d '").trim_end_matches('\'');
+    let req = http::Request::post(format!("http://127.0.0.1:{port}/v1/messages"))
+        .header("content-type", "application/json")
+        .header("x-api-key", &key)
+        .body(Full::new(Bytes::from(json.to_string())))
+        .unwrap();
+    let r = send(req).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let frames = r.sse();
+    assert_eq!(frames.last().unwrap().0, "message_stop");
+    assert!(sse_text(&frames).contains("Hello!"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+}
