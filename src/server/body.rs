@@ -9,7 +9,8 @@ use tokio::sync::mpsc;
 
 pub enum Body {
     Full(Option<Bytes>),
-    Stream(mpsc::Receiver<Bytes>),
+    /// A stream of chunks; the guard (if any) marks the connection busy until the body ends.
+    Stream(mpsc::Receiver<Bytes>, Option<super::idle::RequestGuard>),
 }
 
 impl Body {
@@ -32,7 +33,13 @@ impl HttpBody for Body {
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match &mut *self {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
+            Body::Stream(rx, guard) => {
+                let r = rx.poll_recv(cx);
+                if matches!(r, Poll::Ready(None)) {
+                    guard.take();
+                }
+                r.map(|o| o.map(|b| Ok(Frame::data(b))))
+            }
         }
     }
 
@@ -44,7 +51,7 @@ impl HttpBody for Body {
         match self {
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
-            Body::Stream(_) => SizeHint::default(),
+            Body::Stream(..) => SizeHint::default(),
         }
     }
 }

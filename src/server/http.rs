@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     let mut r = Response::new(Body::full(serde_json::to_vec(v).expect("JSON values serialise")));
@@ -89,7 +89,7 @@ async fn read_body(app: &App, parts: &http::request::Parts, body: Incoming) -> R
         None => return Err(ApiError::invalid("Content-Type must be application/json")),
     }
     let limited = http_body_util::Limited::new(body, max as usize);
-    let timeout = app.config.server.header_read_timeout.max(Duration::from_secs(30));
+    let timeout = app.config.server.body_read_timeout;
     match tokio::time::timeout(timeout, limited.collect()).await {
         Err(_) => {
             Err(ApiError::invalid(format!("the request body did not arrive within {} s", timeout.as_secs()))
@@ -129,7 +129,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         resp.headers_mut().insert("request-id", v);
     }
     let status = resp.status().as_u16();
-    let streaming = matches!(resp.body(), Body::Stream(_));
+    let streaming = matches!(resp.body(), Body::Stream(..));
     if parts.uri.path().starts_with("/v1/messages") {
         app.metrics.request(&x.model, status);
     }
@@ -198,6 +198,7 @@ async fn route(
         }
         "/v1/messages/count_tokens" => {
             let bytes = read_body(app, parts, body).await?;
+            let _permit = large_permit(app, &bytes).await;
             let version = ApiVersion::from_header(header_str(parts, "anthropic-version"));
             let req = areq::parse(&bytes, version, Endpoint::CountTokens)?;
             x.model = req.model.clone();
@@ -206,15 +207,17 @@ async fn route(
         }
         "/v1/messages" => {
             let bytes = read_body(app, parts, body).await?;
+            let permit = large_permit(app, &bytes).await;
             let version = ApiVersion::from_header(header_str(parts, "anthropic-version"));
             let session = header_str(parts, "x-claude-code-session-id");
             let prepared = messages::prepare(app, &bytes, version, session)?;
+            drop(permit);
             x.model = prepared.req.model.clone();
             x.stream = prepared.req.stream;
             x.tokens_in = prepared.input_tokens;
             if prepared.req.stream {
                 let rx = messages::stream(app, prepared, x.clone(), started, request_id.to_string()).await?;
-                let mut r = Response::new(Body::Stream(rx));
+                let mut r = Response::new(Body::Stream(rx, None));
                 let h = r.headers_mut();
                 h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
                 h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -229,6 +232,10 @@ async fn route(
         }
         _ => Err(not_found(parts.uri.path())),
     }
+}
+
+async fn large_permit<'a>(app: &'a App, bytes: &[u8]) -> Option<tokio::sync::SemaphorePermit<'a>> {
+    if bytes.len() > super::LARGE_BODY { app.large_parses.acquire().await.ok() } else { None }
 }
 
 fn header_str<'a>(parts: &'a http::request::Parts, name: &str) -> Option<&'a str> {

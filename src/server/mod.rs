@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod http;
+pub mod idle;
 pub mod messages;
 pub mod metrics;
 pub mod tls;
@@ -29,7 +30,12 @@ pub struct App {
     pub started: Instant,
     /// Turns true when the drain deadline has passed: open streams end with an error event.
     pub drain_expired: watch::Receiver<bool>,
+    /// Parsing a large body builds a large tree: at most two at a time bounds the memory peak.
+    pub large_parses: tokio::sync::Semaphore,
 }
+
+/// Bodies above this size take a [`App::large_parses`] permit while they are parsed.
+pub const LARGE_BODY: usize = 1 << 20;
 
 /// Writes the access-log line of one request.
 pub fn access_log(app: &App, request_id: &str, x: &Exchange, status: u16, started: Instant) {
@@ -112,31 +118,72 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let watcher = graceful.watcher();
         let handshake_timeout = opts.header_read_timeout;
+        let idle_timeout = opts.idle_timeout;
         tokio::spawn(async move {
             let _permit = permit;
+            let activity = idle::Activity::new();
+            let svc_activity = activity.clone();
             let svc = service_fn(move |req| {
                 let app = app.clone();
-                async move { Ok::<_, Infallible>(http::handle(app, req).await) }
+                let guard = svc_activity.request();
+                async move {
+                    let mut resp = http::handle(app, req).await;
+                    // A streaming response stays "in flight" until its body ends.
+                    if let body::Body::Stream(_, g) = resp.body_mut() {
+                        *g = Some(guard);
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
             });
-            let result = match acceptor {
+            match acceptor {
                 Some(acc) => match tokio::time::timeout(handshake_timeout, acc.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        watcher.watch(b.serve_connection(TokioIo::new(tls), svc).into_owned()).await
+                        let conn = b
+                            .serve_connection(TokioIo::new(idle::IdleIo::new(tls, activity.clone())), svc)
+                            .into_owned();
+                        drive(watcher.watch(conn), activity, idle_timeout, peer).await
                     }
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 },
-                None => watcher.watch(b.serve_connection(TokioIo::new(tcp), svc).into_owned()).await,
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                None => {
+                    let conn = b
+                        .serve_connection(TokioIo::new(idle::IdleIo::new(tcp, activity.clone())), svc)
+                        .into_owned();
+                    drive(watcher.watch(conn), activity, idle_timeout, peer).await
+                }
             }
         });
+    }
+}
+
+/// Runs a connection until it ends, closing it when it has been idle (no request in flight, no
+/// byte moved) for `idle`.
+async fn drive<F, E>(
+    conn: F,
+    activity: std::sync::Arc<idle::Activity>,
+    idle: Duration,
+    peer: std::net::SocketAddr,
+) where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let check = (idle / 4).max(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(check) => {
+                if activity.is_idle(idle) {
+                    tracing::debug!(%peer, "closing an idle connection");
+                    return;
+                }
+            }
+        }
     }
 }

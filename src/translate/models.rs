@@ -66,6 +66,12 @@ impl ModelMap {
     /// The Amazon Q model for a Claude model name, or 404 `not_found_error` as Anthropic answers.
     pub fn resolve(&self, claude_name: &str) -> Result<String, ApiError> {
         let name = claude_name.trim().to_ascii_lowercase();
+        let plausible = !name.is_empty()
+            && name.len() <= 128
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:@/".contains(&b));
+        if !plausible {
+            return Err(ApiError::new(ErrorKind::NotFound, format!("model: {}", claude_name.escape_debug())));
+        }
         if let Some((_, q)) = self.entries.iter().find(|(p, _)| name.starts_with(p.as_str())) {
             return Ok(q.clone());
         }
