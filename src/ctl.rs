@@ -225,7 +225,7 @@ async fn run(cli: &Cli) -> Result<i32, Failure> {
             } else {
                 println!("{}: {} (state {})", r.id, r.message, r.state);
             }
-            Ok(exit::OK)
+            Ok(if r.ok { exit::OK } else { exit::FAILURE })
         }
         Command::Reload => {
             let (r, body) = get::<ReloadResult>(s, "POST", "/v1/reload").await?;
@@ -233,8 +233,9 @@ async fn run(cli: &Cli) -> Result<i32, Failure> {
                 print_json(&body);
             } else if r.ok {
                 println!("reloaded: {}", r.changes);
+                // Each is a diagnostic that names its file and says "warning:" itself.
                 for w in &r.warnings {
-                    eprintln!("warning: {w}");
+                    eprintln!("{w}");
                 }
             } else {
                 eprintln!("reload refused (the running configuration stays):");

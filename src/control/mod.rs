@@ -195,6 +195,12 @@ pub fn status(shared: &Shared) -> Status {
     }
 }
 
+/// The state an action reports: `disabled` when the accounts file says `enabled = false` (as in
+/// [`account_info`]), else the pool's state.
+fn state_of(a: &Account) -> String {
+    if a.spec().enabled { a.state().state.as_str().into() } else { "disabled".into() }
+}
+
 fn expires_in(a: &Account) -> String {
     match a.tokens.current_access() {
         Some(acc) => {
@@ -212,7 +218,7 @@ pub async fn refresh_one(shared: &Shared, a: &Arc<Account>) -> ActionResult {
         Ok(_) => (true, expires_in(a)),
         Err(e) => (false, e.to_string()),
     };
-    ActionResult { id: a.id.to_string(), ok, message, state: a.state().state.as_str().into() }
+    ActionResult { id: a.id.to_string(), ok, message, state: state_of(a) }
 }
 
 /// A real minimal upstream call on the account, classified like live traffic.
@@ -226,7 +232,7 @@ pub async fn check_one(shared: &Shared, a: &Arc<Account>) -> ActionResult {
                 id: a.id.to_string(),
                 ok: false,
                 message: e.to_string(),
-                state: a.state().state.as_str().into(),
+                state: state_of(a),
             };
         }
     };
@@ -263,13 +269,21 @@ pub async fn check_one(shared: &Shared, a: &Arc<Account>) -> ActionResult {
             },
             Err(f) => Err(f),
         };
-    pool.record_check(a, outcome.as_ref().map(|_| ()));
-    let st = a.state();
-    let (ok, message) = match &outcome {
+    // An operator's `disable` holds until `enable`: the verdict is reported, not applied (a
+    // failure would move the account to suspended or cooling, and a later success from there
+    // back to active).
+    let disabled = a.state().state == crate::accounts::State::Disabled;
+    if !disabled {
+        pool.record_check(a, outcome.as_ref().map(|_| ()));
+    }
+    let (ok, mut message) = match &outcome {
         Ok(()) => (true, "healthy".to_string()),
         Err(f) => (false, format!("{}: {f}", f.kind())),
     };
-    ActionResult { id: a.id.to_string(), ok, message, state: st.state.as_str().into() }
+    if disabled {
+        message.push_str(" (stays disabled until amqctl enable)");
+    }
+    ActionResult { id: a.id.to_string(), ok, message, state: state_of(a) }
 }
 
 /// Runs `f` over accounts with at most `limit` at once, results in account order.
@@ -329,13 +343,20 @@ async fn handle(shared: &Arc<Shared>, peer: Peer, req: Request<Incoming>) -> Res
             let r = match *action {
                 "refresh" => refresh_one(shared, &a).await,
                 "check" => check_one(shared, &a).await,
+                "enable" if !a.spec().enabled => ActionResult {
+                    id: id.to_string(),
+                    ok: false,
+                    message: "the accounts file says enabled = false: change it there, then amqctl reload"
+                        .into(),
+                    state: state_of(&a),
+                },
                 "enable" => {
                     shared.app.pool.enable(id);
                     ActionResult {
                         id: id.to_string(),
                         ok: true,
                         message: "enabled".into(),
-                        state: a.state().state.as_str().into(),
+                        state: state_of(&a),
                     }
                 }
                 "disable" => {
@@ -344,7 +365,7 @@ async fn handle(shared: &Arc<Shared>, peer: Peer, req: Request<Incoming>) -> Res
                         id: id.to_string(),
                         ok: true,
                         message: "disabled".into(),
-                        state: a.state().state.as_str().into(),
+                        state: state_of(&a),
                     }
                 }
                 _ => return error(StatusCode::NOT_FOUND, format!("unknown action {action:?}")),

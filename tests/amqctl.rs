@@ -1,0 +1,1106 @@
+//! amqctl end to end: the real `amqctl` binary against an in-process daemon and emulator, over
+//! the daemon's control socket. Tables and `--json` for status, accounts, refresh, check,
+//! enable/disable and reload; import of both seed formats; completions and man; exit codes
+//! (daemon not running, permission refused); no secret in anything amqctl prints; and
+//! `refresh --all` over 100 accounts within 5 s.
+
+mod common;
+
+use amq2api::control::wire::{API_VERSION, AccountInfo, ActionResult, ReloadResult, Status};
+use amq2api::emulator::Behaviour;
+use common::*;
+use serde::de::DeserializeOwned;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+const AMQCTL: &str = env!("CARGO_BIN_EXE_amqctl");
+
+/// How long one amqctl run may take before the test gives up on it.
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// Running amqctl
+
+/// What one amqctl run produced.
+#[derive(Debug, Clone)]
+struct Out {
+    args: Vec<String>,
+    code: i32,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+impl fmt::Display for Out {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "amqctl {}: exit {} in {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.args.join(" "),
+            self.code,
+            self.elapsed,
+            self.stdout,
+            self.stderr
+        )
+    }
+}
+
+impl Out {
+    fn json<T: DeserializeOwned>(&self) -> T {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not the JSON expected ({e}): {self}"))
+    }
+
+    fn value(&self) -> serde_json::Value {
+        self.json()
+    }
+
+    /// Asserts exit 0 and an empty stderr.
+    fn ok(self) -> Out {
+        assert_eq!(self.code, 0, "{self}");
+        assert_eq!(self.stderr, "", "{self}");
+        self
+    }
+
+    fn code(self, code: i32) -> Out {
+        assert_eq!(self.code, code, "{self}");
+        self
+    }
+
+    /// The stdout line that starts with `prefix`.
+    fn line(&self, prefix: &str) -> &str {
+        self.stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?}: {self}"))
+    }
+}
+
+/// Runs amqctl against one socket and keeps everything every run printed, for the secrets check.
+struct Ctl {
+    socket: PathBuf,
+    work: tempfile::TempDir,
+    outputs: Vec<Out>,
+}
+
+impl Ctl {
+    fn new(socket: &Path) -> Ctl {
+        Ctl { socket: socket.to_path_buf(), work: tempfile::tempdir().unwrap(), outputs: Vec::new() }
+    }
+
+    fn of(h: &Harness) -> Ctl {
+        Ctl::new(&h.dir.path().join("control.sock"))
+    }
+
+    async fn run(&mut self, args: &[&str]) -> Out {
+        self.run_as(&[], args).await
+    }
+
+    /// Runs `prefix… amqctl --socket S args…` (the prefix changes the user, for example). Output
+    /// goes to files, so the child never blocks on a pipe, and the wait is asynchronous, so the
+    /// daemon in this process keeps serving meanwhile.
+    async fn run_as(&mut self, prefix: &[&str], args: &[&str]) -> Out {
+        let n = self.outputs.len();
+        let (out_path, err_path) =
+            (self.work.path().join(format!("{n}.out")), self.work.path().join(format!("{n}.err")));
+        let mut cmd = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = std::process::Command::new(program);
+                c.args(rest).arg(AMQCTL);
+                c
+            }
+            None => std::process::Command::new(AMQCTL),
+        };
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("AMQ2API_SOCKET")
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .env("COLUMNS", "200")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out_path).unwrap())
+            .stderr(std::fs::File::create(&err_path).unwrap());
+        let started = Instant::now();
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start amqctl {args:?}: {e}"));
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if started.elapsed() > RUN_LIMIT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("amqctl {args:?} did not finish within {RUN_LIMIT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let elapsed = started.elapsed();
+        let out = Out {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            code: status.code().unwrap_or_else(|| panic!("amqctl {args:?} died of a signal: {status:?}")),
+            stdout: std::fs::read_to_string(&out_path).unwrap(),
+            stderr: std::fs::read_to_string(&err_path).unwrap(),
+            elapsed,
+        };
+        self.outputs.push(out.clone());
+        out
+    }
+
+    async fn status(&mut self) -> Status {
+        self.run(&["--json", "status"]).await.ok().json()
+    }
+
+    async fn account(&mut self, id: &str) -> AccountInfo {
+        self.run(&["--json", "account", id]).await.ok().json()
+    }
+
+    /// No run printed a secret of these accounts (client secret, refresh token, client id), the
+    /// API key, or anything shaped like an emulator-issued token; nor did the daemon log one.
+    fn assert_no_secrets(&self, ids: &[String]) {
+        let mut needles = vec![API_KEY.to_string()];
+        for id in ids {
+            needles.push(format!("secret-{id}"));
+            needles.push(format!("refresh-{id}"));
+            needles.push(client_id(id));
+        }
+        assert!(!self.outputs.is_empty());
+        for o in &self.outputs {
+            for text in [&o.stdout, &o.stderr] {
+                for n in &needles {
+                    assert!(!text.contains(n.as_str()), "amqctl printed the secret {n:?}: {o}");
+                }
+                if let Some(t) = token_like(text) {
+                    panic!("amqctl printed something shaped like a token ({t}): {o}");
+                }
+            }
+        }
+        // The daemon's log lines too (client ids are not secret there: the emulator logs them).
+        let logs = logs();
+        for n in needles.iter().filter(|n| !n.ends_with("-client")) {
+            assert!(!logs.contains(n.as_str()), "the daemon logged the secret {n:?}");
+        }
+        if let Some(t) = token_like(&logs) {
+            panic!("the daemon logged something shaped like a token ({t})");
+        }
+    }
+}
+
+/// `aoa…` (access) or `aor…` (refresh) followed by 20 or more base64 characters: how the
+/// emulator's tokens look. Nothing amqctl legitimately prints has that shape (fingerprints are
+/// 8 hex digits).
+fn token_like(text: &str) -> Option<String> {
+    for prefix in ["aoa", "aor"] {
+        for (i, _) in text.match_indices(prefix) {
+            let n = text[i + 3..].bytes().take_while(|b| b.is_ascii_alphanumeric()).count();
+            if n >= 20 {
+                return Some(text[i..i + 3 + n].to_string());
+            }
+        }
+    }
+    None
+}
+
+fn ids(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+fn setup(names: &[&str]) -> Setup {
+    Setup { accounts: ids(names), ..Default::default() }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon's log, captured (it runs in this process)
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+/// Installs the capturing subscriber (once a process; nextest runs each test in its own).
+fn capture_logs() {
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let b = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || LogWriter(b.clone()))
+            .try_init();
+        buf
+    });
+}
+
+fn logs() -> String {
+    LOGS.get()
+        .map(|b| String::from_utf8_lossy(&b.lock().unwrap_or_else(|e| e.into_inner())).into_owned())
+        .unwrap_or_default()
+}
+
+/// Starts emulator and daemon, and waits for the control socket: the harness returns before the
+/// daemon task first runs, and amqctl, another process, would find no socket yet.
+async fn start(names: &[&str]) -> Harness {
+    capture_logs();
+    let h = Harness::start(setup(names)).await;
+    let socket = h.dir.path().join("control.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::UnixStream::connect(&socket).await.is_err() {
+        assert!(Instant::now() < deadline, "the daemon never opened its control socket");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    h
+}
+
+/// One non-streaming request through the daemon must succeed.
+async fn message_ok(h: &Harness) {
+    let r = post(h, "/v1/messages", &simple("hello", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+fn requests_of(h: &Harness, id: &str) -> u64 {
+    h.emulator.stats_for(&client_id(id)).requests
+}
+
+/// Waits until the background refresher gave every account an access token.
+async fn wait_tokens(ctl: &mut Ctl, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = ctl.status().await;
+        if s.accounts.len() == n && s.accounts.iter().all(|a| a.token_expires_at.is_some()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "accounts still without a token after 30 s: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn find<'a>(s: &'a Status, id: &str) -> &'a AccountInfo {
+    s.accounts.iter().find(|a| a.id == id).unwrap_or_else(|| panic!("no account {id} in {s:?}"))
+}
+
+/// The table row of an account: the line whose first column is its id.
+fn row<'a>(out: &'a Out, id: &str) -> &'a str {
+    out.stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .unwrap_or_else(|| panic!("no row for {id}: {out}"))
+}
+
+fn labeled_accounts(names: &[&str]) -> String {
+    let mut s = String::new();
+    for id in names {
+        s.push_str(&format!(
+            "[[account]]\nid = \"{id}\"\nlabel = \"Seat {id}\"\nclient_id = \"{cid}\"\nclient_secret = \"secret-{id}\"\nrefresh_token = \"refresh-{id}\"\n\n",
+            cid = client_id(id)
+        ));
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// status, accounts, account
+
+#[tokio::test]
+async fn status_accounts_and_account_in_tables_and_json() {
+    let names = ["alpha", "beta", "gamma"];
+    let h = start(&names).await;
+    let mut ctl = Ctl::of(&h);
+
+    // Labels: the same credentials with labels; applied by `amqctl reload` or by the file
+    // watcher, whichever comes first.
+    std::fs::write(h.dir.path().join("accounts.toml"), labeled_accounts(&names)).unwrap();
+    let r = ctl.run(&["reload"]).await.code(0);
+    assert!(r.stdout.starts_with("reloaded: "), "{r}");
+    // The harness writes accounts.toml with mode 0644: the reload passes the daemon's warning on.
+    // (A diagnostic: "<file>: warning: <message>", said once.)
+    assert!(
+        r.stderr.starts_with(&format!("{}: warning: ", h.dir.path().join("accounts.toml").display())),
+        "{r}"
+    );
+    assert!(r.stderr.contains("readable by every user") && r.stderr.matches("warning").count() == 1, "{r}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ctl.status().await.accounts.iter().any(|a| a.label.is_empty()) {
+        assert!(Instant::now() < deadline, "labels never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_tokens(&mut ctl, 3).await;
+    let d = ctl.run(&["disable", "beta"]).await.ok();
+    assert_eq!(d.stdout.trim(), "beta: disabled (state disabled)", "{d}");
+
+    // status --json: the wire type, every field filled in.
+    let out = ctl.run(&["--json", "status"]).await.ok();
+    let raw = out.value();
+    assert_eq!(raw["server_version"], env!("CARGO_PKG_VERSION"), "{out}");
+    assert_eq!(raw["api_version"], API_VERSION, "{out}");
+    let s: Status = out.json();
+    assert_eq!(s.pid, std::process::id(), "the daemon runs in this test process");
+    assert!(s.uptime_secs < 600, "{s:?}");
+    assert!(s.started_at > 1_600_000_000, "{s:?}");
+    assert_eq!(s.listeners, vec![format!("http://{}", h.addr)]);
+    assert_eq!(s.config.config_file, h.config_path.display().to_string());
+    assert_eq!(s.config.accounts_file, h.dir.path().join("accounts.toml").display().to_string());
+    assert!(s.config.loaded_at > 1_600_000_000);
+    assert_eq!(s.config.last_reload_error, None);
+    assert_eq!(s.pool.total, 3);
+    assert_eq!((s.pool.active, s.pool.disabled), (2, 1), "{:?}", s.pool);
+    assert_eq!((s.pool.cooling, s.pool.quota, s.pool.suspended, s.pool.invalid), (0, 0, 0, 0));
+    assert_eq!(s.streams_in_flight, 0);
+    let got: Vec<(&str, &str, &str)> =
+        s.accounts.iter().map(|a| (a.id.as_str(), a.label.as_str(), a.state.as_str())).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("alpha", "Seat alpha", "active"),
+            ("beta", "Seat beta", "disabled"),
+            ("gamma", "Seat gamma", "active")
+        ]
+    );
+    for a in &s.accounts {
+        assert!(a.enabled);
+        assert_eq!(a.max_concurrency, 4);
+        assert_eq!(a.weight, 1);
+        let fp = a.token_fingerprint.as_deref().expect("a token fingerprint");
+        assert!(fp.len() == 8 && fp.bytes().all(|b| b.is_ascii_hexdigit()), "{fp}");
+        assert!(a.token_expires_at.unwrap() > s.started_at + 3000, "{a:?}");
+    }
+    assert_eq!(find(&s, "beta").reason.as_deref(), Some("disabled by operator"));
+
+    // status as a table.
+    let t = ctl.run(&["status"]).await.ok();
+    let first = t.stdout.lines().next().unwrap();
+    assert!(
+        first.starts_with(&format!(
+            "amq2api {} (pid {}), up ",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id()
+        )),
+        "{t}"
+    );
+    assert_eq!(t.line("listeners:"), format!("listeners: http://{}", h.addr));
+    assert_eq!(t.line("config:"), format!("config:    {}", h.config_path.display()));
+    assert!(
+        t.line("accounts:").starts_with(&format!("accounts:  {} (loaded ", s.config.accounts_file)),
+        "{t}"
+    );
+    assert!(!t.stdout.contains("LAST RELOAD FAILED"), "{t}");
+    assert_eq!(
+        t.line("pool:"),
+        "pool:      3 accounts: 2 active, 0 cooling, 0 quota, 0 suspended, 0 invalid, 1 disabled; 0 in flight, 0 streams"
+    );
+    let header = t.line("ID");
+    for col in
+        ["ID", "LABEL", "STATE", "TOKEN", "IN-FLIGHT", "REQUESTS", "FAILURES", "LAST USED", "LAST ERROR"]
+    {
+        assert!(header.contains(col), "{header}");
+    }
+    for (id, state) in [("alpha", "active"), ("beta", "disabled"), ("gamma", "active")] {
+        let r = row(&t, id);
+        assert!(r.contains(&format!("Seat {id}")), "{r}");
+        let cols: Vec<&str> = r.split_whitespace().collect();
+        assert_eq!(cols[3], state, "{r}");
+        assert!(r.contains("0/4"), "in flight of max: {r}");
+    }
+    assert!(row(&t, "beta").contains("disabled by operator"), "{t}");
+    assert_eq!(
+        t.stdout
+            .lines()
+            .filter(|l| l.starts_with("alpha") || l.starts_with("beta") || l.starts_with("gamma"))
+            .count(),
+        3
+    );
+
+    // accounts: the same rows.
+    let a = ctl.run(&["accounts"]).await.ok();
+    assert!(a.stdout.lines().next().unwrap().starts_with("ID"), "{a}");
+    assert_eq!(a.stdout.lines().count(), 4, "a header and one row an account: {a}");
+    for id in names {
+        assert!(row(&a, id).contains(&format!("Seat {id}")), "{a}");
+    }
+    let list: Vec<AccountInfo> = ctl.run(&["--json", "accounts"]).await.ok().json();
+    assert_eq!(list.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), names);
+    assert_eq!(list[1].state, "disabled");
+
+    // account ID: detail.
+    let one = ctl.run(&["account", "alpha"]).await.ok();
+    for l in [
+        "id:               alpha",
+        "label:            Seat alpha",
+        "enabled:          true",
+        "state:            active",
+        "in flight:        0/4",
+        "weight:           1",
+    ] {
+        assert!(one.stdout.lines().any(|x| x == l), "no line {l:?}: {one}");
+    }
+    let fp = find(&s, "alpha").token_fingerprint.clone().unwrap();
+    assert!(one.line("token:").contains(&format!("sha256:{fp}")), "{one}");
+    let j: AccountInfo = ctl.run(&["--json", "account", "gamma"]).await.ok().json();
+    assert_eq!((j.id.as_str(), j.label.as_str(), j.state.as_str()), ("gamma", "Seat gamma", "active"));
+
+    // An unknown id.
+    for args in [&["account", "nope"][..], &["--json", "account", "nope"][..]] {
+        let e = ctl.run(args).await;
+        assert_ne!(e.code, 0, "{e}");
+        assert_eq!(e.code, 64, "{e}");
+        assert_eq!(e.stdout, "", "{e}");
+        assert!(e.stderr.contains("no account \"nope\""), "{e}");
+    }
+    // Actions on an unknown id are failures too.
+    let e = ctl.run(&["enable", "nope"]).await;
+    assert_eq!(e.code, 64, "{e}");
+    assert!(e.stderr.contains("no account \"nope\""), "{e}");
+
+    ctl.assert_no_secrets(&ids(&names));
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// refresh
+
+#[tokio::test]
+async fn refresh_one_all_and_a_revoked_token() {
+    let names = ["alpha", "beta", "gamma"];
+    let h = start(&names).await;
+    let mut ctl = Ctl::of(&h);
+    wait_tokens(&mut ctl, 3).await;
+
+    // One account.
+    let before = h.emulator.stats_for(&client_id("alpha")).refreshes;
+    let fp_before = ctl.account("alpha").await.token_fingerprint;
+    let r = ctl.run(&["refresh", "alpha"]).await.ok();
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{r}");
+    assert!(lines[0].starts_with("ok   alpha "), "{r}");
+    assert!(
+        lines[0].contains("token refreshed, expires in 59 min") || lines[0].contains("expires in 60 min"),
+        "{r}"
+    );
+    assert!(lines[0].ends_with("(state active)"), "{r}");
+    assert_eq!(lines[1], "1 of 1 succeeded");
+    assert_eq!(h.emulator.stats_for(&client_id("alpha")).refreshes, before + 1);
+    assert_ne!(ctl.account("alpha").await.token_fingerprint, fp_before, "a new access token");
+
+    // All: a line an account and a summary.
+    let r = ctl.run(&["refresh", "--all"]).await.ok();
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{r}");
+    for (l, id) in lines.iter().zip(names) {
+        assert!(l.starts_with(&format!("ok   {id} ")), "{r}");
+        assert!(l.contains("token refreshed"), "{r}");
+    }
+    assert_eq!(lines[3], "3 of 3 succeeded");
+    let j: Vec<ActionResult> = ctl.run(&["--json", "refresh", "--all"]).await.ok().json();
+    assert_eq!(j.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), names);
+    assert!(
+        j.iter().all(|r| r.ok && r.state == "active" && r.message.starts_with("token refreshed")),
+        "{j:?}"
+    );
+    let j: Vec<ActionResult> = ctl.run(&["--json", "refresh", "gamma", "alpha"]).await.ok().json();
+    assert_eq!(j.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["gamma", "alpha"]);
+    assert!(j.iter().all(|r| r.ok));
+
+    // Neither ids nor --all: a usage error, nothing sent.
+    let e = ctl.run(&["refresh"]).await.code(64);
+    assert!(e.stderr.contains("--all"), "{e}");
+
+    // beta's refresh token is revoked upstream.
+    h.emulator.revoke_refresh_token(&client_id("beta"));
+    let r = ctl.run(&["refresh", "--all"]).await;
+    assert_ne!(r.code, 0, "{r}");
+    assert_eq!(r.code, 1, "{r}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{r}");
+    assert!(lines[0].starts_with("ok   alpha "), "{r}");
+    assert!(lines[1].starts_with("FAIL beta "), "{r}");
+    assert!(lines[1].ends_with("(state invalid)"), "{r}");
+    assert!(lines[2].starts_with("ok   gamma "), "{r}");
+    assert_eq!(lines[3], "2 of 3 succeeded, 1 failed");
+    let s = ctl.status().await;
+    let beta = find(&s, "beta");
+    assert_eq!(beta.state, "invalid", "{beta:?}");
+    assert!(beta.reason.is_some() && beta.last_error.is_some(), "{beta:?}");
+    assert_eq!((s.pool.active, s.pool.invalid), (2, 1), "{:?}", s.pool);
+    assert_eq!(find(&s, "alpha").state, "active");
+    assert!(row(&ctl.run(&["status"]).await.ok(), "beta").contains(" invalid"));
+
+    // The same through --json and by name.
+    let r = ctl.run(&["--json", "refresh", "--all"]).await.code(1);
+    let j: Vec<ActionResult> = r.json();
+    assert_eq!(j.iter().filter(|r| !r.ok).map(|r| r.id.as_str()).collect::<Vec<_>>(), ["beta"]);
+    assert_eq!(j[1].state, "invalid");
+    let r = ctl.run(&["refresh", "beta"]).await.code(1);
+    assert!(r.stdout.starts_with("FAIL beta "), "{r}");
+    assert!(r.stdout.ends_with("0 of 1 succeeded, 1 failed\n"), "{r}");
+    let r = ctl.run(&["refresh", "alpha", "beta"]).await.code(1);
+    assert!(r.stdout.contains("1 of 2 succeeded, 1 failed"), "{r}");
+    // An unknown id among known ones fails its line, not the others.
+    let r = ctl.run(&["refresh", "alpha", "nope"]).await.code(1);
+    assert!(r.stdout.starts_with("ok   alpha "), "{r}");
+    assert!(r.stdout.contains("FAIL nope") && r.stdout.contains("no account"), "{r}");
+
+    // Requests keep flowing on the others.
+    message_ok(&h).await;
+    ctl.assert_no_secrets(&ids(&names));
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// check, enable, disable
+
+#[tokio::test]
+async fn check_suspended_enable_and_disable() {
+    let names = ["alpha", "beta", "gamma"];
+    let h = start(&names).await;
+    let mut ctl = Ctl::of(&h);
+    wait_tokens(&mut ctl, 3).await;
+
+    // All healthy.
+    let r = ctl.run(&["check", "--all"]).await.ok();
+    assert!(r.stdout.lines().take(3).all(|l| l.starts_with("ok   ") && l.contains("healthy")), "{r}");
+    assert!(r.stdout.ends_with("3 of 3 succeeded\n"), "{r}");
+    assert_eq!(requests_of(&h, "beta"), 1, "check made one real call");
+
+    // beta is suspended upstream.
+    h.emulator.set_behaviour(&client_id("beta"), Behaviour::Suspended);
+    let r = ctl.run(&["check", "--all"]).await;
+    assert_eq!(r.code, 1, "{r}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{r}");
+    assert!(lines[0].starts_with("ok   alpha "), "{r}");
+    assert!(lines[1].starts_with("FAIL beta "), "{r}");
+    assert!(lines[1].contains("suspended"), "{r}");
+    assert!(lines[1].ends_with("(state suspended)"), "{r}");
+    assert!(lines[2].starts_with("ok   gamma "), "{r}");
+    assert_eq!(lines[3], "2 of 3 succeeded, 1 failed");
+    let s = ctl.status().await;
+    assert_eq!(find(&s, "beta").state, "suspended");
+    assert_eq!((s.pool.active, s.pool.suspended), (2, 1));
+    let t = ctl.run(&["status"]).await.ok();
+    assert!(t.line("pool:").contains("2 active, 0 cooling, 0 quota, 1 suspended"), "{t}");
+    assert_eq!(row(&t, "beta").split_whitespace().nth(1), Some("suspended"), "{t}");
+
+    // --json and by name.
+    let j: Vec<ActionResult> = ctl.run(&["--json", "check", "beta", "alpha"]).await.code(1).json();
+    assert_eq!(j.len(), 2);
+    assert_eq!((j[0].id.as_str(), j[0].ok, j[0].state.as_str()), ("beta", false, "suspended"));
+    assert!(j[0].message.starts_with("suspended"), "{j:?}");
+    assert_eq!((j[1].id.as_str(), j[1].ok), ("alpha", true));
+
+    // A suspended account takes no traffic.
+    let beta_before = requests_of(&h, "beta");
+    for _ in 0..4 {
+        message_ok(&h).await;
+    }
+    assert_eq!(requests_of(&h, "beta"), beta_before);
+
+    // Amazon Q lifts the suspension; the operator enables the account.
+    h.emulator.set_behaviour(&client_id("beta"), Behaviour::Normal);
+    let r = ctl.run(&["enable", "beta"]).await.ok();
+    assert_eq!(r.stdout, "beta: enabled (state active)\n", "{r}");
+    assert_eq!(ctl.account("beta").await.state, "active");
+    let s = ctl.status().await;
+    assert_eq!((s.pool.active, s.pool.suspended), (3, 0));
+    ctl.run(&["check", "beta"]).await.ok();
+    let before = requests_of(&h, "beta");
+    for _ in 0..6 {
+        message_ok(&h).await;
+    }
+    assert!(requests_of(&h, "beta") > before, "an enabled account takes traffic again");
+
+    // disable: no request reaches it, whatever the load.
+    let j: ActionResult = ctl.run(&["--json", "disable", "beta"]).await.ok().json();
+    assert_eq!(
+        (j.id.as_str(), j.ok, j.message.as_str(), j.state.as_str()),
+        ("beta", true, "disabled", "disabled")
+    );
+    let s = ctl.status().await;
+    assert_eq!(find(&s, "beta").state, "disabled");
+    assert_eq!((s.pool.active, s.pool.disabled), (2, 1));
+    let before = (requests_of(&h, "alpha"), requests_of(&h, "beta"), requests_of(&h, "gamma"));
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let body = simple(&format!("request {i}"), i % 2 == 0);
+        let req = http::Request::post(h.url("/v1/messages"))
+            .header("content-type", "application/json")
+            .header("x-api-key", API_KEY)
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+            .unwrap();
+        tasks.push(tokio::spawn(send(req)));
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(requests_of(&h, "beta"), before.1, "a disabled account took a request");
+    assert_eq!(requests_of(&h, "alpha") + requests_of(&h, "gamma"), before.0 + before.2 + 12);
+
+    // enable puts it back.
+    ctl.run(&["enable", "beta"]).await.ok();
+    assert_eq!(ctl.account("beta").await.state, "active");
+    for _ in 0..6 {
+        message_ok(&h).await;
+    }
+    assert!(requests_of(&h, "beta") > before.1);
+
+    ctl.assert_no_secrets(&ids(&names));
+    h.stop().await;
+}
+
+/// An operator's `disable` holds until `enable`, whatever checks find; an account the file
+/// disables cannot be enabled from amqctl, and every answer reports the state status shows.
+#[tokio::test]
+async fn operator_overrides_hold() {
+    let names = ["alpha", "beta"];
+    let h = start(&names).await;
+    let mut ctl = Ctl::of(&h);
+    wait_tokens(&mut ctl, 2).await;
+    ctl.run(&["disable", "beta"]).await.ok();
+
+    // Checks of a disabled account report upstream's verdict but leave it disabled.
+    for (behaviour, kind) in [
+        (Behaviour::Suspended, "suspended"),
+        (Behaviour::Throttled { retry_after_secs: Some(1) }, "throttled"),
+    ] {
+        h.emulator.set_behaviour(&client_id("beta"), behaviour);
+        let r = ctl.run(&["check", "--all"]).await.code(1);
+        let line = r.stdout.lines().nth(1).unwrap();
+        assert!(line.starts_with("FAIL beta ") && line.contains(kind), "{r}");
+        assert!(line.ends_with("(state disabled)"), "{r}");
+        assert_eq!(ctl.account("beta").await.state, "disabled", "after a {kind} check");
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(ctl.account("beta").await.state, "disabled", "a cooldown's end does not enable it");
+    h.emulator.set_behaviour(&client_id("beta"), Behaviour::Normal);
+    let r = ctl.run(&["check", "--all"]).await.ok();
+    assert!(r.stdout.contains("ok   beta ") && r.stdout.contains("(state disabled)"), "{r}");
+    let s = ctl.status().await;
+    assert_eq!(find(&s, "beta").state, "disabled");
+    assert_eq!((s.pool.active, s.pool.disabled), (1, 1));
+    let before = requests_of(&h, "beta");
+    for _ in 0..4 {
+        message_ok(&h).await;
+    }
+    assert_eq!(requests_of(&h, "beta"), before);
+
+    // The file disables beta too: amqctl cannot enable it, and says so.
+    let text = accounts_toml(&ids(&names))
+        .replace("refresh_token = \"refresh-beta\"\n", "refresh_token = \"refresh-beta\"\nenabled = false\n");
+    std::fs::write(h.dir.path().join("accounts.toml"), &text).unwrap();
+    ctl.run(&["reload"]).await.code(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ctl.account("beta").await.enabled {
+        assert!(Instant::now() < deadline, "enabled = false never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = ctl.run(&["enable", "beta"]).await.code(1);
+    assert!(r.stdout.starts_with("beta: the accounts file says enabled = false"), "{r}");
+    assert!(r.stdout.trim_end().ends_with("(state disabled)"), "{r}");
+    let j: ActionResult = ctl.run(&["--json", "enable", "beta"]).await.code(1).json();
+    assert_eq!((j.ok, j.state.as_str()), (false, "disabled"));
+    let j: Vec<ActionResult> = ctl.run(&["--json", "refresh", "beta"]).await.ok().json();
+    assert_eq!(j[0].state, "disabled", "every answer reports the state status shows");
+    assert_eq!(ctl.account("beta").await.state, "disabled");
+
+    // The file enables it again; the operator's disable still holds until enable.
+    std::fs::write(h.dir.path().join("accounts.toml"), accounts_toml(&ids(&names))).unwrap();
+    ctl.run(&["reload"]).await.code(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ctl.account("beta").await.enabled {
+        assert!(Instant::now() < deadline, "enabled = true never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ctl.account("beta").await.state, "disabled");
+    let r = ctl.run(&["enable", "beta"]).await.ok();
+    assert_eq!(r.stdout, "beta: enabled (state active)\n");
+    ctl.run(&["check", "beta"]).await.ok();
+    for _ in 0..4 {
+        message_ok(&h).await;
+    }
+    assert!(requests_of(&h, "beta") > before);
+
+    ctl.assert_no_secrets(&ids(&names));
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// reload
+
+#[tokio::test]
+async fn reload_reports_changes_and_refuses_an_invalid_file() {
+    let names = ["alpha", "beta"];
+    let h = start(&names).await;
+    let mut ctl = Ctl::of(&h);
+    wait_tokens(&mut ctl, 2).await;
+
+    // The daemon also watches accounts.toml and reloads on its own; `amqctl reload` must be the
+    // one to see each change here. The watcher watches the file's directory, so the file becomes
+    // a symlink into a subdirectory: edits there reach a reload but not the watcher.
+    let dir = h.dir.path();
+    let accounts = dir.join("accounts.toml");
+    std::fs::create_dir(dir.join("real")).unwrap();
+    let real = dir.join("real/accounts.toml");
+    std::fs::write(&real, accounts_toml(&ids(&names))).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).unwrap();
+    }
+    std::os::unix::fs::symlink(&real, dir.join("accounts.toml.new")).unwrap();
+    std::fs::rename(dir.join("accounts.toml.new"), &accounts).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ctl.status().await.config.last_reload_at.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let j: ReloadResult = ctl.run(&["--json", "reload"]).await.ok().json();
+    assert_eq!(j, ReloadResult { ok: true, changes: "no changes".into(), errors: vec![], warnings: vec![] });
+
+    // Add an account, relabel another.
+    h.emulator.add_account(&client_id("gamma"), "secret-gamma", "refresh-gamma");
+    let mut text = accounts_toml(&ids(&["alpha", "beta", "gamma"]));
+    text =
+        text.replacen("[[account]]\nid = \"alpha\"\n", "[[account]]\nid = \"alpha\"\nlabel = \"First\"\n", 1);
+    std::fs::write(&real, &text).unwrap();
+    let r = ctl.run(&["reload"]).await.ok();
+    assert_eq!(r.stdout, "reloaded: added gamma; changed alpha (label)\n", "{r}");
+    let s = ctl.status().await;
+    assert_eq!(s.accounts.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["alpha", "beta", "gamma"]);
+    assert_eq!(find(&s, "alpha").label, "First");
+    assert_eq!(s.config.last_reload_error, None);
+    assert!(s.config.last_reload_at.is_some());
+    let r = ctl.run(&["reload"]).await.ok();
+    assert_eq!(r.stdout, "reloaded: no changes\n", "{r}");
+    // gamma serves.
+    let g = requests_of(&h, "gamma");
+    for _ in 0..6 {
+        message_ok(&h).await;
+    }
+    assert!(requests_of(&h, "gamma") > g, "the added account takes traffic");
+
+    // Remove beta.
+    std::fs::write(&real, text.replace(&accounts_toml(&ids(&["beta"])), "")).unwrap();
+    let j: ReloadResult = ctl.run(&["--json", "reload"]).await.ok().json();
+    assert!(j.ok && j.errors.is_empty(), "{j:?}");
+    assert_eq!(j.changes, "removed beta");
+    let good = std::fs::read_to_string(&real).unwrap();
+
+    // A syntax error (an unquoted secret on line 9): refused, with its place; nothing changes.
+    let bad = format!(
+        "{good}[[account]]\nid = \"delta\"\nclient_id = \"{}\"\nclient_secret = secret-delta\nrefresh_token = \"refresh-delta\"\n",
+        client_id("delta")
+    );
+    let line = bad.lines().position(|l| l.starts_with("client_secret = secret-delta")).unwrap() + 1;
+    std::fs::write(&real, &bad).unwrap();
+    let r = ctl.run(&["reload"]).await.code(78);
+    assert_eq!(r.stdout, "", "{r}");
+    let mut err = r.stderr.lines();
+    assert_eq!(err.next(), Some("reload refused (the running configuration stays):"), "{r}");
+    let e = err.next().unwrap_or_else(|| panic!("no error listed: {r}"));
+    let place = format!("  {}:{line}:", accounts.display());
+    assert!(e.starts_with(&place), "expected {place:?} (line {line} and a column): {r}");
+    let col: usize =
+        e[place.len()..].split(':').next().unwrap().parse().unwrap_or_else(|_| panic!("no column: {r}"));
+    assert!((1..=40).contains(&col), "{r}");
+    assert!(e.contains(": error: "), "{r}");
+
+    // status shows the failure; the old set keeps serving.
+    let s = ctl.status().await;
+    let last = s.config.last_reload_error.clone().expect("the last reload's error");
+    assert!(last.contains(&format!("{}:{line}:{col}", accounts.display())), "{last}");
+    assert_eq!(s.accounts.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["alpha", "gamma"]);
+    assert_eq!(s.pool.active, 2);
+    let t = ctl.run(&["status"]).await.ok();
+    let failed = t.line("LAST RELOAD FAILED");
+    assert!(failed.contains(&format!("accounts.toml:{line}:{col}")), "{t}");
+    let (a, g) = (requests_of(&h, "alpha"), requests_of(&h, "gamma"));
+    for _ in 0..4 {
+        message_ok(&h).await;
+    }
+    assert_eq!(requests_of(&h, "alpha") + requests_of(&h, "gamma"), a + g + 4);
+
+    // Several problems: each listed with its place (--json: exit 78 too).
+    let bad = format!(
+        "{good}[[account]]\nid = \"Bad Id\"\nclient_id = \"x\"\nclient_secret = \"y\"\nrefresh_token = \"z\"\n\n\
+         [[account]]\nid = \"gamma\"\nclient_id = \"x\"\nrefresh_token = \"z\"\n"
+    );
+    std::fs::write(&real, &bad).unwrap();
+    let r = ctl.run(&["--json", "reload"]).await.code(78);
+    let j: ReloadResult = r.json();
+    assert!(!j.ok);
+    assert_eq!(j.changes, "no changes");
+    assert!(j.errors.len() >= 3, "bad id, duplicate id, missing client_secret: {j:?}");
+    for e in &j.errors {
+        let rest = e.strip_prefix(&format!("{}:", accounts.display())).unwrap_or_else(|| panic!("{e}"));
+        let mut parts = rest.splitn(3, ':');
+        let (l, c) = (parts.next().unwrap(), parts.next().unwrap());
+        assert!(l.parse::<usize>().is_ok() && c.parse::<usize>().is_ok(), "line and column in {e}");
+        assert!(parts.next().unwrap().starts_with(" error: "), "{e}");
+    }
+    let text = r.stdout.clone();
+    assert!(text.contains("Bad Id") && text.contains("client_secret"), "{r}");
+    let r = ctl.run(&["reload"]).await.code(78);
+    assert!(r.stderr.lines().count() > j.errors.len(), "every error listed: {r}");
+    assert_eq!(ctl.status().await.accounts.len(), 2);
+    message_ok(&h).await;
+
+    // Fixed: the error clears.
+    std::fs::write(&real, &good).unwrap();
+    let r = ctl.run(&["reload"]).await.ok();
+    assert_eq!(r.stdout, "reloaded: no changes\n", "{r}");
+    let s = ctl.status().await;
+    assert_eq!(s.config.last_reload_error, None);
+    assert!(!ctl.run(&["status"]).await.ok().stdout.contains("LAST RELOAD FAILED"));
+
+    ctl.assert_no_secrets(&ids(&["alpha", "beta", "gamma", "delta"]));
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// import, completions, man (no daemon needed)
+
+#[tokio::test]
+async fn import_both_seed_formats() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Ctl::new(&dir.path().join("absent.sock"));
+
+    let lines = dir.path().join("accounts.txt");
+    std::fs::write(
+        &lines,
+        "# seed export\n\
+         Team A, first seat|pw-one|imp-client-1|imp-secret-1|imp-refresh-1|imp-access-1\n\
+         \n\
+         Team A, first seat|pw-two|imp-client-2|imp-secret-2|imp-refresh-2|\n\
+         Ünïcode \"quoted\" label|pw-three|imp-client-3|imp-secret-3|imp-refresh-3|imp-access-3\n",
+    )
+    .unwrap();
+    let r = ctl.run(&["import", lines.to_str().unwrap()]).await.ok();
+    let (set, diags) = amq2api::config::accounts::parse(Path::new("imported.toml"), &r.stdout)
+        .unwrap_or_else(|d| panic!("not a valid accounts.toml ({d}): {r}"));
+    assert!(diags.is_empty(), "{diags}");
+    let got: Vec<(String, String, String, String, String, bool)> = set
+        .iter()
+        .map(|a| {
+            (
+                a.id.to_string(),
+                a.label.clone(),
+                a.client_id.expose().to_string(),
+                a.client_secret.expose().to_string(),
+                a.refresh_token.expose().to_string(),
+                a.enabled,
+            )
+        })
+        .collect();
+    assert_eq!(got.len(), 3, "{r}");
+    for (i, g) in got.iter().enumerate() {
+        let n = i + 1;
+        assert_eq!(
+            (&g.2[..], &g.3[..], &g.4[..], g.5),
+            (
+                &format!("imp-client-{n}")[..],
+                &format!("imp-secret-{n}")[..],
+                &format!("imp-refresh-{n}")[..],
+                true
+            )
+        );
+    }
+    assert_eq!(got[0].1, "Team A, first seat");
+    assert_eq!(got[2].1, "Ünïcode \"quoted\" label");
+    assert_ne!(got[0].0, got[1].0, "unique ids for equal labels");
+    // Passwords and access tokens are not carried over.
+    for never in ["pw-one", "pw-two", "pw-three", "imp-access-1", "imp-access-3"] {
+        assert!(!r.stdout.contains(never), "{never} copied: {r}");
+    }
+
+    let json = dir.path().join("export.json");
+    std::fs::write(
+        &json,
+        r#"[
+  {"label": "Seat B", "clientId": "imp-client-b", "clientSecret": "imp-secret-b", "refreshToken": "imp-refresh-b", "accessToken": "imp-access-b", "enabled": false},
+  {"clientId": "imp-client-c", "clientSecret": "imp-secret-c", "refreshToken": "imp-refresh-c"}
+]"#,
+    )
+    .unwrap();
+    let r = ctl.run(&["import", json.to_str().unwrap()]).await.ok();
+    let (set, _) = amq2api::config::accounts::parse(Path::new("imported.toml"), &r.stdout)
+        .unwrap_or_else(|d| panic!("not a valid accounts.toml ({d}): {r}"));
+    let v: Vec<_> = set.iter().collect();
+    assert_eq!(v.len(), 2, "{r}");
+    assert_eq!(v[0].label, "Seat B");
+    assert_eq!(v[0].client_id.expose(), "imp-client-b");
+    assert_eq!(v[0].client_secret.expose(), "imp-secret-b");
+    assert_eq!(v[0].refresh_token.expose(), "imp-refresh-b");
+    assert!(!v[0].enabled);
+    assert_eq!(v[1].refresh_token.expose(), "imp-refresh-c");
+    assert!(v[1].enabled);
+    assert!(!r.stdout.contains("imp-access-b"), "{r}");
+
+    // Broken input: a clear message, no partial output.
+    std::fs::write(&lines, "only|three|fields\n").unwrap();
+    let r = ctl.run(&["import", lines.to_str().unwrap()]).await.code(65);
+    assert_eq!(r.stdout, "", "{r}");
+    assert!(r.stderr.contains("line 1"), "{r}");
+    std::fs::write(&json, r#"[{"label": "x", "clientId": "c"}]"#).unwrap();
+    let r = ctl.run(&["import", json.to_str().unwrap()]).await.code(65);
+    assert!(r.stderr.contains("missing clientSecret"), "{r}");
+    let r = ctl.run(&["import", "/nonexistent/export.json"]).await;
+    assert_ne!(r.code, 0, "{r}");
+    assert!(r.stderr.contains("/nonexistent/export.json"), "{r}");
+}
+
+#[tokio::test]
+async fn completions_and_man() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Ctl::new(&dir.path().join("absent.sock"));
+    let r = ctl.run(&["completions", "bash"]).await.ok();
+    assert!(r.stdout.len() > 1000, "{r}");
+    assert!(r.stdout.contains("complete") && r.stdout.contains("amqctl"), "{r}");
+    for sub in ["status", "accounts", "refresh", "check", "enable", "disable", "reload", "import"] {
+        assert!(r.stdout.contains(sub), "no {sub} in the bash completions");
+    }
+    for shell in ["zsh", "fish"] {
+        let r = ctl.run(&["completions", shell]).await.ok();
+        assert!(!r.stdout.is_empty());
+    }
+    let r = ctl.run(&["man"]).await.ok();
+    assert!(r.stdout.starts_with(".ie") || r.stdout.contains(".TH amqctl"), "{r}");
+    assert!(r.stdout.contains(".TH amqctl"), "{r}");
+    assert!(r.stdout.contains("refresh"), "{r}");
+    let r = ctl.run(&["completions", "no-such-shell"]).await;
+    assert_eq!(r.code, 64, "{r}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// errors: no daemon, no permission
+
+#[tokio::test]
+async fn no_daemon_is_exit_69() {
+    let mut ctl = Ctl::new(Path::new("/nonexistent/x.sock"));
+    for args in [&["status"][..], &["--json", "status"][..], &["refresh", "--all"][..], &["reload"][..]] {
+        let r = ctl.run(args).await.code(69);
+        assert_eq!(r.stdout, "", "{r}");
+        assert!(r.stderr.contains("amq2api is not running (no socket at /nonexistent/x.sock)"), "{r}");
+    }
+    // A stale socket file: nobody listens.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let mut ctl = Ctl::new(&path);
+    let r = ctl.run(&["status"]).await.code(69);
+    assert!(r.stderr.contains("amq2api is not running"), "{r}");
+}
+
+#[tokio::test]
+async fn a_caller_outside_the_group_is_refused() {
+    let Some(setpriv) =
+        ["/usr/bin/setpriv", "/bin/setpriv", "/usr/sbin/setpriv"].into_iter().find(|p| Path::new(p).exists())
+    else {
+        println!("note: setpriv not found; the permission test is skipped");
+        return;
+    };
+    if !nix::unistd::getuid().is_root() {
+        println!("note: not root, cannot switch to uid 65534; the permission test is skipped");
+        return;
+    }
+    let h = start(&["alpha"]).await;
+    let mut ctl = Ctl::of(&h);
+    // Let the connection itself through (directory and socket open to all): the daemon's
+    // peer-credential check is what must refuse.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(h.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&ctl.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let nobody = [setpriv, "--reuid", "65534", "--regid", "65534", "--clear-groups"];
+
+    for args in [
+        &["status"][..],
+        &["--json", "accounts"][..],
+        &["disable", "alpha"][..],
+        &["refresh", "--all"][..],
+        &["refresh", "alpha"][..],
+    ] {
+        let r = ctl.run_as(&nobody, args).await;
+        assert_eq!(r.code, 77, "{r}");
+        assert_eq!(r.stdout, "", "{r}");
+        assert!(r.stderr.contains("add yourself to group amq2api"), "{r}");
+        assert!(r.stderr.contains(&ctl.socket.display().to_string()), "{r}");
+    }
+    // Nothing happened.
+    assert_eq!(ctl.account("alpha").await.state, "active");
+    // The daemon logged each refusal with the caller's uid.
+    let log = logs();
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("caller refused")).collect();
+    assert!(refusals.len() >= 5, "{log}");
+    assert!(refusals.iter().all(|l| l.contains("uid=65534")), "{refusals:?}");
+    assert!(refusals.iter().any(|l| l.contains("/v1/accounts/alpha/disable")), "{refusals:?}");
+    // Root (the test) is let in, and its mutating calls are logged with uid and pid.
+    ctl.run(&["disable", "alpha"]).await.ok();
+    ctl.run(&["enable", "alpha"]).await.ok();
+    let log = logs();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("control action") && l.contains("uid=0") && l.contains("action=disable")),
+        "{log}"
+    );
+
+    ctl.assert_no_secrets(&ids(&["alpha"]));
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// scale
+
+#[tokio::test]
+async fn refresh_all_over_100_accounts_within_5_s() {
+    let names: Vec<String> = (0..100).map(|i| format!("acct-{i:03}")).collect();
+    let name_refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+    let started = Instant::now();
+    let h = start(&name_refs).await;
+    let mut ctl = Ctl::of(&h);
+    wait_tokens(&mut ctl, 100).await;
+    println!("startup: 100 accounts got their first tokens within {:?}", started.elapsed());
+
+    for round in 0..2 {
+        let r = ctl.run(&["refresh", "--all"]).await.ok();
+        println!("refresh --all over 100 accounts (round {round}): {:?}", r.elapsed);
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        assert_eq!(lines.len(), 101, "{r}");
+        assert!(lines[..100].iter().all(|l| l.starts_with("ok   ")), "{r}");
+        assert_eq!(lines[100], "100 of 100 succeeded");
+        assert!(r.elapsed < Duration::from_secs(5), "refresh --all over 100 accounts took {:?}", r.elapsed);
+    }
+    let r = ctl.run(&["--json", "refresh", "--all"]).await.ok();
+    println!("refresh --all --json over 100 accounts: {:?}", r.elapsed);
+    let j: Vec<ActionResult> = r.json();
+    assert_eq!(j.len(), 100);
+    assert!(j.iter().all(|a| a.ok));
+    assert!(r.elapsed < Duration::from_secs(5), "took {:?}", r.elapsed);
+    for a in &names {
+        assert!(h.emulator.stats_for(&client_id(a)).refreshes >= 4, "{a}");
+    }
+    let t = ctl.run(&["status"]).await.ok();
+    println!("status over 100 accounts: {:?}", t.elapsed);
+    assert_eq!(t.line("pool:").split(':').nth(1).unwrap().trim().split(' ').next(), Some("100"));
+
+    ctl.assert_no_secrets(&names);
+    h.stop().await;
+}
+
+#[test]
+fn the_token_detector_sees_tokens() {
+    assert_eq!(
+        token_like("x aoaABCDEFGHIJKLMNOPQRSTUVWXYZ0123 y").as_deref(),
+        Some("aoaABCDEFGHIJKLMNOPQRSTUVWXYZ0123")
+    );
+    assert!(token_like("refresh aorQWERTYUIOPASDFGHJKLZXCVB").is_some());
+    assert_eq!(token_like("token:            sha256:1e8d8386… aoa short"), None);
+}
