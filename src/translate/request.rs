@@ -147,7 +147,10 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
         }
     }
 
-    // Fold system messages into the user turn that follows them; build merged turns.
+    // Build merged turns. A system message stays where the client put it: after a user message it
+    // joins that user turn (so it keeps its place once the assistant has answered), after an
+    // assistant message it opens the next user turn; before the first user message it is part of
+    // the system prompt.
     let mut turns: Vec<Turn> = Vec::new();
     let mut pending_system: Vec<String> = Vec::new();
     let first_user = req.messages.iter().position(|m| m.role == Role::User).unwrap_or(req.messages.len());
@@ -159,26 +162,26 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
                 if !text.trim().is_empty() {
                     if i < first_user {
                         preamble.push(text);
+                    } else if let Some(Turn::User(prev)) = turns.last_mut() {
+                        prev.texts.push(system_reminder(&text));
                     } else {
                         pending_system.push(text);
                     }
                 }
             }
             Role::User => {
-                let mut turn = UserTurn::default();
+                // Consecutive user messages fill one turn, so that the per-message limits (images,
+                // one result per tool use) hold for the merged turn.
+                if !matches!(turns.last(), Some(Turn::User(_))) {
+                    turns.push(Turn::User(UserTurn::default()));
+                }
+                let Some(Turn::User(turn)) = turns.last_mut() else {
+                    unreachable!("a user turn was just ensured");
+                };
                 for s in pending_system.drain(..) {
-                    turn.texts.push(format!("<system-reminder>\n{s}\n</system-reminder>"));
+                    turn.texts.push(system_reminder(&s));
                 }
-                user_blocks(&m.content, &mut turn, &mut total_images)?;
-                match turns.last_mut() {
-                    Some(Turn::User(prev)) => {
-                        prev.texts.append(&mut turn.texts);
-                        prev.images.append(&mut turn.images);
-                        prev.results.append(&mut turn.results);
-                        prev.omitted_images += turn.omitted_images;
-                    }
-                    _ => turns.push(Turn::User(turn)),
-                }
+                user_blocks(&m.content, i, turn, &mut total_images)?;
             }
             Role::Assistant => {
                 let mut turn = AssistantTurn::default();
@@ -216,7 +219,7 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
     };
     // System messages after the last user message belong to the current turn.
     for s in pending_system.drain(..) {
-        current.texts.push(format!("<system-reminder>\n{s}\n</system-reminder>"));
+        current.texts.push(system_reminder(&s));
     }
     if turns.first().is_some_and(|t| matches!(t, Turn::Assistant(_))) {
         turns.insert(
@@ -251,7 +254,10 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
         ToolChoice::Any => {
             instructions.push("You must call at least one of the available tools in this reply.".into())
         }
-        ToolChoice::Tool(ref n) => instructions.push(format!("You must call the tool `{n}` in this reply.")),
+        // The name the model sees in `tools` (an alias for a name Amazon Q cannot take).
+        ToolChoice::Tool(ref n) => {
+            instructions.push(format!("You must call the tool `{}` in this reply.", names.upstream(n)))
+        }
         ToolChoice::None => instructions.push("Do not call any tool in this reply; answer in text.".into()),
     }
     let send_tools = match req.tool_choice {
@@ -366,6 +372,10 @@ pub fn normalise_schema(schema: &Value) -> Value {
     Value::Object(m)
 }
 
+fn system_reminder(text: &str) -> String {
+    format!("<system-reminder>\n{text}\n</system-reminder>")
+}
+
 fn plain_text(m: &Message) -> String {
     m.content
         .iter()
@@ -377,19 +387,25 @@ fn plain_text(m: &Message) -> String {
         .join("\n\n")
 }
 
-fn image(source: &ImageSource, path: &str) -> Result<Image, ApiError> {
+/// `path` names the block (`messages.2.content.0`) for the error message.
+fn image(source: &ImageSource, path: impl FnOnce() -> String) -> Result<Image, ApiError> {
     match source {
         ImageSource::Base64 { media_type, data } => Ok(Image {
             format: media_type.trim_start_matches("image/").to_string(),
             source: QImageSource { bytes: data.clone() },
         }),
         ImageSource::Url { .. } | ImageSource::File { .. } => Err(ApiError::invalid(format!(
-            "{path}: only base64 image sources are supported by this server (it does not fetch URLs or files)"
+            "{}.source.type: only base64 image sources are supported by this server (it does not fetch URLs or files)",
+            path()
         ))),
     }
 }
 
-fn document_text(source: &DocumentSource, title: &Option<String>) -> Result<String, ApiError> {
+fn document_text(
+    source: &DocumentSource,
+    title: &Option<String>,
+    path: impl FnOnce() -> String,
+) -> Result<String, ApiError> {
     let body = match source {
         DocumentSource::Text { data } => data.clone(),
         DocumentSource::Content(blocks) => blocks
@@ -401,14 +417,16 @@ fn document_text(source: &DocumentSource, title: &Option<String>) -> Result<Stri
             .collect::<Vec<_>>()
             .join("\n\n"),
         DocumentSource::Base64Pdf => {
-            return Err(ApiError::invalid(
-                "document: PDF documents are not supported by this server; send the text as a plain-text document",
-            ));
+            return Err(ApiError::invalid(format!(
+                "{}.source.media_type: PDF documents are not supported by this server; send the text as a plain-text document",
+                path()
+            )));
         }
         DocumentSource::Url | DocumentSource::File => {
-            return Err(ApiError::invalid(
-                "document: only plain-text and inline content documents are supported (no URL or file sources)",
-            ));
+            return Err(ApiError::invalid(format!(
+                "{}.source.type: only plain-text and inline content documents are supported (no URL or file sources)",
+                path()
+            )));
         }
     };
     Ok(match title {
@@ -431,26 +449,34 @@ fn push_image(turn: &mut UserTurn, img: Image, total: &mut usize) {
     }
 }
 
-fn user_blocks(blocks: &[Block], turn: &mut UserTurn, total_images: &mut usize) -> Result<(), ApiError> {
-    for b in blocks {
+/// The blocks of `messages[index]`, a user message, into `turn`.
+fn user_blocks(
+    blocks: &[Block],
+    index: usize,
+    turn: &mut UserTurn,
+    total_images: &mut usize,
+) -> Result<(), ApiError> {
+    for (j, b) in blocks.iter().enumerate() {
+        let at = || format!("messages.{index}.content.{j}");
         match b {
             Block::Text { text } => turn.texts.push(text.clone()),
-            Block::Image { source } => push_image(turn, image(source, "image")?, total_images),
-            Block::Document { source, title } => turn.texts.push(document_text(source, title)?),
+            Block::Image { source } => push_image(turn, image(source, at)?, total_images),
+            Block::Document { source, title } => turn.texts.push(document_text(source, title, at)?),
             Block::SearchResult { source, title, content } => {
                 turn.texts.push(search_result_text(source, title, content))
             }
             Block::ToolResult { tool_use_id, content, is_error } => {
                 let mut parts: Vec<ToolResultContent> = Vec::new();
-                for c in content {
+                for (k, c) in content.iter().enumerate() {
+                    let at = || format!("messages.{index}.content.{j}.content.{k}");
                     match c {
                         Block::Text { text } => parts.push(ToolResultContent::Text(text.clone())),
                         Block::Image { source } => {
-                            push_image(turn, image(source, "tool_result image")?, total_images);
+                            push_image(turn, image(source, at)?, total_images);
                             parts.push(ToolResultContent::Text("[image attached to this message]".into()));
                         }
                         Block::Document { source, title } => {
-                            parts.push(ToolResultContent::Text(document_text(source, title)?))
+                            parts.push(ToolResultContent::Text(document_text(source, title, at)?))
                         }
                         Block::SearchResult { source, title, content } => {
                             parts.push(ToolResultContent::Text(search_result_text(source, title, content)))
