@@ -560,7 +560,6 @@ impl Pool {
                 self.set_state(a, State::Invalid, None, Some(format!("access denied: {message}")));
             }
             UpstreamFailure::TokenInvalid => {
-                a.tokens.invalidate_access();
                 a.state.lock().unwrap_or_else(|e| e.into_inner()).last_error =
                     Some("access token refused".into());
             }
@@ -761,7 +760,7 @@ impl Lease {
 
     /// The token `refused` was refused upstream: the next `access_token` refreshes.
     pub fn token_refused(&mut self, refused: Secret) {
-        self.account.tokens.invalidate_access();
+        self.account.tokens.invalidate_if(&refused);
         self.force_next = Some(refused);
     }
 

@@ -60,6 +60,14 @@ impl Tokens {
         *self.access.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
+    /// Drops the cached access token only if it is `refused` (a newer one stays).
+    pub fn invalidate_if(&self, refused: &Secret) {
+        let mut a = self.access.write().unwrap_or_else(|e| e.into_inner());
+        if a.as_ref().is_some_and(|x| x.token.expose() == refused.expose()) {
+            *a = None;
+        }
+    }
+
     /// Replaces the chain (the file's credentials changed). The next use refreshes from it.
     pub async fn reset(&self, chain: Chain) {
         let mut c = self.chain.lock().await;
