@@ -481,7 +481,10 @@ pub fn parse_value(
         return Err(mp.err("At least one message is required"));
     }
     let mut messages = Vec::with_capacity(raw_messages.len());
-    let mut tool_use_ids: HashSet<String> = HashSet::new();
+    // A tool_result must answer a tool_use of the assistant turn just before it (consecutive
+    // same-role messages form one turn; system messages do not end a turn).
+    let mut open_tool_uses: HashSet<String> = HashSet::new();
+    let mut last_role: Option<Role> = None;
     for (i, m) in raw_messages.iter().enumerate() {
         let p = mp.at(i);
         let o = as_obj(m, &p)?;
@@ -496,14 +499,20 @@ pub fn parse_value(
             }
         };
         let content = parse_content(req(o, "content", &p)?, &p.at("content"), role)?;
+        if role == Role::Assistant && last_role != Some(Role::Assistant) {
+            open_tool_uses.clear();
+        }
+        if role != Role::System {
+            last_role = Some(role);
+        }
         for (j, b) in content.iter().enumerate() {
             match b {
                 Block::ToolUse { id, .. } => {
-                    tool_use_ids.insert(id.clone());
+                    open_tool_uses.insert(id.clone());
                 }
-                Block::ToolResult { tool_use_id, .. } if !tool_use_ids.contains(tool_use_id) => {
+                Block::ToolResult { tool_use_id, .. } if !open_tool_uses.contains(tool_use_id) => {
                     return Err(p.at("content").at(j).at("tool_use_id").err(format!(
-                        "unexpected `tool_use_id` found in `tool_result` blocks: {tool_use_id}. Each `tool_result` block must have a corresponding `tool_use` block in an earlier message."
+                        "unexpected `tool_use_id` found in `tool_result` blocks: {tool_use_id}. Each `tool_result` block must have a corresponding `tool_use` block in the previous message."
                     )));
                 }
                 _ => {}
@@ -558,7 +567,15 @@ fn parse_tools(v: &Value, p: &Path) -> Result<Vec<ToolDef>, ApiError> {
                 let description = opt_str(o, "description", &tp)?;
                 ToolDef::Custom { name: name.clone(), description, input_schema: schema.clone() }
             }
-            Some(k) => ToolDef::Server { kind: k.to_string(), name: name.clone() },
+            Some(k) => match client_tool(k) {
+                // Anthropic-defined tools the client runs itself: an ordinary tool for the model.
+                Some((description, input_schema)) => ToolDef::Custom {
+                    name: name.clone(),
+                    description: Some(description.into()),
+                    input_schema,
+                },
+                None => ToolDef::Server { kind: k.to_string(), name: name.clone() },
+            },
         };
         if !names.insert(name.clone()) {
             return Err(tp.at("name").err(format!("Tool names must be unique: '{name}' appears twice")));
@@ -566,6 +583,49 @@ fn parse_tools(v: &Value, p: &Path) -> Result<Vec<ToolDef>, ApiError> {
         out.push(def);
     }
     Ok(out)
+}
+
+/// Schemas of the Anthropic-defined tools that the client executes (bash, text editor, memory,
+/// computer use): they reach the model as ordinary tools and come back as `tool_use` blocks.
+fn client_tool(kind: &str) -> Option<(&'static str, Value)> {
+    use serde_json::json;
+    let string = json!({"type": "string"});
+    if kind.starts_with("bash_") {
+        Some((
+            "Run a shell command in a persistent bash session.",
+            json!({"type": "object", "properties": {"command": string, "restart": {"type": "boolean"}}}),
+        ))
+    } else if kind.starts_with("text_editor_") {
+        Some((
+            "View, create and edit text files: commands view, create, str_replace, insert, undo_edit.",
+            json!({"type": "object", "properties": {
+                "command": {"type": "string", "enum": ["view", "create", "str_replace", "insert", "undo_edit"]},
+                "path": string, "file_text": string, "old_str": string, "new_str": string,
+                "insert_line": {"type": "integer"}, "insert_text": string,
+                "view_range": {"type": "array", "items": {"type": "integer"}}},
+                "required": ["command", "path"]}),
+        ))
+    } else if kind.starts_with("memory_") {
+        Some((
+            "Read and write files in a /memories directory: commands view, create, str_replace, insert, delete, rename.",
+            json!({"type": "object", "properties": {
+                "command": string, "path": string, "file_text": string, "old_str": string, "new_str": string,
+                "insert_line": {"type": "integer"}, "insert_text": string, "old_path": string, "new_path": string,
+                "view_range": {"type": "array", "items": {"type": "integer"}}},
+                "required": ["command"]}),
+        ))
+    } else if kind.starts_with("computer_") {
+        Some((
+            "Control the computer's screen, mouse and keyboard: take screenshots, move and click, type and press keys.",
+            json!({"type": "object", "properties": {
+                "action": string, "coordinate": {"type": "array", "items": {"type": "integer"}},
+                "text": string, "duration": {"type": "number"}, "scroll_direction": string,
+                "scroll_amount": {"type": "integer"}},
+                "required": ["action"]}),
+        ))
+    } else {
+        None
+    }
 }
 
 fn parse_content(v: &Value, p: &Path, role: Role) -> Result<Vec<Block>, ApiError> {
@@ -839,6 +899,31 @@ mod tests {
                 .starts_with("max_tokens: Input should be a valid integer")
         );
         assert!(err(json!({"model": "m", "max_tokens": -1, "messages": []})).starts_with("max_tokens:"));
+    }
+
+    #[test]
+    fn tool_results_answer_the_previous_assistant_turn() {
+        let base = |messages: Value| json!({"model": "m", "max_tokens": 10, "messages": messages});
+        let tu = json!({"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "t", "input": {}}]});
+        let tr = json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}]});
+        let sys = json!({"role": "system", "content": "reminder"});
+        assert!(parse_json(base(json!([{"role": "user", "content": "q"}, tu, sys, tr]))).is_ok());
+        // Answered again after another assistant turn: refused, as Anthropic's API does.
+        let e = err(base(
+            json!([{"role": "user", "content": "q"}, tu, tr, {"role": "assistant", "content": "a"}, tr]),
+        ));
+        assert!(e.starts_with("messages.4.content.0.tool_use_id: unexpected"), "{e}");
+    }
+
+    #[test]
+    fn client_run_tools_become_ordinary_tools() {
+        let r = parse_json(json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "bash_20250124", "name": "bash"}, {"type": "text_editor_20250728", "name": "str_replace_based_edit_tool"},
+                      {"type": "web_search_20250305", "name": "web_search"}]}))
+        .unwrap();
+        assert!(matches!(&r.tools[0], ToolDef::Custom { name, .. } if name == "bash"));
+        assert!(matches!(&r.tools[1], ToolDef::Custom { .. }));
+        assert!(matches!(&r.tools[2], ToolDef::Server { .. }));
     }
 
     #[test]
