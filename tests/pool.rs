@@ -238,3 +238,67 @@ async fn sigkill_during_rotation_never_loses_a_refresh_token() {
     assert_eq!(emulator.stats().refresh_failures, 0);
     assert!(emulator.stats().refreshes >= 8 * 3, "rotation really happened: {}", emulator.stats().refreshes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_fails_no_request() {
+    let ids: Vec<String> = (1..=4).map(|i| format!("acct-{i}")).collect();
+    let setup = Setup {
+        accounts: ids.clone(),
+        account_extra: "max_concurrency = 60".into(),
+        emulator: EmulatorOptions { fragment_delay: Duration::from_millis(5), ..Default::default() },
+        ..Default::default()
+    };
+    let h = Harness::start(setup).await;
+    let file = h.dir.path().join("accounts.toml");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..100 {
+        let url = h.url("/v1/messages");
+        let stop = stop.clone();
+        clients.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let req = http::Request::post(url.clone())
+                    .header("content-type", "application/json")
+                    .header("x-api-key", API_KEY)
+                    .body(Full::new(Bytes::from(simple(&format!("client {c}"), true).to_string())))
+                    .unwrap();
+                let r = send(req).await;
+                let frames = if r.status == 200 { r.sse() } else { vec![] };
+                if r.status == 200 && frames.last().is_some_and(|(e, _)| e == "message_stop") {
+                    ok += 1;
+                } else {
+                    failed.push(format!("{} {}", r.status, r.text().chars().take(200).collect::<String>()));
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let pick = |n: usize| ids[..n].to_vec();
+    for i in 0..50 {
+        match i % 5 {
+            0 => std::fs::write(&file, accounts_toml(&pick(2))).unwrap(),
+            1 => std::fs::write(&file, "[[account]]\nid = \"half-writ").unwrap(),
+            2 => {
+                let tmp = h.dir.path().join("accounts.toml.new");
+                std::fs::write(&tmp, accounts_toml_with(&pick(4), "max_concurrency = 60\nweight = 2"))
+                    .unwrap();
+                std::fs::rename(&tmp, &file).unwrap();
+            }
+            3 => std::fs::write(&file, accounts_toml_with(&pick(3), "max_concurrency = 60")).unwrap(),
+            _ => std::fs::write(&file, accounts_toml_with(&ids[1..], "max_concurrency = 60")).unwrap(),
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for c in clients {
+        let (o, f) = c.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    eprintln!("{ok} streams completed during 50 rewrites, {} failed", failed.len());
+    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    assert!(ok >= 100, "{ok}");
+    h.stop().await;
+}
