@@ -1,0 +1,201 @@
+//! The upstream client against the emulator: OIDC refresh outcomes and every scripted
+//! behaviour of `GenerateAssistantResponse`, each checked as the typed outcome the pool acts on.
+
+use amq2api::config::{Secret, UpstreamConfig};
+use amq2api::emulator::{Behaviour, Emulator, EmulatorOptions};
+use amq2api::upstream::types::*;
+use amq2api::upstream::{Event, QuotaKind, RefreshError, StreamError, UpstreamClient, UpstreamFailure};
+use bytes::Bytes;
+use std::time::Duration;
+
+fn config(e: &Emulator) -> UpstreamConfig {
+    UpstreamConfig {
+        endpoint: Some(e.endpoint().parse().unwrap()),
+        token_endpoint: Some(e.token_endpoint().parse().unwrap()),
+        ca_file: None,
+        connect_timeout: Duration::from_secs(2),
+        first_byte_timeout: Duration::from_secs(1),
+        stream_idle_timeout: Duration::from_secs(1),
+        max_attempts: 3,
+    }
+}
+
+fn body(text: &str) -> Bytes {
+    let req = GenerateRequest {
+        conversation_state: ConversationState {
+            conversation_id: "c".into(),
+            chat_trigger_type: ChatTriggerType::Manual,
+            history: vec![],
+            current_message: CurrentMessage {
+                user_input_message: UserInputMessage {
+                    content: text.into(),
+                    model_id: Some("claude-sonnet-4.5".into()),
+                    origin: Some("AI_EDITOR".into()),
+                    ..Default::default()
+                },
+            },
+        },
+        profile_arn: None,
+    };
+    Bytes::from(serde_json::to_vec(&req).unwrap())
+}
+
+struct Env {
+    e: Emulator,
+    c: UpstreamClient,
+    token: Secret,
+}
+
+async fn env() -> Env {
+    let e = Emulator::start(EmulatorOptions::default()).await.unwrap();
+    e.add_account("cid", "secret", "rt0");
+    let c = UpstreamClient::new(&config(&e)).unwrap();
+    let grant = c
+        .create_token(
+            &e.token_endpoint().parse().unwrap(),
+            &Secret::new("cid"),
+            &Secret::new("secret"),
+            &Secret::new("rt0"),
+        )
+        .await
+        .unwrap();
+    assert!(grant.refresh_token.is_some(), "rotation");
+    Env { e, c, token: grant.access_token }
+}
+
+async fn call(env: &Env, b: Behaviour) -> Result<(Vec<Event>, Option<StreamError>), UpstreamFailure> {
+    env.e.set_behaviour_for_next("cid", b, 1);
+    let mut s = env.c.generate(&env.e.endpoint().parse().unwrap(), &env.token, body("hi"), 1).await?;
+    let mut events = Vec::new();
+    while let Some(ev) = s.next().await {
+        match ev {
+            Ok(ev) => events.push(ev),
+            Err(e) => return Ok((events, Some(e))),
+        }
+    }
+    Ok((events, None))
+}
+
+#[tokio::test]
+async fn token_refresh_outcomes() {
+    let e = Emulator::start(EmulatorOptions::default()).await.unwrap();
+    e.add_account("cid", "secret", "rt0");
+    let c = UpstreamClient::new(&config(&e)).unwrap();
+    let url = e.token_endpoint().parse().unwrap();
+    let s = Secret::new;
+    let g = c.create_token(&url, &s("cid"), &s("secret"), &s("rt0")).await.unwrap();
+    assert!(g.expires_in > Duration::from_secs(3000));
+    let rt1 = g.refresh_token.unwrap();
+    assert!(matches!(
+        c.create_token(&url, &s("cid"), &s("secret"), &s("rt0")).await,
+        Err(RefreshError::InvalidGrant(_))
+    ));
+    assert!(c.create_token(&url, &s("cid"), &s("secret"), &rt1).await.is_ok());
+    assert!(matches!(
+        c.create_token(&url, &s("cid"), &s("wrong"), &rt1).await,
+        Err(RefreshError::InvalidClient(_))
+    ));
+    assert!(matches!(
+        c.create_token(&url, &s("nobody"), &s("x"), &rt1).await,
+        Err(RefreshError::InvalidClient(_))
+    ));
+    let dead: http::Uri = "http://127.0.0.1:9/token".parse().unwrap();
+    assert!(matches!(
+        c.create_token(&dead, &s("cid"), &s("secret"), &rt1).await,
+        Err(RefreshError::Transient(_))
+    ));
+}
+
+#[tokio::test]
+async fn every_behaviour_has_its_typed_outcome() {
+    let env = env().await;
+    let (events, err) = call(&env, Behaviour::Normal).await.unwrap();
+    assert!(err.is_none());
+    assert!(matches!(events[0], Event::InitialResponse { .. }));
+    let text: String = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::AssistantResponse { content } => Some(content.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(text, "Hello from the Amazon Q emulator. You said: hi");
+    assert!(events.iter().any(|e| matches!(e, Event::ContextUsage { .. })));
+
+    assert!(matches!(call(&env, Behaviour::Suspended).await, Err(UpstreamFailure::Suspended { .. })));
+    assert!(matches!(
+        call(&env, Behaviour::Throttled { retry_after_secs: Some(4) }).await,
+        Err(UpstreamFailure::Throttled { retry_after: Some(d), .. }) if d == Duration::from_secs(4)
+    ));
+    assert!(matches!(call(&env, Behaviour::CapacityExhausted).await, Err(UpstreamFailure::Capacity { .. })));
+    assert!(matches!(
+        call(&env, Behaviour::MonthlyQuota).await,
+        Err(UpstreamFailure::Quota { kind: QuotaKind::Monthly, .. })
+    ));
+    assert!(matches!(
+        call(&env, Behaviour::DailyQuota).await,
+        Err(UpstreamFailure::Quota { kind: QuotaKind::Daily, .. })
+    ));
+    assert!(matches!(
+        call(&env, Behaviour::InternalError).await,
+        Err(UpstreamFailure::Transient { status: Some(500), .. })
+    ));
+    assert!(matches!(
+        call(&env, Behaviour::Unavailable).await,
+        Err(UpstreamFailure::Transient { status: Some(503), .. })
+    ));
+    assert!(matches!(
+        call(&env, Behaviour::SlowFirstByte(Duration::from_secs(3))).await,
+        Err(UpstreamFailure::Transient { status: None, .. })
+    ));
+    assert!(matches!(
+        call(&env, Behaviour::ResetBeforeFirstByte).await,
+        Err(UpstreamFailure::Transient { status: None, .. })
+    ));
+    let (_, err) = call(&env, Behaviour::ResetAfterFirstByte).await.unwrap();
+    assert!(matches!(err, Some(StreamError::Transport(_)) | Some(StreamError::Decode(_))), "{err:?}");
+    let (_, err) = call(&env, Behaviour::CorruptFrame).await.unwrap();
+    assert!(matches!(err, Some(StreamError::Decode(_))), "{err:?}");
+    let (_, err) = call(
+        &env,
+        Behaviour::InStreamException {
+            exception_type: "error".into(),
+            message: "MODEL_TEMPORARILY_UNAVAILABLE".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(err.as_ref().is_some_and(|e| e.is_capacity()), "{err:?}");
+    let (_, err) = call(
+        &env,
+        Behaviour::InStreamException {
+            exception_type: "ContentLengthExceededException".into(),
+            message: "too long".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(err.as_ref().is_some_and(|e| e.is_output_truncation()), "{err:?}");
+    let (events, err) = call(&env, Behaviour::ToolCallCutBeforeStop).await.unwrap();
+    assert!(err.is_none());
+    assert!(!events.iter().any(|e| matches!(e, Event::ToolUse { stop: true, .. })));
+    let (_, err) = call(&env, Behaviour::SilentAfterFirstByte(Duration::from_secs(3))).await.unwrap();
+    assert!(matches!(err, Some(StreamError::Idle(1))), "{err:?}");
+    let (events, _) = call(&env, Behaviour::Reasoning).await.unwrap();
+    assert!(events.iter().any(|e| matches!(e, Event::Reasoning { signature: Some(_), .. })));
+    let (events, _) = call(&env, Behaviour::LongReply { chars: 5000 }).await.unwrap();
+    let n: usize = events
+        .iter()
+        .map(|e| match e {
+            Event::AssistantResponse { content } => content.chars().count(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(n, 5000);
+    // A refused bearer token.
+    env.e.expire_access_tokens("cid");
+    assert!(matches!(
+        env.c.generate(&env.e.endpoint().parse().unwrap(), &env.token, body("x"), 1).await,
+        Err(UpstreamFailure::TokenInvalid)
+    ));
+}
