@@ -838,6 +838,44 @@ mod tests {
         }
     }
 
+    /// The exact bytes of a streamed reply, in the order of Anthropic's streaming documentation:
+    /// message_start, ping, then per block start/deltas/stop, message_delta, message_stop.
+    #[test]
+    fn sse_bytes_follow_the_documented_order() {
+        let mut p = params();
+        p.input_tokens = 25;
+        let mut st = ResponseState::new(p);
+        let mut evs = st.start();
+        evs.extend(st.on_event(text("Hello")));
+        evs.extend(st.on_event(tool("tooluse_X1", "get_weather", Some("{\"city\": \"Paris\"}"), false)));
+        evs.extend(st.on_event(tool("tooluse_X1", "get_weather", None, true)));
+        evs.extend(st.on_end());
+        let bytes: Vec<u8> = evs.iter().flat_map(|e| e.to_sse().to_vec()).collect();
+        let expected = concat!(
+            "event: message_start\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_test\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":1}}}\n\n",
+            "event: ping\n",
+            "data: {\"type\":\"ping\"}\n\n",
+            "event: content_block_start\n",
+            "data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+            "event: content_block_delta\n",
+            "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n",
+            "event: content_block_stop\n",
+            "data: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+            "event: content_block_start\n",
+            "data: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_X1\",\"name\":\"get_weather\",\"input\":{}}}\n\n",
+            "event: content_block_delta\n",
+            "data: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"city\\\": \\\"Paris\\\"}\"}}\n\n",
+            "event: content_block_stop\n",
+            "data: {\"type\":\"content_block_stop\",\"index\":1}\n\n",
+            "event: message_delta\n",
+            "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\",\"stop_sequence\":null},\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":7}}\n\n",
+            "event: message_stop\n",
+            "data: {\"type\":\"message_stop\"}\n\n",
+        );
+        assert_eq!(String::from_utf8(bytes).unwrap(), expected);
+    }
+
     #[test]
     fn context_usage_sets_input_tokens() {
         let (_, m) = run(
