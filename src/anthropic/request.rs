@@ -147,6 +147,8 @@ pub struct MessagesRequest {
     pub stream: bool,
     pub tools: Vec<ToolDef>,
     pub tool_choice: ToolChoice,
+    /// `tool_choice.disable_parallel_tool_use`: at most one tool call in the reply.
+    pub single_tool_call: bool,
     pub thinking: Thinking,
     pub metadata_user_id: Option<String>,
 }
@@ -436,13 +438,14 @@ pub fn parse_value(
         Some(v) => parse_tools(v, &root.at("tools"))?,
     };
 
+    let mut single_tool_call = false;
     let tool_choice = match get(obj, "tool_choice") {
         None => ToolChoice::Auto,
         Some(v) => {
             let p = root.at("tool_choice");
             let o = as_obj(v, &p)?;
             if let Some(d) = get(o, "disable_parallel_tool_use") {
-                as_bool(d, &p.at("disable_parallel_tool_use"))?;
+                single_tool_call = as_bool(d, &p.at("disable_parallel_tool_use"))?;
             }
             match as_str(req(o, "type", &p)?, &p.at("type"))? {
                 "auto" => ToolChoice::Auto,
@@ -533,6 +536,7 @@ pub fn parse_value(
         stream,
         tools,
         tool_choice,
+        single_tool_call,
         thinking,
         metadata_user_id,
     })

@@ -256,9 +256,15 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
         }
         // The name the model sees in `tools` (an alias for a name Amazon Q cannot take).
         ToolChoice::Tool(ref n) => {
-            instructions.push(format!("You must call the tool `{}` in this reply.", names.upstream(n)))
+            let q = names.upstream(n);
+            if defined.contains(&q) {
+                instructions.push(format!("You must call the tool `{q}` in this reply."))
+            }
         }
         ToolChoice::None => instructions.push("Do not call any tool in this reply; answer in text.".into()),
+    }
+    if req.single_tool_call && !matches!(req.tool_choice, ToolChoice::None) {
+        instructions.push("Call at most one tool in this reply.".into());
     }
     let send_tools = match req.tool_choice {
         ToolChoice::None => {
@@ -430,13 +436,18 @@ fn document_text(
         }
     };
     Ok(match title {
-        Some(t) => format!("<document title=\"{t}\">\n{body}\n</document>"),
+        Some(t) => format!("<document title=\"{}\">\n{body}\n</document>", t.replace('"', "&quot;")),
         None => format!("<document>\n{body}\n</document>"),
     })
 }
 
 fn search_result_text(source: &str, title: &str, content: &[String]) -> String {
-    format!("<search_result source=\"{source}\" title=\"{title}\">\n{}\n</search_result>", content.join("\n"))
+    format!(
+        "<search_result source=\"{}\" title=\"{}\">\n{}\n</search_result>",
+        source.replace('"', "&quot;"),
+        title.replace('"', "&quot;"),
+        content.join("\n")
+    )
 }
 
 fn push_image(turn: &mut UserTurn, img: Image, total: &mut usize) {
