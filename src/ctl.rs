@@ -488,8 +488,19 @@ fn toml_str(s: &str) -> String {
 
 /// Reads a seed export and renders `[[account]]` entries with generated ids.
 pub fn import(path: &Path) -> Result<String, Failure> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| fail(exit::IOERR, format!("cannot read {}: {e}", path.display())))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| fail(exit::IOERR, format!("cannot read {}: {e}", path.display())))?;
+    if bytes.starts_with(b"SQLite format 3\0") {
+        return Err(fail(
+            exit::DATAERR,
+            format!(
+                "{} is the seed's SQLite accounts.db, which amqctl does not read: export the accounts from the seed's /v2/accounts endpoint as JSON (or its label|password|clientId|clientSecret|refreshToken|accessToken lines) and import that",
+                path.display()
+            ),
+        ));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|_| fail(exit::DATAERR, format!("{} is not UTF-8 text", path.display())))?;
     let accounts =
         parse_export(&text).map_err(|e| fail(exit::DATAERR, format!("{}: {e}", path.display())))?;
     let mut out = format!("# Imported by amqctl from {} ({} accounts).\n", path.display(), accounts.len());
