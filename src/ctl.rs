@@ -255,38 +255,40 @@ async fn actions(cli: &Cli, verb: &str, ids: &[String], all: bool) -> Result<i32
     if ids.is_empty() && !all {
         return Err(fail(exit::USAGE, format!("name accounts (amqctl {verb} ID…) or use --all")));
     }
-    let mut results: Vec<ActionResult> = Vec::new();
-    if all {
-        let (rs, _) = get::<Vec<ActionResult>>(s, "POST", &format!("/v1/{verb}")).await?;
-        for r in rs {
-            if !cli.json {
-                print_action(&r);
-            }
-            results.push(r);
-        }
+    // With --all, the daemon's list names the accounts; either way each account is its own call,
+    // at most 8 at once, and each line is printed as its result arrives.
+    let ids: Vec<String> = if all {
+        get::<Vec<AccountInfo>>(s, "GET", "/v1/accounts").await?.0.into_iter().map(|a| a.id).collect()
     } else {
-        let mut tasks = Vec::new();
-        for id in ids {
-            let (s, path) = (s.clone(), format!("/v1/accounts/{id}/{verb}"));
-            tasks.push(tokio::spawn(async move { get::<ActionResult>(&s, "POST", &path).await }));
-        }
-        for (t, id) in tasks.into_iter().zip(ids) {
-            let r = match t.await {
-                Ok(Ok((r, _))) => r,
-                Ok(Err(f)) if f.code == exit::UNAVAILABLE || f.code == exit::NOPERM => return Err(f),
-                Ok(Err(f)) => {
-                    ActionResult { id: id.clone(), ok: false, message: f.message, state: "-".into() }
-                }
-                Err(e) => {
-                    ActionResult { id: id.clone(), ok: false, message: e.to_string(), state: "-".into() }
-                }
-            };
-            if !cli.json {
-                print_action(&r);
-            }
-            results.push(r);
-        }
+        ids.to_vec()
+    };
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for (i, id) in ids.iter().enumerate() {
+        let (s, path, id, tx, limit) =
+            (s.clone(), format!("/v1/accounts/{id}/{verb}"), id.clone(), tx.clone(), limit.clone());
+        tokio::spawn(async move {
+            let _permit = limit.acquire_owned().await;
+            let r = get::<ActionResult>(&s, "POST", &path).await.map(|(r, _)| r);
+            let _ = tx.send((i, id, r));
+        });
     }
+    drop(tx);
+    let mut results: Vec<(usize, ActionResult)> = Vec::new();
+    while let Some((i, id, r)) = rx.recv().await {
+        let r = match r {
+            Ok(r) => r,
+            Err(f) if f.code == exit::UNAVAILABLE || f.code == exit::NOPERM => return Err(f),
+            Err(f) => ActionResult { id, ok: false, message: f.message, state: "-".into() },
+        };
+        if !cli.json {
+            print_action(&r);
+        }
+        results.push((i, r));
+    }
+    // JSON keeps the accounts' order.
+    results.sort_by_key(|(i, _)| *i);
+    let results: Vec<ActionResult> = results.into_iter().map(|(_, r)| r).collect();
     let failed = results.iter().filter(|r| !r.ok).count();
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&results).unwrap_or_default());
