@@ -191,8 +191,8 @@ pub enum PoolError {
     Busy,
 }
 
-/// Counts of accounts by state (for `/health`, `STATUS=`, metrics).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Counts of accounts by state (for `/health`, `STATUS=`, metrics, the control API).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PoolSummary {
     pub total: usize,
     pub active: usize,

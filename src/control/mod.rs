@@ -180,16 +180,7 @@ pub fn status(shared: &Shared) -> Status {
             last_reload_error: info.last_error.clone(),
             last_reload_at: unix(info.last_attempt),
         },
-        pool: PoolState {
-            total: s.total,
-            active: s.active,
-            cooling: s.cooling,
-            quota: s.quota,
-            suspended: s.suspended,
-            invalid: s.invalid,
-            disabled: s.disabled,
-            in_flight: s.in_flight,
-        },
+        pool: s,
         streams_in_flight: shared.app.metrics.streams_in_flight(),
         accounts: shared.app.pool.accounts().iter().map(|a| account_info(&a.view())).collect(),
     }

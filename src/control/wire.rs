@@ -31,17 +31,8 @@ pub struct ConfigState {
     pub last_reload_at: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct PoolState {
-    pub total: usize,
-    pub active: usize,
-    pub cooling: usize,
-    pub quota: usize,
-    pub suspended: usize,
-    pub invalid: usize,
-    pub disabled: usize,
-    pub in_flight: u64,
-}
+/// The pool summary, as the pool computes it.
+pub use crate::accounts::PoolSummary as PoolState;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AccountInfo {
