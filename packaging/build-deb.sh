@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Builds the Debian package: target/debian/amq2api_<version>-1_<arch>.deb (under
+# $CARGO_TARGET_DIR when set). Layout and maintainer scripts: [package.metadata.deb] in
+# Cargo.toml and packaging/debian/.
+#
+# 1. installs cargo-deb when it is missing (from crates.io);
+# 2. builds the release binaries;
+# 3. generates amqctl's man page and bash/zsh/fish completions from its clap definitions into
+#    target/packaging/ (the asset paths Cargo.toml names; cargo generate-rpm uses them too);
+# 4. runs cargo deb and prints the path of the package.
+#
+# The daemon binary has no man page: it has no `man` subcommand (amqctl's page and
+# `amq2api --help` document it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! cargo deb --version >/dev/null 2>&1; then
+    echo "== cargo install cargo-deb --locked"
+    cargo install cargo-deb --locked
+fi
+
+echo "== cargo build --release --bins"
+cargo build --release --bins
+
+target_dir=${CARGO_TARGET_DIR:-target}
+amqctl="$target_dir/release/amqctl"
+generated=target/packaging
+mkdir -p "$generated"
+echo "== generating the man page and completions into $generated/"
+"$amqctl" man >"$generated/amqctl.1"
+"$amqctl" completions bash >"$generated/amqctl.bash"
+"$amqctl" completions zsh >"$generated/_amqctl"
+"$amqctl" completions fish >"$generated/amqctl.fish"
+
+echo "== cargo deb"
+# The binaries are built; cargo deb strips them and assembles the package. Its last line of
+# output is the path of the .deb.
+deb=$(cargo deb --no-build | tail -n 1)
+echo "$deb"
