@@ -139,9 +139,7 @@ async fn run_daemon(path: &Path) -> i32 {
     let loaded = match config::load(path, &Env::from_process()) {
         Ok(l) => l,
         Err(diags) => {
-            for d in &diags.0 {
-                tracing::error!("{d}");
-            }
+            // Once, on stderr (which systemd puts in the journal too).
             eprintln!("{diags}");
             return exit::CONFIG;
         }
@@ -155,6 +153,23 @@ async fn run_daemon(path: &Path) -> i32 {
     };
     let mut http = Vec::new();
     if !activated.is_empty() {
+        let cfg = &loaded.config.server;
+        if cfg.tls.is_none() && !cfg.allow_plaintext {
+            let public: Vec<String> = activated
+                .iter()
+                .filter_map(|(_, l)| l.local_addr().ok())
+                .filter(|a| !a.ip().is_loopback())
+                .map(|a| a.to_string())
+                .collect();
+            if !public.is_empty() {
+                eprintln!(
+                    "{}: error: systemd passed the non-loopback socket(s) {} and no TLS is configured: set tls_cert and tls_key, or allow_plaintext = true",
+                    path.display(),
+                    public.join(", ")
+                );
+                return exit::CONFIG;
+            }
+        }
         for (name, l) in activated {
             tracing::info!(name = %name, addr = ?l.local_addr().ok(), "using a socket passed by systemd");
             http.push(l);

@@ -98,6 +98,8 @@ struct RawControl {
 }
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
+/// The placeholder key of examples/amq2api.toml (check-config warns when it is in use).
+const EXAMPLE_API_KEY: &str = "sk-amq-example-change-me-0123456789";
 const DEFAULT_ACCOUNTS_FILE: &str = "/etc/amq2api/accounts.toml";
 const DEFAULT_STATE_DIR: &str = "/var/lib/amq2api";
 const DEFAULT_CONTROL_SOCKET: &str = "/run/amq2api/control.sock";
@@ -312,6 +314,12 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
                 }
             }
         }
+    }
+    if digests.contains(&super::secret::sha256(EXAMPLE_API_KEY.as_bytes())) {
+        ck.rep.warning_at(
+            raw.auth.api_keys.first().map(|k| k.span()),
+            "the example API key from examples/amq2api.toml is configured: replace it with your own secret",
+        );
     }
     let keys = ApiKeys::new(digests);
     if keys.is_empty() && !raw.auth.allow_anonymous && !ck.rep.out.has_errors() {
