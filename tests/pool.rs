@@ -302,3 +302,27 @@ async fn reload_under_load_fails_no_request() {
     assert!(ok >= 100, "{ok}");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_removed_and_added_back_keeps_its_rotated_token() {
+    let h = Harness::start(Setup { accounts: vec!["acct-1".into(), "acct-2".into()], ..Default::default() }).await;
+    let file = h.dir.path().join("accounts.toml");
+    let all = vec!["acct-1".to_string(), "acct-2".to_string()];
+    // Both accounts refresh (and rotate) once.
+    let t0 = Instant::now();
+    while h.emulator.stats().refreshes < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(&file, accounts_toml(&all[..1])).unwrap();
+    until(Duration::from_secs(2), async || total_accounts(&h).await == 1).await;
+    std::fs::write(&file, accounts_toml(&all)).unwrap();
+    until(Duration::from_secs(2), async || total_accounts(&h).await == 2).await;
+    // Force a refresh of the returning account: it must use the stored successor, not the
+    // file's (long dead) original.
+    h.emulator.expire_access_tokens(&client_id("acct-2"));
+    h.emulator.set_behaviour(&client_id("acct-1"), amq2api::emulator::Behaviour::Suspended);
+    assert_eq!(post(&h, "/v1/messages", &simple("back again", false)).await.status, 200);
+    assert_eq!(h.emulator.stats().refresh_failures, 0);
+    h.stop().await;
+}

@@ -44,44 +44,46 @@ impl StateSink for StoreSink {
         }
     }
 
-    fn forget(&self, id: &AccountId) {
-        if let Err(e) = self.0.remove(id.as_str()) {
-            tracing::warn!(account = %id, error = %e, "cannot forget a removed account");
+    fn restore(&self, id: &AccountId) -> Restored {
+        match self.0.get(id.as_str()) {
+            Ok(Some(rec)) => restored_one(rec),
+            Ok(None) => Restored::default(),
+            Err(e) => {
+                tracing::warn!(account = %id, error = %e, "cannot read the account's stored state");
+                Restored::default()
+            }
         }
     }
 }
 
 /// What the pool restores from the store's records.
 pub fn restored(records: BTreeMap<String, AccountRecord>) -> BTreeMap<String, Restored> {
-    records
-        .into_iter()
-        .map(|(id, r)| {
-            let (chain, access) = match r.tokens {
-                Some(t) => {
-                    let access = match (t.access_token, t.access_expires_at) {
-                        (Some(token), Some(expires_at)) => Some(Access { token, expires_at }),
-                        _ => None,
-                    };
-                    (
-                        Some(Chain {
-                            refresh_token: t.refresh_token,
-                            rotated: t.rotated,
-                            file_fingerprint: t.file_fingerprint,
-                        }),
-                        access,
-                    )
-                }
-                None => (None, None),
+    records.into_iter().map(|(id, r)| (id, restored_one(r))).collect()
+}
+
+fn restored_one(r: AccountRecord) -> Restored {
+    let (chain, access) = match r.tokens {
+        Some(t) => {
+            let access = match (t.access_token, t.access_expires_at) {
+                (Some(token), Some(expires_at)) => Some(Access { token, expires_at }),
+                _ => None,
             };
-            let state = Some(StateInfo {
-                state: r.state.state,
-                since: r.state.since,
-                until: r.state.until,
-                reason: r.state.reason,
-                last_error: r.state.last_error,
-                strikes: 0,
-            });
-            (id, Restored { chain, access, state, counters: Some(r.counters) })
-        })
-        .collect()
+            let chain = Chain {
+                refresh_token: t.refresh_token,
+                rotated: t.rotated,
+                file_fingerprint: t.file_fingerprint,
+            };
+            (Some(chain), access)
+        }
+        None => (None, None),
+    };
+    let state = Some(StateInfo {
+        state: r.state.state,
+        since: r.state.since,
+        until: r.state.until,
+        reason: r.state.reason,
+        last_error: r.state.last_error,
+        strikes: 0,
+    });
+    Restored { chain, access, state, counters: Some(r.counters) }
 }

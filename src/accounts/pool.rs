@@ -33,7 +33,9 @@ pub trait StateSink: Send + Sync {
     fn tokens(&self, id: &AccountId, chain: &Chain, access: &Access) -> Result<(), String>;
     fn state(&self, id: &AccountId, info: &StateInfo);
     fn counters(&self, batch: Vec<(AccountId, Counters)>);
-    fn forget(&self, id: &AccountId);
+    /// What the store holds for an account that joins at run time (removed earlier and now
+    /// back, for example): its rotated token chain must not be lost.
+    fn restore(&self, id: &AccountId) -> Restored;
 }
 
 /// A sink that keeps nothing (tests, tools).
@@ -45,7 +47,9 @@ impl StateSink for NoSink {
     }
     fn state(&self, _: &AccountId, _: &StateInfo) {}
     fn counters(&self, _: Vec<(AccountId, Counters)>) {}
-    fn forget(&self, _: &AccountId) {}
+    fn restore(&self, _: &AccountId) -> Restored {
+        Restored::default()
+    }
 }
 
 /// What a restart brings back for one account.
@@ -575,7 +579,8 @@ impl Pool {
         let mut added = Vec::new();
         for id in &diff.added {
             if let Some(spec) = new.get(id) {
-                added.push(Arc::new(Account::new(spec.clone(), &self.upstream, Restored::default())));
+                let restored = self.sink.restore(id);
+                added.push(Arc::new(Account::new(spec.clone(), &self.upstream, restored)));
             }
         }
         for change in &diff.changed {
@@ -599,9 +604,10 @@ impl Pool {
         {
             let mut list = self.accounts.write().unwrap_or_else(|e| e.into_inner());
             for id in &diff.removed {
+                // The stored chain is kept: an account removed and added back (commented out
+                // for a while, say) resumes its rotated refresh token instead of a dead one.
                 if let Some(a) = list.iter().find(|a| &a.id == id) {
                     a.removed.store(true, Ordering::SeqCst);
-                    self.sink.forget(id);
                 }
             }
             list.retain(|a| !diff.removed.contains(&a.id));
