@@ -305,7 +305,8 @@ async fn reload_under_load_fails_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_account_removed_and_added_back_keeps_its_rotated_token() {
-    let h = Harness::start(Setup { accounts: vec!["acct-1".into(), "acct-2".into()], ..Default::default() }).await;
+    let h = Harness::start(Setup { accounts: vec!["acct-1".into(), "acct-2".into()], ..Default::default() })
+        .await;
     let file = h.dir.path().join("accounts.toml");
     let all = vec!["acct-1".to_string(), "acct-2".to_string()];
     // Both accounts refresh (and rotate) once.

@@ -8,7 +8,7 @@ use crate::config::{
 };
 use crate::upstream::client::Endpoints;
 use crate::upstream::{QuotaKind, RefreshError, UpstreamClient, UpstreamFailure, endpoints_for};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -337,34 +337,55 @@ impl Pool {
 
     fn try_lease(self: &Arc<Self>, exclude: &HashSet<AccountId>) -> Result<Option<Lease>, PoolError> {
         let now = SystemTime::now();
-        let accounts = self.accounts();
-        let usable: Vec<&Arc<Account>> =
-            accounts.iter().filter(|a| !exclude.contains(&a.id) && a.usable(now)).collect();
-        if usable.is_empty() {
-            let candidates: Vec<&Arc<Account>> = accounts
-                .iter()
-                .filter(|a| !exclude.contains(&a.id) && !a.removed.load(Ordering::SeqCst))
-                .filter(|a| a.spec.read().unwrap_or_else(|e| e.into_inner()).enabled)
-                .collect();
-            let soonest = candidates
-                .iter()
-                .filter_map(|a| {
-                    let st = a.state();
-                    matches!(st.state, State::Cooling | State::Quota).then_some(st.until).flatten()
+        // This runs for every request over every account: the choice is made under the read lock
+        // without cloning the list, and only the chosen account is cloned.
+        let chosen = {
+            let accounts = self.accounts.read().unwrap_or_else(|e| e.into_inner());
+            let allowed = |a: &Account| exclude.is_empty() || !exclude.contains(&a.id);
+            let usable: Vec<&Arc<Account>> =
+                accounts.iter().filter(|a| allowed(a) && a.usable(now)).collect();
+            if usable.is_empty() {
+                let soonest = accounts
+                    .iter()
+                    .filter(|a| allowed(a) && !a.removed.load(Ordering::SeqCst))
+                    .filter(|a| a.spec.read().unwrap_or_else(|e| e.into_inner()).enabled)
+                    .filter_map(|a| {
+                        let st = a.state();
+                        matches!(st.state, State::Cooling | State::Quota).then_some(st.until).flatten()
+                    })
+                    .min();
+                Err(soonest)
+            } else {
+                Ok(self.pick(&usable))
+            }
+        };
+        match chosen {
+            Ok(Some(account)) => Ok(Some(Lease { account, pool: self.clone(), force_next: None })),
+            Ok(None) => Ok(None),
+            Err(soonest) => {
+                let summary = self.summary().describe();
+                Err(match soonest {
+                    Some(t) => PoolError::AllThrottled {
+                        retry_after: t.duration_since(now).unwrap_or_default().max(Duration::from_secs(1)),
+                        summary,
+                    },
+                    None => PoolError::NoneUsable { summary },
                 })
-                .min();
-            let summary = self.summary().describe();
-            return Err(match soonest {
-                Some(t) => PoolError::AllThrottled {
-                    retry_after: t.duration_since(now).unwrap_or_default().max(Duration::from_secs(1)),
-                    summary,
-                },
-                None => PoolError::NoneUsable { summary },
-            });
+            }
         }
+    }
+
+    /// Takes a slot on the first account of the strategy's order that has one free.
+    fn pick(&self, usable: &[&Arc<Account>]) -> Option<Arc<Account>> {
+        let take = |a: &Arc<Account>| {
+            let max = a.spec.read().unwrap_or_else(|e| e.into_inner()).max_concurrency.get();
+            a.in_flight
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| (x < max).then_some(x + 1))
+                .is_ok()
+        };
         let n = usable.len();
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
-        let order: Vec<&Arc<Account>> = match self.strategy {
+        match self.strategy {
             Strategy::RoundRobin => {
                 // Weighted: an account of weight w appears w times in the rotation.
                 let total: usize = usable.iter().map(|a| weight(a) as usize).sum::<usize>().max(1);
@@ -378,29 +399,33 @@ impl Pool {
                     }
                     slot -= w;
                 }
-                (0..n).map(|k| usable[(first + k) % n]).collect()
+                (0..n).map(|k| usable[(first + k) % n]).find(|a| take(a)).cloned()
             }
             Strategy::LeastBusy => {
-                let mut v: Vec<(f64, usize, &Arc<Account>)> = usable
+                // (load, place in the rotation): the rotation breaks ties, so keys are distinct.
+                let key = |i: usize, a: &Account| {
+                    (a.in_flight() as f64 / weight(a) as f64, (i + n - start % n) % n)
+                };
+                let order = |x: &(f64, usize), y: &(f64, usize)| {
+                    x.0.partial_cmp(&y.0).unwrap_or(std::cmp::Ordering::Equal).then(x.1.cmp(&y.1))
+                };
+                // The least busy account is nearly always the one leased: find it without sorting,
+                // and sort the whole list only when it turns out to be full.
+                let best = usable
                     .iter()
                     .enumerate()
-                    .map(|(i, a)| (a.in_flight() as f64 / weight(a) as f64, (i + n - start % n) % n, *a))
-                    .collect();
-                v.sort_by(|x, y| {
-                    x.0.partial_cmp(&y.0).unwrap_or(std::cmp::Ordering::Equal).then(x.1.cmp(&y.1))
-                });
-                v.into_iter().map(|(_, _, a)| a).collect()
-            }
-        };
-        for a in order {
-            let max = a.spec.read().unwrap_or_else(|e| e.into_inner()).max_concurrency.get();
-            let got =
-                a.in_flight.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| (x < max).then_some(x + 1));
-            if got.is_ok() {
-                return Ok(Some(Lease { account: a.clone(), pool: self.clone(), force_next: None }));
+                    .map(|(i, a)| (key(i, a), *a))
+                    .min_by(|x, y| order(&x.0, &y.0))
+                    .map(|(_, a)| a);
+                if let Some(a) = best.filter(|a| take(a)) {
+                    return Some(a.clone());
+                }
+                let mut v: Vec<((f64, usize), &Arc<Account>)> =
+                    usable.iter().enumerate().map(|(i, a)| (key(i, a), *a)).collect();
+                v.sort_by(|x, y| order(&x.0, &y.0));
+                v.into_iter().map(|(_, a)| a).find(|a| take(a)).cloned()
             }
         }
-        Ok(None)
     }
 
     /// Refreshes one account's token if needed (or forced), with the pool's bounded concurrency.
@@ -576,15 +601,26 @@ impl Pool {
 
     /// Applies a new account set (a reload): joins, drains, resets, updates.
     pub async fn apply(&self, new: &AccountSet, diff: &AccountsDiff) {
+        // Lookups by id through maps: a linear search per account made a reload of a large file
+        // quadratic (10,000 accounts took seconds).
+        let specs: HashMap<&AccountId, &AccountSpec> = new.iter().map(|s| (&s.id, s)).collect();
         let mut added = Vec::new();
         for id in &diff.added {
-            if let Some(spec) = new.get(id) {
+            if let Some(spec) = specs.get(id) {
                 let restored = self.sink.restore(id);
-                added.push(Arc::new(Account::new(spec.clone(), &self.upstream, restored)));
+                added.push(Arc::new(Account::new((*spec).clone(), &self.upstream, restored)));
             }
         }
+        let current: HashMap<AccountId, Arc<Account>> = if diff.changed.is_empty() {
+            HashMap::new()
+        } else {
+            self.accounts().into_iter().map(|a| (a.id.clone(), a)).collect()
+        };
         for change in &diff.changed {
-            let (Some(a), Some(spec)) = (self.get(change.id.as_str()), new.get(&change.id)) else { continue };
+            let (Some(a), Some(spec)) = (current.get(&change.id).cloned(), specs.get(&change.id).copied())
+            else {
+                continue;
+            };
             if change.credentials {
                 a.tokens
                     .reset(Chain {
@@ -603,18 +639,17 @@ impl Pool {
         }
         {
             let mut list = self.accounts.write().unwrap_or_else(|e| e.into_inner());
-            for id in &diff.removed {
-                // The stored chain is kept: an account removed and added back (commented out
-                // for a while, say) resumes its rotated refresh token instead of a dead one.
-                if let Some(a) = list.iter().find(|a| &a.id == id) {
-                    a.removed.store(true, Ordering::SeqCst);
-                }
+            // The stored chain is kept: an account removed and added back (commented out for a
+            // while, say) resumes its rotated refresh token instead of a dead one.
+            let removed: HashSet<&AccountId> = diff.removed.iter().collect();
+            for a in list.iter().filter(|a| removed.contains(&a.id)) {
+                a.removed.store(true, Ordering::SeqCst);
             }
-            list.retain(|a| !diff.removed.contains(&a.id));
+            list.retain(|a| !removed.contains(&a.id));
             list.extend(added);
             // Keep file order.
-            let order: Vec<&AccountId> = new.iter().map(|s| &s.id).collect();
-            list.sort_by_key(|a| order.iter().position(|id| **id == a.id).unwrap_or(usize::MAX));
+            let order: HashMap<&AccountId, usize> = new.iter().enumerate().map(|(i, s)| (&s.id, i)).collect();
+            list.sort_by_key(|a| order.get(&a.id).copied().unwrap_or(usize::MAX));
         }
         self.freed.notify_waiters();
     }

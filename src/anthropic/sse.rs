@@ -115,14 +115,60 @@ impl StreamEvent {
 
     /// The SSE frame.
     pub fn to_sse(&self) -> Bytes {
-        let data = self.data();
         let mut out = Vec::with_capacity(64);
+        self.write_sse(&mut out);
+        Bytes::from(out)
+    }
+
+    /// Appends the SSE frame to `out`.
+    pub fn write_sse(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"event: ");
         out.extend_from_slice(self.name().as_bytes());
         out.extend_from_slice(b"\ndata: ");
-        serde_json::to_writer(&mut out, &data).expect("serialising JSON to a Vec cannot fail");
+        let written = match self {
+            // Nearly every event of a stream is a delta: serialised straight from the borrowed
+            // text, the same bytes as `data()` gives without building a `Value` map each time.
+            StreamEvent::BlockDelta { index, delta } => serde_json::to_writer(
+                &mut *out,
+                &DeltaFrame { kind: "content_block_delta", index: *index, delta: delta.into() },
+            ),
+            _ => serde_json::to_writer(&mut *out, &self.data()),
+        };
+        written.expect("serialising JSON to a Vec cannot fail");
         out.extend_from_slice(b"\n\n");
-        Bytes::from(out)
+    }
+}
+
+/// `content_block_delta` data with the members in `data()`'s order.
+#[derive(serde::Serialize)]
+struct DeltaFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: usize,
+    delta: DeltaData<'a>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(tag = "type")]
+enum DeltaData<'a> {
+    #[serde(rename = "text_delta")]
+    Text { text: &'a str },
+    #[serde(rename = "input_json_delta")]
+    InputJson { partial_json: &'a str },
+    #[serde(rename = "thinking_delta")]
+    Thinking { thinking: &'a str },
+    #[serde(rename = "signature_delta")]
+    Signature { signature: &'a str },
+}
+
+impl<'a> From<&'a Delta> for DeltaData<'a> {
+    fn from(d: &'a Delta) -> Self {
+        match d {
+            Delta::Text(text) => DeltaData::Text { text },
+            Delta::InputJson(partial_json) => DeltaData::InputJson { partial_json },
+            Delta::Thinking(thinking) => DeltaData::Thinking { thinking },
+            Delta::Signature(signature) => DeltaData::Signature { signature },
+        }
     }
 }
 
@@ -154,6 +200,30 @@ mod tests {
                 serde_json::from_str(lines.next().unwrap().strip_prefix("data: ").unwrap()).unwrap();
             assert_eq!(data["type"], ev);
             assert!(s.ends_with("\n\n") && s.matches('\n').count() == 3, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn deltas_serialise_exactly_as_their_json_value() {
+        let texts = [
+            "",
+            "plain",
+            "quote \" backslash \\ newline \n tab \t",
+            "\u{0}\u{1f}\u{7f}",
+            "héllo → ✓ 😀",
+            "</script>",
+        ];
+        for (i, t) in texts.iter().enumerate() {
+            for delta in [
+                Delta::Text(t.to_string()),
+                Delta::InputJson(t.to_string()),
+                Delta::Thinking(t.to_string()),
+                Delta::Signature(t.to_string()),
+            ] {
+                let e = StreamEvent::BlockDelta { index: i * 7, delta };
+                let expected = format!("event: content_block_delta\ndata: {}\n\n", e.data());
+                assert_eq!(String::from_utf8(e.to_sse().to_vec()).unwrap(), expected);
+            }
         }
     }
 }

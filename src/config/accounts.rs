@@ -229,7 +229,9 @@ pub fn parse(path: &Path, source: &str) -> Result<(AccountSet, Diagnostics), Dia
             return Err(rep.out);
         }
     };
-    let mut seen: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    // Id → byte offset of its first definition (line and column are worked out only for an error:
+    // counting lines for every account made loading quadratic in the file's size).
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let mut accounts = Vec::new();
     for (index, entry) in raw.account.iter().enumerate() {
         let span = entry.span();
@@ -245,8 +247,8 @@ pub fn parse(path: &Path, source: &str) -> Result<(AccountSet, Diagnostics), Dia
             }
             Some(id) => match AccountId::parse(id.get_ref()) {
                 Ok(parsed) => {
-                    let here = rep.position(id.span().start);
-                    if let Some((l, c)) = seen.get(parsed.as_str()) {
+                    if let Some(&first) = seen.get(parsed.as_str()) {
+                        let (l, c) = rep.position(first);
                         rep.error_at(
                             Some(id.span()),
                             format!(
@@ -255,7 +257,7 @@ pub fn parse(path: &Path, source: &str) -> Result<(AccountSet, Diagnostics), Dia
                             ),
                         );
                     } else {
-                        seen.insert(parsed.as_str().to_string(), here);
+                        seen.insert(parsed.as_str().to_string(), id.span().start);
                     }
                     Some(parsed)
                 }

@@ -293,9 +293,9 @@ pub async fn stream(
             if evs.is_empty() {
                 return true;
             }
-            let mut buf = Vec::new();
+            let mut buf = Vec::with_capacity(128 * evs.len());
             for e in evs {
-                buf.extend_from_slice(&e.to_sse());
+                e.write_sse(&mut buf);
             }
             tx.send(Bytes::from(buf)).await.is_ok()
         }
@@ -326,6 +326,12 @@ pub async fn stream(
         if !send(&tx, &batch).await {
             client_gone = true;
         }
+        // Two timers for the whole stream, the ping one pushed back after every event (creating
+        // and cancelling both for every event showed in profiles).
+        let timeout = tokio::time::sleep_until(deadline.into());
+        tokio::pin!(timeout);
+        let ping = tokio::time::sleep(PING_INTERVAL);
+        tokio::pin!(ping);
         while !client_gone && !st.is_finished() {
             let evs = tokio::select! {
                 biased;
@@ -334,17 +340,18 @@ pub async fn stream(
                     let e = ApiError::new(ErrorKind::Overloaded, "server shutting down");
                     vec![StreamEvent::Error(e)]
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => {
+                _ = &mut timeout => {
                     let e = ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)");
                     vec![StreamEvent::Error(e)]
                 }
-                _ = tokio::time::sleep(PING_INTERVAL) => vec![StreamEvent::Ping],
+                _ = &mut ping => vec![StreamEvent::Ping],
                 ev = stream.next() => match ev {
                     Some(Ok(ev)) => st.on_event(ev),
                     Some(Err(e)) => st.on_error(&e),
                     None => st.on_end(),
                 },
             };
+            ping.as_mut().reset(tokio::time::Instant::now() + PING_INTERVAL);
             note(&evs, &mut out_tokens, &mut in_tokens, &mut errored);
             let fatal = evs.iter().any(|e| matches!(e, StreamEvent::Error(_)));
             if !send(&tx, &evs).await {

@@ -194,6 +194,7 @@ impl UpstreamClient {
             body: resp.into_body(),
             decoder: Decoder::new(),
             idle_timeout: self.idle_timeout,
+            idle: Box::pin(tokio::time::sleep(self.idle_timeout)),
             request_id,
             done: false,
         })
@@ -311,6 +312,9 @@ pub struct EventStream {
     body: Incoming,
     decoder: Decoder,
     idle_timeout: Duration,
+    /// The idle deadline, pushed back for every read (one timer for the whole stream rather than
+    /// one registered and cancelled per chunk).
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
     request_id: Option<String>,
     done: bool,
 }
@@ -341,8 +345,14 @@ impl EventStream {
                     return Some(Err(StreamError::Decode(e)));
                 }
             }
-            match tokio::time::timeout(self.idle_timeout, self.body.frame()).await {
-                Err(_) => {
+            self.idle.as_mut().reset(tokio::time::Instant::now() + self.idle_timeout);
+            let read = tokio::select! {
+                biased;
+                frame = self.body.frame() => Ok(frame),
+                () = self.idle.as_mut() => Err(()),
+            };
+            match read {
+                Err(()) => {
                     self.done = true;
                     return Some(Err(StreamError::Idle(self.idle_timeout.as_secs())));
                 }
