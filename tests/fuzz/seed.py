@@ -130,6 +130,8 @@ def eventstream_seeds():
         b"\xff\x00payload",
     )
     empty = frame([], b"")
+    # The longest value the format allows (32767 bytes): the limit's edge.
+    longest = frame([string_header("v", "a" * 32767)], b"{}")
     stream = text + tool + stop + text
     for ctl, name in [(0x00, "whole"), (0x01, "bytewise"), (0x07, "chunk7"), (0x41, "copy_bytewise")]:
         write("eventstream_decode", f"stream_{name}", bytes([ctl]) + stream)
@@ -137,6 +139,7 @@ def eventstream_seeds():
     write("eventstream_decode", "every_type", bytes([0x85]) + every_type)
     write("eventstream_decode", "empty_frames", bytes([0x83]) + empty + empty)
     write("eventstream_decode", "truncated", bytes([0x0c]) + text[:-3])
+    write("eventstream_decode", "longest_value", bytes([0x80]) + longest)
 
 
 if __name__ == "__main__":
