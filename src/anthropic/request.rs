@@ -487,6 +487,9 @@ pub fn parse_value(
     // A tool_result must answer a tool_use of the assistant turn just before it (consecutive
     // same-role messages form one turn; system messages do not end a turn).
     let mut open_tool_uses: HashSet<String> = HashSet::new();
+    // Tool-use ids are unique in the whole conversation (Anthropic refuses a repeated one, and
+    // Amazon Q refuses a history that repeats one).
+    let mut tool_use_ids: HashSet<String> = HashSet::new();
     let mut last_role: Option<Role> = None;
     for (i, m) in raw_messages.iter().enumerate() {
         let p = mp.at(i);
@@ -511,6 +514,9 @@ pub fn parse_value(
         for (j, b) in content.iter().enumerate() {
             match b {
                 Block::ToolUse { id, .. } => {
+                    if !tool_use_ids.insert(id.clone()) {
+                        return Err(p.at("content").at(j).at("id").err("`tool_use` ids must be unique"));
+                    }
                     open_tool_uses.insert(id.clone());
                 }
                 Block::ToolResult { tool_use_id, .. } if !open_tool_uses.contains(tool_use_id) => {
@@ -674,6 +680,9 @@ fn parse_block(v: &Value, p: &Path, role: Role, nested: bool) -> Result<Block, A
                     }
                     let data = as_str(req(so, "data", &sp)?, &sp.at("data"))?;
                     use base64::Engine;
+                    if data.trim().is_empty() {
+                        return Err(sp.at("data").err("The image data is empty"));
+                    }
                     if base64::engine::general_purpose::STANDARD.decode(data.trim()).is_err() {
                         return Err(sp.at("data").err("The image data is not valid base64"));
                     }

@@ -21,6 +21,8 @@ pub const MAX_USER_MESSAGE_CHARS: usize = 600_000;
 pub const MAX_TOOL_RESULT_CHARS: usize = 800_000;
 pub const MAX_DESCRIPTION_CHARS: usize = 10_240;
 pub const MAX_IMAGES_PER_MESSAGE: usize = 10;
+/// How much of a client's tool name a placeholder tool's description quotes.
+const PLACEHOLDER_NAME_CHARS: usize = 200;
 const ORIGIN: &str = "AI_EDITOR";
 
 /// Maps tool names that Amazon Q cannot take to short aliases, and back.
@@ -233,12 +235,18 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
         if let Turn::Assistant(a) = t {
             for u in &a.uses {
                 if defined.insert(u.name.clone()) {
+                    // The client's name is unchecked (a tool_use block's name has no length
+                    // limit): a long one is shortened so that the description stays within limits.
+                    let original = names.original(&u.name);
+                    let shown = if original.chars().count() > PLACEHOLDER_NAME_CHARS {
+                        let cut: String = original.chars().take(PLACEHOLDER_NAME_CHARS).collect();
+                        format!("{cut}…")
+                    } else {
+                        original.to_string()
+                    };
                     tools.push(tool_spec(
                         u.name.clone(),
-                        format!(
-                            "Tool {} (used earlier in this conversation; no longer offered)",
-                            names.original(&u.name)
-                        ),
+                        format!("Tool {shown} (used earlier in this conversation; no longer offered)"),
                         json!({"type": "object", "properties": {}}),
                     ));
                 }
@@ -495,16 +503,6 @@ fn user_blocks(
                         _ => {}
                     }
                 }
-                let size: usize = parts
-                    .iter()
-                    .map(|p| match p {
-                        ToolResultContent::Text(t) => t.chars().count(),
-                        ToolResultContent::Json(v) => v.to_string().len(),
-                    })
-                    .sum();
-                if size > MAX_TOOL_RESULT_CHARS {
-                    return Err(too_long("a tool result", size, MAX_TOOL_RESULT_CHARS));
-                }
                 if parts.is_empty()
                     || parts.iter().all(|p| matches!(p, ToolResultContent::Text(t) if t.is_empty()))
                 {
@@ -519,14 +517,32 @@ fn user_blocks(
                 }
                 let id = q_tool_use_id(tool_use_id);
                 let status = if *is_error { ToolResultStatus::Error } else { ToolResultStatus::Success };
-                if let Some(existing) = turn.results.iter_mut().find(|r| r.tool_use_id == id) {
-                    // The same tool_use_id answered twice: merge into one result.
-                    existing.content.extend(parts);
-                    if status == ToolResultStatus::Error {
-                        existing.status = ToolResultStatus::Error;
+                let at = match turn.results.iter().position(|r| r.tool_use_id == id) {
+                    Some(at) => {
+                        // The same tool_use_id answered twice: merge into one result.
+                        let existing = &mut turn.results[at];
+                        existing.content.extend(parts);
+                        if status == ToolResultStatus::Error {
+                            existing.status = ToolResultStatus::Error;
+                        }
+                        at
                     }
-                } else {
-                    turn.results.push(ToolResult { tool_use_id: id, content: parts, status });
+                    None => {
+                        turn.results.push(ToolResult { tool_use_id: id, content: parts, status });
+                        turn.results.len() - 1
+                    }
+                };
+                // Amazon Q's limit holds for the merged result.
+                let size: usize = turn.results[at]
+                    .content
+                    .iter()
+                    .map(|p| match p {
+                        ToolResultContent::Text(t) => t.chars().count(),
+                        ToolResultContent::Json(v) => v.to_string().chars().count(),
+                    })
+                    .sum();
+                if size > MAX_TOOL_RESULT_CHARS {
+                    return Err(too_long("a tool result", size, MAX_TOOL_RESULT_CHARS));
                 }
             }
             Block::Thinking { thinking, .. } => turn.texts.push(format!("<thinking>{thinking}</thinking>")),

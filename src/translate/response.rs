@@ -329,6 +329,8 @@ impl ResponseState {
                 if !same {
                     self.flush_text(&mut out);
                     if self.finished {
+                        // The held text reached a stop sequence or max_tokens: end the message.
+                        self.finish_into(&mut out);
                         return out;
                     }
                     let original = self.p.tool_names.original(&name).to_string();
@@ -367,8 +369,10 @@ impl ResponseState {
             }
             Event::Metadata { token_usage: Some(u) } => {
                 if let Some(i) = u.uncached_input_tokens {
-                    let total =
-                        i + u.cache_read_input_tokens.unwrap_or(0) + u.cache_write_input_tokens.unwrap_or(0);
+                    // Upstream's numbers: saturate rather than overflow.
+                    let total = i
+                        .saturating_add(u.cache_read_input_tokens.unwrap_or(0))
+                        .saturating_add(u.cache_write_input_tokens.unwrap_or(0));
                     if total > 0 {
                         self.p.input_tokens = total;
                     }
@@ -388,8 +392,11 @@ impl ResponseState {
 
     fn finish_into(&mut self, out: &mut Vec<StreamEvent>) {
         if matches!(self.open, Open::Tool { .. }) {
-            // Finishing (max_tokens / stop sequence) inside a tool call: never present it as whole.
-            self.open = Open::None;
+            // Finishing (output cut upstream, max_tokens) inside a tool call: the block is never
+            // closed as whole, and a message_delta may not follow an open block, so the stream
+            // ends with an error as when upstream ends mid-call.
+            self.fail_in_tool_call(out, "the upstream output was cut in the middle of a tool call");
+            return;
         }
         self.close_open(out);
         let (stop_reason, stop_sequence) = self
@@ -415,15 +422,25 @@ impl ResponseState {
             return out;
         }
         if matches!(self.open, Open::Tool { .. }) {
-            out.push(StreamEvent::Error(ApiError::new(
-                ErrorKind::Api,
-                "the upstream stream ended in the middle of a tool call (no stop); the tool call is incomplete",
-            )));
-            self.finished = true;
+            self.fail_in_tool_call(
+                &mut out,
+                "the upstream stream ended in the middle of a tool call (no stop)",
+            );
             return out;
         }
         self.finish_into(&mut out);
         out
+    }
+
+    /// Ends the response with an `api_error` while a tool_use block is open (it is left open:
+    /// never presented as whole).
+    fn fail_in_tool_call(&mut self, out: &mut Vec<StreamEvent>, why: &str) {
+        out.push(StreamEvent::Error(ApiError::new(
+            ErrorKind::Api,
+            format!("{why}; the tool call is incomplete"),
+        )));
+        self.open = Open::None;
+        self.finished = true;
     }
 
     /// The upstream stream failed.
@@ -435,11 +452,9 @@ impl ResponseState {
         if err.is_output_truncation() {
             self.flush_text(&mut out);
             if !self.finished {
-                if matches!(self.open, Open::Tool { .. }) {
-                    self.open = Open::None;
-                }
                 self.stop = Some(("max_tokens".into(), None));
             }
+            // Inside a tool call this is an error (finish_into), as when the stream ends there.
             self.finish_into(&mut out);
             return out;
         }
@@ -516,10 +531,11 @@ impl Aggregator {
             }
             StreamEvent::BlockStop { index } => {
                 if let (Some(b), Some(Some(j))) = (self.blocks.get_mut(*index), self.tool_json.get(*index)) {
-                    let input = if j.trim().is_empty() {
-                        json!({})
-                    } else {
-                        serde_json::from_str::<Value>(j).unwrap_or_else(|_| json!({}))
+                    // A tool's input is an object: anything else upstream sent (not JSON, or JSON
+                    // of another type) gives `{}`.
+                    let input = match serde_json::from_str::<Value>(j) {
+                        Ok(v @ Value::Object(_)) => v,
+                        _ => json!({}),
                     };
                     b["input"] = input;
                 }

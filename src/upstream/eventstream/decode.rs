@@ -3,7 +3,9 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::frame::{Frame, Header, HeaderValue, StrBytes, is_duplicate, type_code};
-use super::{CRC_LEN, DEFAULT_MAX_FRAME_LEN, MAX_HEADERS_LEN, MIN_FRAME_LEN, PRELUDE_LEN};
+use super::{
+    CRC_LEN, DEFAULT_MAX_FRAME_LEN, MAX_HEADER_VALUE_LEN, MAX_HEADERS_LEN, MIN_FRAME_LEN, PRELUDE_LEN,
+};
 
 /// Why the stream could not be decoded. Every variant carries `offset`, the byte offset in the
 /// stream where the offending frame starts; header errors also carry `at`, the header's byte
@@ -41,6 +43,10 @@ pub enum DecodeError {
     HeaderOverrun { offset: u64, at: usize },
     #[error("frame at byte offset {offset}: header at frame byte {at} has unknown value type {type_code}")]
     UnknownHeaderType { offset: u64, at: usize, type_code: u8 },
+    #[error(
+        "frame at byte offset {offset}: header at frame byte {at} has a value of {len} bytes, over the format's 32767-byte limit"
+    )]
+    HeaderValueTooLong { offset: u64, at: usize, len: usize },
     #[error("frame at byte offset {offset}: header at frame byte {at}: {what} is not UTF-8")]
     InvalidUtf8 { offset: u64, at: usize, what: &'static str },
     #[error("frame at byte offset {offset}: header {name:?} at frame byte {at} repeats a name")]
@@ -64,6 +70,7 @@ impl DecodeError {
             | DecodeError::EmptyHeaderName { offset, .. }
             | DecodeError::HeaderOverrun { offset, .. }
             | DecodeError::UnknownHeaderType { offset, .. }
+            | DecodeError::HeaderValueTooLong { offset, .. }
             | DecodeError::InvalidUtf8 { offset, .. }
             | DecodeError::DuplicateHeader { offset, .. }
             | DecodeError::Truncated { offset, .. } => offset,
@@ -412,6 +419,11 @@ fn parse_headers(bytes: &Bytes, end: usize, offset: u64) -> Result<Vec<Header>, 
                 let len = usize::from(u16::from_be_bytes(take(data, &mut pos, end).ok_or_else(overrun)?));
                 if end - pos < len {
                     return Err(overrun());
+                }
+                // The u16 field could say more, but the format (and every encoder, this one
+                // included) stops at i16::MAX: a longer value could not be re-encoded.
+                if len > MAX_HEADER_VALUE_LEN {
+                    return Err(DecodeError::HeaderValueTooLong { offset, at, len });
                 }
                 let range = pos..pos + len;
                 pos += len;

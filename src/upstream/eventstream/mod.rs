@@ -27,8 +27,9 @@
 //! headers fit, headers ≤ 128 KiB as the format specifies, total ≤ the decoder's cap, 16 MiB by
 //! default) — all before buffering the body, so a corrupt or hostile length never makes it wait
 //! for, or allocate, more than the cap. Then the message CRC, then the headers: unknown types,
-//! empty names, lengths running past the headers section, non-UTF-8 names or string values and
-//! repeated names are errors. Every error is a [`DecodeError`] giving the frame's offset in the
+//! empty names, lengths running past the headers section, string or byte-array values over 32767
+//! bytes, non-UTF-8 names or string values and repeated names are errors (so every frame that
+//! decodes re-encodes to the same bytes). Every error is a [`DecodeError`] giving the frame's offset in the
 //! stream; the first one ends the stream (the decoder returns it again on every later call). The
 //! decoder never panics on any input.
 //!
