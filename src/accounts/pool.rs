@@ -342,6 +342,24 @@ impl Pool {
         let chosen = {
             let accounts = self.accounts.read().unwrap_or_else(|e| e.into_inner());
             let allowed = |a: &Account| exclude.is_empty() || !exclude.contains(&a.id);
+            // Least-busy's choice is an idle account whenever there is one: walk the rotation
+            // from its next start and take the first idle usable account, touching only the
+            // accounts walked (with many accounts and few requests, nearly always the first).
+            // Only when none is idle does the full scan below rank them by load.
+            if self.strategy == Strategy::LeastBusy && !accounts.is_empty() {
+                let n = accounts.len();
+                let start = self.rr.fetch_add(1, Ordering::Relaxed);
+                for k in 0..n {
+                    let a = &accounts[(start + k) % n];
+                    if a.in_flight() == 0
+                        && allowed(a)
+                        && a.usable(now)
+                        && a.in_flight.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+                    {
+                        return Ok(Some(Lease { account: a.clone(), pool: self.clone(), force_next: None }));
+                    }
+                }
+            }
             let usable: Vec<&Arc<Account>> =
                 accounts.iter().filter(|a| allowed(a) && a.usable(now)).collect();
             if usable.is_empty() {

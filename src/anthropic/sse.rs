@@ -122,54 +122,78 @@ impl StreamEvent {
 
     /// Appends the SSE frame to `out`.
     pub fn write_sse(&self, out: &mut Vec<u8>) {
+        // Nearly every event of a stream is a delta: written from fixed pieces and the escaped
+        // text, the same bytes as serialising `data()` gives (checked by the tests) without
+        // building a `Value` map or going through the serialiser for every fragment.
+        if let StreamEvent::BlockDelta { index, delta } = self {
+            let (kind, key, text) = match delta {
+                Delta::Text(t) => ("text_delta", "text", t),
+                Delta::InputJson(t) => ("input_json_delta", "partial_json", t),
+                Delta::Thinking(t) => ("thinking_delta", "thinking", t),
+                Delta::Signature(t) => ("signature_delta", "signature", t),
+            };
+            out.reserve(96 + text.len());
+            out.extend_from_slice(
+                b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":",
+            );
+            write_usize(out, *index);
+            out.extend_from_slice(b",\"delta\":{\"type\":\"");
+            out.extend_from_slice(kind.as_bytes());
+            out.extend_from_slice(b"\",\"");
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":");
+            write_json_str(out, text);
+            out.extend_from_slice(b"}}\n\n");
+            return;
+        }
         out.extend_from_slice(b"event: ");
         out.extend_from_slice(self.name().as_bytes());
         out.extend_from_slice(b"\ndata: ");
-        let written = match self {
-            // Nearly every event of a stream is a delta: serialised straight from the borrowed
-            // text, the same bytes as `data()` gives without building a `Value` map each time.
-            StreamEvent::BlockDelta { index, delta } => serde_json::to_writer(
-                &mut *out,
-                &DeltaFrame { kind: "content_block_delta", index: *index, delta: delta.into() },
-            ),
-            _ => serde_json::to_writer(&mut *out, &self.data()),
-        };
-        written.expect("serialising JSON to a Vec cannot fail");
+        serde_json::to_writer(&mut *out, &self.data()).expect("serialising JSON to a Vec cannot fail");
         out.extend_from_slice(b"\n\n");
     }
 }
 
-/// `content_block_delta` data with the members in `data()`'s order.
-#[derive(serde::Serialize)]
-struct DeltaFrame<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    index: usize,
-    delta: DeltaData<'a>,
-}
-
-#[derive(serde::Serialize)]
-#[serde(tag = "type")]
-enum DeltaData<'a> {
-    #[serde(rename = "text_delta")]
-    Text { text: &'a str },
-    #[serde(rename = "input_json_delta")]
-    InputJson { partial_json: &'a str },
-    #[serde(rename = "thinking_delta")]
-    Thinking { thinking: &'a str },
-    #[serde(rename = "signature_delta")]
-    Signature { signature: &'a str },
-}
-
-impl<'a> From<&'a Delta> for DeltaData<'a> {
-    fn from(d: &'a Delta) -> Self {
-        match d {
-            Delta::Text(text) => DeltaData::Text { text },
-            Delta::InputJson(partial_json) => DeltaData::InputJson { partial_json },
-            Delta::Thinking(thinking) => DeltaData::Thinking { thinking },
-            Delta::Signature(signature) => DeltaData::Signature { signature },
+fn write_usize(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
     }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Appends `s` as a JSON string, escaped as serde_json escapes: the quote, the backslash and
+/// the control characters below U+0020 (b, t, n, f and r by name, the rest as `u00xx`); nothing
+/// else.
+pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    out.push(b'"');
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => &[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]],
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[run..i]);
+        out.extend_from_slice(esc);
+        run = i + 1;
+    }
+    out.extend_from_slice(&bytes[run..]);
+    out.push(b'"');
 }
 
 #[cfg(test)]
@@ -224,6 +248,16 @@ mod tests {
                 let expected = format!("event: content_block_delta\ndata: {}\n\n", e.data());
                 assert_eq!(String::from_utf8(e.to_sse().to_vec()).unwrap(), expected);
             }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn strings_escape_as_serde_json_escapes(s in "(?s).{0,40}", ctl in proptest::collection::vec(0u8..0x20, 0..4)) {
+            let s = format!("{s}{}", ctl.iter().map(|&c| c as char).collect::<String>());
+            let mut out = Vec::new();
+            write_json_str(&mut out, &s);
+            proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&s).unwrap());
         }
     }
 }

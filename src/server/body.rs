@@ -1,16 +1,24 @@
-//! Response bodies: a whole buffer, or a stream of chunks from a channel (SSE).
+//! Response bodies: a whole buffer, or a stream produced by a future that the connection's own
+//! task polls (SSE).
+//!
+//! A streamed body owns its producer: polling the body polls the producer, which reads the
+//! upstream and appends to an [`Outbox`]; whatever has accumulated is handed to hyper as one
+//! frame. Everything already readable upstream therefore leaves in one write, with no task and
+//! no channel between the upstream read and the client write, and dropping the body (the client
+//! went away) drops the producer and with it the upstream stream.
 
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use tokio::sync::mpsc;
 
 pub enum Body {
     Full(Option<Bytes>),
-    /// A stream of chunks; the guard (if any) marks the connection busy until the body ends.
-    Stream(mpsc::Receiver<Bytes>, Option<super::idle::RequestGuard>),
+    /// A produced stream; the guard (if any) marks the connection busy until the body ends.
+    Stream(Producer, Option<super::idle::RequestGuard>),
 }
 
 impl Body {
@@ -20,6 +28,78 @@ impl Body {
 
     pub fn empty() -> Self {
         Body::Full(None)
+    }
+}
+
+/// Above this many buffered bytes a producer waits for the body to hand them over.
+pub const HIGH_WATER: usize = 64 * 1024;
+
+/// The bytes a producer has written and the body has not yet handed to hyper.
+#[derive(Clone, Default)]
+pub struct Outbox(Arc<Mutex<Vec<u8>>>);
+
+impl Outbox {
+    /// Appends with `write`.
+    pub fn write(&self, write: impl FnOnce(&mut Vec<u8>)) {
+        write(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn take(&self) -> Option<Bytes> {
+        let mut buf = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        (!buf.is_empty()).then(|| Bytes::from(std::mem::take(&mut *buf)))
+    }
+
+    /// Returns at once below [`HIGH_WATER`]; above it, yields once so that the body hands the
+    /// buffered bytes over (and the producer is polled again only when hyper wants more, which is
+    /// the back-pressure of a slow client).
+    pub async fn room(&self) {
+        if self.len() < HIGH_WATER {
+            return;
+        }
+        let mut yielded = false;
+        std::future::poll_fn(|cx| {
+            if yielded {
+                Poll::Ready(())
+            } else {
+                yielded = true;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// A future writing into an [`Outbox`], run by the body that streams the outbox.
+pub struct Producer {
+    fut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    out: Outbox,
+}
+
+impl Producer {
+    pub fn new(out: Outbox, fut: impl Future<Output = ()> + Send + 'static) -> Self {
+        Producer { fut: Some(Box::pin(fut)), out }
+    }
+
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        if let Some(fut) = &mut self.fut {
+            if fut.as_mut().poll(cx).is_ready() {
+                self.fut = None;
+            }
+        }
+        match self.out.take() {
+            Some(b) => Poll::Ready(Some(b)),
+            None if self.fut.is_none() => Poll::Ready(None),
+            None => Poll::Pending,
+        }
     }
 }
 
@@ -33,8 +113,8 @@ impl HttpBody for Body {
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match &mut *self {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::Stream(rx, guard) => {
-                let r = rx.poll_recv(cx);
+            Body::Stream(producer, guard) => {
+                let r = producer.poll_chunk(cx);
                 if matches!(r, Poll::Ready(None)) {
                     guard.take();
                 }
@@ -53,5 +133,58 @@ impl HttpBody for Body {
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Stream(..) => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn ready_writes_leave_as_one_frame_and_the_end_follows() {
+        let out = Outbox::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let o = out.clone();
+        let mut body = Body::Stream(
+            Producer::new(out, async move {
+                o.write(|b| b.extend_from_slice(b"a"));
+                o.write(|b| b.extend_from_slice(b"b"));
+                let _ = rx.await;
+                o.write(|b| b.extend_from_slice(b"c"));
+            }),
+            None,
+        );
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"ab");
+        tx.send(()).unwrap();
+        let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&second[..], b"c");
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_producer_that_outruns_the_body_is_cut_into_bounded_frames() {
+        let out = Outbox::default();
+        let o = out.clone();
+        let mut body = Body::Stream(
+            Producer::new(out, async move {
+                for _ in 0..1000 {
+                    o.write(|b| b.extend_from_slice(&[b'x'; 1000]));
+                    o.room().await;
+                }
+            }),
+            None,
+        );
+        let mut total = 0;
+        let mut frames = 0;
+        while let Some(f) = body.frame().await {
+            let d = f.unwrap().into_data().unwrap();
+            assert!(d.len() <= HIGH_WATER + 1000, "frame of {} bytes", d.len());
+            total += d.len();
+            frames += 1;
+        }
+        assert_eq!(total, 1_000_000);
+        assert!(frames >= 1_000_000 / (HIGH_WATER + 1000), "{frames} frames");
     }
 }

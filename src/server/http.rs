@@ -216,8 +216,9 @@ async fn route(
             x.stream = prepared.req.stream;
             x.tokens_in = prepared.input_tokens;
             if prepared.req.stream {
-                let rx = messages::stream(app, prepared, x.clone(), started, request_id.to_string()).await?;
-                let mut r = Response::new(Body::Stream(rx, None));
+                let producer =
+                    messages::stream(app, prepared, x.clone(), started, request_id.to_string()).await?;
+                let mut r = Response::new(Body::Stream(producer, None));
                 let h = r.headers_mut();
                 h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
                 h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

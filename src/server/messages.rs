@@ -2,6 +2,7 @@
 //! first content arrives, then stream Claude SSE (or aggregate one JSON message).
 
 use super::App;
+use super::body::{Outbox, Producer};
 use crate::accounts::{Lease, PoolError};
 use crate::anthropic::request::{self, ApiVersion, Endpoint, MessagesRequest};
 use crate::anthropic::sse::StreamEvent;
@@ -265,40 +266,68 @@ pub async fn aggregate(
     result
 }
 
-/// Streaming: returns the channel the SSE frames go to, fed by a task that owns the lease and
-/// the upstream stream. The task ends (and drops both) when the client goes away.
+/// What a stream's end records (access log, metrics, the account's outcome). Its `Drop` does
+/// it, so that a stream dropped because the client went away is recorded too (as 499).
+struct StreamEnd {
+    app: Arc<App>,
+    x: Exchange,
+    request_id: String,
+    started: Instant,
+    lease: Option<Lease>,
+    /// `None` until the stream has ended: the client went away first.
+    outcome: Option<Result<(), String>>,
+}
+
+impl StreamEnd {
+    fn finish(&mut self, outcome: Result<(), String>) {
+        self.outcome = Some(outcome);
+    }
+}
+
+impl Drop for StreamEnd {
+    fn drop(&mut self) {
+        let status = match (&self.outcome, &self.lease) {
+            (None, _) => 499,
+            (Some(Err(message)), Some(lease)) => {
+                lease.failure(&UpstreamFailure::Transient { status: None, message: message.clone() });
+                502
+            }
+            (Some(Err(_)), None) => 502,
+            (Some(Ok(())), lease) => {
+                if let Some(lease) = lease {
+                    lease.success(self.x.tokens_in, self.x.tokens_out);
+                }
+                200
+            }
+        };
+        drop(self.lease.take());
+        self.app.metrics.stream_ended();
+        super::access_log(&self.app, &self.request_id, &self.x, status, self.started);
+    }
+}
+
+/// Streaming: connects (with failover), then returns the producer of the SSE body. The producer
+/// runs inside the client connection's task and owns the lease and the upstream stream; both
+/// are dropped when the client goes away.
 pub async fn stream(
     app: &Arc<App>,
     p: Prepared,
     mut x: Exchange,
     started: Instant,
     request_id: String,
-) -> Result<tokio::sync::mpsc::Receiver<Bytes>, ApiError> {
+) -> Result<Producer, ApiError> {
     let Connected { lease, mut stream, pending, ended } = connect(app, &p.translated).await?;
     x.account = Some(lease.id().to_string());
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
-    let app = app.clone();
-    let params = params(&p, &app);
+    let out = Outbox::default();
+    let params = params(&p, app);
     let deadline = started + app.config.server.request_timeout;
-    tokio::spawn(async move {
-        app.metrics.stream_started();
+    let mut drain = app.drain_expired.clone();
+    app.metrics.stream_started();
+    let mut end = StreamEnd { app: app.clone(), x, request_id, started, lease: Some(lease), outcome: None };
+    let o = out.clone();
+    Ok(Producer::new(out, async move {
         let mut st = ResponseState::new(params);
-        let mut drain = app.drain_expired.clone();
-        let mut out_tokens = 0u64;
-        let mut in_tokens = 0u64;
         let mut errored: Option<String> = None;
-        let mut client_gone = false;
-        // Sends a batch; false when the client is gone.
-        async fn send(tx: &tokio::sync::mpsc::Sender<Bytes>, evs: &[StreamEvent]) -> bool {
-            if evs.is_empty() {
-                return true;
-            }
-            let mut buf = Vec::with_capacity(128 * evs.len());
-            for e in evs {
-                e.write_sse(&mut buf);
-            }
-            tx.send(Bytes::from(buf)).await.is_ok()
-        }
         let mut batch = st.start();
         for ev in pending {
             batch.extend(st.on_event(ev));
@@ -306,37 +335,54 @@ pub async fn stream(
         if ended {
             batch.extend(st.on_end());
         }
-        let note = |evs: &[StreamEvent], out: &mut u64, inp: &mut u64, err: &mut Option<String>| {
+        // Records usage and errors, and writes the events.
+        let mut emit = |evs: &[StreamEvent], x: &mut Exchange| {
             for e in evs {
                 match e {
                     StreamEvent::MessageDelta { usage, .. } => {
-                        *out = usage.output_tokens;
-                        *inp = usage.input_tokens;
+                        x.tokens_out = usage.output_tokens;
+                        x.tokens_in = usage.input_tokens;
                     }
-                    StreamEvent::Error(e) => *err = Some(e.message.clone()),
+                    StreamEvent::Error(e) => errored = Some(e.message.clone()),
                     _ => {}
                 }
             }
+            if !evs.is_empty() {
+                o.write(|buf| {
+                    for e in evs {
+                        e.write_sse(buf);
+                    }
+                });
+            }
         };
-        note(&batch, &mut out_tokens, &mut in_tokens, &mut errored);
-        if x.first_byte.is_none() {
-            x.first_byte = Some(started.elapsed());
-            app.metrics.first_byte(started.elapsed());
-        }
-        if !send(&tx, &batch).await {
-            client_gone = true;
-        }
-        // Two timers for the whole stream, the ping one pushed back after every event (creating
-        // and cancelling both for every event showed in profiles).
-        let timeout = tokio::time::sleep_until(deadline.into());
-        tokio::pin!(timeout);
-        let ping = tokio::time::sleep(PING_INTERVAL);
-        tokio::pin!(ping);
-        while !client_gone && !st.is_finished() {
+        emit(&batch, &mut end.x);
+        end.x.first_byte = Some(started.elapsed());
+        end.app.metrics.first_byte(started.elapsed());
+        // The upstream is polled first: while events are ready nothing else is touched (the
+        // deadline is checked against the clock read for the ping). The timers are polled and
+        // registered only when the upstream has nothing. The ping timer is not moved for every
+        // event: when it fires early it is armed again from the last event.
+        let mut drained = std::pin::pin!(drain.changed());
+        let mut timeout = std::pin::pin!(tokio::time::sleep_until(deadline.into()));
+        let mut ping = std::pin::pin!(tokio::time::sleep(PING_INTERVAL));
+        let mut last_event = Instant::now();
+        while !st.is_finished() {
+            o.room().await;
             let evs = tokio::select! {
                 biased;
-                _ = tx.closed() => { client_gone = true; break; }
-                _ = drain.changed() => {
+                ev = stream.next() => {
+                    last_event = Instant::now();
+                    if last_event >= deadline {
+                        vec![StreamEvent::Error(ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)"))]
+                    } else {
+                        match ev {
+                            Some(Ok(ev)) => st.on_event(ev),
+                            Some(Err(e)) => st.on_error(&e),
+                            None => st.on_end(),
+                        }
+                    }
+                }
+                _ = &mut drained => {
                     let e = ApiError::new(ErrorKind::Overloaded, "server shutting down");
                     vec![StreamEvent::Error(e)]
                 }
@@ -344,42 +390,29 @@ pub async fn stream(
                     let e = ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)");
                     vec![StreamEvent::Error(e)]
                 }
-                _ = &mut ping => vec![StreamEvent::Ping],
-                ev = stream.next() => match ev {
-                    Some(Ok(ev)) => st.on_event(ev),
-                    Some(Err(e)) => st.on_error(&e),
-                    None => st.on_end(),
-                },
+                _ = &mut ping => {
+                    let now = Instant::now();
+                    if now >= last_event + PING_INTERVAL {
+                        last_event = now;
+                        ping.as_mut().reset((now + PING_INTERVAL).into());
+                        vec![StreamEvent::Ping]
+                    } else {
+                        ping.as_mut().reset((last_event + PING_INTERVAL).into());
+                        continue;
+                    }
+                }
             };
-            ping.as_mut().reset(tokio::time::Instant::now() + PING_INTERVAL);
-            note(&evs, &mut out_tokens, &mut in_tokens, &mut errored);
             let fatal = evs.iter().any(|e| matches!(e, StreamEvent::Error(_)));
-            if !send(&tx, &evs).await {
-                client_gone = true;
-            }
+            emit(&evs, &mut end.x);
             if fatal {
                 break;
             }
         }
         // Dropping the upstream stream closes it (the emulator and Amazon Q see a cancel).
         drop(stream);
-        x.tokens_in = in_tokens;
-        x.tokens_out = out_tokens;
-        let status = if client_gone {
-            499
-        } else if errored.is_some() {
-            lease.failure(&UpstreamFailure::Transient {
-                status: None,
-                message: errored.clone().unwrap_or_default(),
-            });
-            502
-        } else {
-            lease.success(in_tokens, out_tokens);
-            200
-        };
-        drop(lease);
-        app.metrics.stream_ended();
-        super::access_log(&app, &request_id, &x, status, started);
-    });
-    Ok(rx)
+        end.finish(match errored {
+            Some(e) => Err(e),
+            None => Ok(()),
+        });
+    }))
 }

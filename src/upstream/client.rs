@@ -312,8 +312,9 @@ pub struct EventStream {
     body: Incoming,
     decoder: Decoder,
     idle_timeout: Duration,
-    /// The idle deadline, pushed back for every read (one timer for the whole stream rather than
-    /// one registered and cancelled per chunk).
+    /// The idle timer. It is never later than the current wait's start plus the timeout (each
+    /// deadline it had came from an earlier wait); when it fires early it is armed again for
+    /// the current wait. A busy stream thus does not move a timer for every chunk.
     idle: std::pin::Pin<Box<tokio::time::Sleep>>,
     request_id: Option<String>,
     done: bool,
@@ -345,11 +346,23 @@ impl EventStream {
                     return Some(Err(StreamError::Decode(e)));
                 }
             }
-            self.idle.as_mut().reset(tokio::time::Instant::now() + self.idle_timeout);
-            let read = tokio::select! {
-                biased;
-                frame = self.body.frame() => Ok(frame),
-                () = self.idle.as_mut() => Err(()),
+            let waiting_since = tokio::time::Instant::now();
+            let read = loop {
+                let r = tokio::select! {
+                    biased;
+                    frame = self.body.frame() => Ok(frame),
+                    () = self.idle.as_mut() => Err(()),
+                };
+                match r {
+                    Ok(frame) => break Ok(frame),
+                    Err(()) => {
+                        let due = waiting_since + self.idle_timeout;
+                        if tokio::time::Instant::now() >= due {
+                            break Err(());
+                        }
+                        self.idle.as_mut().reset(due);
+                    }
+                }
             };
             match read {
                 Err(()) => {

@@ -120,6 +120,13 @@ struct ToolUsePayload {
     stop: Option<bool>,
 }
 
+/// `assistantResponseEvent`'s payload (other members, such as `modelId`, are skipped).
+#[derive(Deserialize)]
+struct ContentPayload {
+    #[serde(default)]
+    content: Option<String>,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", default)]
 struct ReasoningPayload {
@@ -167,8 +174,21 @@ pub fn parse_frame(frame: &Frame) -> Result<Event, StreamError> {
                     Event::InitialResponse { conversation_id: str_field(&v, "conversationId") }
                 }
                 "assistantResponseEvent" => {
-                    let v = body()?;
-                    Event::AssistantResponse { content: str_field(&v, "content").unwrap_or_default() }
+                    // Nearly every frame of a stream: read the one member straight into its
+                    // string; anything unusual (not an object, a non-string or repeated
+                    // `content`, bad JSON) takes the general path and its rules.
+                    // (A derived struct would also take a JSON array, hence the `{` check.)
+                    let typed = match frame.payload.first() {
+                        Some(b'{') => serde_json::from_slice::<ContentPayload>(&frame.payload).ok(),
+                        _ => None,
+                    };
+                    match typed {
+                        Some(p) => Event::AssistantResponse { content: p.content.unwrap_or_default() },
+                        None => {
+                            let v = body()?;
+                            Event::AssistantResponse { content: str_field(&v, "content").unwrap_or_default() }
+                        }
+                    }
                 }
                 "toolUseEvent" => {
                     let p: ToolUsePayload = serde_json::from_slice(&frame.payload).map_err(|e| {
@@ -277,6 +297,21 @@ mod tests {
             parse_frame(&event("assistantResponseEvent", "{not json")),
             Err(StreamError::BadEvent { .. })
         ));
+    }
+
+    #[test]
+    fn unusual_text_payloads_keep_the_general_rules() {
+        let text = |payload: &str| match parse_frame(&event("assistantResponseEvent", payload)) {
+            Ok(Event::AssistantResponse { content }) => Ok(content),
+            other => Err(format!("{other:?}")),
+        };
+        assert_eq!(text(r#"{"content":"a\u00e9\n\"b"}"#).unwrap(), "a\u{e9}\n\"b");
+        assert_eq!(text(r#"{"content":null}"#).unwrap(), "");
+        assert_eq!(text(r#"{"content":5}"#).unwrap(), "", "a non-string content is no text");
+        assert_eq!(text(r#"["content"]"#).unwrap(), "", "a non-object payload is no text");
+        assert_eq!(text(r#"{"content":"a","content":"b"}"#).unwrap(), "b", "the last member wins");
+        assert_eq!(text("").unwrap(), "");
+        assert!(text(r#"{"content":"a""#).is_err());
     }
 
     #[test]
