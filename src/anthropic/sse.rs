@@ -121,40 +121,93 @@ impl StreamEvent {
     }
 
     /// Appends the SSE frame to `out`.
+    ///
+    /// The events of an ordinary stream are written from fixed pieces and escaped strings —
+    /// the same bytes as serialising `data()` (the tests compare every kind) without building
+    /// a `Value` map or going through the serialiser for every fragment; the rest (errors,
+    /// tool and thinking block starts) are serialised from `data()`.
     pub fn write_sse(&self, out: &mut Vec<u8>) {
-        // Nearly every event of a stream is a delta: written from fixed pieces and the escaped
-        // text, the same bytes as serialising `data()` gives (checked by the tests) without
-        // building a `Value` map or going through the serialiser for every fragment.
-        if let StreamEvent::BlockDelta { index, delta } = self {
-            let (kind, key, text) = match delta {
-                Delta::Text(t) => ("text_delta", "text", t),
-                Delta::InputJson(t) => ("input_json_delta", "partial_json", t),
-                Delta::Thinking(t) => ("thinking_delta", "thinking", t),
-                Delta::Signature(t) => ("signature_delta", "signature", t),
-            };
-            out.reserve(96 + text.len());
-            out.extend_from_slice(
-                b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":",
-            );
-            write_usize(out, *index);
-            out.extend_from_slice(b",\"delta\":{\"type\":\"");
-            out.extend_from_slice(kind.as_bytes());
-            out.extend_from_slice(b"\",\"");
-            out.extend_from_slice(key.as_bytes());
-            out.extend_from_slice(b"\":");
-            write_json_str(out, text);
-            out.extend_from_slice(b"}}\n\n");
-            return;
-        }
         out.extend_from_slice(b"event: ");
         out.extend_from_slice(self.name().as_bytes());
         out.extend_from_slice(b"\ndata: ");
-        serde_json::to_writer(&mut *out, &self.data()).expect("serialising JSON to a Vec cannot fail");
+        match self {
+            StreamEvent::BlockDelta { index, delta } => {
+                let (kind, key, text) = match delta {
+                    Delta::Text(t) => ("text_delta", "text", t),
+                    Delta::InputJson(t) => ("input_json_delta", "partial_json", t),
+                    Delta::Thinking(t) => ("thinking_delta", "thinking", t),
+                    Delta::Signature(t) => ("signature_delta", "signature", t),
+                };
+                out.reserve(64 + text.len());
+                out.extend_from_slice(b"{\"type\":\"content_block_delta\",\"index\":");
+                write_usize(out, *index);
+                out.extend_from_slice(b",\"delta\":{\"type\":\"");
+                out.extend_from_slice(kind.as_bytes());
+                out.extend_from_slice(b"\",\"");
+                out.extend_from_slice(key.as_bytes());
+                out.extend_from_slice(b"\":");
+                write_json_str(out, text);
+                out.extend_from_slice(b"}}");
+            }
+            StreamEvent::Ping => out.extend_from_slice(b"{\"type\":\"ping\"}"),
+            StreamEvent::MessageStop => out.extend_from_slice(b"{\"type\":\"message_stop\"}"),
+            StreamEvent::BlockStop { index } => {
+                out.extend_from_slice(b"{\"type\":\"content_block_stop\",\"index\":");
+                write_usize(out, *index);
+                out.push(b'}');
+            }
+            StreamEvent::BlockStart { index, block: BlockStart::Text } => {
+                out.extend_from_slice(b"{\"type\":\"content_block_start\",\"index\":");
+                write_usize(out, *index);
+                out.extend_from_slice(b",\"content_block\":{\"type\":\"text\",\"text\":\"\"}}");
+            }
+            StreamEvent::MessageStart { id, model, usage } => {
+                out.extend_from_slice(b"{\"type\":\"message_start\",\"message\":{\"id\":");
+                write_json_str(out, id);
+                out.extend_from_slice(b",\"type\":\"message\",\"role\":\"assistant\",\"model\":");
+                write_json_str(out, model);
+                out.extend_from_slice(
+                    b",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":",
+                );
+                write_usage(out, usage);
+                out.extend_from_slice(b"}}");
+            }
+            StreamEvent::MessageDelta { stop_reason, stop_sequence, usage } => {
+                out.extend_from_slice(b"{\"type\":\"message_delta\",\"delta\":{\"stop_reason\":");
+                write_json_str(out, stop_reason);
+                out.extend_from_slice(b",\"stop_sequence\":");
+                match stop_sequence {
+                    Some(s) => write_json_str(out, s),
+                    None => out.extend_from_slice(b"null"),
+                }
+                out.extend_from_slice(b"},\"usage\":");
+                write_usage(out, usage);
+                out.push(b'}');
+            }
+            _ => {
+                serde_json::to_writer(&mut *out, &self.data()).expect("serialising JSON to a Vec cannot fail")
+            }
+        }
         out.extend_from_slice(b"\n\n");
     }
 }
 
-fn write_usize(out: &mut Vec<u8>, mut n: usize) {
+/// `Usage::to_json()`'s bytes.
+fn write_usage(out: &mut Vec<u8>, u: &Usage) {
+    out.extend_from_slice(b"{\"input_tokens\":");
+    write_u64(out, u.input_tokens);
+    out.extend_from_slice(
+        b",\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":",
+    );
+    write_u64(out, u.output_tokens);
+    out.push(b'}');
+}
+
+fn write_usize(out: &mut Vec<u8>, n: usize) {
+    write_u64(out, n as u64);
+}
+
+fn write_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -224,6 +277,38 @@ mod tests {
                 serde_json::from_str(lines.next().unwrap().strip_prefix("data: ").unwrap()).unwrap();
             assert_eq!(data["type"], ev);
             assert!(s.ends_with("\n\n") && s.matches('\n').count() == 3, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn every_event_serialises_exactly_as_its_json_value() {
+        let usage = Usage { input_tokens: 12_345, output_tokens: u64::MAX };
+        let evs = [
+            StreamEvent::MessageStart { id: "msg_\"1".into(), model: "claude-\u{1}x".into(), usage },
+            StreamEvent::MessageStart { id: String::new(), model: String::new(), usage: Usage::default() },
+            StreamEvent::Ping,
+            StreamEvent::BlockStart { index: 0, block: BlockStart::Text },
+            StreamEvent::BlockStart { index: 31, block: BlockStart::Text },
+            StreamEvent::BlockStart {
+                index: 2,
+                block: BlockStart::ToolUse { id: "toolu_1".into(), name: "get\"x".into() },
+            },
+            StreamEvent::BlockStart { index: 3, block: BlockStart::Thinking },
+            StreamEvent::BlockStart { index: 4, block: BlockStart::RedactedThinking { data: "ab==".into() } },
+            StreamEvent::BlockStop { index: 0 },
+            StreamEvent::BlockStop { index: usize::MAX },
+            StreamEvent::MessageDelta { stop_reason: "end_turn".into(), stop_sequence: None, usage },
+            StreamEvent::MessageDelta {
+                stop_reason: "stop_sequence".into(),
+                stop_sequence: Some("\n\nHuman:\t\"".into()),
+                usage: Usage::default(),
+            },
+            StreamEvent::MessageStop,
+            StreamEvent::Error(ApiError::new(super::super::ErrorKind::Overloaded, "busy \"now\"")),
+        ];
+        for e in evs {
+            let expected = format!("event: {}\ndata: {}\n\n", e.name(), e.data());
+            assert_eq!(String::from_utf8(e.to_sse().to_vec()).unwrap(), expected);
         }
     }
 

@@ -36,16 +36,27 @@ pub const HIGH_WATER: usize = 64 * 1024;
 
 /// The bytes a producer has written and the body has not yet handed to hyper.
 #[derive(Clone, Default)]
-pub struct Outbox(Arc<Mutex<Vec<u8>>>);
+pub struct Outbox(Arc<Mutex<Buffered>>);
+
+#[derive(Default)]
+struct Buffered {
+    bytes: Vec<u8>,
+    /// Set while the producer expects more at once: the body keeps the bytes back.
+    held: bool,
+}
 
 impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Buffered> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Appends with `write`.
     pub fn write(&self, write: impl FnOnce(&mut Vec<u8>)) {
-        write(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        write(&mut self.lock().bytes);
     }
 
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock().bytes.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -53,8 +64,17 @@ impl Outbox {
     }
 
     fn take(&self) -> Option<Bytes> {
-        let mut buf = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        (!buf.is_empty()).then(|| Bytes::from(std::mem::take(&mut *buf)))
+        let mut b = self.lock();
+        (!b.held && !b.bytes.is_empty()).then(|| Bytes::from(std::mem::take(&mut b.bytes)))
+    }
+
+    /// Yields once to the scheduler with the buffered bytes held back, so that another task
+    /// about to hand the producer more input (hyper's client connection passes an upstream
+    /// body on one chunk at a time) runs first and what it brings leaves in the same write.
+    pub async fn yield_holding(&self) {
+        self.lock().held = true;
+        tokio::task::yield_now().await;
+        self.lock().held = false;
     }
 
     /// Returns at once below [`HIGH_WATER`]; above it, yields once so that the body hands the

@@ -366,22 +366,49 @@ pub async fn stream(
         let mut timeout = std::pin::pin!(tokio::time::sleep_until(deadline.into()));
         let mut ping = std::pin::pin!(tokio::time::sleep(PING_INTERVAL));
         let mut last_event = Instant::now();
+        // Events already on their way are gathered into one write: when the upstream has
+        // nothing at this instant but output is waiting, the producer yields once (holding the
+        // output) before letting it go, at most HOLDS times in a row. The first content is not
+        // held: it leaves as soon as it is there (the time to first byte matters most).
+        const HOLDS: u32 = 16;
+        let mut holds = HOLDS;
+        let on_next = |ev: Option<Result<Event, crate::upstream::StreamError>>,
+                       st: &mut ResponseState,
+                       last_event: &mut Instant| {
+            *last_event = Instant::now();
+            if *last_event >= deadline {
+                vec![StreamEvent::Error(ApiError::new(
+                    ErrorKind::Api,
+                    "request timed out (request_timeout_secs)",
+                ))]
+            } else {
+                match ev {
+                    Some(Ok(ev)) => st.on_event(ev),
+                    Some(Err(e)) => st.on_error(&e),
+                    None => st.on_end(),
+                }
+            }
+        };
         while !st.is_finished() {
             o.room().await;
+            if let Some(ev) = ready_now(stream.next()).await {
+                let evs = on_next(ev, &mut st, &mut last_event);
+                let fatal = evs.iter().any(|e| matches!(e, StreamEvent::Error(_)));
+                emit(&evs, &mut end.x);
+                if fatal {
+                    break;
+                }
+                continue;
+            }
+            if holds < HOLDS && !o.is_empty() {
+                holds += 1;
+                o.yield_holding().await;
+                continue;
+            }
+            holds = 0;
             let evs = tokio::select! {
                 biased;
-                ev = stream.next() => {
-                    last_event = Instant::now();
-                    if last_event >= deadline {
-                        vec![StreamEvent::Error(ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)"))]
-                    } else {
-                        match ev {
-                            Some(Ok(ev)) => st.on_event(ev),
-                            Some(Err(e)) => st.on_error(&e),
-                            None => st.on_end(),
-                        }
-                    }
-                }
+                ev = stream.next() => on_next(ev, &mut st, &mut last_event),
                 _ = &mut drained => {
                     let e = ApiError::new(ErrorKind::Overloaded, "server shutting down");
                     vec![StreamEvent::Error(e)]
@@ -415,4 +442,15 @@ pub async fn stream(
             None => Ok(()),
         });
     }))
+}
+
+/// Polls `f` once: its output if it is ready now, else `None` (dropping it, so `f` must be
+/// cancel-safe).
+async fn ready_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| match f.as_mut().poll(cx) {
+        std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
 }
