@@ -9,6 +9,9 @@
 //!
 //! Workloads (`--workloads`, comma-separated, all by default):
 //!
+//! - `paced`: the same replies from `--paced-clients` clients at a fixed offered load of
+//!   `--rate` requests/s in all (below what either path can serve), so that latency is the
+//!   daemon's own and not queueing at saturation;
 //! - `short`: streamed replies of `--short-chars` characters, closed loop at each of
 //!   `--concurrency` (default 1, 50, 500 clients, one keep-alive connection each), `--warmup`
 //!   seconds unrecorded then `--duration` seconds measured;
@@ -70,7 +73,7 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     accounts: usize,
     /// Workloads to run.
-    #[arg(long, value_delimiter = ',', default_value = "short,long,held,start,reload")]
+    #[arg(long, value_delimiter = ',', default_value = "short,paced,long,held,start,reload")]
     workloads: Vec<String>,
     /// Client counts for `short`.
     #[arg(long, value_delimiter = ',', default_value = "1,50,500")]
@@ -82,6 +85,12 @@ struct Args {
     /// of `--duration` (which still bounds it): a fixed amount of work, for profilers.
     #[arg(long)]
     requests: Option<usize>,
+    /// Offered load of the `paced` workload: requests per second over all its clients.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Clients of the `paced` workload.
+    #[arg(long, default_value_t = 50)]
+    paced_clients: usize,
     /// Unrecorded seconds before each `short` run (connections, caches).
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
@@ -439,9 +448,13 @@ struct Shape {
     warmup: Duration,
     duration: Duration,
     max_requests: Option<usize>,
+    /// When set, each client sends on a fixed schedule of this interval (or at once when it
+    /// is behind): a fixed offered load, below saturation, for latency without queueing.
+    pace: Option<Duration>,
 }
 
-/// Closed loop: `clients` connections, each sending the next request when the last ends.
+/// Closed loop: `clients` connections, each sending the next request when the last ends (or,
+/// paced, when its next slot comes).
 async fn closed_loop(
     t: Arc<Target>,
     prompt: Arc<str>,
@@ -449,7 +462,7 @@ async fn closed_loop(
     shape: Shape,
     daemon_pid: Option<u32>,
 ) -> RunResult {
-    let Shape { clients, warmup, duration, max_requests } = shape;
+    let Shape { clients, warmup, duration, max_requests, pace } = shape;
     let t0 = Instant::now();
     let done = Arc::new(AtomicUsize::new(0));
     let all_done = Arc::new(tokio::sync::Notify::new());
@@ -458,15 +471,21 @@ async fn closed_loop(
     let errors = Arc::new(AtomicUsize::new(0));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let mut tasks = Vec::with_capacity(clients);
-    for _ in 0..clients {
+    for client in 0..clients {
         let (t, prompt, errors, first_error) =
             (t.clone(), prompt.clone(), errors.clone(), first_error.clone());
         let (done, all_done) = (done.clone(), all_done.clone());
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             let mut conn: Option<Conn> = None;
+            // Paced clients start spread over one interval.
+            let mut next_send = pace.map(|p| t0 + p.mul_f64(client as f64 / clients as f64));
             // Bounded by the deadline and by a count.
             for _ in 0..10_000_000u64 {
+                if let (Some(at), Some(p)) = (next_send.as_mut(), pace) {
+                    tokio::time::sleep_until((*at).into()).await;
+                    *at = (*at + p).max(Instant::now() - p);
+                }
                 if Instant::now() >= until || max_requests.is_some_and(|m| done.load(Ordering::Relaxed) >= m)
                 {
                     break;
@@ -1072,13 +1091,36 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
             let dur = Duration::from_secs_f64(args.duration);
             eprintln!("short, {c} clients: direct…");
             let min = args.short_chars as u64;
-            let shape = Shape { clients: c, warmup: warm, duration: dur, max_requests: args.requests };
+            let shape =
+                Shape { clients: c, warmup: warm, duration: dur, max_requests: args.requests, pace: None };
             let d = closed_loop(direct.clone(), prompt.clone(), min, shape, pid).await;
             eprintln!("short, {c} clients: through the daemon…");
             let x = closed_loop(daemon_target.clone(), prompt.clone(), min, shape, pid).await;
             report_errors(&format!("short c={c}"), &d, &x);
             pairs.push(Pair { workload: format!("short ×{c}"), direct: Some(d), daemon: Some(x) });
         }
+    }
+    if want("paced") {
+        let prompt: Arc<str> = format!("#emulator: long {}\nSay something short.", args.short_chars).into();
+        let c = args.paced_clients.max(1);
+        let shape = Shape {
+            clients: c,
+            warmup: Duration::from_secs_f64(args.warmup),
+            duration: Duration::from_secs_f64(args.duration),
+            max_requests: args.requests,
+            pace: Some(Duration::from_secs_f64(c as f64 / args.rate.max(1e-3))),
+        };
+        let min = args.short_chars as u64;
+        eprintln!("paced, {c} clients at {} req/s: direct…", args.rate);
+        let d = closed_loop(direct.clone(), prompt.clone(), min, shape, pid).await;
+        eprintln!("paced, {c} clients at {} req/s: through the daemon…", args.rate);
+        let x = closed_loop(daemon_target.clone(), prompt.clone(), min, shape, pid).await;
+        report_errors(&format!("paced c={c}"), &d, &x);
+        pairs.push(Pair {
+            workload: format!("short ×{c} at {} req/s", args.rate),
+            direct: Some(d),
+            daemon: Some(x),
+        });
     }
     if want("long") {
         let prompt = format!("#emulator: long {}\nWrite a lot.", args.long_chars);
@@ -1102,8 +1144,13 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
         pairs.push(Pair { workload: "long 1 MB".into(), direct: Some(d), daemon: Some(x) });
     }
     if want("held") {
+        // A fixed text (a shape directive) with the slow-fragments behaviour: one behaviour
+        // applies per request, so `long` here would replace the pacing and stream at full speed.
+        // The text has enough fragments to outlast the hold.
+        let words = "steady ".repeat(((args.hold * 1000.0 / args.held_interval_ms as f64) as usize + 20) * 2);
         let prompt: Arc<str> = format!(
-            "#emulator: slow-fragments {}\n#emulator: long 1000000\nTake your time.",
+            "#emulator: text {}\n#emulator: slow-fragments {}\nTake your time.",
+            words.trim_end(),
             args.held_interval_ms
         )
         .into();

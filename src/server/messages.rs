@@ -146,9 +146,7 @@ pub async fn connect(app: &Arc<App>, translated: &Translated) -> Result<Connecte
                 }
             };
             let account = lease.account.spec();
-            let mut body = translated.request.clone();
-            body.profile_arn = account.profile_arn.clone();
-            let bytes = Bytes::from(serde_json::to_vec(&body).expect("request types always serialise"));
+            let bytes = Bytes::from(translated.request.to_body(account.profile_arn.as_deref()));
             lease.attempted();
             match app.pool.client().generate(&lease.account.endpoints().q, &token, bytes, attempt).await {
                 Ok(mut stream) => {
@@ -366,17 +364,26 @@ pub async fn stream(
         let mut timeout = std::pin::pin!(tokio::time::sleep_until(deadline.into()));
         let mut ping = std::pin::pin!(tokio::time::sleep(PING_INTERVAL));
         let mut last_event = Instant::now();
-        // Events already on their way are gathered into one write: when the upstream has
-        // nothing at this instant but output is waiting, the producer yields once (holding the
-        // output) before letting it go, at most HOLDS times in a row. The first content is not
-        // held: it leaves as soon as it is there (the time to first byte matters most).
+        // Events already on their way are gathered into one write. Amazon Q's events come in
+        // bursts, and hyper's client connection hands a body on one chunk at a time; so while
+        // events follow each other closely (a burst), when the upstream has nothing at this
+        // instant but output is waiting, the producer yields once, holding the output, to let
+        // the connection bring the next chunk; if nothing came meanwhile the output goes. At
+        // most HOLDS yields per write, none before the first content goes out (the time to
+        // first byte matters most), and none for spaced-out events (they would only cost).
         const HOLDS: u32 = 16;
+        const BURST_GAP: Duration = Duration::from_millis(1);
         let mut holds = HOLDS;
+        let mut yielded = false;
+        let mut gap = Duration::MAX;
         let on_next = |ev: Option<Result<Event, crate::upstream::StreamError>>,
                        st: &mut ResponseState,
-                       last_event: &mut Instant| {
-            *last_event = Instant::now();
-            if *last_event >= deadline {
+                       last_event: &mut Instant,
+                       gap: &mut Duration| {
+            let now = Instant::now();
+            *gap = now.saturating_duration_since(*last_event);
+            *last_event = now;
+            if now >= deadline {
                 vec![StreamEvent::Error(ApiError::new(
                     ErrorKind::Api,
                     "request timed out (request_timeout_secs)",
@@ -391,24 +398,26 @@ pub async fn stream(
         };
         while !st.is_finished() {
             o.room().await;
-            if let Some(ev) = ready_now(stream.next()).await {
-                let evs = on_next(ev, &mut st, &mut last_event);
-                let fatal = evs.iter().any(|e| matches!(e, StreamEvent::Error(_)));
-                emit(&evs, &mut end.x);
-                if fatal {
-                    break;
+            if !yielded && holds < HOLDS && gap < BURST_GAP && !o.is_empty() {
+                if let Some(ev) = ready_now(stream.next()).await {
+                    let evs = on_next(ev, &mut st, &mut last_event, &mut gap);
+                    let fatal = evs.iter().any(|e| matches!(e, StreamEvent::Error(_)));
+                    emit(&evs, &mut end.x);
+                    if fatal {
+                        break;
+                    }
+                    continue;
                 }
-                continue;
-            }
-            if holds < HOLDS && !o.is_empty() {
                 holds += 1;
+                yielded = true;
                 o.yield_holding().await;
                 continue;
             }
-            holds = 0;
+            yielded = false;
+            // Waits for the next event; the body hands the output over while this waits.
             let evs = tokio::select! {
                 biased;
-                ev = stream.next() => on_next(ev, &mut st, &mut last_event),
+                ev = stream.next() => on_next(ev, &mut st, &mut last_event, &mut gap),
                 _ = &mut drained => {
                     let e = ApiError::new(ErrorKind::Overloaded, "server shutting down");
                     vec![StreamEvent::Error(e)]
@@ -429,6 +438,10 @@ pub async fn stream(
                     }
                 }
             };
+            if o.is_empty() {
+                // The output went (or there was none): a new write begins.
+                holds = 0;
+            }
             let fatal = evs.iter().any(|e| matches!(e, StreamEvent::Error(_)));
             emit(&evs, &mut end.x);
             if fatal {

@@ -13,6 +13,22 @@ pub struct GenerateRequest {
     pub profile_arn: Option<String>,
 }
 
+impl GenerateRequest {
+    /// The JSON body with `profile_arn` in place of the request's own (without copying the
+    /// conversation: with failover the same request goes out with each account's profile).
+    pub fn to_body(&self, profile_arn: Option<&str>) -> Vec<u8> {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Body<'a> {
+            conversation_state: &'a ConversationState,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            profile_arn: Option<&'a str>,
+        }
+        serde_json::to_vec(&Body { conversation_state: &self.conversation_state, profile_arn })
+            .expect("request types always serialise")
+    }
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ConversationState {
@@ -206,6 +222,10 @@ mod tests {
             },
             profile_arn: None,
         };
+        let mut with_arn = req.clone();
+        with_arn.profile_arn = Some("arn:aws:codewhisperer:x".into());
+        assert_eq!(req.to_body(None), serde_json::to_vec(&req).unwrap());
+        assert_eq!(req.to_body(Some("arn:aws:codewhisperer:x")), serde_json::to_vec(&with_arn).unwrap());
         let v = serde_json::to_value(&req).unwrap();
         assert_eq!(
             v,
