@@ -3,7 +3,7 @@
 //! responses can never disagree.
 
 use super::request::ToolNames;
-use super::tokens::count_text;
+use super::tokens::{count_text, first_tokens};
 use crate::anthropic::sse::{BlockStart, Delta, StreamEvent, Usage};
 use crate::anthropic::{ApiError, ErrorKind};
 use crate::upstream::{Event, StreamError};
@@ -173,9 +173,7 @@ impl ResponseState {
             return text.to_string();
         }
         let room = self.p.max_tokens.saturating_sub(self.output_tokens) as usize;
-        let bpe = tiktoken_rs::cl100k_base_singleton();
-        let toks = bpe.encode_ordinary(text);
-        let kept = bpe.decode(&toks[..room.min(toks.len())]).unwrap_or_default();
+        let kept = first_tokens(text, room).to_string();
         self.output_tokens = self.p.max_tokens;
         self.stop = Some(("max_tokens".into(), None));
         self.finished = true;

@@ -1,19 +1,33 @@
-//! Token accounting with a real BPE tokenizer (cl100k_base): count_tokens, the input estimate
-//! `message_start` reports, and output tokens.
+//! Token accounting with a real BPE tokenizer (cl100k_base, counted exactly as tiktoken does by
+//! our own compact counter, `cl100k.rs`): count_tokens, the input estimate `message_start`
+//! reports, and output tokens.
+
+mod cl100k;
+#[cfg(test)]
+mod cl100k_tests;
+mod unicode;
 
 use crate::anthropic::request::{Block, DocumentSource, ImageSource, MessagesRequest, ToolDef};
-use tiktoken_rs::CoreBPE;
-
-fn bpe() -> &'static CoreBPE {
-    tiktoken_rs::cl100k_base_singleton()
-}
 
 /// Tokens in a piece of text.
 pub fn count_text(text: &str) -> u64 {
     if text.is_empty() {
         return 0;
     }
-    bpe().encode_ordinary(text).len() as u64
+    cl100k::vocabulary().count(text) as u64
+}
+
+/// The start of `text` that its first `n` tokens cover (all of it if it has fewer), cut back to
+/// a character boundary.
+pub fn first_tokens(text: &str, n: usize) -> &str {
+    if text.is_empty() {
+        return text;
+    }
+    let mut end = cl100k::vocabulary().prefix_len(text, n);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Per-message framing overhead (role markers), as chat formats add.

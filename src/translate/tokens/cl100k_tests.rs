@@ -1,0 +1,384 @@
+//! The cl100k counter against tiktoken-rs (the reference, a dev-dependency): its generated
+//! tables, then piece-for-piece agreement with tiktoken's pattern under fancy-regex and
+//! token-for-token agreement with tiktoken on known hard cases, every code point, random text
+//! biased towards the pattern's corners, and the repository's own texts.
+
+use super::cl100k::{Class, NONE, Rank, Vocabulary, class_of, piece_end, vocabulary};
+use proptest::prelude::*;
+use std::path::Path;
+use std::sync::OnceLock;
+use tiktoken_rs::CoreBPE;
+
+fn reference() -> &'static CoreBPE {
+    tiktoken_rs::cl100k_base_singleton()
+}
+
+/// cl100k's pattern, as tiktoken-rs 0.12.1 (src/tiktoken_ext/openai_public.rs) compiles it.
+const PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
+
+/// The pieces of `text` under PATTERN, by fancy-regex as tiktoken runs it.
+fn regex_pieces(text: &str) -> Vec<&str> {
+    static RE: OnceLock<fancy_regex::Regex> = OnceLock::new();
+    let re = RE.get_or_init(|| fancy_regex::Regex::new(PATTERN).unwrap());
+    re.find_iter(text).map(|m| m.unwrap().as_str()).collect()
+}
+
+/// Our pieces of `text`.
+fn pieces(text: &str) -> Vec<&str> {
+    let (b, mut i, mut out) = (text.as_bytes(), 0, Vec::new());
+    while i < b.len() {
+        let end = piece_end(b, i);
+        out.push(&text[i..end]);
+        i = end;
+    }
+    out
+}
+
+/// Our token ids for `text` (the counter itself only counts them).
+fn encode(v: &Vocabulary, text: &str) -> Vec<Rank> {
+    let mut out = Vec::new();
+    v.each_token(text, |token| {
+        let rank = v.rank(token);
+        assert_ne!(rank, NONE, "{token:?} is not a token");
+        out.push(rank)
+    });
+    out
+}
+
+/// Piece-for-piece agreement with the pattern, token-for-token agreement with tiktoken, and the
+/// count.
+fn check(text: &str) -> Result<(), String> {
+    let (ours, theirs) = (pieces(text), regex_pieces(text));
+    if ours != theirs {
+        return Err(format!("{text:?}: our pieces {ours:?}, the pattern's {theirs:?}"));
+    }
+    let v = vocabulary();
+    let ours = encode(v, text);
+    let theirs = reference().encode_ordinary(text);
+    if ours != theirs {
+        return Err(format!("{text:?}: ours {ours:?}, tiktoken {theirs:?}"));
+    }
+    if v.count(text) != theirs.len() {
+        return Err(format!("{text:?}: count {} != {}", v.count(text), theirs.len()));
+    }
+    Ok(())
+}
+
+fn manifest(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn regenerate() -> bool {
+    std::env::var_os("AMQ2API_REGENERATE").is_some()
+}
+
+/// `cl100k_base.bin` is tiktoken-rs's cl100k_base vocabulary (OpenAI's file), rank for rank;
+/// `AMQ2API_REGENERATE=1` rewrites it from there.
+#[test]
+fn generated_vocabulary() {
+    let bpe = reference();
+    let n: u32 = 100_256;
+    assert!(bpe.decode_bytes(&[n]).is_err(), "cl100k_base has more than {n} ordinary tokens");
+    let tokens: Vec<Vec<u8>> = (0..n).map(|r| bpe.decode_bytes(&[r]).unwrap()).collect();
+    let mut blob = n.to_le_bytes().to_vec();
+    blob.extend(tokens.iter().map(|t| u8::try_from(t.len()).unwrap()));
+    blob.extend(tokens.concat());
+    let path = manifest("src/translate/tokens/cl100k_base.bin");
+    if regenerate() {
+        std::fs::write(&path, &blob).unwrap();
+    }
+    assert!(std::fs::read(&path).unwrap() == blob, "{} is stale: AMQ2API_REGENERATE=1", path.display());
+    let v = vocabulary();
+    assert_eq!(v.len(), n as usize);
+    for (r, t) in tokens.iter().enumerate() {
+        assert_eq!(v.token(r as Rank), t.as_slice());
+        assert_eq!(v.rank(t), r as Rank, "{t:?}");
+    }
+    for byte in 0..=255u8 {
+        assert_ne!(v.rank(&[byte]), NONE, "every byte is a token");
+    }
+    assert_eq!(v.rank(b""), NONE);
+    assert_eq!(v.rank(b"not a single token at all"), NONE);
+}
+
+/// The hash table's probe lengths stay short.
+#[test]
+fn hash_table_probes() {
+    let (mean, max) = vocabulary().probes();
+    assert!(mean < 1.4 && max < 24, "mean {mean}, max {max}");
+}
+
+fn class_ranges(pattern: &str) -> Vec<(u32, u32)> {
+    use regex_syntax::hir::{Class, HirKind};
+    let hir = regex_syntax::parse(pattern).unwrap();
+    let HirKind::Class(Class::Unicode(class)) = hir.kind() else { panic!("{pattern}: {hir:?}") };
+    class.ranges().iter().map(|r| (r.start() as u32, r.end() as u32)).collect()
+}
+
+/// `unicode.rs` is regex-syntax's `\p{L}`, `\p{N}` and `\s` (which fancy-regex, hence tiktoken,
+/// uses) outside ASCII, and `class_of` agrees with them on every code point;
+/// `AMQ2API_REGENERATE=1` rewrites the file.
+#[test]
+fn generated_unicode_table() {
+    let mut all = Vec::new();
+    for (pattern, class) in [(r"\p{L}", "L"), (r"\p{N}", "N"), (r"\s", "S")] {
+        all.extend(class_ranges(pattern).into_iter().map(|(a, b)| (a, b, class)));
+    }
+    all.sort();
+    let mut source = String::from(
+        "//! Generated by `generated_unicode_table` (src/translate/tokens/cl100k_tests.rs) from regex-syntax's\n\
+         //! `\\p{L}`, `\\p{N}` and `\\s`: the non-ASCII code points of each, as sorted, disjoint, inclusive ranges.\n\
+         //! Do not edit; regenerate with `AMQ2API_REGENERATE=1 cargo test --lib generated_unicode_table`.\n\n\
+         use super::cl100k::Class::{self, Letter as L, Number as N, Space as S};\n\n\
+         pub(super) static NON_ASCII: &[(u32, u32, Class)] = &[\n",
+    );
+    for &(a, b, class) in &all {
+        if b >= 0x80 {
+            source += &format!("    (0x{:x}, 0x{b:x}, {class}),\n", a.max(0x80));
+        }
+    }
+    source += "];\n";
+    let path = manifest("src/translate/tokens/unicode.rs");
+    if regenerate() {
+        std::fs::write(&path, &source).unwrap();
+    }
+    assert!(
+        std::fs::read_to_string(&path).unwrap() == source,
+        "{} is stale: AMQ2API_REGENERATE=1",
+        path.display()
+    );
+
+    let mut expected = vec![Class::Other; 0x110000];
+    for (a, b, class) in all {
+        for c in a..=b {
+            assert_eq!(expected[c as usize], Class::Other, "classes overlap at {c:#x}");
+            expected[c as usize] = match (class, c) {
+                ("S", 0x0a | 0x0d) => Class::Newline,
+                ("S", _) => Class::Space,
+                ("L", _) => Class::Letter,
+                _ => Class::Number,
+            };
+        }
+    }
+    for (c, &class) in expected.iter().enumerate() {
+        assert_eq!(class_of(c as u32), class, "{c:#x}");
+    }
+}
+
+/// Corners of the pattern and of the merge.
+#[test]
+fn known_cases() {
+    let long_word = "Supercalifragilisticexpialidocious".repeat(8);
+    let long_run = "=".repeat(500);
+    let cases = [
+        "",
+        "hello world",
+        "Hello, World! It's 2024.",
+        "'s 'S 't 'T 're 'RE 'Re 'rE 've 'VE 'm 'M 'll 'LL 'lL 'd 'D 'x 'ſ 'ſt '' ' s",
+        "don't I'll we're they've she'd I'm it's DON'T WE'RE",
+        "it'ſ ſ'ſ x'ſa\n'ſ'ſ'ſt",
+        "  \n  ",
+        "a  \n  ",
+        "a  \n  b",
+        " \t \n \r\n\r\n  x",
+        "\n\n\n",
+        "trailing   ",
+        "trailing\t\t",
+        "x\u{a0}\u{a0}y",
+        "\u{3000}日本\u{3000}\u{3000}語",
+        "1 12 123 1234 12345 123456 1234567",
+        "٠١٢٣٤ ０１２ ²³ ½ Ⅻ ⅻ 〇",
+        "e\u{301}te\u{301} cafe\u{301} n\u{303}",
+        "नमस्ते दुनिया",
+        "日本語の文章です。中文测试。한국어 텍스트",
+        "😀 👍🏽 👨\u{200d}👩\u{200d}👧 🇯🇵!!",
+        "\0\x01\x1b[31m\x7f\u{200b}\u{feff}\u{180e}\u{85}\u{2028}\u{2029}",
+        "{\"key\": [1, 2.5, true, null], \"nested\": {\"a\": \"b\"}}\n",
+        "fn main() {\n    println!(\"hi\");\n}\n",
+        "!!!\n\n???\r\n...",
+        " !\" #$%&'()*+,-./:;<=>?@[\\]^_`{|}~",
+        &long_word,
+        &long_run,
+        &format!(" {long_run}\n\n"),
+        &" ".repeat(300),
+        &format!("{}x", " ".repeat(300)),
+        &"\u{1F600}".repeat(100),
+        &"ab".repeat(200),
+    ];
+    for case in cases {
+        check(case).unwrap();
+    }
+}
+
+/// Every code point (but the surrogates) in several positions of the pattern, in batches.
+#[test]
+fn every_code_point() {
+    let chars: Vec<char> = (0..=0x10ffff).filter_map(char::from_u32).collect();
+    for batch in chars.chunks(512) {
+        let mut text = String::new();
+        for &c in batch {
+            text.extend(['\n', '\'', c, c, '1', ' ', c, 'a', c, '\t', c, '!', ' ', c, ' ']);
+        }
+        check(&text).unwrap();
+    }
+}
+
+/// Fragments biased towards the pattern's corners.
+fn fragment() -> impl Strategy<Value = String> {
+    let pick = |items: &'static [&'static str]| proptest::sample::select(items).prop_map(String::from);
+    let whitespace = proptest::collection::vec(
+        pick(&[
+            " ", " ", " ", "\t", "\n", "\r", "\r\n", "\u{a0}", "\u{3000}", "\u{85}", "\u{2028}", "\x0b",
+            "\x0c",
+        ]),
+        1..6,
+    )
+    .prop_map(|v| v.concat());
+    let contraction = pick(&[
+        "'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'T", "'RE", "'Re", "'rE", "'VE", "'Ve", "'M",
+        "'LL", "'Ll", "'lL", "'D", "'ſ", "'", "''", "'x", "'l", "'v", "'r",
+    ]);
+    let word = "[a-zA-Z]{1,12}";
+    let long_word = "[a-z]{20,300}";
+    let digits = "[0-9]{1,12}";
+    let numbers = pick(&["٠١٢", "０１２", "²", "³", "½", "Ⅻ", "ⅻ", "〇", "१२३", "𝟘𝟙"]);
+    let punctuation = "[!-/:-@\\[-`{-~“”—…«»¿¡、。]{1,6}";
+    let scripts = pick(&[
+        "e\u{301}",
+        "a\u{308}\u{301}",
+        "\u{301}",
+        "नमस्ते",
+        "हिन्दी",
+        "日本語",
+        "中文",
+        "한국어",
+        "ไทย",
+        "Ελληνικά",
+        "русский",
+        "עברית",
+        "العربية",
+        "😀",
+        "👍🏽",
+        "👨\u{200d}👩\u{200d}👧",
+        "🇯🇵",
+        "ǅ",
+        "ß",
+        "İ",
+        "ſ",
+        "K",
+    ]);
+    let controls =
+        pick(&["\0", "\x01", "\x1b", "\x7f", "\u{200b}", "\u{feff}", "\u{180e}", "\u{2029}", "\u{1c}"]);
+    let runs =
+        (pick(&[" ", "=", "-", "\n", "a", "ab", "#", "\t", "0"]), 1usize..200).prop_map(|(s, n)| s.repeat(n));
+    prop_oneof![
+        6 => whitespace,
+        3 => contraction,
+        6 => word.prop_map(String::from),
+        1 => long_word.prop_map(String::from),
+        3 => digits.prop_map(String::from),
+        2 => numbers,
+        4 => punctuation.prop_map(String::from),
+        4 => scripts,
+        2 => controls,
+        2 => any::<char>().prop_map(String::from),
+        1 => runs,
+    ]
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Random text from the fragments above: the same tokens as tiktoken.
+    #[test]
+    fn matches_tiktoken(parts in proptest::collection::vec(fragment(), 0..24)) {
+        let text = parts.concat();
+        if let Err(e) = check(&text) {
+            return Err(TestCaseError::fail(e));
+        }
+    }
+
+    /// Arbitrary strings (mostly non-ASCII): the same tokens as tiktoken.
+    #[test]
+    fn matches_tiktoken_on_any_string(text in any::<String>()) {
+        if let Err(e) = check(&text) {
+            return Err(TestCaseError::fail(e));
+        }
+    }
+
+    /// The stack merge and the heap merge split any piece alike.
+    #[test]
+    fn merges_agree(piece in proptest::collection::vec(prop_oneof![any::<u8>(), 0x20u8..0x7f, Just(b' ')], 2..128)) {
+        let v = vocabulary();
+        let (mut small, mut large) = (Vec::new(), Vec::new());
+        v.merge_small(&piece, &mut |t| small.push(t.to_vec()));
+        v.merge_large(&piece, &mut |t| large.push(t.to_vec()));
+        prop_assert_eq!(small, large);
+    }
+}
+
+/// The repository's own texts: request fixtures (whole, and each JSON string in them), the
+/// README and the Rust sources, whole and line by line.
+#[test]
+fn repository_texts() {
+    fn strings(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::String(s) => out.push(s.clone()),
+            serde_json::Value::Array(a) => a.iter().for_each(|v| strings(v, out)),
+            serde_json::Value::Object(o) => o.iter().for_each(|(k, v)| {
+                out.push(k.clone());
+                strings(v, out)
+            }),
+            _ => {}
+        }
+    }
+    fn files(dir: &Path, ext: &str, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                files(&path, ext, out);
+            } else if path.extension().is_some_and(|e| e == ext) {
+                out.push(path);
+            }
+        }
+    }
+    let mut paths = vec![manifest("README.md")];
+    files(&manifest("tests/fixtures"), "json", &mut paths);
+    files(&manifest("src"), "rs", &mut paths);
+    files(&manifest("tests"), "rs", &mut paths);
+    let mut texts = 0;
+    for path in &paths {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut pieces = vec![text.clone()];
+        if path.extension().is_some_and(|e| e == "json") {
+            strings(&serde_json::from_str(&text).unwrap(), &mut pieces);
+        } else {
+            pieces.extend(text.lines().map(String::from));
+        }
+        for piece in &pieces {
+            check(piece).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+        texts += pieces.len();
+    }
+    assert!(paths.len() > 50 && texts > 10_000, "{} files, {texts} texts", paths.len());
+}
+
+/// `first_tokens` keeps what tiktoken decodes of the first n tokens, cut back to a character.
+#[test]
+fn first_tokens_is_a_decoded_prefix() {
+    let text = "It's 12345 o'clock: 日本語 😀 \u{1F44D}\u{1F3FD}  done.\n\n";
+    let tokens = reference().encode_ordinary(text);
+    for n in 0..=tokens.len() + 2 {
+        let bytes = reference().decode_bytes(&tokens[..n.min(tokens.len())]).unwrap();
+        let mut end = bytes.len();
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        assert_eq!(super::first_tokens(text, n), &text[..end], "{n}");
+    }
+    assert_eq!(super::first_tokens("", 3), "");
+}
