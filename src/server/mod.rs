@@ -172,6 +172,7 @@ async fn drive<F, E>(
     let check = (idle / 4).max(Duration::from_millis(250));
     loop {
         tokio::select! {
+            biased;
             r = &mut conn => {
                 if let Err(e) = r {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");

@@ -135,6 +135,22 @@ struct ReasoningPayload {
     redacted_content: Option<String>,
 }
 
+/// The text of the usual `assistantResponseEvent` payload, `{"content":"…"}` or
+/// `{"content":"…","modelId":"…"}` with neither string escaped, read without a JSON parser
+/// (`None` for anything else, which the parser then reads).
+fn plain_content(payload: &[u8]) -> Option<String> {
+    let plain = |s: &[u8]| !s.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20);
+    let rest = payload.strip_prefix(b"{\"content\":\"")?;
+    let end = rest.iter().position(|&b| b == b'"')?;
+    let (text, tail) = (&rest[..end], &rest[end + 1..]);
+    let tail_ok = tail == b"}"
+        || tail.strip_prefix(b",\"modelId\":\"").and_then(|t| t.strip_suffix(b"\"}")).is_some_and(plain);
+    if !tail_ok || !plain(text) {
+        return None;
+    }
+    String::from_utf8(text.to_vec()).ok()
+}
+
 fn json(frame: &Frame) -> Result<Value, String> {
     if frame.payload.is_empty() {
         return Ok(Value::Object(Default::default()));
@@ -179,11 +195,13 @@ pub fn parse_frame(frame: &Frame) -> Result<Event, StreamError> {
                     // `content`, bad JSON) takes the general path and its rules.
                     // (A derived struct would also take a JSON array, hence the `{` check.)
                     let typed = match frame.payload.first() {
-                        Some(b'{') => serde_json::from_slice::<ContentPayload>(&frame.payload).ok(),
+                        Some(b'{') => plain_content(&frame.payload).or_else(|| {
+                            serde_json::from_slice::<ContentPayload>(&frame.payload).ok()?.content
+                        }),
                         _ => None,
                     };
                     match typed {
-                        Some(p) => Event::AssistantResponse { content: p.content.unwrap_or_default() },
+                        Some(content) => Event::AssistantResponse { content },
                         None => {
                             let v = body()?;
                             Event::AssistantResponse { content: str_field(&v, "content").unwrap_or_default() }
@@ -312,6 +330,27 @@ mod tests {
         assert_eq!(text(r#"{"content":"a","content":"b"}"#).unwrap(), "b", "the last member wins");
         assert_eq!(text("").unwrap(), "");
         assert!(text(r#"{"content":"a""#).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_plain_reading_agrees_with_the_parser(
+            content in "(?s).{0,24}",
+            model in proptest::option::of("[ -~]{0,12}"),
+            spaced in proptest::bool::ANY,
+        ) {
+            let mut v = serde_json::Map::new();
+            v.insert("content".into(), Value::String(content.clone()));
+            if let Some(m) = &model {
+                v.insert("modelId".into(), Value::String(m.clone()));
+            }
+            let mut payload = serde_json::to_string(&v).unwrap();
+            if spaced {
+                payload = payload.replacen(':', ": ", 1);
+            }
+            let ev = parse_frame(&event("assistantResponseEvent", &payload)).unwrap();
+            proptest::prop_assert_eq!(ev, Event::AssistantResponse { content });
+        }
     }
 
     #[test]
