@@ -36,27 +36,20 @@ pub const HIGH_WATER: usize = 64 * 1024;
 
 /// The bytes a producer has written and the body has not yet handed to hyper.
 #[derive(Clone, Default)]
-pub struct Outbox(Arc<Mutex<Buffered>>);
-
-#[derive(Default)]
-struct Buffered {
-    bytes: Vec<u8>,
-    /// Set while the producer expects more at once: the body keeps the bytes back.
-    held: bool,
-}
+pub struct Outbox(Arc<Mutex<Vec<u8>>>);
 
 impl Outbox {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Buffered> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Appends with `write`.
     pub fn write(&self, write: impl FnOnce(&mut Vec<u8>)) {
-        write(&mut self.lock().bytes);
+        write(&mut self.lock());
     }
 
     pub fn len(&self) -> usize {
-        self.lock().bytes.len()
+        self.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -65,23 +58,13 @@ impl Outbox {
 
     fn take(&self) -> Option<Bytes> {
         let mut b = self.lock();
-        (!b.held && !b.bytes.is_empty()).then(|| Bytes::from(std::mem::take(&mut b.bytes)))
+        (!b.is_empty()).then(|| Bytes::from(std::mem::take(&mut *b)))
     }
 
-    /// Yields once to the scheduler with the buffered bytes held back, so that another task
-    /// about to hand the producer more input (hyper's client connection passes an upstream
-    /// body on one chunk at a time) runs first and what it brings leaves in the same write.
-    pub async fn yield_holding(&self) {
-        self.lock().held = true;
-        tokio::task::yield_now().await;
-        self.lock().held = false;
-    }
-
-    /// Returns at once below [`HIGH_WATER`]; above it, yields once so that the body hands the
-    /// buffered bytes over (and the producer is polled again only when hyper wants more, which is
-    /// the back-pressure of a slow client).
-    pub async fn room(&self) {
-        if self.len() < HIGH_WATER {
+    /// Lets the body hand what is buffered over now: yields once (the body takes the bytes
+    /// while the producer is pending).
+    pub async fn flush(&self) {
+        if self.is_empty() {
             return;
         }
         let mut yielded = false;
@@ -95,6 +78,15 @@ impl Outbox {
             }
         })
         .await
+    }
+
+    /// Returns at once below [`HIGH_WATER`]; above it, lets the body hand the bytes over (and
+    /// the producer is polled again only when hyper wants more, which is the back-pressure of a
+    /// slow client).
+    pub async fn room(&self) {
+        if self.len() >= HIGH_WATER {
+            self.flush().await;
+        }
     }
 }
 

@@ -356,69 +356,34 @@ pub async fn stream(
         emit(&batch, &mut end.x);
         end.x.first_byte = Some(started.elapsed());
         end.app.metrics.first_byte(started.elapsed());
+        // The first content leaves at once, before whatever follows it is read.
+        o.flush().await;
         // The upstream is polled first: while events are ready nothing else is touched (the
-        // deadline is checked against the clock read for the ping). The timers are polled and
-        // registered only when the upstream has nothing. The ping timer is not moved for every
-        // event: when it fires early it is armed again from the last event.
+        // deadline is checked against the clock read for the ping), and everything already read
+        // leaves in one write (the body hands the output over when this waits). The timers are
+        // polled and registered only when the upstream has nothing. The ping timer is not moved
+        // for every event: when it fires early it is armed again from the last event.
         let mut drained = std::pin::pin!(drain.changed());
         let mut timeout = std::pin::pin!(tokio::time::sleep_until(deadline.into()));
         let mut ping = std::pin::pin!(tokio::time::sleep(PING_INTERVAL));
         let mut last_event = Instant::now();
-        // Events already on their way are gathered into one write. Amazon Q's events come in
-        // bursts, and hyper's client connection hands a body on one chunk at a time, from its
-        // own task; so when the upstream has nothing at this instant but output is waiting,
-        // the producer yields, holding the output, to let that task bring the next chunk. Up
-        // to EMPTY_YIELDS yields in a row that bring nothing, then the output goes. (One yield
-        // is often not enough: the connection's task may need a turn on the other worker.)
-        // Measured with the load generator at 50 clients: ~34 writes per 200-character reply
-        // became ~6, and daemon CPU per request fell by a third; a sparse stream pays a few
-        // polls per event. At most HOLDS yields per write, and none before the first content
-        // has gone out (the time to first byte matters most).
-        const HOLDS: u32 = 16;
-        const EMPTY_YIELDS: u32 = 4;
-        let mut holds = HOLDS;
-        let mut empty_yields = 0;
-        let on_next = |ev: Option<Result<Event, crate::upstream::StreamError>>,
-                       st: &mut ResponseState,
-                       last_event: &mut Instant| {
-            let now = Instant::now();
-            *last_event = now;
-            if now >= deadline {
-                vec![StreamEvent::Error(ApiError::new(
-                    ErrorKind::Api,
-                    "request timed out (request_timeout_secs)",
-                ))]
-            } else {
-                match ev {
-                    Some(Ok(ev)) => st.on_event(ev),
-                    Some(Err(e)) => st.on_error(&e),
-                    None => st.on_end(),
-                }
-            }
-        };
         while !st.is_finished() {
             o.room().await;
-            if empty_yields < EMPTY_YIELDS && holds < HOLDS && !o.is_empty() {
-                if let Some(ev) = ready_now(stream.next()).await {
-                    empty_yields = 0;
-                    let evs = on_next(ev, &mut st, &mut last_event);
-                    let fatal = evs.iter().any(|e| matches!(e, StreamEvent::Error(_)));
-                    emit(&evs, &mut end.x);
-                    if fatal {
-                        break;
-                    }
-                    continue;
-                }
-                holds += 1;
-                empty_yields += 1;
-                o.yield_holding().await;
-                continue;
-            }
-            empty_yields = 0;
-            // Waits for the next event; the body hands the output over while this waits.
             let evs = tokio::select! {
                 biased;
-                ev = stream.next() => on_next(ev, &mut st, &mut last_event),
+                ev = stream.next() => {
+                    last_event = Instant::now();
+                    if last_event >= deadline {
+                        let e = ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)");
+                        vec![StreamEvent::Error(e)]
+                    } else {
+                        match ev {
+                            Some(Ok(ev)) => st.on_event(ev),
+                            Some(Err(e)) => st.on_error(&e),
+                            None => st.on_end(),
+                        }
+                    }
+                }
                 _ = &mut drained => {
                     let e = ApiError::new(ErrorKind::Overloaded, "server shutting down");
                     vec![StreamEvent::Error(e)]
@@ -439,10 +404,6 @@ pub async fn stream(
                     }
                 }
             };
-            if o.is_empty() {
-                // The output went (or there was none): a new write begins.
-                holds = 0;
-            }
             let fatal = evs.iter().any(|e| matches!(e, StreamEvent::Error(_)));
             emit(&evs, &mut end.x);
             if fatal {
@@ -456,15 +417,4 @@ pub async fn stream(
             None => Ok(()),
         });
     }))
-}
-
-/// Polls `f` once: its output if it is ready now, else `None` (dropping it, so `f` must be
-/// cancel-safe).
-async fn ready_now<F: std::future::Future>(f: F) -> Option<F::Output> {
-    let mut f = std::pin::pin!(f);
-    std::future::poll_fn(|cx| match f.as_mut().poll(cx) {
-        std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
-        std::task::Poll::Pending => std::task::Poll::Ready(None),
-    })
-    .await
 }

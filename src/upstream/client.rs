@@ -1,5 +1,7 @@
-//! The HTTP client that speaks to Amazon Q and SSO OIDC: one shared connection pool (HTTP/1.1
-//! and h2 over rustls), connect and first-byte timeouts, bodies streamed as they arrive.
+//! The HTTP client that speaks to Amazon Q and SSO OIDC: Amazon Q calls on connections the
+//! reading task drives itself ([`super::conn`], HTTP/1.1), OIDC calls through hyper's pooled
+//! client (HTTP/1.1 and h2 over rustls); connect and first-byte timeouts, bodies streamed as
+//! they arrive.
 
 use super::errors::{UpstreamFailure, classify};
 use super::events::{Event, StreamError, parse_frame};
@@ -97,6 +99,7 @@ struct TokenResponse {
 #[derive(Clone)]
 pub struct UpstreamClient {
     http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    q: Arc<super::conn::Pool>,
     connect_timeout: Duration,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
@@ -133,6 +136,7 @@ impl UpstreamClient {
         http.set_connect_timeout(Some(cfg.connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
+        let q = super::conn::Pool::new(&tls, cfg.connect_timeout);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -145,6 +149,7 @@ impl UpstreamClient {
             .build(https);
         Ok(UpstreamClient {
             http: client,
+            q,
             connect_timeout: cfg.connect_timeout,
             first_byte_timeout: cfg.first_byte_timeout,
             idle_timeout: cfg.stream_idle_timeout,
@@ -172,23 +177,38 @@ impl UpstreamClient {
             .header(header::ACCEPT, "application/vnd.amazon.eventstream, application/json")
             .body(Full::new(body))
             .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
-        let resp = match tokio::time::timeout(self.first_byte_timeout, self.http.request(req)).await {
+        let resp = match tokio::time::timeout(self.first_byte_timeout, self.q.send(req)).await {
             Err(_) => {
                 return Err(UpstreamFailure::Transient {
                     status: None,
                     message: format!("no answer within {} s", self.first_byte_timeout.as_secs()),
                 });
             }
-            Ok(Err(e)) => return Err(UpstreamFailure::Transient { status: None, message: describe(&e) }),
+            Ok(Err(e)) => return Err(UpstreamFailure::Transient { status: None, message: e.to_string() }),
             Ok(Ok(r)) => r,
         };
         let status = resp.status();
         let request_id =
             resp.headers().get("x-amzn-requestid").and_then(|v| v.to_str().ok()).map(str::to_string);
         if status != StatusCode::OK {
-            let (parts, body) = resp.into_parts();
-            let bytes = read_limited(body, MAX_ERROR_BODY, self.first_byte_timeout).await.unwrap_or_default();
-            return Err(classify(status, &parts.headers, &bytes));
+            let headers = resp.headers().clone();
+            let mut body = resp.into_body();
+            let read = async {
+                let mut out = Vec::new();
+                while let Some(frame) = body.frame().await {
+                    let Ok(frame) = frame else { break };
+                    if let Ok(data) = frame.into_data() {
+                        let room = MAX_ERROR_BODY.saturating_sub(out.len());
+                        out.extend_from_slice(&data[..data.len().min(room)]);
+                        if out.len() >= MAX_ERROR_BODY {
+                            break;
+                        }
+                    }
+                }
+                out
+            };
+            let bytes = tokio::time::timeout(self.first_byte_timeout, read).await.unwrap_or_default();
+            return Err(classify(status, &headers, &bytes));
         }
         Ok(EventStream {
             body: resp.into_body(),
@@ -309,7 +329,7 @@ async fn read_limited(mut body: Incoming, limit: usize, deadline: Duration) -> R
 /// A `GenerateAssistantResponse` answer being received. Dropping it closes the upstream
 /// stream (the connection is reset or the h2 stream cancelled).
 pub struct EventStream {
-    body: Incoming,
+    body: super::conn::DrivenBody,
     decoder: Decoder,
     idle_timeout: Duration,
     /// The idle timer. It is never later than the current wait's start plus the timeout (each

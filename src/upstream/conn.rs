@@ -1,0 +1,336 @@
+//! HTTP/1.1 connections to Amazon Q that the calling task drives itself, kept alive in a small
+//! pool.
+//!
+//! hyper's pooled client runs each connection in a task of its own, which hands a response body
+//! over one chunk at a time: every Amazon Q event then cost a hand-over between two tasks, and
+//! events that arrived together still left one by one. Here the connection's future lives with
+//! the response ([`Driven`]) and is polled by whoever reads the body, so everything a read
+//! brought is decoded in one go, in one task.
+//!
+//! An idle connection is not polled: on checkout it is polled once, and one that has closed
+//! meanwhile is dropped. A request that fails on a reused connection before any answer is tried
+//! once more on a new one (the server closed it while idle). Connections speak HTTP/1.1 only
+//! (ALPN `http/1.1` over TLS).
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::{Body as _, Frame, Incoming};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+/// Idle connections kept per endpoint.
+const MAX_IDLE: usize = 256;
+/// An idle connection older than this is closed rather than reused.
+const IDLE_FOR: Duration = Duration::from_secs(90);
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+type Connection = http1::Connection<TokioIo<Box<dyn Io>>, Full<Bytes>>;
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    tls: bool,
+    host: String,
+    port: u16,
+}
+
+/// One connection: the handle requests go through and the future that runs it.
+struct Conn {
+    sender: http1::SendRequest<Full<Bytes>>,
+    conn: Pin<Box<Connection>>,
+    /// Set while the connection is alive; cleared when its future has ended.
+    alive: bool,
+}
+
+impl Conn {
+    /// Polls the connection; false once it has ended.
+    fn poll_alive(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.alive && self.conn.as_mut().poll(cx).is_ready() {
+            self.alive = false;
+        }
+        self.alive
+    }
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// The pool of idle connections, by endpoint.
+pub struct Pool {
+    tls: Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("unsupported endpoint {0}")]
+    Endpoint(String),
+    #[error("connecting to {0} timed out")]
+    ConnectTimeout(String),
+    #[error("connecting to {host}: {reason}")]
+    Connect { host: String, reason: String },
+    #[error("{0}")]
+    Http(String),
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+impl Pool {
+    /// `tls` is used with its ALPN replaced by `http/1.1`.
+    pub fn new(tls: &rustls::ClientConfig, connect_timeout: Duration) -> Arc<Self> {
+        let mut tls = tls.clone();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(Pool { tls: Arc::new(tls), connect_timeout, idle: Mutex::new(HashMap::new()) })
+    }
+
+    fn key(uri: &Uri) -> Result<Key, ConnError> {
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(ConnError::Endpoint(uri.to_string())),
+        };
+        let host = uri.host().ok_or_else(|| ConnError::Endpoint(uri.to_string()))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        Ok(Key { tls, host, port })
+    }
+
+    /// An idle connection that is still open, if any.
+    async fn checkout(&self, key: &Key) -> Option<Conn> {
+        loop {
+            let idle = {
+                let mut map = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                map.get_mut(key).and_then(Vec::pop)?
+            };
+            if idle.since.elapsed() > IDLE_FOR {
+                continue;
+            }
+            let mut conn = idle.conn;
+            let usable =
+                std::future::poll_fn(|cx| Poll::Ready(conn.poll_alive(cx))).await && conn.sender.is_ready();
+            if usable {
+                return Some(conn);
+            }
+        }
+    }
+
+    fn checkin(&self, key: Key, mut conn: Conn) {
+        // A connection goes back only if it can take another request at once.
+        let ready = futures_ready(&mut conn);
+        if !ready {
+            return;
+        }
+        let mut map = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = map.entry(key).or_default();
+        list.retain(|i| i.since.elapsed() <= IDLE_FOR);
+        if list.len() < MAX_IDLE {
+            list.push(Idle { conn, since: Instant::now() });
+        }
+    }
+
+    async fn connect(&self, key: &Key) -> Result<Conn, ConnError> {
+        let host = key.host.clone();
+        let connect = async {
+            let tcp = TcpStream::connect((key.host.as_str(), key.port))
+                .await
+                .map_err(|e| ConnError::Connect { host: host.clone(), reason: e.to_string() })?;
+            let _ = tcp.set_nodelay(true);
+            let _ = nix::sys::socket::setsockopt(&tcp, nix::sys::socket::sockopt::KeepAlive, &true);
+            let io: Box<dyn Io> = if key.tls {
+                let name = rustls::pki_types::ServerName::try_from(key.host.clone())
+                    .map_err(|e| ConnError::Connect { host: host.clone(), reason: e.to_string() })?;
+                let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| ConnError::Connect { host: host.clone(), reason: e.to_string() })?;
+                Box::new(tls)
+            } else {
+                Box::new(tcp)
+            };
+            let (sender, conn) =
+                http1::handshake(TokioIo::new(io)).await.map_err(|e| ConnError::Http(chain(&e)))?;
+            Ok(Conn { sender, conn: Box::pin(conn), alive: true })
+        };
+        tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| ConnError::ConnectTimeout(format!("{}:{}", key.host, key.port)))?
+    }
+
+    /// Sends `req` and returns the answer's head with the body still to come; the connection
+    /// goes with it.
+    pub async fn send(self: &Arc<Self>, req: Request<Full<Bytes>>) -> Result<Driven, ConnError> {
+        let key = Self::key(req.uri())?;
+        // The request as sent on the wire: origin-form path, with a Host header.
+        let (mut parts, body) = req.into_parts();
+        if !parts.headers.contains_key(http::header::HOST) {
+            let host = match parts.uri.port() {
+                Some(p) => format!("{}:{}", key.host, p),
+                None => key.host.clone(),
+            };
+            if let Ok(v) = http::HeaderValue::from_str(&host) {
+                parts.headers.insert(http::header::HOST, v);
+            }
+        }
+        parts.uri =
+            parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/").parse().unwrap_or_default();
+        let mut reused = self.checkout(&key).await;
+        loop {
+            let was_reused = reused.is_some();
+            let mut conn = match reused.take() {
+                Some(c) => c,
+                None => self.connect(&key).await?,
+            };
+            let req = Request::from_parts(parts.clone(), body.clone());
+            match exchange(&mut conn, req).await {
+                Ok(resp) => {
+                    return Ok(Driven { resp: Some(resp), conn: Some(conn), pool: self.clone(), key });
+                }
+                // Closed by the server while idle: once more on a new connection.
+                Err(e) if was_reused && (e.is_canceled() || e.is_incomplete_message() || e.is_closed()) => {
+                    continue;
+                }
+                Err(e) => return Err(ConnError::Http(chain(&e))),
+            }
+        }
+    }
+}
+
+/// Whether the connection can take a request now (polled once, without waiting).
+fn futures_ready(conn: &mut Conn) -> bool {
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    conn.poll_alive(&mut cx) && conn.sender.is_ready()
+}
+
+/// Sends one request on `conn`, driving the connection until the answer's head arrives.
+async fn exchange(conn: &mut Conn, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, hyper::Error> {
+    let mut answer = std::pin::pin!(conn.sender.send_request(req));
+    let running = &mut conn.conn;
+    let alive = &mut conn.alive;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = answer.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        if *alive {
+            if let Poll::Ready(r) = running.as_mut().poll(cx) {
+                *alive = false;
+                // The connection ended first: the answer future now reports why.
+                if let Poll::Ready(a) = answer.as_mut().poll(cx) {
+                    return Poll::Ready(a);
+                }
+                if let Err(e) = r {
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// An answer and the connection it arrives on: reading the body drives the connection, and a
+/// body read to its end gives the connection back to the pool.
+pub struct Driven {
+    resp: Option<Response<Incoming>>,
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+    key: Key,
+}
+
+impl Driven {
+    pub fn status(&self) -> http::StatusCode {
+        self.resp.as_ref().map(|r| r.status()).unwrap_or_default()
+    }
+
+    pub fn headers(&self) -> &http::HeaderMap {
+        self.resp.as_ref().expect("the head is taken only with the body").headers()
+    }
+
+    /// The body, read through [`DrivenBody::poll_frame`].
+    pub fn into_body(mut self) -> DrivenBody {
+        let body = self.resp.take().expect("the body is taken once").into_body();
+        DrivenBody {
+            body,
+            conn: self.conn.take(),
+            pool: self.pool.clone(),
+            key: self.key.clone(),
+            ended: false,
+        }
+    }
+}
+
+/// A response body whose connection is driven by reading it.
+pub struct DrivenBody {
+    body: Incoming,
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+    key: Key,
+    ended: bool,
+}
+
+impl DrivenBody {
+    /// The next frame: the body's if it has one, else after letting the connection read what
+    /// the socket has (and hand it over), else pending.
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        loop {
+            if let Poll::Ready(r) = Pin::new(&mut self.body).poll_frame(cx) {
+                if r.is_none() {
+                    self.finish();
+                }
+                return Poll::Ready(r);
+            }
+            let Some(conn) = self.conn.as_mut() else { return Poll::Pending };
+            let was_alive = conn.alive;
+            let alive = conn.poll_alive(cx);
+            if let Poll::Ready(r) = Pin::new(&mut self.body).poll_frame(cx) {
+                if r.is_none() {
+                    self.finish();
+                }
+                return Poll::Ready(r);
+            }
+            if was_alive && !alive {
+                // The connection ended: the body reports its end or error on the next poll.
+                self.conn = None;
+                continue;
+            }
+            return Poll::Pending;
+        }
+    }
+
+    /// The next frame, as a future.
+    pub async fn frame(&mut self) -> Option<Result<Frame<Bytes>, hyper::Error>> {
+        std::future::poll_fn(|cx| self.poll_frame(cx)).await
+    }
+
+    /// The body ended cleanly: the connection can serve another request.
+    fn finish(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            if let Some(conn) = self.conn.take() {
+                self.pool.checkin(self.key.clone(), conn);
+            }
+        }
+    }
+}
