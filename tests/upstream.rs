@@ -199,3 +199,117 @@ async fn every_behaviour_has_its_typed_outcome() {
         Err(UpstreamFailure::TokenInvalid)
     ));
 }
+
+/// A bare HTTP/1.1 server answering every request with an empty event stream: it counts the
+/// connections it accepts; when `close_after` is set it closes each connection after that many
+/// answers (as a server closing idle keep-alive connections does), and when `hang_up_on` is set
+/// it closes a connection on receiving that request, without answering (the close racing the
+/// request).
+async fn counting_server(
+    close_after: Option<usize>,
+    hang_up_on: Option<usize>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut answered = 0;
+                loop {
+                    // One request: the head, then Content-Length bytes of body.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map(|v| v.trim().parse().unwrap())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        let mut chunk = [0u8; 4096];
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..head_end + len);
+                    if hang_up_on == Some(answered + 1) {
+                        return;
+                    }
+                    let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.amazon.eventstream\r\ncontent-length: 0\r\n\r\n";
+                    if sock.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    answered += 1;
+                    if close_after == Some(answered) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}/"), accepted)
+}
+
+#[tokio::test]
+async fn amazon_q_connections_are_reused_and_ones_closed_while_idle_are_replaced() {
+    use std::sync::atomic::Ordering;
+    let cfg = |endpoint: &str| UpstreamConfig {
+        endpoint: Some(endpoint.parse().unwrap()),
+        token_endpoint: None,
+        ca_file: None,
+        connect_timeout: Duration::from_secs(2),
+        first_byte_timeout: Duration::from_secs(2),
+        stream_idle_timeout: Duration::from_secs(2),
+        max_attempts: 3,
+    };
+    let token = Secret::new("t");
+    let drain = |mut s: amq2api::upstream::EventStream| async move {
+        while let Some(ev) = s.next().await {
+            ev.unwrap();
+        }
+    };
+
+    // Sequential calls share one connection.
+    let (endpoint, accepted) = counting_server(None, None).await;
+    let c = UpstreamClient::new(&cfg(&endpoint)).unwrap();
+    for _ in 0..5 {
+        drain(c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await.unwrap()).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "five calls, one connection");
+
+    // A server that closes each connection after one answer: every call still succeeds, on a
+    // new connection each time.
+    let (endpoint, accepted) = counting_server(Some(1), None).await;
+    let c = UpstreamClient::new(&cfg(&endpoint)).unwrap();
+    for _ in 0..5 {
+        drain(c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await.unwrap()).await;
+        // Let the close arrive before the next call takes the connection from the pool.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 5);
+
+    // A server that hangs up on the second request of each connection instead of answering:
+    // the call is tried again on a new connection, so every call succeeds.
+    let (endpoint, accepted) = counting_server(None, Some(2)).await;
+    let c = UpstreamClient::new(&cfg(&endpoint)).unwrap();
+    for _ in 0..20 {
+        drain(c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await.unwrap()).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 20);
+}
