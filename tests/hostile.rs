@@ -172,7 +172,7 @@ async fn malformed_requests_get_4xx_never_5xx() {
         ("bad number", b"{\"model\": \"m\", \"max_tokens\": 1e999, \"messages\": []}".to_vec()),
         ("huge integer", b"{\"model\": \"m\", \"max_tokens\": 123456789012345678901234567890, \"messages\": []}".to_vec()),
     ];
-    let mut rss_first_pass = 0;
+    let mut rss_baseline = 0;
     let mut rss_passes: Vec<u64> = Vec::new();
     for pass in 0..3 {
         for (name, body) in bodies.clone() {
@@ -197,7 +197,10 @@ async fn malformed_requests_get_4xx_never_5xx() {
         }
         rss_passes.push(rss_kib());
         if pass == 1 {
-            rss_first_pass = rss_kib();
+            // The high-water mark of the first two passes: the allocator may give memory back
+            // between passes (seen: 132 MiB after the first, 76 MiB after the second), so the
+            // last pass alone is no baseline.
+            rss_baseline = rss_passes.iter().copied().max().unwrap_or(0);
         }
     }
 
@@ -279,8 +282,8 @@ async fn malformed_requests_get_4xx_never_5xx() {
     // a high-water mark per arena, so growth from the start is not the measure; a leak would add
     // the bodies' trees on every pass).
     assert!(
-        rss_after < rss_first_pass + 64 * 1024,
-        "RSS grew from {rss_first_pass} KiB (second pass) to {rss_after} KiB (third pass)"
+        rss_after < rss_baseline + 64 * 1024,
+        "RSS grew from {rss_baseline} KiB (most after the first two passes) to {rss_after} KiB (third pass)"
     );
     h.stop().await;
 }
