@@ -284,21 +284,23 @@ impl StreamEnd {
 
 impl Drop for StreamEnd {
     fn drop(&mut self) {
-        let status = match (&self.outcome, &self.lease) {
-            (None, _) => 499,
-            (Some(Err(message)), Some(lease)) => {
-                lease.failure(&UpstreamFailure::Transient { status: None, message: message.clone() });
+        let lease = self.lease.take();
+        let status = match &self.outcome {
+            None => 499,
+            Some(Err(message)) => {
+                if let Some(lease) = &lease {
+                    lease.failure(&UpstreamFailure::Transient { status: None, message: message.clone() });
+                }
                 502
             }
-            (Some(Err(_)), None) => 502,
-            (Some(Ok(())), lease) => {
-                if let Some(lease) = lease {
+            Some(Ok(())) => {
+                if let Some(lease) = &lease {
                     lease.success(self.x.tokens_in, self.x.tokens_out);
                 }
                 200
             }
         };
-        drop(self.lease.take());
+        drop(lease);
         self.app.metrics.stream_ended();
         super::access_log(&self.app, &self.request_id, &self.x, status, self.started);
     }

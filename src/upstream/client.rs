@@ -297,15 +297,7 @@ pub fn classify_refresh(status: StatusCode, headers: &http::HeaderMap, body: &[u
 }
 
 fn describe(e: &hyper_util::client::legacy::Error) -> String {
-    use std::error::Error;
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
+    super::conn::error_chain(e)
 }
 
 async fn read_limited(mut body: Incoming, limit: usize, deadline: Duration) -> Result<Vec<u8>, String> {

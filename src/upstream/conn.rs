@@ -86,7 +86,8 @@ pub enum ConnError {
     Http(String),
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+/// An error with its sources, `outer: inner: …`.
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(inner) = src {
@@ -138,7 +139,7 @@ impl Pool {
 
     fn checkin(&self, key: Key, mut conn: Conn) {
         // A connection goes back only if it can take another request at once.
-        let ready = futures_ready(&mut conn);
+        let ready = can_take_request(&mut conn);
         if !ready {
             return;
         }
@@ -170,7 +171,7 @@ impl Pool {
                 Box::new(tcp)
             };
             let (sender, conn) =
-                http1::handshake(TokioIo::new(io)).await.map_err(|e| ConnError::Http(chain(&e)))?;
+                http1::handshake(TokioIo::new(io)).await.map_err(|e| ConnError::Http(error_chain(&e)))?;
             Ok(Conn { sender, conn: Box::pin(conn), alive: true })
         };
         tokio::time::timeout(self.connect_timeout, connect)
@@ -211,14 +212,14 @@ impl Pool {
                 Err(e) if was_reused && (e.is_canceled() || e.is_incomplete_message() || e.is_closed()) => {
                     continue;
                 }
-                Err(e) => return Err(ConnError::Http(chain(&e))),
+                Err(e) => return Err(ConnError::Http(error_chain(&e))),
             }
         }
     }
 }
 
 /// Whether the connection can take a request now (polled once, without waiting).
-fn futures_ready(conn: &mut Conn) -> bool {
+fn can_take_request(conn: &mut Conn) -> bool {
     let waker = std::task::Waker::noop();
     let mut cx = Context::from_waker(waker);
     conn.poll_alive(&mut cx) && conn.sender.is_ready()
