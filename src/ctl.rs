@@ -386,7 +386,11 @@ pub fn render_accounts(list: &[AccountInfo], st: Style) -> String {
                 a.id.clone(),
                 a.label.clone(),
                 state_text(a),
-                a.token_expires_at.map(|t| human(t as i64 - now() as i64)).unwrap_or_else(|| "-".into()),
+                if a.tokens_unsaved {
+                    "NOT STORED".into()
+                } else {
+                    a.token_expires_at.map(|t| human(t as i64 - now() as i64)).unwrap_or_else(|| "-".into())
+                },
                 format!("{}/{}", a.in_flight, a.max_concurrency),
                 a.requests.to_string(),
                 a.failures.to_string(),
@@ -439,6 +443,9 @@ pub fn render_status(s: &Status, st: Style) -> String {
     if let Some(e) = &s.config.last_reload_error {
         out.push_str(&format!("LAST RELOAD FAILED ({}): {e}\n", ago(s.config.last_reload_at)));
     }
+    if let Some(problem) = &s.persistence_problem {
+        out.push_str(&format!("DEGRADED: {problem}\n"));
+    }
     let p = &s.pool;
     out.push_str(&format!(
         "pool:      {} accounts: {} active, {} cooling, {} quota, {} suspended, {} invalid, {} disabled; {} in flight, {} streams\n\n",
@@ -452,7 +459,7 @@ fn render_account(a: &AccountInfo) -> String {
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let time = |t: Option<u64>| t.map(|t| format!("{t} ({})", ago(Some(t)))).unwrap_or_else(|| "-".into());
     format!(
-        "id:               {}\nlabel:            {}\nenabled:          {}\nstate:            {}\nreason:           {}\nsince:            {}\nuntil:            {}\ntoken expires in: {}\ntoken:            {}\nin flight:        {}/{}\nweight:           {}\nrequests:         {}\nfailures:         {}\ntokens in/out:    {}/{}\nlast used:        {}\nlast error:       {}\n",
+        "id:               {}\nlabel:            {}\nenabled:          {}\nstate:            {}\nreason:           {}\nsince:            {}\nuntil:            {}\ntoken expires in: {}\ntoken:            {}{}\nin flight:        {}/{}\nweight:           {}\nrequests:         {}\nfailures:         {}\ntokens in/out:    {}/{}\nlast used:        {}\nlast error:       {}\n",
         a.id,
         a.label,
         a.enabled,
@@ -462,6 +469,7 @@ fn render_account(a: &AccountInfo) -> String {
         a.until.map(|u| format!("{u} (in {})", human(u as i64 - now() as i64))).unwrap_or_else(|| "-".into()),
         a.token_expires_at.map(|t| human(t as i64 - now() as i64)).unwrap_or_else(|| "-".into()),
         a.token_fingerprint.as_deref().map(|f| format!("sha256:{f}…")).unwrap_or_else(|| "-".into()),
+        if a.tokens_unsaved { " (rotated refresh token NOT STORED yet: retrying)" } else { "" },
         a.in_flight,
         a.max_concurrency,
         a.weight,

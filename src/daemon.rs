@@ -68,6 +68,9 @@ impl Shared {
             s.total,
             self.app.metrics.streams_in_flight()
         );
+        if let Some(p) = self.app.pool.persistence_problem() {
+            line.push_str(&format!("; DEGRADED: {p}"));
+        }
         if let Some(e) = &self.reload_info().last_error {
             line.push_str(&format!("; last reload failed: {e}"));
         }
@@ -185,7 +188,7 @@ pub async fn run(
         .map_err(|e| RunError::Store(e.to_string()))?;
     let records = store.load_all().map_err(|e| RunError::Store(e.to_string()))?;
     let restored = crate::accounts::persist::restored(records);
-    run_with(loaded, listeners, shutdown, Arc::new(crate::accounts::persist::StoreSink(store)), restored)
+    run_with(loaded, listeners, shutdown, Arc::new(crate::accounts::persist::StoreSink::new(store)), restored)
         .await
 }
 
@@ -370,6 +373,18 @@ pub async fn run_with(
     let _ = tokio::join!(refresher, control, watcher_task, hup_task);
     for t in extra {
         let _ = t.await;
+    }
+    // A refresh in flight may have rotated the refresh token at the token endpoint: its answer
+    // must be stored before the process goes, or the chain is lost. Bounded by the refresh
+    // call's own deadline.
+    let refresh_deadline = app.config.upstream.connect_timeout + Duration::from_secs(35);
+    let lost = app.pool.finish(refresh_deadline).await;
+    if !lost.is_empty() {
+        let ids: Vec<String> = lost.iter().map(|id| id.to_string()).collect();
+        tracing::error!(
+            accounts = %ids.join(", "),
+            "stopping with rotated refresh tokens that could not be stored: these accounts need new credentials"
+        );
     }
     let _ = std::fs::remove_file(&app.config.control.socket);
     tracing::info!("stopped");

@@ -145,9 +145,18 @@ impl StoreError {
         StoreError::Corrupt { table: table.to_owned(), key: key.to_owned(), detail: detail.into() }
     }
 
+    /// An I/O failure: the handle is unusable until it is opened again (see [`Store::problem`]).
+    fn needs_reopen(&self) -> bool {
+        matches!(self, StoreError::Io { .. })
+    }
+
     fn from_redb(path: &Path, err: redb::Error) -> Self {
         match err {
             redb::Error::Io(source) => StoreError::Io { path: path.to_owned(), source },
+            redb::Error::PreviousIo | redb::Error::DatabaseClosed => StoreError::Io {
+                path: path.to_owned(),
+                source: std::io::Error::other("an earlier write failed; the store must be reopened"),
+            },
             redb::Error::Corrupted(detail) => StoreError::Corrupt {
                 table: FILE_DAMAGED.to_owned(),
                 key: path.display().to_string(),
@@ -280,9 +289,8 @@ pub struct Store {
 // removes the pid file of a process that has opened the store since; then the database closes
 // (the sync thread, which shares it, has been joined by `Drop`).
 struct Inner {
-    path: PathBuf,
     _pid_file: PidFile,
-    db: Arc<Database>,
+    db: Arc<Handle>,
     syncer: Arc<Syncer>,
     sync_thread: Option<JoinHandle<()>>,
 }
@@ -293,6 +301,141 @@ impl Drop for Inner {
         if let Some(thread) = self.sync_thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// The database behind a lock, reopened after an I/O failure.
+///
+/// redb refuses every operation after a failed write ("Previous I/O error occurred. Please close
+/// and re-open the database"): a full disk, an `EIO` or a read-only remount would otherwise
+/// poison the handle for the rest of the process's life. So every operation runs under this
+/// lock; one that fails with an I/O error closes the handle, records the failure (see
+/// [`Store::problem`]), and the next operation opens the file again (redb repairs it on open,
+/// from its last durable commit). Writes are serialised by redb anyway, and reads are rare
+/// (start-up, an account added at run time), so the lock costs nothing that matters.
+struct Handle {
+    path: PathBuf,
+    slot: Mutex<Slot>,
+}
+
+struct Slot {
+    /// `None` after an I/O failure, until a reopen succeeds.
+    db: Option<Database>,
+    /// Set by a failed write (or reopen), cleared by the next successful write.
+    problem: Option<StoreProblem>,
+}
+
+/// Why the store cannot take writes right now: shown by `/health`, `STATUS=` and `amqctl
+/// status` until a write succeeds again.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoreProblem {
+    /// The error of the last failed attempt (never holds a value, so never a token).
+    pub error: String,
+    /// When the first failure of this run of failures happened.
+    pub since: SystemTime,
+    /// Failed attempts in a row.
+    pub failures: u32,
+}
+
+impl Handle {
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `op` on the open database (opening it again first if an earlier failure closed it).
+    /// `write` marks an operation whose success proves the store takes writes again.
+    fn run<T>(
+        &self,
+        write: bool,
+        op: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut slot = self.lock();
+        if slot.db.is_none() {
+            match open_database(&self.path) {
+                Ok(db) => {
+                    tracing::info!(path = %self.path.display(), "state store reopened");
+                    slot.db = Some(db);
+                }
+                Err(e) => {
+                    slot.failed(&e);
+                    return Err(e);
+                }
+            }
+        }
+        let db = slot.db.as_ref().expect("opened above");
+        match op(db) {
+            Ok(v) => {
+                if write {
+                    if let Some(p) = slot.problem.take() {
+                        tracing::info!(
+                            path = %self.path.display(),
+                            failed_attempts = p.failures,
+                            "the state store takes writes again"
+                        );
+                    }
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                if e.needs_reopen() {
+                    // Closing the handle is the only way out of redb's poisoned state.
+                    slot.db = None;
+                    slot.failed(&e);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `f` in a write transaction and commits it (aborts when `f` fails). Returns when the
+    /// transaction began: every earlier commit had completed by then (redb runs one write
+    /// transaction at a time).
+    fn commit(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&WriteTransaction) -> Result<(), StoreError>,
+    ) -> Result<Instant, StoreError> {
+        let path = &self.path;
+        self.run(true, |db| {
+            let mut txn = db.begin_write().ctx(path)?;
+            let begun = Instant::now();
+            txn.set_durability(if durable { Durability::Immediate } else { Durability::None }).ctx(path)?;
+            f(&txn)?;
+            txn.commit().ctx(path)?;
+            Ok(begun)
+        })
+    }
+}
+
+impl Slot {
+    fn failed(&mut self, e: &StoreError) {
+        match &mut self.problem {
+            Some(p) => {
+                p.failures += 1;
+                p.error = e.to_string();
+                if p.failures.is_power_of_two() {
+                    tracing::error!(error = %e, failed_attempts = p.failures, "the state store still fails");
+                }
+            }
+            None => {
+                tracing::error!(error = %e, "the state store failed; closing it, retrying with backoff");
+                self.problem =
+                    Some(StoreProblem { error: e.to_string(), since: SystemTime::now(), failures: 1 });
+            }
+        }
+    }
+}
+
+/// Opens an existing store file with the integrity check (~15 ms for 1,000 accounts): a damaged
+/// file is then an error rather than a panic somewhere inside redb later.
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    match Database::builder().set_cache_size(CACHE_BYTES).set_check_integrity_on_open(true).create(path) {
+        Ok(db) => Ok(db),
+        Err(redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch) => {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            Err(StoreError::Locked { path: dir.to_owned(), pid: holder_pid(dir) })
+        }
+        Err(e) => Err(StoreError::from_redb(path, e.into())),
     }
 }
 
@@ -358,7 +501,7 @@ impl Syncer {
         self.wake.notify_all();
     }
 
-    fn run(&self, db: &Database, path: &Path) {
+    fn run(&self, db: &Handle) {
         let mut state = self.lock();
         while !state.stop {
             let Some(since) = state.unsynced_since else {
@@ -371,7 +514,7 @@ impl Syncer {
                 continue;
             }
             drop(state);
-            let result = commit(db, path, true, |_| Ok(()));
+            let result = db.commit(true, |_| Ok(()));
             state = self.lock();
             match result {
                 Ok(begun) if state.unsynced_since.is_some_and(|since| since <= begun) => {
@@ -389,7 +532,7 @@ impl Syncer {
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Store").field("path", &self.inner.path).finish_non_exhaustive()
+        f.debug_struct("Store").field("path", &self.inner.db.path).finish_non_exhaustive()
     }
 }
 
@@ -408,100 +551,109 @@ impl Store {
         };
         DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
         let path = dir.join(FILE_NAME);
-        // Created here rather than by redb, so that the tokens are never readable by others.
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io(&path))?;
-
-        // The integrity check verifies every page's checksum (~15 ms for 1,000 accounts): a damaged
-        // file is then an error rather than a panic somewhere inside redb later.
-        let db = match Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .set_check_integrity_on_open(true)
-            .create(&path)
-        {
-            Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch) => {
-                return Err(StoreError::Locked { path: dir.to_owned(), pid: holder_pid(dir) });
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.len() == 0 && meta.is_file() => {
+                // amq2api never leaves an empty store behind (a new one is made under another
+                // name and renamed into place), so an empty file is a damaged one — a restored
+                // backup that was cut, a disk that filled up — and starting afresh would drop
+                // every rotated refresh token without a word.
+                return Err(StoreError::Corrupt {
+                    table: FILE_DAMAGED.to_owned(),
+                    key: path.display().to_string(),
+                    detail: "the file is empty (0 bytes), so the refresh tokens rotated since the \
+                             accounts file was written are gone. Restore it from a backup; or, to \
+                             start afresh from the credentials in accounts.toml (accounts whose \
+                             tokens have rotated will then need new credentials), move it away"
+                        .to_owned(),
+                });
             }
-            Err(e) => return Err(StoreError::from_redb(&path, e.into())),
-        };
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_new(&path)?,
+            Err(e) => return Err(io(&path)(e)),
+        }
+        let db = open_database(&path)?;
         // Dropped (removed) before `db` on an error below.
         let pid_file = PidFile::write(dir);
         narrow_mode(&path)?;
         prepare_schema(&db, &path)?;
 
-        let db = Arc::new(db);
+        let db =
+            Arc::new(Handle { path: path.clone(), slot: Mutex::new(Slot { db: Some(db), problem: None }) });
         let syncer = Arc::new(Syncer { state: Mutex::default(), wake: Condvar::new(), max_unsynced });
         let sync_thread = std::thread::Builder::new()
             .name("store-sync".to_owned())
             .spawn({
-                let (db, syncer, path) = (db.clone(), syncer.clone(), path.clone());
-                move || syncer.run(&db, &path)
+                let (db, syncer) = (db.clone(), syncer.clone());
+                move || syncer.run(&db)
             })
             .map_err(io(&path))?;
         Ok(Store {
-            inner: Arc::new(Inner { path, _pid_file: pid_file, db, syncer, sync_thread: Some(sync_thread) }),
+            inner: Arc::new(Inner { _pid_file: pid_file, db, syncer, sync_thread: Some(sync_thread) }),
         })
     }
 
     /// The store file (`<dir>/amq2api.redb`).
     pub fn path(&self) -> &Path {
-        &self.inner.path
+        &self.inner.db.path
+    }
+
+    /// Why the store cannot take writes, from the last failed write until the next one that
+    /// succeeds; `None` while it is healthy.
+    pub fn problem(&self) -> Option<StoreProblem> {
+        self.inner.db.lock().problem.clone()
     }
 
     /// Every account with a row in any table, by account id.
     pub fn load_all(&self) -> Result<BTreeMap<String, AccountRecord>, StoreError> {
         let path = self.path();
-        let txn = self.inner.db.begin_read().ctx(path)?;
-        let mut out: BTreeMap<String, AccountRecord> = BTreeMap::new();
-        for row in txn.open_table(TOKENS).ctx(path)?.iter().ctx(path)? {
-            let (key, value) = row.ctx(path)?;
-            let record = decode_tokens(key.value(), value.value())?;
-            out.entry(key.value().to_owned()).or_default().tokens = Some(record);
-        }
-        for row in txn.open_table(STATE).ctx(path)?.iter().ctx(path)? {
-            let (key, value) = row.ctx(path)?;
-            let record = decode_state(key.value(), value.value())?;
-            out.entry(key.value().to_owned()).or_default().state = record;
-        }
-        for row in txn.open_table(COUNTERS).ctx(path)?.iter().ctx(path)? {
-            let (key, value) = row.ctx(path)?;
-            let record = decode_counters(key.value(), value.value())?;
-            out.entry(key.value().to_owned()).or_default().counters = record;
-        }
-        Ok(out)
+        self.inner.db.run(false, |db| {
+            let txn = db.begin_read().ctx(path)?;
+            let mut out: BTreeMap<String, AccountRecord> = BTreeMap::new();
+            for row in txn.open_table(TOKENS).ctx(path)?.iter().ctx(path)? {
+                let (key, value) = row.ctx(path)?;
+                let record = decode_tokens(key.value(), value.value())?;
+                out.entry(key.value().to_owned()).or_default().tokens = Some(record);
+            }
+            for row in txn.open_table(STATE).ctx(path)?.iter().ctx(path)? {
+                let (key, value) = row.ctx(path)?;
+                let record = decode_state(key.value(), value.value())?;
+                out.entry(key.value().to_owned()).or_default().state = record;
+            }
+            for row in txn.open_table(COUNTERS).ctx(path)?.iter().ctx(path)? {
+                let (key, value) = row.ctx(path)?;
+                let record = decode_counters(key.value(), value.value())?;
+                out.entry(key.value().to_owned()).or_default().counters = record;
+            }
+            Ok(out)
+        })
     }
 
     /// One account, or `None` when no table has a row for it.
     pub fn get(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
         let path = self.path();
-        let txn = self.inner.db.begin_read().ctx(path)?;
-        let tokens = match txn.open_table(TOKENS).ctx(path)?.get(id).ctx(path)? {
-            Some(v) => Some(decode_tokens(id, v.value())?),
-            None => None,
-        };
-        let state = match txn.open_table(STATE).ctx(path)?.get(id).ctx(path)? {
-            Some(v) => Some(decode_state(id, v.value())?),
-            None => None,
-        };
-        let counters = match txn.open_table(COUNTERS).ctx(path)?.get(id).ctx(path)? {
-            Some(v) => Some(decode_counters(id, v.value())?),
-            None => None,
-        };
-        if tokens.is_none() && state.is_none() && counters.is_none() {
-            return Ok(None);
-        }
-        Ok(Some(AccountRecord {
-            tokens,
-            state: state.unwrap_or_default(),
-            counters: counters.unwrap_or_default(),
-        }))
+        self.inner.db.run(false, |db| {
+            let txn = db.begin_read().ctx(path)?;
+            let tokens = match txn.open_table(TOKENS).ctx(path)?.get(id).ctx(path)? {
+                Some(v) => Some(decode_tokens(id, v.value())?),
+                None => None,
+            };
+            let state = match txn.open_table(STATE).ctx(path)?.get(id).ctx(path)? {
+                Some(v) => Some(decode_state(id, v.value())?),
+                None => None,
+            };
+            let counters = match txn.open_table(COUNTERS).ctx(path)?.get(id).ctx(path)? {
+                Some(v) => Some(decode_counters(id, v.value())?),
+                None => None,
+            };
+            if tokens.is_none() && state.is_none() && counters.is_none() {
+                return Ok(None);
+            }
+            Ok(Some(AccountRecord {
+                tokens,
+                state: state.unwrap_or_default(),
+                counters: counters.unwrap_or_default(),
+            }))
+        })
     }
 
     /// Replaces the account's token record; on disk (`Durability::Immediate`) before returning.
@@ -516,9 +668,23 @@ impl Store {
 
     /// Replaces the account's state record; on disk before returning.
     pub fn put_state(&self, id: &str, s: &StateRecord) -> Result<(), StoreError> {
-        let value = encode(&StateWire::from(s))?;
+        self.put_states(&[(id.to_owned(), s.clone())])
+    }
+
+    /// Replaces the state records of many accounts in one commit; on disk before returning.
+    pub fn put_states(&self, batch: &[(String, StateRecord)]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let values = batch
+            .iter()
+            .map(|(id, s)| Ok((id.as_str(), encode(&StateWire::from(s))?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
         self.write(true, |txn| {
-            txn.open_table(STATE).ctx(self.path())?.insert(id, value.as_slice()).ctx(self.path())?;
+            let mut table = txn.open_table(STATE).ctx(self.path())?;
+            for (id, value) in &values {
+                table.insert(*id, value.as_slice()).ctx(self.path())?;
+            }
             Ok(())
         })
     }
@@ -560,7 +726,7 @@ impl Store {
         durable: bool,
         f: impl FnOnce(&WriteTransaction) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let begun = commit(&self.inner.db, self.path(), durable, f)?;
+        let begun = self.inner.db.commit(durable, f)?;
         if durable {
             self.inner.syncer.note_durable(begun);
         } else {
@@ -570,21 +736,31 @@ impl Store {
     }
 }
 
-/// Runs `f` in a write transaction and commits it (aborts when `f` fails). Returns when the
-/// transaction began: every earlier commit had completed by then (redb runs one write
-/// transaction at a time).
-fn commit(
-    db: &Database,
-    path: &Path,
-    durable: bool,
-    f: impl FnOnce(&WriteTransaction) -> Result<(), StoreError>,
-) -> Result<Instant, StoreError> {
-    let mut txn = db.begin_write().ctx(path)?;
-    let begun = Instant::now();
-    txn.set_durability(if durable { Durability::Immediate } else { Durability::None }).ctx(path)?;
-    f(&txn)?;
-    txn.commit().ctx(path)?;
-    Ok(begun)
+/// Makes a new store: initialised under a temporary name and renamed into place, so that
+/// `amq2api.redb` never exists empty (an empty one is refused as damaged).
+fn create_new(path: &Path) -> Result<(), StoreError> {
+    let io = |p: &Path| {
+        let p = p.to_owned();
+        move |source| StoreError::Io { path: p, source }
+    };
+    let tmp = path.with_extension("redb.new");
+    // Created here rather than by redb, so that the tokens are never readable by others.
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    let db = open_database(&tmp)?;
+    prepare_schema(&db, &tmp)?;
+    drop(db);
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    }
+    Ok(())
 }
 
 /// Checks the schema version; initialises a new file, migrates an older one, refuses a newer

@@ -29,13 +29,26 @@ pub struct StateInfo {
 
 /// Where the pool writes what must survive a restart. The store implements it.
 pub trait StateSink: Send + Sync {
-    /// Must be durable when it returns (rotated refresh tokens).
+    /// Must be durable when it returns `Ok` (rotated refresh tokens). It may block on the disk:
+    /// the pool calls it from a blocking thread, never from an async worker.
     fn tokens(&self, id: &AccountId, chain: &Chain, access: &Access) -> Result<(), String>;
+    /// Queues a state change; the sink writes it in the background, retrying until it is
+    /// stored. Never blocks.
     fn state(&self, id: &AccountId, info: &StateInfo);
+    /// Queues counters, like [`StateSink::state`] (batched, not waited for).
     fn counters(&self, batch: Vec<(AccountId, Counters)>);
     /// What the store holds for an account that joins at run time (removed earlier and now
     /// back, for example): its rotated token chain must not be lost.
     fn restore(&self, id: &AccountId) -> Restored;
+    /// Why writes fail right now, for `/health`, `STATUS=` and `amqctl status`.
+    fn problem(&self) -> Option<String> {
+        None
+    }
+    /// Waits up to `timeout` for queued writes to be stored (at shutdown); false if they are not.
+    fn flush(&self, timeout: Duration) -> bool {
+        let _ = timeout;
+        true
+    }
 }
 
 /// A sink that keeps nothing (tests, tools).
@@ -90,6 +103,8 @@ pub struct AccountView {
     pub access_expires_at: Option<SystemTime>,
     pub access_fingerprint: Option<String>,
     pub refresh_rotated: bool,
+    /// A rotated refresh token is held in memory only (storing it failed; retrying).
+    pub tokens_unsaved: bool,
 }
 
 impl Account {
@@ -157,6 +172,8 @@ impl Account {
         !self.removed.load(Ordering::SeqCst)
             && self.spec.read().unwrap_or_else(|e| e.into_inner()).enabled
             && self.effective_state(now) == State::Active
+            // Its token cannot be used until the rotated chain is stored.
+            && !self.tokens.has_unsaved()
     }
 
     pub fn view(&self) -> AccountView {
@@ -177,6 +194,7 @@ impl Account {
             access_expires_at: access.as_ref().map(|a| a.expires_at),
             access_fingerprint: access.as_ref().map(|a| a.token.fingerprint()),
             refresh_rotated: false,
+            tokens_unsaved: self.tokens.has_unsaved(),
         }
     }
 }
@@ -206,6 +224,9 @@ pub struct PoolSummary {
     pub invalid: usize,
     pub disabled: usize,
     pub in_flight: u64,
+    /// Accounts whose rotated refresh token is held in memory only (storing it failed).
+    #[serde(default)]
+    pub unsaved: usize,
 }
 
 impl PoolSummary {
@@ -217,6 +238,7 @@ impl PoolSummary {
             (self.suspended, "suspended"),
             (self.invalid, "with invalid credentials"),
             (self.disabled, "disabled"),
+            (self.unsaved, "waiting for their rotated refresh token to be stored"),
         ] {
             if n > 0 {
                 parts.push(format!("{n} {what}"));
@@ -243,6 +265,12 @@ pub struct Pool {
     queue_timeout: Duration,
     refresh_slots: tokio::sync::Semaphore,
     sink: Arc<dyn StateSink>,
+    /// Every refresh runs as a task of its own, tracked here: a refresh is never cancelled
+    /// halfway (the token endpoint may already have rotated the refresh token; only storing
+    /// the answer keeps the chain), and shutdown waits for the ones in flight.
+    refreshes: tokio_util::task::TaskTracker,
+    /// Removed accounts whose rotated refresh token is not stored yet: kept until it is.
+    orphans: Mutex<Vec<Arc<Account>>>,
     pub refreshes_ok: AtomicU64,
     pub refreshes_failed: AtomicU64,
 }
@@ -278,6 +306,8 @@ impl Pool {
             queue_timeout: settings.queue_timeout,
             refresh_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_REFRESHES),
             sink,
+            refreshes: tokio_util::task::TaskTracker::new(),
+            orphans: Mutex::new(Vec::new()),
             refreshes_ok: AtomicU64::new(0),
             refreshes_failed: AtomicU64::new(0),
         })
@@ -301,6 +331,9 @@ impl Pool {
         for a in self.accounts() {
             s.total += 1;
             s.in_flight += a.in_flight() as u64;
+            if a.tokens.has_unsaved() {
+                s.unsaved += 1;
+            }
             if !a.spec.read().unwrap_or_else(|e| e.into_inner()).enabled {
                 s.disabled += 1;
                 continue;
@@ -446,20 +479,36 @@ impl Pool {
         }
     }
 
-    /// Refreshes one account's token if needed (or forced), with the pool's bounded concurrency.
-    pub async fn access_token(&self, a: &Account, force: Option<&Secret>) -> Result<Secret, RefreshError> {
-        if force.is_none() {
+    /// An access token for the account, refreshing it if needed (or if `force`, the token
+    /// that was refused, is still the current one), with the pool's bounded concurrency.
+    ///
+    /// The refresh runs in a task of its own: a caller that goes away (a client that hangs up,
+    /// a timeout) does not cancel it between the token endpoint's answer and storing it.
+    pub async fn access_token(
+        self: &Arc<Self>,
+        a: &Arc<Account>,
+        force: Option<Secret>,
+    ) -> Result<Secret, RefreshError> {
+        if force.is_none() && !a.tokens.has_unsaved() {
             if let Some(acc) = a.tokens.current_access().filter(|x| x.valid_for(MIN_VALIDITY)) {
                 return Ok(acc.token);
             }
         }
+        let (pool, account) = (self.clone(), a.clone());
+        let task = self.refreshes.spawn(async move {
+            let result = pool.refresh_tokens(&account, force.as_ref()).await;
+            pool.after_refresh(&account, &result);
+            result
+        });
+        task.await.unwrap_or_else(|e| Err(RefreshError::Transient(format!("the refresh task failed: {e}"))))
+    }
+
+    async fn refresh_tokens(&self, a: &Account, force: Option<&Secret>) -> Result<Secret, RefreshError> {
         let spec = a.spec();
         let endpoints = a.endpoints();
         let client = self.client.clone();
-        let sink = self.sink.clone();
         let id = a.id.clone();
-        let result = a
-            .tokens
+        a.tokens
             .get(
                 MIN_VALIDITY,
                 force,
@@ -474,17 +523,23 @@ impl Pool {
                         )
                         .await
                 },
-                |chain, access| sink.tokens(&id, chain, access),
+                |chain, access| {
+                    let (sink, id) = (self.sink.clone(), id.clone());
+                    async move {
+                        // A durable commit waits for the disk: off the async workers.
+                        tokio::task::spawn_blocking(move || sink.tokens(&id, &chain, &access))
+                            .await
+                            .unwrap_or_else(|e| Err(format!("the store task failed: {e}")))
+                    }
+                },
             )
-            .await;
-        self.after_refresh(a, &result);
-        result
+            .await
     }
 
     /// Refreshes now, whatever the cached token's expiry.
-    pub async fn refresh_now(&self, a: &Account) -> Result<Secret, RefreshError> {
+    pub async fn refresh_now(self: &Arc<Self>, a: &Arc<Account>) -> Result<Secret, RefreshError> {
         let current = a.tokens.current_access().map(|x| x.token).unwrap_or_else(|| Secret::new(""));
-        self.access_token(a, Some(&current)).await
+        self.access_token(a, Some(current)).await
     }
 
     fn after_refresh(&self, a: &Account, result: &Result<Secret, RefreshError>) {
@@ -505,14 +560,70 @@ impl Pool {
                     self.set_state(a, State::Invalid, None, Some(e.to_string()));
                 } else {
                     let n = a.refresh_failures.fetch_add(1, Ordering::SeqCst) + 1;
-                    let backoff = backoff(n, Duration::from_secs(2), Duration::from_secs(300));
+                    // Storing is retried sooner than the token endpoint is asked again: it
+                    // recovers as soon as the disk does.
+                    let backoff = match e {
+                        RefreshError::NotStored(_) => {
+                            backoff(n, Duration::from_millis(500), Duration::from_secs(10))
+                        }
+                        _ => backoff(n, Duration::from_secs(2), Duration::from_secs(300)),
+                    };
                     *a.next_refresh_try.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some(Instant::now() + backoff);
-                    tracing::warn!(account = %a.id, error = %e, retry_in_s = backoff.as_secs(), "token refresh failed");
+                    if matches!(e, RefreshError::NotStored(_)) {
+                        tracing::error!(account = %a.id, error = %e, retry_in_ms = backoff.as_millis() as u64, "the rotated refresh token is held in memory only; no refresh until it is stored");
+                    } else {
+                        tracing::warn!(account = %a.id, error = %e, retry_in_s = backoff.as_secs(), "token refresh failed");
+                    }
                     a.state.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e.to_string());
                 }
             }
         }
+    }
+
+    /// Why the daemon is degraded for reasons other than accounts' states: the store fails to
+    /// take writes, or rotated refresh tokens are held in memory only.
+    pub fn persistence_problem(&self) -> Option<String> {
+        let unsaved = self.accounts().iter().filter(|a| a.tokens.has_unsaved()).count()
+            + self.orphans.lock().unwrap_or_else(|e| e.into_inner()).len();
+        match (self.sink.problem(), unsaved) {
+            (None, 0) => None,
+            (Some(p), 0) => Some(p),
+            (None, n) => Some(format!("{n} rotated refresh token(s) not yet stored")),
+            (Some(p), n) => Some(format!("{p}; {n} rotated refresh token(s) held in memory only")),
+        }
+    }
+
+    /// At shutdown: waits up to `timeout` for the refreshes in flight (their answers are
+    /// stored), tries once more to store any held-back rotated token, and flushes the sink's
+    /// queued writes. Returns the ids of accounts whose rotated refresh token could not be
+    /// stored (lost with this process).
+    pub async fn finish(self: &Arc<Self>, timeout: Duration) -> Vec<AccountId> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.refreshes.close();
+        if tokio::time::timeout_at(deadline, self.refreshes.wait()).await.is_err() {
+            tracing::warn!(
+                in_flight = self.refreshes.len(),
+                "token refreshes still running at the shutdown deadline"
+            );
+        }
+        let mut unsaved = Vec::new();
+        let orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for a in self.accounts().into_iter().chain(orphans) {
+            if a.tokens.has_unsaved() {
+                let stored = tokio::time::timeout_at(deadline, self.refresh_tokens(&a, None)).await;
+                if !matches!(stored, Ok(Ok(_))) && a.tokens.has_unsaved() {
+                    unsaved.push(a.id.clone());
+                }
+            }
+        }
+        let sink = self.sink.clone();
+        let left =
+            deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_secs(1));
+        if !tokio::task::spawn_blocking(move || sink.flush(left)).await.unwrap_or(false) {
+            tracing::warn!("account states or counters not stored at shutdown");
+        }
+        unsaved
     }
 
     fn set_state(&self, a: &Account, state: State, until: Option<SystemTime>, reason: Option<String>) {
@@ -662,6 +773,9 @@ impl Pool {
             let removed: HashSet<&AccountId> = diff.removed.iter().collect();
             for a in list.iter().filter(|a| removed.contains(&a.id)) {
                 a.removed.store(true, Ordering::SeqCst);
+                if a.tokens.has_unsaved() {
+                    self.orphans.lock().unwrap_or_else(|e| e.into_inner()).push(a.clone());
+                }
             }
             list.retain(|a| !removed.contains(&a.id));
             list.extend(added);
@@ -677,13 +791,12 @@ impl Pool {
     pub fn refresh_due(self: &Arc<Self>) -> usize {
         let now = SystemTime::now();
         let mut started = 0;
-        for a in self.accounts() {
-            if a.removed.load(Ordering::SeqCst) || !a.spec().enabled {
-                continue;
-            }
-            if matches!(a.state().state, State::Invalid | State::Suspended | State::Disabled) {
-                continue;
-            }
+        let orphans = {
+            let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+            orphans.retain(|a| a.tokens.has_unsaved());
+            orphans.clone()
+        };
+        for a in self.accounts().into_iter().chain(orphans) {
             if a.next_refresh_try
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -691,12 +804,22 @@ impl Pool {
             {
                 continue;
             }
+            // A rotated token that is not stored yet is retried whatever the account's state:
+            // it is the only live link of the chain.
+            let unsaved = a.tokens.has_unsaved();
+            if !unsaved && (a.removed.load(Ordering::SeqCst) || !a.spec().enabled) {
+                continue;
+            }
+            if !unsaved && matches!(a.state().state, State::Invalid | State::Suspended | State::Disabled) {
+                continue;
+            }
             // Jitter: each account refreshes at its own point in the last 20% before the threshold.
             let jitter = self.refresh_before.mul_f64(0.2 * jitter_fraction(a.id.as_str()));
-            let due = match a.tokens.current_access() {
-                None => true,
-                Some(acc) => acc.expires_at <= now + self.refresh_before + jitter,
-            };
+            let due = unsaved
+                || match a.tokens.current_access() {
+                    None => true,
+                    Some(acc) => acc.expires_at <= now + self.refresh_before + jitter,
+                };
             if !due || a.refreshing.swap(true, Ordering::SeqCst) {
                 continue;
             }
@@ -704,7 +827,7 @@ impl Pool {
             started += 1;
             let pool = self.clone();
             tokio::spawn(async move {
-                let _ = pool.refresh_now(&a).await;
+                let _ = if unsaved { pool.access_token(&a, None).await } else { pool.refresh_now(&a).await };
                 a.refreshing.store(false, Ordering::SeqCst);
             });
         }
@@ -814,7 +937,7 @@ impl Lease {
     /// An access token for this account (refreshing if needed; after a refusal, a fresh one).
     pub async fn access_token(&mut self) -> Result<Secret, RefreshError> {
         let force = self.force_next.take();
-        self.pool.access_token(&self.account, force.as_ref()).await
+        self.pool.access_token(&self.account, force).await
     }
 
     /// The token `refused` was refused upstream: the next `access_token` refreshes.

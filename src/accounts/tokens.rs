@@ -34,10 +34,21 @@ impl Access {
 /// The access token in use and the chain behind it. The async mutex around the chain is the
 /// single flight: whoever holds it refreshes, the others wait and then reuse the result.
 pub struct Tokens {
-    chain: tokio::sync::Mutex<Chain>,
+    chain: tokio::sync::Mutex<Held>,
     access: std::sync::RwLock<Option<Access>>,
+    /// Mirrors `Held::unsaved.is_some()` for readers that must not wait for the lock.
+    unsaved: std::sync::atomic::AtomicBool,
     /// Bumped whenever the chain is reset (new credentials in the file).
     generation: std::sync::atomic::AtomicU64,
+}
+
+/// The chain, and the access token that came with it while the chain is not yet stored.
+struct Held {
+    chain: Chain,
+    /// Set when storing a rotated chain failed: the access token that came with it, held back
+    /// until the chain is durable. While it is set, no refresh runs (it would rotate the chain
+    /// again, and the token it replaces is the only live one).
+    unsaved: Option<Access>,
 }
 
 /// Callers get a token valid for at least this long, or wait for a refresh.
@@ -46,8 +57,9 @@ pub const MIN_VALIDITY: Duration = Duration::from_secs(60);
 impl Tokens {
     pub fn new(chain: Chain, access: Option<Access>) -> Self {
         Tokens {
-            chain: tokio::sync::Mutex::new(chain),
+            chain: tokio::sync::Mutex::new(Held { chain, unsaved: None }),
             access: std::sync::RwLock::new(access),
+            unsaved: std::sync::atomic::AtomicBool::new(false),
             generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -68,23 +80,37 @@ impl Tokens {
         }
     }
 
+    /// A rotated refresh token is held in memory only: storing it failed and is being retried.
+    pub fn has_unsaved(&self) -> bool {
+        self.unsaved.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Replaces the chain (the file's credentials changed). The next use refreshes from it.
     pub async fn reset(&self, chain: Chain) {
-        let mut c = self.chain.lock().await;
-        *c = chain;
+        let mut held = self.chain.lock().await;
+        *held = Held { chain, unsaved: None };
+        self.unsaved.store(false, std::sync::atomic::Ordering::SeqCst);
         self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.invalidate_access();
     }
 
     pub async fn chain(&self) -> Chain {
-        self.chain.lock().await.clone()
+        self.chain.lock().await.chain.clone()
+    }
+
+    fn publish(&self, access: Access) {
+        *self.access.write().unwrap_or_else(|e| e.into_inner()) = Some(access);
     }
 
     /// An access token valid for at least `margin`, refreshing through `refresh` when needed.
-    /// `persist` runs with the new chain *before* the new access token is published, so a
-    /// rotated refresh token is durable before anything uses the access token that came with it.
-    /// `force` refreshes even if the cached token looks valid (it was refused upstream).
-    pub async fn get<R, RF, P>(
+    /// `persist` stores a new chain and must be durable when it returns `Ok`; it runs *before*
+    /// the access token that came with the chain is published, so a rotated refresh token is
+    /// durable before anything uses that access token. When it fails, the new chain stays in
+    /// memory, no further refresh runs (it would replace the only live refresh token with one
+    /// that is not stored either), and each later call tries to store it again first: the
+    /// error is [`RefreshError::NotStored`] until that succeeds. `force` refreshes even if the
+    /// cached token looks valid (it was refused upstream).
+    pub async fn get<R, RF, P, PF>(
         &self,
         margin: Duration,
         force: Option<&Secret>,
@@ -94,36 +120,43 @@ impl Tokens {
     where
         R: FnOnce(Chain) -> RF,
         RF: Future<Output = Result<TokenGrant, RefreshError>>,
-        P: FnOnce(&Chain, &Access) -> Result<(), String>,
+        P: Fn(Chain, Access) -> PF,
+        PF: Future<Output = Result<(), String>>,
     {
-        if force.is_none() {
-            if let Some(a) = self.current_access().filter(|a| a.valid_for(margin)) {
+        let usable = |a: &Access| a.valid_for(margin) && force.is_none_or(|f| f.expose() != a.token.expose());
+        if !self.has_unsaved() {
+            if let Some(a) = self.current_access().filter(|a| a.valid_for(margin) && force.is_none()) {
                 return Ok(a.token);
             }
         }
-        let mut chain = self.chain.lock().await;
-        // Someone else may have refreshed while we waited.
-        if let Some(a) = self.current_access().filter(|a| a.valid_for(margin)) {
-            let refused = force.is_some_and(|f| f.expose() == a.token.expose());
-            if !refused {
-                return Ok(a.token);
-            }
+        let mut held = self.chain.lock().await;
+        if let Some(access) = held.unsaved.clone() {
+            persist(held.chain.clone(), access.clone()).await.map_err(RefreshError::NotStored)?;
+            held.unsaved = None;
+            self.unsaved.store(false, std::sync::atomic::Ordering::SeqCst);
+            self.publish(access);
         }
-        let grant = refresh(chain.clone()).await?;
-        let mut next = chain.clone();
+        // Someone else may have refreshed while we waited (or the held-back token is now stored).
+        if let Some(a) = self.current_access().filter(usable) {
+            return Ok(a.token);
+        }
+        let grant = refresh(held.chain.clone()).await?;
+        let mut next = held.chain.clone();
         if let Some(rt) = grant.refresh_token {
             next.refresh_token = rt;
             next.rotated = true;
         }
         let access = Access { token: grant.access_token, expires_at: SystemTime::now() + grant.expires_in };
-        if let Err(e) = persist(&next, &access) {
-            // The old refresh token may already be dead: keep the successor in memory so the
-            // next attempt can use (and store) it, but do not use the access token unstored.
-            *chain = next;
-            return Err(RefreshError::Transient(format!("cannot store the new tokens: {e}")));
+        let stored = persist(next.clone(), access.clone()).await;
+        // The old refresh token may already be dead: the successor is kept either way.
+        held.chain = next;
+        if let Err(e) = stored {
+            held.unsaved = Some(access);
+            self.unsaved.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.invalidate_access();
+            return Err(RefreshError::NotStored(e));
         }
-        *chain = next;
-        *self.access.write().unwrap_or_else(|e| e.into_inner()) = Some(access.clone());
+        self.publish(access.clone());
         Ok(access.token)
     }
 }
@@ -161,9 +194,9 @@ mod tests {
                                 refresh_token: Some(Secret::new("rt1")),
                             })
                         },
-                        |c, _| {
+                        |c: Chain, _| {
                             persisted.lock().unwrap().push(c.refresh_token.expose().to_string());
-                            Ok(())
+                            std::future::ready(Ok(()))
                         },
                     )
                     .await
@@ -193,11 +226,52 @@ mod tests {
                         refresh_token: Some(Secret::new("rt1")),
                     })
                 },
-                |_, _| Err("disk full".into()),
+                |_, _| std::future::ready(Err("disk full".into())),
             )
             .await;
-        assert!(matches!(r, Err(RefreshError::Transient(_))));
+        assert!(matches!(r, Err(RefreshError::NotStored(_))));
         assert!(tokens.current_access().is_none());
+        assert!(tokens.has_unsaved());
         assert_eq!(tokens.chain().await.refresh_token.expose(), "rt1");
+    }
+
+    /// While the rotated chain is not stored, no refresh runs: each call tries to store it
+    /// first, and once that works the held-back access token is used.
+    #[tokio::test]
+    async fn an_unsaved_chain_blocks_refreshes_until_stored() {
+        let tokens = Tokens::new(chain(), None);
+        let refreshes = AtomicUsize::new(0);
+        let grant = |rt: &str| TokenGrant {
+            access_token: Secret::new(format!("at-{rt}")),
+            expires_in: Duration::from_secs(3600),
+            refresh_token: Some(Secret::new(rt)),
+        };
+        let refresh = |rt: &'static str| {
+            let refreshes = &refreshes;
+            let g = grant(rt);
+            move |_: Chain| {
+                refreshes.fetch_add(1, Ordering::SeqCst);
+                std::future::ready(Ok(g))
+            }
+        };
+        let disk_full = |_: Chain, _: Access| std::future::ready(Err::<(), String>("ENOSPC".into()));
+        let r = tokens.get(MIN_VALIDITY, None, refresh("rt1"), disk_full).await;
+        assert!(matches!(r, Err(RefreshError::NotStored(_))), "{r:?}");
+        // Forced or not, later calls only retry the store; the token endpoint is not called.
+        for force in [None, Some(Secret::new("at-rt1"))] {
+            let r = tokens.get(MIN_VALIDITY, force.as_ref(), refresh("rt2"), disk_full).await;
+            assert!(matches!(r, Err(RefreshError::NotStored(_))), "{r:?}");
+        }
+        assert_eq!(refreshes.load(Ordering::SeqCst), 1);
+        let stored = std::sync::Mutex::new(Vec::new());
+        let works = |c: Chain, _: Access| {
+            stored.lock().unwrap().push(c.refresh_token.expose().to_owned());
+            std::future::ready(Ok(()))
+        };
+        let t = tokens.get(MIN_VALIDITY, None, refresh("rt3"), works).await.unwrap();
+        assert_eq!(t.expose(), "at-rt1", "the held-back token, now stored");
+        assert_eq!(*stored.lock().unwrap(), vec!["rt1".to_owned()]);
+        assert_eq!(refreshes.load(Ordering::SeqCst), 1);
+        assert!(!tokens.has_unsaved());
     }
 }

@@ -160,6 +160,7 @@ pub fn account_info(v: &AccountView) -> AccountInfo {
         tokens_out: v.counters.tokens_out,
         last_used: unix(v.counters.last_used),
         last_error: v.state.last_error.clone(),
+        tokens_unsaved: v.tokens_unsaved,
     }
 }
 
@@ -183,6 +184,7 @@ pub fn status(shared: &Shared) -> Status {
         pool: s,
         streams_in_flight: shared.app.metrics.streams_in_flight(),
         accounts: shared.app.pool.accounts().iter().map(|a| account_info(&a.view())).collect(),
+        persistence_problem: shared.app.pool.persistence_problem(),
     }
 }
 

@@ -18,6 +18,10 @@ pub struct Status {
     pub pool: PoolState,
     pub streams_in_flight: i64,
     pub accounts: Vec<AccountInfo>,
+    /// Why the daemon is degraded beside its accounts' states: the state store failing to take
+    /// writes, rotated refresh tokens held in memory only. Absent when all is well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistence_problem: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -56,6 +60,9 @@ pub struct AccountInfo {
     pub tokens_out: u64,
     pub last_used: Option<u64>,
     pub last_error: Option<String>,
+    /// The rotated refresh token is held in memory only: storing it failed (retrying).
+    #[serde(default)]
+    pub tokens_unsaved: bool,
 }
 
 /// The result of an action on one account (refresh, check, enable, disable).

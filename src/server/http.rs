@@ -245,25 +245,28 @@ fn header_str<'a>(parts: &'a http::request::Parts, name: &str) -> Option<&'a str
 
 fn health(app: &App) -> Response<Body> {
     let s = app.pool.summary();
+    let problem = app.pool.persistence_problem();
     let status = if s.active == 0 {
         "unavailable"
-    } else if s.active < s.total {
+    } else if s.active < s.total || problem.is_some() {
         "degraded"
     } else {
         "ok"
     };
     let code = if status == "unavailable" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
-    json_response(
-        code,
-        &json!({
-            "status": status,
-            "accounts": {
-                "total": s.total, "active": s.active, "cooling": s.cooling + s.quota,
-                "suspended": s.suspended, "invalid": s.invalid, "disabled": s.disabled,
-            },
-            "version": env!("CARGO_PKG_VERSION"),
-        }),
-    )
+    let mut body = json!({
+        "status": status,
+        "accounts": {
+            "total": s.total, "active": s.active, "cooling": s.cooling + s.quota,
+            "suspended": s.suspended, "invalid": s.invalid, "disabled": s.disabled,
+            "tokens_unsaved": s.unsaved,
+        },
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    if let Some(p) = problem {
+        body["store"] = json!({"ok": false, "problem": p});
+    }
+    json_response(code, &body)
 }
 
 fn model_json(m: &crate::translate::ModelInfo) -> Value {

@@ -79,11 +79,15 @@ pub enum RefreshError {
     /// Network trouble, 5xx, SlowDown: retry later with backoff.
     #[error("token endpoint unavailable: {0}")]
     Transient(String),
+    /// The token endpoint rotated the refresh token and storing the new one failed: it is held
+    /// in memory and no refresh runs until it is stored (retried with backoff).
+    #[error("the rotated refresh token could not be stored yet (retrying): {0}")]
+    NotStored(String),
 }
 
 impl RefreshError {
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, RefreshError::Transient(_))
+        matches!(self, RefreshError::InvalidGrant(_) | RefreshError::InvalidClient(_))
     }
 }
 
