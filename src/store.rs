@@ -20,7 +20,10 @@
 //! # Opening
 //!
 //! [`Store::open`] creates the directory (mode 0700) and the file (mode 0600; a wider mode on an
-//! existing file is narrowed, with a warning) when missing. redb locks the file for its process:
+//! existing file is narrowed, with a warning) when missing. A new file is initialised as
+//! `amq2api.redb.new` and renamed into place, so `amq2api.redb` never exists empty: an empty one
+//! is a damaged one (a cut backup, a full disk) and is refused as [`StoreError::Corrupt`] with the
+//! way out, rather than silently replaced (which would drop every rotated refresh token). redb locks the file for its process:
 //! a second daemon — or a second [`Store::open`] in the same process — gets
 //! [`StoreError::Locked`], whose message names the directory and, when known, the holder's pid
 //! (read from `amq2api.pid`, which the holder writes beside the store and removes on close).
@@ -42,6 +45,14 @@
 //!
 //! Every method blocks on the file (an `fsync` for the durable ones, a few milliseconds); async
 //! callers should use `spawn_blocking`.
+//!
+//! # Failures
+//!
+//! After a failed write redb refuses everything until the file is closed and opened again. An
+//! operation that fails with an I/O error (`ENOSPC`, `EIO`, `EROFS`, …) therefore closes the
+//! handle and records a [`StoreProblem`] ([`Store::problem`]); the next operation opens the file
+//! again (redb recovers it from its last durable commit) and a write that succeeds clears the
+//! problem. Callers keep what they could not write and retry: the store never drops it for them.
 
 use crate::config::Secret;
 use redb::{
@@ -316,7 +327,11 @@ impl Drop for Inner {
 struct Handle {
     path: PathBuf,
     slot: Mutex<Slot>,
+    /// [`open_database`], or a stand-in whose storage fails on demand (tests).
+    opener: Opener,
 }
+
+type Opener = Box<dyn Fn(&Path) -> Result<Database, StoreError> + Send + Sync>;
 
 struct Slot {
     /// `None` after an I/O failure, until a reopen succeeds.
@@ -351,7 +366,7 @@ impl Handle {
     ) -> Result<T, StoreError> {
         let mut slot = self.lock();
         if slot.db.is_none() {
-            match open_database(&self.path) {
+            match (self.opener)(&self.path) {
                 Ok(db) => {
                     tracing::info!(path = %self.path.display(), "state store reopened");
                     slot.db = Some(db);
@@ -575,10 +590,26 @@ impl Store {
         // Dropped (removed) before `db` on an error below.
         let pid_file = PidFile::write(dir);
         narrow_mode(&path)?;
-        prepare_schema(&db, &path)?;
+        Store::start(db, path, Box::new(open_database), pid_file, max_unsynced)
+    }
 
-        let db =
-            Arc::new(Handle { path: path.clone(), slot: Mutex::new(Slot { db: Some(db), problem: None }) });
+    fn start(
+        db: Database,
+        path: PathBuf,
+        opener: Opener,
+        pid_file: PidFile,
+        max_unsynced: Duration,
+    ) -> Result<Store, StoreError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::Io { path, source }
+        };
+        prepare_schema(&db, &path)?;
+        let db = Arc::new(Handle {
+            path: path.clone(),
+            slot: Mutex::new(Slot { db: Some(db), problem: None }),
+            opener,
+        });
         let syncer = Arc::new(Syncer { state: Mutex::default(), wake: Condvar::new(), max_unsynced });
         let sync_thread = std::thread::Builder::new()
             .name("store-sync".to_owned())
@@ -1264,6 +1295,105 @@ mod tests {
         child.wait().unwrap();
         let store = Store::open(tmp.path()).unwrap();
         assert_eq!(store.get("a").unwrap().map(|r| r.counters.requests), Some(42));
+    }
+
+    /// Storage that keeps its bytes across reopens (a disk) and fails every operation with
+    /// `EIO` while `fail` is set.
+    #[derive(Debug)]
+    struct FlakyDisk {
+        data: Arc<Mutex<Vec<u8>>>,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl FlakyDisk {
+        fn check(&self) -> std::io::Result<()> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                Err(std::io::Error::from_raw_os_error(nix::libc::EIO))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl redb::StorageBackend for FlakyDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.check()?;
+            Ok(self.data.lock().unwrap().len() as u64)
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.check()?;
+            let data = self.data.lock().unwrap();
+            let start = offset as usize;
+            let src = data
+                .get(start..start + out.len())
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+            out.copy_from_slice(src);
+            Ok(())
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.data.lock().unwrap().resize(len as usize, 0);
+            Ok(())
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            let mut d = self.data.lock().unwrap();
+            let end = offset as usize + data.len();
+            if d.len() < end {
+                d.resize(end, 0);
+            }
+            d[offset as usize..end].copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    /// An `EIO` poisons redb's handle ("Previous I/O error occurred"): the store closes it,
+    /// reports the problem, reopens on the next operation, and takes writes again once the
+    /// storage works — with every committed token still there.
+    #[test]
+    fn an_io_error_closes_the_handle_and_a_later_write_reopens_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = Arc::new(Mutex::new(Vec::new()));
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opener: Opener = {
+            let (data, fail) = (data.clone(), fail.clone());
+            Box::new(move |_: &Path| {
+                Database::builder()
+                    .create_with_backend(FlakyDisk { data: data.clone(), fail: fail.clone() })
+                    .map_err(|e| StoreError::from_redb(Path::new("flaky"), e.into()))
+            })
+        };
+        let db = opener(Path::new("flaky")).unwrap();
+        let store = Store::start(
+            db,
+            tmp.path().join(FILE_NAME),
+            opener,
+            PidFile::write(tmp.path()),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let rt = |n: u32| TokenRecord { refresh_token: Secret::new(format!("rt-{n}")), ..token() };
+        store.put_tokens("a", &rt(1)).unwrap();
+        assert_eq!(store.problem(), None);
+
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        for n in 2..5 {
+            let err = store.put_tokens("a", &rt(n)).unwrap_err();
+            assert!(err.needs_reopen(), "{err:?}");
+        }
+        let problem = store.problem().expect("the failure is reported");
+        assert!(problem.error.contains("Input/output error"), "{problem:?}");
+        assert_eq!(problem.failures, 3);
+        assert!(store.put_counters(&[("a".to_owned(), Counters::default())]).is_err());
+
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        store.put_tokens("a", &rt(5)).unwrap();
+        assert_eq!(store.problem(), None, "a successful write clears the problem");
+        let got = store.get("a").unwrap().unwrap().tokens.unwrap();
+        assert_eq!(got.refresh_token.expose(), "rt-5");
     }
 
     #[test]

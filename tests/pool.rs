@@ -327,3 +327,162 @@ async fn an_account_removed_and_added_back_keeps_its_rotated_token() {
     assert_eq!(h.emulator.stats().refresh_failures, 0);
     h.stop().await;
 }
+
+/// The refresh token at the head of the account's chain in a stopped daemon's store (the
+/// file's when the store has none).
+fn stored_refresh_token(state_dir: &std::path::Path, id: &str) -> String {
+    let store = amq2api::store::Store::open(state_dir).expect("the store opens");
+    match store.get(id).unwrap().and_then(|r| r.tokens) {
+        Some(t) => t.refresh_token.expose().to_owned(),
+        None => format!("refresh-{id}"),
+    }
+}
+
+/// Waits (polling, up to `within`) until the emulator has seen `n` more refreshes of `cid`.
+fn wait_refreshes(emulator: &amq2api::emulator::Emulator, cid: &str, n: u64, within: Duration) {
+    let start = emulator.stats_for(cid).refreshes;
+    let t0 = Instant::now();
+    while emulator.stats_for(cid).refreshes < start + n {
+        assert!(t0.elapsed() < within, "fewer than {n} refreshes of {cid} within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The state directory on a small disk that fills up (and, in a second run, then turns
+/// read-only): a commit that fails stops the account's rotation (no refresh replaces a token
+/// that is not stored), `/health`, `STATUS=` and `amqctl status` say why, and once there is room
+/// again the store is reopened, the held token stored and rotation resumes by itself. After each
+/// run the stopped daemon's store holds exactly the emulator's live refresh token: nothing was
+/// lost. (Each run starts on a new disk: redb reuses pages it has already written, so a store
+/// that has had room once may not notice a full disk for a long while.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_or_read_only_disk_never_loses_the_refresh_token_chain() {
+    use common::child::{AMQ2API, ChildDaemon, Notify, SmallDisk, write_config};
+    // Tokens that live 2 s with a 30 s refresh margin: every account rotates on every pass of
+    // the refresher (once a second). Strict rotation: the old refresh token dies at once.
+    let emulator = amq2api::emulator::Emulator::start(EmulatorOptions {
+        access_token_ttl: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for id in ["full-1", "readonly-1"] {
+        emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
+    }
+    let emu = emulator.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        for (id, read_only) in [("full-1", false), ("readonly-1", true)] {
+            let cid = client_id(id);
+            let tmp = tempfile::tempdir().unwrap();
+            let config = write_config(tmp.path(), &emu, &[id.to_owned()], "refresh_before_expiry_secs = 30");
+            let disk = SmallDisk::new(&tmp.path().join("state"), "2m");
+            let notify = Notify::new(tmp.path());
+            let notify_path = notify.path.to_str().unwrap().to_owned();
+            let d = ChildDaemon::start(disk.command(AMQ2API), &config, &[("NOTIFY_SOCKET", &notify_path)]);
+            let degraded = |h: &serde_json::Value| {
+                h["status"] == "degraded" && h["accounts"]["tokens_unsaved"] == 1 && h["store"]["ok"] == false
+            };
+            wait_refreshes(&emu, &cid, 3, Duration::from_secs(20));
+            d.wait_health(Duration::from_secs(5), "ok", |h| h["status"] == "ok");
+            disk.fill();
+            d.wait_health(Duration::from_secs(20), "degraded with an unstored token", degraded);
+            let problem = d.health()["store"]["problem"].as_str().unwrap().to_owned();
+            assert!(problem.contains("No space left on device"), "{problem}");
+            let status = d.ctl_text(&["status"]);
+            assert!(status.contains("DEGRADED: ") && status.contains("No space left"), "{status}");
+            assert!(status.contains("NOT STORED"), "{status}");
+            let line = notify.wait_line("STATUS=", "DEGRADED", Duration::from_secs(10));
+            assert!(line.contains("No space left"), "{line}");
+            // No refresh while the rotated token is held in memory only.
+            let before = emu.stats_for(&cid).refreshes;
+            std::thread::sleep(Duration::from_secs(3));
+            assert_eq!(
+                emu.stats_for(&cid).refreshes,
+                before,
+                "{id}: a refresh ran while the chain was not stored"
+            );
+            if read_only {
+                // Remounting needs the store's file closed: it is, after the failure, except
+                // for a moment at each retry.
+                let t0 = Instant::now();
+                while !disk.remount("ro") {
+                    assert!(t0.elapsed() < Duration::from_secs(20), "the disk never became read-only");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                d.wait_health(Duration::from_secs(20), "a read-only store reported", |h| {
+                    degraded(h)
+                        && h["store"]["problem"].as_str().unwrap_or("").contains("Read-only file system")
+                });
+                let before = emu.stats_for(&cid).refreshes;
+                std::thread::sleep(Duration::from_secs(2));
+                assert_eq!(emu.stats_for(&cid).refreshes, before, "{id}: a refresh ran while read-only");
+                assert!(disk.remount("rw"), "remount rw");
+            }
+            disk.free();
+            d.wait_health(Duration::from_secs(30), "recovery", |h| {
+                h["status"] == "ok" && h["accounts"]["tokens_unsaved"] == 0 && h.get("store").is_none()
+            });
+            wait_refreshes(&emu, &cid, 2, Duration::from_secs(20));
+            assert_eq!(d.stop(Duration::from_secs(60)), 0);
+            assert_eq!(
+                stored_refresh_token(&disk.path(""), id),
+                emu.live_refresh_token(&cid).unwrap(),
+                "{id}: the stored chain is the live one"
+            );
+        }
+    })
+    .await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    assert_eq!(emulator.stats().refresh_failures, 0, "a refresh presented a dead token");
+}
+
+/// SIGTERM at many points around a refresh whose answer is slow (the token endpoint has
+/// already rotated the refresh token when the answer leaves): the daemon waits for the answer
+/// and stores it before it exits, so the next start never meets `invalid_grant`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_refresh_stores_its_answer_first() {
+    use common::child::{AMQ2API, ChildDaemon, write_config};
+    // Tokens that live 2 s with a 30 s margin: a refresh starts on every pass of the
+    // refresher (once a second), and each answer takes 400 ms after the rotation.
+    let emulator = amq2api::emulator::Emulator::start(EmulatorOptions {
+        access_token_ttl: Duration::from_secs(2),
+        token_delay: Duration::from_millis(400),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ids = vec!["stop-1".to_owned(), "stop-2".to_owned()];
+    for id in &ids {
+        emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), &emulator, &ids, "refresh_before_expiry_secs = 30");
+    let emu = emulator.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut seed = 0x2545_f491u32;
+        for round in 0..12 {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            let d = ChildDaemon::start(std::process::Command::new(AMQ2API), &config, &[]);
+            // Anywhere in a refresh cycle: before a refresh, while its answer is on the way, after.
+            std::thread::sleep(Duration::from_millis((seed % 1500) as u64));
+            assert_eq!(d.stop(Duration::from_secs(60)), 0, "round {round}: a clean stop exits 0");
+            for id in &ids {
+                assert_eq!(
+                    stored_refresh_token(&tmp.path().join("state"), id),
+                    emu.live_refresh_token(&client_id(id)).unwrap(),
+                    "round {round}: {id}'s live refresh token was not stored"
+                );
+            }
+        }
+    })
+    .await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    assert_eq!(emulator.stats().refresh_failures, 0);
+    assert!(emulator.stats().refreshes >= 12, "refreshes really happened: {}", emulator.stats().refreshes);
+}

@@ -333,6 +333,30 @@ fn an_empty_redb_file_becomes_a_new_store() {
     assert_eq!(store.load_all().unwrap().len(), 1);
 }
 
+/// A 0-byte store file is damaged (a cut backup, a disk that filled up), not new: starting
+/// afresh would drop every rotated refresh token. It is refused with the way out, and left as
+/// it is.
+#[test]
+fn a_zero_byte_file_is_refused_as_damaged() {
+    let (_tmp, state) = dir();
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join(FILE_NAME), b"").unwrap();
+    let err = Store::open(&state).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    assert!(
+        msg.contains("empty (0 bytes)") && msg.contains("backup") && msg.contains("move it away"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::metadata(state.join(FILE_NAME)).unwrap().len(), 0, "left untouched");
+    // A new store never exists empty: it is made under another name and renamed into place.
+    let (_tmp2, fresh) = dir();
+    let store = Store::open(&fresh).unwrap();
+    assert!(std::fs::metadata(fresh.join(FILE_NAME)).unwrap().len() > 0);
+    assert!(!fresh.join("amq2api.redb.new").exists());
+    drop(store);
+}
+
 #[test]
 fn a_file_that_is_not_redb_is_an_error() {
     let (_tmp, dir) = dir();

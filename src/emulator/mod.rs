@@ -122,6 +122,10 @@ pub struct EmulatorOptions {
     /// then never loses its chain, even when killed between the answer and its own write.
     /// Default false (the strictest reading of the service).
     pub rotation_grace: bool,
+    /// Pause between deciding a token refresh (the refresh token has rotated) and sending the
+    /// answer: the window in which a client that stops or crashes loses the only live refresh
+    /// token unless it waits for and stores the answer. Default 0.
+    pub token_delay: Duration,
 }
 
 impl Default for EmulatorOptions {
@@ -131,6 +135,7 @@ impl Default for EmulatorOptions {
             fragment_delay: Duration::ZERO,
             rotate_refresh_tokens: true,
             rotation_grace: false,
+            token_delay: Duration::ZERO,
         }
     }
 }
@@ -249,6 +254,12 @@ impl Emulator {
             account.refresh_token = None;
             account.previous_refresh_token = None;
         });
+    }
+
+    /// The refresh token the account's next refresh must present (the head of its chain), or
+    /// `None` when the chain was revoked or the account is unknown.
+    pub fn live_refresh_token(&self, client_id: &str) -> Option<String> {
+        self.shared.with_account(client_id, |account| account.refresh_token.clone()).flatten()
     }
 
     /// A snapshot of the global counters.

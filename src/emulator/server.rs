@@ -166,7 +166,14 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>, ctl: Arc<ConnCtl>) -
     let request_id = shared.ids().uuid();
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/token") => match read_body(req.into_body(), MAX_TOKEN_BODY).await {
-            Ok(body) => oidc::create_token(&shared, &body, &request_id),
+            Ok(body) => {
+                let answer = oidc::create_token(&shared, &body, &request_id);
+                let delay = shared.opts.token_delay;
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                answer
+            }
             Err(_) => {
                 shared.count_refresh_failure();
                 let body =

@@ -2,6 +2,8 @@
 //! HTTP client for talking to the daemon.
 #![allow(dead_code)]
 
+pub mod child;
+
 use amq2api::config::{self, Env, Loaded};
 use amq2api::emulator::{Emulator, EmulatorOptions};
 use bytes::Bytes;
