@@ -178,6 +178,11 @@ async fn shutdown_drains_streams_then_closes_them_with_an_error() {
     assert_eq!(last.0, "error", "{last:?}");
     assert_eq!(last.1["error"]["type"], "overloaded_error");
     assert_eq!(last.1["error"]["message"], "server shutting down");
+    // The open text block is closed before the error, as for a mid-stream upstream fault.
+    let before = &long[long.len() - 2];
+    assert_eq!(before.0, "content_block_stop", "{before:?}");
+    let open = long.iter().rev().find(|(e, _)| e == "content_block_start").unwrap();
+    assert_eq!(before.1["index"], open.1["index"]);
     tokio::time::timeout(Duration::from_secs(10), stopping).await.unwrap().unwrap();
 }
 

@@ -376,8 +376,7 @@ pub async fn stream(
                 ev = stream.next() => {
                     last_event = Instant::now();
                     if last_event >= deadline {
-                        let e = ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)");
-                        vec![StreamEvent::Error(e)]
+                        st.abort(ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)"))
                     } else {
                         match ev {
                             Some(Ok(ev)) => st.on_event(ev),
@@ -386,13 +385,9 @@ pub async fn stream(
                         }
                     }
                 }
-                _ = &mut drained => {
-                    let e = ApiError::new(ErrorKind::Overloaded, "server shutting down");
-                    vec![StreamEvent::Error(e)]
-                }
+                _ = &mut drained => st.abort(ApiError::new(ErrorKind::Overloaded, "server shutting down")),
                 _ = &mut timeout => {
-                    let e = ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)");
-                    vec![StreamEvent::Error(e)]
+                    st.abort(ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)"))
                 }
                 _ = &mut ping => {
                     let now = Instant::now();

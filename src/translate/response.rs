@@ -487,13 +487,27 @@ impl ResponseState {
             self.finish_into(&mut out);
             return out;
         }
+        let kind = if err.is_capacity() { ErrorKind::Overloaded } else { ErrorKind::Api };
+        out.extend(self.abort(ApiError::new(kind, format!("upstream failed mid-response: {err}"))));
+        out
+    }
+
+    /// Ends the stream with `error` (the daemon is shutting down, the request timed out, the
+    /// upstream failed): text held back is flushed and the open text or thinking block is
+    /// closed before the `error` event, as a client's parser expects. An open tool call is
+    /// left unclosed: its input is incomplete, and a `content_block_stop` would present it as
+    /// whole.
+    pub fn abort(&mut self, error: ApiError) -> Vec<StreamEvent> {
+        let mut out = Vec::new();
+        if self.finished {
+            return out;
+        }
         self.flush_text(&mut out);
         match self.open {
             Open::Tool { .. } => self.open = Open::None,
             _ => self.close_open(&mut out),
         }
-        let kind = if err.is_capacity() { ErrorKind::Overloaded } else { ErrorKind::Api };
-        out.push(StreamEvent::Error(ApiError::new(kind, format!("upstream failed mid-response: {err}"))));
+        out.push(StreamEvent::Error(error));
         self.finished = true;
         out
     }
