@@ -486,3 +486,37 @@ async fn a_stop_during_a_refresh_stores_its_answer_first() {
     assert_eq!(emulator.stats().refresh_failures, 0);
     assert!(emulator.stats().refreshes >= 12, "refreshes really happened: {}", emulator.stats().refreshes);
 }
+
+/// Every account at its concurrency limit for the whole queue wait: the 429's `retry-after`
+/// is an honest estimate (how long requests have recently held an account), not "1".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_timeout_says_honestly_when_to_retry() {
+    let setup = Setup {
+        account_extra: "max_concurrency = 1".into(),
+        accounts_settings: "queue_timeout_secs = 1".into(),
+        emulator: EmulatorOptions { fragment_delay: Duration::from_millis(30), ..Default::default() },
+        ..Default::default()
+    };
+    let h = Harness::start(setup).await;
+    // Requests that hold the account for about 3 s each.
+    let slow = simple("hold it\n#emulator: long 600", false);
+    let t0 = Instant::now();
+    assert_eq!(post(&h, "/v1/messages", &slow).await.status, 200);
+    let held = t0.elapsed();
+    assert!(held >= Duration::from_secs(2), "{held:?}");
+    let h = std::sync::Arc::new(h);
+    let busy = {
+        let h = h.clone();
+        let slow = slow.clone();
+        tokio::spawn(async move { post(&h, "/v1/messages", &slow).await.status })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = post(&h, "/v1/messages", &simple("no room", false)).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 2 && retry <= held.as_secs() + 1, "retry-after {retry} s for requests held {held:?}");
+    let ms: u64 = r.headers["retry-after-ms"].to_str().unwrap().parse().unwrap();
+    assert!(ms >= 2000, "{ms}");
+    assert_eq!(busy.await.unwrap(), 200);
+}

@@ -208,9 +208,10 @@ pub enum PoolError {
     /// No account can serve at all (suspended, invalid, disabled, or none configured).
     #[error("no usable Amazon Q account ({summary})")]
     NoneUsable { summary: String },
-    /// All usable accounts stayed at their concurrency limit past the queue deadline.
-    #[error("every Amazon Q account is busy")]
-    Busy,
+    /// All usable accounts stayed at their concurrency limit past the queue deadline;
+    /// `retry_after` estimates when a slot frees (the recent mean time a request holds one).
+    #[error("every Amazon Q account is busy (all at max_concurrency for {waited_secs} s)")]
+    Busy { retry_after: Duration, waited_secs: u64 },
 }
 
 /// Counts of accounts by state (for `/health`, `STATUS=`, metrics, the control API).
@@ -269,6 +270,8 @@ pub struct Pool {
     /// halfway (the token endpoint may already have rotated the refresh token; only storing
     /// the answer keeps the chain), and shutdown waits for the ones in flight.
     refreshes: tokio_util::task::TaskTracker,
+    /// Exponentially weighted mean of how long a lease is held, in ms (0: none ended yet).
+    hold_ewma_ms: AtomicU64,
     /// Removed accounts whose rotated refresh token is not stored yet: kept until it is.
     orphans: Mutex<Vec<Arc<Account>>>,
     pub refreshes_ok: AtomicU64,
@@ -307,6 +310,7 @@ impl Pool {
             refresh_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_REFRESHES),
             sink,
             refreshes: tokio_util::task::TaskTracker::new(),
+            hold_ewma_ms: AtomicU64::new(0),
             orphans: Mutex::new(Vec::new()),
             refreshes_ok: AtomicU64::new(0),
             refreshes_failed: AtomicU64::new(0),
@@ -350,6 +354,18 @@ impl Pool {
         s
     }
 
+    /// The error for a request that waited out the queue: with an honest `retry-after`, the
+    /// recent mean time a request holds an account (a slot is unlikely to free sooner), at
+    /// least a second and at most two minutes; the queue timeout while nothing has finished yet.
+    pub fn busy(&self) -> PoolError {
+        let held = self.hold_ewma_ms.load(Ordering::Relaxed);
+        let retry_after = if held == 0 { self.queue_timeout } else { Duration::from_millis(held) };
+        PoolError::Busy {
+            retry_after: retry_after.clamp(Duration::from_secs(1), Duration::from_secs(120)),
+            waited_secs: self.queue_timeout.as_secs(),
+        }
+    }
+
     /// Picks an account, waiting (up to the queue timeout) while every usable one is full.
     pub async fn lease(self: &Arc<Self>, exclude: &HashSet<AccountId>) -> Result<Lease, PoolError> {
         let deadline = tokio::time::Instant::now() + self.queue_timeout;
@@ -363,7 +379,7 @@ impl Pool {
                 Err(e) => return Err(e),
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(PoolError::Busy);
+                return Err(self.busy());
             }
         }
     }
@@ -389,7 +405,12 @@ impl Pool {
                         && a.usable(now)
                         && a.in_flight.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_ok()
                     {
-                        return Ok(Some(Lease { account: a.clone(), pool: self.clone(), force_next: None }));
+                        return Ok(Some(Lease {
+                            account: a.clone(),
+                            pool: self.clone(),
+                            force_next: None,
+                            taken: Instant::now(),
+                        }));
                     }
                 }
             }
@@ -411,7 +432,9 @@ impl Pool {
             }
         };
         match chosen {
-            Ok(Some(account)) => Ok(Some(Lease { account, pool: self.clone(), force_next: None })),
+            Ok(Some(account)) => {
+                Ok(Some(Lease { account, pool: self.clone(), force_next: None, taken: Instant::now() }))
+            }
             Ok(None) => Ok(None),
             Err(soonest) => {
                 let summary = self.summary().describe();
@@ -927,6 +950,7 @@ pub struct Lease {
     pub account: Arc<Account>,
     pool: Arc<Pool>,
     force_next: Option<Secret>,
+    taken: Instant,
 }
 
 impl Lease {
@@ -971,6 +995,11 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        let held = self.taken.elapsed().as_millis().min(u64::MAX as u128) as u64;
+        // Weight 1/8 for the newest; a lost race between two updates only loses one sample.
+        let old = self.pool.hold_ewma_ms.load(Ordering::Relaxed);
+        let new = if old == 0 { held.max(1) } else { (old * 7 + held) / 8 };
+        self.pool.hold_ewma_ms.store(new.max(1), Ordering::Relaxed);
         self.account.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.pool.freed.notify_waiters();
     }

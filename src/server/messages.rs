@@ -93,8 +93,8 @@ pub fn pool_to_api(e: &PoolError) -> ApiError {
             ApiError::new(ErrorKind::RateLimit, e.to_string()).with_retry_after(*retry_after)
         }
         PoolError::NoneUsable { .. } => ApiError::new(ErrorKind::Overloaded, e.to_string()),
-        PoolError::Busy => {
-            ApiError::new(ErrorKind::RateLimit, e.to_string()).with_retry_after(Duration::from_secs(1))
+        PoolError::Busy { retry_after, .. } => {
+            ApiError::new(ErrorKind::RateLimit, e.to_string()).with_retry_after(*retry_after)
         }
     }
 }
@@ -203,7 +203,7 @@ pub async fn connect(app: &Arc<App>, translated: &Translated) -> Result<Connecte
             }
         }
     }
-    Err(last.map(|f| failure_to_api(&f)).unwrap_or_else(|| pool_to_api(&PoolError::Busy)))
+    Err(last.map(|f| failure_to_api(&f)).unwrap_or_else(|| pool_to_api(&app.pool.busy())))
 }
 
 fn params(p: &Prepared, app: &App) -> ResponseParams {
