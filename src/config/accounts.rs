@@ -406,7 +406,7 @@ pub fn valid_region(r: &str) -> bool {
 /// Reads and parses an accounts file, adding a warning when the file is readable by others.
 pub fn load(path: &Path) -> Result<(AccountSet, Diagnostics), Diagnostics> {
     let mut rep = Reporter::new(path, "");
-    let source = match std::fs::read_to_string(path) {
+    let source = match super::read::read_text(path) {
         Ok(s) => s,
         Err(e) => {
             rep.error_at(None, format!("cannot read the accounts file: {e}"));

@@ -146,7 +146,7 @@ impl Checker<'_> {
 
     fn readable_file(&mut self, s: &Spanned<String>, base: &Path, what: &str) -> PathBuf {
         let p = resolve(base, s.get_ref());
-        if let Err(e) = std::fs::read(&p) {
+        if let Err(e) = super::read::read_bytes(&p) {
             self.rep.error_at(Some(s.span()), format!("{what} {} cannot be read: {e}", p.display()));
         }
         p
@@ -294,7 +294,7 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
     }
     if let Some(f) = &raw.auth.api_keys_file {
         let p = resolve(path, f.get_ref());
-        match std::fs::read_to_string(&p) {
+        match super::read::read_text(&p) {
             Err(e) => {
                 ck.rep.error_at(Some(f.span()), format!("api_keys_file {} cannot be read: {e}", p.display()))
             }
