@@ -56,7 +56,7 @@ impl AccountSpec {
     /// token chain: a changed fingerprint means the operator gave new credentials, which then
     /// win over a rotated refresh token kept in the store.
     pub fn credentials_fingerprint(&self) -> [u8; 32] {
-        let mut buf = Vec::new();
+        let mut buf = zeroize::Zeroizing::new(Vec::new());
         for part in [&self.client_id, &self.client_secret, &self.refresh_token] {
             buf.extend_from_slice(&(part.expose().len() as u64).to_be_bytes());
             buf.extend_from_slice(part.expose().as_bytes());
