@@ -222,12 +222,8 @@ pub const DEFAULT_MAX_CONCURRENCY: u32 = 4;
 /// its line and column; the set is returned only when there is no error.
 pub fn parse(path: &Path, source: &str) -> Result<(AccountSet, Diagnostics), Diagnostics> {
     let mut rep = Reporter::new(path, source);
-    let raw: RawFile = match toml::from_str(source) {
-        Ok(raw) => raw,
-        Err(e) => {
-            rep.toml_error(&e);
-            return Err(rep.out);
-        }
+    let Some(raw) = super::shape::deserialize::<RawFile>(&mut rep, source) else {
+        return Err(rep.out);
     };
     // Id → byte offset of its first definition (line and column are worked out only for an error:
     // counting lines for every account made loading quadratic in the file's size).

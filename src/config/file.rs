@@ -192,12 +192,8 @@ fn is_loopback_host(host: &str) -> bool {
 /// Returns the config and any warnings, or all the errors found.
 pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Diagnostics), Diagnostics> {
     let mut ck = Checker { rep: Reporter::new(path, source) };
-    let raw: RawConfig = match toml::from_str(source) {
-        Ok(r) => r,
-        Err(e) => {
-            ck.rep.toml_error(&e);
-            return Err(ck.rep.out);
-        }
+    let Some(raw) = super::shape::deserialize::<RawConfig>(&mut ck.rep, source) else {
+        return Err(ck.rep.out);
     };
 
     // [server]

@@ -6,6 +6,7 @@ pub mod diag;
 mod file;
 pub mod read;
 pub mod secret;
+mod shape;
 
 pub use accounts::{AccountChange, AccountId, AccountSet, AccountSpec, AccountsDiff};
 pub use diag::{Diagnostic, Diagnostics, Severity};
