@@ -292,7 +292,7 @@ pub async fn run_with(
 
     // The accounts file, live.
     let (file_tx, mut file_rx) = tokio::sync::mpsc::unbounded_channel();
-    let _watcher = match crate::accounts::watch::watch(&app.config.accounts.file, file_tx) {
+    let mut watcher = match crate::accounts::watch::watch(&app.config.accounts.file, file_tx) {
         Ok(w) => Some(w),
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch the accounts file; reload with SIGHUP or amqctl reload");
@@ -307,6 +307,8 @@ pub async fn run_with(
                 _ = watch_stop.changed() => break,
                 more = crate::accounts::watch::next_burst(&mut file_rx) => {
                     if !more { break; }
+                    // The symlink may have been re-pointed: watch where it leads now.
+                    if let Some(w) = watcher.as_mut() { w.follow_target(); }
                     watch_shared.reload_accounts().await;
                 }
             }
