@@ -446,3 +446,42 @@ async fn auth_and_http_edge_errors() {
     assert_eq!(r.json()["error"]["message"], "max_tokens: Field required");
     h.stop().await;
 }
+
+/// POST with an optional `anthropic-version` header.
+async fn post_version(h: &Harness, path: &str, version: Option<&str>, body: &Value) -> Reply {
+    let mut req = http::Request::post(h.url(path))
+        .header("content-type", "application/json")
+        .header("x-api-key", API_KEY);
+    if let Some(v) = version {
+        req = req.header("anthropic-version", v);
+    }
+    send(req.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await
+}
+
+#[tokio::test]
+async fn anthropic_version_known_or_absent_is_served_and_unknown_is_400() {
+    let h = Harness::start(Setup::default()).await;
+    for (version, status) in
+        [(None, 200), (Some("2023-06-01"), 200), (Some("2023-01-01"), 200), (Some("2026-10-21"), 200)]
+    {
+        for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+            let r = post_version(&h, path, version, &simple("hi", false)).await;
+            assert_eq!(r.status, status, "{version:?} {path}: {}", r.text());
+        }
+    }
+    for bad in ["9999-99-99", "2027-01-01", "2023-6-1", "latest"] {
+        for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+            let r = post_version(&h, path, Some(bad), &simple("hi", true)).await;
+            assert_eq!(r.status, 400, "{bad} {path}: {}", r.text());
+            let e = r.json();
+            assert_eq!(e["type"], "error");
+            assert_eq!(e["error"]["type"], "invalid_request_error");
+            let msg = e["error"]["message"].as_str().unwrap();
+            assert!(
+                msg.starts_with(&format!("anthropic-version: \"{bad}\" is not a valid version")),
+                "{msg}"
+            );
+        }
+    }
+    h.stop().await;
+}
