@@ -243,6 +243,10 @@ fn opt_str(obj: &Map<String, Value>, key: &str, p: &Path) -> Result<Option<Strin
     get(obj, key).map(|v| as_str(v, &p.at(key)).map(str::to_string)).transpose()
 }
 
+/// The most base64 text one image may have: Anthropic's API measures its 5 MB limit on the
+/// base64 data as sent (`image exceeds 5 MB maximum: N bytes > 5242880 bytes`).
+pub const MAX_IMAGE_BASE64_BYTES: usize = 5 << 20;
+
 /// Media types Amazon Q (and Anthropic) accept for images.
 pub const IMAGE_MEDIA_TYPES: [&str; 4] = ["image/jpeg", "image/png", "image/gif", "image/webp"];
 
@@ -692,6 +696,12 @@ fn parse_block(v: &Value, p: &Path, role: Role, nested: bool) -> Result<Block, A
                     use base64::Engine;
                     if data.trim().is_empty() {
                         return Err(sp.at("data").err("The image data is empty"));
+                    }
+                    if data.len() > MAX_IMAGE_BASE64_BYTES {
+                        return Err(sp.at("data").err(format!(
+                            "image exceeds 5 MB maximum: {} bytes > {MAX_IMAGE_BASE64_BYTES} bytes",
+                            data.len()
+                        )));
                     }
                     if base64::engine::general_purpose::STANDARD.decode(data.trim()).is_err() {
                         return Err(sp.at("data").err("The image data is not valid base64"));
