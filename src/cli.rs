@@ -71,7 +71,18 @@ pub fn main(cli: Cli) -> i32 {
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => check_config(&cli.config),
         Command::Eventstream { command: EventstreamCommand::Decode { file } } => eventstream_decode(&file),
-        Command::Run => with_runtime(|| run_daemon(&cli.config)),
+        Command::Run => {
+            // Read and checked before the runtime starts: nothing async waits on a file.
+            let loaded = match config::load(&cli.config, &Env::from_process()) {
+                Ok(l) => l,
+                Err(diags) => {
+                    // Once, on stderr (which systemd puts in the journal too).
+                    eprintln!("{diags}");
+                    return exit::CONFIG;
+                }
+            };
+            with_runtime(|| run_daemon(&cli.config, loaded))
+        }
         Command::Demo { listen } => with_runtime(|| async move {
             match crate::demo::run(listen, shutdown_signal()).await {
                 Ok(()) => exit::OK,
@@ -135,15 +146,7 @@ pub async fn shutdown_signal() {
     }
 }
 
-async fn run_daemon(path: &Path) -> i32 {
-    let loaded = match config::load(path, &Env::from_process()) {
-        Ok(l) => l,
-        Err(diags) => {
-            // Once, on stderr (which systemd puts in the journal too).
-            eprintln!("{diags}");
-            return exit::CONFIG;
-        }
-    };
+async fn run_daemon(path: &Path, loaded: config::Loaded) -> i32 {
     let activated = match crate::systemd::listeners() {
         Ok(l) => l,
         Err(e) => {

@@ -99,7 +99,7 @@ impl Shared {
     pub async fn reload_accounts(&self) -> ReloadResult {
         let _guard = self.reload_lock.lock().await;
         let path = self.app.config.accounts.file.clone();
-        let result = match config::accounts::load(&path) {
+        let result = match off_runtime(move || config::accounts::load(&path)).await {
             Ok((set, warnings)) => {
                 let old = self.reload_info().accounts;
                 let diff = old.diff(&set);
@@ -135,7 +135,8 @@ impl Shared {
     /// SIGHUP / `amqctl reload`: re-reads amq2api.toml (client keys, TLS certificate) and the
     /// accounts file. Settings that need a restart (listeners, state dir) are reported.
     pub async fn reload_all(&self) -> ReloadResult {
-        let loaded = match config::load(&self.config_path, &self.env) {
+        let (path, env) = (self.config_path.clone(), self.env.clone());
+        let loaded = match off_runtime(move || config::load(&path, &env)).await {
             Ok(l) => l,
             Err(diags) => {
                 for d in diags.errors() {
@@ -154,7 +155,8 @@ impl Shared {
         let mut notes = Vec::new();
         *self.app.auth.write().unwrap_or_else(|e| e.into_inner()) = loaded.config.auth.clone();
         if let (Some(cert), Some(files)) = (&self.tls_cert, &loaded.config.server.tls) {
-            match cert.reload(&files.cert, &files.key) {
+            let (cert, files) = (cert.clone(), files.clone());
+            match off_runtime(move || cert.reload(&files.cert, &files.key)).await {
                 Ok(()) => notes.push("TLS certificate reloaded".to_string()),
                 Err(e) => {
                     tracing::error!(error = %e, "new TLS certificate refused; the old one stays in use");
@@ -170,6 +172,15 @@ impl Shared {
             r.changes = format!("{}; {}", r.changes, notes.join("; "));
         }
         r
+    }
+}
+
+/// Runs blocking work (reading configuration files) on the blocking pool, so that no runtime
+/// worker ever waits on a file; a panic there goes on in the caller.
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 
@@ -214,11 +225,14 @@ pub async fn run_with(
         tracing::warn!("{w}");
     }
     let config_path = config.path.clone();
-    let client = UpstreamClient::new(&config.upstream)?;
+    let upstream = config.upstream.clone();
+    let client = off_runtime(move || UpstreamClient::new(&upstream)).await?;
     let pool = Pool::new(&accounts, restored, &config.accounts, config.upstream.clone(), client, sink);
     let (tls_cert, tls_config) = match &config.server.tls {
         Some(files) => {
-            let cert = tls::ReloadableCert::new(tls::load_certified_key(&files.cert, &files.key)?);
+            let files = files.clone();
+            let ck = off_runtime(move || tls::load_certified_key(&files.cert, &files.key)).await?;
+            let cert = tls::ReloadableCert::new(ck);
             (Some(cert.clone()), Some(tls::server_config(cert)?))
         }
         None => (None, None),
@@ -281,7 +295,7 @@ pub async fn run_with(
 
     // The accounts file, live.
     let (file_tx, mut file_rx) = tokio::sync::mpsc::unbounded_channel();
-    let _watcher = match crate::accounts::watch::watch(&app.config.accounts.file, file_tx) {
+    let mut watcher = match crate::accounts::watch::watch(&app.config.accounts.file, file_tx) {
         Ok(w) => Some(w),
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch the accounts file; reload with SIGHUP or amqctl reload");
@@ -296,6 +310,8 @@ pub async fn run_with(
                 _ = watch_stop.changed() => break,
                 more = crate::accounts::watch::next_burst(&mut file_rx) => {
                     if !more { break; }
+                    // The symlink may have been re-pointed: watch where it leads now.
+                    if let Some(w) = watcher.as_mut() { w.follow_target(); }
                     watch_shared.reload_accounts().await;
                 }
             }

@@ -755,8 +755,9 @@ async fn reload_reports_changes_and_refuses_an_invalid_file() {
     wait_tokens(&mut ctl, 2).await;
 
     // The daemon also watches accounts.toml and reloads on its own; `amqctl reload` must be the
-    // one to see each change here. The watcher watches the file's directory, so the file becomes
-    // a symlink into a subdirectory: edits there reach a reload but not the watcher.
+    // one to see each change here. The watcher watches the file's directory (and a symlink's
+    // target's), so the file becomes a hard link to a file in a subdirectory: edits through that
+    // name reach a reload but not the watcher.
     let dir = h.dir.path();
     let accounts = dir.join("accounts.toml");
     std::fs::create_dir(dir.join("real")).unwrap();
@@ -766,7 +767,7 @@ async fn reload_reports_changes_and_refuses_an_invalid_file() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).unwrap();
     }
-    std::os::unix::fs::symlink(&real, dir.join("accounts.toml.new")).unwrap();
+    std::fs::hard_link(&real, dir.join("accounts.toml.new")).unwrap();
     std::fs::rename(dir.join("accounts.toml.new"), &accounts).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while ctl.status().await.config.last_reload_at.is_none() && Instant::now() < deadline {
@@ -873,6 +874,62 @@ async fn reload_reports_changes_and_refuses_an_invalid_file() {
     assert!(!ctl.run(&["status"]).await.ok().stdout.contains("LAST RELOAD FAILED"));
 
     ctl.assert_no_secrets(&ids(&["alpha", "beta", "gamma", "delta"]));
+    h.stop().await;
+}
+
+/// Waits until `amqctl status` lists exactly `want`, with no reload error.
+async fn wait_accounts(ctl: &mut Ctl, want: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = ctl.status().await;
+        let ids: Vec<&str> = s.accounts.iter().map(|a| a.id.as_str()).collect();
+        if ids == want && s.config.last_reload_error.is_none() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "accounts never became {want:?} without a reload: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_symlinked_accounts_file_is_watched_through_its_target() {
+    let h = start(&["alpha"]).await;
+    let mut ctl = Ctl::of(&h);
+    for id in ["beta", "gamma"] {
+        h.emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
+    }
+    let dir = h.dir.path();
+    let accounts = dir.join("accounts.toml");
+    let link_to = |target: &Path| {
+        std::os::unix::fs::symlink(target, dir.join("accounts.toml.new")).unwrap();
+        std::fs::rename(dir.join("accounts.toml.new"), &accounts).unwrap();
+    };
+    // accounts.toml -> real/accounts.toml (the same accounts): the watcher reloads it.
+    std::fs::create_dir(dir.join("real")).unwrap();
+    let real = dir.join("real/accounts.toml");
+    std::fs::write(&real, accounts_toml(&ids(&["alpha"]))).unwrap();
+    link_to(&real);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ctl.status().await.config.last_reload_at.is_none() {
+        assert!(Instant::now() < deadline, "the watcher never reloaded the new link");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The target edited in place: seen without SIGHUP or amqctl reload.
+    std::fs::write(&real, accounts_toml(&ids(&["alpha", "beta"]))).unwrap();
+    wait_accounts(&mut ctl, &["alpha", "beta"]).await;
+
+    // The link re-pointed to a file in another directory, under another name.
+    std::fs::create_dir(dir.join("other")).unwrap();
+    let other = dir.join("other/seats.toml");
+    std::fs::write(&other, accounts_toml(&ids(&["alpha", "beta", "gamma"]))).unwrap();
+    link_to(&other);
+    wait_accounts(&mut ctl, &["alpha", "beta", "gamma"]).await;
+
+    // ... and the new target edited in place.
+    std::fs::write(&other, accounts_toml(&ids(&["alpha", "gamma"]))).unwrap();
+    wait_accounts(&mut ctl, &["alpha", "gamma"]).await;
+    message_ok(&h).await;
     h.stop().await;
 }
 

@@ -446,3 +446,90 @@ async fn auth_and_http_edge_errors() {
     assert_eq!(r.json()["error"]["message"], "max_tokens: Field required");
     h.stop().await;
 }
+
+/// POST with an optional `anthropic-version` header.
+async fn post_version(h: &Harness, path: &str, version: Option<&str>, body: &Value) -> Reply {
+    let mut req = http::Request::post(h.url(path))
+        .header("content-type", "application/json")
+        .header("x-api-key", API_KEY);
+    if let Some(v) = version {
+        req = req.header("anthropic-version", v);
+    }
+    send(req.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await
+}
+
+#[tokio::test]
+async fn anthropic_version_known_or_absent_is_served_and_unknown_is_400() {
+    let h = Harness::start(Setup::default()).await;
+    for (version, status) in
+        [(None, 200), (Some("2023-06-01"), 200), (Some("2023-01-01"), 200), (Some("2026-10-21"), 200)]
+    {
+        for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+            let r = post_version(&h, path, version, &simple("hi", false)).await;
+            assert_eq!(r.status, status, "{version:?} {path}: {}", r.text());
+        }
+    }
+    for bad in ["9999-99-99", "2027-01-01", "2023-6-1", "latest"] {
+        for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+            let r = post_version(&h, path, Some(bad), &simple("hi", true)).await;
+            assert_eq!(r.status, 400, "{bad} {path}: {}", r.text());
+            let e = r.json();
+            assert_eq!(e["type"], "error");
+            assert_eq!(e["error"]["type"], "invalid_request_error");
+            let msg = e["error"]["message"].as_str().unwrap();
+            assert!(
+                msg.starts_with(&format!("anthropic-version: \"{bad}\" is not a valid version")),
+                "{msg}"
+            );
+        }
+    }
+    h.stop().await;
+}
+
+/// A request whose last user message holds a base64 image of `len` characters, at the top
+/// level or inside a tool result.
+fn with_image(len: usize, in_tool_result: bool) -> Value {
+    let image = json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A".repeat(len)}});
+    let (assistant, last) = if in_tool_result {
+        (
+            json!([{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]),
+            json!([{"type": "tool_result", "tool_use_id": "toolu_1", "content": [image]}]),
+        )
+    } else {
+        (json!("ok"), json!([{"type": "text", "text": "what is this?"}, image]))
+    };
+    json!({
+        "model": "claude-sonnet-4-5-20250929",
+        "max_tokens": 100,
+        "tools": weather_tools(),
+        "messages": [
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": assistant},
+            {"role": "user", "content": last}
+        ]
+    })
+}
+
+#[tokio::test]
+async fn an_image_over_5_mb_is_refused_naming_its_block() {
+    let h = Harness::start(Setup::default()).await;
+    const LIMIT: usize = 5 << 20;
+    for (in_tool_result, path) in
+        [(false, "messages.2.content.1.source.data"), (true, "messages.2.content.0.content.0.source.data")]
+    {
+        for endpoint in ["/v1/messages", "/v1/messages/count_tokens"] {
+            let r = post(&h, endpoint, &with_image(LIMIT, in_tool_result)).await;
+            assert_eq!(r.status, 200, "{endpoint}: at the limit: {}", r.text());
+            let r = post(&h, endpoint, &with_image(LIMIT + 4, in_tool_result)).await;
+            assert_eq!(r.status, 400, "{endpoint}: over the limit: {}", r.text());
+            let e = r.json();
+            assert_eq!(e["error"]["type"], "invalid_request_error");
+            assert_eq!(
+                e["error"]["message"],
+                format!("{path}: image exceeds 5 MB maximum: {} bytes > {LIMIT} bytes", LIMIT + 4),
+                "{endpoint}"
+            );
+        }
+    }
+    h.stop().await;
+}

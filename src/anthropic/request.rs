@@ -10,18 +10,28 @@ use std::fmt::Write as _;
 /// The `anthropic-version` a client spoke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ApiVersion {
-    /// `2023-06-01` (SDK 1.x, Claude Code) and anything unrecognised.
+    /// `2023-06-01` (SDK 1.x, Claude Code), `2023-01-01`, and no header at all (curl).
     #[default]
     V2023_06_01,
     /// `2026-10-21` (SDK 2.x): sampling parameters are refused.
     V2026_10_21,
 }
 
+/// The `anthropic-version` values Anthropic's API knows, and so this server.
+pub const KNOWN_API_VERSIONS: [&str; 3] = ["2023-01-01", "2023-06-01", "2026-10-21"];
+
 impl ApiVersion {
-    pub fn from_header(v: Option<&str>) -> Self {
-        match v.map(str::trim) {
-            Some(v) if v >= "2026-10-21" && v.len() == 10 => ApiVersion::V2026_10_21,
-            _ => ApiVersion::V2023_06_01,
+    /// The version a request's `anthropic-version` header names. No header is the oldest
+    /// behaviour (a hand-written curl call works); any other value is refused with 400, as
+    /// Anthropic's API does: `anthropic-version: "…" is not a valid version`.
+    pub fn from_header(v: Option<&str>) -> Result<Self, ApiError> {
+        match v {
+            None | Some("2023-06-01") | Some("2023-01-01") => Ok(ApiVersion::V2023_06_01),
+            Some("2026-10-21") => Ok(ApiVersion::V2026_10_21),
+            Some(other) => Err(ApiError::invalid(format!(
+                "anthropic-version: {other:?} is not a valid version (known: {})",
+                KNOWN_API_VERSIONS.join(", ")
+            ))),
         }
     }
 }
@@ -232,6 +242,10 @@ fn describe(v: &Value) -> String {
 fn opt_str(obj: &Map<String, Value>, key: &str, p: &Path) -> Result<Option<String>, ApiError> {
     get(obj, key).map(|v| as_str(v, &p.at(key)).map(str::to_string)).transpose()
 }
+
+/// The most base64 text one image may have: Anthropic's API measures its 5 MB limit on the
+/// base64 data as sent (`image exceeds 5 MB maximum: N bytes > 5242880 bytes`).
+pub const MAX_IMAGE_BASE64_BYTES: usize = 5 << 20;
 
 /// Media types Amazon Q (and Anthropic) accept for images.
 pub const IMAGE_MEDIA_TYPES: [&str; 4] = ["image/jpeg", "image/png", "image/gif", "image/webp"];
@@ -683,6 +697,12 @@ fn parse_block(v: &Value, p: &Path, role: Role, nested: bool) -> Result<Block, A
                     if data.trim().is_empty() {
                         return Err(sp.at("data").err("The image data is empty"));
                     }
+                    if data.len() > MAX_IMAGE_BASE64_BYTES {
+                        return Err(sp.at("data").err(format!(
+                            "image exceeds 5 MB maximum: {} bytes > {MAX_IMAGE_BASE64_BYTES} bytes",
+                            data.len()
+                        )));
+                    }
                     if base64::engine::general_purpose::STANDARD.decode(data.trim()).is_err() {
                         return Err(sp.at("data").err("The image data is not valid base64"));
                     }
@@ -945,9 +965,17 @@ mod tests {
         assert!(parse_value(&body, ApiVersion::V2023_06_01, Endpoint::Messages).is_ok());
         let e = parse_value(&body, ApiVersion::V2026_10_21, Endpoint::Messages).unwrap_err();
         assert!(e.message.starts_with("temperature:"), "{}", e.message);
-        assert_eq!(ApiVersion::from_header(Some("2026-10-21")), ApiVersion::V2026_10_21);
-        assert_eq!(ApiVersion::from_header(Some("2023-06-01")), ApiVersion::V2023_06_01);
-        assert_eq!(ApiVersion::from_header(None), ApiVersion::V2023_06_01);
+        assert_eq!(ApiVersion::from_header(Some("2026-10-21")).unwrap(), ApiVersion::V2026_10_21);
+        assert_eq!(ApiVersion::from_header(Some("2023-06-01")).unwrap(), ApiVersion::V2023_06_01);
+        assert_eq!(ApiVersion::from_header(Some("2023-01-01")).unwrap(), ApiVersion::V2023_06_01);
+        assert_eq!(ApiVersion::from_header(None).unwrap(), ApiVersion::V2023_06_01);
+        for bad in ["9999-99-99", "2027-01-01", "", "2023-06-01, 2023-06-01", "latest"] {
+            let e = ApiVersion::from_header(Some(bad)).unwrap_err();
+            assert!(
+                e.message.starts_with(&format!("anthropic-version: {bad:?} is not a valid version")),
+                "{e:?}"
+            );
+        }
     }
 
     #[test]

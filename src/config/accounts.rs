@@ -56,7 +56,7 @@ impl AccountSpec {
     /// token chain: a changed fingerprint means the operator gave new credentials, which then
     /// win over a rotated refresh token kept in the store.
     pub fn credentials_fingerprint(&self) -> [u8; 32] {
-        let mut buf = Vec::new();
+        let mut buf = zeroize::Zeroizing::new(Vec::new());
         for part in [&self.client_id, &self.client_secret, &self.refresh_token] {
             buf.extend_from_slice(&(part.expose().len() as u64).to_be_bytes());
             buf.extend_from_slice(part.expose().as_bytes());
@@ -222,12 +222,8 @@ pub const DEFAULT_MAX_CONCURRENCY: u32 = 4;
 /// its line and column; the set is returned only when there is no error.
 pub fn parse(path: &Path, source: &str) -> Result<(AccountSet, Diagnostics), Diagnostics> {
     let mut rep = Reporter::new(path, source);
-    let raw: RawFile = match toml::from_str(source) {
-        Ok(raw) => raw,
-        Err(e) => {
-            rep.toml_error(&e);
-            return Err(rep.out);
-        }
+    let Some(raw) = super::shape::deserialize::<RawFile>(&mut rep, source) else {
+        return Err(rep.out);
     };
     // Id → byte offset of its first definition (line and column are worked out only for an error:
     // counting lines for every account made loading quadratic in the file's size).
@@ -406,7 +402,7 @@ pub fn valid_region(r: &str) -> bool {
 /// Reads and parses an accounts file, adding a warning when the file is readable by others.
 pub fn load(path: &Path) -> Result<(AccountSet, Diagnostics), Diagnostics> {
     let mut rep = Reporter::new(path, "");
-    let source = match std::fs::read_to_string(path) {
+    let source = match super::read::read_text(path) {
         Ok(s) => s,
         Err(e) => {
             rep.error_at(None, format!("cannot read the accounts file: {e}"));

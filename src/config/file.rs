@@ -146,7 +146,7 @@ impl Checker<'_> {
 
     fn readable_file(&mut self, s: &Spanned<String>, base: &Path, what: &str) -> PathBuf {
         let p = resolve(base, s.get_ref());
-        if let Err(e) = std::fs::read(&p) {
+        if let Err(e) = super::read::read_bytes(&p) {
             self.rep.error_at(Some(s.span()), format!("{what} {} cannot be read: {e}", p.display()));
         }
         p
@@ -192,12 +192,8 @@ fn is_loopback_host(host: &str) -> bool {
 /// Returns the config and any warnings, or all the errors found.
 pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Diagnostics), Diagnostics> {
     let mut ck = Checker { rep: Reporter::new(path, source) };
-    let raw: RawConfig = match toml::from_str(source) {
-        Ok(r) => r,
-        Err(e) => {
-            ck.rep.toml_error(&e);
-            return Err(ck.rep.out);
-        }
+    let Some(raw) = super::shape::deserialize::<RawConfig>(&mut ck.rep, source) else {
+        return Err(ck.rep.out);
     };
 
     // [server]
@@ -294,7 +290,7 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
     }
     if let Some(f) = &raw.auth.api_keys_file {
         let p = resolve(path, f.get_ref());
-        match std::fs::read_to_string(&p) {
+        match super::read::read_text(&p) {
             Err(e) => {
                 ck.rep.error_at(Some(f.span()), format!("api_keys_file {} cannot be read: {e}", p.display()))
             }

@@ -1,10 +1,12 @@
-//! Configuration: `amq2api.toml` and `accounts.toml` — parse, validate (every problem, with
-//! place), typed diffs for reloads, and the [`Secret`] newtype.
+//! Configuration: `amq2api.toml` and `accounts.toml` — read safely, parse, validate (every
+//! problem, with place), typed diffs for reloads, and the [`Secret`] newtype.
 
 pub mod accounts;
 pub mod diag;
 mod file;
+pub mod read;
 pub mod secret;
+mod shape;
 
 pub use accounts::{AccountChange, AccountId, AccountSet, AccountSpec, AccountsDiff};
 pub use diag::{Diagnostic, Diagnostics, Severity};
@@ -140,7 +142,7 @@ pub struct Loaded {
 /// of both files is returned.
 pub fn load(path: &Path, env: &Env) -> Result<Loaded, Diagnostics> {
     let mut diags = Diagnostics::default();
-    let source = match std::fs::read_to_string(path) {
+    let source = match read::read_text(path) {
         Ok(s) => s,
         Err(e) => {
             diags.0.push(Diagnostic {

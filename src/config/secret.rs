@@ -1,14 +1,31 @@
-//! Secret values (tokens, client secrets, API keys) that never print themselves.
+//! Secret values (tokens, client secrets, API keys) that never print themselves and are wiped
+//! from memory when dropped.
 
 use serde::{Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// A secret string. `Debug` and `Display` print `***`; the value is reached only through
-/// [`Secret::expose`], so every place that handles the raw value is easy to find.
+/// [`Secret::expose`], so every place that handles the raw value is easy to find. Dropping it
+/// overwrites its bytes with zeros (a core dump or a swapped-out page then holds no stale copy).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl Zeroize for Secret {
+    fn zeroize(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for Secret {}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -135,6 +152,19 @@ mod tests {
         assert_eq!(format!("{:?}", Some(s.clone())), "Some(***)");
         assert_eq!(s.expose(), "super-secret-token");
         assert_eq!(s.fingerprint().len(), 8);
+    }
+
+    /// Compiles only while `Secret` promises to wipe itself on drop.
+    fn wiped_on_drop<T: ZeroizeOnDrop>() {}
+
+    #[test]
+    fn secret_wipes_itself() {
+        wiped_on_drop::<Secret>();
+        // What drop runs: the bytes are overwritten and the value is gone.
+        let mut s = Secret::new("super-secret-token");
+        s.zeroize();
+        assert_eq!(s.expose(), "");
+        assert!(s.is_empty());
     }
 
     #[test]

@@ -199,7 +199,7 @@ async fn route(
         "/v1/messages/count_tokens" => {
             let bytes = read_body(app, parts, body).await?;
             let _permit = large_permit(app, &bytes).await;
-            let version = ApiVersion::from_header(header_str(parts, "anthropic-version"));
+            let version = ApiVersion::from_header(header_str(parts, "anthropic-version"))?;
             let req = areq::parse(&bytes, version, Endpoint::CountTokens)?;
             x.model = req.model.clone();
             app.models.resolve(&req.model)?;
@@ -208,7 +208,7 @@ async fn route(
         "/v1/messages" => {
             let bytes = read_body(app, parts, body).await?;
             let permit = large_permit(app, &bytes).await;
-            let version = ApiVersion::from_header(header_str(parts, "anthropic-version"));
+            let version = ApiVersion::from_header(header_str(parts, "anthropic-version"))?;
             let session = header_str(parts, "x-claude-code-session-id");
             let prepared = messages::prepare(app, &bytes, version, session)?;
             drop(permit);

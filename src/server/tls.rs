@@ -1,6 +1,7 @@
 //! TLS for the front end: the certificate chain and key from files, TLS 1.2/1.3, ALPN h2 and
 //! http/1.1, and a certificate that can be replaced while connections stay up.
 
+use crate::config::read;
 use rustls::crypto::ring;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -19,18 +20,20 @@ pub enum TlsError {
     Mismatch(String),
 }
 
-/// Loads a PEM chain and key into a signing key, checking they belong together.
+/// Loads a PEM chain and key into a signing key, checking they belong together. The files are
+/// read the safe way ([`crate::config::read`]); blocking I/O: call it off the async runtime.
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let cert_err = |reason: String| TlsError::Cert { path: cert.display().to_string(), reason };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| cert_err(e.to_string()))?
+    let cert_pem = read::read_bytes(cert).map_err(|e| cert_err(e.to_string()))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| cert_err(e.to_string()))?;
     if chain.is_empty() {
         return Err(cert_err("no PEM certificate in the file".into()));
     }
-    let key_der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| TlsError::Key { path: key.display().to_string(), reason: e.to_string() })?;
+    let key_err = |reason: String| TlsError::Key { path: key.display().to_string(), reason };
+    let key_pem = read::read_bytes(key).map_err(|e| key_err(e.to_string()))?;
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| key_err(e.to_string()))?;
     let provider = ring::default_provider();
     let ck =
         CertifiedKey::from_der(chain, key_der, &provider).map_err(|e| TlsError::Mismatch(e.to_string()))?;

@@ -118,8 +118,8 @@ impl UpstreamClient {
             use rustls::pki_types::CertificateDer;
             use rustls::pki_types::pem::PemObject;
             let err = |reason: String| ClientBuildError::CaFile { path: path.display().to_string(), reason };
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .map_err(|e| err(e.to_string()))?
+            let pem = crate::config::read::read_bytes(path).map_err(|e| err(e.to_string()))?;
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
                 .collect::<Result<_, _>>()
                 .map_err(|e| err(e.to_string()))?;
             if certs.is_empty() {
