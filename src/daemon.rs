@@ -240,11 +240,13 @@ pub async fn run_with(
     let control_listener = crate::control::bind(&config.control.socket, config.control.mode)?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     let app = Arc::new(App {
         auth: RwLock::new(config.auth.clone()),
         models: ModelMap::new(&config.models),
         pool: pool.clone(),
-        metrics: Default::default(),
+        relay: crate::relay::Relay::new(pool.clone(), metrics.clone(), config.upstream.max_attempts),
+        metrics,
         started: Instant::now(),
         drain_expired: drain_rx,
         large_parses: tokio::sync::Semaphore::new(2),

@@ -13,6 +13,8 @@
 //! - [`ids`]: random identifiers (request, message and invocation ids).
 //! - [`accounts`]: the account pool (selection, leases, cooldowns, live reload) and token lifecycle.
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
+//! - [`metrics`]: Prometheus metrics (`/metrics`): requests, latencies, attempts, failovers, streams.
+//! - [`relay`]: the trip to Amazon Q: lease, token, send, classify, fail over ([`relay::retry`]), Claude error.
 //! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain.
 //! - [`store`]: the redb state store: token chains, account states, counters; versioned values.
 //! - [`systemd`]: sd_notify (READY, STATUS, RELOADING, STOPPING), watchdog, socket activation.
@@ -33,6 +35,8 @@ pub mod emulator;
 pub mod exit;
 pub mod ids;
 pub mod logging;
+pub mod metrics;
+pub mod relay;
 pub mod server;
 pub mod store;
 pub mod systemd;

@@ -176,6 +176,11 @@ impl Account {
             && !self.tokens.has_unsaved()
     }
 
+    /// A request is about to reach the account (whatever its outcome): its last use is now.
+    pub fn mark_used(&self) {
+        self.counters.lock().unwrap_or_else(|e| e.into_inner()).last_used = Some(SystemTime::now());
+    }
+
     pub fn view(&self) -> AccountView {
         let spec = self.spec();
         let access = self.tokens.current_access();
@@ -408,7 +413,6 @@ impl Pool {
                         return Ok(Some(Lease {
                             account: a.clone(),
                             pool: self.clone(),
-                            force_next: None,
                             taken: Instant::now(),
                         }));
                     }
@@ -432,9 +436,7 @@ impl Pool {
             }
         };
         match chosen {
-            Ok(Some(account)) => {
-                Ok(Some(Lease { account, pool: self.clone(), force_next: None, taken: Instant::now() }))
-            }
+            Ok(Some(account)) => Ok(Some(Lease { account, pool: self.clone(), taken: Instant::now() })),
             Ok(None) => Ok(None),
             Err(soonest) => {
                 let summary = self.summary().describe();
@@ -949,25 +951,12 @@ pub fn next_utc_month(t: SystemTime) -> SystemTime {
 pub struct Lease {
     pub account: Arc<Account>,
     pool: Arc<Pool>,
-    force_next: Option<Secret>,
     taken: Instant,
 }
 
 impl Lease {
     pub fn id(&self) -> &AccountId {
         &self.account.id
-    }
-
-    /// An access token for this account (refreshing if needed; after a refusal, a fresh one).
-    pub async fn access_token(&mut self) -> Result<Secret, RefreshError> {
-        let force = self.force_next.take();
-        self.pool.access_token(&self.account, force).await
-    }
-
-    /// The token `refused` was refused upstream: the next `access_token` refreshes.
-    pub fn token_refused(&mut self, refused: Secret) {
-        self.account.tokens.invalidate_if(&refused);
-        self.force_next = Some(refused);
     }
 
     pub fn failure(&self, f: &UpstreamFailure) {
@@ -988,8 +977,7 @@ impl Lease {
 
     /// Counts a request that reached the account (whatever its outcome).
     pub fn attempted(&self) {
-        let mut c = self.account.counters.lock().unwrap_or_else(|e| e.into_inner());
-        c.last_used = Some(SystemTime::now());
+        self.account.mark_used();
     }
 }
 

@@ -8,8 +8,6 @@ use crate::accounts::Account;
 use crate::accounts::pool::AccountView;
 use crate::daemon::Shared;
 use crate::server::body::Body;
-use crate::upstream::UpstreamFailure;
-use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -214,22 +212,10 @@ pub async fn refresh_one(shared: &Shared, a: &Arc<Account>) -> ActionResult {
     ActionResult { id: a.id.to_string(), ok, message, state: state_of(a) }
 }
 
-/// A real minimal upstream call on the account, classified like live traffic.
+/// A real minimal upstream call on the account, through the relay: classified like live
+/// traffic (capacity errors included), the verdict recorded unless an operator disabled it.
 pub async fn check_one(shared: &Shared, a: &Arc<Account>) -> ActionResult {
     use crate::upstream::types::*;
-    let pool = &shared.app.pool;
-    let token = match pool.access_token(a, None).await {
-        Ok(t) => t,
-        Err(e) => {
-            return ActionResult {
-                id: a.id.to_string(),
-                ok: false,
-                message: e.to_string(),
-                state: state_of(a),
-            };
-        }
-    };
-    let spec = a.spec();
     let q_model =
         shared.app.models.resolve("claude-sonnet-4-5").unwrap_or_else(|_| "claude-sonnet-4.5".into());
     let req = GenerateRequest {
@@ -246,32 +232,13 @@ pub async fn check_one(shared: &Shared, a: &Arc<Account>) -> ActionResult {
                 },
             },
         },
-        profile_arn: spec.profile_arn.clone(),
+        profile_arn: None,
     };
-    let body = Bytes::from(serde_json::to_vec(&req).expect("request types serialise"));
-    let outcome: Result<(), UpstreamFailure> =
-        match pool.client().generate(&a.endpoints().q, &token, body, 1).await {
-            Ok(mut stream) => loop {
-                match stream.next().await {
-                    Some(Ok(_)) => continue,
-                    None => break Ok(()),
-                    Some(Err(e)) => {
-                        break Err(UpstreamFailure::Transient { status: None, message: e.to_string() });
-                    }
-                }
-            },
-            Err(f) => Err(f),
-        };
-    // An operator's `disable` holds until `enable`: the verdict is reported, not applied (a
-    // failure would move the account to suspended or cooling, and a later success from there
-    // back to active).
+    let outcome = shared.app.relay.check(a, &req).await;
     let disabled = a.state().state == crate::accounts::State::Disabled;
-    if !disabled {
-        pool.record_check(a, outcome.as_ref().map(|_| ()));
-    }
     let (ok, mut message) = match &outcome {
         Ok(()) => (true, "healthy".to_string()),
-        Err(f) => (false, format!("{}: {f}", f.kind())),
+        Err(e) => (false, e.to_string()),
     };
     if disabled {
         message.push_str(" (stays disabled until amqctl enable)");

@@ -3,14 +3,13 @@
 
 use super::App;
 use super::body::{Outbox, Producer};
-use crate::accounts::{Lease, PoolError};
+use crate::accounts::Lease;
 use crate::anthropic::request::{self, ApiVersion, Endpoint, MessagesRequest};
 use crate::anthropic::sse::StreamEvent;
 use crate::anthropic::{ApiError, ErrorKind};
+use crate::relay::Connected;
 use crate::translate::{Aggregator, Context, ResponseParams, ResponseState, Translated, tokens, translate};
-use crate::upstream::{Event, EventStream, UpstreamFailure};
-use bytes::Bytes;
-use std::collections::HashSet;
+use crate::upstream::UpstreamFailure;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,163 +48,6 @@ pub fn prepare(
     Ok(Prepared { req, translated, input_tokens })
 }
 
-/// Maps the last upstream failure (after every attempt) to the client's error.
-pub fn failure_to_api(f: &UpstreamFailure) -> ApiError {
-    match f {
-        UpstreamFailure::BadRequest { message } => {
-            ApiError::invalid(format!("Amazon Q rejected the request: {message}"))
-        }
-        UpstreamFailure::ContextTooLong { message } => {
-            ApiError::invalid(format!("prompt is too long: {message}"))
-        }
-        UpstreamFailure::Throttled { retry_after, message } => ApiError::new(
-            ErrorKind::RateLimit,
-            format!("Amazon Q is rate-limiting every account tried: {message}"),
-        )
-        .with_retry_after(retry_after.unwrap_or(Duration::from_secs(10))),
-        UpstreamFailure::Quota { message, .. } => ApiError::new(
-            ErrorKind::RateLimit,
-            format!("the Amazon Q quota of every account tried is used up: {message}"),
-        )
-        .with_retry_after(Duration::from_secs(60)),
-        UpstreamFailure::Capacity { message } => {
-            ApiError::new(ErrorKind::Overloaded, format!("Amazon Q is overloaded: {message}"))
-        }
-        UpstreamFailure::TokenInvalid
-        | UpstreamFailure::Suspended { .. }
-        | UpstreamFailure::AccessDenied { .. } => ApiError::new(
-            ErrorKind::Overloaded,
-            format!("no usable Amazon Q account: the last one tried failed ({f})"),
-        ),
-        UpstreamFailure::Transient { status, message } => {
-            if matches!(status, Some(503) | Some(529)) {
-                ApiError::new(ErrorKind::Overloaded, format!("Amazon Q is unavailable: {message}"))
-            } else {
-                ApiError::new(ErrorKind::Api, format!("Amazon Q failed: {message}"))
-            }
-        }
-    }
-}
-
-pub fn pool_to_api(e: &PoolError) -> ApiError {
-    match e {
-        PoolError::AllThrottled { retry_after, .. } => {
-            ApiError::new(ErrorKind::RateLimit, e.to_string()).with_retry_after(*retry_after)
-        }
-        PoolError::NoneUsable { .. } => ApiError::new(ErrorKind::Overloaded, e.to_string()),
-        PoolError::Busy { retry_after, .. } => {
-            ApiError::new(ErrorKind::RateLimit, e.to_string()).with_retry_after(*retry_after)
-        }
-    }
-}
-
-fn is_content(ev: &Event) -> bool {
-    matches!(ev, Event::AssistantResponse { .. } | Event::ToolUse { .. } | Event::Reasoning { .. })
-}
-
-/// An account and an upstream stream whose first content has arrived (or that ended).
-pub struct Connected {
-    pub lease: Lease,
-    pub stream: EventStream,
-    /// Events read while deciding the stream is good, to be replayed.
-    pub pending: Vec<Event>,
-    pub ended: bool,
-}
-
-/// Calls Amazon Q, failing over to other accounts (up to `max_attempts`) while nothing has
-/// reached the client: errors before the stream and streams that fail before any content.
-pub async fn connect(app: &Arc<App>, translated: &Translated) -> Result<Connected, ApiError> {
-    let mut excluded = HashSet::new();
-    let mut last: Option<UpstreamFailure> = None;
-    let max = app.config.upstream.max_attempts;
-    for attempt in 1..=max {
-        if attempt > 1 {
-            app.metrics.failover();
-        }
-        let mut lease = match app.pool.lease(&excluded).await {
-            Ok(l) => l,
-            Err(e) => {
-                return Err(match (&last, &e) {
-                    (Some(f), PoolError::NoneUsable { .. }) => failure_to_api(f),
-                    _ => pool_to_api(&e),
-                });
-            }
-        };
-        let mut token_retried = false;
-        loop {
-            let token = match lease.access_token().await {
-                Ok(t) => t,
-                Err(e) => {
-                    app.metrics.attempt("refresh_failed");
-                    last = Some(UpstreamFailure::Transient {
-                        status: None,
-                        message: format!("token refresh: {e}"),
-                    });
-                    excluded.insert(lease.id().clone());
-                    break;
-                }
-            };
-            let account = lease.account.spec();
-            let bytes = Bytes::from(translated.request.to_body(account.profile_arn.as_deref()));
-            lease.attempted();
-            match app.pool.client().generate(&lease.account.endpoints().q, &token, bytes, attempt).await {
-                Ok(mut stream) => {
-                    let mut pending = Vec::new();
-                    loop {
-                        match stream.next().await {
-                            Some(Ok(ev)) => {
-                                let content = is_content(&ev);
-                                pending.push(ev);
-                                if content {
-                                    app.metrics.attempt("ok");
-                                    return Ok(Connected { lease, stream, pending, ended: false });
-                                }
-                            }
-                            None => {
-                                app.metrics.attempt("ok");
-                                return Ok(Connected { lease, stream, pending, ended: true });
-                            }
-                            Some(Err(e)) => {
-                                tracing::info!(account = %lease.id(), error = %e, "upstream stream failed before any content; failing over");
-                                let f = if e.is_capacity() {
-                                    UpstreamFailure::Capacity { message: e.to_string() }
-                                } else {
-                                    UpstreamFailure::Transient { status: None, message: e.to_string() }
-                                };
-                                app.metrics.attempt(f.kind());
-                                lease.failure(&f);
-                                last = Some(f);
-                                excluded.insert(lease.id().clone());
-                                break;
-                            }
-                        }
-                    }
-                    break;
-                }
-                Err(UpstreamFailure::TokenInvalid) if !token_retried => {
-                    app.metrics.attempt("token_invalid");
-                    token_retried = true;
-                    lease.token_refused(token);
-                    continue;
-                }
-                Err(f) => {
-                    app.metrics.attempt(f.kind());
-                    if !f.try_another_account() {
-                        lease.failure(&f);
-                        return Err(failure_to_api(&f));
-                    }
-                    tracing::info!(account = %lease.id(), failure = %f, "upstream call failed; failing over");
-                    lease.failure(&f);
-                    last = Some(f);
-                    excluded.insert(lease.id().clone());
-                    break;
-                }
-            }
-        }
-    }
-    Err(last.map(|f| failure_to_api(&f)).unwrap_or_else(|| pool_to_api(&app.pool.busy())))
-}
-
 fn params(p: &Prepared, app: &App) -> ResponseParams {
     ResponseParams {
         message_id: crate::ids::prefixed("msg_"),
@@ -225,7 +67,7 @@ pub async fn aggregate(
     p: &Prepared,
     x: &mut Exchange,
 ) -> Result<serde_json::Value, ApiError> {
-    let Connected { lease, mut stream, pending, ended } = connect(app, &p.translated).await?;
+    let Connected { lease, mut stream, pending, ended } = app.relay.connect(&p.translated.request).await?;
     x.account = Some(lease.id().to_string());
     let mut st = ResponseState::new(params(p, app));
     let mut agg = Aggregator::default();
@@ -316,7 +158,7 @@ pub async fn stream(
     started: Instant,
     request_id: String,
 ) -> Result<Producer, ApiError> {
-    let Connected { lease, mut stream, pending, ended } = connect(app, &p.translated).await?;
+    let Connected { lease, mut stream, pending, ended } = app.relay.connect(&p.translated.request).await?;
     x.account = Some(lease.id().to_string());
     let out = Outbox::default();
     let params = params(&p, app);

@@ -5,7 +5,6 @@ pub mod body;
 pub mod http;
 pub mod idle;
 pub mod messages;
-pub mod metrics;
 pub mod tls;
 
 use crate::accounts::Pool;
@@ -25,8 +24,10 @@ pub struct App {
     pub config: Config,
     pub auth: RwLock<AuthConfig>,
     pub pool: Arc<Pool>,
+    /// The trip to Amazon Q (lease, send, fail over).
+    pub relay: crate::relay::Relay,
     pub models: ModelMap,
-    pub metrics: metrics::Metrics,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub started: Instant,
     /// Turns true when the drain deadline has passed: open streams end with an error event.
     pub drain_expired: watch::Receiver<bool>,

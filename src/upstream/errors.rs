@@ -45,6 +45,16 @@ pub enum UpstreamFailure {
 }
 
 impl UpstreamFailure {
+    /// A stream that failed before any content reached the client: the same outcomes as an
+    /// answer before the stream (one rule for both), so failover treats them alike.
+    pub fn from_stream_error(e: &super::StreamError) -> UpstreamFailure {
+        if e.is_capacity() {
+            UpstreamFailure::Capacity { message: e.to_string() }
+        } else {
+            UpstreamFailure::Transient { status: None, message: e.to_string() }
+        }
+    }
+
     /// Whether another account may succeed where this one failed.
     pub fn try_another_account(&self) -> bool {
         !matches!(self, UpstreamFailure::BadRequest { .. } | UpstreamFailure::ContextTooLong { .. })

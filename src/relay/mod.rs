@@ -1,0 +1,254 @@
+//! The trip to Amazon Q: lease an account → its access token → the body with the account's
+//! profile ARN, to the account's endpoint → send → classify the outcome (one rule for errors
+//! before the stream and streams that fail before any content, `upstream::errors`) → fail over
+//! ([`retry`]) or finish → the Claude error the client sees. The HTTP front end and `amqctl
+//! check` both go through here; the server only speaks HTTP and SSE.
+
+pub mod retry;
+
+use crate::accounts::{Account, Lease, Pool, PoolError};
+use crate::anthropic::{ApiError, ErrorKind};
+use crate::config::Secret;
+use crate::metrics::Metrics;
+use crate::upstream::types::GenerateRequest;
+use crate::upstream::{Event, EventStream, UpstreamFailure};
+use bytes::Bytes;
+use retry::{Budget, Next};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Sends requests to Amazon Q through the account pool.
+pub struct Relay {
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    max_attempts: u32,
+}
+
+/// An upstream stream whose first content has arrived (or that ended). Until then nothing has
+/// reached the client, so anything that failed before could still fail over.
+pub struct Connected {
+    pub lease: Lease,
+    pub stream: EventStream,
+    /// Events read while deciding the stream is good, to be replayed.
+    pub pending: Vec<Event>,
+    pub ended: bool,
+}
+
+/// How one attempt on one account ended. (Short-lived, one per attempt: its size is no cost.)
+#[allow(clippy::large_enum_variant)]
+enum Attempt {
+    /// Content arrived (or the stream ended without error).
+    Connected { stream: EventStream, pending: Vec<Event>, ended: bool },
+    /// The account's token could not be had.
+    NoToken(String),
+    /// Amazon Q refused, or the stream failed before any content.
+    Failed(UpstreamFailure),
+}
+
+fn is_content(ev: &Event) -> bool {
+    matches!(ev, Event::AssistantResponse { .. } | Event::ToolUse { .. } | Event::Reasoning { .. })
+}
+
+impl Relay {
+    pub fn new(pool: Arc<Pool>, metrics: Arc<Metrics>, max_attempts: u32) -> Relay {
+        Relay { pool, metrics, max_attempts }
+    }
+
+    /// Calls Amazon Q with `request`, failing over to other accounts (up to `max_attempts`)
+    /// while nothing has reached the client: errors before the stream and streams that fail
+    /// before any content.
+    pub async fn connect(&self, request: &GenerateRequest) -> Result<Connected, ApiError> {
+        let mut budget = Budget::new(self.max_attempts);
+        loop {
+            let lease = match self.pool.lease(budget.excluded()).await {
+                Ok(l) => l,
+                Err(e) => {
+                    return Err(match (budget.last(), &e) {
+                        (Some(f), PoolError::NoneUsable { .. }) => failure_to_api(f),
+                        _ => pool_to_api(&e),
+                    });
+                }
+            };
+            if !budget.start_attempt() {
+                return Err(budget
+                    .last()
+                    .map(failure_to_api)
+                    .unwrap_or_else(|| pool_to_api(&self.pool.busy())));
+            }
+            if budget.attempt() > 1 {
+                self.metrics.failover();
+            }
+            let mut force = None;
+            loop {
+                let next = match self.attempt(&lease.account, force.take(), request, budget.attempt()).await {
+                    (Attempt::Connected { stream, pending, ended }, _) => {
+                        self.metrics.attempt("ok");
+                        return Ok(Connected { lease, stream, pending, ended });
+                    }
+                    (Attempt::NoToken(message), _) => {
+                        self.metrics.attempt("refresh_failed");
+                        budget.refresh_failed(lease.id(), format!("token refresh: {message}"))
+                    }
+                    (Attempt::Failed(f), token) => {
+                        self.metrics.attempt(f.kind());
+                        if f == UpstreamFailure::TokenInvalid {
+                            if let Some(t) = &token {
+                                lease.account.tokens.invalidate_if(t);
+                            }
+                            force = token;
+                        } else {
+                            lease.failure(&f);
+                        }
+                        budget.after(lease.id(), f)
+                    }
+                };
+                match next {
+                    Next::RefreshAndRetry => continue,
+                    Next::Failover => {
+                        tracing::info!(account = %lease.id(), failure = ?budget.last().map(|f| f.to_string()), "failing over");
+                        break;
+                    }
+                    Next::Stop(f) => return Err(failure_to_api(&f)),
+                }
+            }
+        }
+    }
+
+    /// One attempt on `account`: token (a refresh if `force`, the refused token, is still the
+    /// current one), send, and read until the first content. Returns the token used.
+    async fn attempt(
+        &self,
+        account: &Arc<Account>,
+        force: Option<Secret>,
+        request: &GenerateRequest,
+        attempt: u32,
+    ) -> (Attempt, Option<Secret>) {
+        let token = match self.pool.access_token(account, force).await {
+            Ok(t) => t,
+            Err(e) => return (Attempt::NoToken(e.to_string()), None),
+        };
+        let profile_arn = account.spec().profile_arn;
+        let body = Bytes::from(request.to_body(profile_arn.as_deref()));
+        account.mark_used();
+        let outcome = match self.pool.client().generate(&account.endpoints().q, &token, body, attempt).await {
+            Err(f) => Attempt::Failed(f),
+            Ok(mut stream) => {
+                let mut pending = Vec::new();
+                loop {
+                    match stream.next().await {
+                        Some(Ok(ev)) => {
+                            let content = is_content(&ev);
+                            pending.push(ev);
+                            if content {
+                                break Attempt::Connected { stream, pending, ended: false };
+                            }
+                        }
+                        None => break Attempt::Connected { stream, pending, ended: true },
+                        Some(Err(e)) => {
+                            tracing::info!(account = %account.id, error = %e, "upstream stream failed before any content");
+                            break Attempt::Failed(UpstreamFailure::from_stream_error(&e));
+                        }
+                    }
+                }
+            }
+        };
+        (outcome, Some(token))
+    }
+
+    /// `amqctl check`: a real minimal call on this one account (whatever its state), read to
+    /// the end and classified like live traffic; a refused token is refreshed once. The
+    /// verdict is recorded on the account unless an operator disabled it.
+    pub async fn check(&self, account: &Arc<Account>, request: &GenerateRequest) -> Result<(), CheckFailure> {
+        let mut force = None;
+        let mut retried = false;
+        let outcome = loop {
+            match self.attempt(account, force.take(), request, 1).await {
+                (Attempt::NoToken(message), _) => return Err(CheckFailure::Token(message)),
+                (Attempt::Failed(UpstreamFailure::TokenInvalid), token) if !retried => {
+                    retried = true;
+                    if let Some(t) = &token {
+                        account.tokens.invalidate_if(t);
+                    }
+                    force = token;
+                }
+                (Attempt::Failed(f), _) => break Err(f),
+                (Attempt::Connected { mut stream, ended, .. }, _) => {
+                    if ended {
+                        break Ok(());
+                    }
+                    break loop {
+                        match stream.next().await {
+                            Some(Ok(_)) => continue,
+                            None => break Ok(()),
+                            Some(Err(e)) => break Err(UpstreamFailure::from_stream_error(&e)),
+                        }
+                    };
+                }
+            }
+        };
+        if account.state().state != crate::accounts::State::Disabled {
+            self.pool.record_check(account, outcome.as_ref().map(|_| ()));
+        }
+        outcome.map_err(|failure| CheckFailure::Upstream { failure })
+    }
+}
+
+/// Why `amqctl check` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckFailure {
+    #[error("{0}")]
+    Token(String),
+    #[error("{}: {failure}", .failure.kind())]
+    Upstream { failure: UpstreamFailure },
+}
+
+/// Maps the last upstream failure (after every attempt) to the client's error.
+pub fn failure_to_api(f: &UpstreamFailure) -> ApiError {
+    match f {
+        UpstreamFailure::BadRequest { message } => {
+            ApiError::invalid(format!("Amazon Q rejected the request: {message}"))
+        }
+        UpstreamFailure::ContextTooLong { message } => {
+            ApiError::invalid(format!("prompt is too long: {message}"))
+        }
+        UpstreamFailure::Throttled { retry_after, message } => ApiError::new(
+            ErrorKind::RateLimit,
+            format!("Amazon Q is rate-limiting every account tried: {message}"),
+        )
+        .with_retry_after(retry_after.unwrap_or(Duration::from_secs(10))),
+        UpstreamFailure::Quota { message, .. } => ApiError::new(
+            ErrorKind::RateLimit,
+            format!("the Amazon Q quota of every account tried is used up: {message}"),
+        )
+        .with_retry_after(Duration::from_secs(60)),
+        UpstreamFailure::Capacity { message } => {
+            ApiError::new(ErrorKind::Overloaded, format!("Amazon Q is overloaded: {message}"))
+        }
+        UpstreamFailure::TokenInvalid
+        | UpstreamFailure::Suspended { .. }
+        | UpstreamFailure::AccessDenied { .. } => ApiError::new(
+            ErrorKind::Overloaded,
+            format!("no usable Amazon Q account: the last one tried failed ({f})"),
+        ),
+        UpstreamFailure::Transient { status, message } => {
+            if matches!(status, Some(503) | Some(529)) {
+                ApiError::new(ErrorKind::Overloaded, format!("Amazon Q is unavailable: {message}"))
+            } else {
+                ApiError::new(ErrorKind::Api, format!("Amazon Q failed: {message}"))
+            }
+        }
+    }
+}
+
+/// Maps a pool that could not lease an account to the client's error.
+pub fn pool_to_api(e: &PoolError) -> ApiError {
+    match e {
+        PoolError::AllThrottled { retry_after, .. } => {
+            ApiError::new(ErrorKind::RateLimit, e.to_string()).with_retry_after(*retry_after)
+        }
+        PoolError::NoneUsable { .. } => ApiError::new(ErrorKind::Overloaded, e.to_string()),
+        PoolError::Busy { retry_after, .. } => {
+            ApiError::new(ErrorKind::RateLimit, e.to_string()).with_retry_after(*retry_after)
+        }
+    }
+}
