@@ -7,9 +7,9 @@
 //!
 //! - **Inline** (bodies up to [`INLINE_MAX`]): parsed on the worker, with no thread hop — a
 //!   50 KB Claude Code request costs about 0.45 ms in a release build — behind a gate of
-//!   `workers - 1` permits (at least one): a flood of small bodies, each costing a few
-//!   milliseconds at worst (a 64 KiB run without spaces), waits at the gate instead of filling
-//!   every worker's queue.
+//!   `workers - 1` permits (at least one): a flood of small bodies, each costing up to ~8 ms
+//!   (a 64 KiB body of letters without a space, release build), waits at the gate instead of
+//!   filling every worker's queue.
 //! - **Pool** (larger bodies): `spawn_blocking` while holding one of `workers - 1` slots (at
 //!   least one). The slot and the body's budget go with the work, so a request given up (the
 //!   client went away, `request_timeout_secs`) frees them only when the thread is done.
@@ -66,7 +66,9 @@ impl From<WorkError> for ApiError {
 
 /// A body's share of the budget, held until its work is done.
 #[derive(Debug)]
-pub struct Admission(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct Admission {
+    _permit: OwnedSemaphorePermit,
+}
 
 /// The budget, the gate and the pool of one daemon.
 pub struct Work {
@@ -120,10 +122,10 @@ impl Work {
     pub async fn admit(&self, bytes: usize) -> Result<Admission, WorkError> {
         let units = (bytes as u64).div_ceil(UNIT).clamp(1, self.budget_units as u64) as u32;
         if let Ok(p) = self.budget.clone().try_acquire_many_owned(units) {
-            return Ok(Admission(p));
+            return Ok(Admission { _permit: p });
         }
         match tokio::time::timeout(self.queue_timeout, self.budget.clone().acquire_many_owned(units)).await {
-            Ok(Ok(p)) => Ok(Admission(p)),
+            Ok(Ok(p)) => Ok(Admission { _permit: p }),
             _ => {
                 tracing::warn!(
                     bytes,

@@ -47,7 +47,8 @@ const SMALL: usize = 128;
 /// (Meta's Llama 3 tokenizer at 25,000 characters, after tiktoken issue 195): the work is then
 /// linear in the piece's length, and a chunk's merge (its parts table, its heap) stays in the
 /// caches. One long piece merged whole — a megabyte of one letter — costs O(n log n) over
-/// tables far larger than the caches: 2.6 s for 1.18 MB in a debug build, 0.9 s in chunks.
+/// tables far larger than the caches. For 1.18 MB without a space, release build: one letter
+/// 386 → 160 ms, random letters 670 → 148 ms, spaces 542 → 184 ms (prose: 4 ms).
 ///
 /// The count of such a piece may differ from tiktoken's by the tokens a merge across a cut
 /// would have joined: at most one a cut for the runs measured (see
