@@ -249,7 +249,7 @@ pub async fn run_with(
         metrics,
         started: Instant::now(),
         drain_expired: drain_rx,
-        large_parses: tokio::sync::Semaphore::new(2),
+        work: server::work::Work::for_this_runtime(config.server.max_body_bytes, config.server.queue_timeout),
         config,
     });
     let opts = Arc::new(ServeOptions {

@@ -377,6 +377,37 @@ async fn count_tokens_and_models() {
     h.stop().await;
 }
 
+/// `count_tokens` bodies have their own cap (`count_tokens_max_bytes`), below `max_body_bytes`:
+/// above it, 413 `request_too_large` in Anthropic's shape; the same body is a valid Messages
+/// request. Bodies above 64 KiB are parsed and counted on the CPU pool, and answer as inline ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_tokens_bodies_have_their_own_cap() {
+    let h = Harness::start(Setup { server: "count_tokens_max_bytes = 200000".into(), ..Default::default() })
+        .await;
+    let words = |n: usize| "count these words please ".repeat(n / 25);
+    let big = simple(&words(300_000), false);
+    let r = post(&h, "/v1/messages/count_tokens", &big).await;
+    assert_eq!(
+        (r.status, r.json()["error"]["type"].clone()),
+        (413, json!("request_too_large")),
+        "{}",
+        r.text()
+    );
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("200000 bytes"), "{}", r.text());
+    let r = post(&h, "/v1/messages", &big).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["usage"]["input_tokens"].as_u64().unwrap() > 40_000, "{}", r.text());
+    // Under the cap, on the pool (above 64 KiB) and inline: four tokens a phrase either way.
+    let mut counts = Vec::new();
+    for size in [150_000, 15_000] {
+        let r = post(&h, "/v1/messages/count_tokens", &simple(&words(size), false)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        counts.push(r.json()["input_tokens"].as_u64().unwrap());
+    }
+    assert_eq!(counts[0] - counts[1], (150_000 - 15_000) / 25 * 4, "{counts:?}");
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn auth_and_http_edge_errors() {
     let h = Harness::start(Setup::default()).await;

@@ -43,6 +43,8 @@ struct RawServer {
     #[serde(default)]
     allow_plaintext: bool,
     max_body_bytes: Option<Spanned<i64>>,
+    count_tokens_max_bytes: Option<Spanned<i64>>,
+    queue_timeout_secs: Secs,
     request_timeout_secs: Secs,
     header_read_timeout_secs: Secs,
     body_read_timeout_secs: Secs,
@@ -269,6 +271,14 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
         tls,
         allow_plaintext: s.allow_plaintext,
         max_body_bytes: ck.number(&s.max_body_bytes, "max_body_bytes", 32 << 20, 1024, 1 << 30) as u64,
+        count_tokens_max_bytes: ck.number(
+            &s.count_tokens_max_bytes,
+            "count_tokens_max_bytes",
+            16 << 20,
+            1024,
+            1 << 30,
+        ) as u64,
+        queue_timeout: ck.secs(&s.queue_timeout_secs, "queue_timeout_secs", 30, 1, 3600),
         request_timeout: ck.secs(&s.request_timeout_secs, "request_timeout_secs", 600, 1, 86_400),
         header_read_timeout: ck.secs(&s.header_read_timeout_secs, "header_read_timeout_secs", 10, 1, 600),
         body_read_timeout: ck.secs(&s.body_read_timeout_secs, "body_read_timeout_secs", 30, 1, 3600),
@@ -458,6 +468,8 @@ file = "accounts.toml"
         assert!(c.upstream.endpoint.is_none());
         assert_eq!(c.control.mode, 0o660);
         assert!(c.auth.keys.verify("sk-amq-0123456789abcdef"));
+        assert_eq!(c.server.count_tokens_max_bytes, 16 << 20);
+        assert_eq!(c.server.queue_timeout, Duration::from_secs(30));
     }
 
     #[test]
@@ -468,6 +480,8 @@ file = "accounts.toml"
 listen = ["nonsense", "0.0.0.0:8443"]
 tls_key = "/nonexistent/key.pem"
 max_body_bytes = -1
+count_tokens_max_bytes = 10
+queue_timeout_secs = 0
 [accounts]
 strategy = "random"
 [upstream]
@@ -479,6 +493,8 @@ endpoint = "http://example.com/"
         assert!(text.contains(":3:11: error: listen address \"nonsense\""), "{text}");
         assert!(text.contains("tls_key /nonexistent/key.pem cannot be read"), "{text}");
         assert!(text.contains("`max_body_bytes` must be"), "{text}");
+        assert!(text.contains("`count_tokens_max_bytes` must be a whole number from 1024"), "{text}");
+        assert!(text.contains("`queue_timeout_secs` must be a whole number from 1"), "{text}");
         assert!(text.contains("unknown strategy \"random\""), "{text}");
         assert!(text.contains("http:// is accepted only for loopback"), "{text}");
         assert!(text.contains("0.0.0.0:8443 is not loopback and no TLS"), "{text}");

@@ -42,6 +42,12 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     pub allow_plaintext: bool,
     pub max_body_bytes: u64,
+    /// Largest `/v1/messages/count_tokens` body (the smaller of this and `max_body_bytes`
+    /// applies): counting is the heaviest work a request can ask for.
+    pub count_tokens_max_bytes: u64,
+    /// Longest a request waits for its turn (the body budget, then a CPU slot) before it is
+    /// answered 529 `overloaded_error`.
+    pub queue_timeout: Duration,
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
     /// The whole request body must arrive within this time.

@@ -5,6 +5,7 @@
 use super::App;
 use super::body::Body;
 use super::messages::{self, Exchange};
+use super::work::Admission;
 use crate::anthropic::request::{self as areq, ApiVersion, Endpoint};
 use crate::anthropic::{ApiError, ErrorKind};
 use crate::translate::tokens;
@@ -63,8 +64,13 @@ fn authenticate(app: &App, req: &http::request::Parts) -> Result<(), ApiError> {
     }
 }
 
-async fn read_body(app: &App, parts: &http::request::Parts, body: Incoming) -> Result<Bytes, ApiError> {
-    let max = app.config.server.max_body_bytes;
+/// Reads a body of at most `max` bytes, then waits for its share of the body budget.
+async fn read_body(
+    app: &App,
+    parts: &http::request::Parts,
+    body: Incoming,
+    max: u64,
+) -> Result<(Bytes, Admission), ApiError> {
     let too_large = || {
         ApiError::new(
             ErrorKind::RequestTooLarge,
@@ -90,7 +96,7 @@ async fn read_body(app: &App, parts: &http::request::Parts, body: Incoming) -> R
     }
     let limited = http_body_util::Limited::new(body, max as usize);
     let timeout = app.config.server.body_read_timeout;
-    match tokio::time::timeout(timeout, limited.collect()).await {
+    let bytes = match tokio::time::timeout(timeout, limited.collect()).await {
         Err(_) => {
             Err(ApiError::invalid(format!("the request body did not arrive within {} s", timeout.as_secs()))
                 .with_status(StatusCode::REQUEST_TIMEOUT))
@@ -103,7 +109,9 @@ async fn read_body(app: &App, parts: &http::request::Parts, body: Incoming) -> R
             }
         }
         Ok(Ok(c)) => Ok(c.to_bytes()),
-    }
+    }?;
+    let admission = app.work.admit(bytes.len()).await?;
+    Ok((bytes, admission))
 }
 
 /// Serves one request. Never panics on input; every error is Anthropic-shaped.
@@ -197,21 +205,34 @@ async fn route(
                 .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("model: {id}")))
         }
         "/v1/messages/count_tokens" => {
-            let bytes = read_body(app, parts, body).await?;
-            let _permit = large_permit(app, &bytes).await;
+            let max = app.config.server.count_tokens_max_bytes.min(app.config.server.max_body_bytes);
+            let (bytes, admission) = read_body(app, parts, body, max).await?;
             let version = ApiVersion::from_header(header_str(parts, "anthropic-version"))?;
-            let req = areq::parse(&bytes, version, Endpoint::CountTokens)?;
-            x.model = req.model.clone();
-            app.models.resolve(&req.model)?;
-            Ok(json_response(StatusCode::OK, &json!({"input_tokens": tokens::count_request(&req)})))
+            let len = bytes.len();
+            let models = app.clone();
+            let (model, counted) = app
+                .work
+                .run(admission, len, move || {
+                    let req = areq::parse(&bytes, version, Endpoint::CountTokens)?;
+                    let counted = models.models.resolve(&req.model).map(|_| tokens::count_request(&req));
+                    Ok::<_, ApiError>((req.model, counted))
+                })
+                .await??;
+            x.model = model;
+            Ok(json_response(StatusCode::OK, &json!({"input_tokens": counted?})))
         }
         "/v1/messages" => {
-            let bytes = read_body(app, parts, body).await?;
-            let permit = large_permit(app, &bytes).await;
+            let (bytes, admission) = read_body(app, parts, body, app.config.server.max_body_bytes).await?;
             let version = ApiVersion::from_header(header_str(parts, "anthropic-version"))?;
-            let session = header_str(parts, "x-claude-code-session-id");
-            let prepared = messages::prepare(app, &bytes, version, session)?;
-            drop(permit);
+            let session = header_str(parts, "x-claude-code-session-id").map(str::to_string);
+            let len = bytes.len();
+            let work_app = app.clone();
+            let prepared = app
+                .work
+                .run(admission, len, move || {
+                    messages::prepare(&work_app, &bytes, version, session.as_deref())
+                })
+                .await??;
             x.model = prepared.req.model.clone();
             x.stream = prepared.req.stream;
             x.tokens_in = prepared.input_tokens;
@@ -233,10 +254,6 @@ async fn route(
         }
         _ => Err(not_found(parts.uri.path())),
     }
-}
-
-async fn large_permit<'a>(app: &'a App, bytes: &[u8]) -> Option<tokio::sync::SemaphorePermit<'a>> {
-    if bytes.len() > super::LARGE_BODY { app.large_parses.acquire().await.ok() } else { None }
 }
 
 fn header_str<'a>(parts: &'a http::request::Parts, name: &str) -> Option<&'a str> {

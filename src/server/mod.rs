@@ -6,6 +6,7 @@ pub mod http;
 pub mod idle;
 pub mod messages;
 pub mod tls;
+pub mod work;
 
 use crate::accounts::Pool;
 use crate::config::{AuthConfig, Config};
@@ -31,12 +32,9 @@ pub struct App {
     pub started: Instant,
     /// Turns true when the drain deadline has passed: open streams end with an error event.
     pub drain_expired: watch::Receiver<bool>,
-    /// Parsing a large body builds a large tree: at most two at a time bounds the memory peak.
-    pub large_parses: tokio::sync::Semaphore,
+    /// The body budget and where bodies are parsed: inline, or on the CPU pool.
+    pub work: work::Work,
 }
-
-/// Bodies above this size take a [`App::large_parses`] permit while they are parsed.
-pub const LARGE_BODY: usize = 1 << 20;
 
 /// Writes the access-log line of one request.
 pub fn access_log(app: &App, request_id: &str, x: &Exchange, status: u16, started: Instant) {

@@ -382,3 +382,87 @@ fn first_tokens_is_a_decoded_prefix() {
     }
     assert_eq!(super::first_tokens("", 3), "");
 }
+
+/// Deterministic lowercase letters (no space: one piece).
+fn letters(n: usize, seed: u64) -> String {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (b'a' + (s % 26) as u8) as char
+        })
+        .collect()
+}
+
+/// Texts that are one long piece each (or nearly): a letter, random letters, two-, three- and
+/// four-byte characters, punctuation, whitespace.
+fn long_runs(bytes: usize) -> Vec<(&'static str, String)> {
+    let repeat = |unit: &str| unit.repeat(bytes / unit.len());
+    vec![
+        ("one letter", repeat("x")),
+        ("random letters", letters(bytes, 7)),
+        ("alternating letters", repeat("ab")),
+        ("é", repeat("é")),
+        ("日", repeat("日")),
+        ("emoji", repeat("😀")),
+        ("punctuation", repeat("!")),
+        ("dashes and a newline", format!("{}\n", repeat("-"))),
+        ("spaces", format!("{}x", repeat(" "))),
+    ]
+}
+
+/// A piece longer than [`CHUNK`] is merged chunk by chunk: no merge is ever wider than a chunk,
+/// so the work is linear in the piece's length (a bounded merge per chunk) — the property, not
+/// a timing. The tokens still cover the text, in order, and cuts fall between characters.
+#[test]
+fn long_pieces_merge_in_chunks() {
+    use super::cl100k::{CHUNK, WIDEST_MERGE};
+    let v = vocabulary();
+    let mut texts = long_runs(128 << 10);
+    texts.push(("a megabyte of one letter", "x".repeat(1 << 20)));
+    for (name, text) in texts {
+        WIDEST_MERGE.with(|w| w.set(0));
+        let mut covered = Vec::with_capacity(text.len());
+        let mut n = 0;
+        v.each_token(&text, |t| {
+            covered.extend_from_slice(t);
+            n += 1;
+        });
+        let widest = WIDEST_MERGE.with(|w| w.get());
+        assert!(widest <= CHUNK, "{name}: a merge over {widest} bytes");
+        assert!(widest > CHUNK - 4 || name == "spaces", "{name}: merged in chunks of {widest} bytes");
+        assert!(covered == text.as_bytes(), "{name}: the tokens do not cover the text");
+        if text.len() < 1 << 20 {
+            // Twice the text, twice the tokens (up to the cut at the join): chunk for chunk.
+            let twice = v.count(&text.repeat(2));
+            assert!(twice.abs_diff(2 * n) <= 2, "{name}: {n} tokens, {twice} for twice the text");
+        }
+    }
+}
+
+/// Merging in chunks gives the whole merge's count up to one token a cut, on runs of 20 KB
+/// (four cuts) of every kind above (measured: the same count, or one more for random letters). Ordinary text never has pieces this long, and is counted
+/// exactly (the tests above).
+#[test]
+fn chunked_counts_stay_close_to_the_whole_merge() {
+    use super::cl100k::CHUNK;
+    let v = vocabulary();
+    for (name, text) in long_runs(20_000) {
+        let chunked = v.count(&text);
+        let mut whole = 0;
+        let (b, mut i) = (text.as_bytes(), 0);
+        while i < b.len() {
+            let end = piece_end(b, i);
+            if end - i > 1 {
+                v.merge_large(&b[i..end], &mut |_| whole += 1);
+            } else {
+                whole += 1;
+            }
+            i = end;
+        }
+        let cuts = text.len() / CHUNK;
+        assert!(chunked.abs_diff(whole) <= cuts, "{name}: chunked {chunked}, whole {whole}, {cuts} cuts");
+    }
+}
