@@ -3,7 +3,7 @@
 //! Module map (see README for the operator's view):
 //!
 //! - [`config`]: `amq2api.toml` and `accounts.toml` — parse, validate with places, diff; [`config::Secret`].
-//! - [`cli`]: the `amq2api` command line and its offline subcommands (`check-config`).
+//! - [`cli`]: the `amq2api` command line and its offline subcommands (`check-config`, `man`).
 //! - [`logging`]: tracing set-up (terminal or journald), `RUST_LOG` filtering.
 //! - [`control`]: the admin API over the Unix socket (peer-credential checked) and its wire types
 //!   ([`control::wire`], which `amqctl` uses too).
