@@ -1,5 +1,6 @@
 //! The `amq2api` command line through the real binary: its man page (`amq2api man`, hidden) is
-//! roff generated from the clap definitions.
+//! roff generated from the clap definitions; and packaging/build-deb.sh generates, and the deb
+//! and rpm asset lists in Cargo.toml install, both binaries' man pages.
 
 use std::process::Command;
 
@@ -33,4 +34,44 @@ fn man_is_hidden_from_help() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0));
     assert!(help.contains("check-config") && !help.contains("\n  man "), "{help}");
+}
+
+/// The deb and the rpm install both man pages, and every generated file they name is one that
+/// packaging/build-deb.sh writes into target/packaging/.
+#[test]
+fn packages_install_the_generated_man_pages() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest: toml::Table = std::fs::read_to_string(root.join("Cargo.toml")).unwrap().parse().unwrap();
+    let script = std::fs::read_to_string(root.join("packaging/build-deb.sh")).unwrap();
+    let metadata = &manifest["package"]["metadata"];
+    let deb: Vec<(String, String)> = metadata["deb"]["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a[0].as_str().unwrap().to_string(), a[1].as_str().unwrap().to_string()))
+        .collect();
+    let rpm: Vec<(String, String)> = metadata["generate-rpm"]["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["source"].as_str().unwrap().to_string(), a["dest"].as_str().unwrap().to_string()))
+        .collect();
+    for (kind, assets) in [("deb", &deb), ("rpm", &rpm)] {
+        for page in ["amq2api.1", "amqctl.1"] {
+            let source = format!("target/packaging/{page}");
+            assert!(
+                assets.iter().any(|(s, d)| *s == source
+                    && d.trim_start_matches('/') == format!("usr/share/man/man1/{page}")),
+                "the {kind} does not install {source} as /usr/share/man/man1/{page}: {assets:?}"
+            );
+        }
+        for (source, _) in assets.iter().filter(|(s, _)| s.starts_with("target/packaging/")) {
+            let name = source.trim_start_matches("target/packaging/");
+            assert!(
+                script.contains(&format!(">\"$generated/{name}\"")),
+                "the {kind} installs {source}, which packaging/build-deb.sh does not generate"
+            );
+        }
+    }
+    assert!(script.contains("\"$amq2api\" man >\"$generated/amq2api.1\""), "{script}");
 }
