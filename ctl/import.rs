@@ -39,7 +39,7 @@ pub fn import(path: &Path) -> Result<String, Failure> {
         parse_export(&text).map_err(|e| fail(exit::DATAERR, format!("{}: {e}", path.display())))?;
     let mut out = format!("# Imported by amqctl from {} ({} accounts).\n", path.display(), accounts.len());
     let mut used = std::collections::HashSet::new();
-    for (i, a) in accounts.iter().enumerate() {
+    for a in &accounts {
         let mut base: String = a
             .label
             .to_ascii_lowercase()
@@ -59,7 +59,6 @@ pub fn import(path: &Path) -> Result<String, Failure> {
             n += 1;
             id = format!("{base}-{n}");
         }
-        let _ = i;
         out.push_str(&format!(
             "\n[[account]]\nid = {}\nlabel = {}\nclient_id = {}\nclient_secret = {}\nrefresh_token = {}\n",
             toml_str(&id),
