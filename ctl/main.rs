@@ -1,8 +1,23 @@
-//! `amqctl`: parse the command line, set up logging, call the library's control client.
+//! `amqctl`, the operator's CLI: parse the command line, run the offline commands (import,
+//! completions, man) here and the others against the daemon's control socket.
+//!
+//! Modules: [`cli`] the clap definitions; [`commands`] the commands that call the daemon;
+//! [`client`] the control-socket client; [`render`] tables for people; [`import`] seed exports
+//! to accounts.toml; [`failure`] a failure and its exit code. The wire types are the library's
+//! ([`amq2api::control::wire`]).
+#![forbid(unsafe_code)]
 
-use amq2api::ctl::Cli;
+mod cli;
+mod client;
+mod commands;
+mod failure;
+mod import;
+mod render;
+
 use amq2api::{exit, logging};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
+use cli::{Cli, Command};
+use failure::fail;
 
 fn main() {
     let cli = match Cli::try_parse() {
@@ -14,5 +29,37 @@ fn main() {
         }
     };
     logging::init("warn");
-    std::process::exit(amq2api::ctl::main(cli));
+    std::process::exit(run(cli));
+}
+
+/// Runs amqctl; returns the exit code.
+fn run(cli: Cli) -> i32 {
+    let result = match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "amqctl", &mut std::io::stdout());
+            Ok(exit::OK)
+        }
+        Command::Man => {
+            let man = clap_mangen::Man::new(Cli::command());
+            match man.render(&mut std::io::stdout()) {
+                Ok(()) => Ok(exit::OK),
+                Err(e) => Err(fail(exit::IOERR, e.to_string())),
+            }
+        }
+        Command::Import { file } => import::import(file).map(|out| {
+            print!("{out}");
+            exit::OK
+        }),
+        _ => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(commands::run(&cli)),
+            Err(e) => Err(fail(exit::OSERR, e.to_string())),
+        },
+    };
+    match result {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("amqctl: {}", f.message);
+            f.code
+        }
+    }
 }

@@ -5,12 +5,10 @@
 #
 # 1. installs cargo-deb when it is missing (from crates.io);
 # 2. builds the release binaries;
-# 3. generates amqctl's man page and bash/zsh/fish completions from its clap definitions into
-#    target/packaging/ (the asset paths Cargo.toml names; cargo generate-rpm uses them too);
+# 3. generates the man pages of amq2api and amqctl (`amq2api man`, `amqctl man`) and amqctl's
+#    bash/zsh/fish completions from their clap definitions into target/packaging/ (the asset
+#    paths Cargo.toml names; cargo generate-rpm uses them too);
 # 4. runs cargo deb and prints the path of the package.
-#
-# The daemon binary has no man page: it has no `man` subcommand (amqctl's page and
-# `amq2api --help` document it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,10 +21,12 @@ echo "== cargo build --release --bins"
 cargo build --release --bins
 
 target_dir=${CARGO_TARGET_DIR:-target}
+amq2api="$target_dir/release/amq2api"
 amqctl="$target_dir/release/amqctl"
 generated=target/packaging
 mkdir -p "$generated"
-echo "== generating the man page and completions into $generated/"
+echo "== generating the man pages and completions into $generated/"
+"$amq2api" man >"$generated/amq2api.1"
 "$amqctl" man >"$generated/amqctl.1"
 "$amqctl" completions bash >"$generated/amqctl.bash"
 "$amqctl" completions zsh >"$generated/_amqctl"

@@ -1,9 +1,9 @@
-//! Command-line interface of the `amq2api` daemon binary: clap definitions and the dispatch
-//! of each subcommand to the library.
+//! Command-line interface of the `amq2api` daemon binary: clap definitions (also the source of
+//! its man page) and the dispatch of each subcommand to the library.
 
 use crate::config::{self, Env};
 use crate::exit;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -52,6 +52,9 @@ pub enum Command {
         #[arg(long = "account", value_name = "ID:SECRET:TOKEN")]
         accounts: Vec<String>,
     },
+    /// Print the man page (roff). Hidden: packaging/build-deb.sh runs it to install amq2api(1).
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,6 +73,7 @@ pub enum EventstreamCommand {
 pub fn main(cli: Cli) -> i32 {
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => check_config(&cli.config),
+        Command::Man => man(),
         Command::Eventstream { command: EventstreamCommand::Decode { file } } => eventstream_decode(&file),
         Command::Run => {
             // Read and checked before the runtime starts: nothing async waits on a file.
@@ -223,6 +227,18 @@ fn eventstream_decode(file: &str) -> i32 {
         Err(e) => {
             eprintln!("amq2api eventstream decode: {e}");
             exit::DATAERR
+        }
+    }
+}
+
+/// `amq2api man`: the man page, rendered from the clap definitions above (packaging/build-deb.sh
+/// installs it as amq2api(1)).
+fn man() -> i32 {
+    match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("amq2api man: {e}");
+            exit::IOERR
         }
     }
 }

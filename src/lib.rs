@@ -3,10 +3,10 @@
 //! Module map (see README for the operator's view):
 //!
 //! - [`config`]: `amq2api.toml` and `accounts.toml` — parse, validate with places, diff; [`config::Secret`].
-//! - [`cli`]: the `amq2api` command line and its offline subcommands (`check-config`).
+//! - [`cli`]: the `amq2api` command line and its offline subcommands (`check-config`, `man`).
 //! - [`logging`]: tracing set-up (terminal or journald), `RUST_LOG` filtering.
-//! - [`control`]: the admin API over the Unix socket (peer-credential checked) and its wire types.
-//! - [`ctl`]: `amqctl` — the operator's CLI over the control socket (tables, JSON, import).
+//! - [`control`]: the admin API over the Unix socket (peer-credential checked) and its wire types
+//!   ([`control::wire`], which `amqctl` uses too).
 //! - [`daemon`]: [`run`] — the daemon's life from validated config and bound listeners to drain.
 //! - [`demo`]: `amq2api demo` — emulator and daemon in one process, no credentials needed.
 //! - [`exit`]: the exit codes both binaries use.
@@ -21,6 +21,10 @@
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, HTTP client.
 //! - [`emulator`]: a strict Amazon Q + SSO OIDC stand-in on loopback (demo mode, tests, benchmarks).
+//!
+//! `amqctl`, the operator's CLI over the control socket (its command line, tables, import of seed
+//! exports and socket client), is not part of the library: it is its own binary in `ctl/`, a
+//! client of [`control::wire`], [`exit`] and [`logging`].
 #![forbid(unsafe_code)]
 
 pub mod accounts;
@@ -28,7 +32,6 @@ pub mod anthropic;
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod emulator;

@@ -1,0 +1,57 @@
+//! amqctl's command line: the clap definitions of its options and subcommands (also the
+//! source of its man page and shell completions).
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+pub const DEFAULT_SOCKET: &str = "/run/amq2api/control.sock";
+
+#[derive(Debug, Parser)]
+#[command(name = "amqctl", version, about = "Manage a running amq2api daemon over its control socket")]
+pub struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, env = "AMQ2API_SOCKET", default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Print JSON (stable, for scripts) instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Daemon version and uptime, listeners, configuration state, pool summary, one row an account.
+    Status,
+    /// List the accounts.
+    Accounts,
+    /// One account in detail.
+    Account { id: String },
+    /// Refresh access tokens now and report each result.
+    Refresh {
+        ids: Vec<String>,
+        /// Every account.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Make a real minimal Amazon Q call per account and classify the result (updates its state).
+    Check {
+        ids: Vec<String>,
+        /// Every account.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Put an account back in rotation (also clears a suspension, quota or cooldown).
+    Enable { id: String },
+    /// Take an account out of rotation (in-flight requests finish).
+    Disable { id: String },
+    /// Re-read the configuration and the accounts file (the same as SIGHUP).
+    Reload,
+    /// Convert a seed amq2api export (label|password|clientId|clientSecret|refreshToken|accessToken
+    /// lines, or its /v2/accounts JSON array) into accounts.toml entries on stdout.
+    Import { file: PathBuf },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    Man,
+}

@@ -1,0 +1,78 @@
+//! The control-socket client: one HTTP/1.1 request over the daemon's Unix socket, its answer
+//! decoded into the library's wire types; no socket, a refused caller and an error answer
+//! become a [`Failure`] with the exit code they mean.
+
+use crate::failure::{Failure, fail};
+use amq2api::control::wire::ErrorBody;
+use amq2api::exit;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::path::Path;
+
+/// One request to the daemon.
+async fn call(socket: &Path, method: &str, path: &str) -> Result<(u16, Bytes), Failure> {
+    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => fail(
+            exit::UNAVAILABLE,
+            format!(
+                "amq2api is not running (no socket at {}); start it with: systemctl start amq2api",
+                socket.display()
+            ),
+        ),
+        std::io::ErrorKind::PermissionDenied => permission_denied(socket),
+        _ => fail(exit::UNAVAILABLE, format!("cannot connect to {}: {e}", socket.display())),
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| fail(exit::UNAVAILABLE, format!("control socket handshake failed: {e}")))?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| fail(exit::SOFTWARE, e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| fail(exit::UNAVAILABLE, format!("control request failed: {e}")))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| fail(exit::UNAVAILABLE, format!("reading the answer: {e}")))?
+        .to_bytes();
+    if status == 403 {
+        return Err(permission_denied(socket));
+    }
+    if status >= 400 {
+        let msg = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into());
+        return Err(fail(if status == 404 { exit::USAGE } else { exit::FAILURE }, msg));
+    }
+    Ok((status, body))
+}
+
+fn permission_denied(socket: &Path) -> Failure {
+    fail(
+        exit::NOPERM,
+        format!(
+            "permission denied on {}: add yourself to group amq2api (sudo usermod -aG amq2api $USER, then log in again) or run as root",
+            socket.display()
+        ),
+    )
+}
+
+/// One request whose answer is JSON of type `T`; returns it and the raw body (for `--json`).
+pub async fn get<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    method: &str,
+    path: &str,
+) -> Result<(T, Bytes), Failure> {
+    let (_, body) = call(socket, method, path).await?;
+    let v = serde_json::from_slice(&body)
+        .map_err(|e| fail(exit::SOFTWARE, format!("unexpected answer from the daemon: {e}")))?;
+    Ok((v, body))
+}

@@ -1,0 +1,143 @@
+//! The commands that talk to the daemon (status, accounts, account, refresh, check, enable,
+//! disable, reload): the calls each makes, what it prints (a table or the daemon's JSON) and the
+//! exit code it returns.
+
+use crate::cli::{Cli, Command};
+use crate::client::get;
+use crate::failure::{Failure, fail};
+use crate::render::{render_account, render_accounts, render_action, render_status, style};
+use amq2api::control::wire::*;
+use amq2api::exit;
+use bytes::Bytes;
+
+fn print_json(body: &Bytes) {
+    println!("{}", String::from_utf8_lossy(body).trim_end());
+}
+
+/// Runs a command that calls the daemon (main runs the offline ones); returns the exit code.
+pub async fn run(cli: &Cli) -> Result<i32, Failure> {
+    let s = &cli.socket;
+    match &cli.command {
+        Command::Status => {
+            let (st, body) = get::<Status>(s, "GET", "/v1/status").await?;
+            if st.api_version != API_VERSION || st.server_version != env!("CARGO_PKG_VERSION") {
+                eprintln!(
+                    "amqctl: warning: daemon is amq2api {} (control API v{}), amqctl is {} (v{})",
+                    st.server_version,
+                    st.api_version,
+                    env!("CARGO_PKG_VERSION"),
+                    API_VERSION
+                );
+            }
+            if cli.json {
+                print_json(&body);
+            } else {
+                print!("{}", render_status(&st, style()));
+            }
+            Ok(exit::OK)
+        }
+        Command::Accounts => {
+            let (list, body) = get::<Vec<AccountInfo>>(s, "GET", "/v1/accounts").await?;
+            if cli.json {
+                print_json(&body);
+            } else {
+                print!("{}", render_accounts(&list, style()));
+            }
+            Ok(exit::OK)
+        }
+        Command::Account { id } => {
+            let (a, body) = get::<AccountInfo>(s, "GET", &format!("/v1/accounts/{id}")).await?;
+            if cli.json {
+                print_json(&body);
+            } else {
+                print!("{}", render_account(&a));
+            }
+            Ok(exit::OK)
+        }
+        Command::Refresh { ids, all } => actions(cli, "refresh", ids, *all).await,
+        Command::Check { ids, all } => actions(cli, "check", ids, *all).await,
+        Command::Enable { id } | Command::Disable { id } => {
+            let verb = if matches!(cli.command, Command::Enable { .. }) { "enable" } else { "disable" };
+            let (r, body) = get::<ActionResult>(s, "POST", &format!("/v1/accounts/{id}/{verb}")).await?;
+            if cli.json {
+                print_json(&body);
+            } else {
+                println!("{}: {} (state {})", r.id, r.message, r.state);
+            }
+            Ok(if r.ok { exit::OK } else { exit::FAILURE })
+        }
+        Command::Reload => {
+            let (r, body) = get::<ReloadResult>(s, "POST", "/v1/reload").await?;
+            if cli.json {
+                print_json(&body);
+            } else if r.ok {
+                println!("reloaded: {}", r.changes);
+                // Each is a diagnostic that names its file and says "warning:" itself.
+                for w in &r.warnings {
+                    eprintln!("{w}");
+                }
+            } else {
+                eprintln!("reload refused (the running configuration stays):");
+                for e in &r.errors {
+                    eprintln!("  {e}");
+                }
+            }
+            Ok(if r.ok { exit::OK } else { exit::CONFIG })
+        }
+        Command::Import { .. } | Command::Completions { .. } | Command::Man => Ok(exit::OK),
+    }
+}
+
+/// refresh / check: one line per account as results arrive, a summary, non-zero if any failed.
+async fn actions(cli: &Cli, verb: &str, ids: &[String], all: bool) -> Result<i32, Failure> {
+    let s = &cli.socket;
+    if ids.is_empty() && !all {
+        return Err(fail(exit::USAGE, format!("name accounts (amqctl {verb} ID…) or use --all")));
+    }
+    // With --all, the daemon's list names the accounts; either way each account is its own call,
+    // at most 8 at once, and each line is printed as its result arrives.
+    let ids: Vec<String> = if all {
+        get::<Vec<AccountInfo>>(s, "GET", "/v1/accounts").await?.0.into_iter().map(|a| a.id).collect()
+    } else {
+        ids.to_vec()
+    };
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for (i, id) in ids.iter().enumerate() {
+        let (s, path, id, tx, limit) =
+            (s.clone(), format!("/v1/accounts/{id}/{verb}"), id.clone(), tx.clone(), limit.clone());
+        tokio::spawn(async move {
+            let _permit = limit.acquire_owned().await;
+            let r = get::<ActionResult>(&s, "POST", &path).await.map(|(r, _)| r);
+            let _ = tx.send((i, id, r));
+        });
+    }
+    drop(tx);
+    let mut results: Vec<(usize, ActionResult)> = Vec::new();
+    while let Some((i, id, r)) = rx.recv().await {
+        let r = match r {
+            Ok(r) => r,
+            Err(f) if f.code == exit::UNAVAILABLE || f.code == exit::NOPERM => return Err(f),
+            Err(f) => ActionResult { id, ok: false, message: f.message, state: "-".into() },
+        };
+        if !cli.json {
+            println!("{}", render_action(&r));
+        }
+        results.push((i, r));
+    }
+    // JSON keeps the accounts' order.
+    results.sort_by_key(|(i, _)| *i);
+    let results: Vec<ActionResult> = results.into_iter().map(|(_, r)| r).collect();
+    let failed = results.iter().filter(|r| !r.ok).count();
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&results).unwrap_or_default());
+    } else {
+        println!(
+            "{} of {} succeeded{}",
+            results.len() - failed,
+            results.len(),
+            if failed > 0 { format!(", {failed} failed") } else { String::new() }
+        );
+    }
+    Ok(if failed > 0 { exit::FAILURE } else { exit::OK })
+}

@@ -1,0 +1,203 @@
+//! amqctl's tables and detail views for people: account rows with states, token expiries and
+//! ages, the status summary, one line an action; colour only on a terminal without `NO_COLOR`.
+
+use amq2api::control::wire::{AccountInfo, ActionResult, Status};
+use std::io::IsTerminal;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// One line of `refresh` / `check`: the mark, the account, what happened, its state afterwards.
+pub fn render_action(r: &ActionResult) -> String {
+    let mark = if r.ok { "ok  " } else { "FAIL" };
+    format!("{mark} {:<20} {} (state {})", r.id, r.message, r.state)
+}
+
+#[derive(Clone, Copy)]
+pub struct Style {
+    pub color: bool,
+    pub width: usize,
+}
+
+/// The style of standard output: colour on a terminal without `NO_COLOR`, `$COLUMNS` wide (120).
+pub fn style() -> Style {
+    let width = std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).unwrap_or(120);
+    Style { color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(), width }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// "5m", "2h10m", "3d".
+pub fn human(secs: i64) -> String {
+    let (neg, s) = (secs < 0, secs.unsigned_abs());
+    let t = if s < 60 {
+        format!("{s}s")
+    } else if s < 3600 {
+        format!("{}m", s / 60)
+    } else if s < 86_400 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{}d{}h", s / 86_400, (s % 86_400) / 3600)
+    };
+    if neg { format!("-{t}") } else { t }
+}
+
+fn ago(t: Option<u64>) -> String {
+    t.map(|t| format!("{} ago", human(now() as i64 - t as i64))).unwrap_or_else(|| "never".into())
+}
+
+fn state_text(a: &AccountInfo) -> String {
+    let mut s = a.state.clone();
+    if let Some(u) = a.until {
+        s.push_str(&format!(" ({} left)", human(u as i64 - now() as i64)));
+    } else if a.state != "active" {
+        if let Some(since) = a.since {
+            s.push_str(&format!(" ({})", ago(Some(since))));
+        }
+    }
+    s
+}
+
+fn paint(s: &str, state: &str, st: Style) -> String {
+    if !st.color {
+        return s.to_string();
+    }
+    let code = match state {
+        "active" => "32",
+        "cooling" | "quota" => "33",
+        _ => "31",
+    };
+    format!("\x1b[{code}m{s}\x1b[0m")
+}
+
+fn cut(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// The accounts table: one row an account, the last column (the last error) fills the width.
+pub fn render_accounts(list: &[AccountInfo], st: Style) -> String {
+    let headers =
+        ["ID", "LABEL", "STATE", "TOKEN", "IN-FLIGHT", "REQUESTS", "FAILURES", "LAST USED", "LAST ERROR"];
+    let rows: Vec<[String; 9]> = list
+        .iter()
+        .map(|a| {
+            [
+                a.id.clone(),
+                a.label.clone(),
+                state_text(a),
+                if a.tokens_unsaved {
+                    "NOT STORED".into()
+                } else {
+                    a.token_expires_at.map(|t| human(t as i64 - now() as i64)).unwrap_or_else(|| "-".into())
+                },
+                format!("{}/{}", a.in_flight, a.max_concurrency),
+                a.requests.to_string(),
+                a.failures.to_string(),
+                ago(a.last_used),
+                a.last_error.clone().or_else(|| a.reason.clone()).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate().take(8) {
+            widths[i] = widths[i].max(c.chars().count().min(if i == 1 { 24 } else { 40 }));
+        }
+    }
+    let fixed: usize = widths[..8].iter().sum::<usize>() + 2 * 8;
+    widths[8] = st.width.saturating_sub(fixed).max(10);
+    let mut out = String::new();
+    let line = |cells: Vec<String>, out: &mut String, state: Option<&str>| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let c = cut(c, widths[i]);
+            let pad = widths[i].saturating_sub(c.chars().count());
+            let text = if i == 2 { state.map(|s| paint(&c, s, st)).unwrap_or(c) } else { c };
+            l.push_str(&text);
+            if i + 1 < cells.len() {
+                l.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(headers.iter().map(|h| h.to_string()).collect(), &mut out, None);
+    for (r, a) in rows.into_iter().zip(list) {
+        line(r.to_vec(), &mut out, Some(&a.state));
+    }
+    out
+}
+
+/// `amqctl status`: the daemon, its configuration, the pool summary, then the accounts table.
+pub fn render_status(s: &Status, st: Style) -> String {
+    let mut out = format!(
+        "amq2api {} (pid {}), up {}\nlisteners: {}\nconfig:    {}\naccounts:  {} (loaded {})\n",
+        s.server_version,
+        s.pid,
+        human(s.uptime_secs as i64),
+        if s.listeners.is_empty() { "-".into() } else { s.listeners.join(", ") },
+        s.config.config_file,
+        s.config.accounts_file,
+        ago(Some(s.config.loaded_at)),
+    );
+    if let Some(e) = &s.config.last_reload_error {
+        out.push_str(&format!("LAST RELOAD FAILED ({}): {e}\n", ago(s.config.last_reload_at)));
+    }
+    if let Some(problem) = &s.persistence_problem {
+        out.push_str(&format!("DEGRADED: {problem}\n"));
+    }
+    let p = &s.pool;
+    out.push_str(&format!(
+        "pool:      {} accounts: {} active, {} cooling, {} quota, {} suspended, {} invalid, {} disabled; {} in flight, {} streams\n\n",
+        p.total, p.active, p.cooling, p.quota, p.suspended, p.invalid, p.disabled, p.in_flight, s.streams_in_flight
+    ));
+    out.push_str(&render_accounts(&s.accounts, st));
+    out
+}
+
+/// `amqctl account ID`: every field of one account, one a line.
+pub fn render_account(a: &AccountInfo) -> String {
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let time = |t: Option<u64>| t.map(|t| format!("{t} ({})", ago(Some(t)))).unwrap_or_else(|| "-".into());
+    format!(
+        "id:               {}\nlabel:            {}\nenabled:          {}\nstate:            {}\nreason:           {}\nsince:            {}\nuntil:            {}\ntoken expires in: {}\ntoken:            {}{}\nin flight:        {}/{}\nweight:           {}\nrequests:         {}\nfailures:         {}\ntokens in/out:    {}/{}\nlast used:        {}\nlast error:       {}\n",
+        a.id,
+        a.label,
+        a.enabled,
+        a.state,
+        opt(&a.reason),
+        time(a.since),
+        a.until.map(|u| format!("{u} (in {})", human(u as i64 - now() as i64))).unwrap_or_else(|| "-".into()),
+        a.token_expires_at.map(|t| human(t as i64 - now() as i64)).unwrap_or_else(|| "-".into()),
+        a.token_fingerprint.as_deref().map(|f| format!("sha256:{f}…")).unwrap_or_else(|| "-".into()),
+        if a.tokens_unsaved { " (rotated refresh token NOT STORED yet: retrying)" } else { "" },
+        a.in_flight,
+        a.max_concurrency,
+        a.weight,
+        a.requests,
+        a.failures,
+        a.tokens_in,
+        a.tokens_out,
+        ago(a.last_used),
+        opt(&a.last_error),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human(5), "5s");
+        assert_eq!(human(300), "5m");
+        assert_eq!(human(7800), "2h10m");
+        assert_eq!(human(-90), "-1m");
+    }
+}
