@@ -10,6 +10,7 @@
 //! - [`daemon`]: [`run`] — the daemon's life from validated config and bound listeners to drain.
 //! - [`demo`]: `amq2api demo` — emulator and daemon in one process, no credentials needed.
 //! - [`exit`]: the exit codes both binaries use.
+//! - [`hash`]: SHA-256 and short fingerprints (of secrets, keys, names).
 //! - [`ids`]: random identifiers (request, message and invocation ids).
 //! - [`accounts`]: the account pool (selection, leases, cooldowns, live reload) and token lifecycle.
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
@@ -36,6 +37,7 @@ pub mod daemon;
 pub mod demo;
 pub mod emulator;
 pub mod exit;
+pub mod hash;
 pub mod ids;
 pub mod logging;
 pub mod metrics;

@@ -892,7 +892,7 @@ fn weight(a: &Account) -> u32 {
 
 /// A stable pseudo-random fraction in [0, 1) per account id.
 fn jitter_fraction(id: &str) -> f64 {
-    let d = crate::config::secret::sha256(id.as_bytes());
+    let d = crate::hash::sha256(id.as_bytes());
     u16::from_be_bytes([d[0], d[1]]) as f64 / 65536.0
 }
 

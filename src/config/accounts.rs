@@ -1,7 +1,8 @@
 //! `accounts.toml`: the operator's list of Amazon Q accounts, parsed and validated.
 
 use super::diag::{Diagnostics, Reporter};
-use super::secret::{Secret, sha256};
+use super::secret::Secret;
+use crate::hash::sha256;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;

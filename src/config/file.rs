@@ -321,7 +321,7 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
             }
         }
     }
-    if digests.contains(&super::secret::sha256(EXAMPLE_API_KEY.as_bytes())) {
+    if digests.contains(&crate::hash::sha256(EXAMPLE_API_KEY.as_bytes())) {
         ck.rep.warning_at(
             raw.auth.api_keys.first().map(|k| k.span()),
             "the example API key from examples/amq2api.toml is configured: replace it with your own secret",

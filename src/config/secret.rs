@@ -2,7 +2,7 @@
 //! from memory when dropped.
 
 use serde::{Deserialize, Deserializer};
-use sha2::{Digest, Sha256};
+use crate::hash::{fingerprint_of, sha256};
 use std::fmt;
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, ZeroizeOnDrop};
@@ -69,18 +69,6 @@ impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         String::deserialize(d).map(Secret)
     }
-}
-
-pub fn sha256(data: &[u8]) -> [u8; 32] {
-    let out = Sha256::digest(data);
-    let mut arr = [0u8; 32];
-    arr.copy_from_slice(&out);
-    arr
-}
-
-/// First 8 hex digits of SHA-256: a short, stable tag for a secret.
-pub fn fingerprint_of(data: &[u8]) -> String {
-    hex::encode(&sha256(data)[..4])
 }
 
 /// The set of accepted client API keys, held only as SHA-256 digests.

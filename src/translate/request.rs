@@ -64,7 +64,7 @@ fn alias_for(name: &str) -> String {
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
         .collect();
-    let hash = crate::config::secret::fingerprint_of(name.as_bytes());
+    let hash = crate::hash::fingerprint_of(name.as_bytes());
     let prefix: String = clean.chars().take(64 - 1 - hash.len()).collect();
     format!("{prefix}_{hash}")
 }
@@ -618,7 +618,7 @@ fn conversation_id(user_id: Option<&str>, session: Option<&str>) -> String {
     });
     match key {
         Some(k) if !k.is_empty() => {
-            let d = crate::config::secret::sha256(k.as_bytes());
+            let d = crate::hash::sha256(k.as_bytes());
             let h = hex::encode(&d[..16]);
             format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
         }

@@ -70,7 +70,7 @@ pub struct ResponseState {
 /// A daemon-issued thinking signature (clients send it back; it is accepted as context).
 pub fn signature_for(thinking: &str) -> String {
     use base64::Engine;
-    let d = crate::config::secret::sha256(format!("amq2api-thinking\0{thinking}").as_bytes());
+    let d = crate::hash::sha256(format!("amq2api-thinking\0{thinking}").as_bytes());
     base64::engine::general_purpose::STANDARD.encode(d)
 }
 
