@@ -1,17 +1,18 @@
 //! The daemon's life: build the pool, the server and the background tasks from a validated
-//! configuration, serve on already-bound listeners, reload on request (SIGHUP, `amqctl reload`,
-//! a changed accounts file), and drain on shutdown.
+//! configuration, serve on already-bound listeners, start the named background tasks (control
+//! socket, token refresher, reload's watcher and SIGHUP handler, systemd status and watchdog), and
+//! on shutdown stop them all through one [`crate::shutdown::Shutdown`], drain, and store what
+//! must survive.
 
 use crate::accounts::Pool;
 use crate::accounts::pool::{NoSink, Restored, StateSink};
-use crate::config::{self, AccountSet, Env, Loaded};
-use crate::control::wire::ReloadResult;
+use crate::config::{Env, Loaded};
+use crate::reload::{Reloader, off_runtime};
 use crate::server::{self, App, ServeOptions, tls};
 use crate::translate::ModelMap;
 use crate::upstream::UpstreamClient;
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
@@ -35,153 +36,19 @@ pub enum RunError {
     Store(String),
 }
 
-/// What the last reload did.
-#[derive(Debug, Clone)]
-pub struct ReloadInfo {
-    /// The set in use (the last good one).
-    pub accounts: AccountSet,
-    pub loaded_at: SystemTime,
-    pub last_error: Option<String>,
-    pub last_attempt: Option<SystemTime>,
-}
-
-/// State shared by the server, the control socket and the reload path.
-pub struct Shared {
-    pub app: Arc<App>,
-    pub config_path: PathBuf,
-    pub env: Env,
-    pub listeners: Vec<String>,
-    pub started_at: SystemTime,
-    pub tls_cert: Option<Arc<tls::ReloadableCert>>,
-    info: RwLock<ReloadInfo>,
-    reload_lock: tokio::sync::Mutex<()>,
-}
-
-impl Shared {
-    /// The line `systemctl status` shows: "serving 12/14 accounts, 3 streams", plus the last
-    /// reload error when there is one.
-    pub fn status_line(&self) -> String {
-        let s = self.app.pool.summary();
-        let mut line = format!(
-            "serving {}/{} accounts, {} streams",
-            s.active,
-            s.total,
-            self.app.metrics.streams_in_flight()
-        );
-        if let Some(p) = self.app.pool.persistence_problem() {
-            line.push_str(&format!("; DEGRADED: {p}"));
-        }
-        if let Some(e) = &self.reload_info().last_error {
-            line.push_str(&format!("; last reload failed: {e}"));
-        }
-        line
+/// The line `systemctl status` shows: "serving 12/14 accounts, 3 streams", plus a persistence
+/// problem and the last reload error when there are.
+pub fn status_line(app: &App, reloader: &Reloader) -> String {
+    let s = app.pool.summary();
+    let mut line =
+        format!("serving {}/{} accounts, {} streams", s.active, s.total, app.metrics.streams_in_flight());
+    if let Some(p) = app.pool.persistence_problem() {
+        line.push_str(&format!("; DEGRADED: {p}"));
     }
-
-    pub fn reload_info(&self) -> ReloadInfo {
-        self.info.read().unwrap_or_else(|e| e.into_inner()).clone()
+    if let Some(e) = &reloader.info().last_error {
+        line.push_str(&format!("; last reload failed: {e}"));
     }
-
-    fn record(&self, result: &ReloadResult, new_set: Option<AccountSet>) {
-        let mut info = self.info.write().unwrap_or_else(|e| e.into_inner());
-        info.last_attempt = Some(SystemTime::now());
-        if result.ok {
-            info.last_error = None;
-            if let Some(set) = new_set {
-                info.accounts = set;
-                info.loaded_at = SystemTime::now();
-            }
-        } else {
-            info.last_error = Some(result.errors.join("; "));
-        }
-    }
-
-    /// Re-reads the accounts file and applies the difference; an invalid file changes nothing.
-    pub async fn reload_accounts(&self) -> ReloadResult {
-        let _guard = self.reload_lock.lock().await;
-        let path = self.app.config.accounts.file.clone();
-        let result = match off_runtime(move || config::accounts::load(&path)).await {
-            Ok((set, warnings)) => {
-                let old = self.reload_info().accounts;
-                let diff = old.diff(&set);
-                if !diff.is_empty() {
-                    self.app.pool.apply(&set, &diff).await;
-                    tracing::info!(changes = %diff, "accounts file reloaded");
-                }
-                let r = ReloadResult {
-                    ok: true,
-                    changes: diff.to_string(),
-                    errors: vec![],
-                    warnings: warnings.0.iter().map(|w| w.to_string()).collect(),
-                };
-                self.record(&r, Some(set));
-                return r;
-            }
-            Err(diags) => {
-                for d in diags.errors() {
-                    tracing::error!("accounts file not applied (the last good set keeps serving): {d}");
-                }
-                ReloadResult {
-                    ok: false,
-                    changes: "no changes".into(),
-                    errors: diags.errors().map(|d| d.to_string()).collect(),
-                    warnings: diags.warnings().map(|d| d.to_string()).collect(),
-                }
-            }
-        };
-        self.record(&result, None);
-        result
-    }
-
-    /// SIGHUP / `amqctl reload`: re-reads amq2api.toml (client keys, TLS certificate) and the
-    /// accounts file. Settings that need a restart (listeners, state dir) are reported.
-    pub async fn reload_all(&self) -> ReloadResult {
-        let (path, env) = (self.config_path.clone(), self.env.clone());
-        let loaded = match off_runtime(move || config::load(&path, &env)).await {
-            Ok(l) => l,
-            Err(diags) => {
-                for d in diags.errors() {
-                    tracing::error!("configuration not applied (the running one stays): {d}");
-                }
-                let r = ReloadResult {
-                    ok: false,
-                    changes: "no changes".into(),
-                    errors: diags.errors().map(|d| d.to_string()).collect(),
-                    warnings: diags.warnings().map(|d| d.to_string()).collect(),
-                };
-                self.record(&r, None);
-                return r;
-            }
-        };
-        let mut notes = Vec::new();
-        *self.app.auth.write().unwrap_or_else(|e| e.into_inner()) = loaded.config.auth.clone();
-        if let (Some(cert), Some(files)) = (&self.tls_cert, &loaded.config.server.tls) {
-            let (cert, files) = (cert.clone(), files.clone());
-            match off_runtime(move || cert.reload(&files.cert, &files.key)).await {
-                Ok(()) => notes.push("TLS certificate reloaded".to_string()),
-                Err(e) => {
-                    tracing::error!(error = %e, "new TLS certificate refused; the old one stays in use");
-                    notes.push(format!("TLS certificate NOT reloaded: {e}"));
-                }
-            }
-        }
-        if loaded.config.server.listen != self.app.config.server.listen {
-            notes.push("listen addresses changed: restart to apply".into());
-        }
-        let mut r = self.reload_accounts().await;
-        if !notes.is_empty() {
-            r.changes = format!("{}; {}", r.changes, notes.join("; "));
-        }
-        r
-    }
-}
-
-/// Runs blocking work (reading configuration files) on the blocking pool, so that no runtime
-/// worker ever waits on a file; a panic there goes on in the caller.
-async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(v) => v,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
+    line
 }
 
 /// Runs the daemon until `shutdown` resolves, then drains: no new connections, in-flight
@@ -239,7 +106,7 @@ pub async fn run_with(
     };
     let control_listener = crate::control::bind(&config.control.socket, config.control.mode)?;
     let (drain_tx, drain_rx) = watch::channel(false);
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop, shutdown_signal) = crate::shutdown::channel();
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let app = Arc::new(App {
         auth: RwLock::new(config.auth.clone()),
@@ -273,102 +140,41 @@ pub async fn run_with(
             app.clone(),
             listener,
             opts.clone(),
-            stop_rx.clone(),
+            shutdown_signal.clone(),
             graceful.clone(),
         )));
     }
-    let shared = Arc::new(Shared {
+    let reloader = Arc::new(Reloader::new(app.clone(), config_path, Env::from_process(), tls_cert, accounts));
+    let status = {
+        let (app, reloader) = (app.clone(), reloader.clone());
+        move || status_line(&app, &reloader)
+    };
+    let control_ctx = Arc::new(crate::control::Context {
         app: app.clone(),
-        env: Env::from_process(),
-        config_path,
+        reloader: reloader.clone(),
         listeners: addrs,
         started_at: SystemTime::now(),
-        tls_cert,
-        info: RwLock::new(ReloadInfo {
-            accounts,
-            loaded_at: SystemTime::now(),
-            last_error: None,
-            last_attempt: None,
-        }),
-        reload_lock: tokio::sync::Mutex::new(()),
     });
-    let control = tokio::spawn(crate::control::serve(shared.clone(), control_listener, stop_rx.clone()));
-    let refresher = tokio::spawn(pool.clone().run_refresher(stop_rx.clone()));
-
-    // The accounts file, live.
-    let (file_tx, mut file_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher = match crate::accounts::watch::watch(&app.config.accounts.file, file_tx) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the accounts file; reload with SIGHUP or amqctl reload");
-            None
-        }
-    };
-    let watch_shared = shared.clone();
-    let mut watch_stop = stop_rx.clone();
-    let watcher_task = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = watch_stop.changed() => break,
-                more = crate::accounts::watch::next_burst(&mut file_rx) => {
-                    if !more { break; }
-                    // The symlink may have been re-pointed: watch where it leads now.
-                    if let Some(w) = watcher.as_mut() { w.follow_target(); }
-                    watch_shared.reload_accounts().await;
-                }
-            }
-        }
-    });
-    // SIGHUP: reload everything.
-    let hup_shared = shared.clone();
-    let mut hup_stop = stop_rx.clone();
-    let hup_task = tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = hup_stop.changed() => break,
-                _ = hup.recv() => {
-                    tracing::info!("SIGHUP: reloading configuration and accounts");
-                    crate::systemd::reloading();
-                    let r = hup_shared.reload_all().await;
-                    tracing::info!(ok = r.ok, changes = %r.changes, "reload finished");
-                    crate::systemd::ready(&hup_shared.status_line());
-                }
-            }
-        }
-    });
+    let mut tasks = vec![
+        tokio::spawn(crate::control::serve(control_ctx, control_listener, shutdown_signal.clone())),
+        tokio::spawn(pool.clone().run_refresher(shutdown_signal.clone())),
+        tokio::spawn(crate::reload::watch_accounts(reloader.clone(), shutdown_signal.clone())),
+        tokio::spawn(crate::reload::on_sighup(reloader.clone(), status.clone(), shutdown_signal.clone())),
+    ];
     // systemd: ready, a status line kept current, the watchdog.
-    let mut extra = Vec::new();
     if let Some(interval) = crate::systemd::watchdog_interval() {
-        extra.push(tokio::spawn(crate::systemd::run_watchdog(interval, stop_rx.clone())));
+        tasks.push(tokio::spawn(crate::systemd::run_watchdog(interval, shutdown_signal.clone())));
     }
     if crate::systemd::under_systemd() {
-        let st_shared = shared.clone();
-        let mut st_stop = stop_rx.clone();
-        extra.push(tokio::spawn(async move {
-            let mut last = String::new();
-            loop {
-                let line = st_shared.status_line();
-                if line != last {
-                    crate::systemd::status(&line);
-                    last = line;
-                }
-                tokio::select! {
-                    _ = st_stop.changed() => break,
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                }
-            }
-        }));
+        tasks.push(tokio::spawn(crate::systemd::keep_status(status.clone(), shutdown_signal.clone())));
     }
-    tracing::info!(accounts = shared.reload_info().accounts.len(), "amq2api ready");
-    crate::systemd::ready(&shared.status_line());
+    tracing::info!(accounts = reloader.info().accounts.len(), "amq2api ready");
+    crate::systemd::ready(&status());
 
     shutdown.await;
     crate::systemd::stopping();
     tracing::info!("shutting down: no new connections; draining in-flight requests");
-    let _ = stop_tx.send(true);
+    stop.fire();
     for s in servers {
         let _ = s.await;
     }
@@ -388,8 +194,7 @@ pub async fn run_with(
             let _ = tokio::time::timeout(Duration::from_secs(2), done).await;
         }
     }
-    let _ = tokio::join!(refresher, control, watcher_task, hup_task);
-    for t in extra {
+    for t in tasks {
         let _ = t.await;
     }
     // A refresh in flight may have rotated the refresh token at the token endpoint: its answer

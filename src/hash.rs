@@ -15,4 +15,3 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 pub fn fingerprint_of(data: &[u8]) -> String {
     hex::encode(&sha256(data)[..4])
 }
-

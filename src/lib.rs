@@ -16,6 +16,8 @@
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
 //! - [`metrics`]: Prometheus metrics (`/metrics`): requests, latencies, attempts, failovers, streams.
 //! - [`relay`]: the trip to Amazon Q: lease, token, send, classify, fail over ([`relay::retry`]), Claude error.
+//! - [`reload`]: the one owner of configuration changes (SIGHUP, `amqctl reload`, the file watcher).
+//! - [`shutdown`]: the stop signal every background task listens to.
 //! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain.
 //! - [`store`]: the redb state store: token chains, account states, counters; versioned values.
 //! - [`systemd`]: sd_notify (READY, STATUS, RELOADING, STOPPING), watchdog, socket activation.
@@ -42,7 +44,9 @@ pub mod ids;
 pub mod logging;
 pub mod metrics;
 pub mod relay;
+pub mod reload;
 pub mod server;
+pub mod shutdown;
 pub mod store;
 pub mod systemd;
 pub mod translate;

@@ -54,6 +54,7 @@
 //! again (redb recovers it from its last durable commit) and a write that succeeds clears the
 //! problem. Callers keep what they could not write and retry: the store never drops it for them.
 
+pub use crate::accounts::state::{AccountState, UnknownAccountState};
 use crate::config::Secret;
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle, WriteTransaction,
@@ -65,7 +66,6 @@ use std::fmt;
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -221,62 +221,6 @@ pub struct StateRecord {
     pub until: Option<SystemTime>,
     pub reason: Option<String>,
     pub last_error: Option<String>,
-}
-
-/// What the pool may do with an account; stored by name ([`AccountState::as_str`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash, PartialOrd, Ord)]
-pub enum AccountState {
-    #[default]
-    Active,
-    Cooling,
-    Quota,
-    Suspended,
-    Disabled,
-    Invalid,
-}
-
-impl AccountState {
-    pub const ALL: [AccountState; 6] = [
-        AccountState::Active,
-        AccountState::Cooling,
-        AccountState::Quota,
-        AccountState::Suspended,
-        AccountState::Disabled,
-        AccountState::Invalid,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AccountState::Active => "active",
-            AccountState::Cooling => "cooling",
-            AccountState::Quota => "quota",
-            AccountState::Suspended => "suspended",
-            AccountState::Disabled => "disabled",
-            AccountState::Invalid => "invalid",
-        }
-    }
-}
-
-impl fmt::Display for AccountState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// An account state name that is not one of [`AccountState::as_str`]'s.
-#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
-#[error("unknown account state {0:?} (expected active, cooling, quota, suspended, disabled or invalid)")]
-pub struct UnknownAccountState(pub String);
-
-impl FromStr for AccountState {
-    type Err = UnknownAccountState;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        AccountState::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| UnknownAccountState(s.to_owned()))
-    }
 }
 
 /// Usage counters of one account.

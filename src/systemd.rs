@@ -48,13 +48,30 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// Pings the watchdog at half its interval until `stop`. The pings come from a task on the
 /// runtime: a wedged runtime (every worker blocked) stops pinging and systemd restarts the
 /// service.
-pub async fn run_watchdog(interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn run_watchdog(interval: Duration, mut shutdown: crate::shutdown::Shutdown) {
     let mut tick = tokio::time::interval(interval / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = stop.changed() => break,
+            _ = shutdown.recv() => break,
             _ = tick.tick() => send(&[NotifyState::Watchdog]),
+        }
+    }
+}
+
+/// Keeps `STATUS=` current: sends the line `status` gives whenever it changes (checked every
+/// 2 s) until the stop.
+pub async fn keep_status(status: impl Fn() -> String, mut shutdown: crate::shutdown::Shutdown) {
+    let mut last = String::new();
+    loop {
+        let line = status();
+        if line != last {
+            self::status(&line);
+            last = line;
+        }
+        tokio::select! {
+            _ = shutdown.recv() => break,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
 }

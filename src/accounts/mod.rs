@@ -1,9 +1,10 @@
 //! The account pool: selection, leases, cooldowns and suspensions ([`pool`]), and each account's
 //! token lifecycle — refresh before expiry, single flight, rotation ([`tokens`]), and the live
-//! accounts file ([`watch`]).
+//! accounts file ([`watch`]), the state enum ([`state`]) and what the store keeps ([`persist`]).
 
 pub mod persist;
 pub mod pool;
+pub mod state;
 pub mod tokens;
 pub mod watch;
 

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-pub use crate::store::{AccountState as State, Counters};
+pub use super::state::AccountState as State;
+pub use crate::store::Counters;
 
 /// State with its times and reason.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -220,7 +221,7 @@ pub enum PoolError {
 }
 
 /// Counts of accounts by state (for `/health`, `STATUS=`, metrics, the control API).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolSummary {
     pub total: usize,
     pub active: usize,
@@ -231,7 +232,6 @@ pub struct PoolSummary {
     pub disabled: usize,
     pub in_flight: u64,
     /// Accounts whose rotated refresh token is held in memory only (storing it failed).
-    #[serde(default)]
     pub unsaved: usize,
 }
 
@@ -860,13 +860,13 @@ impl Pool {
     }
 
     /// Runs the background refresher until `stop` resolves.
-    pub async fn run_refresher(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    pub async fn run_refresher(self: Arc<Self>, mut stop: crate::shutdown::Shutdown) {
         loop {
             self.refresh_due();
             self.flush_counters();
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.changed() => break,
+                _ = stop.recv() => break,
             }
         }
         self.flush_counters();

@@ -1,8 +1,8 @@
 //! Secret values (tokens, client secrets, API keys) that never print themselves and are wiped
 //! from memory when dropped.
 
-use serde::{Deserialize, Deserializer};
 use crate::hash::{fingerprint_of, sha256};
+use serde::{Deserialize, Deserializer};
 use std::fmt;
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, ZeroizeOnDrop};

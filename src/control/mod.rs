@@ -6,9 +6,11 @@ pub mod wire;
 
 use crate::accounts::Account;
 use crate::accounts::pool::AccountView;
-use crate::daemon::Shared;
-use crate::server::body::Body;
+use crate::reload::Reloader;
+use crate::server::App;
+use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -81,11 +83,23 @@ fn allowed(peer: &Peer) -> bool {
         .unwrap_or(false)
 }
 
-/// Serves the control API until `stop` turns true.
+/// What the control API reads and acts on.
+pub struct Context {
+    pub app: Arc<App>,
+    pub reloader: Arc<Reloader>,
+    /// The daemon's listeners, as URLs.
+    pub listeners: Vec<String>,
+    pub started_at: SystemTime,
+}
+
+/// The control API's answers: a whole JSON body.
+type Body = Full<Bytes>;
+
+/// Serves the control API until the stop.
 pub async fn serve(
-    shared: Arc<Shared>,
+    shared: Arc<Context>,
     listener: std::os::unix::net::UnixListener,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut stop: crate::shutdown::Shutdown,
 ) {
     if listener.set_nonblocking(true).is_err() {
         return;
@@ -93,7 +107,7 @@ pub async fn serve(
     let Ok(listener) = UnixListener::from_std(listener) else { return };
     loop {
         let (stream, _) = tokio::select! {
-            _ = stop.changed() => break,
+            _ = stop.recv() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -120,7 +134,8 @@ pub async fn serve(
 }
 
 fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Body> {
-    let mut r = Response::new(Body::full(serde_json::to_vec_pretty(v).expect("wire types serialise")));
+    let mut r =
+        Response::new(Full::new(Bytes::from(serde_json::to_vec_pretty(v).expect("wire types serialise"))));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     r
@@ -128,6 +143,11 @@ fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Body> {
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     json(status, &ErrorBody { error: msg.into() })
+}
+
+/// The wire form of a reload's outcome.
+fn reload_result(o: crate::reload::Outcome) -> ReloadResult {
+    ReloadResult { ok: o.ok, changes: o.changes, errors: o.errors, warnings: o.warnings }
 }
 
 fn unix(t: Option<SystemTime>) -> Option<u64> {
@@ -162,9 +182,9 @@ pub fn account_info(v: &AccountView) -> AccountInfo {
     }
 }
 
-pub fn status(shared: &Shared) -> Status {
+pub fn status(shared: &Context) -> Status {
     let s = shared.app.pool.summary();
-    let info = shared.reload_info();
+    let info = shared.reloader.info();
     Status {
         server_version: env!("CARGO_PKG_VERSION").into(),
         api_version: API_VERSION,
@@ -173,13 +193,23 @@ pub fn status(shared: &Shared) -> Status {
         uptime_secs: shared.app.started.elapsed().as_secs(),
         listeners: shared.listeners.clone(),
         config: ConfigState {
-            config_file: shared.config_path.display().to_string(),
+            config_file: shared.reloader.config_path().display().to_string(),
             accounts_file: shared.app.config.accounts.file.display().to_string(),
             loaded_at: unix(Some(info.loaded_at)).unwrap_or(0),
             last_reload_error: info.last_error.clone(),
             last_reload_at: unix(info.last_attempt),
         },
-        pool: s,
+        pool: PoolState {
+            total: s.total,
+            active: s.active,
+            cooling: s.cooling,
+            quota: s.quota,
+            suspended: s.suspended,
+            invalid: s.invalid,
+            disabled: s.disabled,
+            in_flight: s.in_flight,
+            unsaved: s.unsaved,
+        },
         streams_in_flight: shared.app.metrics.streams_in_flight(),
         accounts: shared.app.pool.accounts().iter().map(|a| account_info(&a.view())).collect(),
         persistence_problem: shared.app.pool.persistence_problem(),
@@ -203,7 +233,7 @@ fn expires_in(a: &Account) -> String {
 }
 
 /// Refreshes one account's token now.
-pub async fn refresh_one(shared: &Shared, a: &Arc<Account>) -> ActionResult {
+pub async fn refresh_one(shared: &Context, a: &Arc<Account>) -> ActionResult {
     let r = shared.app.pool.refresh_now(a).await;
     let (ok, message) = match r {
         Ok(_) => (true, expires_in(a)),
@@ -214,7 +244,7 @@ pub async fn refresh_one(shared: &Shared, a: &Arc<Account>) -> ActionResult {
 
 /// A real minimal upstream call on the account, through the relay: classified like live
 /// traffic (capacity errors included), the verdict recorded unless an operator disabled it.
-pub async fn check_one(shared: &Shared, a: &Arc<Account>) -> ActionResult {
+pub async fn check_one(shared: &Context, a: &Arc<Account>) -> ActionResult {
     use crate::upstream::types::*;
     let q_model =
         shared.app.models.resolve("claude-sonnet-4-5").unwrap_or_else(|_| "claude-sonnet-4.5".into());
@@ -247,9 +277,9 @@ pub async fn check_one(shared: &Shared, a: &Arc<Account>) -> ActionResult {
 }
 
 /// Runs `f` over accounts with at most `limit` at once, results in account order.
-async fn for_all<F, Fut>(shared: &Arc<Shared>, limit: usize, f: F) -> Vec<ActionResult>
+async fn for_all<F, Fut>(shared: &Arc<Context>, limit: usize, f: F) -> Vec<ActionResult>
 where
-    F: Fn(Arc<Shared>, Arc<Account>) -> Fut,
+    F: Fn(Arc<Context>, Arc<Account>) -> Fut,
     Fut: std::future::Future<Output = ActionResult> + Send + 'static,
 {
     let sem = Arc::new(tokio::sync::Semaphore::new(limit));
@@ -271,7 +301,7 @@ where
     out
 }
 
-async fn handle(shared: &Arc<Shared>, peer: Peer, req: Request<Incoming>) -> Response<Body> {
+async fn handle(shared: &Arc<Context>, peer: Peer, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().trim_end_matches('/').to_string();
     if !allowed(&peer) {
@@ -342,7 +372,7 @@ async fn handle(shared: &Arc<Shared>, peer: Peer, req: Request<Incoming>) -> Res
             json(StatusCode::OK, &rs)
         }
         (&Method::POST, ["v1", "reload"]) => {
-            let r = shared.reload_all().await;
+            let r = reload_result(shared.reloader.all().await);
             tracing::info!(uid = peer.uid, pid = peer.pid, ok = r.ok, changes = %r.changes, "control: reload");
             json(StatusCode::OK, &r)
         }

@@ -35,8 +35,22 @@ pub struct ConfigState {
     pub last_reload_at: Option<u64>,
 }
 
-/// The pool summary, as the pool computes it.
-pub use crate::accounts::PoolSummary as PoolState;
+/// Accounts by state. (Its own type: a change inside the pool must not change this wire
+/// format, [`API_VERSION`] 1, without anyone noticing.)
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PoolState {
+    pub total: usize,
+    pub active: usize,
+    pub cooling: usize,
+    pub quota: usize,
+    pub suspended: usize,
+    pub invalid: usize,
+    pub disabled: usize,
+    pub in_flight: u64,
+    /// Accounts whose rotated refresh token is held in memory only (storing it failed).
+    #[serde(default)]
+    pub unsaved: usize,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AccountInfo {

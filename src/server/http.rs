@@ -48,9 +48,7 @@ fn presented_key(req: &http::request::Parts) -> Option<&str> {
 
 /// The key's short fingerprint for the access log (never the key).
 fn key_tag(req: &http::request::Parts) -> String {
-    presented_key(req)
-        .map(|k| crate::hash::fingerprint_of(k.as_bytes()))
-        .unwrap_or_else(|| "-".into())
+    presented_key(req).map(|k| crate::hash::fingerprint_of(k.as_bytes())).unwrap_or_else(|| "-".into())
 }
 
 fn authenticate(app: &App, req: &http::request::Parts) -> Result<(), ApiError> {

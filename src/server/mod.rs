@@ -88,7 +88,7 @@ pub async fn serve(
     app: Arc<App>,
     listener: tokio::net::TcpListener,
     opts: Arc<ServeOptions>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: crate::shutdown::Shutdown,
     graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
 ) {
     let b = Arc::new(builder(&opts));
@@ -96,11 +96,11 @@ pub async fn serve(
     let acceptor = opts.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     loop {
         let permit = tokio::select! {
-            _ = stop.changed() => break,
+            _ = stop.recv() => break,
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
         let (tcp, peer) = tokio::select! {
-            _ = stop.changed() => break,
+            _ = stop.recv() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {

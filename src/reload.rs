@@ -1,0 +1,227 @@
+//! The one owner of configuration changes. SIGHUP, `amqctl reload` and the accounts-file
+//! watcher all come here: files are read off the async runtime, an invalid file never replaces
+//! a good one (the last good set keeps serving and the error is kept for `amqctl status` and
+//! `STATUS=`), and a good one is applied as a typed diff.
+
+use crate::config::{self, AccountSet, Env};
+use crate::server::{App, tls};
+use crate::shutdown::Shutdown;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub ok: bool,
+    /// What changed ("added a, removed b", "no changes").
+    pub changes: String,
+    /// Every problem when the new files were refused (the old set keeps serving).
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// The configuration in use and how the last reload went.
+#[derive(Debug, Clone)]
+pub struct ReloadInfo {
+    /// The set in use (the last good one).
+    pub accounts: AccountSet,
+    pub loaded_at: SystemTime,
+    pub last_error: Option<String>,
+    pub last_attempt: Option<SystemTime>,
+}
+
+/// Applies configuration changes to the running daemon, one at a time.
+pub struct Reloader {
+    app: Arc<App>,
+    config_path: PathBuf,
+    env: Env,
+    tls_cert: Option<Arc<tls::ReloadableCert>>,
+    info: RwLock<ReloadInfo>,
+    /// One reload at a time (a watcher burst and an `amqctl reload` may meet).
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl Reloader {
+    /// `accounts` is the set the daemon started with.
+    pub fn new(
+        app: Arc<App>,
+        config_path: PathBuf,
+        env: Env,
+        tls_cert: Option<Arc<tls::ReloadableCert>>,
+        accounts: AccountSet,
+    ) -> Reloader {
+        Reloader {
+            app,
+            config_path,
+            env,
+            tls_cert,
+            info: RwLock::new(ReloadInfo {
+                accounts,
+                loaded_at: SystemTime::now(),
+                last_error: None,
+                last_attempt: None,
+            }),
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config_path
+    }
+
+    pub fn info(&self) -> ReloadInfo {
+        self.info.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn record(&self, result: &Outcome, new_set: Option<AccountSet>) {
+        let mut info = self.info.write().unwrap_or_else(|e| e.into_inner());
+        info.last_attempt = Some(SystemTime::now());
+        if result.ok {
+            info.last_error = None;
+            if let Some(set) = new_set {
+                info.accounts = set;
+                info.loaded_at = SystemTime::now();
+            }
+        } else {
+            info.last_error = Some(result.errors.join("; "));
+        }
+    }
+
+    /// Re-reads the accounts file and applies the difference; an invalid file changes nothing.
+    pub async fn accounts(&self) -> Outcome {
+        let _guard = self.lock.lock().await;
+        self.accounts_locked().await
+    }
+
+    async fn accounts_locked(&self) -> Outcome {
+        let path = self.app.config.accounts.file.clone();
+        let result = match off_runtime(move || config::accounts::load(&path)).await {
+            Ok((set, warnings)) => {
+                let old = self.info().accounts;
+                let diff = old.diff(&set);
+                if !diff.is_empty() {
+                    self.app.pool.apply(&set, &diff).await;
+                    tracing::info!(changes = %diff, "accounts file reloaded");
+                }
+                let r = Outcome {
+                    ok: true,
+                    changes: diff.to_string(),
+                    errors: vec![],
+                    warnings: warnings.0.iter().map(|w| w.to_string()).collect(),
+                };
+                self.record(&r, Some(set));
+                return r;
+            }
+            Err(diags) => {
+                for d in diags.errors() {
+                    tracing::error!("accounts file not applied (the last good set keeps serving): {d}");
+                }
+                Outcome {
+                    ok: false,
+                    changes: "no changes".into(),
+                    errors: diags.errors().map(|d| d.to_string()).collect(),
+                    warnings: diags.warnings().map(|d| d.to_string()).collect(),
+                }
+            }
+        };
+        self.record(&result, None);
+        result
+    }
+
+    /// SIGHUP / `amqctl reload`: re-reads amq2api.toml (client keys, TLS certificate) and the
+    /// accounts file. Settings that need a restart (listeners, state dir) are reported.
+    pub async fn all(&self) -> Outcome {
+        let _guard = self.lock.lock().await;
+        let (path, env) = (self.config_path.clone(), self.env.clone());
+        let loaded = match off_runtime(move || config::load(&path, &env)).await {
+            Ok(l) => l,
+            Err(diags) => {
+                for d in diags.errors() {
+                    tracing::error!("configuration not applied (the running one stays): {d}");
+                }
+                let r = Outcome {
+                    ok: false,
+                    changes: "no changes".into(),
+                    errors: diags.errors().map(|d| d.to_string()).collect(),
+                    warnings: diags.warnings().map(|d| d.to_string()).collect(),
+                };
+                self.record(&r, None);
+                return r;
+            }
+        };
+        let mut notes = Vec::new();
+        *self.app.auth.write().unwrap_or_else(|e| e.into_inner()) = loaded.config.auth.clone();
+        if let (Some(cert), Some(files)) = (&self.tls_cert, &loaded.config.server.tls) {
+            let (cert, files) = (cert.clone(), files.clone());
+            match off_runtime(move || cert.reload(&files.cert, &files.key)).await {
+                Ok(()) => notes.push("TLS certificate reloaded".to_string()),
+                Err(e) => {
+                    tracing::error!(error = %e, "new TLS certificate refused; the old one stays in use");
+                    notes.push(format!("TLS certificate NOT reloaded: {e}"));
+                }
+            }
+        }
+        if loaded.config.server.listen != self.app.config.server.listen {
+            notes.push("listen addresses changed: restart to apply".into());
+        }
+        let mut r = self.accounts_locked().await;
+        if !notes.is_empty() {
+            r.changes = format!("{}; {}", r.changes, notes.join("; "));
+        }
+        r
+    }
+}
+
+/// Runs blocking work (reading configuration files) on the blocking pool, so that no runtime
+/// worker ever waits on a file; a panic there goes on in the caller.
+pub async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// The accounts-file watcher's loop: each burst of changes (a symlink re-pointed included) is
+/// one reload. Without a watcher (it could not be set up) it only waits for the stop.
+pub async fn watch_accounts(reloader: Arc<Reloader>, mut shutdown: Shutdown) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = match crate::accounts::watch::watch(&reloader.app.config.accounts.file, tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the accounts file; reload with SIGHUP or amqctl reload");
+            None
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => break,
+            more = crate::accounts::watch::next_burst(&mut rx) => {
+                if !more { break; }
+                // The symlink may have been re-pointed: watch where it leads now.
+                if let Some(w) = watcher.as_mut() { w.follow_target(); }
+                reloader.accounts().await;
+            }
+        }
+    }
+}
+
+/// SIGHUP's loop: reload everything, telling systemd (`RELOADING=1`, then `READY=1` with the
+/// status line `status` gives).
+pub async fn on_sighup(reloader: Arc<Reloader>, status: impl Fn() -> String, mut shutdown: Shutdown) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading configuration and accounts");
+                crate::systemd::reloading();
+                let r = reloader.all().await;
+                tracing::info!(ok = r.ok, changes = %r.changes, "reload finished");
+                crate::systemd::ready(&status());
+            }
+        }
+    }
+}
