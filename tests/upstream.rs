@@ -200,25 +200,32 @@ async fn every_behaviour_has_its_typed_outcome() {
     ));
 }
 
+/// What [`counting_server`] counted.
+struct Counts {
+    /// Connections accepted.
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests received whole (head and body).
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
 /// A bare HTTP/1.1 server answering every request with an empty event stream: it counts the
-/// connections it accepts; when `close_after` is set it closes each connection after that many
-/// answers (as a server closing idle keep-alive connections does), and when `hang_up_on` is set
-/// it closes a connection on receiving that request, without answering (the close racing the
-/// request).
-async fn counting_server(
-    close_after: Option<usize>,
-    hang_up_on: Option<usize>,
-) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+/// connections it accepts and the requests it receives; when `close_after` is set it closes
+/// each connection after that many answers (as a server closing idle keep-alive connections
+/// does), and when `hang_up_on` is set it reads that request of a connection whole and then
+/// closes the connection without answering (the request reached the server: it may have acted
+/// on it).
+async fn counting_server(close_after: Option<usize>, hang_up_on: Option<usize>) -> (String, Counts) {
+    use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
+    let counts = Counts { connections: Default::default(), requests: Default::default() };
+    let (connections, requests) = (counts.connections.clone(), counts.requests.clone());
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else { return };
-            count.fetch_add(1, Ordering::SeqCst);
+            connections.fetch_add(1, Ordering::SeqCst);
+            let requests = requests.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut answered = 0;
@@ -248,6 +255,7 @@ async fn counting_server(
                         }
                     }
                     buf.drain(..head_end + len);
+                    requests.fetch_add(1, Ordering::SeqCst);
                     if hang_up_on == Some(answered + 1) {
                         return;
                     }
@@ -263,13 +271,11 @@ async fn counting_server(
             });
         }
     });
-    (format!("http://{addr}/"), accepted)
+    (format!("http://{addr}/"), counts)
 }
 
-#[tokio::test]
-async fn amazon_q_connections_are_reused_and_ones_closed_while_idle_are_replaced() {
-    use std::sync::atomic::Ordering;
-    let cfg = |endpoint: &str| UpstreamConfig {
+fn counting_config(endpoint: &str) -> UpstreamConfig {
+    UpstreamConfig {
         endpoint: Some(endpoint.parse().unwrap()),
         token_endpoint: None,
         ca_file: None,
@@ -277,39 +283,66 @@ async fn amazon_q_connections_are_reused_and_ones_closed_while_idle_are_replaced
         first_byte_timeout: Duration::from_secs(2),
         stream_idle_timeout: Duration::from_secs(2),
         max_attempts: 3,
-    };
+    }
+}
+
+async fn drain(mut s: amq2api::upstream::EventStream) {
+    while let Some(ev) = s.next().await {
+        ev.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn amazon_q_connections_are_reused_and_ones_closed_while_idle_are_replaced() {
+    use std::sync::atomic::Ordering;
     let token = Secret::new("t");
-    let drain = |mut s: amq2api::upstream::EventStream| async move {
-        while let Some(ev) = s.next().await {
-            ev.unwrap();
-        }
-    };
 
     // Sequential calls share one connection.
-    let (endpoint, accepted) = counting_server(None, None).await;
-    let c = UpstreamClient::new(&cfg(&endpoint)).unwrap();
+    let (endpoint, counts) = counting_server(None, None).await;
+    let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
     for _ in 0..5 {
         drain(c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await.unwrap()).await;
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 1, "five calls, one connection");
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 1, "five calls, one connection");
+    assert_eq!(counts.requests.load(Ordering::SeqCst), 5);
 
     // A server that closes each connection after one answer: every call still succeeds, on a
     // new connection each time.
-    let (endpoint, accepted) = counting_server(Some(1), None).await;
-    let c = UpstreamClient::new(&cfg(&endpoint)).unwrap();
+    let (endpoint, counts) = counting_server(Some(1), None).await;
+    let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
     for _ in 0..5 {
         drain(c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await.unwrap()).await;
         // Let the close arrive before the next call takes the connection from the pool.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 5);
+    assert_eq!(counts.requests.load(Ordering::SeqCst), 5);
+}
 
-    // A server that hangs up on the second request of each connection instead of answering:
-    // the call is tried again on a new connection, so every call succeeds.
-    let (endpoint, accepted) = counting_server(None, Some(2)).await;
-    let c = UpstreamClient::new(&cfg(&endpoint)).unwrap();
-    for _ in 0..20 {
-        drain(c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await.unwrap()).await;
+#[tokio::test]
+async fn a_request_read_on_a_reused_connection_is_never_sent_again() {
+    use std::sync::atomic::Ordering;
+    let token = Secret::new("t");
+    // The server reads the second request of each connection whole and hangs up without an
+    // answer. The request left: sending it again could run it twice (a double charge, a tool
+    // call run twice), so the call fails and the caller decides (it fails over).
+    let (endpoint, counts) = counting_server(None, Some(2)).await;
+    let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
+    let mut outcomes = Vec::new();
+    for i in 1..=10 {
+        let r = c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await;
+        outcomes.push(match r {
+            Ok(s) => {
+                drain(s).await;
+                "ok"
+            }
+            Err(UpstreamFailure::Transient { status: None, .. }) => "failed",
+            Err(e) => panic!("call {i}: {e:?}"),
+        });
+        assert_eq!(counts.requests.load(Ordering::SeqCst), i, "call {i} sent its request once: {outcomes:?}");
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 20);
+    // Each connection: one answered call, then one that failed; a failed connection is not
+    // used again.
+    assert_eq!(outcomes, ["ok", "failed"].repeat(5));
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 5);
 }
