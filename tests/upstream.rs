@@ -208,24 +208,38 @@ struct Counts {
     requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// A bare HTTP/1.1 server answering every request with an empty event stream: it counts the
-/// connections it accepts and the requests it receives; when `close_after` is set it closes
-/// each connection after that many answers (as a server closing idle keep-alive connections
-/// does), and when `hang_up_on` is set it reads that request of a connection whole and then
-/// closes the connection without answering (the request reached the server: it may have acted
-/// on it).
-async fn counting_server(close_after: Option<usize>, hang_up_on: Option<usize>) -> (String, Counts) {
+/// How [`counting_server`] behaves.
+#[derive(Default)]
+struct Script {
+    /// Close each connection after this many answers (as a server closing idle keep-alive
+    /// connections does).
+    close_after: Option<usize>,
+    /// Read this request of each connection whole, then close the connection without an answer
+    /// (the request reached the server: it may have acted on it).
+    hang_up_on: Option<usize>,
+    /// The body of the answer to `POST /token` instead of a small token grant.
+    token_body: Option<String>,
+}
+
+/// A bare HTTP/1.1 server answering a request for `/token` with a token grant and every other
+/// request with an empty event stream, as `script` says; it counts the connections it accepts
+/// and the requests it receives.
+async fn counting_server(script: Script) -> (String, Counts) {
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let counts = Counts { connections: Default::default(), requests: Default::default() };
     let (connections, requests) = (counts.connections.clone(), counts.requests.clone());
+    let Script { close_after, hang_up_on, token_body } = script;
+    let token_body: std::sync::Arc<str> =
+        token_body.unwrap_or_else(|| r#"{"accessToken":"a","expiresIn":60}"#.into()).into();
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else { return };
             connections.fetch_add(1, Ordering::SeqCst);
             let requests = requests.clone();
+            let token_body = token_body.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut answered = 0;
@@ -259,7 +273,15 @@ async fn counting_server(close_after: Option<usize>, hang_up_on: Option<usize>) 
                     if hang_up_on == Some(answered + 1) {
                         return;
                     }
-                    let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.amazon.eventstream\r\ncontent-length: 0\r\n\r\n";
+                    let (content_type, body) = if head.starts_with("post /token ") {
+                        ("application/json", &*token_body)
+                    } else {
+                        ("application/vnd.amazon.eventstream", "")
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
                     if sock.write_all(answer.as_bytes()).await.is_err() {
                         return;
                     }
@@ -298,7 +320,7 @@ async fn amazon_q_connections_are_reused_and_ones_closed_while_idle_are_replaced
     let token = Secret::new("t");
 
     // Sequential calls share one connection.
-    let (endpoint, counts) = counting_server(None, None).await;
+    let (endpoint, counts) = counting_server(Script::default()).await;
     let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
     for _ in 0..5 {
         drain(c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await.unwrap()).await;
@@ -308,7 +330,7 @@ async fn amazon_q_connections_are_reused_and_ones_closed_while_idle_are_replaced
 
     // A server that closes each connection after one answer: every call still succeeds, on a
     // new connection each time.
-    let (endpoint, counts) = counting_server(Some(1), None).await;
+    let (endpoint, counts) = counting_server(Script { close_after: Some(1), ..Default::default() }).await;
     let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
     for _ in 0..5 {
         drain(c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await.unwrap()).await;
@@ -326,7 +348,7 @@ async fn a_request_read_on_a_reused_connection_is_never_sent_again() {
     // The server reads the second request of each connection whole and hangs up without an
     // answer. The request left: sending it again could run it twice (a double charge, a tool
     // call run twice), so the call fails and the caller decides (it fails over).
-    let (endpoint, counts) = counting_server(None, Some(2)).await;
+    let (endpoint, counts) = counting_server(Script { hang_up_on: Some(2), ..Default::default() }).await;
     let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
     let mut outcomes = Vec::new();
     for i in 1..=10 {
@@ -345,4 +367,59 @@ async fn a_request_read_on_a_reused_connection_is_never_sent_again() {
     // used again.
     assert_eq!(outcomes, ["ok", "failed"].repeat(5));
     assert_eq!(counts.connections.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test]
+async fn refreshes_and_amazon_q_calls_share_one_connection_pool() {
+    use std::sync::atomic::Ordering;
+    let (endpoint, counts) = counting_server(Script::default()).await;
+    let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
+    let token_url: http::Uri = format!("{endpoint}token").parse().unwrap();
+    let s = Secret::new;
+    for _ in 0..3 {
+        drain(c.generate(&endpoint.parse().unwrap(), &s("t"), body("hi"), 1).await.unwrap()).await;
+        let grant = c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt")).await.unwrap();
+        assert_eq!(grant.access_token.expose(), "a");
+    }
+    assert_eq!(counts.requests.load(Ordering::SeqCst), 6);
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 1, "chat calls and refreshes, one connection");
+}
+
+#[tokio::test]
+async fn a_refresh_read_on_a_reused_connection_is_never_sent_again() {
+    use std::sync::atomic::Ordering;
+    // A refresh sent twice would rotate the refresh token twice, and the second successor
+    // would be lost with the answer: the chain breaks. The server reads the second request of
+    // each connection whole and hangs up without an answer.
+    let (endpoint, counts) = counting_server(Script { hang_up_on: Some(2), ..Default::default() }).await;
+    let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
+    let token_url: http::Uri = format!("{endpoint}token").parse().unwrap();
+    let s = Secret::new;
+    let mut outcomes = Vec::new();
+    for i in 1..=6 {
+        outcomes.push(match c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt")).await {
+            Ok(_) => "ok",
+            Err(RefreshError::Transient(_)) => "failed",
+            Err(e) => panic!("refresh {i}: {e:?}"),
+        });
+        assert_eq!(counts.requests.load(Ordering::SeqCst), i, "refresh {i} sent once: {outcomes:?}");
+    }
+    assert_eq!(outcomes, ["ok", "failed"].repeat(3));
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_token_answer_over_the_limit_is_refused() {
+    // 64 KiB is the most read of an answer that is not an event stream.
+    let big = format!(r#"{{"accessToken":"{}","expiresIn":60}}"#, "a".repeat(64 * 1024));
+    let (endpoint, _) = counting_server(Script { token_body: Some(big), ..Default::default() }).await;
+    let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
+    let token_url: http::Uri = format!("{endpoint}token").parse().unwrap();
+    let s = Secret::new;
+    match c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt")).await {
+        Err(RefreshError::Transient(m)) => {
+            assert_eq!(m, "reading the token answer: the body exceeds 65536 bytes");
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -1,5 +1,5 @@
-//! HTTP/1.1 connections to Amazon Q that the calling task drives itself, kept alive in a small
-//! pool.
+//! HTTP/1.1 connections to Amazon Q and SSO OIDC that the calling task drives itself, kept
+//! alive in a small pool: the one way the daemon speaks HTTP upstream.
 //!
 //! hyper's pooled client runs each connection in a task of its own, which hands a response body
 //! over one chunk at a time: every Amazon Q event then cost a hand-over between two tasks, and
@@ -275,7 +275,7 @@ impl Driven {
         self.resp.as_ref().expect("the head is taken only with the body").headers()
     }
 
-    /// The body, read through [`DrivenBody::poll_frame`].
+    /// The body, read as a [`hyper::body::Body`] or through [`DrivenBody::frame`].
     pub fn into_body(mut self) -> DrivenBody {
         let body = self.resp.take().expect("the body is taken once").into_body();
         DrivenBody {
@@ -297,10 +297,17 @@ pub struct DrivenBody {
     ended: bool,
 }
 
-impl DrivenBody {
+/// `is_end_stream` stays false: the poll that sees the end is what gives the connection back.
+impl hyper::body::Body for DrivenBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
     /// The next frame: the body's if it has one, else after letting the connection read what
     /// the socket has (and hand it over), else pending.
-    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         loop {
             if let Poll::Ready(r) = Pin::new(&mut self.body).poll_frame(cx) {
                 if r.is_none() {
@@ -326,9 +333,15 @@ impl DrivenBody {
         }
     }
 
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl DrivenBody {
     /// The next frame, as a future.
     pub async fn frame(&mut self) -> Option<Result<Frame<Bytes>, hyper::Error>> {
-        std::future::poll_fn(|cx| self.poll_frame(cx)).await
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_frame(cx)).await
     }
 
     /// The body ended cleanly: the connection can serve another request.
