@@ -8,8 +8,7 @@ use amq2api::emulator::EmulatorOptions;
 use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, ServerName};
 use std::path::Path;
@@ -70,19 +69,36 @@ async fn tls_harness(ca: &Ca) -> (Harness, tempfile::TempDir) {
     (Harness::start(setup).await, tls_dir)
 }
 
-/// Streams a message over HTTPS with the given protocol; returns the negotiated version and SSE.
+/// Streams a message over HTTPS with the given protocol (offered alone by ALPN); returns the
+/// negotiated version and SSE.
 async fn stream_over(ca: &Ca, h: &Harness, h2: bool) -> (http::Version, Vec<(String, serde_json::Value)>) {
-    // hyper-rustls sets ALPN itself from the enabled protocols.
-    let builder =
-        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(client_tls(ca, &[])).https_only();
-    let https = if h2 { builder.enable_http2().build() } else { builder.enable_http1().build() };
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(h2).build(https);
-    let req = http::Request::post(format!("https://localhost:{}/v1/messages", h.addr.port()))
-        .header("content-type", "application/json")
-        .header("x-api-key", API_KEY)
-        .body(Full::new(Bytes::from(simple("over TLS", true).to_string())))
-        .unwrap();
-    let resp = client.request(req).await.expect("HTTPS request");
+    let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(ca, &[alpn])));
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let tls =
+        connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn), "the server chose the offered protocol");
+    let io = TokioIo::new(tls);
+    let authority = format!("localhost:{}", h.addr.port());
+    let req = |uri: String| {
+        http::Request::post(uri)
+            .header("host", &authority)
+            .header("content-type", "application/json")
+            .header("x-api-key", API_KEY)
+            .body(Full::new(Bytes::from(simple("over TLS", true).to_string())))
+            .unwrap()
+    };
+    let resp = if h2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+        tokio::spawn(conn);
+        sender.send_request(req(format!("https://{authority}/v1/messages"))).await
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        sender.send_request(req("/v1/messages".into())).await
+    }
+    .expect("HTTPS request");
     let version = resp.version();
     assert_eq!(resp.status(), 200);
     let body = resp.into_body().collect().await.unwrap().to_bytes();

@@ -200,25 +200,46 @@ async fn every_behaviour_has_its_typed_outcome() {
     ));
 }
 
-/// A bare HTTP/1.1 server answering every request with an empty event stream: it counts the
-/// connections it accepts; when `close_after` is set it closes each connection after that many
-/// answers (as a server closing idle keep-alive connections does), and when `hang_up_on` is set
-/// it closes a connection on receiving that request, without answering (the close racing the
-/// request).
-async fn counting_server(
+/// What [`counting_server`] counted.
+struct Counts {
+    /// Connections accepted.
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests received whole (head and body).
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// How [`counting_server`] behaves.
+#[derive(Default)]
+struct Script {
+    /// Close each connection after this many answers (as a server closing idle keep-alive
+    /// connections does).
     close_after: Option<usize>,
+    /// Read this request of each connection whole, then close the connection without an answer
+    /// (the request reached the server: it may have acted on it).
     hang_up_on: Option<usize>,
-) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    /// The body of the answer to `POST /token` instead of a small token grant.
+    token_body: Option<String>,
+}
+
+/// A bare HTTP/1.1 server answering a request for `/token` with a token grant and every other
+/// request with an empty event stream, as `script` says; it counts the connections it accepts
+/// and the requests it receives.
+async fn counting_server(script: Script) -> (String, Counts) {
+    use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
+    let counts = Counts { connections: Default::default(), requests: Default::default() };
+    let (connections, requests) = (counts.connections.clone(), counts.requests.clone());
+    let Script { close_after, hang_up_on, token_body } = script;
+    let token_body: std::sync::Arc<str> =
+        token_body.unwrap_or_else(|| r#"{"accessToken":"a","expiresIn":60}"#.into()).into();
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else { return };
-            count.fetch_add(1, Ordering::SeqCst);
+            connections.fetch_add(1, Ordering::SeqCst);
+            let requests = requests.clone();
+            let token_body = token_body.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut answered = 0;
@@ -248,10 +269,19 @@ async fn counting_server(
                         }
                     }
                     buf.drain(..head_end + len);
+                    requests.fetch_add(1, Ordering::SeqCst);
                     if hang_up_on == Some(answered + 1) {
                         return;
                     }
-                    let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.amazon.eventstream\r\ncontent-length: 0\r\n\r\n";
+                    let (content_type, body) = if head.starts_with("post /token ") {
+                        ("application/json", &*token_body)
+                    } else {
+                        ("application/vnd.amazon.eventstream", "")
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
                     if sock.write_all(answer.as_bytes()).await.is_err() {
                         return;
                     }
@@ -263,13 +293,11 @@ async fn counting_server(
             });
         }
     });
-    (format!("http://{addr}/"), accepted)
+    (format!("http://{addr}/"), counts)
 }
 
-#[tokio::test]
-async fn amazon_q_connections_are_reused_and_ones_closed_while_idle_are_replaced() {
-    use std::sync::atomic::Ordering;
-    let cfg = |endpoint: &str| UpstreamConfig {
+fn counting_config(endpoint: &str) -> UpstreamConfig {
+    UpstreamConfig {
         endpoint: Some(endpoint.parse().unwrap()),
         token_endpoint: None,
         ca_file: None,
@@ -277,39 +305,121 @@ async fn amazon_q_connections_are_reused_and_ones_closed_while_idle_are_replaced
         first_byte_timeout: Duration::from_secs(2),
         stream_idle_timeout: Duration::from_secs(2),
         max_attempts: 3,
-    };
+    }
+}
+
+async fn drain(mut s: amq2api::upstream::EventStream) {
+    while let Some(ev) = s.next().await {
+        ev.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn amazon_q_connections_are_reused_and_ones_closed_while_idle_are_replaced() {
+    use std::sync::atomic::Ordering;
     let token = Secret::new("t");
-    let drain = |mut s: amq2api::upstream::EventStream| async move {
-        while let Some(ev) = s.next().await {
-            ev.unwrap();
-        }
-    };
 
     // Sequential calls share one connection.
-    let (endpoint, accepted) = counting_server(None, None).await;
-    let c = UpstreamClient::new(&cfg(&endpoint)).unwrap();
+    let (endpoint, counts) = counting_server(Script::default()).await;
+    let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
     for _ in 0..5 {
         drain(c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await.unwrap()).await;
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 1, "five calls, one connection");
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 1, "five calls, one connection");
+    assert_eq!(counts.requests.load(Ordering::SeqCst), 5);
 
     // A server that closes each connection after one answer: every call still succeeds, on a
     // new connection each time.
-    let (endpoint, accepted) = counting_server(Some(1), None).await;
-    let c = UpstreamClient::new(&cfg(&endpoint)).unwrap();
+    let (endpoint, counts) = counting_server(Script { close_after: Some(1), ..Default::default() }).await;
+    let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
     for _ in 0..5 {
         drain(c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await.unwrap()).await;
         // Let the close arrive before the next call takes the connection from the pool.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 5);
+    assert_eq!(counts.requests.load(Ordering::SeqCst), 5);
+}
 
-    // A server that hangs up on the second request of each connection instead of answering:
-    // the call is tried again on a new connection, so every call succeeds.
-    let (endpoint, accepted) = counting_server(None, Some(2)).await;
-    let c = UpstreamClient::new(&cfg(&endpoint)).unwrap();
-    for _ in 0..20 {
-        drain(c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await.unwrap()).await;
+#[tokio::test]
+async fn a_request_read_on_a_reused_connection_is_never_sent_again() {
+    use std::sync::atomic::Ordering;
+    let token = Secret::new("t");
+    // The server reads the second request of each connection whole and hangs up without an
+    // answer. The request left: sending it again could run it twice (a double charge, a tool
+    // call run twice), so the call fails and the caller decides (it fails over).
+    let (endpoint, counts) = counting_server(Script { hang_up_on: Some(2), ..Default::default() }).await;
+    let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
+    let mut outcomes = Vec::new();
+    for i in 1..=10 {
+        let r = c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await;
+        outcomes.push(match r {
+            Ok(s) => {
+                drain(s).await;
+                "ok"
+            }
+            Err(UpstreamFailure::Transient { status: None, .. }) => "failed",
+            Err(e) => panic!("call {i}: {e:?}"),
+        });
+        assert_eq!(counts.requests.load(Ordering::SeqCst), i, "call {i} sent its request once: {outcomes:?}");
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 20);
+    // Each connection: one answered call, then one that failed; a failed connection is not
+    // used again.
+    assert_eq!(outcomes, ["ok", "failed"].repeat(5));
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test]
+async fn refreshes_and_amazon_q_calls_share_one_connection_pool() {
+    use std::sync::atomic::Ordering;
+    let (endpoint, counts) = counting_server(Script::default()).await;
+    let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
+    let token_url: http::Uri = format!("{endpoint}token").parse().unwrap();
+    let s = Secret::new;
+    for _ in 0..3 {
+        drain(c.generate(&endpoint.parse().unwrap(), &s("t"), body("hi"), 1).await.unwrap()).await;
+        let grant = c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt")).await.unwrap();
+        assert_eq!(grant.access_token.expose(), "a");
+    }
+    assert_eq!(counts.requests.load(Ordering::SeqCst), 6);
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 1, "chat calls and refreshes, one connection");
+}
+
+#[tokio::test]
+async fn a_refresh_read_on_a_reused_connection_is_never_sent_again() {
+    use std::sync::atomic::Ordering;
+    // A refresh sent twice would rotate the refresh token twice, and the second successor
+    // would be lost with the answer: the chain breaks. The server reads the second request of
+    // each connection whole and hangs up without an answer.
+    let (endpoint, counts) = counting_server(Script { hang_up_on: Some(2), ..Default::default() }).await;
+    let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
+    let token_url: http::Uri = format!("{endpoint}token").parse().unwrap();
+    let s = Secret::new;
+    let mut outcomes = Vec::new();
+    for i in 1..=6 {
+        outcomes.push(match c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt")).await {
+            Ok(_) => "ok",
+            Err(RefreshError::Transient(_)) => "failed",
+            Err(e) => panic!("refresh {i}: {e:?}"),
+        });
+        assert_eq!(counts.requests.load(Ordering::SeqCst), i, "refresh {i} sent once: {outcomes:?}");
+    }
+    assert_eq!(outcomes, ["ok", "failed"].repeat(3));
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_token_answer_over_the_limit_is_refused() {
+    // 64 KiB is the most read of an answer that is not an event stream.
+    let big = format!(r#"{{"accessToken":"{}","expiresIn":60}}"#, "a".repeat(64 * 1024));
+    let (endpoint, _) = counting_server(Script { token_body: Some(big), ..Default::default() }).await;
+    let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
+    let token_url: http::Uri = format!("{endpoint}token").parse().unwrap();
+    let s = Secret::new;
+    match c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt")).await {
+        Err(RefreshError::Transient(m)) => {
+            assert_eq!(m, "reading the token answer: the body exceeds 65536 bytes");
+        }
+        other => panic!("{other:?}"),
+    }
 }

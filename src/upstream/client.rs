@@ -1,20 +1,16 @@
-//! The HTTP client that speaks to Amazon Q and SSO OIDC: Amazon Q calls on connections the
-//! reading task drives itself ([`super::conn`], HTTP/1.1), OIDC calls through hyper's pooled
-//! client (HTTP/1.1 and h2 over rustls); connect and first-byte timeouts, bodies streamed as
-//! they arrive.
+//! The HTTP client that speaks to Amazon Q and SSO OIDC: every call goes through one pool of
+//! HTTP/1.1 connections that the reading task drives itself ([`super::conn`]), a request sent
+//! at most once; connect and first-byte timeouts, event streams read as they arrive, other
+//! bodies read whole up to a limit.
 
+use super::conn::{DrivenBody, Pool};
 use super::errors::{UpstreamFailure, classify};
 use super::events::{Event, StreamError, parse_frame};
 use super::eventstream::Decoder;
 use crate::config::{Secret, UpstreamConfig};
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,8 +21,8 @@ const USER_AGENT: &str = concat!(
     "aws-sdk-rust/1.3.9 ua/2.1 os/linux lang/rust app/AmazonQ-For-CLI amq2api/",
     env!("CARGO_PKG_VERSION")
 );
-/// Largest error body read from a failed call.
-const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Largest body read whole: a failed call's error, a token answer.
+const MAX_BODY: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientBuildError {
@@ -102,8 +98,8 @@ struct TokenResponse {
 /// The shared upstream client. Cheap to clone.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
-    q: Arc<super::conn::Pool>,
+    /// Connections to every endpoint: Amazon Q and OIDC alike.
+    pool: Arc<Pool>,
     connect_timeout: Duration,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
@@ -135,25 +131,8 @@ impl UpstreamClient {
             .map_err(|e| ClientBuildError::Tls(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(cfg.connect_timeout));
-        http.set_nodelay(true);
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let q = super::conn::Pool::new(&tls, cfg.connect_timeout);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(https);
         Ok(UpstreamClient {
-            http: client,
-            q,
+            pool: Pool::new(&tls, cfg.connect_timeout),
             connect_timeout: cfg.connect_timeout,
             first_byte_timeout: cfg.first_byte_timeout,
             idle_timeout: cfg.stream_idle_timeout,
@@ -181,7 +160,7 @@ impl UpstreamClient {
             .header(header::ACCEPT, "application/vnd.amazon.eventstream, application/json")
             .body(Full::new(body))
             .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
-        let resp = match tokio::time::timeout(self.first_byte_timeout, self.q.send(req)).await {
+        let resp = match tokio::time::timeout(self.first_byte_timeout, self.pool.send(req)).await {
             Err(_) => {
                 return Err(UpstreamFailure::Transient {
                     status: None,
@@ -196,22 +175,9 @@ impl UpstreamClient {
             resp.headers().get("x-amzn-requestid").and_then(|v| v.to_str().ok()).map(str::to_string);
         if status != StatusCode::OK {
             let headers = resp.headers().clone();
-            let mut body = resp.into_body();
-            let read = async {
-                let mut out = Vec::new();
-                while let Some(frame) = body.frame().await {
-                    let Ok(frame) = frame else { break };
-                    if let Ok(data) = frame.into_data() {
-                        let room = MAX_ERROR_BODY.saturating_sub(out.len());
-                        out.extend_from_slice(&data[..data.len().min(room)]);
-                        if out.len() >= MAX_ERROR_BODY {
-                            break;
-                        }
-                    }
-                }
-                out
-            };
-            let bytes = tokio::time::timeout(self.first_byte_timeout, read).await.unwrap_or_default();
+            // A body too large, too slow or cut off: classified by status and headers alone.
+            let bytes =
+                read_whole(resp.into_body(), MAX_BODY, self.first_byte_timeout).await.unwrap_or_default();
             return Err(classify(status, &headers, &bytes));
         }
         Ok(EventStream {
@@ -244,16 +210,18 @@ impl UpstreamClient {
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| RefreshError::Transient(e.to_string()))?;
         let deadline = self.connect_timeout + Duration::from_secs(30);
-        let resp = match tokio::time::timeout(deadline, self.http.request(req)).await {
+        // Sent at most once, as every call: a refresh sent twice would rotate the refresh token
+        // twice and lose the chain with the first answer.
+        let resp = match tokio::time::timeout(deadline, self.pool.send(req)).await {
             Err(_) => {
                 return Err(RefreshError::Transient(format!("no answer within {} s", deadline.as_secs())));
             }
-            Ok(Err(e)) => return Err(RefreshError::Transient(describe(&e))),
+            Ok(Err(e)) => return Err(RefreshError::Transient(e.to_string())),
             Ok(Ok(r)) => r,
         };
         let status = resp.status();
-        let (parts, body) = resp.into_parts();
-        let bytes = read_limited(body, MAX_ERROR_BODY, deadline)
+        let headers = resp.headers().clone();
+        let bytes = read_whole(resp.into_body(), MAX_BODY, deadline)
             .await
             .map_err(|e| RefreshError::Transient(format!("reading the token answer: {e}")))?;
         if status == StatusCode::OK {
@@ -268,7 +236,7 @@ impl UpstreamClient {
                 refresh_token: t.refresh_token.filter(|r| !r.is_empty()).map(Secret::new),
             });
         }
-        Err(classify_refresh(status, &parts.headers, &bytes))
+        Err(classify_refresh(status, &headers, &bytes))
     }
 }
 
@@ -300,30 +268,30 @@ pub fn classify_refresh(status: StatusCode, headers: &http::HeaderMap, body: &[u
     }
 }
 
-fn describe(e: &hyper_util::client::legacy::Error) -> String {
-    super::conn::error_chain(e)
+/// Why a body could not be read whole.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("the body exceeds {0} bytes")]
+    TooLarge(usize),
+    #[error("the body did not arrive within {} s", .0.as_secs())]
+    Timeout(Duration),
+    #[error("{0}")]
+    Transport(String),
 }
 
-async fn read_limited(mut body: Incoming, limit: usize, deadline: Duration) -> Result<Vec<u8>, String> {
-    let read = async {
-        let mut out = Vec::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| e.to_string())?;
-            if let Ok(data) = frame.into_data() {
-                let room = limit.saturating_sub(out.len());
-                out.extend_from_slice(&data[..data.len().min(room)]);
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
-    };
-    tokio::time::timeout(deadline, read).await.map_err(|_| "timed out".to_string())?
+/// Reads a whole body of at most `limit` bytes within `deadline` (as the server reads request
+/// bodies: [`Limited`]). A body read to its end gives its connection back to the pool.
+async fn read_whole(body: DrivenBody, limit: usize, deadline: Duration) -> Result<Bytes, ReadError> {
+    match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ReadError::Timeout(deadline)),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ReadError::TooLarge(limit)),
+        Ok(Err(e)) => Err(ReadError::Transport(super::conn::error_chain(&*e))),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
 }
 
 /// A `GenerateAssistantResponse` answer being received. Dropping it closes the upstream
-/// stream (the connection is reset or the h2 stream cancelled).
+/// stream (its connection is closed).
 pub struct EventStream {
     body: super::conn::DrivenBody,
     decoder: Decoder,

@@ -1,5 +1,5 @@
-//! HTTP/1.1 connections to Amazon Q that the calling task drives itself, kept alive in a small
-//! pool.
+//! HTTP/1.1 connections to Amazon Q and SSO OIDC that the calling task drives itself, kept
+//! alive in a small pool: the one way the daemon speaks HTTP upstream.
 //!
 //! hyper's pooled client runs each connection in a task of its own, which hands a response body
 //! over one chunk at a time: every Amazon Q event then cost a hand-over between two tasks, and
@@ -8,9 +8,12 @@
 //! brought is decoded in one go, in one task.
 //!
 //! An idle connection is not polled: on checkout it is polled once, and one that has closed
-//! meanwhile is dropped. A request that fails on a reused connection before any answer is tried
-//! once more on a new one (the server closed it while idle). Connections speak HTTP/1.1 only
-//! (ALPN `http/1.1` over TLS).
+//! meanwhile is dropped. A request is sent at most once: it is tried again on a new connection
+//! only when hyper gives it back unsent (a reused connection found closed before the first byte
+//! was written). A request that may have left — written, then the connection failed before an
+//! answer — is a failure of this attempt, never sent again here (it could run twice upstream: a
+//! double charge, a tool call run twice, a refresh token rotated twice); the caller decides
+//! what comes next. Connections speak HTTP/1.1 only (ALPN `http/1.1` over TLS).
 
 use bytes::Bytes;
 use http::{Request, Response, Uri};
@@ -47,18 +50,20 @@ struct Key {
 /// One connection: the handle requests go through and the future that runs it.
 struct Conn {
     sender: http1::SendRequest<Full<Bytes>>,
-    conn: Pin<Box<Connection>>,
-    /// Set while the connection is alive; cleared when its future has ended.
-    alive: bool,
+    /// The connection's future while it runs; dropped once it has ended, which settles every
+    /// request still waiting on it (a request not yet taken for writing is given back).
+    conn: Option<Pin<Box<Connection>>>,
 }
 
 impl Conn {
     /// Polls the connection; false once it has ended.
     fn poll_alive(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.alive && self.conn.as_mut().poll(cx).is_ready() {
-            self.alive = false;
+        if let Some(conn) = self.conn.as_mut() {
+            if conn.as_mut().poll(cx).is_ready() {
+                self.conn = None;
+            }
         }
-        self.alive
+        self.conn.is_some()
     }
 }
 
@@ -172,7 +177,7 @@ impl Pool {
             };
             let (sender, conn) =
                 http1::handshake(TokioIo::new(io)).await.map_err(|e| ConnError::Http(error_chain(&e)))?;
-            Ok(Conn { sender, conn: Box::pin(conn), alive: true })
+            Ok(Conn { sender, conn: Some(Box::pin(conn)) })
         };
         tokio::time::timeout(self.connect_timeout, connect)
             .await
@@ -196,6 +201,7 @@ impl Pool {
         }
         parts.uri =
             parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/").parse().unwrap_or_default();
+        let mut req = Request::from_parts(parts, body);
         let mut reused = self.checkout(&key).await;
         loop {
             let was_reused = reused.is_some();
@@ -203,16 +209,17 @@ impl Pool {
                 Some(c) => c,
                 None => self.connect(&key).await?,
             };
-            let req = Request::from_parts(parts.clone(), body.clone());
             match exchange(&mut conn, req).await {
                 Ok(resp) => {
                     return Ok(Driven { resp: Some(resp), conn: Some(conn), pool: self.clone(), key });
                 }
-                // Closed by the server while idle: once more on a new connection.
-                Err(e) if was_reused && (e.is_canceled() || e.is_incomplete_message() || e.is_closed()) => {
-                    continue;
-                }
-                Err(e) => return Err(ConnError::Http(error_chain(&e))),
+                Err(mut e) => match e.take_message() {
+                    // Given back unsent: the reused connection had closed while idle. Once
+                    // more, on a new connection.
+                    Some(unsent) if was_reused => req = unsent,
+                    // It may have left (or a new connection failed at once): not sent again.
+                    _ => return Err(ConnError::Http(error_chain(e.error()))),
+                },
             }
         }
     }
@@ -225,25 +232,24 @@ fn can_take_request(conn: &mut Conn) -> bool {
     conn.poll_alive(&mut cx) && conn.sender.is_ready()
 }
 
-/// Sends one request on `conn`, driving the connection until the answer's head arrives.
-async fn exchange(conn: &mut Conn, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, hyper::Error> {
-    let mut answer = std::pin::pin!(conn.sender.send_request(req));
+type SendError = hyper::client::conn::TrySendError<Request<Full<Bytes>>>;
+
+/// Sends one request on `conn`, driving the connection until the answer's head arrives. On
+/// failure the error holds the request if, and only if, none of it was written
+/// ([`hyper::client::conn::TrySendError::take_message`]).
+async fn exchange(conn: &mut Conn, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, SendError> {
+    let mut answer = std::pin::pin!(conn.sender.try_send_request(req));
     let running = &mut conn.conn;
-    let alive = &mut conn.alive;
     std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = answer.as_mut().poll(cx) {
             return Poll::Ready(r);
         }
-        if *alive {
-            if let Poll::Ready(r) = running.as_mut().poll(cx) {
-                *alive = false;
-                // The connection ended first: the answer future now reports why.
-                if let Poll::Ready(a) = answer.as_mut().poll(cx) {
-                    return Poll::Ready(a);
-                }
-                if let Err(e) = r {
-                    return Poll::Ready(Err(e));
-                }
+        if let Some(c) = running.as_mut() {
+            if c.as_mut().poll(cx).is_ready() {
+                // The connection ended first. Dropping it settles the request: given back if
+                // it was still queued, else failed with the connection's error.
+                *running = None;
+                return answer.as_mut().poll(cx);
             }
         }
         Poll::Pending
@@ -269,7 +275,7 @@ impl Driven {
         self.resp.as_ref().expect("the head is taken only with the body").headers()
     }
 
-    /// The body, read through [`DrivenBody::poll_frame`].
+    /// The body, read as a [`hyper::body::Body`] or through [`DrivenBody::frame`].
     pub fn into_body(mut self) -> DrivenBody {
         let body = self.resp.take().expect("the body is taken once").into_body();
         DrivenBody {
@@ -291,10 +297,17 @@ pub struct DrivenBody {
     ended: bool,
 }
 
-impl DrivenBody {
+/// `is_end_stream` stays false: the poll that sees the end is what gives the connection back.
+impl hyper::body::Body for DrivenBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
     /// The next frame: the body's if it has one, else after letting the connection read what
     /// the socket has (and hand it over), else pending.
-    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         loop {
             if let Poll::Ready(r) = Pin::new(&mut self.body).poll_frame(cx) {
                 if r.is_none() {
@@ -303,7 +316,7 @@ impl DrivenBody {
                 return Poll::Ready(r);
             }
             let Some(conn) = self.conn.as_mut() else { return Poll::Pending };
-            let was_alive = conn.alive;
+            let was_alive = conn.conn.is_some();
             let alive = conn.poll_alive(cx);
             if let Poll::Ready(r) = Pin::new(&mut self.body).poll_frame(cx) {
                 if r.is_none() {
@@ -320,9 +333,15 @@ impl DrivenBody {
         }
     }
 
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl DrivenBody {
     /// The next frame, as a future.
     pub async fn frame(&mut self) -> Option<Result<Frame<Bytes>, hyper::Error>> {
-        std::future::poll_fn(|cx| self.poll_frame(cx)).await
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_frame(cx)).await
     }
 
     /// The body ended cleanly: the connection can serve another request.
@@ -333,5 +352,66 @@ impl DrivenBody {
                 self.pool.checkin(self.key.clone(), conn);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A connection to a server that has taken it and closed it, whose close the client has
+    /// seen on the socket (not yet on the connection: it was never polled).
+    async fn closed_conn() -> Conn {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server_side, _) = listener.accept().await.unwrap();
+        drop(server_side);
+        let mut probe = [0u8; 1];
+        assert_eq!(tcp.peek(&mut probe).await.unwrap(), 0, "the close has arrived");
+        let io: Box<dyn Io> = Box::new(tcp);
+        let (sender, conn) = http1::handshake(TokioIo::new(io)).await.unwrap();
+        Conn { sender, conn: Some(Box::pin(conn)) }
+    }
+
+    fn request() -> Request<Full<Bytes>> {
+        Request::post("/token")
+            .header(http::header::HOST, "127.0.0.1")
+            .body(Full::new(Bytes::from_static(b"{\"once\":true}")))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_connection_found_closed_comes_back_unsent() {
+        let mut conn = closed_conn().await;
+        let mut e = exchange(&mut conn, request()).await.expect_err("no server to answer");
+        let back = e.take_message().expect("nothing was written: the request comes back");
+        assert_eq!(back.uri().path(), "/token");
+    }
+
+    #[tokio::test]
+    async fn a_request_the_server_read_does_not_come_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Reads the whole request (the body is the last part), then hangs up without an answer.
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            while !got.ends_with(b"{\"once\":true}") {
+                let mut chunk = [0u8; 1024];
+                let n = sock.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the request arrives whole");
+                got.extend_from_slice(&chunk[..n]);
+            }
+            got
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let io: Box<dyn Io> = Box::new(tcp);
+        let (sender, c) = http1::handshake(TokioIo::new(io)).await.unwrap();
+        let mut conn = Conn { sender, conn: Some(Box::pin(c)) };
+        let mut e = exchange(&mut conn, request()).await.expect_err("the server hung up");
+        assert!(e.take_message().is_none(), "the request left: it must not be sent again");
+        assert!(String::from_utf8_lossy(&server.await.unwrap()).starts_with("POST /token HTTP/1.1\r\n"));
     }
 }
