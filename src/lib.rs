@@ -13,7 +13,7 @@
 //! - [`ids`]: random identifiers (request, message and invocation ids).
 //! - [`accounts`]: the account pool (selection, leases, cooldowns, live reload) and token lifecycle.
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
-//! - [`metrics`]: Prometheus metrics (`/metrics`): requests, latencies, attempts, failovers, streams.
+//! - [`metrics`]: the `/metrics` registry: requests, tokens, latencies, attempts, failovers, streams, pool.
 //! - [`relay`]: the trip to Amazon Q: lease, token, send, classify, fail over ([`relay::retry`]), Claude error.
 //! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain.
 //! - [`store`]: the redb state store: token chains, account states, counters; versioned values.

@@ -145,7 +145,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         if parts.uri.path() != "/health" && parts.uri.path() != "/metrics" {
             super::access_log(&app, &request_id, &x, status, started);
         }
-        app.metrics.total(started.elapsed());
+        app.metrics.request_duration(started.elapsed());
     }
     resp
 }
@@ -189,9 +189,9 @@ async fn route(
     authenticate(app, parts)?;
     match path {
         "/metrics" => {
-            let mut r = Response::new(Body::full(app.metrics.render(&app.pool)));
+            let mut r = Response::new(Body::full(app.metrics.render()));
             r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
             Ok(r)
         }
         "/v1/models" => Ok(models_list(app, parts)),
