@@ -94,7 +94,7 @@ impl Metrics {
         let duration = Histogram::new(BUCKETS);
         registry.register_with_unit(
             "request_duration",
-            "Time to the end of a non-streaming response",
+            "Time to the end of the response, streams included (not /health nor /metrics)",
             Unit::Seconds,
             duration.clone(),
         );

@@ -141,10 +141,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     if parts.uri.path().starts_with("/v1/messages") {
         app.metrics.request(&x.model, status);
     }
-    if !streaming {
-        if parts.uri.path() != "/health" && parts.uri.path() != "/metrics" {
-            super::access_log(&app, &request_id, &x, status, started);
-        }
+    // A stream is logged and timed when it ends (`messages::StreamEnd`).
+    if !streaming && parts.uri.path() != "/health" && parts.uri.path() != "/metrics" {
+        super::access_log(&app, &request_id, &x, status, started);
         app.metrics.request_duration(started.elapsed());
     }
     resp

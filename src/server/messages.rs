@@ -107,8 +107,8 @@ pub async fn aggregate(
     result
 }
 
-/// What a stream's end records (access log, metrics: tokens, the stream count; the account's
-/// outcome). Its `Drop` does it, so that a stream dropped because the client went
+/// What a stream's end records (access log, metrics: tokens, duration, the stream count; the
+/// account's outcome). Its `Drop` does it, so that a stream dropped because the client went
 /// away is recorded too (as 499).
 struct StreamEnd {
     app: Arc<App>,
@@ -149,6 +149,7 @@ impl Drop for StreamEnd {
         // (input and output) if the stream got that far.
         self.app.metrics.tokens(&self.x.model, self.x.tokens_in, self.x.tokens_out);
         self.app.metrics.stream_ended();
+        self.app.metrics.request_duration(self.started.elapsed());
         super::access_log(&self.app, &self.request_id, &self.x, status, self.started);
     }
 }
