@@ -107,7 +107,7 @@ pub async fn run_with(
     let control_listener = crate::control::bind(&config.control.socket, config.control.mode)?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let (stop, shutdown_signal) = crate::shutdown::channel();
-    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let metrics = Arc::new(crate::metrics::Metrics::new(pool.clone()));
     let app = Arc::new(App {
         auth: RwLock::new(config.auth.clone()),
         models: ModelMap::new(&config.models),

@@ -14,7 +14,7 @@
 //! - [`ids`]: random identifiers (request, message and invocation ids).
 //! - [`accounts`]: the account pool (selection, leases, cooldowns, live reload) and token lifecycle.
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
-//! - [`metrics`]: Prometheus metrics (`/metrics`): requests, latencies, attempts, failovers, streams.
+//! - [`metrics`]: the `/metrics` registry: requests, tokens, latencies, attempts, failovers, streams, pool.
 //! - [`relay`]: the trip to Amazon Q: lease, token, send, classify, fail over ([`relay::retry`]), Claude error.
 //! - [`reload`]: the one owner of configuration changes (SIGHUP, `amqctl reload`, the file watcher).
 //! - [`shutdown`]: the stop signal every background task listens to.

@@ -1,148 +1,196 @@
-//! Prometheus metrics for `/metrics`: requests, latencies, upstream attempts and failovers,
-//! streams in flight, token refreshes, accounts by state, tokens in and out.
+//! Prometheus metrics for `/metrics`, on a `prometheus-client` registry: requests, latencies,
+//! upstream attempts and failovers, streams in flight, tokens in and out per model, and (read
+//! from the pool at scrape time) accounts by state and token refreshes.
+//!
+//! Every metric the daemon updates is a private field of [`Metrics`]. [`Metrics::new`] registers
+//! a clone of it before the field is set, so nothing but the `pub(crate)` method that updates
+//! the metric reads the field. A metric nobody updates is therefore dead code: rustc warns that
+//! its method is never used and its field never read (an error under `clippy -D warnings`),
+//! where it used to be a series stuck at zero.
+//!
+//! `/metrics` is the Prometheus text format, version 0.0.4 ([`CONTENT_TYPE`]), which every
+//! Prometheus-compatible scraper reads. The encoder appends `_total` to counters: a counter is
+//! registered as `requests` and exposed as `amq2api_requests_total`.
 
 use crate::accounts::Pool;
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, prometheus_text};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+/// The `Content-Type` of `/metrics`: `text/plain; version=0.0.4; charset=utf-8`.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
 const BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
-#[derive(Default)]
-struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    model: String,
+    status: u16,
 }
 
-impl Histogram {
-    fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                self.counts[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    fn render(&self, name: &str, help: &str, out: &mut String) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i].load(Ordering::Relaxed));
-        }
-        let n = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {n}");
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    outcome: &'static str,
 }
 
-#[derive(Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    model: String,
+    direction: &'static str,
+}
+
+/// The daemon's metrics and the registry that renders them.
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
-    attempts: Mutex<BTreeMap<String, u64>>,
-    failovers: AtomicU64,
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    attempts: Family<AttemptLabels, Counter>,
+    failovers: Counter,
     first_byte: Histogram,
-    total: Histogram,
-    streams: AtomicI64,
-    tokens_in: AtomicU64,
-    tokens_out: AtomicU64,
+    duration: Histogram,
+    streams: Gauge,
+    tokens: Family<TokenLabels, Counter>,
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+/// The model label: the client's model name, or `other` for names that are not Claude model
+/// names (clients choose them, so the label space is bounded).
+fn model_label(model: &str) -> String {
+    if model.len() <= 64 && model.starts_with("claude") { model } else { "other" }.to_string()
 }
 
 impl Metrics {
-    pub fn request(&self, model: &str, status: u16) {
-        // Bound the label space: unknown model names from clients are folded together.
-        let model = if model.len() <= 64 && model.starts_with("claude") { model } else { "other" };
-        *self
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((model.to_string(), status))
-            .or_default() += 1;
+    /// The metrics, registered; the pool's state is read at each scrape.
+    pub fn new(pool: Arc<Pool>) -> Metrics {
+        let mut registry = Registry::with_prefix("amq2api");
+        let requests = Family::default();
+        registry.register(
+            "requests",
+            "Client requests to /v1/messages and its count_tokens by model and HTTP status",
+            requests.clone(),
+        );
+        let attempts = Family::default();
+        registry.register("upstream_attempts", "Amazon Q calls by outcome", attempts.clone());
+        let failovers = Counter::default();
+        registry.register(
+            "failovers",
+            "Requests moved to another account before the client saw a byte",
+            failovers.clone(),
+        );
+        let first_byte = Histogram::new(BUCKETS);
+        registry.register_with_unit(
+            "first_byte",
+            "Time to the first byte of a Messages answer (a non-streaming one: its whole body)",
+            Unit::Seconds,
+            first_byte.clone(),
+        );
+        let duration = Histogram::new(BUCKETS);
+        registry.register_with_unit(
+            "request_duration",
+            "Time to the end of the response, streams included (not /health nor /metrics)",
+            Unit::Seconds,
+            duration.clone(),
+        );
+        let streams = Gauge::default();
+        registry.register("streams_in_flight", "Streaming responses being sent", streams.clone());
+        let tokens = Family::default();
+        registry.register(
+            "tokens",
+            "Tokens of the usage reported to clients, by model and direction (in, out)",
+            tokens.clone(),
+        );
+        registry.register_collector(Box::new(PoolCollector(pool)));
+        Metrics { registry, requests, attempts, failovers, first_byte, duration, streams, tokens }
     }
 
-    pub fn attempt(&self, outcome: &str) {
-        *self.attempts.lock().unwrap_or_else(|e| e.into_inner()).entry(outcome.to_string()).or_default() += 1;
+    /// A client request to `/v1/messages` (or `count_tokens`) answered with `status`.
+    pub(crate) fn request(&self, model: &str, status: u16) {
+        self.requests.get_or_create(&RequestLabels { model: model_label(model), status }).inc();
     }
 
-    pub fn failover(&self) {
-        self.failovers.fetch_add(1, Ordering::Relaxed);
+    /// One call to Amazon Q ended with `outcome` (`ok`, `refresh_failed`, or a failure kind).
+    pub(crate) fn attempt(&self, outcome: &'static str) {
+        self.attempts.get_or_create(&AttemptLabels { outcome }).inc();
     }
 
-    pub fn first_byte(&self, d: Duration) {
-        self.first_byte.observe(d);
+    pub(crate) fn failover(&self) {
+        self.failovers.inc();
     }
 
-    pub fn total(&self, d: Duration) {
-        self.total.observe(d);
+    pub(crate) fn first_byte(&self, d: Duration) {
+        self.first_byte.observe(d.as_secs_f64());
     }
 
-    pub fn stream_started(&self) {
-        self.streams.fetch_add(1, Ordering::Relaxed);
+    /// A response ended (for a stream: its last byte, or the client going away).
+    pub(crate) fn request_duration(&self, d: Duration) {
+        self.duration.observe(d.as_secs_f64());
     }
 
-    pub fn stream_ended(&self) {
-        self.streams.fetch_sub(1, Ordering::Relaxed);
+    pub(crate) fn stream_started(&self) {
+        self.streams.inc();
+    }
+
+    pub(crate) fn stream_ended(&self) {
+        self.streams.dec();
     }
 
     pub fn streams_in_flight(&self) -> i64 {
-        self.streams.load(Ordering::Relaxed)
+        self.streams.get()
     }
 
-    pub fn tokens(&self, input: u64, output: u64) {
-        self.tokens_in.fetch_add(input, Ordering::Relaxed);
-        self.tokens_out.fetch_add(output, Ordering::Relaxed);
+    /// The usage an answer reported to its client: `input` and `output` tokens of `model`.
+    pub(crate) fn tokens(&self, model: &str, input: u64, output: u64) {
+        let model = model_label(model);
+        for (direction, n) in [("in", input), ("out", output)] {
+            self.tokens.get_or_create(&TokenLabels { model: model.clone(), direction }).inc_by(n);
+        }
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self, pool: &Pool) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        out.push_str("# HELP amq2api_requests_total Client requests by model and HTTP status.\n");
-        out.push_str("# TYPE amq2api_requests_total counter\n");
-        for ((model, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(
-                out,
-                "amq2api_requests_total{{model=\"{}\",status=\"{status}\"}} {n}",
-                escape(model)
-            );
+        // Writing to a String does not fail, nor does the pool collector.
+        if let Err(e) = prometheus_text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "metrics: encoding failed");
         }
-        out.push_str("# HELP amq2api_upstream_attempts_total Amazon Q calls by outcome.\n");
-        out.push_str("# TYPE amq2api_upstream_attempts_total counter\n");
-        for (outcome, n) in self.attempts.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(out, "amq2api_upstream_attempts_total{{outcome=\"{}\"}} {n}", escape(outcome));
+        out
+    }
+}
+
+/// The pool's own counters and state, read at each scrape.
+struct PoolCollector(Arc<Pool>);
+
+impl std::fmt::Debug for PoolCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolCollector")
+    }
+}
+
+impl Collector for PoolCollector {
+    // (A collector's help text is written as given: the registry's full stop is added here.)
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let pool = &self.0;
+        let mut m = encoder.encode_descriptor(
+            "token_refreshes",
+            "OIDC token refreshes by result",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, n) in [
+            ("ok", pool.refreshes_ok.load(Ordering::Relaxed)),
+            ("failed", pool.refreshes_failed.load(Ordering::Relaxed)),
+        ] {
+            ConstCounter::new(n).encode(m.encode_family(&[("result", result)])?)?;
         }
-        let _ = writeln!(
-            out,
-            "# HELP amq2api_failovers_total Requests moved to another account before the client saw a byte.\n# TYPE amq2api_failovers_total counter\namq2api_failovers_total {}",
-            self.failovers.load(Ordering::Relaxed)
-        );
-        self.first_byte.render(
-            "amq2api_first_byte_seconds",
-            "Time to the first byte sent to the client.",
-            &mut out,
-        );
-        self.total.render("amq2api_request_duration_seconds", "Time to the end of the response.", &mut out);
-        let _ = writeln!(
-            out,
-            "# HELP amq2api_streams_in_flight Streaming responses being sent.\n# TYPE amq2api_streams_in_flight gauge\namq2api_streams_in_flight {}",
-            self.streams.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP amq2api_token_refreshes_total OIDC token refreshes by result.\n# TYPE amq2api_token_refreshes_total counter\namq2api_token_refreshes_total{{result=\"ok\"}} {}\namq2api_token_refreshes_total{{result=\"failed\"}} {}",
-            pool.refreshes_ok.load(Ordering::Relaxed),
-            pool.refreshes_failed.load(Ordering::Relaxed)
-        );
         let s = pool.summary();
-        out.push_str("# HELP amq2api_accounts Accounts by state.\n# TYPE amq2api_accounts gauge\n");
+        let mut m = encoder.encode_descriptor("accounts", "Accounts by state.", None, MetricType::Gauge)?;
         for (state, n) in [
             ("active", s.active),
             ("cooling", s.cooling),
@@ -151,14 +199,8 @@ impl Metrics {
             ("invalid", s.invalid),
             ("disabled", s.disabled),
         ] {
-            let _ = writeln!(out, "amq2api_accounts{{state=\"{state}\"}} {n}");
+            ConstGauge::new(n as i64).encode(m.encode_family(&[("state", state)])?)?;
         }
-        let _ = writeln!(
-            out,
-            "# HELP amq2api_tokens_total Tokens by direction.\n# TYPE amq2api_tokens_total counter\namq2api_tokens_total{{direction=\"in\"}} {}\namq2api_tokens_total{{direction=\"out\"}} {}",
-            self.tokens_in.load(Ordering::Relaxed),
-            self.tokens_out.load(Ordering::Relaxed)
-        );
-        out
+        Ok(())
     }
 }

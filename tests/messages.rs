@@ -1,5 +1,5 @@
 //! End to end through the daemon and the emulator over real TCP: streaming and non-streaming
-//! replies, tools, thinking, stop sequences, failover, error mapping, limits, cancellation.
+//! replies, tools, thinking, stop sequences, failover, error mapping, limits, cancellation, metrics.
 
 mod common;
 
@@ -562,5 +562,89 @@ async fn an_image_over_5_mb_is_refused_naming_its_block() {
             );
         }
     }
+    h.stop().await;
+}
+
+/// The samples of `name` in a Prometheus text exposition, as (labels, value).
+fn samples(text: &str, name: &str) -> Vec<(Vec<(String, String)>, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
+        let (series_name, labels) = match series.split_once('{') {
+            Some((n, rest)) => {
+                (n, rest.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels: {line}")))
+            }
+            None => (series, ""),
+        };
+        if series_name != name {
+            continue;
+        }
+        let labels = labels
+            .split("\",")
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (k, v) = l.split_once("=\"").unwrap_or_else(|| panic!("bad label in {line}"));
+                (k.to_string(), v.trim_end_matches('"').to_string())
+            })
+            .collect();
+        out.push((labels, value.parse().unwrap_or_else(|e| panic!("bad value ({e}): {line}"))));
+    }
+    out
+}
+
+/// The sum of the samples of `name` that carry all of `want` (other labels are summed over).
+fn sample_sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    samples(text, name)
+        .into_iter()
+        .filter(|(labels, _)| want.iter().all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v)))
+        .map(|(_, v)| v)
+        .fold(0.0, |sum, v| sum + v) // (an empty f64 sum() is -0.0)
+}
+
+#[tokio::test]
+async fn metrics_count_the_tokens_requests_and_latencies_of_answers() {
+    let h = Harness::start(Setup::default()).await;
+    let model = "claude-sonnet-4-5-20250929";
+    let r = post(&h, "/v1/messages", &simple("count these tokens", true)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let frames = r.sse();
+    let streamed =
+        frames.iter().find(|(e, _)| e == "message_delta").expect("a message_delta").1["usage"].clone();
+    let r = post(&h, "/v1/messages", &simple("and these ones as well", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answered = r.json()["usage"].clone();
+    let usage = |dir: &str| {
+        let key = format!("{dir}put_tokens");
+        streamed[&key].as_u64().unwrap() + answered[&key].as_u64().unwrap()
+    };
+    let (tokens_in, tokens_out) = (usage("in"), usage("out"));
+    assert!(tokens_in > 0 && tokens_out > 0, "{streamed} {answered}");
+
+    let m = get(&h, "/metrics").await;
+    assert_eq!(m.status, 200);
+    let text = m.text();
+    let t = text.as_str();
+    assert_eq!(
+        (
+            sample_sum(t, "amq2api_tokens_total", &[("model", model), ("direction", "in")]),
+            sample_sum(t, "amq2api_tokens_total", &[("model", model), ("direction", "out")]),
+        ),
+        (tokens_in as f64, tokens_out as f64),
+        "{t}"
+    );
+    assert_eq!(m.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8");
+    assert_eq!(sample_sum(t, "amq2api_requests_total", &[("model", model), ("status", "200")]), 2.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_upstream_attempts_total", &[("outcome", "ok")]), 2.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_upstream_attempts_total", &[]), 2.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_failovers_total", &[]), 0.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_first_byte_seconds_count", &[]), 2.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_first_byte_seconds_bucket", &[("le", "+Inf")]), 2.0, "{t}");
+    // Both answers, the stream included; the scrape itself is not a request to time.
+    assert_eq!(sample_sum(t, "amq2api_request_duration_seconds_count", &[]), 2.0, "{t}");
+    assert!(sample_sum(t, "amq2api_request_duration_seconds_sum", &[]) > 0.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_streams_in_flight", &[]), 0.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_accounts", &[("state", "active")]), 1.0, "{t}");
+    assert!(sample_sum(t, "amq2api_token_refreshes_total", &[("result", "ok")]) >= 1.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_token_refreshes_total", &[("result", "failed")]), 0.0, "{t}");
     h.stop().await;
 }

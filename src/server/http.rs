@@ -139,11 +139,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     if parts.uri.path().starts_with("/v1/messages") {
         app.metrics.request(&x.model, status);
     }
-    if !streaming {
-        if parts.uri.path() != "/health" && parts.uri.path() != "/metrics" {
-            super::access_log(&app, &request_id, &x, status, started);
-        }
-        app.metrics.total(started.elapsed());
+    // A stream is logged and timed when it ends (`messages::StreamEnd`).
+    if !streaming && parts.uri.path() != "/health" && parts.uri.path() != "/metrics" {
+        super::access_log(&app, &request_id, &x, status, started);
+        app.metrics.request_duration(started.elapsed());
     }
     resp
 }
@@ -187,9 +186,9 @@ async fn route(
     authenticate(app, parts)?;
     match path {
         "/metrics" => {
-            let mut r = Response::new(Body::full(app.metrics.render(&app.pool)));
+            let mut r = Response::new(Body::full(app.metrics.render()));
             r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
             Ok(r)
         }
         "/v1/models" => Ok(models_list(app, parts)),

@@ -97,6 +97,7 @@ pub async fn aggregate(
             x.tokens_in = m["usage"]["input_tokens"].as_u64().unwrap_or(0);
             x.tokens_out = m["usage"]["output_tokens"].as_u64().unwrap_or(0);
             lease.success(x.tokens_in, x.tokens_out);
+            app.metrics.tokens(&x.model, x.tokens_in, x.tokens_out);
         }
         Err(e) => {
             let f = UpstreamFailure::Transient { status: None, message: e.message.clone() };
@@ -106,8 +107,9 @@ pub async fn aggregate(
     result
 }
 
-/// What a stream's end records (access log, metrics, the account's outcome). Its `Drop` does
-/// it, so that a stream dropped because the client went away is recorded too (as 499).
+/// What a stream's end records (access log, metrics: tokens, duration, the stream count; the
+/// account's outcome). Its `Drop` does it, so that a stream dropped because the client went
+/// away is recorded too (as 499).
 struct StreamEnd {
     app: Arc<App>,
     x: Exchange,
@@ -143,7 +145,11 @@ impl Drop for StreamEnd {
             }
         };
         drop(lease);
+        // The usage the client was told: message_start's input tokens, and message_delta's
+        // (input and output) if the stream got that far.
+        self.app.metrics.tokens(&self.x.model, self.x.tokens_in, self.x.tokens_out);
         self.app.metrics.stream_ended();
+        self.app.metrics.request_duration(self.started.elapsed());
         super::access_log(&self.app, &self.request_id, &self.x, status, self.started);
     }
 }
