@@ -539,14 +539,19 @@ impl Pool {
                 force,
                 |chain| async move {
                     let _slot = self.refresh_slots.acquire().await;
-                    client
+                    let grant = client
                         .create_token(
                             &endpoints.token,
                             &spec.client_id,
                             &spec.client_secret,
                             &chain.refresh_token,
                         )
-                        .await
+                        .await;
+                    // Counted where the token endpoint is called: callers that joined a refresh
+                    // in flight, or found a fresh token, are not refreshes.
+                    let counter = if grant.is_ok() { &self.refreshes_ok } else { &self.refreshes_failed };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    grant
                 },
                 |chain, access| {
                     let (sink, id) = (self.sink.clone(), id.clone());
@@ -571,12 +576,10 @@ impl Pool {
         match result {
             Ok(_) => {
                 tracing::debug!(account = %a.id, "token refreshed");
-                self.refreshes_ok.fetch_add(1, Ordering::Relaxed);
                 a.refresh_failures.store(0, Ordering::SeqCst);
                 *a.next_refresh_try.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
             Err(e) => {
-                self.refreshes_failed.fetch_add(1, Ordering::Relaxed);
                 if e.is_permanent() && a.state().state == State::Disabled {
                     // An operator's disable stands; the problem is still shown.
                     a.state.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e.to_string());
