@@ -520,3 +520,57 @@ async fn a_queue_timeout_says_honestly_when_to_retry() {
     assert!(ms >= 2000, "{ms}");
     assert_eq!(busy.await.unwrap(), 200);
 }
+
+/// Every log line of a request carries its id: the failover decisions and the access log of a
+/// request that two throttled accounts refused all name the `request-id` the client got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_log_lines_carry_the_request_id() {
+    use common::child::{AMQ2API, ChildDaemon, write_config};
+    let emulator = amq2api::emulator::Emulator::start(EmulatorOptions::default()).await.unwrap();
+    let ids = vec!["span-1".to_owned(), "span-2".to_owned()];
+    for id in &ids {
+        emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
+        emulator.set_behaviour(&client_id(id), Behaviour::Throttled { retry_after_secs: None });
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), &emulator, &ids, "");
+    let log = tmp.path().join("daemon.log");
+    let result = tokio::task::spawn_blocking(move || {
+        let d = ChildDaemon::start_logged(std::process::Command::new(AMQ2API), &config, &[], Some(&log));
+        let addr = d.addr();
+        let body = simple("refused twice", false).to_string();
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        use std::io::{Read, Write};
+        write!(
+            s,
+            "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: {API_KEY}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+        let request_id = answer
+            .lines()
+            .find_map(|l| l.strip_prefix("request-id: "))
+            .expect("a request-id header")
+            .trim()
+            .to_owned();
+        assert_eq!(d.stop(Duration::from_secs(30)), 0);
+        let text = std::fs::read_to_string(&log).unwrap();
+        let failovers: Vec<&str> = text.lines().filter(|l| l.contains("failing over")).collect();
+        assert_eq!(failovers.len(), 2, "{text}");
+        for line in &failovers {
+            assert!(line.contains(&format!("id={request_id}")), "{line}");
+            assert!(line.contains("attempt="), "{line}");
+            assert!(line.contains("account=span-"), "{line}");
+        }
+        let access: Vec<&str> = text.lines().filter(|l| l.contains(&request_id) && l.contains(" request ")).collect();
+        assert!(!access.is_empty(), "the access log names the request: {text}");
+    })
+    .await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
+use tracing::Instrument;
 
 pub use super::state::AccountState as State;
 pub use crate::store::Counters;
@@ -520,11 +521,15 @@ impl Pool {
             }
         }
         let (pool, account) = (self.clone(), a.clone());
-        let task = self.refreshes.spawn(async move {
-            let result = pool.refresh_tokens(&account, force.as_ref()).await;
-            pool.after_refresh(&account, &result);
-            result
-        });
+        // The refresh's log lines carry the request that needed it (when one did).
+        let task = self.refreshes.spawn(
+            async move {
+                let result = pool.refresh_tokens(&account, force.as_ref()).await;
+                pool.after_refresh(&account, &result);
+                result
+            }
+            .instrument(tracing::Span::current()),
+        );
         task.await.unwrap_or_else(|e| Err(RefreshError::Transient(format!("the refresh task failed: {e}"))))
     }
 

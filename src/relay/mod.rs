@@ -78,6 +78,9 @@ impl Relay {
             if budget.attempt() > 1 {
                 self.metrics.failover();
             }
+            let span = tracing::Span::current();
+            span.record("account", lease.id().as_str());
+            span.record("attempt", budget.attempt());
             let mut force = None;
             loop {
                 let next = match self.attempt(&lease.account, force.take(), request, budget.attempt()).await {

@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::Instrument;
 
 fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     let mut r = Response::new(Body::full(serde_json::to_vec(v).expect("JSON values serialise")));
@@ -118,9 +119,23 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let request_id = crate::ids::prefixed("req_");
     let (parts, body) = req.into_parts();
     let mut x = Exchange { key: key_tag(&parts), ..Default::default() };
+    // Every line logged for this request (failover, refresh, the stream's end) carries its id,
+    // the client key's tag, and once known the model, the account and the attempt.
+    let span = if parts.uri.path() == "/health" {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!(
+            "request",
+            id = %request_id,
+            key = %x.key,
+            model = tracing::field::Empty,
+            account = tracing::field::Empty,
+            attempt = tracing::field::Empty,
+        )
+    };
     let mut resp = match tokio::time::timeout(
         app.config.server.request_timeout,
-        route(&app, &parts, body, &request_id, &mut x, started),
+        route(&app, &parts, body, &request_id, &mut x, started).instrument(span),
     )
     .await
     {
@@ -231,8 +246,9 @@ async fn route(
                 })
                 .await??;
             x.model = prepared.req.model.clone();
+            tracing::Span::current().record("model", x.model.as_str());
             x.stream = prepared.req.stream;
-            x.tokens_in = prepared.input_tokens;
+            x.tokens_in = prepared.input_tokens();
             if prepared.req.stream {
                 let producer =
                     messages::stream(app, prepared, x.clone(), started, request_id.to_string()).await?;

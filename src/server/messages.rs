@@ -8,10 +8,11 @@ use crate::anthropic::request::{self, ApiVersion, Endpoint, MessagesRequest};
 use crate::anthropic::sse::StreamEvent;
 use crate::anthropic::{ApiError, ErrorKind};
 use crate::relay::Connected;
-use crate::translate::{Aggregator, Context, ResponseParams, ResponseState, Translated, tokens, translate};
+use crate::translate::{Aggregator, Context, ResponseState, Translated, translate};
 use crate::upstream::UpstreamFailure;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// Ping interval while the upstream is silent (keeps idle-timeout proxies from cutting the stream).
 pub const PING_INTERVAL: Duration = Duration::from_secs(15);
@@ -33,7 +34,13 @@ pub struct Exchange {
 pub struct Prepared {
     pub req: MessagesRequest,
     pub translated: Translated,
-    pub input_tokens: u64,
+}
+
+impl Prepared {
+    /// The request's input tokens (counted when it was translated).
+    pub fn input_tokens(&self) -> u64 {
+        self.translated.response.input_tokens
+    }
 }
 
 pub fn prepare(
@@ -44,21 +51,7 @@ pub fn prepare(
 ) -> Result<Prepared, ApiError> {
     let req = request::parse(body, version, Endpoint::Messages)?;
     let translated = translate(&req, &Context { models: &app.models, session_id: session })?;
-    let input_tokens = tokens::count_request(&req);
-    Ok(Prepared { req, translated, input_tokens })
-}
-
-fn params(p: &Prepared, app: &App) -> ResponseParams {
-    ResponseParams {
-        message_id: crate::ids::prefixed("msg_"),
-        model: p.req.model.clone(),
-        input_tokens: p.input_tokens,
-        max_tokens: p.req.max_tokens as u64,
-        stop_sequences: p.req.stop_sequences.clone(),
-        thinking: !matches!(p.req.thinking, request::Thinking::Disabled),
-        tool_names: p.translated.tool_names.clone(),
-        context_window: app.models.context_window(&p.translated.q_model),
-    }
+    Ok(Prepared { req, translated })
 }
 
 /// Non-streaming: the whole message as one JSON value.
@@ -69,7 +62,7 @@ pub async fn aggregate(
 ) -> Result<serde_json::Value, ApiError> {
     let Connected { lease, mut stream, pending, ended } = app.relay.connect(&p.translated.request).await?;
     x.account = Some(lease.id().to_string());
-    let mut st = ResponseState::new(params(p, app));
+    let mut st = ResponseState::new(p.translated.response.clone());
     let mut agg = Aggregator::default();
     let feed = |evs: Vec<StreamEvent>, agg: &mut Aggregator| {
         for e in &evs {
@@ -93,9 +86,10 @@ pub async fn aggregate(
     drop(stream);
     let result = agg.finish();
     match &result {
-        Ok(m) => {
-            x.tokens_in = m["usage"]["input_tokens"].as_u64().unwrap_or(0);
-            x.tokens_out = m["usage"]["output_tokens"].as_u64().unwrap_or(0);
+        Ok(_) => {
+            let usage = st.usage();
+            x.tokens_in = usage.input_tokens;
+            x.tokens_out = usage.output_tokens;
             lease.success(x.tokens_in, x.tokens_out);
             app.metrics.tokens(&x.model, x.tokens_in, x.tokens_out);
         }
@@ -167,12 +161,13 @@ pub async fn stream(
     let Connected { lease, mut stream, pending, ended } = app.relay.connect(&p.translated.request).await?;
     x.account = Some(lease.id().to_string());
     let out = Outbox::default();
-    let params = params(&p, app);
+    let params = p.translated.response;
     let deadline = started + app.config.server.request_timeout;
     let mut drain = app.drain_expired.clone();
     app.metrics.stream_started();
     let mut end = StreamEnd { app: app.clone(), x, request_id, started, lease: Some(lease), outcome: None };
     let o = out.clone();
+    let span = tracing::Span::current();
     Ok(Producer::new(out, async move {
         let mut st = ResponseState::new(params);
         let mut errored: Option<String> = None;
@@ -261,5 +256,5 @@ pub async fn stream(
             Some(e) => Err(e),
             None => Ok(()),
         });
-    }))
+    }.instrument(span)))
 }

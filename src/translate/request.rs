@@ -79,8 +79,9 @@ fn q_tool_use_id(id: &str) -> String {
 pub struct Translated {
     /// The body without `profileArn` (set per account when sending).
     pub request: GenerateRequest,
-    pub tool_names: ToolNames,
     pub q_model: String,
+    /// What the answer's state machine needs to know about this request.
+    pub response: super::ResponseParams,
 }
 
 /// Inputs besides the request itself.
@@ -340,6 +341,16 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
     let current = user_message(current, &q_model, send_tools)?;
 
     let conversation_id = conversation_id(req.metadata_user_id.as_deref(), ctx.session_id);
+    let response = super::ResponseParams {
+        message_id: crate::ids::prefixed("msg_"),
+        model: req.model.clone(),
+        input_tokens: super::tokens::count_request(req),
+        max_tokens: req.max_tokens as u64,
+        stop_sequences: req.stop_sequences.clone(),
+        thinking: !matches!(req.thinking, Thinking::Disabled),
+        tool_names: names,
+        context_window: ctx.models.context_window(&q_model),
+    };
     Ok(Translated {
         request: GenerateRequest {
             conversation_state: ConversationState {
@@ -350,8 +361,8 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
             },
             profile_arn: None,
         },
-        tool_names: names,
         q_model,
+        response,
     })
 }
 

@@ -109,7 +109,8 @@ impl ResponseState {
         self.finished
     }
 
-    fn usage(&self) -> Usage {
+    /// The usage so far (the final figures once the message is finished).
+    pub fn usage(&self) -> Usage {
         Usage {
             input_tokens: self.p.input_tokens,
             output_tokens: self.output_tokens + count_text(&self.uncounted),

@@ -44,10 +44,28 @@ pub struct ChildDaemon {
 impl ChildDaemon {
     /// Starts `command` with `--config config` and waits (up to 20 s) until its control socket
     /// answers.
-    pub fn start(mut command: Command, config: &Path, envs: &[(&str, &str)]) -> ChildDaemon {
-        command.arg("--config").arg(config).env("RUST_LOG", "warn").stdout(Stdio::null());
-        if std::env::var_os("AMQ_TEST_LOG").is_none() {
-            command.stderr(Stdio::null());
+    pub fn start(command: Command, config: &Path, envs: &[(&str, &str)]) -> ChildDaemon {
+        ChildDaemon::start_logged(command, config, envs, None)
+    }
+
+    /// [`ChildDaemon::start`], with its log (at `RUST_LOG=info`) written to `log` when given.
+    pub fn start_logged(
+        mut command: Command,
+        config: &Path,
+        envs: &[(&str, &str)],
+        log: Option<&Path>,
+    ) -> ChildDaemon {
+        command.arg("--config").arg(config).stdout(Stdio::null());
+        match log {
+            Some(path) => {
+                command.env("RUST_LOG", "info").stderr(std::fs::File::create(path).unwrap());
+            }
+            None => {
+                command.env("RUST_LOG", "warn");
+                if std::env::var_os("AMQ_TEST_LOG").is_none() {
+                    command.stderr(Stdio::null());
+                }
+            }
         }
         for (k, v) in envs {
             command.env(k, v);
