@@ -40,10 +40,21 @@ fn accounts(n: usize, weight: u32) -> String {
         .collect()
 }
 
-fn spawn(daemon: &Path, config: &Path) -> Child {
-    Command::new(daemon)
-        .arg("--config")
+/// Starts the daemon on `listener`, passed as systemd would (fd 3, `LISTEN_FDS`, `LISTEN_PID`):
+/// every restart serves the same socket, and its address is never free for another process.
+fn spawn(daemon: &Path, config: &Path, listener: &std::net::TcpListener) -> Child {
+    use std::os::fd::AsRawFd;
+    nix::fcntl::fcntl(listener, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))
+        .expect("the listener can be inherited");
+    // bash, not sh: dash takes only one-digit descriptors in a redirection.
+    Command::new("bash")
+        .arg("-c")
+        .arg("export LISTEN_PID=$$; exec \"$0\" --config \"$1\" 3<&\"$2\"")
+        .arg(daemon)
         .arg(config)
+        .arg(listener.as_raw_fd().to_string())
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "http")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -82,12 +93,13 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("amq2api-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("accounts.toml"), accounts(6, 1)).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
     let config = dir.join("amq2api.toml");
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[auth]\napi_keys = [\"{KEY}\"]\n[upstream]\nendpoint = \"{}\"\n\
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[auth]\napi_keys = [\"{KEY}\"]\n[upstream]\nendpoint = \"{}\"\n\
              token_endpoint = \"{}\"\nfirst_byte_timeout_secs = 5\nstream_idle_timeout_secs = 5\n[accounts]\nfile = \"accounts.toml\"\n\
              refresh_before_expiry_secs = 60\n[state]\ndir = \"state\"\n[control]\nsocket = \"control.sock\"\n",
             emulator.endpoint(),
@@ -95,7 +107,7 @@ async fn main() {
         ),
     )
     .unwrap();
-    let child = Arc::new(Mutex::new(spawn(&daemon, &config)));
+    let child = Arc::new(Mutex::new(spawn(&daemon, &config, &listener)));
     let outcomes: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let deadline = Instant::now() + Duration::from_secs(minutes * 60);
     let url = format!("http://127.0.0.1:{port}/v1/messages");
@@ -180,7 +192,7 @@ async fn main() {
             let mut c = child.lock().unwrap();
             let _ = c.kill();
             let _ = c.wait();
-            *c = spawn(&daemon, &config);
+            *c = spawn(&daemon, &config, &listener);
             restarts += 1;
             last_kill = Instant::now();
         }

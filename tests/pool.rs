@@ -192,12 +192,11 @@ async fn sigkill_during_rotation_never_loses_a_refresh_token() {
     }
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("accounts.toml"), accounts_toml(&ids)).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = dir.path().join("amq2api.toml");
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[auth]\napi_keys = [\"{API_KEY}\"]\n[upstream]\nendpoint = \"{}\"\n\
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[auth]\napi_keys = [\"{API_KEY}\"]\n[upstream]\nendpoint = \"{}\"\n\
              token_endpoint = \"{}\"\n[accounts]\nfile = \"accounts.toml\"\nrefresh_before_expiry_secs = 30\n\
              [state]\ndir = \"state\"\n[control]\nsocket = \"control.sock\"\n",
             emulator.endpoint(),

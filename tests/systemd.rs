@@ -132,31 +132,31 @@ async fn bad_config_exits_78() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn socket_activation_serves_the_passed_socket() {
-    let Ok(activate) = which("systemd-socket-activate") else {
-        eprintln!("systemd-socket-activate is not installed; skipping");
-        return;
-    };
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
     // The configured address must not be used when systemd passes a socket.
     let s = setup("127.0.0.1:0").await;
     let (sock, path) = notify_socket(s.dir.path());
-    let mut child = Command::new(activate)
-        .arg("-l")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--fdname=https")
-        .arg(format!("--setenv=NOTIFY_SOCKET={}", path.display()))
+    // What systemd does, by hand: the socket is bound here (port 0, never freed and reused) and
+    // passed as fd 3 with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (the daemon's own pid: the
+    // shell exports its pid, then becomes the daemon with exec).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    use std::os::fd::AsRawFd;
+    nix::fcntl::fcntl(&listener, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).unwrap();
+    // bash, not sh: dash takes only one-digit descriptors in a redirection.
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg("export LISTEN_PID=$$; exec \"$0\" --config \"$1\" 3<&\"$2\"")
         .arg(env!("CARGO_BIN_EXE_amq2api"))
-        .arg("--config")
         .arg(&s.config)
+        .arg(listener.as_raw_fd().to_string())
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "https")
+        .env("NOTIFY_SOCKET", &path)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // systemd-socket-activate starts the daemon on the first connection.
-    let addr = format!("127.0.0.1:{port}");
+    drop(listener);
     let t0 = Instant::now();
     let stream = loop {
         match std::net::TcpStream::connect(&addr) {
@@ -185,10 +185,4 @@ async fn socket_activation_serves_the_passed_socket() {
     assert_eq!(r.status, 200, "{}", r.text());
     signal(&child, nix::sys::signal::Signal::SIGTERM);
     assert_eq!(wait_exit(&mut child, Duration::from_secs(15)), 0);
-}
-
-fn which(name: &str) -> Result<PathBuf, ()> {
-    std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.exists()))
-        .ok_or(())
 }

@@ -205,9 +205,9 @@ async fn shutdown_drains_streams_then_closes_them_with_an_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_answers_its_printed_curl_line() {
     use std::io::BufRead;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Port 0: the demo binds it and prints the address it got.
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_amq2api"))
-        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["demo", "--listen", "127.0.0.1:0"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -232,6 +232,13 @@ async fn demo_answers_its_printed_curl_line() {
     .unwrap();
     let key = banner.iter().find_map(|l| l.trim().strip_prefix("API key:")).unwrap().trim().to_string();
     let curl = banner.iter().find(|l| l.trim_start().starts_with("curl ")).expect("a curl line");
+    let port: u16 = curl
+        .split("http://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("the curl line names the bound port");
+    assert_ne!(port, 0);
     assert!(curl.contains(&format!("http://127.0.0.1:{port}/v1/messages")) && curl.contains(&key));
     assert!(banner.iter().any(|l| l.contains(&format!("ANTHROPIC_BASE_URL=http://127.0.0.1:{port}"))));
     let body = banner.iter().skip_while(|l| !l.contains("curl ")).nth(1).unwrap();

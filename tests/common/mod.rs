@@ -25,6 +25,7 @@ pub struct Harness {
     pub config_path: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub task: Option<tokio::task::JoinHandle<()>>,
+    listener: std::net::TcpListener,
 }
 
 /// Options for a harness.
@@ -110,12 +111,15 @@ impl Harness {
             ),
         )
         .unwrap();
-        let mut h = Harness { emulator, addr, dir, config_path, stop: None, task: None };
-        h.launch(listener);
+        // The harness keeps its own handle on the listening socket: a restart hands the same
+        // socket to the new daemon, and the address is never free for another process meanwhile.
+        let mut h = Harness { emulator, addr, dir, config_path, stop: None, task: None, listener };
+        h.launch();
         h
     }
 
-    fn launch(&mut self, listener: std::net::TcpListener) {
+    fn launch(&mut self) {
+        let listener = self.listener.try_clone().expect("the listening socket can be shared");
         let loaded = load(&self.config_path);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -147,8 +151,7 @@ impl Harness {
         if let Some(t) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
         }
-        let listener = std::net::TcpListener::bind(self.addr).expect("the old address is free again");
-        self.launch(listener);
+        self.launch();
     }
 
     /// A handle with just what a blocking helper needs (the directory and the address).
