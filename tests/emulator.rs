@@ -462,11 +462,9 @@ async fn normal_request_streams_the_expected_text() {
     let types = stream.event_types();
     assert_eq!(types[0], "initial-response");
     assert_eq!(stream.events("initial-response")[0], json!({"conversationId": "conv-1"}));
-    assert_eq!(
-        &types[types.len() - 3..],
-        ["meteringEvent", "contextUsageEvent", "messageMetadataEvent"],
-        "{types:?}"
-    );
+    assert_eq!(types[1], "messageMetadataEvent", "{types:?}");
+    assert_eq!(&types[types.len() - 3..], ["metadataEvent", "contextUsageEvent", "meteringEvent"], "{types:?}");
+    assert_eq!(stream.events("metadataEvent")[0], json!({"stopReason": "END_TURN"}), "no tokenUsage by default");
     assert_eq!(stream.text(), "Hello from the Amazon Q emulator. You said: Hi there, emulator!");
     let fragments = stream.events("assistantResponseEvent");
     assert!(fragments.len() > 4);
@@ -569,7 +567,7 @@ async fn long_reply_has_the_requested_length() {
     stream.assert_clean();
     assert_eq!(stream.text().chars().count(), 5000);
     assert!(stream.events("assistantResponseEvent").len() > 5000 / 12);
-    assert_eq!(stream.event_types().last().map(String::as_str), Some("messageMetadataEvent"));
+    assert_eq!(stream.event_types().last().map(String::as_str), Some("meteringEvent"));
 }
 
 #[tokio::test]
@@ -805,7 +803,7 @@ async fn reset_after_first_byte_cuts_the_body() {
     assert_eq!(stream.status, StatusCode::OK);
     assert!(stream.frames.len() >= 2, "{:?}", stream.event_types());
     assert!(stream.body_error.is_some(), "the body ends with an error, not cleanly");
-    assert!(stream.events("messageMetadataEvent").is_empty());
+    assert!(stream.events("meteringEvent").is_empty(), "the stream never ended");
 }
 
 #[tokio::test]
