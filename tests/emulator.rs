@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use amq2api::emulator::catalog::non_claude_catalog;
 use amq2api::emulator::{
     BUILDER_ID_PROFILE_ARN, Behaviour, Emulator, EmulatorOptions, ModelEntry, Role, SOCIAL_PROFILE_ARN,
-    SocialDeadToken, default_catalog, run_standalone,
+    SocialDeadToken, Standalone, default_catalog, run_standalone, run_standalone_with,
 };
 use amq2api::upstream::eventstream::{DecodeError, Decoder, Frame};
 use bytes::Bytes;
@@ -1006,6 +1006,43 @@ async fn standalone_serves_its_accounts_until_shutdown() {
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(5), server).await.expect("stops on shutdown").unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn standalone_serves_social_accounts_and_api_keys() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let setup = Standalone {
+        options: EmulatorOptions { require_profile_arn: true, ..Default::default() },
+        social: vec!["standalone-social".to_owned()],
+        api_keys: vec!["ksk_standalone".to_owned()],
+        ..Standalone::default()
+    };
+    let server = tokio::spawn(async move {
+        run_standalone_with(listener, &setup, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let req = Request::post(format!("http://{addr}/refreshToken"))
+        .header("user-agent", KIRO_UA)
+        .body(Full::new(Bytes::from(json!({"refreshToken": "standalone-social"}).to_string())))
+        .unwrap();
+    let (status, _, body) = read_json(send(req).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let token = body["accessToken"].as_str().unwrap();
+    let runtime = format!("http://{addr}/runtime/");
+    let resp = send(rpc(&runtime, TARGET, Auth::Bearer(token), None, &chat("hi"))).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "the options apply: a profile ARN is required");
+    let resp =
+        send(rpc(&runtime, TARGET, Auth::Bearer(token), None, &with_profile(chat("hi"), SOCIAL_PROFILE_ARN)))
+            .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = send(rpc(&runtime, TARGET, Auth::ApiKey("ksk_standalone"), None, &chat("hi"))).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server).await.expect("stops on shutdown").unwrap();
 }
 
 #[tokio::test]

@@ -30,7 +30,8 @@
 //! | `ApiKey` (Kiro `ksk_…`) | [`Emulator::add_api_key`]`(key)` | the key itself | the key, with header `tokentype: API_KEY`; never refreshed |
 //!
 //! Re-registering an id replaces its credentials (and revives a revoked chain or key), keeping its
-//! behaviours, counters, catalog, profile ARN (unless given again) and overrides. Access tokens are
+//! behaviours, counters, catalog and overrides, and its profile ARN (a social registration sets the
+//! one it is given, or none). Access tokens are
 //! opaque (`aoa…`, not JWTs) and expire after [`EmulatorOptions::access_token_ttl`].
 //!
 //! A credential is resolved from `Authorization: Bearer <token>`: an unexpired access token (OIDC or
@@ -647,6 +648,18 @@ impl Emulator {
     }
 }
 
+/// What a standalone emulator serves: its options and accounts.
+#[derive(Clone, Debug, Default)]
+pub struct Standalone {
+    pub options: EmulatorOptions,
+    /// OIDC accounts: `(client_id, client_secret, refresh_token)`.
+    pub accounts: Vec<(String, String, String)>,
+    /// Social accounts: their refresh tokens (ids as [`Emulator::add_social_account`] makes them).
+    pub social: Vec<String>,
+    /// Kiro API keys.
+    pub api_keys: Vec<String>,
+}
+
 /// Serves an emulator on `listener` with default options and `accounts` — `(client_id,
 /// client_secret, refresh_token)` each — until `shutdown` completes.
 pub async fn run_standalone(
@@ -654,20 +667,42 @@ pub async fn run_standalone(
     accounts: &[(String, String, String)],
     shutdown: impl Future<Output = ()>,
 ) {
-    let emulator = match Emulator::start_on(listener, EmulatorOptions::default()).await {
+    let setup = Standalone { accounts: accounts.to_vec(), ..Standalone::default() };
+    run_standalone_with(listener, &setup, shutdown).await;
+}
+
+/// Serves an emulator on `listener` as `setup` says until `shutdown` completes.
+pub async fn run_standalone_with(
+    listener: TcpListener,
+    setup: &Standalone,
+    shutdown: impl Future<Output = ()>,
+) {
+    let emulator = match Emulator::start_on(listener, setup.options.clone()).await {
         Ok(emulator) => emulator,
         Err(e) => {
             tracing::error!(error = %e, "emulator: cannot start");
             return;
         }
     };
-    for (client_id, client_secret, refresh_token) in accounts {
+    for (client_id, client_secret, refresh_token) in &setup.accounts {
         emulator.add_account(client_id, client_secret, refresh_token);
+    }
+    for refresh_token in &setup.social {
+        let id = emulator.add_social_account(refresh_token, None);
+        tracing::info!(account = %id, "emulator: social account registered");
+    }
+    for key in &setup.api_keys {
+        emulator.add_api_key(key);
     }
     tracing::info!(
         endpoint = %emulator.endpoint(),
+        runtime_endpoint = %emulator.runtime_endpoint(),
+        management_endpoint = %emulator.management_endpoint(),
         token_endpoint = %emulator.token_endpoint(),
-        accounts = accounts.len(),
+        social_token_endpoint = %emulator.social_token_endpoint(),
+        accounts = setup.accounts.len(),
+        social_accounts = setup.social.len(),
+        api_keys = setup.api_keys.len(),
         "emulator: serving"
     );
     shutdown.await;
