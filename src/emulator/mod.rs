@@ -31,8 +31,10 @@
 //!
 //! Re-registering an id replaces its credentials (and revives a revoked chain or key), keeping its
 //! behaviours, counters, catalog and overrides, and its profile ARN (a social registration sets the
-//! one it is given, or none). Access tokens are
-//! opaque (`aoa…`, not JWTs) and expire after [`EmulatorOptions::access_token_ttl`].
+//! one it is given, or none). Access tokens are opaque (`aoa…`, not JWTs) and expire after
+//! [`EmulatorOptions::access_token_ttl`]; [`Emulator::expire_access_tokens`] expires an account's
+//! at once. The kind-specific calls: [`Emulator::revoke_api_key`], [`Emulator::set_profile_arn`],
+//! [`Emulator::set_catalog`], [`Emulator::set_role_access`], [`Emulator::set_listing_behaviour`].
 //!
 //! A credential is resolved from `Authorization: Bearer <token>`: an unexpired access token (OIDC or
 //! social) sent *without* `tokentype: API_KEY`, or a live registered API key sent *with* it. Anything
