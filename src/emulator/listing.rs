@@ -77,7 +77,7 @@ pub(super) async fn models_post(req: Request<Incoming>, shared: &Shared, request
     let query = ModelsQuery {
         origin: text("origin"),
         profile_arn: text("profileArn"),
-        max_results: body.get("maxResults").map(Value::to_string),
+        max_results: body.get("maxResults").filter(|v| !v.is_null()).map(Value::to_string),
         next_token: text("nextToken"),
     };
     models(shared, &credential, query, AMZ_JSON, request_id)
@@ -148,7 +148,7 @@ pub(super) async fn profiles(req: Request<Incoming>, shared: &Shared, request_id
         Err(rejected) => return rejected.response(request_id),
     };
     // A JSON number; anything else (a string included) fails the bounds check.
-    let max_results = body.get("maxResults").map(Value::to_string);
+    let max_results = body.get("maxResults").filter(|v| !v.is_null()).map(Value::to_string);
     if parse_max_results(max_results.as_deref()).is_err() {
         return bad_max_results(request_id);
     }
