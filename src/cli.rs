@@ -43,7 +43,7 @@ pub enum Command {
         #[command(subcommand)]
         command: EventstreamCommand,
     },
-    /// Run only the Amazon Q + OIDC emulator (for experiments and load tests).
+    /// Run only the Amazon Q + Kiro + OIDC emulator (for experiments and load tests).
     Emulator {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR")]
@@ -51,6 +51,21 @@ pub enum Command {
         /// Register an account as CLIENT_ID:CLIENT_SECRET:REFRESH_TOKEN (repeatable).
         #[arg(long = "account", value_name = "ID:SECRET:TOKEN")]
         accounts: Vec<String>,
+        /// Register a Kiro social account holding this refresh token (repeatable).
+        #[arg(long = "social", value_name = "REFRESH_TOKEN")]
+        social: Vec<String>,
+        /// Register a Kiro API key (repeatable).
+        #[arg(long = "api-key", value_name = "KEY")]
+        api_keys: Vec<String>,
+        /// Refuse chat and catalog calls without a profileArn, as the 2026 service does.
+        #[arg(long)]
+        require_profile_arn: bool,
+        /// Let the Kiro runtime endpoint take OIDC access tokens.
+        #[arg(long)]
+        runtime_accepts_oidc: bool,
+        /// Report tokenUsage in every stream's metadataEvent.
+        #[arg(long)]
+        token_usage: bool,
     },
     /// Print the man page (roff). Hidden: packaging/build-deb.sh runs it to install amq2api(1).
     #[command(hide = true)]
@@ -96,7 +111,15 @@ pub fn main(cli: Cli) -> i32 {
                 }
             }
         }),
-        Command::Emulator { listen, accounts } => with_runtime(|| async move {
+        Command::Emulator {
+            listen,
+            accounts,
+            social,
+            api_keys,
+            require_profile_arn,
+            runtime_accepts_oidc,
+            token_usage,
+        } => with_runtime(|| async move {
             let mut list = Vec::new();
             for a in &accounts {
                 let parts: Vec<&str> = a.splitn(3, ':').collect();
@@ -113,8 +136,23 @@ pub fn main(cli: Cli) -> i32 {
                     return exit::OSERR;
                 }
             };
-            println!("emulator listening on http://{listen}/ (token endpoint http://{listen}/token)");
-            crate::emulator::run_standalone(listener, &list, shutdown_signal()).await;
+            println!(
+                "emulator listening on http://{listen}/ (token endpoint http://{listen}/token, runtime \
+                 http://{listen}/runtime/, management http://{listen}/management/, social refresh \
+                 http://{listen}/refreshToken)"
+            );
+            let setup = crate::emulator::Standalone {
+                options: crate::emulator::EmulatorOptions {
+                    require_profile_arn,
+                    runtime_accepts_oidc,
+                    token_usage,
+                    ..Default::default()
+                },
+                accounts: list,
+                social,
+                api_keys,
+            };
+            crate::emulator::run_standalone_with(listener, &setup, shutdown_signal()).await;
             exit::OK
         }),
     }

@@ -1,10 +1,16 @@
-//! The Amazon Q + OIDC emulator over real loopback TCP, driven by a plain hyper client and read
-//! with the project's own event-stream decoder: token issue and rotation, authentication, request
-//! rules, every scripted behaviour, directives, stream cancellation, HTTP/2 and shutdown.
+//! The Amazon Q + Kiro + OIDC emulator over real loopback TCP, driven by a plain hyper client and
+//! read with the project's own event-stream decoder: token issue and rotation (OIDC and social),
+//! credentials and endpoint roles, profile ARNs, the catalog, request rules, native reasoning and
+//! its replay, the end of a stream, every scripted behaviour, directives, user agents, stream
+//! cancellation, HTTP/2 and shutdown.
 
 use std::time::{Duration, Instant};
 
-use amq2api::emulator::{Behaviour, Emulator, EmulatorOptions, run_standalone};
+use amq2api::emulator::catalog::non_claude_catalog;
+use amq2api::emulator::{
+    BUILDER_ID_PROFILE_ARN, Behaviour, Emulator, EmulatorOptions, ModelEntry, Role, SOCIAL_PROFILE_ARN,
+    SocialDeadToken, Standalone, default_catalog, run_standalone, run_standalone_with,
+};
 use amq2api::upstream::eventstream::{DecodeError, Decoder, Frame};
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -462,10 +468,16 @@ async fn normal_request_streams_the_expected_text() {
     let types = stream.event_types();
     assert_eq!(types[0], "initial-response");
     assert_eq!(stream.events("initial-response")[0], json!({"conversationId": "conv-1"}));
+    assert_eq!(types[1], "messageMetadataEvent", "{types:?}");
     assert_eq!(
         &types[types.len() - 3..],
-        ["meteringEvent", "contextUsageEvent", "messageMetadataEvent"],
+        ["metadataEvent", "contextUsageEvent", "meteringEvent"],
         "{types:?}"
+    );
+    assert_eq!(
+        stream.events("metadataEvent")[0],
+        json!({"stopReason": "END_TURN"}),
+        "no tokenUsage by default"
     );
     assert_eq!(stream.text(), "Hello from the Amazon Q emulator. You said: Hi there, emulator!");
     let fragments = stream.events("assistantResponseEvent");
@@ -569,7 +581,7 @@ async fn long_reply_has_the_requested_length() {
     stream.assert_clean();
     assert_eq!(stream.text().chars().count(), 5000);
     assert!(stream.events("assistantResponseEvent").len() > 5000 / 12);
-    assert_eq!(stream.event_types().last().map(String::as_str), Some("messageMetadataEvent"));
+    assert_eq!(stream.event_types().last().map(String::as_str), Some("meteringEvent"));
 }
 
 #[tokio::test]
@@ -642,6 +654,57 @@ fn error_behaviours() -> Vec<(Behaviour, &'static str, StatusCode, &'static str,
             StatusCode::SERVICE_UNAVAILABLE,
             "ServiceUnavailableException",
             None,
+        ),
+        (Behaviour::Suspicious, "suspicious", StatusCode::TOO_MANY_REQUESTS, "ThrottlingException", None),
+        (Behaviour::Locked, "locked", StatusCode::FORBIDDEN, "AccessDeniedException", None),
+        (
+            Behaviour::ToolUseResultMismatch,
+            "tool-mismatch",
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            Some("TOOL_USE_RESULT_MISMATCH"),
+        ),
+        (
+            Behaviour::ToolSchemaInvalid,
+            "tool-schema-invalid",
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            Some("TOOL_SCHEMA_INVALID"),
+        ),
+        (
+            Behaviour::SignatureInvalid,
+            "signature-invalid",
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            Some("THINKING_SIGNATURE_INVALID"),
+        ),
+        (
+            Behaviour::ProfileRequired,
+            "profile-required",
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            None,
+        ),
+        (
+            Behaviour::Overage,
+            "overage",
+            StatusCode::PAYMENT_REQUIRED,
+            "ServiceQuotaExceededException",
+            Some("OVERAGE_REQUEST_LIMIT_EXCEEDED"),
+        ),
+        (
+            Behaviour::HighTraffic,
+            "high-traffic",
+            StatusCode::TOO_MANY_REQUESTS,
+            "ThrottlingException",
+            Some("INSUFFICIENT_MODEL_CAPACITY"),
+        ),
+        (
+            Behaviour::InvalidModel,
+            "invalid-model",
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            Some("INVALID_MODEL_ID"),
         ),
     ]
 }
@@ -805,7 +868,7 @@ async fn reset_after_first_byte_cuts_the_body() {
     assert_eq!(stream.status, StatusCode::OK);
     assert!(stream.frames.len() >= 2, "{:?}", stream.event_types());
     assert!(stream.body_error.is_some(), "the body ends with an error, not cleanly");
-    assert!(stream.events("messageMetadataEvent").is_empty());
+    assert!(stream.events("meteringEvent").is_empty(), "the stream never ended");
 }
 
 #[tokio::test]
@@ -915,6 +978,10 @@ async fn shutdown_closes_the_listener() {
     let addr = emu.addr();
     assert_eq!(emu.endpoint(), format!("http://{addr}/"));
     assert_eq!(emu.token_endpoint(), format!("http://{addr}/token"));
+    assert_eq!(emu.social_token_endpoint(), format!("http://{addr}/refreshToken"));
+    assert_eq!(emu.runtime_endpoint(), format!("http://{addr}/runtime/"));
+    assert_eq!(emu.management_endpoint(), format!("http://{addr}/management/"));
+    assert_eq!(emu.catalog_url(), format!("http://{addr}/ListAvailableModels"));
     emu.shutdown().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
@@ -939,6 +1006,43 @@ async fn standalone_serves_its_accounts_until_shutdown() {
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(5), server).await.expect("stops on shutdown").unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn standalone_serves_social_accounts_and_api_keys() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let setup = Standalone {
+        options: EmulatorOptions { require_profile_arn: true, ..Default::default() },
+        social: vec!["standalone-social".to_owned()],
+        api_keys: vec!["ksk_standalone".to_owned()],
+        ..Standalone::default()
+    };
+    let server = tokio::spawn(async move {
+        run_standalone_with(listener, &setup, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let req = Request::post(format!("http://{addr}/refreshToken"))
+        .header("user-agent", KIRO_UA)
+        .body(Full::new(Bytes::from(json!({"refreshToken": "standalone-social"}).to_string())))
+        .unwrap();
+    let (status, _, body) = read_json(send(req).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let token = body["accessToken"].as_str().unwrap();
+    let runtime = format!("http://{addr}/runtime/");
+    let resp = send(rpc(&runtime, TARGET, Auth::Bearer(token), None, &chat("hi"))).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "the options apply: a profile ARN is required");
+    let resp =
+        send(rpc(&runtime, TARGET, Auth::Bearer(token), None, &with_profile(chat("hi"), SOCIAL_PROFILE_ARN)))
+            .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = send(rpc(&runtime, TARGET, Auth::ApiKey("ksk_standalone"), None, &chat("hi"))).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server).await.expect("stops on shutdown").unwrap();
 }
 
 #[tokio::test]
@@ -995,4 +1099,1254 @@ async fn rejection_warning_names_the_rule_and_the_path() {
         "{log}"
     );
     assert!(log.contains("conversationState.history[1].assistantResponseMessage.toolUses[0].name"), "{log}");
+}
+
+// ---- 2026: credentials, roles, profile ARNs, catalog, native reasoning ----
+
+const KIRO_UA: &str = "KiroIDE-0.9.2-3f1c9a0e5b7d2c4f6a8e1b3d5f7a9c2e4b6d8f0a1c3e5b7d9f2a4c6e8b0d2f4a";
+const NOT_AUTHORIZED: &str = "User is not authorized to make this call";
+const PROFILE_REQUIRED: &str = "profileArn is required for this request.";
+const IDC_ARN: &str = "arn:aws:codewhisperer:eu-central-1:123456789012:profile/IDCPROFILE01";
+const OTHER_ARN: &str = "arn:aws:codewhisperer:us-east-1:210987654321:profile/SOMEONEELSE1";
+const SOCIAL_ARN: &str = "arn:aws:codewhisperer:us-east-1:111122223333:profile/KIROSOCIAL01";
+const PROFILES_TARGET: &str = "AmazonCodeWhispererService.ListAvailableProfiles";
+const MODELS_TARGET: &str = "KiroControlPlaneBearerService.ListAvailableModels";
+
+/// How a call authenticates.
+#[derive(Clone, Copy)]
+enum Auth<'a> {
+    Nothing,
+    /// `Authorization: Bearer <token>`.
+    Bearer(&'a str),
+    /// `Authorization: Bearer <key>` and `tokentype: API_KEY`.
+    ApiKey(&'a str),
+}
+
+/// A JSON-RPC `POST` to `url` with `target`, `auth` and, when given, a user agent.
+fn rpc(
+    url: &str,
+    target: &str,
+    auth: Auth<'_>,
+    user_agent: Option<&str>,
+    body: &Value,
+) -> Request<Full<Bytes>> {
+    let mut req = Request::post(url)
+        .header("content-type", "application/x-amz-json-1.0")
+        .header("x-amz-target", target);
+    match auth {
+        Auth::Nothing => {}
+        Auth::Bearer(token) => req = req.header("authorization", format!("Bearer {token}")),
+        Auth::ApiKey(key) => {
+            req = req.header("authorization", format!("Bearer {key}")).header("tokentype", "API_KEY")
+        }
+    }
+    if let Some(ua) = user_agent {
+        req = req.header("user-agent", ua);
+    }
+    req.body(Full::new(Bytes::from(body.to_string()))).unwrap()
+}
+
+/// A chat call on the Amazon Q role.
+fn q_call(emu: &Emulator, auth: Auth<'_>, body: &Value) -> Request<Full<Bytes>> {
+    rpc(&emu.endpoint(), TARGET, auth, None, body)
+}
+
+/// A chat call on the runtime role.
+fn runtime_call(emu: &Emulator, auth: Auth<'_>, body: &Value) -> Request<Full<Bytes>> {
+    rpc(&emu.runtime_endpoint(), TARGET, auth, None, body)
+}
+
+/// `GET /ListAvailableModels?<query>` with a bearer token.
+fn catalog_get(emu: &Emulator, token: &str, query: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("{}?{query}", emu.catalog_url()))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+async fn social_refresh(
+    emu: &Emulator,
+    refresh_token: &str,
+    user_agent: Option<&str>,
+) -> (StatusCode, HeaderMap, Value) {
+    let mut req = Request::post(emu.social_token_endpoint()).header("content-type", "application/json");
+    if let Some(ua) = user_agent {
+        req = req.header("user-agent", ua);
+    }
+    let body = json!({ "refreshToken": refresh_token }).to_string();
+    read_json(send(req.body(Full::new(Bytes::from(body))).unwrap()).await).await
+}
+
+/// Registers a social account and returns its id and a fresh access token.
+async fn social_account(emu: &Emulator, refresh_token: &str, profile_arn: Option<&str>) -> (String, String) {
+    let id = emu.add_social_account(refresh_token, profile_arn);
+    let (status, _, body) = social_refresh(emu, refresh_token, Some(KIRO_UA)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    (id, body["accessToken"].as_str().expect("accessToken").to_owned())
+}
+
+/// `chat(content)` on `model`, with `additionalModelRequestFields` when given.
+fn chat_on(content: &str, model: &str, fields: Option<Value>) -> Value {
+    let mut body = chat(content);
+    body["conversationState"]["currentMessage"]["userInputMessage"]["modelId"] = json!(model);
+    if let Some(fields) = fields {
+        body["additionalModelRequestFields"] = fields;
+    }
+    body
+}
+
+fn with_profile(mut body: Value, arn: &str) -> Value {
+    body["profileArn"] = json!(arn);
+    body
+}
+
+/// Reads an error answer and checks its exception name, message and `reason` member (`None`:
+/// absent; `Some(Value::Null)`: `"reason": null`).
+async fn expect_error(
+    resp: Response<Incoming>,
+    status: StatusCode,
+    name: &str,
+    message: Option<&str>,
+    reason: Option<Value>,
+) -> Value {
+    let (got, headers, body) = read_json(resp).await;
+    assert_eq!(got, status, "{body}");
+    assert_eq!(body["__type"], format!("com.amazon.aws.codewhisperer#{name}"), "{body}");
+    if let Some(message) = message {
+        assert_eq!(body["message"], message, "{body}");
+    }
+    assert_eq!(body.get("reason").cloned(), reason, "{body}");
+    assert!(headers["x-amzn-errortype"].to_str().unwrap().starts_with(&format!("{name}:")));
+    body
+}
+
+/// The signature a reasoning stream carried, and its text.
+fn reasoning_of(stream: &Stream) -> (String, String, usize) {
+    let events = stream.events("reasoningContentEvent");
+    let text: String = events.iter().filter_map(|e| e["text"].as_str()).collect();
+    let pieces: Vec<&str> = events.iter().filter_map(|e| e["signature"].as_str()).collect();
+    (text, pieces.concat(), pieces.len())
+}
+
+#[tokio::test]
+async fn each_role_takes_its_credential_kinds() {
+    let emu = emulator().await;
+    let oidc = access_token(&emu).await;
+    let (social_id, social) = social_account(&emu, "social-refresh-1", None).await;
+    let key = emu.add_api_key("ksk_roles0123456789");
+
+    // Amazon Q: OIDC and social yes; an API key is unknown there.
+    for token in [&oidc, &social] {
+        let stream = read_stream(send(q_call(&emu, Auth::Bearer(token), &chat("hi"))).await).await;
+        assert_eq!(stream.status, StatusCode::OK);
+        stream.assert_clean();
+    }
+    let resp = send(q_call(&emu, Auth::ApiKey(&key), &chat("hi"))).await;
+    expect_error(resp, StatusCode::FORBIDDEN, "AccessDeniedException", Some(BEARER_INVALID), None).await;
+
+    // Runtime: social and API keys yes; OIDC tokens not authorized.
+    for auth in [Auth::Bearer(&social), Auth::ApiKey(&key)] {
+        let stream = read_stream(send(runtime_call(&emu, auth, &chat("over the runtime"))).await).await;
+        assert_eq!(stream.status, StatusCode::OK);
+        assert_eq!(stream.text(), "Hello from the Amazon Q emulator. You said: over the runtime");
+    }
+    let resp = send(runtime_call(&emu, Auth::Bearer(&oidc), &chat("hi"))).await;
+    expect_error(resp, StatusCode::FORBIDDEN, "AccessDeniedException", Some(NOT_AUTHORIZED), None).await;
+    // `/runtime` without the slash is the same role.
+    let resp =
+        send(rpc(&format!("http://{}/runtime", emu.addr()), TARGET, Auth::Bearer(&oidc), None, &chat("hi")))
+            .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+
+    // Management: everyone.
+    for auth in [Auth::Bearer(&oidc), Auth::Bearer(&social), Auth::ApiKey(&key)] {
+        let resp =
+            send(rpc(&emu.management_endpoint(), MODELS_TARGET, auth, None, &json!({"origin": "AI_EDITOR"})))
+                .await;
+        let (status, _, body) = read_json(resp).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(!body["models"].as_array().unwrap().is_empty());
+    }
+
+    assert_eq!(emu.stats_for(CLIENT).refused, 2);
+    assert_eq!(emu.stats_for(&key).refused, 1);
+    assert_eq!(emu.stats().refused, 3);
+    let social_stats = emu.stats_for(&social_id);
+    assert_eq!(
+        (social_stats.requests, social_stats.runtime_requests, social_stats.catalog_requests),
+        (2, 1, 1)
+    );
+    let key_stats = emu.stats_for(&key);
+    assert_eq!((key_stats.requests, key_stats.runtime_requests), (1, 1));
+}
+
+#[tokio::test]
+async fn role_access_is_configurable() {
+    let emu = emulator_with(EmulatorOptions {
+        runtime_accepts_oidc: true,
+        q_accepts_api_keys: true,
+        ..Default::default()
+    })
+    .await;
+    let oidc = access_token(&emu).await;
+    let key = emu.add_api_key("ksk_configurable01");
+    assert_eq!(send(runtime_call(&emu, Auth::Bearer(&oidc), &chat("hi"))).await.status(), StatusCode::OK);
+    assert_eq!(send(q_call(&emu, Auth::ApiKey(&key), &chat("hi"))).await.status(), StatusCode::OK);
+
+    // Per account and role, then back to the options' rule.
+    emu.set_role_access(CLIENT, Role::Runtime, Some(false));
+    let resp = send(runtime_call(&emu, Auth::Bearer(&oidc), &chat("hi"))).await;
+    expect_error(resp, StatusCode::FORBIDDEN, "AccessDeniedException", Some(NOT_AUTHORIZED), None).await;
+    emu.set_role_access(CLIENT, Role::AmazonQ, Some(false));
+    let resp = send(q_call(&emu, Auth::Bearer(&oidc), &chat("hi"))).await;
+    expect_error(resp, StatusCode::FORBIDDEN, "AccessDeniedException", Some(NOT_AUTHORIZED), None).await;
+    emu.set_role_access(CLIENT, Role::Runtime, None);
+    assert_eq!(send(runtime_call(&emu, Auth::Bearer(&oidc), &chat("hi"))).await.status(), StatusCode::OK);
+    assert_eq!(emu.stats_for(CLIENT).refused, 2);
+}
+
+#[tokio::test]
+async fn a_switched_off_role_is_404() {
+    let emu = emulator().await;
+    let (_, social) = social_account(&emu, "social-refresh-off", None).await;
+    emu.set_role_enabled(Role::AmazonQ, false);
+    assert_eq!(send(q_call(&emu, Auth::Bearer(&social), &chat("hi"))).await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(send(catalog_get(&emu, &social, "origin=AI_EDITOR")).await.status(), StatusCode::NOT_FOUND);
+    // The other roles and the token endpoints still answer.
+    assert_eq!(send(runtime_call(&emu, Auth::Bearer(&social), &chat("hi"))).await.status(), StatusCode::OK);
+    let (status, _, _) = refresh(&emu, CLIENT, SECRET, REFRESH).await;
+    assert_eq!(status, StatusCode::OK);
+    emu.set_role_enabled(Role::AmazonQ, true);
+    assert_eq!(send(q_call(&emu, Auth::Bearer(&social), &chat("hi"))).await.status(), StatusCode::OK);
+    emu.set_role_enabled(Role::Runtime, false);
+    assert_eq!(
+        send(runtime_call(&emu, Auth::Bearer(&social), &chat("hi"))).await.status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+// ---- social accounts ----
+
+#[tokio::test]
+async fn social_refresh_rotates_and_returns_the_profile() {
+    let emu = emulator().await;
+    let id = emu.add_social_account("social-rt-0", Some(SOCIAL_ARN));
+    assert!(id.starts_with("social-") && id.len() == "social-".len() + 16, "{id}");
+    assert_eq!(
+        emu.add_social_account("social-rt-0", Some(SOCIAL_ARN)),
+        id,
+        "the same refresh token, the same id"
+    );
+    assert_eq!(emu.live_refresh_token(&id).as_deref(), Some("social-rt-0"));
+
+    let (status, headers, body) = social_refresh(&emu, "social-rt-0", Some(KIRO_UA)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(headers.contains_key("x-amzn-requestid"));
+    let access = body["accessToken"].as_str().unwrap();
+    assert!(access.len() > 100 && !access.contains('.'), "{access}");
+    assert_eq!(body["expiresIn"], 3600);
+    assert_eq!(body["profileArn"], SOCIAL_ARN);
+    let rotated = body["refreshToken"].as_str().unwrap().to_owned();
+    assert_ne!(rotated, "social-rt-0");
+    assert_eq!(emu.live_refresh_token(&id).as_deref(), Some(rotated.as_str()));
+
+    // The old token died at once.
+    let (status, _, body) = social_refresh(&emu, "social-rt-0", Some(KIRO_UA)).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_grant")));
+    assert!(body["error_description"].is_string());
+
+    // The access token works, and the account sends its ARN.
+    let stream =
+        read_stream(send(q_call(&emu, Auth::Bearer(access), &with_profile(chat("hi"), SOCIAL_ARN))).await)
+            .await;
+    assert_eq!(stream.status, StatusCode::OK);
+    let (status, _, _) = social_refresh(&emu, &rotated, Some(KIRO_UA)).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let stats = emu.stats_for(&id);
+    assert_eq!((stats.refreshes, stats.requests), (2, 1));
+    assert_eq!(stats.refresh_user_agent.as_deref(), Some(KIRO_UA));
+    assert_eq!((emu.stats().refreshes, emu.stats().refresh_failures), (2, 1));
+}
+
+#[tokio::test]
+async fn social_refresh_needs_a_kiro_client_and_a_token() {
+    let emu = emulator().await;
+    let id = emu.add_social_account("social-rt-ua", None);
+    for ua in [None, Some("aws-sdk-rust/1.3.9 os/linux"), Some("kiroide-0.9.2-abc")] {
+        let (status, _, body) = social_refresh(&emu, "social-rt-ua", ua).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request")),
+            "{ua:?}"
+        );
+    }
+    for body in ["not json", "{}", r#"{"refreshToken": ""}"#, r#"{"refreshToken": 5}"#] {
+        let req = Request::post(emu.social_token_endpoint())
+            .header("user-agent", KIRO_UA)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let (status, _, answer) = read_json(send(req).await).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request")),
+            "{body}"
+        );
+    }
+    // None of that cost the account its chain.
+    assert_eq!(emu.live_refresh_token(&id).as_deref(), Some("social-rt-ua"));
+    assert_eq!(emu.stats().refresh_failures, 7);
+    // An OIDC client id is no social refresh token, and a social account is no OIDC client.
+    let (status, _, _) = social_refresh(&emu, REFRESH, Some(KIRO_UA)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _, body) = refresh(&emu, &id, "", "social-rt-ua").await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("invalid_client")));
+}
+
+#[tokio::test]
+async fn social_refresh_without_rotation_or_profile() {
+    let emu = emulator_with(EmulatorOptions { rotate_refresh_tokens: false, ..Default::default() }).await;
+    let id = emu.add_social_account("social-rt-keep", None);
+    for _ in 0..2 {
+        let (status, _, body) = social_refresh(&emu, "social-rt-keep", Some(KIRO_UA)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.get("refreshToken").is_none() && body.get("profileArn").is_none(), "{body}");
+        // Without its own ARN, the account sends the fixed social one.
+        let token = body["accessToken"].as_str().unwrap();
+        let resp =
+            send(q_call(&emu, Auth::Bearer(token), &with_profile(chat("hi"), SOCIAL_PROFILE_ARN))).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    assert_eq!(emu.stats_for(&id).refreshes, 2);
+}
+
+#[tokio::test]
+async fn dead_social_tokens_answer_as_configured() {
+    let emu = emulator_with(EmulatorOptions {
+        social_dead_token: SocialDeadToken::Unauthorized,
+        ..Default::default()
+    })
+    .await;
+    let id = emu.add_social_account("social-rt-dead", None);
+    emu.revoke_refresh_token(&id);
+    assert_eq!(emu.live_refresh_token(&id), None);
+    let (status, _, body) = social_refresh(&emu, "social-rt-dead", Some(KIRO_UA)).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
+    // Registering it again revives it.
+    emu.add_social_account_as(&id, "social-rt-dead", None);
+    let (status, _, _) = social_refresh(&emu, "social-rt-dead", Some(KIRO_UA)).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn social_rotation_grace_keeps_the_old_token_until_the_new_one_is_used() {
+    let emu = emulator_with(EmulatorOptions { rotation_grace: true, ..Default::default() }).await;
+    let id = emu.add_social_account("social-rt-grace", None);
+    let (_, _, first) = social_refresh(&emu, "social-rt-grace", Some(KIRO_UA)).await;
+    // The successor was "lost": the old token still works once more.
+    let (status, _, second) = social_refresh(&emu, "social-rt-grace", Some(KIRO_UA)).await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    assert_ne!(first["refreshToken"], second["refreshToken"]);
+    // Using the newest access token ends the grace.
+    let token = second["accessToken"].as_str().unwrap();
+    assert_eq!(send(runtime_call(&emu, Auth::Bearer(token), &chat("hi"))).await.status(), StatusCode::OK);
+    let (status, _, _) = social_refresh(&emu, "social-rt-grace", Some(KIRO_UA)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(emu.live_refresh_token(&id).as_deref(), second["refreshToken"].as_str());
+}
+
+// ---- API keys ----
+
+#[tokio::test]
+async fn api_keys_need_the_tokentype_header() {
+    let emu = emulator().await;
+    let key = emu.add_api_key("ksk_0123456789abcdef");
+    assert_eq!(key, "ksk_0123456789abcdef");
+    assert_eq!(emu.live_refresh_token(&key), None, "an API key has nothing to refresh");
+
+    let resp = send(runtime_call(&emu, Auth::Bearer(&key), &chat("hi"))).await;
+    expect_error(resp, StatusCode::FORBIDDEN, "AccessDeniedException", Some(BEARER_INVALID), None).await;
+    let mut wrong_value = runtime_call(&emu, Auth::Bearer(&key), &chat("hi"));
+    wrong_value.headers_mut().insert("tokentype", "BEARER".parse().unwrap());
+    assert_eq!(send(wrong_value).await.status(), StatusCode::FORBIDDEN);
+    let stream = read_stream(send(runtime_call(&emu, Auth::ApiKey(&key), &chat("keyed"))).await).await;
+    assert_eq!(stream.status, StatusCode::OK);
+    assert_eq!(stream.text(), "Hello from the Amazon Q emulator. You said: keyed");
+
+    // An access token sent as an API key, and an unknown key, are no credentials.
+    let oidc = access_token(&emu).await;
+    assert_eq!(
+        send(runtime_call(&emu, Auth::ApiKey(&oidc), &chat("hi"))).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        send(runtime_call(&emu, Auth::ApiKey("ksk_unknown"), &chat("hi"))).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    // No profile ARN: an API key sends none, and any it sends is refused.
+    let resp =
+        send(runtime_call(&emu, Auth::ApiKey(&key), &with_profile(chat("hi"), SOCIAL_PROFILE_ARN))).await;
+    expect_error(resp, StatusCode::FORBIDDEN, "AccessDeniedException", Some(NOT_AUTHORIZED), None).await;
+
+    emu.revoke_api_key(&key);
+    let resp = send(runtime_call(&emu, Auth::ApiKey(&key), &chat("hi"))).await;
+    expect_error(resp, StatusCode::FORBIDDEN, "AccessDeniedException", Some(BEARER_INVALID), None).await;
+    emu.add_api_key(&key);
+    assert_eq!(send(runtime_call(&emu, Auth::ApiKey(&key), &chat("hi"))).await.status(), StatusCode::OK);
+    assert_eq!(emu.stats_for(&key).requests, 3);
+}
+
+// ---- profile ARNs ----
+
+#[tokio::test]
+async fn list_available_profiles() {
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    let call = |auth, body: Value| rpc(&emu.endpoint(), PROFILES_TARGET, auth, None, &body);
+    let (status, headers, body) =
+        read_json(send(call(Auth::Bearer(&token), json!({"maxResults": 10}))).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["content-type"], "application/x-amz-json-1.0");
+    assert_eq!(body, json!({"profiles": []}), "a Builder ID account has no profile");
+
+    emu.set_profile_arn(CLIENT, Some(IDC_ARN));
+    let (_, _, body) = read_json(send(call(Auth::Bearer(&token), json!({}))).await).await;
+    assert_eq!(
+        body,
+        json!({"profiles": [{"arn": IDC_ARN, "profileName": "emulator-IDCPROFILE01", "region": "eu-central-1"}]})
+    );
+
+    let resp = send(call(Auth::Bearer(&token), json!({"maxResults": 0}))).await;
+    expect_error(resp, StatusCode::BAD_REQUEST, "ValidationException", None, Some(Value::Null)).await;
+    let key = emu.add_api_key("ksk_profiles");
+    let resp = send(call(Auth::ApiKey(&key), json!({}))).await;
+    expect_error(resp, StatusCode::FORBIDDEN, "AccessDeniedException", Some(BEARER_INVALID), None).await;
+    let resp = send(call(Auth::Nothing, json!({}))).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let mut wrong_type = call(Auth::Bearer(&token), json!({}));
+    wrong_type.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    expect_error(send(wrong_type).await, StatusCode::BAD_REQUEST, "SerializationException", None, None).await;
+    assert_eq!(emu.stats_for(CLIENT).profile_requests, 3);
+    assert_eq!(emu.stats().profile_requests, 3);
+    assert_eq!(emu.stats().requests, 0, "listing calls are no chat requests");
+}
+
+#[tokio::test]
+async fn profile_arn_rules_for_chat_calls() {
+    let emu = emulator().await;
+    let oidc = access_token(&emu).await;
+    let (_, social) = social_account(&emu, "social-rt-arn", None).await;
+    let ok = |resp: Response<Incoming>| {
+        assert_eq!(resp.status(), StatusCode::OK);
+    };
+
+    // A Builder ID account: nothing, or the placeholder; another ARN is not authorized.
+    ok(send(q_call(&emu, Auth::Bearer(&oidc), &chat("hi"))).await);
+    ok(send(q_call(&emu, Auth::Bearer(&oidc), &with_profile(chat("hi"), BUILDER_ID_PROFILE_ARN))).await);
+    let resp = send(q_call(&emu, Auth::Bearer(&oidc), &with_profile(chat("hi"), OTHER_ARN))).await;
+    expect_error(resp, StatusCode::FORBIDDEN, "AccessDeniedException", Some(NOT_AUTHORIZED), None).await;
+    // A social account without its own ARN: the fixed social one.
+    ok(send(q_call(&emu, Auth::Bearer(&social), &with_profile(chat("hi"), SOCIAL_PROFILE_ARN))).await);
+    let resp =
+        send(q_call(&emu, Auth::Bearer(&social), &with_profile(chat("hi"), BUILDER_ID_PROFILE_ARN))).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+
+    // An IdC account: exactly its ARN, always.
+    emu.set_profile_arn(CLIENT, Some(IDC_ARN));
+    ok(send(q_call(&emu, Auth::Bearer(&oidc), &with_profile(chat("hi"), IDC_ARN))).await);
+    let resp = send(q_call(&emu, Auth::Bearer(&oidc), &chat("hi"))).await;
+    expect_error(
+        resp,
+        StatusCode::BAD_REQUEST,
+        "ValidationException",
+        Some(PROFILE_REQUIRED),
+        Some(Value::Null),
+    )
+    .await;
+    for arn in [BUILDER_ID_PROFILE_ARN, OTHER_ARN] {
+        let resp = send(q_call(&emu, Auth::Bearer(&oidc), &with_profile(chat("hi"), arn))).await;
+        expect_error(resp, StatusCode::FORBIDDEN, "AccessDeniedException", Some(NOT_AUTHORIZED), None).await;
+    }
+    emu.set_profile_arn(CLIENT, None);
+    ok(send(q_call(&emu, Auth::Bearer(&oidc), &chat("hi"))).await);
+}
+
+#[tokio::test]
+async fn require_profile_arn_refuses_calls_without_one() {
+    let emu = emulator_with(EmulatorOptions { require_profile_arn: true, ..Default::default() }).await;
+    let oidc = access_token(&emu).await;
+    let (_, social) = social_account(&emu, "social-rt-req", None).await;
+    let key = emu.add_api_key("ksk_required");
+    for (auth, arn, runtime) in [
+        (Auth::Bearer(&oidc), BUILDER_ID_PROFILE_ARN, false),
+        (Auth::Bearer(&social), SOCIAL_PROFILE_ARN, true),
+    ] {
+        let call =
+            |body: &Value| if runtime { runtime_call(&emu, auth, body) } else { q_call(&emu, auth, body) };
+        let resp = send(call(&chat("hi"))).await;
+        expect_error(
+            resp,
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            Some(PROFILE_REQUIRED),
+            Some(Value::Null),
+        )
+        .await;
+        assert_eq!(send(call(&with_profile(chat("hi"), arn))).await.status(), StatusCode::OK);
+    }
+    assert_eq!(send(runtime_call(&emu, Auth::ApiKey(&key), &chat("hi"))).await.status(), StatusCode::OK);
+    // The catalog too.
+    let resp = send(catalog_get(&emu, &oidc, "origin=AI_EDITOR")).await;
+    expect_error(
+        resp,
+        StatusCode::BAD_REQUEST,
+        "ValidationException",
+        Some(PROFILE_REQUIRED),
+        Some(Value::Null),
+    )
+    .await;
+    let query = format!(
+        "origin=AI_EDITOR&profileArn={}",
+        BUILDER_ID_PROFILE_ARN.replace(':', "%3A").replace('/', "%2F")
+    );
+    assert_eq!(send(catalog_get(&emu, &oidc, &query)).await.status(), StatusCode::OK);
+}
+
+// ---- the catalog ----
+
+#[tokio::test]
+async fn catalog_lists_the_default_models() {
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    let (status, headers, body) = read_json(send(catalog_get(&emu, &token, "origin=AI_EDITOR")).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["content-type"], "application/json");
+    assert!(body.get("nextToken").is_none());
+    assert_eq!(body["defaultModel"], json!({"modelId": "claude-sonnet-4.5"}));
+    let models = body["models"].as_array().unwrap();
+    assert_eq!(models.len(), default_catalog().len());
+    let model =
+        |id: &str| models.iter().find(|m| m["modelId"] == id).unwrap_or_else(|| panic!("{id} listed"));
+    for id in [
+        "claude-haiku-4.5",
+        "claude-sonnet-4.5-1m",
+        "claude-opus-4.7",
+        "claude-opus-5",
+        "claude-fable-5",
+        "gpt-5.6-terra",
+        "deepseek-3.2",
+        "glm-5",
+        "qwen3-coder-next",
+        "auto",
+    ] {
+        model(id);
+    }
+    let opus = model("claude-opus-4.8");
+    assert_eq!(opus["tokenLimits"], json!({"maxInputTokens": 1_000_000, "maxOutputTokens": 128_000}));
+    for member in ["modelName", "description", "rateMultiplier", "supportedInputTypes"] {
+        assert!(opus.get(member).is_some(), "{member}: {opus}");
+    }
+    assert_eq!(opus["promptCaching"]["supportsPromptCaching"], true);
+    assert!(opus["promptCaching"]["maximumCacheCheckpointsPerRequest"].as_u64().unwrap() > 0);
+    let schema = &opus["additionalModelRequestFieldsSchema"];
+    assert_eq!(schema["additionalProperties"], false);
+    assert!(
+        schema["properties"]["output_config"]["properties"]["effort"]["enum"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("xhigh"))
+    );
+    assert_eq!(model("claude-sonnet-5")["tokenLimits"]["maxInputTokens"], 1_000_000);
+    assert_eq!(model("claude-sonnet-4.6")["tokenLimits"]["maxOutputTokens"], 64_000);
+    let sonnet45 = model("claude-sonnet-4.5");
+    assert_eq!(sonnet45["tokenLimits"]["maxInputTokens"], 200_000);
+    assert!(sonnet45.get("additionalModelRequestFieldsSchema").is_none());
+    assert_eq!(model("deepseek-3.2")["supportedInputTypes"], json!(["TEXT"]));
+
+    // The management role lists the same.
+    let resp = send(rpc(
+        &emu.management_endpoint(),
+        MODELS_TARGET,
+        Auth::Bearer(&token),
+        None,
+        &json!({"origin": "AI_EDITOR"}),
+    ))
+    .await;
+    let (status, headers, managed) = read_json(resp).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "application/x-amz-json-1.0");
+    assert_eq!(managed, body);
+    assert_eq!(emu.stats_for(CLIENT).catalog_requests, 2);
+}
+
+#[tokio::test]
+async fn catalog_calls_are_checked() {
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    for query in [
+        "",
+        "origin=WEB",
+        "origin=AI_EDITOR&maxResults=0",
+        "origin=AI_EDITOR&maxResults=x",
+        "origin=AI_EDITOR&nextToken=bogus",
+    ] {
+        let resp = send(catalog_get(&emu, &token, query)).await;
+        expect_error(resp, StatusCode::BAD_REQUEST, "ValidationException", None, Some(Value::Null)).await;
+    }
+    assert_eq!(
+        send(catalog_get(&emu, "aoaUnknown", "origin=AI_EDITOR")).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    let key = emu.add_api_key("ksk_catalog");
+    let mut keyed = catalog_get(&emu, &key, "origin=AI_EDITOR");
+    keyed.headers_mut().insert("tokentype", "API_KEY".parse().unwrap());
+    assert_eq!(send(keyed).await.status(), StatusCode::FORBIDDEN, "the Amazon Q role does not know API keys");
+    let management = |target: &str, body: Value| {
+        rpc(&emu.management_endpoint(), target, Auth::Bearer(&token), None, &body)
+    };
+    let resp = send(management("KiroControlPlaneBearerService.GetUsageLimits", json!({}))).await;
+    expect_error(resp, StatusCode::BAD_REQUEST, "UnknownOperationException", None, None).await;
+    let resp = send(management(MODELS_TARGET, json!({}))).await;
+    expect_error(resp, StatusCode::BAD_REQUEST, "ValidationException", None, Some(Value::Null)).await;
+    let resp = send(management(MODELS_TARGET, json!(["origin"]))).await;
+    expect_error(resp, StatusCode::BAD_REQUEST, "SerializationException", None, None).await;
+
+    // An IdC account names its profile, percent-encoded in the query.
+    emu.set_profile_arn(CLIENT, Some(IDC_ARN));
+    let resp = send(catalog_get(&emu, &token, "origin=AI_EDITOR")).await;
+    expect_error(
+        resp,
+        StatusCode::BAD_REQUEST,
+        "ValidationException",
+        Some(PROFILE_REQUIRED),
+        Some(Value::Null),
+    )
+    .await;
+    let encoded = IDC_ARN.replace(':', "%3A").replace('/', "%2F");
+    assert_eq!(
+        send(catalog_get(&emu, &token, &format!("origin=AI_EDITOR&profileArn={encoded}"))).await.status(),
+        StatusCode::OK
+    );
+    let resp = send(management(MODELS_TARGET, json!({"origin": "CLI", "profileArn": OTHER_ARN}))).await;
+    expect_error(resp, StatusCode::FORBIDDEN, "AccessDeniedException", Some(NOT_AUTHORIZED), None).await;
+
+    // Listing behaviours fail listing calls only.
+    emu.set_profile_arn(CLIENT, None);
+    emu.set_listing_behaviour(CLIENT, Behaviour::Suspended);
+    let resp = send(catalog_get(&emu, &token, "origin=AI_EDITOR")).await;
+    expect_error(
+        resp,
+        StatusCode::FORBIDDEN,
+        "AccessDeniedException",
+        None,
+        Some(json!("TEMPORARILY_SUSPENDED")),
+    )
+    .await;
+    assert_eq!(send(q_call(&emu, Auth::Bearer(&token), &chat("hi"))).await.status(), StatusCode::OK);
+    emu.set_listing_behaviour(CLIENT, Behaviour::Normal);
+    assert_eq!(send(catalog_get(&emu, &token, "origin=AI_EDITOR")).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn catalog_pages_follow_next_token() {
+    let emu = emulator_with(EmulatorOptions { catalog_page_size: Some(6), ..Default::default() }).await;
+    let token = access_token(&emu).await;
+    let mut ids = Vec::new();
+    let mut next: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let body = match &next {
+            Some(t) => json!({"origin": "AI_EDITOR", "nextToken": t}),
+            None => json!({"origin": "AI_EDITOR"}),
+        };
+        let resp =
+            send(rpc(&emu.management_endpoint(), MODELS_TARGET, Auth::Bearer(&token), None, &body)).await;
+        let (status, _, page) = read_json(resp).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert!(page["models"].as_array().unwrap().len() <= 6);
+        assert_eq!(page["defaultModel"]["modelId"], "claude-sonnet-4.5", "on every page");
+        ids.extend(
+            page["models"].as_array().unwrap().iter().map(|m| m["modelId"].as_str().unwrap().to_owned()),
+        );
+        pages += 1;
+        match page.get("nextToken").and_then(Value::as_str) {
+            Some(t) => next = Some(t.to_owned()),
+            None => break,
+        }
+    }
+    let all: Vec<String> = default_catalog().into_iter().map(|m| m.model_id).collect();
+    assert_eq!(ids, all);
+    assert_eq!(pages, all.len().div_ceil(6));
+    // maxResults makes pages smaller still.
+    let (_, _, page) =
+        read_json(send(catalog_get(&emu, &token, "origin=AI_EDITOR&maxResults=2")).await).await;
+    assert_eq!(page["models"].as_array().unwrap().len(), 2);
+    assert!(page["nextToken"].is_string());
+}
+
+#[tokio::test]
+async fn an_account_s_catalog_limits_its_models() {
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    emu.set_catalog(CLIENT, non_claude_catalog());
+    assert!(emu.catalog_for(CLIENT).iter().all(|m| !m.model_id.starts_with("claude")));
+    let (_, _, body) = read_json(send(catalog_get(&emu, &token, "origin=AI_EDITOR")).await).await;
+    let listed: Vec<&str> =
+        body["models"].as_array().unwrap().iter().map(|m| m["modelId"].as_str().unwrap()).collect();
+    assert!(!listed.is_empty() && listed.iter().all(|id| !id.starts_with("claude")), "{listed:?}");
+    assert_eq!(body["defaultModel"]["modelId"], "auto");
+
+    let resp = send(q_call(&emu, Auth::Bearer(&token), &chat("hi"))).await;
+    expect_error(resp, StatusCode::BAD_REQUEST, "ValidationException", None, Some(json!("INVALID_MODEL_ID")))
+        .await;
+    let stream =
+        read_stream(send(q_call(&emu, Auth::Bearer(&token), &chat_on("hi", "glm-5", None))).await).await;
+    assert_eq!(stream.status, StatusCode::OK);
+    assert_eq!(stream.events("assistantResponseEvent")[0]["modelId"], "glm-5");
+    // No modelId: the default model, here `auto`.
+    let mut no_model = chat("hi");
+    no_model["conversationState"]["currentMessage"]["userInputMessage"]
+        .as_object_mut()
+        .unwrap()
+        .remove("modelId");
+    assert_eq!(send(q_call(&emu, Auth::Bearer(&token), &no_model)).await.status(), StatusCode::OK);
+    // An empty catalog takes nothing at all.
+    emu.set_catalog(CLIENT, Vec::new());
+    let resp = send(q_call(&emu, Auth::Bearer(&token), &no_model)).await;
+    expect_error(resp, StatusCode::BAD_REQUEST, "ValidationException", None, Some(json!("INVALID_MODEL_ID")))
+        .await;
+    // Other accounts keep the default catalog.
+    let other = access_token_of(&emu, "client-b", "secret-b").await;
+    assert_eq!(send(q_call(&emu, Auth::Bearer(&other), &chat("hi"))).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_custom_catalog_entry_is_served_and_enforced() {
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    let schema = amq2api::emulator::catalog::claude_reasoning_schema(8_000, false);
+    let mut custom = ModelEntry::new("claude-custom-1", 50_000, 8_000).with_schema(schema);
+    custom.supported_input_types = vec!["TEXT".to_owned()];
+    emu.set_catalog(CLIENT, vec![custom.clone(), ModelEntry::new("plain-1", 10_000, 1_000)]);
+    let (_, _, body) = read_json(send(catalog_get(&emu, &token, "origin=CLI")).await).await;
+    assert_eq!(body["models"][0], custom.to_json());
+    assert_eq!(body["models"][0]["tokenLimits"], json!({"maxInputTokens": 50_000, "maxOutputTokens": 8_000}));
+    assert_eq!(body["defaultModel"]["modelId"], "claude-custom-1");
+    let ok = chat_on(
+        "hi",
+        "claude-custom-1",
+        Some(json!({"max_tokens": 8_000, "thinking": {"type": "adaptive"}})),
+    );
+    let stream = read_stream(send(q_call(&emu, Auth::Bearer(&token), &ok)).await).await;
+    assert_eq!(stream.status, StatusCode::OK);
+    assert!(!stream.events("reasoningContentEvent").is_empty());
+    // The percentage is against this model's 50,000 tokens.
+    let percentage = stream.events("contextUsageEvent")[0]["contextUsagePercentage"].as_f64().unwrap();
+    let expected = ok.to_string().len() as f64 / 4.0 / 50_000.0 * 100.0;
+    assert!((percentage - expected).abs() < 0.001, "{percentage} vs {expected}");
+    let too_many = chat_on("hi", "claude-custom-1", Some(json!({"max_tokens": 8_001})));
+    assert_eq!(send(q_call(&emu, Auth::Bearer(&token), &too_many)).await.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        send(q_call(&emu, Auth::Bearer(&token), &chat_on("hi", "plain-1", None))).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn every_model_the_daemon_maps_to_is_in_the_default_catalog() {
+    let map = amq2api::translate::models::ModelMap::default();
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    for listed in map.list() {
+        let q_model = map.resolve(&listed.id).expect("a listed model resolves");
+        let stream =
+            read_stream(send(q_call(&emu, Auth::Bearer(&token), &chat_on("hi", &q_model, None))).await).await;
+        assert_eq!(stream.status, StatusCode::OK, "{} → {q_model}", listed.id);
+    }
+}
+
+#[tokio::test]
+async fn input_types_and_cache_points_follow_the_model() {
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    let image = json!([{"format": "png", "source": {"bytes": "iVBORw0KGgo="}}]);
+    let mut with_image = chat_on("look", "deepseek-3.2", None);
+    with_image["conversationState"]["currentMessage"]["userInputMessage"]["images"] = image.clone();
+    let resp = send(q_call(&emu, Auth::Bearer(&token), &with_image)).await;
+    expect_error(resp, StatusCode::BAD_REQUEST, "ValidationException", None, Some(Value::Null)).await;
+    with_image["conversationState"]["currentMessage"]["userInputMessage"]["modelId"] =
+        json!("claude-sonnet-4.5");
+    assert_eq!(send(q_call(&emu, Auth::Bearer(&token), &with_image)).await.status(), StatusCode::OK);
+
+    let mut cached = chat("cache me");
+    let user = &mut cached["conversationState"]["currentMessage"]["userInputMessage"];
+    user["cachePoint"] = json!({"type": "default"});
+    user["userInputMessageContext"]["tools"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"cachePoint": {"type": "default"}}));
+    assert_eq!(send(q_call(&emu, Auth::Bearer(&token), &cached)).await.status(), StatusCode::OK);
+    let mut too_many = cached.clone();
+    let tools = too_many["conversationState"]["currentMessage"]["userInputMessage"]["userInputMessageContext"]["tools"]
+        .as_array_mut()
+        .unwrap();
+    for _ in 0..3 {
+        tools.push(json!({"cachePoint": {"type": "default"}}));
+    }
+    let resp = send(q_call(&emu, Auth::Bearer(&token), &too_many)).await;
+    expect_error(resp, StatusCode::BAD_REQUEST, "ValidationException", None, Some(Value::Null)).await;
+    cached["conversationState"]["currentMessage"]["userInputMessage"]["modelId"] = json!("glm-5");
+    let resp = send(q_call(&emu, Auth::Bearer(&token), &cached)).await;
+    expect_error(resp, StatusCode::BAD_REQUEST, "ValidationException", None, Some(Value::Null)).await;
+    let mut bad_shape = chat("hi");
+    bad_shape["conversationState"]["currentMessage"]["userInputMessage"]["cachePoint"] =
+        json!({"type": "ephemeral"});
+    let resp = send(q_call(&emu, Auth::Bearer(&token), &bad_shape)).await;
+    expect_error(
+        resp,
+        StatusCode::BAD_REQUEST,
+        "ValidationException",
+        Some("Improperly formed request."),
+        Some(Value::Null),
+    )
+    .await;
+}
+
+// ---- native reasoning ----
+
+#[tokio::test]
+async fn native_reasoning_streams_text_then_a_signature_in_pieces() {
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    let fields =
+        json!({"thinking": {"type": "adaptive"}, "output_config": {"effort": "xhigh"}, "max_tokens": 32000});
+    let stream = read_stream(
+        send(q_call(&emu, Auth::Bearer(&token), &chat_on("Why?", "claude-opus-4.8", Some(fields)))).await,
+    )
+    .await;
+    stream.assert_clean();
+    let types = stream.event_types();
+    let first_text = types.iter().position(|t| t == "assistantResponseEvent").unwrap();
+    let last_reasoning = types.iter().rposition(|t| t == "reasoningContentEvent").unwrap();
+    assert!(last_reasoning < first_text, "{types:?}");
+    let events = stream.events("reasoningContentEvent");
+    let first_signature = events.iter().position(|e| e.get("signature").is_some()).unwrap();
+    assert!(events[..first_signature].iter().all(|e| e["text"].is_string()), "text first");
+    assert!(events[first_signature..].iter().all(|e| e["signature"].is_string()), "then only signature");
+    let (text, signature, pieces) = reasoning_of(&stream);
+    assert!(text.contains("Why?") && text.contains("xhigh"), "{text}");
+    assert!(pieces > 1, "the signature comes in pieces");
+    assert!(emu.verify_reasoning(&text, &signature));
+    assert!(!emu.verify_reasoning(&format!("{text} "), &signature));
+    assert_eq!(stream.text(), "Hello from the Amazon Q emulator. You said: Why?");
+
+    // Thinking disabled by omission: no reasoning at all.
+    let plain = read_stream(
+        send(q_call(
+            &emu,
+            Auth::Bearer(&token),
+            &chat_on("Why?", "claude-opus-4.8", Some(json!({"max_tokens": 2048}))),
+        ))
+        .await,
+    )
+    .await;
+    assert!(plain.events("reasoningContentEvent").is_empty());
+}
+
+/// A conversation whose history replays an assistant turn with `reasoning`.
+fn replay(model: &str, reasoning: Value) -> Value {
+    json!({"conversationState": {
+        "chatTriggerType": "MANUAL",
+        "history": [
+            {"userInputMessage": {"content": "Why?", "modelId": model}},
+            {"assistantResponseMessage": {"content": "Because.", "reasoningContent": reasoning}}
+        ],
+        "currentMessage": {"userInputMessage": {"content": "And then?", "modelId": model}}
+    }})
+}
+
+#[tokio::test]
+async fn replayed_reasoning_must_verify() {
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    let fields = json!({"thinking": {"type": "enabled", "budget_tokens": 2048}});
+    let stream = read_stream(
+        send(q_call(&emu, Auth::Bearer(&token), &chat_on("Why?", "claude-sonnet-5", Some(fields)))).await,
+    )
+    .await;
+    let (text, signature, _) = reasoning_of(&stream);
+
+    let good = replay("claude-sonnet-5", json!({"reasoningText": {"text": text, "signature": signature}}));
+    assert_eq!(send(q_call(&emu, Auth::Bearer(&token), &good)).await.status(), StatusCode::OK);
+    let made = emu.sign_reasoning("Made up by the test.");
+    let signed = replay(
+        "claude-sonnet-5",
+        json!({"reasoningText": {"text": "Made up by the test.", "signature": made}}),
+    );
+    assert_eq!(send(q_call(&emu, Auth::Bearer(&token), &signed)).await.status(), StatusCode::OK);
+
+    for (text, signature) in [
+        (format!("{text}!"), signature.clone()),
+        (text.clone(), format!("A{}", &signature[1..])),
+        (text.clone(), String::new()),
+    ] {
+        let bad = replay("claude-sonnet-5", json!({"reasoningText": {"text": text, "signature": signature}}));
+        let resp = send(q_call(&emu, Auth::Bearer(&token), &bad)).await;
+        expect_error(
+            resp,
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            None,
+            Some(json!("THINKING_SIGNATURE_INVALID")),
+        )
+        .await;
+    }
+    // Another emulator's signature is no good here.
+    let other = Emulator::start(EmulatorOptions::default()).await.unwrap();
+    let foreign = replay(
+        "claude-sonnet-5",
+        json!({"reasoningText": {"text": "x", "signature": other.sign_reasoning("x")}}),
+    );
+    assert_eq!(send(q_call(&emu, Auth::Bearer(&token), &foreign)).await.status(), StatusCode::BAD_REQUEST);
+
+    // A flat shape is a malformed body.
+    let flat = replay("claude-sonnet-5", json!({"text": text, "signature": signature}));
+    let resp = send(q_call(&emu, Auth::Bearer(&token), &flat)).await;
+    expect_error(
+        resp,
+        StatusCode::BAD_REQUEST,
+        "ValidationException",
+        Some("Improperly formed request."),
+        Some(json!("REQUEST_BODY_INVALID")),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn redacted_thinking_round_trips() {
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    let stream = read_stream(
+        send(q_call(&emu, Auth::Bearer(&token), &chat("Secret?\n#emulator: redacted-thinking"))).await,
+    )
+    .await;
+    stream.assert_clean();
+    let events = stream.events("reasoningContentEvent");
+    assert_eq!(events.len(), 1, "{events:?}");
+    let redacted = events[0]["redactedContent"].as_str().unwrap().to_owned();
+    assert!(events[0].get("text").is_none() && events[0].get("signature").is_none());
+    assert_eq!(stream.text(), "Hello from the Amazon Q emulator. You said: Secret?");
+
+    for content in [redacted.clone(), emu.redacted_reasoning()] {
+        let body = replay("claude-sonnet-4.5", json!({"redactedContent": content}));
+        assert_eq!(send(q_call(&emu, Auth::Bearer(&token), &body)).await.status(), StatusCode::OK);
+    }
+    let mut raw = base64_decode(&redacted);
+    raw[20] ^= 1;
+    let body = replay("claude-sonnet-4.5", json!({"redactedContent": base64_encode(&raw)}));
+    let resp = send(q_call(&emu, Auth::Bearer(&token), &body)).await;
+    expect_error(
+        resp,
+        StatusCode::BAD_REQUEST,
+        "ValidationException",
+        None,
+        Some(json!("THINKING_SIGNATURE_INVALID")),
+    )
+    .await;
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(s).expect("base64")
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+#[tokio::test]
+async fn gpt_models_reason_opaquely() {
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    let fields = json!({"thinking": {"type": "adaptive"}, "output_config": {"effort": "high"}});
+    let stream = read_stream(
+        send(q_call(&emu, Auth::Bearer(&token), &chat_on("Hm?", "gpt-5.6-sol", Some(fields)))).await,
+    )
+    .await;
+    let (text, signature, _) = reasoning_of(&stream);
+    assert_eq!(text, "...");
+    assert!(emu.verify_reasoning("...", &signature));
+    let fields = json!({"output_config": {"effort": "xhigh"}});
+    let resp = send(q_call(&emu, Auth::Bearer(&token), &chat_on("Hm?", "gpt-5.6-sol", Some(fields)))).await;
+    expect_error(
+        resp,
+        StatusCode::BAD_REQUEST,
+        "ValidationException",
+        Some("Invalid additionalModelRequestFields"),
+        Some(Value::Null),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn additional_fields_follow_the_model_s_schema() {
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    let call =
+        |model: &str, fields: Value| q_call(&emu, Auth::Bearer(&token), &chat_on("hi", model, Some(fields)));
+    let not_supported = "additionalModelRequestFields is not supported for this model";
+    for model in ["claude-sonnet-4.5", "claude-haiku-4.5", "claude-opus-4.5", "deepseek-3.2"] {
+        let resp = send(call(model, json!({"thinking": {"type": "adaptive"}}))).await;
+        expect_error(
+            resp,
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            Some(not_supported),
+            Some(Value::Null),
+        )
+        .await;
+        assert_eq!(
+            send(call(model, json!({}))).await.status(),
+            StatusCode::OK,
+            "{model}: an empty object is no field"
+        );
+    }
+    let invalid = [
+        ("claude-opus-4.6", json!({"output_config": {"effort": "xhigh"}})),
+        ("claude-sonnet-4.6", json!({"output_config": {"effort": "xhigh"}})),
+        ("claude-opus-4.8", json!({"max_tokens": 128_001})),
+        ("claude-opus-4.7", json!({"max_tokens": 64_001})),
+        ("claude-sonnet-5", json!({"max_tokens": 1000})),
+        ("claude-opus-4.8", json!({"temperature": 0.5})),
+        ("claude-opus-4.8", json!({"thinking": {"type": "disabled"}})),
+        ("claude-opus-4.8", json!({"thinking": {"budget_tokens": 2048}})),
+        ("claude-opus-4.8", json!({"thinking": {"type": "adaptive", "display": "verbose"}})),
+        ("claude-opus-4.8", json!("adaptive")),
+    ];
+    for (model, fields) in invalid {
+        let resp = send(call(model, fields.clone())).await;
+        let body = expect_error(
+            resp,
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            Some("Invalid additionalModelRequestFields"),
+            Some(Value::Null),
+        )
+        .await;
+        assert!(!body.to_string().is_empty(), "{model} {fields}");
+    }
+    let valid = [
+        ("claude-opus-4.7", json!({"output_config": {"effort": "xhigh"}})),
+        ("claude-fable-5", json!({"output_config": {"effort": "xhigh"}, "max_tokens": 128_000})),
+        ("claude-opus-4.6", json!({"output_config": {"effort": "max"}, "max_tokens": 64_000})),
+        (
+            "claude-sonnet-4.6",
+            json!({"thinking": {"type": "enabled", "budget_tokens": 1024, "display": "summarized"}}),
+        ),
+    ];
+    for (model, fields) in valid {
+        assert_eq!(send(call(model, fields.clone())).await.status(), StatusCode::OK, "{model} {fields}");
+    }
+}
+
+// ---- the end of a stream ----
+
+#[tokio::test]
+async fn streams_end_like_live_streams() {
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    let prompt = "x".repeat(4000);
+    let mut percentages = Vec::new();
+    let mut usages = Vec::new();
+    for model in ["claude-sonnet-4.5", "claude-opus-4.8"] {
+        let stream =
+            read_stream(send(q_call(&emu, Auth::Bearer(&token), &chat_on(&prompt, model, None))).await).await;
+        let types = stream.event_types();
+        assert_eq!(
+            &types[types.len() - 3..],
+            ["metadataEvent", "contextUsageEvent", "meteringEvent"],
+            "{types:?}"
+        );
+        assert_eq!(stream.events("metadataEvent")[0]["stopReason"], "END_TURN");
+        percentages.push(stream.events("contextUsageEvent")[0]["contextUsagePercentage"].as_f64().unwrap());
+        let metering = &stream.events("meteringEvent")[0];
+        assert_eq!(
+            (metering["unit"].as_str(), metering["unitPlural"].as_str()),
+            (Some("credit"), Some("credits"))
+        );
+        usages.push(metering["usage"].as_f64().unwrap());
+    }
+    // The same input is five times the share of a 200k window that it is of a 1M one.
+    let ratio = percentages[0] / percentages[1];
+    assert!((ratio - 5.0).abs() < 0.05, "{percentages:?}");
+    let request_tokens = chat_on(&prompt, "claude-sonnet-4.5", None).to_string().len() as f64 / 4.0;
+    assert!(
+        (percentages[0] / 100.0 * 200_000.0 - request_tokens).abs() < 1.0,
+        "{percentages:?} vs {request_tokens}"
+    );
+    // Credits scale with the model's rate (Opus 2.2 against Sonnet 1.3) and add up per account.
+    assert!(usages[1] > usages[0], "{usages:?}");
+    let credits = emu.stats_for(CLIENT).credits;
+    assert!((credits - usages.iter().sum::<f64>()).abs() < 1e-9, "{credits} vs {usages:?}");
+
+    // A tool call ends with TOOL_USE.
+    let stream =
+        read_stream(send(q_call(&emu, Auth::Bearer(&token), &chat("#emulator: tool get_time"))).await).await;
+    assert_eq!(stream.events("metadataEvent")[0]["stopReason"], "TOOL_USE");
+}
+
+#[tokio::test]
+async fn token_usage_is_reported_when_asked_for() {
+    let emu = emulator_with(EmulatorOptions { token_usage: true, ..Default::default() }).await;
+    let token = access_token(&emu).await;
+    let body = chat("#emulator: text Exactly forty characters of answer text.");
+    let stream = read_stream(send(q_call(&emu, Auth::Bearer(&token), &body)).await).await;
+    let metadata = &stream.events("metadataEvent")[0];
+    assert_eq!(metadata["stopReason"], "END_TURN");
+    let usage = &metadata["tokenUsage"];
+    let input = usage["uncachedInputTokens"].as_u64().unwrap();
+    assert_eq!(input, (body.to_string().len() as u64).div_ceil(4));
+    assert_eq!(usage["outputTokens"], 10);
+    assert_eq!(usage["totalTokens"], input + 10);
+    assert_eq!(
+        (usage["cacheReadInputTokens"].as_u64(), usage["cacheWriteInputTokens"].as_u64()),
+        (Some(0), Some(0))
+    );
+}
+
+#[tokio::test]
+async fn max_tokens_cuts_the_answer() {
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    let body = chat_on("#emulator: long 10000", "claude-opus-4.8", Some(json!({"max_tokens": 1024})));
+    let stream = read_stream(send(q_call(&emu, Auth::Bearer(&token), &body)).await).await;
+    stream.assert_clean();
+    assert_eq!(stream.text().chars().count(), 4096);
+    assert_eq!(stream.events("metadataEvent")[0]["stopReason"], "MAX_TOKENS");
+    // Under the cap nothing changes.
+    let body = chat_on("#emulator: long 4000", "claude-opus-4.8", Some(json!({"max_tokens": 1024})));
+    let stream = read_stream(send(q_call(&emu, Auth::Bearer(&token), &body)).await).await;
+    assert_eq!(stream.text().chars().count(), 4000);
+    assert_eq!(stream.events("metadataEvent")[0]["stopReason"], "END_TURN");
+}
+
+// ---- 2026 error answers, in detail ----
+
+#[tokio::test]
+async fn the_2026_error_messages() {
+    let emu = emulator().await;
+    let token = access_token(&emu).await;
+    let call =
+        |directive: &str| q_call(&emu, Auth::Bearer(&token), &chat(&format!("#emulator: {directive}")));
+    let body = expect_error(
+        send(call("suspicious")).await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "ThrottlingException",
+        None,
+        Some(Value::Null),
+    )
+    .await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Due to suspicious activity, we are imposing temporary limits")
+    );
+    let body =
+        expect_error(send(call("locked")).await, StatusCode::FORBIDDEN, "AccessDeniedException", None, None)
+            .await;
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("temporarily is suspended") && message.contains("We've locked your account"),
+        "{message}"
+    );
+    let body = expect_error(
+        send(call("high-traffic")).await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "ThrottlingException",
+        None,
+        Some(json!("INSUFFICIENT_MODEL_CAPACITY")),
+    )
+    .await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("The model you've selected is experiencing a high volume of traffic")
+    );
+    expect_error(
+        send(call("profile-required")).await,
+        StatusCode::BAD_REQUEST,
+        "ValidationException",
+        Some(PROFILE_REQUIRED),
+        Some(Value::Null),
+    )
+    .await;
+    expect_error(
+        send(call("overage")).await,
+        StatusCode::PAYMENT_REQUIRED,
+        "ServiceQuotaExceededException",
+        None,
+        Some(json!("OVERAGE_REQUEST_LIMIT_EXCEEDED")),
+    )
+    .await;
+}
+
+// ---- user agents ----
+
+#[tokio::test]
+async fn user_agents_are_recorded_per_account() {
+    let emu = emulator().await;
+    let token_a = access_token(&emu).await;
+    let token_b = access_token_of(&emu, "client-b", "secret-b").await;
+    let (social, social_token) = social_account(&emu, "social-rt-ua-rec", None).await;
+    let ua = |n: &str| {
+        format!(
+            "aws-sdk-rust/1.3.9 os/linux lang/rust/1.85.0 md/appVersion-1.19.4 app/AmazonQ-For-CLI md/machine-{n}"
+        )
+    };
+    let (ua_a, ua_b) = (ua("a"), ua("b"));
+
+    // OIDC refresh, chat, catalog: each recorded.
+    let body = json!({"clientId": CLIENT, "clientSecret": SECRET, "grantType": "refresh_token", "refreshToken": emu.live_refresh_token(CLIENT).unwrap()});
+    let req = Request::post(emu.token_endpoint())
+        .header("user-agent", ua_a.as_str())
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    assert_eq!(send(req).await.status(), StatusCode::OK);
+    let resp = send(rpc(&emu.endpoint(), TARGET, Auth::Bearer(&token_a), Some(&ua_a), &chat("hi"))).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut catalog = catalog_get(&emu, &token_b, "origin=AI_EDITOR");
+    catalog.headers_mut().insert("user-agent", ua_b.parse().unwrap());
+    assert_eq!(send(catalog).await.status(), StatusCode::OK);
+    let resp = send(rpc(
+        &emu.runtime_endpoint(),
+        TARGET,
+        Auth::Bearer(&social_token),
+        Some("KiroIDE-0.9.2-aaaa"),
+        &chat("hi"),
+    ))
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let a = emu.stats_for(CLIENT);
+    assert_eq!(
+        (a.refresh_user_agent.as_deref(), a.chat_user_agent.as_deref()),
+        (Some(ua_a.as_str()), Some(ua_a.as_str()))
+    );
+    assert_eq!(a.user_agents, std::slice::from_ref(&ua_a));
+    let b = emu.stats_for("client-b");
+    assert_eq!(
+        (b.catalog_user_agent.as_deref(), b.last_user_agent.as_deref()),
+        (Some(ua_b.as_str()), Some(ua_b.as_str()))
+    );
+    let s = emu.stats_for(&social);
+    assert_eq!(s.user_agents, [KIRO_UA.to_owned(), "KiroIDE-0.9.2-aaaa".to_owned()]);
+    assert!(emu.shared_user_agents().is_empty(), "{:?}", emu.shared_user_agents());
+
+    // Account b sends a's user agent: the two are linked.
+    let resp = send(rpc(&emu.endpoint(), TARGET, Auth::Bearer(&token_b), Some(&ua_a), &chat("hi"))).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(emu.shared_user_agents(), [(ua_a.clone(), vec![CLIENT.to_owned(), "client-b".to_owned()])]);
 }

@@ -1,135 +1,39 @@
-//! The `GenerateAssistantResponse` operation (`POST /`): headers, bearer token, body rules, the
-//! scripted behaviour, and either an error before the stream or a streamed reply.
+//! The `GenerateAssistantResponse` operation (`POST /` on the Amazon Q role, `POST /runtime/` on
+//! the Kiro runtime role): headers, credential and role, body rules, the account- and
+//! model-dependent checks, the scripted behaviour, and either an error before the stream or a
+//! streamed reply.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::reply::{self, RequestInfo};
+use super::Role;
+use super::reply::{self, PlanCtx, RequestInfo};
 use super::script::{Behaviour, parse_directives};
-use super::server::{Body, ConnCtl, ReadError, json_response, read_body};
-use super::state::Shared;
+use super::semantics;
+use super::server::{Body, ConnCtl, ReadError, read_body};
+use super::state::{Channel, Shared};
 use super::stream;
 use super::validate::validate_request;
+use super::wire::{self, AMZ_JSON, Reason, q_error};
 
-/// The content type of Amazon Q requests and error bodies.
-pub const AMZ_JSON: &str = "application/x-amz-json-1.0";
 /// The `X-Amz-Target` of the operation.
 pub const TARGET: &str = "AmazonCodeWhispererStreamingService.GenerateAssistantResponse";
 /// The content type of a streamed reply.
 pub const EVENT_STREAM: &str = "application/vnd.amazon.eventstream";
-/// The message of the 403 for an unknown, expired or missing bearer token.
-pub const BEARER_INVALID: &str = "The bearer token included in the request is invalid.";
 /// Largest request body read; larger ones get `CONTENT_LENGTH_EXCEEDS_THRESHOLD`.
 const MAX_BODY: usize = 32 * 1024 * 1024;
 /// How long a request whose connection was reset lingers before it gives up (HTTP/2 streams may
 /// outlive their connection briefly).
 const AFTER_RESET: Duration = Duration::from_secs(5);
 
-/// The `reason` member of an error body.
-enum Reason {
-    /// No `reason` member.
-    Omit,
-    /// `"reason": null`.
-    Null,
-    Code(&'static str),
-}
-
-/// An error before the stream: `{"__type": "com.amazon.aws.codewhisperer#<name>", "message",
-/// "reason"}` with `x-amzn-ErrorType` and `x-amzn-RequestId`.
-fn q_error(
-    status: StatusCode,
-    name: &str,
-    message: &str,
-    reason: Reason,
-    request_id: &str,
-) -> Response<Body> {
-    let mut body = json!({
-        "__type": format!("com.amazon.aws.codewhisperer#{name}"),
-        "message": message,
-    });
-    match reason {
-        Reason::Omit => {}
-        Reason::Null => body["reason"] = Value::Null,
-        Reason::Code(code) => body["reason"] = json!(code),
-    }
-    let mut response = json_response(status, AMZ_JSON, &body, request_id);
-    let error_type = format!("{name}:http://internal.amazon.com/coral/com.amazon.aws.codewhisperer/");
-    if let Ok(value) = HeaderValue::from_str(&error_type) {
-        response.headers_mut().insert("x-amzn-ErrorType", value);
-    }
-    response
-}
-
-/// The error a failing behaviour answers with; `None` for the streaming ones.
-fn behaviour_error(behaviour: &Behaviour, request_id: &str) -> Option<Response<Body>> {
-    let throttled = |message, reason| {
-        q_error(StatusCode::TOO_MANY_REQUESTS, "ThrottlingException", message, reason, request_id)
-    };
-    Some(match behaviour {
-        Behaviour::Suspended => q_error(
-            StatusCode::FORBIDDEN,
-            "AccessDeniedException",
-            "Your User ID temporarily is suspended. Please contact AWS support.",
-            Reason::Code("TEMPORARILY_SUSPENDED"),
-            request_id,
-        ),
-        Behaviour::Throttled { retry_after_secs } => {
-            let mut response = throttled("Rate exceeded", Reason::Omit);
-            if let Some(secs) = retry_after_secs {
-                response.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(*secs));
-            }
-            response
-        }
-        Behaviour::CapacityExhausted => throttled(
-            "I am experiencing high traffic, please try again shortly.",
-            Reason::Code("INSUFFICIENT_MODEL_CAPACITY"),
-        ),
-        Behaviour::MonthlyQuota => throttled(
-            "You have reached the limit for requests. The limit resets at the start of next month.",
-            Reason::Code("MONTHLY_REQUEST_COUNT"),
-        ),
-        Behaviour::DailyQuota => throttled(
-            "You have reached the daily limit for requests. The limit resets tomorrow.",
-            Reason::Code("DAILY_REQUEST_COUNT"),
-        ),
-        Behaviour::InternalError => q_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalServerException",
-            "Encountered an unexpectedly high load when processing the request, please try again.",
-            Reason::Omit,
-            request_id,
-        ),
-        Behaviour::Unavailable => q_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ServiceUnavailableException",
-            "Service is temporarily unavailable. Please try again later.",
-            Reason::Omit,
-            request_id,
-        ),
-        _ => return None,
-    })
-}
-
-/// The token of `Authorization: Bearer <token>`.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
-}
-
-/// The media type of `Content-Type`, lowercased, without parameters.
-fn media_type(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(http::header::CONTENT_TYPE)?.to_str().ok()?;
-    Some(value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
-}
-
 pub(super) async fn handle(
     req: Request<Incoming>,
+    role: Role,
     shared: Arc<Shared>,
     conn: Arc<ConnCtl>,
     request_id: String,
@@ -140,37 +44,20 @@ pub(super) async fn handle(
     if target != Some(TARGET) {
         tracing::warn!(target = ?target, "emulator: rejected request: X-Amz-Target is not {TARGET}");
         shared.count_malformed();
-        return q_error(
-            StatusCode::BAD_REQUEST,
-            "UnknownOperationException",
-            "The X-Amz-Target header names no operation of this service.",
-            Reason::Omit,
-            &request_id,
-        );
+        return wire::unknown_operation(&request_id);
     }
-    let content_type = media_type(headers);
+    let content_type = wire::media_type(headers);
     if content_type.as_deref() != Some(AMZ_JSON) {
         tracing::warn!(content_type = ?content_type, "emulator: rejected request: Content-Type is not {AMZ_JSON}");
         shared.count_malformed();
-        return q_error(
-            StatusCode::BAD_REQUEST,
-            "SerializationException",
-            "Expected Content-Type application/x-amz-json-1.0.",
-            Reason::Omit,
-            &request_id,
-        );
+        return wire::wrong_content_type(&request_id);
     }
-    let Some(client_id) = bearer(headers).and_then(|token| shared.authenticate(token)) else {
-        tracing::info!("emulator: rejected request: bearer token missing, unknown or expired");
-        return q_error(
-            StatusCode::FORBIDDEN,
-            "AccessDeniedException",
-            BEARER_INVALID,
-            Reason::Omit,
-            &request_id,
-        );
+    let credential = match wire::admit(&shared, headers, role, Channel::Chat) {
+        Ok(credential) => credential,
+        Err(denied) => return denied.response(&request_id),
     };
-    shared.count_account_request(&client_id);
+    let client_id = credential.account.clone();
+    shared.count_account_request(&client_id, role);
 
     let bytes = match read_body(req.into_body(), MAX_BODY).await {
         Ok(bytes) => bytes,
@@ -211,9 +98,9 @@ pub(super) async fn handle(
         }
     };
     let checked = validate_request(&body);
-    let info = RequestInfo::from_body(&body, bytes.len());
-    shared.set_last_request(&client_id, body);
+    let mut info = RequestInfo::from_body(&body, bytes.len());
     if let Err(violation) = checked {
+        shared.set_last_request(&client_id, body);
         tracing::warn!(
             client_id,
             rule = violation.rule.text(),
@@ -223,30 +110,24 @@ pub(super) async fn handle(
             violation.path,
         );
         shared.count_malformed();
-        return if violation.rule.is_content_length() {
-            q_error(
-                StatusCode::BAD_REQUEST,
-                "ValidationException",
-                "Input is too long.",
-                Reason::Code("CONTENT_LENGTH_EXCEEDS_THRESHOLD"),
-                &request_id,
-            )
-        } else {
-            q_error(
-                StatusCode::BAD_REQUEST,
-                "ValidationException",
-                "Improperly formed request.",
-                Reason::Null,
-                &request_id,
-            )
-        };
+        let reason = violation.rule.reason().map_or(Reason::Null, Reason::Code);
+        return wire::validation(violation.rule.message(), reason, &request_id);
+    }
+    let checked = semantics::check_chat(&shared, &credential, &body);
+    shared.set_last_request(&client_id, body);
+    match checked {
+        Ok(model) => info.model = Some(model),
+        Err(refusal) => {
+            tracing::warn!(client_id, ?role, ?refusal, "emulator: refused a well-formed request");
+            return refusal.response(&request_id);
+        }
     }
 
     let directives = parse_directives(&info.content);
     let account_behaviour = shared.next_behaviour(&client_id);
     let behaviour = directives.behaviour.clone().unwrap_or(account_behaviour);
     tracing::debug!(client_id, ?behaviour, "emulator: answering GenerateAssistantResponse");
-    if let Some(response) = behaviour_error(&behaviour, &request_id) {
+    if let Some(response) = wire::behaviour_error(&behaviour, &request_id) {
         return response;
     }
     match behaviour {
@@ -265,7 +146,13 @@ pub(super) async fn handle(
         _ => {}
     }
 
-    let plan = reply::plan(&info, &behaviour, &directives.shape, shared.ids(), shared.opts.fragment_delay);
+    let ctx = PlanCtx {
+        ids: shared.ids(),
+        signer: shared.signer(),
+        default_delay: shared.opts.fragment_delay,
+        token_usage: shared.opts.token_usage,
+    };
+    let plan = reply::plan(&info, &behaviour, &directives.shape, &ctx);
     let (tx, rx) = mpsc::channel(stream::CHANNEL_FRAMES);
     tokio::spawn(stream::write(plan, tx, shared.clone(), client_id, conn));
     let mut response = Response::new(Body::Channel(rx));

@@ -1,14 +1,20 @@
 //! The SSO OIDC `CreateToken` endpoint (`POST /token`): refresh-token grants, rotation, and the
 //! service's error answers.
 
-use http::{Response, StatusCode};
+use http::{HeaderMap, Response, StatusCode};
 use serde_json::{Value, json};
 
 use super::server::{Body, json_response};
-use super::state::{RefreshError, Shared};
+use super::state::{Channel, RefreshError, Shared};
+use super::wire::user_agent;
 
 /// Answers one `CreateToken` call whose body has been read.
-pub(super) fn create_token(shared: &Shared, body: &[u8], request_id: &str) -> Response<Body> {
+pub(super) fn create_token(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: &[u8],
+    request_id: &str,
+) -> Response<Body> {
     let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
         shared.count_refresh_failure();
         return error(
@@ -55,6 +61,7 @@ pub(super) fn create_token(shared: &Shared, body: &[u8], request_id: &str) -> Re
     match shared.refresh(client_id, client_secret, refresh_token) {
         Ok(issued) => {
             tracing::debug!(client_id, "emulator: issued an access token");
+            shared.record_user_agent(client_id, Channel::Refresh, user_agent(headers));
             let mut body = json!({
                 "accessToken": issued.access_token,
                 "tokenType": "Bearer",

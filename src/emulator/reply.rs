@@ -3,19 +3,24 @@
 
 use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
+use super::catalog::ModelEntry;
+use super::reasoning::Signer;
 use super::script::{Behaviour, Shape, ToolDirective, strip_directives};
 use super::state::IdGen;
 use crate::upstream::eventstream::Frame;
 
 /// How many characters of the prompt the default reply echoes.
 const ECHO_CHARS: usize = 200;
-/// The context window the `contextUsageEvent` percentage is computed against, in tokens.
-const CONTEXT_WINDOW_TOKENS: f64 = 200_000.0;
+/// The context window the `contextUsageEvent` percentage is computed against when the model is
+/// not known, in tokens.
+const DEFAULT_CONTEXT_WINDOW_TOKENS: u64 = 200_000;
+/// Characters a token, for every count the emulator makes.
+const CHARS_PER_TOKEN: f64 = 4.0;
+/// Tokens a credit costs at rate 1 (`meteringEvent.usage` = tokens ÷ this × `rateMultiplier`).
+const TOKENS_PER_CREDIT: f64 = 100_000.0;
 
 /// What the reply needs to know about the request.
 #[derive(Clone, Debug, Default)]
@@ -30,6 +35,16 @@ pub struct RequestInfo {
     pub tools: Vec<(String, Value)>,
     /// Size of the request body, for the context-usage percentage.
     pub request_chars: usize,
+    /// `additionalModelRequestFields.thinking.type` is `enabled` or `adaptive`: the reply
+    /// reasons natively first.
+    pub thinking: bool,
+    /// `additionalModelRequestFields.output_config.effort`.
+    pub effort: Option<String>,
+    /// `additionalModelRequestFields.max_tokens`: the answer is cut there (`MAX_TOKENS`).
+    pub max_tokens: Option<u64>,
+    /// The catalog entry the call runs on (window, rate, reasoning style); set once the call
+    /// passed the model checks.
+    pub model: Option<ModelEntry>,
 }
 
 impl RequestInfo {
@@ -64,6 +79,7 @@ impl RequestInfo {
                 parts.join(" ")
             })
             .collect();
+        let fields = &body["additionalModelRequestFields"];
         RequestInfo {
             conversation_id: state["conversationId"].as_str().map(str::to_owned),
             model_id: user["modelId"].as_str().map(str::to_owned),
@@ -71,6 +87,10 @@ impl RequestInfo {
             tool_results,
             tools,
             request_chars,
+            thinking: matches!(fields["thinking"]["type"].as_str(), Some("enabled" | "adaptive")),
+            effort: fields["output_config"]["effort"].as_str().map(str::to_owned),
+            max_tokens: fields["max_tokens"].as_u64(),
+            model: None,
         }
     }
 }
@@ -82,8 +102,13 @@ pub enum Segment {
     Frame(Bytes),
     /// `assistantResponseEvent` frames: the text in fragments of 1–12 characters.
     Text(String),
-    /// `reasoningContentEvent` frames: the text in fragments, then one with the signature.
-    Reasoning { text: String, signature: String },
+    /// `reasoningContentEvent` frames: the text in fragments, then the signature, in fragments
+    /// when `split_signature`, else in one frame.
+    Reasoning { text: String, signature: String, split_signature: bool },
+    /// One `reasoningContentEvent {"redactedContent"}` frame.
+    Redacted(String),
+    /// A `meteringEvent` frame worth `credits`, added to the account's count once sent.
+    Metered { frame: Bytes, credits: f64 },
     /// `toolUseEvent` frames: the start, `input` in fragments, then `stop: true` when `stop`.
     ToolUse { id: String, name: String, input: String, stop: bool },
     /// Nothing for this long.
@@ -174,46 +199,52 @@ impl<'a> Iterator for Fragments<'a> {
     }
 }
 
+/// What a plan needs besides the request.
+pub(super) struct PlanCtx<'a> {
+    pub ids: &'a IdGen,
+    pub signer: &'a Signer,
+    /// [`EmulatorOptions::fragment_delay`](super::EmulatorOptions).
+    pub default_delay: Duration,
+    /// [`EmulatorOptions::token_usage`](super::EmulatorOptions).
+    pub token_usage: bool,
+}
+
 /// The reply to a request streamed under `behaviour` (one of the streaming ones), shaped by the
-/// prompt's directives. `default_delay` is [`EmulatorOptions::fragment_delay`](super::EmulatorOptions).
-pub(super) fn plan(
-    info: &RequestInfo,
-    behaviour: &Behaviour,
-    shape: &Shape,
-    ids: &IdGen,
-    default_delay: Duration,
-) -> Plan {
+/// prompt's directives.
+pub(super) fn plan(info: &RequestInfo, behaviour: &Behaviour, shape: &Shape, ctx: &PlanCtx<'_>) -> Plan {
+    let ids = ctx.ids;
     let conversation_id = info.conversation_id.clone().unwrap_or_else(|| ids.uuid());
     let mut segments =
         vec![Segment::Frame(event_frame("initial-response", &json!({ "conversationId": conversation_id })))];
-    let mut frame_delay = default_delay;
-    let (text, tools) = answer(info, shape, ids);
-    let mut finish = true;
+    let mut frame_delay = ctx.default_delay;
     match behaviour {
         Behaviour::SlowFragments(d) => frame_delay = *d,
         Behaviour::SilentAfterFirstByte(d) => segments.push(Segment::Silence(*d)),
-        Behaviour::Reasoning => {
-            let summary: String = strip_directives(&info.content).chars().take(80).collect();
-            segments.push(Segment::Reasoning {
-                text: format!("The user wrote: \"{summary}\". A short, friendly answer will do."),
-                signature: BASE64.encode(ids.bytes("signature")),
-            });
+        _ => {}
+    }
+    segments.push(Segment::Frame(event_frame(
+        "messageMetadataEvent",
+        &json!({ "conversationId": conversation_id, "utteranceId": ids.uuid() }),
+    )));
+    let mut reasoning_chars = 0;
+    if let Some(reasoning) = reasoning(info, behaviour, shape, ctx) {
+        if let Segment::Reasoning { text, .. } = &reasoning {
+            reasoning_chars = text.chars().count();
         }
-        Behaviour::LongReply { chars } => {
-            segments.push(Segment::Text(long_text(*chars)));
-            segments.extend(closing(info, &conversation_id, *chars, ids));
-            return Plan { segments, frame_delay, model_id: info.model_id.clone() };
-        }
+        segments.push(reasoning);
+    }
+    let (text, tools) = match behaviour {
+        Behaviour::LongReply { chars } => (long_text(*chars), Vec::new()),
         Behaviour::ResetAfterFirstByte => {
             segments.push(Segment::Text("Hello from the Amazon Q emulator. This reply is".into()));
             segments.push(Segment::Reset);
-            finish = false;
+            return Plan { segments, frame_delay, model_id: info.model_id.clone() };
         }
         Behaviour::CorruptFrame => {
             segments.push(Segment::Text("These frames are fine.".into()));
             let good = event_frame("assistantResponseEvent", &json!({ "content": " This one is corrupt." }));
             segments.push(Segment::Frame(corrupt(&good)));
-            finish = false;
+            return Plan { segments, frame_delay, model_id: info.model_id.clone() };
         }
         Behaviour::InStreamException { exception_type, message } => {
             segments.push(Segment::Text("A partial answer, cut by an exception".into()));
@@ -224,7 +255,7 @@ pub(super) fn plan(
                 payload["reason"] = json!(message);
             }
             segments.push(Segment::Frame(exception_frame(exception_type, &payload)));
-            finish = false;
+            return Plan { segments, frame_delay, model_id: info.model_id.clone() };
         }
         Behaviour::ToolCallCutBeforeStop => {
             let (name, schema) =
@@ -236,39 +267,97 @@ pub(super) fn plan(
             let cut: String = input.chars().take(input.chars().count() / 2).collect();
             segments.push(Segment::Text("Let me call a tool.".into()));
             segments.push(Segment::ToolUse { id: ids.tool_use_id(), name, input: cut, stop: false });
-            finish = false;
+            return Plan { segments, frame_delay, model_id: info.model_id.clone() };
         }
-        _ => {}
+        _ => answer(info, shape, ids),
+    };
+    let (text, tools, stop_reason) = cap_output(text, tools, info.max_tokens);
+    let output_chars =
+        reasoning_chars + text.chars().count() + tools.iter().map(|t| t.2.len()).sum::<usize>();
+    if !text.is_empty() {
+        segments.push(Segment::Text(text));
     }
-    if finish {
-        let output_chars = text.chars().count() + tools.iter().map(|t| t.2.len()).sum::<usize>();
-        if !text.is_empty() {
-            segments.push(Segment::Text(text));
-        }
-        for (id, name, input) in tools {
-            segments.push(Segment::ToolUse { id, name, input, stop: true });
-        }
-        segments.extend(closing(info, &conversation_id, output_chars, ids));
+    for (id, name, input) in tools {
+        segments.push(Segment::ToolUse { id, name, input, stop: true });
     }
+    segments.extend(closing(info, output_chars, stop_reason, ctx));
     Plan { segments, frame_delay, model_id: info.model_id.clone() }
 }
 
-/// The frames that end a whole reply: metering, context usage, message metadata.
-fn closing(info: &RequestInfo, conversation_id: &str, output_chars: usize, ids: &IdGen) -> Vec<Segment> {
-    let tokens = (info.request_chars + output_chars) as f64 / 4.0;
-    let usage = ((tokens / 100_000.0) * 10_000.0).round() / 10_000.0;
-    let context = (info.request_chars as f64 / 4.0 / CONTEXT_WINDOW_TOKENS * 100.0).min(100.0);
-    let context = (context * 10_000.0).round() / 10_000.0;
+/// The reasoning that comes before the answer, if any: redacted content for the
+/// `redacted-thinking` directive; else, with native thinking asked for (signature in pieces) or
+/// the `reasoning` behaviour (signature in one frame), readable text (`"..."` for a model with
+/// opaque reasoning) and its signature.
+fn reasoning(info: &RequestInfo, behaviour: &Behaviour, shape: &Shape, ctx: &PlanCtx<'_>) -> Option<Segment> {
+    if shape.redacted_thinking {
+        let mut random = [0u8; 64];
+        random[..32].copy_from_slice(&ctx.ids.bytes("redacted"));
+        random[32..].copy_from_slice(&ctx.ids.bytes("redacted"));
+        return Some(Segment::Redacted(ctx.signer.redacted(&random)));
+    }
+    if !info.thinking && *behaviour != Behaviour::Reasoning {
+        return None;
+    }
+    let text = if info.model.as_ref().is_some_and(|m| m.opaque_reasoning) {
+        "...".to_owned()
+    } else {
+        let summary: String = strip_directives(&info.content).chars().take(80).collect();
+        let effort = info.effort.as_deref().map(|e| format!(" Effort: {e}.")).unwrap_or_default();
+        format!("The user wrote: \"{summary}\". A short, friendly answer will do.{effort}")
+    };
+    let signature = ctx.signer.sign(&text, &ctx.ids.bytes("signature"));
+    Some(Segment::Reasoning { text, signature, split_signature: info.thinking })
+}
+
+/// The answer cut to `max_tokens` (tool calls dropped when cut), and the stop reason.
+fn cap_output(
+    text: String,
+    mut tools: Vec<(String, String, String)>,
+    max_tokens: Option<u64>,
+) -> (String, Vec<(String, String, String)>, &'static str) {
+    let limit =
+        max_tokens.map(|t| usize::try_from(t).unwrap_or(usize::MAX).saturating_mul(CHARS_PER_TOKEN as usize));
+    if let Some(limit) = limit
+        && text.chars().count() > limit
+    {
+        tools.clear();
+        return (text.chars().take(limit).collect(), tools, "MAX_TOKENS");
+    }
+    let stop = if tools.is_empty() { "END_TURN" } else { "TOOL_USE" };
+    (text, tools, stop)
+}
+
+/// The frames that end a whole reply, as live streams end: `metadataEvent` (`stopReason`, and
+/// `tokenUsage` when asked for), `contextUsageEvent`, `meteringEvent`.
+fn closing(info: &RequestInfo, output_chars: usize, stop_reason: &str, ctx: &PlanCtx<'_>) -> Vec<Segment> {
+    let window = info.model.as_ref().map_or(DEFAULT_CONTEXT_WINDOW_TOKENS, |m| m.max_input_tokens).max(1);
+    let rate = info.model.as_ref().map_or(1.0, |m| m.rate_multiplier);
+    let input_tokens = info.request_chars as f64 / CHARS_PER_TOKEN;
+    let output_tokens = output_chars as f64 / CHARS_PER_TOKEN;
+    let round4 = |x: f64| (x * 10_000.0).round() / 10_000.0;
+    let mut metadata = json!({ "stopReason": stop_reason });
+    if ctx.token_usage {
+        let (input, output) = (input_tokens.ceil() as u64, output_tokens.ceil() as u64);
+        metadata["tokenUsage"] = json!({
+            "uncachedInputTokens": input,
+            "outputTokens": output,
+            "totalTokens": input + output,
+            "cacheReadInputTokens": 0,
+            "cacheWriteInputTokens": 0,
+        });
+    }
+    let context = round4((input_tokens / window as f64 * 100.0).min(100.0));
+    let credits = round4(((input_tokens + output_tokens) / TOKENS_PER_CREDIT * rate).max(0.01));
     vec![
-        Segment::Frame(event_frame(
-            "meteringEvent",
-            &json!({ "unit": "credit", "unitPlural": "credits", "usage": usage.max(0.01) }),
-        )),
+        Segment::Frame(event_frame("metadataEvent", &metadata)),
         Segment::Frame(event_frame("contextUsageEvent", &json!({ "contextUsagePercentage": context }))),
-        Segment::Frame(event_frame(
-            "messageMetadataEvent",
-            &json!({ "conversationId": conversation_id, "utteranceId": ids.uuid() }),
-        )),
+        Segment::Metered {
+            frame: event_frame(
+                "meteringEvent",
+                &json!({ "unit": "credit", "unitPlural": "credits", "usage": credits }),
+            ),
+            credits,
+        },
     ]
 }
 

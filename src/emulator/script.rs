@@ -44,6 +44,27 @@ pub enum Behaviour {
     Reasoning,
     /// Send the headers and the first frames, stay silent this long, then finish normally.
     SilentAfterFirstByte(Duration),
+    /// 429 `ThrottlingException` "Due to suspicious activity, we are imposing temporary
+    /// limits…", `"reason": null`: the account is being watched.
+    Suspicious,
+    /// 403 `AccessDeniedException` "…temporarily is suspended. We've locked your account…",
+    /// without a reason.
+    Locked,
+    /// 400 `ValidationException`, reason `TOOL_USE_RESULT_MISMATCH`.
+    ToolUseResultMismatch,
+    /// 400 `ValidationException`, reason `TOOL_SCHEMA_INVALID`.
+    ToolSchemaInvalid,
+    /// 400 `ValidationException`, reason `THINKING_SIGNATURE_INVALID`.
+    SignatureInvalid,
+    /// 400 `ValidationException` "profileArn is required for this request." (`"reason": null`).
+    ProfileRequired,
+    /// 402 `ServiceQuotaExceededException`, reason `OVERAGE_REQUEST_LIMIT_EXCEEDED`.
+    Overage,
+    /// 429 `ThrottlingException`, reason `INSUFFICIENT_MODEL_CAPACITY`, "The model you've selected
+    /// is experiencing a high volume of traffic…".
+    HighTraffic,
+    /// 400 `ValidationException`, reason `INVALID_MODEL_ID`.
+    InvalidModel,
 }
 
 /// How the reply's content is shaped (directives that do not change the behaviour).
@@ -55,6 +76,9 @@ pub struct Shape {
     pub tools: Option<ToolDirective>,
     /// `thinking-tags`: `<thinking>…</thinking>` then the answer.
     pub thinking_tags: bool,
+    /// `redacted-thinking`: one `reasoningContentEvent {"redactedContent"}` before the answer,
+    /// instead of readable reasoning.
+    pub redacted_thinking: bool,
 }
 
 /// Which tool calls the reply makes.
@@ -162,6 +186,15 @@ fn apply(out: &mut Directives, word: &str, args: &str) -> bool {
             None => return false,
         },
         "reasoning" => Behaviour::Reasoning,
+        "suspicious" => Behaviour::Suspicious,
+        "locked" => Behaviour::Locked,
+        "tool-mismatch" => Behaviour::ToolUseResultMismatch,
+        "tool-schema-invalid" => Behaviour::ToolSchemaInvalid,
+        "signature-invalid" => Behaviour::SignatureInvalid,
+        "profile-required" => Behaviour::ProfileRequired,
+        "overage" => Behaviour::Overage,
+        "high-traffic" => Behaviour::HighTraffic,
+        "invalid-model" => Behaviour::InvalidModel,
         "tool" => {
             let (name, json) = match args.split_once(char::is_whitespace) {
                 Some((name, json)) => (name, json.trim()),
@@ -191,6 +224,10 @@ fn apply(out: &mut Directives, word: &str, args: &str) -> bool {
         }
         "thinking-tags" => {
             out.shape.thinking_tags = true;
+            return true;
+        }
+        "redacted-thinking" => {
+            out.shape.redacted_thinking = true;
             return true;
         }
         _ => return false,
@@ -235,6 +272,15 @@ mod tests {
             ("#emulator: long 5000", Behaviour::LongReply { chars: 5000 }),
             ("#emulator: reasoning", Behaviour::Reasoning),
             ("#emulator: silent 1500", Behaviour::SilentAfterFirstByte(ms(1500))),
+            ("#emulator: suspicious", Behaviour::Suspicious),
+            ("#emulator: locked", Behaviour::Locked),
+            ("#emulator: tool-mismatch", Behaviour::ToolUseResultMismatch),
+            ("#emulator: tool-schema-invalid", Behaviour::ToolSchemaInvalid),
+            ("#emulator: signature-invalid", Behaviour::SignatureInvalid),
+            ("#emulator: profile-required", Behaviour::ProfileRequired),
+            ("#emulator: overage", Behaviour::Overage),
+            ("#emulator: High-Traffic", Behaviour::HighTraffic),
+            ("#emulator: invalid-model", Behaviour::InvalidModel),
             (
                 "#emulator: exception error MODEL_TEMPORARILY_UNAVAILABLE",
                 Behaviour::InStreamException {
@@ -276,8 +322,9 @@ mod tests {
     fn shaping_directives_combine_and_later_lines_win() {
         let d = parse_directives(
             "Hi\n#emulator: suspended\n#emulator: text Hello  there\n#emulator: slow-fragments 5\n\
-             #emulator: tool get_weather {\"city\": \"Paris\"}\n#emulator: thinking-tags",
+             #emulator: tool get_weather {\"city\": \"Paris\"}\n#emulator: thinking-tags\n#emulator: redacted-thinking",
         );
+        assert!(d.shape.redacted_thinking);
         assert_eq!(d.behaviour, Some(Behaviour::SlowFragments(Duration::from_millis(5))));
         assert_eq!(d.shape.text.as_deref(), Some("Hello  there"));
         assert!(d.shape.thinking_tags);

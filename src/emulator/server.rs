@@ -1,5 +1,6 @@
 //! The HTTP side: one hyper server (HTTP/1.1 and cleartext HTTP/2) on the emulator's listener,
-//! routing `/token` and `/`, the response body type, and closing a connection abruptly on cue.
+//! routing by path to the token endpoints and the endpoint roles, the response body type, and
+//! closing a connection abruptly on cue.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -20,7 +21,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::state::Shared;
-use super::{assistant, oidc};
+use super::{Role, assistant, listing, oidc, social, wire};
 
 /// Largest `CreateToken` body read.
 const MAX_TOKEN_BODY: usize = 64 * 1024;
@@ -162,33 +163,94 @@ fn twin(stream: TcpStream) -> std::io::Result<(TcpStream, std::net::TcpStream)> 
     Ok((TcpStream::from_std(std_stream)?, twin))
 }
 
+/// The endpoint role a path belongs to.
+fn role_of(path: &str) -> Option<Role> {
+    match path {
+        "/" | "/ListAvailableModels" => Some(Role::AmazonQ),
+        "/runtime" | "/runtime/" => Some(Role::Runtime),
+        "/management" | "/management/" => Some(Role::Management),
+        _ => None,
+    }
+}
+
 async fn route(req: Request<Incoming>, shared: Arc<Shared>, ctl: Arc<ConnCtl>) -> Response<Body> {
     let request_id = shared.ids().uuid();
-    match (req.method(), req.uri().path()) {
-        (&Method::POST, "/token") => match read_body(req.into_body(), MAX_TOKEN_BODY).await {
-            Ok(body) => {
-                let answer = oidc::create_token(&shared, &body, &request_id);
-                let delay = shared.opts.token_delay;
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
+    let path = req.uri().path().to_owned();
+    if let Some(role) = role_of(&path)
+        && !shared.role_enabled(role)
+    {
+        tracing::debug!(?role, path, "emulator: role switched off");
+        return not_found(&request_id);
+    }
+    match (req.method(), path.as_str()) {
+        (&Method::POST, "/token") => {
+            let (parts, body) = req.into_parts();
+            match read_body(body, MAX_TOKEN_BODY).await {
+                Ok(body) => {
+                    let answer = oidc::create_token(&shared, &parts.headers, &body, &request_id);
+                    token_delay(&shared).await;
+                    answer
                 }
-                answer
+                Err(_) => {
+                    shared.count_refresh_failure();
+                    let body = json!({ "error": "invalid_request", "error_description": "Unreadable request body." });
+                    json_response(StatusCode::BAD_REQUEST, "application/json", &body, &request_id)
+                }
             }
-            Err(_) => {
-                shared.count_refresh_failure();
-                let body =
-                    json!({ "error": "invalid_request", "error_description": "Unreadable request body." });
-                json_response(StatusCode::BAD_REQUEST, "application/json", &body, &request_id)
+        }
+        (&Method::POST, "/refreshToken") => {
+            let (parts, body) = req.into_parts();
+            match read_body(body, MAX_TOKEN_BODY).await {
+                Ok(body) => {
+                    let answer = social::refresh(&shared, &parts.headers, &body, &request_id);
+                    token_delay(&shared).await;
+                    answer
+                }
+                Err(_) => {
+                    shared.count_refresh_failure();
+                    social::error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "Unreadable request body.",
+                        &request_id,
+                    )
+                }
             }
-        },
-        (&Method::POST, "/") => assistant::handle(req, shared, ctl, request_id).await,
+        }
+        (&Method::POST, "/") => {
+            let target = req.headers().get("x-amz-target").and_then(|v| v.to_str().ok());
+            if target == Some(listing::PROFILES_TARGET) {
+                listing::profiles(req, &shared, &request_id).await
+            } else {
+                assistant::handle(req, Role::AmazonQ, shared, ctl, request_id).await
+            }
+        }
+        (&Method::GET, "/ListAvailableModels") => listing::models_get(&req, &shared, &request_id),
+        (&Method::POST, "/runtime" | "/runtime/") => {
+            assistant::handle(req, Role::Runtime, shared, ctl, request_id).await
+        }
+        (&Method::POST, "/management" | "/management/") => {
+            listing::models_post(req, &shared, &request_id).await
+        }
         (method, path) => {
             tracing::debug!(%method, path, "emulator: no such route");
-            let body =
-                json!({ "__type": "com.amazon.coral.service#UnknownOperationException", "message": null });
-            json_response(StatusCode::NOT_FOUND, assistant::AMZ_JSON, &body, &request_id)
+            not_found(&request_id)
         }
     }
+}
+
+/// The pause of [`EmulatorOptions::token_delay`](super::EmulatorOptions) before a refresh answer.
+async fn token_delay(shared: &Shared) {
+    let delay = shared.opts.token_delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// 404 `UnknownOperationException`: no such path, or a role switched off.
+fn not_found(request_id: &str) -> Response<Body> {
+    let body = json!({ "__type": "com.amazon.coral.service#UnknownOperationException", "message": null });
+    json_response(StatusCode::NOT_FOUND, wire::AMZ_JSON, &body, request_id)
 }
 
 /// Why a request body could not be read.

@@ -48,9 +48,9 @@ pub(super) async fn write(
     client_id: String,
     conn: Arc<ConnCtl>,
 ) {
-    let mut open = OpenStream::new(shared, client_id);
+    let mut open = OpenStream::new(shared.clone(), client_id.clone());
     let mut writer = Writer { tx, delay: plan.frame_delay, started: false };
-    match writer.run(plan, &conn).await {
+    match writer.run(plan, &conn, &shared, &client_id).await {
         Ok(()) => open.end = StreamEnd::Completed,
         Err(Gone) => tracing::debug!(client_id = %open.client_id, "emulator: client went away mid-stream"),
     }
@@ -63,7 +63,13 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(&mut self, plan: Plan, conn: &ConnCtl) -> Result<(), Gone> {
+    async fn run(
+        &mut self,
+        plan: Plan,
+        conn: &ConnCtl,
+        shared: &Shared,
+        client_id: &str,
+    ) -> Result<(), Gone> {
         let model = plan.model_id;
         for segment in plan.segments {
             match segment {
@@ -77,13 +83,27 @@ impl Writer {
                         self.frame(event_frame("assistantResponseEvent", &payload)).await?;
                     }
                 }
-                Segment::Reasoning { text, signature } => {
+                Segment::Reasoning { text, signature, split_signature } => {
                     for fragment in fragments(&text) {
                         self.frame(event_frame("reasoningContentEvent", &json!({ "text": fragment })))
                             .await?;
                     }
-                    self.frame(event_frame("reasoningContentEvent", &json!({ "signature": signature })))
+                    let pieces: Vec<&str> =
+                        if split_signature { fragments(&signature).collect() } else { vec![&signature] };
+                    for piece in pieces {
+                        self.frame(event_frame("reasoningContentEvent", &json!({ "signature": piece })))
+                            .await?;
+                    }
+                }
+                Segment::Redacted(content) => {
+                    self.frame(event_frame("reasoningContentEvent", &json!({ "redactedContent": content })))
                         .await?;
+                }
+                Segment::Metered { frame, credits } => {
+                    // Counted as the frame is handed over: a client that has read it sees it
+                    // counted.
+                    shared.add_credits(client_id, credits);
+                    self.frame(frame).await?;
                 }
                 Segment::ToolUse { id, name, input, stop } => {
                     let event = |extra: serde_json::Value| {

@@ -4,6 +4,14 @@
 //! [`validate_request`] walks the body in a fixed order and stops at the first violation, which
 //! names the [`Rule`] and the JSON path (`conversationState.history[2].assistantResponseMessage.
 //! toolUses[0].name`). Unknown fields are tolerated, as the service tolerates them.
+//!
+//! The 2026 members are checked for shape here (their meaning, which depends on the account and
+//! its model, is checked when the call is answered): a top-level `additionalModelRequestFields`
+//! must be an object; an assistant message's `reasoningContent` must be exactly one of
+//! `{"reasoningText": {"text", "signature"}}` or `{"redactedContent": "<base64>"}` (a flat
+//! `{"text", "signature"}` is [`Rule::ReasoningContentShape`], answered `REQUEST_BODY_INVALID`);
+//! `cachePoint` (on a user or assistant message, or as a `tools[]` item of its own) must be
+//! `{"type": "default"}`.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -65,6 +73,9 @@ pub enum Rule {
     ToolResultTooLong,
     ToolResultAnswersToolUse,
     ToolResultOnce,
+    AdditionalFieldsObject,
+    ReasoningContentShape,
+    CachePointShape,
 }
 
 impl Rule {
@@ -124,6 +135,29 @@ impl Rule {
                 "every tool result answers a toolUse in an earlier assistant message"
             }
             Rule::ToolResultOnce => "each toolUseId is answered by at most one tool result",
+            Rule::AdditionalFieldsObject => "additionalModelRequestFields, if present, is a JSON object",
+            Rule::ReasoningContentShape => {
+                "reasoningContent is exactly one of {reasoningText: {text: string, signature: string}} or {redactedContent: non-empty base64}"
+            }
+            Rule::CachePointShape => "a cachePoint is {\"type\": \"default\"}",
+        }
+    }
+
+    /// The `message` the service answers a violation of this rule with.
+    pub fn message(self) -> &'static str {
+        match self {
+            Rule::UserContentTooLong | Rule::ToolResultTooLong => "Input is too long.",
+            Rule::AdditionalFieldsObject => "Invalid additionalModelRequestFields",
+            _ => "Improperly formed request.",
+        }
+    }
+
+    /// The `reason` the service answers a violation of this rule with (`None`: `"reason": null`).
+    pub fn reason(self) -> Option<&'static str> {
+        match self {
+            Rule::UserContentTooLong | Rule::ToolResultTooLong => Some("CONTENT_LENGTH_EXCEEDS_THRESHOLD"),
+            Rule::ReasoningContentShape => Some("REQUEST_BODY_INVALID"),
+            _ => None,
         }
     }
 
@@ -177,6 +211,10 @@ pub fn validate_request(body: &Value) -> Check {
         && !arn.as_str().is_some_and(is_profile_arn)
     {
         return fail(Rule::ProfileArnFormat, "profileArn");
+    }
+    match body.get("additionalModelRequestFields") {
+        None | Some(Value::Null | Value::Object(_)) => {}
+        Some(_) => return fail(Rule::AdditionalFieldsObject, "additionalModelRequestFields"),
     }
     let Some(state) = body.get("conversationState").and_then(Value::as_object) else {
         return fail(Rule::ConversationStateRequired, "conversationState");
@@ -267,6 +305,7 @@ impl Validator {
         {
             return fail(Rule::ModelIdFormat, format!("{path}.modelId"));
         }
+        check_cache_point(msg, path)?;
         for field in ["origin", "userIntent"] {
             if let Some(value) = msg.get(field)
                 && !value.is_string()
@@ -348,6 +387,8 @@ impl Validator {
         {
             return fail(Rule::FieldType, format!("{path}.messageId"));
         }
+        check_cache_point(msg, path)?;
+        check_reasoning_content(msg, path)?;
         let uses = match msg.get("toolUses") {
             None | Some(Value::Null) => return Ok(()),
             Some(Value::Array(uses)) => uses,
@@ -409,6 +450,13 @@ fn check_tools(msg: &Map<String, Value>, path: &str) -> Result<HashSet<String>, 
         Some(_) => return fail(Rule::ContextShape, tools_path),
     };
     for (i, tool) in tools.iter().enumerate() {
+        if let Some(item) = tool.as_object()
+            && item.len() == 1
+            && item.contains_key("cachePoint")
+        {
+            check_cache_point(item, &format!("{tools_path}[{i}]"))?;
+            continue;
+        }
         let tool_path = format!("{tools_path}[{i}].toolSpecification");
         let Some(spec) = tool.get("toolSpecification").and_then(Value::as_object) else {
             return fail(Rule::ToolSpecShape, tool_path);
@@ -449,6 +497,59 @@ fn check_tools(msg: &Map<String, Value>, path: &str) -> Result<HashSet<String>, 
         }
     }
     Ok(names)
+}
+
+/// A message's (or a `tools[]` item's) `cachePoint`, if any, is `{"type": "default"}`.
+fn check_cache_point(msg: &Map<String, Value>, path: &str) -> Check {
+    match msg.get("cachePoint") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Object(point))
+            if point.len() == 1 && point.get("type") == Some(&Value::from("default")) =>
+        {
+            Ok(())
+        }
+        Some(_) => fail(Rule::CachePointShape, format!("{path}.cachePoint")),
+    }
+}
+
+/// An assistant message's `reasoningContent`, if any, holds exactly one of `reasoningText {text,
+/// signature}` or a non-empty base64 `redactedContent`.
+fn check_reasoning_content(msg: &Map<String, Value>, path: &str) -> Check {
+    let path = format!("{path}.reasoningContent");
+    let reasoning = match msg.get("reasoningContent") {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::Object(reasoning)) if reasoning.len() == 1 => reasoning,
+        Some(_) => return fail(Rule::ReasoningContentShape, path),
+    };
+    let ok = match reasoning.iter().next() {
+        Some((key, Value::Object(text))) if key == "reasoningText" => {
+            text.get("text").is_some_and(Value::is_string)
+                && text.get("signature").is_some_and(Value::is_string)
+        }
+        Some((key, Value::String(content))) if key == "redactedContent" => {
+            !content.is_empty() && BASE64.decode(content).is_ok()
+        }
+        _ => false,
+    };
+    if ok { Ok(()) } else { fail(Rule::ReasoningContentShape, path) }
+}
+
+/// How many `cachePoint`s a (valid) body carries: on messages of the history and the current
+/// message, and as `tools[]` items of the current message.
+pub fn count_cache_points(body: &Value) -> usize {
+    let state = &body["conversationState"];
+    let messages =
+        state["history"].as_array().into_iter().flatten().chain(std::iter::once(&state["currentMessage"]));
+    let mut count = 0;
+    for message in messages {
+        for kind in ["userInputMessage", "assistantResponseMessage"] {
+            if message[kind]["cachePoint"].is_object() {
+                count += 1;
+            }
+        }
+    }
+    let tools = &state["currentMessage"]["userInputMessage"]["userInputMessageContext"]["tools"];
+    count + tools.as_array().into_iter().flatten().filter(|t| t["cachePoint"].is_object()).count()
 }
 
 fn check_images(images: &Value, path: &str) -> Check {
@@ -1006,6 +1107,67 @@ mod tests {
         rejects(Rule::ToolResultOnce, &format!("{}.toolResults[1].toolUseId", dotted(CTX)), |b| {
             let results = at(b, &format!("{CTX}/toolResults")).as_array_mut().unwrap();
             results.push(results[0].clone());
+        });
+    }
+
+    #[test]
+    fn additional_fields_are_an_object() {
+        rejects(Rule::AdditionalFieldsObject, "additionalModelRequestFields", |b| {
+            set(b, "/additionalModelRequestFields", json!("thinking"))
+        });
+        for ok in [json!(null), json!({}), json!({"thinking": {"type": "adaptive"}})] {
+            let mut body = baseline();
+            set(&mut body, "/additionalModelRequestFields", ok.clone());
+            validate_request(&body).unwrap_or_else(|v| panic!("{ok}: {v}"));
+        }
+        assert_eq!(Rule::AdditionalFieldsObject.message(), "Invalid additionalModelRequestFields");
+    }
+
+    #[test]
+    fn reasoning_content_shape() {
+        let path = format!("{}.reasoningContent", dotted(H1));
+        for bad in [
+            json!({"text": "x", "signature": "c2ln"}),
+            json!({"reasoningText": {"text": "x"}}),
+            json!({"reasoningText": {"text": 1, "signature": "c2ln"}}),
+            json!({"reasoningText": {"text": "x", "signature": "c2ln"}, "redactedContent": "c2ln"}),
+            json!({"redactedContent": ""}),
+            json!({"redactedContent": "not base64!"}),
+            json!("x"),
+        ] {
+            rejects(Rule::ReasoningContentShape, &path, |b| {
+                set(b, &format!("{H1}/reasoningContent"), bad.clone())
+            });
+        }
+        for ok in
+            [json!({"reasoningText": {"text": "x", "signature": "c2ln"}}), json!({"redactedContent": "c2ln"})]
+        {
+            let mut body = baseline();
+            set(&mut body, &format!("{H1}/reasoningContent"), ok.clone());
+            validate_request(&body).unwrap_or_else(|v| panic!("{ok}: {v}"));
+        }
+        assert_eq!(Rule::ReasoningContentShape.reason(), Some("REQUEST_BODY_INVALID"));
+        assert_eq!(Rule::HistoryAlternates.reason(), None);
+        assert_eq!(Rule::ToolResultTooLong.reason(), Some("CONTENT_LENGTH_EXCEEDS_THRESHOLD"));
+    }
+
+    #[test]
+    fn cache_points() {
+        let mut body = baseline();
+        set(&mut body, &format!("{H1}/cachePoint"), json!({"type": "default"}));
+        set(&mut body, &format!("{CUR}/cachePoint"), json!({"type": "default"}));
+        at(&mut body, &format!("{CTX}/tools"))
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"cachePoint": {"type": "default"}}));
+        validate_request(&body).expect("cache points in their places are valid");
+        assert_eq!(count_cache_points(&body), 3);
+        assert_eq!(count_cache_points(&baseline()), 0);
+        rejects(Rule::CachePointShape, &format!("{}.cachePoint", dotted(CUR)), |b| {
+            set(b, &format!("{CUR}/cachePoint"), json!({"type": "ephemeral"}))
+        });
+        rejects(Rule::CachePointShape, &format!("{}.tools[2].cachePoint", dotted(CTX)), |b| {
+            at(b, &format!("{CTX}/tools")).as_array_mut().unwrap().push(json!({"cachePoint": {}}))
         });
     }
 
