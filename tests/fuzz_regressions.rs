@@ -163,7 +163,7 @@ fn run(
         });
     }
     assert!(st.is_finished());
-    check_grammar(&all);
+    amq2api::anthropic::grammar::check_events(&all).unwrap_or_else(|e| panic!("{e}: {all:?}"));
     let mut agg = Aggregator::default();
     for e in &all {
         agg.push(e);
@@ -174,30 +174,6 @@ fn run(
 }
 
 /// The grammar the target checks.
-fn check_grammar(evs: &[StreamEvent]) {
-    assert!(matches!(evs[0], StreamEvent::MessageStart { .. }));
-    let (mut open, mut next, mut ended) = (None, 0, false);
-    for e in &evs[1..] {
-        assert!(!ended, "event after the end: {e:?}");
-        match e {
-            StreamEvent::BlockStart { index, .. } => {
-                assert!(open.is_none(), "block started while {open:?} open");
-                assert_eq!(*index, next);
-                open = Some(*index);
-                next += 1;
-            }
-            StreamEvent::BlockDelta { index, .. } => assert_eq!(Some(*index), open),
-            StreamEvent::BlockStop { index } => {
-                assert_eq!(Some(*index), open);
-                open = None;
-            }
-            StreamEvent::MessageDelta { .. } => assert!(open.is_none(), "message_delta while {open:?} open"),
-            StreamEvent::MessageStop | StreamEvent::Error(_) => ended = true,
-            _ => {}
-        }
-    }
-    assert!(ended, "no message_stop or error");
-}
 
 /// Output cut upstream (`ContentLengthExceededException`) inside a tool call: the tool block was
 /// left open and followed by `message_delta` / `message_stop`, which the stream grammar forbids

@@ -10,36 +10,10 @@ use http_body_util::Full;
 use serde_json::{Value, json};
 use std::time::Duration;
 
-/// The event order of Anthropic's streaming documentation.
+/// The event order of Anthropic's streaming documentation (one checker, in the library).
 fn assert_stream_grammar(frames: &[(String, Value)]) {
-    assert_eq!(frames[0].0, "message_start", "{frames:?}");
-    let m = &frames[0].1["message"];
-    for key in ["id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"] {
-        assert!(m.get(key).is_some(), "message_start lacks {key}");
-    }
-    let mut open: Option<u64> = None;
-    let mut next = 0;
-    for (ev, data) in frames {
-        assert_eq!(&data["type"], ev, "data type differs from event name");
-        match ev.as_str() {
-            "content_block_start" => {
-                assert!(open.is_none());
-                assert_eq!(data["index"], next);
-                open = Some(next);
-                next += 1;
-            }
-            "content_block_delta" => assert_eq!(Some(data["index"].as_u64().unwrap()), open),
-            "content_block_stop" => {
-                assert_eq!(Some(data["index"].as_u64().unwrap()), open);
-                open = None;
-            }
-            "message_delta" => {
-                assert!(open.is_none());
-                assert!(data["usage"]["output_tokens"].is_u64());
-            }
-            _ => {}
-        }
-    }
+    amq2api::anthropic::grammar::check_frames(frames.iter().map(|(n, d)| (n.as_str(), d)))
+        .unwrap_or_else(|e| panic!("{e}: {frames:?}"));
     assert_eq!(frames.last().unwrap().0, "message_stop");
 }
 

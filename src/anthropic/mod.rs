@@ -2,6 +2,7 @@
 //! the SSE wire format.
 
 pub mod error;
+pub mod grammar;
 pub mod request;
 pub mod sse;
 

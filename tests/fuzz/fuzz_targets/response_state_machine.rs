@@ -19,14 +19,13 @@
 //! - without thinking, stop sequences or a max_tokens cut, the text deltas are the upstream text.
 #![no_main]
 
-use amq2api::anthropic::sse::{BlockStart, Delta, StreamEvent};
+use amq2api::anthropic::sse::StreamEvent;
 use amq2api::translate::{Aggregator, ResponseParams, ResponseState, ToolNames};
 use amq2api::upstream::events::TokenUsage;
 use amq2api::upstream::{Event, StreamError};
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use std::collections::HashMap;
 
 /// A short string: up to 12 characters of anything.
 #[derive(Debug)]
@@ -231,66 +230,6 @@ fn stream_error(e: &Ending) -> Option<StreamError> {
     })
 }
 
-/// Checks the grammar; returns the tool blocks that were closed, by index, with their streamed
-/// input, and the concatenated text deltas.
-fn check_grammar(evs: &[StreamEvent]) -> (HashMap<usize, String>, String) {
-    assert!(
-        matches!(evs.first(), Some(StreamEvent::MessageStart { .. })),
-        "first event is not message_start"
-    );
-    let mut open: Option<(usize, bool)> = None; // (index, is tool)
-    let mut next = 0usize;
-    let mut ended = false;
-    let mut tool_inputs: HashMap<usize, String> = HashMap::new();
-    let mut closed_tools = HashMap::new();
-    let mut text = String::new();
-    for (i, e) in evs.iter().enumerate().skip(1) {
-        assert!(!ended, "event {i} after the end: {e:?}");
-        match e {
-            StreamEvent::MessageStart { .. } => panic!("second message_start at {i}"),
-            StreamEvent::BlockStart { index, block } => {
-                assert!(open.is_none(), "block {index} started while {open:?} is open");
-                assert_eq!(*index, next, "block indices not contiguous");
-                let is_tool = matches!(block, BlockStart::ToolUse { .. });
-                open = Some((*index, is_tool));
-                if is_tool {
-                    tool_inputs.insert(*index, String::new());
-                }
-                next += 1;
-            }
-            StreamEvent::BlockDelta { index, delta } => {
-                assert_eq!(
-                    Some(*index),
-                    open.map(|o| o.0),
-                    "delta {delta:?} for block {index}, open: {open:?}"
-                );
-                match delta {
-                    Delta::InputJson(p) => tool_inputs
-                        .get_mut(index)
-                        .expect("input_json_delta outside a tool_use block")
-                        .push_str(p),
-                    Delta::Text(t) => text.push_str(t),
-                    _ => {}
-                }
-            }
-            StreamEvent::BlockStop { index } => {
-                assert_eq!(Some(*index), open.map(|o| o.0), "stop for block {index}, open: {open:?}");
-                if let Some(input) = tool_inputs.remove(index) {
-                    closed_tools.insert(*index, input);
-                }
-                open = None;
-            }
-            StreamEvent::MessageDelta { .. } => {
-                assert!(open.is_none(), "message_delta while block {open:?} is open")
-            }
-            StreamEvent::MessageStop | StreamEvent::Error(_) => ended = true,
-            StreamEvent::Ping => {}
-        }
-    }
-    assert!(ended, "the stream ended without message_stop or error");
-    (closed_tools, text)
-}
-
 fuzz_target!(|data: &[u8]| {
     let u = Unstructured::new(data);
     let Ok(input) = Input::arbitrary_take_rest(u) else {
@@ -385,7 +324,8 @@ fuzz_target!(|data: &[u8]| {
             eprintln!("emitted: {e:?}");
         }
     }
-    let (closed_tools, streamed_text) = check_grammar(&all);
+    let summary = amq2api::anthropic::grammar::check_events(&all).unwrap_or_else(|e| panic!("{e}"));
+    let (closed_tools, streamed_text) = (summary.closed_tools, summary.text);
 
     let mut agg = Aggregator::default();
     for e in &all {
