@@ -173,8 +173,6 @@ fn run(
     (all, message)
 }
 
-/// The grammar the target checks.
-
 /// Output cut upstream (`ContentLengthExceededException`) inside a tool call: the tool block was
 /// left open and followed by `message_delta` / `message_stop`, which the stream grammar forbids
 /// (and SDKs reject). Now it ends as a tool call cut any other way: an `api_error`.
