@@ -75,7 +75,7 @@ pub const FILE_NAME: &str = "amq2api.redb";
 /// The holder's pid, beside the store file, for the [`StoreError::Locked`] message.
 pub const PID_FILE_NAME: &str = "amq2api.pid";
 /// The schema version this build writes, and the newest it opens.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// The longest counters may stay in memory only (see [`Store::put_counters`]).
 pub const COUNTERS_MAX_UNSYNCED: Duration = Duration::from_secs(5);
 
@@ -83,6 +83,7 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 const COUNTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("counters");
+const IDENTITY: TableDefinition<&str, &[u8]> = TableDefinition::new("identity");
 const SCHEMA_KEY: &str = "schema_version";
 /// The version byte in front of every value this build writes (and the only one it reads).
 const VALUE_VERSION: u8 = 1;
@@ -94,7 +95,13 @@ type Migration = fn(&WriteTransaction) -> Result<(), StoreError>;
 
 /// Schema migrations, oldest first. To add schema version 2: write `fn v1_to_v2(txn)` (rewrite
 /// what changed, in `txn`), append it here and bump [`SCHEMA_VERSION`].
-const MIGRATIONS: &[Migration] = &[];
+const MIGRATIONS: &[Migration] = &[v1_to_v2];
+
+/// Version 2 adds the `identity` table (what an account learned about itself).
+fn v1_to_v2(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(IDENTITY).map_err(|e| StoreError::Db(format!("creating the identity table: {e}")))?;
+    Ok(())
+}
 
 const _: () = assert!(MIGRATIONS.len() as u32 + 1 == SCHEMA_VERSION);
 
@@ -196,6 +203,21 @@ pub struct AccountRecord {
     pub tokens: Option<TokenRecord>,
     pub state: StateRecord,
     pub counters: Counters,
+    pub identity: Option<IdentityRecord>,
+}
+
+/// What an account learned about itself and must keep across restarts: the installation it
+/// looks like to the service, its profile ARN, the endpoint that takes its credentials.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct IdentityRecord {
+    /// 64 hex digits, made once per account and never changed (it goes into user agents).
+    pub machine_id: String,
+    /// The profile ARN learned from the service (social refresh, `ListAvailableProfiles`),
+    /// with the credentials fingerprint it was learned for.
+    pub profile_arn: Option<String>,
+    pub profile_for: Option<[u8; 32]>,
+    /// The endpoint role that last took the account's credentials (`q` or `runtime`).
+    pub endpoint: Option<String>,
 }
 
 /// The current link of an account's refresh-token chain, and the access token that came with it.
@@ -599,6 +621,11 @@ impl Store {
                 let record = decode_counters(key.value(), value.value())?;
                 out.entry(key.value().to_owned()).or_default().counters = record;
             }
+            for row in txn.open_table(IDENTITY).ctx(path)?.iter().ctx(path)? {
+                let (key, value) = row.ctx(path)?;
+                let record = decode_identity(key.value(), value.value())?;
+                out.entry(key.value().to_owned()).or_default().identity = Some(record);
+            }
             Ok(out)
         })
     }
@@ -620,13 +647,18 @@ impl Store {
                 Some(v) => Some(decode_counters(id, v.value())?),
                 None => None,
             };
-            if tokens.is_none() && state.is_none() && counters.is_none() {
+            let identity = match txn.open_table(IDENTITY).ctx(path)?.get(id).ctx(path)? {
+                Some(v) => Some(decode_identity(id, v.value())?),
+                None => None,
+            };
+            if tokens.is_none() && state.is_none() && counters.is_none() && identity.is_none() {
                 return Ok(None);
             }
             Ok(Some(AccountRecord {
                 tokens,
                 state: state.unwrap_or_default(),
                 counters: counters.unwrap_or_default(),
+                identity,
             }))
         })
     }
@@ -685,10 +717,28 @@ impl Store {
         })
     }
 
+    /// Replaces the identity records of many accounts in one commit; on disk before returning.
+    pub fn put_identities(&self, batch: &[(String, IdentityRecord)]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let values = batch
+            .iter()
+            .map(|(id, r)| Ok((id.as_str(), encode(&IdentityWire::from(r))?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.write(true, |txn| {
+            let mut table = txn.open_table(IDENTITY).ctx(self.path())?;
+            for (id, value) in &values {
+                table.insert(*id, value.as_slice()).ctx(self.path())?;
+            }
+            Ok(())
+        })
+    }
+
     /// Forgets an account: deletes its rows from every table, on disk before returning.
     pub fn remove(&self, id: &str) -> Result<(), StoreError> {
         self.write(true, |txn| {
-            for table in [TOKENS, STATE, COUNTERS] {
+            for table in [TOKENS, STATE, COUNTERS, IDENTITY] {
                 txn.open_table(table).ctx(self.path())?.remove(id).ctx(self.path())?;
             }
             Ok(())
@@ -780,7 +830,7 @@ fn prepare_schema(db: &Database, path: &Path) -> Result<(), StoreError> {
         let version = SCHEMA_VERSION.to_le_bytes();
         txn.open_table(META).ctx(path)?.insert(SCHEMA_KEY, version.as_slice()).ctx(path)?;
     }
-    for table in [TOKENS, STATE, COUNTERS] {
+    for table in [TOKENS, STATE, COUNTERS, IDENTITY] {
         txn.open_table(table).ctx(path)?;
     }
     txn.commit().ctx(path)?;
@@ -997,6 +1047,45 @@ fn decode_counters(key: &str, raw: &[u8]) -> Result<Counters, StoreError> {
         tokens_in: w.tokens_in,
         tokens_out: w.tokens_out,
         last_used: opt_time_field(T, key, "last_used_ms", w.last_used_ms)?,
+    })
+}
+
+#[derive(Serialize, Deserialize)]
+struct IdentityWire {
+    machine_id: String,
+    profile_arn: Option<String>,
+    profile_for: Option<String>,
+    endpoint: Option<String>,
+}
+
+impl From<&IdentityRecord> for IdentityWire {
+    fn from(r: &IdentityRecord) -> Self {
+        IdentityWire {
+            machine_id: r.machine_id.clone(),
+            profile_arn: r.profile_arn.clone(),
+            profile_for: r.profile_for.map(hex::encode),
+            endpoint: r.endpoint.clone(),
+        }
+    }
+}
+
+fn decode_identity(key: &str, raw: &[u8]) -> Result<IdentityRecord, StoreError> {
+    const T: &str = "identity";
+    let w: IdentityWire = decode(T, key, raw)?;
+    let profile_for = match w.profile_for {
+        None => None,
+        Some(h) => {
+            let mut f = [0u8; 32];
+            hex::decode_to_slice(&h, &mut f)
+                .map_err(|_| StoreError::corrupt(T, key, "profile_for is not 32 bytes of hex"))?;
+            Some(f)
+        }
+    };
+    Ok(IdentityRecord {
+        machine_id: w.machine_id,
+        profile_arn: w.profile_arn,
+        profile_for,
+        endpoint: w.endpoint,
     })
 }
 

@@ -957,16 +957,7 @@ async fn import_both_seed_formats() {
     assert!(diags.is_empty(), "{diags}");
     let got: Vec<(String, String, String, String, String, bool)> = set
         .iter()
-        .map(|a| {
-            (
-                a.id.to_string(),
-                a.label.clone(),
-                a.client_id.expose().to_string(),
-                a.client_secret.expose().to_string(),
-                a.refresh_token.expose().to_string(),
-                a.enabled,
-            )
-        })
+        .map(|a| (a.id.to_string(), a.label.clone(), oidc(a).0, oidc(a).1, oidc(a).2, a.enabled))
         .collect();
     assert_eq!(got.len(), 3, "{r}");
     for (i, g) in got.iter().enumerate() {
@@ -1004,11 +995,9 @@ async fn import_both_seed_formats() {
     let v: Vec<_> = set.iter().collect();
     assert_eq!(v.len(), 2, "{r}");
     assert_eq!(v[0].label, "Seat B");
-    assert_eq!(v[0].client_id.expose(), "imp-client-b");
-    assert_eq!(v[0].client_secret.expose(), "imp-secret-b");
-    assert_eq!(v[0].refresh_token.expose(), "imp-refresh-b");
+    assert_eq!(oidc(v[0]), ("imp-client-b".into(), "imp-secret-b".into(), "imp-refresh-b".into()));
     assert!(!v[0].enabled);
-    assert_eq!(v[1].refresh_token.expose(), "imp-refresh-c");
+    assert_eq!(oidc(v[1]).2, "imp-refresh-c");
     assert!(v[1].enabled);
     assert!(!r.stdout.contains("imp-access-b"), "{r}");
 
@@ -1170,4 +1159,16 @@ fn the_token_detector_sees_tokens() {
     );
     assert!(token_like("refresh aorQWERTYUIOPASDFGHJKLZXCVB").is_some());
     assert_eq!(token_like("token:            sha256:1e8d8386… aoa short"), None);
+}
+
+/// An OIDC account's client id, client secret and refresh token.
+fn oidc(a: &amq2api::config::AccountSpec) -> (String, String, String) {
+    match &a.credentials {
+        amq2api::config::Credentials::Oidc { client_id, client_secret, refresh_token } => (
+            client_id.expose().to_owned(),
+            client_secret.expose().to_owned(),
+            refresh_token.expose().to_owned(),
+        ),
+        other => panic!("not an oidc account: {:?}", other.kind()),
+    }
 }

@@ -348,12 +348,15 @@ fn wait_refreshes(emulator: &amq2api::emulator::Emulator, cid: &str, n: u64, wit
 }
 
 /// The state directory on a small disk that fills up (and, in a second run, then turns
-/// read-only): a commit that fails stops the account's rotation (no refresh replaces a token
-/// that is not stored), `/health`, `STATUS=` and `amqctl status` say why, and once there is room
-/// again the store is reopened, the held token stored and rotation resumes by itself. After each
-/// run the stopped daemon's store holds exactly the emulator's live refresh token: nothing was
-/// lost. (Each run starts on a new disk: redb reuses pages it has already written, so a store
-/// that has had room once may not notice a full disk for a long while.)
+/// read-only): a commit that fails stops the rotation of every account whose new refresh token
+/// it was (no refresh replaces a token that is not stored), `/health`, `STATUS=` and `amqctl
+/// status` say why, and once there is room again the store is reopened, the held tokens stored
+/// and rotation resumes by itself. After each run the stopped daemon's store holds exactly the
+/// emulator's live refresh token of every account: nothing was lost.
+///
+/// redb reuses pages it has already written, so a full disk bites only when the store needs
+/// more: each run adds twenty accounts once the disk is full (their records need new pages),
+/// on a disk of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_or_read_only_disk_never_loses_the_refresh_token_chain() {
     use common::child::{AMQ2API, ChildDaemon, Notify, SmallDisk, write_config};
@@ -365,26 +368,36 @@ async fn a_full_or_read_only_disk_never_loses_the_refresh_token_chain() {
     })
     .await
     .unwrap();
-    for id in ["full-1", "readonly-1"] {
-        emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
+    let runs = [("full", false), ("readonly", true)];
+    for (run, _) in runs {
+        for i in 0..21 {
+            let id = format!("{run}-{i}");
+            emulator.add_account(&client_id(&id), &format!("secret-{id}"), &format!("refresh-{id}"));
+        }
     }
     let emu = emulator.clone();
     let result = tokio::task::spawn_blocking(move || {
-        for (id, read_only) in [("full-1", false), ("readonly-1", true)] {
-            let cid = client_id(id);
+        for (run, read_only) in runs {
+            let all: Vec<String> = (0..21).map(|i| format!("{run}-{i}")).collect();
+            let first = all[..1].to_vec();
             let tmp = tempfile::tempdir().unwrap();
-            let config = write_config(tmp.path(), &emu, &[id.to_owned()], "refresh_before_expiry_secs = 30");
+            let config = write_config(tmp.path(), &emu, &first, "refresh_before_expiry_secs = 30");
             let disk = SmallDisk::new(&tmp.path().join("state"), "2m");
             let notify = Notify::new(tmp.path());
             let notify_path = notify.path.to_str().unwrap().to_owned();
             let d = ChildDaemon::start(disk.command(AMQ2API), &config, &[("NOTIFY_SOCKET", &notify_path)]);
-            let degraded = |h: &serde_json::Value| {
-                h["status"] == "degraded" && h["accounts"]["tokens_unsaved"] == 1 && h["store"]["ok"] == false
-            };
-            wait_refreshes(&emu, &cid, 3, Duration::from_secs(20));
+            let total_refreshes =
+                || all.iter().map(|id| emu.stats_for(&client_id(id)).refreshes).sum::<u64>();
+            wait_refreshes(&emu, &client_id(&all[0]), 3, Duration::from_secs(20));
             d.wait_health(Duration::from_secs(5), "ok", |h| h["status"] == "ok");
             disk.fill();
-            d.wait_health(Duration::from_secs(20), "degraded with an unstored token", degraded);
+            std::fs::write(tmp.path().join("accounts.toml"), accounts_toml(&all)).unwrap();
+            // Every account rotates once more and cannot store it: all held, none refreshing.
+            d.wait_health(Duration::from_secs(30), "every account waiting for its token to be stored", |h| {
+                h["status"] == "degraded"
+                    && h["accounts"]["total"] == 21
+                    && h["accounts"]["tokens_unsaved"] == 21
+            });
             let problem = d.health()["store"]["problem"].as_str().unwrap().to_owned();
             assert!(problem.contains("No space left on device"), "{problem}");
             let status = d.ctl_text(&["status"]);
@@ -392,14 +405,10 @@ async fn a_full_or_read_only_disk_never_loses_the_refresh_token_chain() {
             assert!(status.contains("NOT STORED"), "{status}");
             let line = notify.wait_line("STATUS=", "DEGRADED", Duration::from_secs(10));
             assert!(line.contains("No space left"), "{line}");
-            // No refresh while the rotated token is held in memory only.
-            let before = emu.stats_for(&cid).refreshes;
+            // No refresh while rotated tokens are held in memory only.
+            let before = total_refreshes();
             std::thread::sleep(Duration::from_secs(3));
-            assert_eq!(
-                emu.stats_for(&cid).refreshes,
-                before,
-                "{id}: a refresh ran while the chain was not stored"
-            );
+            assert_eq!(total_refreshes(), before, "{run}: a refresh ran while its chain was not stored");
             if read_only {
                 // Remounting needs the store's file closed: it is, after the failure, except
                 // for a moment at each retry.
@@ -409,25 +418,27 @@ async fn a_full_or_read_only_disk_never_loses_the_refresh_token_chain() {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 d.wait_health(Duration::from_secs(20), "a read-only store reported", |h| {
-                    degraded(h)
+                    h["accounts"]["tokens_unsaved"] == 21
                         && h["store"]["problem"].as_str().unwrap_or("").contains("Read-only file system")
                 });
-                let before = emu.stats_for(&cid).refreshes;
+                let before = total_refreshes();
                 std::thread::sleep(Duration::from_secs(2));
-                assert_eq!(emu.stats_for(&cid).refreshes, before, "{id}: a refresh ran while read-only");
+                assert_eq!(total_refreshes(), before, "{run}: a refresh ran while read-only");
                 assert!(disk.remount("rw"), "remount rw");
             }
             disk.free();
             d.wait_health(Duration::from_secs(30), "recovery", |h| {
                 h["status"] == "ok" && h["accounts"]["tokens_unsaved"] == 0 && h.get("store").is_none()
             });
-            wait_refreshes(&emu, &cid, 2, Duration::from_secs(20));
+            wait_refreshes(&emu, &client_id(&all[0]), 2, Duration::from_secs(20));
             assert_eq!(d.stop(Duration::from_secs(60)), 0);
-            assert_eq!(
-                stored_refresh_token(&disk.path(""), id),
-                emu.live_refresh_token(&cid).unwrap(),
-                "{id}: the stored chain is the live one"
-            );
+            for id in &all {
+                assert_eq!(
+                    stored_refresh_token(&disk.path(""), id),
+                    emu.live_refresh_token(&client_id(id)).unwrap(),
+                    "{id}: the stored chain is the live one"
+                );
+            }
         }
     })
     .await;

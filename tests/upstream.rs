@@ -1,23 +1,40 @@
 //! The upstream client against the emulator: OIDC refresh outcomes and every scripted
 //! behaviour of `GenerateAssistantResponse`, each checked as the typed outcome the pool acts on.
 
-use amq2api::config::{Secret, UpstreamConfig};
+use amq2api::config::{Secret, Template, UpstreamConfig};
 use amq2api::emulator::{Behaviour, Emulator, EmulatorOptions};
 use amq2api::upstream::types::*;
-use amq2api::upstream::{Event, QuotaKind, RefreshError, StreamError, UpstreamClient, UpstreamFailure};
+use amq2api::upstream::{
+    Agent, Caller, Event, QuotaKind, RefreshError, StreamError, UpstreamClient, UpstreamFailure,
+};
 use bytes::Bytes;
 use std::time::Duration;
 
 fn config(e: &Emulator) -> UpstreamConfig {
     UpstreamConfig {
-        endpoint: Some(e.endpoint().parse().unwrap()),
-        token_endpoint: Some(e.token_endpoint().parse().unwrap()),
+        endpoint: Template::new(&e.endpoint()),
+        runtime_endpoint: Template::new(&e.endpoint()),
+        management_endpoint: Template::new(&e.endpoint()),
+        token_endpoint: Template::new(&e.token_endpoint()),
+        social_token_endpoint: Template::new(&e.token_endpoint()),
+        suspicious_cooldown: Duration::from_secs(1800),
         ca_file: None,
         connect_timeout: Duration::from_secs(2),
         first_byte_timeout: Duration::from_secs(1),
         stream_idle_timeout: Duration::from_secs(1),
         max_attempts: 3,
     }
+}
+
+/// One installation for every call of these tests.
+fn agent() -> &'static Agent {
+    static AGENT: std::sync::OnceLock<Agent> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| Agent::new(Agent::new_machine_id()))
+}
+
+/// A caller with an access token.
+fn caller(token: &Secret) -> Caller<'_> {
+    Caller { bearer: token, api_key: false, agent: agent() }
 }
 
 fn body(text: &str) -> Bytes {
@@ -56,6 +73,7 @@ async fn env() -> Env {
             &Secret::new("cid"),
             &Secret::new("secret"),
             &Secret::new("rt0"),
+            agent(),
         )
         .await
         .unwrap();
@@ -65,7 +83,8 @@ async fn env() -> Env {
 
 async fn call(env: &Env, b: Behaviour) -> Result<(Vec<Event>, Option<StreamError>), UpstreamFailure> {
     env.e.set_behaviour_for_next("cid", b, 1);
-    let mut s = env.c.generate(&env.e.endpoint().parse().unwrap(), &env.token, body("hi"), 1).await?;
+    let mut s =
+        env.c.generate(&env.e.endpoint().parse().unwrap(), &caller(&env.token), body("hi"), 1).await?;
     let mut events = Vec::new();
     while let Some(ev) = s.next().await {
         match ev {
@@ -83,25 +102,25 @@ async fn token_refresh_outcomes() {
     let c = UpstreamClient::new(&config(&e)).unwrap();
     let url = e.token_endpoint().parse().unwrap();
     let s = Secret::new;
-    let g = c.create_token(&url, &s("cid"), &s("secret"), &s("rt0")).await.unwrap();
+    let g = c.create_token(&url, &s("cid"), &s("secret"), &s("rt0"), agent()).await.unwrap();
     assert!(g.expires_in > Duration::from_secs(3000));
     let rt1 = g.refresh_token.unwrap();
     assert!(matches!(
-        c.create_token(&url, &s("cid"), &s("secret"), &s("rt0")).await,
+        c.create_token(&url, &s("cid"), &s("secret"), &s("rt0"), agent()).await,
         Err(RefreshError::InvalidGrant(_))
     ));
-    assert!(c.create_token(&url, &s("cid"), &s("secret"), &rt1).await.is_ok());
+    assert!(c.create_token(&url, &s("cid"), &s("secret"), &rt1, agent()).await.is_ok());
     assert!(matches!(
-        c.create_token(&url, &s("cid"), &s("wrong"), &rt1).await,
+        c.create_token(&url, &s("cid"), &s("wrong"), &rt1, agent()).await,
         Err(RefreshError::InvalidClient(_))
     ));
     assert!(matches!(
-        c.create_token(&url, &s("nobody"), &s("x"), &rt1).await,
+        c.create_token(&url, &s("nobody"), &s("x"), &rt1, agent()).await,
         Err(RefreshError::InvalidClient(_))
     ));
     let dead: http::Uri = "http://127.0.0.1:9/token".parse().unwrap();
     assert!(matches!(
-        c.create_token(&dead, &s("cid"), &s("secret"), &rt1).await,
+        c.create_token(&dead, &s("cid"), &s("secret"), &rt1, agent()).await,
         Err(RefreshError::Transient(_))
     ));
 }
@@ -195,7 +214,7 @@ async fn every_behaviour_has_its_typed_outcome() {
     // A refused bearer token.
     env.e.expire_access_tokens("cid");
     assert!(matches!(
-        env.c.generate(&env.e.endpoint().parse().unwrap(), &env.token, body("x"), 1).await,
+        env.c.generate(&env.e.endpoint().parse().unwrap(), &caller(&env.token), body("x"), 1).await,
         Err(UpstreamFailure::TokenInvalid)
     ));
 }
@@ -298,8 +317,12 @@ async fn counting_server(script: Script) -> (String, Counts) {
 
 fn counting_config(endpoint: &str) -> UpstreamConfig {
     UpstreamConfig {
-        endpoint: Some(endpoint.parse().unwrap()),
-        token_endpoint: None,
+        endpoint: Template::new(endpoint),
+        runtime_endpoint: Template::new(endpoint),
+        management_endpoint: Template::new(endpoint),
+        token_endpoint: Template::new(amq2api::config::DEFAULT_TOKEN_ENDPOINT),
+        social_token_endpoint: Template::new(amq2api::config::DEFAULT_SOCIAL_TOKEN_ENDPOINT),
+        suspicious_cooldown: Duration::from_secs(1800),
         ca_file: None,
         connect_timeout: Duration::from_secs(2),
         first_byte_timeout: Duration::from_secs(2),
@@ -323,7 +346,7 @@ async fn amazon_q_connections_are_reused_and_ones_closed_while_idle_are_replaced
     let (endpoint, counts) = counting_server(Script::default()).await;
     let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
     for _ in 0..5 {
-        drain(c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await.unwrap()).await;
+        drain(c.generate(&endpoint.parse().unwrap(), &caller(&token), body("hi"), 1).await.unwrap()).await;
     }
     assert_eq!(counts.connections.load(Ordering::SeqCst), 1, "five calls, one connection");
     assert_eq!(counts.requests.load(Ordering::SeqCst), 5);
@@ -333,7 +356,7 @@ async fn amazon_q_connections_are_reused_and_ones_closed_while_idle_are_replaced
     let (endpoint, counts) = counting_server(Script { close_after: Some(1), ..Default::default() }).await;
     let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
     for _ in 0..5 {
-        drain(c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await.unwrap()).await;
+        drain(c.generate(&endpoint.parse().unwrap(), &caller(&token), body("hi"), 1).await.unwrap()).await;
         // Let the close arrive before the next call takes the connection from the pool.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -352,7 +375,7 @@ async fn a_request_read_on_a_reused_connection_is_never_sent_again() {
     let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
     let mut outcomes = Vec::new();
     for i in 1..=10 {
-        let r = c.generate(&endpoint.parse().unwrap(), &token, body("hi"), 1).await;
+        let r = c.generate(&endpoint.parse().unwrap(), &caller(&token), body("hi"), 1).await;
         outcomes.push(match r {
             Ok(s) => {
                 drain(s).await;
@@ -377,8 +400,8 @@ async fn refreshes_and_amazon_q_calls_share_one_connection_pool() {
     let token_url: http::Uri = format!("{endpoint}token").parse().unwrap();
     let s = Secret::new;
     for _ in 0..3 {
-        drain(c.generate(&endpoint.parse().unwrap(), &s("t"), body("hi"), 1).await.unwrap()).await;
-        let grant = c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt")).await.unwrap();
+        drain(c.generate(&endpoint.parse().unwrap(), &caller(&s("t")), body("hi"), 1).await.unwrap()).await;
+        let grant = c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt"), agent()).await.unwrap();
         assert_eq!(grant.access_token.expose(), "a");
     }
     assert_eq!(counts.requests.load(Ordering::SeqCst), 6);
@@ -397,7 +420,7 @@ async fn a_refresh_read_on_a_reused_connection_is_never_sent_again() {
     let s = Secret::new;
     let mut outcomes = Vec::new();
     for i in 1..=6 {
-        outcomes.push(match c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt")).await {
+        outcomes.push(match c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt"), agent()).await {
             Ok(_) => "ok",
             Err(RefreshError::Transient(_)) => "failed",
             Err(e) => panic!("refresh {i}: {e:?}"),
@@ -416,7 +439,7 @@ async fn a_token_answer_over_the_limit_is_refused() {
     let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
     let token_url: http::Uri = format!("{endpoint}token").parse().unwrap();
     let s = Secret::new;
-    match c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt")).await {
+    match c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt"), agent()).await {
         Err(RefreshError::Transient(m)) => {
             assert_eq!(m, "reading the token answer: the body exceeds 65536 bytes");
         }

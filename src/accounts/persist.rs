@@ -5,7 +5,7 @@
 use super::pool::{Restored, StateInfo, StateSink};
 use super::tokens::{Access, Chain};
 use crate::config::AccountId;
-use crate::store::{AccountRecord, Counters, StateRecord, Store, TokenRecord};
+use crate::store::{AccountRecord, Counters, IdentityRecord, StateRecord, Store, TokenRecord};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -31,6 +31,7 @@ struct Queue {
 struct Pending {
     states: BTreeMap<String, StateRecord>,
     counters: BTreeMap<String, Counters>,
+    identities: BTreeMap<String, IdentityRecord>,
     /// A batch taken by the writer and not yet written (flush waits for it too).
     writing: bool,
     /// Failed attempts in a row: the writer waits before the next one.
@@ -81,7 +82,7 @@ fn write_loop(store: &Store, queue: &Queue) {
     let mut retry_at: Option<std::time::Instant> = None;
     let mut last_try = false;
     loop {
-        let idle = pending.states.is_empty() && pending.counters.is_empty();
+        let idle = pending.states.is_empty() && pending.counters.is_empty() && pending.identities.is_empty();
         if pending.stop {
             if idle || last_try {
                 if !idle {
@@ -109,12 +110,15 @@ fn write_loop(store: &Store, queue: &Queue) {
         }
         let states = std::mem::take(&mut pending.states);
         let counters = std::mem::take(&mut pending.counters);
+        let identities = std::mem::take(&mut pending.identities);
         pending.writing = true;
         drop(pending);
         let batch: Vec<(String, StateRecord)> = states.into_iter().collect();
         let states_result = store.put_states(&batch);
         let counters_batch: Vec<(String, Counters)> = counters.into_iter().collect();
         let counters_result = store.put_counters(&counters_batch);
+        let identities_batch: Vec<(String, IdentityRecord)> = identities.into_iter().collect();
+        let identities_result = store.put_identities(&identities_batch);
         pending = queue.lock();
         pending.writing = false;
         let mut failed = false;
@@ -122,6 +126,13 @@ fn write_loop(store: &Store, queue: &Queue) {
             tracing::warn!(error = %e, "cannot store account states; keeping them to retry");
             for (id, s) in batch {
                 pending.states.entry(id).or_insert(s);
+            }
+            failed = true;
+        }
+        if let Err(e) = identities_result {
+            tracing::warn!(error = %e, "cannot store what accounts learned (machine ids, profiles); keeping it to retry");
+            for (id, r) in identities_batch {
+                pending.identities.entry(id).or_insert(r);
             }
             failed = true;
         }
@@ -175,6 +186,11 @@ impl StateSink for StoreSink {
         self.queue.changed.notify_all();
     }
 
+    fn identity(&self, id: &AccountId, rec: &IdentityRecord) {
+        self.queue.lock().identities.insert(id.to_string(), rec.clone());
+        self.queue.changed.notify_all();
+    }
+
     fn restore(&self, id: &AccountId) -> Restored {
         match self.store.get(id.as_str()) {
             Ok(Some(rec)) => restored_one(rec),
@@ -199,7 +215,11 @@ impl StateSink for StoreSink {
         let deadline = std::time::Instant::now() + timeout;
         let mut pending = self.queue.lock();
         loop {
-            if pending.states.is_empty() && pending.counters.is_empty() && !pending.writing {
+            if pending.states.is_empty()
+                && pending.counters.is_empty()
+                && pending.identities.is_empty()
+                && !pending.writing
+            {
                 return true;
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -240,5 +260,5 @@ fn restored_one(r: AccountRecord) -> Restored {
         last_error: r.state.last_error,
         strikes: 0,
     });
-    Restored { chain, access, state, counters: Some(r.counters) }
+    Restored { chain, access, state, counters: Some(r.counters), identity: r.identity }
 }

@@ -2,13 +2,16 @@
 //! cooling, parked, suspended, invalid, disabled and full accounts), a bounded wait when all
 //! are busy, leases that record outcomes, and live application of account-set diffs.
 
+use super::identity::Identity;
 use super::tokens::{Access, Chain, MIN_VALIDITY, Tokens};
 use crate::config::{
-    AccountId, AccountSet, AccountSpec, AccountsConfig, AccountsDiff, Secret, Strategy, UpstreamConfig,
+    AccountId, AccountSet, AccountSpec, AccountsConfig, AccountsDiff, Credentials, Kind, Secret, Strategy,
+    UpstreamConfig,
 };
-use crate::upstream::client::Endpoints;
-use crate::upstream::{QuotaKind, RefreshError, UpstreamClient, UpstreamFailure, endpoints_for};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use crate::upstream::{
+    Agent, Caller, Endpoints, QuotaKind, RefreshError, Role, UpstreamClient, UpstreamFailure, endpoints_for,
+};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -42,6 +45,11 @@ pub trait StateSink: Send + Sync {
     /// What the store holds for an account that joins at run time (removed earlier and now
     /// back, for example): its rotated token chain must not be lost.
     fn restore(&self, id: &AccountId) -> Restored;
+    /// Queues what an account learned about itself (machine id, profile, endpoint), like
+    /// [`StateSink::state`].
+    fn identity(&self, id: &AccountId, rec: &crate::store::IdentityRecord) {
+        let _ = (id, rec);
+    }
     /// Why writes fail right now, for `/health`, `STATUS=` and `amqctl status`.
     fn problem(&self) -> Option<String> {
         None
@@ -74,6 +82,7 @@ pub struct Restored {
     pub access: Option<Access>,
     pub state: Option<StateInfo>,
     pub counters: Option<Counters>,
+    pub identity: Option<crate::store::IdentityRecord>,
 }
 
 pub struct Account {
@@ -89,6 +98,11 @@ pub struct Account {
     next_refresh_try: Mutex<Option<Instant>>,
     counters_dirty: AtomicBool,
     pub tokens: Tokens,
+    identity: Identity,
+    /// One `ListAvailableProfiles` at a time.
+    profile_lock: tokio::sync::Mutex<()>,
+    /// When the requests of the last 60 s started (for `rpm`).
+    starts: Mutex<VecDeque<Instant>>,
 }
 
 /// A read-only snapshot of an account for status output (never a secret).
@@ -107,27 +121,42 @@ pub struct AccountView {
     pub refresh_rotated: bool,
     /// A rotated refresh token is held in memory only (storing it failed; retrying).
     pub tokens_unsaved: bool,
+    pub kind: Kind,
+    /// The chat endpoint the account uses (the one that last took its credentials).
+    pub endpoint: Option<Role>,
+    /// The profile ARN its calls carry (not a secret), when known.
+    pub profile_arn: Option<String>,
+    /// Requests started in the last 60 s, and the limit.
+    pub requests_last_minute: u32,
+    pub rpm: Option<u32>,
 }
 
 impl Account {
-    fn new(spec: AccountSpec, upstream: &UpstreamConfig, restored: Restored) -> Self {
+    /// The account, and whether its identity is new (to be stored).
+    fn new(spec: AccountSpec, upstream: &UpstreamConfig, restored: Restored) -> (Self, bool) {
         let fingerprint = spec.credentials_fingerprint();
         let from_file = Chain {
-            refresh_token: spec.refresh_token.clone(),
+            // An API key is never refreshed: the chain just holds it.
+            refresh_token: match &spec.credentials {
+                Credentials::ApiKey { key } => key.clone(),
+                c => c.refresh_token().cloned().unwrap_or_else(|| Secret::new("")),
+            },
             rotated: false,
             file_fingerprint: fingerprint,
         };
         // The stored chain wins only when it grew from the same file credentials.
+        let same_credentials = restored.chain.as_ref().is_none_or(|c| c.file_fingerprint == fingerprint);
         let (chain, access) = match restored.chain {
             Some(c) if c.file_fingerprint == fingerprint => (c, restored.access),
             _ => (from_file, None),
         };
-        let endpoints = endpoints_for(upstream, spec.region.as_deref());
+        let endpoints = endpoints_for(upstream, spec.region.as_deref(), spec.auth_region.as_deref());
         let mut state = restored.state.unwrap_or_default();
-        if state.state == State::Invalid && chain.file_fingerprint != fingerprint {
+        if state.state == State::Invalid && !same_credentials {
             state = StateInfo::default();
         }
-        Account {
+        let (identity, new_identity) = Identity::restore(restored.identity);
+        let account = Account {
             id: spec.id.clone(),
             spec: RwLock::new(spec),
             endpoints: RwLock::new(endpoints),
@@ -140,7 +169,88 @@ impl Account {
             next_refresh_try: Mutex::new(None),
             counters_dirty: AtomicBool::new(false),
             tokens: Tokens::new(chain, access),
+            identity,
+            profile_lock: tokio::sync::Mutex::new(()),
+            starts: Mutex::new(VecDeque::new()),
+        };
+        (account, new_identity)
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.spec.read().unwrap_or_else(|e| e.into_inner()).kind()
+    }
+
+    /// The installation this account looks like.
+    pub fn agent(&self) -> &Agent {
+        self.identity.agent()
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The profile ARN this account's calls carry, when it is known without asking the
+    /// service: the file's; else one learned for these credentials; else the social accounts'
+    /// fixed one. `None` for an OIDC account that has not asked yet, and for API keys.
+    pub fn known_profile_arn(&self) -> Option<String> {
+        let spec = self.spec.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(arn) = &spec.profile_arn {
+            return Some(arn.clone());
         }
+        match spec.kind() {
+            Kind::ApiKey => None,
+            Kind::Oidc => self.identity.learned_profile(&spec.credentials_fingerprint()),
+            Kind::Social => Some(
+                self.identity
+                    .learned_profile(&spec.credentials_fingerprint())
+                    .unwrap_or_else(|| super::identity::SOCIAL_PROFILE_ARN.to_owned()),
+            ),
+        }
+    }
+
+    /// Requests started in the last 60 s, and when the oldest of them leaves the window.
+    fn rpm_window(&self, now: Instant) -> (u32, Option<Instant>) {
+        let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
+        while starts.front().is_some_and(|t| now.duration_since(*t) >= RPM_WINDOW) {
+            starts.pop_front();
+        }
+        (starts.len() as u32, starts.front().map(|t| *t + RPM_WINDOW))
+    }
+
+    /// Under its `rpm`, or when a slot frees.
+    fn rpm_free(&self, now: Instant) -> Result<(), Instant> {
+        let Some(rpm) = self.spec.read().unwrap_or_else(|e| e.into_inner()).rpm else { return Ok(()) };
+        match self.rpm_window(now) {
+            (n, Some(free_at)) if n >= rpm.get() => Err(free_at),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a request start against `rpm`, if there is room (checked and counted at once,
+    /// so that concurrent leases never exceed it).
+    fn claim_start(&self, now: Instant) -> bool {
+        let Some(rpm) = self.spec.read().unwrap_or_else(|e| e.into_inner()).rpm else { return true };
+        let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
+        while starts.front().is_some_and(|t| now.duration_since(*t) >= RPM_WINDOW) {
+            starts.pop_front();
+        }
+        if starts.len() as u32 >= rpm.get() {
+            return false;
+        }
+        starts.push_back(now);
+        true
+    }
+
+    /// Usable but for its `rpm`: when a start frees.
+    fn rpm_wake(&self, now: SystemTime) -> Option<Instant> {
+        let usable_otherwise = !self.removed.load(Ordering::SeqCst)
+            && self.spec.read().unwrap_or_else(|e| e.into_inner()).enabled
+            && self.effective_state(now) == State::Active
+            && !self.tokens.has_unsaved();
+        if !usable_otherwise {
+            return None;
+        }
+        self.rpm_free(Instant::now()).err()
     }
 
     pub fn spec(&self) -> AccountSpec {
@@ -176,6 +286,7 @@ impl Account {
             && self.effective_state(now) == State::Active
             // Its token cannot be used until the rotated chain is stored.
             && !self.tokens.has_unsaved()
+            && self.rpm_free(Instant::now()).is_ok()
     }
 
     /// A request is about to reach the account (whatever its outcome): its last use is now.
@@ -202,6 +313,11 @@ impl Account {
             access_fingerprint: access.as_ref().map(|a| a.token.fingerprint()),
             refresh_rotated: false,
             tokens_unsaved: self.tokens.has_unsaved(),
+            kind: spec.kind(),
+            endpoint: self.identity.endpoint(),
+            profile_arn: self.known_profile_arn(),
+            requests_last_minute: self.rpm_window(Instant::now()).0,
+            rpm: spec.rpm.map(|r| r.get()),
         }
     }
 }
@@ -286,6 +402,8 @@ pub struct Pool {
 
 /// Most refreshes running at once (a thousand accounts never stampede the token endpoint).
 const MAX_CONCURRENT_REFRESHES: usize = 4;
+/// The window of `rpm`.
+const RPM_WINDOW: Duration = Duration::from_secs(60);
 
 impl Pool {
     pub fn new(
@@ -297,11 +415,15 @@ impl Pool {
         sink: Arc<dyn StateSink>,
     ) -> Arc<Pool> {
         let mut restored = restored;
-        let accounts = set
+        let accounts: Vec<Arc<Account>> = set
             .iter()
             .map(|spec| {
                 let r = restored.remove(spec.id.as_str()).unwrap_or_default();
-                Arc::new(Account::new(spec.clone(), &upstream, r))
+                let (account, new_identity) = Account::new(spec.clone(), &upstream, r);
+                if new_identity {
+                    sink.identity(&account.id, &account.identity.record());
+                }
+                Arc::new(account)
             })
             .collect();
         Arc::new(Pool {
@@ -382,12 +504,31 @@ impl Pool {
             match self.try_lease(exclude) {
                 Ok(Some(lease)) => return Ok(lease),
                 Ok(None) => {}
+                Err(e @ PoolError::AllThrottled { .. }) => {
+                    // Held back only by `rpm`: wait in the queue for the window to move on, if
+                    // that is within the queue timeout; else say honestly when to come back.
+                    match self.rpm_wake(exclude) {
+                        Some(wake) if tokio::time::Instant::from_std(wake) <= deadline => {
+                            let _ =
+                                tokio::time::timeout_at(tokio::time::Instant::from_std(wake), notified).await;
+                            continue;
+                        }
+                        _ => return Err(e),
+                    }
+                }
                 Err(e) => return Err(e),
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(self.busy());
             }
         }
+    }
+
+    /// The soonest an account that only its `rpm` holds back can start a request.
+    fn rpm_wake(&self, exclude: &HashSet<AccountId>) -> Option<Instant> {
+        let now = SystemTime::now();
+        let accounts = self.accounts.read().unwrap_or_else(|e| e.into_inner());
+        accounts.iter().filter(|a| !exclude.contains(&a.id)).filter_map(|a| a.rpm_wake(now)).min()
     }
 
     fn try_lease(self: &Arc<Self>, exclude: &HashSet<AccountId>) -> Result<Option<Lease>, PoolError> {
@@ -411,6 +552,10 @@ impl Pool {
                         && a.usable(now)
                         && a.in_flight.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_ok()
                     {
+                        if !a.claim_start(Instant::now()) {
+                            a.in_flight.fetch_sub(1, Ordering::SeqCst);
+                            continue;
+                        }
                         return Ok(Some(Lease {
                             account: a.clone(),
                             pool: self.clone(),
@@ -428,7 +573,12 @@ impl Pool {
                     .filter(|a| a.spec.read().unwrap_or_else(|e| e.into_inner()).enabled)
                     .filter_map(|a| {
                         let st = a.state();
-                        matches!(st.state, State::Cooling | State::Quota).then_some(st.until).flatten()
+                        let cooling =
+                            matches!(st.state, State::Cooling | State::Quota).then_some(st.until).flatten();
+                        // An account held back only by its rpm is free when its window moves on.
+                        let rpm =
+                            a.rpm_wake(now).map(|at| now + at.saturating_duration_since(Instant::now()));
+                        cooling.or(rpm)
                     })
                     .min();
                 Err(soonest)
@@ -456,9 +606,15 @@ impl Pool {
     fn pick(&self, usable: &[&Arc<Account>]) -> Option<Arc<Account>> {
         let take = |a: &Arc<Account>| {
             let max = a.spec.read().unwrap_or_else(|e| e.into_inner()).max_concurrency.get();
-            a.in_flight
+            let slot = a
+                .in_flight
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| (x < max).then_some(x + 1))
-                .is_ok()
+                .is_ok();
+            if slot && !a.claim_start(Instant::now()) {
+                a.in_flight.fetch_sub(1, Ordering::SeqCst);
+                return false;
+            }
+            slot
         };
         let n = usable.len();
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
@@ -515,6 +671,10 @@ impl Pool {
         a: &Arc<Account>,
         force: Option<Secret>,
     ) -> Result<Secret, RefreshError> {
+        if let Credentials::ApiKey { key } = &a.spec.read().unwrap_or_else(|e| e.into_inner()).credentials {
+            // The key is the bearer: nothing to refresh, ever.
+            return Ok(key.clone());
+        }
         if force.is_none() && !a.tokens.has_unsaved() {
             if let Some(acc) = a.tokens.current_access().filter(|x| x.valid_for(MIN_VALIDITY)) {
                 return Ok(acc.token);
@@ -544,14 +704,35 @@ impl Pool {
                 force,
                 |chain| async move {
                     let _slot = self.refresh_slots.acquire().await;
-                    let grant = client
-                        .create_token(
-                            &endpoints.token,
-                            &spec.client_id,
-                            &spec.client_secret,
-                            &chain.refresh_token,
-                        )
-                        .await;
+                    let grant = match &spec.credentials {
+                        Credentials::Oidc { client_id, client_secret, .. } => {
+                            client
+                                .create_token(
+                                    &endpoints.token,
+                                    client_id,
+                                    client_secret,
+                                    &chain.refresh_token,
+                                    a.agent(),
+                                )
+                                .await
+                        }
+                        Credentials::Social { .. } => {
+                            client
+                                .social_refresh(&endpoints.social_token, &chain.refresh_token, a.agent())
+                                .await
+                        }
+                        Credentials::ApiKey { .. } => {
+                            Err(RefreshError::Transient("an API key is never refreshed".into()))
+                        }
+                    };
+                    if let Ok(Some(arn)) = grant.as_ref().map(|g| g.profile_arn.clone()) {
+                        // The Kiro auth service names the account's profile: kept for its calls.
+                        if spec.profile_arn.is_none()
+                            && a.identity.learn_profile(arn, spec.credentials_fingerprint())
+                        {
+                            self.sink.identity(&a.id, &a.identity.record());
+                        }
+                    }
                     // Counted where the token endpoint is called: callers that joined a refresh
                     // in flight, or found a fresh token, are not refreshes.
                     let counter = if grant.is_ok() { &self.refreshes_ok } else { &self.refreshes_failed };
@@ -569,6 +750,67 @@ impl Pool {
                 },
             )
             .await
+    }
+
+    /// The profile ARN for the account's calls: the known one, else (an OIDC account that has
+    /// not asked yet) the one `ListAvailableProfiles` names — the account's region's first —
+    /// kept in the store, or the Builder ID placeholder when the account has none. Asked once
+    /// per account at a time; a failed listing is not kept (asked again next time).
+    pub async fn profile_arn(&self, a: &Arc<Account>, caller: &Caller<'_>) -> Option<String> {
+        if let Some(arn) = a.known_profile_arn() {
+            return Some(arn);
+        }
+        if a.kind() != Kind::Oidc {
+            return None;
+        }
+        let _one = a.profile_lock.lock().await;
+        if let Some(arn) = a.known_profile_arn() {
+            return Some(arn);
+        }
+        let spec = a.spec();
+        match self.client.list_profiles(&a.endpoints().q, caller).await {
+            Ok(profiles) => {
+                let in_region = |p: &&crate::upstream::Profile| {
+                    spec.region.as_deref().is_none_or(|r| p.arn.split(':').nth(3) == Some(r))
+                };
+                let arn = profiles
+                    .iter()
+                    .find(in_region)
+                    .or(profiles.first())
+                    .map(|p| p.arn.clone())
+                    .unwrap_or_else(|| super::identity::BUILDER_ID_PROFILE_ARN.to_owned());
+                tracing::info!(account = %a.id, profile_arn = %arn, profiles = profiles.len(), "profile ARN learned");
+                if a.identity.learn_profile(arn.clone(), spec.credentials_fingerprint()) {
+                    self.sink.identity(&a.id, &a.identity.record());
+                }
+                Some(arn)
+            }
+            Err(f) => {
+                tracing::warn!(account = %a.id, failure = %f, "ListAvailableProfiles failed: using the Builder ID profile for now");
+                Some(super::identity::BUILDER_ID_PROFILE_ARN.to_owned())
+            }
+        }
+    }
+
+    /// Forgets a learned profile ARN (it was refused); false when the ARN in use was not a
+    /// learned one (the file's, or a fixed one), so asking again would not help.
+    pub fn forget_learned_profile(&self, a: &Account) -> bool {
+        let spec = a.spec();
+        if spec.profile_arn.is_some() || a.identity.learned_profile(&spec.credentials_fingerprint()).is_none()
+        {
+            return false;
+        }
+        a.identity.forget_profile();
+        self.sink.identity(&a.id, &a.identity.record());
+        true
+    }
+
+    /// The chat endpoint `role` took the account's credentials: remembered (and stored).
+    pub fn remember_endpoint(&self, a: &Account, role: Role) {
+        if a.identity.set_endpoint(role) {
+            tracing::info!(account = %a.id, endpoint = role.as_str(), "chat endpoint remembered");
+            self.sink.identity(&a.id, &a.identity.record());
+        }
     }
 
     /// Refreshes now, whatever the cached token's expiry.
@@ -731,6 +973,16 @@ impl Pool {
                     .unwrap_or_else(|| backoff(strikes, Duration::from_secs(10), Duration::from_secs(600)));
                 self.set_state(a, State::Cooling, Some(now + wait), Some(format!("throttled: {message}")));
             }
+            UpstreamFailure::Suspicious { message } => {
+                let until = now + self.upstream.suspicious_cooldown;
+                tracing::warn!(account = %a.id, cooldown_s = self.upstream.suspicious_cooldown.as_secs(), "account flagged for suspicious activity: parked, no request goes to it meanwhile");
+                self.set_state(
+                    a,
+                    State::Cooling,
+                    Some(until),
+                    Some(format!("suspicious activity: {message}")),
+                );
+            }
             UpstreamFailure::Quota { kind, message } => {
                 let until = match kind {
                     QuotaKind::Monthly => next_utc_month(now),
@@ -757,6 +1009,11 @@ impl Pool {
             UpstreamFailure::Capacity { message } | UpstreamFailure::Transient { message, .. } => {
                 a.state.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(message.clone());
             }
+            UpstreamFailure::ModelNotOffered { message }
+            | UpstreamFailure::NotFound { message }
+            | UpstreamFailure::Unreachable { message } => {
+                a.state.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(message.clone());
+            }
             UpstreamFailure::BadRequest { .. } | UpstreamFailure::ContextTooLong { .. } => {}
         }
     }
@@ -770,7 +1027,11 @@ impl Pool {
         for id in &diff.added {
             if let Some(spec) = specs.get(id) {
                 let restored = self.sink.restore(id);
-                added.push(Arc::new(Account::new((*spec).clone(), &self.upstream, restored)));
+                let (account, new_identity) = Account::new((*spec).clone(), &self.upstream, restored);
+                if new_identity {
+                    self.sink.identity(&account.id, &account.identity.record());
+                }
+                added.push(Arc::new(account));
             }
         }
         let current: HashMap<AccountId, Arc<Account>> = if diff.changed.is_empty() {
@@ -786,7 +1047,10 @@ impl Pool {
             if change.credentials {
                 a.tokens
                     .reset(Chain {
-                        refresh_token: spec.refresh_token.clone(),
+                        refresh_token: match &spec.credentials {
+                            Credentials::ApiKey { key } => key.clone(),
+                            c => c.refresh_token().cloned().unwrap_or_else(|| Secret::new("")),
+                        },
                         rotated: false,
                         file_fingerprint: spec.credentials_fingerprint(),
                     })
@@ -796,7 +1060,7 @@ impl Pool {
                 }
             }
             *a.endpoints.write().unwrap_or_else(|e| e.into_inner()) =
-                endpoints_for(&self.upstream, spec.region.as_deref());
+                endpoints_for(&self.upstream, spec.region.as_deref(), spec.auth_region.as_deref());
             *a.spec.write().unwrap_or_else(|e| e.into_inner()) = spec.clone();
         }
         {
@@ -840,6 +1104,9 @@ impl Pool {
             // A rotated token that is not stored yet is retried whatever the account's state:
             // it is the only live link of the chain.
             let unsaved = a.tokens.has_unsaved();
+            if a.kind() == Kind::ApiKey {
+                continue;
+            }
             if !unsaved && (a.removed.load(Ordering::SeqCst) || !a.spec().enabled) {
                 continue;
             }

@@ -192,6 +192,7 @@ mod tests {
                                 access_token: Secret::new("at1"),
                                 expires_in: Duration::from_secs(3600),
                                 refresh_token: Some(Secret::new("rt1")),
+                                profile_arn: None,
                             })
                         },
                         |c: Chain, _| {
@@ -224,6 +225,7 @@ mod tests {
                         access_token: Secret::new("at"),
                         expires_in: Duration::from_secs(3600),
                         refresh_token: Some(Secret::new("rt1")),
+                        profile_arn: None,
                     })
                 },
                 |_, _| std::future::ready(Err("disk full".into())),
@@ -245,6 +247,7 @@ mod tests {
             access_token: Secret::new(format!("at-{rt}")),
             expires_in: Duration::from_secs(3600),
             refresh_token: Some(Secret::new(rt)),
+            profile_arn: None,
         };
         let refresh = |rt: &'static str| {
             let refreshes = &refreshes;

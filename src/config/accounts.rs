@@ -36,29 +36,188 @@ impl fmt::Display for AccountId {
     }
 }
 
+/// What kind of account: how it gets a bearer token (PROTOCOL.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Builder ID / IAM Identity Center: OIDC `CreateToken` with a client registration.
+    Oidc,
+    /// Kiro sign-in with Google or GitHub: the Kiro auth service's `refreshToken`.
+    Social,
+    /// A Kiro API key: the key is the bearer; nothing to refresh.
+    ApiKey,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Oidc => "oidc",
+            Kind::Social => "social",
+            Kind::ApiKey => "api-key",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An account's credentials, by kind: each kind carries exactly what it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    Oidc { client_id: Secret, client_secret: Secret, refresh_token: Secret },
+    Social { refresh_token: Secret },
+    ApiKey { key: Secret },
+}
+
+impl Credentials {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Credentials::Oidc { .. } => Kind::Oidc,
+            Credentials::Social { .. } => Kind::Social,
+            Credentials::ApiKey { .. } => Kind::ApiKey,
+        }
+    }
+
+    /// The refresh token the file gives (the head of a new chain); an API key has none.
+    pub fn refresh_token(&self) -> Option<&Secret> {
+        match self {
+            Credentials::Oidc { refresh_token, .. } | Credentials::Social { refresh_token } => {
+                Some(refresh_token)
+            }
+            Credentials::ApiKey { .. } => None,
+        }
+    }
+}
+
+/// An egress proxy for one account's upstream, refresh and catalog traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proxy {
+    pub scheme: ProxyScheme,
+    pub host: String,
+    pub port: u16,
+    /// `user:password@` from the URL, when given.
+    pub auth: Option<(String, Secret)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyScheme {
+    /// `http://`: an HTTP `CONNECT` tunnel.
+    Http,
+    /// `socks5://` (names resolved by the client) or `socks5h://` (by the proxy).
+    Socks5 { remote_dns: bool },
+}
+
+impl fmt::Display for Proxy {
+    /// The URL without its password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.scheme {
+            ProxyScheme::Http => "http",
+            ProxyScheme::Socks5 { remote_dns: false } => "socks5",
+            ProxyScheme::Socks5 { remote_dns: true } => "socks5h",
+        };
+        let user = self.auth.as_ref().map(|(u, _)| format!("{u}:***@")).unwrap_or_default();
+        write!(f, "{scheme}://{user}{}:{}", self.host, self.port)
+    }
+}
+
+/// Parses `http://[user:pass@]host:port` or `socks5[h]://[user:pass@]host:port`.
+pub fn parse_proxy(url: &str) -> Result<Proxy, String> {
+    let bad = |why: &str| {
+        format!("proxy {:?} {why} (expected http://host:port or socks5://host:port)", redact_url(url))
+    };
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("has no scheme"))?;
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "http" => ProxyScheme::Http,
+        "socks5" => ProxyScheme::Socks5 { remote_dns: false },
+        "socks5h" => ProxyScheme::Socks5 { remote_dns: true },
+        "https" => {
+            return Err(bad("is https://, which is not supported: TLS to the proxy is not implemented"));
+        }
+        _ => return Err(bad("has an unsupported scheme")),
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('/') || rest.contains('?') {
+        return Err(bad("has a path"));
+    }
+    let (auth, hostport) = match rest.rsplit_once('@') {
+        Some((userinfo, hp)) => {
+            let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            if u.is_empty() {
+                return Err(bad("has an empty user name"));
+            }
+            (Some((u.to_owned(), Secret::new(p))), hp)
+        }
+        None => (None, rest),
+    };
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, p) = v6.split_once("]:").ok_or_else(|| bad("needs a port"))?;
+        (h.to_owned(), p)
+    } else {
+        let (h, p) = hostport.rsplit_once(':').ok_or_else(|| bad("needs a port"))?;
+        (h.to_owned(), p)
+    };
+    if host.is_empty() {
+        return Err(bad("has no host"));
+    }
+    let port: u16 = port.parse().ok().filter(|p| *p > 0).ok_or_else(|| bad("has a bad port"))?;
+    Ok(Proxy { scheme, host, port, auth })
+}
+
+/// A URL with any password replaced (for error messages).
+fn redact_url(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, rest)), Some(_)) => {
+            let (userinfo, hp) = rest.rsplit_once('@').unwrap_or(("", rest));
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{hp}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// One validated account.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountSpec {
     pub id: AccountId,
     pub label: String,
-    pub client_id: Secret,
-    pub client_secret: Secret,
-    pub refresh_token: Secret,
+    pub credentials: Credentials,
     pub profile_arn: Option<String>,
     /// The region the account's endpoints live in (from `region`, else the profile ARN).
     pub region: Option<String>,
+    /// Where tokens are refreshed, when it differs from `region`.
+    pub auth_region: Option<String>,
     pub enabled: bool,
     pub weight: NonZeroU32,
     pub max_concurrency: NonZeroU32,
+    /// At most this many requests start on the account in any 60 s.
+    pub rpm: Option<NonZeroU32>,
+    pub proxy: Option<Proxy>,
 }
 
 impl AccountSpec {
-    /// SHA-256 over the credentials as written in the file. The store keeps it beside the
-    /// token chain: a changed fingerprint means the operator gave new credentials, which then
-    /// win over a rotated refresh token kept in the store.
+    pub fn kind(&self) -> Kind {
+        self.credentials.kind()
+    }
+
+    /// SHA-256 over the kind and the credentials as written in the file. The store keeps it
+    /// beside the token chain: a changed fingerprint means the operator gave new credentials,
+    /// which then win over a rotated refresh token kept in the store.
     pub fn credentials_fingerprint(&self) -> [u8; 32] {
         let mut buf = zeroize::Zeroizing::new(Vec::new());
-        for part in [&self.client_id, &self.client_secret, &self.refresh_token] {
+        let parts: Vec<&Secret> = match &self.credentials {
+            Credentials::Oidc { client_id, client_secret, refresh_token } => {
+                vec![client_id, client_secret, refresh_token]
+            }
+            Credentials::Social { refresh_token } => vec![refresh_token],
+            Credentials::ApiKey { key } => vec![key],
+        };
+        // OIDC's fingerprint is the same as before kinds existed: stored chains stay valid.
+        if self.kind() != Kind::Oidc {
+            buf.extend_from_slice(self.kind().as_str().as_bytes());
+        }
+        for part in parts {
             buf.extend_from_slice(&(part.expose().len() as u64).to_be_bytes());
             buf.extend_from_slice(part.expose().as_bytes());
         }
@@ -84,6 +243,15 @@ impl AccountSpec {
         }
         if self.max_concurrency != other.max_concurrency {
             out.push("max_concurrency");
+        }
+        if self.auth_region != other.auth_region {
+            out.push("auth_region");
+        }
+        if self.rpm != other.rpm {
+            out.push("rpm");
+        }
+        if self.proxy != other.proxy {
+            out.push("proxy");
         }
         out
     }
@@ -153,7 +321,8 @@ pub struct AccountsDiff {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountChange {
     pub id: AccountId,
-    /// client_id, client_secret or refresh_token changed: the token chain restarts.
+    /// The kind or a credential (client_id, client_secret, refresh_token, api_key) changed:
+    /// the token chain restarts.
     pub credentials: bool,
     /// Names of the other settings that changed.
     pub settings: Vec<&'static str>,
@@ -209,11 +378,16 @@ struct RawAccount {
     client_id: Option<Spanned<Secret>>,
     client_secret: Option<Spanned<Secret>>,
     refresh_token: Option<Spanned<Secret>>,
+    api_key: Option<Spanned<Secret>>,
+    kind: Option<Spanned<String>>,
     profile_arn: Option<Spanned<String>>,
     region: Option<Spanned<String>>,
+    auth_region: Option<Spanned<String>>,
     enabled: Option<bool>,
     weight: Option<Spanned<i64>>,
     max_concurrency: Option<Spanned<i64>>,
+    rpm: Option<Spanned<i64>>,
+    proxy: Option<Spanned<String>>,
 }
 
 /// Default in-flight cap per account when the file gives none.
@@ -265,25 +439,123 @@ pub fn parse(path: &Path, source: &str) -> Result<(AccountSet, Diagnostics), Dia
             },
         };
         let name = id.as_ref().map(|i| format!("account {:?}", i.as_str())).unwrap_or(what);
-        let secret = |field: &Option<Spanned<Secret>>, key: &str, rep: &mut Reporter| -> Option<Secret> {
-            match field {
-                None => {
+        let secret =
+            |field: &Option<Spanned<Secret>>, key: &str, why: &str, rep: &mut Reporter| -> Option<Secret> {
+                match field {
+                    None => {
+                        rep.error_at(Some(span.clone()), format!("{name}: missing `{key}` ({why})"));
+                        None
+                    }
+                    Some(v) if v.get_ref().expose().trim().is_empty() => {
+                        rep.error_at(Some(v.span()), format!("{name}: `{key}` is empty"));
+                        None
+                    }
+                    Some(v) => Some(v.get_ref().clone()),
+                }
+            };
+        // The kind: as written, else what the credentials given imply.
+        let kind = match &a.kind {
+            Some(k) => match k.get_ref().as_str() {
+                "oidc" => Some(Kind::Oidc),
+                "social" => Some(Kind::Social),
+                "api-key" => Some(Kind::ApiKey),
+                other => {
                     rep.error_at(
-                        Some(span.clone()),
-                        format!("{name}: missing `{key}` (required credential)"),
+                        Some(k.span()),
+                        format!("{name}: kind {other:?} is not one of \"oidc\", \"social\", \"api-key\""),
                     );
                     None
                 }
-                Some(v) if v.get_ref().expose().trim().is_empty() => {
-                    rep.error_at(Some(v.span()), format!("{name}: `{key}` is empty"));
-                    None
-                }
-                Some(v) => Some(v.get_ref().clone()),
+            },
+            // A client registration (even half of one) means OIDC: a missing half is then
+            // named as missing, not as foreign to a social account.
+            None if a.client_id.is_some() || a.client_secret.is_some() => Some(Kind::Oidc),
+            None if a.api_key.is_some() => Some(Kind::ApiKey),
+            None => Some(Kind::Social),
+        };
+        // A key that does not belong to the kind: each with its place.
+        let forbid = |field: Option<std::ops::Range<usize>>, key: &str, kind: Kind, rep: &mut Reporter| {
+            if let Some(at) = field {
+                let why = match kind {
+                    Kind::Oidc => "an oidc account has client_id, client_secret and refresh_token",
+                    Kind::Social => "a social (Kiro Google/GitHub) account has only a refresh_token",
+                    Kind::ApiKey => "an api-key account has only api_key: there is nothing to refresh",
+                };
+                rep.error_at(
+                    Some(at),
+                    format!("{name}: `{key}` does not belong to kind = \"{kind}\" ({why})"),
+                );
             }
         };
-        let client_id = secret(&a.client_id, "client_id", &mut rep);
-        let client_secret = secret(&a.client_secret, "client_secret", &mut rep);
-        let refresh_token = secret(&a.refresh_token, "refresh_token", &mut rep);
+        let at = |f: &Option<Spanned<Secret>>| f.as_ref().map(|v| v.span());
+        let credentials = match kind {
+            None => None,
+            Some(Kind::Oidc) => {
+                forbid(at(&a.api_key), "api_key", Kind::Oidc, &mut rep);
+                let why = "an oidc account needs client_id, client_secret and refresh_token";
+                let client_id = secret(&a.client_id, "client_id", why, &mut rep);
+                let client_secret = secret(&a.client_secret, "client_secret", why, &mut rep);
+                let refresh_token = secret(&a.refresh_token, "refresh_token", why, &mut rep);
+                match (client_id, client_secret, refresh_token) {
+                    (Some(client_id), Some(client_secret), Some(refresh_token)) => {
+                        Some(Credentials::Oidc { client_id, client_secret, refresh_token })
+                    }
+                    _ => None,
+                }
+            }
+            Some(Kind::Social) => {
+                forbid(at(&a.client_id), "client_id", Kind::Social, &mut rep);
+                forbid(at(&a.client_secret), "client_secret", Kind::Social, &mut rep);
+                forbid(at(&a.api_key), "api_key", Kind::Social, &mut rep);
+                let why = "a social account needs its refresh_token";
+                secret(&a.refresh_token, "refresh_token", why, &mut rep)
+                    .map(|refresh_token| Credentials::Social { refresh_token })
+            }
+            Some(Kind::ApiKey) => {
+                forbid(at(&a.client_id), "client_id", Kind::ApiKey, &mut rep);
+                forbid(at(&a.client_secret), "client_secret", Kind::ApiKey, &mut rep);
+                forbid(at(&a.refresh_token), "refresh_token", Kind::ApiKey, &mut rep);
+                match secret(&a.api_key, "api_key", "an api-key account needs its Kiro API key", &mut rep) {
+                    Some(key) if !key.expose().starts_with("ksk_") => {
+                        rep.error_at(
+                            at(&a.api_key),
+                            format!("{name}: `api_key` does not start with ksk_ (a Kiro API key does)"),
+                        );
+                        None
+                    }
+                    Some(key) => Some(Credentials::ApiKey { key }),
+                    None => None,
+                }
+            }
+        };
+        let auth_region = match &a.auth_region {
+            Some(r) if !valid_region(r.get_ref()) => {
+                rep.error_at(
+                    Some(r.span()),
+                    format!(
+                        "{name}: auth_region {:?} is not an AWS region name (expected e.g. \"us-east-2\")",
+                        r.get_ref()
+                    ),
+                );
+                None
+            }
+            Some(r) => Some(r.get_ref().clone()),
+            None => None,
+        };
+        let rpm = match &a.rpm {
+            None => Some(None),
+            Some(_) => positive(&a.rpm, 1, "rpm", &name, &mut rep).map(Some),
+        };
+        let proxy = match &a.proxy {
+            None => Some(None),
+            Some(p) => match parse_proxy(p.get_ref()) {
+                Ok(proxy) => Some(Some(proxy)),
+                Err(msg) => {
+                    rep.error_at(Some(p.span()), format!("{name}: {msg}"));
+                    None
+                }
+            },
+        };
 
         let mut arn_region = None;
         if let Some(arn) = &a.profile_arn {
@@ -321,20 +593,21 @@ pub fn parse(path: &Path, source: &str) -> Result<(AccountSet, Diagnostics), Dia
         let max_concurrency =
             positive(&a.max_concurrency, DEFAULT_MAX_CONCURRENCY, "max_concurrency", &name, &mut rep);
 
-        if let (Some(id), Some(client_id), Some(client_secret), Some(refresh_token), Some(weight), Some(mc)) =
-            (id, client_id, client_secret, refresh_token, weight, max_concurrency)
+        if let (Some(id), Some(credentials), Some(weight), Some(mc), Some(rpm), Some(proxy)) =
+            (id, credentials, weight, max_concurrency, rpm, proxy)
         {
             accounts.push(AccountSpec {
                 id,
                 label: a.label.clone(),
-                client_id,
-                client_secret,
-                refresh_token,
+                credentials,
                 profile_arn: a.profile_arn.as_ref().map(|s| s.get_ref().clone()),
                 region,
+                auth_region,
                 enabled: a.enabled.unwrap_or(true),
                 weight,
                 max_concurrency: mc,
+                rpm,
+                proxy,
             });
         }
     }

@@ -69,7 +69,11 @@ struct RawAuth {
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
     endpoint: Option<Spanned<String>>,
+    runtime_endpoint: Option<Spanned<String>>,
+    management_endpoint: Option<Spanned<String>>,
     token_endpoint: Option<Spanned<String>>,
+    social_token_endpoint: Option<Spanned<String>>,
+    suspicious_cooldown_secs: Secs,
     ca_file: Option<Spanned<String>>,
     connect_timeout_secs: Secs,
     first_byte_timeout_secs: Secs,
@@ -152,6 +156,25 @@ impl Checker<'_> {
             self.rep.error_at(Some(s.span()), format!("{what} {} cannot be read: {e}", p.display()));
         }
         p
+    }
+
+    /// An endpoint URL that may hold `{region}`: checked with a region filled in; the default
+    /// when the key is absent (or wrong: the error is reported).
+    fn template(&mut self, s: &Option<Spanned<String>>, key: &str, default: &str) -> super::Template {
+        let Some(text) = s else { return super::Template::new(default) };
+        let filled = text.get_ref().replace("{region}", "us-east-1");
+        if filled.contains(['{', '}']) {
+            self.rep.error_at(
+                Some(text.span()),
+                format!("`{key}` {:?}: the only placeholder is {{region}}", text.get_ref()),
+            );
+            return super::Template::new(default);
+        }
+        let probe = Some(Spanned::new(text.span(), filled));
+        match self.uri(&probe, key) {
+            Some(_) => super::Template::new(text.get_ref()),
+            None => super::Template::new(default),
+        }
     }
 
     fn uri(&mut self, s: &Option<Spanned<String>>, key: &str) -> Option<http::Uri> {
@@ -347,8 +370,30 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
     // [upstream]
     let u = &raw.upstream;
     let upstream = UpstreamConfig {
-        endpoint: ck.uri(&u.endpoint, "endpoint"),
-        token_endpoint: ck.uri(&u.token_endpoint, "token_endpoint"),
+        endpoint: ck.template(&u.endpoint, "endpoint", super::DEFAULT_ENDPOINT),
+        runtime_endpoint: ck.template(
+            &u.runtime_endpoint,
+            "runtime_endpoint",
+            super::DEFAULT_RUNTIME_ENDPOINT,
+        ),
+        management_endpoint: ck.template(
+            &u.management_endpoint,
+            "management_endpoint",
+            super::DEFAULT_MANAGEMENT_ENDPOINT,
+        ),
+        token_endpoint: ck.template(&u.token_endpoint, "token_endpoint", super::DEFAULT_TOKEN_ENDPOINT),
+        social_token_endpoint: ck.template(
+            &u.social_token_endpoint,
+            "social_token_endpoint",
+            super::DEFAULT_SOCIAL_TOKEN_ENDPOINT,
+        ),
+        suspicious_cooldown: ck.secs(
+            &u.suspicious_cooldown_secs,
+            "suspicious_cooldown_secs",
+            1800,
+            1,
+            86_400 * 7,
+        ),
         ca_file: u.ca_file.as_ref().map(|c| ck.readable_file(c, path, "ca_file")),
         connect_timeout: ck.secs(&u.connect_timeout_secs, "connect_timeout_secs", 10, 1, 600),
         first_byte_timeout: ck.secs(&u.first_byte_timeout_secs, "first_byte_timeout_secs", 120, 1, 3600),
@@ -465,7 +510,7 @@ file = "accounts.toml"
         assert_eq!(c.accounts.file, PathBuf::from("/etc/amq2api/accounts.toml"));
         assert_eq!(c.accounts.strategy, Strategy::LeastBusy);
         assert_eq!(c.upstream.max_attempts, 3);
-        assert!(c.upstream.endpoint.is_none());
+        assert_eq!(c.upstream.endpoint.as_str(), super::super::DEFAULT_ENDPOINT);
         assert_eq!(c.control.mode, 0o660);
         assert!(c.auth.keys.verify("sk-amq-0123456789abcdef"));
         assert_eq!(c.server.count_tokens_max_bytes, 16 << 20);

@@ -8,7 +8,9 @@ pub mod read;
 pub mod secret;
 mod shape;
 
-pub use accounts::{AccountChange, AccountId, AccountSet, AccountSpec, AccountsDiff};
+pub use accounts::{
+    AccountChange, AccountId, AccountSet, AccountSpec, AccountsDiff, Credentials, Kind, Proxy, ProxyScheme,
+};
 pub use diag::{Diagnostic, Diagnostics, Severity};
 pub use file::parse_config;
 pub use secret::{ApiKeys, Secret};
@@ -73,15 +75,54 @@ pub struct AuthConfig {
 
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    /// Amazon Q endpoint; `None` means the AWS default for each account's region.
-    pub endpoint: Option<http::Uri>,
-    /// OIDC token endpoint; `None` means the AWS default for each account's region.
-    pub token_endpoint: Option<http::Uri>,
+    /// Amazon Q (`q.*`) chat and catalog endpoint.
+    pub endpoint: Template,
+    /// Kiro runtime (`runtime.*.kiro.dev`) chat endpoint.
+    pub runtime_endpoint: Template,
+    /// Kiro management (`management.*.kiro.dev`) catalog endpoint.
+    pub management_endpoint: Template,
+    /// SSO OIDC `CreateToken` (oidc accounts).
+    pub token_endpoint: Template,
+    /// The Kiro auth service's `refreshToken` (social accounts).
+    pub social_token_endpoint: Template,
+    /// How long an account-level "suspicious activity" 429 parks the account.
+    pub suspicious_cooldown: Duration,
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub stream_idle_timeout: Duration,
     pub max_attempts: u32,
+}
+
+/// The endpoints' defaults (`{region}`: the account's region, or `auth_region` for token endpoints).
+pub const DEFAULT_ENDPOINT: &str = "https://q.{region}.amazonaws.com/";
+pub const DEFAULT_RUNTIME_ENDPOINT: &str = "https://runtime.{region}.kiro.dev/";
+pub const DEFAULT_MANAGEMENT_ENDPOINT: &str = "https://management.{region}.kiro.dev/";
+pub const DEFAULT_TOKEN_ENDPOINT: &str = "https://oidc.{region}.amazonaws.com/token";
+pub const DEFAULT_SOCIAL_TOKEN_ENDPOINT: &str = "https://prod.{region}.auth.desktop.kiro.dev/refreshToken";
+
+/// An endpoint URL that may hold `{region}`, checked when the configuration was loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template(String);
+
+impl Template {
+    pub fn new(text: &str) -> Template {
+        Template(text.to_owned())
+    }
+
+    /// The URL for `region` (a validated region name).
+    pub fn fill(&self, region: &str) -> http::Uri {
+        let text = self.0.replace("{region}", region);
+        text.parse().unwrap_or_else(|_| {
+            // Checked at load with a sample region; region names are validated too.
+            tracing::error!(template = %self.0, region, "an endpoint template gave an invalid URL");
+            http::Uri::from_static("https://invalid.invalid/")
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,10 +8,10 @@ pub mod retry;
 
 use crate::accounts::{Account, Lease, Pool, PoolError};
 use crate::anthropic::{ApiError, ErrorKind};
-use crate::config::Secret;
+use crate::config::{Kind, Secret};
 use crate::metrics::Metrics;
 use crate::upstream::types::GenerateRequest;
-use crate::upstream::{Event, EventStream, UpstreamFailure};
+use crate::upstream::{Caller, Event, EventStream, UpstreamFailure};
 use bytes::Bytes;
 use retry::{Budget, Next};
 use std::sync::Arc;
@@ -47,6 +47,27 @@ enum Attempt {
 
 fn is_content(ev: &Event) -> bool {
     matches!(ev, Event::AssistantResponse { .. } | Event::ToolUse { .. } | Event::Reasoning { .. })
+}
+
+/// Reads a stream until its first content (or its end): until then it could still fail over.
+async fn read_first_content(account: &Account, mut stream: EventStream) -> Attempt {
+    let mut pending = Vec::new();
+    loop {
+        match stream.next().await {
+            Some(Ok(ev)) => {
+                let content = is_content(&ev);
+                pending.push(ev);
+                if content {
+                    return Attempt::Connected { stream, pending, ended: false };
+                }
+            }
+            None => return Attempt::Connected { stream, pending, ended: true },
+            Some(Err(e)) => {
+                tracing::info!(account = %account.id, error = %e, "upstream stream failed before any content");
+                return Attempt::Failed(UpstreamFailure::from_stream_error(&e));
+            }
+        }
+    }
 }
 
 impl Relay {
@@ -118,7 +139,12 @@ impl Relay {
     }
 
     /// One attempt on `account`: token (a refresh if `force`, the refused token, is still the
-    /// current one), send, and read until the first content. Returns the token used.
+    /// current one), the profile ARN, then its chat endpoints in order — the one that last took
+    /// its credentials first — reading until the first content. The other endpoint is tried
+    /// only on answers that mean "this endpoint does not take this credential" (404, nothing
+    /// listening, a 403 for a token that was just refreshed), never on a 4xx about the request;
+    /// the one that works is remembered. A 403 "not authorized" with a learned profile ARN asks
+    /// for the profile again once. Returns the token used.
     async fn attempt(
         &self,
         account: &Arc<Account>,
@@ -126,32 +152,47 @@ impl Relay {
         request: &GenerateRequest,
         attempt: u32,
     ) -> (Attempt, Option<Secret>) {
+        let fresh = force.is_some();
         let token = match self.pool.access_token(account, force).await {
             Ok(t) => t,
             Err(e) => return (Attempt::NoToken(e.to_string()), None),
         };
-        let profile_arn = account.spec().profile_arn;
-        let body = Bytes::from(request.to_body(profile_arn.as_deref()));
-        account.mark_used();
-        let outcome = match self.pool.client().generate(&account.endpoints().q, &token, body, attempt).await {
-            Err(f) => Attempt::Failed(f),
-            Ok(mut stream) => {
-                let mut pending = Vec::new();
-                loop {
-                    match stream.next().await {
-                        Some(Ok(ev)) => {
-                            let content = is_content(&ev);
-                            pending.push(ev);
-                            if content {
-                                break Attempt::Connected { stream, pending, ended: false };
-                            }
-                        }
-                        None => break Attempt::Connected { stream, pending, ended: true },
-                        Some(Err(e)) => {
-                            tracing::info!(account = %account.id, error = %e, "upstream stream failed before any content");
-                            break Attempt::Failed(UpstreamFailure::from_stream_error(&e));
-                        }
+        let kind = account.kind();
+        let caller = Caller { bearer: &token, api_key: kind == Kind::ApiKey, agent: account.agent() };
+        let endpoints = account.endpoints();
+        let order = account.identity().chat_order(kind);
+        let mut reasked = false;
+        let mut i = 0;
+        let outcome = loop {
+            let role = order[i];
+            let arn = self.pool.profile_arn(account, &caller).await;
+            let body = Bytes::from(request.to_body(arn.as_deref()));
+            account.mark_used();
+            match self.pool.client().generate(endpoints.chat(role), &caller, body, attempt).await {
+                Ok(stream) => {
+                    self.pool.remember_endpoint(account, role);
+                    break read_first_content(account, stream).await;
+                }
+                Err(f) => {
+                    let not_authorized = matches!(&f, UpstreamFailure::AccessDenied { message }
+                        if message.to_ascii_lowercase().contains("not authorized"));
+                    if not_authorized && !reasked && self.pool.forget_learned_profile(account) {
+                        tracing::info!(account = %account.id, "profile ARN refused: asking for it again");
+                        reasked = true;
+                        continue;
                     }
+                    let refused = match &f {
+                        UpstreamFailure::NotFound { .. } | UpstreamFailure::Unreachable { .. } => true,
+                        UpstreamFailure::TokenInvalid => fresh || kind == Kind::ApiKey,
+                        UpstreamFailure::AccessDenied { .. } => not_authorized,
+                        _ => false,
+                    };
+                    if refused && i + 1 < order.len() {
+                        tracing::info!(account = %account.id, endpoint = role.as_str(), failure = %f, "this endpoint does not take the account's credentials: trying the other one");
+                        i += 1;
+                        continue;
+                    }
+                    break Attempt::Failed(f);
                 }
             }
         };
@@ -226,6 +267,18 @@ pub fn failure_to_api(f: &UpstreamFailure) -> ApiError {
         .with_retry_after(Duration::from_secs(60)),
         UpstreamFailure::Capacity { message } => {
             ApiError::new(ErrorKind::Overloaded, format!("Amazon Q is overloaded: {message}"))
+        }
+        UpstreamFailure::Suspicious { message } => ApiError::new(
+            ErrorKind::Overloaded,
+            format!(
+                "no usable Amazon Q account: the last one tried is parked for suspicious activity ({message})"
+            ),
+        ),
+        UpstreamFailure::ModelNotOffered { message } => {
+            ApiError::new(ErrorKind::NotFound, format!("no account offers the requested model ({message})"))
+        }
+        UpstreamFailure::NotFound { message } | UpstreamFailure::Unreachable { message } => {
+            ApiError::new(ErrorKind::Api, format!("no Amazon Q endpoint took the request: {message}"))
         }
         UpstreamFailure::TokenInvalid
         | UpstreamFailure::Suspended { .. }

@@ -15,12 +15,10 @@ use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// `X-Amz-Target` of the one operation the daemon calls.
+/// `X-Amz-Target` of the chat operation.
 pub const GENERATE_TARGET: &str = "AmazonCodeWhispererStreamingService.GenerateAssistantResponse";
-const USER_AGENT: &str = concat!(
-    "aws-sdk-rust/1.3.9 ua/2.1 os/linux lang/rust app/AmazonQ-For-CLI amq2api/",
-    env!("CARGO_PKG_VERSION")
-);
+/// `X-Amz-Target` of the profile listing (Amazon Q role).
+pub const PROFILES_TARGET: &str = "AmazonCodeWhispererService.ListAvailableProfiles";
 /// Largest body read whole: a failed call's error, a token answer.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -32,25 +30,102 @@ pub enum ClientBuildError {
     Tls(String),
 }
 
-/// The endpoints one account talks to.
+/// The endpoints one account talks to, its region filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoints {
+    /// Amazon Q (`q.*`): chat, profiles, catalog.
     pub q: Uri,
+    /// Kiro runtime: chat.
+    pub runtime: Uri,
+    /// Kiro management: catalog.
+    pub management: Uri,
+    /// SSO OIDC `CreateToken` (in the auth region).
     pub token: Uri,
+    /// The Kiro auth service's `refreshToken` (in the auth region).
+    pub social_token: Uri,
 }
 
-/// The account's endpoints: the configured ones, else AWS's for the account's region.
-pub fn endpoints_for(cfg: &UpstreamConfig, region: Option<&str>) -> Endpoints {
+impl Endpoints {
+    /// The chat endpoint of `role`.
+    pub fn chat(&self, role: Role) -> &Uri {
+        match role {
+            Role::Q => &self.q,
+            Role::Runtime => &self.runtime,
+        }
+    }
+}
+
+/// Which service answers chat: Amazon Q or the Kiro runtime (same JSON-RPC shape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Q,
+    Runtime,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Q => "q",
+            Role::Runtime => "runtime",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "q" => Some(Role::Q),
+            "runtime" => Some(Role::Runtime),
+            _ => None,
+        }
+    }
+
+    /// The other one (the fallback).
+    pub fn other(self) -> Role {
+        match self {
+            Role::Q => Role::Runtime,
+            Role::Runtime => Role::Q,
+        }
+    }
+}
+
+/// The account's endpoints: `{region}` is the account's region (us-east-1 when it has none),
+/// and for the token endpoints its `auth_region` when set.
+pub fn endpoints_for(cfg: &UpstreamConfig, region: Option<&str>, auth_region: Option<&str>) -> Endpoints {
     let region = region.unwrap_or("us-east-1");
-    let q = cfg.endpoint.clone().unwrap_or_else(|| {
-        format!("https://q.{region}.amazonaws.com/").parse().expect("a valid region makes a valid URL")
-    });
-    let token = cfg.token_endpoint.clone().unwrap_or_else(|| {
-        format!("https://oidc.{region}.amazonaws.com/token")
-            .parse()
-            .expect("a valid region makes a valid URL")
-    });
-    Endpoints { q, token }
+    let auth = auth_region.unwrap_or(region);
+    Endpoints {
+        q: cfg.endpoint.fill(region),
+        runtime: cfg.runtime_endpoint.fill(region),
+        management: cfg.management_endpoint.fill(region),
+        token: cfg.token_endpoint.fill(auth),
+        social_token: cfg.social_token_endpoint.fill(auth),
+    }
+}
+
+/// Who is calling: the bearer as the service takes it, and the account's installation.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub bearer: &'a Secret,
+    /// The bearer is a Kiro API key (sent with `tokentype: API_KEY`).
+    pub api_key: bool,
+    pub agent: &'a super::agent::Agent,
+}
+
+impl Caller<'_> {
+    /// The bearer, the API-key marker and the user agents on a request to an AWS API.
+    fn apply(&self, req: http::request::Builder, api: &str) -> http::request::Builder {
+        let req = req
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.bearer.expose()))
+            .header(header::USER_AGENT, self.agent.user_agent(api))
+            .header("x-amz-user-agent", self.agent.amz_user_agent());
+        if self.api_key { req.header("tokentype", "API_KEY") } else { req }
+    }
+}
+
+/// A profile `ListAvailableProfiles` returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    pub arn: String,
+    pub name: String,
 }
 
 /// A successful token refresh.
@@ -61,6 +136,8 @@ pub struct TokenGrant {
     /// The successor refresh token, when the service rotated it. It replaces the old one,
     /// which may stop working at once.
     pub refresh_token: Option<Secret>,
+    /// The profile ARN the answer named (the Kiro auth service gives one).
+    pub profile_arn: Option<String>,
 }
 
 /// Why a token refresh failed.
@@ -93,6 +170,8 @@ struct TokenResponse {
     access_token: String,
     expires_in: Option<u64>,
     refresh_token: Option<String>,
+    #[serde(default)]
+    profile_arn: Option<String>,
 }
 
 /// The shared upstream client. Cheap to clone.
@@ -145,18 +224,17 @@ impl UpstreamClient {
     pub async fn generate(
         &self,
         endpoint: &Uri,
-        access_token: &Secret,
+        caller: &Caller<'_>,
         body: Bytes,
         attempt: u32,
     ) -> Result<EventStream, UpstreamFailure> {
-        let req = Request::post(endpoint.clone())
+        let req = caller
+            .apply(Request::post(endpoint.clone()), "codewhispererstreaming")
             .header(header::CONTENT_TYPE, "application/x-amz-json-1.0")
             .header("x-amz-target", GENERATE_TARGET)
-            .header(header::AUTHORIZATION, format!("Bearer {}", access_token.expose()))
             .header("x-amzn-codewhisperer-optout", "true")
             .header("amz-sdk-invocation-id", crate::ids::uuid_v4())
             .header("amz-sdk-request", format!("attempt={attempt}; max={}", self.max_attempts))
-            .header(header::USER_AGENT, USER_AGENT)
             .header(header::ACCEPT, "application/vnd.amazon.eventstream, application/json")
             .body(Full::new(body))
             .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
@@ -167,7 +245,7 @@ impl UpstreamClient {
                     message: format!("no answer within {} s", self.first_byte_timeout.as_secs()),
                 });
             }
-            Ok(Err(e)) => return Err(UpstreamFailure::Transient { status: None, message: e.to_string() }),
+            Ok(Err(e)) => return Err(send_failure(&e)),
             Ok(Ok(r)) => r,
         };
         let status = resp.status();
@@ -197,6 +275,7 @@ impl UpstreamClient {
         client_id: &Secret,
         client_secret: &Secret,
         refresh_token: &Secret,
+        agent: &super::agent::Agent,
     ) -> Result<TokenGrant, RefreshError> {
         let body = serde_json::json!({
             "clientId": client_id.expose(),
@@ -206,9 +285,83 @@ impl UpstreamClient {
         });
         let req = Request::post(token_endpoint.clone())
             .header(header::CONTENT_TYPE, "application/json")
-            .header(header::USER_AGENT, USER_AGENT)
+            .header(header::USER_AGENT, agent.user_agent("sso-oidc"))
+            .header("x-amz-user-agent", agent.amz_user_agent())
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| RefreshError::Transient(e.to_string()))?;
+        self.token_call(req).await
+    }
+
+    /// The Kiro auth service's `refreshToken` (social accounts): `{"refreshToken"}`, with the
+    /// Kiro IDE's user agent.
+    pub async fn social_refresh(
+        &self,
+        endpoint: &Uri,
+        refresh_token: &Secret,
+        agent: &super::agent::Agent,
+    ) -> Result<TokenGrant, RefreshError> {
+        let body = serde_json::json!({ "refreshToken": refresh_token.expose() });
+        let req = Request::post(endpoint.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::USER_AGENT, agent.kiro())
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| RefreshError::Transient(e.to_string()))?;
+        self.token_call(req).await
+    }
+
+    /// `ListAvailableProfiles` on the Amazon Q endpoint: the profiles the account may use.
+    pub async fn list_profiles(&self, q: &Uri, caller: &Caller<'_>) -> Result<Vec<Profile>, UpstreamFailure> {
+        let req = caller
+            .apply(Request::post(q.clone()), "codewhispererruntime")
+            .header(header::CONTENT_TYPE, "application/x-amz-json-1.0")
+            .header("x-amz-target", PROFILES_TARGET)
+            .body(Full::new(Bytes::from_static(b"{\"maxResults\":10}")))
+            .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
+        let (status, headers, bytes) = self.call_whole(req).await?;
+        if status != StatusCode::OK {
+            return Err(classify(status, &headers, &bytes));
+        }
+        #[derive(Deserialize)]
+        struct Listed {
+            #[serde(default)]
+            profiles: Vec<ListedProfile>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct ListedProfile {
+            arn: String,
+            #[serde(default)]
+            profile_name: String,
+        }
+        let listed: Listed = serde_json::from_slice(&bytes).map_err(|e| UpstreamFailure::Transient {
+            status: None,
+            message: format!("malformed ListAvailableProfiles answer: {e}"),
+        })?;
+        Ok(listed.profiles.into_iter().map(|p| Profile { arn: p.arn, name: p.profile_name }).collect())
+    }
+
+    /// Sends a request and reads its whole answer (up to the body limit), within the
+    /// first-byte timeout.
+    pub(crate) async fn call_whole(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), UpstreamFailure> {
+        let t = |message: String| UpstreamFailure::Transient { status: None, message };
+        let resp = match tokio::time::timeout(self.first_byte_timeout, self.pool.send(req)).await {
+            Err(_) => return Err(t(format!("no answer within {} s", self.first_byte_timeout.as_secs()))),
+            Ok(Err(e)) => return Err(send_failure(&e)),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = read_whole(resp.into_body(), MAX_BODY, self.first_byte_timeout)
+            .await
+            .map_err(|e| t(format!("reading the answer: {e}")))?;
+        Ok((status, headers, bytes))
+    }
+
+    /// A token call (OIDC or Kiro): sent at most once, its answer read whole and classified.
+    async fn token_call(&self, req: Request<Full<Bytes>>) -> Result<TokenGrant, RefreshError> {
         let deadline = self.connect_timeout + Duration::from_secs(30);
         // Sent at most once, as every call: a refresh sent twice would rotate the refresh token
         // twice and lose the chain with the first answer.
@@ -234,9 +387,22 @@ impl UpstreamClient {
                 access_token: Secret::new(t.access_token),
                 expires_in: Duration::from_secs(t.expires_in.unwrap_or(3600).clamp(1, 86_400 * 30)),
                 refresh_token: t.refresh_token.filter(|r| !r.is_empty()).map(Secret::new),
+                profile_arn: t.profile_arn.filter(|a| !a.is_empty()),
             });
         }
         Err(classify_refresh(status, &headers, &bytes))
+    }
+}
+
+/// A request that got no answer: unreachable (nothing was sent: another endpoint may take it)
+/// or a transient failure.
+fn send_failure(e: &super::conn::ConnError) -> UpstreamFailure {
+    use super::conn::ConnError;
+    match e {
+        ConnError::Connect { .. } | ConnError::ConnectTimeout(_) | ConnError::Endpoint(_) => {
+            UpstreamFailure::Unreachable { message: e.to_string() }
+        }
+        _ => UpstreamFailure::Transient { status: None, message: e.to_string() },
     }
 }
 
@@ -405,18 +571,30 @@ mod tests {
 
     #[test]
     fn default_endpoints_follow_region() {
+        use crate::config::Template;
         let cfg = UpstreamConfig {
-            endpoint: None,
-            token_endpoint: None,
+            endpoint: Template::new(crate::config::DEFAULT_ENDPOINT),
+            runtime_endpoint: Template::new(crate::config::DEFAULT_RUNTIME_ENDPOINT),
+            management_endpoint: Template::new(crate::config::DEFAULT_MANAGEMENT_ENDPOINT),
+            token_endpoint: Template::new(crate::config::DEFAULT_TOKEN_ENDPOINT),
+            social_token_endpoint: Template::new(crate::config::DEFAULT_SOCIAL_TOKEN_ENDPOINT),
+            suspicious_cooldown: Duration::from_secs(1800),
             ca_file: None,
             connect_timeout: Duration::from_secs(1),
             first_byte_timeout: Duration::from_secs(1),
             stream_idle_timeout: Duration::from_secs(1),
             max_attempts: 3,
         };
-        let e = endpoints_for(&cfg, Some("eu-central-1"));
+        let e = endpoints_for(&cfg, Some("eu-central-1"), None);
         assert_eq!(e.q, "https://q.eu-central-1.amazonaws.com/");
+        assert_eq!(e.runtime, "https://runtime.eu-central-1.kiro.dev/");
         assert_eq!(e.token, "https://oidc.eu-central-1.amazonaws.com/token");
-        assert_eq!(endpoints_for(&cfg, None).q, "https://q.us-east-1.amazonaws.com/");
+        assert_eq!(e.social_token, "https://prod.eu-central-1.auth.desktop.kiro.dev/refreshToken");
+        assert_eq!(endpoints_for(&cfg, None, None).q, "https://q.us-east-1.amazonaws.com/");
+        // Tokens are refreshed in the auth region when it differs.
+        let e = endpoints_for(&cfg, Some("us-east-1"), Some("us-east-2"));
+        assert_eq!(e.q, "https://q.us-east-1.amazonaws.com/");
+        assert_eq!(e.token, "https://oidc.us-east-2.amazonaws.com/token");
+        assert_eq!(e.social_token, "https://prod.us-east-2.auth.desktop.kiro.dev/refreshToken");
     }
 }

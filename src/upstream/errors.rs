@@ -24,6 +24,20 @@ pub enum UpstreamFailure {
     /// Rate-limited: cool this account down and fail over.
     #[error("throttled: {message}")]
     Throttled { retry_after: Option<Duration>, message: String },
+    /// The account-level 429 "Due to suspicious activity…": the account is being watched. Park
+    /// it for a long time and never retry it meanwhile (hammering it ends in suspension).
+    #[error("suspicious activity: {message}")]
+    Suspicious { message: String },
+    /// This account cannot use this model (`INVALID_MODEL_ID`): another account may.
+    #[error("model not offered to this account: {message}")]
+    ModelNotOffered { message: String },
+    /// The endpoint is not there (404): the account may be on the other endpoint.
+    #[error("endpoint not found: {message}")]
+    NotFound { message: String },
+    /// The endpoint could not be reached (connection refused, DNS, connect timeout): before
+    /// anything was sent.
+    #[error("endpoint unreachable: {message}")]
+    Unreachable { message: String },
     /// The service has no capacity for the model right now: transient, try another account.
     #[error("model capacity exhausted: {message}")]
     Capacity { message: String },
@@ -66,6 +80,10 @@ impl UpstreamFailure {
             UpstreamFailure::BadRequest { .. } => "bad_request",
             UpstreamFailure::ContextTooLong { .. } => "context_too_long",
             UpstreamFailure::Throttled { .. } => "throttled",
+            UpstreamFailure::Suspicious { .. } => "suspicious",
+            UpstreamFailure::ModelNotOffered { .. } => "model_not_offered",
+            UpstreamFailure::NotFound { .. } => "not_found",
+            UpstreamFailure::Unreachable { .. } => "unreachable",
             UpstreamFailure::Capacity { .. } => "capacity",
             UpstreamFailure::Quota { .. } => "quota",
             UpstreamFailure::TokenInvalid => "token_invalid",
@@ -113,6 +131,30 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Upstrea
     let text = format!("{reason} {message}");
     let message = if message.is_empty() { format!("HTTP {}", status.as_u16()) } else { message };
 
+    // The 2026 reasons that mean the request itself is wrong: one attempt, a 400 to the client.
+    for r in ["TOOL_USE_RESULT_MISMATCH", "TOOL_SCHEMA_INVALID", "THINKING_SIGNATURE_INVALID"] {
+        if reason.contains(r) {
+            return UpstreamFailure::BadRequest { message: format!("{r}: {message}") };
+        }
+    }
+    if message.contains("profileArn is required") {
+        return UpstreamFailure::BadRequest { message };
+    }
+    if reason.contains("INVALID_MODEL_ID") {
+        return UpstreamFailure::ModelNotOffered { message };
+    }
+    if reason.contains("OVERAGE_REQUEST_LIMIT_EXCEEDED") {
+        return UpstreamFailure::Quota {
+            kind: QuotaKind::Monthly,
+            message: format!("overage limit: {message}"),
+        };
+    }
+    if message.to_ascii_lowercase().contains("suspicious activity") {
+        return UpstreamFailure::Suspicious { message };
+    }
+    if message.contains("locked your account") {
+        return UpstreamFailure::Suspended { reason: message };
+    }
     if reason.contains("MONTHLY_REQUEST_COUNT") || text.contains("MONTHLY_REQUEST_COUNT") {
         return UpstreamFailure::Quota { kind: QuotaKind::Monthly, message };
     }
@@ -150,6 +192,9 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Upstrea
     }
     if status == StatusCode::UNAUTHORIZED || is(&type_name, "ExpiredToken") {
         return UpstreamFailure::TokenInvalid;
+    }
+    if status == StatusCode::NOT_FOUND {
+        return UpstreamFailure::NotFound { message };
     }
     if is(&type_name, "Validation") || is(&type_name, "Serialization") || status == StatusCode::BAD_REQUEST {
         return UpstreamFailure::BadRequest { message };

@@ -1,6 +1,7 @@
 //! Amazon Q side: the event-stream codec, the request and event types, error classification,
 //! and the HTTP client that calls `GenerateAssistantResponse` and OIDC `CreateToken`.
 
+pub mod agent;
 pub mod client;
 pub mod conn;
 pub mod errors;
@@ -8,6 +9,9 @@ pub mod events;
 pub mod eventstream;
 pub mod types;
 
-pub use client::{EventStream, RefreshError, TokenGrant, UpstreamClient, endpoints_for};
+pub use agent::Agent;
+pub use client::{
+    Caller, Endpoints, EventStream, Profile, RefreshError, Role, TokenGrant, UpstreamClient, endpoints_for,
+};
 pub use errors::{QuotaKind, UpstreamFailure};
 pub use events::{Event, StreamError};
