@@ -82,21 +82,38 @@ fn cut(s: &str, n: usize) -> String {
 
 /// The accounts table: one row an account, the last column (the last error) fills the width.
 pub fn render_accounts(list: &[AccountInfo], st: Style) -> String {
-    let headers =
-        ["ID", "LABEL", "STATE", "TOKEN", "IN-FLIGHT", "REQUESTS", "FAILURES", "LAST USED", "LAST ERROR"];
-    let rows: Vec<[String; 9]> = list
+    let headers = [
+        "ID",
+        "LABEL",
+        "STATE",
+        "KIND",
+        "TOKEN",
+        "IN-FLIGHT",
+        "RPM",
+        "REQUESTS",
+        "FAILURES",
+        "LAST USED",
+        "LAST ERROR",
+    ];
+    const LAST: usize = 10;
+    let rows: Vec<[String; 11]> = list
         .iter()
         .map(|a| {
             [
                 a.id.clone(),
                 a.label.clone(),
                 state_text(a),
+                if a.kind.is_empty() { "-".into() } else { a.kind.clone() },
                 if a.tokens_unsaved {
                     "NOT STORED".into()
                 } else {
                     a.token_expires_at.map(|t| human(t as i64 - now() as i64)).unwrap_or_else(|| "-".into())
                 },
                 format!("{}/{}", a.in_flight, a.max_concurrency),
+                match a.rpm {
+                    Some(limit) => format!("{}/{limit}", a.requests_last_minute),
+                    None => "-".into(),
+                },
                 a.requests.to_string(),
                 a.failures.to_string(),
                 ago(a.last_used),
@@ -106,12 +123,12 @@ pub fn render_accounts(list: &[AccountInfo], st: Style) -> String {
         .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
-        for (i, c) in r.iter().enumerate().take(8) {
+        for (i, c) in r.iter().enumerate().take(LAST) {
             widths[i] = widths[i].max(c.chars().count().min(if i == 1 { 24 } else { 40 }));
         }
     }
-    let fixed: usize = widths[..8].iter().sum::<usize>() + 2 * 8;
-    widths[8] = st.width.saturating_sub(fixed).max(10);
+    let fixed: usize = widths[..LAST].iter().sum::<usize>() + 2 * LAST;
+    widths[LAST] = st.width.saturating_sub(fixed).max(10);
     let mut out = String::new();
     let line = |cells: Vec<String>, out: &mut String, state: Option<&str>| {
         let mut l = String::new();
@@ -166,19 +183,26 @@ pub fn render_account(a: &AccountInfo) -> String {
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let time = |t: Option<u64>| t.map(|t| format!("{t} ({})", ago(Some(t)))).unwrap_or_else(|| "-".into());
     format!(
-        "id:               {}\nlabel:            {}\nenabled:          {}\nstate:            {}\nreason:           {}\nsince:            {}\nuntil:            {}\ntoken expires in: {}\ntoken:            {}{}\nin flight:        {}/{}\nweight:           {}\nrequests:         {}\nfailures:         {}\ntokens in/out:    {}/{}\nlast used:        {}\nlast error:       {}\n",
+        "id:               {}\nlabel:            {}\nkind:             {}\nenabled:          {}\nstate:            {}\nreason:           {}\nsince:            {}\nuntil:            {}\nendpoint:         {}\nprofile ARN:      {}\ntoken expires in: {}\ntoken:            {}{}\nin flight:        {}/{}\nrequests/minute:  {}\nweight:           {}\nrequests:         {}\nfailures:         {}\ntokens in/out:    {}/{}\nlast used:        {}\nlast error:       {}\n",
         a.id,
         a.label,
+        if a.kind.is_empty() { "-" } else { &a.kind },
         a.enabled,
         a.state,
         opt(&a.reason),
         time(a.since),
         a.until.map(|u| format!("{u} (in {})", human(u as i64 - now() as i64))).unwrap_or_else(|| "-".into()),
+        opt(&a.endpoint),
+        opt(&a.profile_arn),
         a.token_expires_at.map(|t| human(t as i64 - now() as i64)).unwrap_or_else(|| "-".into()),
         a.token_fingerprint.as_deref().map(|f| format!("sha256:{f}…")).unwrap_or_else(|| "-".into()),
         if a.tokens_unsaved { " (rotated refresh token NOT STORED yet: retrying)" } else { "" },
         a.in_flight,
         a.max_concurrency,
+        match a.rpm {
+            Some(limit) => format!("{} of {limit} (rpm)", a.requests_last_minute),
+            None => format!("{} (no rpm limit)", a.requests_last_minute),
+        },
         a.weight,
         a.requests,
         a.failures,

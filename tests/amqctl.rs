@@ -400,9 +400,19 @@ async fn status_accounts_and_account_in_tables_and_json() {
         "pool:      3 accounts: 2 active, 0 cooling, 0 quota, 0 suspended, 0 invalid, 1 disabled; 0 in flight, 0 streams"
     );
     let header = t.line("ID");
-    for col in
-        ["ID", "LABEL", "STATE", "TOKEN", "IN-FLIGHT", "REQUESTS", "FAILURES", "LAST USED", "LAST ERROR"]
-    {
+    for col in [
+        "ID",
+        "LABEL",
+        "STATE",
+        "KIND",
+        "TOKEN",
+        "IN-FLIGHT",
+        "RPM",
+        "REQUESTS",
+        "FAILURES",
+        "LAST USED",
+        "LAST ERROR",
+    ] {
         assert!(header.contains(col), "{header}");
     }
     for (id, state) in [("alpha", "active"), ("beta", "disabled"), ("gamma", "active")] {
@@ -410,6 +420,7 @@ async fn status_accounts_and_account_in_tables_and_json() {
         assert!(r.contains(&format!("Seat {id}")), "{r}");
         let cols: Vec<&str> = r.split_whitespace().collect();
         assert_eq!(cols[3], state, "{r}");
+        assert!(cols.contains(&"oidc"), "the kind: {r}");
         assert!(r.contains("0/4"), "in flight of max: {r}");
     }
     assert!(row(&t, "beta").contains("disabled by operator"), "{t}");

@@ -179,6 +179,11 @@ pub fn account_info(v: &AccountView) -> AccountInfo {
         last_used: unix(v.counters.last_used),
         last_error: v.state.last_error.clone(),
         tokens_unsaved: v.tokens_unsaved,
+        kind: v.kind.as_str().to_owned(),
+        endpoint: v.endpoint.map(|r| r.as_str().to_owned()),
+        profile_arn: v.profile_arn.clone(),
+        requests_last_minute: v.requests_last_minute,
+        rpm: v.rpm,
     }
 }
 

@@ -77,6 +77,20 @@ pub struct AccountInfo {
     /// The rotated refresh token is held in memory only: storing it failed (retrying).
     #[serde(default)]
     pub tokens_unsaved: bool,
+    /// `oidc`, `social` or `api-key`.
+    #[serde(default)]
+    pub kind: String,
+    /// The chat endpoint in use (`q` or `runtime`), once one has taken the credentials.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The profile ARN the account's calls carry (not a secret), when known.
+    #[serde(default)]
+    pub profile_arn: Option<String>,
+    /// Requests started in the last 60 s, and the account's `rpm` limit.
+    #[serde(default)]
+    pub requests_last_minute: u32,
+    #[serde(default)]
+    pub rpm: Option<u32>,
 }
 
 /// The result of an action on one account (refresh, check, enable, disable).
