@@ -22,25 +22,46 @@ impl Drop for Demo {
     }
 }
 
+/// The `[upstream]` keys that point every endpoint at `emulator`.
+pub fn upstream_keys(emulator: &Emulator) -> String {
+    format!(
+        "endpoint = \"{}\"\nruntime_endpoint = \"{}\"\nmanagement_endpoint = \"{}\"\ntoken_endpoint = \"{}\"\nsocial_token_endpoint = \"{}\"\n",
+        emulator.endpoint(),
+        emulator.runtime_endpoint(),
+        emulator.management_endpoint(),
+        emulator.token_endpoint(),
+        emulator.social_token_endpoint(),
+    )
+}
+
 fn random_hex(n: usize) -> String {
     hex::encode(crate::ids::random_bytes::<16>())[..n].to_string()
 }
 
-/// Starts the emulator, registers three accounts with it and writes `amq2api.toml` and
-/// `accounts.toml` for a daemon listening on `listen`.
+/// Starts the emulator, registers one account of each kind with it (Builder ID / IdC, Kiro
+/// social sign-in, Kiro API key) and writes `amq2api.toml` and `accounts.toml` for a daemon
+/// listening on `listen`.
 pub async fn prepare(listen: SocketAddr) -> std::io::Result<Demo> {
     let dir = std::env::temp_dir().join(format!("amq2api-demo-{}", random_hex(12)));
     std::fs::create_dir_all(dir.join("state"))?;
     let emulator = Emulator::start(EmulatorOptions::default()).await?;
-    let mut accounts = String::from("# Emulated accounts of `amq2api demo`.\n");
-    for i in 1..=3 {
-        let (cid, secret, rt) =
-            (format!("demo-client-{i}"), random_hex(24), format!("demo-refresh-{}", random_hex(16)));
-        emulator.add_account(&cid, &secret, &rt);
-        accounts.push_str(&format!(
-            "\n[[account]]\nid = \"demo-{i}\"\nlabel = \"Emulated account {i}\"\nclient_id = \"{cid}\"\nclient_secret = \"{secret}\"\nrefresh_token = \"{rt}\"\n"
-        ));
-    }
+    let mut accounts = String::from("# Emulated accounts of `amq2api demo`: one of each kind.\n");
+    let (cid, secret, rt) =
+        ("demo-client-1".to_owned(), random_hex(24), format!("demo-refresh-{}", random_hex(16)));
+    emulator.add_account(&cid, &secret, &rt);
+    accounts.push_str(&format!(
+        "\n[[account]]\nid = \"demo-oidc\"\nlabel = \"Emulated Builder ID account\"\nkind = \"oidc\"\nclient_id = \"{cid}\"\nclient_secret = \"{secret}\"\nrefresh_token = \"{rt}\"\n"
+    ));
+    let social_rt = format!("demo-social-{}", random_hex(16));
+    emulator.add_social_account(&social_rt, None);
+    accounts.push_str(&format!(
+        "\n[[account]]\nid = \"demo-social\"\nlabel = \"Emulated Kiro sign-in (Google/GitHub)\"\nkind = \"social\"\nrefresh_token = \"{social_rt}\"\n"
+    ));
+    let key = format!("ksk_demo{}", random_hex(24));
+    emulator.add_api_key(&key);
+    accounts.push_str(&format!(
+        "\n[[account]]\nid = \"demo-api-key\"\nlabel = \"Emulated Kiro API key\"\nkind = \"api-key\"\napi_key = \"{key}\"\n"
+    ));
     write_private(&dir.join("accounts.toml"), &accounts)?;
     let api_key = format!("sk-amq-demo-{}", random_hex(24));
     let config_text = format!(
@@ -54,9 +75,7 @@ drain_timeout_secs = 2
 api_keys = ["{api_key}"]
 
 [upstream]
-endpoint = "{endpoint}"
-token_endpoint = "{token}"
-
+{upstream}
 [accounts]
 file = "accounts.toml"
 
@@ -66,8 +85,7 @@ dir = "state"
 [control]
 socket = "control.sock"
 "#,
-        endpoint = emulator.endpoint(),
-        token = emulator.token_endpoint(),
+        upstream = upstream_keys(&emulator),
     );
     let config_path = dir.join("amq2api.toml");
     write_private(&config_path, &config_text)?;

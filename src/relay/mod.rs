@@ -163,6 +163,8 @@ impl Relay {
         let order = account.identity().chat_order(kind);
         let mut reasked = false;
         let mut i = 0;
+        // The first endpoint's failure, when it sent us to the other one.
+        let mut first: Option<UpstreamFailure> = None;
         let outcome = loop {
             let role = order[i];
             let arn = self.pool.profile_arn(account, &caller).await;
@@ -189,10 +191,16 @@ impl Relay {
                     };
                     if refused && i + 1 < order.len() {
                         tracing::info!(account = %account.id, endpoint = role.as_str(), failure = %f, "this endpoint does not take the account's credentials: trying the other one");
+                        first = Some(f);
                         i += 1;
                         continue;
                     }
-                    break Attempt::Failed(f);
+                    // Refused by both: the first endpoint's answer is the one that counts (the
+                    // other was only a fallback; its refusal says nothing new about the account).
+                    break Attempt::Failed(match first.take() {
+                        Some(f1) if refused => f1,
+                        _ => f,
+                    });
                 }
             }
         };

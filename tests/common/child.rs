@@ -23,12 +23,11 @@ pub fn write_config(
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\n[auth]\napi_keys = [\"{key}\"]\n[upstream]\nendpoint = \"{ep}\"\n\
-             token_endpoint = \"{tok}\"\n[accounts]\nfile = \"accounts.toml\"\n{accounts_settings}\n\
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[auth]\napi_keys = [\"{key}\"]\n[upstream]\n{endpoints}\
+             [accounts]\nfile = \"accounts.toml\"\n{accounts_settings}\n\
              [state]\ndir = \"state\"\n[control]\nsocket = \"control.sock\"\n",
             key = super::API_KEY,
-            ep = emulator.endpoint(),
-            tok = emulator.token_endpoint(),
+            endpoints = amq2api::demo::upstream_keys(emulator),
         ),
     )
     .unwrap();

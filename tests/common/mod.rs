@@ -100,11 +100,10 @@ impl Harness {
             &config_path,
             format!(
                 "[server]\nlisten = [\"{addr}\"]\n{server}\n[auth]\napi_keys = [\"{API_KEY}\"]\n\
-                 [upstream]\nendpoint = \"{ep}\"\ntoken_endpoint = \"{tok}\"\n{upstream}\n\
+                 [upstream]\n{endpoints}{upstream}\n\
                  [accounts]\nfile = \"accounts.toml\"\n{acc}\n[state]\ndir = \"state\"\n[control]\nsocket = \"control.sock\"\n{extra}\n",
                 server = setup.server,
-                ep = emulator.endpoint(),
-                tok = emulator.token_endpoint(),
+                endpoints = amq2api::demo::upstream_keys(&emulator),
                 upstream = setup.upstream,
                 acc = setup.accounts_settings,
                 extra = setup.extra_config,
