@@ -584,3 +584,281 @@ async fn failover_log_lines_carry_the_request_id() {
         std::panic::resume_unwind(e.into_panic());
     }
 }
+
+/// `[[account]]` entries for a social account and an API-key account registered with `e`.
+fn social_and_api_key(e: &amq2api::emulator::Emulator) -> String {
+    e.add_social_account_as("kiro-social", "social-refresh-1", None);
+    e.add_api_key("ksk_test_0123456789abcdef");
+    "[[account]]\nid = \"kiro-social\"\nrefresh_token = \"social-refresh-1\"\n\n\
+     [[account]]\nid = \"kiro-key\"\napi_key = \"ksk_test_0123456789abcdef\"\n\n"
+        .to_owned()
+}
+
+/// One account of each kind: each gets its bearer its own way (OIDC refresh, the Kiro auth
+/// service, the key itself with `tokentype: API_KEY`), serves on its kind's endpoint (Amazon Q
+/// for OIDC, the Kiro runtime for the others) with its kind's profile ARN, and looks like an
+/// installation of its own: no two accounts ever send the same user agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_account_gets_its_bearer_and_serves_on_its_endpoint() {
+    let setup = Setup {
+        accounts: vec!["idc-1".into()],
+        more_accounts: Some(Box::new(social_and_api_key)),
+        emulator: EmulatorOptions { require_profile_arn: true, ..Default::default() },
+        ..Default::default()
+    };
+    let h = Harness::start(setup).await;
+    let idc_arn = "arn:aws:codewhisperer:us-east-1:123456789012:profile/IDCPROFILE01";
+    h.emulator.set_profile_arn(&client_id("idc-1"), Some(idc_arn));
+    for i in 0..9 {
+        let r = post(&h, "/v1/messages", &simple(&format!("request {i}"), i % 2 == 0)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let oidc = h.emulator.stats_for(&client_id("idc-1"));
+    let social = h.emulator.stats_for("kiro-social");
+    let key = h.emulator.stats_for("ksk_test_0123456789abcdef");
+    assert!(oidc.requests > 0 && oidc.runtime_requests == 0, "OIDC on Amazon Q: {oidc:?}");
+    assert_eq!(oidc.profile_requests, 1, "ListAvailableProfiles asked once");
+    assert!(
+        social.requests > 0 && social.runtime_requests == social.requests,
+        "social on the runtime: {social:?}"
+    );
+    assert!(social.refreshes >= 1, "social accounts refresh through the Kiro auth service");
+    assert!(key.requests > 0 && key.runtime_requests == key.requests, "API key on the runtime: {key:?}");
+    assert_eq!(key.refreshes, 0, "an API key is never refreshed");
+    assert_eq!(h.emulator.stats().refused, 0);
+    assert_eq!(h.emulator.stats().refresh_failures, 0);
+    // The profile each sends: the learned one, the social accounts' fixed one, none.
+    let arn = |s: &amq2api::emulator::AccountStats| s.last_request.as_ref().unwrap()["profileArn"].clone();
+    assert_eq!(arn(&oidc), idc_arn);
+    assert_eq!(arn(&social), "arn:aws:codewhisperer:us-east-1:699475941385:profile/EHGA3GRVQMUK");
+    assert!(arn(&key).is_null());
+    assert!(h.emulator.shared_user_agents().is_empty(), "{:?}", h.emulator.shared_user_agents());
+    for s in [&oidc, &social, &key] {
+        assert!(s.chat_user_agent.as_deref().unwrap().contains("KiroIDE-"), "{s:?}");
+    }
+    assert!(social.refresh_user_agent.as_deref().unwrap().starts_with("KiroIDE-"));
+    // amqctl shows each account's kind, endpoint and profile; nothing secret.
+    let accounts = h.ctl_json(&["accounts"]);
+    let text = accounts.to_string();
+    for secret in ["social-refresh-1", "ksk_test_0123456789abcdef", "secret-idc-1", "refresh-idc-1"] {
+        assert!(!text.contains(secret), "amqctl shows a secret: {text}");
+    }
+    let by_id = |id: &str| accounts.as_array().unwrap().iter().find(|a| a["id"] == id).unwrap().clone();
+    assert_eq!(
+        (by_id("idc-1")["kind"].clone(), by_id("idc-1")["endpoint"].clone()),
+        ("oidc".into(), "q".into())
+    );
+    assert_eq!(by_id("idc-1")["profile_arn"], idc_arn);
+    assert_eq!(by_id("kiro-social")["kind"], "social");
+    assert_eq!(by_id("kiro-social")["endpoint"], "runtime");
+    assert_eq!(by_id("kiro-key")["kind"], "api-key");
+    assert!(by_id("kiro-key")["profile_arn"].is_null());
+    // After a restart the learned profile and the machine ids are the same (from the store).
+    let agents_before = (oidc.chat_user_agent.clone(), social.chat_user_agent.clone());
+    let mut h = h;
+    h.restart().await;
+    for i in 0..6 {
+        assert_eq!(post(&h, "/v1/messages", &simple(&format!("again {i}"), false)).await.status, 200);
+    }
+    let oidc = h.emulator.stats_for(&client_id("idc-1"));
+    assert_eq!(oidc.profile_requests, 1, "the learned profile was kept");
+    let social = h.emulator.stats_for("kiro-social");
+    assert_eq!((oidc.chat_user_agent.clone(), social.chat_user_agent.clone()), agents_before);
+    // One installation: every call (refresh, profiles, chat) names the same machine.
+    let machine = agents_before.0.as_deref().unwrap().rsplit('-').next().unwrap().to_owned();
+    assert!(oidc.user_agents.iter().all(|ua| ua.ends_with(&machine)), "{:?}", oidc.user_agents);
+    assert!(oidc.user_agents.len() <= 3, "one agent per API called: {:?}", oidc.user_agents);
+    h.stop().await;
+}
+
+/// Each endpoint fallback: an account whose first endpoint is not there (404), or not
+/// listening, or that refuses its freshly refreshed token, moves to the other endpoint and
+/// remembers it (across a restart); an ordinary 4xx about the request never moves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_fall_back_to_the_other_endpoint_and_remember_it() {
+    use amq2api::emulator::Role as EmuRole;
+    // The runtime is switched off: social and API-key accounts go to Amazon Q (which takes
+    // social tokens; API keys it refuses: they stay on the runtime and fail over).
+    let setup = Setup {
+        accounts: vec![],
+        more_accounts: Some(Box::new(|e| {
+            e.add_social_account_as("kiro-social", "social-refresh-1", None);
+            "[[account]]\nid = \"kiro-social\"\nrefresh_token = \"social-refresh-1\"\n".to_owned()
+        })),
+        ..Default::default()
+    };
+    let mut h = Harness::start(setup).await;
+    h.emulator.set_role_enabled(EmuRole::Runtime, false);
+    let r = post(&h, "/v1/messages", &simple("no runtime today", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let s = h.emulator.stats_for("kiro-social");
+    assert_eq!((s.requests, s.runtime_requests), (1, 0), "served by Amazon Q: {s:?}");
+    assert_eq!(h.account("kiro-social")["endpoint"], "q");
+    // Remembered: after a restart, with the runtime back, the account goes straight to Amazon Q.
+    h.emulator.set_role_enabled(EmuRole::Runtime, true);
+    h.restart().await;
+    assert_eq!(post(&h, "/v1/messages", &simple("straight there", false)).await.status, 200);
+    let s = h.emulator.stats_for("kiro-social");
+    assert_eq!((s.requests, s.runtime_requests), (2, 0), "{s:?}");
+    // A request Amazon Q rejects as malformed is the client's fault: no fallback, one call.
+    let bad = simple("#emulator: tool-mismatch", false);
+    let r = post(&h, "/v1/messages", &bad).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let s = h.emulator.stats_for("kiro-social");
+    assert_eq!((s.requests, s.runtime_requests), (3, 0), "exactly one attempt, same endpoint: {s:?}");
+    assert_eq!(h.account("kiro-social")["endpoint"], "q");
+    h.stop().await;
+
+    // An OIDC account whose Amazon Q endpoint is not listening (port 1: nothing ever is) moves
+    // to the runtime (which takes OIDC tokens here).
+    let setup = Setup {
+        upstream: String::new(),
+        emulator: EmulatorOptions { runtime_accepts_oidc: true, ..Default::default() },
+        ..Default::default()
+    };
+    let h = Harness::start(setup).await;
+    let config = std::fs::read_to_string(&h.config_path).unwrap();
+    let ep = h.emulator.endpoint();
+    std::fs::write(
+        &h.config_path,
+        config.replacen(&format!("endpoint = \"{ep}\""), "endpoint = \"http://127.0.0.1:1/\"", 1),
+    )
+    .unwrap();
+    let mut h = h;
+    h.restart().await;
+    let r = post(&h, "/v1/messages", &simple("q is down", true)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let s = h.emulator.stats_for(&client_id("acct-1"));
+    assert_eq!((s.requests, s.runtime_requests), (1, 1), "{s:?}");
+    assert_eq!(h.account("acct-1")["endpoint"], "runtime");
+    h.stop().await;
+}
+
+/// The 2026 error reasons, each as PROTOCOL.md §5 says: a suspicious-activity 429 parks the
+/// account for the cool-down (the request fails over, nothing retries it); "locked your
+/// account" suspends it; the request's own faults are a 400 after exactly one attempt;
+/// overage parks it for quota; a model that stays busy is a 529.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_2026_error_reasons_do_what_the_protocol_says() {
+    let setup = Setup {
+        accounts: vec!["e-1".into(), "e-2".into()],
+        upstream: "suspicious_cooldown_secs = 1200".into(),
+        ..Default::default()
+    };
+    let h = Harness::start(setup).await;
+    let total = |h: &Harness| {
+        ["e-1", "e-2"].iter().map(|id| h.emulator.stats_for(&client_id(id)).requests).sum::<u64>()
+    };
+    // The request's own faults: one call, 400, nobody blamed.
+    for (directive, reason) in [
+        ("tool-mismatch", "TOOL_USE_RESULT_MISMATCH"),
+        ("tool-schema-invalid", "TOOL_SCHEMA_INVALID"),
+        ("signature-invalid", "THINKING_SIGNATURE_INVALID"),
+        ("profile-required", "profileArn is required"),
+    ] {
+        let before = total(&h);
+        let r = post(&h, "/v1/messages", &simple(&format!("x\n#emulator: {directive}"), false)).await;
+        assert_eq!(r.status, 400, "{directive}: {}", r.text());
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+        assert!(r.text().contains(reason), "{directive}: {}", r.text());
+        assert_eq!(total(&h), before + 1, "{directive}: exactly one attempt");
+    }
+    for id in ["e-1", "e-2"] {
+        assert_eq!(h.account(id)["state"], "active");
+    }
+    // Suspicious activity on the first account tried: parked 20 min, the request fails over.
+    h.emulator.set_behaviour_for_next(&client_id("e-1"), Behaviour::Suspicious, 1);
+    h.emulator.set_behaviour_for_next(&client_id("e-2"), Behaviour::Suspicious, 1);
+    let r = post(&h, "/v1/messages", &simple("watched", false)).await;
+    let parked: Vec<serde_json::Value> =
+        ["e-1", "e-2"].iter().map(|id| h.account(id)).filter(|a| a["state"] == "cooling").collect();
+    assert!(!parked.is_empty(), "{}", r.text());
+    for a in &parked {
+        assert!(a["reason"].as_str().unwrap().contains("suspicious activity"), "{a}");
+        let until = a["until"].as_u64().unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        assert!(until >= now + 1100 && until <= now + 1300, "parked for the cool-down: {a}");
+    }
+    if parked.len() == 1 {
+        assert_eq!(r.status, 200, "failed over: {}", r.text());
+    }
+    // Nothing goes to a parked account meanwhile.
+    let parked_ids: Vec<String> = parked.iter().map(|a| a["id"].as_str().unwrap().to_owned()).collect();
+    let before: Vec<u64> =
+        parked_ids.iter().map(|id| h.emulator.stats_for(&client_id(id)).requests).collect();
+    for i in 0..5 {
+        let _ = post(&h, "/v1/messages", &simple(&format!("after {i}"), false)).await;
+    }
+    let after: Vec<u64> = parked_ids.iter().map(|id| h.emulator.stats_for(&client_id(id)).requests).collect();
+    assert_eq!(before, after, "a parked account got requests");
+    h.stop().await;
+
+    // Locked: suspended. Overage: quota. A model busy on every account: 529.
+    let h = Harness::start(Setup { accounts: vec!["f-1".into()], ..Default::default() }).await;
+    let r = post(&h, "/v1/messages", &simple("x\n#emulator: high-traffic", false)).await;
+    assert_eq!(r.status, 529, "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "overloaded_error");
+    assert_eq!(h.account("f-1")["state"], "active", "the model was busy, not the account");
+    let r = post(&h, "/v1/messages", &simple("x\n#emulator: overage", false)).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(h.account("f-1")["state"], "quota");
+    h.ctl_json(&["enable", "f-1"]);
+    let r = post(&h, "/v1/messages", &simple("x\n#emulator: locked", false)).await;
+    assert_eq!(r.status, 529, "{}", r.text());
+    let a = h.account("f-1");
+    assert_eq!(a["state"], "suspended", "{a}");
+    assert!(a["reason"].as_str().unwrap().contains("locked your account"), "{a}");
+    h.stop().await;
+}
+
+/// No retry storm: 200 requests against one throttling account and one healthy one reach the
+/// throttling one at most twice (it cools down after the first 429 and nothing retries it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_requests_do_not_storm_a_throttling_account() {
+    let setup = Setup {
+        accounts: vec!["calm".into(), "busy".into()],
+        account_extra: "max_concurrency = 50".into(),
+        ..Default::default()
+    };
+    let h = std::sync::Arc::new(Harness::start(setup).await);
+    h.emulator.set_behaviour(&client_id("busy"), Behaviour::Throttled { retry_after_secs: None });
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move {
+            post(&h, "/v1/messages", &simple(&format!("r{i}"), i % 3 == 0)).await.status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let busy = h.emulator.stats_for(&client_id("busy")).requests;
+    assert!((1..=2).contains(&busy), "the throttling account was called {busy} times");
+    assert_eq!(h.emulator.stats_for(&client_id("calm")).requests, 200, "the healthy account served them all");
+}
+
+/// `rpm`: at most that many requests start on the account in any 60 s; past it the request
+/// waits in the queue or, when every account is at its limit for longer, gets a 429 that says
+/// when a slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpm_caps_the_requests_an_account_starts_each_minute() {
+    let setup = Setup {
+        accounts: vec!["paced".into()],
+        account_extra: "rpm = 3".into(),
+        accounts_settings: "queue_timeout_secs = 1".into(),
+        ..Default::default()
+    };
+    let h = Harness::start(setup).await;
+    for i in 0..3 {
+        assert_eq!(post(&h, "/v1/messages", &simple(&format!("r{i}"), false)).await.status, 200);
+    }
+    let r = post(&h, "/v1/messages", &simple("one too many", false)).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((50..=60).contains(&retry), "a slot frees within the minute: {retry}");
+    assert_eq!(h.emulator.stats_for(&client_id("paced")).requests, 3, "the limit held");
+    let a = h.account("paced");
+    assert_eq!((a["requests_last_minute"].clone(), a["rpm"].clone()), (3.into(), 3.into()), "{a}");
+    h.stop().await;
+}

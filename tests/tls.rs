@@ -170,6 +170,8 @@ async fn shutdown_drains_streams_then_closes_them_with_an_error() {
         ..Default::default()
     };
     let h = Harness::start(setup).await;
+    // A first answer: a fresh account takes one request at a time until it has answered.
+    assert_eq!(post(&h, "/v1/messages", &simple("warm up", false)).await.status, 200);
     let url = h.url("/v1/messages");
     let start_stream = |text: &str| {
         let req = http::Request::post(url.clone())

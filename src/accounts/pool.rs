@@ -101,6 +101,10 @@ pub struct Account {
     identity: Identity,
     /// One `ListAvailableProfiles` at a time.
     profile_lock: tokio::sync::Mutex<()>,
+    /// The account has answered since it started or last failed: until then it takes one
+    /// request at a time (a probe), so that a burst never lands on an account that throttles,
+    /// is parked or is broken before the first answer says so.
+    proven: AtomicBool,
     /// When the requests of the last 60 s started (for `rpm`).
     starts: Mutex<VecDeque<Instant>>,
 }
@@ -171,6 +175,7 @@ impl Account {
             tokens: Tokens::new(chain, access),
             identity,
             profile_lock: tokio::sync::Mutex::new(()),
+            proven: AtomicBool::new(false),
             starts: Mutex::new(VecDeque::new()),
         };
         (account, new_identity)
@@ -223,6 +228,15 @@ impl Account {
         match self.rpm_window(now) {
             (n, Some(free_at)) if n >= rpm.get() => Err(free_at),
             _ => Ok(()),
+        }
+    }
+
+    /// In-flight requests it may take now: `max_concurrency` once proven, one until then.
+    fn concurrency(&self) -> u32 {
+        if self.proven.load(Ordering::Relaxed) {
+            self.spec.read().unwrap_or_else(|e| e.into_inner()).max_concurrency.get()
+        } else {
+            1
         }
     }
 
@@ -605,7 +619,7 @@ impl Pool {
     /// Takes a slot on the first account of the strategy's order that has one free.
     fn pick(&self, usable: &[&Arc<Account>]) -> Option<Arc<Account>> {
         let take = |a: &Arc<Account>| {
-            let max = a.spec.read().unwrap_or_else(|e| e.into_inner()).max_concurrency.get();
+            let max = a.concurrency();
             let slot = a
                 .in_flight
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| (x < max).then_some(x + 1))
@@ -955,6 +969,10 @@ impl Pool {
 
     /// Moves an account according to an upstream failure.
     pub fn apply_failure(&self, a: &Account, f: &UpstreamFailure) {
+        if !matches!(f, UpstreamFailure::BadRequest { .. } | UpstreamFailure::ContextTooLong { .. }) {
+            // The account's own trouble: one request at a time until it answers again.
+            a.proven.store(false, Ordering::Relaxed);
+        }
         {
             let mut c = a.counters.lock().unwrap_or_else(|e| e.into_inner());
             c.failures += 1;
@@ -1240,6 +1258,10 @@ impl Lease {
 
     /// The request went through: count it.
     pub fn success(&self, tokens_in: u64, tokens_out: u64) {
+        if !self.account.proven.swap(true, Ordering::Relaxed) {
+            // Out of probing: the requests waiting for this account may come now.
+            self.pool.freed.notify_waiters();
+        }
         let mut c = self.account.counters.lock().unwrap_or_else(|e| e.into_inner());
         c.requests += 1;
         c.tokens_in += tokens_in;

@@ -28,6 +28,9 @@ pub struct Harness {
     listener: std::net::TcpListener,
 }
 
+/// Registers accounts with the emulator and returns their `[[account]]` entries.
+pub type MoreAccounts = Box<dyn FnOnce(&Emulator) -> String + Send>;
+
 /// Options for a harness.
 pub struct Setup {
     /// Account ids; each is registered with the emulator as client `<id>-client`.
@@ -43,6 +46,9 @@ pub struct Setup {
     pub emulator: EmulatorOptions,
     /// Extra keys for every `[[account]]` table.
     pub account_extra: String,
+    /// Registers more accounts with the emulator before the daemon starts, and returns their
+    /// `[[account]]` entries (appended to the accounts file).
+    pub more_accounts: Option<MoreAccounts>,
 }
 
 impl Default for Setup {
@@ -55,6 +61,7 @@ impl Default for Setup {
             accounts_settings: String::new(),
             emulator: EmulatorOptions::default(),
             account_extra: String::new(),
+            more_accounts: None,
         }
     }
 }
@@ -88,11 +95,11 @@ impl Harness {
             emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
         }
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("accounts.toml"),
-            accounts_toml_with(&setup.accounts, &setup.account_extra),
-        )
-        .unwrap();
+        let mut accounts = accounts_toml_with(&setup.accounts, &setup.account_extra);
+        if let Some(more) = setup.more_accounts {
+            accounts.push_str(&more(&emulator));
+        }
+        std::fs::write(dir.path().join("accounts.toml"), accounts).unwrap();
         let config_path = dir.path().join("amq2api.toml");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -156,6 +163,24 @@ impl Harness {
     /// A handle with just what a blocking helper needs (the directory and the address).
     pub fn clone_for_ctl(&self) -> CtlHandle {
         CtlHandle { dir: self.dir.path().to_path_buf(), addr: self.addr }
+    }
+
+    /// `amqctl --json ARGS` through the real binary, against this daemon.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_amqctl"))
+            .arg("--socket")
+            .arg(self.dir.path().join("control.sock"))
+            .arg("--json")
+            .args(args)
+            .output()
+            .expect("amqctl runs");
+        assert!(out.status.success(), "amqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("amqctl --json prints JSON")
+    }
+
+    /// One account as `amqctl --json account ID` shows it.
+    pub fn account(&self, id: &str) -> serde_json::Value {
+        self.ctl_json(&["account", id])
     }
 
     pub fn url(&self, path: &str) -> String {
