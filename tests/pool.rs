@@ -190,20 +190,17 @@ async fn sigkill_during_rotation_never_loses_a_refresh_token() {
     for id in &ids {
         emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
     }
+    // Kiro social accounts rotate through the Kiro auth service under the same rule.
+    let socials: Vec<String> = (0..4).map(|i| format!("s{i}")).collect();
+    let mut accounts = accounts_toml(&ids);
+    for id in &socials {
+        emulator.add_social_account_as(id, &format!("social-refresh-{id}"), None);
+        accounts
+            .push_str(&format!("[[account]]\nid = \"{id}\"\nrefresh_token = \"social-refresh-{id}\"\n\n"));
+    }
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("accounts.toml"), accounts_toml(&ids)).unwrap();
-    let config = dir.path().join("amq2api.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\n[auth]\napi_keys = [\"{API_KEY}\"]\n[upstream]\nendpoint = \"{}\"\n\
-             token_endpoint = \"{}\"\n[accounts]\nfile = \"accounts.toml\"\nrefresh_before_expiry_secs = 30\n\
-             [state]\ndir = \"state\"\n[control]\nsocket = \"control.sock\"\n",
-            emulator.endpoint(),
-            emulator.token_endpoint()
-        ),
-    )
-    .unwrap();
+    let config = common::child::write_config(dir.path(), &emulator, &ids, "refresh_before_expiry_secs = 30");
+    std::fs::write(dir.path().join("accounts.toml"), accounts).unwrap();
     let mut seed = 0x9e37_79b9u32;
     for round in 0..20 {
         let mut child = spawn_daemon(&config);
@@ -222,10 +219,11 @@ async fn sigkill_during_rotation_never_loses_a_refresh_token() {
     }
     // Every account still refreshes: start once more and let them all go round.
     let mut child = spawn_daemon(&config);
-    let before: Vec<u64> = ids.iter().map(|id| emulator.stats_for(&client_id(id)).refreshes).collect();
+    let keys: Vec<String> = ids.iter().map(|id| client_id(id)).chain(socials.iter().cloned()).collect();
+    let before: Vec<u64> = keys.iter().map(|k| emulator.stats_for(k).refreshes).collect();
     let t0 = Instant::now();
     loop {
-        let now: Vec<u64> = ids.iter().map(|id| emulator.stats_for(&client_id(id)).refreshes).collect();
+        let now: Vec<u64> = keys.iter().map(|k| emulator.stats_for(k).refreshes).collect();
         if now.iter().zip(&before).all(|(n, b)| n > b) {
             break;
         }
@@ -235,7 +233,10 @@ async fn sigkill_during_rotation_never_loses_a_refresh_token() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(emulator.stats().refresh_failures, 0);
-    assert!(emulator.stats().refreshes >= 8 * 3, "rotation really happened: {}", emulator.stats().refreshes);
+    assert!(emulator.stats().refreshes >= 12 * 3, "rotation really happened: {}", emulator.stats().refreshes);
+    for s in &socials {
+        assert!(emulator.stats_for(s).refreshes >= 3, "social {s} rotated: {:?}", emulator.stats_for(s));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -860,5 +861,47 @@ async fn rpm_caps_the_requests_an_account_starts_each_minute() {
     assert_eq!(h.emulator.stats_for(&client_id("paced")).requests, 3, "the limit held");
     let a = h.account("paced");
     assert_eq!((a["requests_last_minute"].clone(), a["rpm"].clone()), (3.into(), 3.into()), "{a}");
+    h.stop().await;
+}
+
+/// A profile ARN the service stops taking ("User is not authorized to make this call") is
+/// asked for again, once, and the request goes through with the new one; the file's
+/// `profile_arn` always wins and is never asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_profile_is_asked_for_again_once() {
+    let setup = Setup {
+        accounts: vec!["idc".into()],
+        emulator: EmulatorOptions { require_profile_arn: true, ..Default::default() },
+        ..Default::default()
+    };
+    let h = Harness::start(setup).await;
+    let cid = client_id("idc");
+    let first = "arn:aws:codewhisperer:us-east-1:123456789012:profile/FIRSTPROFILE";
+    let second = "arn:aws:codewhisperer:us-east-1:123456789012:profile/SECONDPROFIL";
+    h.emulator.set_profile_arn(&cid, Some(first));
+    assert_eq!(post(&h, "/v1/messages", &simple("one", false)).await.status, 200);
+    assert_eq!(h.account("idc")["profile_arn"], first);
+    h.emulator.set_profile_arn(&cid, Some(second));
+    let r = post(&h, "/v1/messages", &simple("two", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let s = h.emulator.stats_for(&cid);
+    assert_eq!(s.profile_requests, 2, "asked once more: {s:?}");
+    assert_eq!(s.last_request.unwrap()["profileArn"], second);
+    assert_eq!(h.account("idc")["profile_arn"], second);
+    assert_eq!(h.account("idc")["state"], "active");
+    h.stop().await;
+
+    // The file's ARN wins: no listing call; a wrong one is the operator's to fix (the account
+    // is taken out with the service's words).
+    let setup = Setup {
+        accounts: vec!["pinned".into()],
+        account_extra: format!("profile_arn = \"{first}\""),
+        emulator: EmulatorOptions { require_profile_arn: true, ..Default::default() },
+        ..Default::default()
+    };
+    let h = Harness::start(setup).await;
+    h.emulator.set_profile_arn(&client_id("pinned"), Some(first));
+    assert_eq!(post(&h, "/v1/messages", &simple("pinned", false)).await.status, 200);
+    assert_eq!(h.emulator.stats_for(&client_id("pinned")).profile_requests, 0);
     h.stop().await;
 }
