@@ -46,7 +46,7 @@ fn example_files_are_valid() {
     let (code, stdout, stderr) = check_config(&root().join("examples/amq2api.toml"));
     assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains("configuration OK"), "{stdout}");
-    assert!(stdout.contains("(2 accounts, 2 enabled)"), "{stdout}");
+    assert!(stdout.contains("(3 accounts, 3 enabled)"), "{stdout}");
     assert!(!stderr.contains("error"), "{stderr}");
 }
 
@@ -127,13 +127,14 @@ fn example_secrets() -> Vec<String> {
     let mut secrets = vec!["sk-amq-example-change-me-0123456789".to_string()];
     let text = std::fs::read_to_string(root().join("examples/accounts.toml")).unwrap();
     for line in text.lines() {
-        for key in ["client_id", "client_secret", "refresh_token"] {
+        for key in ["client_id", "client_secret", "refresh_token", "api_key"] {
             if let Some(v) = line.strip_prefix(&format!("{key} = ")) {
                 secrets.push(v.trim_matches('"').to_string());
             }
         }
     }
-    assert_eq!(secrets.len(), 7);
+    // The key, one OIDC seat's three credentials, a social refresh token, an API key.
+    assert_eq!(secrets.len(), 6);
     secrets
 }
 
