@@ -50,7 +50,7 @@ pub fn prepare(
     session: Option<&str>,
 ) -> Result<Prepared, ApiError> {
     let req = request::parse(body, version, Endpoint::Messages)?;
-    let translated = translate(&req, &Context { models: &app.models, session_id: session })?;
+    let translated = translate(&req, &Context { models: &app.models, session_id: session, caps: None })?;
     Ok(Prepared { req, translated })
 }
 

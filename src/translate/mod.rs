@@ -6,6 +6,6 @@ pub mod request;
 pub mod response;
 pub mod tokens;
 
-pub use models::{ModelInfo, ModelMap};
+pub use models::{ModelCaps, ModelInfo, ModelMap};
 pub use request::{Context, ToolNames, Translated, translate};
 pub use response::{Aggregator, ResponseParams, ResponseState};

@@ -29,6 +29,24 @@ const LISTED: &[(&str, &str, &str)] = &[
     ("claude-3-7-sonnet-20250219", "Claude Sonnet 3.7", "2025-02-24T00:00:00Z"),
 ];
 
+/// What translation needs to know about the model a request goes to, from the live catalog
+/// (`ListAvailableModels`); `None` fields are unknown (no catalog yet), and today's defaults apply.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelCaps {
+    /// `tokenLimits.maxInputTokens`: the context window.
+    pub max_input_tokens: Option<u64>,
+    /// `tokenLimits.maxOutputTokens`: a larger `max_tokens` is a 400.
+    pub max_output_tokens: Option<u64>,
+    /// `additionalModelRequestFieldsSchema`: when present, the model takes native reasoning
+    /// (`thinking`, `output_config.effort`, `max_tokens`) in `additionalModelRequestFields`,
+    /// validated against this schema; when absent (the 4.5 family), thinking is asked for with
+    /// prompt tags.
+    pub request_fields_schema: Option<serde_json::Value>,
+    /// `promptCaching.maximumCacheCheckpointsPerRequest` when the model supports caching (0: it
+    /// does not).
+    pub max_cache_checkpoints: u32,
+}
+
 /// Context window (tokens) used to turn `contextUsageEvent` percentages into input tokens.
 pub const DEFAULT_CONTEXT_WINDOW: u64 = 200_000;
 

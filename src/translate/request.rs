@@ -89,6 +89,8 @@ pub struct Context<'a> {
     pub models: &'a ModelMap,
     /// A client session id (Claude Code's session header), for a stable conversation id.
     pub session_id: Option<&'a str>,
+    /// The target model's capabilities from the catalog, when known.
+    pub caps: Option<&'a super::ModelCaps>,
 }
 
 fn too_long(what: &str, n: usize, max: usize) -> ApiError {
@@ -652,7 +654,7 @@ mod tests {
     fn tr(v: Value) -> Value {
         let req = parse_value(&v, ApiVersion::default(), Endpoint::Messages).unwrap();
         let models = ModelMap::default();
-        let t = translate(&req, &Context { models: &models, session_id: None }).unwrap();
+        let t = translate(&req, &Context { models: &models, session_id: None, caps: None }).unwrap();
         let mut j = to_json(&t, None);
         j["conversationState"]["conversationId"] = json!("ID");
         j
@@ -738,7 +740,7 @@ mod tests {
     #[test]
     fn url_images_and_pdfs_are_refused_and_sizes_checked() {
         let models = ModelMap::default();
-        let ctx = Context { models: &models, session_id: None };
+        let ctx = Context { models: &models, session_id: None, caps: None };
         let p = |v: Value| parse_value(&v, ApiVersion::default(), Endpoint::Messages).unwrap();
         let r = p(
             json!({"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": [
