@@ -1020,8 +1020,11 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
                 .or_insert_with(|| {
                     let body = serde_json::to_vec(&messages_body(prompt)).unwrap();
                     let req = request::parse(&body, ApiVersion::default(), Endpoint::Messages).unwrap();
-                    let t =
-                        translate(&req, &Context { models: &models, session_id: None, caps: None }).unwrap();
+                    let t = translate(
+                        &req,
+                        &Context { models: &models, session_id: None, caps: None, catalog: None },
+                    )
+                    .unwrap();
                     Bytes::from(serde_json::to_vec(&to_json(&t, None)).unwrap())
                 })
                 .clone();

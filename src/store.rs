@@ -84,6 +84,7 @@ const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 const COUNTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("counters");
 const IDENTITY: TableDefinition<&str, &[u8]> = TableDefinition::new("identity");
+const CATALOG: TableDefinition<&str, &[u8]> = TableDefinition::new("catalog");
 const SCHEMA_KEY: &str = "schema_version";
 /// The version byte in front of every value this build writes (and the only one it reads).
 const VALUE_VERSION: u8 = 1;
@@ -97,9 +98,13 @@ type Migration = fn(&WriteTransaction) -> Result<(), StoreError>;
 /// what changed, in `txn`), append it here and bump [`SCHEMA_VERSION`].
 const MIGRATIONS: &[Migration] = &[v1_to_v2];
 
-/// Version 2 adds the `identity` table (what an account learned about itself).
+/// Version 2 adds the `identity` table (what an account learned about itself) and the
+/// `catalog` table (the models it offers).
 fn v1_to_v2(txn: &WriteTransaction) -> Result<(), StoreError> {
-    txn.open_table(IDENTITY).map_err(|e| StoreError::Db(format!("creating the identity table: {e}")))?;
+    for table in [IDENTITY, CATALOG] {
+        txn.open_table(table)
+            .map_err(|e| StoreError::Db(format!("creating the {} table: {e}", table.name())))?;
+    }
     Ok(())
 }
 
@@ -204,6 +209,14 @@ pub struct AccountRecord {
     pub state: StateRecord,
     pub counters: Counters,
     pub identity: Option<IdentityRecord>,
+    pub catalog: Option<CatalogRecord>,
+}
+
+/// An account's model catalog as last fetched.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CatalogRecord {
+    pub fetched_at: SystemTime,
+    pub models: Vec<crate::upstream::catalog::CatalogModel>,
 }
 
 /// What an account learned about itself and must keep across restarts: the installation it
@@ -626,6 +639,11 @@ impl Store {
                 let record = decode_identity(key.value(), value.value())?;
                 out.entry(key.value().to_owned()).or_default().identity = Some(record);
             }
+            for row in txn.open_table(CATALOG).ctx(path)?.iter().ctx(path)? {
+                let (key, value) = row.ctx(path)?;
+                let record = decode_catalog(key.value(), value.value())?;
+                out.entry(key.value().to_owned()).or_default().catalog = Some(record);
+            }
             Ok(out)
         })
     }
@@ -651,7 +669,16 @@ impl Store {
                 Some(v) => Some(decode_identity(id, v.value())?),
                 None => None,
             };
-            if tokens.is_none() && state.is_none() && counters.is_none() && identity.is_none() {
+            let catalog = match txn.open_table(CATALOG).ctx(path)?.get(id).ctx(path)? {
+                Some(v) => Some(decode_catalog(id, v.value())?),
+                None => None,
+            };
+            if tokens.is_none()
+                && state.is_none()
+                && counters.is_none()
+                && identity.is_none()
+                && catalog.is_none()
+            {
                 return Ok(None);
             }
             Ok(Some(AccountRecord {
@@ -659,6 +686,7 @@ impl Store {
                 state: state.unwrap_or_default(),
                 counters: counters.unwrap_or_default(),
                 identity,
+                catalog,
             }))
         })
     }
@@ -735,10 +763,29 @@ impl Store {
         })
     }
 
+    /// Replaces the catalogs of many accounts in one commit (not waited for: a lost catalog is
+    /// fetched again).
+    pub fn put_catalogs(&self, batch: &[(String, CatalogRecord)]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let values = batch
+            .iter()
+            .map(|(id, r)| Ok((id.as_str(), encode(&CatalogWire::from(r))?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.write(false, |txn| {
+            let mut table = txn.open_table(CATALOG).ctx(self.path())?;
+            for (id, value) in &values {
+                table.insert(*id, value.as_slice()).ctx(self.path())?;
+            }
+            Ok(())
+        })
+    }
+
     /// Forgets an account: deletes its rows from every table, on disk before returning.
     pub fn remove(&self, id: &str) -> Result<(), StoreError> {
         self.write(true, |txn| {
-            for table in [TOKENS, STATE, COUNTERS, IDENTITY] {
+            for table in [TOKENS, STATE, COUNTERS, IDENTITY, CATALOG] {
                 txn.open_table(table).ctx(self.path())?.remove(id).ctx(self.path())?;
             }
             Ok(())
@@ -830,7 +877,7 @@ fn prepare_schema(db: &Database, path: &Path) -> Result<(), StoreError> {
         let version = SCHEMA_VERSION.to_le_bytes();
         txn.open_table(META).ctx(path)?.insert(SCHEMA_KEY, version.as_slice()).ctx(path)?;
     }
-    for table in [TOKENS, STATE, COUNTERS, IDENTITY] {
+    for table in [TOKENS, STATE, COUNTERS, IDENTITY, CATALOG] {
         txn.open_table(table).ctx(path)?;
     }
     txn.commit().ctx(path)?;
@@ -1067,6 +1114,24 @@ impl From<&IdentityRecord> for IdentityWire {
             endpoint: r.endpoint.clone(),
         }
     }
+}
+
+#[derive(Serialize, Deserialize)]
+struct CatalogWire {
+    fetched_at_ms: i64,
+    models: Vec<crate::upstream::catalog::CatalogModel>,
+}
+
+impl From<&CatalogRecord> for CatalogWire {
+    fn from(r: &CatalogRecord) -> Self {
+        CatalogWire { fetched_at_ms: to_ms(r.fetched_at), models: r.models.clone() }
+    }
+}
+
+fn decode_catalog(key: &str, raw: &[u8]) -> Result<CatalogRecord, StoreError> {
+    const T: &str = "catalog";
+    let w: CatalogWire = decode(T, key, raw)?;
+    Ok(CatalogRecord { fetched_at: time_field(T, key, "fetched_at_ms", w.fetched_at_ms)?, models: w.models })
 }
 
 fn decode_identity(key: &str, raw: &[u8]) -> Result<IdentityRecord, StoreError> {

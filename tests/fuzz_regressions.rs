@@ -73,8 +73,9 @@ fn request_path(data: &[u8]) -> Result<Value, String> {
     let req = request::parse(body, version, endpoint).map_err(|e| e.message)?;
     translate::tokens::count_request(&req);
     let models = ModelMap::default();
-    let t = translate::translate(&req, &Context { models: &models, session_id: None, caps: None })
-        .map_err(|e| e.message)?;
+    let t =
+        translate::translate(&req, &Context { models: &models, session_id: None, caps: None, catalog: None })
+            .map_err(|e| e.message)?;
     let json = translate::request::to_json(&t, None);
     if let Err(v) = validate_request(&json) {
         panic!("translated request breaks an Amazon Q rule: {v}");

@@ -316,9 +316,9 @@ async fn an_account_removed_and_added_back_keeps_its_rotated_token() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     std::fs::write(&file, accounts_toml(&all[..1])).unwrap();
-    until(Duration::from_secs(2), async || total_accounts(&h).await == 1).await;
+    until(Duration::from_secs(10), async || total_accounts(&h).await == 1).await;
     std::fs::write(&file, accounts_toml(&all)).unwrap();
-    until(Duration::from_secs(2), async || total_accounts(&h).await == 2).await;
+    until(Duration::from_secs(10), async || total_accounts(&h).await == 2).await;
     // Force a refresh of the returning account: it must use the stored successor, not the
     // file's (long dead) original.
     h.emulator.expire_access_tokens(&client_id("acct-2"));

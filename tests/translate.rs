@@ -68,7 +68,7 @@ fn read_json(path: &Path) -> Value {
 fn run(body: &Value, version: ApiVersion) -> Result<Value, ApiError> {
     let req = parse_value(body, version, Endpoint::Messages)?;
     let models = ModelMap::default();
-    let t = translate(&req, &Context { models: &models, session_id: None, caps: None })?;
+    let t = translate(&req, &Context { models: &models, session_id: None, caps: None, catalog: None })?;
     Ok(to_json(&t, Some(PROFILE_ARN)))
 }
 

@@ -2,6 +2,7 @@
 //! token lifecycle — refresh before expiry, single flight, rotation ([`tokens`]), and the live
 //! accounts file ([`watch`]), the state enum ([`state`]) and what the store keeps ([`persist`]).
 
+pub mod catalog;
 pub mod identity;
 pub mod persist;
 pub mod pool;

@@ -5,7 +5,7 @@
 use super::pool::{Restored, StateInfo, StateSink};
 use super::tokens::{Access, Chain};
 use crate::config::AccountId;
-use crate::store::{AccountRecord, Counters, IdentityRecord, StateRecord, Store, TokenRecord};
+use crate::store::{AccountRecord, CatalogRecord, Counters, IdentityRecord, StateRecord, Store, TokenRecord};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -32,6 +32,7 @@ struct Pending {
     states: BTreeMap<String, StateRecord>,
     counters: BTreeMap<String, Counters>,
     identities: BTreeMap<String, IdentityRecord>,
+    catalogs: BTreeMap<String, CatalogRecord>,
     /// A batch taken by the writer and not yet written (flush waits for it too).
     writing: bool,
     /// Failed attempts in a row: the writer waits before the next one.
@@ -82,7 +83,10 @@ fn write_loop(store: &Store, queue: &Queue) {
     let mut retry_at: Option<std::time::Instant> = None;
     let mut last_try = false;
     loop {
-        let idle = pending.states.is_empty() && pending.counters.is_empty() && pending.identities.is_empty();
+        let idle = pending.states.is_empty()
+            && pending.counters.is_empty()
+            && pending.identities.is_empty()
+            && pending.catalogs.is_empty();
         if pending.stop {
             if idle || last_try {
                 if !idle {
@@ -111,6 +115,7 @@ fn write_loop(store: &Store, queue: &Queue) {
         let states = std::mem::take(&mut pending.states);
         let counters = std::mem::take(&mut pending.counters);
         let identities = std::mem::take(&mut pending.identities);
+        let catalogs = std::mem::take(&mut pending.catalogs);
         pending.writing = true;
         drop(pending);
         let batch: Vec<(String, StateRecord)> = states.into_iter().collect();
@@ -119,6 +124,8 @@ fn write_loop(store: &Store, queue: &Queue) {
         let counters_result = store.put_counters(&counters_batch);
         let identities_batch: Vec<(String, IdentityRecord)> = identities.into_iter().collect();
         let identities_result = store.put_identities(&identities_batch);
+        let catalogs_batch: Vec<(String, CatalogRecord)> = catalogs.into_iter().collect();
+        let catalogs_result = store.put_catalogs(&catalogs_batch);
         pending = queue.lock();
         pending.writing = false;
         let mut failed = false;
@@ -133,6 +140,13 @@ fn write_loop(store: &Store, queue: &Queue) {
             tracing::warn!(error = %e, "cannot store what accounts learned (machine ids, profiles); keeping it to retry");
             for (id, r) in identities_batch {
                 pending.identities.entry(id).or_insert(r);
+            }
+            failed = true;
+        }
+        if let Err(e) = catalogs_result {
+            tracing::warn!(error = %e, "cannot store model catalogs; keeping them to retry");
+            for (id, r) in catalogs_batch {
+                pending.catalogs.entry(id).or_insert(r);
             }
             failed = true;
         }
@@ -188,6 +202,11 @@ impl StateSink for StoreSink {
 
     fn identity(&self, id: &AccountId, rec: &IdentityRecord) {
         self.queue.lock().identities.insert(id.to_string(), rec.clone());
+        self.queue.changed.notify_all();
+    }
+
+    fn catalog(&self, id: &AccountId, rec: &CatalogRecord) {
+        self.queue.lock().catalogs.insert(id.to_string(), rec.clone());
         self.queue.changed.notify_all();
     }
 
@@ -260,5 +279,5 @@ fn restored_one(r: AccountRecord) -> Restored {
         last_error: r.state.last_error,
         strikes: 0,
     });
-    Restored { chain, access, state, counters: Some(r.counters), identity: r.identity }
+    Restored { chain, access, state, counters: Some(r.counters), identity: r.identity, catalog: r.catalog }
 }

@@ -2,12 +2,14 @@
 //! cooling, parked, suspended, invalid, disabled and full accounts), a bounded wait when all
 //! are busy, leases that record outcomes, and live application of account-set diffs.
 
+use super::catalog::AccountCatalog;
 use super::identity::Identity;
 use super::tokens::{Access, Chain, MIN_VALIDITY, Tokens};
 use crate::config::{
     AccountId, AccountSet, AccountSpec, AccountsConfig, AccountsDiff, Credentials, Kind, Secret, Strategy,
     UpstreamConfig,
 };
+use crate::translate::Catalog;
 use crate::upstream::{
     Agent, Caller, Endpoints, QuotaKind, RefreshError, Role, UpstreamClient, UpstreamFailure, endpoints_for,
 };
@@ -50,6 +52,10 @@ pub trait StateSink: Send + Sync {
     fn identity(&self, id: &AccountId, rec: &crate::store::IdentityRecord) {
         let _ = (id, rec);
     }
+    /// Queues an account's freshly fetched catalog, like [`StateSink::state`].
+    fn catalog(&self, id: &AccountId, rec: &crate::store::CatalogRecord) {
+        let _ = (id, rec);
+    }
     /// Why writes fail right now, for `/health`, `STATUS=` and `amqctl status`.
     fn problem(&self) -> Option<String> {
         None
@@ -83,6 +89,7 @@ pub struct Restored {
     pub state: Option<StateInfo>,
     pub counters: Option<Counters>,
     pub identity: Option<crate::store::IdentityRecord>,
+    pub catalog: Option<crate::store::CatalogRecord>,
 }
 
 pub struct Account {
@@ -105,6 +112,12 @@ pub struct Account {
     /// request at a time (a probe), so that a burst never lands on an account that throttles,
     /// is parked or is broken before the first answer says so.
     proven: AtomicBool,
+    /// The models the account offers.
+    catalog: RwLock<AccountCatalog>,
+    /// A catalog fetch is running; when the next may start.
+    fetching: AtomicBool,
+    next_catalog_try: Mutex<Option<Instant>>,
+    catalog_failures: AtomicU32,
     /// When the requests of the last 60 s started (for `rpm`).
     starts: Mutex<VecDeque<Instant>>,
 }
@@ -176,6 +189,17 @@ impl Account {
             identity,
             profile_lock: tokio::sync::Mutex::new(()),
             proven: AtomicBool::new(false),
+            catalog: RwLock::new(match restored.catalog {
+                Some(c) => {
+                    let mut cat = AccountCatalog::default();
+                    cat.replace(c.models, c.fetched_at);
+                    cat
+                }
+                None => AccountCatalog::default(),
+            }),
+            fetching: AtomicBool::new(false),
+            next_catalog_try: Mutex::new(None),
+            catalog_failures: AtomicU32::new(0),
             starts: Mutex::new(VecDeque::new()),
         };
         (account, new_identity)
@@ -229,6 +253,11 @@ impl Account {
             (n, Some(free_at)) if n >= rpm.get() => Err(free_at),
             _ => Ok(()),
         }
+    }
+
+    /// Its catalog offers `model`, or is not known yet (or no model was named).
+    fn may_serve(&self, model: Option<&str>) -> bool {
+        model.is_none_or(|m| self.catalog.read().unwrap_or_else(|e| e.into_inner()).offers(m) != Some(false))
     }
 
     /// In-flight requests it may take now: `max_concurrency` once proven, one until then.
@@ -408,6 +437,10 @@ pub struct Pool {
     refreshes: tokio_util::task::TaskTracker,
     /// Exponentially weighted mean of how long a lease is held, in ms (0: none ended yet).
     hold_ewma_ms: AtomicU64,
+    /// What the enabled accounts offer (rebuilt whenever a catalog or the set changes).
+    union: RwLock<Arc<Catalog>>,
+    catalog_refresh: Duration,
+    catalog_slots: tokio::sync::Semaphore,
     /// Removed accounts whose rotated refresh token is not stored yet: kept until it is.
     orphans: Mutex<Vec<Arc<Account>>>,
     pub refreshes_ok: AtomicU64,
@@ -453,6 +486,9 @@ impl Pool {
             sink,
             refreshes: tokio_util::task::TaskTracker::new(),
             hold_ewma_ms: AtomicU64::new(0),
+            union: RwLock::new(Arc::new(Catalog::default())),
+            catalog_refresh: settings.catalog_refresh,
+            catalog_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_REFRESHES),
             orphans: Mutex::new(Vec::new()),
             refreshes_ok: AtomicU64::new(0),
             refreshes_failed: AtomicU64::new(0),
@@ -509,19 +545,24 @@ impl Pool {
     }
 
     /// Picks an account, waiting (up to the queue timeout) while every usable one is full.
-    pub async fn lease(self: &Arc<Self>, exclude: &HashSet<AccountId>) -> Result<Lease, PoolError> {
+    /// Only accounts whose catalog offers `model` (or is not known yet) are considered.
+    pub async fn lease(
+        self: &Arc<Self>,
+        exclude: &HashSet<AccountId>,
+        model: Option<&str>,
+    ) -> Result<Lease, PoolError> {
         let deadline = tokio::time::Instant::now() + self.queue_timeout;
         loop {
             let notified = self.freed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.try_lease(exclude) {
+            match self.try_lease(exclude, model) {
                 Ok(Some(lease)) => return Ok(lease),
                 Ok(None) => {}
                 Err(e @ PoolError::AllThrottled { .. }) => {
                     // Held back only by `rpm`: wait in the queue for the window to move on, if
                     // that is within the queue timeout; else say honestly when to come back.
-                    match self.rpm_wake(exclude) {
+                    match self.rpm_wake(exclude, model) {
                         Some(wake) if tokio::time::Instant::from_std(wake) <= deadline => {
                             let _ =
                                 tokio::time::timeout_at(tokio::time::Instant::from_std(wake), notified).await;
@@ -539,19 +580,28 @@ impl Pool {
     }
 
     /// The soonest an account that only its `rpm` holds back can start a request.
-    fn rpm_wake(&self, exclude: &HashSet<AccountId>) -> Option<Instant> {
+    fn rpm_wake(&self, exclude: &HashSet<AccountId>, model: Option<&str>) -> Option<Instant> {
         let now = SystemTime::now();
         let accounts = self.accounts.read().unwrap_or_else(|e| e.into_inner());
-        accounts.iter().filter(|a| !exclude.contains(&a.id)).filter_map(|a| a.rpm_wake(now)).min()
+        accounts
+            .iter()
+            .filter(|a| !exclude.contains(&a.id) && a.may_serve(model))
+            .filter_map(|a| a.rpm_wake(now))
+            .min()
     }
 
-    fn try_lease(self: &Arc<Self>, exclude: &HashSet<AccountId>) -> Result<Option<Lease>, PoolError> {
+    fn try_lease(
+        self: &Arc<Self>,
+        exclude: &HashSet<AccountId>,
+        model: Option<&str>,
+    ) -> Result<Option<Lease>, PoolError> {
         let now = SystemTime::now();
         // This runs for every request over every account: the choice is made under the read lock
         // without cloning the list, and only the chosen account is cloned.
         let chosen = {
             let accounts = self.accounts.read().unwrap_or_else(|e| e.into_inner());
-            let allowed = |a: &Account| exclude.is_empty() || !exclude.contains(&a.id);
+            let allowed =
+                |a: &Account| (exclude.is_empty() || !exclude.contains(&a.id)) && a.may_serve(model);
             // Least-busy's choice is an idle account whenever there is one: walk the rotation
             // from its next start and take the first idle usable account, touching only the
             // accounts walked (with many accounts and few requests, nearly always the first).
@@ -764,6 +814,111 @@ impl Pool {
                 },
             )
             .await
+    }
+
+    /// What the enabled accounts offer.
+    pub fn union(&self) -> Arc<Catalog> {
+        self.union.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Rebuilds the union from the enabled accounts' catalogs.
+    fn rebuild_union(&self) {
+        let accounts = self.accounts();
+        let catalogs: Vec<AccountCatalog> = accounts
+            .iter()
+            .filter(|a| a.spec().enabled && !a.removed.load(Ordering::SeqCst))
+            .map(|a| a.catalog.read().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect();
+        let union = Catalog::from_offers(catalogs.iter().map(|c| (&c.models, &c.dropped)));
+        *self.union.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(union);
+    }
+
+    /// An account's catalog (for `amqctl account`).
+    pub fn catalog_of(&self, a: &Account) -> AccountCatalog {
+        a.catalog.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The account refused `q_model` (`INVALID_MODEL_ID`): it is not offered by this account
+    /// until the next fetch.
+    pub fn drop_model(&self, a: &Account, q_model: &str) {
+        tracing::info!(account = %a.id, model = q_model, "the account does not take this model: left out until its next catalog fetch");
+        a.catalog.write().unwrap_or_else(|e| e.into_inner()).dropped.insert(q_model.to_owned());
+        self.rebuild_union();
+    }
+
+    /// Fetches one account's catalog (bounded concurrency); a failure keeps the last good one
+    /// and is shown with the account.
+    pub async fn fetch_catalog(self: &Arc<Self>, a: &Arc<Account>) -> Result<usize, String> {
+        let _slot = self.catalog_slots.acquire().await;
+        let token = self.access_token(a, None).await.map_err(|e| e.to_string())?;
+        let kind = a.kind();
+        let caller = Caller { bearer: &token, api_key: kind == Kind::ApiKey, agent: a.agent() };
+        let role = a.identity.chat_order(kind)[0];
+        let arn = match role {
+            Role::Q => self.profile_arn(a, &caller).await,
+            Role::Runtime => a.known_profile_arn(),
+        };
+        let result = self.client.list_models(&a.endpoints(), role, &caller, arn.as_deref()).await;
+        let now = SystemTime::now();
+        let outcome = match result {
+            Ok(models) => {
+                let n = models.len();
+                let rec = crate::store::CatalogRecord { fetched_at: now, models: models.clone() };
+                a.catalog.write().unwrap_or_else(|e| e.into_inner()).replace(models, now);
+                self.sink.catalog(&a.id, &rec);
+                a.catalog_failures.store(0, Ordering::SeqCst);
+                tracing::debug!(account = %a.id, models = n, "model catalog fetched");
+                Ok(n)
+            }
+            Err(f) => {
+                let n = a.catalog_failures.fetch_add(1, Ordering::SeqCst) + 1;
+                let wait = backoff(n, Duration::from_secs(30), self.catalog_refresh);
+                *a.next_catalog_try.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + wait);
+                let message = format!("catalog fetch failed: {f}");
+                tracing::warn!(account = %a.id, failure = %f, retry_in_s = wait.as_secs(), "model catalog fetch failed; the last good one stays");
+                a.catalog.write().unwrap_or_else(|e| e.into_inner()).error = Some(message.clone());
+                Err(message)
+            }
+        };
+        self.rebuild_union();
+        outcome
+    }
+
+    /// Starts catalog fetches that are due: an account with a usable token and no catalog, or
+    /// one older than `catalog_refresh_secs`.
+    fn fetch_catalogs_due(self: &Arc<Self>) {
+        let now = SystemTime::now();
+        for a in self.accounts() {
+            if a.removed.load(Ordering::SeqCst) || !a.spec().enabled || a.tokens.has_unsaved() {
+                continue;
+            }
+            if matches!(a.state().state, State::Invalid | State::Suspended | State::Disabled) {
+                continue;
+            }
+            // After its first token (an API key has one from the start).
+            let has_token = a.kind() == Kind::ApiKey
+                || a.tokens.current_access().is_some_and(|x| x.valid_for(MIN_VALIDITY));
+            if !has_token {
+                continue;
+            }
+            let due = match a.catalog.read().unwrap_or_else(|e| e.into_inner()).fetched_at {
+                None => true,
+                Some(at) => now.duration_since(at).unwrap_or_default() >= self.catalog_refresh,
+            };
+            let backoff = a
+                .next_catalog_try
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|t| t > Instant::now());
+            if !due || backoff || a.fetching.swap(true, Ordering::SeqCst) {
+                continue;
+            }
+            let pool = self.clone();
+            tokio::spawn(async move {
+                let _ = pool.fetch_catalog(&a).await;
+                a.fetching.store(false, Ordering::SeqCst);
+            });
+        }
     }
 
     /// The profile ARN for the account's calls: the known one, else (an OIDC account that has
@@ -1098,6 +1253,7 @@ impl Pool {
             let order: HashMap<&AccountId, usize> = new.iter().enumerate().map(|(i, s)| (&s.id, i)).collect();
             list.sort_by_key(|a| order.get(&a.id).copied().unwrap_or(usize::MAX));
         }
+        self.rebuild_union();
         self.freed.notify_waiters();
     }
 
@@ -1154,8 +1310,10 @@ impl Pool {
 
     /// Runs the background refresher until `stop` resolves.
     pub async fn run_refresher(self: Arc<Self>, mut stop: crate::shutdown::Shutdown) {
+        self.rebuild_union();
         loop {
             self.refresh_due();
+            self.fetch_catalogs_due();
             self.flush_counters();
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}

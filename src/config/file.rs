@@ -88,6 +88,7 @@ struct RawAccounts {
     strategy: Option<Spanned<String>>,
     refresh_before_expiry_secs: Secs,
     queue_timeout_secs: Secs,
+    catalog_refresh_secs: Secs,
 }
 
 #[derive(Deserialize, Default)]
@@ -429,6 +430,7 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
             3000,
         ),
         queue_timeout: ck.secs(&a.queue_timeout_secs, "queue_timeout_secs", 30, 0, 600),
+        catalog_refresh: ck.secs(&a.catalog_refresh_secs, "catalog_refresh_secs", 3600, 60, 86_400 * 7),
     };
 
     // [models]

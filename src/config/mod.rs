@@ -138,6 +138,8 @@ pub struct AccountsConfig {
     pub refresh_before_expiry: Duration,
     /// How long a request may wait for a free account when all are busy.
     pub queue_timeout: Duration,
+    /// How often each account's model catalog is fetched again.
+    pub catalog_refresh: Duration,
 }
 
 #[derive(Debug, Clone)]

@@ -81,7 +81,8 @@ impl Relay {
     pub async fn connect(&self, request: &GenerateRequest) -> Result<Connected, ApiError> {
         let mut budget = Budget::new(self.max_attempts);
         loop {
-            let lease = match self.pool.lease(budget.excluded()).await {
+            let model = request.conversation_state.current_message.user_input_message.model_id.as_deref();
+            let lease = match self.pool.lease(budget.excluded(), model).await {
                 Ok(l) => l,
                 Err(e) => {
                     return Err(match (budget.last(), &e) {
@@ -115,6 +116,9 @@ impl Relay {
                     }
                     (Attempt::Failed(f), token) => {
                         self.metrics.attempt(f.kind());
+                        if let (UpstreamFailure::ModelNotOffered { .. }, Some(m)) = (&f, model) {
+                            self.pool.drop_model(&lease.account, m);
+                        }
                         if f == UpstreamFailure::TokenInvalid {
                             if let Some(t) = &token {
                                 lease.account.tokens.invalidate_if(t);

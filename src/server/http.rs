@@ -209,10 +209,20 @@ async fn route(
         "/v1/models" => Ok(models_list(app, parts)),
         p if p.starts_with("/v1/models/") => {
             let id = &p["/v1/models/".len()..];
+            // Percent-encoded brackets (`claude-opus-4-8%5B1m%5D`) name the `[1m]` listing; a
+            // dated id (`claude-sonnet-4-5-20250929`) names its model.
+            let id = percent_decode(id);
+            let (base, one_m) = crate::translate::catalog::normalise(&id);
+            let alias = if one_m { format!("{base}[1m]") } else { base };
             app.models
-                .list()
+                .list_live(&app.pool.union())
                 .into_iter()
-                .find(|m| m.id == id)
+                .find(|m| m.id == id || m.id == alias)
+                .map(|mut m| {
+                    // Answered under the id asked for, as Anthropic's API does for aliases.
+                    m.id = id.clone();
+                    m
+                })
                 .map(|m| json_response(StatusCode::OK, &model_json(&m)))
                 .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("model: {id}")))
         }
@@ -226,7 +236,9 @@ async fn route(
                 .work
                 .run(admission, len, move || {
                     let req = areq::parse(&bytes, version, Endpoint::CountTokens)?;
-                    let counted = models.models.resolve(&req.model).map(|_| tokens::count_request(&req));
+                    let live = models.pool.union();
+                    let counted =
+                        models.models.resolve_live(&req.model, &live).map(|_| tokens::count_request(&req));
                     Ok::<_, ApiError>((req.model, counted))
                 })
                 .await??;
@@ -299,19 +311,38 @@ fn health(app: &App) -> Response<Body> {
     json_response(code, &body)
 }
 
+/// `%XX` escapes decoded (`+` stays: model ids never hold a space); an invalid escape is kept.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn model_json(m: &crate::translate::ModelInfo) -> Value {
     json!({"type": "model", "id": m.id, "display_name": m.display_name, "created_at": m.created_at})
 }
 
 fn models_list(app: &App, parts: &http::request::Parts) -> Response<Body> {
-    let all = app.models.list();
+    let all = app.models.list_live(&app.pool.union());
     let q: Vec<(String, String)> = parts
         .uri
         .query()
         .unwrap_or("")
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
         .collect();
     let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
     let limit = get("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(20).clamp(1, 1000);

@@ -50,7 +50,12 @@ pub fn prepare(
     session: Option<&str>,
 ) -> Result<Prepared, ApiError> {
     let req = request::parse(body, version, Endpoint::Messages)?;
-    let translated = translate(&req, &Context { models: &app.models, session_id: session, caps: None })?;
+    // The live catalog: the model is resolved against what the accounts offer, and its limits
+    // and reasoning schema come from there.
+    let live = app.pool.union();
+    let caps = app.models.resolve_live(&req.model, &live).ok().and_then(|q| live.caps(&q));
+    let ctx = Context { models: &app.models, session_id: session, caps: caps.as_ref(), catalog: Some(&live) };
+    let translated = translate(&req, &ctx)?;
     Ok(Prepared { req, translated })
 }
 

@@ -52,8 +52,10 @@ pub const DEFAULT_CONTEXT_WINDOW: u64 = 200_000;
 
 #[derive(Debug, Clone)]
 pub struct ModelMap {
-    /// (prefix, Amazon Q id), longest prefix first.
+    /// (prefix, Amazon Q id), longest prefix first: the built-in table and the operator's.
     entries: Vec<(String, String)>,
+    /// The operator's `[models]` prefixes (they win over the live catalog too).
+    overrides: Vec<(String, String)>,
     fallback: Option<String>,
 }
 
@@ -69,6 +71,7 @@ impl ModelMap {
         let mut entries: Vec<(String, String)> =
             BUILTIN.iter().map(|(p, q)| (p.to_string(), q.to_string())).collect();
         let mut fallback = None;
+        let mut own = Vec::new();
         for (prefix, target) in overrides {
             if prefix == "*" {
                 fallback = Some(target.clone());
@@ -76,9 +79,63 @@ impl ModelMap {
             }
             entries.retain(|(p, _)| p != prefix);
             entries.push((prefix.clone(), target.clone()));
+            own.push((prefix.to_ascii_lowercase(), target.clone()));
         }
         entries.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
-        ModelMap { entries, fallback }
+        own.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+        ModelMap { entries, overrides: own, fallback }
+    }
+
+    /// The service model for a client's model name, with the live catalog: the operator's
+    /// `[models]` prefixes first; then, once any account has a catalog, what some account offers
+    /// (404 `not_found_error` naming the model when none does, unless `"*"` names a fallback);
+    /// before that, the built-in table.
+    pub fn resolve_live(&self, claude_name: &str, live: &super::Catalog) -> Result<String, ApiError> {
+        if live.is_empty() {
+            return self.resolve(claude_name);
+        }
+        let name = claude_name.trim().to_ascii_lowercase();
+        if let Some((_, q)) = self.overrides.iter().find(|(p, _)| name.starts_with(p.as_str())) {
+            return Ok(q.clone());
+        }
+        live.resolve(&name).or_else(|| self.fallback.clone()).ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::NotFound,
+                format!("model: {} (no account offers it)", claude_name.escape_debug()),
+            )
+        })
+    }
+
+    /// What `/v1/models` lists with the live catalog: what the accounts offer under
+    /// Claude-style ids (and `[1m]` ids), plus the operator's prefixes; the built-in list
+    /// before any account has a catalog.
+    pub fn list_live(&self, live: &super::Catalog) -> Vec<ModelInfo> {
+        if live.is_empty() {
+            return self.list();
+        }
+        let mut out: Vec<ModelInfo> = live
+            .listing()
+            .into_iter()
+            .map(|l| ModelInfo {
+                created_at: LISTED
+                    .iter()
+                    .find(|(id, _, _)| super::catalog::normalise(id).0 == l.id)
+                    .map(|(_, _, at)| at.to_string())
+                    .unwrap_or_else(|| "2026-01-01T00:00:00Z".into()),
+                id: l.id,
+                display_name: l.display_name,
+            })
+            .collect();
+        for (prefix, q) in &self.overrides {
+            if !out.iter().any(|m| m.id.starts_with(prefix.as_str())) {
+                out.push(ModelInfo {
+                    id: prefix.clone(),
+                    display_name: format!("{prefix} (Amazon Q {q})"),
+                    created_at: "2025-01-01T00:00:00Z".into(),
+                });
+            }
+        }
+        out
     }
 
     /// The Amazon Q model for a Claude model name, or 404 `not_found_error` as Anthropic answers.

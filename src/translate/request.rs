@@ -91,6 +91,8 @@ pub struct Context<'a> {
     pub session_id: Option<&'a str>,
     /// The target model's capabilities from the catalog, when known.
     pub caps: Option<&'a super::ModelCaps>,
+    /// The live catalog the model name is resolved against (`None`: the built-in table).
+    pub catalog: Option<&'a super::Catalog>,
 }
 
 fn too_long(what: &str, n: usize, max: usize) -> ApiError {
@@ -122,7 +124,18 @@ enum Turn {
 
 /// Translates a parsed request. Errors are client errors (400/404).
 pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, ApiError> {
-    let q_model = ctx.models.resolve(&req.model)?;
+    let q_model = match ctx.catalog {
+        Some(live) => ctx.models.resolve_live(&req.model, live)?,
+        None => ctx.models.resolve(&req.model)?,
+    };
+    if let Some(max) = ctx.caps.and_then(|c| c.max_output_tokens) {
+        if req.max_tokens as u64 > max {
+            return Err(ApiError::invalid(format!(
+                "max_tokens: {} > {max}, which is the maximum allowed number of output tokens for {}",
+                req.max_tokens, req.model
+            )));
+        }
+    }
     let mut names = ToolNames::default();
     let mut preamble: Vec<String> = req.system.clone();
 
@@ -351,7 +364,10 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
         stop_sequences: req.stop_sequences.clone(),
         thinking: !matches!(req.thinking, Thinking::Disabled),
         tool_names: names,
-        context_window: ctx.models.context_window(&q_model),
+        context_window: ctx
+            .caps
+            .and_then(|c| c.max_input_tokens)
+            .unwrap_or_else(|| ctx.models.context_window(&q_model)),
     };
     Ok(Translated {
         request: GenerateRequest {
@@ -654,7 +670,8 @@ mod tests {
     fn tr(v: Value) -> Value {
         let req = parse_value(&v, ApiVersion::default(), Endpoint::Messages).unwrap();
         let models = ModelMap::default();
-        let t = translate(&req, &Context { models: &models, session_id: None, caps: None }).unwrap();
+        let t = translate(&req, &Context { models: &models, session_id: None, caps: None, catalog: None })
+            .unwrap();
         let mut j = to_json(&t, None);
         j["conversationState"]["conversationId"] = json!("ID");
         j
@@ -740,7 +757,7 @@ mod tests {
     #[test]
     fn url_images_and_pdfs_are_refused_and_sizes_checked() {
         let models = ModelMap::default();
-        let ctx = Context { models: &models, session_id: None, caps: None };
+        let ctx = Context { models: &models, session_id: None, caps: None, catalog: None };
         let p = |v: Value| parse_value(&v, ApiVersion::default(), Endpoint::Messages).unwrap();
         let r = p(
             json!({"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": [

@@ -340,6 +340,66 @@ impl UpstreamClient {
         Ok(listed.profiles.into_iter().map(|p| Profile { arn: p.arn, name: p.profile_name }).collect())
     }
 
+    /// `ListAvailableModels`: the whole catalog (every page), from Amazon Q (`GET`, for accounts
+    /// on the Amazon Q endpoint) or from the Kiro management endpoint (`POST`).
+    pub async fn list_models(
+        &self,
+        endpoints: &Endpoints,
+        role: Role,
+        caller: &Caller<'_>,
+        profile_arn: Option<&str>,
+    ) -> Result<Vec<super::catalog::CatalogModel>, UpstreamFailure> {
+        let mut models = Vec::new();
+        let mut next: Option<String> = None;
+        // A bound on pages: a service that keeps answering with a next token is not followed
+        // forever.
+        for _ in 0..20 {
+            let req = match role {
+                Role::Q => {
+                    let mut url = format!("{}ListAvailableModels?origin=AI_EDITOR", endpoints.q);
+                    if let Some(arn) = profile_arn {
+                        url.push_str(&format!("&profileArn={}", percent_encode(arn)));
+                    }
+                    if let Some(t) = &next {
+                        url.push_str(&format!("&nextToken={}", percent_encode(t)));
+                    }
+                    let uri: Uri = url.parse().map_err(|e| UpstreamFailure::Transient {
+                        status: None,
+                        message: format!("catalog URL: {e}"),
+                    })?;
+                    caller.apply(Request::get(uri), "codewhispererruntime").body(Full::new(Bytes::new()))
+                }
+                Role::Runtime => {
+                    let mut body = serde_json::json!({ "origin": "AI_EDITOR" });
+                    if let Some(arn) = profile_arn {
+                        body["profileArn"] = arn.into();
+                    }
+                    if let Some(t) = &next {
+                        body["nextToken"] = t.clone().into();
+                    }
+                    caller
+                        .apply(Request::post(endpoints.management.clone()), "kirocontrolplane")
+                        .header(header::CONTENT_TYPE, "application/x-amz-json-1.0")
+                        .header("x-amz-target", super::catalog::MODELS_TARGET)
+                        .body(Full::new(Bytes::from(body.to_string())))
+                }
+            }
+            .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
+            let (status, headers, bytes) = self.call_whole(req).await?;
+            if status != StatusCode::OK {
+                return Err(classify(status, &headers, &bytes));
+            }
+            let page = super::catalog::parse_page(&bytes)
+                .map_err(|message| UpstreamFailure::Transient { status: None, message })?;
+            models.extend(page.models);
+            match page.next_token {
+                Some(t) => next = Some(t),
+                None => return Ok(models),
+            }
+        }
+        Ok(models)
+    }
+
     /// Sends a request and reads its whole answer (up to the body limit), within the
     /// first-byte timeout.
     pub(crate) async fn call_whole(
@@ -404,6 +464,19 @@ fn send_failure(e: &super::conn::ConnError) -> UpstreamFailure {
         }
         _ => UpstreamFailure::Transient { status: None, message: e.to_string() },
     }
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+fn percent_encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Classifies a failed `CreateToken` answer.

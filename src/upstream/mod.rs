@@ -2,6 +2,7 @@
 //! and the HTTP client that calls `GenerateAssistantResponse` and OIDC `CreateToken`.
 
 pub mod agent;
+pub mod catalog;
 pub mod client;
 pub mod conn;
 pub mod errors;

@@ -242,7 +242,12 @@ fn prepare(body: &[u8], models: &ModelMap) -> usize {
     let req = request::parse(body, ApiVersion::default(), Endpoint::Messages).unwrap();
     let t = translate(
         &req,
-        &Context { models, session_id: Some("5f2b7c1e-9a7d-4c1b-8e0a-2d3f4b5c6d7e"), caps: None },
+        &Context {
+            models,
+            session_id: Some("5f2b7c1e-9a7d-4c1b-8e0a-2d3f4b5c6d7e"),
+            caps: None,
+            catalog: None,
+        },
     )
     .unwrap();
     let n = tokens::count_request(&req);
@@ -393,7 +398,9 @@ fn bench(c: &mut Criterion) {
     let body = claude_code_request();
     let models = ModelMap::default();
     let parsed = request::parse(&body, ApiVersion::default(), Endpoint::Messages).unwrap();
-    let translated = translate(&parsed, &Context { models: &models, session_id: None, caps: None }).unwrap();
+    let translated =
+        translate(&parsed, &Context { models: &models, session_id: None, caps: None, catalog: None })
+            .unwrap();
     let q_body = serde_json::to_vec(&translated.request).unwrap();
     eprintln!(
         "request: {} bytes, {} tools, {} system blocks, {} messages; Amazon Q body {} bytes, {} input tokens",
@@ -413,7 +420,11 @@ fn bench(c: &mut Criterion) {
     });
     group.bench_function("translate", |b| {
         b.iter(|| {
-            translate(black_box(&parsed), &Context { models: &models, session_id: None, caps: None }).unwrap()
+            translate(
+                black_box(&parsed),
+                &Context { models: &models, session_id: None, caps: None, catalog: None },
+            )
+            .unwrap()
         })
     });
     group.bench_function("count_tokens", |b| b.iter(|| tokens::count_request(black_box(&parsed))));

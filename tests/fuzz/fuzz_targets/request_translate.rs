@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let _ = translate::tokens::count_request(&req);
     let models = ModelMap::default();
-    let ctx = Context { models: &models, session_id: None, caps: None };
+    let ctx = Context { models: &models, session_id: None, caps: None, catalog: None };
     let Ok(t) = translate::translate(&req, &ctx) else {
         return;
     };
