@@ -257,6 +257,11 @@ impl Account {
         self.spec.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The account's egress proxy (its `proxy`), which all its upstream calls go through.
+    pub fn proxy(&self) -> Option<crate::config::Proxy> {
+        self.spec.read().unwrap_or_else(|e| e.into_inner()).proxy.clone()
+    }
+
     pub fn endpoints(&self) -> Endpoints {
         self.endpoints.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -713,12 +718,18 @@ impl Pool {
                                     client_secret,
                                     &chain.refresh_token,
                                     a.agent(),
+                                    spec.proxy.as_ref(),
                                 )
                                 .await
                         }
                         Credentials::Social { .. } => {
                             client
-                                .social_refresh(&endpoints.social_token, &chain.refresh_token, a.agent())
+                                .social_refresh(
+                                    &endpoints.social_token,
+                                    &chain.refresh_token,
+                                    a.agent(),
+                                    spec.proxy.as_ref(),
+                                )
                                 .await
                         }
                         Credentials::ApiKey { .. } => {

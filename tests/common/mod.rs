@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod proxy;
 
 use amq2api::config::{self, Env, Loaded};
 use amq2api::emulator::{Emulator, EmulatorOptions};
