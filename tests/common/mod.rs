@@ -44,6 +44,8 @@ pub struct Setup {
     pub emulator: EmulatorOptions,
     /// Extra keys for every `[[account]]` table.
     pub account_extra: String,
+    /// Extra keys for one `[[account]]` table: (account id, keys).
+    pub account_extra_for: Vec<(String, String)>,
 }
 
 impl Default for Setup {
@@ -56,6 +58,7 @@ impl Default for Setup {
             accounts_settings: String::new(),
             emulator: EmulatorOptions::default(),
             account_extra: String::new(),
+            account_extra_for: Vec::new(),
         }
     }
 }
@@ -69,11 +72,18 @@ pub fn accounts_toml(ids: &[String]) -> String {
 }
 
 pub fn accounts_toml_with(ids: &[String], extra: &str) -> String {
+    accounts_toml_for(ids, extra, &[])
+}
+
+/// Accounts with `extra` keys in every table and, for some, keys of their own.
+pub fn accounts_toml_for(ids: &[String], extra: &str, own: &[(String, String)]) -> String {
     let mut s = String::new();
     for id in ids {
+        let own: Vec<&str> = own.iter().filter(|(i, _)| i == id).map(|(_, keys)| keys.as_str()).collect();
         s.push_str(&format!(
-            "[[account]]\nid = \"{id}\"\nclient_id = \"{cid}\"\nclient_secret = \"secret-{id}\"\nrefresh_token = \"refresh-{id}\"\n{extra}\n\n",
-            cid = client_id(id)
+            "[[account]]\nid = \"{id}\"\nclient_id = \"{cid}\"\nclient_secret = \"secret-{id}\"\nrefresh_token = \"refresh-{id}\"\n{extra}\n{own}\n\n",
+            cid = client_id(id),
+            own = own.join("\n"),
         ));
     }
     s
@@ -91,7 +101,7 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("accounts.toml"),
-            accounts_toml_with(&setup.accounts, &setup.account_extra),
+            accounts_toml_for(&setup.accounts, &setup.account_extra, &setup.account_extra_for),
         )
         .unwrap();
         let config_path = dir.path().join("amq2api.toml");
