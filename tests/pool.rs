@@ -1,5 +1,6 @@
 //! The account pool end to end: single-flight refresh under load, rotation across restarts,
-//! no refresh storm on start, the live accounts file, and SIGKILL during token rotation.
+//! no refresh storm on start, the live accounts file, SIGKILL during token rotation, and
+//! accounts behind egress proxies (SOCKS5 and HTTP `CONNECT` test servers on loopback).
 
 mod common;
 
@@ -904,4 +905,161 @@ async fn a_refused_profile_is_asked_for_again_once() {
     assert_eq!(post(&h, "/v1/messages", &simple("pinned", false)).await.status, 200);
     assert_eq!(h.emulator.stats_for(&client_id("pinned")).profile_requests, 0);
     h.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Egress proxies
+
+use common::proxy::{Protocol, TestProxy};
+
+/// `amqctl --json ARGS` against the in-process daemon, once its control socket is open.
+async fn ctl_json(h: &Harness, args: &[&str]) -> serde_json::Value {
+    let socket = h.dir.path().join("control.sock");
+    let t0 = Instant::now();
+    while tokio::net::UnixStream::connect(&socket).await.is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the daemon never opened its control socket");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_amqctl"))
+            .arg("--socket")
+            .arg(socket)
+            .arg("--json")
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+/// Two accounts, `via` behind the proxy at `url` and `direct` without one, taking turns.
+fn via_and_direct(url: &str) -> Setup {
+    Setup {
+        accounts: vec!["via".into(), "direct".into()],
+        accounts_settings: "strategy = \"round-robin\"".into(),
+        account_extra_for: vec![("via".into(), format!("proxy = \"{url}\""))],
+        ..Default::default()
+    }
+}
+
+/// Every call of the account with a proxy — refreshes, the profile listing, chat — went through
+/// the proxy, to the emulator; no call of the other account did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_s_calls_all_go_through_its_proxy_and_no_other_account_s_do() {
+    for (protocol, scheme, auth) in [
+        (Protocol::Socks5, "socks5", None),
+        (Protocol::Socks5, "socks5h", Some(("amq", "socks-pw"))),
+        (Protocol::HttpConnect, "http", None),
+        (Protocol::HttpConnect, "http", Some(("amq", "http-pw"))),
+    ] {
+        let proxy = TestProxy::start(protocol, auth).await;
+        let url = proxy.url(scheme, auth);
+        let h = Harness::start(via_and_direct(&url)).await;
+        for i in 0..6 {
+            let r = post(&h, "/v1/messages", &simple(&format!("hello {i}"), i % 2 == 1)).await;
+            assert_eq!(r.status, 200, "{url}: {}", r.text());
+        }
+        let (via, direct) =
+            (h.emulator.stats_for(&client_id("via")), h.emulator.stats_for(&client_id("direct")));
+        assert!(via.requests >= 1 && via.refreshes >= 1 && via.profile_requests >= 1, "{url}: {via:?}");
+        assert!(direct.requests >= 1 && direct.refreshes >= 1, "{url}: {direct:?}");
+        // Each of the account's calls the emulator answered was carried by the proxy.
+        assert_eq!(proxy.count_sent("\"clientId\":\"via-client\""), via.refreshes as usize, "{url}");
+        assert_eq!(proxy.count_sent(".GenerateAssistantResponse"), via.requests as usize, "{url}");
+        assert_eq!(proxy.count_sent(".ListAvailableProfiles"), via.profile_requests as usize, "{url}");
+        // And none of the other account's.
+        assert_eq!(proxy.count_sent("direct-client"), 0, "{url}");
+        let tunnels = proxy.tunnels();
+        assert!(!tunnels.is_empty(), "{url}");
+        for t in &tunnels {
+            assert_eq!(t.target, Some(h.emulator.addr().to_string()), "{url}: {t:?}");
+            assert!(t.outbound.is_some() && !t.auth_refused, "{url}: {t:?}");
+        }
+        h.stop().await;
+    }
+}
+
+/// Log lines the daemon writes in this process (nextest runs each test in a process of its
+/// own).
+fn capture_logs() -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    struct Writer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Writer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let b = buf.clone();
+    let _ = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || Writer(b.clone()))
+        .try_init();
+    buf
+}
+
+/// A proxy that refuses the account's password: that account's calls fail, each time with an
+/// error that names the proxy and not the password; the other account serves every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_proxy_password_fails_only_that_account_and_is_never_shown() {
+    let logs = capture_logs();
+    for (protocol, scheme) in [(Protocol::Socks5, "socks5"), (Protocol::HttpConnect, "http")] {
+        let proxy = TestProxy::start(protocol, Some(("amq", "right-pw"))).await;
+        let url = proxy.url(scheme, Some(("amq", "wrong-pw-7d1c")));
+        let h = Harness::start(via_and_direct(&url)).await;
+        for i in 0..6 {
+            let r = post(&h, "/v1/messages", &simple(&format!("hello {i}"), i % 2 == 1)).await;
+            assert_eq!(r.status, 200, "{url}: {}", r.text());
+        }
+        let refresh = &ctl_json(&h, &["refresh", "via"]).await[0];
+        assert_eq!(refresh["ok"], false, "{refresh}");
+        let message = refresh["message"].as_str().unwrap();
+        assert!(message.contains(&format!("through proxy {scheme}://amq:***@{}", proxy.addr)), "{message}");
+        assert!(message.contains("the proxy refused the user name and password"), "{message}");
+        let accounts = ctl_json(&h, &["accounts"]).await;
+        assert!(!accounts.to_string().contains("wrong-pw"), "{accounts}");
+        // The proxy refused it; nothing of the account went around the proxy.
+        assert!(proxy.tunnels().iter().any(|t| t.auth_refused), "{url}");
+        assert!(proxy.tunnels().iter().all(|t| t.outbound.is_none()), "{url}: no tunnel opened");
+        let via = h.emulator.stats_for(&client_id("via"));
+        assert_eq!((via.requests, via.refreshes), (0, 0), "{url}: {via:?}");
+        assert!(h.emulator.stats_for(&client_id("direct")).requests >= 6, "{url}");
+        h.stop().await;
+    }
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(logs.contains("the proxy refused the user name and password"), "{logs}");
+    assert!(!logs.contains("wrong-pw"), "the password is in the log: {logs}");
+}
+
+/// A proxy that is down (it hangs up on every connection, or never answers): its account is
+/// failed over at once, never reached directly, and the other account serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_proxy_fails_over_cleanly() {
+    for (protocol, scheme) in
+        [(Protocol::HangUp, "socks5"), (Protocol::HangUp, "http"), (Protocol::Silent, "socks5h")]
+    {
+        let proxy = TestProxy::start(protocol, None).await;
+        let url = proxy.url(scheme, None);
+        let setup = Setup { upstream: "connect_timeout_secs = 1".into(), ..via_and_direct(&url) };
+        let h = Harness::start(setup).await;
+        for i in 0..4 {
+            let r = post(&h, "/v1/messages", &simple(&format!("hello {i}"), i % 2 == 1)).await;
+            assert_eq!(r.status, 200, "{url}: {}", r.text());
+        }
+        assert!(!proxy.tunnels().is_empty(), "{url}: the proxy was tried");
+        let via = h.emulator.stats_for(&client_id("via"));
+        assert_eq!((via.requests, via.refreshes), (0, 0), "{url}: never around the proxy: {via:?}");
+        let refresh = &ctl_json(&h, &["refresh", "via"]).await[0];
+        assert_eq!(refresh["ok"], false, "{refresh}");
+        assert!(refresh["message"].as_str().unwrap().contains(&format!("through proxy {url}")), "{refresh}");
+        h.stop().await;
+    }
 }

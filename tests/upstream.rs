@@ -1,5 +1,9 @@
 //! The upstream client against the emulator: OIDC refresh outcomes and every scripted
-//! behaviour of `GenerateAssistantResponse`, each checked as the typed outcome the pool acts on.
+//! behaviour of `GenerateAssistantResponse`, each checked as the typed outcome the pool acts on;
+//! calls through egress proxies (SOCKS5 and HTTP `CONNECT`, test servers on loopback) and how
+//! their failures are reported.
+
+mod common;
 
 use amq2api::config::{Secret, Template, UpstreamConfig};
 use amq2api::emulator::{Behaviour, Emulator, EmulatorOptions};
@@ -34,7 +38,7 @@ fn agent() -> &'static Agent {
 
 /// A caller with an access token.
 fn caller(token: &Secret) -> Caller<'_> {
-    Caller { bearer: token, api_key: false, agent: agent() }
+    Caller { bearer: token, api_key: false, agent: agent(), proxy: None }
 }
 
 fn body(text: &str) -> Bytes {
@@ -74,6 +78,7 @@ async fn env() -> Env {
             &Secret::new("secret"),
             &Secret::new("rt0"),
             agent(),
+            None,
         )
         .await
         .unwrap();
@@ -102,25 +107,25 @@ async fn token_refresh_outcomes() {
     let c = UpstreamClient::new(&config(&e)).unwrap();
     let url = e.token_endpoint().parse().unwrap();
     let s = Secret::new;
-    let g = c.create_token(&url, &s("cid"), &s("secret"), &s("rt0"), agent()).await.unwrap();
+    let g = c.create_token(&url, &s("cid"), &s("secret"), &s("rt0"), agent(), None).await.unwrap();
     assert!(g.expires_in > Duration::from_secs(3000));
     let rt1 = g.refresh_token.unwrap();
     assert!(matches!(
-        c.create_token(&url, &s("cid"), &s("secret"), &s("rt0"), agent()).await,
+        c.create_token(&url, &s("cid"), &s("secret"), &s("rt0"), agent(), None).await,
         Err(RefreshError::InvalidGrant(_))
     ));
-    assert!(c.create_token(&url, &s("cid"), &s("secret"), &rt1, agent()).await.is_ok());
+    assert!(c.create_token(&url, &s("cid"), &s("secret"), &rt1, agent(), None).await.is_ok());
     assert!(matches!(
-        c.create_token(&url, &s("cid"), &s("wrong"), &rt1, agent()).await,
+        c.create_token(&url, &s("cid"), &s("wrong"), &rt1, agent(), None).await,
         Err(RefreshError::InvalidClient(_))
     ));
     assert!(matches!(
-        c.create_token(&url, &s("nobody"), &s("x"), &rt1, agent()).await,
+        c.create_token(&url, &s("nobody"), &s("x"), &rt1, agent(), None).await,
         Err(RefreshError::InvalidClient(_))
     ));
     let dead: http::Uri = "http://127.0.0.1:9/token".parse().unwrap();
     assert!(matches!(
-        c.create_token(&dead, &s("cid"), &s("secret"), &rt1, agent()).await,
+        c.create_token(&dead, &s("cid"), &s("secret"), &rt1, agent(), None).await,
         Err(RefreshError::Transient(_))
     ));
 }
@@ -401,7 +406,8 @@ async fn refreshes_and_amazon_q_calls_share_one_connection_pool() {
     let s = Secret::new;
     for _ in 0..3 {
         drain(c.generate(&endpoint.parse().unwrap(), &caller(&s("t")), body("hi"), 1).await.unwrap()).await;
-        let grant = c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt"), agent()).await.unwrap();
+        let grant =
+            c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt"), agent(), None).await.unwrap();
         assert_eq!(grant.access_token.expose(), "a");
     }
     assert_eq!(counts.requests.load(Ordering::SeqCst), 6);
@@ -420,11 +426,13 @@ async fn a_refresh_read_on_a_reused_connection_is_never_sent_again() {
     let s = Secret::new;
     let mut outcomes = Vec::new();
     for i in 1..=6 {
-        outcomes.push(match c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt"), agent()).await {
-            Ok(_) => "ok",
-            Err(RefreshError::Transient(_)) => "failed",
-            Err(e) => panic!("refresh {i}: {e:?}"),
-        });
+        outcomes.push(
+            match c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt"), agent(), None).await {
+                Ok(_) => "ok",
+                Err(RefreshError::Transient(_)) => "failed",
+                Err(e) => panic!("refresh {i}: {e:?}"),
+            },
+        );
         assert_eq!(counts.requests.load(Ordering::SeqCst), i, "refresh {i} sent once: {outcomes:?}");
     }
     assert_eq!(outcomes, ["ok", "failed"].repeat(3));
@@ -439,10 +447,179 @@ async fn a_token_answer_over_the_limit_is_refused() {
     let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
     let token_url: http::Uri = format!("{endpoint}token").parse().unwrap();
     let s = Secret::new;
-    match c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt"), agent()).await {
+    match c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt"), agent(), None).await {
         Err(RefreshError::Transient(m)) => {
             assert_eq!(m, "reading the token answer: the body exceeds 65536 bytes");
         }
         other => panic!("{other:?}"),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Egress proxies
+
+use amq2api::config::accounts::parse_proxy;
+use common::proxy::{Protocol, TestProxy};
+
+fn proxy(url: &str) -> amq2api::config::Proxy {
+    parse_proxy(url).unwrap()
+}
+
+/// A caller whose calls go through `proxy`.
+fn caller_via<'a>(token: &'a Secret, proxy: &'a amq2api::config::Proxy) -> Caller<'a> {
+    Caller { proxy: Some(proxy), ..caller(token) }
+}
+
+#[tokio::test]
+async fn connections_through_different_proxies_are_never_shared() {
+    use std::sync::atomic::Ordering;
+    let token = Secret::new("t");
+    let (endpoint, counts) = counting_server(Script::default()).await;
+    let uri: http::Uri = endpoint.parse().unwrap();
+    let target = uri.authority().unwrap().to_string();
+    let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
+    let socks = TestProxy::start(Protocol::Socks5, None).await;
+    // Takes any credentials: two user names are two egresses all the same.
+    let http = TestProxy::start(Protocol::HttpConnect, None).await;
+    let via_socks = proxy(&socks.url("socks5", None));
+    let via_http = proxy(&http.url("http", None));
+    let via_http_as_u1 = proxy(&http.url("http", Some(("u1", "p1"))));
+    let via_http_as_u2 = proxy(&http.url("http", Some(("u2", "p2"))));
+    let routes = [Some(&via_socks), Some(&via_http), None, Some(&via_http_as_u1), Some(&via_http_as_u2)];
+    for _ in 0..3 {
+        for route in routes {
+            let caller = Caller { proxy: route, ..caller(&token) };
+            drain(c.generate(&uri, &caller, body("hi"), 1).await.unwrap()).await;
+        }
+    }
+    assert_eq!(counts.requests.load(Ordering::SeqCst), 15);
+    // One connection per route, each kept and reused for that route only.
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 5, "one connection per route");
+    let tunnels = socks.tunnels();
+    assert_eq!(tunnels.len(), 1, "{tunnels:?}");
+    assert_eq!(tunnels[0].target.as_deref(), Some(target.as_str()));
+    assert_eq!(socks.count_sent("POST / HTTP/1.1"), 3, "the SOCKS5 route's calls, and no other");
+    let tunnels = http.tunnels();
+    assert_eq!(tunnels.len(), 3, "no credentials, u1 and u2: three tunnels: {tunnels:?}");
+    assert!(tunnels.iter().all(|t| t.target.as_deref() == Some(target.as_str())), "{tunnels:?}");
+    assert!(tunnels.iter().all(|t| t.outbound.is_some()), "{tunnels:?}");
+    assert_eq!(http.count_sent("POST / HTTP/1.1"), 9);
+    // A refresh through a proxy takes that proxy's connection too.
+    let token_url: http::Uri = format!("{endpoint}token").parse().unwrap();
+    let s = Secret::new;
+    c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt"), agent(), Some(&via_socks)).await.unwrap();
+    assert_eq!(socks.tunnels().len(), 1);
+    assert_eq!(socks.count_sent("POST /token HTTP/1.1"), 1);
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test]
+async fn socks5_resolves_names_here_socks5h_and_http_at_the_proxy() {
+    let e = Emulator::start(EmulatorOptions::default()).await.unwrap();
+    e.add_account("cid", "secret", "rt0");
+    let c = UpstreamClient::new(&config(&e)).unwrap();
+    let port = e.addr().port();
+    // By name: the proxy is told the name, or the address it stands for.
+    let named: http::Uri = format!("http://localhost:{port}/token").parse().unwrap();
+    let s = Secret::new;
+    let mut rt = s("rt0");
+    for (protocol, scheme, by_name) in [
+        (Protocol::Socks5, "socks5h", true),
+        (Protocol::HttpConnect, "http", true),
+        (Protocol::Socks5, "socks5", false),
+    ] {
+        let p = TestProxy::start(protocol, None).await;
+        let grant = c
+            .create_token(&named, &s("cid"), &s("secret"), &rt, agent(), Some(&proxy(&p.url(scheme, None))))
+            .await
+            .unwrap_or_else(|e| panic!("{scheme}: {e}"));
+        rt = grant.refresh_token.unwrap();
+        let targets: Vec<String> = p.tunnels().into_iter().filter_map(|t| t.target).collect();
+        assert!(!targets.is_empty(), "{scheme}");
+        if by_name {
+            assert_eq!(targets, [format!("localhost:{port}")], "{scheme}");
+        } else {
+            // Each address of the name in turn, until one is reached: never the name.
+            for t in &targets {
+                let addr: std::net::SocketAddr = t.parse().unwrap_or_else(|_| panic!("{scheme}: {t}"));
+                assert!(addr.ip().is_loopback() && addr.port() == port, "{scheme}: {t}");
+            }
+        }
+        assert_eq!(p.count_sent("POST /token HTTP/1.1"), 1, "{scheme}");
+    }
+    assert_eq!(e.stats_for("cid").refreshes, 3);
+}
+
+/// How a call through a failing proxy ends: its failure and message.
+async fn through(c: &UpstreamClient, endpoint: &http::Uri, p: &amq2api::config::Proxy) -> UpstreamFailure {
+    let token = Secret::new("t");
+    let caller = caller_via(&token, p);
+    let call = c.generate(endpoint, &caller, body("hi"), 1);
+    match tokio::time::timeout(Duration::from_secs(60), call).await.expect("an answer, not a hang") {
+        Ok(_) => panic!("a call through {p} went through"),
+        Err(f) => f,
+    }
+}
+
+#[tokio::test]
+async fn proxy_failures_are_typed_and_name_the_proxy_without_its_password() {
+    let e = Emulator::start(EmulatorOptions::default()).await.unwrap();
+    e.add_account("cid", "secret", "rt0");
+    // The handshake with a proxy that never answers ends at the connect timeout.
+    let cfg = UpstreamConfig {
+        connect_timeout: Duration::from_secs(1),
+        first_byte_timeout: Duration::from_secs(30),
+        ..config(&e)
+    };
+    let c = UpstreamClient::new(&cfg).unwrap();
+    let endpoint: http::Uri = e.endpoint().parse().unwrap();
+    let auth = Some(("amq", "s3cret-pw"));
+    let wrong = Some(("amq", "wrong-pw"));
+    let socks = TestProxy::start(Protocol::Socks5, auth).await;
+    let http = TestProxy::start(Protocol::HttpConnect, auth).await;
+    let hang_up = TestProxy::start(Protocol::HangUp, None).await;
+    let silent = TestProxy::start(Protocol::Silent, None).await;
+    let cases = [
+        (socks.url("socks5", wrong), "transient", "the proxy refused the user name and password"),
+        (http.url("http", wrong), "transient", "the proxy refused the user name and password"),
+        (socks.url("socks5", None), "transient", "the proxy wants a user name and password"),
+        (http.url("http", None), "transient", "the proxy wants a user name and password"),
+        (hang_up.url("socks5", None), "transient", "talking to the proxy"),
+        (hang_up.url("http", None), "transient", "talking to the proxy"),
+        (silent.url("http", wrong), "unreachable", "timed out"),
+    ];
+    for (url, kind, says) in cases {
+        let p = proxy(&url);
+        let f = through(&c, &endpoint, &p).await;
+        let message = f.to_string();
+        assert_eq!(f.kind(), kind, "{url}: {message}");
+        assert!(message.contains(says), "{url}: {message}");
+        assert!(message.contains(&format!("through proxy {p}")), "{url}: {message}");
+        assert!(!message.contains("-pw"), "the password leaked: {message}");
+    }
+    // A proxy that works but cannot reach the endpoint: nothing listens there, another endpoint
+    // may do.
+    let closed: http::Uri = "http://127.0.0.1:9/".parse().unwrap();
+    for p in [socks.url("socks5", auth), http.url("http", auth)] {
+        let f = through(&c, &closed, &proxy(&p)).await;
+        assert_eq!(f.kind(), "unreachable", "{p}: {f}");
+        assert!(!f.to_string().contains("-pw"), "the password leaked: {f}");
+    }
+    // Refreshes fail alike, and are retried later.
+    let token_url: http::Uri = e.token_endpoint().parse().unwrap();
+    let s = Secret::new;
+    let p = proxy(&socks.url("socks5", wrong));
+    match c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt0"), agent(), Some(&p)).await {
+        Err(RefreshError::Transient(m)) => {
+            assert!(m.contains("the proxy refused the user name and password"), "{m}");
+            assert!(m.contains("socks5://amq:***@"), "{m}");
+            assert!(!m.contains("-pw"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Nothing reached the emulator; the right credentials do.
+    assert_eq!((e.stats().requests, e.stats().refreshes), (0, 0));
+    let p = proxy(&socks.url("socks5", auth));
+    c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt0"), agent(), Some(&p)).await.unwrap();
+    assert!(socks.tunnels().iter().any(|t| t.auth_refused), "the wrong password was refused at the proxy");
 }

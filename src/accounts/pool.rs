@@ -300,6 +300,11 @@ impl Account {
         self.spec.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The account's egress proxy (its `proxy`), which all its upstream calls go through.
+    pub fn proxy(&self) -> Option<crate::config::Proxy> {
+        self.spec.read().unwrap_or_else(|e| e.into_inner()).proxy.clone()
+    }
+
     pub fn endpoints(&self) -> Endpoints {
         self.endpoints.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -777,12 +782,18 @@ impl Pool {
                                     client_secret,
                                     &chain.refresh_token,
                                     a.agent(),
+                                    spec.proxy.as_ref(),
                                 )
                                 .await
                         }
                         Credentials::Social { .. } => {
                             client
-                                .social_refresh(&endpoints.social_token, &chain.refresh_token, a.agent())
+                                .social_refresh(
+                                    &endpoints.social_token,
+                                    &chain.refresh_token,
+                                    a.agent(),
+                                    spec.proxy.as_ref(),
+                                )
                                 .await
                         }
                         Credentials::ApiKey { .. } => {
@@ -852,7 +863,9 @@ impl Pool {
         let _slot = self.catalog_slots.acquire().await;
         let token = self.access_token(a, None).await.map_err(|e| e.to_string())?;
         let kind = a.kind();
-        let caller = Caller { bearer: &token, api_key: kind == Kind::ApiKey, agent: a.agent() };
+        let proxy = a.proxy();
+        let caller =
+            Caller { bearer: &token, api_key: kind == Kind::ApiKey, agent: a.agent(), proxy: proxy.as_ref() };
         let role = a.identity.chat_order(kind)[0];
         let arn = match role {
             Role::Q => self.profile_arn(a, &caller).await,

@@ -162,7 +162,13 @@ impl Relay {
             Err(e) => return (Attempt::NoToken(e.to_string()), None),
         };
         let kind = account.kind();
-        let caller = Caller { bearer: &token, api_key: kind == Kind::ApiKey, agent: account.agent() };
+        let proxy = account.proxy();
+        let caller = Caller {
+            bearer: &token,
+            api_key: kind == Kind::ApiKey,
+            agent: account.agent(),
+            proxy: proxy.as_ref(),
+        };
         let endpoints = account.endpoints();
         let order = account.identity().chat_order(kind);
         let mut reasked = false;

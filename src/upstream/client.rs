@@ -1,13 +1,14 @@
 //! The HTTP client that speaks to Amazon Q and SSO OIDC: every call goes through one pool of
 //! HTTP/1.1 connections that the reading task drives itself ([`super::conn`]), a request sent
 //! at most once; connect and first-byte timeouts, event streams read as they arrive, other
-//! bodies read whole up to a limit.
+//! bodies read whole up to a limit. Every call of an account goes through the account's egress
+//! proxy when it has one ([`Caller::proxy`], the `proxy` argument of the token calls).
 
 use super::conn::{DrivenBody, Pool};
 use super::errors::{UpstreamFailure, classify};
 use super::events::{Event, StreamError, parse_frame};
 use super::eventstream::Decoder;
-use crate::config::{Secret, UpstreamConfig};
+use crate::config::{Proxy, Secret, UpstreamConfig};
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -101,13 +102,16 @@ pub fn endpoints_for(cfg: &UpstreamConfig, region: Option<&str>, auth_region: Op
     }
 }
 
-/// Who is calling: the bearer as the service takes it, and the account's installation.
+/// Who is calling: the bearer as the service takes it, the account's installation and the
+/// account's egress proxy.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller<'a> {
     pub bearer: &'a Secret,
     /// The bearer is a Kiro API key (sent with `tokentype: API_KEY`).
     pub api_key: bool,
     pub agent: &'a super::agent::Agent,
+    /// The account's `proxy`: its calls are connected through it; `None` connects directly.
+    pub proxy: Option<&'a Proxy>,
 }
 
 impl Caller<'_> {
@@ -238,16 +242,17 @@ impl UpstreamClient {
             .header(header::ACCEPT, "application/vnd.amazon.eventstream, application/json")
             .body(Full::new(body))
             .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
-        let resp = match tokio::time::timeout(self.first_byte_timeout, self.pool.send(req)).await {
-            Err(_) => {
-                return Err(UpstreamFailure::Transient {
-                    status: None,
-                    message: format!("no answer within {} s", self.first_byte_timeout.as_secs()),
-                });
-            }
-            Ok(Err(e)) => return Err(send_failure(&e)),
-            Ok(Ok(r)) => r,
-        };
+        let resp =
+            match tokio::time::timeout(self.first_byte_timeout, self.pool.send(req, caller.proxy)).await {
+                Err(_) => {
+                    return Err(UpstreamFailure::Transient {
+                        status: None,
+                        message: format!("no answer within {} s", self.first_byte_timeout.as_secs()),
+                    });
+                }
+                Ok(Err(e)) => return Err(send_failure(&e)),
+                Ok(Ok(r)) => r,
+            };
         let status = resp.status();
         let request_id =
             resp.headers().get("x-amzn-requestid").and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -268,7 +273,7 @@ impl UpstreamClient {
         })
     }
 
-    /// OIDC `CreateToken` with the refresh-token grant.
+    /// OIDC `CreateToken` with the refresh-token grant, through `proxy` when given.
     pub async fn create_token(
         &self,
         token_endpoint: &Uri,
@@ -276,6 +281,7 @@ impl UpstreamClient {
         client_secret: &Secret,
         refresh_token: &Secret,
         agent: &super::agent::Agent,
+        proxy: Option<&Proxy>,
     ) -> Result<TokenGrant, RefreshError> {
         let body = serde_json::json!({
             "clientId": client_id.expose(),
@@ -289,16 +295,17 @@ impl UpstreamClient {
             .header("x-amz-user-agent", agent.amz_user_agent())
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| RefreshError::Transient(e.to_string()))?;
-        self.token_call(req).await
+        self.token_call(req, proxy).await
     }
 
     /// The Kiro auth service's `refreshToken` (social accounts): `{"refreshToken"}`, with the
-    /// Kiro IDE's user agent.
+    /// Kiro IDE's user agent; through `proxy` when given.
     pub async fn social_refresh(
         &self,
         endpoint: &Uri,
         refresh_token: &Secret,
         agent: &super::agent::Agent,
+        proxy: Option<&Proxy>,
     ) -> Result<TokenGrant, RefreshError> {
         let body = serde_json::json!({ "refreshToken": refresh_token.expose() });
         let req = Request::post(endpoint.clone())
@@ -306,7 +313,7 @@ impl UpstreamClient {
             .header(header::USER_AGENT, agent.kiro())
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| RefreshError::Transient(e.to_string()))?;
-        self.token_call(req).await
+        self.token_call(req, proxy).await
     }
 
     /// `ListAvailableProfiles` on the Amazon Q endpoint: the profiles the account may use.
@@ -317,7 +324,7 @@ impl UpstreamClient {
             .header("x-amz-target", PROFILES_TARGET)
             .body(Full::new(Bytes::from_static(b"{\"maxResults\":10}")))
             .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
-        let (status, headers, bytes) = self.call_whole(req).await?;
+        let (status, headers, bytes) = self.call_whole(req, caller.proxy).await?;
         if status != StatusCode::OK {
             return Err(classify(status, &headers, &bytes));
         }
@@ -385,7 +392,7 @@ impl UpstreamClient {
                 }
             }
             .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
-            let (status, headers, bytes) = self.call_whole(req).await?;
+            let (status, headers, bytes) = self.call_whole(req, caller.proxy).await?;
             if status != StatusCode::OK {
                 return Err(classify(status, &headers, &bytes));
             }
@@ -400,14 +407,15 @@ impl UpstreamClient {
         Ok(models)
     }
 
-    /// Sends a request and reads its whole answer (up to the body limit), within the
-    /// first-byte timeout.
+    /// Sends a request (through `proxy` when given) and reads its whole answer (up to the body
+    /// limit), within the first-byte timeout.
     pub(crate) async fn call_whole(
         &self,
         req: Request<Full<Bytes>>,
+        proxy: Option<&Proxy>,
     ) -> Result<(StatusCode, http::HeaderMap, Bytes), UpstreamFailure> {
         let t = |message: String| UpstreamFailure::Transient { status: None, message };
-        let resp = match tokio::time::timeout(self.first_byte_timeout, self.pool.send(req)).await {
+        let resp = match tokio::time::timeout(self.first_byte_timeout, self.pool.send(req, proxy)).await {
             Err(_) => return Err(t(format!("no answer within {} s", self.first_byte_timeout.as_secs()))),
             Ok(Err(e)) => return Err(send_failure(&e)),
             Ok(Ok(r)) => r,
@@ -421,11 +429,15 @@ impl UpstreamClient {
     }
 
     /// A token call (OIDC or Kiro): sent at most once, its answer read whole and classified.
-    async fn token_call(&self, req: Request<Full<Bytes>>) -> Result<TokenGrant, RefreshError> {
+    async fn token_call(
+        &self,
+        req: Request<Full<Bytes>>,
+        proxy: Option<&Proxy>,
+    ) -> Result<TokenGrant, RefreshError> {
         let deadline = self.connect_timeout + Duration::from_secs(30);
         // Sent at most once, as every call: a refresh sent twice would rotate the refresh token
         // twice and lose the chain with the first answer.
-        let resp = match tokio::time::timeout(deadline, self.pool.send(req)).await {
+        let resp = match tokio::time::timeout(deadline, self.pool.send(req, proxy)).await {
             Err(_) => {
                 return Err(RefreshError::Transient(format!("no answer within {} s", deadline.as_secs())));
             }
@@ -454,12 +466,17 @@ impl UpstreamClient {
     }
 }
 
-/// A request that got no answer: unreachable (nothing was sent: another endpoint may take it)
-/// or a transient failure.
+/// A request that got no answer: unreachable (nothing was sent: another endpoint may take it;
+/// so too when the account's proxy could not reach the endpoint) or a transient failure (a
+/// proxy that is down or refuses the account's credentials: no endpoint is reached through
+/// it, another account may serve).
 fn send_failure(e: &super::conn::ConnError) -> UpstreamFailure {
     use super::conn::ConnError;
     match e {
         ConnError::Connect { .. } | ConnError::ConnectTimeout(_) | ConnError::Endpoint(_) => {
+            UpstreamFailure::Unreachable { message: e.to_string() }
+        }
+        ConnError::Proxy { error, .. } if error.target_unreachable() => {
             UpstreamFailure::Unreachable { message: e.to_string() }
         }
         _ => UpstreamFailure::Transient { status: None, message: e.to_string() },

@@ -14,7 +14,13 @@
 //! answer — is a failure of this attempt, never sent again here (it could run twice upstream: a
 //! double charge, a tool call run twice, a refresh token rotated twice); the caller decides
 //! what comes next. Connections speak HTTP/1.1 only (ALPN `http/1.1` over TLS).
+//!
+//! A request may name an egress proxy (the account's `proxy`): its connection is opened through
+//! the proxy ([`super::tunnel`]) and pooled under the proxy too, so that a connection opened
+//! through one proxy — or none — never carries a request meant for another.
 
+use super::tunnel::{self, TunnelError};
+use crate::config::{Proxy, ProxyScheme};
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body_util::Full;
@@ -23,6 +29,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -30,7 +37,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-/// Idle connections kept per endpoint.
+/// Idle connections kept per endpoint and proxy.
 const MAX_IDLE: usize = 256;
 /// An idle connection older than this is closed rather than reused.
 const IDLE_FOR: Duration = Duration::from_secs(90);
@@ -40,11 +47,40 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 type Connection = http1::Connection<TokioIo<Box<dyn Io>>, Full<Bytes>>;
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// What a connection is for: the endpoint and the proxy it goes through. Connections are
+/// shared only between requests with equal keys; proxies are equal when their scheme, address
+/// and credentials are.
+#[derive(Clone, PartialEq, Eq)]
 struct Key {
     tls: bool,
     host: String,
     port: u16,
+    proxy: Option<Proxy>,
+}
+
+/// Equal keys hash alike: the password is left out (equal proxies have equal passwords too).
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self.tls, &self.host, self.port).hash(state);
+        if let Some(p) = &self.proxy {
+            let scheme = match p.scheme {
+                ProxyScheme::Http => 0u8,
+                ProxyScheme::Socks5 { remote_dns: false } => 1,
+                ProxyScheme::Socks5 { remote_dns: true } => 2,
+            };
+            (scheme, &p.host, p.port, p.auth.as_ref().map(|(user, _)| user)).hash(state);
+        }
+    }
+}
+
+impl Key {
+    /// The endpoint, and the proxy when there is one (its password redacted), for errors.
+    fn describe(&self) -> String {
+        match &self.proxy {
+            None => format!("{}:{}", self.host, self.port),
+            Some(p) => format!("{}:{} through proxy {p}", self.host, self.port),
+        }
+    }
 }
 
 /// One connection: the handle requests go through and the future that runs it.
@@ -72,7 +108,7 @@ struct Idle {
     since: Instant,
 }
 
-/// The pool of idle connections, by endpoint.
+/// The pool of idle connections, by endpoint and proxy.
 pub struct Pool {
     tls: Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
@@ -87,6 +123,9 @@ pub enum ConnError {
     ConnectTimeout(String),
     #[error("connecting to {host}: {reason}")]
     Connect { host: String, reason: String },
+    /// No tunnel through the account's proxy (`proxy` is its URL, password redacted).
+    #[error("connecting to {target} through proxy {proxy}: {error}")]
+    Proxy { target: String, proxy: String, error: TunnelError },
     #[error("{0}")]
     Http(String),
 }
@@ -111,7 +150,7 @@ impl Pool {
         Arc::new(Pool { tls: Arc::new(tls), connect_timeout, idle: Mutex::new(HashMap::new()) })
     }
 
-    fn key(uri: &Uri) -> Result<Key, ConnError> {
+    fn key(uri: &Uri, proxy: Option<&Proxy>) -> Result<Key, ConnError> {
         let tls = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
@@ -120,7 +159,7 @@ impl Pool {
         let host = uri.host().ok_or_else(|| ConnError::Endpoint(uri.to_string()))?;
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        Ok(Key { tls, host, port })
+        Ok(Key { tls, host, port, proxy: proxy.cloned() })
     }
 
     /// An idle connection that is still open, if any.
@@ -156,12 +195,24 @@ impl Pool {
         }
     }
 
+    /// A new connection for `key`: TCP (through the proxy, if any), TLS, the HTTP/1.1
+    /// handshake, all within the connect timeout.
     async fn connect(&self, key: &Key) -> Result<Conn, ConnError> {
-        let host = key.host.clone();
+        // Errors name the endpoint, and the proxy when there is one.
+        let host = if key.proxy.is_some() { key.describe() } else { key.host.clone() };
         let connect = async {
-            let tcp = TcpStream::connect((key.host.as_str(), key.port))
-                .await
-                .map_err(|e| ConnError::Connect { host: host.clone(), reason: e.to_string() })?;
+            let tcp = match &key.proxy {
+                None => TcpStream::connect((key.host.as_str(), key.port))
+                    .await
+                    .map_err(|e| ConnError::Connect { host: host.clone(), reason: e.to_string() })?,
+                Some(proxy) => {
+                    tunnel::open(proxy, &key.host, key.port).await.map_err(|error| ConnError::Proxy {
+                        target: format!("{}:{}", key.host, key.port),
+                        proxy: proxy.to_string(),
+                        error,
+                    })?
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let _ = nix::sys::socket::setsockopt(&tcp, nix::sys::socket::sockopt::KeepAlive, &true);
             let io: Box<dyn Io> = if key.tls {
@@ -181,13 +232,17 @@ impl Pool {
         };
         tokio::time::timeout(self.connect_timeout, connect)
             .await
-            .map_err(|_| ConnError::ConnectTimeout(format!("{}:{}", key.host, key.port)))?
+            .map_err(|_| ConnError::ConnectTimeout(key.describe()))?
     }
 
-    /// Sends `req` and returns the answer's head with the body still to come; the connection
-    /// goes with it.
-    pub async fn send(self: &Arc<Self>, req: Request<Full<Bytes>>) -> Result<Driven, ConnError> {
-        let key = Self::key(req.uri())?;
+    /// Sends `req`, through `proxy` when given, and returns the answer's head with the body
+    /// still to come; the connection goes with it.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<Full<Bytes>>,
+        proxy: Option<&Proxy>,
+    ) -> Result<Driven, ConnError> {
+        let key = Self::key(req.uri(), proxy)?;
         // The request as sent on the wire: origin-form path, with a Host header.
         let (mut parts, body) = req.into_parts();
         if !parts.headers.contains_key(http::header::HOST) {
@@ -380,6 +435,32 @@ mod tests {
             .header(http::header::HOST, "127.0.0.1")
             .body(Full::new(Bytes::from_static(b"{\"once\":true}")))
             .unwrap()
+    }
+
+    /// Connections are pooled by key: a key names the proxy whole, password included, so no
+    /// two egresses share a connection.
+    #[test]
+    fn keys_of_different_proxies_differ() {
+        use crate::config::accounts::parse_proxy;
+        let uri: Uri = "https://q.us-east-1.amazonaws.com/".parse().unwrap();
+        let routes = [
+            None,
+            Some("http://127.0.0.1:3128"),
+            Some("http://u:p1@127.0.0.1:3128"),
+            Some("http://u:p2@127.0.0.1:3128"),
+            Some("http://v:p1@127.0.0.1:3128"),
+            Some("socks5://127.0.0.1:3128"),
+            Some("socks5h://127.0.0.1:3128"),
+            Some("socks5://127.0.0.1:1080"),
+        ];
+        let mut keys = HashMap::new();
+        for (i, route) in routes.iter().enumerate() {
+            let proxy = route.map(|r| parse_proxy(r).unwrap());
+            let key = Pool::key(&uri, proxy.as_ref()).unwrap();
+            assert!(key == Pool::key(&uri, proxy.as_ref()).unwrap(), "a key equals itself");
+            assert_eq!(keys.insert(key, i), None, "{route:?} shares a key");
+        }
+        assert_eq!(keys.len(), routes.len());
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
 //! Amazon Q side: the event-stream codec, the request and event types, error classification,
-//! and the HTTP client that calls `GenerateAssistantResponse` and OIDC `CreateToken`.
+//! and the HTTP client that calls `GenerateAssistantResponse` and OIDC `CreateToken`, directly
+//! or through an account's egress proxy.
 
 pub mod agent;
 pub mod catalog;
@@ -8,6 +9,7 @@ pub mod conn;
 pub mod errors;
 pub mod events;
 pub mod eventstream;
+pub mod tunnel;
 pub mod types;
 
 pub use agent::Agent;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod proxy;
 
 use amq2api::config::{self, Env, Loaded};
 use amq2api::emulator::{Emulator, EmulatorOptions};
@@ -49,6 +50,8 @@ pub struct Setup {
     /// Registers more accounts with the emulator before the daemon starts, and returns their
     /// `[[account]]` entries (appended to the accounts file).
     pub more_accounts: Option<MoreAccounts>,
+    /// Extra keys for one `[[account]]` table: (account id, keys).
+    pub account_extra_for: Vec<(String, String)>,
 }
 
 impl Default for Setup {
@@ -62,6 +65,7 @@ impl Default for Setup {
             emulator: EmulatorOptions::default(),
             account_extra: String::new(),
             more_accounts: None,
+            account_extra_for: Vec::new(),
         }
     }
 }
@@ -75,11 +79,18 @@ pub fn accounts_toml(ids: &[String]) -> String {
 }
 
 pub fn accounts_toml_with(ids: &[String], extra: &str) -> String {
+    accounts_toml_for(ids, extra, &[])
+}
+
+/// Accounts with `extra` keys in every table and, for some, keys of their own.
+pub fn accounts_toml_for(ids: &[String], extra: &str, own: &[(String, String)]) -> String {
     let mut s = String::new();
     for id in ids {
+        let own: Vec<&str> = own.iter().filter(|(i, _)| i == id).map(|(_, keys)| keys.as_str()).collect();
         s.push_str(&format!(
-            "[[account]]\nid = \"{id}\"\nclient_id = \"{cid}\"\nclient_secret = \"secret-{id}\"\nrefresh_token = \"refresh-{id}\"\n{extra}\n\n",
-            cid = client_id(id)
+            "[[account]]\nid = \"{id}\"\nclient_id = \"{cid}\"\nclient_secret = \"secret-{id}\"\nrefresh_token = \"refresh-{id}\"\n{extra}\n{own}\n\n",
+            cid = client_id(id),
+            own = own.join("\n"),
         ));
     }
     s
@@ -95,7 +106,7 @@ impl Harness {
             emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
         }
         let dir = tempfile::tempdir().unwrap();
-        let mut accounts = accounts_toml_with(&setup.accounts, &setup.account_extra);
+        let mut accounts = accounts_toml_for(&setup.accounts, &setup.account_extra, &setup.account_extra_for);
         if let Some(more) = setup.more_accounts {
             accounts.push_str(&more(&emulator));
         }
