@@ -47,8 +47,10 @@ pub enum Command {
     Disable { id: String },
     /// Re-read the configuration and the accounts file (the same as SIGHUP).
     Reload,
-    /// Convert a seed amq2api export (label|password|clientId|clientSecret|refreshToken|accessToken
-    /// lines, or its /v2/accounts JSON array) into accounts.toml entries on stdout.
+    /// Turn a credential file into accounts.toml entries on stdout: the Kiro IDE's
+    /// kiro-auth-token.json (~/.aws/sso/cache/), kiro-cli's data.sqlite3, or the seed amq2api's
+    /// accounts.db, /v2/accounts JSON export or label|password|clientId|clientSecret|refreshToken|
+    /// accessToken lines. The format is told by the content; SQLite files are opened read-only.
     Import { file: PathBuf },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },

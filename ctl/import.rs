@@ -1,139 +1,364 @@
-//! `amqctl import`: the seed amq2api project's exports (label|password|clientId|clientSecret|
-//! refreshToken|accessToken lines, or its /v2/accounts JSON) turned into `[[account]]` entries
-//! of accounts.toml with generated ids.
+//! `amqctl import FILE`: other tools' credential stores turned into `[[account]]` entries of
+//! accounts.toml on stdout, with generated ids, the right `kind` and a comment saying where each
+//! came from. The format is told by the content, never by the file name:
+//!
+//! | content | format | module |
+//! |---|---|---|
+//! | `SQLite format 3` header, table `auth_kv` | kiro-cli's (or the Amazon Q CLI's) `data.sqlite3` | [`kiro`] |
+//! | `SQLite format 3` header, table `accounts` | the seed project's `accounts.db` | [`seed`] |
+//! | JSON object with `refreshToken` / `authMethod` | the Kiro IDE's `kiro-auth-token.json` | [`kiro`] |
+//! | JSON array, or object with an `accounts` array | the seed's `/v2/accounts` export | [`seed`] |
+//! | other text | the seed's `label\|password\|clientId\|clientSecret\|refreshToken\|accessToken` lines | [`seed`] |
+//!
+//! Anything else (empty, binary, JSON of another shape, an SQLite file of another schema) is exit
+//! 65 with a line saying what was expected. SQLite files are opened read-only ([`sqlite`]).
+//! Secrets appear only in the entries on stdout: messages name files, keys, tables and columns,
+//! never a value. Before anything is printed, the entries are parsed back as accounts.toml.
+
+mod kiro;
+mod seed;
+mod sqlite;
 
 use crate::failure::{Failure, fail};
+use amq2api::config::accounts::{parse_profile_arn, valid_region};
 use amq2api::exit;
+use std::collections::HashSet;
 use std::path::Path;
 
-/// An account found in a seed export.
+/// What `amqctl import` reads, for the messages that say what was expected.
+pub const EXPECTED: &str = "expected the Kiro IDE's kiro-auth-token.json, kiro-cli's data.sqlite3 \
+     (table auth_kv), the seed's accounts.db (table accounts), its /v2/accounts JSON export or its \
+     label|password|clientId|clientSecret|refreshToken|accessToken lines";
+
+/// An account's credentials as found.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Imported {
-    pub label: String,
-    pub client_id: String,
-    pub client_secret: String,
-    pub refresh_token: String,
-    pub enabled: bool,
+pub enum Creds {
+    Oidc { client_id: String, client_secret: String, refresh_token: String },
+    Social { refresh_token: String },
 }
 
+impl Creds {
+    fn kind(&self) -> &'static str {
+        match self {
+            Creds::Oidc { .. } => "oidc",
+            Creds::Social { .. } => "social",
+        }
+    }
+
+    fn refresh_token(&self) -> &str {
+        match self {
+            Creds::Oidc { refresh_token, .. } | Creds::Social { refresh_token } => refresh_token,
+        }
+    }
+}
+
+/// One account found in a file, before it gets its id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub label: String,
+    /// Where it came from (one line, no secret): the comment above its entry.
+    pub source: String,
+    pub creds: Creds,
+    pub profile_arn: Option<String>,
+    /// Where its tokens are refreshed, when that is not the profile ARN's region.
+    pub auth_region: Option<String>,
+    pub enabled: bool,
+    /// More comment lines for the operator (no secret).
+    pub remarks: Vec<String>,
+}
+
+impl Entry {
+    pub fn new(label: impl Into<String>, source: impl Into<String>, creds: Creds) -> Entry {
+        Entry {
+            label: label.into(),
+            source: source.into(),
+            creds,
+            profile_arn: None,
+            auth_region: None,
+            enabled: true,
+            remarks: Vec::new(),
+        }
+    }
+
+    /// Takes the profile ARN and the region the tokens were issued in. The API region follows
+    /// from the ARN (accounts.toml derives it); the token region becomes `auth_region` when it
+    /// differs from that (or when there is no ARN). A malformed ARN or region is left out with
+    /// a warning: the daemon finds the profile itself.
+    pub fn place(&mut self, arn: Option<String>, token_region: Option<String>, warnings: &mut Vec<String>) {
+        let mut arn_region = None;
+        if let Some(arn) = arn {
+            match parse_profile_arn(&arn) {
+                Ok(region) => {
+                    arn_region = Some(region);
+                    self.profile_arn = Some(arn);
+                }
+                Err(_) => warnings.push(format!(
+                    "{}: its profileArn is not a CodeWhisperer profile ARN (arn:aws:codewhisperer:<region>:<account>:profile/<ID>): left out, the daemon looks the profile up",
+                    self.source
+                )),
+            }
+        }
+        if let Some(region) = token_region {
+            if !valid_region(&region) {
+                warnings.push(format!(
+                    "{}: its region {} is not an AWS region name: left out (tokens are then refreshed in us-east-1)",
+                    self.source,
+                    shown(&region)
+                ));
+            } else if arn_region.as_deref() != Some(region.as_str()) {
+                if arn_region.is_none() && region != "us-east-1" {
+                    self.remarks.push(format!(
+                        "tokens are refreshed in {region}; the API region is us-east-1 unless you add region = \"…\" (or a profile_arn)"
+                    ));
+                }
+                self.auth_region = Some(region);
+            }
+        }
+    }
+}
+
+/// What one file held.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// What the file was taken to be.
+    pub format: String,
+    pub entries: Vec<Entry>,
+    /// Things seen and not imported, or worth a look: stderr, and comments above the entries.
+    pub warnings: Vec<String>,
+    /// Things seen, said in comments only.
+    pub notes: Vec<String>,
+}
+
+/// The result of an import: the accounts.toml text for stdout and the warnings for stderr.
+#[derive(Debug)]
+pub struct Output {
+    pub stdout: String,
+    pub warnings: Vec<String>,
+}
+
+/// A TOML basic string.
 fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
-/// Reads a seed export and renders `[[account]]` entries with generated ids.
-pub fn import(path: &Path) -> Result<String, Failure> {
+/// Text for a comment or a message: one line, no control characters.
+pub fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+/// A value from a foreign file, for a message: shown when it is a short word (an authMethod, a
+/// provider, a region), else only its length is told. Used only for fields that hold no secret;
+/// the cap keeps a token that landed in the wrong field out of the message.
+pub fn shown(s: &str) -> String {
+    if !s.is_empty()
+        && s.len() <= 32
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        format!("{s:?}")
+    } else {
+        format!("(a value of {} characters)", s.chars().count())
+    }
+}
+
+/// An id made from a label: lowercase letters, digits, `_` and `-`, at most 48 characters.
+fn id_base(label: &str) -> String {
+    let mut base: String = label
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' })
+        .collect::<String>()
+        .split('-')
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("-")
+        .chars()
+        .take(48)
+        .collect();
+    base = base.trim_matches('-').to_string();
+    if base.is_empty() { "imported".into() } else { base }
+}
+
+/// What a binary file that is not SQLite looks like, for the message.
+fn binary_kind(bytes: &[u8]) -> &'static str {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        "a PNG image"
+    } else if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+        "a JPEG image"
+    } else if bytes.starts_with(&[0x1f, 0x8b]) {
+        "gzip data"
+    } else if bytes.starts_with(b"PK\x03\x04") {
+        "a ZIP archive"
+    } else if bytes.starts_with(b"%PDF") {
+        "a PDF document"
+    } else {
+        "binary data"
+    }
+}
+
+/// Reads `path`, tells its format by its content and finds the accounts in it.
+pub fn find(path: &Path) -> Result<Found, Failure> {
+    let bad = |msg: String| fail(exit::DATAERR, format!("{}: {}", path.display(), one_line(&msg)));
     let bytes =
         std::fs::read(path).map_err(|e| fail(exit::IOERR, format!("cannot read {}: {e}", path.display())))?;
-    if bytes.starts_with(b"SQLite format 3\0") {
-        return Err(fail(
-            exit::DATAERR,
-            format!(
-                "{} is the seed's SQLite accounts.db, which amqctl does not read: export the accounts from the seed's /v2/accounts endpoint as JSON (or its label|password|clientId|clientSecret|refreshToken|accessToken lines) and import that",
-                path.display()
-            ),
-        ));
-    }
-    let text = String::from_utf8(bytes)
-        .map_err(|_| fail(exit::DATAERR, format!("{} is not UTF-8 text", path.display())))?;
-    let accounts =
-        parse_export(&text).map_err(|e| fail(exit::DATAERR, format!("{}: {e}", path.display())))?;
-    let mut out = format!("# Imported by amqctl from {} ({} accounts).\n", path.display(), accounts.len());
-    let mut used = std::collections::HashSet::new();
-    for a in &accounts {
-        let mut base: String = a
-            .label
-            .to_ascii_lowercase()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' })
-            .collect::<String>()
-            .trim_matches('-')
-            .chars()
-            .take(48)
-            .collect();
-        if base.is_empty() {
-            base = "imported".into();
+    let found = if bytes.starts_with(b"SQLite format 3\0") {
+        drop(bytes);
+        from_sqlite(path).map_err(bad)?
+    } else {
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            return Err(bad(format!(
+                "{} is neither text nor an SQLite database: {EXPECTED}",
+                binary_kind(&bytes)
+            )));
+        };
+        from_text(path, text.strip_prefix('\u{feff}').unwrap_or(text)).map_err(bad)?
+    };
+    if found.entries.is_empty() {
+        let mut msg = format!("no account in it ({})", found.format);
+        for w in &found.warnings {
+            msg.push_str("; ");
+            msg.push_str(w);
         }
+        return Err(bad(format!("{msg}: {EXPECTED}")));
+    }
+    Ok(found)
+}
+
+/// What an SQLite file must be.
+const EXPECTED_SQLITE: &str = "expected kiro-cli's data.sqlite3 (table auth_kv with key, value) or the seed's accounts.db (table accounts with label, clientId, clientSecret, refreshToken, enabled)";
+
+fn from_sqlite(path: &Path) -> Result<Found, String> {
+    let conn = sqlite::open(path).map_err(|e| format!("{e}: {EXPECTED_SQLITE}"))?;
+    let tables = sqlite::tables(&conn).map_err(|e| format!("{e}: {EXPECTED_SQLITE}"))?;
+    if let Some(table) = sqlite::find(&tables, "auth_kv") {
+        return kiro::from_cli_db(&conn, table, &tables);
+    }
+    if let Some(table) = sqlite::find(&tables, "accounts") {
+        return seed::from_db(&conn, table);
+    }
+    let found =
+        if tables.is_empty() { "no tables".to_string() } else { format!("tables {}", tables.join(", ")) };
+    Err(format!("an SQLite database with {found}, not one amqctl reads: {EXPECTED_SQLITE}"))
+}
+
+fn from_text(path: &Path, text: &str) -> Result<Found, String> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(format!("the file is empty: {EXPECTED}"));
+    }
+    if !(trimmed.starts_with('[') || trimmed.starts_with('{')) {
+        return seed::from_lines(text);
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(trimmed).map_err(|e| format!("not valid JSON ({e}): {EXPECTED}"))?;
+    if kiro::is_token_file(&v) {
+        return kiro::from_token_file(path, &v);
+    }
+    if let Some(hint) = kiro::registration_hint(&v) {
+        return Err(hint);
+    }
+    if seed::is_json_export(&v) {
+        return seed::from_json(&v);
+    }
+    let shape = match &v {
+        serde_json::Value::Object(o) => {
+            let keys: Vec<&str> = o.keys().take(8).map(String::as_str).collect();
+            format!("a JSON object with keys {}", one_line(&keys.join(", ")))
+        }
+        serde_json::Value::Array(_) => "a JSON array".to_string(),
+        _ => "a JSON scalar".to_string(),
+    };
+    Err(format!(
+        "{shape}, not a credential file amqctl reads: expected the Kiro IDE's kiro-auth-token.json (an object with refreshToken, authMethod, provider) or the seed's /v2/accounts export (an array of objects with clientId, clientSecret, refreshToken, or {{\"accounts\": [...]}})"
+    ))
+}
+
+/// Renders the entries found as accounts.toml text with generated ids, then checks that the
+/// text parses as an accounts file.
+pub fn render(path: &Path, found: &Found) -> Result<Output, Failure> {
+    let mut warnings = found.warnings.clone();
+    let mut out = String::new();
+    let mut seen_tokens: HashSet<&str> = HashSet::new();
+    let mut used_ids: HashSet<String> = HashSet::new();
+    let mut body = String::new();
+    let mut count = 0;
+    let mut notes = found.notes.clone();
+    for e in &found.entries {
+        // Two entries with one refresh token would spend each other's rotations: keep the first.
+        if !seen_tokens.insert(e.creds.refresh_token()) {
+            notes.push(format!("{}: the same refresh token as an account above: imported once", e.source));
+            continue;
+        }
+        count += 1;
+        let base = id_base(&e.label);
         let mut id = base.clone();
         let mut n = 1;
-        while !used.insert(id.clone()) {
+        while !used_ids.insert(id.clone()) {
             n += 1;
             id = format!("{base}-{n}");
         }
-        out.push_str(&format!(
-            "\n[[account]]\nid = {}\nlabel = {}\nclient_id = {}\nclient_secret = {}\nrefresh_token = {}\n",
+        body.push_str(&format!("\n# from {}\n", one_line(&e.source)));
+        for r in &e.remarks {
+            body.push_str(&format!("# {}\n", one_line(r)));
+        }
+        body.push_str(&format!(
+            "[[account]]\nid = {}\nlabel = {}\nkind = \"{}\"\n",
             toml_str(&id),
-            toml_str(&a.label),
-            toml_str(&a.client_id),
-            toml_str(&a.client_secret),
-            toml_str(&a.refresh_token)
+            toml_str(&e.label),
+            e.creds.kind()
         ));
-        if !a.enabled {
-            out.push_str("enabled = false\n");
+        match &e.creds {
+            Creds::Oidc { client_id, client_secret, refresh_token } => body.push_str(&format!(
+                "client_id = {}\nclient_secret = {}\nrefresh_token = {}\n",
+                toml_str(client_id),
+                toml_str(client_secret),
+                toml_str(refresh_token)
+            )),
+            Creds::Social { refresh_token } => {
+                body.push_str(&format!("refresh_token = {}\n", toml_str(refresh_token)))
+            }
+        }
+        if let Some(arn) = &e.profile_arn {
+            body.push_str(&format!("profile_arn = {}\n", toml_str(arn)));
+        }
+        if let Some(r) = &e.auth_region {
+            body.push_str(&format!("auth_region = {}\n", toml_str(r)));
+        }
+        if !e.enabled {
+            body.push_str("enabled = false\n");
         }
     }
-    Ok(out)
+    out.push_str(&format!(
+        "# Imported by amqctl from {}, {}: {count} account{}.\n",
+        one_line(&path.display().to_string()),
+        one_line(&found.format),
+        if count == 1 { "" } else { "s" }
+    ));
+    for n in &notes {
+        out.push_str(&format!("# {}\n", one_line(n)));
+    }
+    for w in &warnings {
+        out.push_str(&format!("# not imported or left out: {}\n", one_line(w)));
+    }
+    out.push_str(&body);
+    // The entries must be a valid accounts file as they stand.
+    if let Err(diags) = amq2api::config::accounts::parse(Path::new("imported accounts"), &out) {
+        return Err(fail(
+            exit::DATAERR,
+            format!(
+                "{}: the entries made from it are not a valid accounts.toml: {}",
+                path.display(),
+                one_line(&diags.to_string())
+            ),
+        ));
+    }
+    warnings.iter_mut().for_each(|w| *w = one_line(w));
+    Ok(Output { stdout: out, warnings })
 }
 
-/// Parses either format of the seed project's exports.
-pub fn parse_export(text: &str) -> Result<Vec<Imported>, String> {
-    let trimmed = text.trim_start();
-    if trimmed.starts_with('[') || trimmed.starts_with('{') {
-        let v: serde_json::Value =
-            serde_json::from_str(trimmed).map_err(|e| format!("not valid JSON: {e}"))?;
-        let items = match &v {
-            serde_json::Value::Array(a) => a.clone(),
-            serde_json::Value::Object(o) => o
-                .get("accounts")
-                .or_else(|| o.get("data"))
-                .and_then(|a| a.as_array())
-                .cloned()
-                .ok_or("a JSON object export must hold an \"accounts\" array")?,
-            _ => return Err("expected a JSON array of accounts".into()),
-        };
-        let mut out = Vec::new();
-        for (i, it) in items.iter().enumerate() {
-            let f = |keys: &[&str]| {
-                keys.iter().find_map(|k| it.get(*k).and_then(|v| v.as_str()).map(str::to_string))
-            };
-            let need = |keys: &[&str]| {
-                f(keys).filter(|s| !s.is_empty()).ok_or(format!("account #{}: missing {}", i + 1, keys[0]))
-            };
-            out.push(Imported {
-                label: f(&["label", "name"]).unwrap_or_else(|| format!("account {}", i + 1)),
-                client_id: need(&["clientId", "client_id"])?,
-                client_secret: need(&["clientSecret", "client_secret"])?,
-                refresh_token: need(&["refreshToken", "refresh_token"])?,
-                enabled: it.get("enabled").and_then(|e| e.as_bool()).unwrap_or(true),
-            });
-        }
-        return Ok(out);
-    }
-    let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let parts: Vec<&str> = line.split('|').collect();
-        if parts.len() < 5 {
-            return Err(format!(
-                "line {}: expected label|password|clientId|clientSecret|refreshToken|accessToken",
-                n + 1
-            ));
-        }
-        let (client_id, client_secret, refresh_token) = (parts[2].trim(), parts[3].trim(), parts[4].trim());
-        if client_id.is_empty() || client_secret.is_empty() || refresh_token.is_empty() {
-            return Err(format!("line {}: clientId, clientSecret and refreshToken must not be empty", n + 1));
-        }
-        out.push(Imported {
-            label: parts[0].trim().to_string(),
-            client_id: client_id.into(),
-            client_secret: client_secret.into(),
-            refresh_token: refresh_token.into(),
-            enabled: true,
-        });
-    }
-    Ok(out)
+/// Reads a credential file and renders `[[account]]` entries with generated ids.
+pub fn import(path: &Path) -> Result<Output, Failure> {
+    let found = find(path)?;
+    render(path, &found)
 }
 
 #[cfg(test)]
@@ -141,22 +366,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn import_both_formats() {
-        let lines = "# seed export\nTeam A|pw|cid1|cs1|rt1|at1\nTeam A|pw|cid2|cs2|rt2|\n";
-        let a = parse_export(lines).unwrap();
-        assert_eq!(a.len(), 2);
-        assert_eq!(a[1].refresh_token, "rt2");
-        let json = r#"[{"label": "x y", "clientId": "c", "clientSecret": "s", "refreshToken": "r", "enabled": false}]"#;
-        let b = parse_export(json).unwrap();
-        assert!(!b[0].enabled);
-        assert!(parse_export("a|b|c").is_err());
-        assert!(parse_export(r#"[{"label": "x"}]"#).is_err());
-        let tmp = std::env::temp_dir().join(format!("amqctl-import-{}", std::process::id()));
-        std::fs::write(&tmp, lines).unwrap();
-        let out = import(&tmp).unwrap();
-        std::fs::remove_file(&tmp).ok();
-        assert!(out.contains("id = \"team-a\"") && out.contains("id = \"team-a-2\""), "{out}");
-        let set = amq2api::config::accounts::parse(Path::new("x.toml"), &out).unwrap().0;
-        assert_eq!(set.len(), 2);
+    fn ids_come_from_labels() {
+        assert_eq!(id_base("Team A, first seat"), "team-a-first-seat");
+        assert_eq!(id_base("Kiro IDE, Google sign-in"), "kiro-ide-google-sign-in");
+        assert_eq!(id_base("Ünïcode"), "n-code");
+        assert_eq!(id_base("!!!"), "imported");
+        assert_eq!(id_base(&"x".repeat(100)).len(), 48);
+    }
+
+    #[test]
+    fn messages_show_words_and_describe_the_rest() {
+        assert_eq!(shown("social"), "\"social\"");
+        assert_eq!(shown("aorSECRET/with+base64=="), "(a value of 23 characters)");
+        assert_eq!(one_line("a\nb\tc"), "a b c");
+    }
+
+    #[test]
+    fn regions_go_where_they_belong() {
+        let mut w = Vec::new();
+        let social = || Entry::new("x", "src", Creds::Social { refresh_token: "rt".into() });
+        let mut e = social();
+        e.place(
+            Some("arn:aws:codewhisperer:us-east-1:699475941385:profile/EHGA3GRVQMUK".into()),
+            Some("us-east-1".into()),
+            &mut w,
+        );
+        assert_eq!((e.profile_arn.is_some(), e.auth_region.as_deref()), (true, None));
+        let mut e = social();
+        e.place(
+            Some("arn:aws:codewhisperer:eu-central-1:123456789012:profile/ABC".into()),
+            Some("us-east-2".into()),
+            &mut w,
+        );
+        assert_eq!(e.auth_region.as_deref(), Some("us-east-2"));
+        assert!(e.remarks.is_empty() && w.is_empty());
+        let mut e = social();
+        e.place(Some("not an arn".into()), Some("eu-central-1".into()), &mut w);
+        assert_eq!((e.profile_arn.as_deref(), e.auth_region.as_deref()), (None, Some("eu-central-1")));
+        assert_eq!((w.len(), e.remarks.len()), (1, 1));
     }
 }

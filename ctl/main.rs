@@ -2,8 +2,9 @@
 //! completions, man) here and the others against the daemon's control socket.
 //!
 //! Modules: [`cli`] the clap definitions; [`commands`] the commands that call the daemon;
-//! [`client`] the control-socket client; [`render`] tables for people; [`import`] seed exports
-//! to accounts.toml; [`failure`] a failure and its exit code. The wire types are the library's
+//! [`client`] the control-socket client; [`render`] tables for people; [`import`] other tools'
+//! credential stores (the seed's exports and accounts.db, the Kiro IDE's token file, kiro-cli's
+//! SQLite) to accounts.toml; [`failure`] a failure and its exit code. The wire types are the library's
 //! ([`amq2api::control::wire`]).
 #![forbid(unsafe_code)]
 
@@ -47,7 +48,10 @@ fn run(cli: Cli) -> i32 {
             }
         }
         Command::Import { file } => import::import(file).map(|out| {
-            print!("{out}");
+            for w in &out.warnings {
+                eprintln!("amqctl: warning: {w}");
+            }
+            print!("{}", out.stdout);
             exit::OK
         }),
         _ => match tokio::runtime::Builder::new_current_thread().enable_all().build() {

@@ -3,7 +3,8 @@
 # $CARGO_TARGET_DIR when set). Layout and maintainer scripts: [package.metadata.deb] in
 # Cargo.toml and packaging/debian/.
 #
-# 1. installs cargo-deb when it is missing (from crates.io);
+# 1. installs libsqlite3-dev and pkg-config when they are missing (apt, as root; otherwise it
+#    says so and stops), and cargo-deb (from crates.io);
 # 2. builds the release binaries;
 # 3. generates the man pages of amq2api and amqctl (`amq2api man`, `amqctl man`) and amqctl's
 #    bash/zsh/fish completions from their clap definitions into target/packaging/ (the asset
@@ -11,6 +12,17 @@
 # 4. runs cargo deb and prints the path of the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# amqctl links the system SQLite (libsqlite3-dev to build; the package then depends on
+# libsqlite3-0 through cargo-deb's $auto).
+if ! dpkg -s libsqlite3-dev pkg-config >/dev/null 2>&1; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "build-deb.sh: needs libsqlite3-dev and pkg-config: sudo apt install libsqlite3-dev pkg-config" >&2
+        exit 1
+    fi
+    echo "== apt-get install libsqlite3-dev pkg-config"
+    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y libsqlite3-dev pkg-config
+fi
 
 if ! cargo deb --version >/dev/null 2>&1; then
     echo "== cargo install cargo-deb --locked"

@@ -1,8 +1,9 @@
 //! amqctl end to end: the real `amqctl` binary against an in-process daemon and emulator, over
 //! the daemon's control socket. Tables and `--json` for status, accounts, refresh, check,
-//! enable/disable and reload; import of both seed formats; completions and man; exit codes
-//! (daemon not running, permission refused); no secret in anything amqctl prints; and
-//! `refresh --all` over 100 accounts within 5 s.
+//! enable/disable and reload; import of every format (the seed's text, JSON and accounts.db,
+//! the Kiro IDE's token file, kiro-cli's SQLite), the imports accepted by `amq2api check-config`,
+//! and foreign files refused; completions and man; exit codes (daemon not running, permission
+//! refused); no secret in anything amqctl prints; and `refresh --all` over 100 accounts within 5 s.
 
 mod common;
 
@@ -1023,6 +1024,505 @@ async fn import_both_seed_formats() {
     let r = ctl.run(&["import", "/nonexistent/export.json"]).await;
     assert_ne!(r.code, 0, "{r}");
     assert!(r.stderr.contains("/nonexistent/export.json"), "{r}");
+}
+
+/// Every fixture secret (client ids and secrets, refresh and access tokens) starts with this:
+/// none may ever appear on stderr, and access tokens nowhere.
+const FIXTURE: &str = "fx-";
+
+/// Parses an import's stdout as accounts.toml (no error, no warning).
+fn imported(r: &Out) -> amq2api::config::AccountSet {
+    parse_imported(&r.stdout)
+}
+
+fn parse_imported(text: &str) -> amq2api::config::AccountSet {
+    let (set, diags) = amq2api::config::accounts::parse(Path::new("imported.toml"), text)
+        .unwrap_or_else(|d| panic!("not a valid accounts.toml ({d}):\n{text}"));
+    assert!(diags.is_empty(), "{diags}");
+    set
+}
+
+/// A social account's refresh token.
+fn social(a: &amq2api::config::AccountSpec) -> String {
+    match &a.credentials {
+        amq2api::config::Credentials::Social { refresh_token } => refresh_token.expose().to_owned(),
+        other => panic!("not a social account: {:?}", other.kind()),
+    }
+}
+
+/// An import that must be refused: exit 65, nothing on stdout, a message on stderr that names
+/// the file and contains `want`, and no fixture secret in it.
+async fn refused(ctl: &mut Ctl, file: &Path, want: &str) -> Out {
+    let r = ctl.run(&["import", file.to_str().unwrap()]).await.code(65);
+    assert_eq!(r.stdout, "", "{r}");
+    assert!(r.stderr.starts_with(&format!("amqctl: {}: ", file.display())), "{r}");
+    assert!(r.stderr.contains(want), "expected {want:?}: {r}");
+    assert_eq!(r.stderr.lines().count(), 1, "one line: {r}");
+    assert!(!r.stderr.contains(FIXTURE), "a secret on stderr: {r}");
+    r
+}
+
+/// No run printed a fixture secret on stderr, nor an access token anywhere.
+fn assert_no_fixture_secret_leaked(ctl: &Ctl) {
+    assert!(!ctl.outputs.is_empty());
+    for o in &ctl.outputs {
+        assert!(!o.stderr.contains(FIXTURE), "a secret on stderr: {o}");
+        assert!(!o.stdout.contains("fx-access"), "an access token carried over: {o}");
+    }
+}
+
+/// An SQLite database made by the test, the file's bytes kept to check it is never changed.
+fn sqlite_fixture(path: &Path, sql: &str) -> Vec<u8> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute_batch(sql).unwrap();
+    drop(conn);
+    std::fs::read(path).unwrap()
+}
+
+/// The names of the files in `dir`, sorted.
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn import_the_kiro_ide_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Ctl::new(&dir.path().join("absent.sock"));
+    let cache = dir.path().join("sso-cache");
+    std::fs::create_dir(&cache).unwrap();
+    let token = cache.join("kiro-auth-token.json");
+
+    // Google sign-in: a social account with the file's profile ARN; the region is the ARN's.
+    std::fs::write(
+        &token,
+        r#"{"accessToken": "fx-access-social", "refreshToken": "fx-refresh-social", "expiresAt": "2026-11-30T10:00:00.000Z",
+            "authMethod": "social", "provider": "Google",
+            "profileArn": "arn:aws:codewhisperer:us-east-1:699475941385:profile/EHGA3GRVQMUK", "region": "us-east-1"}"#,
+    )
+    .unwrap();
+    let r = ctl.run(&["import", token.to_str().unwrap()]).await.ok();
+    let set = imported(&r);
+    let a: Vec<_> = set.iter().collect();
+    assert_eq!(a.len(), 1, "{r}");
+    assert_eq!(a[0].kind(), amq2api::config::accounts::Kind::Social);
+    assert_eq!(social(a[0]), "fx-refresh-social");
+    assert_eq!(a[0].label, "Kiro IDE, Google sign-in");
+    assert_eq!(
+        a[0].profile_arn.as_deref(),
+        Some("arn:aws:codewhisperer:us-east-1:699475941385:profile/EHGA3GRVQMUK")
+    );
+    assert_eq!((a[0].region.as_deref(), a[0].auth_region.as_deref()), (Some("us-east-1"), None));
+    assert!(r.stdout.contains("# from the Kiro IDE's token file"), "{r}");
+    assert!(r.stdout.contains("kind = \"social\""), "{r}");
+
+    // GitHub, no profile ARN, tokens issued in eu-central-1: auth_region, and a remark.
+    std::fs::write(
+        &token,
+        r#"{"accessToken": "fx-access-gh", "refreshToken": "fx-refresh-gh", "authMethod": "social", "provider": "Github", "region": "eu-central-1"}"#,
+    )
+    .unwrap();
+    let r = ctl.run(&["import", token.to_str().unwrap()]).await.ok();
+    let set = imported(&r);
+    let a = set.iter().next().unwrap();
+    assert_eq!((social(a).as_str(), a.label.as_str()), ("fx-refresh-gh", "Kiro IDE, GitHub sign-in"));
+    assert_eq!((a.profile_arn.as_deref(), a.auth_region.as_deref()), (None, Some("eu-central-1")));
+
+    // IAM Identity Center: the client registration comes from <clientIdHash>.json beside it.
+    let hash = "0b5d4c3e2f1a09b8c7d6e5f4a3b2c1d0e9f8a7b6";
+    std::fs::write(
+        &token,
+        format!(
+            r#"{{"accessToken": "fx-access-idc", "refreshToken": "fx-refresh-idc", "expiresAt": "2026-11-30T10:00:00Z",
+                "authMethod": "IdC", "provider": "Enterprise", "region": "us-east-2", "clientIdHash": "{hash}",
+                "startUrl": "https://d-1234567890.awsapps.com/start",
+                "profileArn": "arn:aws:codewhisperer:us-east-1:123456789012:profile/ABCDEFGHIJKL"}}"#
+        ),
+    )
+    .unwrap();
+    let sibling = cache.join(format!("{hash}.json"));
+    // Missing: exit 65 naming the file it looked for.
+    refused(&mut ctl, &token, &format!("the IdC client registration {} is missing", sibling.display())).await;
+    std::fs::write(
+        &sibling,
+        r#"{"clientId": "fx-client-idc", "clientSecret": "fx-secret-idc", "expiresAt": "2027-02-01T00:00:00Z"}"#,
+    )
+    .unwrap();
+    let r = ctl.run(&["import", token.to_str().unwrap()]).await.ok();
+    let set = imported(&r);
+    let a = set.iter().next().unwrap();
+    assert_eq!(oidc(a), ("fx-client-idc".into(), "fx-secret-idc".into(), "fx-refresh-idc".into()));
+    assert_eq!(a.label, "Kiro IDE, IAM Identity Center");
+    // Refreshed where the token was issued, served where the profile lives.
+    assert_eq!((a.region.as_deref(), a.auth_region.as_deref()), (Some("us-east-1"), Some("us-east-2")));
+    assert!(r.stdout.contains(&sibling.display().to_string()), "the source names the registration: {r}");
+    assert!(r.stdout.contains("expires 2027-02-01T00:00:00Z"), "{r}");
+
+    // Builder ID, no authMethod: the provider tells; a broken registration is named.
+    std::fs::write(
+        &token,
+        format!(r#"{{"accessToken": "fx-access-b", "refreshToken": "fx-refresh-b", "provider": "BuilderId", "clientIdHash": "{hash}", "region": "us-east-1"}}"#),
+    )
+    .unwrap();
+    let r = ctl.run(&["import", token.to_str().unwrap()]).await.ok();
+    let set = imported(&r);
+    let a = set.iter().next().unwrap();
+    assert_eq!(oidc(a).2, "fx-refresh-b");
+    assert_eq!(a.label, "Kiro IDE, Builder ID");
+    std::fs::write(&sibling, r#"{"clientId": "fx-client-idc"}"#).unwrap();
+    refused(&mut ctl, &token, "has no clientSecret").await;
+    std::fs::write(&sibling, "not json").unwrap();
+    refused(&mut ctl, &token, "is not valid JSON").await;
+
+    // The registration itself is not a token file: the message says what to import instead.
+    std::fs::write(&sibling, r#"{"clientId": "fx-client-idc", "clientSecret": "fx-secret-idc"}"#).unwrap();
+    refused(&mut ctl, &sibling, "import the Kiro IDE's kiro-auth-token.json").await;
+    // An authMethod amqctl does not know.
+    std::fs::write(&token, r#"{"refreshToken": "fx-refresh-x", "authMethod": "saml"}"#).unwrap();
+    refused(&mut ctl, &token, "authMethod \"saml\" is neither \"social\"").await;
+    // IdC without a way to the registration.
+    std::fs::write(&token, r#"{"refreshToken": "fx-refresh-x", "authMethod": "IdC"}"#).unwrap();
+    refused(&mut ctl, &token, "no clientIdHash").await;
+    // A clientIdHash that is a path, not a file name.
+    std::fs::write(
+        &token,
+        r#"{"refreshToken": "fx-refresh-x", "authMethod": "IdC", "clientIdHash": "../../etc/passwd"}"#,
+    )
+    .unwrap();
+    refused(&mut ctl, &token, "is not a file name").await;
+    assert_no_fixture_secret_leaked(&ctl);
+}
+
+#[tokio::test]
+async fn import_kiro_cli_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Ctl::new(&dir.path().join("absent.sock"));
+
+    // kiro-cli: a social sign-in, an IdC one (snake_case JSON, as kiro-cli writes it), the
+    // Amazon Q CLI's copy of the IdC one, a kind amqctl does not import, and the active profile.
+    let kiro = dir.path().join("kiro-cli");
+    std::fs::create_dir(&kiro).unwrap();
+    let db = kiro.join("data.sqlite3");
+    let before = sqlite_fixture(
+        &db,
+        r#"
+        CREATE TABLE auth_kv (key TEXT PRIMARY KEY, value TEXT);
+        CREATE TABLE state (key TEXT PRIMARY KEY, value BLOB);
+        INSERT INTO auth_kv VALUES
+          ('kirocli:social:token', '{"accessToken": "fx-access-1", "refreshToken": "fx-refresh-social", "expiresAt": "2026-11-30T10:00:00Z", "provider": "Github", "profileArn": "arn:aws:codewhisperer:us-east-1:699475941385:profile/EHGA3GRVQMUK"}'),
+          ('kirocli:odic:token', '{"access_token": "fx-access-2", "refresh_token": "fx-refresh-idc", "expires_at": "2026-11-30T10:00:00Z", "region": "us-east-2", "start_url": "https://d-1234567890.awsapps.com/start", "oauth_flow": "DeviceCode"}'),
+          ('kirocli:odic:device-registration', '{"client_id": "fx-client-idc", "client_secret": "fx-secret-idc", "client_secret_expires_at": "2027-02-01T00:00:00Z", "region": "us-east-2"}'),
+          ('codewhisperer:odic:token', '{"access_token": "fx-access-2", "refresh_token": "fx-refresh-idc", "region": "us-east-2"}'),
+          ('codewhisperer:odic:device-registration', '{"client_id": "fx-client-idc", "client_secret": "fx-secret-idc", "region": "us-east-2"}'),
+          ('kirocli:external-idp:token', '{"access_token": "fx-access-3", "refresh_token": "fx-refresh-ext"}'),
+          ('kirocli:telemetry-client-id', '0c9b0e0e-1111-2222-3333-444455556666');
+        INSERT INTO state VALUES ('api.codewhisperer.profile', CAST('{"arn": "arn:aws:codewhisperer:eu-central-1:123456789012:profile/ABCDEFGHIJKL", "profile_name": "QDevProfile"}' AS BLOB));
+        "#,
+    );
+    let r = ctl.run(&["import", db.to_str().unwrap()]).await.code(0);
+    let set = imported(&r);
+    let a: Vec<_> = set.iter().collect();
+    assert_eq!(a.len(), 2, "the codewhisperer: copy is imported once: {r}");
+    assert_eq!(social(a[0]), "fx-refresh-social");
+    assert_eq!(a[0].label, "kiro-cli, GitHub sign-in");
+    assert_eq!(a[0].region.as_deref(), Some("us-east-1"));
+    assert_eq!(oidc(a[1]), ("fx-client-idc".into(), "fx-secret-idc".into(), "fx-refresh-idc".into()));
+    assert_eq!(a[1].label, "kiro-cli, IdC");
+    // The active profile from `state`; tokens refreshed where they were issued.
+    assert_eq!(
+        a[1].profile_arn.as_deref(),
+        Some("arn:aws:codewhisperer:eu-central-1:123456789012:profile/ABCDEFGHIJKL")
+    );
+    assert_eq!(
+        (a[1].region.as_deref(), a[1].auth_region.as_deref()),
+        (Some("eu-central-1"), Some("us-east-2"))
+    );
+    // What was found, said.
+    assert!(r.stdout.contains("# found: kirocli:social:token (social), kirocli:odic:token + kirocli:odic:device-registration (oidc)"), "{r}");
+    assert!(
+        r.stdout
+            .contains("# from kiro-cli's auth_kv keys kirocli:odic:token + kirocli:odic:device-registration"),
+        "{r}"
+    );
+    assert!(r.stdout.contains("codewhisperer:odic:token + codewhisperer:odic:device-registration: the same refresh token as an account above: imported once"), "{r}");
+    // The external-IdP token is not imported, and stderr says so (without its secret).
+    assert!(!r.stdout.contains("fx-refresh-ext"), "{r}");
+    assert!(r.stderr.contains("amqctl: warning: auth_kv key kirocli:external-idp:token: a kind of sign-in amqctl does not import"), "{r}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r}");
+    // Read-only: the database is unchanged and nothing was created beside it.
+    assert_eq!(std::fs::read(&db).unwrap(), before, "the database changed");
+    assert_eq!(files_in(&kiro), ["data.sqlite3"]);
+
+    // The Amazon Q CLI's naming alone, the `oidc` spelling, a WAL-mode database.
+    let q = dir.path().join("amazon-q");
+    std::fs::create_dir(&q).unwrap();
+    let db = q.join("data.sqlite3");
+    let before = sqlite_fixture(
+        &db,
+        r#"
+        PRAGMA journal_mode = WAL;
+        CREATE TABLE Auth_KV (Key TEXT, Value TEXT);
+        INSERT INTO Auth_KV VALUES
+          ('codewhisperer:oidc:token', '{"access_token": "fx-access-4", "refresh_token": "fx-refresh-q", "region": "us-east-1", "start_url": "https://view.awsapps.com/start"}'),
+          ('codewhisperer:oidc:device-registration', '{"client_id": "fx-client-q", "client_secret": "fx-secret-q", "region": "us-east-1"}');
+        "#,
+    );
+    assert_eq!(files_in(&q), ["data.sqlite3"], "the fixture's WAL was checkpointed and removed");
+    let r = ctl.run(&["import", db.to_str().unwrap()]).await.ok();
+    let set = imported(&r);
+    let a = set.iter().next().unwrap();
+    assert_eq!(oidc(a), ("fx-client-q".into(), "fx-secret-q".into(), "fx-refresh-q".into()));
+    assert_eq!(a.label, "Amazon Q CLI, Builder ID");
+    assert_eq!(a.auth_region.as_deref(), Some("us-east-1"));
+    assert_eq!(std::fs::read(&db).unwrap(), before, "the database changed");
+    assert_eq!(files_in(&q), ["data.sqlite3"], "no -wal or -shm left behind");
+
+    // A WAL-mode database another process has open: read through its WAL, left as it was.
+    let live = rusqlite::Connection::open(&db).unwrap();
+    live.execute_batch(
+        "INSERT INTO Auth_KV VALUES ('kirocli:social:token', '{\"refreshToken\": \"fx-refresh-live\"}');",
+    )
+    .unwrap();
+    let r = ctl.run(&["import", db.to_str().unwrap()]).await.ok();
+    let set = imported(&r);
+    assert_eq!(set.len(), 2, "the row still in the WAL is read: {r}");
+    assert!(
+        set.iter()
+            .any(|a| a.kind() == amq2api::config::accounts::Kind::Social && social(a) == "fx-refresh-live")
+    );
+    drop(live);
+
+    // An IdC token without its registration, alone: nothing to import.
+    let lone = dir.path().join("lone.sqlite3");
+    sqlite_fixture(
+        &lone,
+        r#"CREATE TABLE auth_kv (key TEXT, value TEXT);
+           INSERT INTO auth_kv VALUES ('kirocli:odic:token', '{"refresh_token": "fx-refresh-lone"}');"#,
+    );
+    refused(&mut ctl, &lone, "no client registration beside it (looked for kirocli:odic:device-registration")
+        .await;
+    // Signed out: an auth_kv table without tokens.
+    let out = dir.path().join("signed-out.sqlite3");
+    sqlite_fixture(&out, "CREATE TABLE auth_kv (key TEXT, value TEXT);");
+    refused(&mut ctl, &out, "is it signed in?").await;
+    // auth_kv of another shape.
+    let odd = dir.path().join("odd.sqlite3");
+    sqlite_fixture(&odd, "CREATE TABLE auth_kv (k TEXT, v TEXT);");
+    refused(
+        &mut ctl,
+        &odd,
+        "has no key and value columns (expected kiro-cli's auth_kv(key TEXT, value TEXT)",
+    )
+    .await;
+    assert_no_fixture_secret_leaked(&ctl);
+}
+
+#[tokio::test]
+async fn import_the_seed_accounts_db() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Ctl::new(&dir.path().join("absent.sock"));
+
+    // The columns of the seed's JSON export.
+    let db = dir.path().join("accounts.db");
+    let before = sqlite_fixture(
+        &db,
+        r#"
+        CREATE TABLE accounts (id TEXT PRIMARY KEY, label TEXT, clientId TEXT, clientSecret TEXT,
+          refreshToken TEXT, accessToken TEXT, other TEXT, last_refresh_time TEXT,
+          last_refresh_status TEXT, created_at TEXT, updated_at TEXT, enabled INTEGER);
+        INSERT INTO accounts (id, label, clientId, clientSecret, refreshToken, accessToken, enabled) VALUES
+          ('6f1c', 'Team A, first seat', 'fx-client-1', 'fx-secret-1', 'fx-refresh-1', 'fx-access-1', 1),
+          ('7a2d', 'Team A, first seat', 'fx-client-2', 'fx-secret-2', 'fx-refresh-2', NULL, 0),
+          ('8b3e', NULL, 'fx-client-3', 'fx-secret-3', 'fx-refresh-3', 'fx-access-3', NULL);
+        "#,
+    );
+    let r = ctl.run(&["import", db.to_str().unwrap()]).await.ok();
+    let set = imported(&r);
+    let a: Vec<_> = set.iter().collect();
+    assert_eq!(a.len(), 3, "{r}");
+    for (i, acc) in a.iter().enumerate() {
+        let n = i + 1;
+        assert_eq!(
+            oidc(acc),
+            (format!("fx-client-{n}"), format!("fx-secret-{n}"), format!("fx-refresh-{n}"))
+        );
+        assert_eq!(acc.kind(), amq2api::config::accounts::Kind::Oidc);
+    }
+    assert_eq!((a[0].label.as_str(), a[0].enabled), ("Team A, first seat", true));
+    assert_eq!((a[1].label.as_str(), a[1].enabled), ("Team A, first seat", false));
+    assert_eq!((a[2].label.as_str(), a[2].enabled), ("account 3", true));
+    assert_ne!(a[0].id, a[1].id);
+    assert!(r.stdout.contains("# from the seed's accounts.db, table accounts, row 2"), "{r}");
+    assert_eq!(std::fs::read(&db).unwrap(), before, "the database changed");
+
+    // Another spelling of the same schema: table and columns in other case and snake_case.
+    let db2 = dir.path().join("seed-copy.sqlite");
+    sqlite_fixture(
+        &db2,
+        r#"CREATE TABLE ACCOUNTS (Name TEXT, CLIENT_ID TEXT, client_secret TEXT, refresh_token TEXT, Enabled TEXT);
+           INSERT INTO ACCOUNTS VALUES ('Seat B', 'fx-client-b', 'fx-secret-b', 'fx-refresh-b', 'false');"#,
+    );
+    let r = ctl.run(&["import", db2.to_str().unwrap()]).await.ok();
+    let set = imported(&r);
+    let b = set.iter().next().unwrap();
+    assert_eq!(oidc(b), ("fx-client-b".into(), "fx-secret-b".into(), "fx-refresh-b".into()));
+    assert_eq!((b.label.as_str(), b.enabled), ("Seat B", false));
+
+    // A column missing: what was expected, and what is there.
+    let db3 = dir.path().join("partial.db");
+    sqlite_fixture(&db3, "CREATE TABLE accounts (id TEXT, label TEXT, clientId TEXT, refreshToken TEXT);");
+    let r = refused(&mut ctl, &db3, "whose table accounts has no clientSecret column").await;
+    assert!(r.stderr.contains("label, clientId, clientSecret, refreshToken"), "{r}");
+    assert!(r.stderr.contains("found columns: id, label, clientId, refreshToken"), "{r}");
+    // A row without a refresh token.
+    let db4 = dir.path().join("row.db");
+    sqlite_fixture(
+        &db4,
+        r#"CREATE TABLE accounts (label TEXT, clientId TEXT, clientSecret TEXT, refreshToken TEXT);
+           INSERT INTO accounts VALUES ('Seat C', 'fx-client-c', 'fx-secret-c', NULL);"#,
+    );
+    refused(&mut ctl, &db4, "table accounts, row 1 (label \"Seat C\"): no refreshToken").await;
+    // No account at all.
+    let db5 = dir.path().join("empty.db");
+    sqlite_fixture(
+        &db5,
+        "CREATE TABLE accounts (label TEXT, clientId TEXT, clientSecret TEXT, refreshToken TEXT);",
+    );
+    refused(&mut ctl, &db5, "no account in it (the seed's accounts.db").await;
+    assert_no_fixture_secret_leaked(&ctl);
+}
+
+#[tokio::test]
+async fn import_refuses_foreign_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Ctl::new(&dir.path().join("absent.sock"));
+    let file = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let expected = "expected the Kiro IDE's kiro-auth-token.json, kiro-cli's data.sqlite3";
+    refused(&mut ctl, &file("empty.json", b""), &format!("the file is empty: {expected}")).await;
+    refused(&mut ctl, &file("blank.txt", b" \n\n\t\n"), "the file is empty").await;
+    refused(&mut ctl, &file("comments.txt", b"# nothing but a comment\n"), "no account in it").await;
+    // Random bytes (not UTF-8), whatever the name.
+    let noise: Vec<u8> = (0u32..4096).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80).collect();
+    refused(
+        &mut ctl,
+        &file("kiro-auth-token.json", &noise),
+        &format!("binary data is neither text nor an SQLite database: {expected}"),
+    )
+    .await;
+    // A PNG named like a database.
+    let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89".to_vec();
+    png.extend_from_slice(&noise[..64]);
+    refused(&mut ctl, &file("accounts.db", &png), "a PNG image is neither text nor an SQLite database").await;
+    // JSON of other shapes.
+    refused(
+        &mut ctl,
+        &file("other.json", br#"{"name": "x", "version": 3}"#),
+        "a JSON object with keys name, version, not a credential file",
+    )
+    .await;
+    refused(&mut ctl, &file("strings.json", br#"["a", "b"]"#), "a JSON array, not a credential file").await;
+    refused(&mut ctl, &file("number.json", b"42"), "line 1: expected label|password|clientId").await;
+    refused(&mut ctl, &file("broken.json", br#"{"refreshToken": "fx-refresh-x""#), "not valid JSON").await;
+    refused(&mut ctl, &file("none.json", b"[]"), "no account in it").await;
+    // Prose.
+    refused(
+        &mut ctl,
+        &file("notes.txt", b"Remember to rotate the keys.\n"),
+        "line 1: expected label|password|clientId|clientSecret|refreshToken|accessToken",
+    )
+    .await;
+    // SQLite of another schema, and a file with only the SQLite header.
+    let other = dir.path().join("data.sqlite3");
+    sqlite_fixture(
+        &other,
+        "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT); CREATE TABLE tags (name TEXT);",
+    );
+    refused(&mut ctl, &other, "an SQLite database with tables notes, tags, not one amqctl reads: expected kiro-cli's data.sqlite3 (table auth_kv with key, value) or the seed's accounts.db").await;
+    let none = dir.path().join("blank.sqlite3");
+    sqlite_fixture(&none, "PRAGMA user_version = 1;");
+    refused(&mut ctl, &none, "an SQLite database with no tables").await;
+    let mut fake = b"SQLite format 3\0".to_vec();
+    fake.extend_from_slice(&noise[..200]);
+    refused(&mut ctl, &file("fake.sqlite3", &fake), "expected kiro-cli's data.sqlite3").await;
+    assert_no_fixture_secret_leaked(&ctl);
+}
+
+#[tokio::test]
+async fn imported_entries_pass_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Ctl::new(&dir.path().join("absent.sock"));
+    // One file of each format, imported and appended, as the README shows.
+    let token = dir.path().join("kiro-auth-token.json");
+    std::fs::write(
+        &token,
+        r#"{"accessToken": "fx-access-1", "refreshToken": "fx-refresh-ide", "authMethod": "IdC", "provider": "BuilderId",
+            "region": "us-east-1", "clientIdHash": "c0ffee"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("c0ffee.json"),
+        r#"{"clientId": "fx-client-ide", "clientSecret": "fx-secret-ide"}"#,
+    )
+    .unwrap();
+    let cli = dir.path().join("data.sqlite3");
+    sqlite_fixture(
+        &cli,
+        r#"CREATE TABLE auth_kv (key TEXT, value TEXT);
+           INSERT INTO auth_kv VALUES ('kirocli:social:token', '{"refreshToken": "fx-refresh-cli", "profileArn": "arn:aws:codewhisperer:us-east-1:699475941385:profile/EHGA3GRVQMUK", "region": "us-east-1"}');"#,
+    );
+    let seed = dir.path().join("accounts.db");
+    sqlite_fixture(
+        &seed,
+        r#"CREATE TABLE accounts (label TEXT, clientId TEXT, clientSecret TEXT, refreshToken TEXT, enabled INTEGER);
+           INSERT INTO accounts VALUES ('Seed seat', 'fx-client-seed', 'fx-secret-seed', 'fx-refresh-seed', 0);"#,
+    );
+    let lines = dir.path().join("export.txt");
+    std::fs::write(&lines, "Line seat|pw|fx-client-line|fx-secret-line|fx-refresh-line|fx-access-line\n")
+        .unwrap();
+    let mut all = String::new();
+    for f in [&token, &cli, &seed, &lines] {
+        all.push_str(&ctl.run(&["import", f.to_str().unwrap()]).await.ok().stdout);
+    }
+    let accounts = dir.path().join("accounts.toml");
+    std::fs::write(&accounts, &all).unwrap();
+    std::fs::set_permissions(&accounts, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config = dir.path().join("amq2api.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:8443\"]\n[auth]\napi_keys = [\"{API_KEY}\"]\n[accounts]\nfile = {:?}\n",
+            accounts.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::child::AMQ2API)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&config)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("RUNTIME_DIRECTORY")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "check-config refused the imported entries:\n{stdout}\n{stderr}\n{all}"
+    );
+    assert!(!stdout.contains(FIXTURE) && !stderr.contains(FIXTURE), "{stdout}\n{stderr}");
+    let set = parse_imported(&all);
+    let kinds: Vec<&str> = set.iter().map(|a| a.kind().as_str()).collect();
+    assert_eq!(kinds, ["oidc", "social", "oidc", "oidc"], "{all}");
+    assert_no_fixture_secret_leaked(&ctl);
 }
 
 #[tokio::test]
