@@ -1063,3 +1063,28 @@ async fn a_dead_proxy_fails_over_cleanly() {
         h.stop().await;
     }
 }
+
+/// A Kiro API key the service refuses (revoked) takes its account out as `invalid`, with the
+/// reason; requests fail over; it is never "refreshed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_api_key_marks_its_account_invalid() {
+    let setup = Setup {
+        accounts: vec!["backup".into()],
+        more_accounts: Some(Box::new(|e| {
+            e.add_api_key("ksk_revoked_0123456789");
+            "[[account]]\nid = \"key\"\napi_key = \"ksk_revoked_0123456789\"\n".to_owned()
+        })),
+        ..Default::default()
+    };
+    let h = Harness::start(setup).await;
+    h.emulator.revoke_api_key("ksk_revoked_0123456789");
+    for i in 0..4 {
+        let r = post(&h, "/v1/messages", &simple(&format!("r{i}"), false)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let a = h.account("key");
+    assert_eq!(a["state"], "invalid", "{a}");
+    assert!(a["reason"].as_str().unwrap().contains("API key was refused"), "{a}");
+    assert_eq!(h.emulator.stats().refresh_failures, 0, "an API key is never refreshed");
+    h.stop().await;
+}

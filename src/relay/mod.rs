@@ -119,15 +119,24 @@ impl Relay {
                         if let (UpstreamFailure::ModelNotOffered { .. }, Some(m)) = (&f, model) {
                             self.pool.drop_model(&lease.account, m);
                         }
-                        if f == UpstreamFailure::TokenInvalid {
+                        if f == UpstreamFailure::TokenInvalid && lease.account.kind() == Kind::ApiKey {
+                            // An API key refused by every endpoint is a bad key: nothing to
+                            // refresh, the account is out until the file changes it.
+                            let bad = UpstreamFailure::AccessDenied {
+                                message: "the Kiro API key was refused (revoked or wrong)".into(),
+                            };
+                            lease.failure(&bad);
+                            budget.after(lease.id(), bad)
+                        } else if f == UpstreamFailure::TokenInvalid {
                             if let Some(t) = &token {
                                 lease.account.tokens.invalidate_if(t);
                             }
                             force = token;
+                            budget.after(lease.id(), f)
                         } else {
                             lease.failure(&f);
+                            budget.after(lease.id(), f)
                         }
-                        budget.after(lease.id(), f)
                     }
                 };
                 match next {
