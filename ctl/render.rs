@@ -183,7 +183,7 @@ pub fn render_account(a: &AccountInfo) -> String {
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let time = |t: Option<u64>| t.map(|t| format!("{t} ({})", ago(Some(t)))).unwrap_or_else(|| "-".into());
     format!(
-        "id:               {}\nlabel:            {}\nkind:             {}\nenabled:          {}\nstate:            {}\nreason:           {}\nsince:            {}\nuntil:            {}\nendpoint:         {}\nprofile ARN:      {}\ntoken expires in: {}\ntoken:            {}{}\nin flight:        {}/{}\nrequests/minute:  {}\nweight:           {}\nrequests:         {}\nfailures:         {}\ntokens in/out:    {}/{}\nlast used:        {}\nlast error:       {}\n",
+        "id:               {}\nlabel:            {}\nkind:             {}\nenabled:          {}\nstate:            {}\nreason:           {}\nsince:            {}\nuntil:            {}\nendpoint:         {}\nprofile ARN:      {}\ntoken expires in: {}\ntoken:            {}{}\nin flight:        {}/{}\nrequests/minute:  {}\nmodels:           {}\nweight:           {}\nrequests:         {}\nfailures:         {}\ntokens in/out:    {}/{}\nlast used:        {}\nlast error:       {}\n",
         a.id,
         a.label,
         if a.kind.is_empty() { "-" } else { &a.kind },
@@ -202,6 +202,16 @@ pub fn render_account(a: &AccountInfo) -> String {
         match a.rpm {
             Some(limit) => format!("{} of {limit} (rpm)", a.requests_last_minute),
             None => format!("{} (no rpm limit)", a.requests_last_minute),
+        },
+        match (&a.catalog_fetched_at, &a.catalog_error) {
+            (None, None) => "- (catalog not fetched yet)".to_owned(),
+            (None, Some(e)) => format!("- ({e})"),
+            (Some(at), e) => format!(
+                "{} (catalog {}{})",
+                if a.models.is_empty() { "none".to_owned() } else { a.models.join(", ") },
+                ago(Some(*at)),
+                e.as_deref().map(|e| format!("; last fetch failed: {e}")).unwrap_or_default()
+            ),
         },
         a.weight,
         a.requests,

@@ -627,3 +627,149 @@ async fn metrics_count_the_tokens_requests_and_latencies_of_answers() {
     assert_eq!(sample_sum(t, "amq2api_token_refreshes_total", &[("result", "failed")]), 0.0, "{t}");
     h.stop().await;
 }
+
+/// Waits until every account has fetched its model catalog.
+async fn catalogs_fetched(h: &Harness, ids: &[&str]) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let accounts = h.ctl_json(&["accounts"]);
+        let done = ids.iter().all(|id| {
+            accounts.as_array().unwrap().iter().any(|a| a["id"] == *id && a["catalog_fetched_at"].is_u64())
+        });
+        if done {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "catalogs not fetched: {accounts}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn models_request(model: &str, max_tokens: u64) -> Value {
+    json!({"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "which model?"}]})
+}
+
+/// `/v1/models` is what the enabled accounts offer (their live catalogs), under Claude-style
+/// ids with a `[1m]` id for each 1M window and other families under their own ids; a request
+/// goes only to an account that offers its model; a model no account offers is a 404 naming it;
+/// `max_tokens` above the model's output limit is a 400, as Anthropic answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_list_and_routing_follow_the_accounts_catalogs() {
+    let setup = Setup {
+        accounts: vec!["claude-seat".into(), "other-seat".into()],
+        // The catalogs are set before the daemon starts (and fetches them).
+        more_accounts: Some(Box::new(|e| {
+            let claude_only: Vec<_> = amq2api::emulator::default_catalog()
+                .into_iter()
+                .filter(|m| m.model_id.starts_with("claude-"))
+                .collect();
+            e.set_catalog(&client_id("claude-seat"), claude_only);
+            e.set_catalog(&client_id("other-seat"), amq2api::emulator::catalog::non_claude_catalog());
+            String::new()
+        })),
+        ..Default::default()
+    };
+    let h = Harness::start(setup).await;
+    catalogs_fetched(&h, &["claude-seat", "other-seat"]).await;
+    let list = get(&h, "/v1/models?limit=1000").await.json();
+    let ids: Vec<String> =
+        list["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect();
+    for want in [
+        "claude-opus-4-8",
+        "claude-opus-4-8[1m]",
+        "claude-sonnet-4-5",
+        "claude-sonnet-4-5[1m]",
+        "claude-sonnet-5",
+        "gpt-5.6-sol",
+    ] {
+        assert!(ids.contains(&want.to_owned()), "{want} missing from {ids:?}");
+    }
+    assert!(!ids.contains(&"claude-opus-4-5[1m]".to_owned()), "a 200k model has no [1m] id: {ids:?}");
+    for m in list["data"].as_array().unwrap() {
+        assert!(
+            m["display_name"].as_str().is_some_and(|d| !d.is_empty()) && m["created_at"].is_string(),
+            "{m}"
+        );
+    }
+    // Routing: the non-Claude model only the other seat offers, a Claude model only the first.
+    let r = post(&h, "/v1/messages", &models_request("gpt-5.6-sol", 1000)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let other = h.emulator.stats_for(&client_id("other-seat"));
+    assert_eq!(other.requests, 1);
+    assert_eq!(
+        other.last_request.unwrap()["conversationState"]["currentMessage"]["userInputMessage"]["modelId"],
+        "gpt-5.6-sol"
+    );
+    for model in ["claude-opus-4-8[1m]", "claude-sonnet-4-5-20250929", "claude-sonnet-5"] {
+        let r = post(&h, "/v1/messages", &models_request(model, 1000)).await;
+        assert_eq!(r.status, 200, "{model}: {}", r.text());
+    }
+    assert_eq!(
+        h.emulator.stats_for(&client_id("other-seat")).requests,
+        1,
+        "Claude models went to the seat offering them"
+    );
+    let last = h.emulator.stats_for(&client_id("claude-seat")).last_request.unwrap();
+    assert_eq!(last["conversationState"]["currentMessage"]["userInputMessage"]["modelId"], "claude-sonnet-5");
+    // Nobody offers it: Anthropic's 404, naming the model.
+    let r = post(&h, "/v1/messages", &models_request("claude-opus-9", 1000)).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "not_found_error");
+    assert!(r.text().contains("claude-opus-9"), "{}", r.text());
+    // Output limits from tokenLimits: Opus 4.8 takes 128000, Opus 4.6 64000.
+    assert_eq!(post(&h, "/v1/messages", &models_request("claude-opus-4-8", 128_000)).await.status, 200);
+    let r = post(&h, "/v1/messages", &models_request("claude-opus-4-6", 100_000)).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("max_tokens: 100000 > 64000"), "{}", r.text());
+    // A dated id retrieves its model.
+    let m = get(&h, "/v1/models/claude-opus-4-8%5B1m%5D").await;
+    assert_eq!(m.status, 200, "{}", m.text());
+    h.stop().await;
+}
+
+/// An account that answers `INVALID_MODEL_ID` loses that model until its catalog is fetched
+/// again (`amqctl refresh`), and the request fails over to an account that offers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_that_refuses_a_model_loses_it_until_the_next_fetch() {
+    let setup = Setup { accounts: vec!["refuser".into(), "taker".into()], ..Default::default() };
+    let h = Harness::start(setup).await;
+    catalogs_fetched(&h, &["refuser", "taker"]).await;
+    h.emulator.set_behaviour(&client_id("refuser"), Behaviour::InvalidModel);
+    for i in 0..4 {
+        let r = post(&h, "/v1/messages", &simple(&format!("r{i}"), i % 2 == 0)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert!(h.emulator.stats_for(&client_id("refuser")).requests <= 1, "tried at most once");
+    let models = h.account("refuser")["models"].to_string();
+    assert!(!models.contains("\"claude-sonnet-4.5\""), "{models}");
+    assert_eq!(h.account("refuser")["state"], "active", "the model, not the account");
+    h.emulator.set_behaviour(&client_id("refuser"), Behaviour::Normal);
+    let r = h.ctl_json(&["refresh", "refuser"]);
+    assert!(r.to_string().contains("catalog:"), "{r}");
+    assert!(h.account("refuser")["models"].to_string().contains("\"claude-sonnet-4.5\""));
+    h.stop().await;
+}
+
+/// The catalog is kept in the store (a restart serves it at once, without fetching), and a
+/// failed fetch keeps the last good one, showing the failure with the account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalog_survives_restarts_and_failed_fetches() {
+    let mut h = Harness::start(Setup { accounts: vec!["kept".into()], ..Default::default() }).await;
+    let cid = client_id("kept");
+    catalogs_fetched(&h, &["kept"]).await;
+    assert_eq!(h.emulator.stats_for(&cid).catalog_requests, 1);
+    h.emulator.set_listing_behaviour(&cid, Behaviour::InternalError);
+    let r = h.ctl_json(&["refresh", "kept"]);
+    assert!(r.to_string().contains("catalog fetch failed"), "{r}");
+    let a = h.account("kept");
+    assert!(a["catalog_error"].as_str().is_some_and(|e| e.contains("catalog fetch failed")), "{a}");
+    assert!(a["models"].to_string().contains("claude-opus-4.8"), "the last good catalog stays: {a}");
+    h.restart().await;
+    let list = get(&h, "/v1/models?limit=1000").await.json();
+    assert!(list.to_string().contains("claude-opus-4-8[1m]"), "served from the store: {list}");
+    assert_eq!(
+        h.emulator.stats_for(&cid).catalog_requests,
+        2,
+        "no fetch after the restart (the stored one is fresh)"
+    );
+    h.stop().await;
+}

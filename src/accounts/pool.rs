@@ -146,6 +146,10 @@ pub struct AccountView {
     /// Requests started in the last 60 s, and the limit.
     pub requests_last_minute: u32,
     pub rpm: Option<u32>,
+    /// The models its catalog offers (without those it refused since), when fetched.
+    pub models: Vec<String>,
+    pub catalog_fetched_at: Option<SystemTime>,
+    pub catalog_error: Option<String>,
 }
 
 impl Account {
@@ -366,6 +370,12 @@ impl Account {
             profile_arn: self.known_profile_arn(),
             requests_last_minute: self.rpm_window(Instant::now()).0,
             rpm: spec.rpm.map(|r| r.get()),
+            models: {
+                let c = self.catalog.read().unwrap_or_else(|e| e.into_inner());
+                c.models.keys().filter(|m| !c.dropped.contains(*m)).cloned().collect()
+            },
+            catalog_fetched_at: self.catalog.read().unwrap_or_else(|e| e.into_inner()).fetched_at,
+            catalog_error: self.catalog.read().unwrap_or_else(|e| e.into_inner()).error.clone(),
         }
     }
 }

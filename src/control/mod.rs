@@ -184,6 +184,9 @@ pub fn account_info(v: &AccountView) -> AccountInfo {
         profile_arn: v.profile_arn.clone(),
         requests_last_minute: v.requests_last_minute,
         rpm: v.rpm,
+        models: v.models.clone(),
+        catalog_fetched_at: unix(v.catalog_fetched_at),
+        catalog_error: v.catalog_error.clone(),
     }
 }
 
@@ -240,10 +243,17 @@ fn expires_in(a: &Account) -> String {
 /// Refreshes one account's token now.
 pub async fn refresh_one(shared: &Context, a: &Arc<Account>) -> ActionResult {
     let r = shared.app.pool.refresh_now(a).await;
-    let (ok, message) = match r {
+    let (ok, mut message) = match r {
         Ok(_) => (true, expires_in(a)),
         Err(e) => (false, e.to_string()),
     };
+    if ok {
+        // The model catalog is fetched again too.
+        match shared.app.pool.fetch_catalog(a).await {
+            Ok(n) => message.push_str(&format!("; catalog: {n} models")),
+            Err(e) => message.push_str(&format!("; {e} (the last good catalog stays)")),
+        }
+    }
     ActionResult { id: a.id.to_string(), ok, message, state: state_of(a) }
 }
 

@@ -91,6 +91,15 @@ pub struct AccountInfo {
     pub requests_last_minute: u32,
     #[serde(default)]
     pub rpm: Option<u32>,
+    /// The service model ids its catalog offers (empty until fetched).
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// When the catalog was fetched (unix seconds), and the last fetch's failure while the last
+    /// good catalog serves.
+    #[serde(default)]
+    pub catalog_fetched_at: Option<u64>,
+    #[serde(default)]
+    pub catalog_error: Option<String>,
 }
 
 /// The result of an action on one account (refresh, check, enable, disable).

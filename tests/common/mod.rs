@@ -178,6 +178,13 @@ impl Harness {
 
     /// `amqctl --json ARGS` through the real binary, against this daemon.
     pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        // The daemon opens its control socket a moment after it starts.
+        let socket = self.dir.path().join("control.sock");
+        let t0 = std::time::Instant::now();
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "the daemon never opened its control socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_amqctl"))
             .arg("--socket")
             .arg(self.dir.path().join("control.sock"))
