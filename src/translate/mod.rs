@@ -2,6 +2,7 @@
 //! Claude events; the model map and token accounting.
 
 pub mod models;
+pub mod reasoning;
 pub mod request;
 pub mod response;
 pub mod tokens;
