@@ -7,6 +7,12 @@
 //! Each translated body must also pass the emulator's strict Amazon Q rules
 //! (`amq2api::emulator::validate_request`).
 //!
+//! Every case is translated as the catalog would have it: the model map knows the 2026 ids
+//! ([`models`]) and the translation gets the [`ModelCaps`] of the emulator's default catalog entry
+//! for the model. For a model with an `additionalModelRequestFieldsSchema` (the `native_*` cases)
+//! the body carries `additionalModelRequestFields`, which must pass the emulator's schema checker
+//! too; for any other model the body must be exactly what it is without a catalog.
+//!
 //! To regenerate the goldens after an intended change of the translation:
 //!
 //! ```text
@@ -21,9 +27,9 @@
 
 use amq2api::anthropic::request::{ApiVersion, Endpoint, parse_value};
 use amq2api::anthropic::{ApiError, ErrorKind};
-use amq2api::emulator::validate_request;
-use amq2api::translate::ModelMap;
+use amq2api::emulator::{default_catalog, validate_request};
 use amq2api::translate::request::{Context, to_json, translate, valid_q_name};
+use amq2api::translate::{ModelCaps, ModelMap};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
@@ -54,6 +60,10 @@ const CASES: &[&str] = &[
     "server_tools",
     "claude_code",
     "claude_code_followup",
+    "native_adaptive_effort",
+    "native_enabled_budget",
+    "native_effort_only",
+    "native_replay",
 ];
 
 fn fixtures() -> PathBuf {
@@ -72,12 +82,61 @@ fn run(body: &Value, version: ApiVersion) -> Result<Value, ApiError> {
     Ok(to_json(&t, Some(PROFILE_ARN)))
 }
 
+/// The model map with the 2026 ids (as `[models]` in amq2api.toml would give it).
+fn models() -> ModelMap {
+    ModelMap::new(&[
+        ("claude-opus-4-6".into(), "claude-opus-4.6".into()),
+        ("claude-opus-4-7".into(), "claude-opus-4.7".into()),
+        ("claude-opus-4-8".into(), "claude-opus-4.8".into()),
+        ("claude-sonnet-4-6".into(), "claude-sonnet-4.6".into()),
+    ])
+}
+
+/// What the catalog says of an Amazon Q model: the emulator's default catalog entry.
+fn caps_of(q_model: &str) -> Option<ModelCaps> {
+    default_catalog().into_iter().find(|m| m.model_id == q_model).map(|m| ModelCaps {
+        max_input_tokens: Some(m.max_input_tokens),
+        // The output limit is the daemon's own check (tests/messages.rs); these tests are about
+        // what reaches the service, so the schema alone speaks for max_tokens here.
+        max_output_tokens: None,
+        request_fields_schema: m.request_fields_schema,
+        max_cache_checkpoints: m.prompt_caching.max_checkpoints,
+    })
+}
+
+/// `body` translated for its model with the catalog's capabilities, and without a catalog.
+fn run_with_caps(body: &Value) -> (Result<Value, ApiError>, Result<Value, ApiError>, Option<ModelCaps>) {
+    let models = models();
+    let translate_with = |caps: Option<&ModelCaps>| {
+        let req = parse_value(body, ApiVersion::V2023_06_01, Endpoint::Messages)?;
+        let t = translate(&req, &Context { models: &models, session_id: None, caps, catalog: None })?;
+        Ok(to_json(&t, Some(PROFILE_ARN)))
+    };
+    let caps = body["model"].as_str().and_then(|m| models.resolve(m).ok()).and_then(|q| caps_of(&q));
+    (translate_with(caps.as_ref()), translate_with(None), caps)
+}
+
 /// The translated body of a fixture, checked by the emulator, with the conversation id normalised.
 fn translated(name: &str) -> Value {
     let claude = read_json(&fixtures().join(format!("claude/{name}.json")));
-    let mut q = run(&claude, ApiVersion::V2023_06_01).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let (with_caps, without, caps) = run_with_caps(&claude);
+    let mut q = with_caps.unwrap_or_else(|e| panic!("{name}: {e}"));
     if let Err(v) = validate_request(&q) {
         panic!("{name}: the emulator rejects the translated body: {v}");
+    }
+    let schema = caps.as_ref().and_then(|c| c.request_fields_schema.as_ref());
+    match (schema, q.get("additionalModelRequestFields")) {
+        (Some(schema), Some(fields)) => {
+            amq2api::emulator::schema::check(schema, fields, "additionalModelRequestFields")
+                .unwrap_or_else(|e| panic!("{name}: the model's schema refuses the fields: {e}"));
+        }
+        (Some(_), None) => {}
+        (None, fields) => {
+            assert_eq!(fields, None, "{name}: fields for a model without a schema");
+            let mut without = without.unwrap_or_else(|e| panic!("{name} without a catalog: {e}"));
+            without["conversationState"]["conversationId"] = q["conversationState"]["conversationId"].clone();
+            assert_eq!(q, without, "{name}: a model without a schema translates as without a catalog");
+        }
     }
     let id = &mut q["conversationState"]["conversationId"];
     let len = id.as_str().map(str::len);
@@ -318,6 +377,102 @@ fn merged_user_turns_hold_at_most_ten_images() {
     let images = current(&q)["images"].as_array().unwrap();
     assert_eq!(images.len(), 10);
     assert!(content(current(&q)).contains("[2 older image(s) omitted"));
+}
+
+#[test]
+fn native_reasoning_goes_in_fields_never_in_prompt_tags() {
+    for name in ["native_adaptive_effort", "native_enabled_budget", "native_effort_only", "native_replay"] {
+        let q = translated(name);
+        let everything = q.to_string();
+        for tag in ["<thinking_mode>", "<max_thinking_length>", "<thinking>"] {
+            assert!(!everything.contains(tag), "{name}: {tag} in {everything}");
+        }
+        let claude = read_json(&fixtures().join(format!("claude/{name}.json")));
+        let fields = &q["additionalModelRequestFields"];
+        assert_eq!(fields["output_config"]["effort"], claude["output_config"]["effort"], "{name}");
+        match claude["thinking"]["type"].as_str() {
+            Some("disabled") | None => assert!(fields.get("thinking").is_none(), "{name}: {fields}"),
+            Some(kind) => assert_eq!(fields["thinking"]["type"], kind, "{name}"),
+        }
+        // max_tokens: the client's, or the schema's minimum (1024) when lower.
+        let asked = claude["max_tokens"].as_u64().unwrap();
+        assert_eq!(fields["max_tokens"], asked.max(1024), "{name}");
+    }
+}
+
+#[test]
+fn replay_sends_each_turns_first_reasoning_the_model_signed() {
+    let claude = read_json(&fixtures().join("claude/native_replay.json"));
+    let q = translated("native_replay");
+    let reasoning: Vec<&Value> = history(&q)
+        .iter()
+        .filter_map(|m| m.get("assistantResponseMessage"))
+        .map(|a| &a["reasoningContent"])
+        .collect();
+    let block = |message: usize, block: usize| &claude["messages"][message]["content"][block];
+    assert_eq!(
+        reasoning,
+        [
+            // The thinking block exactly as received.
+            &json!({"reasoningText": {"text": block(1, 0)["thinking"], "signature": block(1, 0)["signature"]}}),
+            &json!({"redactedContent": block(3, 0)["data"]}),
+            // Of three blocks: not the one this daemon signed for prompt-tag thinking, the first
+            // of the model's, not both.
+            &json!({"reasoningText": {"text": block(5, 1)["thinking"], "signature": block(5, 1)["signature"]}}),
+            // Unsigned thinking has nothing to replay.
+            &Value::Null,
+        ]
+    );
+}
+
+/// A request for a model whose schema does not take a value is refused before anything is sent,
+/// naming the field, the value and what the model takes.
+#[test]
+fn native_values_a_model_does_not_take_are_refused_naming_the_field() {
+    let ask = |model: &str, extra: Value| {
+        let mut b =
+            json!({"model": model, "max_tokens": 64000, "messages": [{"role": "user", "content": "Hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let (with_caps, without, caps) = run_with_caps(&b);
+        assert!(caps.is_some_and(|c| c.request_fields_schema.is_some()), "{model} reasons natively");
+        assert!(without.is_ok(), "without a catalog the request goes through: {b}");
+        with_caps.map(|_| ())
+    };
+    for (model, extra, message) in [
+        (
+            "claude-opus-4-6",
+            json!({"output_config": {"effort": "xhigh"}}),
+            r#"output_config.effort: "xhigh" is not supported by claude-opus-4.6 (supported: low, medium, high, max)"#,
+        ),
+        (
+            "claude-sonnet-4-6",
+            json!({"max_tokens": 128000}),
+            "max_tokens: 128000 is not supported by claude-sonnet-4.6 (at most 64000)",
+        ),
+        (
+            "claude-opus-4-7",
+            json!({"thinking": {"type": "adaptive", "display": "omitted"}}),
+            r#"thinking.display: "omitted" is not supported by claude-opus-4.7 (supported: summarized)"#,
+        ),
+        (
+            "claude-opus-4-8",
+            json!({"max_tokens": 200000, "thinking": {"type": "enabled", "budget_tokens": 150000}}),
+            "thinking.budget_tokens: 150000 is not supported by claude-opus-4.8 (at most 127999)",
+        ),
+    ] {
+        let e = ask(model, extra).expect_err(message);
+        assert_eq!((e.kind, e.message.as_str()), (ErrorKind::InvalidRequest, message));
+    }
+    // What the models do take goes through.
+    ask("claude-opus-4-7", json!({"output_config": {"effort": "xhigh"}, "thinking": {"type": "adaptive"}}))
+        .unwrap();
+    ask(
+        "claude-opus-4-8",
+        json!({"max_tokens": 128000, "thinking": {"type": "enabled", "budget_tokens": 127999}}),
+    )
+    .unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ fn body(text: &str) -> Bytes {
             },
         },
         profile_arn: None,
+        additional_model_request_fields: None,
     };
     Bytes::from(serde_json::to_vec(&req).unwrap())
 }

@@ -488,7 +488,7 @@ impl Pool {
                 Arc::new(account)
             })
             .collect();
-        Arc::new(Pool {
+        let pool = Arc::new(Pool {
             accounts: RwLock::new(accounts),
             strategy: settings.strategy,
             rr: AtomicUsize::new(0),
@@ -507,7 +507,10 @@ impl Pool {
             orphans: Mutex::new(Vec::new()),
             refreshes_ok: AtomicU64::new(0),
             refreshes_failed: AtomicU64::new(0),
-        })
+        });
+        // Catalogs restored from the store serve at once.
+        pool.rebuild_union();
+        pool
     }
 
     pub fn client(&self) -> &UpstreamClient {

@@ -1,10 +1,12 @@
 //! The Claude streaming grammar, as Anthropic documents it, checked over a whole stream:
 //! `message_start` first and once; content blocks one at a time, with consecutive indices, each
-//! `content_block_start`, deltas of its own index, `content_block_stop`; `message_delta` only
-//! while no block is open; then `message_stop` — or an `error` event, which ends the stream (a
-//! tool call cut short is the one block an error may leave open); `ping` anywhere; nothing after
-//! the end. One copy, for the integration tests (over SSE frames as a client parses them) and the
-//! fuzz targets (over the state machine's typed events).
+//! `content_block_start`, deltas of its own index and kind (`text_delta` in a text block,
+//! `input_json_delta` in a tool_use block, `thinking_delta`s then exactly one `signature_delta`
+//! in a thinking block, none in a redacted_thinking block), `content_block_stop`;
+//! `message_delta` only while no block is open; then `message_stop` — or an `error` event, which
+//! ends the stream (a tool call cut short is the one block an error may leave open); `ping`
+//! anywhere; nothing after the end. One copy, for the integration tests (over SSE frames as a
+//! client parses them) and the fuzz targets (over the state machine's typed events).
 
 use super::sse::{BlockStart, Delta, StreamEvent};
 use serde_json::Value;
@@ -18,28 +20,69 @@ pub struct Summary {
     /// The tool calls that were closed (so presented as whole), by block index, with their
     /// streamed input JSON.
     pub closed_tools: BTreeMap<usize, String>,
+    /// The thinking blocks that were closed, in order: (thinking text, signature).
+    pub thinking: Vec<(String, String)>,
+    /// The redacted_thinking blocks, in order: their `data`.
+    pub redacted: Vec<String>,
     /// `message_delta`'s stop reason, when the stream got that far.
     pub stop_reason: Option<String>,
     /// True when the stream ended with an `error` event.
     pub errored: bool,
 }
 
+/// The kind of a content block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Text,
+    Tool,
+    Thinking,
+    Redacted,
+}
+
+/// A delta as the grammar sees it.
+enum DeltaStep<'a> {
+    Text(&'a str),
+    InputJson(&'a str),
+    Thinking(&'a str),
+    Signature(&'a str),
+}
+
 /// One event as the grammar sees it.
 enum Step<'a> {
     MessageStart,
     Ping,
-    BlockStart { index: usize, tool: bool },
-    BlockDelta { index: usize, text: Option<&'a str>, input_json: Option<&'a str> },
-    BlockStop { index: usize },
-    MessageDelta { stop_reason: Option<&'a str> },
+    /// `data`: a redacted_thinking block's.
+    BlockStart {
+        index: usize,
+        kind: Kind,
+        data: Option<&'a str>,
+    },
+    BlockDelta {
+        index: usize,
+        delta: DeltaStep<'a>,
+    },
+    BlockStop {
+        index: usize,
+    },
+    MessageDelta {
+        stop_reason: Option<&'a str>,
+    },
     MessageStop,
     Error,
+}
+
+/// The open block: index, kind, and for a thinking block its text and signature so far.
+struct OpenBlock {
+    index: usize,
+    kind: Kind,
+    thinking: String,
+    signature: Option<String>,
 }
 
 #[derive(Default)]
 struct Checker {
     started: bool,
-    open: Option<(usize, bool)>,
+    open: Option<OpenBlock>,
     next: usize,
     ended: bool,
     tool_inputs: BTreeMap<usize, String>,
@@ -58,58 +101,78 @@ impl Checker {
             Step::MessageStart if self.started => return Err(format!("a second message_start at {n}")),
             Step::MessageStart => self.started = true,
             Step::Ping => {}
-            Step::BlockStart { index, tool } => {
-                if let Some((open, _)) = self.open {
-                    return Err(format!("block {index} starts at {n} while block {open} is open"));
+            Step::BlockStart { index, kind, data } => {
+                if let Some(open) = &self.open {
+                    return Err(format!("block {index} starts at {n} while block {} is open", open.index));
                 }
                 if index != self.next {
                     return Err(format!("block index {index} at {n}, expected {}", self.next));
                 }
-                self.open = Some((index, tool));
-                if tool {
-                    self.tool_inputs.insert(index, String::new());
+                self.open = Some(OpenBlock { index, kind, thinking: String::new(), signature: None });
+                match kind {
+                    Kind::Tool => {
+                        self.tool_inputs.insert(index, String::new());
+                    }
+                    Kind::Redacted => self.summary.redacted.push(data.unwrap_or_default().to_owned()),
+                    Kind::Text | Kind::Thinking => {}
                 }
                 self.next += 1;
             }
-            Step::BlockDelta { index, text, input_json } => {
-                if self.open.map(|o| o.0) != Some(index) {
-                    return Err(format!("a delta for block {index} at {n}, open: {:?}", self.open));
+            Step::BlockDelta { index, delta } => {
+                let Some(open) = self.open.as_mut().filter(|o| o.index == index) else {
+                    let open = self.open.as_ref().map(|o| o.index);
+                    return Err(format!("a delta for block {index} at {n}, open: {open:?}"));
+                };
+                if open.signature.is_some() {
+                    return Err(format!("a delta after the signature_delta of block {index} at {n}"));
                 }
-                if let Some(t) = text {
-                    self.summary.text.push_str(t);
-                }
-                if let Some(p) = input_json {
-                    self.tool_inputs
-                        .get_mut(&index)
-                        .ok_or_else(|| format!("input_json_delta outside a tool_use block at {n}"))?
-                        .push_str(p);
+                match (open.kind, delta) {
+                    (Kind::Text, DeltaStep::Text(t)) => self.summary.text.push_str(t),
+                    (Kind::Tool, DeltaStep::InputJson(p)) => {
+                        if let Some(acc) = self.tool_inputs.get_mut(&index) {
+                            acc.push_str(p);
+                        }
+                    }
+                    (Kind::Thinking, DeltaStep::Thinking(t)) => open.thinking.push_str(t),
+                    (Kind::Thinking, DeltaStep::Signature(s)) => open.signature = Some(s.to_owned()),
+                    (kind, _) => {
+                        return Err(format!("a delta of the wrong kind for {kind:?} block {index} at {n}"));
+                    }
                 }
             }
             Step::BlockStop { index } => {
-                if self.open.map(|o| o.0) != Some(index) {
-                    return Err(format!("a stop for block {index} at {n}, open: {:?}", self.open));
+                let Some(open) = self.open.take().filter(|o| o.index == index) else {
+                    return Err(format!(
+                        "a stop for block {index} at {n}, open: {:?}",
+                        self.open.as_ref().map(|o| o.index)
+                    ));
+                };
+                if open.kind == Kind::Thinking {
+                    let Some(signature) = open.signature else {
+                        return Err(format!("thinking block {index} stops at {n} without a signature_delta"));
+                    };
+                    self.summary.thinking.push((open.thinking, signature));
                 }
                 if let Some(input) = self.tool_inputs.remove(&index) {
                     self.summary.closed_tools.insert(index, input);
                 }
-                self.open = None;
             }
             Step::MessageDelta { stop_reason } => {
-                if let Some((open, _)) = self.open {
-                    return Err(format!("message_delta at {n} while block {open} is open"));
+                if let Some(open) = &self.open {
+                    return Err(format!("message_delta at {n} while block {} is open", open.index));
                 }
                 self.summary.stop_reason = stop_reason.map(str::to_owned);
             }
             Step::MessageStop => {
-                if let Some((open, _)) = self.open {
-                    return Err(format!("message_stop at {n} while block {open} is open"));
+                if let Some(open) = &self.open {
+                    return Err(format!("message_stop at {n} while block {} is open", open.index));
                 }
                 self.ended = true;
             }
             Step::Error => {
                 // Only a cut tool call may stay open: a text or thinking block is closed first.
-                if let Some((open, false)) = self.open {
-                    return Err(format!("error at {n} while text/thinking block {open} is open"));
+                if let Some(open) = self.open.as_ref().filter(|o| o.kind != Kind::Tool) {
+                    return Err(format!("error at {n} while text/thinking block {} is open", open.index));
                 }
                 self.summary.errored = true;
                 self.ended = true;
@@ -134,17 +197,21 @@ pub fn check_events(events: &[StreamEvent]) -> Result<Summary, String> {
             StreamEvent::MessageStart { .. } => Step::MessageStart,
             StreamEvent::Ping => Step::Ping,
             StreamEvent::BlockStart { index, block } => {
-                Step::BlockStart { index: *index, tool: matches!(block, BlockStart::ToolUse { .. }) }
+                let (kind, data) = match block {
+                    BlockStart::Text => (Kind::Text, None),
+                    BlockStart::ToolUse { .. } => (Kind::Tool, None),
+                    BlockStart::Thinking => (Kind::Thinking, None),
+                    BlockStart::RedactedThinking { data } => (Kind::Redacted, Some(data.as_str())),
+                };
+                Step::BlockStart { index: *index, kind, data }
             }
             StreamEvent::BlockDelta { index, delta } => Step::BlockDelta {
                 index: *index,
-                text: match delta {
-                    Delta::Text(t) => Some(t),
-                    _ => None,
-                },
-                input_json: match delta {
-                    Delta::InputJson(p) => Some(p),
-                    _ => None,
+                delta: match delta {
+                    Delta::Text(t) => DeltaStep::Text(t),
+                    Delta::InputJson(p) => DeltaStep::InputJson(p),
+                    Delta::Thinking(t) => DeltaStep::Thinking(t),
+                    Delta::Signature(s) => DeltaStep::Signature(s),
                 },
             },
             StreamEvent::BlockStop { index } => Step::BlockStop { index: *index },
@@ -189,15 +256,30 @@ pub fn check_frames<'a>(frames: impl IntoIterator<Item = (&'a str, &'a Value)>) 
             }
             "ping" => Step::Ping,
             "content_block_start" => {
-                Step::BlockStart { index: index()?, tool: data["content_block"]["type"] == "tool_use" }
+                let block = &data["content_block"];
+                let kind = match block["type"].as_str() {
+                    Some("text") => Kind::Text,
+                    Some("tool_use") => Kind::Tool,
+                    Some("thinking") => Kind::Thinking,
+                    Some("redacted_thinking") => Kind::Redacted,
+                    other => return Err(format!("frame {n}: a content block of type {other:?}")),
+                };
+                Step::BlockStart { index: index()?, kind, data: block["data"].as_str() }
             }
-            "content_block_delta" => Step::BlockDelta {
-                index: index()?,
-                text: data["delta"]["text"].as_str().filter(|_| data["delta"]["type"] == "text_delta"),
-                input_json: data["delta"]["partial_json"]
-                    .as_str()
-                    .filter(|_| data["delta"]["type"] == "input_json_delta"),
-            },
+            "content_block_delta" => {
+                let d = &data["delta"];
+                let field = |key: &str| {
+                    d[key].as_str().ok_or_else(|| format!("frame {n}: {} without a string {key}", d["type"]))
+                };
+                let delta = match d["type"].as_str() {
+                    Some("text_delta") => DeltaStep::Text(field("text")?),
+                    Some("input_json_delta") => DeltaStep::InputJson(field("partial_json")?),
+                    Some("thinking_delta") => DeltaStep::Thinking(field("thinking")?),
+                    Some("signature_delta") => DeltaStep::Signature(field("signature")?),
+                    other => return Err(format!("frame {n}: a delta of type {other:?}")),
+                };
+                Step::BlockDelta { index: index()?, delta }
+            }
             "content_block_stop" => Step::BlockStop { index: index()? },
             "message_delta" => {
                 if !data["usage"]["output_tokens"].is_u64() {
@@ -236,20 +318,37 @@ mod tests {
         ]
     }
 
+    fn thinking_block(index: usize, t: &str, sig: &str) -> Vec<StreamEvent> {
+        vec![
+            StreamEvent::BlockStart { index, block: BlockStart::Thinking },
+            StreamEvent::BlockDelta { index, delta: Delta::Thinking(t.into()) },
+            StreamEvent::BlockDelta { index, delta: Delta::Signature(sig.into()) },
+            StreamEvent::BlockStop { index },
+        ]
+    }
+
     #[test]
     fn a_whole_stream_passes_and_is_summed_up() {
         let mut evs = vec![start(), StreamEvent::Ping];
-        evs.extend(text_block(0, "hi"));
+        evs.extend(thinking_block(0, "hm", "SIG"));
         evs.push(StreamEvent::BlockStart {
             index: 1,
+            block: BlockStart::RedactedThinking { data: "cmVk".into() },
+        });
+        evs.push(StreamEvent::BlockStop { index: 1 });
+        evs.extend(text_block(2, "hi"));
+        evs.push(StreamEvent::BlockStart {
+            index: 3,
             block: BlockStart::ToolUse { id: "toolu_1".into(), name: "t".into() },
         });
-        evs.push(StreamEvent::BlockDelta { index: 1, delta: Delta::InputJson("{}".into()) });
-        evs.push(StreamEvent::BlockStop { index: 1 });
+        evs.push(StreamEvent::BlockDelta { index: 3, delta: Delta::InputJson("{}".into()) });
+        evs.push(StreamEvent::BlockStop { index: 3 });
         evs.extend([delta("tool_use"), StreamEvent::MessageStop]);
         let s = check_events(&evs).unwrap();
         assert_eq!(s.text, "hi");
-        assert_eq!(s.closed_tools, BTreeMap::from([(1, "{}".to_owned())]));
+        assert_eq!(s.thinking, vec![("hm".to_owned(), "SIG".to_owned())]);
+        assert_eq!(s.redacted, vec!["cmVk".to_owned()]);
+        assert_eq!(s.closed_tools, BTreeMap::from([(3, "{}".to_owned())]));
         assert_eq!(s.stop_reason.as_deref(), Some("tool_use"));
         // The same stream as SSE frames passes the frame checker.
         let frames: Vec<(String, Value)> = evs
@@ -293,5 +392,49 @@ mod tests {
         ];
         let s = check_events(&cut).unwrap();
         assert!(s.errored && s.closed_tools.is_empty());
+        // Deltas of the wrong kind; a thinking block's one signature_delta comes last.
+        let block = |index, block| StreamEvent::BlockStart { index, block };
+        let d = |index, delta| StreamEvent::BlockDelta { index, delta };
+        for (evs, why) in [
+            (vec![start(), block(0, BlockStart::Text), d(0, Delta::Thinking("x".into()))], "wrong kind"),
+            (vec![start(), block(0, BlockStart::Thinking), d(0, Delta::Text("x".into()))], "wrong kind"),
+            (
+                vec![
+                    start(),
+                    block(0, BlockStart::RedactedThinking { data: "x".into() }),
+                    d(0, Delta::Signature("s".into())),
+                ],
+                "wrong kind",
+            ),
+            (
+                vec![
+                    start(),
+                    block(0, BlockStart::Thinking),
+                    d(0, Delta::Signature("s".into())),
+                    d(0, Delta::Signature("t".into())),
+                ],
+                "after the signature_delta",
+            ),
+            (
+                vec![
+                    start(),
+                    block(0, BlockStart::Thinking),
+                    d(0, Delta::Signature("s".into())),
+                    d(0, Delta::Thinking("t".into())),
+                ],
+                "after the signature_delta",
+            ),
+            (
+                vec![
+                    start(),
+                    block(0, BlockStart::Thinking),
+                    d(0, Delta::Thinking("t".into())),
+                    StreamEvent::BlockStop { index: 0 },
+                ],
+                "without a signature_delta",
+            ),
+        ] {
+            assert!(err(evs).contains(why), "{why}");
+        }
     }
 }

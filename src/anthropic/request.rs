@@ -160,6 +160,11 @@ pub struct MessagesRequest {
     /// `tool_choice.disable_parallel_tool_use`: at most one tool call in the reply.
     pub single_tool_call: bool,
     pub thinking: Thinking,
+    /// `thinking.display` (`summarized`, `omitted`) as sent, when thinking is not disabled.
+    pub thinking_display: Option<String>,
+    /// `output_config.effort` (`low`, `medium`, `high`, `xhigh`, `max`) as sent; which values a
+    /// model takes is decided when translating for it.
+    pub effort: Option<String>,
     pub metadata_user_id: Option<String>,
 }
 
@@ -416,11 +421,13 @@ pub fn parse_value(
         }
     };
 
+    let mut thinking_display = None;
     let thinking = match get(obj, "thinking") {
         None => Thinking::Disabled,
         Some(v) => {
             let p = root.at("thinking");
             let o = as_obj(v, &p)?;
+            thinking_display = opt_str(o, "display", &p)?;
             match as_str(req(o, "type", &p)?, &p.at("type"))? {
                 "disabled" => Thinking::Disabled,
                 "adaptive" => Thinking::Adaptive,
@@ -444,6 +451,19 @@ pub fn parse_value(
                     )));
                 }
             }
+        }
+    };
+
+    if thinking == Thinking::Disabled {
+        thinking_display = None;
+    }
+
+    // `output_config` carries more than the effort (`format`, …): only the effort is used.
+    let effort = match get(obj, "output_config") {
+        None => None,
+        Some(v) => {
+            let p = root.at("output_config");
+            opt_str(as_obj(v, &p)?, "effort", &p)?
         }
     };
 
@@ -558,6 +578,8 @@ pub fn parse_value(
         tool_choice,
         single_tool_call,
         thinking,
+        thinking_display,
+        effort,
         metadata_user_id,
     })
 }
@@ -886,6 +908,8 @@ mod tests {
         assert_eq!(r.tools.len(), 2);
         assert_eq!(r.tool_choice, ToolChoice::Tool("get_weather".into()));
         assert_eq!(r.thinking, Thinking::Enabled { budget_tokens: 2048 });
+        assert_eq!(r.effort.as_deref(), Some("high"));
+        assert_eq!(r.thinking_display, None);
         assert_eq!(r.messages[3].role, Role::System);
         assert_eq!(r.metadata_user_id.as_deref(), Some("u"));
     }
@@ -932,6 +956,38 @@ mod tests {
                 .starts_with("max_tokens: Input should be a valid integer")
         );
         assert!(err(json!({"model": "m", "max_tokens": -1, "messages": []})).starts_with("max_tokens:"));
+    }
+
+    #[test]
+    fn thinking_display_and_effort() {
+        let with = |extra: Value| {
+            let mut v =
+                json!({"model": "m", "max_tokens": 4096, "messages": [{"role": "user", "content": "x"}]});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            v
+        };
+        let r = parse_json(with(json!({"thinking": {"type": "adaptive", "display": "summarized"},
+            "output_config": {"effort": "max", "format": {"type": "json_schema"}}})))
+        .unwrap();
+        assert_eq!((r.thinking, r.thinking_display.as_deref()), (Thinking::Adaptive, Some("summarized")));
+        assert_eq!(r.effort.as_deref(), Some("max"));
+        // Disabled thinking has nothing to display; no output_config, no effort.
+        let r = parse_json(with(json!({"thinking": {"type": "disabled", "display": "omitted"}}))).unwrap();
+        assert_eq!((r.thinking, r.thinking_display, r.effort), (Thinking::Disabled, None, None));
+        assert!(
+            err(with(json!({"thinking": {"type": "adaptive", "display": 1}})))
+                .starts_with("thinking.display: Input should be a valid string")
+        );
+        assert!(
+            err(with(json!({"output_config": {"effort": ["high"]}})))
+                .starts_with("output_config.effort: Input should be a valid string")
+        );
+        assert!(
+            err(with(json!({"output_config": "high"})))
+                .starts_with("output_config: Input should be an object")
+        );
     }
 
     #[test]

@@ -278,6 +278,7 @@ pub async fn check_one(shared: &Context, a: &Arc<Account>) -> ActionResult {
             },
         },
         profile_arn: None,
+        additional_model_request_fields: None,
     };
     let outcome = shared.app.relay.check(a, &req).await;
     let disabled = a.state().state == crate::accounts::State::Disabled;

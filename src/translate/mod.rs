@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod models;
+pub mod reasoning;
 pub mod request;
 pub mod response;
 pub mod tokens;

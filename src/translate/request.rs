@@ -2,6 +2,12 @@
 //! that Amazon Q accepts (alternating history, tool results answering earlier tool uses, every
 //! used tool defined, names and descriptions within limits) and that carries everything the
 //! model needs (system prompt, thinking request, tool-choice instruction, prefill).
+//!
+//! Thinking goes one of two ways. A model with an `additionalModelRequestFieldsSchema` in the
+//! catalog ([`Context::caps`]) reasons natively: `additionalModelRequestFields` and replayed
+//! `reasoningContent` ([`super::reasoning`]), no prompt tags. Any other model (no catalog, or
+//! the 4.5 family without a schema) is asked with `<thinking_mode>` tags in the prompt, and its
+//! history's thinking goes back as `<thinking>` text.
 
 use super::models::ModelMap;
 use crate::anthropic::request::{
@@ -10,8 +16,9 @@ use crate::anthropic::request::{
 use crate::anthropic::{ApiError, ErrorKind};
 use crate::upstream::types::{
     AssistantResponseMessage, ChatTriggerType, ConversationState, CurrentMessage, GenerateRequest,
-    HistoryMessage, Image, ImageSource as QImageSource, InputSchema, Tool, ToolResult, ToolResultContent,
-    ToolResultStatus, ToolSpecification, ToolUse, UserInputMessage, UserInputMessageContext,
+    HistoryMessage, Image, ImageSource as QImageSource, InputSchema, ReasoningContent, Tool, ToolResult,
+    ToolResultContent, ToolResultStatus, ToolSpecification, ToolUse, UserInputMessage,
+    UserInputMessageContext,
 };
 use serde_json::{Map, Value, json};
 use std::collections::{HashMap, HashSet};
@@ -115,6 +122,8 @@ struct UserTurn {
 struct AssistantTurn {
     texts: Vec<String>,
     uses: Vec<ToolUse>,
+    /// Native reasoning only: the turn's reasoning to replay (its first replayable block).
+    reasoning: Option<ReasoningContent>,
 }
 
 enum Turn {
@@ -136,6 +145,13 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
             )));
         }
     }
+    // The model's schema, when it reasons natively: checked first, so that a value the model
+    // does not take is the client's 400, never the service's.
+    let native = ctx.caps.and_then(|c| c.request_fields_schema.as_ref());
+    let additional_fields = match native {
+        Some(schema) => super::reasoning::request_fields(req, &q_model, schema)?,
+        None => None,
+    };
     let mut names = ToolNames::default();
     let mut preamble: Vec<String> = req.system.clone();
 
@@ -203,11 +219,12 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
             }
             Role::Assistant => {
                 let mut turn = AssistantTurn::default();
-                assistant_blocks(&m.content, &mut turn, &mut names);
+                assistant_blocks(&m.content, &mut turn, &mut names, native.is_some());
                 match turns.last_mut() {
                     Some(Turn::Assistant(prev)) => {
                         prev.texts.append(&mut turn.texts);
                         prev.uses.append(&mut turn.uses);
+                        prev.reasoning = prev.reasoning.take().or(turn.reasoning);
                     }
                     _ => turns.push(Turn::Assistant(turn)),
                 }
@@ -302,6 +319,7 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
     };
 
     let thinking_prefix = match req.thinking {
+        _ if native.is_some() => None,
         Thinking::Disabled => None,
         Thinking::Enabled { budget_tokens } => Some(budget_tokens),
         Thinking::Adaptive => Some((req.max_tokens / 2).clamp(1024, 32_000)),
@@ -332,6 +350,7 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
                     message_id: None,
                     content,
                     tool_uses: a.uses,
+                    reasoning_content: a.reasoning,
                 }));
             }
         }
@@ -362,7 +381,8 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
         input_tokens: super::tokens::count_request(req),
         max_tokens: req.max_tokens as u64,
         stop_sequences: req.stop_sequences.clone(),
-        thinking: !matches!(req.thinking, Thinking::Disabled),
+        // Prompt-tag thinking only: native reasoning arrives as reasoning events.
+        thinking: native.is_none() && !matches!(req.thinking, Thinking::Disabled),
         tool_names: names,
         context_window: ctx
             .caps
@@ -378,6 +398,7 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
                 current_message: CurrentMessage { user_input_message: current },
             },
             profile_arn: None,
+            additional_model_request_fields: additional_fields,
         },
         q_model,
         response,
@@ -582,12 +603,23 @@ fn user_blocks(
     Ok(())
 }
 
-fn assistant_blocks(blocks: &[Block], turn: &mut AssistantTurn, names: &mut ToolNames) {
+/// An assistant message's blocks into `turn`. With `native` reasoning, the first thinking or
+/// redacted_thinking block that can be replayed ([`super::reasoning::replayable`]) becomes the
+/// turn's `reasoningContent` — Amazon Q takes one per message, and the signature covers exactly
+/// one block's text, so several are never joined — and the other thinking blocks are left out
+/// (as Anthropic leaves earlier turns' thinking out of the context); otherwise thinking goes
+/// back as `<thinking>` text and redacted thinking is left out.
+fn assistant_blocks(blocks: &[Block], turn: &mut AssistantTurn, names: &mut ToolNames, native: bool) {
     for b in blocks {
         match b {
             Block::Text { text } => {
                 if !text.is_empty() {
                     turn.texts.push(text.clone())
+                }
+            }
+            Block::Thinking { .. } | Block::RedactedThinking { .. } if native => {
+                if turn.reasoning.is_none() {
+                    turn.reasoning = super::reasoning::replayable(b);
                 }
             }
             Block::Thinking { thinking, .. } => {

@@ -41,9 +41,21 @@ enum TextMode {
 #[derive(Debug)]
 enum Open {
     None,
-    Text { index: usize },
-    Thinking { index: usize, text: String, signature: Option<String> },
-    Tool { index: usize, upstream_id: String, input: String },
+    Text {
+        index: usize,
+    },
+    /// `signature`: the pieces received so far, joined (none yet: the block is still open to
+    /// more text).
+    Thinking {
+        index: usize,
+        text: String,
+        signature: Option<String>,
+    },
+    Tool {
+        index: usize,
+        upstream_id: String,
+        input: String,
+    },
 }
 
 /// The state machine.
@@ -134,7 +146,9 @@ impl ResponseState {
             Open::None => {}
             Open::Text { index } => out.push(StreamEvent::BlockStop { index }),
             Open::Thinking { index, text, signature } => {
-                let sig = signature.unwrap_or_else(|| signature_for(&text));
+                // Upstream's signature, or (prompt-tag thinking, or a block cut before its
+                // signature) one this daemon makes, which is never replayed upstream.
+                let sig = signature.filter(|s| !s.is_empty()).unwrap_or_else(|| signature_for(&text));
                 out.push(StreamEvent::BlockDelta { index, delta: Delta::Signature(sig) });
                 out.push(StreamEvent::BlockStop { index });
             }
@@ -200,12 +214,16 @@ impl ResponseState {
         out.push(StreamEvent::BlockDelta { index, delta: Delta::Text(text) });
     }
 
+    /// Thinking text and/or a piece of its signature. Upstream sends a reasoning block's text
+    /// pieces, then its signature pieces: the pieces are joined into the one `signature_delta`
+    /// sent when the block closes, and text after a signature starts a new thinking block.
     fn emit_thinking(&mut self, text: &str, signature: Option<String>, out: &mut Vec<StreamEvent>) {
         if self.finished {
             return;
         }
         let text = if text.is_empty() { String::new() } else { self.budget(text) };
-        if !matches!(self.open, Open::Thinking { .. }) {
+        let signed = matches!(self.open, Open::Thinking { signature: Some(_), .. });
+        if !matches!(self.open, Open::Thinking { .. }) || (signed && !text.is_empty()) {
             let i = self.open_block(BlockStart::Thinking, out);
             self.open = Open::Thinking { index: i, text: String::new(), signature: None };
         }
@@ -214,8 +232,8 @@ impl ResponseState {
                 acc.push_str(&text);
                 out.push(StreamEvent::BlockDelta { index: *index, delta: Delta::Thinking(text) });
             }
-            if signature.is_some() {
-                *sig = signature;
+            if let Some(piece) = signature {
+                sig.get_or_insert_with(String::new).push_str(&piece);
             }
         }
     }
@@ -341,7 +359,9 @@ impl ResponseState {
             }
             Event::Reasoning { text, signature, redacted_content } => {
                 self.flush_text(&mut out);
-                if let Some(data) = redacted_content {
+                if self.finished {
+                    // The held text reached a stop sequence or max_tokens.
+                } else if let Some(data) = redacted_content {
                     self.open_block(BlockStart::RedactedThinking { data }, &mut out);
                     let index = self.next_index - 1;
                     out.push(StreamEvent::BlockStop { index });
@@ -803,28 +823,97 @@ mod tests {
         assert_eq!(m.unwrap()["content"][0]["type"], "text");
     }
 
+    fn reasoning(text: Option<&str>, signature: Option<&str>) -> Step {
+        Step::Ev(Event::Reasoning {
+            text: text.map(str::to_string),
+            signature: signature.map(str::to_string),
+            redacted_content: None,
+        })
+    }
+
     #[test]
     fn reasoning_events_become_thinking_block() {
         let (_, m) = run(
             params(),
-            vec![
-                Step::Ev(Event::Reasoning {
-                    text: Some("hmm".into()),
-                    signature: None,
-                    redacted_content: None,
-                }),
-                Step::Ev(Event::Reasoning {
-                    text: None,
-                    signature: Some("SIG".into()),
-                    redacted_content: None,
-                }),
-                Step::Ev(text("ok")),
-                Step::End,
-            ],
+            vec![reasoning(Some("hmm"), None), reasoning(None, Some("SIG")), Step::Ev(text("ok")), Step::End],
         );
         let m = m.unwrap();
         assert_eq!(m["content"][0], json!({"type": "thinking", "thinking": "hmm", "signature": "SIG"}));
         assert_eq!(m["content"][1]["text"], "ok");
+    }
+
+    /// Native reasoning: text pieces, then the signature in pieces (joined into one
+    /// `signature_delta` before the block's stop); text after a signature is a new block;
+    /// redacted reasoning is a `redacted_thinking` block of its own.
+    #[test]
+    fn signature_pieces_join_and_redacted_reasoning_is_its_own_block() {
+        let (evs, m) = run(
+            params(),
+            vec![
+                reasoning(Some("Step one. "), None),
+                reasoning(Some("Step two."), None),
+                reasoning(None, Some("AAAA")),
+                reasoning(None, Some("BBBB")),
+                reasoning(None, Some("==")),
+                reasoning(Some("Again."), None),
+                reasoning(None, Some("CCCC")),
+                Step::Ev(Event::Reasoning {
+                    text: None,
+                    signature: None,
+                    redacted_content: Some("cmVk".into()),
+                }),
+                Step::Ev(text("Answer.")),
+                Step::End,
+            ],
+        );
+        let m = m.unwrap();
+        assert_eq!(
+            m["content"],
+            json!([
+                {"type": "thinking", "thinking": "Step one. Step two.", "signature": "AAAABBBB=="},
+                {"type": "thinking", "thinking": "Again.", "signature": "CCCC"},
+                {"type": "redacted_thinking", "data": "cmVk"},
+                {"type": "text", "text": "Answer."}
+            ])
+        );
+        let summary = crate::anthropic::grammar::check_events(&evs).unwrap();
+        assert_eq!(
+            summary.thinking,
+            vec![
+                ("Step one. Step two.".to_string(), "AAAABBBB==".to_string()),
+                ("Again.".into(), "CCCC".into())
+            ]
+        );
+        // Each thinking block has exactly one signature_delta, its last delta.
+        let signatures: Vec<(usize, &str)> = evs
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::BlockDelta { index, delta: Delta::Signature(s) } => Some((*index, s.as_str())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(signatures, vec![(0, "AAAABBBB=="), (1, "CCCC")]);
+    }
+
+    /// A reasoning block cut before its signature (max_tokens) gets a daemon-made one, which
+    /// the request side never replays upstream.
+    #[test]
+    fn reasoning_cut_by_max_tokens_is_closed_with_a_daemon_signature() {
+        let mut p = params();
+        p.max_tokens = 3;
+        let (_, m) = run(
+            p,
+            vec![
+                reasoning(Some("one two three four five six"), None),
+                reasoning(None, Some("SIG")),
+                Step::End,
+            ],
+        );
+        let m = m.unwrap();
+        assert_eq!(m["stop_reason"], "max_tokens");
+        let thinking = m["content"][0]["thinking"].as_str().unwrap();
+        assert_eq!(thinking, "one two three");
+        assert_eq!(m["content"][0]["signature"], signature_for(thinking));
     }
 
     #[test]

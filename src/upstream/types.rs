@@ -1,16 +1,21 @@
 //! Amazon Q `GenerateAssistantResponse` request body, typed and serialised exactly as the
-//! service expects it (PROTOCOL.md §2).
+//! service expects it (PROTOCOL.md §2, and §5 for native reasoning).
 
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-/// The whole request body: `{"conversationState": …, "profileArn"?: …}`.
+/// The whole request body: `{"conversationState": …, "profileArn"?: …,
+/// "additionalModelRequestFields"?: …}`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct GenerateRequest {
     pub conversation_state: ConversationState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile_arn: Option<String>,
+    /// Native reasoning for a model that takes it (`thinking`, `output_config`, `max_tokens`),
+    /// already checked against the model's `additionalModelRequestFieldsSchema`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub additional_model_request_fields: Option<Map<String, Value>>,
 }
 
 impl GenerateRequest {
@@ -23,9 +28,15 @@ impl GenerateRequest {
             conversation_state: &'a ConversationState,
             #[serde(skip_serializing_if = "Option::is_none")]
             profile_arn: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            additional_model_request_fields: Option<&'a Map<String, Value>>,
         }
-        serde_json::to_vec(&Body { conversation_state: &self.conversation_state, profile_arn })
-            .expect("request types always serialise")
+        serde_json::to_vec(&Body {
+            conversation_state: &self.conversation_state,
+            profile_arn,
+            additional_model_request_fields: self.additional_model_request_fields.as_ref(),
+        })
+        .expect("request types always serialise")
     }
 }
 
@@ -147,6 +158,20 @@ pub struct AssistantResponseMessage {
     pub content: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tool_uses: Vec<ToolUse>,
+    /// The reasoning that preceded this answer, replayed exactly as the model produced it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<ReasoningContent>,
+}
+
+/// `reasoningContent`: a union, exactly one of readable reasoning with its signature or
+/// redacted (encrypted, base64) reasoning.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub enum ReasoningContent {
+    /// `{"reasoningText": {"text", "signature"}}`.
+    ReasoningText { text: String, signature: String },
+    /// `{"redactedContent": "<base64>"}`.
+    RedactedContent(String),
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -196,6 +221,7 @@ mod tests {
                             name: "get".into(),
                             input: json!({"a": 1}),
                         }],
+                        reasoning_content: None,
                     }),
                 ],
                 current_message: CurrentMessage {
@@ -221,6 +247,7 @@ mod tests {
                 },
             },
             profile_arn: None,
+            additional_model_request_fields: None,
         };
         let mut with_arn = req.clone();
         with_arn.profile_arn = Some("arn:aws:codewhisperer:x".into());
@@ -244,5 +271,64 @@ mod tests {
                 }}}
             }})
         );
+    }
+
+    #[test]
+    fn native_reasoning_members() {
+        let mut req = GenerateRequest {
+            conversation_state: ConversationState {
+                conversation_id: "c-2".into(),
+                chat_trigger_type: ChatTriggerType::Manual,
+                history: vec![
+                    HistoryMessage::UserInputMessage(UserInputMessage {
+                        content: "a".into(),
+                        ..Default::default()
+                    }),
+                    HistoryMessage::AssistantResponseMessage(AssistantResponseMessage {
+                        message_id: None,
+                        content: "b".into(),
+                        tool_uses: vec![],
+                        reasoning_content: Some(ReasoningContent::ReasoningText {
+                            text: "hm".into(),
+                            signature: "c2ln".into(),
+                        }),
+                    }),
+                    HistoryMessage::UserInputMessage(UserInputMessage {
+                        content: "c".into(),
+                        ..Default::default()
+                    }),
+                    HistoryMessage::AssistantResponseMessage(AssistantResponseMessage {
+                        message_id: None,
+                        content: "d".into(),
+                        tool_uses: vec![],
+                        reasoning_content: Some(ReasoningContent::RedactedContent("cmVk".into())),
+                    }),
+                ],
+                current_message: CurrentMessage {
+                    user_input_message: UserInputMessage { content: "e".into(), ..Default::default() },
+                },
+            },
+            profile_arn: None,
+            additional_model_request_fields: json!({"thinking": {"type": "adaptive"}, "max_tokens": 2048})
+                .as_object()
+                .cloned(),
+        };
+        let v: Value = serde_json::from_slice(&req.to_body(Some("arn:aws:codewhisperer:y"))).unwrap();
+        assert_eq!(
+            v["additionalModelRequestFields"],
+            json!({"thinking": {"type": "adaptive"}, "max_tokens": 2048})
+        );
+        assert_eq!(v["profileArn"], "arn:aws:codewhisperer:y");
+        let history = &v["conversationState"]["history"];
+        assert_eq!(
+            history[1]["assistantResponseMessage"]["reasoningContent"],
+            json!({"reasoningText": {"text": "hm", "signature": "c2ln"}})
+        );
+        assert_eq!(
+            history[3]["assistantResponseMessage"]["reasoningContent"],
+            json!({"redactedContent": "cmVk"})
+        );
+        req.profile_arn = Some("arn:aws:codewhisperer:y".into());
+        assert_eq!(req.to_body(Some("arn:aws:codewhisperer:y")), serde_json::to_vec(&req).unwrap());
     }
 }

@@ -380,6 +380,30 @@ class Thinking(Base):
         self.check_thinking(final)
         self.assertEqual(final.content[0].thinking, thinking)
 
+    def test_model_reasoning_streaming(self):
+        # The model's own reasoning (reasoningContentEvent) with its signature, as the SDK
+        # accumulates it; the signature arrives as one signature_delta.
+        ask = "Why is the sky blue?\n#emulator: reasoning"
+        with self.client.messages.stream(model=MODEL, max_tokens=4096, messages=user(ask)) as stream:
+            signatures = [
+                e.delta.signature
+                for e in stream
+                if e.type == "content_block_delta" and e.delta.type == "signature_delta"
+            ]
+            final = stream.get_final_message()
+        self.check_thinking(final)
+        self.assertEqual(signatures, [final.content[0].signature])
+
+    def test_redacted_thinking(self):
+        ask = "Secret plans?\n#emulator: redacted-thinking"
+        m = self.client.messages.create(model=MODEL, max_tokens=4096, messages=user(ask))
+        self.assertEqual(m.content[0].type, "redacted_thinking", m.content)
+        self.assertTrue(base64.b64decode(m.content[0].data))
+        with self.client.messages.stream(model=MODEL, max_tokens=4096, messages=user(ask)) as stream:
+            final = stream.get_final_message()
+        self.assertEqual(final.content[0].type, "redacted_thinking", final.content)
+        self.assertTrue(text_of(final))
+
 
 class Tokens(Base):
     def test_count_tokens(self):
