@@ -58,6 +58,12 @@ pub struct Metrics {
     duration: Histogram,
     streams: Gauge,
     tokens: Family<TokenLabels, Counter>,
+    credits: Family<ModelLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
 }
 
 /// The model label: the client's model name, or `other` for names that are not Claude model
@@ -106,8 +112,14 @@ impl Metrics {
             "Tokens of the usage reported to clients, by model and direction (in, out)",
             tokens.clone(),
         );
+        let credits = Family::default();
+        registry.register(
+            "credits",
+            "Upstream credits the service charged (meteringEvent), by model",
+            credits.clone(),
+        );
         registry.register_collector(Box::new(PoolCollector(pool)));
-        Metrics { registry, requests, attempts, failovers, first_byte, duration, streams, tokens }
+        Metrics { registry, requests, attempts, failovers, first_byte, duration, streams, tokens, credits }
     }
 
     /// A client request to `/v1/messages` (or `count_tokens`) answered with `status`.
@@ -151,6 +163,10 @@ impl Metrics {
         for (direction, n) in [("in", input), ("out", output)] {
             self.tokens.get_or_create(&TokenLabels { model: model.clone(), direction }).inc_by(n);
         }
+    }
+
+    pub(crate) fn credits(&self, model: &str, credits: f64) {
+        self.credits.get_or_create(&ModelLabels { model: model_label(model) }).inc_by(credits);
     }
 
     /// The Prometheus text exposition.

@@ -266,6 +266,8 @@ pub struct Counters {
     pub failures_by_kind: BTreeMap<String, u64>,
     pub tokens_in: u64,
     pub tokens_out: u64,
+    /// Upstream credits charged (`meteringEvent`).
+    pub credits: f64,
     pub last_used: Option<SystemTime>,
 }
 
@@ -1068,6 +1070,8 @@ struct CountersWire {
     failures_by_kind: BTreeMap<String, u64>,
     tokens_in: u64,
     tokens_out: u64,
+    #[serde(default)]
+    credits: f64,
     last_used_ms: Option<i64>,
 }
 
@@ -1079,6 +1083,7 @@ impl From<&Counters> for CountersWire {
             failures_by_kind: c.failures_by_kind.clone(),
             tokens_in: c.tokens_in,
             tokens_out: c.tokens_out,
+            credits: c.credits,
             last_used_ms: c.last_used.map(to_ms),
         }
     }
@@ -1093,6 +1098,7 @@ fn decode_counters(key: &str, raw: &[u8]) -> Result<Counters, StoreError> {
         failures_by_kind: w.failures_by_kind,
         tokens_in: w.tokens_in,
         tokens_out: w.tokens_out,
+        credits: if w.credits.is_finite() && w.credits >= 0.0 { w.credits } else { 0.0 },
         last_used: opt_time_field(T, key, "last_used_ms", w.last_used_ms)?,
     })
 }
@@ -1214,6 +1220,7 @@ mod tests {
             failures_by_kind: [("throttled".to_owned(), 2), ("auth".to_owned(), 1)].into(),
             tokens_in: 10,
             tokens_out: 20,
+            credits: 1.25,
             last_used: Some(at(1_700_000_000_001)),
         };
         let raw = encode(&CountersWire::from(&c)).unwrap();

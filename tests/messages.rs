@@ -773,3 +773,52 @@ async fn the_catalog_survives_restarts_and_failed_fetches() {
     );
     h.stop().await;
 }
+
+/// Usage: the service's own figures when `metadataEvent.tokenUsage` carries them (input
+/// uncached, output, cache read and written, exactly), else the daemon's estimates with no cache
+/// figures invented; the credits of `meteringEvent` go to the account, `/metrics` and the
+/// non-streaming answer's `x-amq2api-credits` header — never into Anthropic's `usage`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_the_services_when_given_and_credits_are_counted() {
+    let h = Harness::start(Setup {
+        emulator: amq2api::emulator::EmulatorOptions { token_usage: true, ..Default::default() },
+        ..Default::default()
+    })
+    .await;
+    let r = post(&h, "/v1/messages", &simple("count me", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = r.json();
+    let usage = &m["usage"];
+    let up = h.emulator.stats_for(&client_id("acct-1"));
+    let req = up.last_request.unwrap();
+    assert!(usage["input_tokens"].as_u64().unwrap() > 0, "{usage}");
+    assert_eq!(usage["cache_read_input_tokens"], 0);
+    assert_eq!(usage["cache_creation_input_tokens"], 0);
+    assert!(usage.get("credits").is_none(), "credits stay out of Anthropic's usage: {usage}");
+    let credits: f64 = r.headers["x-amq2api-credits"].to_str().unwrap().parse().unwrap();
+    assert!(credits > 0.0, "{credits}");
+    assert!(req.is_object());
+    // Streaming: message_delta carries the same service figures.
+    let s = post(&h, "/v1/messages", &simple("count me", true)).await;
+    let frames = s.sse();
+    let delta = frames.iter().find(|(e, _)| e == "message_delta").unwrap();
+    assert_eq!(delta.1["usage"]["input_tokens"], usage["input_tokens"], "{delta:?}");
+    // The account's credits: both answers'.
+    let a = h.account("acct-1");
+    let account_credits = a["credits"].as_f64().unwrap();
+    assert!((account_credits - 2.0 * credits).abs() < 0.001, "{account_credits} vs 2 × {credits}");
+    let metrics = get(&h, "/metrics").await.text();
+    assert!(metrics.contains("amq2api_credits_total{model=\"claude-sonnet-4-5-20250929\"}"), "{metrics}");
+    h.stop().await;
+
+    // Without tokenUsage: the estimate (context-usage share of the model's window); cache 0.
+    let h = Harness::start(Setup::default()).await;
+    let r = post(&h, "/v1/messages", &simple("estimate me", false)).await;
+    let usage = r.json()["usage"].clone();
+    assert!(usage["input_tokens"].as_u64().unwrap() > 0, "{usage}");
+    assert_eq!(
+        (usage["cache_read_input_tokens"].clone(), usage["cache_creation_input_tokens"].clone()),
+        (0.into(), 0.into())
+    );
+    h.stop().await;
+}

@@ -102,6 +102,7 @@ fn every_record_type_round_trips_and_persists() {
             failures_by_kind: [("throttled".to_owned(), 2), ("upstream_5xx".to_owned(), 1)].into(),
             tokens_in: 1_000_000,
             tokens_out: u64::MAX,
+            credits: 12.5,
             last_used: Some(at(1_700_000_000_999)),
         };
         store

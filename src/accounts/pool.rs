@@ -1441,7 +1441,7 @@ impl Lease {
     }
 
     /// The request went through: count it.
-    pub fn success(&self, tokens_in: u64, tokens_out: u64) {
+    pub fn success(&self, tokens_in: u64, tokens_out: u64, credits: Option<f64>) {
         if !self.account.proven.swap(true, Ordering::Relaxed) {
             // Out of probing: the requests waiting for this account may come now.
             self.pool.freed.notify_waiters();
@@ -1450,6 +1450,7 @@ impl Lease {
         c.requests += 1;
         c.tokens_in += tokens_in;
         c.tokens_out += tokens_out;
+        c.credits += credits.unwrap_or(0.0);
         c.last_used = Some(SystemTime::now());
         self.account.counters_dirty.store(true, Ordering::Relaxed);
         let mut st = self.account.state.lock().unwrap_or_else(|e| e.into_inner());

@@ -8,16 +8,33 @@ use serde_json::{Value, json};
 /// Usage as Claude reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
+    /// Input neither read from nor written to the cache (Anthropic's meaning).
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Input written to the cache: the service's figure, 0 when it gives none (never invented).
+    pub cache_creation_input_tokens: u64,
+    /// Input read from the cache: the service's figure, 0 when it gives none.
+    pub cache_read_input_tokens: u64,
 }
 
 impl Usage {
+    /// Input and output only (no cache figures).
+    pub fn new(input_tokens: u64, output_tokens: u64) -> Usage {
+        Usage { input_tokens, output_tokens, ..Usage::default() }
+    }
+
+    /// All the input: uncached, written to and read from the cache.
+    pub fn total_input(&self) -> u64 {
+        self.input_tokens
+            .saturating_add(self.cache_creation_input_tokens)
+            .saturating_add(self.cache_read_input_tokens)
+    }
+
     pub fn to_json(self) -> Value {
         json!({
             "input_tokens": self.input_tokens,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": self.cache_creation_input_tokens,
+            "cache_read_input_tokens": self.cache_read_input_tokens,
             "output_tokens": self.output_tokens,
         })
     }
@@ -208,9 +225,11 @@ impl StreamEvent {
 fn write_usage(out: &mut Vec<u8>, u: &Usage) {
     out.extend_from_slice(b"{\"input_tokens\":");
     write_u64(out, u.input_tokens);
-    out.extend_from_slice(
-        b",\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":",
-    );
+    out.extend_from_slice(b",\"cache_creation_input_tokens\":");
+    write_u64(out, u.cache_creation_input_tokens);
+    out.extend_from_slice(b",\"cache_read_input_tokens\":");
+    write_u64(out, u.cache_read_input_tokens);
+    out.extend_from_slice(b",\"output_tokens\":");
     write_u64(out, u.output_tokens);
     out.push(b'}');
 }
@@ -294,7 +313,12 @@ mod tests {
 
     #[test]
     fn every_event_serialises_exactly_as_its_json_value() {
-        let usage = Usage { input_tokens: 12_345, output_tokens: u64::MAX };
+        let usage = Usage {
+            input_tokens: 12_345,
+            output_tokens: u64::MAX,
+            cache_creation_input_tokens: 7,
+            cache_read_input_tokens: 9,
+        };
         let evs = [
             StreamEvent::MessageStart { id: "msg_\"1".into(), model: "claude-\u{1}x".into(), usage },
             StreamEvent::MessageStart { id: String::new(), model: String::new(), usage: Usage::default() },

@@ -176,6 +176,7 @@ pub fn account_info(v: &AccountView) -> AccountInfo {
         failures: v.counters.failures,
         tokens_in: v.counters.tokens_in,
         tokens_out: v.counters.tokens_out,
+        credits: v.counters.credits,
         last_used: unix(v.counters.last_used),
         last_error: v.state.last_error.clone(),
         tokens_unsaved: v.tokens_unsaved,

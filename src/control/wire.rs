@@ -72,6 +72,9 @@ pub struct AccountInfo {
     pub failures: u64,
     pub tokens_in: u64,
     pub tokens_out: u64,
+    /// Upstream credits charged to the account (`meteringEvent`).
+    #[serde(default)]
+    pub credits: f64,
     pub last_used: Option<u64>,
     pub last_error: Option<String>,
     /// The rotated refresh token is held in memory only: storing it failed (retrying).

@@ -274,7 +274,12 @@ async fn route(
                 let m = messages::aggregate(app, &prepared, x).await?;
                 x.first_byte = Some(started.elapsed());
                 app.metrics.first_byte(started.elapsed());
-                Ok(json_response(StatusCode::OK, &m))
+                let mut r = json_response(StatusCode::OK, &m);
+                // The credits the service charged: a header of ours, never in Anthropic's usage.
+                if let Some(v) = x.credits.and_then(|c| HeaderValue::from_str(&format!("{c:.4}")).ok()) {
+                    r.headers_mut().insert("x-amq2api-credits", v);
+                }
+                Ok(r)
             }
         }
         _ => Err(not_found(parts.uri.path())),

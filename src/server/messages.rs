@@ -27,6 +27,8 @@ pub struct Exchange {
     pub account: Option<String>,
     pub tokens_in: u64,
     pub tokens_out: u64,
+    /// Credits the service charged for the answer (`meteringEvent`), when it said.
+    pub credits: Option<f64>,
     pub first_byte: Option<Duration>,
 }
 
@@ -93,10 +95,14 @@ pub async fn aggregate(
     match &result {
         Ok(_) => {
             let usage = st.usage();
-            x.tokens_in = usage.input_tokens;
+            x.tokens_in = usage.total_input();
             x.tokens_out = usage.output_tokens;
-            lease.success(x.tokens_in, x.tokens_out);
+            x.credits = st.credits();
+            lease.success(x.tokens_in, x.tokens_out, x.credits);
             app.metrics.tokens(&x.model, x.tokens_in, x.tokens_out);
+            if let Some(c) = x.credits {
+                app.metrics.credits(&x.model, c);
+            }
         }
         Err(e) => {
             let f = UpstreamFailure::Transient { status: None, message: e.message.clone() };
@@ -138,7 +144,7 @@ impl Drop for StreamEnd {
             }
             Some(Ok(())) => {
                 if let Some(lease) = &lease {
-                    lease.success(self.x.tokens_in, self.x.tokens_out);
+                    lease.success(self.x.tokens_in, self.x.tokens_out, self.x.credits);
                 }
                 200
             }
@@ -147,6 +153,9 @@ impl Drop for StreamEnd {
         // The usage the client was told: message_start's input tokens, and message_delta's
         // (input and output) if the stream got that far.
         self.app.metrics.tokens(&self.x.model, self.x.tokens_in, self.x.tokens_out);
+        if let Some(c) = self.x.credits {
+            self.app.metrics.credits(&self.x.model, c);
+        }
         self.app.metrics.stream_ended();
         self.app.metrics.request_duration(self.started.elapsed());
         super::access_log(&self.app, &self.request_id, &self.x, status, self.started);
@@ -189,7 +198,7 @@ pub async fn stream(
                 match e {
                     StreamEvent::MessageDelta { usage, .. } => {
                         x.tokens_out = usage.output_tokens;
-                        x.tokens_in = usage.input_tokens;
+                        x.tokens_in = usage.total_input();
                     }
                     StreamEvent::Error(e) => errored = Some(e.message.clone()),
                     _ => {}
@@ -257,6 +266,7 @@ pub async fn stream(
         }
         // Dropping the upstream stream closes it (the emulator and Amazon Q see a cancel).
         drop(stream);
+        end.x.credits = st.credits();
         end.finish(match errored {
             Some(e) => Err(e),
             None => Ok(()),

@@ -77,6 +77,10 @@ pub struct ResponseState {
     hold: usize,
     /// Drop newlines at the start of the next thinking or text (after a thinking tag).
     strip_leading: bool,
+    /// The service's own usage figures (`metadataEvent.tokenUsage`), when it gave them.
+    exact: Option<Usage>,
+    /// Credits charged (`meteringEvent.usage`, summed).
+    credits: Option<f64>,
 }
 
 /// A daemon-issued thinking signature (clients send it back; it is accepted as context).
@@ -112,6 +116,8 @@ impl ResponseState {
             finished: false,
             hold,
             strip_leading: false,
+            exact: None,
+            credits: None,
         }
     }
 
@@ -123,10 +129,16 @@ impl ResponseState {
 
     /// The usage so far (the final figures once the message is finished).
     pub fn usage(&self) -> Usage {
-        Usage {
-            input_tokens: self.p.input_tokens,
-            output_tokens: self.output_tokens + count_text(&self.uncounted),
+        match &self.exact {
+            // The service's own figures, when it gave them (metadataEvent.tokenUsage).
+            Some(u) => *u,
+            None => Usage::new(self.p.input_tokens, self.output_tokens + count_text(&self.uncounted)),
         }
+    }
+
+    /// Credits the service charged for this answer (`meteringEvent`), when it said.
+    pub fn credits(&self) -> Option<f64> {
+        self.credits
     }
 
     /// `message_start` and the first `ping`.
@@ -135,7 +147,7 @@ impl ResponseState {
             StreamEvent::MessageStart {
                 id: self.p.message_id.clone(),
                 model: self.p.model.clone(),
-                usage: Usage { input_tokens: self.p.input_tokens, output_tokens: 1 },
+                usage: Usage::new(self.p.input_tokens, 1),
             },
             StreamEvent::Ping,
         ]
@@ -412,20 +424,26 @@ impl ResponseState {
                 }
             }
             Event::ContextUsage { percentage } => {
+                // An estimate of the input from the share of the model's window it used; the
+                // service's exact figures, when they came, stand.
                 let est = (percentage / 100.0 * self.p.context_window as f64).round() as u64;
-                if est > 0 {
+                if est > 0 && self.exact.is_none() {
                     self.p.input_tokens = est;
                 }
             }
             Event::Metadata { token_usage: Some(u) } => {
-                if let Some(i) = u.uncached_input_tokens {
-                    // Upstream's numbers: saturate rather than overflow.
-                    let total = i
-                        .saturating_add(u.cache_read_input_tokens.unwrap_or(0))
-                        .saturating_add(u.cache_write_input_tokens.unwrap_or(0));
-                    if total > 0 {
-                        self.p.input_tokens = total;
-                    }
+                if let (Some(input), Some(output)) = (u.uncached_input_tokens, u.output_tokens) {
+                    self.exact = Some(Usage {
+                        input_tokens: input,
+                        output_tokens: output,
+                        cache_creation_input_tokens: u.cache_write_input_tokens.unwrap_or(0),
+                        cache_read_input_tokens: u.cache_read_input_tokens.unwrap_or(0),
+                    });
+                }
+            }
+            Event::Metering { usage: Some(credits), .. } => {
+                if credits.is_finite() && credits >= 0.0 {
+                    self.credits = Some(self.credits.unwrap_or(0.0) + credits);
                 }
             }
             Event::InitialResponse { .. }
