@@ -242,6 +242,7 @@ fn max_tokens_reached_by_text_flushed_at_a_tool_call_ends_the_message() {
 fn upstream_token_counts_saturate() {
     let usage = TokenUsage {
         uncached_input_tokens: Some(u64::MAX - 1),
+        output_tokens: Some(3),
         cache_read_input_tokens: Some(5),
         cache_write_input_tokens: Some(u64::MAX),
         ..TokenUsage::default()
@@ -249,7 +250,21 @@ fn upstream_token_counts_saturate() {
     let events =
         vec![Event::Metadata { token_usage: Some(usage) }, Event::AssistantResponse { content: "x".into() }];
     let (_, message) = run(params(100, &[]), events, None);
-    assert_eq!(message.unwrap()["usage"]["input_tokens"], json!(u64::MAX));
+    // The service's figures pass through as they are (Anthropic's meaning: input_tokens is the
+    // uncached part); nothing overflows when they are added up.
+    let m = message.unwrap();
+    assert_eq!(m["usage"]["input_tokens"], json!(u64::MAX - 1));
+    assert_eq!(m["usage"]["cache_creation_input_tokens"], json!(u64::MAX));
+    assert_eq!(m["usage"]["cache_read_input_tokens"], json!(5));
+    assert_eq!(m["usage"]["output_tokens"], json!(3));
+    let total = amq2api::anthropic::sse::Usage {
+        input_tokens: u64::MAX - 1,
+        output_tokens: 3,
+        cache_creation_input_tokens: u64::MAX,
+        cache_read_input_tokens: 5,
+    }
+    .total_input();
+    assert_eq!(total, u64::MAX);
 }
 
 /// Found by review, confirmed with the target: empty (or blank) base64 image data decodes, so it
