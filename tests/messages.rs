@@ -152,7 +152,8 @@ async fn failover_skips_suspended_and_throttled_accounts() {
     h.emulator.set_behaviour(&client_id("acct-1"), Behaviour::Suspended);
     h.emulator.set_behaviour(&client_id("acct-2"), Behaviour::Throttled { retry_after_secs: Some(2) });
     for i in 0..6 {
-        let r = post(&h, "/v1/messages", &simple("hello", i % 2 == 0)).await;
+        // A new conversation each time (one conversation stays on one account).
+        let r = post(&h, "/v1/messages", &simple(&format!("hello {i}"), i % 2 == 0)).await;
         assert_eq!(r.status, 200, "request {i}: {}", r.text());
     }
     // The suspended account is tried once and never again.
@@ -168,8 +169,8 @@ async fn failover_skips_suspended_and_throttled_accounts() {
     h.emulator.set_behaviour(&client_id("acct-2"), Behaviour::Normal);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let before = h.emulator.stats_for(&client_id("acct-2")).requests;
-    for _ in 0..4 {
-        assert_eq!(post(&h, "/v1/messages", &simple("again", false)).await.status, 200);
+    for i in 0..4 {
+        assert_eq!(post(&h, "/v1/messages", &simple(&format!("again {i}"), false)).await.status, 200);
     }
     assert!(h.emulator.stats_for(&client_id("acct-2")).requests > before);
     h.stop().await;

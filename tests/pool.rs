@@ -1088,3 +1088,59 @@ async fn a_revoked_api_key_marks_its_account_invalid() {
     assert_eq!(h.emulator.stats().refresh_failures, 0, "an API key is never refreshed");
     h.stop().await;
 }
+
+/// Requests of one client session stay on one account (with one conversation id) while it is
+/// healthy; other sessions spread over the accounts; an account that fails breaks its pins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_stays_on_one_account_while_it_is_healthy() {
+    let h = Harness::start(Setup { accounts: vec!["s-1".into(), "s-2".into()], ..Default::default() }).await;
+    let ask = |session: &str, n: usize| {
+        let body = serde_json::json!({
+            "model": "claude-sonnet-4-5-20250929",
+            "max_tokens": 64,
+            "metadata": {"user_id": format!("user_x_account__session_{session}")},
+            "messages": [{"role": "user", "content": format!("turn {n}")}],
+        });
+        body
+    };
+    let requests = |id: &str| h.emulator.stats_for(&client_id(id)).requests;
+    let conversation = |id: &str| {
+        h.emulator.stats_for(&client_id(id)).last_request.unwrap()["conversationState"]["conversationId"]
+            .clone()
+    };
+    assert_eq!(post(&h, "/v1/messages", &ask("aaaa", 0)).await.status, 200);
+    let home = if requests("s-1") == 1 { "s-1" } else { "s-2" };
+    let other = if home == "s-1" { "s-2" } else { "s-1" };
+    let conv = conversation(home);
+    for n in 1..8 {
+        assert_eq!(post(&h, "/v1/messages", &ask("aaaa", n)).await.status, 200);
+    }
+    assert_eq!((requests(home), requests(other)), (8, 0), "the session stayed on {home}");
+    assert_eq!(conversation(home), conv, "one conversation id for the session");
+    // Sessions without an id: the client key and the first message make one.
+    let plain = |n: usize| {
+        serde_json::json!({
+            "model": "claude-sonnet-4-5-20250929", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "first words"}, {"role": "assistant", "content": "ok"},
+                         {"role": "user", "content": format!("more {n}")}],
+        })
+    };
+    let before = (requests(home), requests(other));
+    for n in 0..4 {
+        assert_eq!(post(&h, "/v1/messages", &plain(n)).await.status, 200);
+    }
+    let after = (requests(home), requests(other));
+    assert!(after.0 - before.0 == 4 || after.1 - before.1 == 4, "{before:?} → {after:?}");
+    // The home account fails: the session moves, and stays on its new account.
+    h.emulator.set_behaviour(&client_id(home), Behaviour::Suspended);
+    for n in 10..14 {
+        assert_eq!(post(&h, "/v1/messages", &ask("aaaa", n)).await.status, 200);
+    }
+    assert_eq!(h.account(home)["state"], "suspended");
+    let moved = requests(other);
+    for n in 20..24 {
+        assert_eq!(post(&h, "/v1/messages", &ask("aaaa", n)).await.status, 200);
+    }
+    assert_eq!(requests(other), moved + 4);
+    h.stop().await;
+}

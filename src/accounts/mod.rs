@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod identity;
 pub mod persist;
+pub mod pins;
 pub mod pool;
 pub mod state;
 pub mod tokens;

@@ -452,6 +452,8 @@ pub struct Pool {
     refreshes: tokio_util::task::TaskTracker,
     /// Exponentially weighted mean of how long a lease is held, in ms (0: none ended yet).
     hold_ewma_ms: AtomicU64,
+    /// Sessions pinned to the account that served them.
+    pins: super::pins::Pins,
     /// What the enabled accounts offer (rebuilt whenever a catalog or the set changes).
     union: RwLock<Arc<Catalog>>,
     catalog_refresh: Duration,
@@ -502,6 +504,7 @@ impl Pool {
             refreshes: tokio_util::task::TaskTracker::new(),
             hold_ewma_ms: AtomicU64::new(0),
             union: RwLock::new(Arc::new(Catalog::default())),
+            pins: super::pins::Pins::new(Duration::from_secs(3600), 200_000),
             catalog_refresh: settings.catalog_refresh,
             catalog_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_REFRESHES),
             orphans: Mutex::new(Vec::new()),
@@ -563,6 +566,52 @@ impl Pool {
     }
 
     /// Picks an account, waiting (up to the queue timeout) while every usable one is full.
+    /// The account a session is pinned to, if any.
+    pub fn pinned(&self, session: &super::pins::SessionKey) -> Option<AccountId> {
+        self.pins.get(session)
+    }
+
+    /// Pins a session to the account that served it.
+    pub fn pin(&self, session: super::pins::SessionKey, account: &AccountId) {
+        self.pins.set(session, account);
+    }
+
+    /// Sessions pinned now.
+    pub fn pinned_sessions(&self) -> usize {
+        self.pins.len()
+    }
+
+    /// A lease on `preferred` (a session's account) when it is usable, offers the model and has
+    /// a slot free right now; else `None` (the caller leases as usual: a pin never makes a
+    /// request wait or land on an unhealthy account).
+    pub fn lease_preferred(
+        self: &Arc<Self>,
+        preferred: &AccountId,
+        exclude: &HashSet<AccountId>,
+        model: Option<&str>,
+    ) -> Option<Lease> {
+        if exclude.contains(preferred) {
+            return None;
+        }
+        let a = self.get(preferred.as_str())?;
+        if !a.usable(SystemTime::now()) || !a.may_serve(model) {
+            return None;
+        }
+        let max = a.concurrency();
+        let slot = a
+            .in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| (x < max).then_some(x + 1))
+            .is_ok();
+        if !slot {
+            return None;
+        }
+        if !a.claim_start(Instant::now()) {
+            a.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Lease { account: a, pool: self.clone(), taken: Instant::now() })
+    }
+
     /// Only accounts whose catalog offers `model` (or is not known yet) are considered.
     pub async fn lease(
         self: &Arc<Self>,

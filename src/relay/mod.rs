@@ -6,6 +6,7 @@
 
 pub mod retry;
 
+use crate::accounts::pins::SessionKey;
 use crate::accounts::{Account, Lease, Pool, PoolError};
 use crate::anthropic::{ApiError, ErrorKind};
 use crate::config::{Kind, Secret};
@@ -78,11 +79,23 @@ impl Relay {
     /// Calls Amazon Q with `request`, failing over to other accounts (up to `max_attempts`)
     /// while nothing has reached the client: errors before the stream and streams that fail
     /// before any content.
-    pub async fn connect(&self, request: &GenerateRequest) -> Result<Connected, ApiError> {
+    /// A `session` stays on the account that last served it while that account is usable.
+    pub async fn connect(
+        &self,
+        request: &GenerateRequest,
+        session: Option<SessionKey>,
+    ) -> Result<Connected, ApiError> {
         let mut budget = Budget::new(self.max_attempts);
         loop {
             let model = request.conversation_state.current_message.user_input_message.model_id.as_deref();
-            let lease = match self.pool.lease(budget.excluded(), model).await {
+            let preferred = session
+                .and_then(|s| self.pool.pinned(&s))
+                .and_then(|id| self.pool.lease_preferred(&id, budget.excluded(), model));
+            let leased = match preferred {
+                Some(lease) => Ok(lease),
+                None => self.pool.lease(budget.excluded(), model).await,
+            };
+            let lease = match leased {
                 Ok(l) => l,
                 Err(e) => {
                     return Err(match (budget.last(), &e) {
@@ -108,6 +121,9 @@ impl Relay {
                 let next = match self.attempt(&lease.account, force.take(), request, budget.attempt()).await {
                     (Attempt::Connected { stream, pending, ended }, _) => {
                         self.metrics.attempt("ok");
+                        if let Some(s) = session {
+                            self.pool.pin(s, lease.id());
+                        }
                         return Ok(Connected { lease, stream, pending, ended });
                     }
                     (Attempt::NoToken(message), _) => {

@@ -249,12 +249,13 @@ async fn route(
             let (bytes, admission) = read_body(app, parts, body, app.config.server.max_body_bytes).await?;
             let version = ApiVersion::from_header(header_str(parts, "anthropic-version"))?;
             let session = header_str(parts, "x-claude-code-session-id").map(str::to_string);
+            let key_tag = x.key.clone();
             let len = bytes.len();
             let work_app = app.clone();
             let prepared = app
                 .work
                 .run(admission, len, move || {
-                    messages::prepare(&work_app, &bytes, version, session.as_deref())
+                    messages::prepare(&work_app, &bytes, version, session.as_deref(), &key_tag)
                 })
                 .await??;
             x.model = prepared.req.model.clone();

@@ -36,6 +36,8 @@ pub struct Exchange {
 pub struct Prepared {
     pub req: MessagesRequest,
     pub translated: Translated,
+    /// The client session it belongs to (the pin key).
+    pub session: crate::accounts::pins::SessionKey,
 }
 
 impl Prepared {
@@ -50,15 +52,29 @@ pub fn prepare(
     body: &[u8],
     version: ApiVersion,
     session: Option<&str>,
+    key_tag: &str,
 ) -> Result<Prepared, ApiError> {
     let req = request::parse(body, version, Endpoint::Messages)?;
+    // The client session: Claude Code's (its header or metadata.user_id), else the client key
+    // and the conversation's first user message — one conversation, one session.
+    let session = session
+        .map(str::to_owned)
+        .or_else(|| crate::translate::request::session_of(req.metadata_user_id.as_deref()))
+        .unwrap_or_else(|| format!("{key_tag}:{}", crate::translate::request::first_user_digest(&req)));
+    let session_text = session;
     // The live catalog: the model is resolved against what the accounts offer, and its limits
     // and reasoning schema come from there.
     let live = app.pool.union();
     let caps = app.models.resolve_live(&req.model, &live).ok().and_then(|q| live.caps(&q));
-    let ctx = Context { models: &app.models, session_id: session, caps: caps.as_ref(), catalog: Some(&live) };
+    let ctx = Context {
+        models: &app.models,
+        session_id: Some(session_text.as_str()),
+        caps: caps.as_ref(),
+        catalog: Some(&live),
+    };
     let translated = translate(&req, &ctx)?;
-    Ok(Prepared { req, translated })
+    let session = crate::accounts::pins::session_key(&session_text);
+    Ok(Prepared { req, translated, session })
 }
 
 /// Non-streaming: the whole message as one JSON value.
@@ -67,7 +83,8 @@ pub async fn aggregate(
     p: &Prepared,
     x: &mut Exchange,
 ) -> Result<serde_json::Value, ApiError> {
-    let Connected { lease, mut stream, pending, ended } = app.relay.connect(&p.translated.request).await?;
+    let Connected { lease, mut stream, pending, ended } =
+        app.relay.connect(&p.translated.request, Some(p.session)).await?;
     x.account = Some(lease.id().to_string());
     let mut st = ResponseState::new(p.translated.response.clone());
     let mut agg = Aggregator::default();
@@ -172,7 +189,8 @@ pub async fn stream(
     started: Instant,
     request_id: String,
 ) -> Result<Producer, ApiError> {
-    let Connected { lease, mut stream, pending, ended } = app.relay.connect(&p.translated.request).await?;
+    let Connected { lease, mut stream, pending, ended } =
+        app.relay.connect(&p.translated.request, Some(p.session)).await?;
     x.account = Some(lease.id().to_string());
     let out = Outbox::default();
     let params = p.translated.response;

@@ -666,17 +666,28 @@ fn user_message(turn: UserTurn, q_model: &str, tools: Vec<Tool>) -> Result<UserI
 }
 
 /// Stable per client session when one can be identified, random otherwise.
-fn conversation_id(user_id: Option<&str>, session: Option<&str>) -> String {
-    let key = session.map(str::to_string).or_else(|| {
-        let u = user_id?;
-        // Claude Code puts JSON with a session id there, or `…_session_<uuid>`.
-        if let Ok(v) = serde_json::from_str::<Value>(u) {
-            if let Some(s) = v.get("session_id").and_then(Value::as_str) {
-                return Some(s.to_string());
-            }
+/// The client session `metadata.user_id` names: Claude Code puts JSON with a `session_id`
+/// there, or `…_session_<uuid>`; any other value is taken whole.
+pub fn session_of(user_id: Option<&str>) -> Option<String> {
+    let u = user_id.filter(|u| !u.is_empty())?;
+    if let Ok(v) = serde_json::from_str::<Value>(u) {
+        if let Some(s) = v.get("session_id").and_then(Value::as_str) {
+            return Some(s.to_string());
         }
-        Some(u.rsplit_once("_session_").map(|(_, s)| s.to_string()).unwrap_or_else(|| u.to_string()))
-    });
+    }
+    Some(u.rsplit_once("_session_").map(|(_, s)| s.to_string()).unwrap_or_else(|| u.to_string()))
+}
+
+/// A digest of the conversation's first user message (the same for every request of one
+/// conversation): 32 hex digits.
+pub fn first_user_digest(req: &MessagesRequest) -> String {
+    let first = req.messages.iter().find(|m| m.role == crate::anthropic::Role::User);
+    let text = first.map(|m| format!("{:?}", m.content)).unwrap_or_default();
+    hex::encode(&crate::hash::sha256(text.as_bytes())[..16])
+}
+
+fn conversation_id(user_id: Option<&str>, session: Option<&str>) -> String {
+    let key = session.map(str::to_string).or_else(|| session_of(user_id));
     match key {
         Some(k) if !k.is_empty() => {
             let d = crate::hash::sha256(k.as_bytes());
