@@ -823,3 +823,53 @@ async fn usage_is_the_services_when_given_and_credits_are_counted() {
     );
     h.stop().await;
 }
+
+/// The client's `cache_control` breakpoints become Amazon Q `cachePoint`s for a model whose
+/// catalog entry supports prompt caching (at most its checkpoint count), on the messages that
+/// carry them; a model without caching gets none. The emulator checks both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_breakpoints_become_cache_points_where_the_model_caches() {
+    let h = Harness::start(Setup::default()).await;
+    catalogs_fetched(&h, &["acct-1"]).await;
+    let cc = json!({"type": "ephemeral"});
+    let body = |model: &str| {
+        json!({
+            "model": model, "max_tokens": 256,
+            "system": [{"type": "text", "text": "You are terse.", "cache_control": cc}],
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "first", "cache_control": cc}]},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": [{"type": "text", "text": "second"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "fine", "cache_control": cc}]},
+                {"role": "user", "content": [{"type": "text", "text": "third", "cache_control": cc}]},
+            ],
+        })
+    };
+    let r = post(&h, "/v1/messages", &body("claude-sonnet-4-5")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = h.emulator.stats_for(&client_id("acct-1")).last_request.unwrap();
+    let state = &sent["conversationState"];
+    let points: Vec<String> = state["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| {
+            m.as_object().unwrap().values().any(|v| v["cachePoint"] == json!({"type": "default"}))
+        })
+        .map(|(i, _)| format!("history.{i}"))
+        .chain(
+            (state["currentMessage"]["userInputMessage"]["cachePoint"] == json!({"type": "default"}))
+                .then(|| "current".to_owned()),
+        )
+        .collect();
+    // Four breakpoints (system + 3 messages), the model takes 4: the first message (it carries
+    // the system prompt and its own), the assistant's "fine" and the current one.
+    assert_eq!(points, ["history.0", "history.3", "current"], "{state}");
+    // A model without prompt caching: no cachePoint at all (the emulator would refuse one).
+    let r = post(&h, "/v1/messages", &body("gpt-5.6-sol")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = h.emulator.stats_for(&client_id("acct-1")).last_request.unwrap();
+    assert!(!sent.to_string().contains("cachePoint"), "{sent}");
+    h.stop().await;
+}

@@ -149,6 +149,10 @@ pub enum Thinking {
 pub struct MessagesRequest {
     pub model: String,
     pub messages: Vec<Message>,
+    /// Where the client put `cache_control` breakpoints: on the system prompt, and the indexes
+    /// (in `messages`) of messages with one on any block.
+    pub cache_system: bool,
+    pub cache_messages: Vec<usize>,
     /// The `system` field as text blocks.
     pub system: Vec<String>,
     /// 0 for count_tokens.
@@ -396,6 +400,12 @@ pub fn parse_value(
         }
     }
 
+    let cache_system = match get(obj, "system") {
+        Some(Value::Array(blocks)) => {
+            blocks.iter().any(|b| b.get("cache_control").is_some_and(|c| !c.is_null()))
+        }
+        _ => false,
+    };
     let system = match get(obj, "system") {
         None => Vec::new(),
         Some(Value::String(s)) => {
@@ -525,6 +535,7 @@ pub fn parse_value(
     // Amazon Q refuses a history that repeats one).
     let mut tool_use_ids: HashSet<String> = HashSet::new();
     let mut last_role: Option<Role> = None;
+    let mut cache_messages = Vec::new();
     for (i, m) in raw_messages.iter().enumerate() {
         let p = mp.at(i);
         let o = as_obj(m, &p)?;
@@ -561,6 +572,13 @@ pub fn parse_value(
                 _ => {}
             }
         }
+        let raw_content = o.get("content");
+        let breakpoint = raw_content.and_then(Value::as_array).is_some_and(|blocks| {
+            blocks.iter().any(|b| b.get("cache_control").is_some_and(|c| !c.is_null()))
+        });
+        if breakpoint {
+            cache_messages.push(messages.len());
+        }
         messages.push(Message { role, content });
     }
     if !messages.iter().any(|m| m.role == Role::User) {
@@ -570,6 +588,8 @@ pub fn parse_value(
     Ok(MessagesRequest {
         model: model.to_string(),
         messages,
+        cache_system,
+        cache_messages,
         system,
         max_tokens,
         stop_sequences,

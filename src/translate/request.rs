@@ -351,6 +351,7 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
                     content,
                     tool_uses: a.uses,
                     reasoning_content: a.reasoning,
+                    cache_point: None,
                 }));
             }
         }
@@ -372,7 +373,7 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
             "Begin your reply with exactly the following text and continue from it (do not repeat it):\n{p}"
         ));
     }
-    let current = user_message(current, &q_model, send_tools)?;
+    let mut current = user_message(current, &q_model, send_tools)?;
 
     let conversation_id = conversation_id(req.metadata_user_id.as_deref(), ctx.session_id);
     let response = super::ResponseParams {
@@ -389,6 +390,10 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
             .and_then(|c| c.max_input_tokens)
             .unwrap_or_else(|| ctx.models.context_window(&q_model)),
     };
+    let max_points = ctx.caps.map_or(0, |c| c.max_cache_checkpoints) as usize;
+    if max_points > 0 {
+        place_cache_points(req, &mut history, &mut current, max_points);
+    }
     Ok(Translated {
         request: GenerateRequest {
             conversation_state: ConversationState {
@@ -662,7 +667,55 @@ fn user_message(turn: UserTurn, q_model: &str, tools: Vec<Tool>) -> Result<UserI
         origin: Some(ORIGIN.into()),
         images: turn.images,
         user_input_message_context: if ctx.is_empty() { None } else { Some(ctx) },
+        cache_point: None,
     })
+}
+
+/// The client's `cache_control` breakpoints as Amazon Q `cachePoint`s, for a model with prompt
+/// caching, at most `max` of them (the latest kept: the longest cached prefixes). The system
+/// prompt's breakpoint goes on the first message (which carries it); a message's breakpoint on
+/// the message at the same place from the end (consecutive turns of one role are merged, so the
+/// tail of the conversation lines up).
+fn place_cache_points(
+    req: &MessagesRequest,
+    history: &mut [HistoryMessage],
+    current: &mut UserInputMessage,
+    max: usize,
+) {
+    // Positions counted from the end of the conversation: 0 is the current message.
+    let claude: Vec<usize> = req
+        .messages
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.role != crate::anthropic::Role::System)
+        .map(|(i, _)| i)
+        .collect();
+    let total = history.len() + 1;
+    let mut from_end: Vec<usize> = req
+        .cache_messages
+        .iter()
+        .filter_map(|i| claude.iter().position(|c| c == i).map(|p| claude.len() - 1 - p))
+        .filter(|d| *d < total)
+        .collect();
+    if req.cache_system {
+        from_end.push(total - 1);
+    }
+    from_end.sort_unstable();
+    from_end.dedup();
+    for d in from_end.into_iter().take(max) {
+        if d == 0 {
+            current.cache_point = Some(crate::upstream::types::CachePoint::DEFAULT);
+        } else {
+            match &mut history[total - 1 - d] {
+                HistoryMessage::UserInputMessage(m) => {
+                    m.cache_point = Some(crate::upstream::types::CachePoint::DEFAULT)
+                }
+                HistoryMessage::AssistantResponseMessage(m) => {
+                    m.cache_point = Some(crate::upstream::types::CachePoint::DEFAULT)
+                }
+            }
+        }
+    }
 }
 
 /// Stable per client session when one can be identified, random otherwise.

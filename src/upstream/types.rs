@@ -82,6 +82,20 @@ pub struct UserInputMessage {
     pub images: Vec<Image>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_input_message_context: Option<UserInputMessageContext>,
+    /// A prompt-cache checkpoint after this message (models with prompt caching).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_point: Option<CachePoint>,
+}
+
+/// `{"type": "default"}`: the conversation up to here may be cached.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct CachePoint {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+}
+
+impl CachePoint {
+    pub const DEFAULT: CachePoint = CachePoint { kind: "default" };
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
@@ -161,6 +175,9 @@ pub struct AssistantResponseMessage {
     /// The reasoning that preceded this answer, replayed exactly as the model produced it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<ReasoningContent>,
+    /// A prompt-cache checkpoint after this message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_point: Option<CachePoint>,
 }
 
 /// `reasoningContent`: a union, exactly one of readable reasoning with its signature or
@@ -222,6 +239,7 @@ mod tests {
                             input: json!({"a": 1}),
                         }],
                         reasoning_content: None,
+                        cache_point: None,
                     }),
                 ],
                 current_message: CurrentMessage {
@@ -292,6 +310,7 @@ mod tests {
                             text: "hm".into(),
                             signature: "c2ln".into(),
                         }),
+                        cache_point: None,
                     }),
                     HistoryMessage::UserInputMessage(UserInputMessage {
                         content: "c".into(),
@@ -302,6 +321,7 @@ mod tests {
                         content: "d".into(),
                         tool_uses: vec![],
                         reasoning_content: Some(ReasoningContent::RedactedContent("cmVk".into())),
+                        cache_point: None,
                     }),
                 ],
                 current_message: CurrentMessage {
