@@ -116,7 +116,7 @@ fn run_with_caps(body: &Value) -> (Result<Value, ApiError>, Result<Value, ApiErr
     (translate_with(caps.as_ref()), translate_with(None), caps)
 }
 
-/// The translated body of a fixture, checked by the emulator, with the conversation id normalised.
+/// `v` without its `cachePoint` members.
 fn strip_cache_points(v: &mut Value) {
     match v {
         Value::Object(map) => {
@@ -128,6 +128,7 @@ fn strip_cache_points(v: &mut Value) {
     }
 }
 
+/// The translated body of a fixture, checked by the emulator, with the conversation id normalised.
 fn translated(name: &str) -> Value {
     let claude = read_json(&fixtures().join(format!("claude/{name}.json")));
     let (with_caps, without, caps) = run_with_caps(&claude);
@@ -452,7 +453,7 @@ fn native_values_a_model_does_not_take_are_refused_naming_the_field() {
         let (with_caps, without, caps) = run_with_caps(&b);
         assert!(caps.is_some_and(|c| c.request_fields_schema.is_some()), "{model} reasons natively");
         assert!(without.is_ok(), "without a catalog the request goes through: {b}");
-        with_caps.map(|_| ())
+        with_caps
     };
     for (model, extra, message) in [
         (
@@ -466,11 +467,6 @@ fn native_values_a_model_does_not_take_are_refused_naming_the_field() {
             "max_tokens: 128000 is not supported by claude-sonnet-4.6 (at most 64000)",
         ),
         (
-            "claude-opus-4-7",
-            json!({"thinking": {"type": "adaptive", "display": "omitted"}}),
-            r#"thinking.display: "omitted" is not supported by claude-opus-4.7 (supported: summarized)"#,
-        ),
-        (
             "claude-opus-4-8",
             json!({"max_tokens": 200000, "thinking": {"type": "enabled", "budget_tokens": 150000}}),
             "thinking.budget_tokens: 150000 is not supported by claude-opus-4.8 (at most 127999)",
@@ -482,6 +478,22 @@ fn native_values_a_model_does_not_take_are_refused_naming_the_field() {
     // What the models do take goes through.
     ask("claude-opus-4-7", json!({"output_config": {"effort": "xhigh"}, "thinking": {"type": "adaptive"}}))
         .unwrap();
+    // `display: "omitted"` (Claude Code's default) is how the client shows thinking: a model that
+    // does not take it gets the request without it, never a 400; one it does take is kept.
+    let q = ask("claude-opus-4-7", json!({"thinking": {"type": "adaptive", "display": "omitted"}})).unwrap();
+    assert_eq!(q["additionalModelRequestFields"]["thinking"], json!({"type": "adaptive"}));
+    let q =
+        ask("claude-opus-4-7", json!({"thinking": {"type": "adaptive", "display": "summarized"}})).unwrap();
+    assert_eq!(
+        q["additionalModelRequestFields"]["thinking"],
+        json!({"type": "adaptive", "display": "summarized"})
+    );
+    let e =
+        ask("claude-opus-4-7", json!({"thinking": {"type": "adaptive", "display": "verbose"}})).unwrap_err();
+    assert_eq!(
+        e.message,
+        r#"thinking.display: "verbose" is not supported by claude-opus-4.7 (supported: summarized)"#
+    );
     ask(
         "claude-opus-4-8",
         json!({"max_tokens": 128000, "thinking": {"type": "enabled", "budget_tokens": 127999}}),

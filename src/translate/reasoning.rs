@@ -86,8 +86,8 @@ fn number(n: f64) -> String {
 
 /// The `additionalModelRequestFields` for `req` on `model` (whose schema is `schema`), or a 400
 /// naming the first value the model does not take. Only what the client asked for goes in:
-/// `thinking` (`enabled` with its `budget_tokens`, or `adaptive`; with `display` when given;
-/// none when disabled), `output_config.effort` when given, and `max_tokens` when the schema has
+/// `thinking` (`enabled` with its `budget_tokens`, or `adaptive`; with `display` when given,
+/// except an `omitted` the model does not take, which is left out; none when disabled), `output_config.effort` when given, and `max_tokens` when the schema has
 /// a place for it — raised to the schema's `minimum` when the client's is lower (Anthropic takes
 /// any `max_tokens` ≥ 1; the daemon still cuts the answer at the client's), refused when higher
 /// than its `maximum`. `None` when there is nothing to send.
@@ -117,7 +117,15 @@ pub fn request_fields(
         let floor = max_schema.get("minimum").and_then(Value::as_u64).unwrap_or(0);
         fields.insert("max_tokens".into(), json!(u64::from(req.max_tokens).max(floor)));
     }
-    let fields = Value::Object(fields);
+    let mut fields = Value::Object(fields);
+    if check(schema, &fields, "").is_err() && req.thinking_display.as_deref() == Some("omitted") {
+        // `omitted` only says how the client shows thinking (Claude Code sends it by default);
+        // a model that does not take it gets its own default. The answer still carries the
+        // thinking text: a replayed block must match its signature.
+        if let Some(thinking) = fields.get_mut("thinking").and_then(Value::as_object_mut) {
+            thinking.remove("display");
+        }
+    }
     check(schema, &fields, "").map_err(|m| m.to_api(model))?;
     match fields {
         Value::Object(f) if !f.is_empty() => Ok(Some(f)),
@@ -294,10 +302,6 @@ mod tests {
             (
                 json!({"thinking": {"type": "enabled", "budget_tokens": 512}}),
                 "thinking.budget_tokens: 512 is not supported by claude-opus-4.6 (at least 1024)",
-            ),
-            (
-                json!({"thinking": {"type": "adaptive", "display": "omitted"}}),
-                r#"thinking.display: "omitted" is not supported by claude-opus-4.6 (supported: summarized)"#,
             ),
             (json!({"thinking": {"display": "summarized"}}), "thinking.type: required by claude-opus-4.6"),
             (json!({"temperature": 1}), "temperature: 1 is not supported by claude-opus-4.6"),
