@@ -194,7 +194,8 @@ impl Path {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// A JSON value's type as JSON Schema and Anthropic's messages name it.
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "boolean",

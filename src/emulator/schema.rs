@@ -36,7 +36,14 @@ pub fn check(schema: &Value, value: &Value, path: &str) -> Result<(), SchemaMism
             _ => Vec::new(),
         };
         if !names.is_empty() && !names.iter().any(|name| has_type(value, name)) {
-            return mismatch(path, format!("expected {}, found {}", names.join(" or "), type_name(value)));
+            return mismatch(
+                path,
+                format!(
+                    "expected {}, found {}",
+                    names.join(" or "),
+                    crate::anthropic::request::type_name(value)
+                ),
+            );
         }
     }
     if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
@@ -147,17 +154,6 @@ fn has_type(value: &Value, name: &str) -> bool {
         "number" => value.is_number(),
         "integer" => value.is_i64() || value.is_u64() || value.as_f64().is_some_and(|n| n.fract() == 0.0),
         _ => false,
-    }
-}
-
-fn type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
     }
 }
 

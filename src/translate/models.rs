@@ -113,7 +113,7 @@ impl ModelMap {
         if live.is_empty() {
             return self.list();
         }
-        let mut out: Vec<ModelInfo> = live
+        let out: Vec<ModelInfo> = live
             .listing()
             .into_iter()
             .map(|l| ModelInfo {
@@ -126,16 +126,7 @@ impl ModelMap {
                 display_name: l.display_name,
             })
             .collect();
-        for (prefix, q) in &self.overrides {
-            if !out.iter().any(|m| m.id.starts_with(prefix.as_str())) {
-                out.push(ModelInfo {
-                    id: prefix.clone(),
-                    display_name: format!("{prefix} (Amazon Q {q})"),
-                    created_at: "2025-01-01T00:00:00Z".into(),
-                });
-            }
-        }
-        out
+        with_prefixes(out, &self.overrides)
     }
 
     /// The Amazon Q model for a Claude model name, or 404 `not_found_error` as Anthropic answers.
@@ -169,7 +160,7 @@ impl ModelMap {
     /// The models `/v1/models` lists: every built-in id this map can serve, and each
     /// configured prefix that names no listed model.
     pub fn list(&self) -> Vec<ModelInfo> {
-        let mut out: Vec<ModelInfo> = LISTED
+        let out: Vec<ModelInfo> = LISTED
             .iter()
             .filter(|(id, _, _)| self.resolve(id).is_ok())
             .map(|(id, name, at)| ModelInfo {
@@ -178,16 +169,7 @@ impl ModelMap {
                 created_at: at.to_string(),
             })
             .collect();
-        for (prefix, q) in &self.entries {
-            if !out.iter().any(|m| m.id.starts_with(prefix.as_str())) {
-                out.push(ModelInfo {
-                    id: prefix.clone(),
-                    display_name: format!("{prefix} (Amazon Q {q})"),
-                    created_at: "2025-01-01T00:00:00Z".into(),
-                });
-            }
-        }
-        out
+        with_prefixes(out, &self.entries)
     }
 
     pub fn context_window(&self, _q_model: &str) -> u64 {
@@ -199,6 +181,20 @@ impl ModelMap {
 fn version_key(id: &str) -> f64 {
     let digits: String = id.chars().filter(|c| c.is_ascii_digit() || *c == '.').collect();
     digits.trim_matches('.').parse().unwrap_or(0.0)
+}
+
+/// `out` and each configured prefix that names no model in it.
+fn with_prefixes(mut out: Vec<ModelInfo>, prefixes: &[(String, String)]) -> Vec<ModelInfo> {
+    for (prefix, q) in prefixes {
+        if !out.iter().any(|m| m.id.starts_with(prefix.as_str())) {
+            out.push(ModelInfo {
+                id: prefix.clone(),
+                display_name: format!("{prefix} (Amazon Q {q})"),
+                created_at: "2025-01-01T00:00:00Z".into(),
+            });
+        }
+    }
+    out
 }
 
 #[cfg(test)]
