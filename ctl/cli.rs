@@ -52,6 +52,26 @@ pub enum Command {
     /// accounts.db, /v2/accounts JSON export or label|password|clientId|clientSecret|refreshToken|
     /// accessToken lines. The format is told by the content; SQLite files are opened read-only.
     Import { file: PathBuf },
+    /// Sign in with AWS Builder ID (the default) or IAM Identity Center (--start-url, --region)
+    /// by the OIDC device flow: open the URL it prints on any device and approve; the account's
+    /// [[account]] entry (its secrets) is printed on stdout, to append to accounts.toml.
+    Login {
+        /// The IAM Identity Center start URL (https://d-…awsapps.com/start); default Builder ID.
+        #[arg(long, value_name = "URL", default_value = crate::login::BUILDER_ID_START_URL)]
+        start_url: String,
+        /// The region of the OIDC service (an Identity Center instance's region).
+        #[arg(long, value_name = "REGION", default_value = "us-east-1")]
+        region: String,
+        /// The entry's id (default builder-id-XXXXXXXX or idc-XXXXXXXX).
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        /// The entry's label.
+        #[arg(long, value_name = "TEXT")]
+        label: Option<String>,
+        /// Another SSO OIDC base URL (the emulator: tests and the demo).
+        #[arg(long, hide = true, env = "AMQ2API_OIDC_ENDPOINT", hide_env = true, value_name = "URL")]
+        oidc_endpoint: Option<String>,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).

@@ -84,7 +84,9 @@ pub async fn run(cli: &Cli) -> Result<i32, Failure> {
             }
             Ok(if r.ok { exit::OK } else { exit::CONFIG })
         }
-        Command::Import { .. } | Command::Completions { .. } | Command::Man => Ok(exit::OK),
+        Command::Import { .. } | Command::Login { .. } | Command::Completions { .. } | Command::Man => {
+            Ok(exit::OK)
+        }
     }
 }
 

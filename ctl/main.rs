@@ -1,10 +1,11 @@
 //! `amqctl`, the operator's CLI: parse the command line, run the offline commands (import,
-//! completions, man) here and the others against the daemon's control socket.
+//! login, completions, man) here and the others against the daemon's control socket.
 //!
 //! Modules: [`cli`] the clap definitions; [`commands`] the commands that call the daemon;
 //! [`client`] the control-socket client; [`render`] tables for people; [`import`] other tools'
 //! credential stores (the seed's exports and accounts.db, the Kiro IDE's token file, kiro-cli's
-//! SQLite) to accounts.toml; [`failure`] a failure and its exit code. The wire types are the library's
+//! SQLite) to accounts.toml; [`login`] the OIDC device flow (Builder ID, IAM Identity Center) to
+//! an accounts.toml entry; [`failure`] a failure and its exit code. The wire types are the library's
 //! ([`amq2api::control::wire`]).
 #![forbid(unsafe_code)]
 
@@ -13,6 +14,7 @@ mod client;
 mod commands;
 mod failure;
 mod import;
+mod login;
 mod render;
 
 use amq2api::{exit, logging};
@@ -54,6 +56,26 @@ fn run(cli: Cli) -> i32 {
             print!("{}", out.stdout);
             exit::OK
         }),
+        Command::Login { start_url, region, id, label, oidc_endpoint } => {
+            let opts = login::Options {
+                start_url,
+                region,
+                id: id.as_deref(),
+                label: label.as_deref(),
+                oidc_endpoint: oidc_endpoint.as_deref(),
+            };
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(login::login(&opts)).map(|done| {
+                    eprintln!(
+                        "amqctl: warning: stdout holds this account's secrets (client secret, refresh token): \
+                         append it to accounts.toml (root:amq2api, mode 0640), then run amqctl reload"
+                    );
+                    print!("{}", done.entry);
+                    exit::OK
+                }),
+                Err(e) => Err(fail(exit::OSERR, e.to_string())),
+            }
+        }
         _ => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt.block_on(commands::run(&cli)),
             Err(e) => Err(fail(exit::OSERR, e.to_string())),

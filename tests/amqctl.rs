@@ -1686,3 +1686,124 @@ fn oidc(a: &amq2api::config::AccountSpec) -> (String, String, String) {
         other => panic!("not an oidc account: {:?}", other.kind()),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// login: the OIDC device flow against the emulator
+
+/// `amqctl login` against the emulator's OIDC endpoint.
+async fn login(ctl: &mut Ctl, emulator: &amq2api::emulator::Emulator, extra: &[&str]) -> Out {
+    let endpoint = emulator.oidc_endpoint();
+    let mut args = vec!["login", "--oidc-endpoint", endpoint.as_str()];
+    args.extend_from_slice(extra);
+    ctl.run(&args).await
+}
+
+#[tokio::test]
+async fn login_prints_an_account_that_serves() {
+    let h = start(&["alpha"]).await;
+    let mut ctl = Ctl::of(&h);
+    wait_tokens(&mut ctl, 1).await;
+    h.emulator.set_device_flow(amq2api::emulator::DeviceFlow { pending_polls: 2, ..Default::default() });
+
+    let r = login(&mut ctl, &h.emulator, &["--id", "fresh"]).await.code(0);
+    // stderr: the complete verification URL, the URL and the code apart, the secrets warning.
+    let code_line = r.stderr.lines().find(|l| l.contains("enter the code")).unwrap_or_else(|| panic!("{r}"));
+    let user_code = code_line.rsplit(' ').next().unwrap().to_string();
+    assert_eq!(user_code.len(), 9, "{r}");
+    assert!(r.stderr.contains(&format!("?user_code={user_code}")), "{r}");
+    assert!(r.stderr.contains("AWS Builder ID"), "{r}");
+    assert!(r.stderr.contains("stdout holds this account's secrets"), "{r}");
+    // Waited through two pending polls, each after the announced interval (1 s).
+    assert!(r.elapsed >= Duration::from_secs(3), "{r}");
+    let d = h.emulator.device_stats();
+    assert_eq!((d.registrations, d.authorizations, d.pending, d.approved), (1, 1, 2, 1), "{d:?}");
+    assert_eq!((d.slow_downs, d.too_early), (0, 0), "{d:?}");
+    // stdout: one valid oidc entry with the registration and the issued refresh token.
+    let set = imported(&r);
+    let a = set.iter().next().unwrap();
+    assert_eq!(set.iter().count(), 1);
+    assert_eq!(a.id.as_str(), "fresh");
+    assert_eq!(a.kind().as_str(), "oidc");
+    assert_eq!(a.region.as_deref(), Some("us-east-1"));
+    let (cid, secret, refresh) = oidc(a);
+    assert_eq!(h.emulator.live_refresh_token(&cid).as_deref(), Some(refresh.as_str()));
+
+    // Fed to the daemon, the account serves.
+    let accounts = h.dir.path().join("accounts.toml");
+    let mut text = std::fs::read_to_string(&accounts).unwrap();
+    text.push('\n');
+    text.push_str(&r.stdout);
+    std::fs::write(&accounts, text).unwrap();
+    let mut ctl = Ctl::of(&h);
+    let rl: ReloadResult = ctl.run(&["--json", "reload"]).await.ok().json();
+    assert!(rl.ok, "{rl:?}");
+    ctl.run(&["refresh", "fresh"]).await.ok();
+    ctl.run(&["disable", "alpha"]).await.ok();
+    message_ok(&h).await;
+    assert!(h.emulator.stats_for(&cid).requests >= 1);
+    // The secrets it printed never reached the daemon's log.
+    let log = logs();
+    assert!(!log.contains(&secret) && !log.contains(&refresh), "the daemon logged a login secret");
+    ctl.assert_no_secrets(&ids(&["alpha"]));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn login_honours_slow_down() {
+    use amq2api::emulator::{DeviceFlow, Emulator, EmulatorOptions};
+    let emulator = Emulator::start(EmulatorOptions::default()).await.unwrap();
+    emulator.set_device_flow(DeviceFlow { pending_polls: 0, slow_down_on: vec![1], ..Default::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Ctl::new(&dir.path().join("absent.sock"));
+    let r = login(
+        &mut ctl,
+        &emulator,
+        &["--start-url", "https://d-1234567890.awsapps.com/start", "--region", "eu-west-1"],
+    )
+    .await
+    .code(0);
+    // The second poll waited the interval plus 5 s, and came on time.
+    assert!(r.elapsed >= Duration::from_secs(7), "{r}");
+    assert!(r.stderr.contains("every 6 s"), "{r}");
+    assert!(r.stderr.contains("IAM Identity Center (https://d-1234567890.awsapps.com/start)"), "{r}");
+    let d = emulator.device_stats();
+    assert_eq!((d.slow_downs, d.too_early, d.approved), (1, 0, 1), "{d:?}");
+    // An Identity Center outside the API's regions: tokens refresh there, the API is us-east-1.
+    let set = imported(&r);
+    let a = set.iter().next().unwrap();
+    assert!(a.id.as_str().starts_with("idc-"), "{r}");
+    assert_eq!(a.region.as_deref(), Some("us-east-1"));
+    assert_eq!(a.auth_region.as_deref(), Some("eu-west-1"));
+}
+
+#[tokio::test]
+async fn login_denied_or_expired() {
+    use amq2api::emulator::{DeviceDecision, DeviceFlow, Emulator, EmulatorOptions};
+    let emulator = Emulator::start(EmulatorOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Ctl::new(&dir.path().join("absent.sock"));
+
+    emulator.set_device_flow(DeviceFlow { decision: Some(DeviceDecision::Deny), ..Default::default() });
+    let r = login(&mut ctl, &emulator, &[]).await.code(77);
+    assert_eq!(r.stdout, "", "{r}");
+    assert!(r.stderr.contains("denied"), "{r}");
+    assert!(!r.stderr.contains("stdout holds"), "{r}");
+
+    // Nobody approves: the code expires (2 s here) and login says so.
+    emulator.set_device_flow(DeviceFlow { decision: None, expires_in_secs: 2, ..Default::default() });
+    let r = login(&mut ctl, &emulator, &[]).await.code(1);
+    assert_eq!(r.stdout, "", "{r}");
+    assert!(r.stderr.contains("the code expired"), "{r}");
+    let d = emulator.device_stats();
+    assert_eq!((d.denied, d.approved, d.too_early), (1, 0, 0), "{d:?}");
+
+    // Nothing listening: unavailable, at once.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", free.local_addr().unwrap());
+    drop(free);
+    let r = ctl.run(&["login", "--oidc-endpoint", &url]).await.code(69);
+    assert_eq!(r.stdout, "", "{r}");
+    // Plain HTTP elsewhere than loopback is refused before anything is sent.
+    let r = ctl.run(&["login", "--oidc-endpoint", "http://oidc.example/"]).await.code(64);
+    assert!(r.stderr.contains("loopback"), "{r}");
+}

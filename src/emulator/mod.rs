@@ -8,6 +8,7 @@
 //! | path | role / service | [`Emulator`] accessor |
 //! |---|---|---|
 //! | `POST /token` | SSO OIDC `CreateToken` (OIDC accounts) | [`Emulator::token_endpoint`] |
+//! | `POST /client/register`, `POST /device_authorization` | SSO OIDC `RegisterClient`, `StartDeviceAuthorization` (the device flow, [`DeviceFlow`]) | [`Emulator::oidc_endpoint`] |
 //! | `POST /refreshToken` | Kiro social refresh (social accounts) | [`Emulator::social_token_endpoint`] |
 //! | `POST /` | Amazon Q role (`q.{region}.amazonaws.com`): `GenerateAssistantResponse`, `ListAvailableProfiles` | [`Emulator::endpoint`] |
 //! | `GET /ListAvailableModels?…` | Amazon Q role: the catalog | [`Emulator::catalog_url`] |
@@ -68,6 +69,17 @@
 //!   `x-amzn-ErrorType`: 401 `invalid_client` (`InvalidClientException`: unknown client, wrong
 //!   secret, or a client id that is not an OIDC account), 400 `invalid_grant`
 //!   (`InvalidGrantException`), 400 `invalid_request`, 400 `unsupported_grant_type`.
+//!   With `"grantType": "urn:ietf:params:oauth:grant-type:device_code"` and `"deviceCode"`: the
+//!   device flow's poll (a registered client's id and secret): 400 `authorization_pending`,
+//!   `slow_down` (scripted, or a poll before the interval is over: the interval grows by 5 s),
+//!   `expired_token`, `access_denied`, `invalid_grant` (unknown or used code) as
+//!   [`DeviceFlow`] scripts it; once approved, 200 `{"accessToken", "tokenType", "expiresIn",
+//!   "refreshToken"}` and the client is an OIDC account like one [`Emulator::add_account`] made.
+//! - `POST /client/register` (`RegisterClient`): `{"clientName", "clientType": "public",
+//!   "scopes"?, "grantTypes"?, "issuerUrl"?}` → `{"clientId", "clientSecret", "clientIdIssuedAt",
+//!   "clientSecretExpiresAt"}`; `POST /device_authorization` (`StartDeviceAuthorization`):
+//!   `{"clientId", "clientSecret", "startUrl"}` (https) → `{"deviceCode", "userCode",
+//!   "verificationUri", "verificationUriComplete", "expiresIn", "interval"}`.
 //! - `POST /refreshToken` (social): `User-Agent` must start with `KiroIDE-` (else 400
 //!   `{"error": "invalid_request"}`), body `{"refreshToken"}` (else 400 `invalid_request`) → 200
 //!   `{"accessToken", "expiresIn", "refreshToken"?, "profileArn"?}`: `refreshToken` only when
@@ -247,6 +259,7 @@
 
 mod assistant;
 pub mod catalog;
+mod device;
 mod listing;
 mod oidc;
 mod reasoning;
@@ -271,6 +284,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use catalog::{ModelEntry, PromptCaching, default_catalog};
+pub use device::{DeviceDecision, DeviceFlow, DeviceStats};
 pub use script::Behaviour;
 pub use validate::{Rule, RuleViolation, validate_request};
 
@@ -349,6 +363,9 @@ pub struct EmulatorOptions {
     pub social_dead_token: SocialDeadToken,
     /// Most models on one `ListAvailableModels` page (then `nextToken`). Default `None`: one page.
     pub catalog_page_size: Option<usize>,
+    /// What the person does with a device authorization (`amqctl login`), and its timing.
+    /// Default: approved after one pending poll, interval 1 s, expiry 600 s.
+    pub device_flow: DeviceFlow,
 }
 
 impl Default for EmulatorOptions {
@@ -365,6 +382,7 @@ impl Default for EmulatorOptions {
             token_usage: false,
             social_dead_token: SocialDeadToken::InvalidGrant,
             catalog_page_size: None,
+            device_flow: DeviceFlow::default(),
         }
     }
 }
@@ -628,6 +646,22 @@ impl Emulator {
     /// `None` when the chain was revoked or the account is unknown.
     pub fn live_refresh_token(&self, client_id: &str) -> Option<String> {
         self.shared.with_account(client_id, |account| account.refresh_token.clone()).flatten()
+    }
+
+    /// The SSO OIDC base URL (`/client/register`, `/device_authorization`, `/token` under it):
+    /// what `amqctl login --oidc-endpoint` takes.
+    pub fn oidc_endpoint(&self) -> String {
+        format!("http://{}", self.control.addr)
+    }
+
+    /// How device authorizations started from now on go.
+    pub fn set_device_flow(&self, flow: DeviceFlow) {
+        self.shared.device().flow = flow;
+    }
+
+    /// A snapshot of the device-flow counters.
+    pub fn device_stats(&self) -> DeviceStats {
+        self.shared.device().stats.clone()
     }
 
     /// A snapshot of the global counters.

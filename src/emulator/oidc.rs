@@ -1,5 +1,5 @@
 //! The SSO OIDC `CreateToken` endpoint (`POST /token`): refresh-token grants, rotation, and the
-//! service's error answers.
+//! service's error answers; device-code grants go to [`super::device`].
 
 use http::{HeaderMap, Response, StatusCode};
 use serde_json::{Value, json};
@@ -38,13 +38,16 @@ pub(super) fn create_token(
             request_id,
         );
     };
+    if grant_type == super::device::DEVICE_GRANT {
+        return super::device::create_token(shared, client_id, client_secret, &fields, request_id);
+    }
     if grant_type != "refresh_token" {
         shared.count_refresh_failure();
         return error(
             StatusCode::BAD_REQUEST,
             "UnsupportedGrantTypeException",
             "unsupported_grant_type",
-            "Only the refresh_token grant is supported here.",
+            "Only the refresh_token and device_code grants are supported.",
             request_id,
         );
     }
@@ -95,7 +98,7 @@ pub(super) fn create_token(
     }
 }
 
-fn error(
+pub(super) fn error(
     status: StatusCode,
     exception: &str,
     code: &str,

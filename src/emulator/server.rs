@@ -21,7 +21,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::state::Shared;
-use super::{Role, assistant, listing, oidc, social, wire};
+use super::{Role, assistant, device, listing, oidc, social, wire};
 
 /// Largest `CreateToken` body read.
 const MAX_TOKEN_BODY: usize = 64 * 1024;
@@ -193,6 +193,17 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>, ctl: Arc<ConnCtl>) -
                 }
                 Err(_) => {
                     shared.count_refresh_failure();
+                    let body = json!({ "error": "invalid_request", "error_description": "Unreadable request body." });
+                    json_response(StatusCode::BAD_REQUEST, "application/json", &body, &request_id)
+                }
+            }
+        }
+        (&Method::POST, path @ ("/client/register" | "/device_authorization")) => {
+            let register = path == "/client/register";
+            match read_body(req.into_body(), MAX_TOKEN_BODY).await {
+                Ok(body) if register => device::register_client(&shared, &body, &request_id),
+                Ok(body) => device::start_device_authorization(&shared, &body, &request_id),
+                Err(_) => {
                     let body = json!({ "error": "invalid_request", "error_description": "Unreadable request body." });
                     json_response(StatusCode::BAD_REQUEST, "application/json", &body, &request_id)
                 }

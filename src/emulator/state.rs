@@ -14,6 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 
 use super::catalog::{ModelEntry, default_catalog};
+use super::device::DeviceState;
 use super::reasoning::Signer;
 use super::script::Behaviour;
 use super::{AccountKind, AccountStats, EmulatorOptions, Role, Stats};
@@ -128,18 +129,51 @@ pub(super) struct Shared {
     ids: IdGen,
     signer: Signer,
     default_catalog: Vec<ModelEntry>,
+    device: Mutex<DeviceState>,
 }
 
 impl Shared {
     pub fn new(opts: EmulatorOptions) -> Self {
         let ids = IdGen::new();
         let signer = Signer::new(ids.bytes("reasoning-secret"));
-        Shared { opts, inner: Mutex::default(), ids, signer, default_catalog: default_catalog() }
+        let device = Mutex::new(DeviceState::new(opts.device_flow.clone()));
+        Shared { opts, inner: Mutex::default(), ids, signer, default_catalog: default_catalog(), device }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves plain data behind: keep serving.
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The device-authorization flow's state.
+    pub fn device(&self) -> MutexGuard<'_, DeviceState> {
+        self.device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A completed device authorization: the client becomes an OIDC account (its id the client
+    /// id) with a fresh refresh token, and gets an access token.
+    pub fn sign_in(&self, client_id: &str, client_secret: &str) -> Issued {
+        let refresh = self.ids.refresh_token();
+        let access_token = self.ids.access_token();
+        let ttl = self.opts.access_token_ttl;
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let account = Self::register(inner, client_id, AccountKind::Oidc);
+        account.client_secret = client_secret.to_owned();
+        account.refresh_token = Some(refresh.clone());
+        account.generation += 1;
+        let generation = account.generation;
+        inner.access_tokens.insert(
+            access_token.clone(),
+            AccessToken { account: client_id.to_owned(), expires_at: Instant::now() + ttl, generation },
+        );
+        Issued {
+            account: client_id.to_owned(),
+            access_token,
+            expires_in: ttl.as_secs(),
+            refresh_token: Some(refresh),
+            profile_arn: None,
+        }
     }
 
     pub fn ids(&self) -> &IdGen {
