@@ -72,6 +72,10 @@ pub enum Command {
         #[arg(long, hide = true, env = "AMQ2API_OIDC_ENDPOINT", hide_env = true, value_name = "URL")]
         oidc_endpoint: Option<String>,
     },
+    /// Print the live credentials (rotated refresh tokens included) as accounts.toml entries on
+    /// stdout: the daemon's state directory holds the only live copy of a rotated refresh token.
+    /// Root only (not members of the daemon's group); the daemon logs each call.
+    Export,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).

@@ -44,6 +44,12 @@ async fn call(socket: &Path, method: &str, path: &str) -> Result<(u16, Bytes), F
         .map_err(|e| fail(exit::UNAVAILABLE, format!("reading the answer: {e}")))?
         .to_bytes();
     if status == 403 {
+        // Root-only calls (export) say why themselves; the rest is the group rule.
+        if let Ok(e) = serde_json::from_slice::<ErrorBody>(&body)
+            && e.error.contains("root only")
+        {
+            return Err(fail(exit::NOPERM, e.error));
+        }
         return Err(permission_denied(socket));
     }
     if status >= 400 {

@@ -84,6 +84,20 @@ pub async fn run(cli: &Cli) -> Result<i32, Failure> {
             }
             Ok(if r.ok { exit::OK } else { exit::CONFIG })
         }
+        Command::Export => {
+            let (e, body) = get::<Export>(s, "GET", "/v1/export").await?;
+            eprintln!(
+                "amqctl: warning: stdout holds the secrets of {} accounts: keep it where accounts.toml is kept \
+                 (root:amq2api, mode 0640)",
+                e.accounts.len()
+            );
+            if cli.json {
+                print_json(&body);
+            } else {
+                print!("{}", crate::render::render_export(&e));
+            }
+            Ok(exit::OK)
+        }
         Command::Import { .. } | Command::Login { .. } | Command::Completions { .. } | Command::Man => {
             Ok(exit::OK)
         }

@@ -183,7 +183,7 @@ fn unix_now() -> u64 {
 }
 
 /// A UTC date (YYYY-MM-DD) of unix seconds.
-fn date(secs: u64) -> String {
+pub fn date(secs: u64) -> String {
     // Civil from days (Howard Hinnant's algorithm).
     let z = (secs / 86_400) as i64 + 719_468;
     let era = z.div_euclid(146_097);

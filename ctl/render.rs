@@ -1,7 +1,7 @@
 //! amqctl's tables and detail views for people: account rows with states, token expiries and
 //! ages, the status summary, one line an action; colour only on a terminal without `NO_COLOR`.
 
-use amq2api::control::wire::{AccountInfo, ActionResult, Status};
+use amq2api::control::wire::{AccountInfo, ActionResult, Export, Status};
 use std::io::IsTerminal;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -222,6 +222,59 @@ pub fn render_account(a: &AccountInfo) -> String {
         ago(a.last_used),
         opt(&a.last_error),
     )
+}
+
+/// `amqctl export`: accounts.toml entries with the live credentials.
+pub fn render_export(e: &Export) -> String {
+    use crate::import::{one_line, toml_str as q};
+    let t = e.exported_at;
+    let mut out = format!(
+        "# amqctl export: the live credentials of {} accounts, {} {:02}:{:02} UTC (the daemon's accounts file:\n\
+         # {}). A refresh token marked rotated replaces the file's, which no longer works; each is\n\
+         # good until the daemon refreshes that account again (the old token dies at each rotation).\n",
+        e.accounts.len(),
+        crate::login::date(t),
+        t % 86_400 / 3600,
+        t % 3600 / 60,
+        one_line(&e.accounts_file),
+    );
+    for a in &e.accounts {
+        out.push_str(&format!("\n[[account]]\nid = {}\n", q(&a.id)));
+        if !a.label.is_empty() {
+            out.push_str(&format!("label = {}\n", q(&a.label)));
+        }
+        out.push_str(&format!("kind = {}\n", q(&a.kind)));
+        for (key, v) in [("client_id", &a.client_id), ("client_secret", &a.client_secret)] {
+            if let Some(v) = v {
+                out.push_str(&format!("{key} = {}\n", q(v)));
+            }
+        }
+        if let Some(r) = &a.refresh_token {
+            let note = if a.rotated { "   # rotated by the daemon" } else { "" };
+            out.push_str(&format!("refresh_token = {}{note}\n", q(r)));
+        }
+        if let Some(k) = &a.api_key {
+            out.push_str(&format!("api_key = {}\n", q(k)));
+        }
+        for (key, v) in [
+            ("profile_arn", &a.profile_arn),
+            ("region", &a.region),
+            ("auth_region", &a.auth_region),
+            ("proxy", &a.proxy),
+        ] {
+            if let Some(v) = v {
+                out.push_str(&format!("{key} = {}\n", q(v)));
+            }
+        }
+        out.push_str(&format!(
+            "enabled = {}\nweight = {}\nmax_concurrency = {}\n",
+            a.enabled, a.weight, a.max_concurrency
+        ));
+        if let Some(r) = a.rpm {
+            out.push_str(&format!("rpm = {r}\n"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -1807,3 +1807,124 @@ async fn login_denied_or_expired() {
     let r = ctl.run(&["login", "--oidc-endpoint", "http://oidc.example/"]).await.code(64);
     assert!(r.stderr.contains("loopback"), "{r}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// export: the live credentials, root only
+
+/// `amq2api check-config` over `accounts` (a file's text) with a minimal configuration: exit
+/// code, stdout, stderr.
+fn check_config(dir: &Path, accounts: &str) -> (i32, String, String) {
+    let file = dir.join("exported-accounts.toml");
+    std::fs::write(&file, accounts).unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config = dir.join("check.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:8443\"]\n[auth]\napi_keys = [\"{API_KEY}\"]\n[accounts]\nfile = {:?}\n",
+            file.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::child::AMQ2API)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&config)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("RUNTIME_DIRECTORY")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn export_gives_the_rotated_tokens() {
+    let names = ["alpha", "beta"];
+    let h = start(&names).await;
+    let mut ctl = Ctl::of(&h);
+    wait_tokens(&mut ctl, 2).await;
+    // Another rotation for alpha: the file's token died at the first.
+    ctl.run(&["refresh", "alpha"]).await.ok();
+    ctl.assert_no_secrets(&ids(&names));
+
+    let mut ex = Ctl::of(&h);
+    let r = ex.run(&["export"]).await.code(0);
+    assert!(r.stderr.contains("stdout holds the secrets of 2 accounts"), "{r}");
+    let set = imported(&r);
+    assert_eq!(set.iter().count(), 2, "{r}");
+    let mut live = Vec::new();
+    for a in set.iter() {
+        let id = a.id.as_str();
+        let (cid, secret, refresh) = oidc(a);
+        assert_eq!(cid, client_id(id));
+        assert_eq!(secret, format!("secret-{id}"));
+        assert_ne!(refresh, format!("refresh-{id}"), "the file's token, dead since the first rotation");
+        assert_eq!(h.emulator.live_refresh_token(&cid).as_deref(), Some(refresh.as_str()), "{r}");
+        live.push(refresh);
+    }
+    assert!(r.stdout.contains("# rotated by the daemon"), "{r}");
+    // What it printed is a valid accounts file as it stands.
+    let (code, out, err) = check_config(ex.work.path(), &r.stdout);
+    assert_eq!(code, 0, "check-config refused the export:\n{out}\n{err}\n{}", r.stdout);
+    assert!(out.contains("configuration OK"), "{out}\n{err}");
+    assert_eq!(err, "", "{out}\n{err}");
+
+    // --json: the wire type.
+    let j: amq2api::control::wire::Export = ex.run(&["--json", "export"]).await.code(0).json();
+    assert_eq!(j.accounts.len(), 2);
+    assert!(j.accounts.iter().all(|a| a.rotated && a.kind == "oidc"));
+
+    // Each call is logged with uid and pid, and no secret is.
+    let log = logs();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("control: export")).collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    let uid = nix::unistd::getuid().as_raw();
+    assert!(lines.iter().all(|l| l.contains(&format!("uid={uid}")) && l.contains("pid=")), "{lines:?}");
+    for s in live.iter().map(String::as_str).chain(["secret-alpha", "secret-beta"]) {
+        assert!(!log.contains(s), "the daemon logged a secret");
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn export_is_refused_to_the_group() {
+    let Some(setpriv) =
+        ["/usr/bin/setpriv", "/bin/setpriv", "/usr/sbin/setpriv"].into_iter().find(|p| Path::new(p).exists())
+    else {
+        println!("note: setpriv not found; the export permission test is skipped");
+        return;
+    };
+    if !nix::unistd::getuid().is_root() {
+        println!("note: not root, cannot switch to uid 65534; the export permission test is skipped");
+        return;
+    }
+    let h = start(&["alpha"]).await;
+    let mut ctl = Ctl::of(&h);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(h.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A member of the daemon's group (its primary group here), not its user, not root.
+    let gid = nix::unistd::getgid().as_raw().to_string();
+    let member = [setpriv, "--reuid", "65534", "--regid", gid.as_str(), "--clear-groups"];
+    // The group may use the socket…
+    let r = ctl.run_as(&member, &["status"]).await;
+    assert_eq!(r.code, 0, "{r}");
+    // …but not export.
+    for args in [&["export"][..], &["--json", "export"][..]] {
+        let r = ctl.run_as(&member, args).await;
+        assert_eq!(r.code, 77, "{r}");
+        assert_eq!(r.stdout, "", "{r}");
+        assert!(r.stderr.contains("for root only"), "{r}");
+        assert!(!r.stderr.contains("add yourself to group"), "{r}");
+    }
+    let log = logs();
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("export refused")).collect();
+    assert_eq!(refusals.len(), 2, "{log}");
+    assert!(refusals.iter().all(|l| l.contains("uid=65534") && l.contains("pid=")), "{refusals:?}");
+    ctl.assert_no_secrets(&ids(&["alpha"]));
+    h.stop().await;
+}

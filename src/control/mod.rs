@@ -1,6 +1,8 @@
 //! The admin API over a Unix socket (HTTP/1.1 + JSON): status, accounts, refresh, check,
-//! enable/disable, reload. Every connection's peer credentials are checked (root, the daemon's
-//! uid, or a member of its group); every mutating call is logged with uid and pid.
+//! enable/disable, reload, export. Every connection's peer credentials are checked (root, the
+//! daemon's uid, or a member of its group); every mutating call is logged with uid and pid.
+//! `GET /v1/export` (the live credentials, secrets included) is for root and the daemon's own
+//! uid only, and each call is logged with uid and pid (never a secret).
 
 pub mod wire;
 
@@ -81,6 +83,68 @@ fn allowed(peer: &Peer) -> bool {
     nix::unistd::getgrouplist(&name, user.gid)
         .map(|gs| gs.iter().any(|g| g.as_raw() == my_gid))
         .unwrap_or(false)
+}
+
+/// `GET /v1/export` hands out secrets: root, or the user the daemon runs as (a service user no
+/// one logs in as; tests run the daemon as themselves), never a mere member of its group.
+fn export_allowed(peer: &Peer) -> bool {
+    peer.uid == 0 || peer.uid == nix::unistd::getuid().as_raw()
+}
+
+/// A proxy as its accounts.toml URL, password included.
+fn proxy_url(p: &crate::config::accounts::Proxy) -> String {
+    use crate::config::accounts::ProxyScheme;
+    let scheme = match p.scheme {
+        ProxyScheme::Http => "http",
+        ProxyScheme::Socks5 { remote_dns: false } => "socks5",
+        ProxyScheme::Socks5 { remote_dns: true } => "socks5h",
+    };
+    let auth = p.auth.as_ref().map(|(u, pw)| format!("{u}:{}@", pw.expose())).unwrap_or_default();
+    let host = if p.host.contains(':') { format!("[{}]", p.host) } else { p.host.clone() };
+    format!("{scheme}://{auth}{host}:{}", p.port)
+}
+
+/// Every account's live credentials (the head of each token chain).
+pub async fn export(shared: &Context) -> Export {
+    use crate::config::Credentials;
+    let mut accounts = Vec::new();
+    for a in shared.app.pool.accounts() {
+        let spec = a.spec();
+        let chain = a.tokens.chain().await;
+        let (client_id, client_secret, refresh_token, api_key) = match &spec.credentials {
+            Credentials::Oidc { client_id, client_secret, .. } => (
+                Some(client_id.expose().to_owned()),
+                Some(client_secret.expose().to_owned()),
+                Some(chain.refresh_token.expose().to_owned()),
+                None,
+            ),
+            Credentials::Social { .. } => (None, None, Some(chain.refresh_token.expose().to_owned()), None),
+            Credentials::ApiKey { key } => (None, None, None, Some(key.expose().to_owned())),
+        };
+        accounts.push(ExportedAccount {
+            id: spec.id.to_string(),
+            label: spec.label.clone(),
+            kind: spec.kind().as_str().to_owned(),
+            client_id,
+            client_secret,
+            rotated: refresh_token.is_some() && chain.rotated,
+            refresh_token,
+            api_key,
+            profile_arn: spec.profile_arn.clone(),
+            region: spec.region.clone(),
+            auth_region: spec.auth_region.clone(),
+            enabled: spec.enabled,
+            weight: spec.weight.get(),
+            max_concurrency: spec.max_concurrency.get(),
+            rpm: spec.rpm.map(|r| r.get()),
+            proxy: spec.proxy.as_ref().map(proxy_url),
+        });
+    }
+    Export {
+        accounts_file: shared.app.config.accounts.file.display().to_string(),
+        exported_at: unix(Some(SystemTime::now())).unwrap_or(0),
+        accounts,
+    }
 }
 
 /// What the control API reads and acts on.
@@ -335,6 +399,30 @@ async fn handle(shared: &Arc<Context>, peer: Peer, req: Request<Incoming>) -> Re
     let find = |id: &str| shared.app.pool.get(id);
     let not_found = |id: &str| error(StatusCode::NOT_FOUND, format!("no account {id:?}"));
     match (&method, segs.as_slice()) {
+        (&Method::GET, ["v1", "export"]) => {
+            if !export_allowed(&peer) {
+                tracing::warn!(
+                    uid = peer.uid,
+                    pid = peer.pid,
+                    "control: export refused (not root, not the daemon's user)"
+                );
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "permission denied: export hands out every account's secrets and is for root only (sudo amqctl export)",
+                );
+            }
+            let e = export(shared).await;
+            let rotated = e.accounts.iter().filter(|a| a.rotated).count();
+            tracing::warn!(
+                uid = peer.uid,
+                pid = peer.pid,
+                accounts = e.accounts.len(),
+                rotated,
+                "control: export: the credentials of {} accounts handed out",
+                e.accounts.len()
+            );
+            json(StatusCode::OK, &e)
+        }
         (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &status(shared)),
         (&Method::GET, ["v1", "accounts"]) => {
             let list: Vec<AccountInfo> =

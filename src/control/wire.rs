@@ -1,5 +1,6 @@
 //! The control API's wire types, shared by the daemon (`src/control`) and `amqctl`. Never a
-//! secret: tokens appear only as expiry times and short fingerprints.
+//! secret (tokens appear only as expiry times and short fingerprints), except in [`Export`], the
+//! answer of the root-only `GET /v1/export`.
 
 use serde::{Deserialize, Serialize};
 
@@ -129,4 +130,50 @@ pub struct ReloadResult {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ErrorBody {
     pub error: String,
+}
+
+/// `GET /v1/export`: every account's live credentials, as accounts.toml needs them; the refresh
+/// token is the head of the daemon's chain (a rotated successor of the file's when `rotated`).
+/// The one answer of this API that carries secrets: root and the daemon's own user only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Export {
+    pub accounts_file: String,
+    /// Unix seconds.
+    pub exported_at: u64,
+    pub accounts: Vec<ExportedAccount>,
+}
+
+/// One account of an [`Export`]: the accounts.toml keys it was configured with, secrets
+/// included, with the live refresh token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExportedAccount {
+    pub id: String,
+    pub label: String,
+    /// `oidc`, `social` or `api-key`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// The refresh token came from a rotation: the file's one is dead.
+    #[serde(default)]
+    pub rotated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile_arn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_region: Option<String>,
+    pub enabled: bool,
+    pub weight: u32,
+    pub max_concurrency: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u32>,
+    /// The egress proxy URL, its password included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
 }
