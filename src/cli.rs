@@ -289,11 +289,45 @@ pub fn check_config(path: &Path) -> i32 {
             for w in &loaded.warnings.0 {
                 eprintln!("{w}");
             }
+            // Placeholders (the example's values) pass validation but cannot sign in: a warning
+            // each, and no plain "OK". The exit code stays 0: the files are valid.
+            let accounts_file = &loaded.config.accounts.file;
+            let mut placeholders = 0;
+            for a in loaded.accounts.iter() {
+                let keys = config::accounts::placeholder_keys(a);
+                if keys.is_empty() {
+                    continue;
+                }
+                placeholders += 1;
+                let warning = config::Diagnostic {
+                    severity: config::Severity::Warning,
+                    file: accounts_file.clone(),
+                    position: None,
+                    message: format!(
+                        "account {:?}: {} {} the example's placeholder{}: it cannot sign in until it gets real \
+                         credentials (amqctl login, amqctl import)",
+                        a.id.as_str(),
+                        keys.join(", "),
+                        if keys.len() == 1 { "is" } else { "are" },
+                        if keys.len() == 1 { "" } else { "s" },
+                    ),
+                };
+                eprintln!("{warning}");
+            }
             let enabled = loaded.accounts.iter().filter(|a| a.enabled).count();
+            let verdict = if placeholders == 0 {
+                "configuration OK".to_string()
+            } else {
+                format!(
+                    "configuration valid, but {placeholders} account{} still {} placeholder credentials (see the warnings)",
+                    if placeholders == 1 { "" } else { "s" },
+                    if placeholders == 1 { "holds" } else { "hold" },
+                )
+            };
             println!(
-                "configuration OK: {} and {} ({} accounts, {} enabled)",
+                "{verdict}: {} and {} ({} accounts, {} enabled)",
                 path.display(),
-                loaded.config.accounts.file.display(),
+                accounts_file.display(),
                 loaded.accounts.len(),
                 enabled
             );

@@ -45,9 +45,22 @@ fn config_for_accounts(dir: &Path, accounts: &Path) -> PathBuf {
 fn example_files_are_valid() {
     let (code, stdout, stderr) = check_config(&root().join("examples/amq2api.toml"));
     assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
-    assert!(stdout.contains("configuration OK"), "{stdout}");
+    // Valid, but not "OK": the example's accounts hold placeholders, and each is named.
+    assert!(!stdout.contains("configuration OK"), "{stdout}");
+    assert!(
+        stdout.contains("configuration valid, but 3 accounts still hold placeholder credentials"),
+        "{stdout}"
+    );
     assert!(stdout.contains("(3 accounts, 3 enabled)"), "{stdout}");
     assert!(!stderr.contains("error"), "{stderr}");
+    for (id, keys) in [
+        ("team-a-1", "client_id, client_secret, refresh_token, profile_arn are the example's placeholders"),
+        ("kiro-google", "refresh_token is the example's placeholder"),
+        ("kiro-key", "api_key is the example's placeholder"),
+    ] {
+        let line = format!("warning: account {id:?}: {keys}: it cannot sign in");
+        assert!(stderr.contains(&line), "no {line:?} in:\n{stderr}");
+    }
 }
 
 #[test]
@@ -119,7 +132,9 @@ fn world_readable_accounts_file_is_a_warning() {
     std::fs::set_permissions(&accounts, std::fs::Permissions::from_mode(0o640)).unwrap();
     let (code, _, stderr) = check_config(&config);
     assert_eq!(code, 0, "{stderr}");
-    assert!(!stderr.contains("warning"), "{stderr}");
+    assert!(!stderr.contains("readable by every user"), "{stderr}");
+    // (The example's accounts still hold placeholders: those are the only warnings left.)
+    assert!(stderr.lines().all(|l| l.contains("the example's placeholder")), "{stderr}");
 }
 
 /// Every secret value in the example files.

@@ -690,6 +690,48 @@ pub fn load(path: &Path) -> Result<(AccountSet, Diagnostics), Diagnostics> {
     Ok((set, diags))
 }
 
+/// Whether a value is a placeholder of the kind example files hold (`example-client-id`,
+/// `ksk_example…`, `…`, `change-me`, `<your token>`): never a real credential.
+fn is_placeholder(v: &str) -> bool {
+    let l = v.trim().to_ascii_lowercase();
+    l.is_empty()
+        || l.starts_with("example")
+        || l.starts_with("ksk_example")
+        || l.contains('…')
+        || l.chars().all(|c| c == '.' || c == 'x' || c == '*')
+        || l.starts_with("change-me")
+        || l.starts_with("changeme")
+        || l.starts_with("your-")
+        || l.starts_with('<')
+}
+
+/// The keys of an account that hold placeholders (examples/accounts.toml's values and the like):
+/// such an account passes validation but cannot sign in.
+pub fn placeholder_keys(spec: &AccountSpec) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    match &spec.credentials {
+        Credentials::Oidc { client_id, client_secret, refresh_token } => {
+            for (key, v) in
+                [("client_id", client_id), ("client_secret", client_secret), ("refresh_token", refresh_token)]
+            {
+                if is_placeholder(v.expose()) {
+                    keys.push(key);
+                }
+            }
+        }
+        Credentials::Social { refresh_token } if is_placeholder(refresh_token.expose()) => {
+            keys.push("refresh_token")
+        }
+        Credentials::ApiKey { key } if is_placeholder(key.expose()) => keys.push("api_key"),
+        _ => {}
+    }
+    // The example's profile: the documentation account id of AWS's own examples.
+    if spec.profile_arn.as_deref().is_some_and(|a| a.contains(":123456789012:")) {
+        keys.push("profile_arn");
+    }
+    keys
+}
+
 fn permission_warning(path: &Path) -> Option<super::diag::Diagnostic> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path).ok()?.permissions().mode();
@@ -707,6 +749,18 @@ fn permission_warning(path: &Path) -> Option<super::diag::Diagnostic> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholders_are_told_from_credentials() {
+        for p in
+            ["example-client-id", "ksk_example0000", "…", "...", "xxxx", "change-me", "<refresh token>", ""]
+        {
+            assert!(is_placeholder(p), "{p}");
+        }
+        for real in ["aorAAAAexample", "emu-client-1", "refresh-alpha", "ksk_0123abc", "secret-x"] {
+            assert!(!is_placeholder(real), "{real}");
+        }
+    }
 
     const GOOD: &str = r#"
 [[account]]
