@@ -1535,7 +1535,9 @@ async fn completions_and_man() {
     let r = ctl.run(&["completions", "bash"]).await.ok();
     assert!(r.stdout.len() > 1000, "{r}");
     assert!(r.stdout.contains("complete") && r.stdout.contains("amqctl"), "{r}");
-    for sub in ["status", "accounts", "refresh", "check", "enable", "disable", "reload", "import"] {
+    for sub in
+        ["status", "accounts", "refresh", "check", "enable", "disable", "reload", "import", "login", "export"]
+    {
         assert!(r.stdout.contains(sub), "no {sub} in the bash completions");
     }
     for shell in ["zsh", "fish"] {
@@ -1546,6 +1548,11 @@ async fn completions_and_man() {
     assert!(r.stdout.starts_with(".ie") || r.stdout.contains(".TH amqctl"), "{r}");
     assert!(r.stdout.contains(".TH amqctl"), "{r}");
     assert!(r.stdout.contains("refresh"), "{r}");
+    assert!(r.stdout.contains("login") && r.stdout.contains("export"), "{r}");
+    // The emulator's endpoint override is for tests and the demo: not in the man page.
+    assert!(!r.stdout.contains("oidc-endpoint") && !r.stdout.contains("OIDC_ENDPOINT"), "{r}");
+    let r = ctl.run(&["login", "--help"]).await.ok();
+    assert!(r.stdout.contains("--start-url") && !r.stdout.contains("oidc-endpoint"), "{r}");
     let r = ctl.run(&["completions", "no-such-shell"]).await;
     assert_eq!(r.code, 64, "{r}");
 }
