@@ -1,5 +1,5 @@
 //! The Amazon Q + Kiro + OIDC emulator over real loopback TCP, driven by a plain hyper client and
-//! read with the project's own event-stream decoder: token issue and rotation (OIDC and social),
+//! read with the project's own event-stream decoder: token issue and rotation (OIDC and social), the OIDC device flow,
 //! credentials and endpoint roles, profile ARNs, the catalog, request rules, native reasoning and
 //! its replay, the end of a stream, every scripted behaviour, directives, user agents, stream
 //! cancellation, HTTP/2 and shutdown.
@@ -2349,4 +2349,131 @@ async fn user_agents_are_recorded_per_account() {
     let resp = send(rpc(&emu.endpoint(), TARGET, Auth::Bearer(&token_b), Some(&ua_a), &chat("hi"))).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(emu.shared_user_agents(), [(ua_a.clone(), vec![CLIENT.to_owned(), "client-b".to_owned()])]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The SSO OIDC device flow: RegisterClient, StartDeviceAuthorization, CreateToken (device code)
+
+async fn oidc_post(emu: &Emulator, path: &str, body: &Value) -> (StatusCode, HeaderMap, Value) {
+    let req = Request::post(format!("{}{path}", emu.oidc_endpoint()))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    read_json(send(req).await).await
+}
+
+const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+
+#[tokio::test]
+async fn device_flow_is_strict_and_ends_in_a_working_account() {
+    use amq2api::emulator::DeviceFlow;
+    let emu = Emulator::start(EmulatorOptions::default()).await.unwrap();
+    emu.set_device_flow(DeviceFlow { pending_polls: 1, ..Default::default() });
+
+    // RegisterClient: clientName and clientType "public" required, scopes well formed.
+    for bad in [
+        json!({"clientType": "public"}),
+        json!({"clientName": "x", "clientType": "confidential"}),
+        json!({"clientName": "x", "clientType": "public", "scopes": "codewhisperer:conversations"}),
+    ] {
+        let (status, headers, body) = oidc_post(&emu, "/client/register", &bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(headers.contains_key("x-amzn-errortype"), "{bad}");
+    }
+    let reg = json!({"clientName": "t", "clientType": "public", "scopes": ["codewhisperer:conversations"]});
+    let (status, _, body) = oidc_post(&emu, "/client/register", &reg).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (cid, secret) = (body["clientId"].as_str().unwrap(), body["clientSecret"].as_str().unwrap());
+    assert!(body["clientSecretExpiresAt"].as_u64().unwrap() > body["clientIdIssuedAt"].as_u64().unwrap());
+
+    // StartDeviceAuthorization: the registered secret, an https start URL.
+    let start = |secret: &str, url: &str| json!({"clientId": cid, "clientSecret": secret, "startUrl": url});
+    let (status, headers, _) =
+        oidc_post(&emu, "/device_authorization", &start("wrong", "https://view.awsapps.com/start")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["x-amzn-errortype"], "InvalidClientException");
+    let (status, _, _) = oidc_post(&emu, "/device_authorization", &start(secret, "http://x.example/")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _, dev) =
+        oidc_post(&emu, "/device_authorization", &start(secret, "https://view.awsapps.com/start")).await;
+    assert_eq!(status, StatusCode::OK, "{dev}");
+    assert_eq!(dev["interval"], 1);
+    assert_eq!(dev["expiresIn"], 600);
+    let user_code = dev["userCode"].as_str().unwrap();
+    assert!(dev["verificationUriComplete"].as_str().unwrap().ends_with(&format!("user_code={user_code}")));
+    let device_code = dev["deviceCode"].as_str().unwrap();
+
+    let poll = |code: &str| json!({"clientId": cid, "clientSecret": secret, "grantType": DEVICE_GRANT, "deviceCode": code});
+    // An unknown code; then the first poll (pending), one too early (slow_down), and after the
+    // interval grew by 5 s the approval.
+    let (status, _, body) = oidc_post(&emu, "/token", &poll("dev-unknown")).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_grant")));
+    let (status, headers, body) = oidc_post(&emu, "/token", &poll(device_code)).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("authorization_pending")));
+    assert_eq!(headers["x-amzn-errortype"], "AuthorizationPendingException");
+    let (status, headers, body) = oidc_post(&emu, "/token", &poll(device_code)).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("slow_down")));
+    assert_eq!(headers["x-amzn-errortype"], "SlowDownException");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, _, body) = oidc_post(&emu, "/token", &poll(device_code)).await;
+    assert_eq!(body["error"], "slow_down", "1 s is too early once the interval is 6 s");
+    let stats = emu.device_stats();
+    assert_eq!((stats.pending, stats.slow_downs, stats.too_early, stats.approved), (1, 2, 2, 0));
+
+    // A second authorization, polled on time: approved; the code is then used up.
+    let (_, _, dev) =
+        oidc_post(&emu, "/device_authorization", &start(secret, "https://view.awsapps.com/start")).await;
+    let code = dev["deviceCode"].as_str().unwrap();
+    let (_, _, body) = oidc_post(&emu, "/token", &poll(code)).await;
+    assert_eq!(body["error"], "authorization_pending");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (status, _, token) = oidc_post(&emu, "/token", &poll(code)).await;
+    assert_eq!(status, StatusCode::OK, "{token}");
+    assert_eq!(token["tokenType"], "Bearer");
+    let refresh_token = token["refreshToken"].as_str().unwrap().to_owned();
+    let (_, _, body) = oidc_post(&emu, "/token", &poll(code)).await;
+    assert_eq!(body["error"], "invalid_grant");
+
+    // The client is now an account: its access token chats, its refresh token rotates.
+    let access = token["accessToken"].as_str().unwrap();
+    let resp = send(q_request(&emu, Some(access), &chat("hello"))).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(emu.live_refresh_token(cid).as_deref(), Some(refresh_token.as_str()));
+    let (status, _, body) = refresh(&emu, cid, secret, &refresh_token).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_ne!(body["refreshToken"].as_str(), Some(refresh_token.as_str()));
+    let (status, _, _) = refresh(&emu, cid, secret, &refresh_token).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "the rotated-away token is dead");
+}
+
+#[tokio::test]
+async fn device_flow_denied_and_expired() {
+    use amq2api::emulator::{DeviceDecision, DeviceFlow};
+    let emu = Emulator::start(EmulatorOptions::default()).await.unwrap();
+    let reg = json!({"clientName": "t", "clientType": "public"});
+    let (_, _, body) = oidc_post(&emu, "/client/register", &reg).await;
+    let (cid, secret) = (body["clientId"].as_str().unwrap(), body["clientSecret"].as_str().unwrap());
+    let start =
+        json!({"clientId": cid, "clientSecret": secret, "startUrl": "https://view.awsapps.com/start"});
+    let poll = |code: &str| json!({"clientId": cid, "clientSecret": secret, "grantType": DEVICE_GRANT, "deviceCode": code});
+
+    emu.set_device_flow(DeviceFlow {
+        pending_polls: 0,
+        decision: Some(DeviceDecision::Deny),
+        ..Default::default()
+    });
+    let (_, _, dev) = oidc_post(&emu, "/device_authorization", &start).await;
+    let (status, headers, body) = oidc_post(&emu, "/token", &poll(dev["deviceCode"].as_str().unwrap())).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("access_denied")));
+    assert_eq!(headers["x-amzn-errortype"], "AccessDeniedException");
+
+    emu.set_device_flow(DeviceFlow { expires_in_secs: 1, decision: None, ..Default::default() });
+    let (_, _, dev) = oidc_post(&emu, "/device_authorization", &start).await;
+    assert_eq!(dev["expiresIn"], 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, headers, body) = oidc_post(&emu, "/token", &poll(dev["deviceCode"].as_str().unwrap())).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("expired_token")));
+    assert_eq!(headers["x-amzn-errortype"], "ExpiredTokenException");
+    let d = emu.device_stats();
+    assert_eq!((d.denied, d.expired, d.approved), (1, 1, 0));
 }
