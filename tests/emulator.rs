@@ -1,8 +1,8 @@
 //! The Amazon Q + Kiro + OIDC emulator over real loopback TCP, driven by a plain hyper client and
-//! read with the project's own event-stream decoder: token issue and rotation (OIDC and social), the OIDC device flow,
-//! credentials and endpoint roles, profile ARNs, the catalog, request rules, native reasoning and
-//! its replay, the end of a stream, every scripted behaviour, directives, user agents, stream
-//! cancellation, HTTP/2 and shutdown.
+//! read with the project's own event-stream decoder: token issue and rotation (OIDC and social),
+//! the OIDC device flow, credentials and endpoint roles, profile ARNs, the catalog, request rules,
+//! native reasoning and its replay, the end of a stream, every scripted behaviour, directives,
+//! user agents, stream cancellation, HTTP/2 and shutdown.
 
 use std::time::{Duration, Instant};
 
