@@ -52,9 +52,12 @@ pub enum Command {
     /// accounts.db, /v2/accounts JSON export or label|password|clientId|clientSecret|refreshToken|
     /// accessToken lines. The format is told by the content; SQLite files are opened read-only.
     Import { file: PathBuf },
-    /// Sign in with AWS Builder ID (the default) or IAM Identity Center (--start-url, --region)
-    /// by the OIDC device flow: open the URL it prints on any device and approve; the account's
-    /// [[account]] entry (its secrets) is printed on stdout, to append to accounts.toml.
+    /// Sign in (Builder ID, or IAM Identity Center) and print the account's accounts.toml entry.
+    ///
+    /// The OIDC device flow: AWS Builder ID by default, IAM Identity Center with --start-url and
+    /// --region. Open the URL it prints (stderr) on any device and approve; the account's
+    /// [[account]] entry, secrets included, is printed on stdout, to append to accounts.toml.
+    /// Needs no daemon.
     Login {
         /// The IAM Identity Center start URL (https://d-…awsapps.com/start); default Builder ID.
         #[arg(long, value_name = "URL", default_value = crate::login::BUILDER_ID_START_URL)]
@@ -72,9 +75,11 @@ pub enum Command {
         #[arg(long, hide = true, env = "AMQ2API_OIDC_ENDPOINT", hide_env = true, value_name = "URL")]
         oidc_endpoint: Option<String>,
     },
-    /// Print the live credentials (rotated refresh tokens included) as accounts.toml entries on
-    /// stdout: the daemon's state directory holds the only live copy of a rotated refresh token.
-    /// Root only (not members of the daemon's group); the daemon logs each call.
+    /// Print the live credentials (rotated tokens included) as accounts.toml entries (root only).
+    ///
+    /// The daemon's state directory holds the only live copy of a rotated refresh token: this
+    /// prints every account's current credentials, for a move or before starting over. Root only
+    /// (and the daemon's own user), not members of its group; the daemon logs each call.
     Export,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },

@@ -141,6 +141,9 @@ pub fn main(cli: Cli) -> i32 {
                  http://{listen}/runtime/, management http://{listen}/management/, social refresh \
                  http://{listen}/refreshToken)"
             );
+            println!(
+                "sign in to it (device flow, approved after one poll): AMQ2API_OIDC_ENDPOINT=http://{listen} amqctl login"
+            );
             let setup = crate::emulator::Standalone {
                 options: crate::emulator::EmulatorOptions {
                     require_profile_arn,
