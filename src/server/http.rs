@@ -151,7 +151,8 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     }
     let status = resp.status().as_u16();
     let streaming = matches!(resp.body(), Body::Stream(..));
-    if parts.uri.path().starts_with("/v1/messages") {
+    // A stream is counted when it ends, under its real outcome (`messages::StreamEnd`).
+    if parts.uri.path().starts_with("/v1/messages") && !streaming {
         app.metrics.request(&x.model, status);
     }
     // A stream is logged and timed when it ends (`messages::StreamEnd`).
