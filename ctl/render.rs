@@ -183,7 +183,7 @@ pub fn render_account(a: &AccountInfo) -> String {
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let time = |t: Option<u64>| t.map(|t| format!("{t} ({})", ago(Some(t)))).unwrap_or_else(|| "-".into());
     format!(
-        "id:               {}\nlabel:            {}\nkind:             {}\nenabled:          {}\nstate:            {}\nreason:           {}\nsince:            {}\nuntil:            {}\nendpoint:         {}\nprofile ARN:      {}\ntoken expires in: {}\ntoken:            {}{}\nin flight:        {}/{}\nrequests/minute:  {}\nmodels:           {}\nweight:           {}\nrequests:         {}\nfailures:         {}\ntokens in/out:    {}/{}\ncredits:          {:.4}\nlast used:        {}\nlast error:       {}\n",
+        "id:               {}\nlabel:            {}\nkind:             {}\nenabled:          {}\nstate:            {}\nreason:           {}\nsince:            {}\nuntil:            {}\nendpoint:         {}\nprofile ARN:      {}\ntoken expires in: {}\ntoken:            {}{}\nin flight:        {}/{}\nrequests/minute:  {}\nmodels:           {}\nweight:           {}\nrequests:         {}\nfailures:         {}\ntokens in/out:    {}/{}\ncredits:          {:.4}\nlast used:        {}\nlast model:       {}\nlast error:       {}\n",
         a.id,
         a.label,
         if a.kind.is_empty() { "-" } else { &a.kind },
@@ -220,6 +220,7 @@ pub fn render_account(a: &AccountInfo) -> String {
         a.tokens_out,
         a.credits,
         ago(a.last_used),
+        opt(&a.last_model),
         opt(&a.last_error),
     )
 }

@@ -1686,3 +1686,48 @@ fn oidc(a: &amq2api::config::AccountSpec) -> (String, String, String) {
         other => panic!("not an oidc account: {:?}", other.kind()),
     }
 }
+
+/// The model a request was actually sent upstream as is in the access log (`upstream_model`,
+/// next to the client's `model`) and in `amqctl account ID` (`last model`, and `last_model` in
+/// `--json`): the real daemon binary, its log, the real amqctl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_model_is_in_the_access_log_and_amqctl() {
+    use common::child::{AMQ2API, ChildDaemon, write_config};
+    let emulator = amq2api::emulator::Emulator::start(Default::default()).await.unwrap();
+    let ids = vec!["model-1".to_owned()];
+    emulator.add_account(&client_id("model-1"), "secret-model-1", "refresh-model-1");
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), &emulator, &ids, "");
+    let log = tmp.path().join("daemon.log");
+    let result = tokio::task::spawn_blocking(move || {
+        let d = ChildDaemon::start_logged(std::process::Command::new(AMQ2API), &config, &[], Some(&log));
+        let before = d.ctl_json(&["account", "model-1"]).unwrap();
+        assert!(before["last_model"].is_null(), "{before}");
+        let body = simple("which model?", false).to_string();
+        let mut s = std::net::TcpStream::connect(d.addr()).unwrap();
+        use std::io::{Read, Write};
+        write!(
+            s,
+            "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: {API_KEY}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let json = d.ctl_json(&["account", "model-1"]).unwrap();
+        assert_eq!(json["last_model"], "claude-sonnet-4.5", "{json}");
+        let text = d.ctl_text(&["account", "model-1"]);
+        assert!(text.lines().any(|l| l.starts_with("last model:") && l.ends_with("claude-sonnet-4.5")), "{text}");
+        assert_eq!(d.stop(Duration::from_secs(30)), 0);
+        let logged = std::fs::read_to_string(&log).unwrap();
+        let access = logged.lines().find(|l| l.contains("status=200")).unwrap_or_else(|| panic!("{logged}"));
+        assert!(access.contains("model=claude-sonnet-4-5-20250929"), "{access}");
+        assert!(access.contains("upstream_model=\"claude-sonnet-4.5\""), "{access}");
+    })
+    .await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}

@@ -118,6 +118,8 @@ pub struct Account {
     fetching: AtomicBool,
     next_catalog_try: Mutex<Option<Instant>>,
     catalog_failures: AtomicU32,
+    /// The Amazon Q model id of the last request the account took (in memory only).
+    last_model: Mutex<Option<String>>,
     /// When the requests of the last 60 s started (for `rpm`).
     starts: Mutex<VecDeque<Instant>>,
 }
@@ -150,6 +152,8 @@ pub struct AccountView {
     pub models: Vec<String>,
     pub catalog_fetched_at: Option<SystemTime>,
     pub catalog_error: Option<String>,
+    /// The Amazon Q model id of the last request it took since the daemon started.
+    pub last_model: Option<String>,
 }
 
 impl Account {
@@ -204,6 +208,7 @@ impl Account {
             fetching: AtomicBool::new(false),
             next_catalog_try: Mutex::new(None),
             catalog_failures: AtomicU32::new(0),
+            last_model: Mutex::new(None),
             starts: Mutex::new(VecDeque::new()),
         };
         (account, new_identity)
@@ -376,6 +381,7 @@ impl Account {
             },
             catalog_fetched_at: self.catalog.read().unwrap_or_else(|e| e.into_inner()).fetched_at,
             catalog_error: self.catalog.read().unwrap_or_else(|e| e.into_inner()).error.clone(),
+            last_model: self.last_model.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 }
@@ -1504,6 +1510,14 @@ impl Lease {
         self.account.counters_dirty.store(true, Ordering::Relaxed);
         let mut st = self.account.state.lock().unwrap_or_else(|e| e.into_inner());
         st.strikes = 0;
+    }
+
+    /// The account is serving a request as `model` (the Amazon Q model id it was sent as).
+    pub fn served_model(&self, model: &str) {
+        let mut last = self.account.last_model.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_deref() != Some(model) {
+            *last = Some(model.to_owned());
+        }
     }
 
     /// Counts a request that reached the account (whatever its outcome).

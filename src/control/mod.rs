@@ -188,6 +188,7 @@ pub fn account_info(v: &AccountView) -> AccountInfo {
         models: v.models.clone(),
         catalog_fetched_at: unix(v.catalog_fetched_at),
         catalog_error: v.catalog_error.clone(),
+        last_model: v.last_model.clone(),
     }
 }
 

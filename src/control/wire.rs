@@ -103,6 +103,9 @@ pub struct AccountInfo {
     pub catalog_fetched_at: Option<u64>,
     #[serde(default)]
     pub catalog_error: Option<String>,
+    /// The Amazon Q model id of the last request the account took (since the daemon started).
+    #[serde(default)]
+    pub last_model: Option<String>,
 }
 
 /// The result of an action on one account (refresh, check, enable, disable).

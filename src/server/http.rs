@@ -260,6 +260,7 @@ async fn route(
                 })
                 .await??;
             x.model = prepared.req.model.clone();
+            x.upstream_model = prepared.translated.q_model.clone();
             tracing::Span::current().record("model", x.model.as_str());
             x.stream = prepared.req.stream;
             x.tokens_in = prepared.input_tokens();

@@ -23,6 +23,8 @@ pub struct Exchange {
     /// Short fingerprint of the client's key (never the key).
     pub key: String,
     pub model: String,
+    /// The Amazon Q model id the request was sent as (what the client's name resolved to).
+    pub upstream_model: String,
     pub stream: bool,
     pub account: Option<String>,
     pub tokens_in: u64,
@@ -86,6 +88,7 @@ pub async fn aggregate(
     let Connected { lease, mut stream, pending, ended } =
         app.relay.connect(&p.translated.request, Some(p.session)).await?;
     x.account = Some(lease.id().to_string());
+    lease.served_model(&p.translated.q_model);
     let mut st = ResponseState::new(p.translated.response.clone());
     let mut agg = Aggregator::default();
     let feed = |evs: Vec<StreamEvent>, agg: &mut Aggregator| {
@@ -195,6 +198,7 @@ pub async fn stream(
     let Connected { lease, mut stream, pending, ended } =
         app.relay.connect(&p.translated.request, Some(p.session)).await?;
     x.account = Some(lease.id().to_string());
+    lease.served_model(&p.translated.q_model);
     let out = Outbox::default();
     let params = p.translated.response;
     let deadline = started + app.config.server.request_timeout;
