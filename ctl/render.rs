@@ -46,6 +46,15 @@ fn ago(t: Option<u64>) -> String {
     t.map(|t| format!("{} ago", human(now() as i64 - t as i64))).unwrap_or_else(|| "never".into())
 }
 
+/// The last error with when it happened (`3m ago: …`).
+fn last_error(a: &AccountInfo) -> Option<String> {
+    let e = a.last_error.as_ref()?;
+    Some(match a.last_error_at {
+        Some(at) => format!("{}: {e}", ago(Some(at))),
+        None => e.clone(),
+    })
+}
+
 fn state_text(a: &AccountInfo) -> String {
     let mut s = a.state.clone();
     if let Some(u) = a.until {
@@ -117,7 +126,7 @@ pub fn render_accounts(list: &[AccountInfo], st: Style) -> String {
                 a.requests.to_string(),
                 a.failures.to_string(),
                 ago(a.last_used),
-                a.last_error.clone().or_else(|| a.reason.clone()).unwrap_or_else(|| "-".into()),
+                last_error(a).or_else(|| a.reason.clone()).unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -221,7 +230,7 @@ pub fn render_account(a: &AccountInfo) -> String {
         a.credits,
         ago(a.last_used),
         opt(&a.last_model),
-        opt(&a.last_error),
+        last_error(a).unwrap_or_else(|| "-".into()),
     )
 }
 

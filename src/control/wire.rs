@@ -77,6 +77,9 @@ pub struct AccountInfo {
     pub credits: f64,
     pub last_used: Option<u64>,
     pub last_error: Option<String>,
+    /// When the last error happened (unix seconds); both clear when the account serves again.
+    #[serde(default)]
+    pub last_error_at: Option<u64>,
     /// The rotated refresh token is held in memory only: storing it failed (retrying).
     #[serde(default)]
     pub tokens_unsaved: bool,

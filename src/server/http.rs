@@ -149,6 +149,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("request-id", v);
     }
+    // 529 has no standard reason phrase: HTTP/1.1 clients and proxies get "529 Overloaded" (as
+    // Anthropic's API answers), not "529 <none>".
+    if resp.status().as_u16() == 529 {
+        resp.extensions_mut().insert(hyper::ext::ReasonPhrase::from_static(b"Overloaded"));
+    }
     let status = resp.status().as_u16();
     let streaming = matches!(resp.body(), Body::Stream(..));
     // A stream is counted when it ends, under its real outcome (`messages::StreamEnd`).
