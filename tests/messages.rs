@@ -957,3 +957,39 @@ async fn grafana_dashboard_queries_only_exposed_metrics() {
         assert!(exposed.contains(name.as_str()), "{name} is not in a /metrics scrape: {exposed:?}");
     }
 }
+
+/// `count_tokens` and a stream's `message_start` `usage.input_tokens` come from the same local
+/// count: over every golden request (`tests/fixtures/claude/*.json`) the two agree.
+#[tokio::test]
+async fn count_tokens_agrees_with_message_start_over_the_goldens() {
+    let h = Harness::start(Setup::default()).await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/claude");
+    let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    let (mut compared, mut skipped) = (Vec::new(), Vec::new());
+    for path in names.iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let mut body: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let counted = post(&h, "/v1/messages/count_tokens", &body).await;
+        assert_eq!(counted.status, 200, "{name}: {}", counted.text());
+        let counted = counted.json()["input_tokens"].as_u64().unwrap_or_else(|| panic!("{name}"));
+        body["stream"] = serde_json::Value::Bool(true);
+        let r = post(&h, "/v1/messages", &body).await;
+        if r.status != 200 {
+            // A golden the emulator refuses (as Amazon Q would) has no message_start to compare.
+            skipped.push(format!("{name} ({})", r.status));
+            continue;
+        }
+        let frames = r.sse();
+        let start = frames.iter().find(|(e, _)| e == "message_start").unwrap_or_else(|| panic!("{name}"));
+        let started = start.1["message"]["usage"]["input_tokens"].as_u64().unwrap();
+        assert_eq!(started, counted, "{name}: message_start {started}, count_tokens {counted}");
+        compared.push(name);
+    }
+    assert!(
+        compared.len() >= 10 && compared.len() > skipped.len(),
+        "compared {compared:?}, skipped {skipped:?}"
+    );
+    h.stop().await;
+}
