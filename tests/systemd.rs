@@ -288,3 +288,44 @@ fn journal_entry(mut rest: &[u8]) -> Vec<(String, String)> {
     }
     out
 }
+
+/// Without systemd (no StateDirectory=, no RuntimeDirectory=) the daemon creates the missing
+/// state directory (0700) and control socket directory (0750) itself, and serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_systemd_the_daemon_creates_its_directories() {
+    let s = setup("127.0.0.1:0").await;
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let text = text
+        .replace("dir = \"state\"", "dir = \"var/lib/amq2api\"")
+        .replace("socket = \"control.sock\"", "socket = \"run/amq2api/control.sock\"");
+    std::fs::write(&s.config, text).unwrap();
+    let state = s.dir.path().join("var/lib/amq2api");
+    let run = s.dir.path().join("run/amq2api");
+    assert!(!state.exists() && !run.exists());
+    let (sock, path) = notify_socket(s.dir.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_amq2api"))
+        .arg("--config")
+        .arg(&s.config)
+        .env("NOTIFY_SOCKET", &path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = tokio::task::spawn_blocking({
+        let sock = sock.try_clone().unwrap();
+        move || wait_for(&sock, "READY=1", Duration::from_secs(15))
+    })
+    .await;
+    if ready.is_err() {
+        let _ = child.kill();
+        panic!("not ready");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700);
+    assert!(state.join("amq2api.redb").is_file());
+    assert_eq!(mode(&run), 0o750);
+    assert!(run.join("control.sock").exists());
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(15)), 0);
+}
