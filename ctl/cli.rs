@@ -7,7 +7,16 @@ use std::path::PathBuf;
 pub const DEFAULT_SOCKET: &str = "/run/amq2api/control.sock";
 
 #[derive(Debug, Parser)]
-#[command(name = "amqctl", version, about = "Manage a running amq2api daemon over its control socket")]
+#[command(
+    name = "amqctl",
+    version,
+    about = "Manage a running amq2api daemon over its control socket",
+    after_long_help = "Exit status: 0 success; 1 an action failed (refresh, check, enable, disable); \
+                       64 bad command line or unknown account; 65 a file import does not read; \
+                       69 the daemon is not running (no socket, or nothing answers on it); \
+                       70 an unexpected answer; 71 an operating-system error; 74 an I/O error; \
+                       77 permission denied on the control socket; 78 a reload was refused."
+)]
 pub struct Cli {
     /// The daemon's control socket.
     #[arg(long, global = true, env = "AMQ2API_SOCKET", default_value = DEFAULT_SOCKET, value_name = "PATH")]
@@ -41,17 +50,31 @@ pub enum Command {
         #[arg(long, conflicts_with = "ids")]
         all: bool,
     },
-    /// Put an account back in rotation (also clears a suspension, quota or cooldown).
-    Enable { id: String },
-    /// Take an account out of rotation (in-flight requests finish).
-    Disable { id: String },
+    /// Put accounts back in rotation (also clears a suspension, quota or cooldown).
+    Enable {
+        ids: Vec<String>,
+        /// Every account.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Take accounts out of rotation (in-flight requests finish).
+    Disable {
+        ids: Vec<String>,
+        /// Every account.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
     /// Re-read the configuration and the accounts file (the same as SIGHUP).
     Reload,
     /// Turn a credential file into accounts.toml entries on stdout: the Kiro IDE's
     /// kiro-auth-token.json (~/.aws/sso/cache/), kiro-cli's data.sqlite3, or the seed amq2api's
     /// accounts.db, /v2/accounts JSON export or label|password|clientId|clientSecret|refreshToken|
     /// accessToken lines. The format is told by the content; SQLite files are opened read-only.
-    Import { file: PathBuf },
+    /// `-` reads standard input; with --json the entries are printed as JSON.
+    Import {
+        #[arg(value_name = "FILE|-")]
+        file: PathBuf,
+    },
     /// Sign in (Builder ID, or IAM Identity Center) and print the account's accounts.toml entry.
     ///
     /// The OIDC device flow: AWS Builder ID by default, IAM Identity Center with --start-url and

@@ -12,13 +12,9 @@ use std::path::Path;
 /// One request to the daemon.
 async fn call(socket: &Path, method: &str, path: &str) -> Result<(u16, Bytes), Failure> {
     let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => fail(
-            exit::UNAVAILABLE,
-            format!(
-                "amq2api is not running (no socket at {}); start it with: systemctl start amq2api",
-                socket.display()
-            ),
-        ),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            fail(exit::UNAVAILABLE, not_running(socket, e.kind() == std::io::ErrorKind::NotFound))
+        }
         std::io::ErrorKind::PermissionDenied => permission_denied(socket),
         _ => fail(exit::UNAVAILABLE, format!("cannot connect to {}: {e}", socket.display())),
     })?;
@@ -59,6 +55,26 @@ async fn call(socket: &Path, method: &str, path: &str) -> Result<(u16, Bytes), F
         return Err(fail(if status == 404 { exit::USAGE } else { exit::FAILURE }, msg));
     }
     Ok((status, body))
+}
+
+/// "Not running", with a hint that fits the socket named: systemd's for the packaged daemon's
+/// socket, else the daemon whose `[control] socket` it is (the demo prints its own).
+fn not_running(socket: &Path, missing: bool) -> String {
+    let what = if missing { "no socket at" } else { "nothing answers on" };
+    if socket == Path::new(crate::cli::DEFAULT_SOCKET) {
+        format!(
+            "amq2api is not running ({what} {}); start it with: systemctl start amq2api \
+             (or name another daemon's socket with --socket or AMQ2API_SOCKET)",
+            socket.display()
+        )
+    } else {
+        format!(
+            "amq2api is not running ({what} {}); start the daemon whose [control] socket this is \
+             (amq2api --config FILE; amq2api demo prints its socket), or name the right socket with \
+             --socket or AMQ2API_SOCKET",
+            socket.display()
+        )
+    }
 }
 
 fn permission_denied(socket: &Path) -> Failure {

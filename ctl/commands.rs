@@ -11,7 +11,7 @@ use amq2api::exit;
 use bytes::Bytes;
 
 fn print_json(body: &Bytes) {
-    println!("{}", String::from_utf8_lossy(body).trim_end());
+    outln!("{}", String::from_utf8_lossy(body).trim_end());
 }
 
 /// Runs a command that calls the daemon (main runs the offline ones); returns the exit code.
@@ -32,7 +32,7 @@ pub async fn run(cli: &Cli) -> Result<i32, Failure> {
             if cli.json {
                 print_json(&body);
             } else {
-                print!("{}", render_status(&st, style()));
+                out!("{}", render_status(&st, style()));
             }
             Ok(exit::OK)
         }
@@ -41,7 +41,7 @@ pub async fn run(cli: &Cli) -> Result<i32, Failure> {
             if cli.json {
                 print_json(&body);
             } else {
-                print!("{}", render_accounts(&list, style()));
+                out!("{}", render_accounts(&list, style()));
             }
             Ok(exit::OK)
         }
@@ -50,19 +50,21 @@ pub async fn run(cli: &Cli) -> Result<i32, Failure> {
             if cli.json {
                 print_json(&body);
             } else {
-                print!("{}", render_account(&a));
+                out!("{}", render_account(&a));
             }
             Ok(exit::OK)
         }
         Command::Refresh { ids, all } => actions(cli, "refresh", ids, *all).await,
         Command::Check { ids, all } => actions(cli, "check", ids, *all).await,
-        Command::Enable { id } | Command::Disable { id } => {
+        Command::Enable { ids, all } | Command::Disable { ids, all } => {
             let verb = if matches!(cli.command, Command::Enable { .. }) { "enable" } else { "disable" };
+            // Several accounts (or --all): a line each as for refresh and check, and a summary.
+            let [id] = ids.as_slice() else { return actions(cli, verb, ids, *all).await };
             let (r, body) = get::<ActionResult>(s, "POST", &format!("/v1/accounts/{id}/{verb}")).await?;
             if cli.json {
                 print_json(&body);
             } else {
-                println!("{}: {} (state {})", r.id, r.message, r.state);
+                outln!("{}: {} (state {})", r.id, r.message, r.state);
             }
             Ok(if r.ok { exit::OK } else { exit::FAILURE })
         }
@@ -71,7 +73,7 @@ pub async fn run(cli: &Cli) -> Result<i32, Failure> {
             if cli.json {
                 print_json(&body);
             } else if r.ok {
-                println!("reloaded: {}", r.changes);
+                outln!("reloaded: {}", r.changes);
                 // Each is a diagnostic that names its file and says "warning:" itself.
                 for w in &r.warnings {
                     eprintln!("{w}");
@@ -137,7 +139,7 @@ async fn actions(cli: &Cli, verb: &str, ids: &[String], all: bool) -> Result<i32
             Err(f) => ActionResult { id, ok: false, message: f.message, state: "-".into() },
         };
         if !cli.json {
-            println!("{}", render_action(&r));
+            outln!("{}", render_action(&r));
         }
         results.push((i, r));
     }
@@ -146,9 +148,9 @@ async fn actions(cli: &Cli, verb: &str, ids: &[String], all: bool) -> Result<i32
     let results: Vec<ActionResult> = results.into_iter().map(|(_, r)| r).collect();
     let failed = results.iter().filter(|r| !r.ok).count();
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&results).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&results).unwrap_or_default());
     } else {
-        println!(
+        outln!(
             "{} of {} succeeded{}",
             results.len() - failed,
             results.len(),

@@ -10,6 +10,10 @@
 //! | JSON array, or object with an `accounts` array | the seed's `/v2/accounts` export | [`seed`] |
 //! | other text | the seed's `label\|password\|clientId\|clientSecret\|refreshToken\|accessToken` lines | [`seed`] |
 //!
+//! `-` reads standard input (an SQLite database from there goes through a private temporary
+//! file). With `--json`, the entries are printed as JSON instead: `{"source", "format",
+//! "accounts": [{"id", "label", "kind", …the same keys as the TOML}], "warnings"}`.
+//!
 //! Anything else (empty, binary, JSON of another shape, an SQLite file of another schema) is exit
 //! 65 with a line saying what was expected. SQLite files are opened read-only ([`sqlite`]).
 //! Secrets appear only in the entries on stdout: messages name files, keys, tables and columns,
@@ -195,14 +199,65 @@ fn binary_kind(bytes: &[u8]) -> &'static str {
     }
 }
 
-/// Reads `path`, tells its format by its content and finds the accounts in it.
+/// `-`: standard input.
+fn is_stdin(path: &Path) -> bool {
+    path.as_os_str() == "-"
+}
+
+/// How a path is named in messages and comments.
+fn named(path: &Path) -> String {
+    if is_stdin(path) { "standard input".to_owned() } else { path.display().to_string() }
+}
+
+/// A private copy of an SQLite database read from standard input (SQLite opens files only);
+/// removed when dropped.
+struct StdinCopy(std::path::PathBuf);
+
+impl StdinCopy {
+    fn new(bytes: &[u8]) -> std::io::Result<StdinCopy> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = std::env::temp_dir().join(format!(
+            "amqctl-import-{}-{}.db",
+            std::process::id(),
+            amq2api::ids::uuid_v4()
+        ));
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+        let copy = StdinCopy(path);
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        Ok(copy)
+    }
+}
+
+impl Drop for StdinCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Reads `path` (`-`: standard input), tells its format by its content and finds the accounts in it.
 pub fn find(path: &Path) -> Result<Found, Failure> {
-    let bad = |msg: String| fail(exit::DATAERR, format!("{}: {}", path.display(), one_line(&msg)));
-    let bytes =
-        std::fs::read(path).map_err(|e| fail(exit::IOERR, format!("cannot read {}: {e}", path.display())))?;
+    let bad = |msg: String| fail(exit::DATAERR, format!("{}: {}", named(path), one_line(&msg)));
+    let bytes = if is_stdin(path) {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut bytes)
+            .map_err(|e| fail(exit::IOERR, format!("cannot read standard input: {e}")))?;
+        bytes
+    } else {
+        std::fs::read(path).map_err(|e| fail(exit::IOERR, format!("cannot read {}: {e}", path.display())))?
+    };
     let found = if bytes.starts_with(b"SQLite format 3\0") {
-        drop(bytes);
-        from_sqlite(path).map_err(bad)?
+        if is_stdin(path) {
+            let copy = StdinCopy::new(&bytes).map_err(|e| {
+                fail(exit::IOERR, format!("cannot keep standard input in a temporary file: {e}"))
+            })?;
+            drop(bytes);
+            from_sqlite(&copy.0).map_err(bad)?
+        } else {
+            drop(bytes);
+            from_sqlite(path).map_err(bad)?
+        }
     } else {
         let Ok(text) = std::str::from_utf8(&bytes) else {
             return Err(bad(format!(
@@ -329,7 +384,7 @@ pub fn render(path: &Path, found: &Found) -> Result<Output, Failure> {
     }
     out.push_str(&format!(
         "# Imported by amqctl from {}, {}: {count} account{}.\n",
-        one_line(&path.display().to_string()),
+        one_line(&named(path)),
         one_line(&found.format),
         if count == 1 { "" } else { "s" }
     ));
@@ -346,7 +401,7 @@ pub fn render(path: &Path, found: &Found) -> Result<Output, Failure> {
             exit::DATAERR,
             format!(
                 "{}: the entries made from it are not a valid accounts.toml: {}",
-                path.display(),
+                named(path),
                 one_line(&diags.to_string())
             ),
         ));
@@ -355,10 +410,25 @@ pub fn render(path: &Path, found: &Found) -> Result<Output, Failure> {
     Ok(Output { stdout: out, warnings })
 }
 
-/// Reads a credential file and renders `[[account]]` entries with generated ids.
-pub fn import(path: &Path) -> Result<Output, Failure> {
+/// Reads a credential file and renders `[[account]]` entries with generated ids (as JSON with
+/// `json`).
+pub fn import(path: &Path, json: bool) -> Result<Output, Failure> {
     let found = find(path)?;
-    render(path, &found)
+    let mut out = render(path, &found)?;
+    if json {
+        // The entries as rendered (and checked) above, as JSON.
+        let parsed: toml::Table = toml::from_str(&out.stdout)
+            .map_err(|e| fail(exit::SOFTWARE, format!("the entries do not read back: {e}")))?;
+        let accounts = parsed.get("account").cloned().unwrap_or(toml::Value::Array(Vec::new()));
+        let v = serde_json::json!({
+            "source": named(path),
+            "format": found.format,
+            "accounts": accounts,
+            "warnings": out.warnings,
+        });
+        out.stdout = format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -9,6 +9,16 @@
 //! ([`amq2api::control::wire`]).
 #![forbid(unsafe_code)]
 
+/// `print!` to standard output through [`failure::out`] (a closed pipe ends amqctl quietly).
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::failure::out(&format!($($arg)*)) };
+}
+
+/// `println!` through [`failure::out`].
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::failure::out(&format!("{}\n", format_args!($($arg)*))) };
+}
+
 mod cli;
 mod client;
 mod commands;
@@ -38,22 +48,28 @@ fn main() {
 /// Runs amqctl; returns the exit code.
 fn run(cli: Cli) -> i32 {
     let result = match &cli.command {
+        // Rendered whole, then written (a reader that stops early is no error).
         Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "amqctl", &mut std::io::stdout());
+            let mut text = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "amqctl", &mut text);
+            out!("{}", String::from_utf8_lossy(&text));
             Ok(exit::OK)
         }
         Command::Man => {
-            let man = clap_mangen::Man::new(Cli::command());
-            match man.render(&mut std::io::stdout()) {
-                Ok(()) => Ok(exit::OK),
+            let mut text = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut text) {
+                Ok(()) => {
+                    out!("{}", String::from_utf8_lossy(&text));
+                    Ok(exit::OK)
+                }
                 Err(e) => Err(fail(exit::IOERR, e.to_string())),
             }
         }
-        Command::Import { file } => import::import(file).map(|out| {
-            for w in &out.warnings {
+        Command::Import { file } => import::import(file, cli.json).map(|o| {
+            for w in &o.warnings {
                 eprintln!("amqctl: warning: {w}");
             }
-            print!("{}", out.stdout);
+            out!("{}", o.stdout);
             exit::OK
         }),
         Command::Login { start_url, region, id, label, oidc_endpoint } => {

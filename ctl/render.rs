@@ -46,6 +46,15 @@ fn ago(t: Option<u64>) -> String {
     t.map(|t| format!("{} ago", human(now() as i64 - t as i64))).unwrap_or_else(|| "never".into())
 }
 
+/// The last error with when it happened (`3m ago: …`).
+fn last_error(a: &AccountInfo) -> Option<String> {
+    let e = a.last_error.as_ref()?;
+    Some(match a.last_error_at {
+        Some(at) => format!("{}: {e}", ago(Some(at))),
+        None => e.clone(),
+    })
+}
+
 fn state_text(a: &AccountInfo) -> String {
     let mut s = a.state.clone();
     if let Some(u) = a.until {
@@ -117,7 +126,7 @@ pub fn render_accounts(list: &[AccountInfo], st: Style) -> String {
                 a.requests.to_string(),
                 a.failures.to_string(),
                 ago(a.last_used),
-                a.last_error.clone().or_else(|| a.reason.clone()).unwrap_or_else(|| "-".into()),
+                last_error(a).or_else(|| a.reason.clone()).unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -183,7 +192,7 @@ pub fn render_account(a: &AccountInfo) -> String {
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let time = |t: Option<u64>| t.map(|t| format!("{t} ({})", ago(Some(t)))).unwrap_or_else(|| "-".into());
     format!(
-        "id:               {}\nlabel:            {}\nkind:             {}\nenabled:          {}\nstate:            {}\nreason:           {}\nsince:            {}\nuntil:            {}\nendpoint:         {}\nprofile ARN:      {}\ntoken expires in: {}\ntoken:            {}{}\nin flight:        {}/{}\nrequests/minute:  {}\nmodels:           {}\nweight:           {}\nrequests:         {}\nfailures:         {}\ntokens in/out:    {}/{}\ncredits:          {:.4}\nlast used:        {}\nlast error:       {}\n",
+        "id:               {}\nlabel:            {}\nkind:             {}\nenabled:          {}\nstate:            {}\nreason:           {}\nsince:            {}\nuntil:            {}\nendpoint:         {}\nprofile ARN:      {}\ntoken expires in: {}\ntoken:            {}{}\nin flight:        {}/{}\nrequests/minute:  {}\nmodels:           {}\nweight:           {}\nrequests:         {}\nfailures:         {}\ntokens in/out:    {}/{}\ncredits:          {:.4}\nlast used:        {}\nlast model:       {}\nlast error:       {}\n",
         a.id,
         a.label,
         if a.kind.is_empty() { "-" } else { &a.kind },
@@ -220,7 +229,8 @@ pub fn render_account(a: &AccountInfo) -> String {
         a.tokens_out,
         a.credits,
         ago(a.last_used),
-        opt(&a.last_error),
+        opt(&a.last_model),
+        last_error(a).unwrap_or_else(|| "-".into()),
     )
 }
 

@@ -13,6 +13,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# amq2api is edition 2024: Rust 1.85 or newer (Debian 12's packaged rustc is 1.63). Say so first,
+# not after a page of compiler errors.
+min_rust=1.85
+if ! rustc_version=$(rustc --version 2>/dev/null | awk '{print $2}'); then
+    echo "build-deb.sh: no rustc found: amq2api needs Rust $min_rust or newer; install it with rustup (https://rustup.rs): curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh" >&2
+    exit 1
+fi
+if [ "$(printf '%s\n%s\n' "$min_rust" "${rustc_version%%-*}" | sort -V | head -n 1)" != "$min_rust" ]; then
+    echo "build-deb.sh: rustc $rustc_version is too old: amq2api (edition 2024) needs Rust $min_rust or newer; install a current toolchain with rustup (https://rustup.rs), then: rustup default stable" >&2
+    exit 1
+fi
+echo "== rustc $rustc_version (>= $min_rust)"
+
 # amqctl links the system SQLite (libsqlite3-dev to build; the package then depends on
 # libsqlite3-0 through cargo-deb's $auto).
 if ! dpkg -s libsqlite3-dev pkg-config >/dev/null 2>&1; then

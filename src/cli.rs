@@ -14,7 +14,12 @@ use std::path::{Path, PathBuf};
     about = "Serve the Anthropic Claude Messages API from a pool of Amazon Q Developer accounts",
     long_about = "Serve the Anthropic Claude Messages API from a pool of Amazon Q Developer accounts.\n\n\
                   Without a command, runs the daemon in the foreground (as systemd does). \
-                  Manage a running daemon with amqctl."
+                  Manage a running daemon with amqctl.",
+    after_long_help = "Exit status: 0 clean stop; 64 bad command line; 65 corrupt input \
+                       (eventstream decode); 71 the daemon could not start: it could not bind a \
+                       socket, the state store is locked by another daemon or damaged, or another \
+                       operating-system error; 74 an I/O error; 78 invalid configuration (systemd's \
+                       RestartPreventExitStatus=78 stops a restart loop)."
 )]
 pub struct Cli {
     /// Configuration file.
@@ -228,7 +233,7 @@ async fn run_daemon(path: &Path, loaded: config::Loaded) -> i32 {
         match std::net::TcpListener::bind(addr) {
             Ok(l) => http.push(l),
             Err(e) => {
-                tracing::error!(%addr, error = %e, "cannot listen");
+                // Once, on stderr (which systemd puts in the journal too), not also as a log line.
                 eprintln!("amq2api: cannot listen on {addr}: {e}");
                 return exit::OSERR;
             }
@@ -237,7 +242,7 @@ async fn run_daemon(path: &Path, loaded: config::Loaded) -> i32 {
     match crate::daemon::run(loaded, crate::daemon::Listeners { http }, shutdown_signal()).await {
         Ok(()) => exit::OK,
         Err(e) => {
-            tracing::error!(error = %e, "amq2api failed");
+            // Once, on stderr (which systemd puts in the journal too), not also as a log line.
             eprintln!("amq2api: {e}");
             match e {
                 crate::daemon::RunError::Tls(_) => exit::CONFIG,

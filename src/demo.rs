@@ -107,8 +107,9 @@ pub fn banner(addr: SocketAddr, demo: &Demo) -> String {
          \nTry it:\n\n  curl -sN {base}/v1/messages -H 'content-type: application/json' -H 'x-api-key: {key}' \\\n    \
          -d '{{\"model\":\"claude-sonnet-4-5\",\"max_tokens\":256,\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\n\
          \nFor the SDKs and Claude Code:\n\n  export ANTHROPIC_BASE_URL={base}\n  export ANTHROPIC_API_KEY={key}\n\
-         \nControl socket: {sock}  (amqctl --socket {sock} status)\nPress Ctrl-C to stop.\n",
+         \nConfiguration: {config}\n         \nFor amqctl (target/release/amqctl, built with the daemon by cargo build --release):\n\n           export AMQ2API_SOCKET={sock}\n  amqctl status\n         \nPress Ctrl-C to stop.\n",
         emu = demo.emulator.endpoint(),
+        config = demo.config_path.display(),
         dir = demo.dir.display(),
         key = demo.api_key,
         sock = demo.dir.join("control.sock").display(),

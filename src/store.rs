@@ -256,6 +256,7 @@ pub struct StateRecord {
     pub until: Option<SystemTime>,
     pub reason: Option<String>,
     pub last_error: Option<String>,
+    pub last_error_at: Option<SystemTime>,
 }
 
 /// Usage counters of one account.
@@ -1034,6 +1035,8 @@ struct StateWire {
     until_ms: Option<i64>,
     reason: Option<String>,
     last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_error_ms: Option<i64>,
 }
 
 impl From<&StateRecord> for StateWire {
@@ -1044,6 +1047,7 @@ impl From<&StateRecord> for StateWire {
             until_ms: s.until.map(to_ms),
             reason: s.reason.clone(),
             last_error: s.last_error.clone(),
+            last_error_ms: s.last_error_at.map(to_ms),
         }
     }
 }
@@ -1060,6 +1064,7 @@ fn decode_state(key: &str, raw: &[u8]) -> Result<StateRecord, StoreError> {
         until: opt_time_field(T, key, "until_ms", w.until_ms)?,
         reason: w.reason,
         last_error: w.last_error,
+        last_error_at: opt_time_field(T, key, "last_error_ms", w.last_error_ms)?,
     })
 }
 
@@ -1204,6 +1209,7 @@ mod tests {
                     until: Some(at(-5)),
                     reason: Some("429 ✓".into()),
                     last_error: Some("boom".into()),
+                    last_error_at: Some(at(2)),
                 },
             ] {
                 let raw = encode(&StateWire::from(&s)).unwrap();

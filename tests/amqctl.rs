@@ -1935,3 +1935,247 @@ async fn export_is_refused_to_the_group() {
     ctl.assert_no_secrets(&ids(&["alpha"]));
     h.stop().await;
 }
+
+/// The model a request was actually sent upstream as is in the access log (`upstream_model`,
+/// next to the client's `model`) and in `amqctl account ID` (`last model`, and `last_model` in
+/// `--json`): the real daemon binary, its log, the real amqctl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_model_is_in_the_access_log_and_amqctl() {
+    use common::child::{AMQ2API, ChildDaemon, write_config};
+    let emulator = amq2api::emulator::Emulator::start(Default::default()).await.unwrap();
+    let ids = vec!["model-1".to_owned()];
+    emulator.add_account(&client_id("model-1"), "secret-model-1", "refresh-model-1");
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), &emulator, &ids, "");
+    let log = tmp.path().join("daemon.log");
+    let result = tokio::task::spawn_blocking(move || {
+        let d = ChildDaemon::start_logged(std::process::Command::new(AMQ2API), &config, &[], Some(&log));
+        let before = d.ctl_json(&["account", "model-1"]).unwrap();
+        assert!(before["last_model"].is_null(), "{before}");
+        let body = simple("which model?", false).to_string();
+        let mut s = std::net::TcpStream::connect(d.addr()).unwrap();
+        use std::io::{Read, Write};
+        write!(
+            s,
+            "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: {API_KEY}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let json = d.ctl_json(&["account", "model-1"]).unwrap();
+        assert_eq!(json["last_model"], "claude-sonnet-4.5", "{json}");
+        let text = d.ctl_text(&["account", "model-1"]);
+        assert!(text.lines().any(|l| l.starts_with("last model:") && l.ends_with("claude-sonnet-4.5")), "{text}");
+        assert_eq!(d.stop(Duration::from_secs(30)), 0);
+        let logged = std::fs::read_to_string(&log).unwrap();
+        let access = logged.lines().find(|l| l.contains("status=200")).unwrap_or_else(|| panic!("{logged}"));
+        assert!(access.contains("model=claude-sonnet-4-5-20250929"), "{access}");
+        assert!(access.contains("upstream_model=\"claude-sonnet-4.5\""), "{access}");
+    })
+    .await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operator polish: enable/disable --all, LAST ERROR's time, 529's reason phrase, closed pipes,
+// import from standard input, the "not running" hint, one fatal line, exit codes in the man pages
+
+/// `amqctl disable --all` and `enable --all`: a line an account and a summary (an array with
+/// `--json`); without ids or `--all`, a usage error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enable_and_disable_all() {
+    let names = ["alpha", "beta", "gamma"];
+    let h = start(&names).await;
+    let mut ctl = Ctl::of(&h);
+    let r = ctl.run(&["disable", "--all"]).await.ok();
+    assert!(r.stdout.ends_with("3 of 3 succeeded\n"), "{r}");
+    let s = ctl.status().await;
+    assert_eq!((s.pool.active, s.pool.disabled), (0, 3), "{:?}", s.pool);
+    // 529 on HTTP/1.1 carries its reason phrase.
+    let mut tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let body = simple("nobody serves", false).to_string();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(
+        format!(
+            "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: {API_KEY}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 529 Overloaded\r\n"), "{answer}");
+    let j: Vec<ActionResult> = ctl.run(&["--json", "enable", "--all"]).await.ok().json();
+    assert_eq!(
+        j.iter().map(|r| (r.id.as_str(), r.ok)).collect::<Vec<_>>(),
+        [("alpha", true), ("beta", true), ("gamma", true)]
+    );
+    assert_eq!(ctl.status().await.pool.active, 3);
+    let r = ctl.run(&["enable"]).await.code(64);
+    assert!(r.stderr.contains("--all"), "{r}");
+    // One name keeps its one-line answer.
+    let r = ctl.run(&["disable", "beta"]).await.ok();
+    assert_eq!(r.stdout, "beta: disabled (state disabled)\n", "{r}");
+    h.stop().await;
+}
+
+/// An account's last error carries when it happened (`--json` `last_error_at`, "… ago: " in the
+/// tables) and clears once a request through the account goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_error_has_its_time_and_clears_on_recovery() {
+    let h = start(&["alpha"]).await;
+    let mut ctl = Ctl::of(&h);
+    h.emulator.set_behaviour(&client_id("alpha"), Behaviour::InternalError);
+    let r = post(&h, "/v1/messages", &simple("fails upstream", false)).await;
+    assert_ne!(r.status, 200, "{}", r.text());
+    let a = ctl.account("alpha").await;
+    assert_eq!(a.state, "active");
+    assert!(a.last_error.is_some(), "{a:?}");
+    let at = a.last_error_at.expect("last_error_at");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(at <= now && now - at < 60, "{at} vs {now}");
+    let t = ctl.run(&["status"]).await.ok();
+    assert!(row(&t, "alpha").contains(" ago: "), "{t}");
+    let t = ctl.run(&["account", "alpha"]).await.ok();
+    assert!(t.line("last error:").contains(" ago: "), "{t}");
+    h.emulator.set_behaviour(&client_id("alpha"), Behaviour::Normal);
+    message_ok(&h).await;
+    let a = ctl.account("alpha").await;
+    assert_eq!((a.last_error.as_deref(), a.last_error_at), (None, None), "{a:?}");
+    let t = ctl.run(&["account", "alpha"]).await.ok();
+    assert!(t.line("last error:").ends_with(" -"), "{t}");
+    h.stop().await;
+}
+
+/// `amqctl man`, `completions` and a table written into a pipe nobody reads (`amqctl man | head`
+/// where head has gone) end quietly: exit 0, nothing on stderr, no panic.
+#[test]
+fn a_closed_pipe_ends_amqctl_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&["man"][..], &["completions", "bash"][..], &["import", "-"][..]] {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        drop(read);
+        let mut cmd = std::process::Command::new(AMQCTL);
+        cmd.args(args).env_remove("RUST_LOG").stdout(Stdio::from(write)).stderr(Stdio::piped());
+        if args[0] == "import" {
+            let file = dir.path().join("lines.txt");
+            std::fs::write(&file, "Seat|pw|pipe-client|pipe-secret|pipe-refresh|\n").unwrap();
+            cmd.stdin(std::fs::File::open(&file).unwrap());
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "", "{args:?}");
+    }
+}
+
+/// `amqctl import -` reads standard input (text, JSON, an SQLite database), and `--json` prints
+/// the entries as JSON.
+#[test]
+fn import_reads_standard_input_and_prints_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = dir.path().join("accounts.txt");
+    std::fs::write(&lines, "Seat one|pw|in-client-1|in-secret-1|in-refresh-1|\nSeat two|pw|in-client-2|in-secret-2|in-refresh-2|\n")
+        .unwrap();
+    let db = dir.path().join("accounts.db");
+    sqlite_fixture(
+        &db,
+        "CREATE TABLE accounts (id TEXT, label TEXT, clientId TEXT, clientSecret TEXT, refreshToken TEXT, enabled INTEGER);
+         INSERT INTO accounts VALUES ('1', 'From the db', 'db-client', 'db-secret', 'db-refresh', 1);",
+    );
+    let run = |args: &[&str], input: &Path| {
+        let out = std::process::Command::new(AMQCTL)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(std::fs::File::open(input).unwrap())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let toml = run(&["import", "-"], &lines);
+    assert!(toml.starts_with("# Imported by amqctl from standard input"), "{toml}");
+    let set = parse_imported(&toml);
+    assert_eq!(set.iter().map(|a| oidc(a).2).collect::<Vec<_>>(), ["in-refresh-1", "in-refresh-2"]);
+    let json: serde_json::Value = serde_json::from_str(&run(&["--json", "import", "-"], &lines)).unwrap();
+    assert_eq!(json["source"], "standard input");
+    let accounts = json["accounts"].as_array().unwrap();
+    assert_eq!(accounts.len(), 2, "{json}");
+    assert_eq!(accounts[0]["label"], "Seat one");
+    assert_eq!(accounts[0]["client_id"], "in-client-1");
+    assert_eq!(accounts[1]["refresh_token"], "in-refresh-2");
+    assert_eq!(accounts[0]["kind"], "oidc");
+    // A file by name prints JSON too.
+    let json: serde_json::Value =
+        serde_json::from_str(&run(&["import", "--json", lines.to_str().unwrap()], &lines)).unwrap();
+    assert_eq!(json["accounts"].as_array().unwrap().len(), 2);
+    // An SQLite database through a pipe (its private copy is gone afterwards).
+    let before: Vec<String> =
+        files_in(&std::env::temp_dir()).into_iter().filter(|f| f.starts_with("amqctl-import-")).collect();
+    let toml = run(&["import", "-"], &db);
+    assert_eq!(parse_imported(&toml).iter().map(|a| oidc(a).2).collect::<Vec<_>>(), ["db-refresh"]);
+    let after: Vec<String> =
+        files_in(&std::env::temp_dir()).into_iter().filter(|f| f.starts_with("amqctl-import-")).collect();
+    assert_eq!(before, after, "the temporary copy is removed");
+}
+
+/// "Not running" names the socket that was given, with a hint that fits it: systemd's for the
+/// packaged daemon's socket, the daemon's own `[control] socket` otherwise.
+#[tokio::test]
+async fn the_not_running_hint_fits_the_socket() {
+    let mut ctl = Ctl::new(Path::new("/nonexistent/demo/control.sock"));
+    let r = ctl.run(&["status"]).await.code(69);
+    assert!(r.stderr.contains("/nonexistent/demo/control.sock"), "{r}");
+    assert!(!r.stderr.contains("systemctl"), "no systemd hint for a socket systemd does not make: {r}");
+    assert!(r.stderr.contains("--socket"), "{r}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r}");
+    if !Path::new("/run/amq2api/control.sock").exists() {
+        let mut ctl = Ctl::new(Path::new("/run/amq2api/control.sock"));
+        let r = ctl.run(&["status"]).await.code(69);
+        assert!(r.stderr.contains("systemctl start amq2api"), "{r}");
+    }
+}
+
+/// A daemon that cannot start says why once (not also as a log line), and exits 71; both man
+/// pages document the exit codes, 71 among them.
+#[test]
+fn a_fatal_error_is_printed_once_and_exit_codes_are_documented() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    std::fs::write(dir.path().join("accounts.toml"), accounts_toml(&ids(&["alpha"]))).unwrap();
+    let config = dir.path().join("amq2api.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"{addr}\"]\n[auth]\napi_keys = [\"{API_KEY}\"]\n[upstream]\n\
+             endpoint = \"http://127.0.0.1:9/\"\ntoken_endpoint = \"http://127.0.0.1:9/token\"\n\
+             [accounts]\nfile = \"accounts.toml\"\n[state]\ndir = \"state\"\n[control]\nsocket = \"control.sock\"\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::child::AMQ2API)
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env_remove("JOURNAL_STREAM")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(71), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("cannot listen").count(), 1, "{stderr}");
+    drop(taken);
+    for bin in [common::child::AMQ2API, AMQCTL] {
+        let man = std::process::Command::new(bin).arg("man").output().unwrap();
+        let text = String::from_utf8_lossy(&man.stdout);
+        assert!(text.contains("Exit status"), "{bin}: {text}");
+        assert!(text.contains("71"), "{bin}");
+    }
+}

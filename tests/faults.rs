@@ -251,3 +251,26 @@ async fn fault_matrix() {
     }
     eprintln!("{}", rows.join("\n"));
 }
+
+/// `#emulator: suspended once` fails the first attempt only: the request fails over and is
+/// served (200), the account that took the first attempt is suspended, the other one served;
+/// without `once` the directive fails every attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_directive_fails_the_first_attempt_and_failover_serves() {
+    for stream in [false, true] {
+        let setup = Setup { accounts: vec!["acct-1".into(), "acct-2".into()], ..Default::default() };
+        let h = Harness::start(setup).await;
+        let r = post(&h, "/v1/messages", &simple("hello\n#emulator: suspended once", stream)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let text = if stream { sse_text(&r.sse()) } else { message_text(&r.json()) };
+        assert!(text.contains("Hello from the Amazon Q emulator"), "{text}");
+        let states = [account_state(&h, "acct-1").await, account_state(&h, "acct-2").await];
+        let mut sorted = states.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["active", "suspended"], "one account took the failed first attempt: {states:?}");
+        // Without `once`, the failover meets the same failure.
+        let r = post(&h, "/v1/messages", &simple("hello\n#emulator: suspended", stream)).await;
+        assert_ne!(r.status, 200, "{}", r.text());
+        h.stop().await;
+    }
+}

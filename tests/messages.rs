@@ -873,3 +873,123 @@ async fn cache_breakpoints_become_cache_points_where_the_model_caches() {
     assert!(!sent.to_string().contains("cachePoint"), "{sent}");
     h.stop().await;
 }
+
+/// A stream that fails after its 200 headers (a corrupt frame after some content: `event: error`
+/// `api_error`; an in-stream exception: `overloaded_error`) is counted in `/metrics` under the
+/// status its error stands for (500, 529), not 200; the tokens the client was told
+/// (`message_start`'s input) still count.
+#[tokio::test]
+async fn metrics_count_a_stream_failed_midway_under_its_real_outcome() {
+    let h = Harness::start(Setup::default()).await;
+    let model = "claude-sonnet-4-5-20250929";
+    for (directive, kind) in [
+        ("corrupt-frame", "api_error"),
+        ("exception error MODEL_TEMPORARILY_UNAVAILABLE", "overloaded_error"),
+    ] {
+        let r =
+            post(&h, "/v1/messages", &simple(&format!("fail midway\n#emulator: {directive}"), true)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let frames = r.sse();
+        let error = frames.iter().find(|(e, _)| e == "error").unwrap_or_else(|| panic!("{frames:?}"));
+        assert_eq!(error.1["error"]["type"], kind, "{frames:?}");
+    }
+    let text = get(&h, "/metrics").await.text();
+    let t = text.as_str();
+    assert_eq!(sample_sum(t, "amq2api_requests_total", &[("model", model), ("status", "200")]), 0.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_requests_total", &[("model", model), ("status", "500")]), 1.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_requests_total", &[("model", model), ("status", "529")]), 1.0, "{t}");
+    assert!(sample_sum(t, "amq2api_tokens_total", &[("model", model), ("direction", "in")]) > 0.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_request_duration_seconds_count", &[]), 2.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_streams_in_flight", &[]), 0.0, "{t}");
+    h.stop().await;
+}
+
+/// Every metric the shipped Grafana dashboard (`packaging/grafana/amq2api.json`) queries is one
+/// a `/metrics` scrape exposes, and the dashboard is valid JSON with a query in every panel.
+#[tokio::test]
+async fn grafana_dashboard_queries_only_exposed_metrics() {
+    let h = Harness::start(Setup::default()).await;
+    for stream in [false, true] {
+        let r = post(&h, "/v1/messages", &simple("fill every family", stream)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let scrape = get(&h, "/metrics").await.text();
+    h.stop().await;
+    let exposed: std::collections::BTreeSet<&str> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+        .collect();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/grafana/amq2api.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {} has no query", panel["title"]);
+        exprs.extend(targets.iter().map(|t| t["expr"].as_str().unwrap().to_owned()));
+    }
+    for var in dashboard["templating"]["list"].as_array().unwrap() {
+        exprs.push(var["definition"].as_str().unwrap().to_owned());
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for expr in &exprs {
+        let mut rest = expr.as_str();
+        while let Some(at) = rest.find("amq2api_") {
+            let name: String =
+                rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            rest = &rest[at + name.len()..];
+            used.insert(name);
+        }
+    }
+    for name in [
+        "amq2api_requests_total",
+        "amq2api_upstream_attempts_total",
+        "amq2api_failovers_total",
+        "amq2api_first_byte_seconds_bucket",
+        "amq2api_request_duration_seconds_bucket",
+        "amq2api_accounts",
+        "amq2api_tokens_total",
+        "amq2api_credits_total",
+    ] {
+        assert!(used.contains(name), "the dashboard shows {name}");
+    }
+    for name in &used {
+        assert!(exposed.contains(name.as_str()), "{name} is not in a /metrics scrape: {exposed:?}");
+    }
+}
+
+/// `count_tokens` and a stream's `message_start` `usage.input_tokens` come from the same local
+/// count: over every golden request (`tests/fixtures/claude/*.json`) the two agree.
+#[tokio::test]
+async fn count_tokens_agrees_with_message_start_over_the_goldens() {
+    let h = Harness::start(Setup::default()).await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/claude");
+    let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    let (mut compared, mut skipped) = (Vec::new(), Vec::new());
+    for path in names.iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let mut body: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let counted = post(&h, "/v1/messages/count_tokens", &body).await;
+        assert_eq!(counted.status, 200, "{name}: {}", counted.text());
+        let counted = counted.json()["input_tokens"].as_u64().unwrap_or_else(|| panic!("{name}"));
+        body["stream"] = serde_json::Value::Bool(true);
+        let r = post(&h, "/v1/messages", &body).await;
+        if r.status != 200 {
+            // A golden the emulator refuses (as Amazon Q would) has no message_start to compare.
+            skipped.push(format!("{name} ({})", r.status));
+            continue;
+        }
+        let frames = r.sse();
+        let start = frames.iter().find(|(e, _)| e == "message_start").unwrap_or_else(|| panic!("{name}"));
+        let started = start.1["message"]["usage"]["input_tokens"].as_u64().unwrap();
+        assert_eq!(started, counted, "{name}: message_start {started}, count_tokens {counted}");
+        compared.push(name);
+    }
+    assert!(
+        compared.len() >= 10 && compared.len() > skipped.len(),
+        "compared {compared:?}, skipped {skipped:?}"
+    );
+    h.stop().await;
+}

@@ -90,6 +90,7 @@ fn every_record_type_round_trips_and_persists() {
                     until: Some(at(1_700_000_060_000)),
                     reason: Some(format!("because {state} — ✓")),
                     last_error: Some("HTTP 429: ThrottlingException".into()),
+                    last_error_at: Some(at(1_700_000_000_500)),
                 }
             };
             store.put_state(&id, &s).unwrap();

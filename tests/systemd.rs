@@ -186,3 +186,146 @@ async fn socket_activation_serves_the_passed_socket() {
     signal(&child, nix::sys::signal::Signal::SIGTERM);
     assert_eq!(wait_exit(&mut child, Duration::from_secs(15)), 0);
 }
+
+/// Under systemd with a journal (`JOURNAL_STREAM` set), each entry goes to journald's native
+/// socket — here one the test binds, named by `AMQ2API_JOURNAL_SOCKET` — and its `MESSAGE` reads
+/// completely, as the terminal line does: the access log of a request names its status, account
+/// and model in the message itself, not only in separate fields.
+#[tokio::test(flavor = "multi_thread")]
+async fn journal_messages_carry_their_fields() {
+    let s = setup("127.0.0.1:0").await;
+    let journal_path = s.dir.path().join("journal.sock");
+    let journal = UnixDatagram::bind(&journal_path).unwrap();
+    journal.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let (sock, path) = notify_socket(s.dir.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_amq2api"))
+        .arg("--config")
+        .arg(&s.config)
+        .env("NOTIFY_SOCKET", &path)
+        .env("JOURNAL_STREAM", "8:12345")
+        .env("AMQ2API_JOURNAL_SOCKET", &journal_path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = tokio::task::spawn_blocking({
+        let sock = sock.try_clone().unwrap();
+        move || wait_for(&sock, "READY=1", Duration::from_secs(15))
+    })
+    .await;
+    if ready.is_err() {
+        let _ = child.kill();
+        panic!("not ready");
+    }
+    let status = common::child::ChildDaemon { child, socket: s.dir.path().join("control.sock") };
+    let base = status.addr();
+    let req = http::Request::post(format!("http://{base}/v1/messages"))
+        .header("x-api-key", common::API_KEY)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            common::simple("hello journal", false).to_string(),
+        )))
+        .unwrap();
+    let r = common::send(req).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let messages = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(n) = journal.recv(&mut buf) {
+                let entry = journal_entry(&buf[..n]);
+                let done = entry.iter().any(|(k, v)| k == "MESSAGE" && v.contains("status=200"));
+                out.push(entry);
+                if done {
+                    break;
+                }
+            }
+        }
+        out
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.stop(Duration::from_secs(15)), 0);
+    let field =
+        |e: &Vec<(String, String)>, name: &str| e.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let listening = messages.iter().find(|e| field(e, "MESSAGE").is_some_and(|m| m.contains("listening")));
+    let listening = field(listening.expect("a listening line"), "MESSAGE").unwrap();
+    assert!(listening.contains("127.0.0.1:"), "the address is in the message: {listening}");
+    let access = messages
+        .iter()
+        .find(|e| field(e, "MESSAGE").is_some_and(|m| m.contains("status=200")))
+        .unwrap_or_else(|| panic!("an access log entry: {messages:?}"));
+    let message = field(access, "MESSAGE").unwrap();
+    assert!(message.contains("account=\"acct-1\"") || message.contains("account=acct-1"), "{message}");
+    assert!(message.contains("model="), "{message}");
+    assert_eq!(field(access, "F_STATUS").as_deref(), Some("200"));
+    assert_eq!(field(access, "PRIORITY").as_deref(), Some("6"));
+    assert_eq!(field(access, "SYSLOG_IDENTIFIER").as_deref(), Some("amq2api"));
+}
+
+/// The fields of one journald native-protocol datagram (`NAME=value` lines and length-encoded
+/// `NAME\n<u64 le><value>\n` fields).
+fn journal_entry(mut rest: &[u8]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+        let line = &rest[..nl];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            out.push((
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            ));
+            rest = &rest[nl + 1..];
+        } else {
+            let len = u64::from_le_bytes(rest[nl + 1..nl + 9].try_into().unwrap()) as usize;
+            out.push((
+                String::from_utf8_lossy(line).into_owned(),
+                String::from_utf8_lossy(&rest[nl + 9..nl + 9 + len]).into_owned(),
+            ));
+            rest = &rest[nl + 10 + len..];
+        }
+    }
+    out
+}
+
+/// Without systemd (no StateDirectory=, no RuntimeDirectory=) the daemon creates the missing
+/// state directory (0700) and control socket directory (0750) itself, and serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_systemd_the_daemon_creates_its_directories() {
+    let s = setup("127.0.0.1:0").await;
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let text = text
+        .replace("dir = \"state\"", "dir = \"var/lib/amq2api\"")
+        .replace("socket = \"control.sock\"", "socket = \"run/amq2api/control.sock\"");
+    std::fs::write(&s.config, text).unwrap();
+    let state = s.dir.path().join("var/lib/amq2api");
+    let run = s.dir.path().join("run/amq2api");
+    assert!(!state.exists() && !run.exists());
+    let (sock, path) = notify_socket(s.dir.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_amq2api"))
+        .arg("--config")
+        .arg(&s.config)
+        .env("NOTIFY_SOCKET", &path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = tokio::task::spawn_blocking({
+        let sock = sock.try_clone().unwrap();
+        move || wait_for(&sock, "READY=1", Duration::from_secs(15))
+    })
+    .await;
+    if ready.is_err() {
+        let _ = child.kill();
+        panic!("not ready");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700);
+    assert!(state.join("amq2api.redb").is_file());
+    assert_eq!(mode(&run), 0o750);
+    assert!(run.join("control.sock").exists());
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(15)), 0);
+}

@@ -255,6 +255,18 @@ async fn demo_answers_its_printed_curl_line() {
     let frames = r.sse();
     assert_eq!(frames.last().unwrap().0, "message_stop");
     assert!(sse_text(&frames).contains("Hello!"));
+    // The generated config's path, and an export line that the real amqctl takes as it is.
+    let config =
+        banner.iter().find_map(|l| l.trim().strip_prefix("Configuration:")).expect("the config path");
+    assert!(std::path::Path::new(config.trim()).is_file(), "{config}");
+    let socket =
+        banner.iter().find_map(|l| l.trim().strip_prefix("export AMQ2API_SOCKET=")).expect("an export line");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_amqctl"))
+        .args(["--json", "status"])
+        .env("AMQ2API_SOCKET", socket)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
         .unwrap();
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();

@@ -186,6 +186,7 @@ impl StateSink for StoreSink {
             until: info.until,
             reason: info.reason.clone(),
             last_error: info.last_error.clone(),
+            last_error_at: info.last_error_at,
         };
         self.queue.lock().states.insert(id.to_string(), rec);
         self.queue.changed.notify_all();
@@ -277,6 +278,7 @@ fn restored_one(r: AccountRecord) -> Restored {
         until: r.state.until,
         reason: r.state.reason,
         last_error: r.state.last_error,
+        last_error_at: r.state.last_error_at,
         strikes: 0,
     });
     Restored { chain, access, state, counters: Some(r.counters), identity: r.identity, catalog: r.catalog }

@@ -30,6 +30,8 @@ pub struct StateInfo {
     pub until: Option<SystemTime>,
     pub reason: Option<String>,
     pub last_error: Option<String>,
+    /// When `last_error` happened; both clear when a request through the account goes through.
+    pub last_error_at: Option<SystemTime>,
     /// Consecutive throttles, for the cooling backoff.
     pub strikes: u32,
 }
@@ -118,6 +120,8 @@ pub struct Account {
     fetching: AtomicBool,
     next_catalog_try: Mutex<Option<Instant>>,
     catalog_failures: AtomicU32,
+    /// The Amazon Q model id of the last request the account took (in memory only).
+    last_model: Mutex<Option<String>>,
     /// When the requests of the last 60 s started (for `rpm`).
     starts: Mutex<VecDeque<Instant>>,
 }
@@ -150,6 +154,16 @@ pub struct AccountView {
     pub models: Vec<String>,
     pub catalog_fetched_at: Option<SystemTime>,
     pub catalog_error: Option<String>,
+    /// The Amazon Q model id of the last request it took since the daemon started.
+    pub last_model: Option<String>,
+}
+
+impl StateInfo {
+    /// Records `error` as the last error, now.
+    pub fn set_error(&mut self, error: String) {
+        self.last_error = Some(error);
+        self.last_error_at = Some(SystemTime::now());
+    }
 }
 
 impl Account {
@@ -204,6 +218,7 @@ impl Account {
             fetching: AtomicBool::new(false),
             next_catalog_try: Mutex::new(None),
             catalog_failures: AtomicU32::new(0),
+            last_model: Mutex::new(None),
             starts: Mutex::new(VecDeque::new()),
         };
         (account, new_identity)
@@ -376,6 +391,7 @@ impl Account {
             },
             catalog_fetched_at: self.catalog.read().unwrap_or_else(|e| e.into_inner()).fetched_at,
             catalog_error: self.catalog.read().unwrap_or_else(|e| e.into_inner()).error.clone(),
+            last_model: self.last_model.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 }
@@ -1073,7 +1089,7 @@ impl Pool {
             Err(e) => {
                 if e.is_permanent() && a.state().state == State::Disabled {
                     // An operator's disable stands; the problem is still shown.
-                    a.state.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e.to_string());
+                    a.state.lock().unwrap_or_else(|e| e.into_inner()).set_error(e.to_string());
                 } else if e.is_permanent() {
                     tracing::warn!(account = %a.id, error = %e, "credentials refused; the account is invalid until its credentials change");
                     self.set_state(a, State::Invalid, None, Some(e.to_string()));
@@ -1094,7 +1110,7 @@ impl Pool {
                     } else {
                         tracing::warn!(account = %a.id, error = %e, retry_in_s = backoff.as_secs(), "token refresh failed");
                     }
-                    a.state.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e.to_string());
+                    a.state.lock().unwrap_or_else(|e| e.into_inner()).set_error(e.to_string());
                 }
             }
         }
@@ -1155,6 +1171,7 @@ impl Pool {
             st.until = until;
             if reason.is_some() {
                 st.last_error = reason.clone();
+                st.last_error_at = Some(SystemTime::now());
             }
             st.reason = reason;
             if state == State::Active {
@@ -1251,16 +1268,15 @@ impl Pool {
                 self.set_state(a, State::Invalid, None, Some(format!("access denied: {message}")));
             }
             UpstreamFailure::TokenInvalid => {
-                a.state.lock().unwrap_or_else(|e| e.into_inner()).last_error =
-                    Some("access token refused".into());
+                a.state.lock().unwrap_or_else(|e| e.into_inner()).set_error("access token refused".into());
             }
             UpstreamFailure::Capacity { message } | UpstreamFailure::Transient { message, .. } => {
-                a.state.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(message.clone());
+                a.state.lock().unwrap_or_else(|e| e.into_inner()).set_error(message.clone());
             }
             UpstreamFailure::ModelNotOffered { message }
             | UpstreamFailure::NotFound { message }
             | UpstreamFailure::Unreachable { message } => {
-                a.state.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(message.clone());
+                a.state.lock().unwrap_or_else(|e| e.into_inner()).set_error(message.clone());
             }
             UpstreamFailure::BadRequest { .. } | UpstreamFailure::ContextTooLong { .. } => {}
         }
@@ -1504,6 +1520,22 @@ impl Lease {
         self.account.counters_dirty.store(true, Ordering::Relaxed);
         let mut st = self.account.state.lock().unwrap_or_else(|e| e.into_inner());
         st.strikes = 0;
+        // The account recovered: its last error is history (stored, so a restart agrees).
+        if st.last_error.is_some() && st.state == State::Active {
+            st.last_error = None;
+            st.last_error_at = None;
+            let info = st.clone();
+            drop(st);
+            self.pool.sink.state(&self.account.id, &info);
+        }
+    }
+
+    /// The account is serving a request as `model` (the Amazon Q model id it was sent as).
+    pub fn served_model(&self, model: &str) {
+        let mut last = self.account.last_model.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_deref() != Some(model) {
+            *last = Some(model.to_owned());
+        }
     }
 
     /// Counts a request that reached the account (whatever its outcome).

@@ -243,6 +243,7 @@ pub fn account_info(v: &AccountView) -> AccountInfo {
         credits: v.counters.credits,
         last_used: unix(v.counters.last_used),
         last_error: v.state.last_error.clone(),
+        last_error_at: unix(v.state.last_error_at),
         tokens_unsaved: v.tokens_unsaved,
         kind: v.kind.as_str().to_owned(),
         endpoint: v.endpoint.map(|r| r.as_str().to_owned()),
@@ -252,6 +253,7 @@ pub fn account_info(v: &AccountView) -> AccountInfo {
         models: v.models.clone(),
         catalog_fetched_at: unix(v.catalog_fetched_at),
         catalog_error: v.catalog_error.clone(),
+        last_model: v.last_model.clone(),
     }
 }
 

@@ -78,6 +78,9 @@ pub struct AccountInfo {
     pub credits: f64,
     pub last_used: Option<u64>,
     pub last_error: Option<String>,
+    /// When the last error happened (unix seconds); both clear when the account serves again.
+    #[serde(default)]
+    pub last_error_at: Option<u64>,
     /// The rotated refresh token is held in memory only: storing it failed (retrying).
     #[serde(default)]
     pub tokens_unsaved: bool,
@@ -104,6 +107,9 @@ pub struct AccountInfo {
     pub catalog_fetched_at: Option<u64>,
     #[serde(default)]
     pub catalog_error: Option<String>,
+    /// The Amazon Q model id of the last request the account took (since the daemon started).
+    #[serde(default)]
+    pub last_model: Option<String>,
 }
 
 /// The result of an action on one account (refresh, check, enable, disable).

@@ -58,6 +58,12 @@ pub(super) async fn handle(
     };
     let client_id = credential.account.clone();
     shared.count_account_request(&client_id, role);
+    // `amz-sdk-request: attempt=N; max=M`: a `once` directive fails the first attempt only.
+    let first_attempt = headers
+        .get("amz-sdk-request")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').find_map(|p| p.trim().strip_prefix("attempt=")))
+        .is_none_or(|n| n.trim() == "1");
 
     let bytes = match read_body(req.into_body(), MAX_BODY).await {
         Ok(bytes) => bytes,
@@ -125,7 +131,8 @@ pub(super) async fn handle(
 
     let directives = parse_directives(&info.content);
     let account_behaviour = shared.next_behaviour(&client_id);
-    let behaviour = directives.behaviour.clone().unwrap_or(account_behaviour);
+    let directed = directives.behaviour.clone().filter(|_| first_attempt || !directives.once);
+    let behaviour = directed.unwrap_or(account_behaviour);
     tracing::debug!(client_id, ?behaviour, "emulator: answering GenerateAssistantResponse");
     if let Some(response) = wire::behaviour_error(&behaviour, &request_id) {
         return response;

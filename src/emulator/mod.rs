@@ -206,7 +206,11 @@
 //! A line `#emulator: <directive>` in the current message's content
 //! (`conversationState.currentMessage.userInputMessage.content`; leading blanks allowed, names
 //! case-insensitive). Later lines win; unknown or malformed directives are ignored (logged at
-//! debug). Behaviours (errors are answered before the stream):
+//! debug). A behaviour directive followed by `once` (`#emulator: suspended once`, `#emulator:
+//! throttled 5 once`) applies to the first attempt only: a request whose `amz-sdk-request` header
+//! says `attempt=1` (or that has none); the same prompt tried again — failed over to another
+//! account, `attempt=2` — gets the account's behaviour. Behaviours (errors are answered before the
+//! stream):
 //!
 //! | directive | [`Behaviour`] | answer |
 //! |---|---|---|

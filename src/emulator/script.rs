@@ -95,6 +95,10 @@ pub enum ToolDirective {
 pub struct Directives {
     /// The last behaviour directive, overriding the account's behaviour for this request.
     pub behaviour: Option<Behaviour>,
+    /// The behaviour directive ended in `once`: it applies to the first attempt only (a request
+    /// whose `amz-sdk-request` says `attempt=1`, or that has none); a later attempt — the same
+    /// prompt failed over by the client — gets the account's behaviour.
+    pub once: bool,
     pub shape: Shape,
 }
 
@@ -119,8 +123,21 @@ pub fn parse_directives(content: &str) -> Directives {
             Some((word, args)) => (word, args.trim()),
             None => (rest, ""),
         };
-        if !apply(&mut out, &word.to_ascii_lowercase(), args) {
+        let word = word.to_ascii_lowercase();
+        // A trailing `once` on a behaviour directive (not on the reply-shaping ones, whose
+        // arguments are free text).
+        let shaping =
+            matches!(word.as_str(), "tool" | "tools2" | "text" | "thinking-tags" | "redacted-thinking");
+        let (args, once) = match args.rsplit_once(char::is_whitespace) {
+            _ if shaping => (args, false),
+            _ if args.eq_ignore_ascii_case("once") => ("", true),
+            Some((head, last)) if last.eq_ignore_ascii_case("once") => (head.trim(), true),
+            _ => (args, false),
+        };
+        if !apply(&mut out, &word, args) {
             tracing::debug!(directive = rest, "emulator: ignoring unknown or malformed directive");
+        } else if !shaping {
+            out.once = once;
         }
     }
     out
@@ -299,6 +316,19 @@ mod tests {
         for (line, expected) in cases {
             assert_eq!(behaviour(line), Some(expected), "{line:?}");
         }
+    }
+
+    #[test]
+    fn once_marks_a_behaviour_for_the_first_attempt() {
+        let d = parse_directives("#emulator: suspended once");
+        assert_eq!((d.behaviour, d.once), (Some(Behaviour::Suspended), true));
+        let d = parse_directives("#emulator: throttled 5 ONCE");
+        assert_eq!((d.behaviour, d.once), (Some(Behaviour::Throttled { retry_after_secs: Some(5) }), true));
+        let d = parse_directives("#emulator: suspended once\n#emulator: error-500");
+        assert_eq!((d.behaviour, d.once), (Some(Behaviour::InternalError), false));
+        let d = parse_directives("#emulator: text said once");
+        assert_eq!((d.shape.text.as_deref(), d.once), (Some("said once"), false));
+        assert!(!parse_directives("#emulator: suspended").once);
     }
 
     #[test]

@@ -149,9 +149,15 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("request-id", v);
     }
+    // 529 has no standard reason phrase: HTTP/1.1 clients and proxies get "529 Overloaded" (as
+    // Anthropic's API answers), not "529 <none>".
+    if resp.status().as_u16() == 529 {
+        resp.extensions_mut().insert(hyper::ext::ReasonPhrase::from_static(b"Overloaded"));
+    }
     let status = resp.status().as_u16();
     let streaming = matches!(resp.body(), Body::Stream(..));
-    if parts.uri.path().starts_with("/v1/messages") {
+    // A stream is counted when it ends, under its real outcome (`messages::StreamEnd`).
+    if parts.uri.path().starts_with("/v1/messages") && !streaming {
         app.metrics.request(&x.model, status);
     }
     // A stream is logged and timed when it ends (`messages::StreamEnd`).
@@ -259,6 +265,7 @@ async fn route(
                 })
                 .await??;
             x.model = prepared.req.model.clone();
+            x.upstream_model = prepared.translated.q_model.clone();
             tracing::Span::current().record("model", x.model.as_str());
             x.stream = prepared.req.stream;
             x.tokens_in = prepared.input_tokens();

@@ -23,6 +23,8 @@ pub struct Exchange {
     /// Short fingerprint of the client's key (never the key).
     pub key: String,
     pub model: String,
+    /// The Amazon Q model id the request was sent as (what the client's name resolved to).
+    pub upstream_model: String,
     pub stream: bool,
     pub account: Option<String>,
     pub tokens_in: u64,
@@ -86,6 +88,7 @@ pub async fn aggregate(
     let Connected { lease, mut stream, pending, ended } =
         app.relay.connect(&p.translated.request, Some(p.session)).await?;
     x.account = Some(lease.id().to_string());
+    lease.served_model(&p.translated.q_model);
     let mut st = ResponseState::new(p.translated.response.clone());
     let mut agg = Aggregator::default();
     let feed = |evs: Vec<StreamEvent>, agg: &mut Aggregator| {
@@ -129,9 +132,11 @@ pub async fn aggregate(
     result
 }
 
-/// What a stream's end records (access log, metrics: tokens, duration, the stream count; the
-/// account's outcome). Its `Drop` does it, so that a stream dropped because the client went
-/// away is recorded too (as 499).
+/// What a stream's end records (access log, metrics: the request under its real outcome, tokens,
+/// duration, the stream count; the account's outcome). Its `Drop` does it, so that a stream
+/// dropped because the client went away is recorded too (as 499). A stream that failed after its
+/// 200 headers is recorded under the status its `event: error` stands for (500 `api_error`, 529
+/// `overloaded_error`, …), in the access log and in `amq2api_requests_total`.
 struct StreamEnd {
     app: Arc<App>,
     x: Exchange,
@@ -139,11 +144,11 @@ struct StreamEnd {
     started: Instant,
     lease: Option<Lease>,
     /// `None` until the stream has ended: the client went away first.
-    outcome: Option<Result<(), String>>,
+    outcome: Option<Result<(), ApiError>>,
 }
 
 impl StreamEnd {
-    fn finish(&mut self, outcome: Result<(), String>) {
+    fn finish(&mut self, outcome: Result<(), ApiError>) {
         self.outcome = Some(outcome);
     }
 }
@@ -153,11 +158,11 @@ impl Drop for StreamEnd {
         let lease = self.lease.take();
         let status = match &self.outcome {
             None => 499,
-            Some(Err(message)) => {
+            Some(Err(e)) => {
                 if let Some(lease) = &lease {
-                    lease.failure(&UpstreamFailure::Transient { status: None, message: message.clone() });
+                    lease.failure(&UpstreamFailure::Transient { status: None, message: e.message.clone() });
                 }
-                502
+                e.status().as_u16()
             }
             Some(Ok(())) => {
                 if let Some(lease) = &lease {
@@ -167,6 +172,7 @@ impl Drop for StreamEnd {
             }
         };
         drop(lease);
+        self.app.metrics.request(&self.x.model, status);
         // The usage the client was told: message_start's input tokens, and message_delta's
         // (input and output) if the stream got that far.
         self.app.metrics.tokens(&self.x.model, self.x.tokens_in, self.x.tokens_out);
@@ -192,6 +198,7 @@ pub async fn stream(
     let Connected { lease, mut stream, pending, ended } =
         app.relay.connect(&p.translated.request, Some(p.session)).await?;
     x.account = Some(lease.id().to_string());
+    lease.served_model(&p.translated.q_model);
     let out = Outbox::default();
     let params = p.translated.response;
     let deadline = started + app.config.server.request_timeout;
@@ -202,7 +209,7 @@ pub async fn stream(
     let span = tracing::Span::current();
     Ok(Producer::new(out, async move {
         let mut st = ResponseState::new(params);
-        let mut errored: Option<String> = None;
+        let mut errored: Option<ApiError> = None;
         let mut batch = st.start();
         for ev in pending {
             batch.extend(st.on_event(ev));
@@ -214,11 +221,12 @@ pub async fn stream(
         let mut emit = |evs: &[StreamEvent], x: &mut Exchange| {
             for e in evs {
                 match e {
+                    StreamEvent::MessageStart { usage, .. } => x.tokens_in = usage.total_input(),
                     StreamEvent::MessageDelta { usage, .. } => {
                         x.tokens_out = usage.output_tokens;
                         x.tokens_in = usage.total_input();
                     }
-                    StreamEvent::Error(e) => errored = Some(e.message.clone()),
+                    StreamEvent::Error(e) => errored = Some(e.clone()),
                     _ => {}
                 }
             }

@@ -44,6 +44,7 @@ pub fn access_log(app: &App, request_id: &str, x: &Exchange, status: u16, starte
         request_id,
         key = %x.key,
         model = %x.model,
+        upstream_model = if x.upstream_model.is_empty() { "-" } else { x.upstream_model.as_str() },
         stream = x.stream,
         account = x.account.as_deref().unwrap_or("-"),
         status,
