@@ -87,7 +87,7 @@ pub async fn run_with(
     sink: Arc<dyn StateSink>,
     restored: BTreeMap<String, Restored>,
 ) -> Result<(), RunError> {
-    let Loaded { config, accounts, warnings } = loaded;
+    let Loaded { config, accounts, keys: _keys, warnings } = loaded;
     for w in &warnings.0 {
         tracing::warn!("{w}");
     }
