@@ -12,6 +12,7 @@
 //! - [`exit`]: the exit codes both binaries use.
 //! - [`hash`]: SHA-256 and short fingerprints (of secrets, keys, names).
 //! - [`ids`]: random identifiers (request, message and invocation ids).
+//! - [`keys`]: named client keys (`keys.toml`): identity, limits, usage per key, account, model, day.
 //! - [`accounts`]: the account pool (selection, leases, cooldowns, live reload) and token lifecycle.
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
 //! - [`metrics`]: the `/metrics` registry: requests, tokens, latencies, attempts, failovers, streams, pool.
@@ -41,6 +42,7 @@ pub mod emulator;
 pub mod exit;
 pub mod hash;
 pub mod ids;
+pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod relay;

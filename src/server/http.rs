@@ -8,6 +8,7 @@ use super::messages::{self, Exchange};
 use super::work::Admission;
 use crate::anthropic::request::{self as areq, ApiVersion, Endpoint};
 use crate::anthropic::{ApiError, ErrorKind};
+use crate::keys::{Caller, Keys};
 use crate::translate::tokens;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -52,15 +53,10 @@ fn key_tag(req: &http::request::Parts) -> String {
     presented_key(req).map(|k| crate::hash::fingerprint_of(k.as_bytes())).unwrap_or_else(|| "-".into())
 }
 
-fn authenticate(app: &App, req: &http::request::Parts) -> Result<(), ApiError> {
+/// Who sent the request (named key, unnamed key, anonymous), or the 401.
+fn identify(app: &App, req: &http::request::Parts) -> Result<Caller, ApiError> {
     let auth = app.auth.read().unwrap_or_else(|e| e.into_inner());
-    if auth.keys.is_empty() && auth.allow_anonymous {
-        return Ok(());
-    }
-    match presented_key(req) {
-        Some(k) if auth.keys.verify(k) => Ok(()),
-        _ => Err(ApiError::new(ErrorKind::Authentication, "invalid x-api-key")),
-    }
+    app.keys.identify(&auth, presented_key(req))
 }
 
 /// Reads a body of at most `max` bytes, then waits for its share of the body budget.
@@ -118,7 +114,12 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let request_id = crate::ids::prefixed("req_");
     let (parts, body) = req.into_parts();
-    let mut x = Exchange { key: key_tag(&parts), ..Default::default() };
+    let caller = if parts.uri.path() == "/health" { Ok(Caller::Anonymous) } else { identify(&app, &parts) };
+    let key = match &caller {
+        Ok(c @ (Caller::Named(_) | Caller::Unnamed(_))) => c.label(),
+        _ => key_tag(&parts),
+    };
+    let mut x = Exchange { key, ..Default::default() };
     // Every line logged for this request (failover, refresh, the stream's end) carries its id,
     // the client key's tag, and once known the model, the account and the attempt.
     let span = if parts.uri.path() == "/health" {
@@ -135,7 +136,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     };
     let mut resp = match tokio::time::timeout(
         app.config.server.request_timeout,
-        route(&app, &parts, body, &request_id, &mut x, started).instrument(span),
+        route(&app, &parts, body, caller, &request_id, &mut x, started).instrument(span),
     )
     .await
     {
@@ -170,6 +171,7 @@ async fn route(
     app: &Arc<App>,
     parts: &http::request::Parts,
     body: Incoming,
+    caller: Result<Caller, ApiError>,
     request_id: &str,
     x: &mut Exchange,
     started: Instant,
@@ -198,7 +200,8 @@ async fn route(
     if path == "/health" {
         return Ok(health(app));
     }
-    authenticate(app, parts)?;
+    let caller = caller?;
+    x.caller = Some(caller.clone());
     match path {
         "/metrics" => {
             let mut r = Response::new(Body::full(app.metrics.render()));
@@ -242,10 +245,12 @@ async fn route(
                     Ok::<_, ApiError>((req.model, counted))
                 })
                 .await??;
+            Keys::check_model(&caller, &model)?;
             x.model = model;
             Ok(json_response(StatusCode::OK, &json!({"input_tokens": counted?})))
         }
         "/v1/messages" => {
+            x.messages = true;
             let (bytes, admission) = read_body(app, parts, body, app.config.server.max_body_bytes).await?;
             let version = ApiVersion::from_header(header_str(parts, "anthropic-version"))?;
             let session = header_str(parts, "x-claude-code-session-id").map(str::to_string);
@@ -261,6 +266,8 @@ async fn route(
             x.model = prepared.req.model.clone();
             tracing::Span::current().record("model", x.model.as_str());
             x.stream = prepared.req.stream;
+            // The key's limits, before any upstream call.
+            x.admitted = Keys::admit(&caller, &x.model)?.map(Arc::new);
             x.tokens_in = prepared.input_tokens();
             if prepared.req.stream {
                 let producer =
