@@ -4,7 +4,7 @@
 //! Modules: [`cli`] the clap definitions; [`commands`] the commands that call the daemon;
 //! [`client`] the control-socket client; [`render`] tables for people; [`import`] other tools'
 //! credential stores (the seed's exports and accounts.db, the Kiro IDE's token file, kiro-cli's
-//! SQLite) to accounts.toml; [`failure`] a failure and its exit code. The wire types are the library's
+//! SQLite) to accounts.toml; [`keys`] named keys and usage (`keys`, `key new`, `usage`); [`failure`] a failure and its exit code. The wire types are the library's
 //! ([`amq2api::control::wire`]).
 #![forbid(unsafe_code)]
 
@@ -13,6 +13,7 @@ mod client;
 mod commands;
 mod failure;
 mod import;
+mod keys;
 mod render;
 
 use amq2api::{exit, logging};
@@ -47,6 +48,7 @@ fn run(cli: Cli) -> i32 {
                 Err(e) => Err(fail(exit::IOERR, e.to_string())),
             }
         }
+        Command::Key(cli::KeyCommand::New { name }) => keys::new_key(name, cli.json),
         Command::Import { file } => import::import(file).map(|out| {
             for w in &out.warnings {
                 eprintln!("amqctl: warning: {w}");
