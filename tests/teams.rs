@@ -99,7 +99,7 @@ async fn rpm_and_concurrency_limits_hold_under_concurrent_load_and_counts_match_
         a = digest(ALICE),
         b = BOB
     );
-    let h = start(&keys, accounts(3), Duration::from_millis(40)).await;
+    let h = start(&keys, accounts(3), Duration::from_millis(100)).await;
 
     // alice: 25 at once against rpm = 10: exactly 10 go through (no request ends within the
     // minute's window, so nothing is off), the others are told when the oldest start leaves it.
@@ -269,6 +269,63 @@ async fn a_restart_loses_no_usage_and_keeps_the_budget_spent() {
     assert_eq!(r.status, 429, "{}", r.text());
     assert!(r.text().contains("daily token budget used up"), "{}", r.text());
     h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_loses_nothing_older_than_the_batch_window() {
+    let emulator = amq2api::emulator::Emulator::start(Default::default()).await.unwrap();
+    let ids = accounts(1);
+    for id in &ids {
+        emulator.add_account(&common::client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = child::write_config(dir.path(), &emulator, &ids, "");
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "[auth]\n",
+        "[auth]\nkeys_file = \"keys.toml\"\n",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    std::fs::write(dir.path().join("keys.toml"), format!("[[key]]\nname = \"alice\"\nkey = \"{ALICE}\"\n"))
+        .unwrap();
+    let launch = |config: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            let d = child::ChildDaemon::start(std::process::Command::new(child::AMQ2API), &config, &[]);
+            let addr = d.addr();
+            (d, addr)
+        })
+    };
+    let (mut d, addr) = launch(config.clone()).await.unwrap();
+    let mut tokens = 0;
+    for i in 0..6 {
+        let req = http::Request::post(format!("http://{addr}/v1/messages"))
+            .header("content-type", "application/json")
+            .header("x-api-key", ALICE)
+            .header("anthropic-version", "2023-06-01")
+            .body(Full::new(Bytes::from(simple(&format!("crash {i}"), false).to_string())))
+            .unwrap();
+        let r = send(req).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        tokens += tokens_of(&r.json());
+    }
+    // Past the batch window, then SIGKILL: no flush on the way out.
+    tokio::time::sleep(amq2api::keys::usage::BATCH_WINDOW * 2 + Duration::from_millis(500)).await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.pid()), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = d.child.wait();
+    drop(d);
+    let (d, _) = launch(config).await.unwrap();
+    let (usage, keys) = tokio::task::spawn_blocking(move || {
+        let u = d.ctl_json(&["usage", "--by", "key"]).unwrap();
+        let k = d.ctl_json(&["keys"]).unwrap();
+        d.stop(Duration::from_secs(20));
+        (u, k)
+    })
+    .await
+    .unwrap();
+    let row = usage.as_array().unwrap().iter().find(|r| r["name"] == "alice").cloned().unwrap();
+    assert_eq!(row["requests"], 6, "{usage}");
+    assert_eq!(row["tokens_in"].as_u64().unwrap() + row["tokens_out"].as_u64().unwrap(), tokens);
+    assert_eq!(keys[0]["tokens_today"].as_u64(), Some(tokens));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

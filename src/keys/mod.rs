@@ -17,6 +17,8 @@ use crate::anthropic::{ApiError, ErrorKind};
 use crate::config::{AuthConfig, KeySet, KeySpec};
 use crate::hash::sha256;
 use std::collections::{HashMap, VecDeque};
+#[cfg(test)]
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
@@ -413,4 +415,105 @@ pub struct KeyView {
     pub credits_this_month: f64,
     /// Requests refused by a limit since the daemon started.
     pub refused: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ApiKeys;
+
+    fn spec(name: &str, key: &str) -> KeySpec {
+        KeySpec {
+            name: name.into(),
+            digest: sha256(key.as_bytes()),
+            enabled: true,
+            rpm: None,
+            max_concurrency: None,
+            tokens_per_day: None,
+            credits_per_month: None,
+            models: vec![],
+            expires: None,
+        }
+    }
+
+    fn auth() -> AuthConfig {
+        AuthConfig {
+            keys: ApiKeys::new(vec![sha256(b"unnamed-key-0123456789")]),
+            allow_anonymous: false,
+            keys_file: None,
+        }
+    }
+
+    #[test]
+    fn rpm_retry_after_is_when_the_oldest_start_leaves_the_minute() {
+        let mut s = spec("a", "key-a-0123456789abcdef");
+        s.rpm = NonZeroU32::new(2);
+        let keys = Keys::new(&KeySet { keys: vec![s.clone()] }, Usage::new(None, 400));
+        let c = keys.identify(&auth(), Some("key-a-0123456789abcdef")).unwrap();
+        assert_eq!(c.label(), "a");
+        assert!(Keys::admit(&c, "m").is_ok());
+        assert!(Keys::admit(&c, "m").is_ok());
+        let e = Keys::admit(&c, "m").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::RateLimit);
+        assert!((59..=60).contains(&e.retry_after.unwrap().as_secs()), "{e:?}");
+        // A reload raising the limit: the next request passes; lowering it: refused again.
+        s.rpm = NonZeroU32::new(3);
+        keys.apply(&KeySet { keys: vec![s.clone()] });
+        let c = keys.identify(&auth(), Some("key-a-0123456789abcdef")).unwrap();
+        assert!(Keys::admit(&c, "m").is_ok());
+        s.rpm = NonZeroU32::new(1);
+        keys.apply(&KeySet { keys: vec![s] });
+        let c = keys.identify(&auth(), Some("key-a-0123456789abcdef")).unwrap();
+        assert!(Keys::admit(&c, "m").is_err());
+        assert!(matches!(keys.identify(&auth(), Some("unnamed-key-0123456789")), Ok(Caller::Unnamed(_))));
+        assert!(keys.identify(&auth(), Some("nobody-0123456789")).is_err());
+        assert!(keys.identify(&auth(), None).is_err());
+    }
+
+    #[test]
+    fn month_and_day_resets() {
+        let d = crate::config::keys::days_from_civil(2026, 12, 6);
+        assert_eq!(next_day(d).0, "2026-12-07T00:00:00Z");
+        assert_eq!(next_month(d).0, "2027-01-01T00:00:00Z");
+        assert_eq!(day_string(d), "2026-12-06");
+    }
+
+    /// The accounting's cost per request (identify + admit + release + record), printed: run with
+    /// `cargo test --release -p amq2api --lib keys::tests::cost -- --nocapture`.
+    #[test]
+    fn cost_per_request() {
+        let names: Vec<KeySpec> =
+            (0..50).map(|i| spec(&format!("k{i}"), &format!("key-{i}-0123456789abcdef"))).collect();
+        let mut limited = names.clone();
+        for k in &mut limited {
+            k.rpm = NonZeroU32::new(1_000_000);
+            k.max_concurrency = NonZeroU32::new(1000);
+            k.tokens_per_day = Some(u64::MAX / 2);
+            k.credits_per_month = Some(1e12);
+        }
+        let keys = Keys::new(&KeySet { keys: limited }, Usage::new(None, 400));
+        let a = auth();
+        let n = 100_000;
+        let t0 = Instant::now();
+        for i in 0..n {
+            let c = keys.identify(&a, Some("key-49-0123456789abcdef")).unwrap();
+            let g = Keys::admit(&c, "claude-sonnet-4-5").unwrap();
+            drop(g);
+            keys.record(
+                &c,
+                UsageEvent {
+                    account: Some(format!("acct-{}", i % 8)),
+                    model: "claude-sonnet-4-5".into(),
+                    error: false,
+                    tokens_in: 100,
+                    tokens_out: 50,
+                    credits: 0.01,
+                },
+            );
+        }
+        let per = t0.elapsed() / n;
+        keys.usage.flush().unwrap();
+        println!("accounting: {per:?} a request (50 named keys, every limit set)");
+        assert_eq!(keys.view()[49].tokens_today, 150 * n as u64);
+    }
 }
