@@ -247,14 +247,35 @@ async fn a_restart_loses_no_usage_and_keeps_the_budget_spent() {
         assert_eq!(r.status, 200);
         tokens += tokens_of(&r.json());
     }
+    // Restart in the middle of three requests: they finish during the drain and are counted.
+    let mut in_flight = Vec::new();
+    for i in 0..3 {
+        let (url, body) =
+            (h.url("/v1/messages"), simple(&format!("#emulator: slow-first-byte 400\nmiddle {i}"), false));
+        in_flight.push(tokio::spawn(async move {
+            let req = http::Request::post(url)
+                .header("content-type", "application/json")
+                .header("x-api-key", ALICE)
+                .header("anthropic-version", "2023-06-01")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap();
+            send(req).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
     h.restart().await;
+    for t in in_flight {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        tokens += tokens_of(&r.json());
+    }
     for i in 0..3 {
         let r = post_as(&h, ALICE, &simple(&format!("after {i}"), false)).await;
         assert_eq!(r.status, 200);
         tokens += tokens_of(&r.json());
     }
     let u = usage_of(&h, "key", "alice");
-    assert_eq!(u["requests"].as_u64(), Some(8));
+    assert_eq!(u["requests"].as_u64(), Some(11));
     assert_eq!(u["tokens_in"].as_u64().unwrap() + u["tokens_out"].as_u64().unwrap(), tokens);
     assert_eq!(key_view(&h, "alice")["tokens_today"].as_u64(), Some(tokens));
 
