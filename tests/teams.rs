@@ -309,14 +309,20 @@ async fn a_crash_loses_nothing_older_than_the_batch_window() {
     std::fs::write(&config, text).unwrap();
     std::fs::write(dir.path().join("keys.toml"), format!("[[key]]\nname = \"alice\"\nkey = \"{ALICE}\"\n"))
         .unwrap();
-    let launch = |config: std::path::PathBuf| {
+    let log = dir.path().join("daemon.log");
+    let launch = |config: std::path::PathBuf, log: std::path::PathBuf| {
         tokio::task::spawn_blocking(move || {
-            let d = child::ChildDaemon::start(std::process::Command::new(child::AMQ2API), &config, &[]);
+            let d = child::ChildDaemon::start_logged(
+                std::process::Command::new(child::AMQ2API),
+                &config,
+                &[],
+                Some(&log),
+            );
             let addr = d.addr();
             (d, addr)
         })
     };
-    let (mut d, addr) = launch(config.clone()).await.unwrap();
+    let (mut d, addr) = launch(config.clone(), log.clone()).await.unwrap();
     let mut tokens = 0;
     for i in 0..6 {
         let req = http::Request::post(format!("http://{addr}/v1/messages"))
@@ -334,7 +340,7 @@ async fn a_crash_loses_nothing_older_than_the_batch_window() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.pid()), nix::sys::signal::Signal::SIGKILL).unwrap();
     let _ = d.child.wait();
     drop(d);
-    let (d, _) = launch(config).await.unwrap();
+    let (d, _) = launch(config, dir.path().join("daemon2.log")).await.unwrap();
     let (usage, keys) = tokio::task::spawn_blocking(move || {
         let u = d.ctl_json(&["usage", "--by", "key"]).unwrap();
         let k = d.ctl_json(&["keys"]).unwrap();
@@ -347,6 +353,14 @@ async fn a_crash_loses_nothing_older_than_the_batch_window() {
     assert_eq!(row["requests"], 6, "{usage}");
     assert_eq!(row["tokens_in"].as_u64().unwrap() + row["tokens_out"].as_u64().unwrap(), tokens);
     assert_eq!(keys[0]["tokens_today"].as_u64(), Some(tokens));
+    // The access log names the key, never shows it.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("request_id=") && l.contains(" key=alice ") && l.contains("status=200")),
+        "{text}"
+    );
+    assert!(!text.contains(ALICE));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -412,6 +426,17 @@ async fn models_globs_expiry_disabled_and_a_key_made_by_amqctl() {
         assert_eq!(r.json()["error"]["type"], "authentication_error");
     }
     assert_eq!(h.emulator.stats().requests, 1, "nothing refused reached the upstream");
+    // The listing shows the key only what it may use.
+    let req = http::Request::get(h.url("/v1/models?limit=1000"))
+        .header("x-api-key", ALICE)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let listed = send(req).await.json();
+    let ids: Vec<&str> =
+        listed["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert!(!ids.is_empty() && ids.iter().all(|id| id.starts_with("claude-sonnet-")), "{ids:?}");
+    let all = common::get(&h, "/v1/models?limit=1000").await.json();
+    assert!(all["data"].as_array().unwrap().len() > ids.len());
     let states: Vec<(String, String)> = h
         .ctl_json(&["keys"])
         .as_array()

@@ -209,7 +209,7 @@ async fn route(
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
             Ok(r)
         }
-        "/v1/models" => Ok(models_list(app, parts)),
+        "/v1/models" => Ok(models_list(app, parts, &caller)),
         p if p.starts_with("/v1/models/") => {
             let id = &p["/v1/models/".len()..];
             // Percent-encoded brackets (`claude-opus-4-8%5B1m%5D`) name the `[1m]` listing; a
@@ -220,6 +220,7 @@ async fn route(
             app.models
                 .list_live(&app.pool.union())
                 .into_iter()
+                .filter(|m| Keys::check_model(&caller, &m.id).is_ok())
                 .find(|m| m.id == id || m.id == alias)
                 .map(|mut m| {
                     // Answered under the id asked for, as Anthropic's API does for aliases.
@@ -347,8 +348,10 @@ fn model_json(m: &crate::translate::ModelInfo) -> Value {
     json!({"type": "model", "id": m.id, "display_name": m.display_name, "created_at": m.created_at})
 }
 
-fn models_list(app: &App, parts: &http::request::Parts) -> Response<Body> {
-    let all = app.models.list_live(&app.pool.union());
+/// The models the live catalog offers (a named key with `models` globs: those it may use).
+fn models_list(app: &App, parts: &http::request::Parts, caller: &Caller) -> Response<Body> {
+    let mut all = app.models.list_live(&app.pool.union());
+    all.retain(|m| Keys::check_model(caller, &m.id).is_ok());
     let q: Vec<(String, String)> = parts
         .uri
         .query()
