@@ -77,8 +77,9 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
-    /// A fresh random key (printed once) and its [[key]] entry holding only the key's digest, to
-    /// paste into the keys file (the daemon never writes it). Needs no daemon.
+    /// A fresh random key (printed once, on stderr) and its [[key]] entry holding only the key's
+    /// digest (stdout: `amqctl key new bob >> keys.toml`); the daemon never writes the keys file.
+    /// Needs no daemon.
     New {
         /// The key's name: 1 to 64 of a-z 0-9 _ . -
         name: String,

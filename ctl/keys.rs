@@ -7,7 +7,8 @@ use amq2api::exit;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-/// `amqctl key new NAME`: the key is printed once; the entry carries only its digest.
+/// `amqctl key new NAME`: the key is printed once (stderr); the entry, on stdout, carries only its
+/// digest. With `--json`, one object on stdout with both.
 pub fn new_key(name: &str, json: bool) -> Result<i32, Failure> {
     if !amq2api::config::keys::valid_name(name) {
         return Err(fail(
@@ -22,10 +23,14 @@ pub fn new_key(name: &str, json: bool) -> Result<i32, Failure> {
         let v = serde_json::json!({"name": name, "key": key, "digest": format!("sha256:{digest}"), "entry": entry});
         println!("{v}");
     } else {
-        println!("# The key for {name:?}: give it to its holder now; it is not shown again and not stored.");
-        println!("# {key}");
-        println!("# Paste this entry into the keys file ([auth] keys_file); the daemon picks it up:");
-        print!("{entry}");
+        // The key on stderr, the entry on stdout: `amqctl key new bob >> keys.toml` appends only
+        // the digest, and the key shows on the terminal, once.
+        eprintln!("The key for {name:?} (give it to its holder now: it is not shown again, nor stored):");
+        eprintln!();
+        eprintln!("    {key}");
+        eprintln!();
+        eprintln!("Its entry for the keys file ([auth] keys_file), holding only the key's digest:");
+        print!("\n{entry}");
     }
     Ok(exit::OK)
 }

@@ -36,7 +36,7 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
         listen: SocketAddr,
     },
-    /// Validate amq2api.toml and the accounts file it names; exit 0, or 78 with every problem listed.
+    /// Validate amq2api.toml and the accounts (and keys) file it names; exit 0, or 78 with every problem listed.
     CheckConfig,
     /// Tools for AWS event-stream data (application/vnd.amazon.eventstream).
     Eventstream {
@@ -290,8 +290,12 @@ pub fn check_config(path: &Path) -> i32 {
                 eprintln!("{w}");
             }
             let enabled = loaded.accounts.iter().filter(|a| a.enabled).count();
+            let keys = match &loaded.config.auth.keys_file {
+                Some(f) => format!("; {} ({} named keys)", f.display(), loaded.keys.keys.len()),
+                None => String::new(),
+            };
             println!(
-                "configuration OK: {} and {} ({} accounts, {} enabled)",
+                "configuration OK: {} and {} ({} accounts, {} enabled){keys}",
                 path.display(),
                 loaded.config.accounts.file.display(),
                 loaded.accounts.len(),

@@ -2,7 +2,8 @@
 //!
 //! Module map (see README for the operator's view):
 //!
-//! - [`config`]: `amq2api.toml` and `accounts.toml` — parse, validate with places, diff; [`config::Secret`].
+//! - [`config`]: `amq2api.toml`, `accounts.toml` and `keys.toml` — parse, validate with places,
+//!   diff; [`config::Secret`].
 //! - [`cli`]: the `amq2api` command line and its offline subcommands (`check-config`, `man`).
 //! - [`logging`]: tracing set-up (terminal or journald), `RUST_LOG` filtering.
 //! - [`control`]: the admin API over the Unix socket (peer-credential checked) and its wire types
@@ -20,7 +21,8 @@
 //! - [`reload`]: the one owner of configuration changes (SIGHUP, `amqctl reload`, the file watcher).
 //! - [`shutdown`]: the stop signal every background task listens to.
 //! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain.
-//! - [`store`]: the redb state store: token chains, account states, counters; versioned values.
+//! - [`store`]: the redb state store: token chains, account states, counters, usage per day;
+//!   versioned values.
 //! - [`systemd`]: sd_notify (READY, STATUS, RELOADING, STOPPING), watchdog, socket activation.
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, HTTP client.

@@ -458,6 +458,12 @@ async fn models_globs_expiry_disabled_and_a_key_made_by_amqctl() {
     let key = made["key"].as_str().unwrap();
     let entry = made["entry"].as_str().unwrap();
     assert!(!entry.contains(key) && entry.contains(&digest(key)), "{entry}");
+    // Text: the key on stderr only, the entry (digest only) on stdout, ready to append.
+    let out = std::process::Command::new(child::AMQCTL).args(["key", "new", "other"]).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let shown = stderr.lines().map(str::trim).find(|l| l.starts_with("sk-amq-")).unwrap().to_string();
+    assert!(!stdout.contains(&shown) && stdout.contains(&digest(&shown)), "{stdout}");
+    amq2api::config::keys::parse(std::path::Path::new("k.toml"), &stdout).unwrap();
     let text = String::from_utf8_lossy(
         &std::process::Command::new(child::AMQCTL).args(["key", "new", "Bad Name"]).output().unwrap().stderr,
     )

@@ -1,5 +1,5 @@
-//! Configuration: `amq2api.toml` and `accounts.toml` — read safely, parse, validate (every
-//! problem, with place), typed diffs for reloads, and the [`Secret`] newtype.
+//! Configuration: `amq2api.toml`, `accounts.toml` and `keys.toml` — read safely, parse, validate
+//! (every problem, with place), typed diffs for reloads, and the [`Secret`] newtype.
 
 pub mod accounts;
 pub mod diag;
