@@ -171,13 +171,19 @@ impl Keys {
         let now = SystemTime::now();
         let today = day_number(now);
         let mut lives = self.lives.lock().unwrap_or_else(|e| e.into_inner());
+        // New names start from what the store says they spent (one read for all of them).
+        let restored = if set.keys.iter().any(|k| !lives.contains_key(&k.name)) {
+            self.usage.restore_keys(today)
+        } else {
+            HashMap::new()
+        };
         let mut table = Vec::new();
         for spec in &set.keys {
             let live = lives
                 .entry(spec.name.clone())
                 .or_insert_with(|| {
                     let live = Arc::new(Live::default());
-                    let (tokens, credits) = self.usage.restore_key(&spec.name, today);
+                    let (tokens, credits) = restored.get(&spec.name).copied().unwrap_or_default();
                     let mut l = live.inner.lock().unwrap_or_else(|e| e.into_inner());
                     l.roll(now);
                     l.day_tokens = tokens;

@@ -6,7 +6,7 @@
 //! deleted hourly.
 
 use crate::store::{Store, UsageRow, split_usage_key, usage_key};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -159,28 +159,28 @@ impl Usage {
             .collect())
     }
 
-    /// A key's tokens today and credits this month, from the store (start-up, a key added by a
-    /// reload).
-    pub fn restore_key(&self, name: &str, today: i64) -> (u64, f64) {
+    /// Each key's tokens today and credits this month, from the store (start-up, keys added by
+    /// a reload): one read of this month's rows for all keys.
+    pub fn restore_keys(&self, today: i64) -> HashMap<String, (u64, f64)> {
         let (y, m, _) = crate::config::keys::civil_from_days(today);
         let first = crate::config::keys::days_from_civil(y, m as i64, 1);
         let rows = match self.rows_since(first) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(key = name, error = %e, "cannot read this key's usage: its budgets start from zero");
-                return (0, 0.0);
+                tracing::warn!(error = %e, "cannot read the keys' usage: their budgets start from zero");
+                return HashMap::new();
             }
         };
         let today = super::day_string(today);
-        let mut tokens = 0;
-        let mut credits = 0.0;
-        for r in rows.iter().filter(|r| r.by == "key" && r.name == name) {
-            credits += r.credits;
+        let mut out: HashMap<String, (u64, f64)> = HashMap::new();
+        for r in rows.into_iter().filter(|r| r.by == "key") {
+            let e = out.entry(r.name).or_default();
+            e.1 += r.credits;
             if r.day == today {
-                tokens += r.tokens_in + r.tokens_out;
+                e.0 += r.tokens_in + r.tokens_out;
             }
         }
-        (tokens, credits)
+        out
     }
 
     /// Deletes rows older than the retention (blocking).
