@@ -104,8 +104,53 @@ pub enum Command {
     /// prints every account's current credentials, for a move or before starting over. Root only
     /// (and the daemon's own user), not members of its group; the daemon logs each call.
     Export,
+    /// Named client keys (keys.toml): limits, today's use against them, state.
+    Keys,
+    /// Named-key tools.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Usage per UTC day (requests, errors, tokens in and out, credits) by key, account or model.
+    Usage {
+        /// What the rows are per.
+        #[arg(long, value_enum, default_value = "key")]
+        by: UsageBy,
+        /// Days back, today included.
+        #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=36500))]
+        days: u32,
+        /// Comma-separated values with a header line (for spreadsheets).
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
     Man,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// A fresh random key (printed once, on stderr) and its [[key]] entry holding only the key's
+    /// digest (stdout: `amqctl key new bob >> keys.toml`); the daemon never writes the keys file.
+    /// Needs no daemon.
+    New {
+        /// The key's name: 1 to 64 of a-z 0-9 _ . -
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UsageBy {
+    Key,
+    Account,
+    Model,
+}
+
+impl UsageBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageBy::Key => "key",
+            UsageBy::Account => "account",
+            UsageBy::Model => "model",
+        }
+    }
 }

@@ -5,7 +5,8 @@
 //! [`client`] the control-socket client; [`render`] tables for people; [`import`] other tools'
 //! credential stores (the seed's exports and accounts.db, the Kiro IDE's token file, kiro-cli's
 //! SQLite) to accounts.toml; [`login`] the OIDC device flow (Builder ID, IAM Identity Center) to
-//! an accounts.toml entry; [`failure`] a failure and its exit code. The wire types are the library's
+//! an accounts.toml entry; [`keys`] named keys and usage (`keys`, `key new`, `usage`); [`failure`]
+//! a failure and its exit code. The wire types are the library's
 //! ([`amq2api::control::wire`]).
 #![forbid(unsafe_code)]
 
@@ -25,6 +26,7 @@ mod commands;
 mod failure;
 mod import;
 mod login;
+mod keys;
 mod render;
 
 use amq2api::{exit, logging};
@@ -65,6 +67,7 @@ fn run(cli: Cli) -> i32 {
                 Err(e) => Err(fail(exit::IOERR, e.to_string())),
             }
         }
+        Command::Key(cli::KeyCommand::New { name }) => keys::new_key(name, cli.json),
         Command::Import { file } => import::import(file, cli.json).map(|o| {
             for w in &o.warnings {
                 eprintln!("amqctl: warning: {w}");

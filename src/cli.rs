@@ -41,7 +41,7 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
         listen: SocketAddr,
     },
-    /// Validate amq2api.toml and the accounts file it names; exit 0, or 78 with every problem listed.
+    /// Validate amq2api.toml and the accounts (and keys) file it names; exit 0, or 78 with every problem listed.
     CheckConfig,
     /// Tools for AWS event-stream data (application/vnd.amazon.eventstream).
     Eventstream {
@@ -323,6 +323,10 @@ pub fn check_config(path: &Path) -> i32 {
                 eprintln!("{warning}");
             }
             let enabled = loaded.accounts.iter().filter(|a| a.enabled).count();
+            let keys = match &loaded.config.auth.keys_file {
+                Some(f) => format!("; {} ({} named keys)", f.display(), loaded.keys.keys.len()),
+                None => String::new(),
+            };
             let verdict = if placeholders == 0 {
                 "configuration OK".to_string()
             } else {
@@ -333,7 +337,7 @@ pub fn check_config(path: &Path) -> i32 {
                 )
             };
             println!(
-                "{verdict}: {} and {} ({} accounts, {} enabled)",
+                "{verdict}: {} and {} ({} accounts, {} enabled){keys}",
                 path.display(),
                 accounts_file.display(),
                 loaded.accounts.len(),

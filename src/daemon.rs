@@ -66,8 +66,16 @@ pub async fn run(
         .map_err(|e| RunError::Store(e.to_string()))?;
     let records = store.load_all().map_err(|e| RunError::Store(e.to_string()))?;
     let restored = crate::accounts::persist::restored(records);
-    run_with(loaded, listeners, shutdown, Arc::new(crate::accounts::persist::StoreSink::new(store)), restored)
-        .await
+    let usage = crate::keys::Usage::new(Some(store.clone()), loaded.config.state.usage_retention_days);
+    run_with(
+        loaded,
+        listeners,
+        shutdown,
+        Arc::new(crate::accounts::persist::StoreSink::new(store)),
+        restored,
+        usage,
+    )
+    .await
 }
 
 /// [`run`] without persistence (nothing survives a restart): for tools and tests.
@@ -76,7 +84,8 @@ pub async fn run_ephemeral(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    run_with(loaded, listeners, shutdown, Arc::new(NoSink), BTreeMap::new()).await
+    let usage = crate::keys::Usage::new(None, loaded.config.state.usage_retention_days);
+    run_with(loaded, listeners, shutdown, Arc::new(NoSink), BTreeMap::new(), usage).await
 }
 
 /// [`run`] with a state sink and restored account state (the store).
@@ -86,8 +95,9 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
     sink: Arc<dyn StateSink>,
     restored: BTreeMap<String, Restored>,
+    usage: Arc<crate::keys::Usage>,
 ) -> Result<(), RunError> {
-    let Loaded { config, accounts, warnings } = loaded;
+    let Loaded { config, accounts, keys, warnings } = loaded;
     for w in &warnings.0 {
         tracing::warn!("{w}");
     }
@@ -108,8 +118,14 @@ pub async fn run_with(
     let (drain_tx, drain_rx) = watch::channel(false);
     let (stop, shutdown_signal) = crate::shutdown::channel();
     let metrics = Arc::new(crate::metrics::Metrics::new(pool.clone()));
+    let key_set = keys.clone();
+    let keys = {
+        let usage = usage.clone();
+        Arc::new(off_runtime(move || crate::keys::Keys::new(&keys, usage)).await)
+    };
     let app = Arc::new(App {
         auth: RwLock::new(config.auth.clone()),
+        keys,
         models: ModelMap::new(&config.models),
         pool: pool.clone(),
         relay: crate::relay::Relay::new(pool.clone(), metrics.clone(), config.upstream.max_attempts),
@@ -144,7 +160,9 @@ pub async fn run_with(
             graceful.clone(),
         )));
     }
-    let reloader = Arc::new(Reloader::new(app.clone(), config_path, Env::from_process(), tls_cert, accounts));
+    let reloader =
+        Arc::new(Reloader::new(app.clone(), config_path, Env::from_process(), tls_cert, accounts, key_set));
+    let named = app.keys.list().len();
     let status = {
         let (app, reloader) = (app.clone(), reloader.clone());
         move || status_line(&app, &reloader)
@@ -159,6 +177,8 @@ pub async fn run_with(
         tokio::spawn(crate::control::serve(control_ctx, control_listener, shutdown_signal.clone())),
         tokio::spawn(pool.clone().run_refresher(shutdown_signal.clone())),
         tokio::spawn(crate::reload::watch_accounts(reloader.clone(), shutdown_signal.clone())),
+        tokio::spawn(crate::reload::watch_keys(reloader.clone(), shutdown_signal.clone())),
+        tokio::spawn(usage.clone().run(shutdown_signal.clone())),
         tokio::spawn(crate::reload::on_sighup(reloader.clone(), status.clone(), shutdown_signal.clone())),
     ];
     // systemd: ready, a status line kept current, the watchdog.
@@ -168,7 +188,7 @@ pub async fn run_with(
     if crate::systemd::under_systemd() {
         tasks.push(tokio::spawn(crate::systemd::keep_status(status.clone(), shutdown_signal.clone())));
     }
-    tracing::info!(accounts = reloader.info().accounts.len(), "amq2api ready");
+    tracing::info!(accounts = reloader.info().accounts.len(), named_keys = named, "amq2api ready");
     crate::systemd::ready(&status());
 
     shutdown.await;
@@ -196,6 +216,14 @@ pub async fn run_with(
     }
     for t in tasks {
         let _ = t.await;
+    }
+    // Every request has ended: what they used is committed before the process goes.
+    let flushed = {
+        let usage = usage.clone();
+        off_runtime(move || usage.flush()).await
+    };
+    if let Err(e) = flushed {
+        tracing::error!(error = %e, "stopping with usage that could not be stored");
     }
     // A refresh in flight may have rotated the refresh token at the token endpoint: its answer
     // must be stored before the process goes, or the chain is lost. Bounded by the refresh

@@ -2,7 +2,8 @@
 //!
 //! Module map (see README for the operator's view):
 //!
-//! - [`config`]: `amq2api.toml` and `accounts.toml` — parse, validate with places, diff; [`config::Secret`].
+//! - [`config`]: `amq2api.toml`, `accounts.toml` and `keys.toml` — parse, validate with places,
+//!   diff; [`config::Secret`].
 //! - [`cli`]: the `amq2api` command line and its offline subcommands (`check-config`, `man`).
 //! - [`logging`]: tracing set-up (terminal or journald), `RUST_LOG` filtering.
 //! - [`control`]: the admin API over the Unix socket (peer-credential checked) and its wire types
@@ -12,6 +13,7 @@
 //! - [`exit`]: the exit codes both binaries use.
 //! - [`hash`]: SHA-256 and short fingerprints (of secrets, keys, names).
 //! - [`ids`]: random identifiers (request, message and invocation ids).
+//! - [`keys`]: named client keys (`keys.toml`): identity, limits, usage per key, account, model, day.
 //! - [`accounts`]: the account pool (selection, leases, cooldowns, live reload) and token lifecycle.
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
 //! - [`metrics`]: the `/metrics` registry: requests, tokens, latencies, attempts, failovers, streams, pool.
@@ -19,7 +21,8 @@
 //! - [`reload`]: the one owner of configuration changes (SIGHUP, `amqctl reload`, the file watcher).
 //! - [`shutdown`]: the stop signal every background task listens to.
 //! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain.
-//! - [`store`]: the redb state store: token chains, account states, counters; versioned values.
+//! - [`store`]: the redb state store: token chains, account states, counters, usage per day;
+//!   versioned values.
 //! - [`systemd`]: sd_notify (READY, STATUS, RELOADING, STOPPING), watchdog, socket activation.
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, HTTP client.
@@ -41,6 +44,7 @@ pub mod emulator;
 pub mod exit;
 pub mod hash;
 pub mod ids;
+pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod relay;

@@ -59,6 +59,28 @@ pub struct Metrics {
     streams: Gauge,
     tokens: Family<TokenLabels, Counter>,
     credits: Family<ModelLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    key_requests: Family<KeyStatusLabels, Counter>,
+    key_tokens: Family<KeyTokenLabels, Counter>,
+    key_credits: Family<KeyLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+}
+
+/// `key`: a configured key name, or `-` for unnamed keys (so the label space is bounded by the
+/// keys file).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyStatusLabels {
+    key: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyTokenLabels {
+    key: String,
+    direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -118,13 +140,59 @@ impl Metrics {
             "Upstream credits the service charged (meteringEvent), by model",
             credits.clone(),
         );
+        let key_requests = Family::default();
+        registry.register(
+            "key_requests",
+            "/v1/messages requests by client key name (`-`: unnamed keys) and HTTP status (429: a limit)",
+            key_requests.clone(),
+        );
+        let key_tokens = Family::default();
+        registry.register(
+            "key_tokens",
+            "Tokens by client key name and direction (in, out)",
+            key_tokens.clone(),
+        );
+        let key_credits = Family::default();
+        registry.register("key_credits", "Upstream credits by client key name", key_credits.clone());
         registry.register_collector(Box::new(PoolCollector(pool)));
-        Metrics { registry, requests, attempts, failovers, first_byte, duration, streams, tokens, credits }
+        Metrics {
+            registry,
+            requests,
+            attempts,
+            failovers,
+            first_byte,
+            duration,
+            streams,
+            tokens,
+            credits,
+            key_requests,
+            key_tokens,
+            key_credits,
+        }
     }
 
     /// A client request to `/v1/messages` (or `count_tokens`) answered with `status`.
     pub(crate) fn request(&self, model: &str, status: u16) {
         self.requests.get_or_create(&RequestLabels { model: model_label(model), status }).inc();
+    }
+
+    /// A finished `/v1/messages` request of client key `key` (a configured name or `-`).
+    pub(crate) fn key_request(&self, key: &str, status: u16, tokens_in: u64, tokens_out: u64, credits: f64) {
+        let key = key.to_owned();
+        self.key_requests.get_or_create(&KeyStatusLabels { key: key.clone(), status }).inc();
+        if tokens_in > 0 {
+            self.key_tokens
+                .get_or_create(&KeyTokenLabels { key: key.clone(), direction: "in" })
+                .inc_by(tokens_in);
+        }
+        if tokens_out > 0 {
+            self.key_tokens
+                .get_or_create(&KeyTokenLabels { key: key.clone(), direction: "out" })
+                .inc_by(tokens_out);
+        }
+        if credits > 0.0 {
+            self.key_credits.get_or_create(&KeyLabels { key }).inc_by(credits);
+        }
     }
 
     /// One call to Amazon Q ended with `outcome` (`ok`, `refresh_failed`, or a failure kind).

@@ -1,9 +1,9 @@
-//! The one owner of configuration changes. SIGHUP, `amqctl reload` and the accounts-file
-//! watcher all come here: files are read off the async runtime, an invalid file never replaces
+//! The one owner of configuration changes. SIGHUP, `amqctl reload` and the accounts-file and
+//! keys-file watchers all come here: files are read off the async runtime, an invalid file never replaces
 //! a good one (the last good set keeps serving and the error is kept for `amqctl status` and
 //! `STATUS=`), and a good one is applied as a typed diff.
 
-use crate::config::{self, AccountSet, Env};
+use crate::config::{self, AccountSet, Env, KeySet};
 use crate::server::{App, tls};
 use crate::shutdown::Shutdown;
 use std::path::PathBuf;
@@ -26,6 +26,8 @@ pub struct Outcome {
 pub struct ReloadInfo {
     /// The set in use (the last good one).
     pub accounts: AccountSet,
+    /// The named keys in use (the last good keys file).
+    pub keys: KeySet,
     pub loaded_at: SystemTime,
     pub last_error: Option<String>,
     pub last_attempt: Option<SystemTime>,
@@ -50,6 +52,7 @@ impl Reloader {
         env: Env,
         tls_cert: Option<Arc<tls::ReloadableCert>>,
         accounts: AccountSet,
+        keys: KeySet,
     ) -> Reloader {
         Reloader {
             app,
@@ -58,6 +61,7 @@ impl Reloader {
             tls_cert,
             info: RwLock::new(ReloadInfo {
                 accounts,
+                keys,
                 loaded_at: SystemTime::now(),
                 last_error: None,
                 last_attempt: None,
@@ -129,6 +133,55 @@ impl Reloader {
         result
     }
 
+    /// Re-reads the keys file and applies it; an invalid file changes nothing (the last good
+    /// keys keep serving).
+    pub async fn keys(&self) -> Outcome {
+        let _guard = self.lock.lock().await;
+        let Some(path) = self.app.config.auth.keys_file.clone() else {
+            return Outcome { ok: true, changes: "no changes".into(), errors: vec![], warnings: vec![] };
+        };
+        match off_runtime(move || config::keys::load(&path)).await {
+            Ok((set, warnings)) => {
+                let changes = self.apply_keys(set).await;
+                let r = Outcome {
+                    ok: true,
+                    changes,
+                    errors: vec![],
+                    warnings: warnings.0.iter().map(|w| w.to_string()).collect(),
+                };
+                self.record(&r, None);
+                r
+            }
+            Err(diags) => {
+                for d in diags.errors() {
+                    tracing::error!("keys file not applied (the last good keys keep serving): {d}");
+                }
+                let r = Outcome {
+                    ok: false,
+                    changes: "no changes".into(),
+                    errors: diags.errors().map(|d| d.to_string()).collect(),
+                    warnings: diags.warnings().map(|d| d.to_string()).collect(),
+                };
+                self.record(&r, None);
+                r
+            }
+        }
+    }
+
+    async fn apply_keys(&self, set: KeySet) -> String {
+        let old = self.info().keys;
+        let changes = old.diff(&set);
+        let keys = self.app.keys.clone();
+        let applied = set.clone();
+        off_runtime(move || keys.apply(&applied)).await;
+        if changes != "no changes" {
+            tracing::info!(changes = %changes, "keys file reloaded");
+        }
+        let mut info = self.info.write().unwrap_or_else(|e| e.into_inner());
+        info.keys = set;
+        changes
+    }
+
     /// SIGHUP / `amqctl reload`: re-reads amq2api.toml (client keys, TLS certificate) and the
     /// accounts file. Settings that need a restart (listeners, state dir) are reported.
     pub async fn all(&self) -> Outcome {
@@ -152,6 +205,13 @@ impl Reloader {
         };
         let mut notes = Vec::new();
         *self.app.auth.write().unwrap_or_else(|e| e.into_inner()) = loaded.config.auth.clone();
+        let key_changes = self.apply_keys(loaded.keys.clone()).await;
+        if key_changes != "no changes" {
+            notes.push(key_changes);
+        }
+        if loaded.config.auth.keys_file != self.app.config.auth.keys_file {
+            notes.push("keys_file changed: restart to watch the new file".into());
+        }
         if let (Some(cert), Some(files)) = (&self.tls_cert, &loaded.config.server.tls) {
             let (cert, files) = (cert.clone(), files.clone());
             match off_runtime(move || cert.reload(&files.cert, &files.key)).await {
@@ -201,6 +261,29 @@ pub async fn watch_accounts(reloader: Arc<Reloader>, mut shutdown: Shutdown) {
                 // The symlink may have been re-pointed: watch where it leads now.
                 if let Some(w) = watcher.as_mut() { w.follow_target(); }
                 reloader.accounts().await;
+            }
+        }
+    }
+}
+
+/// The keys-file watcher's loop (as [`watch_accounts`]); nothing to do without `keys_file`.
+pub async fn watch_keys(reloader: Arc<Reloader>, mut shutdown: Shutdown) {
+    let Some(file) = reloader.app.config.auth.keys_file.clone() else { return };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = match crate::accounts::watch::watch(&file, tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the keys file; reload with SIGHUP or amqctl reload");
+            None
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => break,
+            more = crate::accounts::watch::next_burst(&mut rx) => {
+                if !more { break; }
+                if let Some(w) = watcher.as_mut() { w.follow_target(); }
+                reloader.keys().await;
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The embedded state store: `<state dir>/amq2api.redb` (redb) holds each account's refresh-token
 //! chain, state and counters across restarts.
 //!
-//! # Layout (schema version 1)
+//! # Layout (schema version 3)
 //!
 //! | table      | key                | value                                              |
 //! |------------|--------------------|----------------------------------------------------|
@@ -9,6 +9,13 @@
 //! | `tokens`   | account id         | version byte `1` ++ JSON of a [`TokenRecord`]      |
 //! | `state`    | account id         | version byte `1` ++ JSON of a [`StateRecord`]      |
 //! | `counters` | account id         | version byte `1` ++ JSON of the [`Counters`]       |
+//! | `identity` | account id         | version byte `1` ++ JSON of an [`IdentityRecord`]  |
+//! | `catalog`  | account id         | version byte `1` ++ JSON of a [`CatalogRecord`]    |
+//! | `usage`    | `YYYY-MM-DD/dim/name` | version byte `1` ++ JSON of a [`UsageRow`]      |
+//!
+//! `usage` (schema version 3) holds one row per UTC day and dimension (`key`, `account`,
+//! `model`) and name: requests, errors, tokens in and out, credits. Its keys sort by day, so
+//! retention is a range delete and a report a range read.
 //!
 //! All tables are `&str → &[u8]`. Tokens, state and counters live in separate tables so that a
 //! batch of counters never rewrites a token. Timestamps are stored as unix milliseconds, so a
@@ -75,7 +82,7 @@ pub const FILE_NAME: &str = "amq2api.redb";
 /// The holder's pid, beside the store file, for the [`StoreError::Locked`] message.
 pub const PID_FILE_NAME: &str = "amq2api.pid";
 /// The schema version this build writes, and the newest it opens.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 /// The longest counters may stay in memory only (see [`Store::put_counters`]).
 pub const COUNTERS_MAX_UNSYNCED: Duration = Duration::from_secs(5);
 
@@ -85,6 +92,7 @@ const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 const COUNTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("counters");
 const IDENTITY: TableDefinition<&str, &[u8]> = TableDefinition::new("identity");
 const CATALOG: TableDefinition<&str, &[u8]> = TableDefinition::new("catalog");
+const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
 const SCHEMA_KEY: &str = "schema_version";
 /// The version byte in front of every value this build writes (and the only one it reads).
 const VALUE_VERSION: u8 = 1;
@@ -96,7 +104,7 @@ type Migration = fn(&WriteTransaction) -> Result<(), StoreError>;
 
 /// Schema migrations, oldest first. To add schema version 2: write `fn v1_to_v2(txn)` (rewrite
 /// what changed, in `txn`), append it here and bump [`SCHEMA_VERSION`].
-const MIGRATIONS: &[Migration] = &[v1_to_v2];
+const MIGRATIONS: &[Migration] = &[v1_to_v2, v2_to_v3];
 
 /// Version 2 adds the `identity` table (what an account learned about itself) and the
 /// `catalog` table (the models it offers).
@@ -105,6 +113,13 @@ fn v1_to_v2(txn: &WriteTransaction) -> Result<(), StoreError> {
         txn.open_table(table)
             .map_err(|e| StoreError::Db(format!("creating the {} table: {e}", table.name())))?;
     }
+    Ok(())
+}
+
+/// Version 3 adds the `usage` table (per key, account and model, per UTC day); nothing else
+/// changes, so every existing row stays as it is.
+fn v2_to_v3(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(USAGE).map_err(|e| StoreError::Db(format!("creating the usage table: {e}")))?;
     Ok(())
 }
 
@@ -270,6 +285,40 @@ pub struct Counters {
     /// Upstream credits charged (`meteringEvent`).
     pub credits: f64,
     pub last_used: Option<SystemTime>,
+}
+
+/// One usage row: what one key, account or model did on one UTC day.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+pub struct UsageRow {
+    pub requests: u64,
+    pub errors: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub credits: f64,
+}
+
+impl UsageRow {
+    pub fn plus(&self, d: &UsageRow) -> UsageRow {
+        UsageRow {
+            requests: self.requests + d.requests,
+            errors: self.errors + d.errors,
+            tokens_in: self.tokens_in + d.tokens_in,
+            tokens_out: self.tokens_out + d.tokens_out,
+            credits: self.credits + d.credits,
+        }
+    }
+}
+
+/// The `usage` row key: `YYYY-MM-DD/dim/name` (`dim`: `key`, `account` or `model`).
+pub fn usage_key(day: &str, dim: &str, name: &str) -> String {
+    format!("{day}/{dim}/{name}")
+}
+
+/// Splits a `usage` row key into (day, dim, name).
+pub fn split_usage_key(key: &str) -> Option<(&str, &str, &str)> {
+    let (day, rest) = key.split_once('/')?;
+    let (dim, name) = rest.split_once('/')?;
+    Some((day, dim, name))
 }
 
 /// The open store. Cheap to clone; the file closes when the last clone is dropped.
@@ -795,6 +844,62 @@ impl Store {
         })
     }
 
+    /// Adds usage deltas (`(row key, delta)`, keys from [`usage_key`]) to their rows in one
+    /// durable commit. The usage recorder batches a second's requests into one call, so the
+    /// store sees about one commit a second whatever the request rate.
+    pub fn add_usage(&self, batch: &[(String, UsageRow)]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.write(true, |txn| {
+            let mut table = txn.open_table(USAGE).ctx(self.path())?;
+            for (key, delta) in batch {
+                let old = match table.get(key.as_str()).ctx(self.path())? {
+                    Some(v) => decode::<UsageRow>("usage", key, v.value())?,
+                    None => UsageRow::default(),
+                };
+                let value = encode(&old.plus(delta))?;
+                table.insert(key.as_str(), value.as_slice()).ctx(self.path())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Usage rows from day `from` (`YYYY-MM-DD`, inclusive) on, in key order (day, dim, name).
+    pub fn usage_since(&self, from: &str) -> Result<Vec<(String, UsageRow)>, StoreError> {
+        let path = self.path();
+        self.inner.db.run(false, |db| {
+            let txn = db.begin_read().ctx(path)?;
+            let table = txn.open_table(USAGE).ctx(path)?;
+            let mut out = Vec::new();
+            for row in table.range(from..).ctx(path)? {
+                let (key, value) = row.ctx(path)?;
+                out.push((key.value().to_owned(), decode("usage", key.value(), value.value())?));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Deletes the usage rows of days before `before` (`YYYY-MM-DD`); returns how many.
+    pub fn prune_usage(&self, before: &str) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        self.write(true, |txn| {
+            let mut table = txn.open_table(USAGE).ctx(self.path())?;
+            let keys: Vec<String> = table
+                .range(..before)
+                .ctx(self.path())?
+                .map(|r| r.map(|(k, _)| k.value().to_owned()))
+                .collect::<Result<_, _>>()
+                .ctx(self.path())?;
+            for k in &keys {
+                table.remove(k.as_str()).ctx(self.path())?;
+            }
+            removed = keys.len();
+            Ok(())
+        })?;
+        Ok(removed)
+    }
+
     /// Runs `f` in a write transaction and commits it, durably or not.
     fn write(
         &self,
@@ -880,7 +985,7 @@ fn prepare_schema(db: &Database, path: &Path) -> Result<(), StoreError> {
         let version = SCHEMA_VERSION.to_le_bytes();
         txn.open_table(META).ctx(path)?.insert(SCHEMA_KEY, version.as_slice()).ctx(path)?;
     }
-    for table in [TOKENS, STATE, COUNTERS, IDENTITY, CATALOG] {
+    for table in [TOKENS, STATE, COUNTERS, IDENTITY, CATALOG, USAGE] {
         txn.open_table(table).ctx(path)?;
     }
     txn.commit().ctx(path)?;
@@ -1350,6 +1455,51 @@ mod tests {
         let txn = db.begin_write().unwrap();
         migrate(&txn, SCHEMA_VERSION).unwrap();
         assert!(migrate(&txn, 0).is_err());
+    }
+
+    #[test]
+    fn v2_stores_migrate_to_v3_keeping_their_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        {
+            // A version 2 file: its tables, one token row, schema 2, no usage table.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert(SCHEMA_KEY, 2u32.to_le_bytes().as_slice()).unwrap();
+            let tok = encode(&TokenWire::from(&TokenRecord {
+                refresh_token: Secret::new("rt"),
+                file_fingerprint: [7; 32],
+                rotated: true,
+                access_token: None,
+                access_expires_at: None,
+                updated_at: UNIX_EPOCH,
+            }))
+            .unwrap();
+            txn.open_table(TOKENS).unwrap().insert("a", tok.as_slice()).unwrap();
+            for t in [STATE, COUNTERS, IDENTITY, CATALOG] {
+                txn.open_table(t).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.get("a").unwrap().unwrap().tokens.unwrap().refresh_token.expose(), "rt");
+        let row = |n| UsageRow { requests: n, errors: 1, tokens_in: 10 * n, tokens_out: n, credits: 0.5 };
+        store
+            .add_usage(&[
+                (usage_key("2026-01-01", "key", "alice"), row(1)),
+                (usage_key("2026-01-02", "key", "alice"), row(2)),
+            ])
+            .unwrap();
+        store.add_usage(&[(usage_key("2026-01-02", "key", "alice"), row(3))]).unwrap();
+        let rows = store.usage_since("2026-01-02").unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            rows[0].1,
+            UsageRow { requests: 5, errors: 2, tokens_in: 50, tokens_out: 5, credits: 1.0 }
+        );
+        assert_eq!(split_usage_key(&rows[0].0), Some(("2026-01-02", "key", "alice")));
+        assert_eq!(store.prune_usage("2026-01-02").unwrap(), 1);
+        assert_eq!(store.usage_since("2000-01-01").unwrap().len(), 1);
     }
 
     #[test]

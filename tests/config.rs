@@ -181,3 +181,16 @@ fn no_secret_in_debug_output_or_check_config_output() {
     }
     assert!(debug.contains("***"));
 }
+
+#[test]
+fn the_example_keys_file_parses() {
+    let (set, _) = amq2api::config::keys::load(&root().join("examples/keys.toml"))
+        .unwrap_or_else(|d| panic!("examples/keys.toml: {d}"));
+    assert_eq!(set.names(), ["alice", "intern.bob", "ci"]);
+    let alice = &set.keys[0];
+    assert_eq!(alice.rpm.map(|n| n.get()), Some(60));
+    assert!(alice.allows_model("claude-haiku-4-5") && !alice.allows_model("claude-opus-4-5"));
+    // Every limit of the first entry is set, so that the example shows each one.
+    assert!(alice.max_concurrency.is_some() && alice.tokens_per_day.is_some());
+    assert!(alice.credits_per_month.is_some() && alice.expires.is_some());
+}

@@ -61,6 +61,7 @@ struct RawAuth {
     #[serde(default)]
     api_keys: Vec<Spanned<String>>,
     api_keys_file: Option<Spanned<String>>,
+    keys_file: Option<Spanned<String>>,
     #[serde(default)]
     allow_anonymous: bool,
 }
@@ -95,6 +96,7 @@ struct RawAccounts {
 #[serde(deny_unknown_fields)]
 struct RawState {
     dir: Option<Spanned<String>>,
+    usage_retention_days: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -352,13 +354,14 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
         );
     }
     let keys = ApiKeys::new(digests);
-    if keys.is_empty() && !raw.auth.allow_anonymous && !ck.rep.out.has_errors() {
+    let keys_file = raw.auth.keys_file.as_ref().map(|f| resolve(path, f.get_ref()));
+    if keys.is_empty() && keys_file.is_none() && !raw.auth.allow_anonymous && !ck.rep.out.has_errors() {
         ck.rep.error_at(
             None,
-            "[auth] has no api_keys (and no api_keys_file entries): add a key, or set allow_anonymous = true for a loopback-only setup",
+            "[auth] has no api_keys (and no api_keys_file entries, no keys_file): add a key, or set allow_anonymous = true for a loopback-only setup",
         );
     }
-    if raw.auth.allow_anonymous && keys.is_empty() {
+    if raw.auth.allow_anonymous && keys.is_empty() && keys_file.is_none() {
         for addr in server.listen.iter().filter(|a| !a.ip().is_loopback()) {
             ck.rep.error_at(
                 s.listen.as_ref().map(|l| l.span()),
@@ -366,7 +369,7 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
             );
         }
     }
-    let auth = AuthConfig { keys, allow_anonymous: raw.auth.allow_anonymous };
+    let auth = AuthConfig { keys, allow_anonymous: raw.auth.allow_anonymous, keys_file };
 
     // [upstream]
     let u = &raw.upstream;
@@ -456,6 +459,13 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
             (None, Some(envdir)) => envdir.clone(),
             (None, None) => DEFAULT_STATE_DIR.into(),
         },
+        usage_retention_days: ck.number(
+            &raw.state.usage_retention_days,
+            "usage_retention_days",
+            400,
+            1,
+            36_500,
+        ) as u32,
     };
     let mode = match &raw.control.mode {
         None => 0o660,

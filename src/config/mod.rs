@@ -1,9 +1,10 @@
-//! Configuration: `amq2api.toml` and `accounts.toml` — read safely, parse, validate (every
-//! problem, with place), typed diffs for reloads, and the [`Secret`] newtype.
+//! Configuration: `amq2api.toml`, `accounts.toml` and `keys.toml` — read safely, parse, validate
+//! (every problem, with place), typed diffs for reloads, and the [`Secret`] newtype.
 
 pub mod accounts;
 pub mod diag;
 mod file;
+pub mod keys;
 pub mod read;
 pub mod secret;
 mod shape;
@@ -13,6 +14,7 @@ pub use accounts::{
 };
 pub use diag::{Diagnostic, Diagnostics, Severity};
 pub use file::parse_config;
+pub use keys::{KeySet, KeySpec};
 pub use secret::{ApiKeys, Secret};
 
 use std::net::SocketAddr;
@@ -71,6 +73,8 @@ pub struct TlsFiles {
 pub struct AuthConfig {
     pub keys: ApiKeys,
     pub allow_anonymous: bool,
+    /// Named keys with limits (`keys.toml`), watched and reloaded like the accounts file.
+    pub keys_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -145,6 +149,8 @@ pub struct AccountsConfig {
 #[derive(Debug, Clone)]
 pub struct StateConfig {
     pub dir: PathBuf,
+    /// Days of usage (per key, account and model) kept in the store.
+    pub usage_retention_days: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -183,6 +189,8 @@ impl Env {
 pub struct Loaded {
     pub config: Config,
     pub accounts: AccountSet,
+    /// The named keys (empty without `[auth] keys_file`).
+    pub keys: KeySet,
     /// Warnings found on the way (for example a world-readable accounts file).
     pub warnings: Diagnostics,
 }
@@ -226,10 +234,23 @@ pub fn load(path: &Path, env: &Env) -> Result<Loaded, Diagnostics> {
             Err(errors) => diags.extend(errors),
         }
     }
+    let mut keys = Some(KeySet::default());
+    if let Some(kp) = config.as_ref().and_then(|c| c.auth.keys_file.clone()) {
+        match keys::load(&kp) {
+            Ok((set, warnings)) => {
+                diags.extend(warnings);
+                keys = Some(set);
+            }
+            Err(errors) => {
+                diags.extend(errors);
+                keys = None;
+            }
+        }
+    }
     diags.sort();
-    match (config, accounts) {
-        (Some(config), Some(accounts)) if !diags.has_errors() => {
-            Ok(Loaded { config, accounts, warnings: diags })
+    match (config, accounts, keys) {
+        (Some(config), Some(accounts), Some(keys)) if !diags.has_errors() => {
+            Ok(Loaded { config, accounts, keys, warnings: diags })
         }
         _ => Err(diags),
     }

@@ -1,8 +1,8 @@
 //! The admin API over a Unix socket (HTTP/1.1 + JSON): status, accounts, refresh, check,
-//! enable/disable, reload, export. Every connection's peer credentials are checked (root, the
-//! daemon's uid, or a member of its group); every mutating call is logged with uid and pid.
-//! `GET /v1/export` (the live credentials, secrets included) is for root and the daemon's own
-//! uid only, and each call is logged with uid and pid (never a secret).
+//! enable/disable, reload, named keys and usage, export. Every connection's peer credentials are
+//! checked (root, the daemon's uid, or a member of its group); every mutating call is logged with
+//! uid and pid. `GET /v1/export` (the live credentials, secrets included) is for root and the
+//! daemon's own uid only, and each call is logged with uid and pid (never a secret).
 
 pub mod wire;
 
@@ -387,6 +387,7 @@ where
 async fn handle(shared: &Arc<Context>, peer: Peer, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().trim_end_matches('/').to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
     if !allowed(&peer) {
         tracing::warn!(uid = peer.uid, pid = peer.pid, %path, "control socket: caller refused (not root, not the daemon's user, not in its group)");
         return error(
@@ -477,6 +478,36 @@ async fn handle(shared: &Arc<Context>, peer: Peer, req: Request<Incoming>) -> Re
         (&Method::POST, ["v1", "check"]) => {
             let rs = for_all(shared, 4, |s, a| async move { check_one(&s, &a).await }).await;
             json(StatusCode::OK, &rs)
+        }
+        (&Method::GET, ["v1", "keys"]) => json(StatusCode::OK, &shared.app.keys.view()),
+        (&Method::GET, ["v1", "usage"]) => {
+            let param = |k: &str| {
+                query
+                    .split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(key, _)| *key == k)
+                    .map(|(_, v)| v)
+            };
+            let days: i64 = match param("days").map(str::parse) {
+                None => 7,
+                Some(Ok(n)) if (1..=36_500).contains(&n) => n,
+                Some(_) => {
+                    return error(StatusCode::BAD_REQUEST, "days must be a whole number from 1 to 36500");
+                }
+            };
+            let by = param("by").unwrap_or("key").to_string();
+            if !["key", "account", "model"].contains(&by.as_str()) {
+                return error(StatusCode::BAD_REQUEST, "by must be key, account or model");
+            }
+            let from = crate::keys::day_number(SystemTime::now()) - (days - 1);
+            let usage = shared.app.keys.usage.clone();
+            match crate::reload::off_runtime(move || usage.rows_since(from)).await {
+                Ok(rows) => {
+                    let rows: Vec<UsageLine> = rows.into_iter().filter(|r| r.by == by).collect();
+                    json(StatusCode::OK, &rows)
+                }
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("usage cannot be read: {e}")),
+            }
         }
         (&Method::POST, ["v1", "reload"]) => {
             let r = reload_result(shared.reloader.all().await);

@@ -4,6 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// `GET /v1/keys`: each named key (never the key itself).
+pub use crate::keys::KeyView;
+/// `GET /v1/usage?days=N&by=key|account|model`: one row per UTC day and name.
+pub use crate::keys::usage::UsageLine;
+
 /// Bumped when a route or a field changes incompatibly; amqctl warns on a mismatch.
 pub const API_VERSION: u32 = 1;
 

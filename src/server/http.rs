@@ -8,6 +8,7 @@ use super::messages::{self, Exchange};
 use super::work::Admission;
 use crate::anthropic::request::{self as areq, ApiVersion, Endpoint};
 use crate::anthropic::{ApiError, ErrorKind};
+use crate::keys::{Caller, Keys};
 use crate::translate::tokens;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -52,15 +53,10 @@ fn key_tag(req: &http::request::Parts) -> String {
     presented_key(req).map(|k| crate::hash::fingerprint_of(k.as_bytes())).unwrap_or_else(|| "-".into())
 }
 
-fn authenticate(app: &App, req: &http::request::Parts) -> Result<(), ApiError> {
+/// Who sent the request (named key, unnamed key, anonymous), or the 401.
+fn identify(app: &App, req: &http::request::Parts) -> Result<Caller, ApiError> {
     let auth = app.auth.read().unwrap_or_else(|e| e.into_inner());
-    if auth.keys.is_empty() && auth.allow_anonymous {
-        return Ok(());
-    }
-    match presented_key(req) {
-        Some(k) if auth.keys.verify(k) => Ok(()),
-        _ => Err(ApiError::new(ErrorKind::Authentication, "invalid x-api-key")),
-    }
+    app.keys.identify(&auth, presented_key(req))
 }
 
 /// Reads a body of at most `max` bytes, then waits for its share of the body budget.
@@ -118,7 +114,12 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let request_id = crate::ids::prefixed("req_");
     let (parts, body) = req.into_parts();
-    let mut x = Exchange { key: key_tag(&parts), ..Default::default() };
+    let caller = if parts.uri.path() == "/health" { Ok(Caller::Anonymous) } else { identify(&app, &parts) };
+    let key = match &caller {
+        Ok(c @ (Caller::Named(_) | Caller::Unnamed(_))) => c.label(),
+        _ => key_tag(&parts),
+    };
+    let mut x = Exchange { key, ..Default::default() };
     // Every line logged for this request (failover, refresh, the stream's end) carries its id,
     // the client key's tag, and once known the model, the account and the attempt.
     let span = if parts.uri.path() == "/health" {
@@ -135,7 +136,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     };
     let mut resp = match tokio::time::timeout(
         app.config.server.request_timeout,
-        route(&app, &parts, body, &request_id, &mut x, started).instrument(span),
+        route(&app, &parts, body, caller, &request_id, &mut x, started).instrument(span),
     )
     .await
     {
@@ -176,6 +177,7 @@ async fn route(
     app: &Arc<App>,
     parts: &http::request::Parts,
     body: Incoming,
+    caller: Result<Caller, ApiError>,
     request_id: &str,
     x: &mut Exchange,
     started: Instant,
@@ -204,7 +206,8 @@ async fn route(
     if path == "/health" {
         return Ok(health(app));
     }
-    authenticate(app, parts)?;
+    let caller = caller?;
+    x.caller = Some(caller.clone());
     match path {
         "/metrics" => {
             let mut r = Response::new(Body::full(app.metrics.render()));
@@ -212,7 +215,7 @@ async fn route(
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
             Ok(r)
         }
-        "/v1/models" => Ok(models_list(app, parts)),
+        "/v1/models" => Ok(models_list(app, parts, &caller)),
         p if p.starts_with("/v1/models/") => {
             let id = &p["/v1/models/".len()..];
             // Percent-encoded brackets (`claude-opus-4-8%5B1m%5D`) name the `[1m]` listing; a
@@ -223,6 +226,7 @@ async fn route(
             app.models
                 .list_live(&app.pool.union())
                 .into_iter()
+                .filter(|m| Keys::check_model(&caller, &m.id).is_ok())
                 .find(|m| m.id == id || m.id == alias)
                 .map(|mut m| {
                     // Answered under the id asked for, as Anthropic's API does for aliases.
@@ -248,10 +252,12 @@ async fn route(
                     Ok::<_, ApiError>((req.model, counted))
                 })
                 .await??;
+            Keys::check_model(&caller, &model)?;
             x.model = model;
             Ok(json_response(StatusCode::OK, &json!({"input_tokens": counted?})))
         }
         "/v1/messages" => {
+            x.messages = true;
             let (bytes, admission) = read_body(app, parts, body, app.config.server.max_body_bytes).await?;
             let version = ApiVersion::from_header(header_str(parts, "anthropic-version"))?;
             let session = header_str(parts, "x-claude-code-session-id").map(str::to_string);
@@ -268,6 +274,8 @@ async fn route(
             x.upstream_model = prepared.translated.q_model.clone();
             tracing::Span::current().record("model", x.model.as_str());
             x.stream = prepared.req.stream;
+            // The key's limits, before any upstream call.
+            x.admitted = Keys::admit(&caller, &x.model)?.map(Arc::new);
             x.tokens_in = prepared.input_tokens();
             if prepared.req.stream {
                 let producer =
@@ -347,8 +355,10 @@ fn model_json(m: &crate::translate::ModelInfo) -> Value {
     json!({"type": "model", "id": m.id, "display_name": m.display_name, "created_at": m.created_at})
 }
 
-fn models_list(app: &App, parts: &http::request::Parts) -> Response<Body> {
-    let all = app.models.list_live(&app.pool.union());
+/// The models the live catalog offers (a named key with `models` globs: those it may use).
+fn models_list(app: &App, parts: &http::request::Parts, caller: &Caller) -> Response<Body> {
+    let mut all = app.models.list_live(&app.pool.union());
+    all.retain(|m| Keys::check_model(caller, &m.id).is_ok());
     let q: Vec<(String, String)> = parts
         .uri
         .query()

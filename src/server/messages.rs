@@ -20,8 +20,14 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 /// What the access log and metrics record about one exchange.
 #[derive(Debug, Default, Clone)]
 pub struct Exchange {
-    /// Short fingerprint of the client's key (never the key).
+    /// The client key's name, or an unnamed key's short fingerprint (never the key).
     pub key: String,
+    /// Who called (once authenticated).
+    pub caller: Option<crate::keys::Caller>,
+    /// A `/v1/messages` request (counted in usage).
+    pub messages: bool,
+    /// The key's concurrency slot, held until the response (a stream: its end) is done.
+    pub admitted: Option<Arc<crate::keys::Admitted>>,
     pub model: String,
     /// The Amazon Q model id the request was sent as (what the client's name resolved to).
     pub upstream_model: String,

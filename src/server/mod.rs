@@ -24,6 +24,8 @@ use tokio::sync::watch;
 pub struct App {
     pub config: Config,
     pub auth: RwLock<AuthConfig>,
+    /// Named keys, their limits and the usage recorder.
+    pub keys: Arc<crate::keys::Keys>,
     pub pool: Arc<Pool>,
     /// The trip to Amazon Q (lease, send, fail over).
     pub relay: crate::relay::Relay,
@@ -37,8 +39,27 @@ pub struct App {
 }
 
 /// Writes the access-log line of one request.
+/// A `/v1/messages` exchange is also counted here: usage per key, account and model, the key's
+/// budgets and its metrics.
 pub fn access_log(app: &App, request_id: &str, x: &Exchange, status: u16, started: Instant) {
-    let _ = app;
+    if let (true, Some(caller)) = (x.messages, &x.caller) {
+        // A request refused before any answer went out used nothing.
+        let served = status < 400 || x.first_byte.is_some();
+        let (tokens_in, tokens_out) = if served { (x.tokens_in, x.tokens_out) } else { (0, 0) };
+        let credits = x.credits.unwrap_or(0.0);
+        app.metrics.key_request(caller.usage_name(), status, tokens_in, tokens_out, credits);
+        app.keys.record(
+            caller,
+            crate::keys::UsageEvent {
+                account: x.account.clone(),
+                model: x.model.clone(),
+                error: status >= 400,
+                tokens_in,
+                tokens_out,
+                credits,
+            },
+        );
+    }
     tracing::info!(
         target: "access",
         request_id,

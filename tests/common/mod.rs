@@ -52,6 +52,10 @@ pub struct Setup {
     pub more_accounts: Option<MoreAccounts>,
     /// Extra keys for one `[[account]]` table: (account id, keys).
     pub account_extra_for: Vec<(String, String)>,
+    /// Extra keys for the `[auth]` table.
+    pub auth: String,
+    /// Files written into the directory before the daemon starts: (name, content).
+    pub files: Vec<(String, String)>,
 }
 
 impl Default for Setup {
@@ -66,6 +70,8 @@ impl Default for Setup {
             account_extra: String::new(),
             more_accounts: None,
             account_extra_for: Vec::new(),
+            auth: String::new(),
+            files: Vec::new(),
         }
     }
 }
@@ -111,16 +117,20 @@ impl Harness {
             accounts.push_str(&more(&emulator));
         }
         std::fs::write(dir.path().join("accounts.toml"), accounts).unwrap();
+        for (name, content) in &setup.files {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
         let config_path = dir.path().join("amq2api.toml");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         std::fs::write(
             &config_path,
             format!(
-                "[server]\nlisten = [\"{addr}\"]\n{server}\n[auth]\napi_keys = [\"{API_KEY}\"]\n\
+                "[server]\nlisten = [\"{addr}\"]\n{server}\n[auth]\napi_keys = [\"{API_KEY}\"]\n{auth}\n\
                  [upstream]\n{endpoints}{upstream}\n\
                  [accounts]\nfile = \"accounts.toml\"\n{acc}\n[state]\ndir = \"state\"\n[control]\nsocket = \"control.sock\"\n{extra}\n",
                 server = setup.server,
+                auth = setup.auth,
                 endpoints = amq2api::demo::upstream_keys(&emulator),
                 upstream = setup.upstream,
                 acc = setup.accounts_settings,

@@ -1,0 +1,231 @@
+//! Usage accounting: requests, errors, tokens in and out and credits per key, per account and per
+//! model, per UTC day. Requests add to an in-memory batch (a map insert under a lock); a
+//! background task commits the batch every [`BATCH_WINDOW`] in one durable store transaction, so
+//! the store sees about one commit a second whatever the request rate, and a crash loses at most
+//! the last window. Reports and a clean stop flush first. Rows older than the retention are
+//! deleted hourly.
+
+use crate::store::{Store, UsageRow, split_usage_key, usage_key};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// How long a finished request's usage may wait in memory before it is committed.
+pub const BATCH_WINDOW: Duration = Duration::from_secs(1);
+
+/// What one finished `/v1/messages` request used.
+#[derive(Debug, Clone, Default)]
+pub struct UsageEvent {
+    pub account: Option<String>,
+    pub model: String,
+    pub error: bool,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub credits: f64,
+}
+
+/// One report row.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UsageLine {
+    pub day: String,
+    /// `key`, `account` or `model`.
+    pub by: String,
+    pub name: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub credits: f64,
+}
+
+/// The usage recorder (see the module documentation).
+pub struct Usage {
+    /// `None`: kept in memory only (tools, tests without a state directory).
+    store: Option<Store>,
+    pending: Mutex<BTreeMap<String, UsageRow>>,
+    memory: Mutex<BTreeMap<String, UsageRow>>,
+    /// One flush at a time (the batch task and a report may meet).
+    flushing: Mutex<()>,
+    pub retention_days: u32,
+}
+
+/// The model dimension's name: client-chosen names that are not Claude model names count as
+/// `other`, so that the rows stay bounded.
+fn model_name(model: &str) -> &str {
+    if !model.is_empty()
+        && model.len() <= 64
+        && model.starts_with("claude")
+        && model.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.[]:".contains(&b))
+    {
+        model
+    } else {
+        "other"
+    }
+}
+
+impl Usage {
+    pub fn new(store: Option<Store>, retention_days: u32) -> Arc<Usage> {
+        Arc::new(Usage {
+            store,
+            pending: Mutex::default(),
+            memory: Mutex::default(),
+            flushing: Mutex::default(),
+            retention_days,
+        })
+    }
+
+    /// Adds one finished request to today's rows of its key, account and model.
+    pub fn record(&self, key: &str, ev: UsageEvent) {
+        let day = super::day_string(super::day_number(SystemTime::now()));
+        let delta = UsageRow {
+            requests: 1,
+            errors: u64::from(ev.error),
+            tokens_in: ev.tokens_in,
+            tokens_out: ev.tokens_out,
+            credits: ev.credits,
+        };
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut add = |dim: &str, name: &str| {
+            let row = p.entry(usage_key(&day, dim, name)).or_default();
+            *row = row.plus(&delta);
+        };
+        add("key", key);
+        if let Some(a) = &ev.account {
+            add("account", a);
+        }
+        add("model", model_name(&ev.model));
+    }
+
+    /// Commits the batch (blocking: call off the async runtime). On failure the batch is kept
+    /// for the next try.
+    pub fn flush(&self) -> Result<(), String> {
+        let _one = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+        let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if batch.is_empty() {
+            return Ok(());
+        }
+        match &self.store {
+            None => {
+                let mut m = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+                for (k, d) in batch {
+                    let row = m.entry(k).or_default();
+                    *row = row.plus(&d);
+                }
+                Ok(())
+            }
+            Some(store) => {
+                let rows: Vec<(String, UsageRow)> = batch.into_iter().collect();
+                store.add_usage(&rows).map_err(|e| {
+                    let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    for (k, d) in rows {
+                        let row = p.entry(k).or_default();
+                        *row = row.plus(&d);
+                    }
+                    e.to_string()
+                })
+            }
+        }
+    }
+
+    /// Every row from day number `from` on (flushes first, so that nothing counted is missing).
+    pub fn rows_since(&self, from: i64) -> Result<Vec<UsageLine>, String> {
+        self.flush()?;
+        let from = super::day_string(from);
+        let raw: Vec<(String, UsageRow)> = match &self.store {
+            Some(store) => store.usage_since(&from).map_err(|e| e.to_string())?,
+            None => self
+                .memory
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .range(from..)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        Ok(raw
+            .into_iter()
+            .filter_map(|(k, r)| {
+                let (day, by, name) = split_usage_key(&k)?;
+                Some(UsageLine {
+                    day: day.into(),
+                    by: by.into(),
+                    name: name.into(),
+                    requests: r.requests,
+                    errors: r.errors,
+                    tokens_in: r.tokens_in,
+                    tokens_out: r.tokens_out,
+                    credits: r.credits,
+                })
+            })
+            .collect())
+    }
+
+    /// Each key's tokens today and credits this month, from the store (start-up, keys added by
+    /// a reload): one read of this month's rows for all keys.
+    pub fn restore_keys(&self, today: i64) -> HashMap<String, (u64, f64)> {
+        let (y, m, _) = crate::config::keys::civil_from_days(today);
+        let first = crate::config::keys::days_from_civil(y, m as i64, 1);
+        let rows = match self.rows_since(first) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the keys' usage: their budgets start from zero");
+                return HashMap::new();
+            }
+        };
+        let today = super::day_string(today);
+        let mut out: HashMap<String, (u64, f64)> = HashMap::new();
+        for r in rows.into_iter().filter(|r| r.by == "key") {
+            let e = out.entry(r.name).or_default();
+            e.1 += r.credits;
+            if r.day == today {
+                e.0 += r.tokens_in + r.tokens_out;
+            }
+        }
+        out
+    }
+
+    /// Deletes rows older than the retention (blocking).
+    pub fn prune(&self) {
+        let today = super::day_number(SystemTime::now());
+        let before = super::day_string(today - i64::from(self.retention_days));
+        match &self.store {
+            Some(store) => match store.prune_usage(&before) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(rows = n, before = %before, "usage rows past their retention deleted")
+                }
+                Err(e) => tracing::warn!(error = %e, "could not delete old usage rows"),
+            },
+            None => {
+                let mut m = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+                *m = m.split_off(&before);
+            }
+        }
+    }
+
+    /// The batch task: commits every [`BATCH_WINDOW`], prunes hourly, until the stop (the daemon
+    /// flushes once more after the drain).
+    pub async fn run(self: Arc<Self>, mut shutdown: crate::shutdown::Shutdown) {
+        let mut last_prune: Option<std::time::Instant> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.recv() => break,
+                _ = tokio::time::sleep(BATCH_WINDOW) => {}
+            }
+            let me = self.clone();
+            let prune = last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600));
+            if prune {
+                last_prune = Some(std::time::Instant::now());
+            }
+            let r = crate::reload::off_runtime(move || {
+                if prune {
+                    me.prune();
+                }
+                me.flush()
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "could not store usage; keeping it for the next try");
+            }
+        }
+    }
+}
