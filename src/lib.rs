@@ -33,6 +33,7 @@
 pub mod accounts;
 pub mod anthropic;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;
