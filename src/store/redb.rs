@@ -1396,7 +1396,13 @@ mod tests {
 
         let tmp = tempfile::tempdir().unwrap();
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["store::tests::child_counts_then_idles", "--exact", "--ignored", "--nocapture", "-q"])
+            .args([
+                "store::redb::tests::child_counts_then_idles",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "-q",
+            ])
             .env(CHILD_DIR_ENV, tmp.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
