@@ -25,8 +25,8 @@ mod client;
 mod commands;
 mod failure;
 mod import;
-mod login;
 mod keys;
+mod login;
 mod render;
 
 use amq2api::{exit, logging};

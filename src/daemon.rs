@@ -42,6 +42,9 @@ pub fn status_line(app: &App, reloader: &Reloader) -> String {
     let s = app.pool.summary();
     let mut line =
         format!("serving {}/{} accounts, {} streams", s.active, s.total, app.metrics.streams_in_flight());
+    if let Some(c) = &app.config.cluster {
+        line.push_str(&format!(" (node {}, {} accounts on other nodes)", c.node_id, s.elsewhere));
+    }
     if let Some(p) = app.pool.persistence_problem() {
         line.push_str(&format!("; DEGRADED: {p}"));
     }
@@ -59,6 +62,23 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    if let Some(cluster) = loaded.config.cluster.clone() {
+        let store = crate::store::postgres::PgStore::connect(
+            cluster.database_url.expose(),
+            &cluster.node_id,
+            cluster.lease,
+        )
+        .await
+        .map_err(|e| RunError::Store(e.to_string()))?;
+        tracing::info!(node = %cluster.node_id, lease_secs = cluster.lease.as_secs(), "cluster: on PostgreSQL");
+        let records = store.load_all_async().await.map_err(|e| RunError::Store(e.to_string()))?;
+        let restored = crate::accounts::persist::restored(records);
+        let sink = Arc::new(crate::accounts::persist::StoreSink::new(Arc::new(store.clone())));
+        // Usage per key is counted in this node's memory only: the usage table lives in the
+        // embedded store (README "Several nodes").
+        let usage = crate::keys::Usage::new(None, loaded.config.state.usage_retention_days);
+        return run_inner(loaded, listeners, shutdown, sink, restored, usage, Some(store)).await;
+    }
     let dir = loaded.config.state.dir.clone();
     let store = tokio::task::spawn_blocking(move || crate::store::Store::open(&dir))
         .await
@@ -67,15 +87,8 @@ pub async fn run(
     let records = store.load_all().map_err(|e| RunError::Store(e.to_string()))?;
     let restored = crate::accounts::persist::restored(records);
     let usage = crate::keys::Usage::new(Some(store.clone()), loaded.config.state.usage_retention_days);
-    run_with(
-        loaded,
-        listeners,
-        shutdown,
-        Arc::new(crate::accounts::persist::StoreSink::new(store)),
-        restored,
-        usage,
-    )
-    .await
+    let sink = Arc::new(crate::accounts::persist::StoreSink::new(Arc::new(store)));
+    run_inner(loaded, listeners, shutdown, sink, restored, usage, None).await
 }
 
 /// [`run`] without persistence (nothing survives a restart): for tools and tests.
@@ -97,6 +110,18 @@ pub async fn run_with(
     restored: BTreeMap<String, Restored>,
     usage: Arc<crate::keys::Usage>,
 ) -> Result<(), RunError> {
+    run_inner(loaded, listeners, shutdown, sink, restored, usage, None).await
+}
+
+async fn run_inner(
+    loaded: Loaded,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    sink: Arc<dyn StateSink>,
+    restored: BTreeMap<String, Restored>,
+    usage: Arc<crate::keys::Usage>,
+    cluster: Option<crate::store::postgres::PgStore>,
+) -> Result<(), RunError> {
     let Loaded { config, accounts, keys, warnings } = loaded;
     for w in &warnings.0 {
         tracing::warn!("{w}");
@@ -105,6 +130,11 @@ pub async fn run_with(
     let upstream = config.upstream.clone();
     let client = off_runtime(move || UpstreamClient::new(&upstream)).await?;
     let pool = Pool::new(&accounts, restored, &config.accounts, config.upstream.clone(), client, sink);
+    if let Some(store) = &cluster {
+        // Half a lease: a refresh never starts so late that the lease could end before its
+        // answer is stored.
+        pool.set_clustered(store.lease() / 2);
+    }
     let (tls_cert, tls_config) = match &config.server.tls {
         Some(files) => {
             let files = files.clone();
@@ -181,6 +211,14 @@ pub async fn run_with(
         tokio::spawn(usage.clone().run(shutdown_signal.clone())),
         tokio::spawn(crate::reload::on_sighup(reloader.clone(), status.clone(), shutdown_signal.clone())),
     ];
+    if let Some(store) = &cluster {
+        tasks.push(tokio::spawn(crate::cluster::run(
+            store.clone(),
+            pool.clone(),
+            status.clone(),
+            shutdown_signal.clone(),
+        )));
+    }
     // systemd: ready, a status line kept current, the watchdog.
     if let Some(interval) = crate::systemd::watchdog_interval() {
         tasks.push(tokio::spawn(crate::systemd::run_watchdog(interval, shutdown_signal.clone())));
@@ -236,6 +274,9 @@ pub async fn run_with(
             accounts = %ids.join(", "),
             "stopping with rotated refresh tokens that could not be stored: these accounts need new credentials"
         );
+    }
+    if let Some(store) = &cluster {
+        crate::cluster::release_all(store, &app.pool).await;
     }
     let _ = std::fs::remove_file(&app.config.control.socket);
     tracing::info!("stopped");

@@ -21,8 +21,10 @@
 //! - [`reload`]: the one owner of configuration changes (SIGHUP, `amqctl reload`, the file watcher).
 //! - [`shutdown`]: the stop signal every background task listens to.
 //! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain.
-//! - [`store`]: the redb state store: token chains, account states, counters, usage per day;
+//! - [`store`]: the state store behind one `Backend` trait: redb (embedded, the default) or
+//!   PostgreSQL (`[cluster]`): token chains, account states, counters, usage per day (redb);
 //!   versioned values.
+//! - [`cluster`]: node heartbeats and account leases with fencing epochs (on PostgreSQL).
 //! - [`systemd`]: sd_notify (READY, STATUS, RELOADING, STOPPING), watchdog, socket activation.
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, HTTP client.
@@ -36,6 +38,7 @@
 pub mod accounts;
 pub mod anthropic;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;

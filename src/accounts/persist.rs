@@ -5,17 +5,19 @@
 use super::pool::{Restored, StateInfo, StateSink};
 use super::tokens::{Access, Chain};
 use crate::config::AccountId;
-use crate::store::{AccountRecord, CatalogRecord, Counters, IdentityRecord, StateRecord, Store, TokenRecord};
+use crate::store::{
+    AccountRecord, Backend, CatalogRecord, Counters, IdentityRecord, StateRecord, TokenRecord,
+};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-/// Writes through to the redb store: tokens at once (the caller waits for the disk, on a
+/// Writes through to the store (redb, or PostgreSQL with `[cluster]`): tokens at once (the caller waits for the disk, on a
 /// blocking thread), states and counters through a writer thread that batches them and keeps
 /// what failed to be written until a retry succeeds.
 pub struct StoreSink {
-    store: Store,
+    store: Arc<dyn Backend>,
     queue: Arc<Queue>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -47,7 +49,7 @@ impl Queue {
 }
 
 impl StoreSink {
-    pub fn new(store: Store) -> StoreSink {
+    pub fn new(store: Arc<dyn Backend>) -> StoreSink {
         let queue = Arc::new(Queue { pending: Mutex::default(), changed: Condvar::new() });
         let writer = std::thread::Builder::new().name("store-writer".to_owned()).spawn({
             let (store, queue) = (store.clone(), queue.clone());
@@ -78,7 +80,7 @@ impl Drop for StoreSink {
 /// The writer thread: takes everything queued, writes states durably and counters lazily (one
 /// commit each), and on failure puts back what was not overwritten meanwhile and waits
 /// (backoff, 0.5 s doubling to 10 s) before trying again. Ends when stopped, after one last try.
-fn write_loop(store: &Store, queue: &Queue) {
+fn write_loop(store: &Arc<dyn Backend>, queue: &Queue) {
     let mut pending = queue.lock();
     let mut retry_at: Option<std::time::Instant> = None;
     let mut last_try = false;
@@ -256,7 +258,7 @@ pub fn restored(records: BTreeMap<String, AccountRecord>) -> BTreeMap<String, Re
     records.into_iter().map(|(id, r)| (id, restored_one(r))).collect()
 }
 
-fn restored_one(r: AccountRecord) -> Restored {
+pub fn restored_one(r: AccountRecord) -> Restored {
     let (chain, access) = match r.tokens {
         Some(t) => {
             let access = match (t.access_token, t.access_expires_at) {

@@ -124,6 +124,18 @@ pub struct Account {
     last_model: Mutex<Option<String>>,
     /// When the requests of the last 60 s started (for `rpm`).
     starts: Mutex<VecDeque<Instant>>,
+    /// `[cluster]`: until when (ms on [`mono_ms`]'s clock) this node validly holds the account's
+    /// lease; 0 = not held. [`ALWAYS_HELD`] without a cluster.
+    held_until: AtomicU64,
+}
+
+/// [`Account::held_until`] without a cluster: every account is this node's.
+const ALWAYS_HELD: u64 = u64::MAX;
+
+/// Milliseconds on a monotonic clock (since the first call), for lease validity.
+pub fn mono_ms() -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// A read-only snapshot of an account for status output (never a secret).
@@ -220,6 +232,7 @@ impl Account {
             catalog_failures: AtomicU32::new(0),
             last_model: Mutex::new(None),
             starts: Mutex::new(VecDeque::new()),
+            held_until: AtomicU64::new(ALWAYS_HELD),
         };
         (account, new_identity)
     }
@@ -347,8 +360,16 @@ impl Account {
         st.state
     }
 
+    /// Whether this node may serve the account for at least `margin_ms` more (always, without
+    /// a cluster; with one, while its lease is validly held).
+    pub fn held_for(&self, margin_ms: u64) -> bool {
+        let until = self.held_until.load(Ordering::SeqCst);
+        until == ALWAYS_HELD || until > mono_ms().saturating_add(margin_ms)
+    }
+
     fn usable(&self, now: SystemTime) -> bool {
-        !self.removed.load(Ordering::SeqCst)
+        self.held_for(0)
+            && !self.removed.load(Ordering::SeqCst)
             && self.spec.read().unwrap_or_else(|e| e.into_inner()).enabled
             && self.effective_state(now) == State::Active
             // Its token cannot be used until the rotated chain is stored.
@@ -409,6 +430,10 @@ pub enum PoolError {
     /// `retry_after` estimates when a slot frees (the recent mean time a request holds one).
     #[error("every Amazon Q account is busy (all at max_concurrency for {waited_secs} s)")]
     Busy { retry_after: Duration, waited_secs: u64 },
+    /// `[cluster]`: this node holds no account's lease (PostgreSQL unreachable past the leases,
+    /// or every account served by other nodes).
+    #[error("this node serves no account now: {reason}")]
+    NoLease { reason: String },
 }
 
 /// Counts of accounts by state (for `/health`, `STATUS=`, metrics, the control API).
@@ -424,6 +449,9 @@ pub struct PoolSummary {
     pub in_flight: u64,
     /// Accounts whose rotated refresh token is held in memory only (storing it failed).
     pub unsaved: usize,
+    /// `[cluster]`: accounts this node does not hold the lease of (served by other nodes); not
+    /// counted in `total` nor in any state.
+    pub elsewhere: usize,
 }
 
 impl PoolSummary {
@@ -478,6 +506,9 @@ pub struct Pool {
     orphans: Mutex<Vec<Arc<Account>>>,
     pub refreshes_ok: AtomicU64,
     pub refreshes_failed: AtomicU64,
+    /// `[cluster]`: accounts are served only under a lease ([`Pool::hold`]); a token refresh
+    /// starts only while the lease has at least this long (ms) left. `None`: no cluster.
+    cluster_guard_ms: RwLock<Option<u64>>,
 }
 
 /// Most refreshes running at once (a thousand accounts never stampede the token endpoint).
@@ -526,10 +557,56 @@ impl Pool {
             orphans: Mutex::new(Vec::new()),
             refreshes_ok: AtomicU64::new(0),
             refreshes_failed: AtomicU64::new(0),
+            cluster_guard_ms: RwLock::new(None),
         });
         // Catalogs restored from the store serve at once.
         pool.rebuild_union();
         pool
+    }
+
+    /// `[cluster]`: from now on an account serves only while [`Pool::hold`] says this node
+    /// holds its lease; a refresh starts only with at least `guard` of the lease left.
+    pub fn set_clustered(&self, guard: Duration) {
+        *self.cluster_guard_ms.write().unwrap_or_else(|e| e.into_inner()) = Some(guard.as_millis() as u64);
+        for a in self.accounts() {
+            a.held_until.store(0, Ordering::SeqCst);
+        }
+    }
+
+    fn clustered(&self) -> Option<u64> {
+        *self.cluster_guard_ms.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `[cluster]`: this node holds `id`'s lease until `until_ms` ([`mono_ms`]); 0 = no longer.
+    pub fn hold(&self, id: &str, until_ms: u64) {
+        if let Some(a) = self.get(id) {
+            let was = a.held_until.swap(until_ms, Ordering::SeqCst);
+            if was == 0 && until_ms > 0 {
+                self.freed.notify_waiters();
+            }
+        }
+    }
+
+    /// `[cluster]`: takes over what the store holds for an account whose lease this node has
+    /// just acquired (the previous holder's rotated refresh token, access token, state and
+    /// counters), replacing what this node knew, which may be stale.
+    pub async fn adopt(&self, id: &str, restored: Restored) {
+        let Some(a) = self.get(id) else { return };
+        let fingerprint = a.spec().credentials_fingerprint();
+        if let Some(chain) = restored.chain.filter(|c| c.file_fingerprint == fingerprint) {
+            a.tokens.adopt(chain, restored.access).await;
+        }
+        if let Some(st) = restored.state {
+            *a.state.lock().unwrap_or_else(|e| e.into_inner()) = st;
+        }
+        if let Some(c) = restored.counters {
+            *a.counters.lock().unwrap_or_else(|e| e.into_inner()) = c;
+        }
+    }
+
+    /// The ids of the accounts this node serves (all of them without a cluster).
+    pub fn held_ids(&self) -> Vec<String> {
+        self.accounts().iter().filter(|a| a.held_for(0)).map(|a| a.id.to_string()).collect()
     }
 
     pub fn client(&self) -> &UpstreamClient {
@@ -548,6 +625,10 @@ impl Pool {
         let now = SystemTime::now();
         let mut s = PoolSummary::default();
         for a in self.accounts() {
+            if !a.held_for(0) {
+                s.elsewhere += 1;
+                continue;
+            }
             s.total += 1;
             s.in_flight += a.in_flight() as u64;
             if a.tokens.has_unsaved() {
@@ -743,6 +824,12 @@ impl Pool {
                         retry_after: t.duration_since(now).unwrap_or_default().max(Duration::from_secs(1)),
                         summary,
                     },
+                    None if self.clustered().is_some() && accounts_held(self) == 0 => PoolError::NoLease {
+                        reason: self
+                            .sink
+                            .problem()
+                            .unwrap_or_else(|| "every account is served by other nodes".to_owned()),
+                    },
                     None => PoolError::NoneUsable { summary },
                 })
             }
@@ -851,6 +938,15 @@ impl Pool {
                 force,
                 |chain| async move {
                     let _slot = self.refresh_slots.acquire().await;
+                    if let Some(guard) = self.clustered() {
+                        // Fencing's first line: never rotate a refresh token near the end of
+                        // (or after) the lease; the new holder would find its token dead.
+                        if !a.held_for(guard) {
+                            return Err(RefreshError::Transient(
+                                "this node's lease on the account is ending; not refreshing".into(),
+                            ));
+                        }
+                    }
                     let grant = match &spec.credentials {
                         Credentials::Oidc { client_id, client_secret, .. } => {
                             client
@@ -1292,6 +1388,9 @@ impl Pool {
             if let Some(spec) = specs.get(id) {
                 let restored = self.sink.restore(id);
                 let (account, new_identity) = Account::new((*spec).clone(), &self.upstream, restored);
+                if self.clustered().is_some() {
+                    account.held_until.store(0, Ordering::SeqCst);
+                }
                 if new_identity {
                     self.sink.identity(&account.id, &account.identity.record());
                 }
@@ -1369,7 +1468,7 @@ impl Pool {
             // A rotated token that is not stored yet is retried whatever the account's state:
             // it is the only live link of the chain.
             let unsaved = a.tokens.has_unsaved();
-            if a.kind() == Kind::ApiKey {
+            if a.kind() == Kind::ApiKey || !a.held_for(0) {
                 continue;
             }
             if !unsaved && (a.removed.load(Ordering::SeqCst) || !a.spec().enabled) {
@@ -1426,6 +1525,10 @@ impl Pool {
             self.sink.counters(batch);
         }
     }
+}
+
+fn accounts_held(pool: &Pool) -> usize {
+    pool.accounts().iter().filter(|a| a.held_for(0)).count()
 }
 
 fn weight(a: &Account) -> u32 {

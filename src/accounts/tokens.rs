@@ -94,6 +94,16 @@ impl Tokens {
         self.invalidate_access();
     }
 
+    /// Replaces the chain and the access token with what another holder stored (`[cluster]`
+    /// takeover): any unsaved chain of this node is dropped (its write was fenced).
+    pub async fn adopt(&self, chain: Chain, access: Option<Access>) {
+        let mut held = self.chain.lock().await;
+        *held = Held { chain, unsaved: None };
+        self.unsaved.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        *self.access.write().unwrap_or_else(|e| e.into_inner()) = access;
+    }
+
     pub async fn chain(&self) -> Chain {
         self.chain.lock().await.chain.clone()
     }

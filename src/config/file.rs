@@ -3,8 +3,8 @@
 use super::diag::{Diagnostics, Reporter};
 use super::secret::{ApiKeys, parse_api_key_entry};
 use super::{
-    AccountsConfig, AuthConfig, Config, ControlConfig, Env, ServerConfig, StateConfig, Strategy, TlsFiles,
-    UpstreamConfig,
+    AccountsConfig, AuthConfig, ClusterConfig, Config, ControlConfig, Env, Secret, ServerConfig, StateConfig,
+    Strategy, TlsFiles, UpstreamConfig,
 };
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -30,6 +30,15 @@ struct RawConfig {
     state: RawState,
     #[serde(default)]
     control: RawControl,
+    cluster: Option<RawCluster>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    database_url: Option<Spanned<String>>,
+    node_id: Option<Spanned<String>>,
+    lease_secs: Secs,
 }
 
 type Secs = Option<Spanned<i64>>;
@@ -489,11 +498,80 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
         mode,
     };
 
+    // [cluster]
+    let cluster = match &raw.cluster {
+        None => None,
+        Some(c) => {
+            let url = match &c.database_url {
+                Some(u)
+                    if u.get_ref().starts_with("postgresql://") || u.get_ref().starts_with("postgres://") =>
+                {
+                    match u.get_ref().parse::<tokio_postgres::Config>() {
+                        Ok(_) => Some(Secret::new(u.get_ref().clone())),
+                        Err(e) => {
+                            ck.rep.error_at(Some(u.span()), format!("[cluster] database_url: {e}"));
+                            None
+                        }
+                    }
+                }
+                Some(u) => {
+                    ck.rep.error_at(
+                        Some(u.span()),
+                        "[cluster] database_url must be a postgresql://… URL".to_owned(),
+                    );
+                    None
+                }
+                None => {
+                    ck.rep.error_at(None, "[cluster] needs database_url = \"postgresql://…\"".to_owned());
+                    None
+                }
+            };
+            let node_id = match &c.node_id {
+                Some(n) => {
+                    let v = n.get_ref();
+                    if v.is_empty()
+                        || v.len() > 64
+                        || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+                    {
+                        ck.rep.error_at(
+                            Some(n.span()),
+                            format!("[cluster] node_id {v:?}: 1 to 64 letters, digits and _ . -"),
+                        );
+                    }
+                    v.clone()
+                }
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| "localhost".to_owned()),
+            };
+            let lease = match &c.lease_secs {
+                None => Duration::from_secs(15),
+                Some(v) if (2..=3600).contains(v.get_ref()) => Duration::from_secs(*v.get_ref() as u64),
+                Some(v) => {
+                    ck.rep.error_at(Some(v.span()), "[cluster] lease_secs must be 2 to 3600".to_owned());
+                    Duration::from_secs(15)
+                }
+            };
+            url.map(|database_url| ClusterConfig { database_url, node_id, lease })
+        }
+    };
+
     if ck.rep.out.has_errors() {
         return Err(ck.rep.out);
     }
-    let config =
-        Config { path: path.to_path_buf(), server, auth, upstream, accounts, models, state, control };
+    let config = Config {
+        path: path.to_path_buf(),
+        server,
+        auth,
+        upstream,
+        accounts,
+        models,
+        state,
+        control,
+        cluster,
+    };
     Ok((config, ck.rep.out))
 }
 

@@ -38,6 +38,19 @@ pub struct Config {
     pub models: Vec<(String, String)>,
     pub state: StateConfig,
     pub control: ControlConfig,
+    /// `[cluster]`: several nodes on one PostgreSQL; `None` = one node on redb.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: the PostgreSQL store and account leases.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `postgresql://…`; TLS (rustls) when it says `sslmode=require` (or `prefer`).
+    pub database_url: Secret,
+    /// This node's name in leases and `amqctl status` (default: the host name).
+    pub node_id: String,
+    /// How long a lease lasts without renewal (default 15 s).
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone)]

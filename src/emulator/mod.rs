@@ -396,6 +396,9 @@ impl Default for EmulatorOptions {
 pub struct Stats {
     pub refreshes: u64,
     pub refresh_failures: u64,
+    /// OIDC refresh calls that began while another for the same account was still being
+    /// answered (two clients refreshing one account at once).
+    pub overlapping_refreshes: u64,
     pub requests: u64,
     pub rejected_malformed: u64,
     /// Streams currently being written.

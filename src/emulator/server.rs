@@ -187,6 +187,10 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>, ctl: Arc<ConnCtl>) -
             let (parts, body) = req.into_parts();
             match read_body(body, MAX_TOKEN_BODY).await {
                 Ok(body) => {
+                    let client_id = serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v.get("clientId").and_then(|c| c.as_str()).map(str::to_owned));
+                    let _call = client_id.as_deref().map(|c| shared.refresh_call(c));
                     let answer = oidc::create_token(&shared, &parts.headers, &body, &request_id);
                     token_delay(&shared).await;
                     answer

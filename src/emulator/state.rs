@@ -85,6 +85,26 @@ struct Inner {
     access_tokens: HashMap<String, AccessToken>,
     disabled_roles: HashSet<Role>,
     stats: Stats,
+    /// Refresh calls being answered, by client id (for [`Stats::overlapping_refreshes`]).
+    refreshing: HashMap<String, u32>,
+}
+
+/// A refresh call being answered (from its body read to its answer sent).
+pub(super) struct RefreshCall<'a> {
+    shared: &'a Shared,
+    client_id: String,
+}
+
+impl Drop for RefreshCall<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        if let Some(n) = inner.refreshing.get_mut(&self.client_id) {
+            *n -= 1;
+            if *n == 0 {
+                inner.refreshing.remove(&self.client_id);
+            }
+        }
+    }
 }
 
 /// Why a refresh was refused.
@@ -440,6 +460,18 @@ impl Shared {
                 (ua.to_owned(), ids)
             })
             .collect()
+    }
+
+    /// A refresh call for `client_id` begins: when another for the same account is still being
+    /// answered, that is an overlapping refresh (two holders refreshing one account at once).
+    pub(super) fn refresh_call(&self, client_id: &str) -> RefreshCall<'_> {
+        let mut inner = self.lock();
+        let n = inner.refreshing.entry(client_id.to_owned()).or_insert(0);
+        *n += 1;
+        if *n > 1 {
+            inner.stats.overlapping_refreshes += 1;
+        }
+        RefreshCall { shared: self, client_id: client_id.to_owned() }
     }
 
     /// A `CreateToken` call refused before the account was looked at (malformed body, grant type).

@@ -346,6 +346,9 @@ pub fn pool_to_api(e: &PoolError) -> ApiError {
             ApiError::new(ErrorKind::RateLimit, e.to_string()).with_retry_after(*retry_after)
         }
         PoolError::NoneUsable { .. } => ApiError::new(ErrorKind::Overloaded, e.to_string()),
+        PoolError::NoLease { .. } => ApiError::new(ErrorKind::Overloaded, e.to_string())
+            .with_status(http::StatusCode::SERVICE_UNAVAILABLE)
+            .with_retry_after(Duration::from_secs(1)),
         PoolError::Busy { retry_after, .. } => {
             ApiError::new(ErrorKind::RateLimit, e.to_string()).with_retry_after(*retry_after)
         }

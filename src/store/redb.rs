@@ -157,6 +157,15 @@ pub enum StoreError {
     /// Any other redb failure, with the store's path.
     #[error("store: {0}")]
     Db(String),
+    /// PostgreSQL (`[cluster]`) failed or cannot be reached.
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
+    /// A token write refused because this node no longer holds the account's lease (fencing):
+    /// another node has taken the account over.
+    #[error(
+        "account {account}: this node no longer holds its lease (epoch {epoch}); the token is not written"
+    )]
+    Fenced { account: String, epoch: i64 },
 }
 
 /// [`StoreError::Corrupt`]'s `table` when the file itself is damaged.
@@ -1038,7 +1047,7 @@ fn narrow_mode(path: &Path) -> Result<(), StoreError> {
 
 // ---- value encoding ----
 
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+pub(super) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     let mut out = vec![VALUE_VERSION];
     serde_json::to_writer(&mut out, value).map_err(|e| StoreError::Db(format!("encoding a value: {e}")))?;
     Ok(out)
@@ -1095,7 +1104,7 @@ fn opt_time_field(
 }
 
 #[derive(Serialize, Deserialize)]
-struct TokenWire {
+pub(super) struct TokenWire {
     refresh_token: String,
     file_fingerprint: String,
     rotated: bool,
@@ -1117,7 +1126,7 @@ impl From<&TokenRecord> for TokenWire {
     }
 }
 
-fn decode_tokens(key: &str, raw: &[u8]) -> Result<TokenRecord, StoreError> {
+pub(super) fn decode_tokens(key: &str, raw: &[u8]) -> Result<TokenRecord, StoreError> {
     const T: &str = "tokens";
     let w: TokenWire = decode(T, key, raw)?;
     let mut file_fingerprint = [0u8; 32];
@@ -1134,7 +1143,7 @@ fn decode_tokens(key: &str, raw: &[u8]) -> Result<TokenRecord, StoreError> {
 }
 
 #[derive(Serialize, Deserialize)]
-struct StateWire {
+pub(super) struct StateWire {
     state: String,
     since_ms: Option<i64>,
     until_ms: Option<i64>,
@@ -1157,7 +1166,7 @@ impl From<&StateRecord> for StateWire {
     }
 }
 
-fn decode_state(key: &str, raw: &[u8]) -> Result<StateRecord, StoreError> {
+pub(super) fn decode_state(key: &str, raw: &[u8]) -> Result<StateRecord, StoreError> {
     const T: &str = "state";
     let w: StateWire = decode(T, key, raw)?;
     Ok(StateRecord {
@@ -1174,7 +1183,7 @@ fn decode_state(key: &str, raw: &[u8]) -> Result<StateRecord, StoreError> {
 }
 
 #[derive(Serialize, Deserialize)]
-struct CountersWire {
+pub(super) struct CountersWire {
     requests: u64,
     failures: u64,
     failures_by_kind: BTreeMap<String, u64>,
@@ -1199,7 +1208,7 @@ impl From<&Counters> for CountersWire {
     }
 }
 
-fn decode_counters(key: &str, raw: &[u8]) -> Result<Counters, StoreError> {
+pub(super) fn decode_counters(key: &str, raw: &[u8]) -> Result<Counters, StoreError> {
     const T: &str = "counters";
     let w: CountersWire = decode(T, key, raw)?;
     Ok(Counters {
@@ -1214,7 +1223,7 @@ fn decode_counters(key: &str, raw: &[u8]) -> Result<Counters, StoreError> {
 }
 
 #[derive(Serialize, Deserialize)]
-struct IdentityWire {
+pub(super) struct IdentityWire {
     machine_id: String,
     profile_arn: Option<String>,
     profile_for: Option<String>,
@@ -1233,7 +1242,7 @@ impl From<&IdentityRecord> for IdentityWire {
 }
 
 #[derive(Serialize, Deserialize)]
-struct CatalogWire {
+pub(super) struct CatalogWire {
     fetched_at_ms: i64,
     models: Vec<crate::upstream::catalog::CatalogModel>,
 }
@@ -1244,13 +1253,13 @@ impl From<&CatalogRecord> for CatalogWire {
     }
 }
 
-fn decode_catalog(key: &str, raw: &[u8]) -> Result<CatalogRecord, StoreError> {
+pub(super) fn decode_catalog(key: &str, raw: &[u8]) -> Result<CatalogRecord, StoreError> {
     const T: &str = "catalog";
     let w: CatalogWire = decode(T, key, raw)?;
     Ok(CatalogRecord { fetched_at: time_field(T, key, "fetched_at_ms", w.fetched_at_ms)?, models: w.models })
 }
 
-fn decode_identity(key: &str, raw: &[u8]) -> Result<IdentityRecord, StoreError> {
+pub(super) fn decode_identity(key: &str, raw: &[u8]) -> Result<IdentityRecord, StoreError> {
     const T: &str = "identity";
     let w: IdentityWire = decode(T, key, raw)?;
     let profile_for = match w.profile_for {
@@ -1543,7 +1552,13 @@ mod tests {
 
         let tmp = tempfile::tempdir().unwrap();
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["store::tests::child_counts_then_idles", "--exact", "--ignored", "--nocapture", "-q"])
+            .args([
+                "store::redb::tests::child_counts_then_idles",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "-q",
+            ])
             .env(CHILD_DIR_ENV, tmp.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

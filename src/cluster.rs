@@ -1,0 +1,198 @@
+//! `[cluster]`: node heartbeats and account leases with fencing epochs, on the PostgreSQL store.
+//!
+//! Every node reads the same `accounts.toml`; an account is served (and its tokens refreshed)
+//! only by the node that holds its lease in PostgreSQL. Each tick (a third of `lease_secs`) a
+//! node:
+//!
+//! 1. heartbeats and renews its unexpired leases; a lease missing from the answer is lost
+//!    (another node took it after it expired) and the account stops serving here at once;
+//! 2. counts the live nodes (heartbeat within their lease) and takes free or expired leases up
+//!    to its fair share (`ceil(accounts / live nodes)`), each with the next epoch, loading the
+//!    account's stored tokens before serving it — so a dead node's accounts are served again
+//!    within `lease_secs` plus a tick;
+//! 3. when it holds more than its share while another live node holds less, gives up one idle
+//!    account (none in flight) per tick: a joining node fills up gradually, no stream is cut;
+//! 4. runs the `amqctl` commands (refresh, enable, disable) queued for the accounts it holds.
+//!
+//! Locally a lease counts as held until `t0 + lease − lease/10`, `t0` being taken before the
+//! renewal was sent (the database's expiry is later): a node that cannot reach PostgreSQL keeps
+//! serving those accounts until then, after which it answers 503 `overloaded_error` and says so
+//! in `/health` and `STATUS=`. A token refresh starts only with half a lease left, and the
+//! token write itself is fenced by the epoch in the database (see [`crate::store::postgres`]).
+
+use crate::accounts::Pool;
+use crate::accounts::pool::mono_ms;
+use crate::store::postgres::PgStore;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The lease loop's period for a lease of `lease`.
+pub fn tick(lease: Duration) -> Duration {
+    (lease / 3).max(Duration::from_millis(200))
+}
+
+/// How long a lease renewed at `t0_ms` counts as held here.
+fn valid_until(t0_ms: u64, lease: Duration) -> u64 {
+    let lease_ms = lease.as_millis() as u64;
+    t0_ms + lease_ms - lease_ms / 10
+}
+
+/// Runs the lease loop until `stop`; then gives every lease up (another node takes over at
+/// once rather than after the lease expires).
+pub async fn run(
+    store: PgStore,
+    pool: Arc<Pool>,
+    status: impl Fn() -> String + Send + 'static,
+    mut stop: crate::shutdown::Shutdown,
+) {
+    let lease = store.lease();
+    let node = store.node_id().to_owned();
+    match store.reclaim().await {
+        Ok(back) => {
+            let until = valid_until(mono_ms(), lease);
+            for (id, _) in &back {
+                adopt(&store, &pool, id, until).await;
+            }
+            if !back.is_empty() {
+                tracing::info!(node = %node, accounts = back.len(), "took back this node's unexpired leases");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot reach PostgreSQL at start-up; retrying"),
+    }
+    loop {
+        step(&store, &pool, &status()).await;
+        tokio::select! {
+            _ = tokio::time::sleep(tick(lease)) => {}
+            _ = stop.recv() => break,
+        }
+    }
+}
+
+/// At shutdown (after the drain): gives every lease up.
+pub async fn release_all(store: &PgStore, pool: &Pool) {
+    for id in store.held_all().into_keys() {
+        pool.hold(&id, 0);
+        if let Err(e) = store.release(&id).await {
+            tracing::debug!(account = %id, error = %e, "could not release the lease");
+        }
+    }
+}
+
+/// One tick of the lease loop.
+pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
+    let lease = store.lease();
+    let t0 = mono_ms();
+    let held = match store.heartbeat(status).await {
+        Ok(()) => store.renew().await,
+        Err(e) => Err(e),
+    };
+    let held = match held {
+        Ok(h) => h,
+        Err(e) => {
+            // Keep serving under the leases still validly held (they run out on their own).
+            tracing::warn!(error = %e, "cluster: cannot renew leases");
+            return;
+        }
+    };
+    let until = valid_until(t0, lease);
+    for a in pool.accounts() {
+        let id = a.id.as_str();
+        if held.contains_key(id) {
+            pool.hold(id, until);
+        } else if a.held_for(0) {
+            tracing::warn!(account = %id, "cluster: lease lost (another node holds the account now)");
+            pool.hold(id, 0);
+        }
+    }
+    let Ok((nodes, leases)) = store.cluster_view().await else { return };
+    let live = nodes.iter().filter(|n| n.alive).count().max(1);
+    let ids: Vec<String> = pool.accounts().iter().map(|a| a.id.to_string()).collect();
+    let target = ids.len().div_ceil(live);
+    let mut mine = held.len();
+    let taken: HashSet<&str> = leases
+        .iter()
+        .filter(|l| l.node_id.is_some() && l.expires_in_ms > 0)
+        .map(|l| l.account.as_str())
+        .collect();
+    if mine < target {
+        // Start at a node-specific point so that nodes do not all race for the same account.
+        let mut free: Vec<&String> = ids.iter().filter(|id| !taken.contains(id.as_str())).collect();
+        if !free.is_empty() {
+            let start = crate::hash::sha256(store.node_id().as_bytes())[0] as usize % free.len();
+            free.rotate_left(start);
+        }
+        for id in free {
+            if mine >= target {
+                break;
+            }
+            match store.acquire(id).await {
+                Ok(Some(h)) => {
+                    adopt(store, pool, id, until).await;
+                    tracing::info!(account = %id, epoch = h.epoch, "cluster: lease acquired");
+                    mine += 1;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(account = %id, error = %e, "cluster: cannot acquire a lease");
+                    break;
+                }
+            }
+        }
+    } else if mine > target && nodes.iter().any(|n| n.alive && (n.leases as usize) < target) {
+        // Hand one idle account over per tick.
+        if let Some(a) =
+            pool.accounts().into_iter().find(|a| held.contains_key(a.id.as_str()) && a.in_flight() == 0)
+        {
+            pool.hold(a.id.as_str(), 0);
+            match store.release(a.id.as_str()).await {
+                Ok(()) => tracing::info!(account = %a.id, "cluster: lease handed over (rebalancing)"),
+                Err(e) => tracing::warn!(account = %a.id, error = %e, "cluster: cannot release a lease"),
+            }
+        }
+    }
+    match store.take_commands().await {
+        Ok(cmds) => {
+            for (id, cmd) in cmds {
+                run_command(pool, &id, &cmd).await;
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "cluster: cannot read commands"),
+    }
+}
+
+/// Loads what the store holds for `id` (just acquired) and serves it until `until`.
+async fn adopt(store: &PgStore, pool: &Arc<Pool>, id: &str, until: u64) {
+    match store.get_async(id).await {
+        Ok(Some(rec)) => pool.adopt(id, crate::accounts::persist::restored_one(rec)).await,
+        Ok(None) => {}
+        Err(e) => {
+            // Serving on possibly stale tokens could refresh a dead chain: give it back.
+            tracing::warn!(account = %id, error = %e, "cluster: cannot load the account; giving its lease back");
+            let _ = store.release(id).await;
+            return;
+        }
+    }
+    pool.hold(id, until);
+}
+
+/// An `amqctl` command queued by another node for an account this node holds.
+async fn run_command(pool: &Arc<Pool>, id: &str, cmd: &str) {
+    tracing::info!(account = %id, command = %cmd, "cluster: command from another node");
+    match cmd {
+        "enable" => {
+            pool.enable(id);
+        }
+        "disable" => {
+            pool.disable(id);
+        }
+        "refresh" => {
+            if let Some(a) = pool.get(id) {
+                if let Err(e) = pool.refresh_now(&a).await {
+                    tracing::warn!(account = %id, error = %e, "cluster: refresh failed");
+                }
+            }
+        }
+        other => tracing::warn!(command = %other, "cluster: unknown command"),
+    }
+}

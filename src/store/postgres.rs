@@ -1,0 +1,715 @@
+//! The PostgreSQL store (`[cluster]`): the same records as the redb store, shared by every node,
+//! plus the cluster's tables (nodes, account leases, commands), through `tokio-postgres`.
+//!
+//! # Schema (in the `amq2api` schema, created and migrated by the daemon)
+//!
+//! | table                                          | what                                          |
+//! |------------------------------------------------|-----------------------------------------------|
+//! | `migrations (version, applied_at)`             | the versions applied ([`MIGRATIONS`])         |
+//! | `tokens / state / counters / identity / catalog (account, value)` | the redb store's values, byte for byte (version byte ++ JSON) |
+//! | `nodes (node_id, started_at, heartbeat_at, lease_ms, status)` | each node's heartbeat          |
+//! | `leases (account, node_id, epoch, expires_at)` | who serves an account, until when; `epoch` grows at every change of holder |
+//! | `commands (id, account, command, …)`           | `amqctl` account commands for the holder      |
+//!
+//! Migrations run at start-up in one transaction under an advisory lock, so nodes starting
+//! together never race; a database migrated by a newer amq2api is refused.
+//!
+//! # Fencing
+//!
+//! [`PgStore::put_tokens`] writes only in a transaction that first locks this node's lease row
+//! for the account *with the epoch it acquired* and checks it has not expired (the database's
+//! clock): a node that lost its lease — paused, partitioned, slow — gets
+//! [`StoreError::Fenced`] and can never overwrite the token the new holder stored. The token row
+//! also keeps the epoch that wrote it and refuses an older one.
+//!
+//! # Connections
+//!
+//! Two connections (one for data, one for leases and heartbeats, so that a slow write never
+//! delays a lease renewal), each opened on first use and again after a failure; every
+//! statement has a deadline. TLS (rustls, the ring provider, the webpki roots) when the URL says
+//! `sslmode=require` or `sslmode=prefer`.
+
+use super::redb::{
+    CatalogWire, CountersWire, IdentityWire, StateWire, TokenWire, decode_catalog, decode_counters,
+    decode_identity, decode_state, decode_tokens, encode,
+};
+use super::{
+    AccountRecord, Backend, CatalogRecord, Counters, IdentityRecord, StateRecord, StoreError, StoreProblem,
+    TokenRecord,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio_postgres::{Client, NoTls};
+
+/// Schema migrations, oldest first: step `i` brings the schema to version `i + 1`.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the store's values, the cluster's nodes, leases and commands.
+    "CREATE TABLE amq2api.tokens (account text PRIMARY KEY, value bytea NOT NULL,
+         epoch bigint NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL DEFAULT now());
+     CREATE TABLE amq2api.state (account text PRIMARY KEY, value bytea NOT NULL);
+     CREATE TABLE amq2api.counters (account text PRIMARY KEY, value bytea NOT NULL);
+     CREATE TABLE amq2api.identity (account text PRIMARY KEY, value bytea NOT NULL);
+     CREATE TABLE amq2api.catalog (account text PRIMARY KEY, value bytea NOT NULL);
+     CREATE TABLE amq2api.nodes (node_id text PRIMARY KEY, started_at timestamptz NOT NULL,
+         heartbeat_at timestamptz NOT NULL, lease_ms bigint NOT NULL, status text NOT NULL DEFAULT '');
+     CREATE TABLE amq2api.leases (account text PRIMARY KEY, node_id text,
+         epoch bigint NOT NULL, expires_at timestamptz NOT NULL);
+     CREATE INDEX leases_node ON amq2api.leases (node_id);
+     CREATE TABLE amq2api.commands (id bigserial PRIMARY KEY, account text NOT NULL,
+         command text NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
+         done_by text, done_at timestamptz, result text);",
+];
+
+/// Longest one statement (or transaction) may take before the connection is dropped.
+const STATEMENT_DEADLINE: Duration = Duration::from_secs(5);
+/// The advisory lock key that serialises migrations (any constant; "amq2" in ASCII).
+const MIGRATION_LOCK: i64 = 0x616d_7132;
+
+/// The tables that hold an account's values.
+const VALUE_TABLES: [&str; 5] = ["tokens", "state", "counters", "identity", "catalog"];
+
+/// A lease this node holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub epoch: i64,
+}
+
+/// One row of `leases`, for status output.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LeaseRow {
+    pub account: String,
+    pub node_id: Option<String>,
+    pub epoch: i64,
+    /// Milliseconds until it expires (negative: expired).
+    pub expires_in_ms: i64,
+}
+
+/// One row of `nodes`, for status output.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NodeRow {
+    pub node_id: String,
+    /// Milliseconds since its last heartbeat.
+    pub heartbeat_age_ms: i64,
+    pub alive: bool,
+    pub status: String,
+    pub leases: i64,
+}
+
+/// The PostgreSQL store. Cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    rt: tokio::runtime::Handle,
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// `[0]` data, `[1]` leases and heartbeats.
+    conns: [tokio::sync::Mutex<Option<Client>>; 2],
+    node_id: String,
+    lease: Duration,
+    /// The leases this node holds, by account: the epoch every token write is fenced with.
+    held: Mutex<HashMap<String, Held>>,
+    problem: Mutex<Option<StoreProblem>>,
+}
+
+/// Which connection an operation uses.
+#[derive(Clone, Copy)]
+enum Conn {
+    Data = 0,
+    Leases = 1,
+}
+
+fn pg(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Postgres(e.to_string())
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("node_id", &self.inner.node_id).finish_non_exhaustive()
+    }
+}
+
+/// Whether the URL asks for TLS (`sslmode=require` or `sslmode=prefer`, spelled out).
+fn wants_tls(url: &str) -> bool {
+    let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
+    query.split('&').any(|kv| matches!(kv, "sslmode=require" | "sslmode=prefer"))
+}
+
+fn tls_connector() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Postgres(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+}
+
+impl PgStore {
+    /// Connects to `url`, creates or migrates the schema, and returns the store for `node_id`.
+    /// Must be called on the runtime (its connections' tasks run there).
+    pub async fn connect(url: &str, node_id: &str, lease: Duration) -> Result<PgStore, StoreError> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(pg)?;
+        config.connect_timeout(STATEMENT_DEADLINE).application_name("amq2api");
+        let tls = if wants_tls(url) { Some(tls_connector()?) } else { None };
+        let store = PgStore {
+            inner: Arc::new(Inner {
+                rt: tokio::runtime::Handle::current(),
+                config,
+                tls,
+                conns: [tokio::sync::Mutex::new(None), tokio::sync::Mutex::new(None)],
+                node_id: node_id.to_owned(),
+                lease,
+                held: Mutex::new(HashMap::new()),
+                problem: Mutex::new(None),
+            }),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.inner.lease
+    }
+
+    /// The epoch this node holds `account`'s lease with, if it does.
+    pub fn held(&self, account: &str) -> Option<Held> {
+        self.inner.held.lock().unwrap_or_else(|p| p.into_inner()).get(account).copied()
+    }
+
+    /// Every lease this node believes it holds.
+    pub fn held_all(&self) -> HashMap<String, Held> {
+        self.inner.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_held(&self, account: &str, held: Option<Held>) {
+        let mut map = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+        match held {
+            Some(h) => {
+                map.insert(account.to_owned(), h);
+            }
+            None => {
+                map.remove(account);
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<Client, StoreError> {
+        let config = &self.inner.config;
+        let client = match &self.inner.tls {
+            Some(tls) => {
+                let (client, connection) = config.connect(tls.clone()).await.map_err(pg)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "PostgreSQL connection ended");
+                    }
+                });
+                client
+            }
+            None => {
+                let (client, connection) = config.connect(NoTls).await.map_err(pg)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "PostgreSQL connection ended");
+                    }
+                });
+                client
+            }
+        };
+        Ok(client)
+    }
+
+    /// Runs `op` on connection `which` (opened first when needed) within the statement
+    /// deadline; a failure or a timeout drops the connection (the next use opens another) and
+    /// is recorded as the store's problem until an operation succeeds again.
+    async fn run<T>(
+        &self,
+        which: Conn,
+        op: impl for<'c> FnOnce(
+            &'c mut Client,
+        )
+            -> std::pin::Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'c>>,
+    ) -> Result<T, StoreError> {
+        let mut slot = self.inner.conns[which as usize].lock().await;
+        let result = tokio::time::timeout(STATEMENT_DEADLINE, async {
+            if slot.as_ref().is_none_or(|c| c.is_closed()) {
+                *slot = Some(self.open().await?);
+            }
+            op(slot.as_mut().expect("opened above")).await
+        })
+        .await
+        .unwrap_or_else(|_| Err(StoreError::Postgres("no answer within 5 s".into())));
+        match &result {
+            Ok(_) => {
+                if let Some(p) = self.inner.problem.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    tracing::info!(failed_attempts = p.failures, "PostgreSQL answers again");
+                }
+            }
+            Err(StoreError::Fenced { .. }) => {}
+            Err(e) => {
+                if !matches!(e, StoreError::Corrupt { .. }) {
+                    *slot = None;
+                }
+                let mut problem = self.inner.problem.lock().unwrap_or_else(|p| p.into_inner());
+                match &mut *problem {
+                    Some(p) => {
+                        p.failures += 1;
+                        p.error = e.to_string();
+                    }
+                    None => {
+                        tracing::error!(error = %e, "PostgreSQL fails");
+                        *problem =
+                            Some(StoreProblem { error: e.to_string(), since: SystemTime::now(), failures: 1 })
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// Runs an async operation from a blocking thread.
+    fn block<T>(&self, f: impl Future<Output = T>) -> T {
+        self.inner.rt.block_on(f)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        self.run(Conn::Data, |c| {
+            Box::pin(async move {
+                let txn = c.transaction().await.map_err(pg)?;
+                txn.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(pg)?;
+                txn.batch_execute(
+                    "CREATE SCHEMA IF NOT EXISTS amq2api;
+                     CREATE TABLE IF NOT EXISTS amq2api.migrations (version integer PRIMARY KEY,
+                         applied_at timestamptz NOT NULL DEFAULT now());",
+                )
+                .await
+                .map_err(pg)?;
+                let row = txn
+                    .query_one("SELECT coalesce(max(version), 0) FROM amq2api.migrations", &[])
+                    .await
+                    .map_err(pg)?;
+                let current: i32 = row.get(0);
+                let newest = MIGRATIONS.len() as i32;
+                if current > newest {
+                    return Err(StoreError::SchemaTooNew { found: current as u32, supported: newest as u32 });
+                }
+                for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+                    let version = i as i32 + 1;
+                    txn.batch_execute(sql).await.map_err(|e| pg(format!("migration {version}: {e}")))?;
+                    txn.execute("INSERT INTO amq2api.migrations (version) VALUES ($1)", &[&version])
+                        .await
+                        .map_err(pg)?;
+                    tracing::info!(version, "PostgreSQL schema migrated");
+                }
+                txn.commit().await.map_err(pg)
+            })
+        })
+        .await
+    }
+
+    /// Every account's values, by account id.
+    pub async fn load_all_async(&self) -> Result<BTreeMap<String, AccountRecord>, StoreError> {
+        self.run(Conn::Data, |c| {
+            Box::pin(async move {
+                let mut out: BTreeMap<String, AccountRecord> = BTreeMap::new();
+                for table in VALUE_TABLES {
+                    let rows = c
+                        .query(&format!("SELECT account, value FROM amq2api.{table}"), &[])
+                        .await
+                        .map_err(pg)?;
+                    for row in rows {
+                        let id: String = row.get(0);
+                        let value: Vec<u8> = row.get(1);
+                        fill(out.entry(id.clone()).or_default(), table, &id, &value)?;
+                    }
+                }
+                Ok(out)
+            })
+        })
+        .await
+    }
+
+    /// One account's values, or `None` when nothing is stored for it.
+    pub async fn get_async(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+        let id = id.to_owned();
+        self.run(Conn::Data, move |c| {
+            Box::pin(async move {
+                let mut rec = AccountRecord::default();
+                let mut any = false;
+                for table in VALUE_TABLES {
+                    let row = c
+                        .query_opt(&format!("SELECT value FROM amq2api.{table} WHERE account = $1"), &[&id])
+                        .await
+                        .map_err(pg)?;
+                    if let Some(row) = row {
+                        any = true;
+                        let value: Vec<u8> = row.get(0);
+                        fill(&mut rec, table, &id, &value)?;
+                    }
+                }
+                Ok(any.then_some(rec))
+            })
+        })
+        .await
+    }
+
+    /// The fenced token write (see the module documentation).
+    pub async fn put_tokens_async(&self, id: &str, t: &TokenRecord) -> Result<(), StoreError> {
+        let Some(Held { epoch }) = self.held(id) else {
+            return Err(StoreError::Fenced { account: id.to_owned(), epoch: 0 });
+        };
+        self.put_tokens_fenced(id, t, epoch).await
+    }
+
+    /// Writes `t` for `id` if this node holds its lease with `epoch`, unexpired, in the same
+    /// transaction; else [`StoreError::Fenced`].
+    pub async fn put_tokens_fenced(&self, id: &str, t: &TokenRecord, epoch: i64) -> Result<(), StoreError> {
+        let value = encode(&TokenWire::from(t))?;
+        let (id, node) = (id.to_owned(), self.inner.node_id.clone());
+        self.run(Conn::Data, move |c| {
+            Box::pin(async move {
+                let txn = c.transaction().await.map_err(pg)?;
+                let lease = txn
+                    .query_opt(
+                        "SELECT 1 FROM amq2api.leases WHERE account = $1 AND node_id = $2 AND epoch = $3
+                         AND expires_at > now() FOR UPDATE",
+                        &[&id, &node, &epoch],
+                    )
+                    .await
+                    .map_err(pg)?;
+                if lease.is_none() {
+                    return Err(StoreError::Fenced { account: id, epoch });
+                }
+                let n = txn
+                    .execute(
+                        "INSERT INTO amq2api.tokens (account, value, epoch, updated_at) VALUES ($1, $2, $3, now())
+                         ON CONFLICT (account) DO UPDATE SET value = EXCLUDED.value, epoch = EXCLUDED.epoch,
+                         updated_at = now() WHERE amq2api.tokens.epoch <= EXCLUDED.epoch",
+                        &[&id, &value, &epoch],
+                    )
+                    .await
+                    .map_err(pg)?;
+                if n == 0 {
+                    return Err(StoreError::Fenced { account: id, epoch });
+                }
+                txn.commit().await.map_err(pg)
+            })
+        })
+        .await
+    }
+
+    async fn put_values(&self, table: &'static str, rows: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.run(Conn::Data, move |c| {
+            Box::pin(async move {
+                let txn = c.transaction().await.map_err(pg)?;
+                let stmt = txn
+                    .prepare(&format!(
+                        "INSERT INTO amq2api.{table} (account, value) VALUES ($1, $2)
+                         ON CONFLICT (account) DO UPDATE SET value = EXCLUDED.value"
+                    ))
+                    .await
+                    .map_err(pg)?;
+                for (id, value) in &rows {
+                    txn.execute(&stmt, &[id, value]).await.map_err(pg)?;
+                }
+                txn.commit().await.map_err(pg)
+            })
+        })
+        .await
+    }
+
+    // --- cluster: nodes and leases (used by crate::cluster) ---
+
+    /// Records this node's heartbeat (and status line).
+    pub async fn heartbeat(&self, status: &str) -> Result<(), StoreError> {
+        let (node, lease_ms, status) =
+            (self.inner.node_id.clone(), self.inner.lease.as_millis() as i64, status.to_owned());
+        self.run(Conn::Leases, move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO amq2api.nodes (node_id, started_at, heartbeat_at, lease_ms, status)
+                     VALUES ($1, now(), now(), $2, $3)
+                     ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = now(), lease_ms = $2, status = $3",
+                    &[&node, &lease_ms, &status],
+                )
+                .await
+                .map_err(pg)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Marks this node as just started (a restart with the same node id) and takes back the
+    /// leases it held under that id that have not expired, with a new epoch (fencing any older
+    /// process of the same name).
+    pub async fn reclaim(&self) -> Result<Vec<(String, Held)>, StoreError> {
+        let (node, lease_ms) = (self.inner.node_id.clone(), self.inner.lease.as_millis() as i64);
+        let rows = self
+            .run(Conn::Leases, move |c| {
+                Box::pin(async move {
+                    c.execute(
+                        "INSERT INTO amq2api.nodes (node_id, started_at, heartbeat_at, lease_ms)
+                         VALUES ($1, now(), now(), $2)
+                         ON CONFLICT (node_id) DO UPDATE SET started_at = now(), heartbeat_at = now()",
+                        &[&node, &lease_ms],
+                    )
+                    .await
+                    .map_err(pg)?;
+                    c.query(
+                        "UPDATE amq2api.leases SET epoch = epoch + 1,
+                         expires_at = now() + $2::float8 * interval '1 millisecond'
+                         WHERE node_id = $1 AND expires_at > now() RETURNING account, epoch",
+                        &[&node, &(lease_ms as f64)],
+                    )
+                    .await
+                    .map_err(pg)
+                })
+            })
+            .await?;
+        let out: Vec<(String, Held)> =
+            rows.iter().map(|r| (r.get::<_, String>(0), Held { epoch: r.get(1) })).collect();
+        for (id, h) in &out {
+            self.set_held(id, Some(*h));
+        }
+        Ok(out)
+    }
+
+    /// Renews every unexpired lease this node holds; returns those it still holds. A lease
+    /// this node believed it held and that is not among them is lost (and forgotten here).
+    pub async fn renew(&self) -> Result<HashMap<String, Held>, StoreError> {
+        let (node, lease_ms) = (self.inner.node_id.clone(), self.inner.lease.as_millis() as i64);
+        let rows = self
+            .run(Conn::Leases, move |c| {
+                Box::pin(async move {
+                    c.query(
+                        "UPDATE amq2api.leases SET expires_at = now() + $2::float8 * interval '1 millisecond'
+                         WHERE node_id = $1 AND expires_at > now() RETURNING account, epoch",
+                        &[&node, &(lease_ms as f64)],
+                    )
+                    .await
+                    .map_err(pg)
+                })
+            })
+            .await?;
+        let renewed: HashMap<String, Held> =
+            rows.iter().map(|r| (r.get::<_, String>(0), Held { epoch: r.get(1) })).collect();
+        let mut held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.retain(|id, h| renewed.get(id) == Some(h));
+        Ok(held.clone())
+    }
+
+    /// Takes `account`'s lease if it is free (no row, no holder, or expired), with the next
+    /// epoch; `None` when another node holds it.
+    pub async fn acquire(&self, account: &str) -> Result<Option<Held>, StoreError> {
+        let (id, node, lease_ms) =
+            (account.to_owned(), self.inner.node_id.clone(), self.inner.lease.as_millis() as i64);
+        let row = self
+            .run(Conn::Leases, move |c| {
+                Box::pin(async move {
+                    c.query_opt(
+                        "INSERT INTO amq2api.leases AS l (account, node_id, epoch, expires_at)
+                         VALUES ($1, $2, 1, now() + $3::float8 * interval '1 millisecond')
+                         ON CONFLICT (account) DO UPDATE SET node_id = EXCLUDED.node_id,
+                             epoch = l.epoch + 1, expires_at = EXCLUDED.expires_at
+                         WHERE l.expires_at <= now() OR l.node_id IS NULL
+                         RETURNING epoch",
+                        &[&id, &node, &(lease_ms as f64)],
+                    )
+                    .await
+                    .map_err(pg)
+                })
+            })
+            .await?;
+        let held = row.map(|r| Held { epoch: r.get(0) });
+        if let Some(h) = held {
+            self.set_held(account, Some(h));
+        }
+        Ok(held)
+    }
+
+    /// Gives `account`'s lease up (rebalancing, shutdown): another node may take it at once.
+    pub async fn release(&self, account: &str) -> Result<(), StoreError> {
+        let Some(Held { epoch }) = self.held(account) else { return Ok(()) };
+        self.set_held(account, None);
+        let (id, node) = (account.to_owned(), self.inner.node_id.clone());
+        self.run(Conn::Leases, move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "UPDATE amq2api.leases SET node_id = NULL, expires_at = now()
+                     WHERE account = $1 AND node_id = $2 AND epoch = $3",
+                    &[&id, &node, &epoch],
+                )
+                .await
+                .map_err(pg)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Forgets a lease locally without touching the database (it was lost).
+    pub fn forget(&self, account: &str) {
+        self.set_held(account, None);
+    }
+
+    /// Every node and lease (for `amqctl status` and the rebalancer).
+    pub async fn cluster_view(&self) -> Result<(Vec<NodeRow>, Vec<LeaseRow>), StoreError> {
+        self.run(Conn::Leases, |c| {
+            Box::pin(async move {
+                let nodes = c
+                    .query(
+                        "SELECT n.node_id, (extract(epoch from now() - n.heartbeat_at) * 1000)::bigint,
+                             n.heartbeat_at > now() - n.lease_ms * interval '1 millisecond', n.status,
+                             (SELECT count(*) FROM amq2api.leases l WHERE l.node_id = n.node_id
+                                 AND l.expires_at > now())
+                         FROM amq2api.nodes n ORDER BY n.node_id",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg)?
+                    .iter()
+                    .map(|r| NodeRow {
+                        node_id: r.get(0),
+                        heartbeat_age_ms: r.get(1),
+                        alive: r.get(2),
+                        status: r.get(3),
+                        leases: r.get(4),
+                    })
+                    .collect();
+                let leases = c
+                    .query(
+                        "SELECT account, node_id, epoch, (extract(epoch from expires_at - now()) * 1000)::bigint
+                         FROM amq2api.leases ORDER BY account",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg)?
+                    .iter()
+                    .map(|r| LeaseRow {
+                        account: r.get(0),
+                        node_id: r.get(1),
+                        epoch: r.get(2),
+                        expires_in_ms: r.get(3),
+                    })
+                    .collect();
+                Ok((nodes, leases))
+            })
+        })
+        .await
+    }
+
+    /// Queues an account command (`refresh`, `enable`, `disable`) for whichever node holds it.
+    pub async fn queue_command(&self, account: &str, command: &str) -> Result<i64, StoreError> {
+        let (id, cmd) = (account.to_owned(), command.to_owned());
+        self.run(Conn::Leases, move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_one(
+                        "INSERT INTO amq2api.commands (account, command) VALUES ($1, $2) RETURNING id",
+                        &[&id, &cmd],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(row.get(0))
+            })
+        })
+        .await
+    }
+
+    /// Takes the pending commands for accounts this node holds (marking them done by it).
+    pub async fn take_commands(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let held: Vec<String> = self.held_all().into_keys().collect();
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let node = self.inner.node_id.clone();
+        self.run(Conn::Leases, move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "UPDATE amq2api.commands SET done_by = $1, done_at = now()
+                         WHERE done_at IS NULL AND account = ANY($2) RETURNING account, command",
+                        &[&node, &held],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            })
+        })
+        .await
+    }
+}
+
+/// Decodes one stored value into its part of `rec`.
+fn fill(rec: &mut AccountRecord, table: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
+    match table {
+        "tokens" => rec.tokens = Some(decode_tokens(id, value)?),
+        "state" => rec.state = decode_state(id, value)?,
+        "counters" => rec.counters = decode_counters(id, value)?,
+        "identity" => rec.identity = Some(decode_identity(id, value)?),
+        "catalog" => rec.catalog = Some(decode_catalog(id, value)?),
+        _ => {}
+    }
+    Ok(())
+}
+
+impl Backend for PgStore {
+    fn load_all(&self) -> Result<BTreeMap<String, AccountRecord>, StoreError> {
+        self.block(self.load_all_async())
+    }
+    fn get(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+        self.block(self.get_async(id))
+    }
+    fn put_tokens(&self, id: &str, t: &TokenRecord) -> Result<(), StoreError> {
+        self.block(self.put_tokens_async(id, t))
+    }
+    fn put_states(&self, batch: &[(String, StateRecord)]) -> Result<(), StoreError> {
+        let rows = batch
+            .iter()
+            .map(|(id, s)| Ok((id.clone(), encode(&StateWire::from(s))?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.block(self.put_values("state", rows))
+    }
+    fn put_counters(&self, batch: &[(String, Counters)]) -> Result<(), StoreError> {
+        let rows = batch
+            .iter()
+            .map(|(id, s)| Ok((id.clone(), encode(&CountersWire::from(s))?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.block(self.put_values("counters", rows))
+    }
+    fn put_identities(&self, batch: &[(String, IdentityRecord)]) -> Result<(), StoreError> {
+        let rows = batch
+            .iter()
+            .map(|(id, s)| Ok((id.clone(), encode(&IdentityWire::from(s))?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.block(self.put_values("identity", rows))
+    }
+    fn put_catalogs(&self, batch: &[(String, CatalogRecord)]) -> Result<(), StoreError> {
+        let rows = batch
+            .iter()
+            .map(|(id, s)| Ok((id.clone(), encode(&CatalogWire::from(s))?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.block(self.put_values("catalog", rows))
+    }
+    fn remove(&self, id: &str) -> Result<(), StoreError> {
+        // Another node may still use the account (it is removed from this node's file first):
+        // the shared rows stay; only this node's lease goes.
+        self.block(self.release(id))
+    }
+    fn problem(&self) -> Option<StoreProblem> {
+        self.inner.problem.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

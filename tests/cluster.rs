@@ -1,0 +1,416 @@
+//! `[cluster]`: several daemons on one real PostgreSQL (a throwaway server started here, in a
+//! temp dir, on a Unix socket), the emulator rotating refresh tokens every few seconds.
+//!
+//! PostgreSQL's server binaries are looked for in /usr/lib/postgresql/*/bin (Debian, Ubuntu;
+//! `.ci/run` installs them); without them each test says so and passes without running.
+
+mod common;
+
+use amq2api::emulator::{Emulator, EmulatorOptions};
+use amq2api::store::postgres::PgStore;
+use amq2api::store::{StoreError, TokenRecord};
+use bytes::Bytes;
+use common::child::{ChildDaemon, write_config};
+use common::{API_KEY, client_id};
+use http_body_util::Full;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+/// A throwaway PostgreSQL server: `initdb` in a temp dir, `pg_ctl start` on a Unix socket there
+/// (as `nobody` when the tests run as root), stopped and removed on drop.
+struct Postgres {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    as_nobody: bool,
+}
+
+impl Postgres {
+    /// `None` (with a message) when PostgreSQL's binaries are not installed.
+    fn start() -> Option<Postgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .filter(|b| b.join("initdb").exists() && b.join("pg_ctl").exists())
+            .max();
+        let Some(bin) = bin else {
+            eprintln!(
+                "SKIPPED: PostgreSQL server binaries not found in /usr/lib/postgresql/*/bin \
+                 (apt-get install -y postgresql)"
+            );
+            return None;
+        };
+        let dir = tempfile::Builder::new().prefix("amq2api-pg").tempdir().unwrap();
+        let as_nobody = nix::unistd::geteuid().is_root();
+        if as_nobody {
+            let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("a nobody user");
+            nix::unistd::chown(dir.path(), Some(nobody.uid), Some(nobody.gid)).unwrap();
+        }
+        let pg = Postgres { bin, dir, as_nobody };
+        let data = pg.dir.path().join("data");
+        pg.run(
+            "initdb",
+            &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-N", "-E", "UTF8"],
+        );
+        let opts = format!(
+            "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            pg.dir.path().display()
+        );
+        pg.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-l",
+                pg.dir.path().join("log").to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+        Some(pg)
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let program = self.bin.join(tool);
+        let mut cmd = if self.as_nobody {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        let out = cmd.args(args).current_dir(self.dir.path()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("postgresql:///postgres?host={}&user=postgres", self.dir.path().display())
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let program = self.bin.join("pg_ctl");
+        let mut cmd = if self.as_nobody {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        let _ = cmd.args(["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"]).output();
+    }
+}
+
+fn ids(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("acct-{i}")).collect()
+}
+
+async fn emulator(ids: &[String], ttl: Duration) -> Emulator {
+    let emu = Emulator::start(EmulatorOptions { access_token_ttl: ttl, ..EmulatorOptions::default() })
+        .await
+        .unwrap();
+    for id in ids {
+        emu.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
+    }
+    emu
+}
+
+/// A node: its own directory and config ([cluster] on `url`), the shared accounts.
+struct Node {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Node {
+    fn new(emu: &Emulator, ids: &[String], url: &str, name: &str, lease_secs: u64) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), emu, ids, "refresh_before_expiry_secs = 60");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!(
+            "[cluster]\ndatabase_url = \"{url}\"\nnode_id = \"{name}\"\nlease_secs = {lease_secs}\n"
+        ));
+        std::fs::write(&config, text).unwrap();
+        Node { dir, config }
+    }
+
+    fn start(&self) -> ChildDaemon {
+        let log = self.dir.path().join("log");
+        ChildDaemon::start_logged(Command::new(common::child::AMQ2API), &self.config, &[], Some(&log))
+    }
+
+    #[allow(dead_code)]
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+}
+
+/// Accounts a node serves now (its `/health` total).
+fn serving(d: &ChildDaemon) -> u64 {
+    d.health()["accounts"]["total"].as_u64().unwrap_or(0)
+}
+
+fn wait_until(within: Duration, what: &str, mut pred: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        if pred() {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < within, "no {what} within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One non-streaming request to `addr`; its status (0 when the connection failed).
+async fn ask(addr: &str) -> u16 {
+    let req = http::Request::post(format!("http://{addr}/v1/messages"))
+        .header("content-type", "application/json")
+        .header("x-api-key", API_KEY)
+        .header("anthropic-version", "2023-06-01")
+        .body(Full::new(Bytes::from(common::simple("hello", false).to_string())))
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(20), common::client().request(req)).await {
+        Ok(Ok(resp)) => {
+            let status = resp.status().as_u16();
+            let body = http_body_util::BodyExt::collect(resp.into_body()).await.map(|b| b.to_bytes());
+            if status != 200 {
+                eprintln!("{addr}: {status} {:?}", body.map(|b| String::from_utf8_lossy(&b).into_owned()));
+            }
+            status
+        }
+        _ => 0,
+    }
+}
+
+/// Clients spread over `addrs` until `stop`: (ok, failed) per address.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<Vec<AtomicU64>>,
+    failed: Arc<Vec<AtomicU64>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(rt: &tokio::runtime::Handle, addrs: &[String], live: Arc<Vec<AtomicBool>>) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok: Arc<Vec<AtomicU64>> = Arc::new(addrs.iter().map(|_| AtomicU64::new(0)).collect());
+        let failed: Arc<Vec<AtomicU64>> = Arc::new(addrs.iter().map(|_| AtomicU64::new(0)).collect());
+        let mut tasks = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            for _ in 0..2 {
+                let (stop, ok, failed, live, addr) =
+                    (stop.clone(), ok.clone(), failed.clone(), live.clone(), addr.clone());
+                tasks.push(rt.spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        if !live[i].load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                        let status = ask(&addr).await;
+                        if status == 200 {
+                            ok[i].fetch_add(1, Ordering::SeqCst);
+                        } else if live[i].load(Ordering::SeqCst) {
+                            failed[i].fetch_add(1, Ordering::SeqCst);
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }));
+            }
+        }
+        Load { stop, ok, failed, tasks }
+    }
+
+    async fn stop(self) -> (Vec<u64>, Vec<u64>) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        (
+            self.ok.iter().map(|x| x.load(Ordering::SeqCst)).collect(),
+            self.failed.iter().map(|x| x.load(Ordering::SeqCst)).collect(),
+        )
+    }
+}
+
+/// Every account's refresh token in PostgreSQL is the emulator's live one (none lost).
+async fn assert_chains_intact(url: &str, emu: &Emulator, ids: &[String]) {
+    let store = PgStore::connect(url, "checker", Duration::from_secs(3)).await.unwrap();
+    for id in ids {
+        let live = emu.live_refresh_token(&client_id(id)).expect("the account has a live refresh token");
+        let stored = store.get_async(id).await.unwrap().and_then(|r| r.tokens).map(|t| t.refresh_token);
+        match stored {
+            Some(s) => assert_eq!(s.expose(), live, "{id}: the stored refresh token is not the live one"),
+            // Never refreshed: the file's token is still the live one.
+            None => assert_eq!(live, format!("refresh-{id}"), "{id}: refreshed, but nothing stored"),
+        }
+    }
+}
+
+/// The fencing rule itself, on the store: a node whose lease expired and was taken over cannot
+/// write a token, in the same transaction that checks the epoch; the new holder can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_lease_cannot_write_a_token() {
+    let Some(pg) = Postgres::start() else { return };
+    let lease = Duration::from_secs(2);
+    let a = PgStore::connect(&pg.url(), "node-a", lease).await.unwrap();
+    let b = PgStore::connect(&pg.url(), "node-b", lease).await.unwrap();
+    let rec = |t: &str| TokenRecord {
+        refresh_token: amq2api::config::Secret::new(t),
+        file_fingerprint: [7; 32],
+        rotated: true,
+        access_token: None,
+        access_expires_at: None,
+        updated_at: SystemTime::now(),
+    };
+    let ha = a.acquire("x").await.unwrap().expect("a free lease");
+    assert!(b.acquire("x").await.unwrap().is_none(), "a held lease is not taken");
+    a.put_tokens_async("x", &rec("from-a-1")).await.unwrap();
+    // A stops renewing (paused); once the lease expires, B takes it over with the next epoch.
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    let hb = b.acquire("x").await.unwrap().expect("an expired lease is taken over");
+    assert_eq!(hb.epoch, ha.epoch + 1);
+    b.put_tokens_async("x", &rec("from-b-1")).await.unwrap();
+    // A, resumed, still believes it holds the lease: its write is refused.
+    assert_eq!(a.held("x"), Some(ha));
+    match a.put_tokens_async("x", &rec("from-a-2")).await {
+        Err(StoreError::Fenced { account, epoch }) => assert_eq!((account.as_str(), epoch), ("x", ha.epoch)),
+        other => panic!("the stale holder's write went through: {other:?}"),
+    }
+    // And its renewal tells it so.
+    assert!(a.renew().await.unwrap().is_empty());
+    assert_eq!(a.held("x"), None);
+    let stored = b.get_async("x").await.unwrap().unwrap().tokens.unwrap();
+    assert_eq!(stored.refresh_token.expose(), "from-b-1");
+    // Migrations ran once, whatever the number of nodes.
+    let c = PgStore::connect(&pg.url(), "node-c", lease).await.unwrap();
+    drop(c);
+}
+
+/// Three daemons, one PostgreSQL, refresh tokens rotating every few seconds; one node killed
+/// under load; then one paused past its lease and resumed.
+#[test]
+fn three_nodes_share_accounts_and_survive_a_kill_and_a_pause() {
+    let Some(pg) = Postgres::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ids = ids(6);
+    // Access tokens live 75 s and refresh 60 s (plus jitter) before expiry: every few seconds.
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(75)));
+    let lease_secs = 3;
+    let nodes: Vec<Node> =
+        ["n1", "n2", "n3"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, lease_secs)).collect();
+    let mut daemons: Vec<Option<ChildDaemon>> = nodes.iter().map(|n| Some(n.start())).collect();
+    let addrs: Vec<String> = daemons.iter().map(|d| d.as_ref().unwrap().addr()).collect();
+    // The accounts spread over the nodes: 2 each.
+    let spread = wait_until(Duration::from_secs(20), "an even spread", || {
+        daemons.iter().all(|d| serving(d.as_ref().unwrap()) == 2)
+    });
+    eprintln!("spread 2/2/2 after {spread:?}");
+    let live: Arc<Vec<AtomicBool>> = Arc::new(addrs.iter().map(|_| AtomicBool::new(true)).collect());
+    let load = Load::start(rt.handle(), &addrs, live.clone());
+    std::thread::sleep(Duration::from_secs(4));
+
+    // SIGKILL n3 under load: its accounts serve again from the others within lease_secs + 2 s.
+    live[2].store(false, Ordering::SeqCst);
+    let victim = daemons[2].take().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim.pid()), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let killed = Instant::now();
+    drop(victim);
+    let takeover =
+        wait_until(Duration::from_secs(lease_secs + 2), "takeover of the killed node's accounts", || {
+            daemons[..2].iter().map(|d| serving(d.as_ref().unwrap())).sum::<u64>() == 6
+        });
+    eprintln!("takeover after {takeover:?} (lease {lease_secs} s)");
+    assert!(killed.elapsed() <= Duration::from_secs(lease_secs + 2));
+    std::thread::sleep(Duration::from_secs(3));
+
+    // SIGSTOP n2 past its lease, then SIGCONT: it must not write (nor refresh) what it lost.
+    let n2 = nix::unistd::Pid::from_raw(daemons[1].as_ref().unwrap().pid());
+    live[1].store(false, Ordering::SeqCst);
+    nix::sys::signal::kill(n2, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    wait_until(Duration::from_secs(lease_secs + 3), "n1 serving everything", || {
+        serving(daemons[0].as_ref().unwrap()) == 6
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    nix::sys::signal::kill(n2, nix::sys::signal::Signal::SIGCONT).unwrap();
+    // Back, it rejoins gradually.
+    wait_until(Duration::from_secs(15), "n2 rejoining", || serving(daemons[1].as_ref().unwrap()) >= 1);
+    live[1].store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(3));
+    let (ok, failed) = rt.block_on(load.stop());
+    eprintln!("requests ok per node {ok:?}, failed {failed:?}");
+    assert!(ok.iter().take(2).all(|&n| n > 0), "requests served: {ok:?}");
+
+    let stats = emu.stats();
+    eprintln!(
+        "emulator: {} refreshes, {} refused, {} overlapping",
+        stats.refreshes, stats.refresh_failures, stats.overlapping_refreshes
+    );
+    assert!(stats.refreshes >= 6, "the refresh tokens rotated: {}", stats.refreshes);
+    assert_eq!(stats.refresh_failures, 0, "a refresh token was lost (refused as rotated away)");
+    assert_eq!(stats.overlapping_refreshes, 0, "two nodes refreshed one account at once");
+    rt.block_on(assert_chains_intact(&pg.url(), &emu, &ids));
+    for d in daemons.into_iter().flatten() {
+        assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    }
+    rt.block_on(emu.shutdown());
+}
+
+/// The whole cluster restarted: stored access tokens are reused (no refresh storm).
+#[test]
+fn a_restarted_cluster_reuses_stored_access_tokens() {
+    let Some(pg) = Postgres::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ids = ids(4);
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
+    let nodes: Vec<Node> = ["r1", "r2"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 3)).collect();
+    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
+    wait_until(Duration::from_secs(20), "every account served, 2 per node", || {
+        daemons.iter().all(|d| serving(d) == 2)
+    });
+    // Every account gets its access token (one refresh each).
+    for d in &daemons {
+        let addr = d.addr();
+        for _ in 0..6 {
+            assert_eq!(rt.block_on(ask(&addr)), 200);
+        }
+    }
+    wait_until(Duration::from_secs(10), "every account refreshed once", || emu.stats().refreshes == 4);
+    for d in daemons {
+        assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    }
+    let before = emu.stats().refreshes;
+    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
+    wait_until(Duration::from_secs(20), "every account served again, 2 per node", || {
+        daemons.iter().all(|d| serving(d) == 2)
+    });
+    for d in &daemons {
+        let addr = d.addr();
+        for _ in 0..6 {
+            assert_eq!(rt.block_on(ask(&addr)), 200);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let after = emu.stats().refreshes;
+    eprintln!("refreshes: {before} before the restart, {after} after");
+    assert_eq!(after, before, "the restart refreshed tokens it had stored");
+    assert_eq!(emu.stats().refresh_failures, 0);
+    for d in daemons {
+        assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    }
+    let _ = Path::new("");
+    rt.block_on(emu.shutdown());
+}
