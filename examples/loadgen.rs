@@ -15,7 +15,7 @@
 //! - `short`: streamed replies of `--short-chars` characters, closed loop at each of
 //!   `--concurrency` (default 1, 50, 500 clients, one keep-alive connection each), `--warmup`
 //!   seconds unrecorded then `--duration` seconds measured;
-//! - `long`: `--long-requests` replies of `--long-chars` characters (1 MB) in the emulator's small
+//! - `long`: `--long-requests` replies of `--long-chars` characters (200 kB) in the emulator's small
 //!   fragments (1–12 characters), one at a time;
 //! - `held`: `--held` streams opened at once and held open for `--hold` seconds while the emulator
 //!   sends one fragment every `--held-interval-ms`; the daemon's RSS with them open against idle;
@@ -97,8 +97,8 @@ struct Args {
     /// Characters of a `short` reply.
     #[arg(long, default_value_t = 200)]
     short_chars: usize,
-    /// Characters of a `long` reply.
-    #[arg(long, default_value_t = 1_000_000)]
+    /// Characters of a `long` reply (about 50k tokens: under the model's 64k output limit).
+    #[arg(long, default_value_t = 200_000)]
     long_chars: usize,
     /// Sequential `long` requests per path.
     #[arg(long, default_value_t = 3)]
@@ -124,6 +124,15 @@ struct Args {
     /// Keep the temporary directory (config, state, the daemon's log) and print its path.
     #[arg(long)]
     keep_dir: bool,
+    /// HAProxy for the third path: HAProxy in front of the emulator, the plain proxy the daemon
+    /// is measured against (default: `haproxy` on PATH when there is one; `none` skips it).
+    #[arg(long)]
+    haproxy: Option<String>,
+    /// CPU microseconds the emulator spends on every event frame, each frame then leaving in a
+    /// write of its own: an upstream as slow as a Python stand-in (`EmulatorOptions::frame_work`).
+    /// 0: full speed.
+    #[arg(long, default_value_t = 0)]
+    frame_work_us: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -236,6 +245,8 @@ struct Target {
 }
 
 type BuildRequest = Box<dyn Fn(&str) -> http::Request<Full<Bytes>> + Send + Sync>;
+/// The Amazon Q request for a prompt, shared by the direct and the HAProxy paths.
+type SharedBuild = Arc<dyn Fn(&str) -> http::Request<Full<Bytes>> + Send + Sync>;
 
 struct Conn {
     sender: SendRequest<Full<Bytes>>,
@@ -392,6 +403,7 @@ impl RunResult {
 struct Pair {
     workload: String,
     direct: Option<RunResult>,
+    haproxy: Option<RunResult>,
     daemon: Option<RunResult>,
 }
 
@@ -402,11 +414,11 @@ fn f(v: f64, digits: usize) -> String {
 fn print_pairs(pairs: &[Pair]) {
     println!();
     println!(
-        "| workload | path | requests (errors) | req/s | first byte p50 / p99 ms | total p50 / p99 ms | daemon CPU ms/req | emulator CPU ms/req | client CPU ms/req | daemon RSS max MiB |"
+        "| workload | path | requests (errors) | req/s | first byte p50 / p99 ms | total p50 / p99 ms | proxy CPU ms/req | emulator CPU ms/req | client CPU ms/req | proxy RSS max MiB |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for p in pairs {
-        for (path, r) in [("direct", &p.direct), ("daemon", &p.daemon)] {
+        for (path, r) in [("direct", &p.direct), ("haproxy", &p.haproxy), ("daemon", &p.daemon)] {
             let Some(r) = r else { continue };
             println!(
                 "| {} | {path} | {} ({}) | {} | {} / {} | {} / {} | {} | {} | {} | {} |",
@@ -418,10 +430,10 @@ fn print_pairs(pairs: &[Pair]) {
                 f(r.fb(99.0), 2),
                 f(r.total(50.0), 2),
                 f(r.total(99.0), 2),
-                if path == "daemon" { f(r.per_req(r.cpu.daemon), 3) } else { "–".into() },
+                if path == "direct" { "–".into() } else { f(r.per_req(r.cpu.daemon), 3) },
                 f(r.per_req(r.cpu.emu), 3),
                 f(r.per_req(r.cpu.client), 3),
-                if path == "daemon" { f(r.daemon_rss_max as f64 / 1024.0, 1) } else { "–".into() },
+                if path == "direct" { "–".into() } else { f(r.daemon_rss_max as f64 / 1024.0, 1) },
             );
         }
         if let (Some(d), Some(x)) = (&p.direct, &p.daemon) {
@@ -433,6 +445,18 @@ fn print_pairs(pairs: &[Pair]) {
                 f(x.fb(99.0) - d.fb(99.0), 2),
                 f(x.total(50.0) - d.total(50.0), 2),
                 f(x.total(99.0) - d.total(99.0), 2),
+            );
+        }
+        if let (Some(h), Some(x)) = (&p.haproxy, &p.daemon) {
+            println!(
+                "| {} | **daemon ÷ HAProxy** | | **{}** | **{:+.2} / {:+.2}** | {:+.2} / {:+.2} | {:+.3} | | | |",
+                p.workload,
+                f(x.rps() / h.rps(), 2),
+                x.fb(50.0) - h.fb(50.0),
+                x.fb(99.0) - h.fb(99.0),
+                x.total(50.0) - h.total(50.0),
+                x.total(99.0) - h.total(99.0),
+                x.per_req(x.cpu.daemon) - h.per_req(h.cpu.daemon),
             );
         }
     }
@@ -731,7 +755,102 @@ async fn hold_streams(
 struct Daemon {
     bin: PathBuf,
     dir: PathBuf,
+    /// Bound here and passed as systemd passes a socket: every restart serves the same socket,
+    /// and its address is never free for another process.
+    listener: std::net::TcpListener,
     child: Option<Child>,
+}
+
+/// A command that runs `program args…` with `listener` as its fd 3 (`LISTEN_FDS=1` and
+/// `LISTEN_PID` set as systemd sets them; HAProxy takes it as `fd@3`).
+fn with_listener(
+    program: &Path,
+    args: &[&std::ffi::OsStr],
+    listener: &std::net::TcpListener,
+) -> Result<Command> {
+    use std::os::fd::AsRawFd;
+    nix::fcntl::fcntl(listener, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+    let mut c = Command::new("bash");
+    // bash, not sh: dash takes only one-digit descriptors in a redirection.
+    c.arg("-c")
+        .arg("fd=$1; shift; export LISTEN_PID=$$; exec \"$@\" 3<&\"$fd\"")
+        .arg("loadgen")
+        .arg(listener.as_raw_fd().to_string())
+        .arg(program)
+        .args(args)
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "http");
+    Ok(c)
+}
+
+/// HAProxy in front of the emulator: the third path.
+struct Haproxy {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Haproxy {
+    async fn start(bin: &Path, dir: &Path, upstream: SocketAddr) -> Result<Haproxy> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let cfg = dir.join("haproxy.cfg");
+        // Streaming as the daemon must stream: every piece forwarded at once (http-no-delay),
+        // keep-alive both ways, upstream connections reused.
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n    nbthread 2\n    maxconn 4000\n\n\
+                 defaults\n    mode http\n    option http-no-delay\n    http-reuse always\n    \
+                 timeout connect 5s\n    timeout client 130s\n    timeout server 130s\n\n\
+                 frontend loadgen\n    bind fd@3\n    default_backend emulator\n\n\
+                 backend emulator\n    server emulator {upstream} maxconn 4000\n"
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join("haproxy.log"))?;
+        let child = with_listener(bin, &["-db".as_ref(), "-f".as_ref(), cfg.as_os_str()], &listener)?
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        drop(listener);
+        // Up when it answers on the socket (a TCP connect is accepted by the kernel alone, so
+        // ask for something).
+        for _ in 0..200 {
+            if let Ok(mut s) = TcpStream::connect(addr).await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let _ = s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+                let mut b = [0u8; 16];
+                if matches!(tokio::time::timeout(Duration::from_millis(200), s.read(&mut b)).await, Ok(Ok(n)) if n > 0)
+                {
+                    return Ok(Haproxy { child, addr });
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        bail!("HAProxy did not answer within 5 s; see {}/haproxy.log", dir.display())
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The HAProxy binary to use: `--haproxy PATH`, else `haproxy` on PATH; `none`: no third path.
+fn find_haproxy(arg: Option<&str>) -> Option<PathBuf> {
+    match arg {
+        Some("none") => None,
+        Some(p) => Some(PathBuf::from(p)),
+        None => std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .chain([PathBuf::from("/usr/sbin")])
+            .map(|d| d.join("haproxy"))
+            .find(|p| p.is_file()),
+    }
 }
 
 impl Daemon {
@@ -746,12 +865,10 @@ impl Daemon {
         let sock = tokio::net::UnixDatagram::bind(&notify_path)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log"))?;
         let t0 = Instant::now();
-        let child = Command::new(&self.bin)
-            .arg("--config")
-            .arg(self.dir.join("amq2api.toml"))
+        let config = self.dir.join("amq2api.toml");
+        let child = with_listener(&self.bin, &["--config".as_ref(), config.as_os_str()], &self.listener)?
             .env("NOTIFY_SOCKET", &notify_path)
             .env_remove("WATCHDOG_USEC")
-            .env_remove("LISTEN_FDS")
             .env_remove("JOURNAL_STREAM")
             .env("RUST_LOG", std::env::var("LOADGEN_DAEMON_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
@@ -893,8 +1010,9 @@ async fn health(t: &Target) -> Result<(u64, u64)> {
 fn messages_body(prompt: &str) -> Value {
     json!({
         "model": MODEL,
-        // Far above any reply here: the daemon must not cut the 1 MB reply at max_tokens.
-        "max_tokens": 1_000_000,
+        // The model's most (its catalog's maxOutputTokens; more is a 400): above any reply here,
+        // so the daemon never cuts the long reply at max_tokens.
+        "max_tokens": 64_000,
         "stream": true,
         "messages": [{"role": "user", "content": prompt}],
     })
@@ -935,7 +1053,10 @@ fn main() -> Result<()> {
         .thread_name("emu")
         .enable_all()
         .build()?;
-    let emulator = emu_rt.block_on(Emulator::start(EmulatorOptions::default()))?;
+    let emulator = emu_rt.block_on(Emulator::start(EmulatorOptions {
+        frame_work: Duration::from_micros(args.frame_work_us),
+        ..Default::default()
+    }))?;
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("client")
@@ -976,8 +1097,8 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
     register(&emulator, 0, args.accounts);
     emulator.add_account("direct-client", "direct-secret", "direct-refresh");
     write_accounts(&dir.join("accounts.toml"), args.accounts, "loadgen")?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
     let (tls_connector, tls_lines) = if args.tls {
         let (connector, cert, key) = throwaway_tls()?;
         std::fs::write(dir.join("cert.pem"), cert)?;
@@ -989,7 +1110,7 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
     std::fs::write(
         dir.join("amq2api.toml"),
         format!(
-            "[server]\nlisten = [\"{addr}\"]\n{tls_lines}drain_timeout_secs = 2\n\
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n{tls_lines}drain_timeout_secs = 2\n\
              [auth]\napi_keys = [\"{API_KEY}\"]\n\
              [upstream]\nendpoint = \"{}\"\ntoken_endpoint = \"{}\"\n\
              [accounts]\nfile = \"accounts.toml\"\n[state]\ndir = \"state\"\n\
@@ -1005,38 +1126,58 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
     let models = ModelMap::default();
     let emu_addr = emulator.addr();
     let cache = std::sync::Mutex::new(std::collections::HashMap::<String, Bytes>::new());
-    let direct = Arc::new(Target {
-        name: "direct",
-        addr: emu_addr,
-        tls: None,
-        content_marker: b"assistantResponseEvent",
-        end_marker: b"messageMetadataEvent",
-        build: Box::new(move |prompt| {
-            // Translated once per prompt: the client's own cost stays small.
-            let q = cache
-                .lock()
-                .unwrap()
-                .entry(prompt.to_string())
-                .or_insert_with(|| {
-                    let body = serde_json::to_vec(&messages_body(prompt)).unwrap();
-                    let req = request::parse(&body, ApiVersion::default(), Endpoint::Messages).unwrap();
-                    let t = translate(
-                        &req,
-                        &Context { models: &models, session_id: None, caps: None, catalog: None },
-                    )
-                    .unwrap();
-                    Bytes::from(serde_json::to_vec(&to_json(&t, None)).unwrap())
-                })
-                .clone();
-            http::Request::post("/")
-                .header("host", emu_addr.to_string())
-                .header("content-type", "application/x-amz-json-1.0")
-                .header("x-amz-target", Q_TARGET)
-                .header("authorization", format!("Bearer {token}"))
-                .body(Full::new(q))
-                .unwrap()
-        }),
+    let q_request: SharedBuild = Arc::new(move |prompt: &str| {
+        // Translated once per prompt: the client's own cost stays small.
+        let q = cache
+            .lock()
+            .unwrap()
+            .entry(prompt.to_string())
+            .or_insert_with(|| {
+                let body = serde_json::to_vec(&messages_body(prompt)).unwrap();
+                let req = request::parse(&body, ApiVersion::default(), Endpoint::Messages).unwrap();
+                let t = translate(
+                    &req,
+                    &Context { models: &models, session_id: None, caps: None, catalog: None },
+                )
+                .unwrap();
+                Bytes::from(serde_json::to_vec(&to_json(&t, None)).unwrap())
+            })
+            .clone();
+        http::Request::post("/")
+            .header("host", emu_addr.to_string())
+            .header("content-type", "application/x-amz-json-1.0")
+            .header("x-amz-target", Q_TARGET)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(q))
+            .unwrap()
     });
+    let q_target = |name: &'static str, addr: SocketAddr| {
+        let build = q_request.clone();
+        Arc::new(Target {
+            name,
+            addr,
+            tls: None,
+            content_marker: b"assistantResponseEvent",
+            end_marker: b"meteringEvent",
+            build: Box::new(move |prompt| build(prompt)),
+        })
+    };
+    let direct = q_target("direct", emu_addr);
+    let haproxy = match find_haproxy(args.haproxy.as_deref()) {
+        Some(bin) => Some(Haproxy::start(&bin, &dir, emu_addr).await?),
+        None => {
+            eprintln!("no haproxy (install it, or --haproxy PATH): two paths only");
+            None
+        }
+    };
+    let haproxy_target = haproxy.as_ref().map(|h| q_target("haproxy", h.addr));
+    let haproxy_pid = haproxy.as_ref().map(|h| h.child.id());
+    if let Some(h) = &haproxy {
+        println!("- HAProxy: {} (in front of the emulator, http-no-delay, 2 threads)", h.addr);
+    }
+    if args.frame_work_us > 0 {
+        println!("- emulator slowed: {} µs of CPU a frame, each frame its own write", args.frame_work_us);
+    }
     let host = addr.to_string();
     let daemon_target = Arc::new(Target {
         name: "daemon",
@@ -1055,7 +1196,7 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
         }),
     });
 
-    let mut daemon = Daemon { bin, dir: dir.clone(), child: None };
+    let mut daemon = Daemon { bin, dir: dir.clone(), listener, child: None };
     let first_ready = daemon.start().await?;
     let pid = daemon.pid();
     // Every account fetches its first access token in the background: wait for all of them.
@@ -1098,10 +1239,25 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
             let shape =
                 Shape { clients: c, warmup: warm, duration: dur, max_requests: args.requests, pace: None };
             let d = closed_loop(direct.clone(), prompt.clone(), min, shape, pid).await;
+            let h = match &haproxy_target {
+                Some(t) => {
+                    eprintln!("short, {c} clients: through HAProxy…");
+                    Some(closed_loop(t.clone(), prompt.clone(), min, shape, haproxy_pid).await)
+                }
+                None => None,
+            };
             eprintln!("short, {c} clients: through the daemon…");
             let x = closed_loop(daemon_target.clone(), prompt.clone(), min, shape, pid).await;
             report_errors(&format!("short c={c}"), &d, &x);
-            pairs.push(Pair { workload: format!("short ×{c}"), direct: Some(d), daemon: Some(x) });
+            if let Some(h) = &h {
+                report_errors(&format!("short c={c} (HAProxy)"), &d, h);
+            }
+            pairs.push(Pair {
+                workload: format!("short ×{c}"),
+                direct: Some(d),
+                haproxy: h,
+                daemon: Some(x),
+            });
         }
     }
     if want("paced") {
@@ -1117,12 +1273,20 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
         let min = args.short_chars as u64;
         eprintln!("paced, {c} clients at {} req/s: direct…", args.rate);
         let d = closed_loop(direct.clone(), prompt.clone(), min, shape, pid).await;
+        let h = match &haproxy_target {
+            Some(t) => {
+                eprintln!("paced, {c} clients at {} req/s: through HAProxy…", args.rate);
+                Some(closed_loop(t.clone(), prompt.clone(), min, shape, haproxy_pid).await)
+            }
+            None => None,
+        };
         eprintln!("paced, {c} clients at {} req/s: through the daemon…", args.rate);
         let x = closed_loop(daemon_target.clone(), prompt.clone(), min, shape, pid).await;
         report_errors(&format!("paced c={c}"), &d, &x);
         pairs.push(Pair {
             workload: format!("short ×{c} at {} req/s", args.rate),
             direct: Some(d),
+            haproxy: h,
             daemon: Some(x),
         });
     }
@@ -1131,6 +1295,13 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
         eprintln!("long: direct…");
         let min = args.long_chars as u64;
         let d = sequential(direct.clone(), &prompt, min, args.long_requests, pid).await;
+        let h = match &haproxy_target {
+            Some(t) => {
+                eprintln!("long: through HAProxy…");
+                Some(sequential(t.clone(), &prompt, min, args.long_requests, haproxy_pid).await)
+            }
+            None => None,
+        };
         eprintln!("long: through the daemon…");
         let x = sequential(daemon_target.clone(), &prompt, min, args.long_requests, pid).await;
         report_errors("long", &d, &x);
@@ -1145,7 +1316,7 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
             x.per_req(x.cpu.daemon),
             d.per_req(d.cpu.emu)
         );
-        pairs.push(Pair { workload: "long 1 MB".into(), direct: Some(d), daemon: Some(x) });
+        pairs.push(Pair { workload: "long 200 kB".into(), direct: Some(d), haproxy: h, daemon: Some(x) });
     }
     if want("held") {
         // A fixed text (a shape directive) with the slow-fragments behaviour: one behaviour
@@ -1188,6 +1359,7 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
         pairs.push(Pair {
             workload: format!("held ×{} (opening)", args.held),
             direct: Some(dd),
+            haproxy: None,
             daemon: Some(xx),
         });
     }

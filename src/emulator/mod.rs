@@ -339,6 +339,11 @@ pub struct EmulatorOptions {
     pub access_token_ttl: Duration,
     /// Pause before every event frame after the first, for every stream. Default 0.
     pub fragment_delay: Duration,
+    /// CPU spent on every event frame before it is sent (a busy wait), after which the writer
+    /// yields so that each frame leaves in a write of its own: an upstream as slow as a Python
+    /// stand-in, whose events trickle in separate TCP segments (the load generator's slowed
+    /// emulator). Default 0: frames are sent as fast as they are made.
+    pub frame_work: Duration,
     /// Whether each refresh returns a new refresh token (and kills the old one). Default true.
     pub rotate_refresh_tokens: bool,
     /// With rotation: the old refresh token keeps working until the new access token or the new
@@ -377,6 +382,7 @@ impl Default for EmulatorOptions {
         EmulatorOptions {
             access_token_ttl: Duration::from_secs(3600),
             fragment_delay: Duration::ZERO,
+            frame_work: Duration::ZERO,
             rotate_refresh_tokens: true,
             rotation_grace: false,
             token_delay: Duration::ZERO,

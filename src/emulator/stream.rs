@@ -49,7 +49,7 @@ pub(super) async fn write(
     conn: Arc<ConnCtl>,
 ) {
     let mut open = OpenStream::new(shared.clone(), client_id.clone());
-    let mut writer = Writer { tx, delay: plan.frame_delay, started: false };
+    let mut writer = Writer { tx, delay: plan.frame_delay, work: shared.opts.frame_work, started: false };
     match writer.run(plan, &conn, &shared, &client_id).await {
         Ok(()) => open.end = StreamEnd::Completed,
         Err(Gone) => tracing::debug!(client_id = %open.client_id, "emulator: client went away mid-stream"),
@@ -59,6 +59,8 @@ pub(super) async fn write(
 struct Writer {
     tx: mpsc::Sender<Bytes>,
     delay: Duration,
+    /// [`EmulatorOptions::frame_work`](super::EmulatorOptions).
+    work: Duration,
     started: bool,
 }
 
@@ -145,7 +147,17 @@ impl Writer {
             self.sleep(self.delay).await?;
         }
         self.started = true;
-        self.tx.send(frame).await.map_err(|_| Gone)
+        if self.work.is_zero() {
+            return self.tx.send(frame).await.map_err(|_| Gone);
+        }
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < self.work {
+            std::hint::spin_loop();
+        }
+        self.tx.send(frame).await.map_err(|_| Gone)?;
+        // Let the connection write this frame before the next one is made.
+        tokio::task::yield_now().await;
+        Ok(())
     }
 
     /// Sleeps, returning early if the client goes away.
