@@ -183,7 +183,49 @@ pub fn render_status(s: &Status, st: Style) -> String {
         "pool:      {} accounts: {} active, {} cooling, {} quota, {} suspended, {} invalid, {} disabled; {} in flight, {} streams\n\n",
         p.total, p.active, p.cooling, p.quota, p.suspended, p.invalid, p.disabled, p.in_flight, s.streams_in_flight
     ));
+    if let Some(c) = &s.cluster {
+        out.push_str(&render_cluster(c));
+    }
     out.push_str(&render_accounts(&s.accounts, st));
+    out
+}
+
+/// The nodes and who holds each account, under `[cluster]`.
+fn render_cluster(c: &amq2api::control::wire::ClusterState) -> String {
+    let mut out = format!(
+        "cluster:   this node {}
+",
+        c.node_id
+    );
+    if let Some(e) = &c.error {
+        out.push_str(&format!(
+            "CLUSTER UNREACHABLE: {e}
+\n"
+        ));
+        return out;
+    }
+    out.push_str("NODE                 ALIVE  HEARTBEAT  LEASES  STATUS\n");
+    for n in &c.nodes {
+        out.push_str(&format!(
+            "{:<20} {:<6} {:>8}ms  {:>6}  {}\n",
+            n.node_id,
+            if n.alive { "yes" } else { "no" },
+            n.heartbeat_age_ms,
+            n.leases,
+            n.status
+        ));
+    }
+    out.push_str("ACCOUNT              HELD BY              EPOCH  EXPIRES IN\n");
+    for l in &c.leases {
+        out.push_str(&format!(
+            "{:<20} {:<20} {:>5}  {}\n",
+            l.account,
+            l.node_id.as_deref().unwrap_or("-"),
+            l.epoch,
+            if l.expires_in_ms >= 0 { format!("{} ms", l.expires_in_ms) } else { "expired".into() }
+        ));
+    }
+    out.push('\n');
     out
 }
 

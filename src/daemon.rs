@@ -202,6 +202,7 @@ async fn run_inner(
         reloader: reloader.clone(),
         listeners: addrs,
         started_at: SystemTime::now(),
+        cluster: cluster.clone(),
     });
     let mut tasks = vec![
         tokio::spawn(crate::control::serve(control_ctx, control_listener, shutdown_signal.clone())),

@@ -318,6 +318,22 @@ fn three_nodes_share_accounts_and_survive_a_kill_and_a_pause() {
         daemons.iter().all(|d| serving(d.as_ref().unwrap()) == 2)
     });
     eprintln!("spread 2/2/2 after {spread:?}");
+    // amqctl status on any node shows the fleet: every node alive with its leases, every account
+    // held by exactly one live node.
+    let status = daemons[0].as_ref().unwrap().ctl_json(&["status"]).expect("amqctl status --json");
+    let cluster = &status["cluster"];
+    assert_eq!(cluster["node_id"], "n1", "{cluster}");
+    let nodes = cluster["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{cluster}");
+    assert!(nodes.iter().all(|n| n["alive"] == true && n["leases"] == 2), "{cluster}");
+    let leases = cluster["leases"].as_array().unwrap();
+    assert_eq!(leases.len(), 6, "{cluster}");
+    assert!(leases.iter().all(|l| l["expires_in_ms"].as_i64().unwrap() > 0), "{cluster}");
+    let text = daemons[1].as_ref().unwrap().ctl_text(&["status"]);
+    assert!(text.contains("cluster:   this node n2") && text.contains("HELD BY"), "{text}");
+    for n in ["n1", "n2", "n3"] {
+        assert!(text.lines().any(|l| l.starts_with(n) && l.contains("yes")), "{text}");
+    }
     let live: Arc<Vec<AtomicBool>> = Arc::new(addrs.iter().map(|_| AtomicBool::new(true)).collect());
     let load = Load::start(rt.handle(), &addrs, live.clone());
     std::thread::sleep(Duration::from_secs(4));

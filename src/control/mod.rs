@@ -154,6 +154,8 @@ pub struct Context {
     /// The daemon's listeners, as URLs.
     pub listeners: Vec<String>,
     pub started_at: SystemTime,
+    /// With `[cluster]`: the store that knows the nodes and leases.
+    pub cluster: Option<crate::store::postgres::PgStore>,
 }
 
 /// The control API's answers: a whole JSON body.
@@ -288,7 +290,40 @@ pub fn status(shared: &Context) -> Status {
         streams_in_flight: shared.app.metrics.streams_in_flight(),
         accounts: shared.app.pool.accounts().iter().map(|a| account_info(&a.view())).collect(),
         persistence_problem: shared.app.pool.persistence_problem(),
+        cluster: None,
     }
+}
+
+/// The nodes and leases in PostgreSQL, with `[cluster]`.
+async fn cluster_state(shared: &Context) -> Option<ClusterState> {
+    let store = shared.cluster.as_ref()?;
+    let node_id = shared.app.config.cluster.as_ref().map(|c| c.node_id.clone()).unwrap_or_default();
+    Some(match store.cluster_view().await {
+        Ok((nodes, leases)) => ClusterState {
+            node_id,
+            nodes: nodes
+                .into_iter()
+                .map(|n| NodeState {
+                    node_id: n.node_id,
+                    heartbeat_age_ms: n.heartbeat_age_ms,
+                    alive: n.alive,
+                    status: n.status,
+                    leases: n.leases,
+                })
+                .collect(),
+            leases: leases
+                .into_iter()
+                .map(|l| LeaseState {
+                    account: l.account,
+                    node_id: l.node_id,
+                    epoch: l.epoch,
+                    expires_in_ms: l.expires_in_ms,
+                })
+                .collect(),
+            error: None,
+        },
+        Err(e) => ClusterState { node_id, nodes: Vec::new(), leases: Vec::new(), error: Some(e.to_string()) },
+    })
 }
 
 /// The state an action reports: `disabled` when the accounts file says `enabled = false` (as in
@@ -426,7 +461,11 @@ async fn handle(shared: &Arc<Context>, peer: Peer, req: Request<Incoming>) -> Re
             );
             json(StatusCode::OK, &e)
         }
-        (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &status(shared)),
+        (&Method::GET, ["v1", "status"]) => {
+            let mut s = status(shared);
+            s.cluster = cluster_state(shared).await;
+            json(StatusCode::OK, &s)
+        }
         (&Method::GET, ["v1", "accounts"]) => {
             let list: Vec<AccountInfo> =
                 shared.app.pool.accounts().iter().map(|a| account_info(&a.view())).collect();

@@ -28,6 +28,42 @@ pub struct Status {
     /// writes, rotated refresh tokens held in memory only. Absent when all is well.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistence_problem: Option<String>,
+    /// With `[cluster]`: the nodes and the account leases, as PostgreSQL holds them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterState>,
+}
+
+/// The fleet as one node sees it in PostgreSQL.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterState {
+    /// The node that answered.
+    pub node_id: String,
+    pub nodes: Vec<NodeState>,
+    pub leases: Vec<LeaseState>,
+    /// Why PostgreSQL could not be asked (then `nodes` and `leases` are empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeState {
+    pub node_id: String,
+    /// Milliseconds since its last heartbeat.
+    pub heartbeat_age_ms: i64,
+    /// Its heartbeat is younger than a lease.
+    pub alive: bool,
+    pub status: String,
+    /// Unexpired leases it holds.
+    pub leases: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LeaseState {
+    pub account: String,
+    pub node_id: Option<String>,
+    pub epoch: i64,
+    /// Milliseconds until it expires (negative: expired).
+    pub expires_in_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -178,6 +178,20 @@ impl Harness {
         if let Some(t) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
         }
+        // `run` has returned, but a task it spawned (a catalog fetch, a refresh) may still hold
+        // the pool and with it the state store for a moment; a process would have exited. Wait
+        // (bounded) until the store opens again, as a restarted process would find it.
+        let state = self.dir.path().join("state");
+        let t0 = std::time::Instant::now();
+        while state.exists() && t0.elapsed() < Duration::from_secs(10) {
+            match amq2api::store::Store::open(&state) {
+                Ok(store) => {
+                    drop(store);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
         self.launch();
     }
 
