@@ -152,7 +152,6 @@ impl Node {
         ChildDaemon::start_logged(Command::new(common::child::AMQ2API), &self.config, &[], Some(&log))
     }
 
-    #[allow(dead_code)]
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
     }
@@ -323,9 +322,9 @@ fn three_nodes_share_accounts_and_survive_a_kill_and_a_pause() {
     let status = daemons[0].as_ref().unwrap().ctl_json(&["status"]).expect("amqctl status --json");
     let cluster = &status["cluster"];
     assert_eq!(cluster["node_id"], "n1", "{cluster}");
-    let nodes = cluster["nodes"].as_array().unwrap();
-    assert_eq!(nodes.len(), 3, "{cluster}");
-    assert!(nodes.iter().all(|n| n["alive"] == true && n["leases"] == 2), "{cluster}");
+    let fleet = cluster["nodes"].as_array().unwrap();
+    assert_eq!(fleet.len(), 3, "{cluster}");
+    assert!(fleet.iter().all(|n| n["alive"] == true && n["leases"] == 2), "{cluster}");
     let leases = cluster["leases"].as_array().unwrap();
     assert_eq!(leases.len(), 6, "{cluster}");
     assert!(leases.iter().all(|l| l["expires_in_ms"].as_i64().unwrap() > 0), "{cluster}");
@@ -334,6 +333,20 @@ fn three_nodes_share_accounts_and_survive_a_kill_and_a_pause() {
     for n in ["n1", "n2", "n3"] {
         assert!(text.lines().any(|l| l.starts_with(n) && l.contains("yes")), "{text}");
     }
+    // amqctl refresh from a node that does not hold the account: its holder refreshes it.
+    let lease = leases.iter().find(|l| l["node_id"] != "n1").unwrap();
+    let elsewhere = lease["account"].as_str().unwrap().to_owned();
+    let holder = match lease["node_id"].as_str().unwrap() {
+        "n2" => &nodes[1],
+        _ => &nodes[2],
+    };
+    let before = emu.stats_for(&client_id(&elsewhere)).refreshes;
+    let r = daemons[0].as_ref().unwrap().ctl_json(&["refresh", &elsewhere]).expect("amqctl refresh");
+    assert!(r.to_string().contains("queued for the node that holds it"), "{r}");
+    wait_until(Duration::from_secs(lease_secs + 2), "the holder runs the queued refresh", || {
+        holder.log().lines().any(|l| l.contains("command from another node") && l.contains(&elsewhere))
+            && emu.stats_for(&client_id(&elsewhere)).refreshes > before
+    });
     let live: Arc<Vec<AtomicBool>> = Arc::new(addrs.iter().map(|_| AtomicBool::new(true)).collect());
     let load = Load::start(rt.handle(), &addrs, live.clone());
     std::thread::sleep(Duration::from_secs(4));

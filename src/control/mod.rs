@@ -477,6 +477,29 @@ async fn handle(shared: &Arc<Context>, peer: Peer, req: Request<Incoming>) -> Re
         },
         (&Method::POST, ["v1", "accounts", id, action]) => {
             let Some(a) = find(id) else { return not_found(id) };
+            // Under [cluster], an account another node holds is acted on there: the command is
+            // queued in PostgreSQL and its holder runs it at its next heartbeat.
+            if let Some(store) = &shared.cluster
+                && !a.held_for(0)
+                && matches!(*action, "refresh" | "enable" | "disable")
+            {
+                let r = match store.queue_command(id, action).await {
+                    Ok(_) => ActionResult {
+                        id: id.to_string(),
+                        ok: true,
+                        message: format!("{action} queued for the node that holds it"),
+                        state: state_of(&a),
+                    },
+                    Err(e) => ActionResult {
+                        id: id.to_string(),
+                        ok: false,
+                        message: format!("cannot queue {action} for the node that holds it: {e}"),
+                        state: state_of(&a),
+                    },
+                };
+                tracing::info!(uid = peer.uid, pid = peer.pid, account = %id, action = %action, ok = r.ok, result = %r.message, "control action (cluster)");
+                return json(StatusCode::OK, &r);
+            }
             let r = match *action {
                 "refresh" => refresh_one(shared, &a).await,
                 "check" => check_one(shared, &a).await,
