@@ -244,12 +244,28 @@ pub async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'stat
 
 /// The accounts-file watcher's loop: each burst of changes (a symlink re-pointed included) is
 /// one reload. Without a watcher (it could not be set up) it only waits for the stop.
-pub async fn watch_accounts(reloader: Arc<Reloader>, mut shutdown: Shutdown) {
+pub async fn watch_accounts(reloader: Arc<Reloader>, shutdown: Shutdown) {
+    let file = reloader.app.config.accounts.file.clone();
+    watch_file(&file, "accounts", shutdown, || reloader.accounts()).await;
+}
+
+/// The keys-file watcher's loop (as [`watch_accounts`]); nothing to do without `keys_file`.
+pub async fn watch_keys(reloader: Arc<Reloader>, shutdown: Shutdown) {
+    let Some(file) = reloader.app.config.auth.keys_file.clone() else { return };
+    watch_file(&file, "keys", shutdown, || reloader.keys()).await;
+}
+
+/// Watches `file` and calls `reload` once for each burst of changes until the stop.
+async fn watch_file<F, Fut>(file: &std::path::Path, what: &str, mut shutdown: Shutdown, mut reload: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future,
+{
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher = match crate::accounts::watch::watch(&reloader.app.config.accounts.file, tx) {
+    let mut watcher = match crate::accounts::watch::watch(file, tx) {
         Ok(w) => Some(w),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the accounts file; reload with SIGHUP or amqctl reload");
+            tracing::warn!(error = %e, "cannot watch the {what} file; reload with SIGHUP or amqctl reload");
             None
         }
     };
@@ -260,30 +276,7 @@ pub async fn watch_accounts(reloader: Arc<Reloader>, mut shutdown: Shutdown) {
                 if !more { break; }
                 // The symlink may have been re-pointed: watch where it leads now.
                 if let Some(w) = watcher.as_mut() { w.follow_target(); }
-                reloader.accounts().await;
-            }
-        }
-    }
-}
-
-/// The keys-file watcher's loop (as [`watch_accounts`]); nothing to do without `keys_file`.
-pub async fn watch_keys(reloader: Arc<Reloader>, mut shutdown: Shutdown) {
-    let Some(file) = reloader.app.config.auth.keys_file.clone() else { return };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher = match crate::accounts::watch::watch(&file, tx) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the keys file; reload with SIGHUP or amqctl reload");
-            None
-        }
-    };
-    loop {
-        tokio::select! {
-            _ = shutdown.recv() => break,
-            more = crate::accounts::watch::next_burst(&mut rx) => {
-                if !more { break; }
-                if let Some(w) = watcher.as_mut() { w.follow_target(); }
-                reloader.keys().await;
+                reload().await;
             }
         }
     }
