@@ -863,7 +863,12 @@ impl Daemon {
         let notify_path = self.dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
         let sock = tokio::net::UnixDatagram::bind(&notify_path)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log"))?;
+        // The log lives outside the directory of the watched accounts file: a line appended
+        // there would wake the daemon's file watcher once per request (as /etc/amq2api holds no
+        // log in a real installation).
+        let log_dir = self.dir.join("log");
+        std::fs::create_dir_all(&log_dir)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log_dir.join("daemon.log"))?;
         let t0 = Instant::now();
         let config = self.dir.join("amq2api.toml");
         let child = with_listener(&self.bin, &["--config".as_ref(), config.as_os_str()], &self.listener)?
@@ -892,11 +897,11 @@ impl Daemon {
                 Err(_) => {
                     if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
                         bail!(
-                            "the daemon exited ({st}) before READY=1; see {}/daemon.log",
+                            "the daemon exited ({st}) before READY=1; see {}/log/daemon.log",
                             self.dir.display()
                         );
                     }
-                    bail!("no READY=1 within 30 s; see {}/daemon.log", self.dir.display());
+                    bail!("no READY=1 within 30 s; see {}/log/daemon.log", self.dir.display());
                 }
             }
         }

@@ -19,6 +19,9 @@ fn main() {
             std::process::exit(code);
         }
     };
-    logging::init("info");
-    std::process::exit(amq2api::cli::main(cli));
+    let log = logging::init_buffered("info");
+    let code = amq2api::cli::main(cli);
+    // The last log lines leave before the process does.
+    drop(log);
+    std::process::exit(code);
 }
