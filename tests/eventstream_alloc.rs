@@ -165,3 +165,49 @@ fn one_allocation_a_frame() {
     assert!(usage.allocs <= FRAMES + 16, "{usage:?}");
     eprintln!("1500-byte pushes: {usage:?} for {FRAMES} frames, {chunks} chunks");
 }
+
+/// The streaming path of a text frame, from the bytes read to the SSE written: decode, read the
+/// event, run it through the response state machine, write its events. Two allocations a
+/// frame (the headers `Vec`, the text's `String`, which then travels on into the delta
+/// without a copy), plus a constant.
+#[test]
+fn a_text_frame_costs_two_allocations_from_bytes_to_sse() {
+    use amq2api::translate::{ResponseParams, ResponseState, ToolNames};
+    use amq2api::upstream::events::parse_frame;
+    const FRAMES: usize = 2000;
+    let stream = q_stream(FRAMES);
+    let params = ResponseParams {
+        message_id: "msg_alloc".into(),
+        model: "claude-sonnet-4-5".into(),
+        input_tokens: 10,
+        max_tokens: 1_000_000,
+        stop_sequences: Vec::new(),
+        thinking: false,
+        tool_names: ToolNames::default(),
+        context_window: 200_000,
+    };
+    let mut st = ResponseState::new(params);
+    let mut sse = Vec::with_capacity(1 << 20);
+    for e in st.start() {
+        e.write_sse(&mut sse);
+    }
+    let mut events = Vec::new();
+    let (written, usage) = measure(|| {
+        let mut decoder = Decoder::new();
+        decoder.push_bytes(stream.clone());
+        let mut written = 0;
+        while let Some(frame) = decoder.next_frame().unwrap() {
+            events.clear();
+            st.on_event_into(parse_frame(&frame).unwrap(), &mut events);
+            for e in &events {
+                e.write_sse(&mut sse);
+                written += 1;
+            }
+        }
+        written
+    });
+    // A delta a frame, and the text block's start.
+    assert_eq!(written, FRAMES + 1);
+    assert!(usage.allocs <= 2 * FRAMES + 32, "{usage:?} for {FRAMES} frames");
+    assert!(String::from_utf8(sse).unwrap().contains("\"text_delta\",\"text\":\"token token \""));
+}

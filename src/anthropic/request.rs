@@ -172,24 +172,71 @@ pub struct MessagesRequest {
     pub metadata_user_id: Option<String>,
 }
 
-/// A JSON path for messages (`messages.3.content.0.text`).
-#[derive(Clone, Default)]
-struct Path(Vec<String>);
+/// A JSON path for messages (`messages.3.content.0.text`), kept as borrowed links to the
+/// enclosing paths: it is written out only for an error, so a valid request builds no string.
+#[derive(Clone, Copy, Default)]
+struct Path<'a> {
+    parent: Option<&'a Path<'a>>,
+    seg: Seg<'a>,
+}
 
-impl Path {
-    fn at(&self, seg: impl std::fmt::Display) -> Path {
-        let mut p = self.0.clone();
-        p.push(seg.to_string());
-        Path(p)
+#[derive(Clone, Copy, Default)]
+enum Seg<'a> {
+    #[default]
+    Root,
+    Key(&'a str),
+    Index(usize),
+}
+
+impl<'a> From<&'a str> for Seg<'a> {
+    fn from(k: &'a str) -> Self {
+        Seg::Key(k)
+    }
+}
+
+impl<'a> From<&'a String> for Seg<'a> {
+    fn from(k: &'a String) -> Self {
+        Seg::Key(k)
+    }
+}
+
+impl From<usize> for Seg<'_> {
+    fn from(i: usize) -> Self {
+        Seg::Index(i)
+    }
+}
+
+impl<'a> Path<'a> {
+    fn at<'b>(&'b self, seg: impl Into<Seg<'b>>) -> Path<'b>
+    where
+        'a: 'b,
+    {
+        Path { parent: Some(self), seg: seg.into() }
     }
     fn text(&self) -> String {
-        self.0.join(".")
+        let mut segs = Vec::new();
+        let mut at = Some(self);
+        while let Some(p) = at {
+            segs.push(p.seg);
+            at = p.parent;
+        }
+        let parts: Vec<String> = segs
+            .iter()
+            .rev()
+            .filter_map(|seg| match seg {
+                Seg::Root => None,
+                Seg::Key(k) => Some(k.to_string()),
+                Seg::Index(i) => Some(i.to_string()),
+            })
+            .collect();
+        parts.join(".")
     }
     fn err(&self, msg: impl AsRef<str>) -> ApiError {
-        if self.0.is_empty() {
+        let text = self.text();
+        if text.is_empty() {
             ApiError::invalid(msg.as_ref().to_string())
         } else {
-            ApiError::invalid(format!("{}: {}", self.text(), msg.as_ref()))
+            ApiError::invalid(format!("{text}: {}", msg.as_ref()))
         }
     }
 }

@@ -56,9 +56,15 @@ impl Outbox {
         self.len() == 0
     }
 
+    /// What is buffered, as one frame; the next writes go to a buffer as large as this one
+    /// was (between 512 bytes and [`HIGH_WATER`]), so that they do not grow it step by step.
     fn take(&self) -> Option<Bytes> {
         let mut b = self.lock();
-        (!b.is_empty()).then(|| Bytes::from(std::mem::take(&mut *b)))
+        if b.is_empty() {
+            return None;
+        }
+        let next = Vec::with_capacity(b.len().clamp(512, HIGH_WATER));
+        Some(Bytes::from(std::mem::replace(&mut *b, next)))
     }
 
     /// Lets the body hand what is buffered over now: yields once (the body takes the bytes

@@ -218,7 +218,7 @@ pub async fn stream(
         let mut errored: Option<ApiError> = None;
         let mut batch = st.start();
         for ev in pending {
-            batch.extend(st.on_event(ev));
+            st.on_event_into(ev, &mut batch);
         }
         if ended {
             batch.extend(st.on_end());
@@ -258,38 +258,43 @@ pub async fn stream(
         let mut timeout = std::pin::pin!(tokio::time::sleep_until(deadline.into()));
         let mut ping = std::pin::pin!(tokio::time::sleep(PING_INTERVAL));
         let mut last_event = Instant::now();
+        // One vector for every event's output, reused.
+        let mut evs = Vec::new();
         while !st.is_finished() {
             o.room().await;
-            let evs = tokio::select! {
+            evs.clear();
+            tokio::select! {
                 biased;
                 ev = stream.next() => {
                     last_event = Instant::now();
                     if last_event >= deadline {
-                        st.abort(ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)"))
+                        evs.extend(st.abort(ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)")))
                     } else {
                         match ev {
-                            Some(Ok(ev)) => st.on_event(ev),
-                            Some(Err(e)) => st.on_error(&e),
-                            None => st.on_end(),
+                            Some(Ok(ev)) => st.on_event_into(ev, &mut evs),
+                            Some(Err(e)) => evs.extend(st.on_error(&e)),
+                            None => evs.extend(st.on_end()),
                         }
                     }
                 }
-                _ = &mut drained => st.abort(ApiError::new(ErrorKind::Overloaded, "server shutting down")),
+                _ = &mut drained => {
+                    evs.extend(st.abort(ApiError::new(ErrorKind::Overloaded, "server shutting down")))
+                }
                 _ = &mut timeout => {
-                    st.abort(ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)"))
+                    evs.extend(st.abort(ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)")))
                 }
                 _ = &mut ping => {
                     let now = Instant::now();
                     if now >= last_event + PING_INTERVAL {
                         last_event = now;
                         ping.as_mut().reset((now + PING_INTERVAL).into());
-                        vec![StreamEvent::Ping]
+                        evs.push(StreamEvent::Ping);
                     } else {
                         ping.as_mut().reset((last_event + PING_INTERVAL).into());
                         continue;
                     }
                 }
-            };
+            }
             let fatal = evs.iter().any(|e| matches!(e, StreamEvent::Error(_)));
             emit(&evs, &mut end.x);
             if fatal {

@@ -16,6 +16,17 @@ pub fn claude_id(q_model: &str) -> String {
     if q_model.starts_with("claude-") { q_model.replace('.', "-") } else { q_model.to_owned() }
 }
 
+/// Whether [`claude_id`] of `q_model` is `id`, without building it (every request resolves its
+/// model against every catalog entry).
+fn claude_id_is(q_model: &str, id: &str) -> bool {
+    if q_model.starts_with("claude-") {
+        q_model.len() == id.len()
+            && q_model.bytes().zip(id.bytes()).all(|(q, i)| if q == b'.' { i == b'-' } else { q == i })
+    } else {
+        q_model == id
+    }
+}
+
 /// A client's model name, normalised: lower case, a `[1m]` suffix taken off (returned as a
 /// flag), an Anthropic date suffix (`-20250929`) dropped.
 pub fn normalise(name: &str) -> (String, bool) {
@@ -89,7 +100,7 @@ impl Catalog {
     /// is one, else the model itself when its window is 1M.
     pub fn resolve(&self, name: &str) -> Option<String> {
         let (base, one_m) = normalise(name);
-        let matches = |q: &str| q == base || claude_id(q) == base;
+        let matches = |q: &str| q == base || claude_id_is(q, &base);
         if one_m {
             if let Some(q) = self.models.keys().find(|q| q.strip_suffix("-1m").is_some_and(matches)) {
                 return Some(q.clone());
@@ -159,6 +170,16 @@ mod tests {
         assert_eq!(claude_id("gpt-5.6-sol"), "gpt-5.6-sol");
         assert_eq!(normalise("Claude-Sonnet-4-5-20250929"), ("claude-sonnet-4-5".into(), false));
         assert_eq!(normalise("claude-opus-4-8[1m]"), ("claude-opus-4-8".into(), true));
+        for (q, id) in [
+            ("claude-opus-4.8", "claude-opus-4-8"),
+            ("claude-opus-4.8", "claude-opus-4.8"),
+            ("claude-opus-4.8", "claude-opus-4-9"),
+            ("claude-opus-4.8", "claude-opus-4-8x"),
+            ("gpt-5.6-sol", "gpt-5.6-sol"),
+            ("gpt-5.6-sol", "gpt-5-6-sol"),
+        ] {
+            assert_eq!(claude_id_is(q, id), claude_id(q) == id, "{q} {id}");
+        }
     }
 
     #[test]

@@ -186,28 +186,29 @@ impl ResponseState {
         }
     }
 
-    fn budget(&mut self, text: &str) -> String {
+    /// What of `text` fits in `max_tokens` (all of it, unmoved, well below the limit).
+    fn budget(&mut self, text: String) -> String {
         if (self.output_tokens + self.uncounted.len() as u64 + text.len() as u64) <= self.p.max_tokens {
-            self.count_later(text);
-            return text.to_string();
+            self.count_later(&text);
+            return text;
         }
         // Near the limit: count exactly from here on.
         self.output_tokens += count_text(&self.uncounted);
         self.uncounted.clear();
-        let n = count_text(text);
+        let n = count_text(&text);
         if self.output_tokens + n <= self.p.max_tokens {
             self.output_tokens += n;
-            return text.to_string();
+            return text;
         }
         let room = self.p.max_tokens.saturating_sub(self.output_tokens) as usize;
-        let kept = first_tokens(text, room).to_string();
+        let kept = first_tokens(&text, room).to_string();
         self.output_tokens = self.p.max_tokens;
         self.stop = Some(("max_tokens".into(), None));
         self.finished = true;
         kept
     }
 
-    fn emit_text(&mut self, text: &str, out: &mut Vec<StreamEvent>) {
+    fn emit_text(&mut self, text: String, out: &mut Vec<StreamEvent>) {
         if text.is_empty() || self.finished {
             return;
         }
@@ -233,7 +234,7 @@ impl ResponseState {
         if self.finished {
             return;
         }
-        let text = if text.is_empty() { String::new() } else { self.budget(text) };
+        let text = if text.is_empty() { String::new() } else { self.budget(text.to_owned()) };
         let signed = matches!(self.open, Open::Thinking { signature: Some(_), .. });
         if !matches!(self.open, Open::Thinking { .. }) || (signed && !text.is_empty()) {
             let i = self.open_block(BlockStart::Thinking, out);
@@ -320,8 +321,9 @@ impl ResponseState {
                         .filter_map(|s| self.buf.find(s.as_str()).map(|pos| (pos, s.clone())))
                         .min_by_key(|(pos, _)| *pos);
                     if let Some((pos, seq)) = found {
-                        let before = self.buf[..pos].to_string();
-                        self.emit_text(&before, out);
+                        self.buf.truncate(pos);
+                        let before = std::mem::take(&mut self.buf);
+                        self.emit_text(before, out);
                         if !self.finished {
                             self.stop = Some(("stop_sequence".into(), Some(seq)));
                             self.finished = true;
@@ -339,9 +341,14 @@ impl ResponseState {
                             .max()
                             .unwrap_or(0)
                     };
-                    let emit: String = self.buf[..self.buf.len() - keep].to_string();
-                    self.buf.drain(..self.buf.len() - keep);
-                    self.emit_text(&emit, out);
+                    // Usually nothing is held back: the buffer itself is the delta's text.
+                    let emit = if keep == 0 {
+                        std::mem::take(&mut self.buf)
+                    } else {
+                        let held = self.buf.split_off(self.buf.len() - keep);
+                        std::mem::replace(&mut self.buf, held)
+                    };
+                    self.emit_text(emit, out);
                     return;
                 }
             }
@@ -357,44 +364,54 @@ impl ResponseState {
     /// Feeds one upstream event.
     pub fn on_event(&mut self, ev: Event) -> Vec<StreamEvent> {
         let mut out = Vec::new();
+        self.on_event_into(ev, &mut out);
+        out
+    }
+
+    /// As [`Self::on_event`], appending to `out` (a stream reuses one vector).
+    pub fn on_event_into(&mut self, ev: Event, out: &mut Vec<StreamEvent>) {
         if self.finished {
-            return out;
+            return;
         }
         match ev {
             Event::AssistantResponse { content } => {
                 if matches!(self.open, Open::Tool { .. }) {
                     // Text after a tool call starts a new text block.
-                    self.close_open(&mut out);
+                    self.close_open(out);
                 }
-                self.buf.push_str(&content);
-                self.process_text(&mut out, false);
+                if self.buf.is_empty() {
+                    self.buf = content;
+                } else {
+                    self.buf.push_str(&content);
+                }
+                self.process_text(out, false);
             }
             Event::Reasoning { text, signature, redacted_content } => {
-                self.flush_text(&mut out);
+                self.flush_text(out);
                 if self.finished {
                     // The held text reached a stop sequence or max_tokens.
                 } else if let Some(data) = redacted_content {
-                    self.open_block(BlockStart::RedactedThinking { data }, &mut out);
+                    self.open_block(BlockStart::RedactedThinking { data }, out);
                     let index = self.next_index - 1;
                     out.push(StreamEvent::BlockStop { index });
                 } else {
-                    self.emit_thinking(text.as_deref().unwrap_or(""), signature, &mut out);
+                    self.emit_thinking(text.as_deref().unwrap_or(""), signature, out);
                 }
             }
             Event::ToolUse { tool_use_id, name, input, stop } => {
                 let same =
                     matches!(&self.open, Open::Tool { upstream_id, .. } if *upstream_id == tool_use_id);
                 if !same {
-                    self.flush_text(&mut out);
+                    self.flush_text(out);
                     if self.finished {
                         // The held text reached a stop sequence or max_tokens: end the message.
-                        self.finish_into(&mut out);
-                        return out;
+                        self.finish_into(out);
+                        return;
                     }
                     let original = self.p.tool_names.original(&name).to_string();
                     let index = self.open_block(
                         BlockStart::ToolUse { id: claude_tool_id(&tool_use_id), name: original },
-                        &mut out,
+                        out,
                     );
                     self.open = Open::Tool { index, upstream_id: tool_use_id.clone(), input: String::new() };
                 }
@@ -420,7 +437,7 @@ impl ResponseState {
                         }
                     }
                     self.tool_calls += 1;
-                    self.close_open(&mut out);
+                    self.close_open(out);
                 }
             }
             Event::ContextUsage { percentage } => {
@@ -453,9 +470,8 @@ impl ResponseState {
             | Event::Unknown { .. } => {}
         }
         if self.finished {
-            self.finish_into(&mut out);
+            self.finish_into(out);
         }
-        out
     }
 
     fn finish_into(&mut self, out: &mut Vec<StreamEvent>) {

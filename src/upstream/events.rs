@@ -4,6 +4,7 @@
 use super::eventstream::{DecodeError, Frame};
 use serde::Deserialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// One event of a `GenerateAssistantResponse` stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,6 +152,54 @@ fn plain_content(payload: &[u8]) -> Option<String> {
     String::from_utf8(text.to_vec()).ok()
 }
 
+/// The members of the bookkeeping events (metadata, metering, context usage), borrowed from
+/// the payload: each event then costs no JSON tree. Read only from an object, and only when
+/// it parses this way (a repeated member does not): anything else takes the general path.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Members<'a> {
+    #[serde(borrow, default)]
+    conversation_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    utterance_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    token_usage: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    unit: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    context_usage_percentage: Option<&'a RawValue>,
+}
+
+fn members(frame: &Frame) -> Option<Members<'_>> {
+    match frame.payload.first() {
+        Some(b'{') => serde_json::from_slice(&frame.payload).ok(),
+        _ => None,
+    }
+}
+
+/// A member's value when it is of type `T` (as `Value::as_str` and `as_f64` read it).
+fn member<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<T> {
+    raw.and_then(|r| serde_json::from_str(r.get()).ok())
+}
+
+/// A bookkeeping event from its members (as the general path reads it from a JSON tree).
+fn from_members(event_type: &str, m: Members<'_>) -> Event {
+    match event_type {
+        "messageMetadataEvent" => Event::MessageMetadata {
+            conversation_id: member(m.conversation_id),
+            utterance_id: member(m.utterance_id),
+        },
+        "metadataEvent" => Event::Metadata { token_usage: member(m.token_usage) },
+        "meteringEvent" => Event::Metering { usage: member(m.usage), unit: member(m.unit) },
+        _ => match member::<f64>(m.context_usage_percentage) {
+            Some(p) if p.is_finite() && p >= 0.0 => Event::ContextUsage { percentage: p },
+            _ => Event::Unknown { event_type: event_type.to_string() },
+        },
+    }
+}
+
 fn json(frame: &Frame) -> Result<Value, String> {
     if frame.payload.is_empty() {
         return Ok(Value::Object(Default::default()));
@@ -180,10 +229,17 @@ pub fn parse_frame(frame: &Frame) -> Result<Event, StreamError> {
             message: frame.header_str(":error-message").unwrap_or("").to_string(),
         }),
         _ => {
-            let event_type = frame.header_str(":event-type").unwrap_or("").to_string();
-            let bad = |reason: String| StreamError::BadEvent { event_type: event_type.clone(), reason };
+            let event_type = frame.header_str(":event-type").unwrap_or("");
+            let bad = |reason: String| StreamError::BadEvent { event_type: event_type.to_string(), reason };
             let body = || json(frame).map_err(bad);
-            Ok(match event_type.as_str() {
+            let bookkeeping = matches!(
+                event_type,
+                "messageMetadataEvent" | "metadataEvent" | "meteringEvent" | "contextUsageEvent"
+            );
+            if let Some(m) = bookkeeping.then(|| members(frame)).flatten() {
+                return Ok(from_members(event_type, m));
+            }
+            Ok(match event_type {
                 "initial-response" => {
                     // Tolerate an empty or non-JSON initial response: it is informational.
                     let v = json(frame).unwrap_or_default();
@@ -210,7 +266,7 @@ pub fn parse_frame(frame: &Frame) -> Result<Event, StreamError> {
                 }
                 "toolUseEvent" => {
                     let p: ToolUsePayload = serde_json::from_slice(&frame.payload).map_err(|e| {
-                        StreamError::BadEvent { event_type: event_type.clone(), reason: e.to_string() }
+                        StreamError::BadEvent { event_type: event_type.to_string(), reason: e.to_string() }
                     })?;
                     let input = match p.input {
                         None | Some(Value::Null) => None,
@@ -258,10 +314,10 @@ pub fn parse_frame(frame: &Frame) -> Result<Event, StreamError> {
                     let v = body()?;
                     match v.get("contextUsagePercentage").and_then(Value::as_f64) {
                         Some(p) if p.is_finite() && p >= 0.0 => Event::ContextUsage { percentage: p },
-                        _ => Event::Unknown { event_type },
+                        _ => Event::Unknown { event_type: event_type.to_string() },
                     }
                 }
-                _ => Event::Unknown { event_type },
+                _ => Event::Unknown { event_type: event_type.to_string() },
             })
         }
     }
@@ -315,6 +371,63 @@ mod tests {
             parse_frame(&event("assistantResponseEvent", "{not json")),
             Err(StreamError::BadEvent { .. })
         ));
+    }
+
+    #[test]
+    fn bookkeeping_events_read_alike_on_both_paths() {
+        let md = |c: Option<&str>, u: Option<&str>| Event::MessageMetadata {
+            conversation_id: c.map(str::to_string),
+            utterance_id: u.map(str::to_string),
+        };
+        let cases: Vec<(&str, &str, Event)> = vec![
+            ("messageMetadataEvent", r#"{"conversationId":"c","utteranceId":"u"}"#, md(Some("c"), Some("u"))),
+            ("messageMetadataEvent", r#"{"conversationId":5,"utteranceId":null}"#, md(None, None)),
+            ("messageMetadataEvent", r#"{"conversationId":"a\u00e9"}"#, md(Some("a\u{e9}"), None)),
+            // A repeated member takes the general path: the last one wins.
+            ("messageMetadataEvent", r#"{"conversationId":"a","conversationId":"b"}"#, md(Some("b"), None)),
+            ("messageMetadataEvent", r#" {"conversationId":"a"}"#, md(Some("a"), None)),
+            ("messageMetadataEvent", "", md(None, None)),
+            (
+                "metadataEvent",
+                r#"{"tokenUsage":{"uncachedInputTokens":3,"outputTokens":7,"x":{"y":[1]}}}"#,
+                Event::Metadata {
+                    token_usage: Some(TokenUsage {
+                        uncached_input_tokens: Some(3),
+                        output_tokens: Some(7),
+                        ..Default::default()
+                    }),
+                },
+            ),
+            ("metadataEvent", r#"{"tokenUsage":"many"}"#, Event::Metadata { token_usage: None }),
+            ("metadataEvent", r#"{"tokenUsage":null,"other":1}"#, Event::Metadata { token_usage: None }),
+            (
+                "meteringEvent",
+                r#"{"usage":0.25,"unit":"credit"}"#,
+                Event::Metering { usage: Some(0.25), unit: Some("credit".into()) },
+            ),
+            ("meteringEvent", r#"{"usage":2}"#, Event::Metering { usage: Some(2.0), unit: None }),
+            ("meteringEvent", r#"{"usage":"2","unit":3}"#, Event::Metering { usage: None, unit: None }),
+            (
+                "contextUsageEvent",
+                r#"{"contextUsagePercentage":12}"#,
+                Event::ContextUsage { percentage: 12.0 },
+            ),
+            (
+                "contextUsageEvent",
+                r#"{"contextUsagePercentage":-1}"#,
+                Event::Unknown { event_type: "contextUsageEvent".into() },
+            ),
+            (
+                "contextUsageEvent",
+                r#"{"contextUsagePercentage":"9"}"#,
+                Event::Unknown { event_type: "contextUsageEvent".into() },
+            ),
+        ];
+        for (kind, payload, want) in cases {
+            assert_eq!(parse_frame(&event(kind, payload)).unwrap(), want, "{kind} {payload}");
+        }
+        // Not JSON at all stays an error of the event.
+        assert!(matches!(parse_frame(&event("meteringEvent", "{usage")), Err(StreamError::BadEvent { .. })));
     }
 
     #[test]
