@@ -36,7 +36,14 @@ pub fn uuid_v4() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    let mut s = String::with_capacity(36);
+    for (i, part) in [&h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]].into_iter().enumerate() {
+        if i > 0 {
+            s.push('-');
+        }
+        s.push_str(part);
+    }
+    s
 }
 
 /// A prefixed id with 24 random base62-ish characters, like Anthropic's `msg_…`/`req_…`.

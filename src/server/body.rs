@@ -35,8 +35,15 @@ impl Body {
 pub const HIGH_WATER: usize = 64 * 1024;
 
 /// The bytes a producer has written and the body has not yet handed to hyper.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Outbox(Arc<Mutex<Vec<u8>>>);
+
+impl Default for Outbox {
+    /// Room for a stream's opening events and first text without growing.
+    fn default() -> Self {
+        Outbox(Arc::new(Mutex::new(Vec::with_capacity(1024))))
+    }
+}
 
 impl Outbox {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {

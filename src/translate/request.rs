@@ -735,8 +735,13 @@ pub fn session_of(user_id: Option<&str>) -> Option<String> {
 /// conversation): 32 hex digits.
 pub fn first_user_digest(req: &MessagesRequest) -> String {
     let first = req.messages.iter().find(|m| m.role == crate::anthropic::Role::User);
-    let text = first.map(|m| format!("{:?}", m.content)).unwrap_or_default();
-    hex::encode(&crate::hash::sha256(text.as_bytes())[..16])
+    // The digest of the content's Debug text (as before), hashed as it is written: a long
+    // first message is not copied into a string for every request of the conversation.
+    let d = crate::hash::sha256_of_fmt(|w| match first {
+        Some(m) => write!(w, "{:?}", m.content),
+        None => Ok(()),
+    });
+    hex::encode(&d[..16])
 }
 
 fn conversation_id(user_id: Option<&str>, session: Option<&str>) -> String {

@@ -110,7 +110,7 @@ impl ResponseState {
             mode,
             buf: String::new(),
             output_tokens: 0,
-            uncounted: String::new(),
+            uncounted: String::with_capacity(256),
             tool_calls: 0,
             stop: None,
             finished: false,
