@@ -1021,7 +1021,7 @@ impl Pool {
             .filter(|a| a.spec().enabled && !a.removed.load(Ordering::SeqCst))
             .map(|a| a.catalog.read().unwrap_or_else(|e| e.into_inner()).clone())
             .collect();
-        let union = Catalog::from_offers(catalogs.iter().map(|c| (&c.models, &c.dropped)));
+        let union = Catalog::from_offers(catalogs.iter().map(|c| (&*c.models, &c.dropped)));
         *self.union.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(union);
     }
 
