@@ -1,30 +1,10 @@
 //! Each account's model catalog (`ListAvailableModels`): what it offers, when it was fetched,
 //! the last fetch's failure, and the models it refused since.
 
-use crate::upstream::catalog::CatalogModel;
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex, Weak};
+use crate::upstream::catalog::{CatalogModel, Models, share};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::SystemTime;
-
-/// The models of a catalog, by `modelId`.
-pub type Models = BTreeMap<String, CatalogModel>;
-
-/// Catalogs in use, each held once: accounts of one kind nearly always offer the same models
-/// (with their request-field schemas, a few kilobytes of JSON each), and 1,000 accounts held
-/// 1,000 copies of it (80 MiB of the daemon's idle memory).
-static IN_USE: Mutex<Vec<Weak<Models>>> = Mutex::new(Vec::new());
-
-/// The shared copy of `models`: one already in use that is equal, else this one.
-fn shared(models: Models) -> Arc<Models> {
-    let mut in_use = IN_USE.lock().unwrap_or_else(|e| e.into_inner());
-    in_use.retain(|w| w.strong_count() > 0);
-    if let Some(found) = in_use.iter().filter_map(Weak::upgrade).find(|m| **m == models) {
-        return found;
-    }
-    let new = Arc::new(models);
-    in_use.push(Arc::downgrade(&new));
-    new
-}
 
 /// One account's catalog.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -51,7 +31,12 @@ impl AccountCatalog {
 
     /// A fetch's result: the new catalog replaces the old one (and forgets dropped models).
     pub fn replace(&mut self, models: Vec<CatalogModel>, at: SystemTime) {
-        self.models = shared(models.into_iter().map(|m| (m.model_id.clone(), m)).collect());
+        self.replace_shared(share(models), at);
+    }
+
+    /// As [`Self::replace`], with models already shared.
+    pub fn replace_shared(&mut self, models: Arc<Models>, at: SystemTime) {
+        self.models = models;
         self.fetched_at = Some(at);
         self.error = None;
         self.dropped.clear();

@@ -222,7 +222,7 @@ impl Account {
             catalog: RwLock::new(match restored.catalog {
                 Some(c) => {
                     let mut cat = AccountCatalog::default();
-                    cat.replace(c.models, c.fetched_at);
+                    cat.replace_shared(c.models, c.fetched_at);
                     cat
                 }
                 None => AccountCatalog::default(),
@@ -1057,8 +1057,9 @@ impl Pool {
         let outcome = match result {
             Ok(models) => {
                 let n = models.len();
+                let models = crate::upstream::catalog::share(models);
                 let rec = crate::store::CatalogRecord { fetched_at: now, models: models.clone() };
-                a.catalog.write().unwrap_or_else(|e| e.into_inner()).replace(models, now);
+                a.catalog.write().unwrap_or_else(|e| e.into_inner()).replace_shared(models, now);
                 self.sink.catalog(&a.id, &rec);
                 a.catalog_failures.store(0, Ordering::SeqCst);
                 tracing::debug!(account = %a.id, models = n, "model catalog fetched");
