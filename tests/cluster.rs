@@ -57,11 +57,18 @@ impl Postgres {
             "initdb",
             &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-N", "-E", "UTF8"],
         );
+        pg.resume();
+        Some(pg)
+    }
+
+    /// `pg_ctl start` (again, after [`Postgres::stop`]), waiting until it accepts connections.
+    fn resume(&self) {
+        let data = self.dir.path().join("data");
         let opts = format!(
             "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
-            pg.dir.path().display()
+            self.dir.path().display()
         );
-        pg.run(
+        self.run(
             "pg_ctl",
             &[
                 "-D",
@@ -69,12 +76,17 @@ impl Postgres {
                 "-o",
                 &opts,
                 "-l",
-                pg.dir.path().join("log").to_str().unwrap(),
+                self.dir.path().join("log").to_str().unwrap(),
                 "-w",
                 "start",
             ],
         );
-        Some(pg)
+    }
+
+    /// `pg_ctl stop -m immediate`: the server goes away at once (as if its host died).
+    fn stop(&self) {
+        let data = self.dir.path().join("data");
+        self.run("pg_ctl", &["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"]);
     }
 
     fn run(&self, tool: &str, args: &[&str]) {
@@ -175,6 +187,15 @@ fn wait_until(within: Duration, what: &str, mut pred: impl FnMut() -> bool) -> D
 
 /// One non-streaming request to `addr`; its status (0 when the connection failed).
 async fn ask(addr: &str) -> u16 {
+    let (status, body) = ask_full(addr).await;
+    if status != 200 && status != 0 {
+        eprintln!("{addr}: {status} {body}");
+    }
+    status
+}
+
+/// One non-streaming request to `addr`: its status (0 when the connection failed) and body.
+async fn ask_full(addr: &str) -> (u16, String) {
     let req = http::Request::post(format!("http://{addr}/v1/messages"))
         .header("content-type", "application/json")
         .header("x-api-key", API_KEY)
@@ -185,13 +206,23 @@ async fn ask(addr: &str) -> u16 {
         Ok(Ok(resp)) => {
             let status = resp.status().as_u16();
             let body = http_body_util::BodyExt::collect(resp.into_body()).await.map(|b| b.to_bytes());
-            if status != 200 {
-                eprintln!("{addr}: {status} {:?}", body.map(|b| String::from_utf8_lossy(&b).into_owned()));
-            }
-            status
+            (status, body.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default())
         }
-        _ => 0,
+        _ => (0, String::new()),
     }
+}
+
+/// `GET /health` on `addr`: its status code and JSON body.
+fn health_at(addr: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    (code, serde_json::from_str(body).unwrap_or_else(|e| panic!("health is not JSON ({e}): {text}")))
 }
 
 /// Clients spread over `addrs` until `stop`: (ok, failed) per address.
@@ -441,5 +472,123 @@ fn a_restarted_cluster_reuses_stored_access_tokens() {
         assert_eq!(d.stop(Duration::from_secs(20)), 0);
     }
     let _ = Path::new("");
+    rt.block_on(emu.shutdown());
+}
+
+/// PostgreSQL goes away under a node: the node keeps serving its leased accounts until the
+/// leases it renewed last run out, then answers 503 `overloaded_error`, and says why in
+/// `/health` and `STATUS=`; PostgreSQL back, the node takes its leases again and serves.
+#[test]
+fn a_node_that_cannot_reach_postgresql_serves_out_its_leases_then_503_then_recovers() {
+    let Some(pg) = Postgres::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ids = ids(2);
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
+    let lease_secs = 3;
+    let node = Node::new(&emu, &ids, &pg.url(), "p1", lease_secs);
+    let notify = common::child::Notify::new(node.dir.path());
+    let notify_path = notify.path.to_str().unwrap().to_owned();
+    let log = node.dir.path().join("log");
+    let d = ChildDaemon::start_logged(
+        Command::new(common::child::AMQ2API),
+        &node.config,
+        &[("NOTIFY_SOCKET", &notify_path)],
+        Some(&log),
+    );
+    let addr = d.addr();
+    wait_until(Duration::from_secs(20), "both accounts held", || serving(&d) == 2);
+    // Every account has its access token, stored (no refresh is needed while PostgreSQL is
+    // away).
+    for _ in 0..4 {
+        assert_eq!(rt.block_on(ask(&addr)), 200);
+    }
+    wait_until(Duration::from_secs(10), "both accounts refreshed", || emu.stats().refreshes == 2);
+    d.wait_health(Duration::from_secs(5), "every token stored", |h| {
+        h["status"] == "ok" && h["accounts"]["tokens_unsaved"] == 0
+    });
+    assert_eq!(health_at(&addr).0, 200);
+
+    pg.stop();
+    let stopped = Instant::now();
+    // A refresh while PostgreSQL is away: the rotated refresh token cannot be stored and is held
+    // in memory (the one the store holds is dead upstream now).
+    let r = d.ctl_text(&["refresh", "acct-0"]);
+    eprintln!("amqctl refresh during the outage: {r}");
+    assert_eq!(emu.stats().refreshes, 3, "the refresh ran: {r}");
+    // The last renewal was at most one tick (lease / 3) before the stop, and a lease counts
+    // here for 0.9 of a lease after its renewal was sent: requests go on being served for at
+    // least 0.9 × 3 − 1 = 1.7 s. Ask for the first 1.5 s: all 200.
+    let mut served = 0;
+    while stopped.elapsed() < Duration::from_millis(1500) {
+        let (status, body) = rt.block_on(ask_full(&addr));
+        assert_eq!(status, 200, "a request {:?} after PostgreSQL stopped: {body}", stopped.elapsed());
+        served += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Then, once the leases run out (by 0.9 × lease after the stop), 503 overloaded_error.
+    let (status, body) = loop {
+        let (status, body) = rt.block_on(ask_full(&addr));
+        if status != 200 {
+            break (status, body);
+        }
+        served += 1;
+        assert!(stopped.elapsed() < Duration::from_secs(lease_secs), "still serving after the lease ran out");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let refused_after = stopped.elapsed();
+    eprintln!(
+        "served {served} requests for {refused_after:?} after PostgreSQL stopped; then {status} {body}"
+    );
+    assert_eq!(status, 503, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["type"], "error", "{body}");
+    assert_eq!(err["error"]["type"], "overloaded_error", "{body}");
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(message.contains("this node serves no account now"), "{message}");
+    assert!(
+        message.contains("PostgreSQL") || message.contains("postgres"),
+        "the reason names the store: {message}"
+    );
+    // /health: 503, naming the store's problem.
+    let (code, h) = health_at(&addr);
+    assert_eq!(code, 503, "{h}");
+    assert_eq!(h["status"], "unavailable", "{h}");
+    assert_eq!(h["store"]["ok"], false, "{h}");
+    assert!(h["store"]["problem"].as_str().is_some_and(|p| !p.is_empty()), "{h}");
+    // STATUS=: DEGRADED, with the store problem.
+    let line = notify.wait_line("STATUS=serving 0/0 accounts", "DEGRADED: ", Duration::from_secs(10));
+    assert!(line.contains("1 rotated refresh token(s) held in memory only"), "{line}");
+
+    // PostgreSQL back: the node renews (or takes again) its leases and serves.
+    pg.resume();
+    let back = Instant::now();
+    while !(health_at(&addr).0 == 200 && serving(&d) == 2) {
+        assert!(
+            back.elapsed() < Duration::from_secs(lease_secs * 3),
+            "not serving again; log:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("serving again {:?} after PostgreSQL came back", back.elapsed());
+    for _ in 0..4 {
+        assert_eq!(rt.block_on(ask(&addr)), 200);
+    }
+    // The token rotated during the outage was kept (not replaced by the stale stored one) and
+    // is stored now that PostgreSQL is back.
+    d.wait_health(Duration::from_secs(5), "the held-back token stored", |h| {
+        h["accounts"]["tokens_unsaved"] == 0
+    });
+    let (code, h) = health_at(&addr);
+    assert_eq!((code, &h["status"]), (200, &serde_json::json!("ok")), "{h}");
+    assert!(h.get("store").is_none(), "the store problem is gone: {h}");
+    notify.wait_line("STATUS=", "serving 2/2 accounts", Duration::from_secs(10));
+    // The next refresh uses the live chain.
+    rt.block_on(assert_chains_intact(&pg.url(), &emu, &ids));
+    d.ctl_text(&["refresh", "acct-0"]);
+    assert_eq!(emu.stats().refreshes, 4);
+    assert_eq!(emu.stats().refresh_failures, 0, "a refresh token was lost over the outage");
+    rt.block_on(assert_chains_intact(&pg.url(), &emu, &ids));
+    assert_eq!(d.stop(Duration::from_secs(20)), 0);
     rt.block_on(emu.shutdown());
 }
