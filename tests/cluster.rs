@@ -13,6 +13,8 @@ use bytes::Bytes;
 use common::child::{ChildDaemon, write_config};
 use common::{API_KEY, client_id};
 use http_body_util::Full;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -25,11 +27,19 @@ struct Postgres {
     bin: PathBuf,
     dir: tempfile::TempDir,
     as_nobody: bool,
+    /// Server options beyond the Unix socket (TLS, a TCP port).
+    extra: String,
 }
 
 impl Postgres {
     /// `None` (with a message) when PostgreSQL's binaries are not installed.
     fn start() -> Option<Postgres> {
+        Postgres::start_with(|_| String::new())
+    }
+
+    /// [`Postgres::start`], with server options `extra` returns; it is given the server's
+    /// directory (to write files into: [`Postgres::own`] gives them to the server's user).
+    fn start_with(extra: impl FnOnce(&Path) -> String) -> Option<Postgres> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .into_iter()
@@ -51,7 +61,8 @@ impl Postgres {
             let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("a nobody user");
             nix::unistd::chown(dir.path(), Some(nobody.uid), Some(nobody.gid)).unwrap();
         }
-        let pg = Postgres { bin, dir, as_nobody };
+        let extra = extra(dir.path());
+        let pg = Postgres { bin, dir, as_nobody, extra };
         let data = pg.dir.path().join("data");
         pg.run(
             "initdb",
@@ -61,12 +72,21 @@ impl Postgres {
         Some(pg)
     }
 
+    /// Gives `path` to the user the server runs as (a key file must be the server's, 0600).
+    fn own(path: &Path) {
+        if nix::unistd::geteuid().is_root() {
+            let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("a nobody user");
+            nix::unistd::chown(path, Some(nobody.uid), Some(nobody.gid)).unwrap();
+        }
+    }
+
     /// `pg_ctl start` (again, after [`Postgres::stop`]), waiting until it accepts connections.
     fn resume(&self) {
         let data = self.dir.path().join("data");
         let opts = format!(
-            "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
-            self.dir.path().display()
+            "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off {}",
+            self.dir.path().display(),
+            self.extra
         );
         self.run(
             "pg_ctl",
@@ -589,6 +609,123 @@ fn a_node_that_cannot_reach_postgresql_serves_out_its_leases_then_503_then_recov
     assert_eq!(emu.stats().refreshes, 4);
     assert_eq!(emu.stats().refresh_failures, 0, "a refresh token was lost over the outage");
     rt.block_on(assert_chains_intact(&pg.url(), &emu, &ids));
+    assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    rt.block_on(emu.shutdown());
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (PostgreSQL binds its own sockets).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Whether every connection the daemon (application_name amq2api) has open is encrypted, and
+/// how many there are; asked over the Unix socket.
+async fn amq2api_connections_ssl(pg: &Postgres, port: u16) -> Vec<bool> {
+    let url = format!("{}&port={port}", pg.url());
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'amq2api'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// PostgreSQL over TLS (ssl=on, a certificate for "localhost" signed by a CA made here): a
+/// daemon on `sslmode=require` serves, its connections encrypted (pg_stat_ssl); `verify-full`
+/// refuses the unknown CA and accepts it given as `sslrootcert=`; `verify-ca` checks the
+/// chain but not the name.
+#[test]
+fn postgresql_over_tls_with_libpq_sslmodes() {
+    let port = free_port();
+    let ca_pem = std::cell::RefCell::new(PathBuf::new());
+    let Some(pg) = Postgres::start_with(|dir| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.distinguished_name.push(rcgen::DnType::CommonName, "amq2api test PostgreSQL CA");
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(params, ca_key);
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let (crt, keyf, ca_file) = (dir.join("server.crt"), dir.join("server.key"), dir.join("ca.pem"));
+        std::fs::write(&crt, cert.pem()).unwrap();
+        std::fs::write(&keyf, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&keyf, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        for f in [&crt, &keyf, &ca_file] {
+            Postgres::own(f);
+        }
+        *ca_pem.borrow_mut() = ca_file;
+        format!(
+            "-p {port} -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            crt.display(),
+            keyf.display()
+        )
+    }) else {
+        return;
+    };
+    let ca_pem = ca_pem.into_inner();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let url = |host: &str, query: &str| format!("postgresql://postgres@{host}:{port}/postgres?{query}");
+    let lease = Duration::from_secs(3);
+    let connect = |u: String| rt.block_on(PgStore::connect(&u, "tls-check", lease));
+
+    // verify-full without sslrootcert checks against the built-in roots: the test CA is not one.
+    let e = connect(url("localhost", "sslmode=verify-full")).expect_err("an unknown CA is refused");
+    eprintln!("verify-full, unknown CA: {e}");
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    let root = format!("sslrootcert={}", ca_pem.display());
+    // With the CA: accepted for "localhost", refused for 127.0.0.1 (the name is not in the
+    // certificate); verify-ca accepts 127.0.0.1 (chain only).
+    connect(url("localhost", &format!("sslmode=verify-full&{root}"))).expect("verify-full with the CA");
+    let e = connect(url("127.0.0.1", &format!("sslmode=verify-full&{root}"))).expect_err("a wrong name");
+    eprintln!("verify-full, wrong name: {e}");
+    assert!(e.to_string().contains("not valid for name"), "{e}");
+    connect(url("127.0.0.1", &format!("sslmode=verify-ca&{root}"))).expect("verify-ca with the CA");
+    // require + sslrootcert behaves as verify-ca (libpq): another CA's file refuses the server.
+    let other = tempfile::NamedTempFile::new().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let other_ca = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(other.path(), other_ca.pem()).unwrap();
+    let e = connect(url("127.0.0.1", &format!("sslmode=require&sslrootcert={}", other.path().display())))
+        .expect_err("require with another CA's root file");
+    eprintln!("require + another CA: {e}");
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    // A bad sslmode is a configuration error, not a connection attempt.
+    assert!(matches!(connect(url("localhost", "sslmode=allow")), Err(StoreError::DatabaseUrl(_))));
+
+    // A daemon on sslmode=require (no CA given: encryption only, as libpq) serves, encrypted.
+    let ids = ids(2);
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
+    let node = Node::new(&emu, &ids, &url("127.0.0.1", "sslmode=require"), "t1", 3);
+    let d = node.start();
+    wait_until(Duration::from_secs(20), "both accounts held", || serving(&d) == 2);
+    let addr = d.addr();
+    for _ in 0..4 {
+        assert_eq!(rt.block_on(ask(&addr)), 200);
+    }
+    let ssl = rt.block_on(amq2api_connections_ssl(&pg, port));
+    eprintln!("the daemon's connections, encrypted: {ssl:?}");
+    assert!(!ssl.is_empty() && ssl.iter().all(|&s| s), "{ssl:?}");
+    assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    // And one on verify-full with the CA.
+    let node = Node::new(&emu, &ids, &url("localhost", &format!("sslmode=verify-full&{root}")), "t2", 3);
+    let d = node.start();
+    wait_until(Duration::from_secs(20), "both accounts held", || serving(&d) == 2);
+    assert_eq!(rt.block_on(ask(&d.addr())), 200);
+    let ssl = rt.block_on(amq2api_connections_ssl(&pg, port));
+    assert!(!ssl.is_empty() && ssl.iter().all(|&s| s), "{ssl:?}");
     assert_eq!(d.stop(Duration::from_secs(20)), 0);
     rt.block_on(emu.shutdown());
 }

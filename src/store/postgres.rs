@@ -26,8 +26,10 @@
 //!
 //! Two connections (one for data, one for leases and heartbeats, so that a slow write never
 //! delays a lease renewal), each opened on first use and again after a failure; every
-//! statement has a deadline. TLS (rustls, the ring provider, the webpki roots) when the URL says
-//! `sslmode=require` or `sslmode=prefer`.
+//! statement has a deadline. TLS through rustls (the ring provider) with libpq's `sslmode`
+//! meanings (see [`TlsMode`]): `prefer` (the default) and `require` encrypt without checking the
+//! certificate; `verify-ca` checks the chain against `sslrootcert=PATH` (PEM) or, without it, the
+//! built-in Mozilla roots; `verify-full` also matches the host name.
 
 use super::redb::{
     CatalogWire, CountersWire, IdentityWire, StateWire, TokenWire, decode_catalog, decode_counters,
@@ -122,8 +124,24 @@ enum Conn {
     Leases = 1,
 }
 
-fn pg(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Postgres(e.to_string())
+/// A tokio-postgres error with its causes ("error performing TLS handshake: invalid peer
+/// certificate: UnknownIssuer"), no secret among them.
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Postgres(chain(&e))
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }
 
 impl std::fmt::Debug for PgStore {
@@ -132,31 +150,240 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-/// Whether the URL asks for TLS (`sslmode=require` or `sslmode=prefer`, spelled out).
-fn wants_tls(url: &str) -> bool {
-    let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
-    query.split('&').any(|kv| matches!(kv, "sslmode=require" | "sslmode=prefer"))
+/// How the connection to PostgreSQL is secured: libpq's `sslmode` (and `sslrootcert`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// `sslmode=disable`: plaintext.
+    Disable,
+    /// `sslmode=prefer` (also when the URL names no sslmode, as libpq): TLS when the server
+    /// offers it, plaintext otherwise; the certificate is not checked.
+    Prefer,
+    /// `sslmode=require`: TLS or no connection; the certificate is not checked (encryption
+    /// only, as libpq). With `sslrootcert=` it is checked as for `verify-ca`, as libpq does.
+    Require,
+    /// `sslmode=verify-ca`: TLS, the server's chain checked against the roots; not its name.
+    VerifyCa,
+    /// `sslmode=verify-full`: TLS, the chain checked and the host name matched.
+    VerifyFull,
 }
 
-fn tls_connector() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+/// A `database_url` split into what tokio-postgres takes and what amq2api handles itself.
+#[derive(Clone, Debug)]
+pub struct DbUrl {
+    pub config: tokio_postgres::Config,
+    pub tls: TlsMode,
+    /// `sslrootcert=PATH`: the trust anchors for `verify-ca` / `verify-full` (PEM); `None` or
+    /// `sslrootcert=system`: the built-in Mozilla root set (webpki-roots).
+    pub root_cert: Option<std::path::PathBuf>,
+}
+
+/// Parses a `postgresql://…` URL: libpq's `sslmode` (all but `allow`) and `sslrootcert` are
+/// taken out and handled here (tokio-postgres knows neither `verify-ca`/`verify-full` nor
+/// root files); the rest is tokio-postgres's.
+pub fn parse_url(url: &str) -> Result<DbUrl, StoreError> {
+    let bad = |m: String| StoreError::DatabaseUrl(m);
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, q),
+        None => (url, ""),
+    };
+    let mut tls = TlsMode::Prefer;
+    let mut root_cert = None;
+    let mut rest = Vec::new();
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match crate::server::http::percent_decode(k).as_str() {
+            "sslmode" => {
+                tls = match crate::server::http::percent_decode(v).as_str() {
+                    "disable" => TlsMode::Disable,
+                    "prefer" => TlsMode::Prefer,
+                    "require" => TlsMode::Require,
+                    "verify-ca" => TlsMode::VerifyCa,
+                    "verify-full" => TlsMode::VerifyFull,
+                    other => {
+                        return Err(bad(format!(
+                            "sslmode={other} is not supported (disable, prefer, require, verify-ca, verify-full)"
+                        )));
+                    }
+                }
+            }
+            "sslrootcert" => {
+                let path = crate::server::http::percent_decode(v);
+                root_cert = (path != "system" && !path.is_empty()).then(|| std::path::PathBuf::from(path));
+            }
+            _ => rest.push(kv),
+        }
+    }
+    if tls == TlsMode::Require && root_cert.is_some() {
+        tls = TlsMode::VerifyCa;
+    }
+    let sslmode = match tls {
+        TlsMode::Disable => "disable",
+        TlsMode::Prefer => "prefer",
+        TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => "require",
+    };
+    rest.push(match sslmode {
+        "disable" => "sslmode=disable",
+        "prefer" => "sslmode=prefer",
+        _ => "sslmode=require",
+    });
+    let rebuilt = format!("{base}?{}", rest.join("&"));
+    let config = rebuilt.parse().map_err(|e: tokio_postgres::Error| bad(e.to_string()))?;
+    Ok(DbUrl { config, tls, root_cert })
+}
+
+/// Accepts any server certificate, but still checks the handshake's signatures (the key
+/// exchange is bound to the certificate's key): `prefer` and `require`, as libpq.
+#[derive(Debug)]
+struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+/// Checks the chain against the roots but not the host name: `verify-ca`.
+#[derive(Debug)]
+struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+
+mod verify {
+    use super::{ChainOnly, EncryptOnly};
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
+
+    impl ServerCertVerifier for EncryptOnly {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp_response: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    impl ServerCertVerifier for ChainOnly {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            server_name: &ServerName<'_>,
+            ocsp_response: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            // The chain is checked first; a name mismatch is reported only for a valid chain.
+            match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+                Err(Error::InvalidCertificate(
+                    CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+                )) => Ok(ServerCertVerified::assertion()),
+                other => other,
+            }
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.0.verify_tls12_signature(message, cert, dss)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.0.verify_tls13_signature(message, cert, dss)
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.supported_verify_schemes()
+        }
+    }
+}
+
+/// The TLS connector for `url`'s mode; `None` for `sslmode=disable`.
+fn tls_connector(url: &DbUrl) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let tls_err = |e: String| StoreError::DatabaseUrl(format!("TLS: {e}"));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| StoreError::Postgres(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+        .map_err(|e| tls_err(e.to_string()))?;
+    let roots = || -> Result<Arc<rustls::RootCertStore>, StoreError> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &url.root_cert {
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+            Some(path) => {
+                let err = |e: String| StoreError::DatabaseUrl(format!("sslrootcert {}: {e}", path.display()));
+                let pem = crate::config::read::read_bytes(path).map_err(|e| err(e.to_string()))?;
+                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| err(e.to_string()))?;
+                if certs.is_empty() {
+                    return Err(err("no certificate in the file".into()));
+                }
+                for c in certs {
+                    roots.add(c).map_err(|e| err(e.to_string()))?;
+                }
+            }
+        }
+        Ok(Arc::new(roots))
+    };
+    let config = match url.tls {
+        TlsMode::Disable => return Ok(None),
+        TlsMode::Prefer | TlsMode::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+            .with_no_client_auth(),
+        TlsMode::VerifyCa => {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots()?, provider)
+                .build()
+                .map_err(|e| tls_err(e.to_string()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
+                .with_no_client_auth()
+        }
+        TlsMode::VerifyFull => builder.with_root_certificates(roots()?).with_no_client_auth(),
+    };
+    Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
 }
 
 impl PgStore {
     /// Connects to `url`, creates or migrates the schema, and returns the store for `node_id`.
     /// Must be called on the runtime (its connections' tasks run there).
     pub async fn connect(url: &str, node_id: &str, lease: Duration) -> Result<PgStore, StoreError> {
-        let mut config: tokio_postgres::Config = url.parse().map_err(pg)?;
+        let url = parse_url(url)?;
+        let tls = tls_connector(&url)?;
+        let mut config = url.config;
         config.connect_timeout(STATEMENT_DEADLINE).application_name("amq2api");
-        let tls = if wants_tls(url) { Some(tls_connector()?) } else { None };
         let store = PgStore {
             inner: Arc::new(Inner {
                 rt: tokio::runtime::Handle::current(),
@@ -304,7 +531,9 @@ impl PgStore {
                 }
                 for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
                     let version = i as i32 + 1;
-                    txn.batch_execute(sql).await.map_err(|e| pg(format!("migration {version}: {e}")))?;
+                    txn.batch_execute(sql)
+                        .await
+                        .map_err(|e| StoreError::Postgres(format!("migration {version}: {}", chain(&e))))?;
                     txn.execute("INSERT INTO amq2api.migrations (version) VALUES ($1)", &[&version])
                         .await
                         .map_err(pg)?;
@@ -711,5 +940,34 @@ impl Backend for PgStore {
     }
     fn problem(&self) -> Option<StoreProblem> {
         self.inner.problem.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslmodes_as_libpq() {
+        let mode = |q: &str| {
+            parse_url(&format!("postgresql://u@db.example/amq2api{q}")).map(|u| (u.tls, u.root_cert))
+        };
+        assert_eq!(mode("").unwrap(), (TlsMode::Prefer, None));
+        assert_eq!(mode("?sslmode=disable").unwrap(), (TlsMode::Disable, None));
+        assert_eq!(mode("?sslmode=require").unwrap(), (TlsMode::Require, None));
+        assert_eq!(mode("?sslmode=verify-full").unwrap(), (TlsMode::VerifyFull, None));
+        assert_eq!(mode("?sslmode=verify-ca&sslrootcert=system").unwrap(), (TlsMode::VerifyCa, None));
+        // require with a root file checks the chain (libpq).
+        assert_eq!(
+            mode("?sslmode=require&sslrootcert=%2Fetc%2Fca.pem").unwrap(),
+            (TlsMode::VerifyCa, Some(std::path::PathBuf::from("/etc/ca.pem")))
+        );
+        // Other options still reach tokio-postgres.
+        let u = parse_url("postgresql://u@db.example:6432/amq2api?sslmode=verify-full&connect_timeout=3")
+            .unwrap();
+        assert_eq!(u.config.get_ports(), &[6432]);
+        assert_eq!(u.config.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
+        assert!(matches!(mode("?sslmode=allow"), Err(StoreError::DatabaseUrl(_))));
+        assert!(matches!(mode("?nonsense=1"), Err(StoreError::DatabaseUrl(_))));
     }
 }
