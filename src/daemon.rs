@@ -74,9 +74,9 @@ pub async fn run(
         let records = store.load_all_async().await.map_err(|e| RunError::Store(e.to_string()))?;
         let restored = crate::accounts::persist::restored(records);
         let sink = Arc::new(crate::accounts::persist::StoreSink::new(Arc::new(store.clone())));
-        // Usage per key is counted in this node's memory only: the usage table lives in the
-        // embedded store (README "Several nodes").
-        let usage = crate::keys::Usage::new(None, loaded.config.state.usage_retention_days);
+        // Usage rows are the fleet's: every node adds its batches to the same PostgreSQL rows.
+        let usage =
+            crate::keys::Usage::new(Some(Arc::new(store.clone())), loaded.config.state.usage_retention_days);
         return run_inner(loaded, listeners, shutdown, sink, restored, usage, Some(store)).await;
     }
     let dir = loaded.config.state.dir.clone();
@@ -86,7 +86,8 @@ pub async fn run(
         .map_err(|e| RunError::Store(e.to_string()))?;
     let records = store.load_all().map_err(|e| RunError::Store(e.to_string()))?;
     let restored = crate::accounts::persist::restored(records);
-    let usage = crate::keys::Usage::new(Some(store.clone()), loaded.config.state.usage_retention_days);
+    let usage =
+        crate::keys::Usage::new(Some(Arc::new(store.clone())), loaded.config.state.usage_retention_days);
     let sink = Arc::new(crate::accounts::persist::StoreSink::new(Arc::new(store)));
     run_inner(loaded, listeners, shutdown, sink, restored, usage, None).await
 }
@@ -213,6 +214,7 @@ async fn run_inner(
         tokio::spawn(crate::reload::on_sighup(reloader.clone(), status.clone(), shutdown_signal.clone())),
     ];
     if let Some(store) = &cluster {
+        tasks.push(tokio::spawn(app.keys.clone().run_fleet_budgets(shutdown_signal.clone())));
         tasks.push(tokio::spawn(crate::cluster::run(
             store.clone(),
             pool.clone(),

@@ -189,6 +189,17 @@ impl Node {
     }
 }
 
+impl Node {
+    /// This node's `[auth] keys_file` (named keys with limits), `keys.toml` in its directory.
+    fn with_keys(self, keys: &str) -> Node {
+        std::fs::write(self.dir.path().join("keys.toml"), keys).unwrap();
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(&self.config, text.replacen("[auth]\n", "[auth]\nkeys_file = \"keys.toml\"\n", 1))
+            .unwrap();
+        self
+    }
+}
+
 /// Accounts a node serves now (its `/health` total).
 fn serving(d: &ChildDaemon) -> u64 {
     d.health()["accounts"]["total"].as_u64().unwrap_or(0)
@@ -207,7 +218,12 @@ fn wait_until(within: Duration, what: &str, mut pred: impl FnMut() -> bool) -> D
 
 /// One non-streaming request to `addr`; its status (0 when the connection failed).
 async fn ask(addr: &str) -> u16 {
-    let (status, body) = ask_full(addr).await;
+    ask_as(addr, API_KEY).await
+}
+
+/// [`ask`] with the client key `key`.
+async fn ask_as(addr: &str, key: &str) -> u16 {
+    let (status, body) = ask_full_as(addr, key).await;
     if status != 200 && status != 0 {
         eprintln!("{addr}: {status} {body}");
     }
@@ -216,9 +232,13 @@ async fn ask(addr: &str) -> u16 {
 
 /// One non-streaming request to `addr`: its status (0 when the connection failed) and body.
 async fn ask_full(addr: &str) -> (u16, String) {
+    ask_full_as(addr, API_KEY).await
+}
+
+async fn ask_full_as(addr: &str, key: &str) -> (u16, String) {
     let req = http::Request::post(format!("http://{addr}/v1/messages"))
         .header("content-type", "application/json")
-        .header("x-api-key", API_KEY)
+        .header("x-api-key", key)
         .header("anthropic-version", "2023-06-01")
         .body(Full::new(Bytes::from(common::simple("hello", false).to_string())))
         .unwrap();
@@ -727,5 +747,91 @@ fn postgresql_over_tls_with_libpq_sslmodes() {
     let ssl = rt.block_on(amq2api_connections_ssl(&pg, port));
     assert!(!ssl.is_empty() && ssl.iter().all(|&s| s), "{ssl:?}");
     assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    rt.block_on(emu.shutdown());
+}
+
+/// `amqctl --json usage --by BY` on `d`: requests and tokens (in + out) of `name`, all days.
+fn usage_of(d: &ChildDaemon, by: &str, name: &str) -> (u64, u64) {
+    let rows = d.ctl_json(&["usage", "--by", by, "--days", "2"]).expect("amqctl usage");
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["name"] == name)
+        .map(|r| {
+            (
+                r["requests"].as_u64().unwrap(),
+                r["tokens_in"].as_u64().unwrap() + r["tokens_out"].as_u64().unwrap(),
+            )
+        })
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+/// Usage per key is the fleet's under [cluster]: each node adds its batches to the same
+/// PostgreSQL rows; `amqctl usage` on either node shows both nodes' requests; `amqctl keys`
+/// and the budgets follow the fleet's totals (a key that spent its day's tokens on one node is
+/// refused on the other).
+#[test]
+fn usage_and_budgets_are_the_fleets() {
+    const ALICE: &str = "sk-amq-alice-0123456789abcdef";
+    const BOB: &str = "sk-amq-bob-0123456789abcdef";
+    let Some(pg) = Postgres::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ids = ids(2);
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
+    let keys = format!(
+        "[[key]]\nname = \"alice\"\nkey = \"{ALICE}\"\ntokens_per_day = 1\n\n[[key]]\nname = \"bob\"\nkey = \"{BOB}\"\n"
+    );
+    let nodes: Vec<Node> =
+        ["u1", "u2"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 3).with_keys(&keys)).collect();
+    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
+    wait_until(Duration::from_secs(20), "one account per node", || daemons.iter().all(|d| serving(d) == 1));
+    let addrs: Vec<String> = daemons.iter().map(|d| d.addr()).collect();
+    // bob: 3 requests on u1, 2 on u2.
+    for (addr, n) in addrs.iter().zip([3, 2]) {
+        for _ in 0..n {
+            assert_eq!(rt.block_on(ask_as(addr, BOB)), 200);
+        }
+    }
+    // Each node shows the fleet's 5 (the other node's last batch is at most a second old).
+    for d in &daemons {
+        wait_until(Duration::from_secs(5), "bob's 5 requests in amqctl usage", || {
+            usage_of(d, "key", "bob").0 == 5
+        });
+    }
+    let (_, bob_tokens) = usage_of(&daemons[1], "key", "bob");
+    assert!(bob_tokens > 0);
+    let by_account: u64 = ids.iter().map(|id| usage_of(&daemons[0], "account", id).0).sum();
+    assert_eq!(by_account, 5, "per account, summed over the fleet");
+    // amqctl keys on u2 shows bob's tokens from both nodes.
+    wait_until(Duration::from_secs(5), "bob's fleet tokens in amqctl keys on u2", || {
+        let k = daemons[1].ctl_json(&["keys"]).unwrap();
+        k.as_array().unwrap().iter().any(|k| k["name"] == "bob" && k["tokens_today"] == bob_tokens)
+    });
+    // alice (1 token a day): one request on u1 spends the day's budget; u2 refuses her within
+    // a flush tick or two.
+    assert_eq!(rt.block_on(ask_as(&addrs[0], ALICE)), 200);
+    let mut attempts = 0;
+    let refused = wait_until(Duration::from_secs(5), "u2 refusing alice", || {
+        attempts += 1;
+        let (status, body) = rt.block_on(ask_full_as(&addrs[1], ALICE));
+        assert!(status == 200 || status == 429, "{status} {body}");
+        status == 429 && body.contains("daily token budget used up")
+    });
+    eprintln!("u2 refused alice {refused:?} after she spent her budget on u1");
+    let k = daemons[1].ctl_json(&["keys"]).unwrap();
+    let alice = k.as_array().unwrap().iter().find(|k| k["name"] == "alice").unwrap().clone();
+    assert_eq!(alice["state"], "budget-exhausted", "{alice}");
+    for d in daemons {
+        assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    }
+    // What the nodes flushed at their stop is in PostgreSQL: 5 for bob; alice's request on u1
+    // and each of her attempts on u2 (a refused request counts as a request).
+    let store = rt.block_on(PgStore::connect(&pg.url(), "checker", Duration::from_secs(3))).unwrap();
+    let rows = rt.block_on(store.usage_since_async("2000-01-01")).unwrap();
+    let requests = |name: &str| -> u64 {
+        rows.iter().filter(|(k, _)| k.ends_with(&format!("/key/{name}"))).map(|(_, r)| r.requests).sum()
+    };
+    assert_eq!(requests("bob"), 5);
+    assert_eq!(requests("alice"), 1 + attempts);
     rt.block_on(emu.shutdown());
 }

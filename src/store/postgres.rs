@@ -10,6 +10,7 @@
 //! | `nodes (node_id, started_at, heartbeat_at, lease_ms, status)` | each node's heartbeat          |
 //! | `leases (account, node_id, epoch, expires_at)` | who serves an account, until when; `epoch` grows at every change of holder |
 //! | `commands (id, account, command, …)`           | `amqctl` account commands for the holder      |
+//! | `usage (day, dim, name, requests, errors, tokens_in, tokens_out, credits)` | usage per key / account / model per UTC day, the fleet's (migration 2) |
 //!
 //! Migrations run at start-up in one transaction under an advisory lock, so nodes starting
 //! together never race; a database migrated by a newer amq2api is refused.
@@ -20,7 +21,8 @@
 //! for the account *with the epoch it acquired* and checks it has not expired (the database's
 //! clock): a node that lost its lease — paused, partitioned, slow — gets
 //! [`StoreError::Fenced`] and can never overwrite the token the new holder stored. The token row
-//! also keeps the epoch that wrote it and refuses an older one.
+//! also keeps the epoch that wrote it and refuses an older one. Token writes commit with
+//! `synchronous_commit = on` whatever the server's default.
 //!
 //! # Connections
 //!
@@ -37,7 +39,7 @@ use super::redb::{
 };
 use super::{
     AccountRecord, Backend, CatalogRecord, Counters, IdentityRecord, StateRecord, StoreError, StoreProblem,
-    TokenRecord,
+    TokenRecord, UsageRow, split_usage_key, usage_key,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -61,6 +63,11 @@ pub const MIGRATIONS: &[&str] = &[
      CREATE TABLE amq2api.commands (id bigserial PRIMARY KEY, account text NOT NULL,
          command text NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
          done_by text, done_at timestamptz, result text);",
+    // 2: usage per key, account and model per UTC day, the fleet's (every node adds to it).
+    "CREATE TABLE amq2api.usage (day text NOT NULL, dim text NOT NULL, name text NOT NULL,
+         requests bigint NOT NULL, errors bigint NOT NULL, tokens_in bigint NOT NULL,
+         tokens_out bigint NOT NULL, credits double precision NOT NULL,
+         PRIMARY KEY (day, dim, name));",
 ];
 
 /// Longest one statement (or transaction) may take before the connection is dropped.
@@ -607,6 +614,9 @@ impl PgStore {
         self.run(Conn::Data, move |c| {
             Box::pin(async move {
                 let txn = c.transaction().await.map_err(pg)?;
+                // Durable before it is used, whatever the server's or database's default (a
+                // rotated refresh token lost in a crash is an account lost).
+                txn.batch_execute("SET LOCAL synchronous_commit = on").await.map_err(pg)?;
                 let lease = txn
                     .query_opt(
                         "SELECT 1 FROM amq2api.leases WHERE account = $1 AND node_id = $2 AND epoch = $3
@@ -879,6 +889,106 @@ impl PgStore {
             })
         })
         .await
+    }
+}
+
+impl PgStore {
+    /// Adds a batch of usage deltas to the fleet's rows: one statement (an upsert of the
+    /// unnested batch), so one commit a flush whatever the batch's size.
+    pub async fn add_usage_async(&self, batch: &[(String, UsageRow)]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut cols: (Vec<String>, Vec<String>, Vec<String>) = Default::default();
+        let mut nums: [Vec<i64>; 4] = Default::default();
+        let mut credits = Vec::new();
+        for (key, d) in batch {
+            let Some((day, dim, name)) = split_usage_key(key) else { continue };
+            cols.0.push(day.to_owned());
+            cols.1.push(dim.to_owned());
+            cols.2.push(name.to_owned());
+            for (v, n) in nums.iter_mut().zip([d.requests, d.errors, d.tokens_in, d.tokens_out]) {
+                v.push(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+            credits.push(d.credits);
+        }
+        self.run(Conn::Data, move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO amq2api.usage AS u
+                         (day, dim, name, requests, errors, tokens_in, tokens_out, credits)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[],
+                         $6::int8[], $7::int8[], $8::float8[])
+                     ON CONFLICT (day, dim, name) DO UPDATE SET requests = u.requests + EXCLUDED.requests,
+                         errors = u.errors + EXCLUDED.errors, tokens_in = u.tokens_in + EXCLUDED.tokens_in,
+                         tokens_out = u.tokens_out + EXCLUDED.tokens_out, credits = u.credits + EXCLUDED.credits",
+                    &[&cols.0, &cols.1, &cols.2, &nums[0], &nums[1], &nums[2], &nums[3], &credits],
+                )
+                .await
+                .map_err(pg)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// The fleet's usage rows from day `from` on, in key order.
+    pub async fn usage_since_async(&self, from: &str) -> Result<Vec<(String, UsageRow)>, StoreError> {
+        let from = from.to_owned();
+        self.run(Conn::Data, move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT day, dim, name, requests, errors, tokens_in, tokens_out, credits
+                         FROM amq2api.usage WHERE day >= $1 ORDER BY day, dim, name",
+                        &[&from],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| {
+                        let n = |i: usize| u64::try_from(r.get::<_, i64>(i)).unwrap_or(0);
+                        (
+                            usage_key(r.get(0), r.get(1), r.get(2)),
+                            UsageRow {
+                                requests: n(3),
+                                errors: n(4),
+                                tokens_in: n(5),
+                                tokens_out: n(6),
+                                credits: r.get(7),
+                            },
+                        )
+                    })
+                    .collect())
+            })
+        })
+        .await
+    }
+
+    /// Deletes the fleet's usage rows of days before `before`.
+    pub async fn prune_usage_async(&self, before: &str) -> Result<usize, StoreError> {
+        let before = before.to_owned();
+        self.run(Conn::Data, move |c| {
+            Box::pin(async move {
+                let n =
+                    c.execute("DELETE FROM amq2api.usage WHERE day < $1", &[&before]).await.map_err(pg)?;
+                Ok(n as usize)
+            })
+        })
+        .await
+    }
+}
+
+impl crate::keys::usage::UsageStore for PgStore {
+    fn add_usage(&self, batch: &[(String, UsageRow)]) -> Result<(), StoreError> {
+        self.block(self.add_usage_async(batch))
+    }
+    fn usage_since(&self, from: &str) -> Result<Vec<(String, UsageRow)>, StoreError> {
+        self.block(self.usage_since_async(from))
+    }
+    fn prune_usage(&self, before: &str) -> Result<usize, StoreError> {
+        self.block(self.prune_usage_async(before))
     }
 }
 
