@@ -835,3 +835,73 @@ fn usage_and_budgets_are_the_fleets() {
     assert_eq!(requests("alice"), 1 + attempts);
     rt.block_on(emu.shutdown());
 }
+
+/// `amqctl refresh/enable/disable --all` under [cluster]: the asked node acts on the accounts
+/// it holds and queues the command for every account another node holds; the answer says how
+/// many were queued, and the holders run them.
+#[test]
+fn all_commands_reach_every_node() {
+    let Some(pg) = Postgres::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ids = ids(4);
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
+    let nodes: Vec<Node> = ["q1", "q2"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 3)).collect();
+    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
+    wait_until(Duration::from_secs(20), "two accounts per node", || daemons.iter().all(|d| serving(d) == 2));
+    let held_by_q2: Vec<String> = ids
+        .iter()
+        .filter(|id| {
+            let status = daemons[1].ctl_json(&["status"]).unwrap();
+            status["cluster"]["leases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l["account"] == id.as_str() && l["node_id"] == "q2")
+        })
+        .cloned()
+        .collect();
+    assert_eq!(held_by_q2.len(), 2, "{held_by_q2:?}");
+    let disabled = |d: &ChildDaemon| d.health()["accounts"]["disabled"].as_u64().unwrap_or(0);
+
+    // disable --all from q1: two done on q1, two queued for q2 (which runs them).
+    let r = daemons[0].ctl_json(&["disable", "--all"]).expect("amqctl disable --all");
+    let rows = r.as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{r}");
+    assert!(rows.iter().all(|x| x["ok"] == true), "{r}");
+    let queued: Vec<&str> =
+        rows.iter().filter(|x| x["queued"] == true).map(|x| x["id"].as_str().unwrap()).collect();
+    assert_eq!(queued.len(), 2, "{r}");
+    assert!(queued.iter().all(|id| held_by_q2.iter().any(|h| h == id)), "{r}");
+    assert_eq!(disabled(&daemons[0]), 2);
+    wait_until(Duration::from_secs(5), "q2 running the queued disables", || disabled(&daemons[1]) == 2);
+
+    // enable --all from q2 (text): the summary says how many were queued.
+    let text = daemons[1].ctl_text(&["enable", "--all"]);
+    assert!(text.contains("4 of 4 succeeded (2 here, 2 queued for the nodes that hold them)"), "{text}");
+    wait_until(Duration::from_secs(5), "every account enabled again", || {
+        daemons.iter().all(|d| disabled(d) == 0 && d.health()["accounts"]["active"] == 2)
+    });
+
+    // refresh --all from q1: each account refreshed once, q2's by q2.
+    let before: Vec<u64> = ids.iter().map(|id| emu.stats_for(&client_id(id)).refreshes).collect();
+    let text = daemons[0].ctl_text(&["refresh", "--all"]);
+    assert!(text.contains("4 of 4 succeeded (2 here, 2 queued"), "{text}");
+    wait_until(Duration::from_secs(5), "every account refreshed", || {
+        ids.iter().zip(&before).all(|(id, b)| emu.stats_for(&client_id(id)).refreshes == b + 1)
+    });
+    for id in &held_by_q2 {
+        assert!(
+            nodes[1]
+                .log()
+                .lines()
+                .any(|l| l.contains("command from another node") && l.contains(id.as_str())),
+            "q2 ran the refresh of {id}"
+        );
+    }
+    assert_eq!(emu.stats().refresh_failures, 0);
+    rt.block_on(assert_chains_intact(&pg.url(), &emu, &ids));
+    for d in daemons {
+        assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    }
+    rt.block_on(emu.shutdown());
+}
