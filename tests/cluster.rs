@@ -905,3 +905,136 @@ fn all_commands_reach_every_node() {
     }
     rt.block_on(emu.shutdown());
 }
+
+/// What PostgreSQL has done so far (pg_stat_database for the database, pg_stat_statements
+/// for the daemons' statements).
+#[derive(Debug, Clone, Copy, Default)]
+struct PgLoad {
+    statements: i64,
+    xact_commit: i64,
+    tup_written: i64,
+    tup_read: i64,
+    blks: i64,
+}
+
+impl std::ops::Sub for PgLoad {
+    type Output = PgLoad;
+    fn sub(self, o: PgLoad) -> PgLoad {
+        PgLoad {
+            statements: self.statements - o.statements,
+            xact_commit: self.xact_commit - o.xact_commit,
+            tup_written: self.tup_written - o.tup_written,
+            tup_read: self.tup_read - o.tup_read,
+            blks: self.blks - o.blks,
+        }
+    }
+}
+
+async fn pg_load(pg: &Postgres) -> PgLoad {
+    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let s = client
+        .query_one(
+            "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid
+             WHERE query NOT ILIKE '%pg_stat%' AND query NOT ILIKE 'CREATE EXTENSION%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let d = client
+        .query_one(
+            "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted, tup_returned + tup_fetched,
+                 blks_read + blks_hit
+             FROM pg_stat_database WHERE datname = 'postgres'",
+            &[],
+        )
+        .await
+        .unwrap();
+    PgLoad {
+        statements: s.get(0),
+        xact_commit: d.get(0),
+        tup_written: d.get(1),
+        tup_read: d.get(2),
+        blks: d.get(3),
+    }
+}
+
+/// A measurement, not a check (README "Several nodes": PostgreSQL load per 1,000 requests): two
+/// nodes, 4 accounts, `lease_secs = 15` (the default); the load of 20 idle seconds (heartbeats,
+/// leases, the fleet budgets' reads), then of 1,000 requests, from pg_stat_statements and
+/// pg_stat_database. Run: `cargo nextest run --run-ignored only -E 'test(pg_load)' --no-capture`.
+#[test]
+#[ignore = "a measurement; prints figures, asserts nothing about them"]
+fn pg_load_per_1000_requests() {
+    let Some(pg) = Postgres::start_with(|_| "-c shared_preload_libraries=pg_stat_statements".into()) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client.batch_execute("CREATE EXTENSION pg_stat_statements").await.unwrap();
+    });
+    let ids = ids(4);
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
+    let nodes: Vec<Node> = ["m1", "m2"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 15)).collect();
+    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
+    wait_until(Duration::from_secs(60), "two accounts per node", || daemons.iter().all(|d| serving(d) == 2));
+    let addrs: Vec<String> = daemons.iter().map(|d| d.addr()).collect();
+    // Every account with its access token first (the refreshes are not part of the steady state).
+    for addr in &addrs {
+        for _ in 0..8 {
+            assert_eq!(rt.block_on(ask(addr)), 200);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let idle_secs = 20.0;
+    let a = rt.block_on(pg_load(&pg));
+    std::thread::sleep(Duration::from_secs_f64(idle_secs));
+    let b = rt.block_on(pg_load(&pg));
+    let idle = b - a;
+    // 1,000 requests as fast as 4 clients go, then 1,000 paced at about 100 a second.
+    let mut before = b;
+    for (label, pause) in [("at full speed", Duration::ZERO), ("at ~100/s", Duration::from_millis(40))] {
+        let t0 = Instant::now();
+        let n = 1000;
+        rt.block_on(async {
+            let next = Arc::new(AtomicU64::new(0));
+            let mut tasks = Vec::new();
+            for c in 0..4 {
+                let (addr, next) = (addrs[c % 2].clone(), next.clone());
+                tasks.push(tokio::spawn(async move {
+                    while next.fetch_add(1, Ordering::SeqCst) < n {
+                        assert_eq!(ask(&addr).await, 200);
+                        tokio::time::sleep(pause).await;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        let busy_secs = t0.elapsed().as_secs_f64();
+        // The last usage batch and the statistics' own flush (about a second).
+        std::thread::sleep(Duration::from_secs(2));
+        let after = rt.block_on(pg_load(&pg));
+        let window = t0.elapsed().as_secs_f64();
+        let busy = after - before;
+        before = after;
+        eprintln!("{n} requests {label} in {busy_secs:.1} s (window {window:.1} s): {busy:?}");
+        for (name, x, i) in [
+            ("statements", busy.statements, idle.statements),
+            ("transactions committed", busy.xact_commit, idle.xact_commit),
+            ("rows written", busy.tup_written, idle.tup_written),
+            ("rows read", busy.tup_read, idle.tup_read),
+            ("buffer accesses", busy.blks, idle.blks),
+        ] {
+            let above = (x as f64 - i as f64 / idle_secs * window).max(0.0);
+            eprintln!("  {name}: {x} in the window, {above:.0} above the idle rate");
+        }
+    }
+    for d in daemons {
+        assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    }
+    rt.block_on(emu.shutdown());
+}
