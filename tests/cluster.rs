@@ -1038,3 +1038,36 @@ fn pg_load_per_1000_requests() {
     }
     rt.block_on(emu.shutdown());
 }
+
+/// A node that holds no lease (more nodes than accounts): `/health` answers 503 `unavailable`
+/// (a front end routing on it sends it nothing) and a request 503 `overloaded_error`.
+#[test]
+fn a_node_holding_no_lease_is_unavailable() {
+    let Some(pg) = Postgres::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ids = ids(1);
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
+    let nodes: Vec<Node> = ["h1", "h2"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 3)).collect();
+    let first = nodes[0].start();
+    wait_until(Duration::from_secs(20), "h1 holding the account", || serving(&first) == 1);
+    let second = nodes[1].start();
+    let addr = second.addr();
+    // Give h2 a few ticks: the account stays with h1 (its share is ceil(1 / 2) = 1).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(serving(&first), 1);
+    let (code, h) = health_at(&addr);
+    assert_eq!(code, 503, "{h}");
+    assert_eq!(h["status"], "unavailable", "{h}");
+    assert_eq!(h["accounts"]["total"], 0, "{h}");
+    assert!(h.get("store").is_none(), "no store problem: {h}");
+    let (status, body) = rt.block_on(ask_full(&addr));
+    assert_eq!(status, 503, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["type"], "overloaded_error", "{body}");
+    assert!(body.contains("every account is served by other nodes"), "{body}");
+    assert_eq!(health_at(&first.addr()).0, 200);
+    for d in [first, second] {
+        assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    }
+    rt.block_on(emu.shutdown());
+}
