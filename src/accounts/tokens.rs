@@ -54,6 +54,9 @@ struct Held {
     replaced: Option<Secret>,
 }
 
+/// See [`Tokens::quiet`].
+pub struct Quiet<'a>(#[allow(dead_code)] tokio::sync::MutexGuard<'a, Held>);
+
 /// Callers get a token valid for at least this long, or wait for a refresh.
 pub const MIN_VALIDITY: Duration = Duration::from_secs(60);
 
@@ -113,6 +116,13 @@ impl Tokens {
         self.unsaved.store(false, std::sync::atomic::Ordering::SeqCst);
         self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         *self.access.write().unwrap_or_else(|e| e.into_inner()) = access;
+    }
+
+    /// The chain, if no refresh (nor store retry, nor adoption) is running on it: while the
+    /// returned guard lives, none starts. `[cluster]`: a lease is handed over only under it, so
+    /// that no refresh of the old holder's can rotate the token the new holder loads.
+    pub fn quiet(&self) -> Option<Quiet<'_>> {
+        self.chain.try_lock().ok().map(Quiet)
     }
 
     pub async fn chain(&self) -> Chain {
@@ -331,5 +341,51 @@ mod tests {
         tokens.adopt(newer, None).await;
         assert!(!tokens.has_unsaved());
         assert_eq!(tokens.chain().await.refresh_token.expose(), "rt5");
+    }
+
+    /// `[cluster]` handover: `quiet` is refused while a refresh runs, and while it is held no
+    /// refresh starts.
+    #[tokio::test]
+    async fn quiet_excludes_refreshes() {
+        let tokens = Arc::new(Tokens::new(chain(), None));
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let t = tokens.clone();
+        let refreshing = tokio::spawn(async move {
+            t.get(
+                MIN_VALIDITY,
+                None,
+                |_| async move {
+                    let _ = wait.await;
+                    Ok(TokenGrant {
+                        access_token: Secret::new("at1"),
+                        expires_in: Duration::from_secs(3600),
+                        refresh_token: Some(Secret::new("rt1")),
+                        profile_arn: None,
+                    })
+                },
+                |_, _| std::future::ready(Ok(())),
+            )
+            .await
+        });
+        while tokens.quiet().is_some() {
+            tokio::task::yield_now().await;
+        }
+        go.send(()).unwrap();
+        refreshing.await.unwrap().unwrap();
+        let quiet = tokens.quiet().expect("no refresh running");
+        let t = tokens.clone();
+        let blocked = tokio::spawn(async move {
+            t.get(
+                MIN_VALIDITY,
+                Some(&Secret::new("at1")),
+                |_| async { unreachable!() },
+                |_, _| async { Ok(()) },
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!blocked.is_finished(), "a refresh started while the chain was held quiet");
+        drop(quiet);
+        blocked.abort();
     }
 }

@@ -45,6 +45,12 @@ pub trait UsageStore: Send + Sync {
     fn add_usage(&self, batch: &[(String, UsageRow)]) -> Result<(), StoreError>;
     /// Every row from day `from` (`YYYY-MM-DD`) on, in key order.
     fn usage_since(&self, from: &str) -> Result<Vec<(String, UsageRow)>, StoreError>;
+    /// The rows of one dimension (`key`, `account`, `model`) from day `from` on.
+    fn usage_since_of(&self, from: &str, dim: &str) -> Result<Vec<(String, UsageRow)>, StoreError> {
+        let mut rows = self.usage_since(from)?;
+        rows.retain(|(k, _)| split_usage_key(k).is_some_and(|(_, d, _)| d == dim));
+        Ok(rows)
+    }
     /// Deletes the rows of days before `before`; how many.
     fn prune_usage(&self, before: &str) -> Result<usize, StoreError>;
 }
@@ -152,15 +158,22 @@ impl Usage {
 
     /// Every row from day number `from` on (flushes first, so that nothing counted is missing).
     pub fn rows_since(&self, from: i64) -> Result<Vec<UsageLine>, String> {
+        self.rows_since_of(from, None)
+    }
+
+    /// [`Usage::rows_since`], of one dimension only when `dim` is given.
+    fn rows_since_of(&self, from: i64, dim: Option<&str>) -> Result<Vec<UsageLine>, String> {
         self.flush()?;
         let from = super::day_string(from);
-        let raw: Vec<(String, UsageRow)> = match &self.store {
-            Some(store) => store.usage_since(&from).map_err(|e| e.to_string())?,
-            None => self
+        let raw: Vec<(String, UsageRow)> = match (&self.store, dim) {
+            (Some(store), None) => store.usage_since(&from).map_err(|e| e.to_string())?,
+            (Some(store), Some(dim)) => store.usage_since_of(&from, dim).map_err(|e| e.to_string())?,
+            (None, _) => self
                 .memory
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .range(from..)
+                .filter(|(k, _)| dim.is_none_or(|d| split_usage_key(k).is_some_and(|(_, kd, _)| kd == d)))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         };
@@ -196,7 +209,7 @@ impl Usage {
     pub fn key_totals(&self, today: i64) -> Result<HashMap<String, (u64, f64)>, String> {
         let (y, m, _) = crate::config::keys::civil_from_days(today);
         let first = crate::config::keys::days_from_civil(y, m as i64, 1);
-        let rows = self.rows_since(first)?;
+        let rows = self.rows_since_of(first, Some("key"))?;
         let today = super::day_string(today);
         let mut out: HashMap<String, (u64, f64)> = HashMap::new();
         for r in rows.into_iter().filter(|r| r.by == "key") {

@@ -932,16 +932,21 @@ impl PgStore {
         .await
     }
 
-    /// The fleet's usage rows from day `from` on, in key order.
-    pub async fn usage_since_async(&self, from: &str) -> Result<Vec<(String, UsageRow)>, StoreError> {
-        let from = from.to_owned();
+    /// The fleet's usage rows from day `from` on, of dimension `dim` when given, in key order.
+    pub async fn usage_since_async(
+        &self,
+        from: &str,
+        dim: Option<&str>,
+    ) -> Result<Vec<(String, UsageRow)>, StoreError> {
+        let (from, dim) = (from.to_owned(), dim.map(str::to_owned));
         self.run(Conn::Data, move |c| {
             Box::pin(async move {
                 let rows = c
                     .query(
                         "SELECT day, dim, name, requests, errors, tokens_in, tokens_out, credits
-                         FROM amq2api.usage WHERE day >= $1 ORDER BY day, dim, name",
-                        &[&from],
+                         FROM amq2api.usage WHERE day >= $1 AND ($2::text IS NULL OR dim = $2)
+                         ORDER BY day, dim, name",
+                        &[&from, &dim],
                     )
                     .await
                     .map_err(pg)?;
@@ -985,7 +990,10 @@ impl crate::keys::usage::UsageStore for PgStore {
         self.block(self.add_usage_async(batch))
     }
     fn usage_since(&self, from: &str) -> Result<Vec<(String, UsageRow)>, StoreError> {
-        self.block(self.usage_since_async(from))
+        self.block(self.usage_since_async(from, None))
+    }
+    fn usage_since_of(&self, from: &str, dim: &str) -> Result<Vec<(String, UsageRow)>, StoreError> {
+        self.block(self.usage_since_async(from, Some(dim)))
     }
     fn prune_usage(&self, before: &str) -> Result<usize, StoreError> {
         self.block(self.prune_usage_async(before))
