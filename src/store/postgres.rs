@@ -336,8 +336,6 @@ mod verify {
 
 /// The TLS connector for `url`'s mode; `None` for `sslmode=disable`.
 fn tls_connector(url: &DbUrl) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, StoreError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
     let tls_err = |e: String| StoreError::DatabaseUrl(format!("TLS: {e}"));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -347,19 +345,8 @@ fn tls_connector(url: &DbUrl) -> Result<Option<tokio_postgres_rustls::MakeRustls
         let mut roots = rustls::RootCertStore::empty();
         match &url.root_cert {
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-            Some(path) => {
-                let err = |e: String| StoreError::DatabaseUrl(format!("sslrootcert {}: {e}", path.display()));
-                let pem = crate::config::read::read_bytes(path).map_err(|e| err(e.to_string()))?;
-                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| err(e.to_string()))?;
-                if certs.is_empty() {
-                    return Err(err("no certificate in the file".into()));
-                }
-                for c in certs {
-                    roots.add(c).map_err(|e| err(e.to_string()))?;
-                }
-            }
+            Some(path) => crate::config::read::add_pem_roots(&mut roots, path)
+                .map_err(|e| StoreError::DatabaseUrl(format!("sslrootcert {}: {e}", path.display())))?,
         }
         Ok(Arc::new(roots))
     };
