@@ -733,6 +733,11 @@ fn postgresql_over_tls_with_libpq_sslmodes() {
         .expect_err("require with another CA's root file");
     eprintln!("require + another CA: {e}");
     assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    // An unreadable root file is said as such.
+    match connect(url("localhost", "sslmode=verify-full&sslrootcert=/nonexistent/ca.pem")) {
+        Err(StoreError::DatabaseUrl(m)) => assert!(m.contains("sslrootcert /nonexistent/ca.pem"), "{m}"),
+        other => panic!("{other:?}"),
+    }
     // A bad sslmode is a configuration error, not a connection attempt.
     assert!(matches!(connect(url("localhost", "sslmode=allow")), Err(StoreError::DatabaseUrl(_))));
 
