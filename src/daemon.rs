@@ -205,11 +205,15 @@ async fn run_inner(
         started_at: SystemTime::now(),
         cluster: cluster.clone(),
     });
+    // The files' watchers are set up before the control socket answers and READY=1: a change
+    // made as soon as the daemon answers is seen.
+    let watch_accounts = crate::reload::watch_accounts(reloader.clone(), shutdown_signal.clone());
+    let watch_keys = crate::reload::watch_keys(reloader.clone(), shutdown_signal.clone());
     let mut tasks = vec![
         tokio::spawn(crate::control::serve(control_ctx, control_listener, shutdown_signal.clone())),
         tokio::spawn(pool.clone().run_refresher(shutdown_signal.clone())),
-        tokio::spawn(crate::reload::watch_accounts(reloader.clone(), shutdown_signal.clone())),
-        tokio::spawn(crate::reload::watch_keys(reloader.clone(), shutdown_signal.clone())),
+        tokio::spawn(watch_accounts),
+        tokio::spawn(watch_keys),
         tokio::spawn(usage.clone().run(shutdown_signal.clone())),
         tokio::spawn(crate::reload::on_sighup(reloader.clone(), status.clone(), shutdown_signal.clone())),
     ];
