@@ -159,7 +159,7 @@ async fn actions(cli: &Cli, verb: &str, ids: &[String], all: bool) -> Result<i32
         let r = match r {
             Ok(r) => r,
             Err(f) if f.code == exit::UNAVAILABLE || f.code == exit::NOPERM => return Err(f),
-            Err(f) => ActionResult { id, ok: false, message: f.message, state: "-".into() },
+            Err(f) => ActionResult { id, ok: false, message: f.message, state: "-".into(), queued: false },
         };
         if !cli.json {
             outln!("{}", render_action(&r));
@@ -170,13 +170,22 @@ async fn actions(cli: &Cli, verb: &str, ids: &[String], all: bool) -> Result<i32
     results.sort_by_key(|(i, _)| *i);
     let results: Vec<ActionResult> = results.into_iter().map(|(_, r)| r).collect();
     let failed = results.iter().filter(|r| !r.ok).count();
+    let queued = results.iter().filter(|r| r.ok && r.queued).count();
     if cli.json {
         outln!("{}", serde_json::to_string_pretty(&results).unwrap_or_default());
     } else {
         outln!(
-            "{} of {} succeeded{}",
+            "{} of {} succeeded{}{}",
             results.len() - failed,
             results.len(),
+            if queued > 0 {
+                format!(
+                    " ({} here, {queued} queued for the nodes that hold them)",
+                    results.len() - failed - queued
+                )
+            } else {
+                String::new()
+            },
             if failed > 0 { format!(", {failed} failed") } else { String::new() }
         );
     }

@@ -11,7 +11,8 @@
 //!    account's stored tokens before serving it — so a dead node's accounts are served again
 //!    within `lease_secs` plus a tick;
 //! 3. when it holds more than its share while another live node holds less, gives up one idle
-//!    account (none in flight) per tick: a joining node fills up gradually, no stream is cut;
+//!    account (no request in flight, no token refresh running, no rotated token unsaved) per tick: a joining node fills
+//!    up gradually, no stream is cut, no rotated refresh token is lost;
 //! 4. runs the `amqctl` commands (refresh, enable, disable) queued for the accounts it holds.
 //!
 //! Locally a lease counts as held until `t0 + lease − lease/10`, `t0` being taken before the
@@ -140,15 +141,23 @@ pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
             }
         }
     } else if mine > target && nodes.iter().any(|n| n.alive && (n.leases as usize) < target) {
-        // Hand one idle account over per tick.
-        if let Some(a) =
-            pool.accounts().into_iter().find(|a| held.contains_key(a.id.as_str()) && a.in_flight() == 0)
+        // Hand one idle account over per tick: nothing in flight, and no token refresh running
+        // (one that finished after the handover would rotate the refresh token the new holder
+        // has just loaded, and its own write would be fenced: the chain lost). The refresh
+        // guard is held until the lease is given up, so none starts meanwhile either; one that
+        // starts after sees the lease gone and does not refresh.
+        for a in pool
+            .accounts()
+            .into_iter()
+            .filter(|a| held.contains_key(a.id.as_str()) && a.in_flight() == 0 && !a.tokens.has_unsaved())
         {
+            let Some(_quiet) = a.tokens.quiet() else { continue };
             pool.hold(a.id.as_str(), 0);
             match store.release(a.id.as_str()).await {
                 Ok(()) => tracing::info!(account = %a.id, "cluster: lease handed over (rebalancing)"),
                 Err(e) => tracing::warn!(account = %a.id, error = %e, "cluster: cannot release a lease"),
             }
+            break;
         }
     }
     match store.take_commands().await {

@@ -74,9 +74,9 @@ pub async fn run(
         let records = store.load_all_async().await.map_err(|e| RunError::Store(e.to_string()))?;
         let restored = crate::accounts::persist::restored(records);
         let sink = Arc::new(crate::accounts::persist::StoreSink::new(Arc::new(store.clone())));
-        // Usage per key is counted in this node's memory only: the usage table lives in the
-        // embedded store (README "Several nodes").
-        let usage = crate::keys::Usage::new(None, loaded.config.state.usage_retention_days);
+        // Usage rows are the fleet's: every node adds its batches to the same PostgreSQL rows.
+        let usage =
+            crate::keys::Usage::new(Some(Arc::new(store.clone())), loaded.config.state.usage_retention_days);
         return run_inner(loaded, listeners, shutdown, sink, restored, usage, Some(store)).await;
     }
     let dir = loaded.config.state.dir.clone();
@@ -86,7 +86,8 @@ pub async fn run(
         .map_err(|e| RunError::Store(e.to_string()))?;
     let records = store.load_all().map_err(|e| RunError::Store(e.to_string()))?;
     let restored = crate::accounts::persist::restored(records);
-    let usage = crate::keys::Usage::new(Some(store.clone()), loaded.config.state.usage_retention_days);
+    let usage =
+        crate::keys::Usage::new(Some(Arc::new(store.clone())), loaded.config.state.usage_retention_days);
     let sink = Arc::new(crate::accounts::persist::StoreSink::new(Arc::new(store)));
     run_inner(loaded, listeners, shutdown, sink, restored, usage, None).await
 }
@@ -204,15 +205,20 @@ async fn run_inner(
         started_at: SystemTime::now(),
         cluster: cluster.clone(),
     });
+    // The files' watchers are set up before the control socket answers and READY=1: a change
+    // made as soon as the daemon answers is seen.
+    let watch_accounts = crate::reload::watch_accounts(reloader.clone(), shutdown_signal.clone());
+    let watch_keys = crate::reload::watch_keys(reloader.clone(), shutdown_signal.clone());
     let mut tasks = vec![
         tokio::spawn(crate::control::serve(control_ctx, control_listener, shutdown_signal.clone())),
         tokio::spawn(pool.clone().run_refresher(shutdown_signal.clone())),
-        tokio::spawn(crate::reload::watch_accounts(reloader.clone(), shutdown_signal.clone())),
-        tokio::spawn(crate::reload::watch_keys(reloader.clone(), shutdown_signal.clone())),
+        tokio::spawn(watch_accounts),
+        tokio::spawn(watch_keys),
         tokio::spawn(usage.clone().run(shutdown_signal.clone())),
         tokio::spawn(crate::reload::on_sighup(reloader.clone(), status.clone(), shutdown_signal.clone())),
     ];
     if let Some(store) = &cluster {
+        tasks.push(tokio::spawn(app.keys.clone().run_fleet_budgets(shutdown_signal.clone())));
         tasks.push(tokio::spawn(crate::cluster::run(
             store.clone(),
             pool.clone(),

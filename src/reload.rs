@@ -242,41 +242,63 @@ pub async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'stat
     }
 }
 
-/// The accounts-file watcher's loop: each burst of changes (a symlink re-pointed included) is
-/// one reload. Without a watcher (it could not be set up) it only waits for the stop.
-pub async fn watch_accounts(reloader: Arc<Reloader>, shutdown: Shutdown) {
+/// The accounts-file watcher: set up when this is called (the daemon calls it before it says
+/// it is ready and before its control socket answers, so that a change made as soon as it does
+/// is seen), then its loop: each burst of changes (a symlink re-pointed included) is one reload.
+/// Without a watcher (it could not be set up) the loop only waits for the stop.
+pub fn watch_accounts(
+    reloader: Arc<Reloader>,
+    shutdown: Shutdown,
+) -> impl Future<Output = ()> + Send + 'static {
     let file = reloader.app.config.accounts.file.clone();
-    watch_file(&file, "accounts", shutdown, || reloader.accounts()).await;
+    let watching = Watching::start(&file, "accounts");
+    async move { watching.run(shutdown, || reloader.accounts()).await }
 }
 
-/// The keys-file watcher's loop (as [`watch_accounts`]); nothing to do without `keys_file`.
-pub async fn watch_keys(reloader: Arc<Reloader>, shutdown: Shutdown) {
-    let Some(file) = reloader.app.config.auth.keys_file.clone() else { return };
-    watch_file(&file, "keys", shutdown, || reloader.keys()).await;
-}
-
-/// Watches `file` and calls `reload` once for each burst of changes until the stop.
-async fn watch_file<F, Fut>(file: &std::path::Path, what: &str, mut shutdown: Shutdown, mut reload: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future,
-{
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher = match crate::accounts::watch::watch(file, tx) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the {what} file; reload with SIGHUP or amqctl reload");
-            None
+/// The keys-file watcher (as [`watch_accounts`]); nothing to do without `keys_file`.
+pub fn watch_keys(reloader: Arc<Reloader>, shutdown: Shutdown) -> impl Future<Output = ()> + Send + 'static {
+    let watching = reloader.app.config.auth.keys_file.clone().map(|file| Watching::start(&file, "keys"));
+    async move {
+        if let Some(w) = watching {
+            w.run(shutdown, || reloader.keys()).await;
         }
-    };
-    loop {
-        tokio::select! {
-            _ = shutdown.recv() => break,
-            more = crate::accounts::watch::next_burst(&mut rx) => {
-                if !more { break; }
-                // The symlink may have been re-pointed: watch where it leads now.
-                if let Some(w) = watcher.as_mut() { w.follow_target(); }
-                reload().await;
+    }
+}
+
+/// A file watched for changes: the watcher and the channel its events arrive on.
+struct Watching {
+    watcher: Option<crate::accounts::watch::AccountsWatcher>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<()>,
+}
+
+impl Watching {
+    fn start(file: &std::path::Path, what: &str) -> Watching {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = match crate::accounts::watch::watch(file, tx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the {what} file; reload with SIGHUP or amqctl reload");
+                None
+            }
+        };
+        Watching { watcher, rx }
+    }
+
+    /// Calls `reload` once for each burst of changes until the stop.
+    async fn run<F, Fut>(mut self, mut shutdown: Shutdown, mut reload: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future,
+    {
+        loop {
+            tokio::select! {
+                _ = shutdown.recv() => break,
+                more = crate::accounts::watch::next_burst(&mut self.rx) => {
+                    if !more { break; }
+                    // The symlink may have been re-pointed: watch where it leads now.
+                    if let Some(w) = self.watcher.as_mut() { w.follow_target(); }
+                    reload().await;
+                }
             }
         }
     }

@@ -913,6 +913,9 @@ async fn a_symlinked_accounts_file_is_watched_through_its_target() {
     for id in ["beta", "gamma"] {
         h.emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
     }
+    // The control socket accepts connections from its bind on, before the daemon has set up
+    // its watchers: an answer means it has (they are set up before the control task starts).
+    ctl.status().await;
     let dir = h.dir.path();
     let accounts = dir.join("accounts.toml");
     let link_to = |target: &Path| {
@@ -926,7 +929,11 @@ async fn a_symlinked_accounts_file_is_watched_through_its_target() {
     link_to(&real);
     let deadline = Instant::now() + Duration::from_secs(20);
     while ctl.status().await.config.last_reload_at.is_none() {
-        assert!(Instant::now() < deadline, "the watcher never reloaded the new link");
+        assert!(
+            Instant::now() < deadline,
+            "the watcher never reloaded the new link; the daemon's log:\n{}",
+            logs()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 

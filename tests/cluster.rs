@@ -13,6 +13,8 @@ use bytes::Bytes;
 use common::child::{ChildDaemon, write_config};
 use common::{API_KEY, client_id};
 use http_body_util::Full;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -25,11 +27,19 @@ struct Postgres {
     bin: PathBuf,
     dir: tempfile::TempDir,
     as_nobody: bool,
+    /// Server options beyond the Unix socket (TLS, a TCP port).
+    extra: String,
 }
 
 impl Postgres {
     /// `None` (with a message) when PostgreSQL's binaries are not installed.
     fn start() -> Option<Postgres> {
+        Postgres::start_with(|_| String::new())
+    }
+
+    /// [`Postgres::start`], with server options `extra` returns; it is given the server's
+    /// directory (to write files into: [`Postgres::own`] gives them to the server's user).
+    fn start_with(extra: impl FnOnce(&Path) -> String) -> Option<Postgres> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .into_iter()
@@ -51,17 +61,34 @@ impl Postgres {
             let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("a nobody user");
             nix::unistd::chown(dir.path(), Some(nobody.uid), Some(nobody.gid)).unwrap();
         }
-        let pg = Postgres { bin, dir, as_nobody };
+        let extra = extra(dir.path());
+        let pg = Postgres { bin, dir, as_nobody, extra };
         let data = pg.dir.path().join("data");
         pg.run(
             "initdb",
             &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-N", "-E", "UTF8"],
         );
+        pg.resume();
+        Some(pg)
+    }
+
+    /// Gives `path` to the user the server runs as (a key file must be the server's, 0600).
+    fn own(path: &Path) {
+        if nix::unistd::geteuid().is_root() {
+            let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("a nobody user");
+            nix::unistd::chown(path, Some(nobody.uid), Some(nobody.gid)).unwrap();
+        }
+    }
+
+    /// `pg_ctl start` (again, after [`Postgres::stop`]), waiting until it accepts connections.
+    fn resume(&self) {
+        let data = self.dir.path().join("data");
         let opts = format!(
-            "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
-            pg.dir.path().display()
+            "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off {}",
+            self.dir.path().display(),
+            self.extra
         );
-        pg.run(
+        self.run(
             "pg_ctl",
             &[
                 "-D",
@@ -69,12 +96,17 @@ impl Postgres {
                 "-o",
                 &opts,
                 "-l",
-                pg.dir.path().join("log").to_str().unwrap(),
+                self.dir.path().join("log").to_str().unwrap(),
                 "-w",
                 "start",
             ],
         );
-        Some(pg)
+    }
+
+    /// `pg_ctl stop -m immediate`: the server goes away at once (as if its host died).
+    fn stop(&self) {
+        let data = self.dir.path().join("data");
+        self.run("pg_ctl", &["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"]);
     }
 
     fn run(&self, tool: &str, args: &[&str]) {
@@ -157,6 +189,17 @@ impl Node {
     }
 }
 
+impl Node {
+    /// This node's `[auth] keys_file` (named keys with limits), `keys.toml` in its directory.
+    fn with_keys(self, keys: &str) -> Node {
+        std::fs::write(self.dir.path().join("keys.toml"), keys).unwrap();
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(&self.config, text.replacen("[auth]\n", "[auth]\nkeys_file = \"keys.toml\"\n", 1))
+            .unwrap();
+        self
+    }
+}
+
 /// Accounts a node serves now (its `/health` total).
 fn serving(d: &ChildDaemon) -> u64 {
     d.health()["accounts"]["total"].as_u64().unwrap_or(0)
@@ -175,9 +218,27 @@ fn wait_until(within: Duration, what: &str, mut pred: impl FnMut() -> bool) -> D
 
 /// One non-streaming request to `addr`; its status (0 when the connection failed).
 async fn ask(addr: &str) -> u16 {
+    ask_as(addr, API_KEY).await
+}
+
+/// [`ask`] with the client key `key`.
+async fn ask_as(addr: &str, key: &str) -> u16 {
+    let (status, body) = ask_full_as(addr, key).await;
+    if status != 200 && status != 0 {
+        eprintln!("{addr}: {status} {body}");
+    }
+    status
+}
+
+/// One non-streaming request to `addr`: its status (0 when the connection failed) and body.
+async fn ask_full(addr: &str) -> (u16, String) {
+    ask_full_as(addr, API_KEY).await
+}
+
+async fn ask_full_as(addr: &str, key: &str) -> (u16, String) {
     let req = http::Request::post(format!("http://{addr}/v1/messages"))
         .header("content-type", "application/json")
-        .header("x-api-key", API_KEY)
+        .header("x-api-key", key)
         .header("anthropic-version", "2023-06-01")
         .body(Full::new(Bytes::from(common::simple("hello", false).to_string())))
         .unwrap();
@@ -185,13 +246,23 @@ async fn ask(addr: &str) -> u16 {
         Ok(Ok(resp)) => {
             let status = resp.status().as_u16();
             let body = http_body_util::BodyExt::collect(resp.into_body()).await.map(|b| b.to_bytes());
-            if status != 200 {
-                eprintln!("{addr}: {status} {:?}", body.map(|b| String::from_utf8_lossy(&b).into_owned()));
-            }
-            status
+            (status, body.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default())
         }
-        _ => 0,
+        _ => (0, String::new()),
     }
+}
+
+/// `GET /health` on `addr`: its status code and JSON body.
+fn health_at(addr: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    (code, serde_json::from_str(body).unwrap_or_else(|e| panic!("health is not JSON ({e}): {text}")))
 }
 
 /// Clients spread over `addrs` until `stop`: (ok, failed) per address.
@@ -343,10 +414,21 @@ fn three_nodes_share_accounts_and_survive_a_kill_and_a_pause() {
     let before = emu.stats_for(&client_id(&elsewhere)).refreshes;
     let r = daemons[0].as_ref().unwrap().ctl_json(&["refresh", &elsewhere]).expect("amqctl refresh");
     assert!(r.to_string().contains("queued for the node that holds it"), "{r}");
-    wait_until(Duration::from_secs(lease_secs + 2), "the holder runs the queued refresh", || {
-        holder.log().lines().any(|l| l.contains("command from another node") && l.contains(&elsewhere))
-            && emu.stats_for(&client_id(&elsewhere)).refreshes > before
-    });
+    let t0 = Instant::now();
+    while !(holder.log().lines().any(|l| l.contains("command from another node") && l.contains(&elsewhere))
+        && emu.stats_for(&client_id(&elsewhere)).refreshes > before)
+    {
+        let log = holder.log();
+        let lines: Vec<&str> =
+            log.lines().filter(|l| l.contains(&elsewhere) || l.contains("cluster")).collect();
+        assert!(
+            t0.elapsed() < Duration::from_secs(lease_secs + 2),
+            "the holder did not run the queued refresh of {elsewhere} ({} refreshes); its log:\n{}",
+            emu.stats_for(&client_id(&elsewhere)).refreshes,
+            lines.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let live: Arc<Vec<AtomicBool>> = Arc::new(addrs.iter().map(|_| AtomicBool::new(true)).collect());
     let load = Load::start(rt.handle(), &addrs, live.clone());
     std::thread::sleep(Duration::from_secs(4));
@@ -441,5 +523,567 @@ fn a_restarted_cluster_reuses_stored_access_tokens() {
         assert_eq!(d.stop(Duration::from_secs(20)), 0);
     }
     let _ = Path::new("");
+    rt.block_on(emu.shutdown());
+}
+
+/// PostgreSQL goes away under a node: the node keeps serving its leased accounts until the
+/// leases it renewed last run out, then answers 503 `overloaded_error`, and says why in
+/// `/health` and `STATUS=`; PostgreSQL back, the node takes its leases again and serves.
+#[test]
+fn a_node_that_cannot_reach_postgresql_serves_out_its_leases_then_503_then_recovers() {
+    let Some(pg) = Postgres::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ids = ids(2);
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
+    let lease_secs = 3;
+    let node = Node::new(&emu, &ids, &pg.url(), "p1", lease_secs);
+    let notify = common::child::Notify::new(node.dir.path());
+    let notify_path = notify.path.to_str().unwrap().to_owned();
+    let log = node.dir.path().join("log");
+    let d = ChildDaemon::start_logged(
+        Command::new(common::child::AMQ2API),
+        &node.config,
+        &[("NOTIFY_SOCKET", &notify_path)],
+        Some(&log),
+    );
+    let addr = d.addr();
+    wait_until(Duration::from_secs(20), "both accounts held", || serving(&d) == 2);
+    // Every account has its access token, stored (no refresh is needed while PostgreSQL is
+    // away).
+    for _ in 0..4 {
+        assert_eq!(rt.block_on(ask(&addr)), 200);
+    }
+    wait_until(Duration::from_secs(10), "both accounts refreshed", || emu.stats().refreshes == 2);
+    d.wait_health(Duration::from_secs(5), "every token stored", |h| {
+        h["status"] == "ok" && h["accounts"]["tokens_unsaved"] == 0
+    });
+    assert_eq!(health_at(&addr).0, 200);
+
+    pg.stop();
+    let stopped = Instant::now();
+    // A refresh while PostgreSQL is away: the rotated refresh token cannot be stored and is held
+    // in memory (the one the store holds is dead upstream now).
+    let r = d.ctl_text(&["refresh", "acct-0"]);
+    eprintln!("amqctl refresh during the outage: {r}");
+    assert_eq!(emu.stats().refreshes, 3, "the refresh ran: {r}");
+    // The last renewal was at most one tick (lease / 3) before the stop, and a lease counts
+    // here for 0.9 of a lease after its renewal was sent: requests go on being served for at
+    // least 0.9 × 3 − 1 = 1.7 s. Ask for the first 1.5 s: all 200.
+    let mut served = 0;
+    while stopped.elapsed() < Duration::from_millis(1500) {
+        let (status, body) = rt.block_on(ask_full(&addr));
+        assert_eq!(status, 200, "a request {:?} after PostgreSQL stopped: {body}", stopped.elapsed());
+        served += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Then, once the leases run out (by 0.9 × lease after the stop), 503 overloaded_error.
+    let (status, body) = loop {
+        let (status, body) = rt.block_on(ask_full(&addr));
+        if status != 200 {
+            break (status, body);
+        }
+        served += 1;
+        assert!(stopped.elapsed() < Duration::from_secs(lease_secs), "still serving after the lease ran out");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let refused_after = stopped.elapsed();
+    eprintln!(
+        "served {served} requests for {refused_after:?} after PostgreSQL stopped; then {status} {body}"
+    );
+    assert_eq!(status, 503, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["type"], "error", "{body}");
+    assert_eq!(err["error"]["type"], "overloaded_error", "{body}");
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(message.contains("this node serves no account now"), "{message}");
+    assert!(
+        message.contains("PostgreSQL") || message.contains("postgres"),
+        "the reason names the store: {message}"
+    );
+    // /health: 503, naming the store's problem.
+    let (code, h) = health_at(&addr);
+    assert_eq!(code, 503, "{h}");
+    assert_eq!(h["status"], "unavailable", "{h}");
+    assert_eq!(h["store"]["ok"], false, "{h}");
+    assert!(h["store"]["problem"].as_str().is_some_and(|p| !p.is_empty()), "{h}");
+    // STATUS=: DEGRADED, with the store problem.
+    let line = notify.wait_line("STATUS=serving 0/0 accounts", "DEGRADED: ", Duration::from_secs(10));
+    assert!(line.contains("1 rotated refresh token(s) held in memory only"), "{line}");
+
+    // PostgreSQL back: the node renews (or takes again) its leases and serves.
+    pg.resume();
+    let back = Instant::now();
+    while !(health_at(&addr).0 == 200 && serving(&d) == 2) {
+        assert!(
+            back.elapsed() < Duration::from_secs(lease_secs * 3),
+            "not serving again; log:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("serving again {:?} after PostgreSQL came back", back.elapsed());
+    for _ in 0..4 {
+        assert_eq!(rt.block_on(ask(&addr)), 200);
+    }
+    // The token rotated during the outage was kept (not replaced by the stale stored one) and
+    // is stored now that PostgreSQL is back.
+    d.wait_health(Duration::from_secs(5), "the held-back token stored", |h| {
+        h["accounts"]["tokens_unsaved"] == 0
+    });
+    let (code, h) = health_at(&addr);
+    assert_eq!((code, &h["status"]), (200, &serde_json::json!("ok")), "{h}");
+    assert!(h.get("store").is_none(), "the store problem is gone: {h}");
+    notify.wait_line("STATUS=", "serving 2/2 accounts", Duration::from_secs(10));
+    // The next refresh uses the live chain.
+    rt.block_on(assert_chains_intact(&pg.url(), &emu, &ids));
+    d.ctl_text(&["refresh", "acct-0"]);
+    assert_eq!(emu.stats().refreshes, 4);
+    assert_eq!(emu.stats().refresh_failures, 0, "a refresh token was lost over the outage");
+    rt.block_on(assert_chains_intact(&pg.url(), &emu, &ids));
+    assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    rt.block_on(emu.shutdown());
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (PostgreSQL binds its own sockets).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Whether every connection the daemon (application_name amq2api) has open is encrypted, and
+/// how many there are; asked over the Unix socket.
+async fn amq2api_connections_ssl(pg: &Postgres, port: u16) -> Vec<bool> {
+    let url = format!("{}&port={port}", pg.url());
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'amq2api'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// PostgreSQL over TLS (ssl=on, a certificate for "localhost" signed by a CA made here): a
+/// daemon on `sslmode=require` serves, its connections encrypted (pg_stat_ssl); `verify-full`
+/// refuses the unknown CA and accepts it given as `sslrootcert=`; `verify-ca` checks the
+/// chain but not the name.
+#[test]
+fn postgresql_over_tls_with_libpq_sslmodes() {
+    let port = free_port();
+    let ca_pem = std::cell::RefCell::new(PathBuf::new());
+    let Some(pg) = Postgres::start_with(|dir| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.distinguished_name.push(rcgen::DnType::CommonName, "amq2api test PostgreSQL CA");
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(params, ca_key);
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let (crt, keyf, ca_file) = (dir.join("server.crt"), dir.join("server.key"), dir.join("ca.pem"));
+        std::fs::write(&crt, cert.pem()).unwrap();
+        std::fs::write(&keyf, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&keyf, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        for f in [&crt, &keyf, &ca_file] {
+            Postgres::own(f);
+        }
+        *ca_pem.borrow_mut() = ca_file;
+        format!(
+            "-p {port} -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            crt.display(),
+            keyf.display()
+        )
+    }) else {
+        return;
+    };
+    let ca_pem = ca_pem.into_inner();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let url = |host: &str, query: &str| format!("postgresql://postgres@{host}:{port}/postgres?{query}");
+    let lease = Duration::from_secs(3);
+    let connect = |u: String| rt.block_on(PgStore::connect(&u, "tls-check", lease));
+
+    // verify-full without sslrootcert checks against the built-in roots: the test CA is not one.
+    let e = connect(url("localhost", "sslmode=verify-full")).expect_err("an unknown CA is refused");
+    eprintln!("verify-full, unknown CA: {e}");
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    let root = format!("sslrootcert={}", ca_pem.display());
+    // With the CA: accepted for "localhost", refused for 127.0.0.1 (the name is not in the
+    // certificate); verify-ca accepts 127.0.0.1 (chain only).
+    connect(url("localhost", &format!("sslmode=verify-full&{root}"))).expect("verify-full with the CA");
+    let e = connect(url("127.0.0.1", &format!("sslmode=verify-full&{root}"))).expect_err("a wrong name");
+    eprintln!("verify-full, wrong name: {e}");
+    assert!(e.to_string().contains("not valid for name"), "{e}");
+    connect(url("127.0.0.1", &format!("sslmode=verify-ca&{root}"))).expect("verify-ca with the CA");
+    // require + sslrootcert behaves as verify-ca (libpq): another CA's file refuses the server.
+    let other = tempfile::NamedTempFile::new().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let other_ca = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(other.path(), other_ca.pem()).unwrap();
+    let e = connect(url("127.0.0.1", &format!("sslmode=require&sslrootcert={}", other.path().display())))
+        .expect_err("require with another CA's root file");
+    eprintln!("require + another CA: {e}");
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    // An unreadable root file is said as such.
+    match connect(url("localhost", "sslmode=verify-full&sslrootcert=/nonexistent/ca.pem")) {
+        Err(StoreError::DatabaseUrl(m)) => assert!(m.contains("sslrootcert /nonexistent/ca.pem"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // A bad sslmode is a configuration error, not a connection attempt.
+    assert!(matches!(connect(url("localhost", "sslmode=allow")), Err(StoreError::DatabaseUrl(_))));
+
+    // A daemon on sslmode=require (no CA given: encryption only, as libpq) serves, encrypted.
+    let ids = ids(2);
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
+    let node = Node::new(&emu, &ids, &url("127.0.0.1", "sslmode=require"), "t1", 3);
+    let d = node.start();
+    wait_until(Duration::from_secs(20), "both accounts held", || serving(&d) == 2);
+    let addr = d.addr();
+    for _ in 0..4 {
+        assert_eq!(rt.block_on(ask(&addr)), 200);
+    }
+    let ssl = rt.block_on(amq2api_connections_ssl(&pg, port));
+    eprintln!("the daemon's connections, encrypted: {ssl:?}");
+    assert!(!ssl.is_empty() && ssl.iter().all(|&s| s), "{ssl:?}");
+    assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    // And one on verify-full with the CA.
+    let node = Node::new(&emu, &ids, &url("localhost", &format!("sslmode=verify-full&{root}")), "t2", 3);
+    let d = node.start();
+    wait_until(Duration::from_secs(20), "both accounts held", || serving(&d) == 2);
+    assert_eq!(rt.block_on(ask(&d.addr())), 200);
+    let ssl = rt.block_on(amq2api_connections_ssl(&pg, port));
+    assert!(!ssl.is_empty() && ssl.iter().all(|&s| s), "{ssl:?}");
+    assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    rt.block_on(emu.shutdown());
+}
+
+/// `amqctl --json usage --by BY` on `d`: requests and tokens (in + out) of `name`, all days.
+fn usage_of(d: &ChildDaemon, by: &str, name: &str) -> (u64, u64) {
+    let rows = d.ctl_json(&["usage", "--by", by, "--days", "2"]).expect("amqctl usage");
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["name"] == name)
+        .map(|r| {
+            (
+                r["requests"].as_u64().unwrap(),
+                r["tokens_in"].as_u64().unwrap() + r["tokens_out"].as_u64().unwrap(),
+            )
+        })
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+/// Usage per key is the fleet's under [cluster]: each node adds its batches to the same
+/// PostgreSQL rows; `amqctl usage` on either node shows both nodes' requests; `amqctl keys`
+/// and the budgets follow the fleet's totals (a key that spent its day's tokens on one node is
+/// refused on the other).
+#[test]
+fn usage_and_budgets_are_the_fleets() {
+    const ALICE: &str = "sk-amq-alice-0123456789abcdef";
+    const BOB: &str = "sk-amq-bob-0123456789abcdef";
+    let Some(pg) = Postgres::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ids = ids(2);
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
+    let keys = format!(
+        "[[key]]\nname = \"alice\"\nkey = \"{ALICE}\"\ntokens_per_day = 1\n\n[[key]]\nname = \"bob\"\nkey = \"{BOB}\"\n"
+    );
+    let nodes: Vec<Node> =
+        ["u1", "u2"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 3).with_keys(&keys)).collect();
+    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
+    wait_until(Duration::from_secs(20), "one account per node", || daemons.iter().all(|d| serving(d) == 1));
+    let addrs: Vec<String> = daemons.iter().map(|d| d.addr()).collect();
+    // bob: 3 requests on u1, 2 on u2.
+    for (addr, n) in addrs.iter().zip([3, 2]) {
+        for _ in 0..n {
+            assert_eq!(rt.block_on(ask_as(addr, BOB)), 200);
+        }
+    }
+    // Each node shows the fleet's 5 (the other node's last batch is at most a second old).
+    for d in &daemons {
+        wait_until(Duration::from_secs(5), "bob's 5 requests in amqctl usage", || {
+            usage_of(d, "key", "bob").0 == 5
+        });
+    }
+    let (_, bob_tokens) = usage_of(&daemons[1], "key", "bob");
+    assert!(bob_tokens > 0);
+    let by_account: u64 = ids.iter().map(|id| usage_of(&daemons[0], "account", id).0).sum();
+    assert_eq!(by_account, 5, "per account, summed over the fleet");
+    // amqctl keys on u2 shows bob's tokens from both nodes.
+    wait_until(Duration::from_secs(5), "bob's fleet tokens in amqctl keys on u2", || {
+        let k = daemons[1].ctl_json(&["keys"]).unwrap();
+        k.as_array().unwrap().iter().any(|k| k["name"] == "bob" && k["tokens_today"] == bob_tokens)
+    });
+    // alice (1 token a day): one request on u1 spends the day's budget; u2 refuses her within
+    // a flush tick or two.
+    assert_eq!(rt.block_on(ask_as(&addrs[0], ALICE)), 200);
+    let mut attempts = 0;
+    let refused = wait_until(Duration::from_secs(5), "u2 refusing alice", || {
+        attempts += 1;
+        let (status, body) = rt.block_on(ask_full_as(&addrs[1], ALICE));
+        assert!(status == 200 || status == 429, "{status} {body}");
+        status == 429 && body.contains("daily token budget used up")
+    });
+    eprintln!("u2 refused alice {refused:?} after she spent her budget on u1");
+    let k = daemons[1].ctl_json(&["keys"]).unwrap();
+    let alice = k.as_array().unwrap().iter().find(|k| k["name"] == "alice").unwrap().clone();
+    assert_eq!(alice["state"], "budget-exhausted", "{alice}");
+    for d in daemons {
+        assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    }
+    // What the nodes flushed at their stop is in PostgreSQL: 5 for bob; alice's request on u1
+    // and each of her attempts on u2 (a refused request counts as a request).
+    let store = rt.block_on(PgStore::connect(&pg.url(), "checker", Duration::from_secs(3))).unwrap();
+    let rows = rt.block_on(store.usage_since_async("2000-01-01", None)).unwrap();
+    let requests = |name: &str| -> u64 {
+        rows.iter().filter(|(k, _)| k.ends_with(&format!("/key/{name}"))).map(|(_, r)| r.requests).sum()
+    };
+    assert_eq!(requests("bob"), 5);
+    assert_eq!(requests("alice"), 1 + attempts);
+    rt.block_on(emu.shutdown());
+}
+
+/// `amqctl refresh/enable/disable --all` under [cluster]: the asked node acts on the accounts
+/// it holds and queues the command for every account another node holds; the answer says how
+/// many were queued, and the holders run them.
+#[test]
+fn all_commands_reach_every_node() {
+    let Some(pg) = Postgres::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ids = ids(4);
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
+    let nodes: Vec<Node> = ["q1", "q2"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 3)).collect();
+    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
+    wait_until(Duration::from_secs(20), "two accounts per node", || daemons.iter().all(|d| serving(d) == 2));
+    let held_by_q2: Vec<String> = ids
+        .iter()
+        .filter(|id| {
+            let status = daemons[1].ctl_json(&["status"]).unwrap();
+            status["cluster"]["leases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l["account"] == id.as_str() && l["node_id"] == "q2")
+        })
+        .cloned()
+        .collect();
+    assert_eq!(held_by_q2.len(), 2, "{held_by_q2:?}");
+    let disabled = |d: &ChildDaemon| d.health()["accounts"]["disabled"].as_u64().unwrap_or(0);
+
+    // disable --all from q1: two done on q1, two queued for q2 (which runs them).
+    let r = daemons[0].ctl_json(&["disable", "--all"]).expect("amqctl disable --all");
+    let rows = r.as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{r}");
+    assert!(rows.iter().all(|x| x["ok"] == true), "{r}");
+    let queued: Vec<&str> =
+        rows.iter().filter(|x| x["queued"] == true).map(|x| x["id"].as_str().unwrap()).collect();
+    assert_eq!(queued.len(), 2, "{r}");
+    assert!(queued.iter().all(|id| held_by_q2.iter().any(|h| h == id)), "{r}");
+    assert_eq!(disabled(&daemons[0]), 2);
+    wait_until(Duration::from_secs(5), "q2 running the queued disables", || disabled(&daemons[1]) == 2);
+
+    // enable --all from q2 (text): the summary says how many were queued.
+    let text = daemons[1].ctl_text(&["enable", "--all"]);
+    assert!(text.contains("4 of 4 succeeded (2 here, 2 queued for the nodes that hold them)"), "{text}");
+    wait_until(Duration::from_secs(5), "every account enabled again", || {
+        daemons.iter().all(|d| disabled(d) == 0 && d.health()["accounts"]["active"] == 2)
+    });
+
+    // refresh --all from q1: each account refreshed once, q2's by q2.
+    let before: Vec<u64> = ids.iter().map(|id| emu.stats_for(&client_id(id)).refreshes).collect();
+    let text = daemons[0].ctl_text(&["refresh", "--all"]);
+    assert!(text.contains("4 of 4 succeeded (2 here, 2 queued"), "{text}");
+    wait_until(Duration::from_secs(5), "every account refreshed", || {
+        ids.iter().zip(&before).all(|(id, b)| emu.stats_for(&client_id(id)).refreshes == b + 1)
+    });
+    for id in &held_by_q2 {
+        assert!(
+            nodes[1]
+                .log()
+                .lines()
+                .any(|l| l.contains("command from another node") && l.contains(id.as_str())),
+            "q2 ran the refresh of {id}"
+        );
+    }
+    assert_eq!(emu.stats().refresh_failures, 0);
+    rt.block_on(assert_chains_intact(&pg.url(), &emu, &ids));
+    for d in daemons {
+        assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    }
+    rt.block_on(emu.shutdown());
+}
+
+/// What PostgreSQL has done so far (pg_stat_database for the database, pg_stat_statements
+/// for the daemons' statements).
+#[derive(Debug, Clone, Copy, Default)]
+struct PgLoad {
+    statements: i64,
+    xact_commit: i64,
+    tup_written: i64,
+    tup_read: i64,
+    blks: i64,
+}
+
+impl std::ops::Sub for PgLoad {
+    type Output = PgLoad;
+    fn sub(self, o: PgLoad) -> PgLoad {
+        PgLoad {
+            statements: self.statements - o.statements,
+            xact_commit: self.xact_commit - o.xact_commit,
+            tup_written: self.tup_written - o.tup_written,
+            tup_read: self.tup_read - o.tup_read,
+            blks: self.blks - o.blks,
+        }
+    }
+}
+
+async fn pg_load(pg: &Postgres) -> PgLoad {
+    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let s = client
+        .query_one(
+            "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid
+             WHERE query NOT ILIKE '%pg_stat%' AND query NOT ILIKE 'CREATE EXTENSION%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let d = client
+        .query_one(
+            "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted, tup_returned + tup_fetched,
+                 blks_read + blks_hit
+             FROM pg_stat_database WHERE datname = 'postgres'",
+            &[],
+        )
+        .await
+        .unwrap();
+    PgLoad {
+        statements: s.get(0),
+        xact_commit: d.get(0),
+        tup_written: d.get(1),
+        tup_read: d.get(2),
+        blks: d.get(3),
+    }
+}
+
+/// A measurement, not a check (README "Several nodes": PostgreSQL load per 1,000 requests): two
+/// nodes, 4 accounts, `lease_secs = 15` (the default); the load of 20 idle seconds (heartbeats,
+/// leases, the fleet budgets' reads), then of 1,000 requests, from pg_stat_statements and
+/// pg_stat_database. Run: `cargo nextest run --run-ignored only -E 'test(pg_load)' --no-capture`.
+#[test]
+#[ignore = "a measurement; prints figures, asserts nothing about them"]
+fn pg_load_per_1000_requests() {
+    let Some(pg) = Postgres::start_with(|_| "-c shared_preload_libraries=pg_stat_statements".into()) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client.batch_execute("CREATE EXTENSION pg_stat_statements").await.unwrap();
+    });
+    let ids = ids(4);
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
+    let nodes: Vec<Node> = ["m1", "m2"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 15)).collect();
+    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
+    wait_until(Duration::from_secs(60), "two accounts per node", || daemons.iter().all(|d| serving(d) == 2));
+    let addrs: Vec<String> = daemons.iter().map(|d| d.addr()).collect();
+    // Every account with its access token first (the refreshes are not part of the steady state).
+    for addr in &addrs {
+        for _ in 0..8 {
+            assert_eq!(rt.block_on(ask(addr)), 200);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let idle_secs = 20.0;
+    let a = rt.block_on(pg_load(&pg));
+    std::thread::sleep(Duration::from_secs_f64(idle_secs));
+    let b = rt.block_on(pg_load(&pg));
+    let idle = b - a;
+    // 1,000 requests as fast as 4 clients go, then 1,000 paced at about 100 a second.
+    let mut before = b;
+    for (label, pause) in [("at full speed", Duration::ZERO), ("at ~100/s", Duration::from_millis(40))] {
+        let t0 = Instant::now();
+        let n = 1000;
+        rt.block_on(async {
+            let next = Arc::new(AtomicU64::new(0));
+            let mut tasks = Vec::new();
+            for c in 0..4 {
+                let (addr, next) = (addrs[c % 2].clone(), next.clone());
+                tasks.push(tokio::spawn(async move {
+                    while next.fetch_add(1, Ordering::SeqCst) < n {
+                        assert_eq!(ask(&addr).await, 200);
+                        tokio::time::sleep(pause).await;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        let busy_secs = t0.elapsed().as_secs_f64();
+        // The last usage batch and the statistics' own flush (about a second).
+        std::thread::sleep(Duration::from_secs(2));
+        let after = rt.block_on(pg_load(&pg));
+        let window = t0.elapsed().as_secs_f64();
+        let busy = after - before;
+        before = after;
+        eprintln!("{n} requests {label} in {busy_secs:.1} s (window {window:.1} s): {busy:?}");
+        for (name, x, i) in [
+            ("statements", busy.statements, idle.statements),
+            ("transactions committed", busy.xact_commit, idle.xact_commit),
+            ("rows written", busy.tup_written, idle.tup_written),
+            ("rows read", busy.tup_read, idle.tup_read),
+            ("buffer accesses", busy.blks, idle.blks),
+        ] {
+            let above = (x as f64 - i as f64 / idle_secs * window).max(0.0);
+            eprintln!("  {name}: {x} in the window, {above:.0} above the idle rate");
+        }
+    }
+    for d in daemons {
+        assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    }
+    rt.block_on(emu.shutdown());
+}
+
+/// A node that holds no lease (more nodes than accounts): `/health` answers 503 `unavailable`
+/// (a front end routing on it sends it nothing) and a request 503 `overloaded_error`.
+#[test]
+fn a_node_holding_no_lease_is_unavailable() {
+    let Some(pg) = Postgres::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ids = ids(1);
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
+    let nodes: Vec<Node> = ["h1", "h2"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 3)).collect();
+    let first = nodes[0].start();
+    wait_until(Duration::from_secs(20), "h1 holding the account", || serving(&first) == 1);
+    let second = nodes[1].start();
+    let addr = second.addr();
+    // Give h2 a few ticks: the account stays with h1 (its share is ceil(1 / 2) = 1).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(serving(&first), 1);
+    let (code, h) = health_at(&addr);
+    assert_eq!(code, 503, "{h}");
+    assert_eq!(h["status"], "unavailable", "{h}");
+    assert_eq!(h["accounts"]["total"], 0, "{h}");
+    assert!(h.get("store").is_none(), "no store problem: {h}");
+    let (status, body) = rt.block_on(ask_full(&addr));
+    assert_eq!(status, 503, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["type"], "overloaded_error", "{body}");
+    assert!(body.contains("every account is served by other nodes"), "{body}");
+    assert_eq!(health_at(&first.addr()).0, 200);
+    for d in [first, second] {
+        assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    }
     rt.block_on(emu.shutdown());
 }

@@ -49,7 +49,13 @@ struct Held {
     /// until the chain is durable. While it is set, no refresh runs (it would rotate the chain
     /// again, and the token it replaces is the only live one).
     unsaved: Option<Access>,
+    /// While `unsaved` is set: the refresh token the unsaved chain replaced (dead upstream once
+    /// rotated). A store that still holds it has not seen the newer chain.
+    replaced: Option<Secret>,
 }
+
+/// See [`Tokens::quiet`].
+pub struct Quiet<'a>(#[allow(dead_code)] tokio::sync::MutexGuard<'a, Held>);
 
 /// Callers get a token valid for at least this long, or wait for a refresh.
 pub const MIN_VALIDITY: Duration = Duration::from_secs(60);
@@ -57,7 +63,7 @@ pub const MIN_VALIDITY: Duration = Duration::from_secs(60);
 impl Tokens {
     pub fn new(chain: Chain, access: Option<Access>) -> Self {
         Tokens {
-            chain: tokio::sync::Mutex::new(Held { chain, unsaved: None }),
+            chain: tokio::sync::Mutex::new(Held { chain, unsaved: None, replaced: None }),
             access: std::sync::RwLock::new(access),
             unsaved: std::sync::atomic::AtomicBool::new(false),
             generation: std::sync::atomic::AtomicU64::new(0),
@@ -88,20 +94,35 @@ impl Tokens {
     /// Replaces the chain (the file's credentials changed). The next use refreshes from it.
     pub async fn reset(&self, chain: Chain) {
         let mut held = self.chain.lock().await;
-        *held = Held { chain, unsaved: None };
+        *held = Held { chain, unsaved: None, replaced: None };
         self.unsaved.store(false, std::sync::atomic::Ordering::SeqCst);
         self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.invalidate_access();
     }
 
     /// Replaces the chain and the access token with what another holder stored (`[cluster]`
-    /// takeover): any unsaved chain of this node is dropped (its write was fenced).
+    /// takeover): any unsaved chain of this node is dropped (its write was fenced) — unless the
+    /// stored chain is the very one this node's unsaved chain replaced (nobody stored anything
+    /// since: this node lost the store, not the account), in which case the unsaved chain is
+    /// the only live one and stays, to be stored at the next use.
     pub async fn adopt(&self, chain: Chain, access: Option<Access>) {
         let mut held = self.chain.lock().await;
-        *held = Held { chain, unsaved: None };
+        if held.unsaved.is_some()
+            && held.replaced.as_ref().is_some_and(|r| r.expose() == chain.refresh_token.expose())
+        {
+            return;
+        }
+        *held = Held { chain, unsaved: None, replaced: None };
         self.unsaved.store(false, std::sync::atomic::Ordering::SeqCst);
         self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         *self.access.write().unwrap_or_else(|e| e.into_inner()) = access;
+    }
+
+    /// The chain, if no refresh (nor store retry, nor adoption) is running on it: while the
+    /// returned guard lives, none starts. `[cluster]`: a lease is handed over only under it, so
+    /// that no refresh of the old holder's can rotate the token the new holder loads.
+    pub fn quiet(&self) -> Option<Quiet<'_>> {
+        self.chain.try_lock().ok().map(Quiet)
     }
 
     pub async fn chain(&self) -> Chain {
@@ -143,6 +164,7 @@ impl Tokens {
         if let Some(access) = held.unsaved.clone() {
             persist(held.chain.clone(), access.clone()).await.map_err(RefreshError::NotStored)?;
             held.unsaved = None;
+            held.replaced = None;
             self.unsaved.store(false, std::sync::atomic::Ordering::SeqCst);
             self.publish(access);
         }
@@ -159,9 +181,10 @@ impl Tokens {
         let access = Access { token: grant.access_token, expires_at: SystemTime::now() + grant.expires_in };
         let stored = persist(next.clone(), access.clone()).await;
         // The old refresh token may already be dead: the successor is kept either way.
-        held.chain = next;
+        let replaced = std::mem::replace(&mut held.chain, next).refresh_token;
         if let Err(e) = stored {
             held.unsaved = Some(access);
+            held.replaced = Some(replaced);
             self.unsaved.store(true, std::sync::atomic::Ordering::SeqCst);
             self.invalidate_access();
             return Err(RefreshError::NotStored(e));
@@ -286,5 +309,83 @@ mod tests {
         assert_eq!(*stored.lock().unwrap(), vec!["rt1".to_owned()]);
         assert_eq!(refreshes.load(Ordering::SeqCst), 1);
         assert!(!tokens.has_unsaved());
+    }
+
+    /// `[cluster]`: a node that lost the store (not the account) and takes its lease again
+    /// keeps its unsaved rotated chain when the store still holds the token it replaced; a
+    /// chain another holder stored since replaces it.
+    #[tokio::test]
+    async fn adopt_keeps_an_unsaved_chain_the_store_never_saw() {
+        let tokens = Tokens::new(chain(), None);
+        let grant = TokenGrant {
+            access_token: Secret::new("at1"),
+            expires_in: Duration::from_secs(3600),
+            refresh_token: Some(Secret::new("rt1")),
+            profile_arn: None,
+        };
+        let r = tokens
+            .get(
+                MIN_VALIDITY,
+                None,
+                |_| std::future::ready(Ok(grant)),
+                |_, _| std::future::ready(Err::<(), String>("PostgreSQL down".into())),
+            )
+            .await;
+        assert!(matches!(r, Err(RefreshError::NotStored(_))), "{r:?}");
+        // The store still holds rt0 (the token rt1 replaced): the unsaved rt1 stays.
+        tokens.adopt(chain(), None).await;
+        assert!(tokens.has_unsaved());
+        assert_eq!(tokens.chain().await.refresh_token.expose(), "rt1");
+        // Another holder stored rt5 since: that one is the live chain.
+        let newer = Chain { refresh_token: Secret::new("rt5"), rotated: true, file_fingerprint: [0; 32] };
+        tokens.adopt(newer, None).await;
+        assert!(!tokens.has_unsaved());
+        assert_eq!(tokens.chain().await.refresh_token.expose(), "rt5");
+    }
+
+    /// `[cluster]` handover: `quiet` is refused while a refresh runs, and while it is held no
+    /// refresh starts.
+    #[tokio::test]
+    async fn quiet_excludes_refreshes() {
+        let tokens = Arc::new(Tokens::new(chain(), None));
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let t = tokens.clone();
+        let refreshing = tokio::spawn(async move {
+            t.get(
+                MIN_VALIDITY,
+                None,
+                |_| async move {
+                    let _ = wait.await;
+                    Ok(TokenGrant {
+                        access_token: Secret::new("at1"),
+                        expires_in: Duration::from_secs(3600),
+                        refresh_token: Some(Secret::new("rt1")),
+                        profile_arn: None,
+                    })
+                },
+                |_, _| std::future::ready(Ok(())),
+            )
+            .await
+        });
+        while tokens.quiet().is_some() {
+            tokio::task::yield_now().await;
+        }
+        go.send(()).unwrap();
+        refreshing.await.unwrap().unwrap();
+        let quiet = tokens.quiet().expect("no refresh running");
+        let t = tokens.clone();
+        let blocked = tokio::spawn(async move {
+            t.get(
+                MIN_VALIDITY,
+                Some(&Secret::new("at1")),
+                |_| async { unreachable!() },
+                |_, _| async { Ok(()) },
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!blocked.is_finished(), "a refresh started while the chain was held quiet");
+        drop(quiet);
+        blocked.abort();
     }
 }

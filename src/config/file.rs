@@ -506,10 +506,10 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
                 Some(u)
                     if u.get_ref().starts_with("postgresql://") || u.get_ref().starts_with("postgres://") =>
                 {
-                    match u.get_ref().parse::<tokio_postgres::Config>() {
+                    match crate::store::postgres::parse_url(u.get_ref()) {
                         Ok(_) => Some(Secret::new(u.get_ref().clone())),
                         Err(e) => {
-                            ck.rep.error_at(Some(u.span()), format!("[cluster] database_url: {e}"));
+                            ck.rep.error_at(Some(u.span()), format!("[cluster] {e}"));
                             None
                         }
                     }

@@ -92,6 +92,23 @@ pub fn read_text(path: &Path) -> Result<Zeroizing<String>, ReadError> {
     }
 }
 
+/// Adds the certificates of the PEM file `path` to `roots` (trust anchors: an upstream
+/// `ca_file`, a PostgreSQL `sslrootcert`); an error names what is wrong with the file.
+pub fn add_pem_roots(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let pem = read_bytes(path).map_err(|e| e.to_string())?;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&pem).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no certificate in the file".into());
+    }
+    for c in certs {
+        roots.add(c).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

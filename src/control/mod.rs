@@ -356,7 +356,7 @@ pub async fn refresh_one(shared: &Context, a: &Arc<Account>) -> ActionResult {
             Err(e) => message.push_str(&format!("; {e} (the last good catalog stays)")),
         }
     }
-    ActionResult { id: a.id.to_string(), ok, message, state: state_of(a) }
+    ActionResult { id: a.id.to_string(), ok, message, state: state_of(a), queued: false }
 }
 
 /// A real minimal upstream call on the account, through the relay: classified like live
@@ -391,7 +391,58 @@ pub async fn check_one(shared: &Context, a: &Arc<Account>) -> ActionResult {
     if disabled {
         message.push_str(" (stays disabled until amqctl enable)");
     }
-    ActionResult { id: a.id.to_string(), ok, message, state: state_of(a) }
+    ActionResult { id: a.id.to_string(), ok, message, state: state_of(a), queued: false }
+}
+
+/// `action` (`refresh`, `check`, `enable`, `disable`) on one account; `None` for an unknown
+/// action. Under `[cluster]`, refresh, enable and disable of an account another node holds are
+/// queued in PostgreSQL and its holder runs them at its next heartbeat (`queued` in the answer).
+async fn act(shared: &Arc<Context>, a: &Arc<Account>, action: &str) -> Option<ActionResult> {
+    let id = a.id.to_string();
+    if let Some(store) = &shared.cluster
+        && !a.held_for(0)
+        && matches!(action, "refresh" | "enable" | "disable")
+    {
+        return Some(match store.queue_command(&id, action).await {
+            Ok(_) => ActionResult {
+                id,
+                ok: true,
+                message: format!("{action} queued for the node that holds it"),
+                state: state_of(a),
+                queued: true,
+            },
+            Err(e) => ActionResult {
+                id,
+                ok: false,
+                message: format!("cannot queue {action} for the node that holds it: {e}"),
+                state: state_of(a),
+                queued: false,
+            },
+        });
+    }
+    let done = |ok: bool, message: &str| ActionResult {
+        id: id.clone(),
+        ok,
+        message: message.into(),
+        state: state_of(a),
+        queued: false,
+    };
+    Some(match action {
+        "refresh" => refresh_one(shared, a).await,
+        "check" => check_one(shared, a).await,
+        "enable" if !a.spec().enabled => {
+            done(false, "the accounts file says enabled = false: change it there, then amqctl reload")
+        }
+        "enable" => {
+            shared.app.pool.enable(&id);
+            done(true, "enabled")
+        }
+        "disable" => {
+            shared.app.pool.disable(&id);
+            done(true, "disabled")
+        }
+        _ => return None,
+    })
 }
 
 /// Runs `f` over accounts with at most `limit` at once, results in account order.
@@ -477,64 +528,17 @@ async fn handle(shared: &Arc<Context>, peer: Peer, req: Request<Incoming>) -> Re
         },
         (&Method::POST, ["v1", "accounts", id, action]) => {
             let Some(a) = find(id) else { return not_found(id) };
-            // Under [cluster], an account another node holds is acted on there: the command is
-            // queued in PostgreSQL and its holder runs it at its next heartbeat.
-            if let Some(store) = &shared.cluster
-                && !a.held_for(0)
-                && matches!(*action, "refresh" | "enable" | "disable")
-            {
-                let r = match store.queue_command(id, action).await {
-                    Ok(_) => ActionResult {
-                        id: id.to_string(),
-                        ok: true,
-                        message: format!("{action} queued for the node that holds it"),
-                        state: state_of(&a),
-                    },
-                    Err(e) => ActionResult {
-                        id: id.to_string(),
-                        ok: false,
-                        message: format!("cannot queue {action} for the node that holds it: {e}"),
-                        state: state_of(&a),
-                    },
-                };
-                tracing::info!(uid = peer.uid, pid = peer.pid, account = %id, action = %action, ok = r.ok, result = %r.message, "control action (cluster)");
-                return json(StatusCode::OK, &r);
-            }
-            let r = match *action {
-                "refresh" => refresh_one(shared, &a).await,
-                "check" => check_one(shared, &a).await,
-                "enable" if !a.spec().enabled => ActionResult {
-                    id: id.to_string(),
-                    ok: false,
-                    message: "the accounts file says enabled = false: change it there, then amqctl reload"
-                        .into(),
-                    state: state_of(&a),
-                },
-                "enable" => {
-                    shared.app.pool.enable(id);
-                    ActionResult {
-                        id: id.to_string(),
-                        ok: true,
-                        message: "enabled".into(),
-                        state: state_of(&a),
-                    }
-                }
-                "disable" => {
-                    shared.app.pool.disable(id);
-                    ActionResult {
-                        id: id.to_string(),
-                        ok: true,
-                        message: "disabled".into(),
-                        state: state_of(&a),
-                    }
-                }
-                _ => return error(StatusCode::NOT_FOUND, format!("unknown action {action:?}")),
+            let Some(r) = act(shared, &a, action).await else {
+                return error(StatusCode::NOT_FOUND, format!("unknown action {action:?}"));
             };
-            tracing::info!(uid = peer.uid, pid = peer.pid, account = %id, action = %action, ok = r.ok, result = %r.message, "control action");
+            tracing::info!(uid = peer.uid, pid = peer.pid, account = %id, action = %action, ok = r.ok, queued = r.queued, result = %r.message, "control action");
             json(StatusCode::OK, &r)
         }
         (&Method::POST, ["v1", "refresh"]) => {
-            let rs = for_all(shared, 8, |s, a| async move { refresh_one(&s, &a).await }).await;
+            let rs = for_all(shared, 8, |s, a| async move {
+                act(&s, &a, "refresh").await.expect("refresh is an action")
+            })
+            .await;
             json(StatusCode::OK, &rs)
         }
         (&Method::POST, ["v1", "check"]) => {

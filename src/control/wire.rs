@@ -162,6 +162,10 @@ pub struct ActionResult {
     pub message: String,
     /// The account's state afterwards.
     pub state: String,
+    /// `[cluster]`: the account is held by another node; the action was queued for it (in
+    /// PostgreSQL) rather than done here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub queued: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

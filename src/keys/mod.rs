@@ -355,6 +355,46 @@ impl Keys {
         self.usage.record(caller.usage_name(), ev);
     }
 
+    /// `[cluster]`: sets every key's day tokens and month credits to the fleet's totals (what
+    /// PostgreSQL holds after this node's flush, plus what this node counted since). On a
+    /// failure the counts stay as they are. Blocking.
+    pub fn follow_fleet(&self) -> Result<(), String> {
+        let today = day_number(SystemTime::now());
+        let totals = self.usage.key_totals(today)?;
+        let pending = self.usage.pending_keys(today);
+        let now = SystemTime::now();
+        for k in self.list().iter() {
+            let name = &k.spec.name;
+            let (t, c) = totals.get(name).copied().unwrap_or_default();
+            let (pt, pc) = pending.get(name).copied().unwrap_or_default();
+            let mut l = k.live.inner.lock().unwrap_or_else(|e| e.into_inner());
+            l.roll(now);
+            l.day_tokens = t + pt;
+            l.month_credits = c + pc;
+        }
+        Ok(())
+    }
+
+    /// `[cluster]`: [`Keys::follow_fleet`] every [`usage::BATCH_WINDOW`] until the stop.
+    pub async fn run_fleet_budgets(self: Arc<Self>, mut shutdown: crate::shutdown::Shutdown) {
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.recv() => break,
+                _ = tokio::time::sleep(usage::BATCH_WINDOW) => {}
+            }
+            let me = self.clone();
+            match crate::reload::off_runtime(move || me.follow_fleet()).await {
+                Ok(()) => failing = false,
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "cannot read the fleet's key usage; budgets count this node's use meanwhile");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
     /// Each key with its limits, today's use and state (`amqctl keys`).
     pub fn view(&self) -> Vec<KeyView> {
         let now = SystemTime::now();

@@ -5,7 +5,7 @@
 //! the last window. Reports and a clean stop flush first. Rows older than the retention are
 //! deleted hourly.
 
-use crate::store::{Store, UsageRow, split_usage_key, usage_key};
+use crate::store::{Store, StoreError, UsageRow, split_usage_key, usage_key};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -38,10 +38,39 @@ pub struct UsageLine {
     pub credits: f64,
 }
 
+/// Where usage rows are kept: the redb store (one node) or PostgreSQL (`[cluster]`: the rows
+/// are the fleet's, every node adding its batches to the same rows). Blocking calls.
+pub trait UsageStore: Send + Sync {
+    /// Adds each delta to its row (`usage_key` → counts), in one commit.
+    fn add_usage(&self, batch: &[(String, UsageRow)]) -> Result<(), StoreError>;
+    /// Every row from day `from` (`YYYY-MM-DD`) on, in key order.
+    fn usage_since(&self, from: &str) -> Result<Vec<(String, UsageRow)>, StoreError>;
+    /// The rows of one dimension (`key`, `account`, `model`) from day `from` on.
+    fn usage_since_of(&self, from: &str, dim: &str) -> Result<Vec<(String, UsageRow)>, StoreError> {
+        let mut rows = self.usage_since(from)?;
+        rows.retain(|(k, _)| split_usage_key(k).is_some_and(|(_, d, _)| d == dim));
+        Ok(rows)
+    }
+    /// Deletes the rows of days before `before`; how many.
+    fn prune_usage(&self, before: &str) -> Result<usize, StoreError>;
+}
+
+impl UsageStore for Store {
+    fn add_usage(&self, batch: &[(String, UsageRow)]) -> Result<(), StoreError> {
+        Store::add_usage(self, batch)
+    }
+    fn usage_since(&self, from: &str) -> Result<Vec<(String, UsageRow)>, StoreError> {
+        Store::usage_since(self, from)
+    }
+    fn prune_usage(&self, before: &str) -> Result<usize, StoreError> {
+        Store::prune_usage(self, before)
+    }
+}
+
 /// The usage recorder (see the module documentation).
 pub struct Usage {
     /// `None`: kept in memory only (tools, tests without a state directory).
-    store: Option<Store>,
+    store: Option<Arc<dyn UsageStore>>,
     pending: Mutex<BTreeMap<String, UsageRow>>,
     memory: Mutex<BTreeMap<String, UsageRow>>,
     /// One flush at a time (the batch task and a report may meet).
@@ -64,7 +93,7 @@ fn model_name(model: &str) -> &str {
 }
 
 impl Usage {
-    pub fn new(store: Option<Store>, retention_days: u32) -> Arc<Usage> {
+    pub fn new(store: Option<Arc<dyn UsageStore>>, retention_days: u32) -> Arc<Usage> {
         Arc::new(Usage {
             store,
             pending: Mutex::default(),
@@ -129,15 +158,22 @@ impl Usage {
 
     /// Every row from day number `from` on (flushes first, so that nothing counted is missing).
     pub fn rows_since(&self, from: i64) -> Result<Vec<UsageLine>, String> {
+        self.rows_since_of(from, None)
+    }
+
+    /// [`Usage::rows_since`], of one dimension only when `dim` is given.
+    fn rows_since_of(&self, from: i64, dim: Option<&str>) -> Result<Vec<UsageLine>, String> {
         self.flush()?;
         let from = super::day_string(from);
-        let raw: Vec<(String, UsageRow)> = match &self.store {
-            Some(store) => store.usage_since(&from).map_err(|e| e.to_string())?,
-            None => self
+        let raw: Vec<(String, UsageRow)> = match (&self.store, dim) {
+            (Some(store), None) => store.usage_since(&from).map_err(|e| e.to_string())?,
+            (Some(store), Some(dim)) => store.usage_since_of(&from, dim).map_err(|e| e.to_string())?,
+            (None, _) => self
                 .memory
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .range(from..)
+                .filter(|(k, _)| dim.is_none_or(|d| split_usage_key(k).is_some_and(|(_, kd, _)| kd == d)))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         };
@@ -162,15 +198,18 @@ impl Usage {
     /// Each key's tokens today and credits this month, from the store (start-up, keys added by
     /// a reload): one read of this month's rows for all keys.
     pub fn restore_keys(&self, today: i64) -> HashMap<String, (u64, f64)> {
+        self.key_totals(today).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the keys' usage: their budgets start from zero");
+            HashMap::new()
+        })
+    }
+
+    /// Each key's tokens on day `today` and credits in its month, as the store holds them after
+    /// a flush (`[cluster]`: the whole fleet's).
+    pub fn key_totals(&self, today: i64) -> Result<HashMap<String, (u64, f64)>, String> {
         let (y, m, _) = crate::config::keys::civil_from_days(today);
         let first = crate::config::keys::days_from_civil(y, m as i64, 1);
-        let rows = match self.rows_since(first) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the keys' usage: their budgets start from zero");
-                return HashMap::new();
-            }
-        };
+        let rows = self.rows_since_of(first, Some("key"))?;
         let today = super::day_string(today);
         let mut out: HashMap<String, (u64, f64)> = HashMap::new();
         for r in rows.into_iter().filter(|r| r.by == "key") {
@@ -180,7 +219,20 @@ impl Usage {
                 e.0 += r.tokens_in + r.tokens_out;
             }
         }
-        out
+        Ok(out)
+    }
+
+    /// Each key's tokens and credits counted here and not yet flushed, on day `today`.
+    pub fn pending_keys(&self, today: i64) -> HashMap<String, (u64, f64)> {
+        let today = super::day_string(today);
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.iter()
+            .filter_map(|(k, r)| {
+                let (day, dim, name) = split_usage_key(k)?;
+                (day == today && dim == "key")
+                    .then(|| (name.to_owned(), (r.tokens_in + r.tokens_out, r.credits)))
+            })
+            .collect()
     }
 
     /// Deletes rows older than the retention (blocking).

@@ -333,7 +333,7 @@ fn health(app: &App) -> Response<Body> {
 }
 
 /// `%XX` escapes decoded (`+` stays: model ids never hold a space); an invalid escape is kept.
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

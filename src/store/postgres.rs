@@ -10,6 +10,7 @@
 //! | `nodes (node_id, started_at, heartbeat_at, lease_ms, status)` | each node's heartbeat          |
 //! | `leases (account, node_id, epoch, expires_at)` | who serves an account, until when; `epoch` grows at every change of holder |
 //! | `commands (id, account, command, …)`           | `amqctl` account commands for the holder      |
+//! | `usage (day, dim, name, requests, errors, tokens_in, tokens_out, credits)` | usage per key / account / model per UTC day, the fleet's (migration 2) |
 //!
 //! Migrations run at start-up in one transaction under an advisory lock, so nodes starting
 //! together never race; a database migrated by a newer amq2api is refused.
@@ -20,14 +21,17 @@
 //! for the account *with the epoch it acquired* and checks it has not expired (the database's
 //! clock): a node that lost its lease — paused, partitioned, slow — gets
 //! [`StoreError::Fenced`] and can never overwrite the token the new holder stored. The token row
-//! also keeps the epoch that wrote it and refuses an older one.
+//! also keeps the epoch that wrote it and refuses an older one. Token writes commit with
+//! `synchronous_commit = on` whatever the server's default.
 //!
 //! # Connections
 //!
 //! Two connections (one for data, one for leases and heartbeats, so that a slow write never
 //! delays a lease renewal), each opened on first use and again after a failure; every
-//! statement has a deadline. TLS (rustls, the ring provider, the webpki roots) when the URL says
-//! `sslmode=require` or `sslmode=prefer`.
+//! statement has a deadline. TLS through rustls (the ring provider) with libpq's `sslmode`
+//! meanings (see [`TlsMode`]): `prefer` (the default) and `require` encrypt without checking the
+//! certificate; `verify-ca` checks the chain against `sslrootcert=PATH` (PEM) or, without it, the
+//! built-in Mozilla roots; `verify-full` also matches the host name.
 
 use super::redb::{
     CatalogWire, CountersWire, IdentityWire, StateWire, TokenWire, decode_catalog, decode_counters,
@@ -35,7 +39,7 @@ use super::redb::{
 };
 use super::{
     AccountRecord, Backend, CatalogRecord, Counters, IdentityRecord, StateRecord, StoreError, StoreProblem,
-    TokenRecord,
+    TokenRecord, UsageRow, split_usage_key, usage_key,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -59,6 +63,11 @@ pub const MIGRATIONS: &[&str] = &[
      CREATE TABLE amq2api.commands (id bigserial PRIMARY KEY, account text NOT NULL,
          command text NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
          done_by text, done_at timestamptz, result text);",
+    // 2: usage per key, account and model per UTC day, the fleet's (every node adds to it).
+    "CREATE TABLE amq2api.usage (day text NOT NULL, dim text NOT NULL, name text NOT NULL,
+         requests bigint NOT NULL, errors bigint NOT NULL, tokens_in bigint NOT NULL,
+         tokens_out bigint NOT NULL, credits double precision NOT NULL,
+         PRIMARY KEY (day, dim, name));",
 ];
 
 /// Longest one statement (or transaction) may take before the connection is dropped.
@@ -122,8 +131,24 @@ enum Conn {
     Leases = 1,
 }
 
-fn pg(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Postgres(e.to_string())
+/// A tokio-postgres error with its causes ("error performing TLS handshake: invalid peer
+/// certificate: UnknownIssuer"), no secret among them.
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Postgres(chain(&e))
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }
 
 impl std::fmt::Debug for PgStore {
@@ -132,31 +157,227 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-/// Whether the URL asks for TLS (`sslmode=require` or `sslmode=prefer`, spelled out).
-fn wants_tls(url: &str) -> bool {
-    let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
-    query.split('&').any(|kv| matches!(kv, "sslmode=require" | "sslmode=prefer"))
+/// How the connection to PostgreSQL is secured: libpq's `sslmode` (and `sslrootcert`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// `sslmode=disable`: plaintext.
+    Disable,
+    /// `sslmode=prefer` (also when the URL names no sslmode, as libpq): TLS when the server
+    /// offers it, plaintext otherwise; the certificate is not checked.
+    Prefer,
+    /// `sslmode=require`: TLS or no connection; the certificate is not checked (encryption
+    /// only, as libpq). With `sslrootcert=` it is checked as for `verify-ca`, as libpq does.
+    Require,
+    /// `sslmode=verify-ca`: TLS, the server's chain checked against the roots; not its name.
+    VerifyCa,
+    /// `sslmode=verify-full`: TLS, the chain checked and the host name matched.
+    VerifyFull,
 }
 
-fn tls_connector() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+/// A `database_url` split into what tokio-postgres takes and what amq2api handles itself.
+#[derive(Clone, Debug)]
+pub struct DbUrl {
+    pub config: tokio_postgres::Config,
+    pub tls: TlsMode,
+    /// `sslrootcert=PATH`: the trust anchors for `verify-ca` / `verify-full` (PEM); `None` or
+    /// `sslrootcert=system`: the built-in Mozilla root set (webpki-roots).
+    pub root_cert: Option<std::path::PathBuf>,
+}
+
+/// Parses a `postgresql://…` URL: libpq's `sslmode` (all but `allow`) and `sslrootcert` are
+/// taken out and handled here (tokio-postgres knows neither `verify-ca`/`verify-full` nor
+/// root files); the rest is tokio-postgres's.
+pub fn parse_url(url: &str) -> Result<DbUrl, StoreError> {
+    let bad = |m: String| StoreError::DatabaseUrl(m);
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, q),
+        None => (url, ""),
+    };
+    let mut tls = TlsMode::Prefer;
+    let mut root_cert = None;
+    let mut rest = Vec::new();
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match crate::server::http::percent_decode(k).as_str() {
+            "sslmode" => {
+                tls = match crate::server::http::percent_decode(v).as_str() {
+                    "disable" => TlsMode::Disable,
+                    "prefer" => TlsMode::Prefer,
+                    "require" => TlsMode::Require,
+                    "verify-ca" => TlsMode::VerifyCa,
+                    "verify-full" => TlsMode::VerifyFull,
+                    other => {
+                        return Err(bad(format!(
+                            "sslmode={other} is not supported (disable, prefer, require, verify-ca, verify-full)"
+                        )));
+                    }
+                }
+            }
+            "sslrootcert" => {
+                let path = crate::server::http::percent_decode(v);
+                root_cert = (path != "system" && !path.is_empty()).then(|| std::path::PathBuf::from(path));
+            }
+            _ => rest.push(kv),
+        }
+    }
+    if tls == TlsMode::Require && root_cert.is_some() {
+        tls = TlsMode::VerifyCa;
+    }
+    let sslmode = match tls {
+        TlsMode::Disable => "disable",
+        TlsMode::Prefer => "prefer",
+        TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => "require",
+    };
+    rest.push(match sslmode {
+        "disable" => "sslmode=disable",
+        "prefer" => "sslmode=prefer",
+        _ => "sslmode=require",
+    });
+    let rebuilt = format!("{base}?{}", rest.join("&"));
+    let config = rebuilt.parse().map_err(|e: tokio_postgres::Error| bad(e.to_string()))?;
+    Ok(DbUrl { config, tls, root_cert })
+}
+
+/// Accepts any server certificate, but still checks the handshake's signatures (the key
+/// exchange is bound to the certificate's key): `prefer` and `require`, as libpq.
+#[derive(Debug)]
+struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+/// Checks the chain against the roots but not the host name: `verify-ca`.
+#[derive(Debug)]
+struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+
+mod verify {
+    use super::{ChainOnly, EncryptOnly};
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
+
+    impl ServerCertVerifier for EncryptOnly {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp_response: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    impl ServerCertVerifier for ChainOnly {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            server_name: &ServerName<'_>,
+            ocsp_response: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            // The chain is checked first; a name mismatch is reported only for a valid chain.
+            match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+                Err(Error::InvalidCertificate(
+                    CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+                )) => Ok(ServerCertVerified::assertion()),
+                other => other,
+            }
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.0.verify_tls12_signature(message, cert, dss)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.0.verify_tls13_signature(message, cert, dss)
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.supported_verify_schemes()
+        }
+    }
+}
+
+/// The TLS connector for `url`'s mode; `None` for `sslmode=disable`.
+fn tls_connector(url: &DbUrl) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, StoreError> {
+    let tls_err = |e: String| StoreError::DatabaseUrl(format!("TLS: {e}"));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| StoreError::Postgres(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+        .map_err(|e| tls_err(e.to_string()))?;
+    let roots = || -> Result<Arc<rustls::RootCertStore>, StoreError> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &url.root_cert {
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+            Some(path) => crate::config::read::add_pem_roots(&mut roots, path)
+                .map_err(|e| StoreError::DatabaseUrl(format!("sslrootcert {}: {e}", path.display())))?,
+        }
+        Ok(Arc::new(roots))
+    };
+    let config = match url.tls {
+        TlsMode::Disable => return Ok(None),
+        TlsMode::Prefer | TlsMode::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+            .with_no_client_auth(),
+        TlsMode::VerifyCa => {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots()?, provider)
+                .build()
+                .map_err(|e| tls_err(e.to_string()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
+                .with_no_client_auth()
+        }
+        TlsMode::VerifyFull => builder.with_root_certificates(roots()?).with_no_client_auth(),
+    };
+    Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
 }
 
 impl PgStore {
     /// Connects to `url`, creates or migrates the schema, and returns the store for `node_id`.
     /// Must be called on the runtime (its connections' tasks run there).
     pub async fn connect(url: &str, node_id: &str, lease: Duration) -> Result<PgStore, StoreError> {
-        let mut config: tokio_postgres::Config = url.parse().map_err(pg)?;
+        let url = parse_url(url)?;
+        let tls = tls_connector(&url)?;
+        let mut config = url.config;
         config.connect_timeout(STATEMENT_DEADLINE).application_name("amq2api");
-        let tls = if wants_tls(url) { Some(tls_connector()?) } else { None };
         let store = PgStore {
             inner: Arc::new(Inner {
                 rt: tokio::runtime::Handle::current(),
@@ -304,7 +525,9 @@ impl PgStore {
                 }
                 for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
                     let version = i as i32 + 1;
-                    txn.batch_execute(sql).await.map_err(|e| pg(format!("migration {version}: {e}")))?;
+                    txn.batch_execute(sql)
+                        .await
+                        .map_err(|e| StoreError::Postgres(format!("migration {version}: {}", chain(&e))))?;
                     txn.execute("INSERT INTO amq2api.migrations (version) VALUES ($1)", &[&version])
                         .await
                         .map_err(pg)?;
@@ -378,6 +601,9 @@ impl PgStore {
         self.run(Conn::Data, move |c| {
             Box::pin(async move {
                 let txn = c.transaction().await.map_err(pg)?;
+                // Durable before it is used, whatever the server's or database's default (a
+                // rotated refresh token lost in a crash is an account lost).
+                txn.batch_execute("SET LOCAL synchronous_commit = on").await.map_err(pg)?;
                 let lease = txn
                     .query_opt(
                         "SELECT 1 FROM amq2api.leases WHERE account = $1 AND node_id = $2 AND epoch = $3
@@ -653,6 +879,114 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// Adds a batch of usage deltas to the fleet's rows: one statement (an upsert of the
+    /// unnested batch), so one commit a flush whatever the batch's size.
+    pub async fn add_usage_async(&self, batch: &[(String, UsageRow)]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut cols: (Vec<String>, Vec<String>, Vec<String>) = Default::default();
+        let mut nums: [Vec<i64>; 4] = Default::default();
+        let mut credits = Vec::new();
+        for (key, d) in batch {
+            let Some((day, dim, name)) = split_usage_key(key) else { continue };
+            cols.0.push(day.to_owned());
+            cols.1.push(dim.to_owned());
+            cols.2.push(name.to_owned());
+            for (v, n) in nums.iter_mut().zip([d.requests, d.errors, d.tokens_in, d.tokens_out]) {
+                v.push(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+            credits.push(d.credits);
+        }
+        self.run(Conn::Data, move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO amq2api.usage AS u
+                         (day, dim, name, requests, errors, tokens_in, tokens_out, credits)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[],
+                         $6::int8[], $7::int8[], $8::float8[])
+                     ON CONFLICT (day, dim, name) DO UPDATE SET requests = u.requests + EXCLUDED.requests,
+                         errors = u.errors + EXCLUDED.errors, tokens_in = u.tokens_in + EXCLUDED.tokens_in,
+                         tokens_out = u.tokens_out + EXCLUDED.tokens_out, credits = u.credits + EXCLUDED.credits",
+                    &[&cols.0, &cols.1, &cols.2, &nums[0], &nums[1], &nums[2], &nums[3], &credits],
+                )
+                .await
+                .map_err(pg)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// The fleet's usage rows from day `from` on, of dimension `dim` when given, in key order.
+    pub async fn usage_since_async(
+        &self,
+        from: &str,
+        dim: Option<&str>,
+    ) -> Result<Vec<(String, UsageRow)>, StoreError> {
+        let (from, dim) = (from.to_owned(), dim.map(str::to_owned));
+        self.run(Conn::Data, move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT day, dim, name, requests, errors, tokens_in, tokens_out, credits
+                         FROM amq2api.usage WHERE day >= $1 AND ($2::text IS NULL OR dim = $2)
+                         ORDER BY day, dim, name",
+                        &[&from, &dim],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| {
+                        let n = |i: usize| u64::try_from(r.get::<_, i64>(i)).unwrap_or(0);
+                        (
+                            usage_key(r.get(0), r.get(1), r.get(2)),
+                            UsageRow {
+                                requests: n(3),
+                                errors: n(4),
+                                tokens_in: n(5),
+                                tokens_out: n(6),
+                                credits: r.get(7),
+                            },
+                        )
+                    })
+                    .collect())
+            })
+        })
+        .await
+    }
+
+    /// Deletes the fleet's usage rows of days before `before`.
+    pub async fn prune_usage_async(&self, before: &str) -> Result<usize, StoreError> {
+        let before = before.to_owned();
+        self.run(Conn::Data, move |c| {
+            Box::pin(async move {
+                let n =
+                    c.execute("DELETE FROM amq2api.usage WHERE day < $1", &[&before]).await.map_err(pg)?;
+                Ok(n as usize)
+            })
+        })
+        .await
+    }
+}
+
+impl crate::keys::usage::UsageStore for PgStore {
+    fn add_usage(&self, batch: &[(String, UsageRow)]) -> Result<(), StoreError> {
+        self.block(self.add_usage_async(batch))
+    }
+    fn usage_since(&self, from: &str) -> Result<Vec<(String, UsageRow)>, StoreError> {
+        self.block(self.usage_since_async(from, None))
+    }
+    fn usage_since_of(&self, from: &str, dim: &str) -> Result<Vec<(String, UsageRow)>, StoreError> {
+        self.block(self.usage_since_async(from, Some(dim)))
+    }
+    fn prune_usage(&self, before: &str) -> Result<usize, StoreError> {
+        self.block(self.prune_usage_async(before))
+    }
+}
+
 /// Decodes one stored value into its part of `rec`.
 fn fill(rec: &mut AccountRecord, table: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
     match table {
@@ -711,5 +1045,34 @@ impl Backend for PgStore {
     }
     fn problem(&self) -> Option<StoreProblem> {
         self.inner.problem.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslmodes_as_libpq() {
+        let mode = |q: &str| {
+            parse_url(&format!("postgresql://u@db.example/amq2api{q}")).map(|u| (u.tls, u.root_cert))
+        };
+        assert_eq!(mode("").unwrap(), (TlsMode::Prefer, None));
+        assert_eq!(mode("?sslmode=disable").unwrap(), (TlsMode::Disable, None));
+        assert_eq!(mode("?sslmode=require").unwrap(), (TlsMode::Require, None));
+        assert_eq!(mode("?sslmode=verify-full").unwrap(), (TlsMode::VerifyFull, None));
+        assert_eq!(mode("?sslmode=verify-ca&sslrootcert=system").unwrap(), (TlsMode::VerifyCa, None));
+        // require with a root file checks the chain (libpq).
+        assert_eq!(
+            mode("?sslmode=require&sslrootcert=%2Fetc%2Fca.pem").unwrap(),
+            (TlsMode::VerifyCa, Some(std::path::PathBuf::from("/etc/ca.pem")))
+        );
+        // Other options still reach tokio-postgres.
+        let u = parse_url("postgresql://u@db.example:6432/amq2api?sslmode=verify-full&connect_timeout=3")
+            .unwrap();
+        assert_eq!(u.config.get_ports(), &[6432]);
+        assert_eq!(u.config.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
+        assert!(matches!(mode("?sslmode=allow"), Err(StoreError::DatabaseUrl(_))));
+        assert!(matches!(mode("?nonsense=1"), Err(StoreError::DatabaseUrl(_))));
     }
 }

@@ -162,6 +162,9 @@ pub enum StoreError {
     /// PostgreSQL (`[cluster]`) failed or cannot be reached.
     #[error("PostgreSQL: {0}")]
     Postgres(String),
+    /// `[cluster] database_url` cannot be used (a bad option, an unreadable `sslrootcert`).
+    #[error("database_url: {0}")]
+    DatabaseUrl(String),
     /// A token write refused because this node no longer holds the account's lease (fencing):
     /// another node has taken the account over.
     #[error(

@@ -194,19 +194,8 @@ impl UpstreamClient {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &cfg.ca_file {
-            use rustls::pki_types::CertificateDer;
-            use rustls::pki_types::pem::PemObject;
-            let err = |reason: String| ClientBuildError::CaFile { path: path.display().to_string(), reason };
-            let pem = crate::config::read::read_bytes(path).map_err(|e| err(e.to_string()))?;
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
-                .collect::<Result<_, _>>()
-                .map_err(|e| err(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(err("no certificate in the file".into()));
-            }
-            for c in certs {
-                roots.add(c).map_err(|e| err(e.to_string()))?;
-            }
+            crate::config::read::add_pem_roots(&mut roots, path)
+                .map_err(|reason| ClientBuildError::CaFile { path: path.display().to_string(), reason })?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
