@@ -315,6 +315,78 @@ async fn client_disconnect_cancels_the_upstream_stream() {
     h.stop().await;
 }
 
+/// The account's counters as `amqctl --json account` shows them: (requests, failures,
+/// tokens_out, last_error).
+async fn verdicts(h: &Harness) -> (u64, u64, u64, Option<String>) {
+    let ctl = h.clone_for_ctl();
+    let a = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_amqctl"))
+            .arg("--socket")
+            .arg(ctl.dir.join("control.sock"))
+            .args(["--json", "account", "acct-1"])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+    })
+    .await
+    .unwrap();
+    (
+        a["requests"].as_u64().unwrap(),
+        a["failures"].as_u64().unwrap(),
+        a["tokens_out"].as_u64().unwrap(),
+        a["last_error"].as_str().map(str::to_owned),
+    )
+}
+
+/// Once content has reached the client, the stream's end is the account's verdict (recorded by
+/// the relay): a stream that ends well counts a request and its output tokens; one that fails
+/// midway — streaming or not — is a failure of the account with the error the client saw; one
+/// the client leaves is neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_a_stream_is_recorded_on_its_account() {
+    let mut setup = Setup::default();
+    setup.emulator.fragment_delay = Duration::from_millis(50);
+    let h = Harness::start(setup).await;
+    let r = post(&h, "/v1/messages", &simple("hello", true)).await;
+    assert_eq!(r.sse().last().unwrap().0, "message_stop");
+    let (requests, failures, tokens_out, _) = verdicts(&h).await;
+    assert_eq!((requests, failures), (1, 0));
+    assert!(tokens_out > 0);
+
+    let r = post(&h, "/v1/messages", &simple("hello\n#emulator: reset-after", true)).await;
+    let last = r.sse().last().unwrap().clone();
+    assert_eq!(last.0, "error");
+    let (requests, failures, _, last_error) = verdicts(&h).await;
+    assert_eq!((requests, failures), (1, 1), "a mid-stream failure is the account's");
+    assert_eq!(last_error.as_deref(), last.1["error"]["message"].as_str(), "with the error the client saw");
+
+    let r = post(&h, "/v1/messages", &simple("hello\n#emulator: corrupt-frame", false)).await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    let (requests, failures, _, last_error) = verdicts(&h).await;
+    assert_eq!((requests, failures), (1, 2));
+    assert_eq!(last_error.as_deref(), r.json()["error"]["message"].as_str());
+
+    // The client leaves after the first bytes: no verdict.
+    let req = http::Request::post(h.url("/v1/messages"))
+        .header("content-type", "application/json")
+        .header("x-api-key", API_KEY)
+        .body(Full::new(Bytes::from(simple("go slowly\n#emulator: long 5000", true).to_string())))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let mut body = resp.into_body();
+    use http_body_util::BodyExt;
+    let _first = body.frame().await.unwrap().unwrap();
+    drop(body);
+    let t0 = std::time::Instant::now();
+    while h.emulator.stats().open_streams > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(2), "the upstream stream stays open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (requests, failures, _, _) = verdicts(&h).await;
+    assert_eq!((requests, failures), (1, 2), "a stream the client left is no verdict");
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn count_tokens_and_models() {
     let h = Harness::start(Setup::default()).await;
