@@ -560,7 +560,10 @@ async fn handle(shared: &Arc<Context>, peer: Peer, req: Request<Incoming>) -> Re
             let rs = for_all(shared, 4, |s, a| async move { check_one(&s, &a).await }).await;
             json(StatusCode::OK, &rs)
         }
-        (&Method::GET, ["v1", "keys"]) => json(StatusCode::OK, &shared.app.keys.view()),
+        (&Method::GET, ["v1", "keys"]) => {
+            let keys: Vec<KeyView> = shared.app.keys.view().into_iter().map(KeyView::from).collect();
+            json(StatusCode::OK, &keys)
+        }
         (&Method::GET, ["v1", "usage"]) => {
             let param = |k: &str| {
                 query
@@ -584,7 +587,8 @@ async fn handle(shared: &Arc<Context>, peer: Peer, req: Request<Incoming>) -> Re
             let usage = shared.app.keys.usage.clone();
             match crate::reload::off_runtime(move || usage.rows_since(from)).await {
                 Ok(rows) => {
-                    let rows: Vec<UsageLine> = rows.into_iter().filter(|r| r.by == by).collect();
+                    let rows: Vec<UsageLine> =
+                        rows.into_iter().filter(|r| r.by == by).map(UsageLine::from).collect();
                     json(StatusCode::OK, &rows)
                 }
                 Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("usage cannot be read: {e}")),
