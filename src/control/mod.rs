@@ -168,7 +168,7 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 type Body = Full<Bytes>;
 
 /// Serves the control API until the stop; then closes idle connections, gives requests in
-/// flight [`STOP_GRACE`] and cancels what is left, so that when it returns no task of its
+/// flight `STOP_GRACE` (2 s) and cancels what is left, so that when it returns no task of its
 /// holds the daemon's state.
 pub async fn serve(
     shared: Arc<Context>,
