@@ -6,10 +6,10 @@
 //! outlives [`crate::run`].
 
 use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::task::TaskTracker;
 
 /// Fires the stop signal (held by the daemon's main task).
@@ -52,15 +52,30 @@ impl Shutdown {
 }
 
 /// A set of spawned tasks that can be waited for and cancelled as one. Cheap to clone (every
-/// clone is the same set).
+/// clone is the same set). Cancelling aborts the tasks through their abort handles, so a task of
+/// the set costs nothing while it runs (no cancellation future polled at every wake-up): a lock
+/// when it is spawned, that is all.
 #[derive(Debug, Clone, Default)]
 pub struct Tasks {
     tracker: TaskTracker,
-    cancel: CancellationToken,
+    handles: Arc<Mutex<Handles>>,
 }
 
-/// How long [`Tasks::stop`] waits for cancelled tasks to unwind (a cancelled task ends at its
-/// next poll; this bounds a drop that blocks).
+/// The abort handles of the set's tasks; finished ones are pruned as the list grows.
+#[derive(Debug, Default)]
+struct Handles {
+    list: Vec<AbortHandle>,
+    /// The list's length at which finished tasks' handles are pruned next.
+    prune_at: usize,
+    /// Set by [`Tasks::stop`]: a task spawned later is aborted at once.
+    aborted: bool,
+}
+
+/// The shortest list that is pruned.
+const PRUNE_MIN: usize = 64;
+
+/// How long [`Tasks::stop`] waits for aborted tasks to unwind (an aborted task is dropped at
+/// its next turn on the runtime; this bounds a drop that blocks).
 const UNWIND: Duration = Duration::from_secs(5);
 
 impl Tasks {
@@ -68,21 +83,31 @@ impl Tasks {
         Tasks::default()
     }
 
-    /// Spawns `f` as a task of this set. Its output is `None` when the set was cancelled
-    /// before `f` ended (`f` is dropped then, at its next await point).
-    pub fn spawn<F>(&self, f: F) -> JoinHandle<Option<F::Output>>
+    fn handles(&self) -> MutexGuard<'_, Handles> {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Spawns `f` as a task of this set. Awaiting it gives a cancelled [`JoinError`] when the
+    /// set was stopped before `f` ended (`f` is dropped then, at its next await point).
+    ///
+    /// [`JoinError`]: tokio::task::JoinError
+    pub fn spawn<F>(&self, f: F) -> JoinHandle<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let cancel = self.cancel.clone();
-        self.tracker.spawn(async move {
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => None,
-                out = f => Some(out),
-            }
-        })
+        let task = self.tracker.spawn(f);
+        let mut h = self.handles();
+        if h.aborted {
+            task.abort();
+            return task;
+        }
+        if h.list.len() >= h.prune_at.max(PRUNE_MIN) {
+            h.list.retain(|t| !t.is_finished());
+            h.prune_at = 2 * h.list.len();
+        }
+        h.list.push(task.abort_handle());
+        task
     }
 
     /// Tasks of this set still running.
@@ -94,18 +119,24 @@ impl Tasks {
         self.tracker.is_empty()
     }
 
-    /// Waits up to `grace` for the running tasks to end, then cancels the rest and waits
-    /// (bounded) until they are dropped. Returns how many were cancelled. Tasks spawned later
-    /// are cancelled at once.
+    /// Waits up to `grace` for the running tasks to end, then aborts the rest and waits
+    /// (bounded) until they are dropped. Returns how many were aborted. Tasks spawned later are
+    /// aborted at once.
     pub async fn stop(&self, grace: Duration) -> usize {
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait()).await.is_ok() {
             return 0;
         }
         let left = self.tracker.len();
-        self.cancel.cancel();
+        {
+            let mut h = self.handles();
+            h.aborted = true;
+            for t in h.list.drain(..) {
+                t.abort();
+            }
+        }
         if tokio::time::timeout(UNWIND, self.tracker.wait()).await.is_err() {
-            tracing::warn!(tasks = self.tracker.len(), "cancelled tasks still not ended");
+            tracing::warn!(tasks = self.tracker.len(), "aborted tasks still not ended");
         }
         left
     }
@@ -128,7 +159,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[tokio::test]
     async fn every_listener_hears_it_once_fired_even_late_ones() {
@@ -179,11 +209,23 @@ mod tests {
         assert_eq!(tasks.stop(Duration::from_millis(300)).await, 1, "one task cancelled");
         assert!(tasks.is_empty());
         assert_eq!(Arc::strong_count(&held), 1, "nothing a task held is left");
-        assert_eq!(quick.await.unwrap(), Some(7));
-        assert_eq!(stuck.await.unwrap(), None);
-        // After the stop, a new task is cancelled at once.
+        assert_eq!(quick.await.unwrap(), 7);
+        assert!(stuck.await.unwrap_err().is_cancelled());
+        // After the stop, a new task is aborted at once.
         let late = tasks.spawn(std::future::pending::<()>());
-        assert_eq!(tokio::time::timeout(Duration::from_secs(1), late).await.unwrap().unwrap(), None);
+        let late = tokio::time::timeout(Duration::from_secs(1), late).await.expect("ends at once");
+        assert!(late.unwrap_err().is_cancelled());
+    }
+
+    /// Finished tasks' handles do not pile up: the list is pruned as it grows.
+    #[tokio::test]
+    async fn finished_tasks_are_forgotten() {
+        let tasks = Tasks::new();
+        for _ in 0..1000 {
+            tasks.spawn(async {}).await.unwrap();
+        }
+        assert!(tasks.handles().list.len() <= PRUNE_MIN, "{}", tasks.handles().list.len());
+        assert!(tasks.is_empty());
     }
 
     #[tokio::test]

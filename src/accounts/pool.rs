@@ -930,8 +930,8 @@ impl Pool {
             .instrument(tracing::Span::current()),
         );
         match task.await {
-            Ok(Some(result)) => result,
-            Ok(None) => Err(RefreshError::Transient("the daemon is stopping".into())),
+            Ok(result) => result,
+            Err(e) if e.is_cancelled() => Err(RefreshError::Transient("the daemon is stopping".into())),
             Err(e) => Err(RefreshError::Transient(format!("the refresh task failed: {e}"))),
         }
     }

@@ -431,7 +431,7 @@ where
     }
     let mut out = Vec::new();
     for t in tasks {
-        if let Ok(Some(r)) = t.await {
+        if let Ok(r) = t.await {
             out.push(r);
         }
     }
