@@ -284,11 +284,9 @@ async fn faults_after_the_first_byte_end_with_an_error_event() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn client_disconnect_cancels_the_upstream_stream() {
-    let mut setup = Setup::default();
-    setup.emulator.fragment_delay = Duration::from_millis(50);
-    let h = Harness::start(setup).await;
+/// Starts a long streamed reply (slow when the emulator's fragments are) and returns its body
+/// after the 200.
+async fn slow_stream(h: &Harness) -> hyper::body::Incoming {
     let req = http::Request::post(h.url("/v1/messages"))
         .header("content-type", "application/json")
         .header("x-api-key", API_KEY)
@@ -296,7 +294,15 @@ async fn client_disconnect_cancels_the_upstream_stream() {
         .unwrap();
     let resp = client().request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
+    resp.into_body()
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_upstream_stream() {
+    let mut setup = Setup::default();
+    setup.emulator.fragment_delay = Duration::from_millis(50);
+    let h = Harness::start(setup).await;
+    let mut body = slow_stream(&h).await;
     use http_body_util::BodyExt;
     let _first = body.frame().await.unwrap().unwrap();
     assert_eq!(h.emulator.stats().open_streams, 1);
@@ -367,13 +373,7 @@ async fn the_end_of_a_stream_is_recorded_on_its_account() {
     assert_eq!(last_error.as_deref(), r.json()["error"]["message"].as_str());
 
     // The client leaves after the first bytes: no verdict.
-    let req = http::Request::post(h.url("/v1/messages"))
-        .header("content-type", "application/json")
-        .header("x-api-key", API_KEY)
-        .body(Full::new(Bytes::from(simple("go slowly\n#emulator: long 5000", true).to_string())))
-        .unwrap();
-    let resp = client().request(req).await.unwrap();
-    let mut body = resp.into_body();
+    let mut body = slow_stream(&h).await;
     use http_body_util::BodyExt;
     let _first = body.frame().await.unwrap().unwrap();
     drop(body);
