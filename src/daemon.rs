@@ -1,8 +1,9 @@
 //! The daemon's life: build the pool, the server and the background tasks from a validated
 //! configuration, serve on already-bound listeners, start the named background tasks (control
 //! socket, token refresher, reload's watcher and SIGHUP handler, systemd status and watchdog), and
-//! on shutdown stop them all through one [`crate::shutdown::Shutdown`], drain, and store what
-//! must survive.
+//! on shutdown stop them all through one [`crate::shutdown::Shutdown`], drain, cancel what is
+//! left of the connections and the tasks they spawned, and store what must survive. When
+//! [`run`] returns, no task it started holds the state store.
 
 use crate::accounts::Pool;
 use crate::accounts::pool::{NoSink, Restored, StateSink};
@@ -175,6 +176,7 @@ async fn run_inner(
         idle_timeout: app.config.server.idle_timeout,
     });
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let connections = crate::shutdown::Tasks::new();
     let mut servers = Vec::new();
     let mut addrs = Vec::new();
     for l in listeners.http {
@@ -189,6 +191,7 @@ async fn run_inner(
             opts.clone(),
             shutdown_signal.clone(),
             graceful.clone(),
+            connections.clone(),
         )));
     }
     let reloader =
@@ -204,6 +207,7 @@ async fn run_inner(
         listeners: addrs,
         started_at: SystemTime::now(),
         cluster: cluster.clone(),
+        tasks: crate::shutdown::Tasks::new(),
     });
     // The files' watchers are set up before the control socket answers and READY=1: a change
     // made as soon as the daemon answers is seen.
@@ -259,6 +263,12 @@ async fn run_inner(
             let _ = tokio::time::timeout(Duration::from_secs(2), done).await;
         }
     }
+    // What is left of the connections (one that never ended after the drain deadline, an
+    // HTTP/2 stream's task) is cancelled here: none may hold the pool past `run`.
+    let cancelled = connections.stop(Duration::ZERO).await;
+    if cancelled > 0 {
+        tracing::warn!(cancelled, "connections still open after the drain were closed");
+    }
     for t in tasks {
         let _ = t.await;
     }
@@ -286,6 +296,9 @@ async fn run_inner(
         crate::cluster::release_all(store, &app.pool).await;
     }
     let _ = std::fs::remove_file(&app.config.control.socket);
+    // Every task that held the pool (and through its sink the state store) has ended: the
+    // store closes as these go, before `run` returns.
+    drop((status, reloader, app, pool, usage));
     tracing::info!("stopped");
     Ok(())
 }

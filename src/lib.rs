@@ -2,37 +2,48 @@
 //!
 //! Module map (see README for the operator's view):
 //!
-//! - [`config`]: `amq2api.toml`, `accounts.toml` and `keys.toml` — parse, validate with places,
-//!   diff; [`config::Secret`].
-//! - [`cli`]: the `amq2api` command line and its offline subcommands (`check-config`, `man`).
-//! - [`logging`]: tracing set-up (terminal or journald), `RUST_LOG` filtering.
-//! - [`control`]: the admin API over the Unix socket (peer-credential checked) and its wire types
-//!   ([`control::wire`], which `amqctl` uses too).
-//! - [`daemon`]: [`run`] — the daemon's life from validated config and bound listeners to drain.
+//! - [`config`]: `amq2api.toml`, `accounts.toml` and `keys.toml` — read safely, parse, validate
+//!   with places, typed diffs for reloads; [`config::Secret`].
+//! - [`cli`]: the `amq2api` command line: `run` (the default: the daemon), `demo`,
+//!   `check-config`, `eventstream decode`, `emulator`, and the hidden `man` (packaging's man page).
+//! - [`logging`]: tracing set-up (journald-native under systemd, human-readable on a terminal),
+//!   `RUST_LOG` filtering.
+//! - [`control`]: the admin API over the Unix socket (peer-credential checked) and its versioned
+//!   wire types, structs of their own ([`control::wire`], which `amqctl` uses too).
+//! - [`daemon`]: [`run`] — the daemon's life from validated config and bound listeners to drain;
+//!   when it returns, no task it started holds the state store.
 //! - [`demo`]: `amq2api demo` — emulator and daemon in one process, no credentials needed.
 //! - [`exit`]: the exit codes both binaries use.
 //! - [`hash`]: SHA-256 and short fingerprints (of secrets, keys, names).
-//! - [`ids`]: random identifiers (request, message and invocation ids).
+//! - [`ids`]: random bytes and identifiers (request, message and invocation ids, UUIDs).
 //! - [`keys`]: named client keys (`keys.toml`): identity, limits, usage per key, account, model, day.
-//! - [`accounts`]: the account pool (selection, leases, cooldowns, live reload) and token lifecycle.
+//! - [`accounts`]: the account pool (selection, leases, cooldowns, a changed accounts file applied
+//!   live), each account's token lifecycle, and the file watcher reload uses.
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
 //! - [`metrics`]: the `/metrics` registry: requests, tokens, latencies, attempts, failovers, streams, pool.
-//! - [`relay`]: the trip to Amazon Q: lease, token, send, classify, fail over ([`relay::retry`]), Claude error.
-//! - [`reload`]: the one owner of configuration changes (SIGHUP, `amqctl reload`, the file watcher).
-//! - [`shutdown`]: the stop signal every background task listens to.
-//! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain.
+//! - [`relay`]: the trip to Amazon Q: lease, token, send, classify, fail over ([`relay::retry`]),
+//!   Claude error, and the stream's end recorded on its account; `amqctl check` goes through it too.
+//! - [`reload`]: the one owner of configuration changes (SIGHUP, `amqctl reload`, the file watchers).
+//! - [`shutdown`]: the stop signal every background task listens to, and the task sets shutdown
+//!   waits for and then cancels.
+//! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain; it
+//!   only speaks HTTP and SSE.
 //! - [`store`]: the state store behind one `Backend` trait: redb (embedded, the default) or
 //!   PostgreSQL (`[cluster]`): token chains, account states, counters, usage per day (redb);
 //!   versioned values.
 //! - [`cluster`]: node heartbeats and account leases with fencing epochs (on PostgreSQL).
 //! - [`systemd`]: sd_notify (READY, STATUS, RELOADING, STOPPING), watchdog, socket activation.
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
-//! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, HTTP client.
+//! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, error
+//!   classification, and the HTTP client; [`upstream::conn`] is the one connection pool for every
+//!   upstream call (chat, token refresh, catalog, OIDC), and sends a request at most once.
 //! - [`emulator`]: a strict Amazon Q + SSO OIDC stand-in on loopback (demo mode, tests, benchmarks).
 //!
 //! `amqctl`, the operator's CLI over the control socket (its command line, tables, import of seed
-//! exports and socket client), is not part of the library: it is its own binary in `ctl/`, a
-//! client of [`control::wire`], [`exit`] and [`logging`].
+//! exports, device-flow login and socket client), is not part of the library: it is its own
+//! binary in `ctl/`, a client of [`control::wire`], [`exit`] and [`logging`], that also uses
+//! [`config`] (to check what it imports, key names, UTC days), [`ids`] and [`hash`] (new keys, digests
+//! of keys and client ids), and [`upstream::conn`] (`amqctl login`'s calls to SSO OIDC).
 #![forbid(unsafe_code)]
 
 pub mod accounts;

@@ -1,8 +1,16 @@
 //! The daemon's stop signal as every background task sees it (modelled on mini-redis's
 //! `Shutdown`): [`Trigger::fire`] once, and every [`Shutdown`] clone's [`Shutdown::recv`]
-//! resolves — at once for a task that starts or asks after the signal.
+//! resolves — at once for a task that starts or asks after the signal. And [`Tasks`]: the
+//! tasks a part of the daemon spawns, counted so that shutdown waits for them (bounded) and
+//! cancels what is left, so that nothing they hold (the pool, and through it the state store)
+//! outlives [`crate::run`].
 
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio_util::task::TaskTracker;
 
 /// Fires the stop signal (held by the daemon's main task).
 #[derive(Debug)]
@@ -43,10 +51,114 @@ impl Shutdown {
     }
 }
 
+/// A set of spawned tasks that can be waited for and cancelled as one. Cheap to clone (every
+/// clone is the same set). Cancelling aborts the tasks through their abort handles, so a task of
+/// the set costs nothing while it runs (no cancellation future polled at every wake-up): a lock
+/// when it is spawned, that is all.
+#[derive(Debug, Clone, Default)]
+pub struct Tasks {
+    tracker: TaskTracker,
+    handles: Arc<Mutex<Handles>>,
+}
+
+/// The abort handles of the set's tasks; finished ones are pruned as the list grows.
+#[derive(Debug, Default)]
+struct Handles {
+    list: Vec<AbortHandle>,
+    /// The list's length at which finished tasks' handles are pruned next.
+    prune_at: usize,
+    /// Set by [`Tasks::stop`]: a task spawned later is aborted at once.
+    aborted: bool,
+}
+
+/// The shortest list that is pruned.
+const PRUNE_MIN: usize = 64;
+
+/// How long [`Tasks::stop`] waits for aborted tasks to unwind (an aborted task is dropped at
+/// its next turn on the runtime; this bounds a drop that blocks).
+const UNWIND: Duration = Duration::from_secs(5);
+
+impl Tasks {
+    pub fn new() -> Tasks {
+        Tasks::default()
+    }
+
+    fn handles(&self) -> MutexGuard<'_, Handles> {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Spawns `f` as a task of this set. Awaiting it gives a cancelled [`JoinError`] when the
+    /// set was stopped before `f` ended (`f` is dropped then, at its next await point).
+    ///
+    /// [`JoinError`]: tokio::task::JoinError
+    pub fn spawn<F>(&self, f: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let task = self.tracker.spawn(f);
+        let mut h = self.handles();
+        if h.aborted {
+            task.abort();
+            return task;
+        }
+        if h.list.len() >= h.prune_at.max(PRUNE_MIN) {
+            h.list.retain(|t| !t.is_finished());
+            h.prune_at = 2 * h.list.len();
+        }
+        h.list.push(task.abort_handle());
+        task
+    }
+
+    /// Tasks of this set still running.
+    pub fn len(&self) -> usize {
+        self.tracker.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tracker.is_empty()
+    }
+
+    /// Waits up to `grace` for the running tasks to end, then aborts the rest and waits
+    /// (bounded) until they are dropped. Returns how many were aborted. Tasks spawned later are
+    /// aborted at once.
+    pub async fn stop(&self, grace: Duration) -> usize {
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_ok() {
+            return 0;
+        }
+        let left = self.tracker.len();
+        {
+            let mut h = self.handles();
+            h.aborted = true;
+            for t in h.list.drain(..) {
+                t.abort();
+            }
+        }
+        if tokio::time::timeout(UNWIND, self.tracker.wait()).await.is_err() {
+            tracing::warn!(tasks = self.tracker.len(), "aborted tasks still not ended");
+        }
+        left
+    }
+}
+
+/// A hyper executor that spawns a connection's own tasks (HTTP/2 streams) into [`Tasks`].
+#[derive(Debug, Clone)]
+pub struct Spawner(pub Tasks);
+
+impl<F> hyper::rt::Executor<F> for Spawner
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, f: F) {
+        self.0.spawn(f);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test]
     async fn every_listener_hears_it_once_fired_even_late_ones() {
@@ -70,5 +182,57 @@ mod tests {
         let (trigger, mut s) = channel();
         drop(trigger);
         tokio::time::timeout(Duration::from_secs(1), s.recv()).await.expect("resolves");
+    }
+
+    /// `stop` lets a task that ends within the grace end by itself; one that does not is
+    /// cancelled, and when `stop` returns its future (and what it held) has been dropped.
+    #[tokio::test]
+    async fn stop_waits_then_cancels_and_drops_what_the_tasks_held() {
+        let tasks = Tasks::new();
+        let held = Arc::new(());
+        let quick = tasks.spawn({
+            let held = held.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                drop(held);
+                7
+            }
+        });
+        let stuck = tasks.spawn({
+            let held = held.clone();
+            async move {
+                std::future::pending::<()>().await;
+                drop(held);
+            }
+        });
+        assert_eq!(tasks.len(), 2);
+        assert_eq!(tasks.stop(Duration::from_millis(300)).await, 1, "one task cancelled");
+        assert!(tasks.is_empty());
+        assert_eq!(Arc::strong_count(&held), 1, "nothing a task held is left");
+        assert_eq!(quick.await.unwrap(), 7);
+        assert!(stuck.await.unwrap_err().is_cancelled());
+        // After the stop, a new task is aborted at once.
+        let late = tasks.spawn(std::future::pending::<()>());
+        let late = tokio::time::timeout(Duration::from_secs(1), late).await.expect("ends at once");
+        assert!(late.unwrap_err().is_cancelled());
+    }
+
+    /// Finished tasks' handles do not pile up: the list is pruned as it grows.
+    #[tokio::test]
+    async fn finished_tasks_are_forgotten() {
+        let tasks = Tasks::new();
+        for _ in 0..1000 {
+            tasks.spawn(async {}).await.unwrap();
+        }
+        assert!(tasks.handles().list.len() <= PRUNE_MIN, "{}", tasks.handles().list.len());
+        assert!(tasks.is_empty());
+    }
+
+    #[tokio::test]
+    async fn stop_returns_at_once_when_nothing_runs() {
+        let tasks = Tasks::new();
+        let t0 = std::time::Instant::now();
+        assert_eq!(tasks.stop(Duration::from_secs(10)).await, 0);
+        assert!(t0.elapsed() < Duration::from_secs(1));
     }
 }

@@ -1811,12 +1811,27 @@ async fn login_denied_or_expired() {
     let d = emulator.device_stats();
     assert_eq!((d.denied, d.approved, d.too_early), (1, 0, 0), "{d:?}");
 
-    // Nothing listening: unavailable, at once.
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", free.local_addr().unwrap());
-    drop(free);
+    // A service that closes every connection without an answer: unavailable, at once. (The
+    // socket stays bound for the whole test, so no other process can take its port meanwhile.)
+    let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", closing.local_addr().unwrap());
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let closer = tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            while let Ok((conn, _)) = closing.accept().await {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(conn);
+            }
+        }
+    });
+    let t0 = Instant::now();
     let r = ctl.run(&["login", "--oidc-endpoint", &url]).await.code(69);
     assert_eq!(r.stdout, "", "{r}");
+    assert!(r.stderr.contains(&url), "{r}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
+    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the call reached the service");
+    closer.abort();
     // Plain HTTP elsewhere than loopback is refused before anything is sent.
     let r = ctl.run(&["login", "--oidc-endpoint", "http://oidc.example/"]).await.code(64);
     assert!(r.stderr.contains("loopback"), "{r}");

@@ -284,11 +284,9 @@ async fn faults_after_the_first_byte_end_with_an_error_event() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn client_disconnect_cancels_the_upstream_stream() {
-    let mut setup = Setup::default();
-    setup.emulator.fragment_delay = Duration::from_millis(50);
-    let h = Harness::start(setup).await;
+/// Starts a long streamed reply (slow when the emulator's fragments are) and returns its body
+/// after the 200.
+async fn slow_stream(h: &Harness) -> hyper::body::Incoming {
     let req = http::Request::post(h.url("/v1/messages"))
         .header("content-type", "application/json")
         .header("x-api-key", API_KEY)
@@ -296,7 +294,15 @@ async fn client_disconnect_cancels_the_upstream_stream() {
         .unwrap();
     let resp = client().request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
+    resp.into_body()
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_upstream_stream() {
+    let mut setup = Setup::default();
+    setup.emulator.fragment_delay = Duration::from_millis(50);
+    let h = Harness::start(setup).await;
+    let mut body = slow_stream(&h).await;
     use http_body_util::BodyExt;
     let _first = body.frame().await.unwrap().unwrap();
     assert_eq!(h.emulator.stats().open_streams, 1);
@@ -312,6 +318,72 @@ async fn client_disconnect_cancels_the_upstream_stream() {
     }
     // The lease was released: the account serves again.
     assert_eq!(post(&h, "/v1/messages", &simple("next", false)).await.status, 200);
+    h.stop().await;
+}
+
+/// The account's counters as `amqctl --json account` shows them: (requests, failures,
+/// tokens_out, last_error).
+async fn verdicts(h: &Harness) -> (u64, u64, u64, Option<String>) {
+    let ctl = h.clone_for_ctl();
+    let a = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_amqctl"))
+            .arg("--socket")
+            .arg(ctl.dir.join("control.sock"))
+            .args(["--json", "account", "acct-1"])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+    })
+    .await
+    .unwrap();
+    (
+        a["requests"].as_u64().unwrap(),
+        a["failures"].as_u64().unwrap(),
+        a["tokens_out"].as_u64().unwrap(),
+        a["last_error"].as_str().map(str::to_owned),
+    )
+}
+
+/// Once content has reached the client, the stream's end is the account's verdict (recorded by
+/// the relay): a stream that ends well counts a request and its output tokens; one that fails
+/// midway — streaming or not — is a failure of the account with the error the client saw; one
+/// the client leaves is neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_a_stream_is_recorded_on_its_account() {
+    let mut setup = Setup::default();
+    setup.emulator.fragment_delay = Duration::from_millis(50);
+    let h = Harness::start(setup).await;
+    let r = post(&h, "/v1/messages", &simple("hello", true)).await;
+    assert_eq!(r.sse().last().unwrap().0, "message_stop");
+    let (requests, failures, tokens_out, _) = verdicts(&h).await;
+    assert_eq!((requests, failures), (1, 0));
+    assert!(tokens_out > 0);
+
+    let r = post(&h, "/v1/messages", &simple("hello\n#emulator: reset-after", true)).await;
+    let last = r.sse().last().unwrap().clone();
+    assert_eq!(last.0, "error");
+    let (requests, failures, _, last_error) = verdicts(&h).await;
+    assert_eq!((requests, failures), (1, 1), "a mid-stream failure is the account's");
+    assert_eq!(last_error.as_deref(), last.1["error"]["message"].as_str(), "with the error the client saw");
+
+    let r = post(&h, "/v1/messages", &simple("hello\n#emulator: corrupt-frame", false)).await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    let (requests, failures, _, last_error) = verdicts(&h).await;
+    assert_eq!((requests, failures), (1, 2));
+    assert_eq!(last_error.as_deref(), r.json()["error"]["message"].as_str());
+
+    // The client leaves after the first bytes: no verdict.
+    let mut body = slow_stream(&h).await;
+    use http_body_util::BodyExt;
+    let _first = body.frame().await.unwrap().unwrap();
+    drop(body);
+    let t0 = std::time::Instant::now();
+    while h.emulator.stats().open_streams > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(2), "the upstream stream stays open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (requests, failures, _, _) = verdicts(&h).await;
+    assert_eq!((requests, failures), (1, 2), "a stream the client left is no verdict");
     h.stop().await;
 }
 

@@ -1,6 +1,7 @@
 //! The front end over real TLS (a throwaway CA made here with rcgen): HTTP/1.1 and h2 by ALPN,
 //! certificate reload seen by a new handshake, a bad new certificate keeping the old one;
-//! graceful drain on shutdown; and `amq2api demo` run as a subprocess.
+//! graceful drain on shutdown, after which nothing of the daemon's holds the state store; and
+//! `amq2api demo` run as a subprocess.
 
 mod common;
 
@@ -202,6 +203,146 @@ async fn shutdown_drains_streams_then_closes_them_with_an_error() {
     let open = long.iter().rev().find(|(e, _)| e == "content_block_start").unwrap();
     assert_eq!(before.1["index"], open.1["index"]);
     tokio::time::timeout(Duration::from_secs(10), stopping).await.unwrap().unwrap();
+}
+
+/// The state store's directory in a harness.
+fn state_dir(h: &Harness) -> std::path::PathBuf {
+    h.dir.path().join("state")
+}
+
+/// A model-catalog fetch in flight at shutdown — an API-key account behind an egress proxy
+/// that takes the connection and never answers — is cancelled: `run` returns at once, the
+/// proxy's connection has been closed by then, and the state store opens at once (nothing the
+/// daemon spawned still holds it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_fetch_in_flight_does_not_hold_the_state_store_after_run() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = format!("http://{}", silent.local_addr().unwrap());
+    let setup = Setup {
+        more_accounts: Some(Box::new(move |_| {
+            format!(
+                "[[account]]\nid = \"kiro-key\"\napi_key = \"ksk_test_0123456789abcdef\"\nproxy = \"{proxy}\"\n\n"
+            )
+        })),
+        ..Default::default()
+    };
+    let mut h = Harness::start(setup).await;
+    // The refresher's first round starts the key account's catalog fetch through the proxy.
+    let (held, _) = tokio::time::timeout(Duration::from_secs(10), silent.accept())
+        .await
+        .expect("the catalog fetch reaches the proxy")
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    h.stop_only().await;
+    assert!(t0.elapsed() < Duration::from_secs(5), "run took {:?} to return", t0.elapsed());
+    let store = amq2api::store::Store::open(&state_dir(&h));
+    assert!(store.is_ok(), "the store is still held after run returned: {:?}", store.err());
+    drop(store);
+    assert!(closed(held).await, "the catalog fetch's connection was closed");
+}
+
+/// Reads from a socket the daemon should have closed: end of stream or an error, within 1 s.
+async fn closed<R: tokio::io::AsyncRead + Unpin>(mut r: R) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), r.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// A shutdown while work is in flight that the drain cannot finish — an HTTP/1.1 stream read
+/// to its end, an h2c stream whose client never reads (its flow-control window fills), a
+/// request whose body never arrives, an idle control connection, one with half a request
+/// head, one with `POST /v1/refresh` running (every refresh slowed by the token endpoint) —
+/// still ends: `run` returns within the drain deadline plus a few seconds, every such socket
+/// has been closed by then, and the state store opens at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_shutdown_with_work_in_flight_nothing_holds_the_state_store() {
+    use tokio::io::AsyncWriteExt;
+    let setup = Setup {
+        server: "drain_timeout_secs = 1".into(),
+        accounts: vec!["acct-1".into(), "acct-2".into()],
+        emulator: EmulatorOptions { token_delay: Duration::from_millis(1500), ..Default::default() },
+        ..Default::default()
+    };
+    let mut h = Harness::start(setup).await;
+    assert_eq!(post(&h, "/v1/messages", &simple("warm up", false)).await.status, 200);
+    let req = |stream: bool, text: &str, uri: String| {
+        http::Request::post(uri)
+            .header("content-type", "application/json")
+            .header("x-api-key", API_KEY)
+            .body(Full::new(Bytes::from(simple(text, stream).to_string())))
+            .unwrap()
+    };
+    // An HTTP/1.1 stream, read to its end (Amazon Q sends a frame every 400 ms).
+    let read_stream = {
+        let r = req(true, "slow\n#emulator: slow-fragments 400", h.url("/v1/messages"));
+        tokio::spawn(async move {
+            let resp = client().request(r).await.unwrap();
+            String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
+        })
+    };
+    // An h2c stream (prior knowledge) whose body is never read: 200 kB of reply against a
+    // 16 kB window.
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(16 * 1024)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let h2_conn = tokio::spawn(conn);
+    let unread = sender
+        .send_request(req(true, "long\n#emulator: long 200000", format!("http://{}/v1/messages", h.addr)))
+        .await
+        .unwrap();
+    assert_eq!(unread.status(), 200);
+    // A request whose body never arrives.
+    let mut no_body = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    no_body
+        .write_all(
+            format!(
+                "POST /v1/messages HTTP/1.1\r\nhost: {}\r\nx-api-key: {API_KEY}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"model\"",
+                h.addr
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // Control connections: idle, half a request head, a refresh of every account running.
+    let socket = h.dir.path().join("control.sock");
+    let idle_ctl = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let mut half_ctl = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    half_ctl.write_all(b"GET /v1/status HTTP/1.1\r\nhost: amq").await.unwrap();
+    let mut refresh_ctl = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    refresh_ctl
+        .write_all(b"POST /v1/refresh HTTP/1.1\r\nhost: amq2api\r\ncontent-length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let t0 = std::time::Instant::now();
+    h.stop_only().await;
+    let took = t0.elapsed();
+    // Drain 1 s, 2 s more for streams told to end, the refreshes in flight (1.5 s each).
+    assert!(took < Duration::from_secs(10), "run took {took:?} to return");
+    let store = amq2api::store::Store::open(&state_dir(&h));
+    assert!(store.is_ok(), "the store is still held after run returned: {:?}", store.err());
+    drop(store);
+
+    let read = parse_sse(&read_stream.await.unwrap());
+    assert_eq!(read.last().unwrap().1["error"]["type"], "overloaded_error", "{:?}", read.last());
+    // Every connection was closed by the daemon before run returned.
+    let unread_body = tokio::time::timeout(Duration::from_secs(1), unread.into_body().collect()).await;
+    assert!(matches!(unread_body, Ok(Err(_))), "the unread h2 stream was cut: {unread_body:?}");
+    assert!(tokio::time::timeout(Duration::from_secs(1), h2_conn).await.is_ok(), "the h2 connection ended");
+    assert!(closed(no_body).await, "the request without its body was closed");
+    assert!(closed(idle_ctl).await, "the idle control connection was closed");
+    assert!(closed(half_ctl).await, "the control connection with half a request was closed");
+    assert!(closed(refresh_ctl).await, "the control connection with a refresh running was closed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -495,8 +495,12 @@ pub struct Pool {
     sink: Arc<dyn StateSink>,
     /// Every refresh runs as a task of its own, tracked here: a refresh is never cancelled
     /// halfway (the token endpoint may already have rotated the refresh token; only storing
-    /// the answer keeps the chain), and shutdown waits for the ones in flight.
-    refreshes: tokio_util::task::TaskTracker,
+    /// the answer keeps the chain), and shutdown waits for the ones in flight (bounded; what
+    /// is left at the deadline is cancelled, as the process's exit would).
+    refreshes: crate::shutdown::Tasks,
+    /// The background refresher's own tasks (a due refresh, a catalog fetch): cancelled at
+    /// shutdown (a refresh they started goes on in `refreshes`).
+    background: crate::shutdown::Tasks,
     /// Exponentially weighted mean of how long a lease is held, in ms (0: none ended yet).
     hold_ewma_ms: AtomicU64,
     /// Sessions pinned to the account that served them.
@@ -551,7 +555,8 @@ impl Pool {
             queue_timeout: settings.queue_timeout,
             refresh_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_REFRESHES),
             sink,
-            refreshes: tokio_util::task::TaskTracker::new(),
+            refreshes: crate::shutdown::Tasks::new(),
+            background: crate::shutdown::Tasks::new(),
             hold_ewma_ms: AtomicU64::new(0),
             union: RwLock::new(Arc::new(Catalog::default())),
             pins: super::pins::Pins::new(Duration::from_secs(3600), 200_000),
@@ -931,7 +936,11 @@ impl Pool {
             }
             .instrument(tracing::Span::current()),
         );
-        task.await.unwrap_or_else(|e| Err(RefreshError::Transient(format!("the refresh task failed: {e}"))))
+        match task.await {
+            Ok(result) => result,
+            Err(e) if e.is_cancelled() => Err(RefreshError::Transient("the daemon is stopping".into())),
+            Err(e) => Err(RefreshError::Transient(format!("the refresh task failed: {e}"))),
+        }
     }
 
     async fn refresh_tokens(&self, a: &Account, force: Option<&Secret>) -> Result<Secret, RefreshError> {
@@ -1109,7 +1118,7 @@ impl Pool {
                 continue;
             }
             let pool = self.clone();
-            tokio::spawn(async move {
+            self.background.spawn(async move {
                 let _ = pool.fetch_catalog(&a).await;
                 a.fetching.store(false, Ordering::SeqCst);
             });
@@ -1233,17 +1242,21 @@ impl Pool {
         }
     }
 
-    /// At shutdown: waits up to `timeout` for the refreshes in flight (their answers are
-    /// stored), tries once more to store any held-back rotated token, and flushes the sink's
-    /// queued writes. Returns the ids of accounts whose rotated refresh token could not be
-    /// stored (lost with this process).
+    /// At shutdown (after the background refresher has stopped): cancels the refresher's
+    /// tasks (catalog fetches, the wait on a due refresh), waits up to `timeout` for the
+    /// refreshes in flight (their answers are stored) and cancels what is left then, tries
+    /// once more to store any held-back rotated token, and flushes the sink's queued writes.
+    /// When it returns, no task of the pool's holds the pool. Returns the ids of accounts whose
+    /// rotated refresh token could not be stored (lost with this process).
     pub async fn finish(self: &Arc<Self>, timeout: Duration) -> Vec<AccountId> {
         let deadline = tokio::time::Instant::now() + timeout;
-        self.refreshes.close();
-        if tokio::time::timeout_at(deadline, self.refreshes.wait()).await.is_err() {
+        self.background.stop(Duration::ZERO).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let cancelled = self.refreshes.stop(left).await;
+        if cancelled > 0 {
             tracing::warn!(
-                in_flight = self.refreshes.len(),
-                "token refreshes still running at the shutdown deadline"
+                cancelled,
+                "token refreshes still running at the shutdown deadline were cancelled"
             );
         }
         let mut unsaved = Vec::new();
@@ -1498,7 +1511,7 @@ impl Pool {
             tracing::debug!(account = %a.id, "background token refresh");
             started += 1;
             let pool = self.clone();
-            tokio::spawn(async move {
+            self.background.spawn(async move {
                 let _ = if unsaved { pool.access_token(&a, None).await } else { pool.refresh_now(&a).await };
                 a.refreshing.store(false, Ordering::SeqCst);
             });

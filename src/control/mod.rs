@@ -156,12 +156,20 @@ pub struct Context {
     pub started_at: SystemTime,
     /// With `[cluster]`: the store that knows the nodes and leases.
     pub cluster: Option<crate::store::postgres::PgStore>,
+    /// The control API's connections and the work they fan out ([`serve`] stops them).
+    pub tasks: crate::shutdown::Tasks,
 }
+
+/// How long a control request in flight at shutdown may take before it is cancelled (a
+/// refresh it started goes on in the pool).
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// The control API's answers: a whole JSON body.
 type Body = Full<Bytes>;
 
-/// Serves the control API until the stop.
+/// Serves the control API until the stop; then closes idle connections, gives requests in
+/// flight `STOP_GRACE` (2 s) and cancels what is left, so that when it returns no task of its
+/// holds the daemon's state.
 pub async fn serve(
     shared: Arc<Context>,
     listener: std::os::unix::net::UnixListener,
@@ -171,6 +179,7 @@ pub async fn serve(
         return;
     }
     let Ok(listener) = UnixListener::from_std(listener) else { return };
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.recv() => break,
@@ -187,15 +196,23 @@ pub async fn serve(
             Ok(c) => Peer { uid: c.uid(), gid: c.gid(), pid: c.pid() },
             Err(_) => continue,
         };
+        let tasks = shared.tasks.clone();
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
-            });
-            let _ =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        let svc = service_fn(move |req| {
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
         });
+        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tasks.spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(STOP_GRACE, graceful.shutdown()).await;
+    let cancelled = shared.tasks.stop(Duration::ZERO).await;
+    if cancelled > 0 {
+        tracing::warn!(cancelled, "control requests still running at shutdown were cancelled");
     }
 }
 
@@ -456,10 +473,12 @@ where
     for a in shared.app.pool.accounts() {
         let fut = f(shared.clone(), a);
         let sem = sem.clone();
-        tasks.push(tokio::spawn(async move {
+        // In the control API's task set (shutdown waits for them); aborted when the request
+        // that started them goes away.
+        tasks.push(tokio_util::task::AbortOnDropHandle::new(shared.tasks.spawn(async move {
             let _p = sem.acquire().await;
             fut.await
-        }));
+        })));
     }
     let mut out = Vec::new();
     for t in tasks {
@@ -545,7 +564,10 @@ async fn handle(shared: &Arc<Context>, peer: Peer, req: Request<Incoming>) -> Re
             let rs = for_all(shared, 4, |s, a| async move { check_one(&s, &a).await }).await;
             json(StatusCode::OK, &rs)
         }
-        (&Method::GET, ["v1", "keys"]) => json(StatusCode::OK, &shared.app.keys.view()),
+        (&Method::GET, ["v1", "keys"]) => {
+            let keys: Vec<KeyView> = shared.app.keys.view().into_iter().map(KeyView::from).collect();
+            json(StatusCode::OK, &keys)
+        }
         (&Method::GET, ["v1", "usage"]) => {
             let param = |k: &str| {
                 query
@@ -569,7 +591,8 @@ async fn handle(shared: &Arc<Context>, peer: Peer, req: Request<Incoming>) -> Re
             let usage = shared.app.keys.usage.clone();
             match crate::reload::off_runtime(move || usage.rows_since(from)).await {
                 Ok(rows) => {
-                    let rows: Vec<UsageLine> = rows.into_iter().filter(|r| r.by == by).collect();
+                    let rows: Vec<UsageLine> =
+                        rows.into_iter().filter(|r| r.by == by).map(UsageLine::from).collect();
                     json(StatusCode::OK, &rows)
                 }
                 Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("usage cannot be read: {e}")),

@@ -4,13 +4,93 @@
 
 use serde::{Deserialize, Serialize};
 
-/// `GET /v1/keys`: each named key (never the key itself).
-pub use crate::keys::KeyView;
-/// `GET /v1/usage?days=N&by=key|account|model`: one row per UTC day and name.
-pub use crate::keys::usage::UsageLine;
-
 /// Bumped when a route or a field changes incompatibly; amqctl warns on a mismatch.
 pub const API_VERSION: u32 = 1;
+
+/// `GET /v1/keys`: one named key (never the key itself). (Its own type, like every type here:
+/// a change inside `keys` must not change this wire format, [`API_VERSION`] 1, without anyone
+/// noticing; the conversion below names every field of the inside type.)
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KeyView {
+    pub name: String,
+    /// `active`, `disabled`, `expired`, `budget-exhausted`.
+    pub state: String,
+    pub enabled: bool,
+    /// Unix seconds.
+    pub expires: Option<u64>,
+    pub rpm: Option<u32>,
+    pub max_concurrency: Option<u32>,
+    pub tokens_per_day: Option<u64>,
+    pub credits_per_month: Option<f64>,
+    pub models: Vec<String>,
+    pub in_flight: u32,
+    pub requests_last_minute: u32,
+    pub tokens_today: u64,
+    pub credits_this_month: f64,
+    /// Requests refused by a limit since the daemon started.
+    pub refused: u64,
+}
+
+impl From<crate::keys::KeyView> for KeyView {
+    fn from(v: crate::keys::KeyView) -> KeyView {
+        let crate::keys::KeyView {
+            name,
+            state,
+            enabled,
+            expires,
+            rpm,
+            max_concurrency,
+            tokens_per_day,
+            credits_per_month,
+            models,
+            in_flight,
+            requests_last_minute,
+            tokens_today,
+            credits_this_month,
+            refused,
+        } = v;
+        KeyView {
+            name,
+            state,
+            enabled,
+            expires,
+            rpm,
+            max_concurrency,
+            tokens_per_day,
+            credits_per_month,
+            models,
+            in_flight,
+            requests_last_minute,
+            tokens_today,
+            credits_this_month,
+            refused,
+        }
+    }
+}
+
+/// `GET /v1/usage?days=N&by=key|account|model`: one row per UTC day and name. (Its own type;
+/// see [`KeyView`].)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageLine {
+    /// `YYYY-MM-DD` (UTC).
+    pub day: String,
+    /// `key`, `account` or `model`.
+    pub by: String,
+    pub name: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub credits: f64,
+}
+
+impl From<crate::keys::usage::UsageLine> for UsageLine {
+    fn from(r: crate::keys::usage::UsageLine) -> UsageLine {
+        let crate::keys::usage::UsageLine { day, by, name, requests, errors, tokens_in, tokens_out, credits } =
+            r;
+        UsageLine { day, by, name, requests, errors, tokens_in, tokens_out, credits }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {
@@ -227,4 +307,57 @@ pub struct ExportedAccount {
     /// The egress proxy URL, its password included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wire form of `GET /v1/keys` and `GET /v1/usage` at API version 1, field by field and
+    /// in order (what amqctl and scripts read), built from the daemon's own types.
+    #[test]
+    fn keys_and_usage_rows_keep_their_version_1_json() {
+        let key = KeyView::from(crate::keys::KeyView {
+            name: "alice".into(),
+            state: "active".into(),
+            enabled: true,
+            expires: Some(1_900_000_000),
+            rpm: Some(60),
+            max_concurrency: None,
+            tokens_per_day: Some(100_000),
+            credits_per_month: Some(12.5),
+            models: vec!["claude-sonnet-4-5".into()],
+            in_flight: 2,
+            requests_last_minute: 7,
+            tokens_today: 4_321,
+            credits_this_month: 1.25,
+            refused: 3,
+        });
+        assert_eq!(
+            serde_json::to_string(&key).unwrap(),
+            r#"{"name":"alice","state":"active","enabled":true,"expires":1900000000,"rpm":60,"max_concurrency":null,"tokens_per_day":100000,"credits_per_month":12.5,"models":["claude-sonnet-4-5"],"in_flight":2,"requests_last_minute":7,"tokens_today":4321,"credits_this_month":1.25,"refused":3}"#
+        );
+        let row = UsageLine::from(crate::keys::usage::UsageLine {
+            day: "2026-12-06".into(),
+            by: "key".into(),
+            name: "alice".into(),
+            requests: 10,
+            errors: 1,
+            tokens_in: 900,
+            tokens_out: 300,
+            credits: 0.5,
+        });
+        let json = serde_json::to_string(&row).unwrap();
+        assert_eq!(
+            json,
+            r#"{"day":"2026-12-06","by":"key","name":"alice","requests":10,"errors":1,"tokens_in":900,"tokens_out":300,"credits":0.5}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<UsageLine>(&json).unwrap(),
+            row,
+            "amqctl reads what the daemon writes"
+        );
+        let key_json = serde_json::to_string(&key).unwrap();
+        assert_eq!(serde_json::from_str::<KeyView>(&key_json).unwrap(), key);
+    }
 }

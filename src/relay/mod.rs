@@ -1,15 +1,16 @@
 //! The trip to Amazon Q: lease an account → its access token → the body with the account's
 //! profile ARN, to the account's endpoint → send → classify the outcome (one rule for errors
 //! before the stream and streams that fail before any content, `upstream::errors`) → fail over
-//! ([`retry`]) or finish → the Claude error the client sees. The HTTP front end and `amqctl
-//! check` both go through here; the server only speaks HTTP and SSE.
+//! ([`retry`]) or finish → the Claude error the client sees; and once the stream has ended,
+//! its outcome on the account ([`Leased::finish`]). The HTTP front end and `amqctl check` both
+//! go through here; the server only speaks HTTP and SSE.
 
 pub mod retry;
 
 use crate::accounts::pins::SessionKey;
 use crate::accounts::{Account, Lease, Pool, PoolError};
 use crate::anthropic::{ApiError, ErrorKind};
-use crate::config::{Kind, Secret};
+use crate::config::{AccountId, Kind, Secret};
 use crate::metrics::Metrics;
 use crate::upstream::types::GenerateRequest;
 use crate::upstream::{Caller, Event, EventStream, UpstreamFailure};
@@ -28,7 +29,7 @@ pub struct Relay {
 /// An upstream stream whose first content has arrived (or that ended). Until then nothing has
 /// reached the client, so anything that failed before could still fail over.
 pub struct Connected {
-    pub lease: Lease,
+    pub lease: Leased,
     pub stream: EventStream,
     /// Events read while deciding the stream is good, to be replayed.
     pub pending: Vec<Event>,
@@ -44,6 +45,47 @@ enum Attempt {
     NoToken(String),
     /// Amazon Q refused, or the stream failed before any content.
     Failed(UpstreamFailure),
+}
+
+/// The account a connected stream runs on, leased until this is dropped. The stream's end is
+/// recorded on the account with [`Leased::finish`]; dropped without it (the client went away),
+/// the lease ends with no verdict on the account.
+pub struct Leased(Lease);
+
+/// What a request that went through used, as the client was told.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Spent {
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    /// Credits the service charged (`meteringEvent`), when it said.
+    pub credits: Option<f64>,
+}
+
+impl Leased {
+    pub fn id(&self) -> &AccountId {
+        self.0.id()
+    }
+
+    /// The account is serving the request as `model` (the Amazon Q model id it was sent as).
+    pub fn served_model(&self, model: &str) {
+        self.0.served_model(model);
+    }
+
+    /// Records how the stream ended on the account and ends the lease: a success counts the
+    /// request and what it used; a failure after the first content (the stream cut or failing
+    /// midway, the request timing out, the daemon stopping) is a transient failure of the
+    /// account — nothing is failed over once content has reached the client.
+    pub fn finish(self, outcome: Result<Spent, &ApiError>) {
+        match outcome {
+            Ok(spent) => self.0.success(spent.tokens_in, spent.tokens_out, spent.credits),
+            Err(e) => self.0.failure(&after_content(e)),
+        }
+    }
+}
+
+/// The account's failure for a stream that failed after its first content.
+fn after_content(e: &ApiError) -> UpstreamFailure {
+    UpstreamFailure::Transient { status: None, message: e.message.clone() }
 }
 
 fn is_content(ev: &Event) -> bool {
@@ -124,7 +166,7 @@ impl Relay {
                         if let Some(s) = session {
                             self.pool.pin(s, lease.id());
                         }
-                        return Ok(Connected { lease, stream, pending, ended });
+                        return Ok(Connected { lease: Leased(lease), stream, pending, ended });
                     }
                     (Attempt::NoToken(message), _) => {
                         self.metrics.attempt("refresh_failed");

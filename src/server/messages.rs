@@ -1,15 +1,15 @@
-//! `/v1/messages`: parse, translate, lease an account, call Amazon Q with failover until the
-//! first content arrives, then stream Claude SSE (or aggregate one JSON message).
+//! `/v1/messages` at the HTTP edge: parse and translate the request, hand it to the relay
+//! ([`crate::relay`]: the account, the call to Amazon Q, failover, the outcome on the account),
+//! then write what comes back as Claude SSE (or one aggregated JSON message), with the access
+//! log and metrics of the exchange.
 
 use super::App;
 use super::body::{Outbox, Producer};
-use crate::accounts::Lease;
 use crate::anthropic::request::{self, ApiVersion, Endpoint, MessagesRequest};
 use crate::anthropic::sse::StreamEvent;
 use crate::anthropic::{ApiError, ErrorKind};
-use crate::relay::Connected;
+use crate::relay::{Connected, Leased, Spent};
 use crate::translate::{Aggregator, Context, ResponseState, Translated, translate};
-use crate::upstream::UpstreamFailure;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
@@ -124,31 +124,34 @@ pub async fn aggregate(
             x.tokens_in = usage.total_input();
             x.tokens_out = usage.output_tokens;
             x.credits = st.credits();
-            lease.success(x.tokens_in, x.tokens_out, x.credits);
+            lease.finish(Ok(spent(x)));
             app.metrics.tokens(&x.model, x.tokens_in, x.tokens_out);
             if let Some(c) = x.credits {
                 app.metrics.credits(&x.model, c);
             }
         }
-        Err(e) => {
-            let f = UpstreamFailure::Transient { status: None, message: e.message.clone() };
-            lease.failure(&f);
-        }
+        Err(e) => lease.finish(Err(e)),
     }
     result
 }
 
+/// What the exchange used, as the client was told.
+fn spent(x: &Exchange) -> Spent {
+    Spent { tokens_in: x.tokens_in, tokens_out: x.tokens_out, credits: x.credits }
+}
+
 /// What a stream's end records (access log, metrics: the request under its real outcome, tokens,
-/// duration, the stream count; the account's outcome). Its `Drop` does it, so that a stream
-/// dropped because the client went away is recorded too (as 499). A stream that failed after its
-/// 200 headers is recorded under the status its `event: error` stands for (500 `api_error`, 529
-/// `overloaded_error`, …), in the access log and in `amq2api_requests_total`.
+/// duration, the stream count; the account's outcome, through the relay's [`Leased::finish`]).
+/// Its `Drop` does it, so that a stream dropped because the client went away is recorded too
+/// (as 499). A stream that failed after its 200 headers is recorded under the status its
+/// `event: error` stands for (500 `api_error`, 529 `overloaded_error`, …), in the access log
+/// and in `amq2api_requests_total`.
 struct StreamEnd {
     app: Arc<App>,
     x: Exchange,
     request_id: String,
     started: Instant,
-    lease: Option<Lease>,
+    lease: Option<Leased>,
     /// `None` until the stream has ended: the client went away first.
     outcome: Option<Result<(), ApiError>>,
 }
@@ -161,23 +164,16 @@ impl StreamEnd {
 
 impl Drop for StreamEnd {
     fn drop(&mut self) {
-        let lease = self.lease.take();
         let status = match &self.outcome {
             None => 499,
-            Some(Err(e)) => {
-                if let Some(lease) = &lease {
-                    lease.failure(&UpstreamFailure::Transient { status: None, message: e.message.clone() });
-                }
-                e.status().as_u16()
-            }
-            Some(Ok(())) => {
-                if let Some(lease) = &lease {
-                    lease.success(self.x.tokens_in, self.x.tokens_out, self.x.credits);
-                }
-                200
-            }
+            Some(Err(e)) => e.status().as_u16(),
+            Some(Ok(())) => 200,
         };
-        drop(lease);
+        if let (Some(lease), Some(outcome)) = (self.lease.take(), &self.outcome) {
+            lease.finish(outcome.as_ref().map(|()| spent(&self.x)));
+        }
+        // The client went away first: the lease ends with no verdict on the account.
+        drop(self.lease.take());
         self.app.metrics.request(&self.x.model, status);
         // The usage the client was told: message_start's input tokens, and message_delta's
         // (input and output) if the stream got that far.

@@ -10,9 +10,10 @@ pub mod work;
 
 use crate::accounts::Pool;
 use crate::config::{AuthConfig, Config};
+use crate::shutdown::{Spawner, Tasks};
 use crate::translate::ModelMap;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use messages::Exchange;
 use std::convert::Infallible;
@@ -87,8 +88,8 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
 }
 
-fn builder(opts: &ServeOptions) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+fn builder(opts: &ServeOptions, tasks: &Tasks) -> auto::Builder<Spawner> {
+    let mut b = auto::Builder::new(Spawner(tasks.clone()));
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(opts.header_read_timeout)
@@ -105,15 +106,18 @@ fn builder(opts: &ServeOptions) -> auto::Builder<TokioExecutor> {
 }
 
 /// Accepts connections on `listener` until `stop` turns true, then lets open connections finish
-/// (hyper's graceful shutdown: h1 closes after the current response, h2 sends GOAWAY).
+/// (hyper's graceful shutdown: h1 closes after the current response, h2 sends GOAWAY). Every
+/// connection, and every task a connection spawns (an HTTP/2 stream), runs in `tasks`: the
+/// daemon cancels what is left of them after the drain.
 pub async fn serve(
     app: Arc<App>,
     listener: tokio::net::TcpListener,
     opts: Arc<ServeOptions>,
     mut stop: crate::shutdown::Shutdown,
     graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    tasks: Tasks,
 ) {
-    let b = Arc::new(builder(&opts));
+    let b = Arc::new(builder(&opts, &tasks));
     let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
     let acceptor = opts.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     loop {
@@ -140,7 +144,7 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let handshake_timeout = opts.header_read_timeout;
         let idle_timeout = opts.idle_timeout;
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let _permit = permit;
             let activity = idle::Activity::new();
             let svc_activity = activity.clone();

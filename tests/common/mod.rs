@@ -160,38 +160,23 @@ impl Harness {
         self.task = Some(task);
     }
 
-    /// Stops the daemon (for inspecting its state directory).
+    /// Stops the daemon (for inspecting its state directory): returns once `run` has returned
+    /// (then nothing of the daemon's holds the state store).
     pub async fn stop_only(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
         if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+            tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .expect("run returns within 30 s of the stop")
+                .expect("the daemon's task ends without a panic");
         }
     }
 
     /// Stops the daemon and starts it again on the same address, config and state directory.
     pub async fn restart(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
-        }
-        // `run` has returned, but a task it spawned (a catalog fetch, a refresh) may still hold
-        // the pool and with it the state store for a moment; a process would have exited. Wait
-        // (bounded) until the store opens again, as a restarted process would find it.
-        let state = self.dir.path().join("state");
-        let t0 = std::time::Instant::now();
-        while state.exists() && t0.elapsed() < Duration::from_secs(10) {
-            match amq2api::store::Store::open(&state) {
-                Ok(store) => {
-                    drop(store);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
+        self.stop_only().await;
         self.launch();
     }
 
