@@ -7,7 +7,8 @@
 //! - [`cli`]: the `amq2api` command line: `run` (the default: the daemon), `demo`,
 //!   `check-config`, `eventstream decode`, `emulator`, and the hidden `man` (packaging's man page).
 //! - [`logging`]: tracing set-up (journald-native under systemd, human-readable on a terminal),
-//!   `RUST_LOG` filtering.
+//!   `RUST_LOG` filtering; the daemon's stderr lines leave through a buffer written by a thread
+//!   of its own.
 //! - [`control`]: the admin API over the Unix socket (peer-credential checked) and its versioned
 //!   wire types, structs of their own ([`control::wire`], which `amqctl` uses too).
 //! - [`daemon`]: [`run`] — the daemon's life from validated config and bound listeners to drain;
@@ -29,13 +30,14 @@
 //! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain; it
 //!   only speaks HTTP and SSE.
 //! - [`store`]: the state store behind one `Backend` trait: redb (embedded, the default) or
-//!   PostgreSQL (`[cluster]`): token chains, account states, counters, usage per day (redb);
+//!   PostgreSQL (`[cluster]`): token chains, account states, counters, catalogs, usage per day;
 //!   versioned values.
 //! - [`cluster`]: node heartbeats and account leases with fencing epochs (on PostgreSQL).
 //! - [`systemd`]: sd_notify (READY, STATUS, RELOADING, STOPPING), watchdog, socket activation.
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, error
-//!   classification, and the HTTP client; [`upstream::conn`] is the one connection pool for every
+//!   classification, the model catalog (identical catalogs shared between accounts), and the
+//!   HTTP client; [`upstream::conn`] is the one connection pool for every
 //!   upstream call (chat, token refresh, catalog, OIDC), and sends a request at most once.
 //! - [`emulator`]: a strict Amazon Q + SSO OIDC stand-in on loopback (demo mode, tests, benchmarks).
 //!

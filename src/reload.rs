@@ -100,6 +100,23 @@ impl Reloader {
 
     async fn accounts_locked(&self) -> Outcome {
         let path = self.app.config.accounts.file.clone();
+        // An empty file while accounts serve is most likely one being rewritten in place
+        // (truncated, then written): taking it would drop every account until the write ends.
+        // The watcher sees the write that follows; an operator who means no accounts at all
+        // leaves a comment in the file.
+        let serving = !self.info().accounts.is_empty();
+        if serving && std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            let message = format!(
+                "{}: error: the accounts file is empty (being written?); the accounts loaded keep \
+                 serving (to remove every account, leave a comment in the file)",
+                path.display()
+            );
+            tracing::error!("accounts file not applied (the last good set keeps serving): {message}");
+            let r =
+                Outcome { ok: false, changes: "no changes".into(), errors: vec![message], warnings: vec![] };
+            self.record(&r, None);
+            return r;
+        }
         let result = match off_runtime(move || config::accounts::load(&path)).await {
             Ok((set, warnings)) => {
                 let old = self.info().accounts;

@@ -264,6 +264,21 @@ async fn hostile_accounts_files_live_are_refused_and_the_daemon_keeps_answering(
         assert_eq!(common::send(req).await.status, 200, "{hostile:?}: /health");
     }
 
+    // An empty file (one being rewritten in place: truncated, not yet written) is not taken
+    // for "no accounts": the accounts keep serving and the reload says why.
+    std::fs::write(&accounts, "").unwrap();
+    let (code, out, err) = amqctl(&socket, &["--json", "reload"]).await;
+    assert_eq!(code, 78, "empty file: {out}\n{err}");
+    let r: ReloadResult = serde_json::from_str(&out).unwrap();
+    assert!(!r.ok && r.errors.len() == 1 && r.errors[0].contains("the accounts file is empty"), "{r:?}");
+    let s = status(&socket).await;
+    assert_eq!(s.accounts.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["acct-1"], "empty file");
+    // A file that says so (a comment, no account) does remove them all.
+    std::fs::write(&accounts, "# no accounts for now\n").unwrap();
+    let (code, out, err) = amqctl(&socket, &["reload"]).await;
+    assert_eq!(code, 0, "comment-only file: {out}\n{err}");
+    assert!(status(&socket).await.accounts.is_empty());
+
     // A good file again: applied, the error cleared.
     let _ = std::fs::remove_file(&accounts);
     write_accounts(dir, &["acct-1", "acct-2"]);
