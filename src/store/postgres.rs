@@ -988,6 +988,13 @@ impl crate::keys::usage::UsageStore for PgStore {
 }
 
 /// Decodes one stored value into its part of `rec`.
+/// A batch of records as the rows of their table: each encoded in its versioned wire form.
+fn rows<'a, R: 'a, W: serde::Serialize + From<&'a R>>(
+    batch: &'a [(String, R)],
+) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    batch.iter().map(|(id, r)| Ok((id.clone(), encode(&W::from(r))?))).collect()
+}
+
 fn fill(rec: &mut AccountRecord, table: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
     match table {
         "tokens" => rec.tokens = Some(decode_tokens(id, value)?),
@@ -1011,32 +1018,16 @@ impl Backend for PgStore {
         self.block(self.put_tokens_async(id, t))
     }
     fn put_states(&self, batch: &[(String, StateRecord)]) -> Result<(), StoreError> {
-        let rows = batch
-            .iter()
-            .map(|(id, s)| Ok((id.clone(), encode(&StateWire::from(s))?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        self.block(self.put_values("state", rows))
+        self.block(self.put_values("state", rows::<_, StateWire>(batch)?))
     }
     fn put_counters(&self, batch: &[(String, Counters)]) -> Result<(), StoreError> {
-        let rows = batch
-            .iter()
-            .map(|(id, s)| Ok((id.clone(), encode(&CountersWire::from(s))?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        self.block(self.put_values("counters", rows))
+        self.block(self.put_values("counters", rows::<_, CountersWire>(batch)?))
     }
     fn put_identities(&self, batch: &[(String, IdentityRecord)]) -> Result<(), StoreError> {
-        let rows = batch
-            .iter()
-            .map(|(id, s)| Ok((id.clone(), encode(&IdentityWire::from(s))?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        self.block(self.put_values("identity", rows))
+        self.block(self.put_values("identity", rows::<_, IdentityWire>(batch)?))
     }
     fn put_catalogs(&self, batch: &[(String, CatalogRecord)]) -> Result<(), StoreError> {
-        let rows = batch
-            .iter()
-            .map(|(id, s)| Ok((id.clone(), encode(&CatalogWire::from(s))?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        self.block(self.put_values("catalog", rows))
+        self.block(self.put_values("catalog", rows::<_, CatalogWire>(batch)?))
     }
     fn remove(&self, id: &str) -> Result<(), StoreError> {
         // Another node may still use the account (it is removed from this node's file first):
