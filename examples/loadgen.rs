@@ -1370,8 +1370,17 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
     }
     print_pairs(&pairs);
     let idle_after = pid.map(rss_kib).unwrap_or(0);
+    // The daemon gives freed heap back once it has been quiet for a tick or two
+    // (`amq2api::memory`): the resident size after three quiet seconds.
+    tokio::time::sleep(amq2api::memory::TICK * 3).await;
+    let quiet_after = pid.map(rss_kib).unwrap_or(0);
     println!();
-    println!("- daemon RSS idle after the workloads: {:.1} MiB", idle_after as f64 / 1024.0);
+    println!(
+        "- daemon RSS idle after the workloads: {:.1} MiB at once, {:.1} MiB after {} s quiet",
+        idle_after as f64 / 1024.0,
+        quiet_after as f64 / 1024.0,
+        (amq2api::memory::TICK * 3).as_secs()
+    );
 
     if want("start") {
         let refreshes_before = emulator.stats().refreshes;

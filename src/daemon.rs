@@ -165,6 +165,7 @@ async fn run_inner(
         started: Instant::now(),
         drain_expired: drain_rx,
         work: server::work::Work::for_this_runtime(config.server.max_body_bytes, config.server.queue_timeout),
+        activity: Arc::default(),
         config,
     });
     let opts = Arc::new(ServeOptions {
@@ -220,6 +221,7 @@ async fn run_inner(
         tokio::spawn(watch_keys),
         tokio::spawn(usage.clone().run(shutdown_signal.clone())),
         tokio::spawn(crate::reload::on_sighup(reloader.clone(), status.clone(), shutdown_signal.clone())),
+        tokio::spawn(crate::memory::run_trimmer(app.activity.clone(), shutdown_signal.clone())),
     ];
     if let Some(store) = &cluster {
         tasks.push(tokio::spawn(app.keys.clone().run_fleet_budgets(shutdown_signal.clone())));

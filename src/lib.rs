@@ -21,6 +21,8 @@
 //! - [`accounts`]: the account pool (selection, leases, cooldowns, a changed accounts file applied
 //!   live), each account's token lifecycle, and the file watcher reload uses.
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
+//! - [`memory`]: gives the heap's free pages back to the kernel once the daemon is quiet
+//!   (`malloc_trim`, the library's one `unsafe` call).
 //! - [`metrics`]: the `/metrics` registry: requests, tokens, latencies, attempts, failovers, streams, pool.
 //! - [`relay`]: the trip to Amazon Q: lease, token, send, classify, fail over ([`relay::retry`]),
 //!   Claude error, and the stream's end recorded on its account; `amqctl check` goes through it too.
@@ -46,7 +48,9 @@
 //! binary in `ctl/`, a client of [`control::wire`], [`exit`] and [`logging`], that also uses
 //! [`config`] (to check what it imports, key names, UTC days), [`ids`] and [`hash`] (new keys, digests
 //! of keys and client ids), and [`upstream::conn`] (`amqctl login`'s calls to SSO OIDC).
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: `memory::trim` alone may call `malloc_trim` (the issue asking for the
+// memory back names trimming); nothing else may use `unsafe`.
+#![deny(unsafe_code)]
 
 pub mod accounts;
 pub mod anthropic;
@@ -62,6 +66,7 @@ pub mod hash;
 pub mod ids;
 pub mod keys;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod relay;
 pub mod reload;

@@ -5,6 +5,7 @@
 //! cancels what is left, so that nothing they hold (the pool, and through it the state store)
 //! outlives [`crate::run`].
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -54,25 +55,49 @@ impl Shutdown {
 /// A set of spawned tasks that can be waited for and cancelled as one. Cheap to clone (every
 /// clone is the same set). Cancelling aborts the tasks through their abort handles, so a task of
 /// the set costs nothing while it runs (no cancellation future polled at every wake-up): a lock
-/// when it is spawned, that is all.
+/// when it is spawned and one when it ends, that is all.
+///
+/// A task forgets its own handle when it ends (a guard in its future, dropped when the future
+/// completes, panics or is cancelled). An abort handle keeps the task's whole allocation — its
+/// future's size, kilobytes for a connection or a token refresh — alive, so handles kept until
+/// some later spawn pruned them held a burst's tasks long after it: 1,000 accounts' first
+/// refreshes and catalog fetches kept 8.9 MB until the daemon stopped.
 #[derive(Debug, Clone, Default)]
 pub struct Tasks {
     tracker: TaskTracker,
     handles: Arc<Mutex<Handles>>,
 }
 
-/// The abort handles of the set's tasks; finished ones are pruned as the list grows.
+/// The abort handles of the set's running tasks.
 #[derive(Debug, Default)]
 struct Handles {
-    list: Vec<AbortHandle>,
-    /// The list's length at which finished tasks' handles are pruned next.
-    prune_at: usize,
+    running: HashMap<u64, AbortHandle>,
+    /// Tasks that ended before [`Tasks::spawn`] could note their handle (so it is not noted).
+    ended_early: HashSet<u64>,
+    next: u64,
     /// Set by [`Tasks::stop`]: a task spawned later is aborted at once.
     aborted: bool,
 }
 
-/// The shortest list that is pruned.
-const PRUNE_MIN: usize = 64;
+/// Lives in a task's future: when the future is dropped (ended or cancelled), the task's
+/// handle is forgotten.
+struct Forget {
+    handles: Arc<Mutex<Handles>>,
+    key: u64,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        let mut h = lock(&self.handles);
+        if h.running.remove(&self.key).is_none() && !h.aborted {
+            h.ended_early.insert(self.key);
+        }
+    }
+}
+
+fn lock(handles: &Mutex<Handles>) -> MutexGuard<'_, Handles> {
+    handles.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// How long [`Tasks::stop`] waits for aborted tasks to unwind (an aborted task is dropped at
 /// its next turn on the runtime; this bounds a drop that blocks).
@@ -84,7 +109,7 @@ impl Tasks {
     }
 
     fn handles(&self) -> MutexGuard<'_, Handles> {
-        self.handles.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.handles)
     }
 
     /// Spawns `f` as a task of this set. Awaiting it gives a cancelled [`JoinError`] when the
@@ -96,17 +121,24 @@ impl Tasks {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let task = self.tracker.spawn(f);
+        let key = {
+            let mut h = self.handles();
+            h.next += 1;
+            h.next
+        };
+        let forget = Forget { handles: self.handles.clone(), key };
+        // The lock is not held while spawning: a runtime that is shutting down drops the
+        // future (and `forget`, which takes the lock) inside `spawn`.
+        let task = self.tracker.spawn(async move {
+            let _forget = forget;
+            f.await
+        });
         let mut h = self.handles();
         if h.aborted {
             task.abort();
-            return task;
+        } else if !h.ended_early.remove(&key) {
+            h.running.insert(key, task.abort_handle());
         }
-        if h.list.len() >= h.prune_at.max(PRUNE_MIN) {
-            h.list.retain(|t| !t.is_finished());
-            h.prune_at = 2 * h.list.len();
-        }
-        h.list.push(task.abort_handle());
         task
     }
 
@@ -128,12 +160,14 @@ impl Tasks {
             return 0;
         }
         let left = self.tracker.len();
-        {
+        let running: Vec<AbortHandle> = {
             let mut h = self.handles();
             h.aborted = true;
-            for t in h.list.drain(..) {
-                t.abort();
-            }
+            h.ended_early.clear();
+            h.running.drain().map(|(_, t)| t).collect()
+        };
+        for t in running {
+            t.abort();
         }
         if tokio::time::timeout(UNWIND, self.tracker.wait()).await.is_err() {
             tracing::warn!(tasks = self.tracker.len(), "aborted tasks still not ended");
@@ -217,15 +251,52 @@ mod tests {
         assert!(late.unwrap_err().is_cancelled());
     }
 
-    /// Finished tasks' handles do not pile up: the list is pruned as it grows.
-    #[tokio::test]
-    async fn finished_tasks_are_forgotten() {
+    /// A finished task's handle (and with it the task's allocation) is let go when it ends,
+    /// not at some later spawn: after a burst nothing of it is held.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn finished_tasks_are_forgotten_when_they_end() {
         let tasks = Tasks::new();
-        for _ in 0..1000 {
-            tasks.spawn(async {}).await.unwrap();
+        let held = Arc::new(());
+        let burst: Vec<_> = (0..1000)
+            .map(|i| {
+                let held = held.clone();
+                tasks.spawn(async move {
+                    if i % 2 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                    drop(held);
+                })
+            })
+            .collect();
+        let blocked = tasks.spawn(std::future::pending::<()>());
+        for t in burst {
+            t.await.unwrap();
         }
-        assert!(tasks.handles().list.len() <= PRUNE_MIN, "{}", tasks.handles().list.len());
+        {
+            let h = tasks.handles();
+            assert_eq!(h.running.len(), 1, "only the pending task's handle is kept");
+            assert!(h.ended_early.is_empty(), "{}", h.ended_early.len());
+        }
+        assert_eq!(Arc::strong_count(&held), 1);
+        blocked.abort();
+        assert!(blocked.await.unwrap_err().is_cancelled());
+        assert!(tasks.handles().running.is_empty());
         assert!(tasks.is_empty());
+    }
+
+    /// Tasks spawned while the runtime shuts down are dropped inside `spawn`: no deadlock, and
+    /// nothing is kept.
+    #[test]
+    fn spawning_on_a_runtime_that_is_shutting_down_does_not_deadlock() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let tasks = Tasks::new();
+        let handle = rt.handle().clone();
+        rt.shutdown_timeout(Duration::from_millis(10));
+        let _guard = handle.enter();
+        let t = tasks.spawn(async { 1 });
+        drop(t);
+        assert!(tasks.handles().running.is_empty());
+        assert!(tasks.handles().ended_early.is_empty());
     }
 
     #[tokio::test]

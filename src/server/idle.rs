@@ -31,10 +31,10 @@ impl Activity {
         self.last_ms.store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Marks a request in flight until the guard drops.
-    pub fn request(self: &Arc<Self>) -> RequestGuard {
+    /// Marks a request in flight until the guard drops; `busy` counts it daemon-wide.
+    pub fn request(self: &Arc<Self>, busy: crate::memory::Busy) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        RequestGuard(self.clone())
+        RequestGuard(self.clone(), busy)
     }
 
     /// True when nothing is in flight and no byte moved for `idle`.
@@ -44,7 +44,7 @@ impl Activity {
     }
 }
 
-pub struct RequestGuard(Arc<Activity>);
+pub struct RequestGuard(Arc<Activity>, #[allow(dead_code)] crate::memory::Busy);
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {

@@ -37,6 +37,8 @@ pub struct App {
     pub drain_expired: watch::Receiver<bool>,
     /// The body budget and where bodies are parsed: inline, or on the CPU pool.
     pub work: work::Work,
+    /// Requests in flight and ended, which tell the memory trimmer when the daemon is quiet.
+    pub activity: Arc<crate::memory::Activity>,
 }
 
 /// Writes the access-log line of one request.
@@ -150,7 +152,7 @@ pub async fn serve(
             let svc_activity = activity.clone();
             let svc = service_fn(move |req| {
                 let app = app.clone();
-                let guard = svc_activity.request();
+                let guard = svc_activity.request(app.activity.begin());
                 async move {
                     let mut resp = http::handle(app, req).await;
                     // A streaming response stays "in flight" until its body ends.

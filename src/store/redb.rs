@@ -99,7 +99,7 @@ const VALUE_VERSION: u8 = 1;
 /// redb's default (1 GiB) is sized for far bigger files; reads are rare here (the whole file
 /// once at start, an account when it comes back), and whatever the cache holds stays in the
 /// daemon's memory: 16 MiB was filled at every start with 1,000 accounts' catalogs.
-const CACHE_BYTES: usize = 4 * 1024 * 1024;
+const CACHE_BYTES: usize = 2 * 1024 * 1024;
 
 /// One migration step: step `i` of [`MIGRATIONS`] upgrades schema version `i + 1` to `i + 2`.
 type Migration = fn(&WriteTransaction) -> Result<(), StoreError>;
