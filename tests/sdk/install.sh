@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the two generations of the official `anthropic` Python SDK that tests/sdk.rs drives,
+# Installs the two generations of the official `anthropic` Python SDK that tests/it/sdk.rs drives,
 # each into its own directory (used as PYTHONPATH): target/pysdk/v2 (2.x, anthropic-version
 # 2026-10-21, Bearer auth) and target/pysdk/v1 (1.x, 2023-06-01, x-api-key).
 # Idempotent: a directory that already holds a matching version is left alone.

@@ -2,7 +2,7 @@
 """Client compatibility: the official `anthropic` Python SDK against a running amq2api.
 
 Environment: AMQ2API_BASE_URL (http://127.0.0.1:PORT of a daemon whose upstream is the Amazon Q
-emulator) and AMQ2API_KEY (one of its client API keys). tests/sdk.rs starts such a daemon (three
+emulator) and AMQ2API_KEY (one of its client API keys). tests/it/sdk.rs starts such a daemon (three
 accounts) and runs this file with PYTHONPATH pointing at one SDK version (target/pysdk/v1 or v2).
 
 Plain `unittest`; exits non-zero on any failure. The SDK generation matters: 2.x sends

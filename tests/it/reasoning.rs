@@ -11,7 +11,7 @@
 //! state machine. The model's reasoning comes back signed, its replay is accepted, and a changed
 //! signature is refused as the client's 400 `invalid_request_error` after one call.
 
-mod common;
+use crate::common;
 
 use amq2api::anthropic::grammar;
 use amq2api::anthropic::request::{ApiVersion, Endpoint, parse_value};

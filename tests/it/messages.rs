@@ -1,7 +1,7 @@
 //! End to end through the daemon and the emulator over real TCP: streaming and non-streaming
 //! replies, tools, thinking, stop sequences, failover, error mapping, limits, cancellation, metrics.
 
-mod common;
+use crate::common;
 
 use amq2api::emulator::Behaviour;
 use bytes::Bytes;

@@ -2,7 +2,7 @@
 //! each upstream fault, what the client sees, what the account's state becomes, and that the
 //! daemon serves the next request. README's "Failure behaviour" table is this file in prose.
 
-mod common;
+use crate::common;
 
 use amq2api::emulator::Behaviour;
 use common::*;

@@ -4,7 +4,7 @@
 //! PostgreSQL's server binaries are looked for in /usr/lib/postgresql/*/bin (Debian, Ubuntu;
 //! `.ci/run` installs them); without them each test says so and passes without running.
 
-mod common;
+use crate::common;
 
 use amq2api::emulator::{Emulator, EmulatorOptions};
 use amq2api::store::postgres::PgStore;

@@ -3,7 +3,7 @@
 //! graceful drain on shutdown, after which nothing of the daemon's holds the state store; and
 //! `amq2api demo` run as a subprocess.
 
-mod common;
+use crate::common;
 
 use amq2api::emulator::EmulatorOptions;
 use bytes::Bytes;

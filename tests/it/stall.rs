@@ -12,7 +12,7 @@
 //! 12 s, 14 s between watchdog pings and bodies timed out unread (408); after it, a p99 of 9 ms
 //! and pings 1.0 s apart.
 
-mod common;
+use crate::common;
 
 use amq2api::emulator::{Emulator, EmulatorOptions};
 use bytes::Bytes;

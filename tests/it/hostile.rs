@@ -4,7 +4,7 @@
 //! Anthropic's error shape (or a closed connection for broken HTTP) — never a 5xx, a panic or a
 //! hang — and the daemon's memory stays bounded.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::*;

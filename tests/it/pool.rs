@@ -2,7 +2,7 @@
 //! no refresh storm on start, the live accounts file, SIGKILL during token rotation, and
 //! accounts behind egress proxies (SOCKS5 and HTTP `CONNECT` test servers on loopback).
 
-mod common;
+use crate::common;
 
 use amq2api::emulator::{Behaviour, EmulatorOptions};
 use bytes::Bytes;

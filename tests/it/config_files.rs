@@ -7,7 +7,7 @@
 //! Every daemon here runs under `ulimit -v` (4 GiB), so that a regression that reads a device
 //! like /dev/zero fails the test instead of exhausting the host's memory.
 
-mod common;
+use crate::common;
 
 use amq2api::control::wire::{ReloadResult, Status};
 use amq2api::emulator::{Emulator, EmulatorOptions};

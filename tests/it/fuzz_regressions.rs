@@ -88,7 +88,7 @@ fn request_path(data: &[u8]) -> Result<Value, String> {
 /// Anthropic refuses such a body, and so does the parser now.
 #[test]
 fn repeated_tool_use_id_is_refused() {
-    let data = include_bytes!("fuzz/regressions/request_translate/duplicate_tool_use_id");
+    let data = include_bytes!("../fuzz/regressions/request_translate/duplicate_tool_use_id");
     let err = request_path(data).unwrap_err();
     assert_eq!(err, "messages.5.content.1.id: `tool_use` ids must be unique");
 
@@ -108,7 +108,7 @@ fn repeated_tool_use_id_is_refused() {
 /// a description over Amazon Q's 10 240.
 #[test]
 fn placeholder_description_of_a_long_tool_name_stays_within_limits() {
-    let data = include_bytes!("fuzz/regressions/request_translate/long_tool_name_in_history");
+    let data = include_bytes!("../fuzz/regressions/request_translate/long_tool_name_in_history");
     let json = request_path(data).expect("translates");
     let tools =
         &json["conversationState"]["currentMessage"]["userInputMessage"]["userInputMessageContext"]["tools"];
@@ -271,7 +271,7 @@ fn upstream_token_counts_saturate() {
 /// was accepted and sent as an empty image, which Amazon Q refuses.
 #[test]
 fn empty_image_data_is_refused() {
-    let data = include_bytes!("fuzz/regressions/request_translate/empty_image_data");
+    let data = include_bytes!("../fuzz/regressions/request_translate/empty_image_data");
     assert_eq!(request_path(data).unwrap_err(), "messages.0.content.0.source.data: The image data is empty");
 }
 

@@ -6,7 +6,7 @@
 //! there; `.ci/run` runs it). A missing one fails the test under CI (`CI` set) and is skipped, with
 //! a message, elsewhere.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::io::{BufRead, BufReader, Read};

@@ -16,7 +16,7 @@
 //! To regenerate the goldens after an intended change of the translation:
 //!
 //! ```text
-//! UPDATE_GOLDEN=1 cargo nextest run --test translate
+//! UPDATE_GOLDEN=1 cargo nextest run --test it -E 'test(/^translate::/)'
 //! ```
 //!
 //! The test then writes `tests/fixtures/q/*.json` instead of comparing. Review the diff by hand
@@ -96,7 +96,7 @@ fn models() -> ModelMap {
 fn caps_of(q_model: &str) -> Option<ModelCaps> {
     default_catalog().into_iter().find(|m| m.model_id == q_model).map(|m| ModelCaps {
         max_input_tokens: Some(m.max_input_tokens),
-        // The output limit is the daemon's own check (tests/messages.rs); these tests are about
+        // The output limit is the daemon's own check (tests/it/messages.rs); these tests are about
         // what reaches the service, so the schema alone speaks for max_tokens here.
         max_output_tokens: None,
         request_fields_schema: m.request_fields_schema,

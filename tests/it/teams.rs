@@ -2,7 +2,7 @@
 //! and `amqctl keys` / `key new` / `usage`, through the real daemon, the emulator and the real
 //! amqctl binary.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::{Harness, Setup, child, send, simple};

@@ -3,7 +3,7 @@
 //! calls through egress proxies (SOCKS5 and HTTP `CONNECT`, test servers on loopback) and how
 //! their failures are reported.
 
-mod common;
+use crate::common;
 
 use amq2api::config::{Secret, Template, UpstreamConfig};
 use amq2api::emulator::{Behaviour, Emulator, EmulatorOptions};

@@ -2,7 +2,7 @@
 //! read by the test (READY, STATUS, WATCHDOG, RELOADING with MONOTONIC_USEC, STOPPING), exit
 //! codes, and socket activation through `systemd-socket-activate` (real `LISTEN_FDS`).
 
-mod common;
+use crate::common;
 
 use amq2api::emulator::{Emulator, EmulatorOptions};
 use std::os::unix::net::UnixDatagram;

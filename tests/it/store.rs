@@ -44,8 +44,10 @@ fn dir() -> (tempfile::TempDir, PathBuf) {
 
 /// Runs this test binary's `name` test (an ignored helper) in a child process on `dir`.
 fn child(name: &str, dir: &Path) -> Command {
+    // The binary is tests/it, where this file is a module: the test is `store::name`.
+    let name = format!("{}::{name}", module_path!().split_once("::").unwrap().1);
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([name, "--exact", "--ignored", "--nocapture", "--test-threads=1", "-q"])
+    cmd.args([name.as_str(), "--exact", "--ignored", "--nocapture", "--test-threads=1", "-q"])
         .env(CHILD_DIR_ENV, dir)
         .stdin(Stdio::null());
     cmd

@@ -5,7 +5,7 @@
 //! and foreign files refused; completions and man; exit codes (daemon not running, permission
 //! refused); no secret in anything amqctl prints; and `refresh --all` over 100 accounts within 5 s.
 
-mod common;
+use crate::common;
 
 use amq2api::control::wire::{API_VERSION, AccountInfo, ActionResult, ReloadResult, Status};
 use amq2api::emulator::Behaviour;
