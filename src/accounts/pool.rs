@@ -97,6 +97,10 @@ pub struct Restored {
 pub struct Account {
     pub id: AccountId,
     spec: RwLock<AccountSpec>,
+    /// `spec`'s credentials fingerprint (SHA-256 over the credentials, a refresh token of a
+    /// kilobyte or two), computed when the spec is set rather than at every request; written
+    /// while `spec`'s write lock is held, so a reader holding its read lock sees the pair.
+    fingerprint: RwLock<[u8; 32]>,
     endpoints: RwLock<Endpoints>,
     state: Mutex<StateInfo>,
     counters: Mutex<Counters>,
@@ -205,6 +209,7 @@ impl Account {
         let (identity, new_identity) = Identity::restore(restored.identity);
         let account = Account {
             id: spec.id.clone(),
+            fingerprint: RwLock::new(fingerprint),
             spec: RwLock::new(spec),
             endpoints: RwLock::new(endpoints),
             state: Mutex::new(state),
@@ -258,12 +263,13 @@ impl Account {
         if let Some(arn) = &spec.profile_arn {
             return Some(arn.clone());
         }
+        let fingerprint = *self.fingerprint.read().unwrap_or_else(|e| e.into_inner());
         match spec.kind() {
             Kind::ApiKey => None,
-            Kind::Oidc => self.identity.learned_profile(&spec.credentials_fingerprint()),
+            Kind::Oidc => self.identity.learned_profile(&fingerprint),
             Kind::Social => Some(
                 self.identity
-                    .learned_profile(&spec.credentials_fingerprint())
+                    .learned_profile(&fingerprint)
                     .unwrap_or_else(|| super::identity::SOCIAL_PROFILE_ARN.to_owned()),
             ),
         }
@@ -1445,7 +1451,11 @@ impl Pool {
             }
             *a.endpoints.write().unwrap_or_else(|e| e.into_inner()) =
                 endpoints_for(&self.upstream, spec.region.as_deref(), spec.auth_region.as_deref());
-            *a.spec.write().unwrap_or_else(|e| e.into_inner()) = spec.clone();
+            {
+                let mut held = a.spec.write().unwrap_or_else(|e| e.into_inner());
+                *a.fingerprint.write().unwrap_or_else(|e| e.into_inner()) = spec.credentials_fingerprint();
+                *held = spec.clone();
+            }
         }
         {
             let mut list = self.accounts.write().unwrap_or_else(|e| e.into_inner());

@@ -5,7 +5,7 @@
 //! the last window. Reports and a clean stop flush first. Rows older than the retention are
 //! deleted hourly.
 
-use crate::store::{Store, StoreError, UsageRow, split_usage_key, usage_key};
+use crate::store::{Store, StoreError, UsageRow, split_usage_key, write_usage_key};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -113,10 +113,18 @@ impl Usage {
             tokens_out: ev.tokens_out,
             credits: ev.credits,
         };
+        // One key buffer for the three rows; a row's key is allocated only when the row is new
+        // in this batch (the batch is flushed once a second, so most requests find theirs).
+        let mut buf = String::with_capacity(64);
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let mut add = |dim: &str, name: &str| {
-            let row = p.entry(usage_key(&day, dim, name)).or_default();
-            *row = row.plus(&delta);
+            write_usage_key(&mut buf, &day, dim, name);
+            match p.get_mut(buf.as_str()) {
+                Some(row) => *row = row.plus(&delta),
+                None => {
+                    p.insert(buf.clone(), delta.clone());
+                }
+            }
         };
         add("key", key);
         if let Some(a) = &ev.account {

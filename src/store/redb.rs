@@ -327,7 +327,17 @@ impl UsageRow {
 
 /// The `usage` row key: `YYYY-MM-DD/dim/name` (`dim`: `key`, `account` or `model`).
 pub fn usage_key(day: &str, dim: &str, name: &str) -> String {
-    format!("{day}/{dim}/{name}")
+    let mut key = String::with_capacity(day.len() + dim.len() + name.len() + 2);
+    write_usage_key(&mut key, day, dim, name);
+    key
+}
+
+/// [`usage_key`] written into `out` (cleared first), for a caller that reuses one buffer.
+pub fn write_usage_key(out: &mut String, day: &str, dim: &str, name: &str) {
+    out.clear();
+    for part in [day, "/", dim, "/", name] {
+        out.push_str(part);
+    }
 }
 
 /// Splits a `usage` row key into (day, dim, name).

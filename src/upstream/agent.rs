@@ -4,19 +4,37 @@
 
 /// The Kiro IDE and AWS SDK versions the user agents name.
 const KIRO_VERSION: &str = "0.7.45";
-const SDK_JS_VERSION: &str = "1.0.27";
-const NODE_VERSION: &str = "22.21.1";
+// Macros so that the user agent's fixed parts can be joined at compile time (`concat!`).
+macro_rules! sdk_js_version {
+    () => {
+        "1.0.27"
+    };
+}
+macro_rules! node_version {
+    () => {
+        "22.21.1"
+    };
+}
+const SDK_JS_VERSION: &str = sdk_js_version!();
 
-/// One account's installation: its machine id (64 hex digits).
+/// One account's installation: its machine id (64 hex digits), and the user agent parts made
+/// from it once (every upstream call sends them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agent {
     machine_id: String,
+    /// `KiroIDE-<version>-<machine id>`.
+    kiro: String,
+    /// `aws-sdk-js/<version> KiroIDE-…`.
+    amz: String,
 }
 
 impl Agent {
     /// An installation with this machine id (64 lowercase hex digits, checked by the caller).
     pub fn new(machine_id: impl Into<String>) -> Agent {
-        Agent { machine_id: machine_id.into() }
+        let machine_id = machine_id.into();
+        let kiro = format!("KiroIDE-{KIRO_VERSION}-{machine_id}");
+        let amz = format!("aws-sdk-js/{SDK_JS_VERSION} {kiro}");
+        Agent { machine_id, kiro, amz }
     }
 
     /// A new random machine id (made once per account and kept in the store).
@@ -35,20 +53,29 @@ impl Agent {
 
     /// `KiroIDE-<version>-<machine id>`: the Kiro auth service's refresh calls send exactly this.
     pub fn kiro(&self) -> String {
-        format!("KiroIDE-{KIRO_VERSION}-{}", self.machine_id)
+        self.kiro.clone()
     }
 
     /// The `User-Agent` of calls to an AWS API (`api` is e.g. `codewhispererstreaming`).
     pub fn user_agent(&self, api: &str) -> String {
-        format!(
-            "aws-sdk-js/{SDK_JS_VERSION} ua/2.1 os/linux lang/js md/nodejs#{NODE_VERSION} api/{api}#{SDK_JS_VERSION} m/E {}",
-            self.kiro()
-        )
+        const PREFIX: &str = concat!(
+            "aws-sdk-js/",
+            sdk_js_version!(),
+            " ua/2.1 os/linux lang/js md/nodejs#",
+            node_version!(),
+            " api/"
+        );
+        const AFTER_API: &str = concat!("#", sdk_js_version!(), " m/E ");
+        let mut ua = String::with_capacity(PREFIX.len() + api.len() + AFTER_API.len() + self.kiro.len());
+        for part in [PREFIX, api, AFTER_API, &self.kiro] {
+            ua.push_str(part);
+        }
+        ua
     }
 
     /// The `x-amz-user-agent` that goes with [`Agent::user_agent`].
     pub fn amz_user_agent(&self) -> String {
-        format!("aws-sdk-js/{SDK_JS_VERSION} {}", self.kiro())
+        self.amz.clone()
     }
 }
 
@@ -64,6 +91,13 @@ mod tests {
         assert!(a.kiro().starts_with("KiroIDE-") && a.kiro().ends_with(&id));
         assert!(a.user_agent("codewhispererstreaming").contains(&a.kiro()));
         assert!(a.amz_user_agent().ends_with(&a.kiro()));
+        assert_eq!(
+            a.user_agent("codewhispererstreaming"),
+            format!(
+                "aws-sdk-js/1.0.27 ua/2.1 os/linux lang/js md/nodejs#22.21.1 api/codewhispererstreaming#1.0.27 m/E KiroIDE-0.7.45-{id}"
+            )
+        );
+        assert_eq!(a.amz_user_agent(), format!("aws-sdk-js/1.0.27 KiroIDE-0.7.45-{id}"));
         assert_ne!(Agent::new_machine_id(), id, "random, not derived from anything shared");
         assert!(!Agent::valid_machine_id("ABC"));
     }
