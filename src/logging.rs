@@ -72,10 +72,10 @@ fn install(default_filter: &str, buffer: Option<LineBuffer>) {
 /// Writing each line with its own `write(2)` under stderr's lock costs a system call per
 /// request (the access log) and, with several worker threads, a contended lock: threads that
 /// log at once wait for each other's write. Here a line is only appended to memory; the writer
-/// thread writes whatever has gathered in one call, then waits [`GATHER`] before looking
+/// thread writes whatever has gathered in one call, then waits `GATHER` before looking
 /// again, so under load lines leave in batches and nobody wakes it. Only a line that finds the
 /// writer asleep wakes it (an idle daemon's lines still leave at once). Should stderr block
-/// (a full pipe) and more than [`MAX_BUFFERED`] pile up, further lines are dropped and
+/// (a full pipe) and more than `MAX_BUFFERED` pile up, further lines are dropped and
 /// counted — a request never waits for its log line — and the count is written when stderr
 /// moves again.
 #[derive(Clone)]

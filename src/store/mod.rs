@@ -1,6 +1,6 @@
 //! The state store: what must survive a restart (rotated refresh tokens, access tokens, account
 //! states, counters, identities, catalogs), behind one [`Backend`] trait with two backends:
-//! [`redb`](self::redb) (`<state dir>/amq2api.redb`, embedded, the default) and
+//! `redb` (`<state dir>/amq2api.redb`, embedded, the default) and
 //! [`postgres`] (several nodes sharing accounts, `[cluster]`, with the account leases of
 //! [`crate::cluster`]).
 //!
