@@ -7,9 +7,10 @@
 //! the first byte), so the daemon keeps glibc and trims: once a second it looks whether it is
 //! quiet (no request in flight, none ended during the last second), and when it is and its
 //! resident size has grown by [`SLACK`] over what it was after the last trim, it calls
-//! `malloc_trim(0)`, which returns every arena's free pages (not only the top
-//! of the main heap) with `MADV_DONTNEED`. Under load it never trims (nothing waits on the allocator's
-//! locks for it); a burst's leftovers go back within a second or two of its end. On a system without glibc the task only measures.
+//! `malloc_trim(0)`, which returns every arena's free pages (not only the top of the main
+//! heap) with `MADV_DONTNEED`. Under load it never trims (nothing waits on the allocator's
+//! locks for it); a burst's leftovers go back within a second or two of its end. On a system
+//! without glibc the task only measures.
 //!
 //! `malloc_trim` is the one foreign call of the library (`unsafe`, see [`trim`]).
 
@@ -78,8 +79,8 @@ impl Drop for Busy {
     }
 }
 
-/// The decision of one tick: trim when the daemon is quiet (no request ended during the last
-/// tick and no stream is open) and its resident size is more than [`SLACK`] above the size
+/// The decision of one tick: trim when the daemon is quiet (no request in flight, and none
+/// ended during the last tick) and its resident size is more than [`SLACK`] above the size
 /// after the last trim. Trims happen only when quiet, so that size is the quiet working set,
 /// never a burst's middle.
 pub fn should_trim(quiet: bool, resident: u64, after_last: u64) -> bool {
@@ -135,7 +136,7 @@ mod tests {
 
     #[test]
     fn resident_size_is_read_and_moves_with_use() {
-        let before = resident_bytes().expect("/proc/self/statm");
+        let before = resident_bytes().expect("VmRSS in /proc/self/status");
         assert!(before > 1 << 20, "a test binary is more than 1 MiB resident: {before}");
         // Touch 64 MiB so the pages are resident.
         let big = vec![1u8; 64 << 20];

@@ -4,18 +4,8 @@
 
 /// The Kiro IDE and AWS SDK versions the user agents name.
 const KIRO_VERSION: &str = "0.7.45";
-// Macros so that the user agent's fixed parts can be joined at compile time (`concat!`).
-macro_rules! sdk_js_version {
-    () => {
-        "1.0.27"
-    };
-}
-macro_rules! node_version {
-    () => {
-        "22.21.1"
-    };
-}
-const SDK_JS_VERSION: &str = sdk_js_version!();
+const SDK_JS_VERSION: &str = "1.0.27";
+const NODE_VERSION: &str = "22.21.1";
 
 /// One account's installation: its machine id (64 hex digits), and the user agent parts made
 /// from it once (every upstream call sends them).
@@ -58,19 +48,10 @@ impl Agent {
 
     /// The `User-Agent` of calls to an AWS API (`api` is e.g. `codewhispererstreaming`).
     pub fn user_agent(&self, api: &str) -> String {
-        const PREFIX: &str = concat!(
-            "aws-sdk-js/",
-            sdk_js_version!(),
-            " ua/2.1 os/linux lang/js md/nodejs#",
-            node_version!(),
-            " api/"
-        );
-        const AFTER_API: &str = concat!("#", sdk_js_version!(), " m/E ");
-        let mut ua = String::with_capacity(PREFIX.len() + api.len() + AFTER_API.len() + self.kiro.len());
-        for part in [PREFIX, api, AFTER_API, &self.kiro] {
-            ua.push_str(part);
-        }
-        ua
+        format!(
+            "aws-sdk-js/{SDK_JS_VERSION} ua/2.1 os/linux lang/js md/nodejs#{NODE_VERSION} api/{api}#{SDK_JS_VERSION} m/E {}",
+            self.kiro
+        )
     }
 
     /// The `x-amz-user-agent` that goes with [`Agent::user_agent`].
