@@ -10,7 +10,8 @@ use super::events::{Event, StreamError, parse_frame};
 use super::eventstream::Decoder;
 use crate::config::{Proxy, Secret, UpstreamConfig};
 use bytes::Bytes;
-use http::{Request, StatusCode, Uri, header};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use serde::Deserialize;
 use std::sync::Arc;
@@ -22,6 +23,18 @@ pub const GENERATE_TARGET: &str = "AmazonCodeWhispererStreamingService.GenerateA
 pub const PROFILES_TARGET: &str = "AmazonCodeWhispererService.ListAvailableProfiles";
 /// Largest body read whole: a failed call's error, a token answer.
 const MAX_BODY: usize = 64 * 1024;
+
+// The AWS calls' own header names and fixed values, made once: a name or value given as text is
+// checked and copied on every request.
+const X_AMZ_TARGET: HeaderName = HeaderName::from_static("x-amz-target");
+const X_AMZ_USER_AGENT: HeaderName = HeaderName::from_static("x-amz-user-agent");
+const TOKEN_TYPE: HeaderName = HeaderName::from_static("tokentype");
+const OPT_OUT: HeaderName = HeaderName::from_static("x-amzn-codewhisperer-optout");
+const INVOCATION_ID: HeaderName = HeaderName::from_static("amz-sdk-invocation-id");
+const SDK_REQUEST: HeaderName = HeaderName::from_static("amz-sdk-request");
+const AMZ_JSON: HeaderValue = HeaderValue::from_static("application/x-amz-json-1.0");
+const EVENT_STREAM_OR_JSON: HeaderValue =
+    HeaderValue::from_static("application/vnd.amazon.eventstream, application/json");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientBuildError {
@@ -120,8 +133,8 @@ impl Caller<'_> {
         let req = req
             .header(header::AUTHORIZATION, format!("Bearer {}", self.bearer.expose()))
             .header(header::USER_AGENT, self.agent.user_agent(api))
-            .header("x-amz-user-agent", self.agent.amz_user_agent());
-        if self.api_key { req.header("tokentype", "API_KEY") } else { req }
+            .header(X_AMZ_USER_AGENT, self.agent.amz_user_agent());
+        if self.api_key { req.header(TOKEN_TYPE, HeaderValue::from_static("API_KEY")) } else { req }
     }
 }
 
@@ -223,12 +236,12 @@ impl UpstreamClient {
     ) -> Result<EventStream, UpstreamFailure> {
         let req = caller
             .apply(Request::post(endpoint.clone()), "codewhispererstreaming")
-            .header(header::CONTENT_TYPE, "application/x-amz-json-1.0")
-            .header("x-amz-target", GENERATE_TARGET)
-            .header("x-amzn-codewhisperer-optout", "true")
-            .header("amz-sdk-invocation-id", crate::ids::uuid_v4())
-            .header("amz-sdk-request", format!("attempt={attempt}; max={}", self.max_attempts))
-            .header(header::ACCEPT, "application/vnd.amazon.eventstream, application/json")
+            .header(header::CONTENT_TYPE, AMZ_JSON)
+            .header(X_AMZ_TARGET, HeaderValue::from_static(GENERATE_TARGET))
+            .header(OPT_OUT, HeaderValue::from_static("true"))
+            .header(INVOCATION_ID, crate::ids::uuid_v4())
+            .header(SDK_REQUEST, format!("attempt={attempt}; max={}", self.max_attempts))
+            .header(header::ACCEPT, EVENT_STREAM_OR_JSON)
             .body(Full::new(body))
             .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
         let resp =
@@ -281,7 +294,7 @@ impl UpstreamClient {
         let req = Request::post(token_endpoint.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::USER_AGENT, agent.user_agent("sso-oidc"))
-            .header("x-amz-user-agent", agent.amz_user_agent())
+            .header(X_AMZ_USER_AGENT, agent.amz_user_agent())
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| RefreshError::Transient(e.to_string()))?;
         self.token_call(req, proxy).await
@@ -309,8 +322,8 @@ impl UpstreamClient {
     pub async fn list_profiles(&self, q: &Uri, caller: &Caller<'_>) -> Result<Vec<Profile>, UpstreamFailure> {
         let req = caller
             .apply(Request::post(q.clone()), "codewhispererruntime")
-            .header(header::CONTENT_TYPE, "application/x-amz-json-1.0")
-            .header("x-amz-target", PROFILES_TARGET)
+            .header(header::CONTENT_TYPE, AMZ_JSON)
+            .header(X_AMZ_TARGET, HeaderValue::from_static(PROFILES_TARGET))
             .body(Full::new(Bytes::from_static(b"{\"maxResults\":10}")))
             .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
         let (status, headers, bytes) = self.call_whole(req, caller.proxy).await?;
@@ -375,8 +388,8 @@ impl UpstreamClient {
                     }
                     caller
                         .apply(Request::post(endpoints.management.clone()), "kirocontrolplane")
-                        .header(header::CONTENT_TYPE, "application/x-amz-json-1.0")
-                        .header("x-amz-target", super::catalog::MODELS_TARGET)
+                        .header(header::CONTENT_TYPE, AMZ_JSON)
+                        .header(X_AMZ_TARGET, HeaderValue::from_static(super::catalog::MODELS_TARGET))
                         .body(Full::new(Bytes::from(body.to_string())))
                 }
             }

@@ -21,6 +21,7 @@
 
 use super::tunnel::{self, TunnelError};
 use crate::config::{Proxy, ProxyScheme};
+use crate::selfwake::SelfWakes;
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body_util::Full;
@@ -295,19 +296,24 @@ type SendError = hyper::client::conn::TrySendError<Request<Full<Bytes>>>;
 async fn exchange(conn: &mut Conn, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, SendError> {
     let mut answer = std::pin::pin!(conn.sender.try_send_request(req));
     let running = &mut conn.conn;
+    // The request and the answer are handed between the sender and the connection with
+    // wakes: turns of this poll (see `DrivenBody::wakes`).
+    let wakes = SelfWakes::new();
     std::future::poll_fn(|cx| {
-        if let Poll::Ready(r) = answer.as_mut().poll(cx) {
-            return Poll::Ready(r);
-        }
-        if let Some(c) = running.as_mut() {
-            if c.as_mut().poll(cx).is_ready() {
-                // The connection ended first. Dropping it settles the request: given back if
-                // it was still queued, else failed with the connection's error.
-                *running = None;
-                return answer.as_mut().poll(cx);
+        wakes.poll(cx, |cx| {
+            if let Poll::Ready(r) = answer.as_mut().poll(cx) {
+                return Poll::Ready(r);
             }
-        }
-        Poll::Pending
+            if let Some(c) = running.as_mut() {
+                if c.as_mut().poll(cx).is_ready() {
+                    // The connection ended first. Dropping it settles the request: given back if
+                    // it was still queued, else failed with the connection's error.
+                    *running = None;
+                    return answer.as_mut().poll(cx);
+                }
+            }
+            Poll::Pending
+        })
     })
     .await
 }
@@ -339,6 +345,7 @@ impl Driven {
             pool: self.pool.clone(),
             key: self.key.clone(),
             ended: false,
+            wakes: SelfWakes::new(),
         }
     }
 }
@@ -350,6 +357,9 @@ pub struct DrivenBody {
     pool: Arc<Pool>,
     key: Key,
     ended: bool,
+    /// The connection and the body wake each other when they hand a chunk over; polled here,
+    /// inside the reader's task, those wakes are turns of this poll, not a yield of the task.
+    wakes: SelfWakes,
 }
 
 /// `is_end_stream` stays false: the poll that sees the end is what gives the connection back.
@@ -363,29 +373,30 @@ impl hyper::body::Body for DrivenBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        loop {
-            if let Poll::Ready(r) = Pin::new(&mut self.body).poll_frame(cx) {
-                if r.is_none() {
-                    self.finish();
+        let this = &mut *self;
+        let r = this.wakes.poll(cx, |cx| {
+            loop {
+                if let Poll::Ready(r) = Pin::new(&mut this.body).poll_frame(cx) {
+                    return Poll::Ready(r);
                 }
-                return Poll::Ready(r);
-            }
-            let Some(conn) = self.conn.as_mut() else { return Poll::Pending };
-            let was_alive = conn.conn.is_some();
-            let alive = conn.poll_alive(cx);
-            if let Poll::Ready(r) = Pin::new(&mut self.body).poll_frame(cx) {
-                if r.is_none() {
-                    self.finish();
+                let Some(conn) = this.conn.as_mut() else { return Poll::Pending };
+                let was_alive = conn.conn.is_some();
+                let alive = conn.poll_alive(cx);
+                if let Poll::Ready(r) = Pin::new(&mut this.body).poll_frame(cx) {
+                    return Poll::Ready(r);
                 }
-                return Poll::Ready(r);
+                if was_alive && !alive {
+                    // The connection ended: the body reports its end or error on the next poll.
+                    this.conn = None;
+                    continue;
+                }
+                return Poll::Pending;
             }
-            if was_alive && !alive {
-                // The connection ended: the body reports its end or error on the next poll.
-                self.conn = None;
-                continue;
-            }
-            return Poll::Pending;
+        });
+        if matches!(r, Poll::Ready(None)) {
+            self.finish();
         }
+        r
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
