@@ -29,8 +29,9 @@
 //! - [`reload`]: the one owner of configuration changes (SIGHUP, `amqctl reload`, the file watchers).
 //! - [`shutdown`]: the stop signal every background task listens to, and the task sets shutdown
 //!   waits for and then cancels.
-//! - [`selfwake`]: wakes a task sends itself while it runs (hyper's hand-overs between an
-//!   upstream connection and its body) deferred on its own worker, not a yield that wakes another.
+//! - [`selfwake`]: wakes a task sends itself while it runs (hyper's hand-overs between a
+//!   connection and its bodies, client side and upstream) taken as another turn of the running
+//!   poll, not a yield that wakes another worker.
 //! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain; it
 //!   only speaks HTTP and SSE.
 //! - [`store`]: the state store behind one `Backend` trait: redb (embedded, the default) or

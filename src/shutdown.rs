@@ -186,7 +186,7 @@ where
     F::Output: Send + 'static,
 {
     fn execute(&self, f: F) {
-        self.0.spawn(f);
+        self.0.spawn(crate::selfwake::run(f));
     }
 }
 

@@ -74,19 +74,24 @@ impl Outbox {
         Some(Bytes::from(std::mem::replace(&mut *b, next)))
     }
 
-    /// Lets the body hand what is buffered over now: yields once (the body takes the bytes
+    /// Lets the body hand what is buffered over now: pending once (the body takes the bytes
     /// while the producer is pending).
+    ///
+    /// It is pending without a wake. A producer only runs inside [`Producer::poll_chunk`], which
+    /// answers a pending producer with what is buffered — never empty here — and whoever reads
+    /// the body polls it again for the next frame, which polls the producer on. (A wake would
+    /// be the task waking itself while it runs, which tokio's scheduler takes as a yield that
+    /// wakes another worker: see [`crate::selfwake`].)
     pub async fn flush(&self) {
         if self.is_empty() {
             return;
         }
         let mut yielded = false;
-        std::future::poll_fn(|cx| {
+        std::future::poll_fn(|_| {
             if yielded {
                 Poll::Ready(())
             } else {
                 yielded = true;
-                cx.waker().wake_by_ref();
                 Poll::Pending
             }
         })

@@ -146,7 +146,9 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let handshake_timeout = opts.header_read_timeout;
         let idle_timeout = opts.idle_timeout;
-        tasks.spawn(async move {
+        // The connection's wakes of its own task (hyper's hand-overs between the connection and
+        // its bodies, both ways) are turns of its poll: see `selfwake`.
+        tasks.spawn(crate::selfwake::run(async move {
             let _permit = permit;
             let activity = idle::Activity::new();
             let svc_activity = activity.clone();
@@ -180,7 +182,7 @@ pub async fn serve(
                     drive(watcher.watch(conn), activity, idle_timeout, peer).await
                 }
             }
-        });
+        }));
     }
 }
 
