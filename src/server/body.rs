@@ -77,7 +77,7 @@ impl Outbox {
     /// Lets the body hand what is buffered over now: pending once (the body takes the bytes
     /// while the producer is pending).
     ///
-    /// It is pending without a wake. A producer only runs inside [`Producer::poll_chunk`], which
+    /// It is pending without a wake. A producer only runs inside its body's `poll_chunk`, which
     /// answers a pending producer with what is buffered — never empty here — and whoever reads
     /// the body polls it again for the next frame, which polls the producer on. (A wake would
     /// be the task waking itself while it runs, which tokio's scheduler takes as a yield that
