@@ -10,12 +10,15 @@ use crate::anthropic::sse::StreamEvent;
 use crate::anthropic::{ApiError, ErrorKind};
 use crate::relay::{Connected, Leased, Spent};
 use crate::translate::{Aggregator, Context, ResponseState, Translated, translate};
+use crate::upstream::client::EventStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 /// Ping interval while the upstream is silent (keeps idle-timeout proxies from cutting the stream).
 pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// Upstream events taken in one batch when they are there without waiting.
+const TAKE_AT_ONCE: usize = 64;
 
 /// What the access log and metrics record about one exchange.
 #[derive(Debug, Default, Clone)]
@@ -135,6 +138,26 @@ pub async fn aggregate(
     result
 }
 
+/// Runs the events that are there without waiting — the rest of the read the last one came
+/// from, and what the socket holds now — through the response: they leave together, in one
+/// write, and text that arrived in several pieces leaves as one delta.
+///
+/// At most [`TAKE_AT_ONCE`] events: an upstream that never lets the socket run dry still
+/// gets its output written (and the client's pace checked) between batches.
+async fn take_ready(stream: &mut EventStream, st: &mut ResponseState, out: &mut Vec<StreamEvent>) {
+    for _ in 0..TAKE_AT_ONCE {
+        if st.is_finished() {
+            break;
+        }
+        match stream.next_ready().await {
+            Some(Some(Ok(ev))) => st.on_event_into(ev, out),
+            Some(Some(Err(e))) => return out.extend(st.on_error(&e)),
+            Some(None) => return out.extend(st.on_end()),
+            None => break,
+        }
+    }
+}
+
 /// What the exchange used, as the client was told.
 fn spent(x: &Exchange) -> Spent {
     Spent { tokens_in: x.tokens_in, tokens_out: x.tokens_out, credits: x.credits }
@@ -218,6 +241,8 @@ pub async fn stream(
         }
         if ended {
             batch.extend(st.on_end());
+        } else {
+            take_ready(&mut stream, &mut st, &mut batch).await;
         }
         // Records usage and errors, and writes the events.
         let mut emit = |evs: &[StreamEvent], x: &mut Exchange| {
@@ -246,8 +271,9 @@ pub async fn stream(
         // The first content leaves at once, before whatever follows it is read.
         o.flush().await;
         // The upstream is polled first: while events are ready nothing else is touched (the
-        // deadline is checked against the clock read for the ping), and everything already read
-        // leaves in one write (the body hands the output over when this waits). The timers are
+        // deadline is checked against the clock read for the ping, once a batch), and the
+        // events there without waiting are taken as one batch (`take_ready`) that leaves in one
+        // write (the body hands the output over when this waits). The timers are
         // polled and registered only when the upstream has nothing. The ping timer is not moved
         // for every event: when it fires early it is armed again from the last event.
         let mut drained = std::pin::pin!(drain.changed());
@@ -267,7 +293,10 @@ pub async fn stream(
                         evs.extend(st.abort(ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)")))
                     } else {
                         match ev {
-                            Some(Ok(ev)) => st.on_event_into(ev, &mut evs),
+                            Some(Ok(ev)) => {
+                                st.on_event_into(ev, &mut evs);
+                                take_ready(&mut stream, &mut st, &mut evs).await;
+                            }
                             Some(Err(e)) => evs.extend(st.on_error(&e)),
                             None => evs.extend(st.on_end()),
                         }

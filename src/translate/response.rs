@@ -224,6 +224,13 @@ impl ResponseState {
                 i
             }
         };
+        // Text read together leaves as one delta.
+        if let Some(StreamEvent::BlockDelta { index: last, delta: Delta::Text(prev) }) = out.last_mut() {
+            if *last == index {
+                prev.push_str(&text);
+                return;
+            }
+        }
         out.push(StreamEvent::BlockDelta { index, delta: Delta::Text(text) });
     }
 
@@ -243,7 +250,14 @@ impl ResponseState {
         if let Open::Thinking { index, text: acc, signature: sig } = &mut self.open {
             if !text.is_empty() {
                 acc.push_str(&text);
-                out.push(StreamEvent::BlockDelta { index: *index, delta: Delta::Thinking(text) });
+                match out.last_mut() {
+                    Some(StreamEvent::BlockDelta { index: last, delta: Delta::Thinking(prev) })
+                        if last == index =>
+                    {
+                        prev.push_str(&text)
+                    }
+                    _ => out.push(StreamEvent::BlockDelta { index: *index, delta: Delta::Thinking(text) }),
+                }
             }
             if let Some(piece) = signature {
                 sig.get_or_insert_with(String::new).push_str(&piece);
@@ -863,6 +877,52 @@ mod tests {
             signature: signature.map(str::to_string),
             redacted_content: None,
         })
+    }
+
+    /// Pieces handed over in one batch (one read) leave as one delta; pieces of separate
+    /// batches stay separate; a block change ends the merging.
+    #[test]
+    fn pieces_of_one_batch_leave_as_one_delta() {
+        let deltas = |evs: &[StreamEvent]| -> Vec<String> {
+            evs.iter()
+                .filter_map(|e| match e {
+                    StreamEvent::BlockDelta { delta: Delta::Text(t) | Delta::Thinking(t), .. } => {
+                        Some(t.clone())
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut st = ResponseState::new(params());
+        let mut all = st.start();
+        let mut batch = Vec::new();
+        for piece in ["Hel", "lo", ", "] {
+            st.on_event_into(text(piece), &mut batch);
+        }
+        assert_eq!(deltas(&batch), ["Hello, "]);
+        all.append(&mut batch);
+        st.on_event_into(text("world"), &mut batch);
+        st.on_event_into(
+            Event::Reasoning { text: Some("a".into()), signature: None, redacted_content: None },
+            &mut batch,
+        );
+        st.on_event_into(
+            Event::Reasoning { text: Some("b".into()), signature: None, redacted_content: None },
+            &mut batch,
+        );
+        st.on_event_into(text("!"), &mut batch);
+        assert_eq!(deltas(&batch), ["world", "ab", "!"]);
+        all.append(&mut batch);
+        all.extend(st.on_end());
+        check_order(&all);
+        let mut agg = Aggregator::default();
+        for e in &all {
+            agg.push(e);
+        }
+        let m = agg.finish().unwrap();
+        assert_eq!(m["content"][0]["text"], "Hello, world");
+        assert_eq!(m["content"][1]["thinking"], "ab");
+        assert_eq!(m["content"][2]["text"], "!");
     }
 
     #[test]

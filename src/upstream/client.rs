@@ -13,8 +13,11 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body as _, Frame};
 use serde::Deserialize;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 /// `X-Amz-Target` of the chat operation.
@@ -568,6 +571,43 @@ impl EventStream {
         self.request_id.as_deref()
     }
 
+    /// The next event if it can be had without waiting — decoded from bytes already read, or
+    /// from what the socket holds now — else `None` (and nothing is lost: the bytes stay here
+    /// for the next call). `Some(None)` is the clean end of the stream.
+    pub async fn next_ready(&mut self) -> Option<Option<Result<Event, StreamError>>> {
+        let mut next = std::pin::pin!(self.next());
+        std::future::poll_fn(|cx| {
+            Poll::Ready(match next.as_mut().poll(cx) {
+                Poll::Ready(ev) => Some(ev),
+                Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
+    /// Waits for the body's next frame, at most the idle timeout from now; `Err` when the
+    /// timeout passed first.
+    async fn wait_frame(&mut self) -> Result<Option<Result<Frame<Bytes>, hyper::Error>>, ()> {
+        let waiting_since = tokio::time::Instant::now();
+        loop {
+            let r = tokio::select! {
+                biased;
+                frame = self.body.frame() => Ok(frame),
+                () = self.idle.as_mut() => Err(()),
+            };
+            match r {
+                Ok(frame) => return Ok(frame),
+                Err(()) => {
+                    let due = waiting_since + self.idle_timeout;
+                    if tokio::time::Instant::now() >= due {
+                        return Err(());
+                    }
+                    self.idle.as_mut().reset(due);
+                }
+            }
+        }
+    }
+
     /// The next event; `None` at the clean end of the stream. After an error the stream is over.
     pub async fn next(&mut self) -> Option<Result<Event, StreamError>> {
         if self.done {
@@ -588,24 +628,15 @@ impl EventStream {
                     return Some(Err(StreamError::Decode(e)));
                 }
             }
-            let waiting_since = tokio::time::Instant::now();
-            let read = loop {
-                let r = tokio::select! {
-                    biased;
-                    frame = self.body.frame() => Ok(frame),
-                    () = self.idle.as_mut() => Err(()),
-                };
-                match r {
-                    Ok(frame) => break Ok(frame),
-                    Err(()) => {
-                        let due = waiting_since + self.idle_timeout;
-                        if tokio::time::Instant::now() >= due {
-                            break Err(());
-                        }
-                        self.idle.as_mut().reset(due);
-                    }
-                }
-            };
+            // A frame the body has at once needs neither the idle timer nor the clock.
+            let at_once = std::future::poll_fn(|cx| {
+                Poll::Ready(match Pin::new(&mut self.body).poll_frame(cx) {
+                    Poll::Ready(frame) => Some(frame),
+                    Poll::Pending => None,
+                })
+            })
+            .await;
+            let read = if let Some(frame) = at_once { Ok(frame) } else { self.wait_frame().await };
             match read {
                 Err(()) => {
                     self.done = true;

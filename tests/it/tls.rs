@@ -272,10 +272,14 @@ async fn after_a_shutdown_with_work_in_flight_nothing_holds_the_state_store() {
     let mut h = Harness::start(setup).await;
     assert_eq!(post(&h, "/v1/messages", &simple("warm up", false)).await.status, 200);
     let req = |stream: bool, text: &str, uri: String| {
+        let mut body = simple(text, stream);
+        // Room for the whole 200 kB reply: more than the h2 window below even when the daemon
+        // joins the fragments it reads together into few deltas.
+        body["max_tokens"] = serde_json::json!(60_000);
         http::Request::post(uri)
             .header("content-type", "application/json")
             .header("x-api-key", API_KEY)
-            .body(Full::new(Bytes::from(simple(text, stream).to_string())))
+            .body(Full::new(Bytes::from(body.to_string())))
             .unwrap()
     };
     // An HTTP/1.1 stream, read to its end (Amazon Q sends a frame every 400 ms).
