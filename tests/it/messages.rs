@@ -44,6 +44,38 @@ async fn streaming_and_non_streaming_text() {
     h.stop().await;
 }
 
+/// Events leave in one batch only when they are there together: fragments that arrive apart
+/// leave as deltas of their own (nothing waits to fill a batch), and fragments that arrive
+/// together may be joined; the text is whole either way.
+#[tokio::test]
+async fn fragments_that_arrive_apart_leave_apart() {
+    let h = Harness::start(Setup::default()).await;
+    let text_deltas = |frames: &[(String, Value)]| {
+        frames
+            .iter()
+            .filter(|(e, d)| e == "content_block_delta" && d["delta"]["type"] == "text_delta")
+            .count()
+    };
+    let expected = "Hello from the Amazon Q emulator. You said: apart";
+    let fragments = amq2api::emulator::reply::fragments(expected).count();
+    assert!(fragments > 4, "{fragments}");
+
+    let r = post(&h, "/v1/messages", &simple("apart\n#emulator: slow-fragments 60", true)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let frames = r.sse();
+    assert_stream_grammar(&frames);
+    assert_eq!(sse_text(&frames), expected);
+    assert_eq!(text_deltas(&frames), fragments, "one delta per fragment 60 ms apart: {frames:?}");
+
+    let r = post(&h, "/v1/messages", &simple("apart", true)).await;
+    let frames = r.sse();
+    assert_stream_grammar(&frames);
+    assert_eq!(sse_text(&frames), expected);
+    let joined = text_deltas(&frames);
+    assert!((1..=fragments).contains(&joined), "{joined} deltas for {fragments} fragments");
+    h.stop().await;
+}
+
 fn weather_tools() -> Value {
     json!([{"name": "get_weather", "description": "Weather for a city",
         "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
