@@ -13,9 +13,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::{Body as _, Frame};
+use hyper::body::Frame;
 use serde::Deserialize;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -551,6 +550,20 @@ async fn read_whole(body: DrivenBody, limit: usize, deadline: Duration) -> Resul
     }
 }
 
+/// What `fut` gives on its first poll, or `None` when it is pending (then dropped). It is polled
+/// with the task's own context, so a pending poll leaves the task's waker where the next wait
+/// needs it. `fut` must be cancel-safe.
+async fn at_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        Poll::Ready(match fut.as_mut().poll(cx) {
+            Poll::Ready(v) => Some(v),
+            Poll::Pending => None,
+        })
+    })
+    .await
+}
+
 /// A `GenerateAssistantResponse` answer being received. Dropping it closes the upstream
 /// stream (its connection is closed).
 pub struct EventStream {
@@ -575,14 +588,7 @@ impl EventStream {
     /// from what the socket holds now — else `None` (and nothing is lost: the bytes stay here
     /// for the next call). `Some(None)` is the clean end of the stream.
     pub async fn next_ready(&mut self) -> Option<Option<Result<Event, StreamError>>> {
-        let mut next = std::pin::pin!(self.next());
-        std::future::poll_fn(|cx| {
-            Poll::Ready(match next.as_mut().poll(cx) {
-                Poll::Ready(ev) => Some(ev),
-                Poll::Pending => None,
-            })
-        })
-        .await
+        at_once(self.next()).await
     }
 
     /// Waits for the body's next frame, at most the idle timeout from now; `Err` when the
@@ -629,14 +635,10 @@ impl EventStream {
                 }
             }
             // A frame the body has at once needs neither the idle timer nor the clock.
-            let at_once = std::future::poll_fn(|cx| {
-                Poll::Ready(match Pin::new(&mut self.body).poll_frame(cx) {
-                    Poll::Ready(frame) => Some(frame),
-                    Poll::Pending => None,
-                })
-            })
-            .await;
-            let read = if let Some(frame) = at_once { Ok(frame) } else { self.wait_frame().await };
+            let read = match at_once(self.body.frame()).await {
+                Some(frame) => Ok(frame),
+                None => self.wait_frame().await,
+            };
             match read {
                 Err(()) => {
                     self.done = true;
