@@ -10,7 +10,7 @@ use amq2api::exit;
 use amq2api::upstream::conn::Pool;
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -154,7 +154,7 @@ impl Oidc {
         let req = Request::post(url.as_str())
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::USER_AGENT, concat!("amq2api/", env!("CARGO_PKG_VERSION"), " amqctl-login"))
-            .body(Full::new(Bytes::from(body.to_string())))
+            .body(Bytes::from(body.to_string()))
             .map_err(|e| fail(exit::USAGE, e.to_string()))?;
         let resp = tokio::time::timeout(Duration::from_secs(30), self.pool.send(req, None))
             .await

@@ -42,8 +42,9 @@
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, error
 //!   classification, the model catalog (identical catalogs shared between accounts), and the
-//!   HTTP client; [`upstream::conn`] is the one connection pool for every
-//!   upstream call (chat, token refresh, catalog, OIDC), and sends a request at most once.
+//!   HTTP client; [`upstream::conn`] is the daemon's own HTTP/1.1 client side and the one
+//!   connection pool for every upstream call (chat, token refresh, catalog, OIDC), and sends a
+//!   request at most once.
 //! - [`emulator`]: a strict Amazon Q + SSO OIDC stand-in on loopback (demo mode, tests, benchmarks).
 //!
 //! `amqctl`, the operator's CLI over the control socket (its command line, tables, import of seed

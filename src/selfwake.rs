@@ -1,16 +1,15 @@
 //! Wake-ups a task sends itself while it is being polled, taken as one more turn of the same
 //! poll instead of a yield that wakes another worker.
 //!
-//! hyper hands a body from a connection to its reader over a channel, and a request to a
-//! connection the same way. The daemon runs a client connection, the request's body, the
-//! response body and the upstream connection behind it (`upstream::conn`) in one task, so each
-//! hand-over wakes the task that is already running: the upstream connection decodes a chunk
-//! and wakes the body's reader, the reader takes it and wakes the connection. tokio's
-//! multi-thread scheduler takes a wake during a poll as a yield: the task goes to the back of
-//! the run queue and a parked worker is woken to steal it — a futex call and a context switch
-//! on the other core, for work the running poll can do itself. With an upstream that sends its
-//! frames one by one, as Amazon Q does, that was most of the daemon's scheduling cost (README
-//! "Performance" has the figures).
+//! hyper's server hands a request body from a connection to its reader over a channel, and the
+//! response body back to the connection the same way. The daemon runs a client's connection, the
+//! request's body and the response body (which reads the upstream connection itself,
+//! `upstream::conn`) in one task, so each hand-over wakes the task that is already running.
+//! tokio's multi-thread scheduler takes a wake during a poll as a yield: the task goes to the
+//! back of the run queue and a parked worker is woken to steal it — a futex call and a context
+//! switch on the other core, for work the running poll can do itself. When the upstream side
+//! was hyper's client too, with Amazon Q's frames arriving one by one, that was most of the
+//! daemon's scheduling cost (README "Performance" has the figures).
 //!
 //! [`SelfWakes::poll`] polls with a waker of its own. A wake that arrives while the poll runs
 //! only marks it, and if the poll ends pending it is run again at once; a wake at any other

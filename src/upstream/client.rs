@@ -12,7 +12,7 @@ use crate::config::{Proxy, Secret, UpstreamConfig};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Frame;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -244,7 +244,7 @@ impl UpstreamClient {
             .header(INVOCATION_ID, crate::ids::uuid_v4())
             .header(SDK_REQUEST, format!("attempt={attempt}; max={}", self.max_attempts))
             .header(header::ACCEPT, EVENT_STREAM_OR_JSON)
-            .body(Full::new(body))
+            .body(body)
             .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
         let resp =
             match tokio::time::timeout(self.first_byte_timeout, self.pool.send(req, caller.proxy)).await {
@@ -297,7 +297,7 @@ impl UpstreamClient {
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::USER_AGENT, agent.user_agent("sso-oidc"))
             .header(X_AMZ_USER_AGENT, agent.amz_user_agent())
-            .body(Full::new(Bytes::from(body.to_string())))
+            .body(Bytes::from(body.to_string()))
             .map_err(|e| RefreshError::Transient(e.to_string()))?;
         self.token_call(req, proxy).await
     }
@@ -315,7 +315,7 @@ impl UpstreamClient {
         let req = Request::post(endpoint.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::USER_AGENT, agent.kiro())
-            .body(Full::new(Bytes::from(body.to_string())))
+            .body(Bytes::from(body.to_string()))
             .map_err(|e| RefreshError::Transient(e.to_string()))?;
         self.token_call(req, proxy).await
     }
@@ -326,7 +326,7 @@ impl UpstreamClient {
             .apply(Request::post(q.clone()), "codewhispererruntime")
             .header(header::CONTENT_TYPE, AMZ_JSON)
             .header(X_AMZ_TARGET, HeaderValue::from_static(PROFILES_TARGET))
-            .body(Full::new(Bytes::from_static(b"{\"maxResults\":10}")))
+            .body(Bytes::from_static(b"{\"maxResults\":10}"))
             .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
         let (status, headers, bytes) = self.call_whole(req, caller.proxy).await?;
         if status != StatusCode::OK {
@@ -378,7 +378,7 @@ impl UpstreamClient {
                         status: None,
                         message: format!("catalog URL: {e}"),
                     })?;
-                    caller.apply(Request::get(uri), "codewhispererruntime").body(Full::new(Bytes::new()))
+                    caller.apply(Request::get(uri), "codewhispererruntime").body(Bytes::new())
                 }
                 Role::Runtime => {
                     let mut body = serde_json::json!({ "origin": "AI_EDITOR" });
@@ -392,7 +392,7 @@ impl UpstreamClient {
                         .apply(Request::post(endpoints.management.clone()), "kirocontrolplane")
                         .header(header::CONTENT_TYPE, AMZ_JSON)
                         .header(X_AMZ_TARGET, HeaderValue::from_static(super::catalog::MODELS_TARGET))
-                        .body(Full::new(Bytes::from(body.to_string())))
+                        .body(Bytes::from(body.to_string()))
                 }
             }
             .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
@@ -415,7 +415,7 @@ impl UpstreamClient {
     /// limit), within the first-byte timeout.
     pub(crate) async fn call_whole(
         &self,
-        req: Request<Full<Bytes>>,
+        req: Request<Bytes>,
         proxy: Option<&Proxy>,
     ) -> Result<(StatusCode, http::HeaderMap, Bytes), UpstreamFailure> {
         let t = |message: String| UpstreamFailure::Transient { status: None, message };
@@ -435,7 +435,7 @@ impl UpstreamClient {
     /// A token call (OIDC or Kiro): sent at most once, its answer read whole and classified.
     async fn token_call(
         &self,
-        req: Request<Full<Bytes>>,
+        req: Request<Bytes>,
         proxy: Option<&Proxy>,
     ) -> Result<TokenGrant, RefreshError> {
         let deadline = self.connect_timeout + Duration::from_secs(30);
@@ -593,7 +593,7 @@ impl EventStream {
 
     /// Waits for the body's next frame, at most the idle timeout from now; `Err` when the
     /// timeout passed first.
-    async fn wait_frame(&mut self) -> Result<Option<Result<Frame<Bytes>, hyper::Error>>, ()> {
+    async fn wait_frame(&mut self) -> Result<Option<Result<Frame<Bytes>, super::conn::BodyError>>, ()> {
         let waiting_since = tokio::time::Instant::now();
         loop {
             let r = tokio::select! {

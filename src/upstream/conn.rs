@@ -1,19 +1,24 @@
-//! HTTP/1.1 connections to Amazon Q and SSO OIDC that the calling task drives itself, kept
-//! alive in a small pool: the one way the daemon speaks HTTP upstream.
+//! HTTP/1.1 connections to Amazon Q and SSO OIDC, kept alive in a small pool and read by the
+//! task that reads the answer: the one way the daemon speaks HTTP upstream.
 //!
-//! hyper's pooled client runs each connection in a task of its own, which hands a response body
-//! over one chunk at a time: every Amazon Q event then cost a hand-over between two tasks, and
-//! events that arrived together still left one by one. Here the connection's future lives with
-//! the response ([`Driven`]) and is polled by whoever reads the body, so everything a read
-//! brought is decoded in one go, in one task.
+//! The client side of HTTP/1.1 that the daemon needs is small — one request written whole, a
+//! status line and headers, a body framed by `content-length`, by chunks, or by the
+//! connection's close — and is written here rather than taken from hyper's client. hyper's
+//! client runs a connection as a dispatcher that hands the body over one chunk at a time, and
+//! reads a chunk-size line a byte at a time; Amazon Q sends one event a chunk, so that was the
+//! larger part of the daemon's work for each event. Here the body is decoded straight from the
+//! bytes one read brought, in the reader's task, and a chunk's data is a slice of that read.
 //!
-//! An idle connection is not polled: on checkout it is polled once, and one that has closed
-//! meanwhile is dropped. A request is sent at most once: it is tried again on a new connection
-//! only when hyper gives it back unsent (a reused connection found closed before the first byte
-//! was written). A request that may have left — written, then the connection failed before an
-//! answer — is a failure of this attempt, never sent again here (it could run twice upstream: a
-//! double charge, a tool call run twice, a refresh token rotated twice); the caller decides
-//! what comes next. Connections speak HTTP/1.1 only (ALPN `http/1.1` over TLS).
+//! An idle connection is not polled: on checkout it is read once without waiting, and one that
+//! has closed meanwhile (or holds bytes nobody asked for) is dropped. A request is sent at most
+//! once: it is tried again on a new connection only when none of it was written on a reused
+//! connection (found closed at checkout, or its first write failed). A request that may have
+//! left — written, then the connection failed before an answer — is a failure of this attempt,
+//! never sent again here (it could run twice upstream: a double charge, a tool call run twice,
+//! a refresh token rotated twice); the caller decides what comes next. Connections speak
+//! HTTP/1.1 only (ALPN `http/1.1` over TLS). Answers are read strictly: a malformed head, a
+//! transfer coding the daemon did not ask for, a malformed chunk, or a body cut short is an
+//! error, never a shorter body.
 //!
 //! A request may name an egress proxy (the account's `proxy`): its connection is opened through
 //! the proxy ([`super::tunnel`]) and pooled under the proxy too, so that a connection opened
@@ -21,21 +26,16 @@
 
 use super::tunnel::{self, TunnelError};
 use crate::config::{Proxy, ProxyScheme};
-use crate::selfwake::SelfWakes;
-use bytes::Bytes;
-use http::{Request, Response, Uri};
-use http_body_util::Full;
-use hyper::body::{Body as _, Frame, Incoming};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use bytes::{Bytes, BytesMut};
+use http::{Request, Uri};
+use hyper::body::{Body as _, Frame};
 use std::collections::HashMap;
-use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Idle connections kept per endpoint and proxy.
@@ -45,8 +45,6 @@ const IDLE_FOR: Duration = Duration::from_secs(90);
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
-
-type Connection = http1::Connection<TokioIo<Box<dyn Io>>, Full<Bytes>>;
 
 /// What a connection is for: the endpoint and the proxy it goes through. Connections are
 /// shared only between requests with equal keys; proxies are equal when their scheme, address
@@ -84,23 +82,36 @@ impl Key {
     }
 }
 
-/// One connection: the handle requests go through and the future that runs it.
+/// One HTTP/1.1 connection: the transport, and bytes read from it that no answer has used yet.
 struct Conn {
-    sender: http1::SendRequest<Full<Bytes>>,
-    /// The connection's future while it runs; dropped once it has ended, which settles every
-    /// request still waiting on it (a request not yet taken for writing is given back).
-    conn: Option<Pin<Box<Connection>>>,
+    io: Box<dyn Io>,
+    buf: BytesMut,
 }
 
 impl Conn {
-    /// Polls the connection; false once it has ended.
-    fn poll_alive(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(conn) = self.conn.as_mut() {
-            if conn.as_mut().poll(cx).is_ready() {
-                self.conn = None;
-            }
+    fn new(io: Box<dyn Io>) -> Self {
+        Conn { io, buf: BytesMut::new() }
+    }
+
+    /// Whether an idle connection can take a request: nothing left over from earlier answers,
+    /// and a read finds nothing to read (polled once, without waiting). A read that finds the
+    /// connection closed, an error, or bytes no request asked for makes it unusable.
+    fn idle_usable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
         }
-        self.conn.is_some()
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut probe);
+        Pin::new(&mut self.io).poll_read(&mut cx, &mut probe).is_pending()
+    }
+
+    /// Reads what the socket has into the buffer; `Ok(0)` when it has closed.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
+            self.buf.reserve(READ_SIZE);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 }
 
@@ -164,7 +175,7 @@ impl Pool {
     }
 
     /// An idle connection that is still open, if any.
-    async fn checkout(&self, key: &Key) -> Option<Conn> {
+    fn checkout(&self, key: &Key) -> Option<Conn> {
         loop {
             let idle = {
                 let mut map = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -174,20 +185,14 @@ impl Pool {
                 continue;
             }
             let mut conn = idle.conn;
-            let usable =
-                std::future::poll_fn(|cx| Poll::Ready(conn.poll_alive(cx))).await && conn.sender.is_ready();
-            if usable {
+            if conn.idle_usable() {
                 return Some(conn);
             }
         }
     }
 
-    fn checkin(&self, key: Key, mut conn: Conn) {
-        // A connection goes back only if it can take another request at once.
-        let ready = can_take_request(&mut conn);
-        if !ready {
-            return;
-        }
+    /// Gives back a connection whose answer was read to its end.
+    fn checkin(&self, key: Key, conn: Conn) {
         let mut map = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = map.entry(key).or_default();
         list.retain(|i| i.since.elapsed() <= IDLE_FOR);
@@ -196,8 +201,8 @@ impl Pool {
         }
     }
 
-    /// A new connection for `key`: TCP (through the proxy, if any), TLS, the HTTP/1.1
-    /// handshake, all within the connect timeout.
+    /// A new connection for `key`: TCP (through the proxy, if any), then TLS, all within the
+    /// connect timeout.
     async fn connect(&self, key: &Key) -> Result<Conn, ConnError> {
         // Errors name the endpoint, and the proxy when there is one.
         let host = if key.proxy.is_some() { key.describe() } else { key.host.clone() };
@@ -227,9 +232,7 @@ impl Pool {
             } else {
                 Box::new(tcp)
             };
-            let (sender, conn) =
-                http1::handshake(TokioIo::new(io)).await.map_err(|e| ConnError::Http(error_chain(&e)))?;
-            Ok(Conn { sender, conn: Some(Box::pin(conn)) })
+            Ok(Conn::new(io))
         };
         tokio::time::timeout(self.connect_timeout, connect)
             .await
@@ -240,181 +243,465 @@ impl Pool {
     /// still to come; the connection goes with it.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<Full<Bytes>>,
+        req: Request<Bytes>,
         proxy: Option<&Proxy>,
     ) -> Result<Driven, ConnError> {
         let key = Self::key(req.uri(), proxy)?;
-        // The request as sent on the wire: origin-form path, with a Host header.
-        let (mut parts, body) = req.into_parts();
-        if !parts.headers.contains_key(http::header::HOST) {
-            let host = match parts.uri.port() {
-                Some(p) => format!("{}:{}", key.host, p),
-                None => key.host.clone(),
-            };
-            if let Ok(v) = http::HeaderValue::from_str(&host) {
-                parts.headers.insert(http::header::HOST, v);
-            }
-        }
-        parts.uri =
-            parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/").parse().unwrap_or_default();
-        let mut req = Request::from_parts(parts, body);
-        let mut reused = self.checkout(&key).await;
+        let wire = serialize(&req, &key);
+        let mut reused = self.checkout(&key);
         loop {
             let was_reused = reused.is_some();
             let mut conn = match reused.take() {
                 Some(c) => c,
                 None => self.connect(&key).await?,
             };
-            match exchange(&mut conn, req).await {
-                Ok(resp) => {
-                    return Ok(Driven { resp: Some(resp), conn: Some(conn), pool: self.clone(), key });
+            match exchange(&mut conn, &wire).await {
+                Ok(head) => {
+                    let framing = head.framing;
+                    return Ok(Driven {
+                        status: head.status,
+                        headers: head.headers,
+                        body: DrivenBody {
+                            conn: Some(conn),
+                            framing,
+                            reuse: head.reuse,
+                            pool: self.clone(),
+                            key,
+                        },
+                    });
                 }
-                Err(mut e) => match e.take_message() {
-                    // Given back unsent: the reused connection had closed while idle. Once
-                    // more, on a new connection.
-                    Some(unsent) if was_reused => req = unsent,
-                    // It may have left (or a new connection failed at once): not sent again.
-                    _ => return Err(ConnError::Http(error_chain(e.error()))),
-                },
+                // Nothing was written, and the reused connection had closed while idle: once
+                // more, on a new connection.
+                Err(Exchange::Unsent(_)) if was_reused => {}
+                // It may have left (or a new connection failed at once): not sent again.
+                Err(Exchange::Unsent(e) | Exchange::Failed(e)) => return Err(ConnError::Http(e)),
             }
         }
     }
 }
 
-/// Whether the connection can take a request now (polled once, without waiting).
-fn can_take_request(conn: &mut Conn) -> bool {
-    let waker = std::task::Waker::noop();
-    let mut cx = Context::from_waker(waker);
-    conn.poll_alive(&mut cx) && conn.sender.is_ready()
+/// Largest answer head (status line and headers) read.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most headers an answer may have.
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line (size, extensions) and longest trailer section of a chunked body.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+/// What a read asks the socket for at least.
+const READ_SIZE: usize = 16 * 1024;
+
+/// The request as it goes on the wire: the request line in origin form, a `Host` header, the
+/// caller's headers, a `content-length` for a body (or for any method but GET and HEAD), the
+/// body. One buffer, so a request leaves in one write.
+fn serialize(req: &Request<Bytes>, key: &Key) -> Vec<u8> {
+    let body = req.body();
+    let mut out = Vec::with_capacity(256 + body.len() + 64 * req.headers().len());
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(req.uri().path_and_query().map_or("/", |pq| pq.as_str()).as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !req.headers().contains_key(http::header::HOST) {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(key.host.as_bytes());
+        if let Some(p) = req.uri().port() {
+            out.push(b':');
+            out.extend_from_slice(p.as_str().as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in req.headers() {
+        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !body.is_empty() || !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
 }
 
-type SendError = hyper::client::conn::TrySendError<Request<Full<Bytes>>>;
+/// How an exchange failed: with nothing of the request written (it may go again, on another
+/// connection), or after some of it may have left.
+#[derive(Debug)]
+enum Exchange {
+    Unsent(String),
+    Failed(String),
+}
 
-/// Sends one request on `conn`, driving the connection until the answer's head arrives. On
-/// failure the error holds the request if, and only if, none of it was written
-/// ([`hyper::client::conn::TrySendError::take_message`]).
-async fn exchange(conn: &mut Conn, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, SendError> {
-    let mut answer = std::pin::pin!(conn.sender.try_send_request(req));
-    let running = &mut conn.conn;
-    // The request and the answer are handed between the sender and the connection with
-    // wakes: turns of this poll (see `DrivenBody::wakes`).
-    let wakes = SelfWakes::new();
-    std::future::poll_fn(|cx| {
-        wakes.poll(cx, |cx| {
-            if let Poll::Ready(r) = answer.as_mut().poll(cx) {
-                return Poll::Ready(r);
+/// An answer's head, and how its body is framed.
+#[derive(Debug)]
+struct Head {
+    status: http::StatusCode,
+    headers: http::HeaderMap,
+    framing: Framing,
+    /// The connection can carry another request once the body has been read to its end.
+    reuse: bool,
+}
+
+/// Writes the request and reads the answer's head (informational answers skipped).
+async fn exchange(conn: &mut Conn, wire: &[u8]) -> Result<Head, Exchange> {
+    use tokio::io::AsyncWriteExt;
+    let mut written = 0;
+    while written < wire.len() {
+        match conn.io.write(&wire[written..]).await {
+            Ok(0) if written == 0 => return Err(Exchange::Unsent("the connection is closed".into())),
+            Ok(0) => {
+                return Err(Exchange::Failed("the connection closed while the request was written".into()));
             }
-            if let Some(c) = running.as_mut() {
-                if c.as_mut().poll(cx).is_ready() {
-                    // The connection ended first. Dropping it settles the request: given back if
-                    // it was still queued, else failed with the connection's error.
-                    *running = None;
-                    return answer.as_mut().poll(cx);
+            Ok(n) => written += n,
+            Err(e) if written == 0 => return Err(Exchange::Unsent(format!("writing the request: {e}"))),
+            Err(e) => return Err(Exchange::Failed(format!("writing the request: {e}"))),
+        }
+    }
+    conn.io.flush().await.map_err(|e| Exchange::Failed(format!("writing the request: {e}")))?;
+    loop {
+        if let Some(head) = parse_head(&mut conn.buf).map_err(Exchange::Failed)? {
+            return Ok(head);
+        }
+        if conn.buf.len() >= MAX_HEAD {
+            return Err(Exchange::Failed(format!("the answer's head is longer than {MAX_HEAD} bytes")));
+        }
+        match std::future::poll_fn(|cx| conn.poll_fill(cx)).await {
+            Ok(0) => return Err(Exchange::Failed("the connection closed before an answer".into())),
+            Ok(_) => {}
+            Err(e) => return Err(Exchange::Failed(format!("reading the answer: {e}"))),
+        }
+    }
+}
+
+/// The answer's head, taken off the front of `buf`, when `buf` holds all of it; informational
+/// (1xx) answers before it are dropped.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut slots);
+        let len = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(format!("a malformed answer: {e}")),
+        };
+        let code = resp.code.unwrap_or(0);
+        let status = http::StatusCode::from_u16(code).map_err(|_| format!("an answer with status {code}"))?;
+        if status.is_informational() {
+            if code == 101 {
+                return Err("the server switched protocols".into());
+            }
+            let _ = buf.split_to(len);
+            continue;
+        }
+        let mut headers = http::HeaderMap::with_capacity(resp.headers.len());
+        for h in resp.headers.iter() {
+            let name = http::HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| format!("an answer with a malformed header name {:?}", h.name))?;
+            let value = http::HeaderValue::from_bytes(h.value)
+                .map_err(|_| format!("an answer with a malformed value of {name}"))?;
+            headers.append(name, value);
+        }
+        let mut reuse = resp.version == Some(1);
+        if let Some(c) = headers.get(http::header::CONNECTION).and_then(|v| v.to_str().ok()) {
+            if c.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")) {
+                reuse = false;
+            }
+        }
+        let framing = framing(status, &headers, &mut reuse)?;
+        let _ = buf.split_to(len);
+        return Ok(Some(Head { status, headers, framing, reuse }));
+    }
+}
+
+/// How the body of an answer with this status and these headers is delimited (RFC 9112
+/// §6.3; the daemon sends neither HEAD nor CONNECT).
+fn framing(status: http::StatusCode, headers: &http::HeaderMap, reuse: &mut bool) -> Result<Framing, String> {
+    use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+    if status == http::StatusCode::NO_CONTENT || status == http::StatusCode::NOT_MODIFIED {
+        return Ok(Framing::Length(0));
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        let mut codings = Vec::new();
+        for v in headers.get_all(TRANSFER_ENCODING) {
+            let v = v.to_str().map_err(|_| "a malformed transfer-encoding".to_string())?;
+            codings
+                .extend(v.split(',').map(str::trim).filter(|c| !c.is_empty()).map(str::to_ascii_lowercase));
+        }
+        if codings != ["chunked"] {
+            return Err(format!(
+                "an answer in a transfer coding the daemon did not ask for: {}",
+                codings.join(", ")
+            ));
+        }
+        if headers.contains_key(CONTENT_LENGTH) {
+            // Both framings: chunked wins, and the connection is not trusted with another.
+            *reuse = false;
+        }
+        return Ok(Framing::Chunked(Chunk::Size));
+    }
+    let mut length = None;
+    for v in headers.get_all(CONTENT_LENGTH) {
+        for part in v.to_str().map_err(|_| "a malformed content-length".to_string())?.split(',') {
+            let part = part.trim();
+            let n = (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| part.parse::<u64>().ok())
+                .flatten()
+                .ok_or_else(|| format!("a malformed content-length {part:?}"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err("an answer with two different content-lengths".into());
+            }
+            length = Some(n);
+        }
+    }
+    match length {
+        Some(n) => Ok(Framing::Length(n)),
+        None => {
+            *reuse = false;
+            Ok(Framing::Close)
+        }
+    }
+}
+
+/// How much of a body is still to come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes.
+    Length(u64),
+    /// Chunks, in this state.
+    Chunked(Chunk),
+    /// Everything until the connection closes.
+    Close,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chunk {
+    /// A chunk-size line is next.
+    Size,
+    /// This many bytes of the current chunk's data, then its CRLF.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// Trailer lines, up to an empty line; the count is the trailer bytes seen so far.
+    Trailers(usize),
+    /// The last chunk and its trailers have been read.
+    Done,
+}
+
+/// What decoding the buffered bytes gave.
+enum Decoded {
+    Data(Bytes),
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+/// A body that cannot be read to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("reading the answer: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the connection closed before the end of the answer")]
+    Cut,
+    #[error("a malformed chunked answer: {0}")]
+    Chunked(&'static str),
+}
+
+/// The position of the CRLF in `buf`, if there is one.
+fn crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+impl Framing {
+    /// Takes what it can from the front of `buf`: body data, the end, or nothing yet.
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, BodyError> {
+        loop {
+            match self {
+                Framing::Length(0) | Framing::Chunked(Chunk::Done) => return Ok(Decoded::End),
+                Framing::Length(left) | Framing::Chunked(Chunk::Data(left)) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let take = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+                    *left -= take as u64;
+                    if *self == Framing::Chunked(Chunk::Data(0)) {
+                        *self = Framing::Chunked(Chunk::DataEnd);
+                    }
+                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                }
+                Framing::Close => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    return Ok(Decoded::Data(buf.split().freeze()));
+                }
+                Framing::Chunked(Chunk::Size) => {
+                    let Some(end) = crlf(buf) else {
+                        return if buf.len() > MAX_CHUNK_LINE {
+                            Err(BodyError::Chunked("a chunk-size line too long"))
+                        } else {
+                            Ok(Decoded::More)
+                        };
+                    };
+                    let size = chunk_size(&buf[..end])?;
+                    let _ = buf.split_to(end + 2);
+                    *self = Framing::Chunked(if size == 0 { Chunk::Trailers(0) } else { Chunk::Data(size) });
+                }
+                Framing::Chunked(Chunk::DataEnd) => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(BodyError::Chunked("no CRLF after a chunk's data"));
+                    }
+                    let _ = buf.split_to(2);
+                    *self = Framing::Chunked(Chunk::Size);
+                }
+                Framing::Chunked(Chunk::Trailers(seen)) => {
+                    let Some(end) = crlf(buf) else {
+                        return if *seen + buf.len() > MAX_TRAILERS {
+                            Err(BodyError::Chunked("trailers too long"))
+                        } else {
+                            Ok(Decoded::More)
+                        };
+                    };
+                    let _ = buf.split_to(end + 2);
+                    *self = Framing::Chunked(if end == 0 {
+                        Chunk::Done
+                    } else if *seen + end + 2 > MAX_TRAILERS {
+                        return Err(BodyError::Chunked("trailers too long"));
+                    } else {
+                        Chunk::Trailers(*seen + end + 2)
+                    });
                 }
             }
-            Poll::Pending
-        })
-    })
-    .await
+        }
+    }
+}
+
+/// The size on a chunk-size line: hex digits, then optional extensions (`;…`) the daemon
+/// ignores.
+fn chunk_size(line: &[u8]) -> Result<u64, BodyError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err(BodyError::Chunked("a chunk-size line without a size"));
+    }
+    if digits > 15 {
+        return Err(BodyError::Chunked("a chunk size too large"));
+    }
+    // Whitespace may follow the size; extensions start at `;`.
+    let rest = &line[digits..];
+    let ext = rest.iter().position(|&b| b == b';').unwrap_or(rest.len());
+    let rest_ok = rest[..ext].iter().all(|&b| b == b' ' || b == b'\t');
+    if !rest_ok {
+        return Err(BodyError::Chunked("a chunk-size line with bytes after the size"));
+    }
+    let hex = std::str::from_utf8(&line[..digits])
+        .map_err(|_| BodyError::Chunked("a chunk size that is not hex"))?;
+    u64::from_str_radix(hex, 16).map_err(|_| BodyError::Chunked("a chunk size that is not hex"))
 }
 
 /// An answer and the connection it arrives on: reading the body drives the connection, and a
 /// body read to its end gives the connection back to the pool.
 pub struct Driven {
-    resp: Option<Response<Incoming>>,
-    conn: Option<Conn>,
-    pool: Arc<Pool>,
-    key: Key,
+    status: http::StatusCode,
+    headers: http::HeaderMap,
+    body: DrivenBody,
 }
 
 impl Driven {
     pub fn status(&self) -> http::StatusCode {
-        self.resp.as_ref().map(|r| r.status()).unwrap_or_default()
+        self.status
     }
 
     pub fn headers(&self) -> &http::HeaderMap {
-        self.resp.as_ref().expect("the head is taken only with the body").headers()
+        &self.headers
     }
 
     /// The body, read as a [`hyper::body::Body`] or through [`DrivenBody::frame`].
-    pub fn into_body(mut self) -> DrivenBody {
-        let body = self.resp.take().expect("the body is taken once").into_body();
-        DrivenBody {
-            body,
-            conn: self.conn.take(),
-            pool: self.pool.clone(),
-            key: self.key.clone(),
-            ended: false,
-            wakes: SelfWakes::new(),
-        }
+    pub fn into_body(self) -> DrivenBody {
+        self.body
     }
 }
 
-/// A response body whose connection is driven by reading it.
+/// A response body, read straight off its connection by whoever reads the body: everything one
+/// read brought is decoded in the reader's task.
 pub struct DrivenBody {
-    body: Incoming,
+    /// `None` once the body has ended (the connection given back or closed) or failed.
     conn: Option<Conn>,
+    framing: Framing,
+    reuse: bool,
     pool: Arc<Pool>,
     key: Key,
-    ended: bool,
-    /// The connection and the body wake each other when they hand a chunk over; polled here,
-    /// inside the reader's task, those wakes are turns of this poll, not a yield of the task.
-    wakes: SelfWakes,
 }
 
 /// `is_end_stream` stays false: the poll that sees the end is what gives the connection back.
 impl hyper::body::Body for DrivenBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    /// The next frame: the body's if it has one, else after letting the connection read what
-    /// the socket has (and hand it over), else pending.
+    /// The next piece of the body: from bytes already read, else from what the socket has now,
+    /// else pending.
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        let r = this.wakes.poll(cx, |cx| {
-            loop {
-                if let Poll::Ready(r) = Pin::new(&mut this.body).poll_frame(cx) {
-                    return Poll::Ready(r);
+        let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
+        loop {
+            match this.framing.decode(&mut conn.buf) {
+                Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Decoded::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
                 }
-                let Some(conn) = this.conn.as_mut() else { return Poll::Pending };
-                let was_alive = conn.conn.is_some();
-                let alive = conn.poll_alive(cx);
-                if let Poll::Ready(r) = Pin::new(&mut this.body).poll_frame(cx) {
-                    return Poll::Ready(r);
-                }
-                if was_alive && !alive {
-                    // The connection ended: the body reports its end or error on the next poll.
+                Ok(Decoded::More) => {}
+                Err(e) => {
                     this.conn = None;
-                    continue;
+                    return Poll::Ready(Some(Err(e)));
                 }
-                return Poll::Pending;
             }
-        });
-        if matches!(r, Poll::Ready(None)) {
-            self.finish();
+            match conn.poll_fill(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) if this.framing == Framing::Close => {
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Ok(0)) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(BodyError::Cut)));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(BodyError::Io(e))));
+                }
+            }
         }
-        r
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
+        match self.framing {
+            Framing::Length(n) => hyper::body::SizeHint::with_exact(n),
+            _ => hyper::body::SizeHint::default(),
+        }
     }
 }
 
 impl DrivenBody {
     /// The next frame, as a future.
-    pub async fn frame(&mut self) -> Option<Result<Frame<Bytes>, hyper::Error>> {
+    pub async fn frame(&mut self) -> Option<Result<Frame<Bytes>, BodyError>> {
         std::future::poll_fn(|cx| Pin::new(&mut *self).poll_frame(cx)).await
     }
 
-    /// The body ended cleanly: the connection can serve another request.
+    /// The body ended cleanly: the connection can serve another request, if nothing follows
+    /// the answer and the answer allows it.
     fn finish(&mut self) {
-        if !self.ended {
-            self.ended = true;
-            if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.conn.take() {
+            if self.reuse && conn.buf.is_empty() {
                 self.pool.checkin(self.key.clone(), conn);
             }
         }
@@ -424,11 +711,11 @@ impl DrivenBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     /// A connection to a server that has taken it and closed it, whose close the client has
-    /// seen on the socket (not yet on the connection: it was never polled).
+    /// seen on the socket.
     async fn closed_conn() -> Conn {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
@@ -436,16 +723,41 @@ mod tests {
         drop(server_side);
         let mut probe = [0u8; 1];
         assert_eq!(tcp.peek(&mut probe).await.unwrap(), 0, "the close has arrived");
-        let io: Box<dyn Io> = Box::new(tcp);
-        let (sender, conn) = http1::handshake(TokioIo::new(io)).await.unwrap();
-        Conn { sender, conn: Some(Box::pin(conn)) }
+        Conn::new(Box::new(tcp))
     }
 
-    fn request() -> Request<Full<Bytes>> {
-        Request::post("/token")
-            .header(http::header::HOST, "127.0.0.1")
-            .body(Full::new(Bytes::from_static(b"{\"once\":true}")))
-            .unwrap()
+    fn request(uri: &str) -> Request<Bytes> {
+        Request::post(uri).body(Bytes::from_static(b"{\"once\":true}")).unwrap()
+    }
+
+    /// Reads one request whole (its body is the last part) from `sock`.
+    async fn read_request(sock: &mut TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        while !got.ends_with(b"{\"once\":true}") {
+            let mut chunk = [0u8; 1024];
+            let n = sock.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the request arrives whole");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        got
+    }
+
+    /// Feeds `wire` to a body framed by `framing`, `step` bytes at a time, and gives what the
+    /// body decoded: the data joined, or the first error.
+    fn decode_in_steps(mut framing: Framing, wire: &[u8], step: usize) -> Result<(Vec<u8>, bool), BodyError> {
+        let mut buf = BytesMut::new();
+        let mut data = Vec::new();
+        for piece in wire.chunks(step) {
+            buf.extend_from_slice(piece);
+            loop {
+                match framing.decode(&mut buf)? {
+                    Decoded::Data(d) => data.extend_from_slice(&d),
+                    Decoded::End => return Ok((data, buf.is_empty())),
+                    Decoded::More => break,
+                }
+            }
+        }
+        Ok((data, false))
     }
 
     /// Connections are pooled by key: a key names the proxy whole, password included, so no
@@ -474,36 +786,193 @@ mod tests {
         assert_eq!(keys.len(), routes.len());
     }
 
+    #[test]
+    fn a_request_goes_on_the_wire_in_origin_form_with_host_and_length() {
+        let uri: Uri = "http://127.0.0.1:8080/generateAssistantResponse?x=1".parse().unwrap();
+        let key = Pool::key(&uri, None).unwrap();
+        let req = Request::post(uri)
+            .header("x-amz-target", "T")
+            .header(http::header::CONTENT_LENGTH, "999")
+            .body(Bytes::from_static(b"{}"))
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(serialize(&req, &key)).unwrap(),
+            "POST /generateAssistantResponse?x=1 HTTP/1.1\r\nhost: 127.0.0.1:8080\r\nx-amz-target: T\r\ncontent-length: 2\r\n\r\n{}"
+        );
+        let get = Request::get("https://q.us-east-1.amazonaws.com/m").body(Bytes::new()).unwrap();
+        let key = Pool::key(get.uri(), None).unwrap();
+        assert_eq!(
+            String::from_utf8(serialize(&get, &key)).unwrap(),
+            "GET /m HTTP/1.1\r\nhost: q.us-east-1.amazonaws.com\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn heads_are_parsed_with_their_framing() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Amzn-RequestId: r1\r\n\r\n5\r\n"[..],
+        );
+        let head = parse_head(&mut buf).unwrap().unwrap();
+        assert_eq!(head.status, 200);
+        assert_eq!(head.headers["x-amzn-requestid"], "r1");
+        assert_eq!(head.framing, Framing::Chunked(Chunk::Size));
+        assert!(head.reuse);
+        assert_eq!(&buf[..], b"5\r\n", "the body's first bytes stay in the buffer");
+
+        let parse = |wire: &str| parse_head(&mut BytesMut::from(wire.as_bytes()));
+        assert!(parse("HTTP/1.1 200 OK\r\ncontent-length: 12").unwrap().is_none(), "a head not yet whole");
+        let head = parse("HTTP/1.1 400 Bad Request\r\nContent-Length: 12\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((head.framing, head.reuse), (Framing::Length(12), false));
+        let head = parse("HTTP/1.1 200 OK\r\n\r\n").unwrap().unwrap();
+        assert_eq!((head.framing, head.reuse), (Framing::Close, false), "no length: the close ends it");
+        let head = parse("HTTP/1.1 204 No Content\r\n\r\n").unwrap().unwrap();
+        assert_eq!(head.framing, Framing::Length(0));
+        let head = parse("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n").unwrap().unwrap();
+        assert!(!head.reuse, "an HTTP/1.0 answer ends its connection");
+        let head = parse("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((head.framing, head.reuse), (Framing::Chunked(Chunk::Size), false));
+        let head = parse("HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n").unwrap().unwrap();
+        assert_eq!(head.framing, Framing::Length(3));
+
+        for bad in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 3a\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "HTTP/1.1 20 OK\r\n\r\n",
+            "SSH-2.0-OpenSSH_9.6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} is refused");
+        }
+        let many: String = (0..MAX_HEADERS + 1).map(|i| format!("x-h{i}: v\r\n")).collect();
+        assert!(parse(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")).is_err(), "too many headers");
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_reads() {
+        let wire = b"5\r\nhello\r\n1;name=value\r\n,\r\nA \r\n0123456789\r\n0\r\nx-trailer: 1\r\n\r\n";
+        for step in [1, 2, 3, 7, wire.len()] {
+            let (data, clean) = decode_in_steps(Framing::Chunked(Chunk::Size), wire, step).unwrap();
+            assert_eq!(data, b"hello,0123456789", "in steps of {step}");
+            assert!(clean, "nothing left after the body");
+        }
+        // What follows the body stays in the buffer (and keeps the connection out of the pool).
+        let (_, clean) =
+            decode_in_steps(Framing::Chunked(Chunk::Size), b"1\r\nx\r\n0\r\n\r\nHTTP", 64).unwrap();
+        assert!(!clean);
+        for bad in [
+            &b"\r\nhello\r\n"[..],
+            b"zz\r\n",
+            b"5 x\r\nhello\r\n",
+            b"10000000000000000\r\n",
+            b"5\r\nhelloXY0\r\n\r\n",
+        ] {
+            assert!(decode_in_steps(Framing::Chunked(Chunk::Size), bad, 1).is_err(), "{bad:?} is refused");
+        }
+        let long_line = vec![b'1'; 1]
+            .into_iter()
+            .chain(std::iter::repeat_n(b' ', MAX_CHUNK_LINE + 1))
+            .collect::<Vec<_>>();
+        assert!(
+            decode_in_steps(Framing::Chunked(Chunk::Size), &long_line, 512).is_err(),
+            "an endless size line"
+        );
+        let mut trailers = b"0\r\n".to_vec();
+        trailers.extend(std::iter::repeat_n(&b"x-t: 1\r\n"[..], MAX_TRAILERS / 8 + 1).flatten());
+        assert!(decode_in_steps(Framing::Chunked(Chunk::Size), &trailers, 100).is_err(), "endless trailers");
+    }
+
+    #[test]
+    fn length_bodies_end_at_their_length() {
+        let (data, clean) = decode_in_steps(Framing::Length(5), b"hello", 2).unwrap();
+        assert_eq!((data.as_slice(), clean), (&b"hello"[..], true));
+        let (data, clean) = decode_in_steps(Framing::Length(5), b"helloHTTP", 9).unwrap();
+        assert_eq!((data.as_slice(), clean), (&b"hello"[..], false));
+        let (data, ended) = decode_in_steps(Framing::Length(5), b"hel", 9).unwrap();
+        assert_eq!((data.as_slice(), ended), (&b"hel"[..], false), "three bytes of five: not the end");
+    }
+
     #[tokio::test]
-    async fn a_request_on_a_connection_found_closed_comes_back_unsent() {
+    async fn a_request_on_a_connection_found_closed_is_not_taken_from_the_pool() {
         let mut conn = closed_conn().await;
-        let mut e = exchange(&mut conn, request()).await.expect_err("no server to answer");
-        let back = e.take_message().expect("nothing was written: the request comes back");
-        assert_eq!(back.uri().path(), "/token");
+        assert!(!conn.idle_usable(), "a closed connection is not used again");
     }
 
     #[tokio::test]
     async fn a_request_the_server_read_does_not_come_back() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        // Reads the whole request (the body is the last part), then hangs up without an answer.
+        // Reads the whole request, then hangs up without an answer.
         let server = tokio::spawn(async move {
             let (mut sock, _) = listener.accept().await.unwrap();
-            let mut got = Vec::new();
-            while !got.ends_with(b"{\"once\":true}") {
-                let mut chunk = [0u8; 1024];
-                let n = sock.read(&mut chunk).await.unwrap();
-                assert!(n > 0, "the request arrives whole");
-                got.extend_from_slice(&chunk[..n]);
-            }
-            got
+            read_request(&mut sock).await
         });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let io: Box<dyn Io> = Box::new(tcp);
-        let (sender, c) = http1::handshake(TokioIo::new(io)).await.unwrap();
-        let mut conn = Conn { sender, conn: Some(Box::pin(c)) };
-        let mut e = exchange(&mut conn, request()).await.expect_err("the server hung up");
-        assert!(e.take_message().is_none(), "the request left: it must not be sent again");
+        let mut conn = Conn::new(Box::new(TcpStream::connect(addr).await.unwrap()));
+        let wire = serialize(
+            &request("/token"),
+            &Pool::key(&format!("http://{addr}/").parse().unwrap(), None).unwrap(),
+        );
+        let e = exchange(&mut conn, &wire).await.expect_err("the server hung up");
+        assert!(matches!(e, Exchange::Failed(_)), "the request left: it must not be sent again ({e:?})");
         assert!(String::from_utf8_lossy(&server.await.unwrap()).starts_with("POST /token HTTP/1.1\r\n"));
+    }
+
+    /// Through the pool: a connection is reused after a body read to its end; a connection the
+    /// server closed while idle is replaced and the request goes once, on the new one; a body
+    /// cut short is an error, not a shorter body.
+    #[tokio::test]
+    async fn the_pool_reuses_what_it_may_and_sends_each_request_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let mut requests = Vec::new();
+            // First connection: two answers, then it is closed while idle.
+            let (mut sock, _) = listener.accept().await.unwrap();
+            for body in ["first", "second"] {
+                requests.push(read_request(&mut sock).await);
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                    body.len()
+                );
+                sock.write_all(answer.as_bytes()).await.unwrap();
+            }
+            drop(sock);
+            // Second connection: an answer cut short.
+            let (mut sock, _) = listener.accept().await.unwrap();
+            requests.push(read_request(&mut sock).await);
+            sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort").await.unwrap();
+            drop(sock);
+            requests.len()
+        });
+        let tls =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+        let pool = Pool::new(&tls, Duration::from_secs(5));
+        let uri = format!("http://{addr}/token");
+        let read = |d: Driven| async move {
+            let mut body = d.into_body();
+            let mut got = Vec::new();
+            while let Some(frame) = body.frame().await {
+                got.extend_from_slice(&frame?.into_data().unwrap());
+            }
+            Ok::<_, BodyError>(got)
+        };
+        assert_eq!(read(pool.send(request(&uri), None).await.unwrap()).await.unwrap(), b"first");
+        assert_eq!(read(pool.send(request(&uri), None).await.unwrap()).await.unwrap(), b"second");
+        // Let the server's close arrive before the next checkout.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let cut = read(pool.send(request(&uri), None).await.unwrap()).await;
+        assert!(matches!(cut, Err(BodyError::Cut)), "{cut:?}");
+        assert_eq!(server.await.unwrap(), 3, "three requests, each sent once");
     }
 }
