@@ -1,7 +1,7 @@
 //! The upstream client against the emulator: OIDC refresh outcomes and every scripted
 //! behaviour of `GenerateAssistantResponse`, each checked as the typed outcome the pool acts on;
 //! calls through egress proxies (SOCKS5 and HTTP `CONNECT`, test servers on loopback) and how
-//! their failures are reported.
+//! their failures are reported; and Amazon Q over HTTPS (a TLS front with a throwaway CA).
 
 use crate::common;
 
@@ -623,4 +623,90 @@ async fn proxy_failures_are_typed_and_name_the_proxy_without_its_password() {
     let p = proxy(&socks.url("socks5", auth));
     c.create_token(&token_url, &s("cid"), &s("secret"), &s("rt0"), agent(), Some(&p)).await.unwrap();
     assert!(socks.tunnels().iter().any(|t| t.auth_refused), "the wrong password was refused at the proxy");
+}
+
+/// Amazon Q as users reach it: over HTTPS. A TLS front on loopback (a certificate for
+/// `localhost` from a throwaway CA, given as `ca_file`) relays to the emulator. A token
+/// refresh and three streamed calls go through one TLS connection, each stream read to its
+/// end; without the CA the same call is refused at the handshake and names the endpoint.
+#[tokio::test]
+async fn amazon_q_and_oidc_over_tls_share_one_connection_and_check_the_certificate() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let e = Emulator::start(EmulatorOptions::default()).await.unwrap();
+    e.add_account("cid", "secret", "rt0");
+    let ca = common::certs::ca();
+    let acceptor = tokio_rustls::TlsAcceptor::from(common::certs::server_config(&ca, "upstream"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let emulator = e.addr();
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let counted = handshakes.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut plain = tokio::net::TcpStream::connect(emulator).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
+    let https =
+        |url: String| url.replacen(&format!("http://{emulator}"), &format!("https://localhost:{port}"), 1);
+    let endpoint = https(e.endpoint());
+    assert!(endpoint.starts_with("https://localhost:"), "{endpoint}");
+    let mut cfg = config(&e);
+    cfg.endpoint = Template::new(&endpoint);
+    cfg.token_endpoint = Template::new(&https(e.token_endpoint()));
+    cfg.ca_file = Some(dir.path().join("ca.pem"));
+    let c = UpstreamClient::new(&cfg).unwrap();
+    let token_uri: http::Uri = https(e.token_endpoint()).parse().unwrap();
+    let grant = c
+        .create_token(
+            &token_uri,
+            &Secret::new("cid"),
+            &Secret::new("secret"),
+            &Secret::new("rt0"),
+            agent(),
+            None,
+        )
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let mut s = c
+            .generate(&endpoint.parse().unwrap(), &caller(&grant.access_token), body("hi"), 1)
+            .await
+            .unwrap();
+        let mut text = String::new();
+        while let Some(ev) = s.next().await {
+            if let Event::AssistantResponse { content } = ev.unwrap() {
+                text.push_str(&content);
+            }
+        }
+        assert!(!text.is_empty(), "call {i}: the reply's text arrives over TLS");
+    }
+    assert_eq!(handshakes.load(Ordering::SeqCst), 1, "a refresh and three calls, one TLS connection");
+
+    // The system's roots only: the test CA is unknown, the handshake fails, nothing is sent.
+    cfg.ca_file = None;
+    let c = UpstreamClient::new(&cfg).unwrap();
+    let refused = c
+        .create_token(
+            &token_uri,
+            &Secret::new("cid"),
+            &Secret::new("secret"),
+            &Secret::new("rt0"),
+            agent(),
+            None,
+        )
+        .await
+        .expect_err("an unknown CA is refused");
+    let shown = refused.to_string();
+    assert!(shown.contains("localhost") && shown.to_lowercase().contains("certificate"), "{shown}");
+    assert_eq!(handshakes.load(Ordering::SeqCst), 1, "no handshake completed without the CA");
 }

@@ -2,6 +2,7 @@
 //! HTTP client for talking to the daemon.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod child;
 pub mod proxy;
 
