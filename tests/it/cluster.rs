@@ -13,7 +13,7 @@ use bytes::Bytes;
 use common::child::{ChildDaemon, write_config};
 use common::{API_KEY, client_id};
 use http_body_util::Full;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -677,22 +677,13 @@ fn postgresql_over_tls_with_libpq_sslmodes() {
     let port = free_port();
     let ca_pem = std::cell::RefCell::new(PathBuf::new());
     let Some(pg) = Postgres::start_with(|dir| {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.distinguished_name.push(rcgen::DnType::CommonName, "amq2api test PostgreSQL CA");
-        let ca_key = KeyPair::generate().unwrap();
-        let ca = params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(params, ca_key);
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &issuer).unwrap();
+        let ca = crate::common::certs::ca();
+        let (_, key, cert_pem) = crate::common::certs::server_cert(&ca, "localhost", &["localhost"]);
         let (crt, keyf, ca_file) = (dir.join("server.crt"), dir.join("server.key"), dir.join("ca.pem"));
-        std::fs::write(&crt, cert.pem()).unwrap();
+        std::fs::write(&crt, cert_pem).unwrap();
         std::fs::write(&keyf, key.serialize_pem()).unwrap();
         std::fs::set_permissions(&keyf, std::fs::Permissions::from_mode(0o600)).unwrap();
-        std::fs::write(&ca_file, ca.pem()).unwrap();
+        std::fs::write(&ca_file, &ca.pem).unwrap();
         for f in [&crt, &keyf, &ca_file] {
             Postgres::own(f);
         }

@@ -9,7 +9,7 @@ use amq2api::config::{Secret, Template, UpstreamConfig};
 use amq2api::emulator::{Behaviour, Emulator, EmulatorOptions};
 use amq2api::upstream::types::*;
 use amq2api::upstream::{
-    Agent, Caller, Event, QuotaKind, RefreshError, StreamError, UpstreamClient, UpstreamFailure,
+    Agent, Caller, Event, QuotaKind, RefreshError, StreamError, TokenGrant, UpstreamClient, UpstreamFailure,
 };
 use bytes::Bytes;
 use std::time::Duration;
@@ -62,6 +62,19 @@ fn body(text: &str) -> Bytes {
     Bytes::from(serde_json::to_vec(&req).unwrap())
 }
 
+/// A refresh of the test account `cid` (refresh token `rt0`) at `token_endpoint`.
+async fn refresh(c: &UpstreamClient, token_endpoint: &http::Uri) -> Result<TokenGrant, RefreshError> {
+    c.create_token(
+        token_endpoint,
+        &Secret::new("cid"),
+        &Secret::new("secret"),
+        &Secret::new("rt0"),
+        agent(),
+        None,
+    )
+    .await
+}
+
 struct Env {
     e: Emulator,
     c: UpstreamClient,
@@ -72,17 +85,7 @@ async fn env() -> Env {
     let e = Emulator::start(EmulatorOptions::default()).await.unwrap();
     e.add_account("cid", "secret", "rt0");
     let c = UpstreamClient::new(&config(&e)).unwrap();
-    let grant = c
-        .create_token(
-            &e.token_endpoint().parse().unwrap(),
-            &Secret::new("cid"),
-            &Secret::new("secret"),
-            &Secret::new("rt0"),
-            agent(),
-            None,
-        )
-        .await
-        .unwrap();
+    let grant = refresh(&c, &e.token_endpoint().parse().unwrap()).await.unwrap();
     assert!(grant.refresh_token.is_some(), "rotation");
     Env { e, c, token: grant.access_token }
 }
@@ -666,17 +669,7 @@ async fn amazon_q_and_oidc_over_tls_share_one_connection_and_check_the_certifica
     cfg.ca_file = Some(dir.path().join("ca.pem"));
     let c = UpstreamClient::new(&cfg).unwrap();
     let token_uri: http::Uri = https(e.token_endpoint()).parse().unwrap();
-    let grant = c
-        .create_token(
-            &token_uri,
-            &Secret::new("cid"),
-            &Secret::new("secret"),
-            &Secret::new("rt0"),
-            agent(),
-            None,
-        )
-        .await
-        .unwrap();
+    let grant = refresh(&c, &token_uri).await.unwrap();
     for i in 0..3 {
         let mut s = c
             .generate(&endpoint.parse().unwrap(), &caller(&grant.access_token), body("hi"), 1)
@@ -695,17 +688,7 @@ async fn amazon_q_and_oidc_over_tls_share_one_connection_and_check_the_certifica
     // The system's roots only: the test CA is unknown, the handshake fails, nothing is sent.
     cfg.ca_file = None;
     let c = UpstreamClient::new(&cfg).unwrap();
-    let refused = c
-        .create_token(
-            &token_uri,
-            &Secret::new("cid"),
-            &Secret::new("secret"),
-            &Secret::new("rt0"),
-            agent(),
-            None,
-        )
-        .await
-        .expect_err("an unknown CA is refused");
+    let refused = refresh(&c, &token_uri).await.expect_err("an unknown CA is refused");
     let shown = refused.to_string();
     assert!(shown.contains("localhost") && shown.to_lowercase().contains("certificate"), "{shown}");
     assert_eq!(handshakes.load(Ordering::SeqCst), 1, "no handshake completed without the CA");

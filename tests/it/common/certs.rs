@@ -23,9 +23,12 @@ pub fn ca() -> Ca {
     Ca { der: cert.der().clone(), pem: cert.pem(), issuer: Issuer::new(params, key) }
 }
 
-/// A certificate for `localhost` and `127.0.0.1` signed by `ca`, with its key: DER, and PEM.
-fn server_cert(ca: &Ca, cn: &str) -> (CertificateDer<'static>, KeyPair, String) {
-    let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+/// The names the other helpers' certificates are for.
+const LOOPBACK: [&str; 2] = ["localhost", "127.0.0.1"];
+
+/// A certificate for `names` signed by `ca`, with its key: DER, and PEM.
+pub fn server_cert(ca: &Ca, cn: &str, names: &[&str]) -> (CertificateDer<'static>, KeyPair, String) {
+    let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
     params.distinguished_name.push(rcgen::DnType::CommonName, cn);
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &ca.issuer).unwrap();
@@ -35,7 +38,7 @@ fn server_cert(ca: &Ca, cn: &str) -> (CertificateDer<'static>, KeyPair, String) 
 /// Writes a server certificate for localhost signed by `ca` (`cert.pem`, `key.pem` in `dir`);
 /// returns its DER.
 pub fn write_server_cert(ca: &Ca, dir: &Path, cn: &str) -> CertificateDer<'static> {
-    let (der, key, pem) = server_cert(ca, cn);
+    let (der, key, pem) = server_cert(ca, cn, &LOOPBACK);
     std::fs::write(dir.join("cert.pem"), pem).unwrap();
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
     der
@@ -43,7 +46,7 @@ pub fn write_server_cert(ca: &Ca, dir: &Path, cn: &str) -> CertificateDer<'stati
 
 /// A TLS server configuration with a fresh certificate for localhost signed by `ca`.
 pub fn server_config(ca: &Ca, cn: &str) -> Arc<rustls::ServerConfig> {
-    let (der, key, _) = server_cert(ca, cn);
+    let (der, key, _) = server_cert(ca, cn, &LOOPBACK);
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
