@@ -889,6 +889,55 @@ mod tests {
         assert!(decode_in_steps(Framing::Chunked(Chunk::Size), &trailers, 100).is_err(), "endless trailers");
     }
 
+    proptest::proptest! {
+        /// Any body, cut into chunks of any sizes (hex in either case, with or without
+        /// extensions, with or without trailers), read in pieces of any size, comes out whole
+        /// and leaves nothing behind.
+        #[test]
+        fn any_chunking_read_in_any_pieces_gives_the_body_back(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            cuts in proptest::collection::vec(1usize..200, 0..8),
+            upper in proptest::bool::ANY,
+            ext in proptest::bool::ANY,
+            trailers in proptest::bool::ANY,
+            step in 1usize..40,
+        ) {
+            let mut wire = Vec::new();
+            let mut rest = &body[..];
+            let mut cuts = cuts.into_iter().cycle();
+            while !rest.is_empty() {
+                let n = cuts.next().unwrap_or(rest.len()).min(rest.len());
+                let size = if upper { format!("{n:X}") } else { format!("{n:x}") };
+                wire.extend_from_slice(size.as_bytes());
+                if ext {
+                    wire.extend_from_slice(b";name=\"v\"");
+                }
+                wire.extend_from_slice(b"\r\n");
+                wire.extend_from_slice(&rest[..n]);
+                wire.extend_from_slice(b"\r\n");
+                rest = &rest[n..];
+            }
+            wire.extend_from_slice(if trailers { &b"0\r\nx-checksum: 1\r\nx-more: 2\r\n\r\n"[..] } else { b"0\r\n\r\n" });
+            let (data, clean) = decode_in_steps(Framing::Chunked(Chunk::Size), &wire, step).unwrap();
+            proptest::prop_assert_eq!(data, body);
+            proptest::prop_assert!(clean);
+        }
+
+        /// Bytes of any kind never panic the decoder, and it never gives more body than it
+        /// was given bytes.
+        #[test]
+        fn any_bytes_are_decoded_or_refused(
+            wire in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            step in 1usize..40,
+        ) {
+            if let Ok((data, _)) = decode_in_steps(Framing::Chunked(Chunk::Size), &wire, step) {
+                proptest::prop_assert!(data.len() <= wire.len());
+            }
+            let mut buf = BytesMut::from(&wire[..]);
+            let _ = parse_head(&mut buf);
+        }
+    }
+
     #[test]
     fn length_bodies_end_at_their_length() {
         let (data, clean) = decode_in_steps(Framing::Length(5), b"hello", 2).unwrap();
