@@ -316,16 +316,36 @@ impl Load {
 }
 
 /// Every account's refresh token in PostgreSQL is the emulator's live one (none lost).
+///
+/// The emulator has rotated a token as soon as it answers, and the daemon stores the new one
+/// when the answer has arrived: a refresh that has just happened may be in between. So the
+/// check waits up to 5 s for the store to catch up. A lost token never comes back, so the
+/// wait hides no loss.
 async fn assert_chains_intact(url: &str, emu: &Emulator, ids: &[String]) {
     let store = PgStore::connect(url, "checker", Duration::from_secs(3)).await.unwrap();
-    for id in ids {
-        let live = emu.live_refresh_token(&client_id(id)).expect("the account has a live refresh token");
-        let stored = store.get_async(id).await.unwrap().and_then(|r| r.tokens).map(|t| t.refresh_token);
-        match stored {
-            Some(s) => assert_eq!(s.expose(), live, "{id}: the stored refresh token is not the live one"),
-            // Never refreshed: the file's token is still the live one.
-            None => assert_eq!(live, format!("refresh-{id}"), "{id}: refreshed, but nothing stored"),
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut mismatches = Vec::new();
+        for id in ids {
+            let live = emu.live_refresh_token(&client_id(id)).expect("the account has a live refresh token");
+            let stored = store.get_async(id).await.unwrap().and_then(|r| r.tokens).map(|t| t.refresh_token);
+            let intact = match &stored {
+                Some(s) => s.expose() == live,
+                // Never refreshed: the file's token is still the live one.
+                None => live == format!("refresh-{id}"),
+            };
+            if !intact {
+                mismatches.push((id, stored, live));
+            }
         }
+        let Some((id, stored, live)) = mismatches.into_iter().next() else { return };
+        if tokio::time::Instant::now() >= deadline {
+            match stored {
+                Some(s) => assert_eq!(s.expose(), live, "{id}: the stored refresh token is not the live one"),
+                None => assert_eq!(live, format!("refresh-{id}"), "{id}: refreshed, but nothing stored"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
