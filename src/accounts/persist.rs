@@ -1,8 +1,9 @@
-//! The pool's persistence through the store: rotated refresh tokens durably before use, state
-//! changes and counters batched by a writer thread that retries what failed; and the state a
-//! restart brings back.
+//! The pool's persistence through the store: rotated refresh tokens durably before use (a
+//! token-writer thread commits what is queued together, each caller waiting for its own
+//! commit), state changes and counters batched by a writer thread that retries what failed;
+//! and the state a restart brings back.
 
-use super::pool::{Restored, StateInfo, StateSink};
+use super::pool::{Restored, StateInfo, StateSink, TokenWrite};
 use super::tokens::{Access, Chain};
 use crate::config::AccountId;
 use crate::store::{
@@ -13,13 +14,70 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-/// Writes through to the store (redb, or PostgreSQL with `[cluster]`): tokens at once (the caller waits for the disk, on a
-/// blocking thread), states and counters through a writer thread that batches them and keeps
-/// what failed to be written until a retry succeeds.
+/// Writes through to the store (redb, or PostgreSQL with `[cluster]`): tokens through a
+/// token-writer thread (each caller waits, without blocking, until its own write is durable),
+/// states and counters through a writer thread that batches them and keeps what failed to be
+/// written until a retry succeeds.
 pub struct StoreSink {
     store: Arc<dyn Backend>,
     queue: Arc<Queue>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    tokens: Arc<TokenQueue>,
+    token_writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Token writes waiting for the token writer, in the order they were asked for.
+///
+/// Many accounts refresh at once at a first start (1,000 accounts, 1,000 rotated tokens): one
+/// thread takes whatever is queued and commits it together (one durable commit on redb instead
+/// of one each), where a blocking task per write had put up to 512 threads to wait on the
+/// store's one write lock.
+struct TokenQueue {
+    pending: Mutex<TokenPending>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct TokenPending {
+    writes: Vec<QueuedTokens>,
+    stop: bool,
+}
+
+struct QueuedTokens {
+    id: String,
+    record: TokenRecord,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+impl TokenQueue {
+    fn lock(&self) -> MutexGuard<'_, TokenPending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The token writer: takes every queued write, hands them to the store as one batch, and
+/// answers each caller with its own result. When stopped, it writes what is queued first.
+fn token_loop(store: &Arc<dyn Backend>, queue: &TokenQueue) {
+    let mut pending = queue.lock();
+    loop {
+        if pending.writes.is_empty() {
+            if pending.stop {
+                return;
+            }
+            pending = queue.changed.wait(pending).unwrap_or_else(|p| p.into_inner());
+            continue;
+        }
+        let writes = std::mem::take(&mut pending.writes);
+        drop(pending);
+        let batch: Vec<(String, TokenRecord)> =
+            writes.iter().map(|w| (w.id.clone(), w.record.clone())).collect();
+        let results = store.put_tokens_batch(&batch);
+        for (write, result) in writes.into_iter().zip(results) {
+            // A caller that gave up no longer waits: its tokens are written all the same.
+            let _ = write.done.send(result.map_err(|e| e.to_string()));
+        }
+        pending = queue.lock();
+    }
 }
 
 /// Writes waiting for the writer thread; the newest value per account wins.
@@ -51,19 +109,29 @@ impl Queue {
 impl StoreSink {
     pub fn new(store: Arc<dyn Backend>) -> StoreSink {
         let queue = Arc::new(Queue { pending: Mutex::default(), changed: Condvar::new() });
-        let writer = std::thread::Builder::new().name("store-writer".to_owned()).spawn({
+        let writer = start("store-writer", "account states will not be stored", {
             let (store, queue) = (store.clone(), queue.clone());
             move || write_loop(&store, &queue)
         });
-        let writer = match writer {
-            Ok(handle) => Some(handle),
-            Err(e) => {
-                // Without the thread, queued writes would never be written: say so loudly.
-                tracing::error!(error = %e, "cannot start the state store's writer thread; account states will not be stored");
-                None
-            }
-        };
-        StoreSink { store, queue, writer: Mutex::new(writer) }
+        let tokens = Arc::new(TokenQueue { pending: Mutex::default(), changed: Condvar::new() });
+        // Without it every token write fails and says why; nothing is used unstored.
+        let token_writer = start("token-writer", "refreshed tokens cannot be stored", {
+            let (store, tokens) = (store.clone(), tokens.clone());
+            move || token_loop(&store, &tokens)
+        });
+        StoreSink { store, queue, writer: Mutex::new(writer), tokens, token_writer: Mutex::new(token_writer) }
+    }
+}
+
+/// Starts one of the sink's threads; without it, what it would write is not written, and that
+/// is said loudly (`consequence`).
+fn start(name: &str, consequence: &str, run: impl FnOnce() + Send + 'static) -> Option<JoinHandle<()>> {
+    match std::thread::Builder::new().name(name.to_owned()).spawn(run) {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            tracing::error!(error = %e, thread = name, "cannot start a thread of the state store; {consequence}");
+            None
+        }
     }
 }
 
@@ -71,7 +139,12 @@ impl Drop for StoreSink {
     fn drop(&mut self) {
         self.queue.lock().stop = true;
         self.queue.changed.notify_all();
+        self.tokens.lock().stop = true;
+        self.tokens.changed.notify_all();
         if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = handle.join();
+        }
+        if let Some(handle) = self.token_writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = handle.join();
         }
     }
@@ -169,8 +242,8 @@ fn write_loop(store: &Arc<dyn Backend>, queue: &Queue) {
 }
 
 impl StateSink for StoreSink {
-    fn tokens(&self, id: &AccountId, chain: &Chain, access: &Access) -> Result<(), String> {
-        let rec = TokenRecord {
+    fn tokens(&self, id: &AccountId, chain: &Chain, access: &Access) -> TokenWrite {
+        let record = TokenRecord {
             refresh_token: chain.refresh_token.clone(),
             file_fingerprint: chain.file_fingerprint,
             rotated: chain.rotated,
@@ -178,7 +251,15 @@ impl StateSink for StoreSink {
             access_expires_at: Some(access.expires_at),
             updated_at: SystemTime::now(),
         };
-        self.store.put_tokens(id.as_str(), &rec).map_err(|e| e.to_string())
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let running = self.token_writer.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        if running {
+            self.tokens.lock().writes.push(QueuedTokens { id: id.to_string(), record, done });
+            self.tokens.changed.notify_one();
+        }
+        Box::pin(async move {
+            answer.await.unwrap_or_else(|_| Err("the state store's token writer is not running".to_owned()))
+        })
     }
 
     fn state(&self, id: &AccountId, info: &StateInfo) {
@@ -284,4 +365,135 @@ pub fn restored_one(r: AccountRecord) -> Restored {
         strikes: 0,
     });
     Restored { chain, access, state, counters: Some(r.counters), identity: r.identity, catalog: r.catalog }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::secret::Secret;
+    use crate::store::{StateRecord as S, Store, StoreError, StoreProblem};
+
+    fn chain(token: &str) -> Chain {
+        Chain { refresh_token: Secret::new(token), rotated: true, file_fingerprint: [7; 32] }
+    }
+
+    fn access(token: &str) -> Access {
+        Access { token: Secret::new(token), expires_at: SystemTime::now() + Duration::from_secs(3600) }
+    }
+
+    fn id(n: usize) -> AccountId {
+        AccountId::parse(&format!("acct-{n}")).unwrap()
+    }
+
+    /// A real redb store behind a gate: the first token batch waits until the test opens the
+    /// gate; every batch's size is recorded.
+    struct Gated {
+        store: Store,
+        gate: Mutex<bool>,
+        opened: Condvar,
+        batches: Mutex<Vec<usize>>,
+    }
+
+    impl Backend for Gated {
+        fn load_all(&self) -> Result<BTreeMap<String, AccountRecord>, StoreError> {
+            self.store.load_all()
+        }
+        fn get(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+            self.store.get(id)
+        }
+        fn put_tokens(&self, id: &str, t: &TokenRecord) -> Result<(), StoreError> {
+            self.store.put_tokens(id, t)
+        }
+        fn put_tokens_batch(&self, batch: &[(String, TokenRecord)]) -> Vec<Result<(), StoreError>> {
+            let mut open = self.gate.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+            drop(open);
+            self.batches.lock().unwrap().push(batch.len());
+            self.store.put_tokens_batch(batch)
+        }
+        fn put_states(&self, batch: &[(String, S)]) -> Result<(), StoreError> {
+            self.store.put_states(batch)
+        }
+        fn put_counters(&self, batch: &[(String, Counters)]) -> Result<(), StoreError> {
+            self.store.put_counters(batch)
+        }
+        fn put_identities(&self, batch: &[(String, IdentityRecord)]) -> Result<(), StoreError> {
+            self.store.put_identities(batch)
+        }
+        fn put_catalogs(&self, batch: &[(String, CatalogRecord)]) -> Result<(), StoreError> {
+            self.store.put_catalogs(batch)
+        }
+        fn remove(&self, id: &str) -> Result<(), StoreError> {
+            self.store.remove(id)
+        }
+        fn problem(&self) -> Option<StoreProblem> {
+            self.store.problem()
+        }
+    }
+
+    /// 200 accounts refresh at once: their tokens are committed in two commits (the one the
+    /// writer had begun, then everything queued meanwhile), each caller is answered only once
+    /// its own tokens are stored, and a reopened store holds every one of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_token_writes_commit_together_and_each_waits_for_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(Gated {
+            store: Store::open(dir.path()).unwrap(),
+            gate: Mutex::new(false),
+            opened: Condvar::new(),
+            batches: Mutex::new(Vec::new()),
+        });
+        let sink = Arc::new(StoreSink::new(backend.clone()));
+        let first = sink.tokens(&id(0), &chain("rt-0"), &access("at-0"));
+        // The writer has taken the first write and waits at the gate; the rest queue up.
+        while sink.tokens.lock().writes.len() == 1 {
+            tokio::task::yield_now().await;
+        }
+        let rest: Vec<TokenWrite> = (1..200)
+            .map(|n| sink.tokens(&id(n), &chain(&format!("rt-{n}")), &access(&format!("at-{n}"))))
+            .collect();
+        let mut waiting = tokio::spawn(async move {
+            let mut results = Vec::new();
+            for write in rest {
+                results.push(write.await);
+            }
+            results
+        });
+        // Nothing is answered before it is stored.
+        assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting).await.is_err());
+        *backend.gate.lock().unwrap() = true;
+        backend.opened.notify_all();
+        assert_eq!(first.await, Ok(()));
+        for result in waiting.await.unwrap() {
+            assert_eq!(result, Ok(()));
+        }
+        assert_eq!(*backend.batches.lock().unwrap(), vec![1, 199]);
+        drop(sink);
+        drop(backend);
+        let reopened = Store::open(dir.path()).unwrap();
+        for n in 0..200 {
+            let rec = reopened.get(id(n).as_str()).unwrap().and_then(|r| r.tokens).expect("stored");
+            assert_eq!(rec.refresh_token.expose(), format!("rt-{n}"));
+            assert_eq!(rec.access_token.as_ref().map(|t| t.expose().to_owned()), Some(format!("at-{n}")));
+        }
+    }
+
+    /// A sink dropped with writes queued writes them before its thread ends.
+    #[tokio::test]
+    async fn queued_token_writes_are_written_before_the_sink_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sink = StoreSink::new(Arc::new(store.clone()));
+        let writes: Vec<TokenWrite> =
+            (0..20).map(|n| sink.tokens(&id(n), &chain(&format!("rt-{n}")), &access("at"))).collect();
+        drop(sink);
+        for write in writes {
+            assert_eq!(write.await, Ok(()));
+        }
+        for n in 0..20 {
+            assert!(store.get(id(n).as_str()).unwrap().and_then(|r| r.tokens).is_some(), "acct-{n}");
+        }
+    }
 }

@@ -38,9 +38,10 @@ pub struct StateInfo {
 
 /// Where the pool writes what must survive a restart. The store implements it.
 pub trait StateSink: Send + Sync {
-    /// Must be durable when it returns `Ok` (rotated refresh tokens). It may block on the disk:
-    /// the pool calls it from a blocking thread, never from an async worker.
-    fn tokens(&self, id: &AccountId, chain: &Chain, access: &Access) -> Result<(), String>;
+    /// Starts writing an account's tokens; the write resolves `Ok` once they are durable
+    /// (rotated refresh tokens are stored before they are used). It never blocks the caller: a
+    /// sink that waits for a disk does so on a thread of its own.
+    fn tokens(&self, id: &AccountId, chain: &Chain, access: &Access) -> TokenWrite;
     /// Queues a state change; the sink writes it in the background, retrying until it is
     /// stored. Never blocks.
     fn state(&self, id: &AccountId, info: &StateInfo);
@@ -69,12 +70,15 @@ pub trait StateSink: Send + Sync {
     }
 }
 
+/// A token write under way ([`StateSink::tokens`]): `Ok` once the tokens are durable.
+pub type TokenWrite = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
 /// A sink that keeps nothing (tests, tools).
 pub struct NoSink;
 
 impl StateSink for NoSink {
-    fn tokens(&self, _: &AccountId, _: &Chain, _: &Access) -> Result<(), String> {
-        Ok(())
+    fn tokens(&self, _: &AccountId, _: &Chain, _: &Access) -> TokenWrite {
+        Box::pin(std::future::ready(Ok(())))
     }
     fn state(&self, _: &AccountId, _: &StateInfo) {}
     fn counters(&self, _: Vec<(AccountId, Counters)>) {}
@@ -1010,15 +1014,8 @@ impl Pool {
                     counter.fetch_add(1, Ordering::Relaxed);
                     grant
                 },
-                |chain, access| {
-                    let (sink, id) = (self.sink.clone(), id.clone());
-                    async move {
-                        // A durable commit waits for the disk: off the async workers.
-                        tokio::task::spawn_blocking(move || sink.tokens(&id, &chain, &access))
-                            .await
-                            .unwrap_or_else(|e| Err(format!("the store task failed: {e}")))
-                    }
-                },
+                // The sink's token writer waits for the disk, off the async workers.
+                |chain, access| self.sink.tokens(&id, &chain, &access),
             )
             .await
     }

@@ -14,7 +14,8 @@ pub use self::redb::*;
 use std::collections::BTreeMap;
 
 /// One store backend. Every method blocks (a file commit, a PostgreSQL round trip): call them
-/// from a blocking thread (`spawn_blocking`, the store-writer thread), never an async worker.
+/// from a blocking thread (`spawn_blocking`, the store-writer and token-writer threads), never an
+/// async worker.
 pub trait Backend: Send + Sync {
     /// Every account with a row, by account id.
     fn load_all(&self) -> Result<BTreeMap<String, AccountRecord>, StoreError>;
@@ -23,6 +24,12 @@ pub trait Backend: Send + Sync {
     /// Replaces the account's token record, committed before it returns. On PostgreSQL the write
     /// is fenced: it fails with [`StoreError::Fenced`] unless this node holds the account's lease.
     fn put_tokens(&self, id: &str, t: &TokenRecord) -> Result<(), StoreError>;
+    /// [`Backend::put_tokens`] for many accounts, a result each in the batch's order; each `Ok`
+    /// has committed. By default one write after another; a backend that can commit them
+    /// together does.
+    fn put_tokens_batch(&self, batch: &[(String, TokenRecord)]) -> Vec<Result<(), StoreError>> {
+        batch.iter().map(|(id, t)| self.put_tokens(id, t)).collect()
+    }
     fn put_states(&self, batch: &[(String, StateRecord)]) -> Result<(), StoreError>;
     fn put_counters(&self, batch: &[(String, Counters)]) -> Result<(), StoreError>;
     fn put_identities(&self, batch: &[(String, IdentityRecord)]) -> Result<(), StoreError>;
@@ -41,6 +48,9 @@ impl Backend for Store {
     }
     fn put_tokens(&self, id: &str, t: &TokenRecord) -> Result<(), StoreError> {
         Store::put_tokens(self, id, t)
+    }
+    fn put_tokens_batch(&self, batch: &[(String, TokenRecord)]) -> Vec<Result<(), StoreError>> {
+        Store::put_tokens_batch(self, batch)
     }
     fn put_states(&self, batch: &[(String, StateRecord)]) -> Result<(), StoreError> {
         Store::put_states(self, batch)

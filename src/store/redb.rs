@@ -779,6 +779,32 @@ impl Store {
         })
     }
 
+    /// Replaces many accounts' token records in one commit, on disk before returning, a result
+    /// each. If the commit fails (or a record does not encode), each record is written alone,
+    /// so that each gets its own answer and one bad record fails no other.
+    pub fn put_tokens_batch(&self, batch: &[(String, TokenRecord)]) -> Vec<Result<(), StoreError>> {
+        if batch.len() > 1 {
+            let together = batch
+                .iter()
+                .map(|(id, t)| Ok((id.as_str(), encode(&TokenWire::from(t))?)))
+                .collect::<Result<Vec<_>, StoreError>>()
+                .and_then(|values| {
+                    self.write(true, |txn| {
+                        let mut table = txn.open_table(TOKENS).ctx(self.path())?;
+                        // In the batch's order: a later write of one account wins.
+                        for (id, value) in &values {
+                            table.insert(*id, value.as_slice()).ctx(self.path())?;
+                        }
+                        Ok(())
+                    })
+                });
+            if together.is_ok() {
+                return batch.iter().map(|_| Ok(())).collect();
+            }
+        }
+        batch.iter().map(|(id, t)| self.put_tokens(id, t)).collect()
+    }
+
     /// Replaces the account's state record; on disk before returning.
     pub fn put_state(&self, id: &str, s: &StateRecord) -> Result<(), StoreError> {
         self.put_states(&[(id.to_owned(), s.clone())])
@@ -1682,12 +1708,24 @@ mod tests {
         assert!(problem.error.contains("Input/output error"), "{problem:?}");
         assert_eq!(problem.failures, 3);
         assert!(store.put_counters(&[("a".to_owned(), Counters::default())]).is_err());
+        // A batch that cannot commit: each record is tried alone and each gets its own error.
+        let failed = store.put_tokens_batch(&[("a".to_owned(), rt(6)), ("b".to_owned(), rt(7))]);
+        assert_eq!(failed.len(), 2);
+        assert!(failed.iter().all(|r| r.as_ref().is_err_and(|e| e.needs_reopen())), "{failed:?}");
 
         fail.store(false, std::sync::atomic::Ordering::SeqCst);
         store.put_tokens("a", &rt(5)).unwrap();
         assert_eq!(store.problem(), None, "a successful write clears the problem");
         let got = store.get("a").unwrap().unwrap().tokens.unwrap();
         assert_eq!(got.refresh_token.expose(), "rt-5");
+        assert!(store.get("b").unwrap().and_then(|r| r.tokens).is_none(), "the failed batch wrote nothing");
+
+        // One commit for the batch, in its order: the later write of an account wins.
+        let batch = [("a".to_owned(), rt(8)), ("b".to_owned(), rt(9)), ("a".to_owned(), rt(10))];
+        assert!(store.put_tokens_batch(&batch).iter().all(Result::is_ok));
+        let token_of =
+            |id: &str| store.get(id).unwrap().unwrap().tokens.unwrap().refresh_token.expose().to_owned();
+        assert_eq!((token_of("a"), token_of("b")), ("rt-10".to_owned(), "rt-9".to_owned()));
     }
 
     #[test]
