@@ -41,6 +41,8 @@ struct TokenQueue {
 struct TokenPending {
     writes: Vec<QueuedTokens>,
     stop: bool,
+    /// No writer takes writes (it could not start, or it ended): a write fails at once.
+    closed: bool,
 }
 
 struct QueuedTokens {
@@ -58,6 +60,17 @@ impl TokenQueue {
 /// The token writer: takes every queued write, hands them to the store as one batch, and
 /// answers each caller with its own result. When stopped, it writes what is queued first.
 fn token_loop(store: &Arc<dyn Backend>, queue: &TokenQueue) {
+    /// However the writer ends (stopped, or a panic in a backend), later writes fail at once
+    /// and queued ones are answered with an error: no caller waits for ever.
+    struct Close<'a>(&'a TokenQueue);
+    impl Drop for Close<'_> {
+        fn drop(&mut self) {
+            let mut pending = self.0.lock();
+            pending.closed = true;
+            pending.writes.clear();
+        }
+    }
+    let _close = Close(queue);
     let mut pending = queue.lock();
     loop {
         if pending.writes.is_empty() {
@@ -119,6 +132,7 @@ impl StoreSink {
             let (store, tokens) = (store.clone(), tokens.clone());
             move || token_loop(&store, &tokens)
         });
+        tokens.lock().closed |= token_writer.is_none();
         StoreSink { store, queue, writer: Mutex::new(writer), tokens, token_writer: Mutex::new(token_writer) }
     }
 }
@@ -252,11 +266,14 @@ impl StateSink for StoreSink {
             updated_at: SystemTime::now(),
         };
         let (done, answer) = tokio::sync::oneshot::channel();
-        let running = self.token_writer.lock().unwrap_or_else(|p| p.into_inner()).is_some();
-        if running {
-            self.tokens.lock().writes.push(QueuedTokens { id: id.to_string(), record, done });
-            self.tokens.changed.notify_one();
+        {
+            let mut pending = self.tokens.lock();
+            // Closed: `done` is dropped here and the write fails at once.
+            if !pending.closed {
+                pending.writes.push(QueuedTokens { id: id.to_string(), record, done });
+            }
         }
+        self.tokens.changed.notify_one();
         Box::pin(async move {
             answer.await.unwrap_or_else(|_| Err("the state store's token writer is not running".to_owned()))
         })
@@ -386,12 +403,26 @@ mod tests {
     }
 
     /// A real redb store behind a gate: the first token batch waits until the test opens the
-    /// gate; every batch's size is recorded.
+    /// gate; every batch's size is recorded; with `panics`, a token batch panics (a broken
+    /// backend).
     struct Gated {
         store: Store,
         gate: Mutex<bool>,
         opened: Condvar,
         batches: Mutex<Vec<usize>>,
+        panics: bool,
+    }
+
+    impl Gated {
+        fn new(dir: &std::path::Path, open: bool, panics: bool) -> Arc<Gated> {
+            Arc::new(Gated {
+                store: Store::open(dir).unwrap(),
+                gate: Mutex::new(open),
+                opened: Condvar::new(),
+                batches: Mutex::new(Vec::new()),
+                panics,
+            })
+        }
     }
 
     impl Backend for Gated {
@@ -410,6 +441,7 @@ mod tests {
                 open = self.opened.wait(open).unwrap();
             }
             drop(open);
+            assert!(!self.panics, "a broken backend");
             self.batches.lock().unwrap().push(batch.len());
             self.store.put_tokens_batch(batch)
         }
@@ -439,12 +471,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn queued_token_writes_commit_together_and_each_waits_for_its_own() {
         let dir = tempfile::tempdir().unwrap();
-        let backend = Arc::new(Gated {
-            store: Store::open(dir.path()).unwrap(),
-            gate: Mutex::new(false),
-            opened: Condvar::new(),
-            batches: Mutex::new(Vec::new()),
-        });
+        let backend = Gated::new(dir.path(), false, false);
         let sink = Arc::new(StoreSink::new(backend.clone()));
         let first = sink.tokens(&id(0), &chain("rt-0"), &access("at-0"));
         // The writer has taken the first write and waits at the gate; the rest queue up.
@@ -495,5 +522,21 @@ mod tests {
         for n in 0..20 {
             assert!(store.get(id(n).as_str()).unwrap().and_then(|r| r.tokens).is_some(), "acct-{n}");
         }
+    }
+
+    /// A token writer that dies (a backend panics) fails the write it held and every later
+    /// one at once: nobody waits for ever, and nothing is reported stored that is not.
+    #[tokio::test]
+    async fn a_dead_token_writer_fails_writes_instead_of_keeping_them_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Gated::new(dir.path(), true, true);
+        let sink = StoreSink::new(backend.clone());
+        let first = sink.tokens(&id(1), &chain("rt-1"), &access("at"));
+        let err = tokio::time::timeout(Duration::from_secs(10), first).await.expect("answered").unwrap_err();
+        assert!(err.contains("token writer is not running"), "{err}");
+        let later = sink.tokens(&id(2), &chain("rt-2"), &access("at"));
+        let err = tokio::time::timeout(Duration::from_secs(10), later).await.expect("answered").unwrap_err();
+        assert!(err.contains("token writer is not running"), "{err}");
+        assert!(backend.store.get("acct-1").unwrap().and_then(|r| r.tokens).is_none());
     }
 }
