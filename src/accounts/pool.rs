@@ -10,10 +10,11 @@ use crate::config::{
     UpstreamConfig,
 };
 use crate::translate::Catalog;
+use crate::upstream::catalog::Models;
 use crate::upstream::{
     Agent, Caller, Endpoints, QuotaKind, RefreshError, Role, UpstreamClient, UpstreamFailure, endpoints_for,
 };
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -329,7 +330,7 @@ impl Account {
     /// Usable but for its `rpm`: when a start frees.
     fn rpm_wake(&self, now: SystemTime) -> Option<Instant> {
         let usable_otherwise = !self.removed.load(Ordering::SeqCst)
-            && self.spec.read().unwrap_or_else(|e| e.into_inner()).enabled
+            && self.enabled()
             && self.effective_state(now) == State::Active
             && !self.tokens.has_unsaved();
         if !usable_otherwise {
@@ -340,6 +341,12 @@ impl Account {
 
     pub fn spec(&self) -> AccountSpec {
         self.spec.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The file's `enabled`, read without copying the spec (the background scans read it for
+    /// every account every second).
+    pub fn enabled(&self) -> bool {
+        self.spec.read().unwrap_or_else(|e| e.into_inner()).enabled
     }
 
     /// The account's egress proxy (its `proxy`), which all its upstream calls go through.
@@ -380,7 +387,7 @@ impl Account {
     fn usable(&self, now: SystemTime) -> bool {
         self.held_for(0)
             && !self.removed.load(Ordering::SeqCst)
-            && self.spec.read().unwrap_or_else(|e| e.into_inner()).enabled
+            && self.enabled()
             && self.effective_state(now) == State::Active
             // Its token cannot be used until the rotated chain is stored.
             && !self.tokens.has_unsaved()
@@ -515,8 +522,11 @@ pub struct Pool {
     hold_ewma_ms: AtomicU64,
     /// Sessions pinned to the account that served them.
     pins: super::pins::Pins,
-    /// What the enabled accounts offer (rebuilt whenever a catalog or the set changes).
+    /// What the enabled accounts offer (rebuilt when read after a catalog or the set changed).
     union: RwLock<Arc<Catalog>>,
+    /// An account's catalog, its `enabled` or the set of accounts changed since the union was
+    /// built: the next [`Pool::union`] rebuilds it.
+    union_stale: AtomicBool,
     catalog_refresh: Duration,
     catalog_slots: tokio::sync::Semaphore,
     /// Removed accounts whose rotated refresh token is not stored yet: kept until it is.
@@ -554,7 +564,7 @@ impl Pool {
                 Arc::new(account)
             })
             .collect();
-        let pool = Arc::new(Pool {
+        Arc::new(Pool {
             accounts: RwLock::new(accounts),
             strategy: settings.strategy,
             rr: AtomicUsize::new(0),
@@ -569,6 +579,8 @@ impl Pool {
             background: crate::shutdown::Tasks::new(),
             hold_ewma_ms: AtomicU64::new(0),
             union: RwLock::new(Arc::new(Catalog::default())),
+            // Catalogs restored from the store serve from the first read.
+            union_stale: AtomicBool::new(true),
             pins: super::pins::Pins::new(Duration::from_secs(3600), 200_000),
             catalog_refresh: settings.catalog_refresh,
             catalog_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_REFRESHES),
@@ -576,10 +588,7 @@ impl Pool {
             refreshes_ok: AtomicU64::new(0),
             refreshes_failed: AtomicU64::new(0),
             cluster_guard_ms: RwLock::new(None),
-        });
-        // Catalogs restored from the store serve at once.
-        pool.rebuild_union();
-        pool
+        })
     }
 
     /// `[cluster]`: from now on an account serves only while [`Pool::hold`] says this node
@@ -652,7 +661,7 @@ impl Pool {
             if a.tokens.has_unsaved() {
                 s.unsaved += 1;
             }
-            if !a.spec.read().unwrap_or_else(|e| e.into_inner()).enabled {
+            if !a.enabled() {
                 s.disabled += 1;
                 continue;
             }
@@ -820,7 +829,7 @@ impl Pool {
                 let soonest = accounts
                     .iter()
                     .filter(|a| allowed(a) && !a.removed.load(Ordering::SeqCst))
-                    .filter(|a| a.spec.read().unwrap_or_else(|e| e.into_inner()).enabled)
+                    .filter(|a| a.enabled())
                     .filter_map(|a| {
                         let st = a.state();
                         let cooling =
@@ -1020,20 +1029,40 @@ impl Pool {
             .await
     }
 
-    /// What the enabled accounts offer.
+    /// What the enabled accounts offer, rebuilt here when something changed since it was
+    /// last built.
     pub fn union(&self) -> Arc<Catalog> {
+        if self.union_stale.swap(false, Ordering::AcqRel) {
+            self.rebuild_union();
+        }
         self.union.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Rebuilds the union from the enabled accounts' catalogs.
+    /// The union must be built again: done by the next [`Pool::union`], not here. A catalog
+    /// fetch ends this way, and 10,000 accounts fetching after a first start or a reload
+    /// rebuilt it 10,000 times over 10,000 accounts (quadratic: most of the daemon's CPU
+    /// then); now the work is one rebuild per change that is actually read.
+    fn union_changed(&self) {
+        self.union_stale.store(true, Ordering::Release);
+    }
+
+    /// Builds the union from the enabled accounts' catalogs. Accounts share their catalog
+    /// (`Arc<Models>`, one per distinct list): each distinct catalog, with what its account
+    /// dropped, is merged once, in the accounts' order (where two catalogs describe one model
+    /// differently, the first account's description wins).
     fn rebuild_union(&self) {
         let accounts = self.accounts();
-        let catalogs: Vec<AccountCatalog> = accounts
-            .iter()
-            .filter(|a| a.spec().enabled && !a.removed.load(Ordering::SeqCst))
-            .map(|a| a.catalog.read().unwrap_or_else(|e| e.into_inner()).clone())
-            .collect();
-        let union = Catalog::from_offers(catalogs.iter().map(|c| (&*c.models, &c.dropped)));
+        let mut offers: Vec<(Arc<Models>, BTreeSet<String>)> = Vec::new();
+        for a in accounts.iter().filter(|a| a.enabled() && !a.removed.load(Ordering::SeqCst)) {
+            let c = a.catalog.read().unwrap_or_else(|e| e.into_inner());
+            let ptr = Arc::as_ptr(&c.models);
+            // Distinct catalogs are few (one per distinct model list): a scan of them is
+            // cheaper than hashing.
+            if !offers.iter().any(|(m, d)| Arc::as_ptr(m) == ptr && *d == c.dropped) {
+                offers.push((c.models.clone(), c.dropped.clone()));
+            }
+        }
+        let union = Catalog::from_offers(offers.iter().map(|(models, dropped)| (&**models, dropped)));
         *self.union.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(union);
     }
 
@@ -1047,7 +1076,7 @@ impl Pool {
     pub fn drop_model(&self, a: &Account, q_model: &str) {
         tracing::info!(account = %a.id, model = q_model, "the account does not take this model: left out until its next catalog fetch");
         a.catalog.write().unwrap_or_else(|e| e.into_inner()).dropped.insert(q_model.to_owned());
-        self.rebuild_union();
+        self.union_changed();
     }
 
     /// Fetches one account's catalog (bounded concurrency); a failure keeps the last good one
@@ -1087,7 +1116,7 @@ impl Pool {
                 Err(message)
             }
         };
-        self.rebuild_union();
+        self.union_changed();
         outcome
     }
 
@@ -1096,7 +1125,7 @@ impl Pool {
     fn fetch_catalogs_due(self: &Arc<Self>) {
         let now = SystemTime::now();
         for a in self.accounts() {
-            if a.removed.load(Ordering::SeqCst) || !a.spec().enabled || a.tokens.has_unsaved() {
+            if a.removed.load(Ordering::SeqCst) || !a.enabled() || a.tokens.has_unsaved() {
                 continue;
             }
             if matches!(a.state().state, State::Invalid | State::Suspended | State::Disabled) {
@@ -1471,7 +1500,7 @@ impl Pool {
             let order: HashMap<&AccountId, usize> = new.iter().enumerate().map(|(i, s)| (&s.id, i)).collect();
             list.sort_by_key(|a| order.get(&a.id).copied().unwrap_or(usize::MAX));
         }
-        self.rebuild_union();
+        self.union_changed();
         self.freed.notify_waiters();
     }
 
@@ -1499,7 +1528,7 @@ impl Pool {
             if a.kind() == Kind::ApiKey || !a.held_for(0) {
                 continue;
             }
-            if !unsaved && (a.removed.load(Ordering::SeqCst) || !a.spec().enabled) {
+            if !unsaved && (a.removed.load(Ordering::SeqCst) || !a.enabled()) {
                 continue;
             }
             if !unsaved && matches!(a.state().state, State::Invalid | State::Suspended | State::Disabled) {
@@ -1528,7 +1557,6 @@ impl Pool {
 
     /// Runs the background refresher until `stop` resolves.
     pub async fn run_refresher(self: Arc<Self>, mut stop: crate::shutdown::Shutdown) {
-        self.rebuild_union();
         loop {
             self.refresh_due();
             self.fetch_catalogs_due();

@@ -346,7 +346,7 @@ async fn cluster_state(shared: &Context) -> Option<ClusterState> {
 /// The state an action reports: `disabled` when the accounts file says `enabled = false` (as in
 /// [`account_info`]), else the pool's state.
 fn state_of(a: &Account) -> String {
-    if a.spec().enabled { a.state().state.as_str().into() } else { "disabled".into() }
+    if a.enabled() { a.state().state.as_str().into() } else { "disabled".into() }
 }
 
 fn expires_in(a: &Account) -> String {
@@ -447,7 +447,7 @@ async fn act(shared: &Arc<Context>, a: &Arc<Account>, action: &str) -> Option<Ac
     Some(match action {
         "refresh" => refresh_one(shared, a).await,
         "check" => check_one(shared, a).await,
-        "enable" if !a.spec().enabled => {
+        "enable" if !a.enabled() => {
             done(false, "the accounts file says enabled = false: change it there, then amqctl reload")
         }
         "enable" => {
