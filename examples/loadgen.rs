@@ -133,6 +133,10 @@ struct Args {
     /// 0: full speed.
     #[arg(long, default_value_t = 0)]
     frame_work_us: u64,
+    /// Requests through the daemon name a client session (`metadata.user_id`, as Claude Code
+    /// sends it), so each one looks up the session's pinned account first.
+    #[arg(long)]
+    session: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1023,6 +1027,13 @@ fn messages_body(prompt: &str) -> Value {
     })
 }
 
+/// [`messages_body`] as one client session (`--session`).
+fn session_body(prompt: &str) -> Value {
+    let mut body = messages_body(prompt);
+    body["metadata"] = json!({"user_id": "user_loadgen_account__session_0f3c8e2a-loadgen"});
+    body
+}
+
 fn default_daemon() -> PathBuf {
     let beside = std::env::current_exe()
         .ok()
@@ -1183,7 +1194,11 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
     if args.frame_work_us > 0 {
         println!("- emulator slowed: {} µs of CPU a frame, each frame its own write", args.frame_work_us);
     }
+    if args.session {
+        println!("- requests through the daemon name one client session (metadata.user_id)");
+    }
     let host = addr.to_string();
+    let session = args.session;
     let daemon_target = Arc::new(Target {
         name: "daemon",
         addr,
@@ -1196,7 +1211,9 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
                 .header("content-type", "application/json")
                 .header("x-api-key", API_KEY)
                 .header("anthropic-version", "2023-06-01")
-                .body(Full::new(Bytes::from(messages_body(prompt).to_string())))
+                .body(Full::new(Bytes::from(
+                    if session { session_body(prompt) } else { messages_body(prompt) }.to_string(),
+                )))
                 .unwrap()
         }),
     });
