@@ -19,7 +19,9 @@
 //! - [`ids`]: random bytes and identifiers (request, message and invocation ids, UUIDs).
 //! - [`keys`]: named client keys (`keys.toml`): identity, limits, usage per key, account, model, day.
 //! - [`accounts`]: the account pool (selection, leases, cooldowns, a changed accounts file applied
-//!   live), each account's token lifecycle, and the file watcher reload uses.
+//!   live), each account's token lifecycle, the model union of their catalogs, what is kept
+//!   in the store (`accounts::persist`: a token-writer thread committing rotated tokens
+//!   together, a writer thread batching states and counters), and the file watcher reload uses.
 //! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
 //! - [`memory`]: gives the heap's free pages back to the kernel once the daemon is quiet
 //!   (`malloc_trim`, the library's one `unsafe` call).

@@ -772,9 +772,21 @@ impl Store {
     /// Replaces the account's token record; on disk (`Durability::Immediate`) before returning.
     /// Call it with a rotated refresh token *before* using the access token that came with it.
     pub fn put_tokens(&self, id: &str, t: &TokenRecord) -> Result<(), StoreError> {
-        let value = encode(&TokenWire::from(t))?;
+        self.commit_tokens(&[(id, t)])
+    }
+
+    /// Replaces the token records of `batch`, in its order (a later write of one account wins),
+    /// in one durable commit.
+    fn commit_tokens(&self, batch: &[(&str, &TokenRecord)]) -> Result<(), StoreError> {
+        let values = batch
+            .iter()
+            .map(|(id, t)| Ok((*id, encode(&TokenWire::from(*t))?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
         self.write(true, |txn| {
-            txn.open_table(TOKENS).ctx(self.path())?.insert(id, value.as_slice()).ctx(self.path())?;
+            let mut table = txn.open_table(TOKENS).ctx(self.path())?;
+            for (id, value) in &values {
+                table.insert(*id, value.as_slice()).ctx(self.path())?;
+            }
             Ok(())
         })
     }
@@ -784,21 +796,8 @@ impl Store {
     /// so that each gets its own answer and one bad record fails no other.
     pub fn put_tokens_batch(&self, batch: &[(String, TokenRecord)]) -> Vec<Result<(), StoreError>> {
         if batch.len() > 1 {
-            let together = batch
-                .iter()
-                .map(|(id, t)| Ok((id.as_str(), encode(&TokenWire::from(t))?)))
-                .collect::<Result<Vec<_>, StoreError>>()
-                .and_then(|values| {
-                    self.write(true, |txn| {
-                        let mut table = txn.open_table(TOKENS).ctx(self.path())?;
-                        // In the batch's order: a later write of one account wins.
-                        for (id, value) in &values {
-                            table.insert(*id, value.as_slice()).ctx(self.path())?;
-                        }
-                        Ok(())
-                    })
-                });
-            if together.is_ok() {
+            let all: Vec<(&str, &TokenRecord)> = batch.iter().map(|(id, t)| (id.as_str(), t)).collect();
+            if self.commit_tokens(&all).is_ok() {
                 return batch.iter().map(|_| Ok(())).collect();
             }
         }
