@@ -1141,6 +1141,11 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
     let token = direct_token(&emulator).await?;
     let models = ModelMap::default();
     let emu_addr = emulator.addr();
+    // The headers the daemon sends with every GenerateAssistantResponse (its user agents, the
+    // opt-out, an invocation id, the attempt, what it accepts), so the emulator does the same work
+    // for a request on every path: it checks and records them.
+    let agent = amq2api::upstream::agent::Agent::new(amq2api::upstream::agent::Agent::new_machine_id());
+    let (user_agent, amz_user_agent) = (agent.user_agent("codewhispererstreaming"), agent.amz_user_agent());
     let cache = std::sync::Mutex::new(std::collections::HashMap::<String, Bytes>::new());
     let q_request: SharedBuild = Arc::new(move |prompt: &str| {
         // Translated once per prompt: the client's own cost stays small.
@@ -1164,6 +1169,12 @@ async fn run(args: Args, emulator: Emulator) -> Result<()> {
             .header("content-type", "application/x-amz-json-1.0")
             .header("x-amz-target", Q_TARGET)
             .header("authorization", format!("Bearer {token}"))
+            .header("user-agent", user_agent.as_str())
+            .header("x-amz-user-agent", amz_user_agent.as_str())
+            .header("x-amzn-codewhisperer-optout", "true")
+            .header("amz-sdk-invocation-id", amq2api::ids::uuid_v4())
+            .header("amz-sdk-request", "attempt=1; max=3")
+            .header("accept", "application/vnd.amazon.eventstream, application/json")
             .body(Full::new(q))
             .unwrap()
     });

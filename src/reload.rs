@@ -3,9 +3,10 @@
 //! a good one (the last good set keeps serving and the error is kept for `amqctl status` and
 //! `STATUS=`), and a good one is applied as a typed diff.
 
-use crate::config::{self, AccountSet, Env, KeySet};
+use crate::config::{self, AccountId, AccountSet, Env, KeySet};
 use crate::server::{App, tls};
 use crate::shutdown::Shutdown;
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
@@ -121,16 +122,24 @@ impl Reloader {
             Ok((set, warnings)) => {
                 let old = self.info().accounts;
                 let diff = old.diff(&set);
+                let refused =
+                    if diff.is_empty() { Vec::new() } else { self.app.pool.apply(&set, &diff).await };
                 if !diff.is_empty() {
-                    self.app.pool.apply(&set, &diff).await;
                     tracing::info!(changes = %diff, "accounts file reloaded");
                 }
-                let r = Outcome {
-                    ok: true,
-                    changes: diff.to_string(),
-                    errors: vec![],
-                    warnings: warnings.0.iter().map(|w| w.to_string()).collect(),
+                let mut warnings: Vec<String> = warnings.0.iter().map(|w| w.to_string()).collect();
+                // An account that could not join stays out of the recorded set, so the next
+                // reload (or the watcher's next event) tries it again.
+                let set = if refused.is_empty() {
+                    set
+                } else {
+                    for (id, why) in &refused {
+                        warnings.push(format!("{id}: not added: {why}; reload again once the store answers"));
+                    }
+                    let out: HashSet<&AccountId> = refused.iter().map(|(id, _)| id).collect();
+                    AccountSet::new(set.iter().filter(|s| !out.contains(&s.id)).cloned().collect())
                 };
+                let r = Outcome { ok: true, changes: diff.to_string(), errors: vec![], warnings };
                 self.record(&r, Some(set));
                 return r;
             }

@@ -311,15 +311,25 @@ impl StateSink for StoreSink {
         self.queue.changed.notify_all();
     }
 
-    fn restore(&self, id: &AccountId) -> Restored {
-        match self.store.get(id.as_str()) {
-            Ok(Some(rec)) => restored_one(rec),
-            Ok(None) => Restored::default(),
-            Err(e) => {
-                tracing::warn!(account = %id, error = %e, "cannot read the account's stored state");
-                Restored::default()
-            }
+    fn restore(&self, ids: &[AccountId]) -> Vec<Result<Restored, String>> {
+        // Many accounts at once (a large file added): one read of everything beats a round
+        // trip per account.
+        if ids.len() > RESTORE_ONE_BY_ONE {
+            return match self.store.load_all() {
+                Ok(mut all) => ids
+                    .iter()
+                    .map(|id| Ok(all.remove(id.as_str()).map(restored_one).unwrap_or_default()))
+                    .collect(),
+                Err(e) => ids.iter().map(|_| Err(e.to_string())).collect(),
+            };
         }
+        ids.iter()
+            .map(|id| match self.store.get(id.as_str()) {
+                Ok(Some(rec)) => Ok(restored_one(rec)),
+                Ok(None) => Ok(Restored::default()),
+                Err(e) => Err(e.to_string()),
+            })
+            .collect()
     }
 
     fn problem(&self) -> Option<String> {
@@ -350,6 +360,10 @@ impl StateSink for StoreSink {
         }
     }
 }
+
+/// Above this many accounts joining at once, [`StoreSink`] reads the whole store once instead
+/// of each account's record.
+const RESTORE_ONE_BY_ONE: usize = 64;
 
 /// What the pool restores from the store's records.
 pub fn restored(records: BTreeMap<String, AccountRecord>) -> BTreeMap<String, Restored> {

@@ -48,9 +48,11 @@ pub trait StateSink: Send + Sync {
     fn state(&self, id: &AccountId, info: &StateInfo);
     /// Queues counters, like [`StateSink::state`] (batched, not waited for).
     fn counters(&self, batch: Vec<(AccountId, Counters)>);
-    /// What the store holds for an account that joins at run time (removed earlier and now
-    /// back, for example): its rotated token chain must not be lost.
-    fn restore(&self, id: &AccountId) -> Restored;
+    /// What the store holds for accounts that join at run time (removed earlier and now back,
+    /// for example): their rotated token chains must not be lost. One answer per id, in order;
+    /// `Err` when the store cannot be read (the account must then not start from its file's
+    /// token). It may block (a disk, a database): the pool calls it off the async workers.
+    fn restore(&self, ids: &[AccountId]) -> Vec<Result<Restored, String>>;
     /// Queues what an account learned about itself (machine id, profile, endpoint), like
     /// [`StateSink::state`].
     fn identity(&self, id: &AccountId, rec: &crate::store::IdentityRecord) {
@@ -83,8 +85,8 @@ impl StateSink for NoSink {
     }
     fn state(&self, _: &AccountId, _: &StateInfo) {}
     fn counters(&self, _: Vec<(AccountId, Counters)>) {}
-    fn restore(&self, _: &AccountId) -> Restored {
-        Restored::default()
+    fn restore(&self, ids: &[AccountId]) -> Vec<Result<Restored, String>> {
+        ids.iter().map(|_| Ok(Restored::default())).collect()
     }
 }
 
@@ -1436,15 +1438,37 @@ impl Pool {
         }
     }
 
-    /// Applies a new account set (a reload): joins, drains, resets, updates.
-    pub async fn apply(&self, new: &AccountSet, diff: &AccountsDiff) {
+    /// Applies a new account set (a reload): joins, drains, resets, updates. Returns the added
+    /// accounts that were not added, with why: their stored state could not be read, and
+    /// starting from the file's token could overwrite a rotated chain the store still holds.
+    pub async fn apply(&self, new: &AccountSet, diff: &AccountsDiff) -> Vec<(AccountId, String)> {
         // Lookups by id through maps: a linear search per account made a reload of a large file
         // quadratic (10,000 accounts took seconds).
         let specs: HashMap<&AccountId, &AccountSpec> = new.iter().map(|s| (&s.id, s)).collect();
+        let joining: Vec<AccountId> =
+            diff.added.iter().filter(|id| specs.contains_key(id)).cloned().collect();
+        // The store's reads block (redb's disk, PostgreSQL through its own runtime, which must
+        // not be entered from an async worker): one blocking task reads them all.
+        let sink = self.sink.clone();
+        let ids = joining.clone();
+        let restored = match tokio::task::spawn_blocking(move || sink.restore(&ids)).await {
+            Ok(r) if r.len() == joining.len() => r,
+            Ok(_) | Err(_) => {
+                joining.iter().map(|_| Err("the store's read did not finish".to_string())).collect()
+            }
+        };
         let mut added = Vec::new();
-        for id in &diff.added {
-            if let Some(spec) = specs.get(id) {
-                let restored = self.sink.restore(id);
+        let mut refused = Vec::new();
+        for (id, restored) in joining.into_iter().zip(restored) {
+            if let Some(spec) = specs.get(&id) {
+                let restored = match restored {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(account = %id, error = %e, "account not added: its stored state cannot be read");
+                        refused.push((id, format!("cannot read its stored state: {e}")));
+                        continue;
+                    }
+                };
                 let (account, new_identity) = Account::new((*spec).clone(), &self.upstream, restored);
                 if self.clustered().is_some() {
                     account.held_until.store(0, Ordering::SeqCst);
@@ -1509,6 +1533,7 @@ impl Pool {
         }
         self.union_changed();
         self.freed.notify_waiters();
+        refused
     }
 
     /// One pass of the background refresher: refreshes tokens that expire within
@@ -1746,6 +1771,60 @@ mod tests {
         let dec = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_083_200 + 86_400 * 5);
         let jan = next_utc_month(dec).duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
         assert_eq!(jan, 1_798_761_600); // 2027-01-01T00:00:00Z
+    }
+
+    /// A store that cannot be read.
+    struct Unreadable;
+
+    impl StateSink for Unreadable {
+        fn tokens(&self, _: &AccountId, _: &Chain, _: &Access) -> TokenWrite {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn state(&self, _: &AccountId, _: &StateInfo) {}
+        fn counters(&self, _: Vec<(AccountId, Counters)>) {}
+        fn restore(&self, ids: &[AccountId]) -> Vec<Result<Restored, String>> {
+            ids.iter().map(|_| Err("input/output error".to_string())).collect()
+        }
+    }
+
+    fn accounts(ids: &[&str]) -> AccountSet {
+        let text: String = ids
+            .iter()
+            .map(|id| {
+                format!(
+                    "[[account]]\nid = \"{id}\"\nclient_id = \"c-{id}\"\nclient_secret = \"s-{id}\"\nrefresh_token = \"r-{id}\"\n"
+                )
+            })
+            .collect();
+        crate::config::accounts::parse(std::path::Path::new("accounts.toml"), &text).unwrap().0
+    }
+
+    #[tokio::test]
+    async fn an_account_whose_stored_state_cannot_be_read_does_not_join() {
+        let (cfg, _) = crate::config::parse_config(
+            std::path::Path::new("/etc/amq2api/amq2api.toml"),
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[auth]\napi_keys = [\"sk-amq-0123456789abcdef\"]\n\
+             [accounts]\nfile = \"accounts.toml\"\n",
+            &crate::config::Env::default(),
+        )
+        .unwrap();
+        let (one, two) = (accounts(&["a1"]), accounts(&["a1", "a2"]));
+        let client = UpstreamClient::new(&cfg.upstream).unwrap();
+        let pool = Pool::new(
+            &one,
+            BTreeMap::new(),
+            &cfg.accounts,
+            cfg.upstream.clone(),
+            client,
+            Arc::new(Unreadable),
+        );
+        let refused = pool.apply(&two, &one.diff(&two)).await;
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].0.as_str(), "a2");
+        assert!(refused[0].1.contains("input/output error"), "{refused:?}");
+        assert!(pool.get("a2").is_none(), "joined with its file's token over an unread store");
+        assert!(pool.get("a1").is_some());
+        assert_eq!(pool.accounts().len(), 1);
     }
 
     #[test]

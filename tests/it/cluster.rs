@@ -1098,3 +1098,36 @@ fn a_node_holding_no_lease_is_unavailable() {
     }
     rt.block_on(emu.shutdown());
 }
+
+/// A live reload on a cluster node: an account added to the file is served (its stored state
+/// read back from PostgreSQL, not from a blocking call on a runtime worker), one removed is
+/// dropped, and the node keeps taking reloads and requests.
+#[test]
+fn a_cluster_node_takes_accounts_added_and_removed_by_a_reload() {
+    let Some(pg) = Postgres::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let all = ids(3);
+    let emu = rt.block_on(emulator(&all, Duration::from_secs(3600)));
+    let node = Node::new(&emu, &all[..2], &pg.url(), "l1", 3);
+    let d = node.start();
+    wait_until(Duration::from_secs(20), "both accounts served", || serving(&d) == 2);
+    assert_eq!(rt.block_on(ask(&d.addr())), 200);
+
+    let accounts = node.dir.path().join("accounts.toml");
+    std::fs::write(&accounts, common::accounts_toml(&all)).unwrap();
+    let r = d.ctl_json(&["reload"]).unwrap_or_else(|| panic!("amqctl reload failed: {}", node.log()));
+    assert!(r["ok"] == true && r["changes"].as_str().unwrap().contains("acct-2"), "{r}");
+    wait_until(Duration::from_secs(20), "the added account served", || serving(&d) == 3);
+    for _ in 0..6 {
+        assert_eq!(rt.block_on(ask(&d.addr())), 200);
+    }
+
+    std::fs::write(&accounts, common::accounts_toml(&all[1..])).unwrap();
+    let r = d.ctl_json(&["reload"]).unwrap_or_else(|| panic!("amqctl reload failed: {}", node.log()));
+    assert!(r["ok"] == true && r["changes"].as_str().unwrap().contains("acct-0"), "{r}");
+    wait_until(Duration::from_secs(20), "the removed account dropped", || serving(&d) == 2);
+    assert_eq!(rt.block_on(ask(&d.addr())), 200);
+    assert!(!node.log().contains("panicked"), "{}", node.log());
+    assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    rt.block_on(emu.shutdown());
+}
