@@ -272,6 +272,7 @@ impl UpstreamClient {
             decoder: Decoder::new(),
             idle_timeout: self.idle_timeout,
             idle: Box::pin(tokio::time::sleep(self.idle_timeout)),
+            quiet_since: None,
             request_id,
             done: false,
         })
@@ -574,6 +575,10 @@ pub struct EventStream {
     /// deadline it had came from an earlier wait); when it fires early it is armed again for
     /// the current wait. A busy stream thus does not move a timer for every chunk.
     idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// When the upstream last went quiet: set by the first wait that finds nothing, cleared by
+    /// any bytes. It outlives a wait that is dropped (the SSE stream drops `next()` for its
+    /// pings), so the idle timeout counts from the last bytes, not from the latest wait.
+    quiet_since: Option<tokio::time::Instant>,
     request_id: Option<String>,
     done: bool,
 }
@@ -591,10 +596,10 @@ impl EventStream {
         at_once(self.next()).await
     }
 
-    /// Waits for the body's next frame, at most the idle timeout from now; `Err` when the
-    /// timeout passed first.
+    /// Waits for the body's next frame, until the idle timeout after the upstream went quiet;
+    /// `Err` when the timeout passed first.
     async fn wait_frame(&mut self) -> Result<Option<Result<Frame<Bytes>, super::conn::BodyError>>, ()> {
-        let waiting_since = tokio::time::Instant::now();
+        let waiting_since = *self.quiet_since.get_or_insert_with(tokio::time::Instant::now);
         loop {
             let r = tokio::select! {
                 biased;
@@ -656,6 +661,7 @@ impl EventStream {
                     return Some(Err(StreamError::Transport(e.to_string())));
                 }
                 Ok(Some(Ok(frame))) => {
+                    self.quiet_since = None;
                     if let Ok(data) = frame.into_data() {
                         self.decoder.push_bytes(data);
                     }

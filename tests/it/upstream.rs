@@ -693,3 +693,29 @@ async fn amazon_q_and_oidc_over_tls_share_one_connection_and_check_the_certifica
     assert!(shown.contains("localhost") && shown.to_lowercase().contains("certificate"), "{shown}");
     assert_eq!(handshakes.load(Ordering::SeqCst), 1, "no handshake completed without the CA");
 }
+
+/// The idle timeout counts from the last bytes received, not from the latest wait: a consumer
+/// whose waits are cut short (the SSE stream's ping timer drops `next()` every 15 s) still sees
+/// a silent upstream time out, instead of holding the client, the account and the connection
+/// until the request's own deadline.
+#[tokio::test]
+async fn a_silent_stream_times_out_even_when_its_waits_are_cut_short() {
+    let env = env().await;
+    env.e.set_behaviour_for_next("cid", Behaviour::SilentAfterFirstByte(Duration::from_secs(4)), 1);
+    let mut s =
+        env.c.generate(&env.e.endpoint().parse().unwrap(), &caller(&env.token), body("hi"), 1).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let err = loop {
+        match tokio::time::timeout(Duration::from_millis(300), s.next()).await {
+            Err(_) => continue,
+            Ok(Some(Ok(Event::AssistantResponse { .. }))) => {
+                panic!("content after {:?}: the 1 s idle timeout never fired", t0.elapsed())
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => break Some(e),
+            Ok(None) => break None,
+        }
+    };
+    assert!(matches!(err, Some(StreamError::Idle(1))), "{err:?}");
+    assert!(t0.elapsed() < Duration::from_secs(3), "timed out after {:?}", t0.elapsed());
+}
