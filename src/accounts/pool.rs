@@ -1231,7 +1231,13 @@ impl Pool {
         self.access_token(a, Some(current)).await
     }
 
-    fn after_refresh(&self, a: &Account, result: &Result<Secret, RefreshError>) {
+    fn after_refresh(&self, a: &Arc<Account>, result: &Result<Secret, RefreshError>) {
+        // Removed by a reload while this refresh ran, and its rotated token not stored: the
+        // reload found nothing unsaved then, so the account is kept here (its store write is
+        // retried like any other) rather than dropped with the only live refresh token.
+        if a.removed.load(Ordering::SeqCst) && a.tokens.has_unsaved() {
+            self.orphan(a);
+        }
         match result {
             Ok(_) => {
                 tracing::debug!(account = %a.id, "token refreshed");
@@ -1272,7 +1278,13 @@ impl Pool {
     /// take writes, or rotated refresh tokens are held in memory only.
     pub fn persistence_problem(&self) -> Option<String> {
         let unsaved = self.accounts().iter().filter(|a| a.tokens.has_unsaved()).count()
-            + self.orphans.lock().unwrap_or_else(|e| e.into_inner()).len();
+            + self
+                .orphans
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|a| a.tokens.has_unsaved())
+                .count();
         match (self.sink.problem(), unsaved) {
             (None, 0) => None,
             (Some(p), 0) => Some(p),
@@ -1520,7 +1532,7 @@ impl Pool {
             for a in list.iter().filter(|a| removed.contains(&a.id)) {
                 a.removed.store(true, Ordering::SeqCst);
                 if a.tokens.has_unsaved() {
-                    self.orphans.lock().unwrap_or_else(|e| e.into_inner()).push(a.clone());
+                    self.orphan(a);
                 }
             }
             list.retain(|a| !removed.contains(&a.id));
@@ -1534,6 +1546,15 @@ impl Pool {
         self.union_changed();
         self.freed.notify_waiters();
         refused
+    }
+
+    /// Keeps a removed account whose rotated refresh token is not stored yet, until it is (once:
+    /// the reload and the refresh that rotated it may both get here).
+    fn orphan(&self, a: &Arc<Account>) {
+        let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+        if !orphans.iter().any(|o| Arc::ptr_eq(o, a)) {
+            orphans.push(a.clone());
+        }
     }
 
     /// One pass of the background refresher: refreshes tokens that expire within
@@ -1825,6 +1846,91 @@ mod tests {
         assert!(pool.get("a2").is_none(), "joined with its file's token over an unread store");
         assert!(pool.get("a1").is_some());
         assert_eq!(pool.accounts().len(), 1);
+    }
+
+    /// A store whose token writes fail until told otherwise; it keeps the refresh tokens it
+    /// took.
+    #[derive(Default)]
+    struct Flaky {
+        failing: std::sync::atomic::AtomicBool,
+        stored: Mutex<Vec<(String, String)>>,
+    }
+
+    impl StateSink for Flaky {
+        fn tokens(&self, id: &AccountId, chain: &Chain, _: &Access) -> TokenWrite {
+            let r = if self.failing.load(Ordering::SeqCst) {
+                Err("no space left on device".to_string())
+            } else {
+                self.stored.lock().unwrap().push((id.to_string(), chain.refresh_token.expose().to_string()));
+                Ok(())
+            };
+            Box::pin(std::future::ready(r))
+        }
+        fn state(&self, _: &AccountId, _: &StateInfo) {}
+        fn counters(&self, _: Vec<(AccountId, Counters)>) {}
+        fn restore(&self, ids: &[AccountId]) -> Vec<Result<Restored, String>> {
+            ids.iter().map(|_| Ok(Restored::default())).collect()
+        }
+    }
+
+    /// A reload removes an account while its refresh is in flight; the refresh rotates the
+    /// token and cannot store it. The rotated token is the only live one: it must be kept and
+    /// stored once the disk is back, not dropped with the account.
+    #[tokio::test]
+    async fn a_token_rotated_after_its_account_was_removed_is_still_stored() {
+        let emu =
+            crate::emulator::Emulator::start(crate::emulator::EmulatorOptions::default()).await.unwrap();
+        emu.add_account("c-a1", "s-a1", "r-a1");
+        let (cfg, _) = crate::config::parse_config(
+            std::path::Path::new("/etc/amq2api/amq2api.toml"),
+            &format!(
+                "[server]\nlisten = [\"127.0.0.1:0\"]\n[auth]\napi_keys = [\"sk-amq-0123456789abcdef\"]\n\
+                 [upstream]\n{}[accounts]\nfile = \"accounts.toml\"\n",
+                crate::demo::upstream_keys(&emu)
+            ),
+            &crate::config::Env::default(),
+        )
+        .unwrap();
+        let (one, none) = (accounts(&["a1"]), accounts(&[]));
+        let sink = Arc::new(Flaky::default());
+        sink.failing.store(true, Ordering::SeqCst);
+        let client = UpstreamClient::new(&cfg.upstream).unwrap();
+        let pool =
+            Pool::new(&one, BTreeMap::new(), &cfg.accounts, cfg.upstream.clone(), client, sink.clone());
+        let a = pool.get("a1").unwrap();
+        // Every refresh slot taken: the refresh holds the chain and waits, as a slow token
+        // endpoint would make it.
+        let slots = pool.refresh_slots.acquire_many(MAX_CONCURRENT_REFRESHES as u32).await.unwrap();
+        let refresh = tokio::spawn({
+            let (pool, a) = (pool.clone(), a.clone());
+            async move { pool.access_token(&a, None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(pool.apply(&none, &one.diff(&none)).await.is_empty());
+        assert!(pool.get("a1").is_none());
+        assert!(pool.persistence_problem().is_none(), "nothing was unsaved when it was removed");
+        drop(slots);
+        let r = refresh.await.unwrap();
+        assert!(matches!(r, Err(RefreshError::NotStored(_))), "{r:?}");
+        assert_eq!(emu.stats().refreshes, 1, "the token was rotated upstream");
+        let problem = pool.persistence_problem().expect("the unsaved rotated token is reported");
+        assert!(problem.contains("1 rotated refresh token"), "{problem}");
+
+        // The disk is back: the background refresher stores it.
+        sink.failing.store(false, Ordering::SeqCst);
+        *a.next_refresh_try.lock().unwrap() = None;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sink.stored.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the rotated token was never stored");
+            pool.refresh_due();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let stored = sink.stored.lock().unwrap().clone();
+        assert_eq!(stored.len(), 1, "{stored:?}");
+        assert_eq!(stored[0].0, "a1");
+        assert_ne!(stored[0].1, "r-a1", "the rotated successor, not the file's token");
+        assert_eq!(emu.stats().refreshes, 1, "stored without another rotation");
+        assert!(pool.persistence_problem().is_none());
     }
 
     #[test]
