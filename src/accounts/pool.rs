@@ -970,8 +970,6 @@ impl Pool {
     }
 
     async fn refresh_tokens(&self, a: &Account, force: Option<&Secret>) -> Result<Secret, RefreshError> {
-        let spec = a.spec();
-        let endpoints = a.endpoints();
         let client = self.client.clone();
         let id = a.id.clone();
         a.tokens
@@ -980,6 +978,20 @@ impl Pool {
                 force,
                 |chain| async move {
                     let _slot = self.refresh_slots.acquire().await;
+                    // Read under the chain's lock, after the slot: a reload may have changed the
+                    // credentials while this refresh waited. A chain and credentials of two
+                    // different file versions (the new spec is in, the chain's reset still
+                    // queued behind this refresh) would send one's refresh token with the
+                    // other's client: refused, and the account marked invalid although its new
+                    // credentials are good. The reset comes next; refresh after it.
+                    let spec = a.spec();
+                    let endpoints = a.endpoints();
+                    if chain.file_fingerprint != spec.credentials_fingerprint() {
+                        return Err(RefreshError::Transient(
+                            "the account's credentials are being replaced (a reload); refreshing after that"
+                                .into(),
+                        ));
+                    }
                     if let Some(guard) = self.clustered() {
                         // Fencing's first line: never rotate a refresh token near the end of
                         // (or after) the lease; the new holder would find its token dead.
@@ -1459,16 +1471,32 @@ impl Pool {
         let specs: HashMap<&AccountId, &AccountSpec> = new.iter().map(|s| (&s.id, s)).collect();
         let joining: Vec<AccountId> =
             diff.added.iter().filter(|id| specs.contains_key(id)).cloned().collect();
+        // Accounts whose credentials changed: the store may hold a chain grown from the new
+        // ones (credentials changed and changed back), which is then the live one.
+        let rekeyed: Vec<AccountId> =
+            diff.changed.iter().filter(|c| c.credentials).map(|c| c.id.clone()).collect();
         // The store's reads block (redb's disk, PostgreSQL through its own runtime, which must
         // not be entered from an async worker): one blocking task reads them all.
         let sink = self.sink.clone();
-        let ids = joining.clone();
-        let restored = match tokio::task::spawn_blocking(move || sink.restore(&ids)).await {
-            Ok(r) if r.len() == joining.len() => r,
+        let ids: Vec<AccountId> = joining.iter().chain(&rekeyed).cloned().collect();
+        let wanted = ids.len();
+        let mut restored = match tokio::task::spawn_blocking(move || sink.restore(&ids)).await {
+            Ok(r) if r.len() == wanted => r,
             Ok(_) | Err(_) => {
-                joining.iter().map(|_| Err("the store's read did not finish".to_string())).collect()
+                (0..wanted).map(|_| Err("the store's read did not finish".to_string())).collect()
             }
         };
+        let stored_chains: HashMap<AccountId, Chain> = rekeyed
+            .into_iter()
+            .zip(restored.split_off(joining.len()))
+            .filter_map(|(id, r)| match r {
+                Ok(r) => r.chain.map(|c| (id, c)),
+                Err(e) => {
+                    tracing::warn!(account = %id, error = %e, "cannot read the account's stored chain; its new credentials start from the file's token");
+                    None
+                }
+            })
+            .collect();
         let mut added = Vec::new();
         let mut refused = Vec::new();
         for (id, restored) in joining.into_iter().zip(restored) {
@@ -1502,16 +1530,15 @@ impl Pool {
                 continue;
             };
             if change.credentials {
-                a.tokens
-                    .reset(Chain {
-                        refresh_token: match &spec.credentials {
-                            Credentials::ApiKey { key } => key.clone(),
-                            c => c.refresh_token().cloned().unwrap_or_else(|| Secret::new("")),
-                        },
-                        rotated: false,
-                        file_fingerprint: spec.credentials_fingerprint(),
-                    })
-                    .await;
+                let from_file = Chain {
+                    refresh_token: match &spec.credentials {
+                        Credentials::ApiKey { key } => key.clone(),
+                        c => c.refresh_token().cloned().unwrap_or_else(|| Secret::new("")),
+                    },
+                    rotated: false,
+                    file_fingerprint: spec.credentials_fingerprint(),
+                };
+                a.tokens.reset(from_file, stored_chains.get(&change.id).cloned()).await;
                 if a.state().state == State::Invalid {
                     self.set_state(&a, State::Active, None, None);
                 }
@@ -1854,6 +1881,8 @@ mod tests {
     struct Flaky {
         failing: std::sync::atomic::AtomicBool,
         stored: Mutex<Vec<(String, String)>>,
+        /// Each account's last stored chain, as a store keeps it.
+        chains: Mutex<HashMap<String, Chain>>,
     }
 
     impl StateSink for Flaky {
@@ -1862,6 +1891,7 @@ mod tests {
                 Err("no space left on device".to_string())
             } else {
                 self.stored.lock().unwrap().push((id.to_string(), chain.refresh_token.expose().to_string()));
+                self.chains.lock().unwrap().insert(id.to_string(), chain.clone());
                 Ok(())
             };
             Box::pin(std::future::ready(r))
@@ -1869,8 +1899,84 @@ mod tests {
         fn state(&self, _: &AccountId, _: &StateInfo) {}
         fn counters(&self, _: Vec<(AccountId, Counters)>) {}
         fn restore(&self, ids: &[AccountId]) -> Vec<Result<Restored, String>> {
-            ids.iter().map(|_| Ok(Restored::default())).collect()
+            let chains = self.chains.lock().unwrap();
+            ids.iter()
+                .map(|id| Ok(Restored { chain: chains.get(id.as_str()).cloned(), ..Restored::default() }))
+                .collect()
         }
+    }
+
+    /// The daemon's config against `emu`.
+    fn config_for(emu: &crate::emulator::Emulator) -> crate::config::Config {
+        crate::config::parse_config(
+            std::path::Path::new("/etc/amq2api/amq2api.toml"),
+            &format!(
+                "[server]\nlisten = [\"127.0.0.1:0\"]\n[auth]\napi_keys = [\"sk-amq-0123456789abcdef\"]\n\
+                 [upstream]\n{}[accounts]\nfile = \"accounts.toml\"\n",
+                crate::demo::upstream_keys(emu)
+            ),
+            &crate::config::Env::default(),
+        )
+        .unwrap()
+        .0
+    }
+
+    /// Credentials changed by a reload and changed back: the account resumes the chain the
+    /// store holds for them (the file's token was rotated long ago), and the same change
+    /// applied twice (a reload whose end was not recorded) keeps the chain it has.
+    #[tokio::test]
+    async fn credentials_changed_and_changed_back_resume_their_stored_chain() {
+        let emu =
+            crate::emulator::Emulator::start(crate::emulator::EmulatorOptions::default()).await.unwrap();
+        emu.add_account("c-a1", "s-a1", "r-a1");
+        let cfg = config_for(&emu);
+        let good = accounts(&["a1"]);
+        let text = "[[account]]\nid = \"a1\"\nclient_id = \"c-a1\"\nclient_secret = \"typo\"\nrefresh_token = \"r-a1\"\n";
+        let typo = crate::config::accounts::parse(std::path::Path::new("accounts.toml"), text).unwrap().0;
+        let sink = Arc::new(Flaky::default());
+        let client = UpstreamClient::new(&cfg.upstream).unwrap();
+        let pool =
+            Pool::new(&good, BTreeMap::new(), &cfg.accounts, cfg.upstream.clone(), client, sink.clone());
+        let a = pool.get("a1").unwrap();
+        pool.access_token(&a, None).await.unwrap();
+        assert_eq!(emu.stats().refreshes, 1, "r-a1 rotated: the file's token is dead now");
+
+        pool.apply(&typo, &good.diff(&typo)).await;
+        pool.apply(&good, &typo.diff(&good)).await;
+        let token = pool.access_token(&a, None).await;
+        assert!(token.is_ok(), "the stored chain was not resumed: {token:?}");
+        assert_eq!(emu.stats().refresh_failures, 0);
+        assert_eq!(a.state().state, State::Active);
+
+        // The change back applied a second time: nothing to reset, the token stays.
+        let refreshes = emu.stats().refreshes;
+        pool.apply(&good, &typo.diff(&good)).await;
+        assert_eq!(pool.access_token(&a, None).await.unwrap().expose(), token.unwrap().expose());
+        assert_eq!(emu.stats().refreshes, refreshes, "a chain of the same credentials was reset");
+    }
+
+    /// A refresh that finds the account's credentials and its chain from two versions of the
+    /// file (a reload between writing the one and resetting the other) does not call the token
+    /// endpoint with a mismatched pair, and does not mark the account invalid.
+    #[tokio::test]
+    async fn a_refresh_between_new_credentials_and_their_chain_waits_for_the_chain() {
+        let emu =
+            crate::emulator::Emulator::start(crate::emulator::EmulatorOptions::default()).await.unwrap();
+        emu.add_account("c-a1", "s-a1", "r-a1");
+        let cfg = config_for(&emu);
+        let client = UpstreamClient::new(&cfg.upstream).unwrap();
+        let sink = Arc::new(Flaky::default());
+        let pool =
+            Pool::new(&accounts(&["a1"]), BTreeMap::new(), &cfg.accounts, cfg.upstream.clone(), client, sink);
+        let a = pool.get("a1").unwrap();
+        let text = "[[account]]\nid = \"a1\"\nclient_id = \"c-a1\"\nclient_secret = \"s-a1\"\nrefresh_token = \"r-new\"\n";
+        let next = crate::config::accounts::parse(std::path::Path::new("accounts.toml"), text).unwrap().0;
+        // The new credentials are in; the chain's reset has not run yet.
+        *a.spec.write().unwrap() = next.iter().next().unwrap().clone();
+        let r = pool.access_token(&a, None).await;
+        assert!(matches!(&r, Err(e) if !e.is_permanent()), "{r:?}");
+        assert_eq!(emu.stats().refreshes + emu.stats().refresh_failures, 0, "the token endpoint was called");
+        assert_ne!(a.state().state, State::Invalid);
     }
 
     /// A reload removes an account while its refresh is in flight; the refresh rotates the
@@ -1881,16 +1987,7 @@ mod tests {
         let emu =
             crate::emulator::Emulator::start(crate::emulator::EmulatorOptions::default()).await.unwrap();
         emu.add_account("c-a1", "s-a1", "r-a1");
-        let (cfg, _) = crate::config::parse_config(
-            std::path::Path::new("/etc/amq2api/amq2api.toml"),
-            &format!(
-                "[server]\nlisten = [\"127.0.0.1:0\"]\n[auth]\napi_keys = [\"sk-amq-0123456789abcdef\"]\n\
-                 [upstream]\n{}[accounts]\nfile = \"accounts.toml\"\n",
-                crate::demo::upstream_keys(&emu)
-            ),
-            &crate::config::Env::default(),
-        )
-        .unwrap();
+        let cfg = config_for(&emu);
         let (one, none) = (accounts(&["a1"]), accounts(&[]));
         let sink = Arc::new(Flaky::default());
         sink.failing.store(true, Ordering::SeqCst);

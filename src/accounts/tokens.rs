@@ -91,13 +91,23 @@ impl Tokens {
         self.unsaved.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Replaces the chain (the file's credentials changed). The next use refreshes from it.
-    pub async fn reset(&self, chain: Chain) {
+    /// The file's credentials changed: the chain restarts from `from_file`, the file's token,
+    /// or from `stored` when the store holds a chain grown from these same credentials (they
+    /// were changed and changed back: the store's is the live one, the file's long rotated).
+    /// A chain that already grew from these credentials is kept as it is (a change applied a
+    /// second time, after a reload whose end was not recorded). Returns whether the chain was
+    /// replaced; the next use refreshes from a replaced chain.
+    pub async fn reset(&self, from_file: Chain, stored: Option<Chain>) -> bool {
         let mut held = self.chain.lock().await;
+        if held.chain.file_fingerprint == from_file.file_fingerprint {
+            return false;
+        }
+        let chain = stored.filter(|c| c.file_fingerprint == from_file.file_fingerprint).unwrap_or(from_file);
         *held = Held { chain, unsaved: None, replaced: None };
         self.unsaved.store(false, std::sync::atomic::Ordering::SeqCst);
         self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.invalidate_access();
+        true
     }
 
     /// Replaces the chain and the access token with what another holder stored (`[cluster]`
