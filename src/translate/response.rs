@@ -73,6 +73,9 @@ pub struct ResponseState {
     uncounted: String,
     tool_calls: usize,
     stop: Option<(String, Option<String>)>,
+    /// The service said the model stopped at its output limit (`metadataEvent`'s `stopReason`
+    /// `MAX_TOKENS`).
+    cut_upstream: bool,
     finished: bool,
     hold: usize,
     /// Drop newlines at the start of the next thinking or text (after a thinking tag).
@@ -113,6 +116,7 @@ impl ResponseState {
             uncounted: String::with_capacity(256),
             tool_calls: 0,
             stop: None,
+            cut_upstream: false,
             finished: false,
             hold,
             strip_leading: false,
@@ -462,14 +466,21 @@ impl ResponseState {
                     self.p.input_tokens = est;
                 }
             }
-            Event::Metadata { token_usage: Some(u) } => {
-                if let (Some(input), Some(output)) = (u.uncached_input_tokens, u.output_tokens) {
+            Event::Metadata { token_usage, stop_reason } => {
+                if let Some((Some(input), Some(output), u)) =
+                    token_usage.map(|u| (u.uncached_input_tokens, u.output_tokens, u))
+                {
                     self.exact = Some(Usage {
                         input_tokens: input,
                         output_tokens: output,
                         cache_creation_input_tokens: u.cache_write_input_tokens.unwrap_or(0),
                         cache_read_input_tokens: u.cache_read_input_tokens.unwrap_or(0),
                     });
+                }
+                // The model reached its output limit upstream (the daemon's own count, an
+                // estimate, may not have): the answer is cut, whatever else it holds.
+                if stop_reason.as_deref() == Some("MAX_TOKENS") {
+                    self.cut_upstream = true;
                 }
             }
             Event::Metering { usage: Some(credits), .. } => {
@@ -479,7 +490,6 @@ impl ResponseState {
             }
             Event::InitialResponse { .. }
             | Event::MessageMetadata { .. }
-            | Event::Metadata { .. }
             | Event::Metering { .. }
             | Event::Unknown { .. } => {}
         }
@@ -497,10 +507,16 @@ impl ResponseState {
             return;
         }
         self.close_open(out);
-        let (stop_reason, stop_sequence) = self
-            .stop
-            .take()
-            .unwrap_or_else(|| (if self.tool_calls > 0 { "tool_use" } else { "end_turn" }.to_string(), None));
+        let (stop_reason, stop_sequence) = self.stop.take().unwrap_or_else(|| {
+            let reason = if self.cut_upstream {
+                "max_tokens"
+            } else if self.tool_calls > 0 {
+                "tool_use"
+            } else {
+                "end_turn"
+            };
+            (reason.to_string(), None)
+        });
         out.push(StreamEvent::MessageDelta { stop_reason, stop_sequence, usage: self.usage() });
         out.push(StreamEvent::MessageStop);
         self.finished = true;
@@ -801,6 +817,34 @@ mod tests {
             })
             .collect();
         assert_eq!(partials, vec!["{\"city\":", "\"Paris\"}"]);
+    }
+
+    /// The service says the model reached its output limit (`metadataEvent` `stopReason`
+    /// `MAX_TOKENS`) before the daemon's own count did: the answer is cut, `max_tokens`, even
+    /// after a whole tool call.
+    #[test]
+    fn an_upstream_max_tokens_stop_is_max_tokens() {
+        let cut = |stop: &str| Event::Metadata { token_usage: None, stop_reason: Some(stop.into()) };
+        let (_, m) =
+            run(params(), vec![Step::Ev(text("Hello, wor")), Step::Ev(cut("MAX_TOKENS")), Step::End]);
+        assert_eq!(m.unwrap()["stop_reason"], "max_tokens");
+        let (_, m) = run(
+            params(),
+            vec![
+                Step::Ev(tool("a", "t1", Some("{}"), true)),
+                Step::Ev(text("and then")),
+                Step::Ev(cut("MAX_TOKENS")),
+                Step::End,
+            ],
+        );
+        assert_eq!(m.unwrap()["stop_reason"], "max_tokens");
+        let (_, m) = run(params(), vec![Step::Ev(text("Hello.")), Step::Ev(cut("END_TURN")), Step::End]);
+        assert_eq!(m.unwrap()["stop_reason"], "end_turn");
+        let (_, m) = run(
+            params(),
+            vec![Step::Ev(tool("a", "t1", Some("{}"), true)), Step::Ev(cut("TOOL_USE")), Step::End],
+        );
+        assert_eq!(m.unwrap()["stop_reason"], "tool_use");
     }
 
     #[test]

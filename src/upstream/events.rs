@@ -37,6 +37,8 @@ pub enum Event {
     },
     Metadata {
         token_usage: Option<TokenUsage>,
+        /// Why the model stopped (`END_TURN`, `TOOL_USE`, `MAX_TOKENS`), when said.
+        stop_reason: Option<String>,
     },
     Metering {
         usage: Option<f64>,
@@ -170,6 +172,8 @@ struct Members<'a> {
     unit: Option<&'a RawValue>,
     #[serde(borrow, default)]
     context_usage_percentage: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    stop_reason: Option<&'a RawValue>,
 }
 
 fn members(frame: &Frame) -> Option<Members<'_>> {
@@ -191,7 +195,9 @@ fn from_members(event_type: &str, m: Members<'_>) -> Event {
             conversation_id: member(m.conversation_id),
             utterance_id: member(m.utterance_id),
         },
-        "metadataEvent" => Event::Metadata { token_usage: member(m.token_usage) },
+        "metadataEvent" => {
+            Event::Metadata { token_usage: member(m.token_usage), stop_reason: member(m.stop_reason) }
+        }
         "meteringEvent" => Event::Metering { usage: member(m.usage), unit: member(m.unit) },
         _ => match member::<f64>(m.context_usage_percentage) {
             Some(p) if p.is_finite() && p >= 0.0 => Event::ContextUsage { percentage: p },
@@ -301,7 +307,7 @@ pub fn parse_frame(frame: &Frame) -> Result<Event, StreamError> {
                     let token_usage = v
                         .get("tokenUsage")
                         .and_then(|t| serde_json::from_value::<TokenUsage>(t.clone()).ok());
-                    Event::Metadata { token_usage }
+                    Event::Metadata { token_usage, stop_reason: str_field(&v, "stopReason") }
                 }
                 "meteringEvent" => {
                     let v = body()?;
@@ -365,7 +371,10 @@ mod tests {
         );
         assert!(matches!(
             parse_frame(&event("metadataEvent", r#"{"tokenUsage":{"outputTokens":7}}"#)).unwrap(),
-            Event::Metadata { token_usage: Some(TokenUsage { output_tokens: Some(7), .. }) }
+            Event::Metadata {
+                token_usage: Some(TokenUsage { output_tokens: Some(7), .. }),
+                stop_reason: None
+            }
         ));
         assert!(matches!(
             parse_frame(&event("assistantResponseEvent", "{not json")),
@@ -396,10 +405,34 @@ mod tests {
                         output_tokens: Some(7),
                         ..Default::default()
                     }),
+                    stop_reason: None,
                 },
             ),
-            ("metadataEvent", r#"{"tokenUsage":"many"}"#, Event::Metadata { token_usage: None }),
-            ("metadataEvent", r#"{"tokenUsage":null,"other":1}"#, Event::Metadata { token_usage: None }),
+            (
+                "metadataEvent",
+                r#"{"tokenUsage":"many"}"#,
+                Event::Metadata { token_usage: None, stop_reason: None },
+            ),
+            (
+                "metadataEvent",
+                r#"{"tokenUsage":null,"other":1}"#,
+                Event::Metadata { token_usage: None, stop_reason: None },
+            ),
+            (
+                "metadataEvent",
+                r#"{"stopReason":"MAX_TOKENS"}"#,
+                Event::Metadata { token_usage: None, stop_reason: Some("MAX_TOKENS".into()) },
+            ),
+            (
+                "metadataEvent",
+                r#"{"stopReason":"END_TURN","stopReason":"MAX_TOKENS"}"#,
+                Event::Metadata { token_usage: None, stop_reason: Some("MAX_TOKENS".into()) },
+            ),
+            (
+                "metadataEvent",
+                r#"{"stopReason":7}"#,
+                Event::Metadata { token_usage: None, stop_reason: None },
+            ),
             (
                 "meteringEvent",
                 r#"{"usage":0.25,"unit":"credit"}"#,

@@ -247,8 +247,10 @@ fn upstream_token_counts_saturate() {
         cache_write_input_tokens: Some(u64::MAX),
         ..TokenUsage::default()
     };
-    let events =
-        vec![Event::Metadata { token_usage: Some(usage) }, Event::AssistantResponse { content: "x".into() }];
+    let events = vec![
+        Event::Metadata { token_usage: Some(usage), stop_reason: None },
+        Event::AssistantResponse { content: "x".into() },
+    ];
     let (_, message) = run(params(100, &[]), events, None);
     // The service's figures pass through as they are (Anthropic's meaning: input_tokens is the
     // uncached part); nothing overflows when they are added up.

@@ -205,6 +205,7 @@ fn event(up: &Up) -> Event {
                 cache_write_input_tokens: *write,
                 ..TokenUsage::default()
             }),
+            stop_reason: None,
         },
         Up::Metering(usage) => Event::Metering { usage: *usage, unit: Some("INVOCATIONS".into()) },
         Up::Unknown => Event::Unknown { event_type: "citationEvent".into() },
