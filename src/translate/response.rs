@@ -72,6 +72,9 @@ pub struct ResponseState {
     /// fragment was the largest CPU cost of a stream). Counted in pieces and at the end.
     uncounted: String,
     tool_calls: usize,
+    /// Upstream ids of the tool calls finished (their `stop` came): a repeated frame of one is
+    /// ignored, not started again as a second call with the same id.
+    done_tools: Vec<String>,
     stop: Option<(String, Option<String>)>,
     /// The service said the model stopped at its output limit (`metadataEvent`'s `stopReason`
     /// `MAX_TOKENS`).
@@ -115,6 +118,7 @@ impl ResponseState {
             output_tokens: 0,
             uncounted: String::with_capacity(256),
             tool_calls: 0,
+            done_tools: Vec::new(),
             stop: None,
             cut_upstream: false,
             finished: false,
@@ -391,12 +395,21 @@ impl ResponseState {
         if self.finished {
             return;
         }
+        // Content that is not the open tool call's own, before that call's `stop`: the call is
+        // over. Whole (its input one JSON object) it counts as made; else the stream ends with
+        // an error rather than hand over a call with broken input as if it were whole.
+        if let Open::Tool { upstream_id, .. } = &self.open {
+            let other = match &ev {
+                Event::AssistantResponse { .. } | Event::Reasoning { .. } => true,
+                Event::ToolUse { tool_use_id, .. } => tool_use_id != upstream_id,
+                _ => false,
+            };
+            if other && !self.finish_tool(out) {
+                return;
+            }
+        }
         match ev {
             Event::AssistantResponse { content } => {
-                if matches!(self.open, Open::Tool { .. }) {
-                    // Text after a tool call starts a new text block.
-                    self.close_open(out);
-                }
                 if self.buf.is_empty() {
                     self.buf = content;
                 } else {
@@ -415,6 +428,11 @@ impl ResponseState {
                 } else {
                     self.emit_thinking(text.as_deref().unwrap_or(""), signature, out);
                 }
+            }
+            Event::ToolUse { tool_use_id, .. } if self.done_tools.contains(&tool_use_id) => {
+                // The call was finished: a repeated frame of it (a stop sent twice, the call
+                // sent again) is not a second call.
+                tracing::debug!(tool_use_id, "a frame of a finished tool call ignored");
             }
             Event::ToolUse { tool_use_id, name, input, stop } => {
                 let same =
@@ -444,18 +462,9 @@ impl ResponseState {
                 if let Some(frag) = counted {
                     self.count_later(&frag);
                 }
-                if stop {
-                    if let Open::Tool { input, index, .. } = &self.open {
-                        if input.trim().is_empty() {
-                            // No arguments at all: the SDK accumulates `{}` from nothing.
-                            out.push(StreamEvent::BlockDelta {
-                                index: *index,
-                                delta: Delta::InputJson("{}".into()),
-                            });
-                        }
-                    }
-                    self.tool_calls += 1;
-                    self.close_open(out);
+                if stop && !self.finish_tool(out) {
+                    // Failed: the error ended the stream.
+                    return;
                 }
             }
             Event::ContextUsage { percentage } => {
@@ -548,6 +557,25 @@ impl ResponseState {
 
     /// Ends the response with an `api_error` while a tool_use block is open (it is left open:
     /// never presented as whole).
+    /// Ends the open tool call as made: no input at all is `{}` (the SDK accumulates that from
+    /// nothing); input that is not one JSON object fails the stream (Claude's tool input is an
+    /// object; streamed and aggregated answers must not read it two ways). False when it failed.
+    fn finish_tool(&mut self, out: &mut Vec<StreamEvent>) -> bool {
+        let Open::Tool { index, upstream_id, input } = std::mem::replace(&mut self.open, Open::None) else {
+            return true;
+        };
+        if input.trim().is_empty() {
+            out.push(StreamEvent::BlockDelta { index, delta: Delta::InputJson("{}".into()) });
+        } else if !is_json_object(&input) {
+            self.fail_in_tool_call(out, "the upstream tool call's input is not one JSON object");
+            return false;
+        }
+        out.push(StreamEvent::BlockStop { index });
+        self.tool_calls += 1;
+        self.done_tools.push(upstream_id);
+        true
+    }
+
     fn fail_in_tool_call(&mut self, out: &mut Vec<StreamEvent>, why: &str) {
         out.push(StreamEvent::Error(ApiError::new(
             ErrorKind::Api,
@@ -698,6 +726,11 @@ impl Aggregator {
     }
 }
 
+/// `text` is one whole JSON object (surrounding whitespace allowed).
+fn is_json_object(text: &str) -> bool {
+    serde_json::from_str::<&serde_json::value::RawValue>(text).is_ok_and(|v| v.get().starts_with('{'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -845,6 +878,84 @@ mod tests {
             vec![Step::Ev(tool("a", "t1", Some("{}"), true)), Step::Ev(cut("TOOL_USE")), Step::End],
         );
         assert_eq!(m.unwrap()["stop_reason"], "tool_use");
+    }
+
+    /// A finished tool call's frames coming again (its stop twice, the whole call again) make
+    /// no second `tool_use` block with the same id.
+    #[test]
+    fn a_repeated_tool_call_is_one_call() {
+        for again in [
+            vec![tool("t1", "f", None, true)],
+            vec![tool("t1", "f", Some("{\"a\":1}"), false), tool("t1", "f", None, true)],
+        ] {
+            let mut steps = vec![
+                Step::Ev(tool("t1", "f", Some("{\"a\":1}"), false)),
+                Step::Ev(tool("t1", "f", None, true)),
+            ];
+            steps.extend(again.into_iter().map(Step::Ev));
+            steps.push(Step::End);
+            let (evs, m) = run(params(), steps);
+            let m = m.unwrap();
+            assert_eq!(
+                m["content"],
+                json!([{"type": "tool_use", "id": "toolu_t1", "name": "f", "input": {"a": 1}}])
+            );
+            assert_eq!(m["stop_reason"], "tool_use");
+            let starts = evs.iter().filter(|e| matches!(e, StreamEvent::BlockStart { .. })).count();
+            assert_eq!(starts, 1, "{evs:?}");
+        }
+    }
+
+    /// Input that is not one JSON object is not handed over as a whole call, streamed or not.
+    #[test]
+    fn a_tool_call_with_broken_input_fails() {
+        for input in ["{\"a\":1,\"b\":", "[1]", "{a:1}", "\"x\"", "{} {}"] {
+            let (evs, m) = run(
+                params(),
+                vec![
+                    Step::Ev(tool("t1", "f", Some(input), false)),
+                    Step::Ev(tool("t1", "f", None, true)),
+                    Step::End,
+                ],
+            );
+            assert!(m.is_err(), "{input}: {m:?}");
+            assert!(matches!(evs.last(), Some(StreamEvent::Error(_))), "{input}: {evs:?}");
+            assert!(!evs.iter().any(|e| matches!(e, StreamEvent::MessageDelta { .. })), "{input}");
+        }
+        let (_, m) =
+            run(params(), vec![Step::Ev(tool("t1", "f", Some(" {\"a\": [1, 2]} "), true)), Step::End]);
+        assert_eq!(m.unwrap()["content"][0]["input"], json!({"a": [1, 2]}));
+    }
+
+    /// Something else arriving before an open call's stop ends the call: as made when its input
+    /// is whole, with an error when it is not.
+    #[test]
+    fn a_tool_call_interrupted_before_its_stop() {
+        let (_, m) = run(
+            params(),
+            vec![Step::Ev(tool("t1", "f", Some("{\"a\":1}"), false)), Step::Ev(text("then text")), Step::End],
+        );
+        let m = m.unwrap();
+        assert_eq!(m["content"][0]["input"], json!({"a": 1}));
+        assert_eq!(m["content"][1]["text"], "then text");
+        assert_eq!(m["stop_reason"], "tool_use");
+        let (_, m) = run(
+            params(),
+            vec![
+                Step::Ev(tool("t1", "f", Some("{\"a\":1}"), false)),
+                Step::Ev(tool("t2", "g", Some("{}"), true)),
+                Step::Ev(tool("t1", "f", None, true)),
+                Step::End,
+            ],
+        );
+        let m = m.unwrap();
+        assert_eq!(m["content"].as_array().unwrap().len(), 2, "{m}");
+        let (evs, m) = run(
+            params(),
+            vec![Step::Ev(tool("t1", "f", Some("{\"a\":"), false)), Step::Ev(text("oops")), Step::End],
+        );
+        assert!(m.is_err());
+        assert!(matches!(evs.last(), Some(StreamEvent::Error(_))));
     }
 
     #[test]
