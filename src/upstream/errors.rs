@@ -62,10 +62,35 @@ impl UpstreamFailure {
     /// A stream that failed before any content reached the client: the same outcomes as an
     /// answer before the stream (one rule for both), so failover treats them alike.
     pub fn from_stream_error(e: &super::StreamError) -> UpstreamFailure {
-        if e.is_capacity() {
-            UpstreamFailure::Capacity { message: e.to_string() }
-        } else {
-            UpstreamFailure::Transient { status: None, message: e.to_string() }
+        use super::StreamError;
+        if e.is_output_truncation() {
+            // The output cut before any of it came: nothing about the account or the request.
+            return UpstreamFailure::Transient { status: None, message: e.to_string() };
+        }
+        let decided = match e {
+            StreamError::Exception { exception_type, message, reason } => decide(
+                None,
+                short_type(exception_type),
+                message.clone(),
+                reason.as_deref().unwrap_or(""),
+                None,
+            ),
+            StreamError::ErrorFrame { code, message } => {
+                decide(None, short_type(code), message.clone(), "", None)
+            }
+            _ => UpstreamFailure::Transient { status: None, message: e.to_string() },
+        };
+        match decided {
+            // An exception in the stream that names no account-level cause but a busy service
+            // (`MODEL_TEMPORARILY_UNAVAILABLE`, a throttle or an unavailable service mid-stream):
+            // the model's capacity, as before the stream.
+            UpstreamFailure::Transient { .. } | UpstreamFailure::Throttled { .. } if e.is_capacity() => {
+                UpstreamFailure::Capacity { message: e.to_string() }
+            }
+            UpstreamFailure::Transient { status, .. } => {
+                UpstreamFailure::Transient { status, message: e.to_string() }
+            }
+            other => other,
         }
     }
 
@@ -128,8 +153,21 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Upstrea
         .and_then(|h| h.to_str().ok())
         .and_then(|s| s.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
-    let text = format!("{reason} {message}");
     let message = if message.is_empty() { format!("HTTP {}", status.as_u16()) } else { message };
+    decide(Some(status), &type_name, message, &reason, retry_after)
+}
+
+/// The rule for a failure's parts, before the stream (with its HTTP `status`) or in it (none):
+/// the exception's short name, its message and reason.
+fn decide(
+    status: Option<StatusCode>,
+    type_name: &str,
+    message: String,
+    reason: &str,
+    retry_after: Option<Duration>,
+) -> UpstreamFailure {
+    let text = format!("{reason} {message}");
+    let status_is = |s: StatusCode| status == Some(s);
 
     // The 2026 reasons that mean the request itself is wrong: one attempt, a 400 to the client.
     for r in ["TOOL_USE_RESULT_MISMATCH", "TOOL_SCHEMA_INVALID", "THINKING_SIGNATURE_INVALID"] {
@@ -161,25 +199,28 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Upstrea
     if reason.contains("DAILY_REQUEST_COUNT") || text.contains("DAILY_REQUEST_COUNT") {
         return UpstreamFailure::Quota { kind: QuotaKind::Daily, message };
     }
-    if is(&type_name, "ServiceQuotaExceeded") {
+    if is(type_name, "ServiceQuotaExceeded") {
         return UpstreamFailure::Quota { kind: QuotaKind::Monthly, message };
     }
     if reason.contains("CONTENT_LENGTH_EXCEEDS_THRESHOLD") || message.contains("Input is too long") {
         return UpstreamFailure::ContextTooLong { message };
     }
-    if reason.contains("INSUFFICIENT_MODEL_CAPACITY") || message.contains("high traffic") {
+    if reason.contains("INSUFFICIENT_MODEL_CAPACITY")
+        || message.contains("high traffic")
+        || message.contains("high volume of traffic")
+    {
         return UpstreamFailure::Capacity { message };
     }
-    if is(&type_name, "Throttling") || status == StatusCode::TOO_MANY_REQUESTS {
+    if is(type_name, "Throttling") || status_is(StatusCode::TOO_MANY_REQUESTS) {
         return UpstreamFailure::Throttled { retry_after, message };
     }
     if reason.contains("TEMPORARILY_SUSPENDED") || message.to_ascii_lowercase().contains("suspended") {
         let reason = if reason.is_empty() { message } else { format!("{reason}: {message}") };
         return UpstreamFailure::Suspended { reason };
     }
-    if is(&type_name, "AccessDenied")
-        || is(&type_name, "UnauthorizedAccess")
-        || status == StatusCode::FORBIDDEN
+    if is(type_name, "AccessDenied")
+        || is(type_name, "UnauthorizedAccess")
+        || status_is(StatusCode::FORBIDDEN)
     {
         let lower = message.to_ascii_lowercase();
         if lower.contains("bearer token")
@@ -190,26 +231,26 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Upstrea
         }
         return UpstreamFailure::AccessDenied { message };
     }
-    if status == StatusCode::UNAUTHORIZED || is(&type_name, "ExpiredToken") {
+    if status_is(StatusCode::UNAUTHORIZED) || is(type_name, "ExpiredToken") {
         return UpstreamFailure::TokenInvalid;
     }
-    if status == StatusCode::NOT_FOUND {
+    if status_is(StatusCode::NOT_FOUND) {
         return UpstreamFailure::NotFound { message };
     }
-    if is(&type_name, "Validation") || is(&type_name, "Serialization") || status == StatusCode::BAD_REQUEST {
+    if is(type_name, "Validation") || is(type_name, "Serialization") || status_is(StatusCode::BAD_REQUEST) {
         return UpstreamFailure::BadRequest { message };
     }
-    if status.is_server_error()
-        || is(&type_name, "InternalServer")
-        || is(&type_name, "ServiceUnavailable")
-        || status == StatusCode::REQUEST_TIMEOUT
+    if status.is_some_and(|s| s.is_server_error())
+        || is(type_name, "InternalServer")
+        || is(type_name, "ServiceUnavailable")
+        || status_is(StatusCode::REQUEST_TIMEOUT)
     {
-        return UpstreamFailure::Transient { status: Some(status.as_u16()), message };
+        return UpstreamFailure::Transient { status: status.map(|s| s.as_u16()), message };
     }
-    if status.is_client_error() {
+    if status.is_some_and(|s| s.is_client_error()) {
         return UpstreamFailure::BadRequest { message };
     }
-    UpstreamFailure::Transient { status: Some(status.as_u16()), message }
+    UpstreamFailure::Transient { status: status.map(|s| s.as_u16()), message }
 }
 
 #[cfg(test)]
@@ -218,6 +259,50 @@ mod tests {
 
     fn c(status: u16, body: &str) -> UpstreamFailure {
         classify(StatusCode::from_u16(status).unwrap(), &HeaderMap::new(), body.as_bytes())
+    }
+
+    /// An exception in the stream before any content follows the same rule as the answer
+    /// before the stream: the account's own causes park the account, the request's own are
+    /// not failed over, and a busy service is capacity.
+    #[test]
+    fn a_stream_exception_before_content_is_classified_as_an_answer_would_be() {
+        use crate::upstream::StreamError;
+        let ex = |t: &str, m: &str, r: Option<&str>| {
+            UpstreamFailure::from_stream_error(&StreamError::Exception {
+                exception_type: t.into(),
+                message: m.into(),
+                reason: r.map(str::to_string),
+            })
+        };
+        let suspicious =
+            ex("ThrottlingException", "Due to suspicious activity, your account is limited.", None);
+        assert!(matches!(suspicious, UpstreamFailure::Suspicious { .. }), "{suspicious:?}");
+        let monthly = ex("ThrottlingException", "You have reached the limit.", Some("MONTHLY_REQUEST_COUNT"));
+        assert!(matches!(monthly, UpstreamFailure::Quota { kind: QuotaKind::Monthly, .. }), "{monthly:?}");
+        let daily = ex("ThrottlingException", "Daily limit.", Some("DAILY_REQUEST_COUNT"));
+        assert!(matches!(daily, UpstreamFailure::Quota { kind: QuotaKind::Daily, .. }), "{daily:?}");
+        let invalid = ex("ValidationException", "Improperly formed request.", Some("REQUEST_BODY_INVALID"));
+        assert!(matches!(invalid, UpstreamFailure::BadRequest { .. }), "{invalid:?}");
+        assert!(!invalid.try_another_account());
+        let busy = ex("error", "Encountered an unexpected error.", Some("MODEL_TEMPORARILY_UNAVAILABLE"));
+        assert!(matches!(busy, UpstreamFailure::Capacity { .. }), "{busy:?}");
+        let throttled = ex("ThrottlingException", "Rate exceeded", None);
+        assert!(matches!(throttled, UpstreamFailure::Capacity { .. }), "{throttled:?}");
+        let internal = ex("InternalServerException", "oops", None);
+        assert!(matches!(internal, UpstreamFailure::Transient { status: None, .. }), "{internal:?}");
+        let cut = ex("ContentLengthExceededException", "too long", None);
+        assert!(matches!(cut, UpstreamFailure::Transient { .. }), "{cut:?}");
+        let frame = UpstreamFailure::from_stream_error(&StreamError::ErrorFrame {
+            code: "AccessDeniedException".into(),
+            message: "Your account is temporarily suspended.".into(),
+        });
+        assert!(matches!(frame, UpstreamFailure::Suspended { .. }), "{frame:?}");
+        let cut_off = UpstreamFailure::from_stream_error(&StreamError::Transport("reset".into()));
+        assert!(matches!(cut_off, UpstreamFailure::Transient { .. }));
+        // PROTOCOL §5's wording of a model-wide 429.
+        let volume =
+            c(429, r#"{"message":"The model you've selected is experiencing a high volume of traffic"}"#);
+        assert!(matches!(volume, UpstreamFailure::Capacity { .. }), "{volume:?}");
     }
 
     #[test]

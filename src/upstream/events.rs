@@ -105,6 +105,7 @@ impl StreamError {
                     || exception_type.contains("Throttling")
                     || exception_type.contains("ServiceUnavailable")
                     || message.contains("high traffic")
+                    || message.contains("high volume of traffic")
                     || message.contains("unexpectedly high load")
             }
             _ => false,
