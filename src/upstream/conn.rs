@@ -302,7 +302,15 @@ fn serialize(req: &Request<Bytes>, key: &Key) -> Vec<u8> {
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if !req.headers().contains_key(http::header::HOST) {
         out.extend_from_slice(b"host: ");
+        // An IPv6 literal keeps its brackets in an authority (`[::1]:8080`).
+        let v6 = key.host.parse::<std::net::Ipv6Addr>().is_ok();
+        if v6 {
+            out.push(b'[');
+        }
         out.extend_from_slice(key.host.as_bytes());
+        if v6 {
+            out.push(b']');
+        }
         if let Some(p) = req.uri().port() {
             out.push(b':');
             out.extend_from_slice(p.as_str().as_bytes());
@@ -405,12 +413,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
                 .map_err(|_| format!("an answer with a malformed value of {name}"))?;
             headers.append(name, value);
         }
-        let mut reuse = resp.version == Some(1);
-        if let Some(c) = headers.get(http::header::CONNECTION).and_then(|v| v.to_str().ok()) {
-            if c.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")) {
-                reuse = false;
-            }
-        }
+        // `close` in any `Connection` header (there may be several) ends the connection.
+        let close = headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|c| c.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+        let mut reuse = resp.version == Some(1) && !close;
         let framing = framing(status, &headers, &mut reuse)?;
         let _ = buf.split_to(len);
         return Ok(Some(Head { status, headers, framing, reuse }));
@@ -589,7 +598,9 @@ fn chunk_size(line: &[u8]) -> Result<u64, BodyError> {
     if digits == 0 {
         return Err(BodyError::Chunked("a chunk-size line without a size"));
     }
-    if digits > 15 {
+    // Leading zeros are allowed (a size padded to a fixed width); what is left must fit.
+    let significant = line[..digits].iter().skip_while(|&&b| b == b'0').count();
+    if significant > 15 {
         return Err(BodyError::Chunked("a chunk size too large"));
     }
     // Whitespace may follow the size; extensions start at `;`.
@@ -599,7 +610,7 @@ fn chunk_size(line: &[u8]) -> Result<u64, BodyError> {
     if !rest_ok {
         return Err(BodyError::Chunked("a chunk-size line with bytes after the size"));
     }
-    let hex = std::str::from_utf8(&line[..digits])
+    let hex = std::str::from_utf8(&line[digits - significant.max(1)..digits])
         .map_err(|_| BodyError::Chunked("a chunk size that is not hex"))?;
     u64::from_str_radix(hex, 16).map_err(|_| BodyError::Chunked("a chunk size that is not hex"))
 }
@@ -758,6 +769,35 @@ mod tests {
             }
         }
         Ok((data, false))
+    }
+
+    /// `close` in any of several `Connection` headers ends the connection; an IPv6 endpoint's
+    /// `host` keeps its brackets; a chunk size padded with zeros is still a size.
+    #[test]
+    fn connection_close_host_and_padded_chunk_sizes() {
+        let mut head = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"[..],
+        );
+        assert!(!parse_head(&mut head).unwrap().unwrap().reuse);
+        let mut head =
+            BytesMut::from(&b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n"[..]);
+        assert!(parse_head(&mut head).unwrap().unwrap().reuse);
+
+        let uri: Uri = "http://[::1]:8080/x".parse().unwrap();
+        let wire = serialize(&request("http://[::1]:8080/x"), &Pool::key(&uri, None).unwrap());
+        assert!(
+            String::from_utf8_lossy(&wire).contains("host: [::1]:8080\r\n"),
+            "{}",
+            String::from_utf8_lossy(&wire)
+        );
+        let uri: Uri = "http://127.0.0.1:8080/x".parse().unwrap();
+        let wire = serialize(&request("http://127.0.0.1:8080/x"), &Pool::key(&uri, None).unwrap());
+        assert!(String::from_utf8_lossy(&wire).contains("host: 127.0.0.1:8080\r\n"));
+
+        assert_eq!(chunk_size(b"0000000000000000000a").unwrap(), 10);
+        assert_eq!(chunk_size(b"00000000000000000000").unwrap(), 0);
+        assert!(chunk_size(b"1000000000000000").is_err(), "16 significant digits");
+        assert_eq!(chunk_size(b"0fffffffffffffff;ext").unwrap(), 0x0fff_ffff_ffff_ffff);
     }
 
     /// Connections are pooled by key: a key names the proxy whole, password included, so no
