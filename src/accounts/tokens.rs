@@ -184,12 +184,25 @@ impl Tokens {
         }
         let grant = refresh(held.chain.clone()).await?;
         let mut next = held.chain.clone();
+        let mut rotated = false;
         if let Some(rt) = grant.refresh_token {
+            rotated = rt.expose() != next.refresh_token.expose();
             next.refresh_token = rt;
-            next.rotated = true;
+            next.rotated |= rotated;
         }
         let access = Access { token: grant.access_token, expires_at: SystemTime::now() + grant.expires_in };
         let stored = persist(next.clone(), access.clone()).await;
+        if !rotated {
+            // The refresh token did not change (social sign-in may keep it): the store's copy
+            // is still the live one, and only the access token (kept for a restart) failed to
+            // be stored. Nothing to protect: the token is used.
+            if let Err(e) = stored {
+                tracing::warn!(error = %e, "the new access token could not be stored (the refresh token did not change)");
+            }
+            held.chain = next;
+            self.publish(access.clone());
+            return Ok(access.token);
+        }
         // The old refresh token may already be dead: the successor is kept either way.
         let replaced = std::mem::replace(&mut held.chain, next).refresh_token;
         if let Err(e) = stored {
@@ -278,6 +291,35 @@ mod tests {
         assert!(tokens.current_access().is_none());
         assert!(tokens.has_unsaved());
         assert_eq!(tokens.chain().await.refresh_token.expose(), "rt1");
+    }
+
+    /// A refresh that did not rotate the refresh token (none in the answer, or the same one)
+    /// has nothing to protect: when storing fails, the access token is used all the same and
+    /// nothing is held back.
+    #[tokio::test]
+    async fn a_store_failure_without_rotation_still_gives_the_token() {
+        for returned in [None, Some("rt0")] {
+            let tokens = Tokens::new(chain(), None);
+            let r = tokens
+                .get(
+                    MIN_VALIDITY,
+                    None,
+                    |_| async move {
+                        Ok(TokenGrant {
+                            access_token: Secret::new("at"),
+                            expires_in: Duration::from_secs(3600),
+                            refresh_token: returned.map(Secret::new),
+                            profile_arn: None,
+                        })
+                    },
+                    |_, _| std::future::ready(Err("disk full".into())),
+                )
+                .await;
+            assert_eq!(r.unwrap().expose(), "at", "{returned:?}");
+            assert!(!tokens.has_unsaved());
+            assert_eq!(tokens.current_access().unwrap().token.expose(), "at");
+            assert_eq!(tokens.chain().await.refresh_token.expose(), "rt0");
+        }
     }
 
     /// While the rotated chain is not stored, no refresh runs: each call tries to store it
