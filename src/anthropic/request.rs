@@ -769,6 +769,13 @@ fn parse_block(v: &Value, p: &Path, role: Role, nested: bool) -> Result<Block, A
             Ok(())
         }
     };
+    if role == Role::System && kind != "text" {
+        // A system message becomes instructions (text); anything else in it would be dropped
+        // on the way upstream (a tool result lost: the service then refuses the history).
+        return Err(p
+            .at("type")
+            .err(format!("`{kind}` blocks are not allowed in system messages (only `text`)")));
+    }
     Ok(match kind {
         "text" => Block::Text { text: as_str(req(o, "text", p)?, &p.at("text"))?.to_string() },
         "image" => {
@@ -980,6 +987,24 @@ mod tests {
         assert_eq!(r.thinking_display, None);
         assert_eq!(r.messages[3].role, Role::System);
         assert_eq!(r.metadata_user_id.as_deref(), Some("u"));
+    }
+
+    #[test]
+    fn system_messages_hold_text_only() {
+        let base = |messages: Value| json!({"model": "m", "max_tokens": 10, "messages": messages});
+        assert_eq!(
+            err(base(json!([
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]},
+                {"role": "system", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "r"}]}
+            ]))),
+            "messages.2.content.0.type: `tool_result` blocks are not allowed in system messages (only `text`)"
+        );
+        let ok = parse_json(base(json!([
+            {"role": "user", "content": "x"},
+            {"role": "system", "content": [{"type": "text", "text": "be brief"}]}
+        ])));
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]

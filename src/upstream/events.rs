@@ -289,7 +289,13 @@ pub fn parse_frame(frame: &Frame) -> Result<Event, StreamError> {
                     }
                 }
                 "reasoningContentEvent" => {
-                    let p: ReasoningPayload = serde_json::from_slice(&frame.payload).unwrap_or_default();
+                    let p: ReasoningPayload =
+                        serde_json::from_slice(&frame.payload).map_err(|e| bad(e.to_string()))?;
+                    if p.text.is_none() && p.signature.is_none() && p.redacted_content.is_none() {
+                        // Nothing in it: no thinking block to open (one with a made-up
+                        // signature would only mislead).
+                        return Ok(Event::Unknown { event_type: event_type.to_string() });
+                    }
                     Event::Reasoning {
                         text: p.text,
                         signature: p.signature,
@@ -381,6 +387,29 @@ mod tests {
             parse_frame(&event("assistantResponseEvent", "{not json")),
             Err(StreamError::BadEvent { .. })
         ));
+    }
+
+    /// A reasoning event with nothing in it opens no thinking block; one that is not a
+    /// reasoning payload at all is a malformed event, as for every other kind.
+    #[test]
+    fn empty_or_malformed_reasoning_events() {
+        assert_eq!(
+            parse_frame(&event("reasoningContentEvent", "{}")).unwrap(),
+            Event::Unknown { event_type: "reasoningContentEvent".into() }
+        );
+        for bad in [r#"{"text":5}"#, "not json", r#"{"signature":[1]}"#] {
+            assert!(
+                matches!(
+                    parse_frame(&event("reasoningContentEvent", bad)),
+                    Err(StreamError::BadEvent { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_frame(&event("reasoningContentEvent", r#"{"signature":"AB=="}"#)).unwrap(),
+            Event::Reasoning { text: None, signature: Some("AB==".into()), redacted_content: None }
+        );
     }
 
     #[test]
