@@ -537,6 +537,10 @@ pub struct Pool {
     catalog_slots: tokio::sync::Semaphore,
     /// Removed accounts whose rotated refresh token is not stored yet: kept until it is.
     orphans: Mutex<Vec<Arc<Account>>>,
+    /// Removed accounts, while anything still holds them (a refresh in flight, a request, an
+    /// orphan): one added back is this same account again, never a second token chain for
+    /// one id beside it (which would start from an older token).
+    retired: Mutex<Vec<std::sync::Weak<Account>>>,
     pub refreshes_ok: AtomicU64,
     pub refreshes_failed: AtomicU64,
     /// `[cluster]`: accounts are served only under a lease ([`Pool::hold`]); a token refresh
@@ -592,6 +596,7 @@ impl Pool {
             catalog_refresh: settings.catalog_refresh,
             catalog_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_REFRESHES),
             orphans: Mutex::new(Vec::new()),
+            retired: Mutex::new(Vec::new()),
             refreshes_ok: AtomicU64::new(0),
             refreshes_failed: AtomicU64::new(0),
             cluster_guard_ms: RwLock::new(None),
@@ -1499,8 +1504,16 @@ impl Pool {
             .collect();
         let mut added = Vec::new();
         let mut refused = Vec::new();
+        let mut revived = Vec::new();
         for (id, restored) in joining.into_iter().zip(restored) {
             if let Some(spec) = specs.get(&id) {
+                if let Some(a) = self.revive(&id) {
+                    tracing::info!(account = %id, "account added back: it resumes where it was removed");
+                    let stored = restored.ok().and_then(|r| r.chain);
+                    revived.push((a.clone(), *spec, stored));
+                    added.push(a);
+                    continue;
+                }
                 let restored = match restored {
                     Ok(r) => r,
                     Err(e) => {
@@ -1529,26 +1542,14 @@ impl Pool {
             else {
                 continue;
             };
-            if change.credentials {
-                let from_file = Chain {
-                    refresh_token: match &spec.credentials {
-                        Credentials::ApiKey { key } => key.clone(),
-                        c => c.refresh_token().cloned().unwrap_or_else(|| Secret::new("")),
-                    },
-                    rotated: false,
-                    file_fingerprint: spec.credentials_fingerprint(),
-                };
-                a.tokens.reset(from_file, stored_chains.get(&change.id).cloned()).await;
-                if a.state().state == State::Invalid {
-                    self.set_state(&a, State::Active, None, None);
-                }
-            }
-            *a.endpoints.write().unwrap_or_else(|e| e.into_inner()) =
-                endpoints_for(&self.upstream, spec.region.as_deref(), spec.auth_region.as_deref());
-            {
-                let mut held = a.spec.write().unwrap_or_else(|e| e.into_inner());
-                *a.fingerprint.write().unwrap_or_else(|e| e.into_inner()) = spec.credentials_fingerprint();
-                *held = spec.clone();
+            self.update(&a, spec, change.credentials, stored_chains.get(&change.id).cloned()).await;
+        }
+        for (a, spec, stored) in revived {
+            let credentials =
+                *a.fingerprint.read().unwrap_or_else(|e| e.into_inner()) != spec.credentials_fingerprint();
+            self.update(&a, spec, credentials, stored).await;
+            if self.clustered().is_some() {
+                a.held_until.store(0, Ordering::SeqCst);
             }
         }
         {
@@ -1556,7 +1557,10 @@ impl Pool {
             // The stored chain is kept: an account removed and added back (commented out for a
             // while, say) resumes its rotated refresh token instead of a dead one.
             let removed: HashSet<&AccountId> = diff.removed.iter().collect();
+            let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+            retired.retain(|w| w.strong_count() > 0);
             for a in list.iter().filter(|a| removed.contains(&a.id)) {
+                retired.push(Arc::downgrade(a));
                 a.removed.store(true, Ordering::SeqCst);
                 if a.tokens.has_unsaved() {
                     self.orphan(a);
@@ -1573,6 +1577,43 @@ impl Pool {
         self.union_changed();
         self.freed.notify_waiters();
         refused
+    }
+
+    /// A removed account with this id that something still holds, taken back (out of the
+    /// orphans too): `None` when there is none.
+    fn revive(&self, id: &AccountId) -> Option<Arc<Account>> {
+        let a = {
+            let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+            let at = retired.iter().position(|w| w.upgrade().is_some_and(|a| a.id == *id))?;
+            retired.swap_remove(at).upgrade()?
+        };
+        self.orphans.lock().unwrap_or_else(|e| e.into_inner()).retain(|o| !Arc::ptr_eq(o, &a));
+        a.removed.store(false, Ordering::SeqCst);
+        Some(a)
+    }
+
+    /// Brings an account's settings to `spec`; `credentials`: they changed, and the token chain
+    /// restarts (from `stored` when it grew from the new credentials, see [`Tokens::reset`]).
+    async fn update(&self, a: &Arc<Account>, spec: &AccountSpec, credentials: bool, stored: Option<Chain>) {
+        if credentials {
+            let from_file = Chain {
+                refresh_token: match &spec.credentials {
+                    Credentials::ApiKey { key } => key.clone(),
+                    c => c.refresh_token().cloned().unwrap_or_else(|| Secret::new("")),
+                },
+                rotated: false,
+                file_fingerprint: spec.credentials_fingerprint(),
+            };
+            a.tokens.reset(from_file, stored).await;
+            if a.state().state == State::Invalid {
+                self.set_state(a, State::Active, None, None);
+            }
+        }
+        *a.endpoints.write().unwrap_or_else(|e| e.into_inner()) =
+            endpoints_for(&self.upstream, spec.region.as_deref(), spec.auth_region.as_deref());
+        let mut held = a.spec.write().unwrap_or_else(|e| e.into_inner());
+        *a.fingerprint.write().unwrap_or_else(|e| e.into_inner()) = spec.credentials_fingerprint();
+        *held = spec.clone();
     }
 
     /// Keeps a removed account whose rotated refresh token is not stored yet, until it is (once:
@@ -1977,6 +2018,40 @@ mod tests {
         assert!(matches!(&r, Err(e) if !e.is_permanent()), "{r:?}");
         assert_eq!(emu.stats().refreshes + emu.stats().refresh_failures, 0, "the token endpoint was called");
         assert_ne!(a.state().state, State::Invalid);
+    }
+
+    /// An account removed while its rotated token is held in memory (the store failed) and
+    /// added back is that same account again: its chain goes on, no second one starts from
+    /// the file's (dead) token.
+    #[tokio::test]
+    async fn an_account_added_back_resumes_its_unsaved_chain() {
+        let emu =
+            crate::emulator::Emulator::start(crate::emulator::EmulatorOptions::default()).await.unwrap();
+        emu.add_account("c-a1", "s-a1", "r-a1");
+        let cfg = config_for(&emu);
+        let (one, none) = (accounts(&["a1"]), accounts(&[]));
+        let sink = Arc::new(Flaky::default());
+        sink.failing.store(true, Ordering::SeqCst);
+        let client = UpstreamClient::new(&cfg.upstream).unwrap();
+        let pool =
+            Pool::new(&one, BTreeMap::new(), &cfg.accounts, cfg.upstream.clone(), client, sink.clone());
+        let a = pool.get("a1").unwrap();
+        let r = pool.access_token(&a, None).await;
+        assert!(matches!(r, Err(RefreshError::NotStored(_))), "{r:?}");
+        pool.apply(&none, &one.diff(&none)).await;
+        assert!(pool.persistence_problem().is_some());
+        drop(a);
+        assert!(pool.apply(&one, &none.diff(&one)).await.is_empty());
+        let back = pool.get("a1").unwrap();
+        assert!(back.tokens.has_unsaved(), "a new account from the file's token, not the one removed");
+        sink.failing.store(false, Ordering::SeqCst);
+        let token = pool.access_token(&back, None).await;
+        assert!(token.is_ok(), "{token:?}");
+        assert_eq!(emu.stats().refreshes, 1, "the held chain was stored, not rotated again");
+        assert_eq!(emu.stats().refresh_failures, 0);
+        assert_eq!(sink.stored.lock().unwrap().len(), 1);
+        assert!(pool.persistence_problem().is_none());
+        assert_eq!(pool.accounts().len(), 1);
     }
 
     /// A reload removes an account while its refresh is in flight; the refresh rotates the
