@@ -189,6 +189,10 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
     let mut pending_system: Vec<String> = Vec::new();
     let first_user = req.messages.iter().position(|m| m.role == Role::User).unwrap_or(req.messages.len());
     let mut total_images = 0usize;
+    // The turn each Claude message went into (for its cache breakpoint); a system message
+    // waiting for the next user turn is placed with it.
+    let mut turn_of: Vec<Placed> = vec![Placed::Nowhere; req.messages.len()];
+    let mut pending_at: Vec<usize> = Vec::new();
     for (i, m) in req.messages.iter().enumerate() {
         match m.role {
             Role::System => {
@@ -196,10 +200,13 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
                 if !text.trim().is_empty() {
                     if i < first_user {
                         preamble.push(text);
+                        turn_of[i] = Placed::Preamble;
                     } else if let Some(Turn::User(prev)) = turns.last_mut() {
                         prev.texts.push(system_reminder(&text));
+                        turn_of[i] = Placed::Turn(turns.len() - 1);
                     } else {
                         pending_system.push(text);
+                        pending_at.push(i);
                     }
                 }
             }
@@ -209,11 +216,15 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
                 if !matches!(turns.last(), Some(Turn::User(_))) {
                     turns.push(Turn::User(UserTurn::default()));
                 }
+                let at = Placed::Turn(turns.len() - 1);
                 let Some(Turn::User(turn)) = turns.last_mut() else {
                     unreachable!("a user turn was just ensured");
                 };
                 for s in pending_system.drain(..) {
                     turn.texts.push(system_reminder(&s));
+                }
+                for j in pending_at.drain(..).chain([i]) {
+                    turn_of[j] = at;
                 }
                 user_blocks(&m.content, i, turn, &mut total_images)?;
             }
@@ -228,9 +239,12 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
                     }
                     _ => turns.push(Turn::Assistant(turn)),
                 }
+                turn_of[i] = Placed::Turn(turns.len() - 1);
             }
         }
     }
+    // Turns from here on: those before `current_turn` become the history (shifted by one when
+    // a turn is put in front), the current turn and a prefill after it the current message.
 
     // A trailing assistant turn is a prefill: the answer must continue it.
     let mut prefill = None;
@@ -247,6 +261,7 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
             }
         }
     }
+    let current_turn = turns.len().saturating_sub(1);
     let Some(Turn::User(mut current)) = turns.pop() else {
         return Err(ApiError::invalid(
             "messages: a user message is required before the final assistant message",
@@ -256,7 +271,12 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
     for s in pending_system.drain(..) {
         current.texts.push(system_reminder(&s));
     }
+    for j in pending_at.drain(..) {
+        turn_of[j] = Placed::Turn(current_turn);
+    }
+    let mut shift = 0;
     if turns.first().is_some_and(|t| matches!(t, Turn::Assistant(_))) {
+        shift = 1;
         turns.insert(
             0,
             Turn::User(UserTurn { texts: vec!["(conversation start)".into()], ..Default::default() }),
@@ -392,7 +412,24 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
     };
     let max_points = ctx.caps.map_or(0, |c| c.max_cache_checkpoints) as usize;
     if max_points > 0 {
-        place_cache_points(req, &mut history, &mut current, max_points);
+        // Where each breakpoint's message went, from the end: 0 the current message (a
+        // prefill after it included), the history's last entry 1, its first `history.len()`.
+        let total = history.len() + 1;
+        let mut from_end: Vec<usize> = req
+            .cache_messages
+            .iter()
+            .filter_map(|&i| req.messages.get(i).map(|_| i))
+            .filter_map(|i| match turn_of[i] {
+                Placed::Nowhere => None,
+                Placed::Preamble => Some(total - 1),
+                Placed::Turn(t) if t >= current_turn => Some(0),
+                Placed::Turn(t) => (t + shift < history.len()).then(|| history.len() - (t + shift)),
+            })
+            .collect();
+        if req.cache_system {
+            from_end.push(total - 1);
+        }
+        place_cache_points(from_end, &mut history, &mut current, max_points);
     }
     Ok(Translated {
         request: GenerateRequest {
@@ -671,35 +708,28 @@ fn user_message(turn: UserTurn, q_model: &str, tools: Vec<Tool>) -> Result<UserI
     })
 }
 
+/// Where a Claude message went in the translation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Placed {
+    /// Nowhere (an empty system message).
+    Nowhere,
+    /// The system prompt (carried by the first message).
+    Preamble,
+    /// The merged turn at this index (of the turns before the current one was taken out).
+    Turn(usize),
+}
+
 /// The client's `cache_control` breakpoints as Amazon Q `cachePoint`s, for a model with prompt
-/// caching, at most `max` of them (the latest kept: the longest cached prefixes). The system
-/// prompt's breakpoint goes on the first message (which carries it); a message's breakpoint on
-/// the message at the same place from the end (consecutive turns of one role are merged, so the
-/// tail of the conversation lines up).
+/// caching, at most `max` of them (the latest kept: the longest cached prefixes). `from_end`:
+/// each breakpoint's message counted from the end of the translated conversation (0 the current
+/// message), as merging turns, folding system messages and a prefill placed them.
 fn place_cache_points(
-    req: &MessagesRequest,
+    mut from_end: Vec<usize>,
     history: &mut [HistoryMessage],
     current: &mut UserInputMessage,
     max: usize,
 ) {
-    // Positions counted from the end of the conversation: 0 is the current message.
-    let claude: Vec<usize> = req
-        .messages
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m.role != crate::anthropic::Role::System)
-        .map(|(i, _)| i)
-        .collect();
     let total = history.len() + 1;
-    let mut from_end: Vec<usize> = req
-        .cache_messages
-        .iter()
-        .filter_map(|i| claude.iter().position(|c| c == i).map(|p| claude.len() - 1 - p))
-        .filter(|d| *d < total)
-        .collect();
-    if req.cache_system {
-        from_end.push(total - 1);
-    }
     from_end.sort_unstable();
     from_end.dedup();
     for d in from_end.into_iter().take(max) {
@@ -776,6 +806,78 @@ mod tests {
         let mut j = to_json(&t, None);
         j["conversationState"]["conversationId"] = json!("ID");
         j
+    }
+
+    /// Where the cache points of a request land, for a model that takes four: `history.N` or
+    /// `current`.
+    fn cache_points(v: Value) -> Vec<String> {
+        let req = parse_value(&v, ApiVersion::default(), Endpoint::Messages).unwrap();
+        let models = ModelMap::default();
+        let caps = crate::translate::ModelCaps {
+            max_input_tokens: None,
+            max_output_tokens: None,
+            request_fields_schema: None,
+            max_cache_checkpoints: 4,
+        };
+        let t =
+            translate(&req, &Context { models: &models, session_id: None, caps: Some(&caps), catalog: None })
+                .unwrap();
+        let j = to_json(&t, None);
+        let state = &j["conversationState"];
+        let point = json!({"type": "default"});
+        state["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.as_object().unwrap().values().any(|v| v["cachePoint"] == point))
+            .map(|(i, _)| format!("history.{i}"))
+            .chain(
+                (state["currentMessage"]["userInputMessage"]["cachePoint"] == point)
+                    .then(|| "current".into()),
+            )
+            .collect()
+    }
+
+    /// A breakpoint lands on the message its Claude message became, whatever merging turns,
+    /// folding system messages and taking off a prefill did to the positions.
+    #[test]
+    fn cache_points_follow_merged_turns_and_a_prefill() {
+        let cc = json!({"type": "ephemeral"});
+        let text = |t: &str, cached: bool| {
+            let mut b = json!({"type": "text", "text": t});
+            if cached {
+                b["cache_control"] = cc.clone();
+            }
+            json!([b])
+        };
+        let body =
+            |messages: Value| json!({"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": messages});
+        // A prefill after the current message.
+        let points = cache_points(body(json!([
+            {"role": "user", "content": text("zero", true)},
+            {"role": "assistant", "content": "one"},
+            {"role": "user", "content": text("two", true)},
+            {"role": "assistant", "content": "Sure:"}
+        ])));
+        assert_eq!(points, ["history.0", "current"]);
+        // Two user messages merged into the current one.
+        let points = cache_points(body(json!([
+            {"role": "user", "content": text("zero", true)},
+            {"role": "assistant", "content": "one"},
+            {"role": "user", "content": text("two", false)},
+            {"role": "user", "content": text("three", true)}
+        ])));
+        assert_eq!(points, ["history.0", "current"]);
+        // A system message folded into the user turn before it, and an assistant turn merged.
+        let points = cache_points(body(json!([
+            {"role": "user", "content": text("zero", false)},
+            {"role": "system", "content": text("note", true)},
+            {"role": "assistant", "content": "one"},
+            {"role": "assistant", "content": text("one more", true)},
+            {"role": "user", "content": text("two", false)}
+        ])));
+        assert_eq!(points, ["history.0", "history.1"]);
     }
 
     #[test]
