@@ -227,6 +227,11 @@ fn is_loopback_host(host: &str) -> bool {
 
 /// Parses and validates the text of `amq2api.toml`. Every problem is reported with its place.
 /// Returns the config and any warnings, or all the errors found.
+/// A cluster node id: 1 to 64 letters, digits and `_ . -`.
+fn valid_node_id(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
 pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Diagnostics), Diagnostics> {
     let mut ck = Checker { rep: Reporter::new(path, source) };
     let Some(raw) = super::shape::deserialize::<RawConfig>(&mut ck.rep, source) else {
@@ -529,10 +534,7 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
             let node_id = match &c.node_id {
                 Some(n) => {
                     let v = n.get_ref();
-                    if v.is_empty()
-                        || v.len() > 64
-                        || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-                    {
+                    if !valid_node_id(v) {
                         ck.rep.error_at(
                             Some(n.span()),
                             format!("[cluster] node_id {v:?}: 1 to 64 letters, digits and _ . -"),
@@ -540,11 +542,23 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
                     }
                     v.clone()
                 }
-                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .ok()
-                    .map(|h| h.trim().to_owned())
-                    .filter(|h| !h.is_empty())
-                    .unwrap_or_else(|| "localhost".to_owned()),
+                // The host name from the kernel (`gethostname(2)`: /proc/sys is hidden under
+                // the unit's `ProcSubset=pid`, where reading it gave every node one id). Two
+                // nodes under one id would renew and take each other's leases: without a host
+                // name that can be an id, the operator must name the node.
+                None => match nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()) {
+                    Some(h) if valid_node_id(h.trim()) => h.trim().to_owned(),
+                    other => {
+                        ck.rep.error_at(
+                            None,
+                            format!(
+                                "[cluster] needs node_id: the host name {:?} cannot serve as one (1 to 64 letters, digits and _ . -)",
+                                other.unwrap_or_default()
+                            ),
+                        );
+                        String::new()
+                    }
+                },
             };
             let lease = match &c.lease_secs {
                 None => Duration::from_secs(15),
@@ -581,6 +595,20 @@ mod tests {
 
     fn parse(src: &str) -> Result<Config, Diagnostics> {
         parse_config(Path::new("/etc/amq2api/amq2api.toml"), src, &Env::default()).map(|(c, _)| c)
+    }
+
+    /// Without `node_id`, a cluster node is named by the kernel's host name (read with
+    /// `gethostname(2)`, which `ProcSubset=pid` does not hide as it hides /proc/sys).
+    #[test]
+    fn a_cluster_node_is_named_by_its_host_name() {
+        let src = "[server]\nlisten = [\"127.0.0.1:8080\"]\n[auth]\napi_keys = [\"sk-amq-0123456789abcdef\"]\n\
+                   [accounts]\nfile = \"accounts.toml\"\n[cluster]\ndatabase_url = \"postgresql://u@h/db\"\n";
+        let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+        let c = parse(src).unwrap();
+        assert_eq!(c.cluster.unwrap().node_id, host.trim());
+        let named = parse(&format!("{src}node_id = \"n-1\"\n")).unwrap();
+        assert_eq!(named.cluster.unwrap().node_id, "n-1");
+        assert!(parse(&format!("{src}node_id = \"a b\"\n")).is_err());
     }
 
     #[test]
