@@ -188,6 +188,11 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let term = signal(SignalKind::terminate()).ok();
     let int = signal(SignalKind::interrupt()).ok();
+    // SIGHUP is taken from here on too: its default action ends the process, and the reload
+    // loop listens only once the daemon runs (a store to open, PostgreSQL to reach). tokio keeps
+    // its handler installed for the process's life; a SIGHUP before the loop listens is
+    // covered by the start itself, which reads the files afresh.
+    let _ = signal(SignalKind::hangup());
     async move {
         let term = async {
             match term {

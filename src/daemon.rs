@@ -244,12 +244,14 @@ async fn run_inner(
 
     shutdown.await;
     crate::systemd::stopping();
+    let drain = app.config.server.drain_timeout;
+    // The drain, its 2 s of grace, closing what is left; each later step extends again.
+    crate::systemd::extend_stop(drain + Duration::from_secs(15));
     tracing::info!("shutting down: no new connections; draining in-flight requests");
     stop.fire();
     for s in servers {
         let _ = s.await;
     }
-    let drain = app.config.server.drain_timeout;
     let done = match Arc::try_unwrap(graceful) {
         Ok(g) => Some(g.shutdown()),
         Err(_) => None,
@@ -286,6 +288,7 @@ async fn run_inner(
     // must be stored before the process goes, or the chain is lost. Bounded by the refresh
     // call's own deadline.
     let refresh_deadline = app.config.upstream.connect_timeout + Duration::from_secs(35);
+    crate::systemd::extend_stop(refresh_deadline + Duration::from_secs(15));
     let lost = app.pool.finish(refresh_deadline).await;
     if !lost.is_empty() {
         let ids: Vec<String> = lost.iter().map(|id| id.to_string()).collect();

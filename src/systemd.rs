@@ -35,6 +35,14 @@ pub fn reloading() {
     }
 }
 
+/// `EXTEND_TIMEOUT_USEC=…` while stopping: the next step may take up to `d` (the drain, storing
+/// a token whose refresh is in flight), so systemd's `TimeoutStopSec` does not kill the process
+/// first (a refresh token rotated and not stored is lost).
+pub fn extend_stop(d: Duration) {
+    let usec = u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+    send(&[NotifyState::ExtendTimeoutUsec(usec)]);
+}
+
 /// `STOPPING=1`.
 pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("draining in-flight requests")]);

@@ -118,6 +118,17 @@ async fn notify_watchdog_reload_and_stop() {
     }
     signal(&child, nix::sys::signal::Signal::SIGTERM);
     wait_for(&sock, "STOPPING=1", Duration::from_secs(5));
+    // The stop asks systemd for the time it needs (the drain, then storing tokens whose
+    // refresh is in flight), so TimeoutStopSec does not kill it with a rotated token unstored.
+    let extended = |seen: Vec<String>| -> u64 {
+        let last = seen.last().unwrap().clone();
+        last.lines().find_map(|l| l.strip_prefix("EXTEND_TIMEOUT_USEC=")).unwrap().parse().unwrap()
+    };
+    let drain = extended(wait_for(&sock, "EXTEND_TIMEOUT_USEC=", Duration::from_secs(5)));
+    assert!(drain >= 15_000_000, "{drain} µs for the drain");
+    // Then the bound of a refresh in flight (connect timeout + 35 s) and a margin.
+    let tokens = extended(wait_for(&sock, "EXTEND_TIMEOUT_USEC=", Duration::from_secs(5)));
+    assert!(tokens >= 50_000_000, "{tokens} µs for storing tokens");
     assert_eq!(wait_exit(&mut child, Duration::from_secs(15)), 0, "a clean stop exits 0");
 }
 
