@@ -13,7 +13,9 @@ pub fn new_key(name: &str, json: bool) -> Result<i32, Failure> {
     if !amq2api::config::keys::valid_name(name) {
         return Err(fail(
             exit::USAGE,
-            format!("key name {name:?} must be 1 to 64 of lowercase letters, digits, '_', '.' and '-'"),
+            format!(
+                "key name {name:?} must be 1 to 64 of lowercase letters, digits, '_', '.' and '-', with a letter or digit"
+            ),
         ));
     }
     let key = format!("sk-amq-{}", hex::encode(amq2api::ids::random_bytes::<24>()));

@@ -116,6 +116,9 @@ pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+        // At least one letter or digit: `-` is the usage label of unnamed keys, and a key
+        // called that would be charged with (and budgeted on) all their traffic.
+        && s.bytes().any(|b| b.is_ascii_alphanumeric())
 }
 
 /// Parses and validates the text of a keys file: every problem with its place; the set only
@@ -145,7 +148,7 @@ pub fn parse(path: &Path, source: &str) -> Result<(KeySet, Diagnostics), Diagnos
                 rep.error_at(
                     Some(n.span()),
                     format!(
-                        "key name {:?} must be 1 to 64 of lowercase letters, digits, '_', '.' and '-'",
+                        "key name {:?} must be 1 to 64 of lowercase letters, digits, '_', '.' and '-', with a letter or digit",
                         n.get_ref()
                     ),
                 );

@@ -49,14 +49,17 @@ struct LiveInner {
 }
 
 impl LiveInner {
+    /// Starts a new day's tokens and a new month's credits when the clock has moved into them.
+    /// Only forwards: a wall clock stepped back across midnight (NTP, a restored VM) keeps the
+    /// spend so far instead of giving the day's (or month's) budget back.
     fn roll(&mut self, now: SystemTime) {
         let day = day_number(now);
-        if day != self.day {
+        if day > self.day {
             self.day = day;
             self.day_tokens = 0;
         }
         let month = month_of(day);
-        if month != self.month {
+        if month > self.month {
             self.month = month;
             self.month_credits = 0.0;
         }
@@ -467,6 +470,29 @@ pub struct KeyView {
 mod tests {
     use super::*;
     use crate::config::ApiKeys;
+
+    /// The clock stepped back across midnight (or a month's end) and forward again: the spend
+    /// of the day and the month is kept, not given back.
+    #[test]
+    fn budgets_roll_only_forwards() {
+        let day = |d: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(d * 86_400 + 60);
+        // 2025-12-01 is day 20,423 since 1970-01-01; 2025-11-30 the day before.
+        let (dec1, nov30) = (day(20_423), day(20_422));
+        let mut live = LiveInner::default();
+        live.roll(dec1);
+        live.day_tokens = 500;
+        live.month_credits = 2.5;
+        live.roll(nov30);
+        live.roll(dec1);
+        assert_eq!((live.day_tokens, live.month_credits), (500, 2.5));
+        live.roll(day(20_424));
+        assert_eq!((live.day_tokens, live.month_credits), (0, 2.5), "a new day, the same month");
+        live.roll(day(20_423 + 31));
+        assert_eq!((live.day_tokens, live.month_credits), (0, 0.0), "a new month");
+        assert!(!crate::config::keys::valid_name("-"), "the unnamed keys' usage label");
+        assert!(!crate::config::keys::valid_name("--"));
+        assert!(crate::config::keys::valid_name("team-a"));
+    }
 
     fn spec(name: &str, key: &str) -> KeySpec {
         KeySpec {

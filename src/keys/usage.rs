@@ -243,10 +243,14 @@ impl Usage {
             .collect()
     }
 
-    /// Deletes rows older than the retention (blocking).
+    /// Deletes rows older than the retention (blocking), never the current UTC month's: the
+    /// keys' `credits_per_month` budgets are rebuilt from them (a restart, a key added back, a
+    /// cluster's fleet totals), and a short retention would have given the month back.
     pub fn prune(&self) {
         let today = super::day_number(SystemTime::now());
-        let before = super::day_string(today - i64::from(self.retention_days));
+        let (y, m, _) = crate::config::keys::civil_from_days(today);
+        let month_start = crate::config::keys::days_from_civil(y, m as i64, 1);
+        let before = super::day_string((today - i64::from(self.retention_days)).min(month_start));
         match &self.store {
             Some(store) => match store.prune_usage(&before) {
                 Ok(0) => {}

@@ -338,9 +338,12 @@ pub(crate) fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
+        // Bytes, not a `str` slice: a path may hold raw UTF-8 right after a `%` (a slice
+        // there panicked in the middle of a character).
+        let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
         if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
+            if let (Some(hi), Some(lo)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push(hi << 4 | lo);
                 i += 3;
                 continue;
             }
@@ -389,4 +392,24 @@ fn models_list(app: &App, parts: &http::request::Parts, caller: &Caller) -> Resp
             "last_id": page.last().map(|m| m.id.clone()),
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    /// Escapes decode; a `%` not followed by two hex digits stays as it is, raw UTF-8 after it
+    /// included (it panicked, slicing a character in two).
+    #[test]
+    fn percent_decoding_takes_any_input() {
+        assert_eq!(percent_decode("claude%2Dsonnet%204"), "claude-sonnet 4");
+        assert_eq!(percent_decode("%41%4a%4A"), "AJJ");
+        assert_eq!(percent_decode("%aé"), "%aé");
+        assert_eq!(percent_decode("%é1"), "%é1");
+        assert_eq!(percent_decode("a%"), "a%");
+        assert_eq!(percent_decode("a%4"), "a%4");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%C3%A9"), "é");
+        assert_eq!(percent_decode("%FF"), "\u{fffd}");
+    }
 }
