@@ -172,8 +172,10 @@ pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
 
 /// Loads what the store holds for `id` (just acquired) and serves it until `until`.
 async fn adopt(store: &PgStore, pool: &Arc<Pool>, id: &str, until: u64) {
+    // Before the read: a refresh of this node's that lands meanwhile is newer than the record.
+    let seen = pool.chain_generation(id);
     match store.get_async(id).await {
-        Ok(Some(rec)) => pool.adopt(id, crate::accounts::persist::restored_one(rec)).await,
+        Ok(Some(rec)) => pool.adopt(id, crate::accounts::persist::restored_one(rec), seen).await,
         Ok(None) => {}
         Err(e) => {
             // Serving on possibly stale tokens could refresh a dead chain: give it back.

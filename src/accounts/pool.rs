@@ -629,11 +629,11 @@ impl Pool {
     /// `[cluster]`: takes over what the store holds for an account whose lease this node has
     /// just acquired (the previous holder's rotated refresh token, access token, state and
     /// counters), replacing what this node knew, which may be stale.
-    pub async fn adopt(&self, id: &str, restored: Restored) {
+    pub async fn adopt(&self, id: &str, restored: Restored, seen: u64) {
         let Some(a) = self.get(id) else { return };
         let fingerprint = a.spec().credentials_fingerprint();
         if let Some(chain) = restored.chain.filter(|c| c.file_fingerprint == fingerprint) {
-            a.tokens.adopt(chain, restored.access).await;
+            a.tokens.adopt(chain, restored.access, seen).await;
         }
         if let Some(st) = restored.state {
             *a.state.lock().unwrap_or_else(|e| e.into_inner()) = st;
@@ -641,6 +641,12 @@ impl Pool {
         if let Some(c) = restored.counters {
             *a.counters.lock().unwrap_or_else(|e| e.into_inner()) = c;
         }
+    }
+
+    /// The account's token chain generation ([`Tokens::generation`]), read before its stored
+    /// record is, for [`Pool::adopt`].
+    pub fn chain_generation(&self, id: &str) -> u64 {
+        self.get(id).map_or(0, |a| a.tokens.generation())
     }
 
     /// The ids of the accounts this node serves (all of them without a cluster).

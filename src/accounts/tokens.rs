@@ -38,7 +38,8 @@ pub struct Tokens {
     access: std::sync::RwLock<Option<Access>>,
     /// Mirrors `Held::unsaved.is_some()` for readers that must not wait for the lock.
     unsaved: std::sync::atomic::AtomicBool,
-    /// Bumped whenever the chain is reset (new credentials in the file).
+    /// Bumped whenever the chain changes: a rotation, a reset (new credentials in the file), an
+    /// adoption. An adoption read from the store before a change here is older than the chain.
     generation: std::sync::atomic::AtomicU64,
 }
 
@@ -115,8 +116,15 @@ impl Tokens {
     /// stored chain is the very one this node's unsaved chain replaced (nobody stored anything
     /// since: this node lost the store, not the account), in which case the unsaved chain is
     /// the only live one and stays, to be stored at the next use.
-    pub async fn adopt(&self, chain: Chain, access: Option<Access>) {
+    ///
+    /// `seen` is [`Tokens::generation`] from before the store was read: when the chain changed
+    /// since (a refresh in flight rotated it and stored it under this node's new lease), what
+    /// was read is older than the chain, which stays.
+    pub async fn adopt(&self, chain: Chain, access: Option<Access>, seen: u64) {
         let mut held = self.chain.lock().await;
+        if self.generation() != seen {
+            return;
+        }
         if held.unsaved.is_some()
             && held.replaced.as_ref().is_some_and(|r| r.expose() == chain.refresh_token.expose())
         {
@@ -133,6 +141,11 @@ impl Tokens {
     /// that no refresh of the old holder's can rotate the token the new holder loads.
     pub fn quiet(&self) -> Option<Quiet<'_>> {
         self.chain.try_lock().ok().map(Quiet)
+    }
+
+    /// How many times the chain has changed (see the field).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub async fn chain(&self) -> Chain {
@@ -205,6 +218,7 @@ impl Tokens {
         }
         // The old refresh token may already be dead: the successor is kept either way.
         let replaced = std::mem::replace(&mut held.chain, next).refresh_token;
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = stored {
             held.unsaved = Some(access);
             held.replaced = Some(replaced);
@@ -385,14 +399,40 @@ mod tests {
             .await;
         assert!(matches!(r, Err(RefreshError::NotStored(_))), "{r:?}");
         // The store still holds rt0 (the token rt1 replaced): the unsaved rt1 stays.
-        tokens.adopt(chain(), None).await;
+        tokens.adopt(chain(), None, tokens.generation()).await;
         assert!(tokens.has_unsaved());
         assert_eq!(tokens.chain().await.refresh_token.expose(), "rt1");
         // Another holder stored rt5 since: that one is the live chain.
         let newer = Chain { refresh_token: Secret::new("rt5"), rotated: true, file_fingerprint: [0; 32] };
-        tokens.adopt(newer, None).await;
+        tokens.adopt(newer, None, tokens.generation()).await;
         assert!(!tokens.has_unsaved());
         assert_eq!(tokens.chain().await.refresh_token.expose(), "rt5");
+    }
+
+    /// `[cluster]`: a record read from the store before this node's own refresh rotated and
+    /// stored the chain is older than the chain: adopting it would put a dead token back.
+    #[tokio::test]
+    async fn adopt_skips_a_record_read_before_a_rotation() {
+        let tokens = Tokens::new(chain(), None);
+        let seen = tokens.generation();
+        let grant = TokenGrant {
+            access_token: Secret::new("at1"),
+            expires_in: Duration::from_secs(3600),
+            refresh_token: Some(Secret::new("rt1")),
+            profile_arn: None,
+        };
+        tokens
+            .get(MIN_VALIDITY, None, |_| std::future::ready(Ok(grant)), |_, _| std::future::ready(Ok(())))
+            .await
+            .unwrap();
+        // The record read before the refresh ended still names rt0.
+        tokens.adopt(chain(), None, seen).await;
+        assert_eq!(tokens.chain().await.refresh_token.expose(), "rt1");
+        assert_eq!(tokens.current_access().unwrap().token.expose(), "at1");
+        // A record read after it is taken as it is.
+        let newer = Chain { refresh_token: Secret::new("rt2"), rotated: true, file_fingerprint: [0; 32] };
+        tokens.adopt(newer, None, tokens.generation()).await;
+        assert_eq!(tokens.chain().await.refresh_token.expose(), "rt2");
     }
 
     /// `[cluster]` handover: `quiet` is refused while a refresh runs, and while it is held no
