@@ -22,6 +22,7 @@
 //! token write itself is fenced by the epoch in the database (see [`crate::store::postgres`]).
 
 use crate::accounts::Pool;
+use crate::accounts::pool::LeaseCheck;
 use crate::accounts::pool::mono_ms;
 use crate::store::postgres::PgStore;
 use std::collections::HashSet;
@@ -205,5 +206,15 @@ async fn run_command(pool: &Arc<Pool>, id: &str, cmd: &str) {
             }
         }
         other => tracing::warn!(command = %other, "cluster: unknown command"),
+    }
+}
+
+impl LeaseCheck for PgStore {
+    fn lease_left<'a>(
+        &'a self,
+        id: &'a str,
+        guard: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>> {
+        Box::pin(async move { PgStore::lease_left(self, id, guard).await.map_err(|e| e.to_string()) })
     }
 }

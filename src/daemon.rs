@@ -135,7 +135,7 @@ async fn run_inner(
     if let Some(store) = &cluster {
         // Half a lease: a refresh never starts so late that the lease could end before its
         // answer is stored.
-        pool.set_clustered(store.lease() / 2);
+        pool.set_clustered(store.lease() / 2, Arc::new(store.clone()));
     }
     let (tls_cert, tls_config) = match &config.server.tls {
         Some(files) => {

@@ -546,6 +546,18 @@ pub struct Pool {
     /// `[cluster]`: accounts are served only under a lease ([`Pool::hold`]); a token refresh
     /// starts only while the lease has at least this long (ms) left. `None`: no cluster.
     cluster_guard_ms: RwLock<Option<u64>>,
+    /// `[cluster]`: asks the database whether a lease is still this node's.
+    leases: RwLock<Option<Arc<dyn LeaseCheck>>>,
+}
+
+/// `[cluster]`: whether the database says this node holds an account's lease for at least
+/// `guard` more (checked before a token refresh).
+pub trait LeaseCheck: Send + Sync {
+    fn lease_left<'a>(
+        &'a self,
+        id: &'a str,
+        guard: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>>;
 }
 
 /// Most refreshes running at once (a thousand accounts never stampede the token endpoint).
@@ -600,13 +612,15 @@ impl Pool {
             refreshes_ok: AtomicU64::new(0),
             refreshes_failed: AtomicU64::new(0),
             cluster_guard_ms: RwLock::new(None),
+            leases: RwLock::new(None),
         })
     }
 
     /// `[cluster]`: from now on an account serves only while [`Pool::hold`] says this node
     /// holds its lease; a refresh starts only with at least `guard` of the lease left.
-    pub fn set_clustered(&self, guard: Duration) {
+    pub fn set_clustered(&self, guard: Duration, leases: Arc<dyn LeaseCheck>) {
         *self.cluster_guard_ms.write().unwrap_or_else(|e| e.into_inner()) = Some(guard.as_millis() as u64);
+        *self.leases.write().unwrap_or_else(|e| e.into_inner()) = Some(leases);
         for a in self.accounts() {
             a.held_until.store(0, Ordering::SeqCst);
         }
@@ -1010,6 +1024,25 @@ impl Pool {
                             return Err(RefreshError::Transient(
                                 "this node's lease on the account is ending; not refreshing".into(),
                             ));
+                        }
+                        // The local timer is not proof: after a pause it did not count (a
+                        // frozen VM), another node may hold the lease and the token.
+                        let leases = self.leases.read().unwrap_or_else(|e| e.into_inner()).clone();
+                        if let Some(leases) = leases {
+                            match leases.lease_left(a.id.as_str(), Duration::from_millis(guard)).await {
+                                Ok(true) => {}
+                                Ok(false) => {
+                                    return Err(RefreshError::Transient(
+                                        "PostgreSQL says this node's lease on the account is gone or ending; not refreshing"
+                                            .into(),
+                                    ));
+                                }
+                                Err(e) => {
+                                    return Err(RefreshError::Transient(format!(
+                                        "cannot confirm this node's lease on the account ({e}); not refreshing"
+                                    )));
+                                }
+                            }
                         }
                     }
                     let grant = match &spec.credentials {

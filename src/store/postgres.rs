@@ -407,6 +407,31 @@ impl PgStore {
         self.inner.held.lock().unwrap_or_else(|p| p.into_inner()).get(account).copied()
     }
 
+    /// Whether PostgreSQL says this node holds `account`'s lease, with the epoch it believes it
+    /// holds, for at least `guard` more. Asked before a token refresh: the local timer alone
+    /// can be wrong after a pause the monotonic clock did not count (a frozen VM resumed), and a
+    /// refresh on a lease another node took rotates the token that node loaded.
+    pub async fn lease_left(&self, account: &str, guard: Duration) -> Result<bool, StoreError> {
+        let Some(Held { epoch }) = self.held(account) else {
+            return Ok(false);
+        };
+        let (id, node, secs) = (account.to_owned(), self.inner.node_id.clone(), guard.as_secs_f64());
+        self.run(Conn::Data, move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt(
+                        "SELECT 1 FROM amq2api.leases WHERE account = $1 AND node_id = $2 AND epoch = $3
+                         AND expires_at > now() + make_interval(secs => $4)",
+                        &[&id, &node, &epoch, &secs],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(row.is_some())
+            })
+        })
+        .await
+    }
+
     /// Every lease this node believes it holds.
     pub fn held_all(&self) -> HashMap<String, Held> {
         self.inner.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
