@@ -259,12 +259,35 @@ impl Keys {
         }
     }
 
-    /// Admits a request that is about to go upstream, or says which limit it hit: the model
-    /// (403), the day's tokens or the month's credits (429 naming the budget and its reset),
-    /// concurrency or rpm (429 with an honest `retry-after`).
-    pub fn admit(caller: &Caller, model: &str) -> Result<Option<Admitted>, ApiError> {
-        let Caller::Named(k) = caller else { return Ok(None) };
+    /// Whether `caller` may use `model` as it will be served: `served` is the Amazon Q model the
+    /// name resolved to. The name alone is not enough: resolution matches families and falls
+    /// back (`claude-sonnet-x-opus` is served by Opus, and `[models] "*"` serves any name), so
+    /// the model served must be the one the name names (the name starts with its Claude id) or
+    /// itself be allowed.
+    pub fn check_served(caller: &Caller, model: &str, served: &str) -> Result<(), ApiError> {
         Keys::check_model(caller, model)?;
+        let Caller::Named(k) = caller else { return Ok(()) };
+        let id = crate::translate::catalog::claude_id(served);
+        if served.is_empty() || model.starts_with(&id) || k.spec.allows_model(&id) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            ErrorKind::Permission,
+            format!(
+                "key {:?} may not use model {id:?}, which serves {model:?} (allowed: {})",
+                k.spec.name,
+                k.spec.models.join(", ")
+            ),
+        ))
+    }
+
+    /// Admits a request that is about to go upstream, or says which limit it hit: the model
+    /// (403; `served`: the Amazon Q model the name resolved to, see [`Keys::check_served`]),
+    /// the day's tokens or the month's credits (429 naming the budget and its reset),
+    /// concurrency or rpm (429 with an honest `retry-after`).
+    pub fn admit(caller: &Caller, model: &str, served: &str) -> Result<Option<Admitted>, ApiError> {
+        let Caller::Named(k) = caller else { return Ok(None) };
+        Keys::check_served(caller, model, served)?;
         let spec = &k.spec;
         let name = &spec.name;
         let now_sys = SystemTime::now();
@@ -516,6 +539,32 @@ mod tests {
         }
     }
 
+    /// A key's model list is held against the model that serves the request, not only the name
+    /// the client gave: a name that resolves to another family, or falls back to a model the
+    /// key may not use, is refused.
+    #[test]
+    fn a_model_allow_list_holds_for_the_model_served() {
+        let mut s = spec("a", "key-a-0123456789abcdef");
+        s.models = vec!["claude-sonnet-*".into()];
+        let mut dated = spec("b", "key-b-0123456789abcdef");
+        dated.models = vec!["claude-sonnet-4-5-20250929".into()];
+        let keys = Keys::new(&KeySet { keys: vec![s, dated] }, Usage::new(None, 400));
+        let a = keys.identify(&auth(), Some("key-a-0123456789abcdef")).unwrap();
+        let e = Keys::check_served(&a, "claude-sonnet-x-opus", "claude-opus-4.5").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Permission);
+        assert!(e.message.contains("claude-opus-4-5"), "{}", e.message);
+        assert!(Keys::check_served(&a, "claude-sonnet-4-5-20250929", "claude-sonnet-4.5").is_ok());
+        assert!(
+            Keys::check_served(&a, "claude-sonnet-next", "claude-sonnet-4.5").is_ok(),
+            "a fallback it may use"
+        );
+        assert!(Keys::check_served(&a, "claude-opus-4-5", "claude-opus-4.5").is_err(), "the name itself");
+        let b = keys.identify(&auth(), Some("key-b-0123456789abcdef")).unwrap();
+        assert!(Keys::check_served(&b, "claude-sonnet-4-5-20250929", "claude-sonnet-4.5").is_ok());
+        let unnamed = keys.identify(&auth(), Some("unnamed-key-0123456789")).unwrap();
+        assert!(Keys::check_served(&unnamed, "anything", "claude-opus-4.5").is_ok());
+    }
+
     #[test]
     fn rpm_retry_after_is_when_the_oldest_start_leaves_the_minute() {
         let mut s = spec("a", "key-a-0123456789abcdef");
@@ -523,20 +572,20 @@ mod tests {
         let keys = Keys::new(&KeySet { keys: vec![s.clone()] }, Usage::new(None, 400));
         let c = keys.identify(&auth(), Some("key-a-0123456789abcdef")).unwrap();
         assert_eq!(c.label(), "a");
-        assert!(Keys::admit(&c, "m").is_ok());
-        assert!(Keys::admit(&c, "m").is_ok());
-        let e = Keys::admit(&c, "m").unwrap_err();
+        assert!(Keys::admit(&c, "m", "").is_ok());
+        assert!(Keys::admit(&c, "m", "").is_ok());
+        let e = Keys::admit(&c, "m", "").unwrap_err();
         assert_eq!(e.kind, ErrorKind::RateLimit);
         assert!((59..=60).contains(&e.retry_after.unwrap().as_secs()), "{e:?}");
         // A reload raising the limit: the next request passes; lowering it: refused again.
         s.rpm = NonZeroU32::new(3);
         keys.apply(&KeySet { keys: vec![s.clone()] });
         let c = keys.identify(&auth(), Some("key-a-0123456789abcdef")).unwrap();
-        assert!(Keys::admit(&c, "m").is_ok());
+        assert!(Keys::admit(&c, "m", "").is_ok());
         s.rpm = NonZeroU32::new(1);
         keys.apply(&KeySet { keys: vec![s] });
         let c = keys.identify(&auth(), Some("key-a-0123456789abcdef")).unwrap();
-        assert!(Keys::admit(&c, "m").is_err());
+        assert!(Keys::admit(&c, "m", "").is_err());
         assert!(matches!(keys.identify(&auth(), Some("unnamed-key-0123456789")), Ok(Caller::Unnamed(_))));
         assert!(keys.identify(&auth(), Some("nobody-0123456789")).is_err());
         assert!(keys.identify(&auth(), None).is_err());
@@ -569,7 +618,7 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..n {
             let c = keys.identify(&a, Some("key-49-0123456789abcdef")).unwrap();
-            let g = Keys::admit(&c, "claude-sonnet-4-5").unwrap();
+            let g = Keys::admit(&c, "claude-sonnet-4-5", "claude-sonnet-4.5").unwrap();
             drop(g);
             keys.record(
                 &c,

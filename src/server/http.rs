@@ -275,7 +275,7 @@ async fn route(
             tracing::Span::current().record("model", x.model.as_str());
             x.stream = prepared.req.stream;
             // The key's limits, before any upstream call.
-            x.admitted = Keys::admit(&caller, &x.model)?.map(Arc::new);
+            x.admitted = Keys::admit(&caller, &x.model, &x.upstream_model)?.map(Arc::new);
             x.tokens_in = prepared.input_tokens();
             if prepared.req.stream {
                 let producer =
