@@ -742,13 +742,24 @@ impl PgStore {
     /// this node believed it held and that is not among them is lost (and forgotten here).
     pub async fn renew(&self) -> Result<HashMap<String, Held>, StoreError> {
         let (node, lease_ms) = (self.inner.node_id.clone(), self.inner.lease.as_millis() as i64);
+        // Only the leases this node knows it holds, at the epoch it holds them with: a row left
+        // under this node's name and not held here (a release whose update failed, an acquire
+        // whose answer was lost, an account gone from this node's file) must run out so that
+        // another node can serve the account, not be kept alive by this one forever.
+        let (ids, epochs): (Vec<String>, Vec<i64>) =
+            self.held_all().into_iter().map(|(id, h)| (id, h.epoch)).unzip();
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
         let rows = self
             .run(Conn::Leases, move |c| {
                 Box::pin(async move {
                     c.query(
                         "UPDATE amq2api.leases SET expires_at = now() + $2::float8 * interval '1 millisecond'
-                         WHERE node_id = $1 AND expires_at > now() RETURNING account, epoch",
-                        &[&node, &(lease_ms as f64)],
+                         WHERE node_id = $1 AND expires_at > now()
+                           AND (account, epoch) IN (SELECT * FROM unnest($3::text[], $4::bigint[]))
+                         RETURNING account, epoch",
+                        &[&node, &(lease_ms as f64), &ids, &epochs],
                     )
                     .await
                     .map_err(pg)

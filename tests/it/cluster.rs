@@ -394,6 +394,31 @@ async fn a_node_that_lost_its_lease_cannot_write_a_token() {
     drop(c);
 }
 
+/// A lease row under a node's name that the node does not hold (its release failed, an
+/// acquire's answer was lost, the account left its file) is not renewed by that node: it runs
+/// out, and another node takes the account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_a_node_does_not_hold_runs_out() {
+    let Some(pg) = Postgres::start() else { return };
+    let lease = Duration::from_secs(2);
+    let a = PgStore::connect(&pg.url(), "node-a", lease).await.unwrap();
+    let b = PgStore::connect(&pg.url(), "node-b", lease).await.unwrap();
+    a.acquire("x").await.unwrap().expect("a free lease");
+    let ha = a.acquire("y").await.unwrap().expect("a free lease");
+    // The same node, knowing only y (x's row is under its name, not in its map).
+    let a2 = PgStore::connect(&pg.url(), "node-a", lease).await.unwrap();
+    drop(a);
+    assert!(a2.acquire("y").await.unwrap().is_none(), "y is held (by node-a's earlier self)");
+    let started = Instant::now();
+    while started.elapsed() < lease + Duration::from_millis(500) {
+        assert!(a2.renew().await.unwrap().is_empty(), "nothing held here");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let hb = b.acquire("x").await.unwrap().expect("the lease nobody holds ran out");
+    assert_eq!((ha.epoch, hb.epoch), (1, 2), "taken over from node-a");
+    assert!(b.acquire("y").await.unwrap().is_some());
+}
+
 /// Three daemons, one PostgreSQL, refresh tokens rotating every few seconds; one node killed
 /// under load; then one paused past its lease and resumed.
 #[test]
