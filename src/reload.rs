@@ -248,15 +248,43 @@ impl Reloader {
                 }
             }
         }
-        if loaded.config.server.listen != self.app.config.server.listen {
-            notes.push("listen addresses changed: restart to apply".into());
-        }
+        notes.extend(restart_notes(&self.app.config, &loaded.config));
         let mut r = self.accounts_locked().await;
         if !notes.is_empty() {
             r.changes = format!("{}; {}", r.changes, notes.join("; "));
         }
         r
     }
+}
+
+/// What a reload read but does not apply, said so rather than dropped in silence: each a
+/// "… changed: restart to apply" note.
+fn restart_notes(running: &config::Config, read: &config::Config) -> Vec<String> {
+    let mut notes = Vec::new();
+    let mut note = |changed: bool, what: &str| {
+        if changed {
+            notes.push(format!("{what} changed: restart to apply"));
+        }
+    };
+    note(read.server.listen != running.server.listen, "listen addresses");
+    note(
+        read.accounts.file != running.accounts.file,
+        "[accounts] file (the running daemon still reads the old one)",
+    );
+    note(read.state.dir != running.state.dir, "[state] dir");
+    let cluster = |c: &Option<config::ClusterConfig>| {
+        c.as_ref().map(|c| (c.database_url.expose().to_owned(), c.node_id.clone(), c.lease))
+    };
+    note(cluster(&read.cluster) != cluster(&running.cluster), "[cluster]");
+    // The sections read at start only (no secrets in them: their debug forms compare whole).
+    note(format!("{:?}", read.upstream) != format!("{:?}", running.upstream), "[upstream]");
+    note(read.models != running.models, "[models]");
+    note(
+        format!("{:?}", (&read.server.drain_timeout, &read.server.request_timeout))
+            != format!("{:?}", (&running.server.drain_timeout, &running.server.request_timeout)),
+        "[server] timeouts",
+    );
+    notes
 }
 
 /// Runs blocking work (reading configuration files) on the blocking pool, so that no runtime

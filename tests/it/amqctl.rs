@@ -763,6 +763,28 @@ async fn operator_overrides_hold() {
 // reload
 
 #[tokio::test]
+async fn a_reload_says_what_needs_a_restart() {
+    let h = start(&["alpha"]).await;
+    let mut ctl = Ctl::of(&h);
+    let text = std::fs::read_to_string(&h.config_path).unwrap();
+    std::fs::copy(h.dir.path().join("accounts.toml"), h.dir.path().join("other.toml")).unwrap();
+    let changed = text.replacen("file = \"accounts.toml\"", "file = \"other.toml\"", 1);
+    assert_ne!(changed, text);
+    std::fs::write(&h.config_path, changed).unwrap();
+    let j: ReloadResult = ctl.run(&["--json", "reload"]).await.ok().json();
+    assert!(j.ok, "{j:?}");
+    assert!(
+        j.changes.contains(
+            "[accounts] file (the running daemon still reads the old one) changed: restart to apply"
+        ),
+        "{j:?}"
+    );
+    std::fs::write(&h.config_path, text).unwrap();
+    let j: ReloadResult = ctl.run(&["--json", "reload"]).await.ok().json();
+    assert!(!j.changes.contains("restart"), "{j:?}");
+}
+
+#[tokio::test]
 async fn reload_reports_changes_and_refuses_an_invalid_file() {
     let names = ["alpha", "beta"];
     let h = start(&names).await;
