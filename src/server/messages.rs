@@ -321,6 +321,11 @@ pub async fn stream(
                 }
             }
             let fatal = evs.iter().any(|e| matches!(e, StreamEvent::Error(_)));
+            // What the answer has used so far, kept current: a stream cut short (aborted, or the
+            // client gone, which drops this future) is still charged for the output it made
+            // and the credits the service named; `message_delta` brings the counted figure.
+            end.x.tokens_out = st.output_estimate();
+            end.x.credits = st.credits();
             emit(&evs, &mut end.x);
             if fatal {
                 break;

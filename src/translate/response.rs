@@ -144,6 +144,15 @@ impl ResponseState {
         }
     }
 
+    /// Output tokens so far, cheaply: those counted, and the bytes not counted yet at four to a
+    /// token (the counted figure comes with `message_delta`). For a stream cut short.
+    pub fn output_estimate(&self) -> u64 {
+        match &self.exact {
+            Some(u) => u.output_tokens,
+            None => self.output_tokens + (self.uncounted.len() as u64).div_ceil(4),
+        }
+    }
+
     /// Credits the service charged for this answer (`meteringEvent`), when it said.
     pub fn credits(&self) -> Option<f64> {
         self.credits

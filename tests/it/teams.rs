@@ -528,3 +528,43 @@ fn keys_file_errors_are_reported_with_line_and_column() {
     );
     assert!(text.contains("keys.toml:8:7: error: key \"a\": duplicate key"), "{text}");
 }
+
+/// A stream the client leaves before its end is still charged for the output it made (it was
+/// counted as none: a key's `tokens_per_day` only ever saw input when clients hung up early, as
+/// Claude Code does on Esc).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_left_early_is_charged_for_its_output() {
+    use http_body_util::BodyExt;
+    let keys = format!("[[key]]\nname = \"carol\"\nkey = \"{}\"\n", digest(CAROL));
+    let h = start(&keys, accounts(1), Duration::from_millis(30)).await;
+    let req = http::Request::post(h.url("/v1/messages"))
+        .header("content-type", "application/json")
+        .header("x-api-key", CAROL)
+        .header("anthropic-version", "2023-06-01")
+        .body(Full::new(Bytes::from(simple("tell me a story", true).to_string())))
+        .unwrap();
+    let resp = common::client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    while seen.matches("text_delta").count() < 3 {
+        let frame =
+            tokio::time::timeout(Duration::from_secs(10), body.frame()).await.unwrap().unwrap().unwrap();
+        if let Ok(data) = frame.into_data() {
+            seen.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    assert!(!seen.contains("message_stop"), "the stream ended before the client left: {seen}");
+    drop(body);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let u = usage_of(&h, "key", "carol");
+        if u["requests"] == 1 {
+            assert!(u["tokens_out"].as_u64().unwrap() > 0, "no output charged: {u}");
+            assert!(u["tokens_in"].as_u64().unwrap() > 0, "{u}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the request was never counted: {u}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
