@@ -1986,6 +1986,18 @@ mod tests {
         }
     }
 
+    /// An emulator with the account `a1`, and a pool serving it through `sink`.
+    async fn pool_with_a1(sink: Arc<Flaky>) -> (crate::emulator::Emulator, Arc<Pool>) {
+        let emu =
+            crate::emulator::Emulator::start(crate::emulator::EmulatorOptions::default()).await.unwrap();
+        emu.add_account("c-a1", "s-a1", "r-a1");
+        let cfg = config_for(&emu);
+        let client = UpstreamClient::new(&cfg.upstream).unwrap();
+        let pool =
+            Pool::new(&accounts(&["a1"]), BTreeMap::new(), &cfg.accounts, cfg.upstream.clone(), client, sink);
+        (emu, pool)
+    }
+
     /// The daemon's config against `emu`.
     fn config_for(emu: &crate::emulator::Emulator) -> crate::config::Config {
         crate::config::parse_config(
@@ -2006,17 +2018,10 @@ mod tests {
     /// applied twice (a reload whose end was not recorded) keeps the chain it has.
     #[tokio::test]
     async fn credentials_changed_and_changed_back_resume_their_stored_chain() {
-        let emu =
-            crate::emulator::Emulator::start(crate::emulator::EmulatorOptions::default()).await.unwrap();
-        emu.add_account("c-a1", "s-a1", "r-a1");
-        let cfg = config_for(&emu);
         let good = accounts(&["a1"]);
         let text = "[[account]]\nid = \"a1\"\nclient_id = \"c-a1\"\nclient_secret = \"typo\"\nrefresh_token = \"r-a1\"\n";
         let typo = crate::config::accounts::parse(std::path::Path::new("accounts.toml"), text).unwrap().0;
-        let sink = Arc::new(Flaky::default());
-        let client = UpstreamClient::new(&cfg.upstream).unwrap();
-        let pool =
-            Pool::new(&good, BTreeMap::new(), &cfg.accounts, cfg.upstream.clone(), client, sink.clone());
+        let (emu, pool) = pool_with_a1(Arc::new(Flaky::default())).await;
         let a = pool.get("a1").unwrap();
         pool.access_token(&a, None).await.unwrap();
         assert_eq!(emu.stats().refreshes, 1, "r-a1 rotated: the file's token is dead now");
@@ -2040,14 +2045,7 @@ mod tests {
     /// endpoint with a mismatched pair, and does not mark the account invalid.
     #[tokio::test]
     async fn a_refresh_between_new_credentials_and_their_chain_waits_for_the_chain() {
-        let emu =
-            crate::emulator::Emulator::start(crate::emulator::EmulatorOptions::default()).await.unwrap();
-        emu.add_account("c-a1", "s-a1", "r-a1");
-        let cfg = config_for(&emu);
-        let client = UpstreamClient::new(&cfg.upstream).unwrap();
-        let sink = Arc::new(Flaky::default());
-        let pool =
-            Pool::new(&accounts(&["a1"]), BTreeMap::new(), &cfg.accounts, cfg.upstream.clone(), client, sink);
+        let (emu, pool) = pool_with_a1(Arc::new(Flaky::default())).await;
         let a = pool.get("a1").unwrap();
         let text = "[[account]]\nid = \"a1\"\nclient_id = \"c-a1\"\nclient_secret = \"s-a1\"\nrefresh_token = \"r-new\"\n";
         let next = crate::config::accounts::parse(std::path::Path::new("accounts.toml"), text).unwrap().0;
@@ -2064,16 +2062,10 @@ mod tests {
     /// the file's (dead) token.
     #[tokio::test]
     async fn an_account_added_back_resumes_its_unsaved_chain() {
-        let emu =
-            crate::emulator::Emulator::start(crate::emulator::EmulatorOptions::default()).await.unwrap();
-        emu.add_account("c-a1", "s-a1", "r-a1");
-        let cfg = config_for(&emu);
         let (one, none) = (accounts(&["a1"]), accounts(&[]));
         let sink = Arc::new(Flaky::default());
         sink.failing.store(true, Ordering::SeqCst);
-        let client = UpstreamClient::new(&cfg.upstream).unwrap();
-        let pool =
-            Pool::new(&one, BTreeMap::new(), &cfg.accounts, cfg.upstream.clone(), client, sink.clone());
+        let (emu, pool) = pool_with_a1(sink.clone()).await;
         let a = pool.get("a1").unwrap();
         let r = pool.access_token(&a, None).await;
         assert!(matches!(r, Err(RefreshError::NotStored(_))), "{r:?}");
@@ -2098,16 +2090,10 @@ mod tests {
     /// stored once the disk is back, not dropped with the account.
     #[tokio::test]
     async fn a_token_rotated_after_its_account_was_removed_is_still_stored() {
-        let emu =
-            crate::emulator::Emulator::start(crate::emulator::EmulatorOptions::default()).await.unwrap();
-        emu.add_account("c-a1", "s-a1", "r-a1");
-        let cfg = config_for(&emu);
         let (one, none) = (accounts(&["a1"]), accounts(&[]));
         let sink = Arc::new(Flaky::default());
         sink.failing.store(true, Ordering::SeqCst);
-        let client = UpstreamClient::new(&cfg.upstream).unwrap();
-        let pool =
-            Pool::new(&one, BTreeMap::new(), &cfg.accounts, cfg.upstream.clone(), client, sink.clone());
+        let (emu, pool) = pool_with_a1(sink.clone()).await;
         let a = pool.get("a1").unwrap();
         // Every refresh slot taken: the refresh holds the chain and waits, as a slow token
         // endpoint would make it.
