@@ -147,6 +147,7 @@ async fn run_inner(
         None => (None, None),
     };
     let control_listener = crate::control::bind(&config.control.socket, config.control.mode)?;
+    let control_id = crate::control::socket_id(&config.control.socket);
     let (drain_tx, drain_rx) = watch::channel(false);
     let (stop, shutdown_signal) = crate::shutdown::channel();
     let metrics = Arc::new(crate::metrics::Metrics::new(pool.clone()));
@@ -300,7 +301,7 @@ async fn run_inner(
     if let Some(store) = &cluster {
         crate::cluster::release_all(store, &app.pool).await;
     }
-    let _ = std::fs::remove_file(&app.config.control.socket);
+    crate::control::unlink_if_ours(&app.config.control.socket, control_id);
     // Every task that held the pool (and through its sink the state store) has ended: the
     // store closes as these go, before `run` returns.
     drop((status, reloader, app, pool, usage));

@@ -38,8 +38,13 @@ pub fn bind(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListener, 
     let io = |source| ControlError::Io { path: path.display().to_string(), source };
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(ControlError::InUse(path.display().to_string()));
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(ControlError::InUse(path.display().to_string())),
+                // Nobody listens: a crashed run's socket.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                // Anything else (no permission, a full backlog) does not say nobody listens:
+                // removing it could cut a live daemon off from amqctl.
+                Err(e) => return Err(io(e)),
             }
             std::fs::remove_file(path).map_err(io)?;
         } else {
@@ -58,6 +63,24 @@ pub fn bind(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListener, 
     let l = std::os::unix::net::UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
     Ok(l)
+}
+
+/// The socket file's identity, taken after [`bind`]: device, inode and change time (an inode
+/// freed by a removed socket is soon given to the next one).
+pub type SocketId = (u64, u64, i64, i64);
+
+/// See [`SocketId`].
+pub fn socket_id(path: &Path) -> Option<SocketId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
+/// Removes the control socket at exit, if it is still the one `id` names: a daemon started on
+/// the same path while this one drained has its own socket there, which must stay.
+pub fn unlink_if_ours(path: &Path, id: Option<SocketId>) {
+    if id.is_some() && socket_id(path) == id {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Who is calling.
@@ -605,5 +628,34 @@ async fn handle(shared: &Arc<Context>, peer: Peer, req: Request<Incoming>) -> Re
         }
         (_, ["v1", ..]) => error(StatusCode::NOT_FOUND, format!("no route {method} {path}")),
         _ => error(StatusCode::NOT_FOUND, format!("no route {method} {path} (the API lives under /v1/)")),
+    }
+}
+
+#[cfg(test)]
+mod socket_tests {
+    use super::*;
+
+    /// A stale socket (nobody listens) is replaced, a live one refused; at exit only this
+    /// daemon's own socket is removed, not one another daemon bound at the same path since.
+    #[test]
+    fn the_control_socket_is_replaced_only_when_stale_and_removed_only_when_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let first = bind(&path, 0o660).unwrap();
+        assert!(matches!(bind(&path, 0o660), Err(ControlError::InUse(_))));
+        let first_id = socket_id(&path);
+        drop(first);
+        // Past the file system's timestamp tick (a few ms): the new socket may get the same
+        // inode, and its change time tells it apart.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // Stale: replaced.
+        let second = bind(&path, 0o660).unwrap();
+        let second_id = socket_id(&path);
+        assert_ne!(first_id, second_id);
+        unlink_if_ours(&path, first_id);
+        assert!(path.exists(), "another daemon's socket was removed");
+        drop(second);
+        unlink_if_ours(&path, second_id);
+        assert!(!path.exists());
     }
 }
