@@ -95,8 +95,26 @@ impl ApiError {
         json!({"type": "error", "error": {"type": self.kind.as_str(), "message": self.message}})
     }
 
-    /// Whether the SDKs should retry (`x-should-retry`).
+    /// Whether the SDKs should retry (`x-should-retry`): not when the wait is longer than a
+    /// minute (a key's day or month budget spent). The SDKs ignore a `retry-after` above 60 s
+    /// and retry on their own backoff, each retry another refused request.
     pub fn should_retry(&self) -> bool {
         matches!(self.kind, ErrorKind::RateLimit | ErrorKind::Api | ErrorKind::Overloaded)
+            && self.retry_after.is_none_or(|d| d <= Duration::from_secs(60))
+    }
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_past_a_minute_is_not_retried() {
+        let limited = ApiError::new(ErrorKind::RateLimit, "rpm");
+        assert!(limited.should_retry());
+        assert!(limited.clone().with_retry_after(Duration::from_secs(60)).should_retry());
+        assert!(!limited.with_retry_after(Duration::from_secs(3600)).should_retry(), "a spent daily budget");
+        assert!(ApiError::new(ErrorKind::Overloaded, "busy").should_retry());
+        assert!(!ApiError::invalid("bad").should_retry());
     }
 }
