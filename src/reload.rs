@@ -30,8 +30,19 @@ pub struct ReloadInfo {
     /// The named keys in use (the last good keys file).
     pub keys: KeySet,
     pub loaded_at: SystemTime,
+    /// Every file refused now (the accounts file, the keys file, amq2api.toml), joined.
     pub last_error: Option<String>,
     pub last_attempt: Option<SystemTime>,
+    /// Each file's own refusal, by [`Source`]: one file read well does not hide another's.
+    errors: [Option<String>; 3],
+}
+
+/// Which file a reload read.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Accounts = 0,
+    Keys = 1,
+    Config = 2,
 }
 
 /// Applies configuration changes to the running daemon, one at a time.
@@ -66,6 +77,7 @@ impl Reloader {
                 loaded_at: SystemTime::now(),
                 last_error: None,
                 last_attempt: None,
+                errors: [None, None, None],
             }),
             lock: tokio::sync::Mutex::new(()),
         }
@@ -79,18 +91,20 @@ impl Reloader {
         self.info.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn record(&self, result: &Outcome, new_set: Option<AccountSet>) {
+    fn record(&self, source: Source, result: &Outcome, new_set: Option<AccountSet>) {
         let mut info = self.info.write().unwrap_or_else(|e| e.into_inner());
         info.last_attempt = Some(SystemTime::now());
         if result.ok {
-            info.last_error = None;
+            info.errors[source as usize] = None;
             if let Some(set) = new_set {
                 info.accounts = set;
                 info.loaded_at = SystemTime::now();
             }
         } else {
-            info.last_error = Some(result.errors.join("; "));
+            info.errors[source as usize] = Some(result.errors.join("; "));
         }
+        let refused: Vec<&str> = info.errors.iter().flatten().map(String::as_str).collect();
+        info.last_error = if refused.is_empty() { None } else { Some(refused.join("; ")) };
     }
 
     /// Re-reads the accounts file and applies the difference; an invalid file changes nothing.
@@ -115,7 +129,7 @@ impl Reloader {
             tracing::error!("accounts file not applied (the last good set keeps serving): {message}");
             let r =
                 Outcome { ok: false, changes: "no changes".into(), errors: vec![message], warnings: vec![] };
-            self.record(&r, None);
+            self.record(Source::Accounts, &r, None);
             return r;
         }
         let result = match off_runtime(move || config::accounts::load(&path)).await {
@@ -140,7 +154,7 @@ impl Reloader {
                     AccountSet::new(set.iter().filter(|s| !out.contains(&s.id)).cloned().collect())
                 };
                 let r = Outcome { ok: true, changes: diff.to_string(), errors: vec![], warnings };
-                self.record(&r, Some(set));
+                self.record(Source::Accounts, &r, Some(set));
                 return r;
             }
             Err(diags) => {
@@ -155,7 +169,7 @@ impl Reloader {
                 }
             }
         };
-        self.record(&result, None);
+        self.record(Source::Accounts, &result, None);
         result
     }
 
@@ -175,7 +189,7 @@ impl Reloader {
                     errors: vec![],
                     warnings: warnings.0.iter().map(|w| w.to_string()).collect(),
                 };
-                self.record(&r, None);
+                self.record(Source::Keys, &r, None);
                 r
             }
             Err(diags) => {
@@ -188,7 +202,7 @@ impl Reloader {
                     errors: diags.errors().map(|d| d.to_string()).collect(),
                     warnings: diags.warnings().map(|d| d.to_string()).collect(),
                 };
-                self.record(&r, None);
+                self.record(Source::Keys, &r, None);
                 r
             }
         }
@@ -225,10 +239,16 @@ impl Reloader {
                     errors: diags.errors().map(|d| d.to_string()).collect(),
                     warnings: diags.warnings().map(|d| d.to_string()).collect(),
                 };
-                self.record(&r, None);
+                self.record(Source::Config, &r, None);
                 return r;
             }
         };
+        // amq2api.toml and the keys file read well: their earlier refusals are over.
+        {
+            let mut info = self.info.write().unwrap_or_else(|e| e.into_inner());
+            info.errors[Source::Config as usize] = None;
+            info.errors[Source::Keys as usize] = None;
+        }
         let mut notes = Vec::new();
         *self.app.auth.write().unwrap_or_else(|e| e.into_inner()) = loaded.config.auth.clone();
         let key_changes = self.apply_keys(loaded.keys.clone()).await;

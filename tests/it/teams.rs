@@ -568,3 +568,51 @@ async fn a_stream_left_early_is_charged_for_its_output() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A refused accounts file stays reported while the keys file is edited and applied: each file's
+/// refusal is its own (a good keys file cleared the accounts file's error, and `STATUS=` and
+/// `amqctl status` then looked healthy while the broken file was never applied).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_keys_file_does_not_hide_a_refused_accounts_file() {
+    let keys = format!("[[key]]\nname = \"alice\"\nkey = \"{}\"\n", digest(ALICE));
+    let h = start(&keys, accounts(1), Duration::ZERO).await;
+    let error = |h: &Harness| h.ctl_json(&["status"])["config"]["last_reload_error"].clone();
+    let wait = |what: &str, pred: &dyn Fn(&Value) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let e = error(&h);
+            if pred(&e) {
+                return e;
+            }
+            assert!(std::time::Instant::now() < deadline, "no {what}: {e}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // The control socket is open (ctl_json waits for it).
+    assert!(error(&h).is_null());
+    let accounts_file = h.dir.path().join("accounts.toml");
+    let good = std::fs::read_to_string(&accounts_file).unwrap();
+    std::fs::write(&accounts_file, format!("{good}[[account]]\nid = \"Bad Id\"\n")).unwrap();
+    // `amqctl reload` (exit 78: refused).
+    let reload = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_amqctl"))
+            .arg("--socket")
+            .arg(h.dir.path().join("control.sock"))
+            .arg("reload")
+            .output()
+            .unwrap()
+    };
+    assert_eq!(reload().status.code(), Some(78));
+    wait("refusal of the accounts file", &|e| e.as_str().is_some_and(|e| e.contains("accounts.toml")));
+    std::fs::write(h.dir.path().join("keys.toml"), format!("{keys}rpm = 100\n")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while key_view(&h, "alice")["rpm"] != 100 {
+        assert!(std::time::Instant::now() < deadline, "the keys file was not applied");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let e = error(&h);
+    assert!(e.as_str().is_some_and(|e| e.contains("accounts.toml")), "the refusal was cleared: {e}");
+    std::fs::write(&accounts_file, good).unwrap();
+    assert!(reload().status.success());
+    wait("the error cleared", &|e| e.is_null());
+}
