@@ -18,8 +18,11 @@
 //! Locally a lease counts as held until `t0 + lease − lease/10`, `t0` being taken before the
 //! renewal was sent (the database's expiry is later): a node that cannot reach PostgreSQL keeps
 //! serving those accounts until then, after which it answers 503 `overloaded_error` and says so
-//! in `/health` and `STATUS=`. A token refresh starts only with half a lease left, and the
+//! in `/health` and `STATUS=`. A token refresh starts only with half a lease left, by the local
+//! timer and by the database ([`PgStore::lease_left`], asked through
+//! [`crate::accounts::pool::LeaseCheck`]: the timer misses a pause it did not count), and the
 //! token write itself is fenced by the epoch in the database (see [`crate::store::postgres`]).
+//! A node renews only the leases it holds, at their epochs.
 
 use crate::accounts::Pool;
 use crate::accounts::pool::LeaseCheck;

@@ -39,8 +39,10 @@
 //! - [`store`]: the state store behind one `Backend` trait: redb (embedded, the default) or
 //!   PostgreSQL (`[cluster]`): token chains, account states, counters, catalogs, usage per day;
 //!   versioned values.
-//! - [`cluster`]: node heartbeats and account leases with fencing epochs (on PostgreSQL).
-//! - [`systemd`]: sd_notify (READY, STATUS, RELOADING, STOPPING), watchdog, socket activation.
+//! - [`cluster`]: node heartbeats and account leases with fencing epochs (on PostgreSQL), and the
+//!   lease check a token refresh asks first (`accounts::pool::LeaseCheck`).
+//! - [`systemd`]: sd_notify (READY, STATUS, RELOADING, STOPPING, EXTEND_TIMEOUT_USEC while
+//!   stopping), watchdog, socket activation.
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, error
 //!   classification, the model catalog (identical catalogs shared between accounts), and the

@@ -1,4 +1,4 @@
-//! systemd integration: `sd_notify` states (READY, STATUS, RELOADING, STOPPING), the watchdog,
+//! systemd integration: `sd_notify` states (READY, STATUS, RELOADING, STOPPING, EXTEND_TIMEOUT_USEC), the watchdog,
 //! and sockets passed by socket activation (`LISTEN_FDS`/`LISTEN_FDNAMES`). Everything is a
 //! no-op outside systemd. Taking over inherited descriptors is done by the `listenfd` crate,
 //! so this crate stays free of `unsafe`.
