@@ -13,19 +13,25 @@
 //! 3. when it holds more than its share while another live node holds less, gives up one idle
 //!    account (no request in flight, no token refresh running, no rotated token unsaved) per tick: a joining node fills
 //!    up gradually, no stream is cut, no rotated refresh token is lost;
-//! 4. runs the `amqctl` commands (refresh, enable, disable) queued for the accounts it holds.
+//! 4. runs the `amqctl` commands (refresh, enable, disable) queued for the accounts it holds
+//!    (a refresh on its own task: the loop never waits for the token endpoint);
+//! 5. takes the stored chain of an account it holds that is invalid because its refresh
+//!    token was refused, when the store holds a newer one
+//!    ([`Pool::take_newer_stored_chain`]).
 //!
 //! Locally a lease counts as held until `t0 + lease − lease/10`, `t0` being taken before the
 //! renewal was sent (the database's expiry is later): a node that cannot reach PostgreSQL keeps
 //! serving those accounts until then, after which it answers 503 `overloaded_error` and says so
 //! in `/health` and `STATUS=`. A token refresh starts only with half a lease left, by the local
 //! timer and by the database ([`PgStore::lease_left`], asked through
-//! [`crate::accounts::pool::LeaseCheck`]: the timer misses a pause it did not count), and the
-//! token write itself is fenced by the epoch in the database (see [`crate::store::postgres`]).
+//! [`crate::accounts::pool::ClusterView`]: the timer misses a pause it did not count), and the
+//! token write itself is fenced by the epoch in the database (see [`crate::store::postgres`]):
+//! a token a node rotated under a lease it then lost is still stored unless a later holder
+//! stored one, and the new holder takes it when its own refresh token is refused.
 //! A node renews only the leases it holds, at their epochs.
 
 use crate::accounts::Pool;
-use crate::accounts::pool::LeaseCheck;
+use crate::accounts::pool::ClusterView;
 use crate::accounts::pool::mono_ms;
 use crate::store::postgres::PgStore;
 use std::collections::HashSet;
@@ -167,11 +173,12 @@ pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
     match store.take_commands().await {
         Ok(cmds) => {
             for (id, cmd) in cmds {
-                run_command(pool, &id, &cmd).await;
+                run_command(pool, &id, &cmd);
             }
         }
         Err(e) => tracing::debug!(error = %e, "cluster: cannot read commands"),
     }
+    pool.revive_from_store().await;
 }
 
 /// Loads what the store holds for `id` (just acquired) and serves it until `until`.
@@ -191,8 +198,10 @@ async fn adopt(store: &PgStore, pool: &Arc<Pool>, id: &str, until: u64) {
     pool.hold(id, until);
 }
 
-/// An `amqctl` command queued by another node for an account this node holds.
-async fn run_command(pool: &Arc<Pool>, id: &str, cmd: &str) {
+/// An `amqctl` command queued by another node for an account this node holds. A refresh runs
+/// on its own task: awaited here it held up the lease loop (a slow token endpoint, a refresh
+/// queued behind others) past the renewals the leases need.
+fn run_command(pool: &Arc<Pool>, id: &str, cmd: &str) {
     tracing::info!(account = %id, command = %cmd, "cluster: command from another node");
     match cmd {
         "enable" => {
@@ -203,21 +212,35 @@ async fn run_command(pool: &Arc<Pool>, id: &str, cmd: &str) {
         }
         "refresh" => {
             if let Some(a) = pool.get(id) {
-                if let Err(e) = pool.refresh_now(&a).await {
-                    tracing::warn!(account = %id, error = %e, "cluster: refresh failed");
-                }
+                let (pool, id) = (pool.clone(), id.to_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = pool.refresh_now(&a).await {
+                        tracing::warn!(account = %id, error = %e, "cluster: refresh failed");
+                    }
+                });
             }
         }
         other => tracing::warn!(command = %other, "cluster: unknown command"),
     }
 }
 
-impl LeaseCheck for PgStore {
+impl ClusterView for PgStore {
     fn lease_left<'a>(
         &'a self,
         id: &'a str,
         guard: Duration,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>> {
         Box::pin(async move { PgStore::lease_left(self, id, guard).await.map_err(|e| e.to_string()) })
+    }
+
+    fn stored<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Option<crate::store::AccountRecord>, String>> + Send + 'a,
+        >,
+    > {
+        Box::pin(async move { self.get_async(id).await.map_err(|e| e.to_string()) })
     }
 }

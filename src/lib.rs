@@ -40,7 +40,7 @@
 //!   PostgreSQL (`[cluster]`): token chains, account states, counters, catalogs, usage per day;
 //!   versioned values.
 //! - [`cluster`]: node heartbeats and account leases with fencing epochs (on PostgreSQL), and the
-//!   lease check a token refresh asks first (`accounts::pool::LeaseCheck`).
+//!   lease check a token refresh asks first (`accounts::pool::ClusterView`).
 //! - [`systemd`]: sd_notify (READY, STATUS, RELOADING, STOPPING, EXTEND_TIMEOUT_USEC while
 //!   stopping), watchdog, socket activation.
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.

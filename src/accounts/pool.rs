@@ -546,18 +546,30 @@ pub struct Pool {
     /// `[cluster]`: accounts are served only under a lease ([`Pool::hold`]); a token refresh
     /// starts only while the lease has at least this long (ms) left. `None`: no cluster.
     cluster_guard_ms: RwLock<Option<u64>>,
-    /// `[cluster]`: asks the database whether a lease is still this node's.
-    leases: RwLock<Option<Arc<dyn LeaseCheck>>>,
+    /// `[cluster]`: asks the database whether a lease is still this node's, and what it stores.
+    leases: RwLock<Option<Arc<dyn ClusterView>>>,
 }
 
-/// `[cluster]`: whether the database says this node holds an account's lease for at least
-/// `guard` more (checked before a token refresh).
-pub trait LeaseCheck: Send + Sync {
+/// `[cluster]`: what the pool asks the database directly.
+pub trait ClusterView: Send + Sync {
+    /// Whether this node holds `id`'s lease for at least `guard` more (checked before a token
+    /// refresh).
     fn lease_left<'a>(
         &'a self,
         id: &'a str,
         guard: Duration,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>>;
+
+    /// `id`'s stored record, read now (a refresh token the token endpoint refused may have been
+    /// replaced there by the node that rotated it).
+    fn stored<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Option<crate::store::AccountRecord>, String>> + Send + 'a,
+        >,
+    >;
 }
 
 /// Most refreshes running at once (a thousand accounts never stampede the token endpoint).
@@ -618,7 +630,7 @@ impl Pool {
 
     /// `[cluster]`: from now on an account serves only while [`Pool::hold`] says this node
     /// holds its lease; a refresh starts only with at least `guard` of the lease left.
-    pub fn set_clustered(&self, guard: Duration, leases: Arc<dyn LeaseCheck>) {
+    pub fn set_clustered(&self, guard: Duration, leases: Arc<dyn ClusterView>) {
         *self.cluster_guard_ms.write().unwrap_or_else(|e| e.into_inner()) = Some(guard.as_millis() as u64);
         *self.leases.write().unwrap_or_else(|e| e.into_inner()) = Some(leases);
         for a in self.accounts() {
@@ -981,7 +993,22 @@ impl Pool {
         // The refresh's log lines carry the request that needed it (when one did).
         let task = self.refreshes.spawn(
             async move {
-                let result = pool.refresh_tokens(&account, force.as_ref()).await;
+                let mut result = pool.refresh_tokens(&account, force.as_ref()).await;
+                if result.as_ref().is_err_and(RefreshError::is_permanent) && pool.take_newer_stored_chain(&account).await {
+                    tracing::warn!(account = %account.id, "the refresh token was refused, and the store holds a newer one (stored by the node that rotated it after losing the lease): refreshing with it");
+                    result = pool.refresh_tokens(&account, None).await;
+                }
+                if matches!(result, Err(RefreshError::NotStored(_)))
+                    && !account.held_for(0)
+                    && pool.take_newer_stored_chain(&account).await
+                {
+                    // The lease was lost and the new holder stored a token of its own: this
+                    // node's rotated one is superseded (the stored chain replaced it here).
+                    result = Err(RefreshError::Transient(
+                        "this node lost the lease, and the new holder stored a newer token than the one rotated here"
+                            .into(),
+                    ));
+                }
                 pool.after_refresh(&account, &result);
                 result
             }
@@ -991,6 +1018,52 @@ impl Pool {
             Ok(result) => result,
             Err(e) if e.is_cancelled() => Err(RefreshError::Transient("the daemon is stopping".into())),
             Err(e) => Err(RefreshError::Transient(format!("the refresh task failed: {e}"))),
+        }
+    }
+
+    /// `[cluster]`: takes the stored chain of `a` when it differs from this node's (same file
+    /// credentials, another refresh token); true when taken. A node that rotated the token
+    /// under a lease it then lost stores the new one if no later holder stored one (see
+    /// [`crate::store::postgres`]); the holder's own token is then dead, and this is its way on.
+    pub async fn take_newer_stored_chain(&self, a: &Account) -> bool {
+        let Some(view) = self.leases.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return false;
+        };
+        let seen = a.tokens.generation();
+        let ours = a.tokens.chain().await;
+        let record = match view.stored(a.id.as_str()).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!(account = %a.id, error = %e, "cannot read the stored token");
+                return false;
+            }
+        };
+        let restored = super::persist::restored_one(record);
+        let Some(chain) = restored.chain.filter(|c| {
+            c.file_fingerprint == ours.file_fingerprint
+                && c.refresh_token.expose() != ours.refresh_token.expose()
+        }) else {
+            return false;
+        };
+        a.tokens.adopt(chain, restored.access, seen).await;
+        a.tokens.generation() != seen
+    }
+
+    /// `[cluster]`: an account held here and invalid since its refresh token was refused
+    /// serves again when the store holds a newer chain for it ([`Pool::take_newer_stored_chain`]:
+    /// stored after the refusal). Called by the lease loop.
+    pub async fn revive_from_store(&self) {
+        for a in self.accounts() {
+            if a.held_for(0)
+                && a.state().state == State::Invalid
+                && !a.tokens.has_unsaved()
+                && self.take_newer_stored_chain(&a).await
+            {
+                tracing::warn!(account = %a.id, "the store holds a newer refresh token than the one refused: the account serves again");
+                a.refresh_failures.store(0, Ordering::SeqCst);
+                self.set_state(&a, State::Active, None, None);
+            }
         }
     }
 
@@ -1684,8 +1757,10 @@ impl Pool {
             }
             // A rotated token that is not stored yet is retried whatever the account's state:
             // it is the only live link of the chain.
+            // `[cluster]`: so is one rotated under a lease lost since (see
+            // [`crate::store::postgres`]: it is stored unless the new holder stored one).
             let unsaved = a.tokens.has_unsaved();
-            if a.kind() == Kind::ApiKey || !a.held_for(0) {
+            if a.kind() == Kind::ApiKey || (!a.held_for(0) && !unsaved) {
                 continue;
             }
             if !unsaved && (a.removed.load(Ordering::SeqCst) || !a.enabled()) {
@@ -2128,6 +2203,201 @@ mod tests {
         assert_ne!(stored[0].1, "r-a1", "the rotated successor, not the file's token");
         assert_eq!(emu.stats().refreshes, 1, "stored without another rotation");
         assert!(pool.persistence_problem().is_none());
+    }
+
+    /// `[cluster]`'s database as the pool sees it: every lease confirmed, one stored record.
+    #[derive(Default)]
+    struct Shared {
+        record: Mutex<Option<crate::store::AccountRecord>>,
+    }
+
+    impl ClusterView for Shared {
+        fn lease_left<'a>(
+            &'a self,
+            _: &'a str,
+            _: Duration,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>> {
+            Box::pin(std::future::ready(Ok(true)))
+        }
+        fn stored<'a>(
+            &'a self,
+            _: &'a str,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = Result<Option<crate::store::AccountRecord>, String>>
+                    + Send
+                    + 'a,
+            >,
+        > {
+            Box::pin(std::future::ready(Ok(self.record.lock().unwrap().clone())))
+        }
+    }
+
+    /// Node C rotated the refresh token under a lease it then lost, and stores the new one
+    /// afterwards (no later holder had stored one). Node B took the lease with the token C
+    /// rotated from: refused before C's token is stored, it is invalid until its lease loop
+    /// finds the newer chain, and then serves again. Node D, refused while the store already
+    /// holds a newer chain, takes it in the same refresh: never invalid.
+    #[tokio::test]
+    async fn a_refused_refresh_token_gives_way_to_a_newer_stored_one() {
+        let (emu, _) = pool_with_a1(Arc::new(Flaky::default())).await;
+        let cfg = config_for(&emu);
+        let node = |view: Arc<Shared>| {
+            let client = UpstreamClient::new(&cfg.upstream).unwrap();
+            let pool = Pool::new(
+                &accounts(&["a1"]),
+                BTreeMap::new(),
+                &cfg.accounts,
+                cfg.upstream.clone(),
+                client,
+                Arc::new(Flaky::default()),
+            );
+            pool.set_clustered(Duration::from_secs(1), view);
+            pool.hold("a1", mono_ms() + 3_600_000);
+            pool
+        };
+        let view = Arc::new(Shared::default());
+        let (b_pool, c_pool) = (node(view.clone()), node(view.clone()));
+
+        // C refreshes first, with the file's token: it rotates (r-a1 is dead now), and C's
+        // lease is then lost before the new token is stored.
+        let c = c_pool.get("a1").unwrap();
+        c_pool.access_token(&c, None).await.unwrap();
+
+        // B loaded the file's token (dead). Nothing newer is stored yet: B is invalid too.
+        let b = b_pool.get("a1").unwrap();
+        let r = b_pool.access_token(&b, None).await;
+        assert!(matches!(&r, Err(e) if e.is_permanent()), "{r:?}");
+        assert_eq!(b.state().state, State::Invalid);
+        b_pool.revive_from_store().await;
+        assert_eq!(b.state().state, State::Invalid, "revived with nothing newer stored");
+
+        // C's chain is stored now (C rotated it under a lease it then lost).
+        let chain = c.tokens.chain().await;
+        let access = c.tokens.current_access().unwrap();
+        *view.record.lock().unwrap() = Some(crate::store::AccountRecord {
+            tokens: Some(crate::store::TokenRecord {
+                refresh_token: chain.refresh_token.clone(),
+                file_fingerprint: chain.file_fingerprint,
+                rotated: chain.rotated,
+                access_token: Some(access.token.clone()),
+                access_expires_at: Some(access.expires_at),
+                updated_at: SystemTime::now(),
+            }),
+            ..Default::default()
+        });
+        // B's lease loop finds it: B serves again, on C's token, without a refresh.
+        let refreshes = emu.stats().refreshes;
+        b_pool.revive_from_store().await;
+        assert_eq!(b.state().state, State::Active);
+        assert_eq!(b_pool.access_token(&b, None).await.unwrap().expose(), access.token.expose());
+        assert_eq!(emu.stats().refreshes, refreshes);
+
+        // A forced refresh on B now rotates C's token, and works.
+        let fresh = b_pool.refresh_now(&b).await.unwrap();
+        assert_ne!(fresh.expose(), access.token.expose());
+        assert_eq!(emu.stats().refreshes, refreshes + 1);
+
+        // A fourth node refused with the file's token while the store holds B's chain takes it
+        // in the same refresh (no invalid state in between).
+        let chain = b.tokens.chain().await;
+        let access = b.tokens.current_access().unwrap();
+        *view.record.lock().unwrap() = Some(crate::store::AccountRecord {
+            tokens: Some(crate::store::TokenRecord {
+                refresh_token: chain.refresh_token.clone(),
+                file_fingerprint: chain.file_fingerprint,
+                rotated: true,
+                access_token: Some(access.token.clone()),
+                access_expires_at: Some(access.expires_at),
+                updated_at: SystemTime::now(),
+            }),
+            ..Default::default()
+        });
+        let d_pool = node(view.clone());
+        let d = d_pool.get("a1").unwrap();
+        let token = d_pool.access_token(&d, None).await;
+        assert_eq!(token.unwrap().expose(), access.token.expose());
+        assert_eq!(d.state().state, State::Active);
+    }
+
+    /// A record holding `chain` (and no access token).
+    fn record_of(chain: &Chain) -> crate::store::AccountRecord {
+        crate::store::AccountRecord {
+            tokens: Some(crate::store::TokenRecord {
+                refresh_token: chain.refresh_token.clone(),
+                file_fingerprint: chain.file_fingerprint,
+                rotated: chain.rotated,
+                access_token: None,
+                access_expires_at: None,
+                updated_at: SystemTime::now(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A token rotated here and not stored (the store failed), and then the lease lost: it is
+    /// still stored when the store answers (the retry runs on an account no longer held), and
+    /// it gives way when the store shows that the new holder stored a token of its own.
+    #[tokio::test]
+    async fn a_token_rotated_under_a_lost_lease_is_stored_or_superseded() {
+        let emu =
+            crate::emulator::Emulator::start(crate::emulator::EmulatorOptions::default()).await.unwrap();
+        emu.add_account("c-a1", "s-a1", "r-a1");
+        emu.add_account("c-a2", "s-a2", "r-a2");
+        let cfg = config_for(&emu);
+        let sink = Arc::new(Flaky::default());
+        sink.failing.store(true, Ordering::SeqCst);
+        let pool = Pool::new(
+            &accounts(&["a1", "a2"]),
+            BTreeMap::new(),
+            &cfg.accounts,
+            cfg.upstream.clone(),
+            UpstreamClient::new(&cfg.upstream).unwrap(),
+            sink.clone(),
+        );
+        let view = Arc::new(Shared::default());
+        pool.set_clustered(Duration::from_secs(1), view.clone());
+        let (a1, a2) = (pool.get("a1").unwrap(), pool.get("a2").unwrap());
+        for a in [&a1, &a2] {
+            pool.hold(a.id.as_str(), mono_ms() + 3_600_000);
+            let before = a.tokens.chain().await;
+            let r = pool.access_token(a, None).await;
+            assert!(matches!(r, Err(RefreshError::NotStored(_))), "{r:?}");
+            assert!(a.tokens.has_unsaved());
+            // The lease is lost; the store still holds the token rotated from.
+            pool.hold(a.id.as_str(), 0);
+            *view.record.lock().unwrap() = Some(record_of(&before));
+            // Still not stored: kept, retried.
+            pool.access_token(a, None).await.unwrap_err();
+            assert!(a.tokens.has_unsaved(), "the only live token was dropped");
+        }
+        // a2: the new holder stored a token of its own meanwhile. The one rotated here gives way.
+        let theirs = Chain {
+            refresh_token: Secret::new("r-a2-the-new-holders"),
+            rotated: true,
+            file_fingerprint: a2.tokens.chain().await.file_fingerprint,
+        };
+        *view.record.lock().unwrap() = Some(record_of(&theirs));
+        let r = pool.access_token(&a2, None).await;
+        assert!(matches!(&r, Err(RefreshError::Transient(m)) if m.contains("newer token")), "{r:?}");
+        assert!(!a2.tokens.has_unsaved());
+        assert_eq!(a2.tokens.chain().await.refresh_token.expose(), "r-a2-the-new-holders");
+
+        // a1: the store answers again, and the background refresher stores the token although
+        // the account is not held here.
+        sink.failing.store(false, Ordering::SeqCst);
+        *a1.next_refresh_try.lock().unwrap() = None;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a1.tokens.has_unsaved() {
+            assert!(Instant::now() < deadline, "the rotated token was never stored");
+            pool.refresh_due();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let stored = sink.stored.lock().unwrap().clone();
+        assert_eq!(stored.len(), 1, "{stored:?}");
+        assert_eq!(stored[0].0, "a1");
+        assert_ne!(stored[0].1, "r-a1");
+        assert_eq!(emu.stats().refreshes, 2, "one rotation each, nothing rotated again");
     }
 
     #[test]

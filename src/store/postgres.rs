@@ -17,12 +17,16 @@
 //!
 //! # Fencing
 //!
-//! [`PgStore::put_tokens`] writes only in a transaction that first locks this node's lease row
-//! for the account *with the epoch it acquired* and checks it has not expired (the database's
-//! clock): a node that lost its lease — paused, partitioned, slow — gets
-//! [`StoreError::Fenced`] and can never overwrite the token the new holder stored. The token row
-//! also keeps the epoch that wrote it and refuses an older one. Token writes commit with
-//! `synchronous_commit = on` whatever the server's default.
+//! A token row keeps the epoch of the lease it was written under, and a write under an older
+//! epoch is refused ([`StoreError::Fenced`]): once a later holder has stored a token, nothing a
+//! node that lost the lease (paused, partitioned, slow) still holds can overwrite it. Until a
+//! later holder has stored one, a node may still store the token it rotated under its lost
+//! lease: the token it rotated from is dead, so that write is the chain's only way on (the new
+//! holder, refused with the dead token, reads the store again and takes it; see
+//! [`crate::accounts::pool`]). A refresh itself starts only while the database confirms the
+//! lease ([`PgStore::lease_left`]), so such a write is the rare end of a pause or a partition
+//! that began mid-refresh. Token writes commit with `synchronous_commit = on` whatever the
+//! server's default.
 //!
 //! # Connections
 //!
@@ -121,6 +125,9 @@ struct Inner {
     lease: Duration,
     /// The leases this node holds, by account: the epoch every token write is fenced with.
     held: Mutex<HashMap<String, Held>>,
+    /// The epoch of each lease this node lost (it ran out, or another node took it) rather than
+    /// gave up: a token rotated under it is written with it (see the module documentation).
+    lost: Mutex<HashMap<String, i64>>,
     problem: Mutex<Option<StoreProblem>>,
 }
 
@@ -387,6 +394,7 @@ impl PgStore {
                 node_id: node_id.to_owned(),
                 lease,
                 held: Mutex::new(HashMap::new()),
+                lost: Mutex::new(HashMap::new()),
                 problem: Mutex::new(None),
             }),
         };
@@ -442,11 +450,27 @@ impl PgStore {
         match held {
             Some(h) => {
                 map.insert(account.to_owned(), h);
+                self.inner.lost.lock().unwrap_or_else(|p| p.into_inner()).remove(account);
             }
             None => {
                 map.remove(account);
             }
         }
+    }
+
+    /// Marks leases as lost (not given up): see [`Inner::lost`].
+    fn lost(&self, lost: impl IntoIterator<Item = (String, Held)>) {
+        let mut map = self.inner.lost.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, h) in lost {
+            map.insert(id, h.epoch);
+        }
+    }
+
+    /// The epoch a token of `account`'s is written under: the lease's, held or lost.
+    fn write_epoch(&self, account: &str) -> Option<i64> {
+        self.held(account)
+            .map(|h| h.epoch)
+            .or_else(|| self.inner.lost.lock().unwrap_or_else(|p| p.into_inner()).get(account).copied())
     }
 
     async fn open(&self) -> Result<Client, StoreError> {
@@ -612,34 +636,23 @@ impl PgStore {
 
     /// The fenced token write (see the module documentation).
     pub async fn put_tokens_async(&self, id: &str, t: &TokenRecord) -> Result<(), StoreError> {
-        let Some(Held { epoch }) = self.held(id) else {
+        let Some(epoch) = self.write_epoch(id) else {
             return Err(StoreError::Fenced { account: id.to_owned(), epoch: 0 });
         };
         self.put_tokens_fenced(id, t, epoch).await
     }
 
-    /// Writes `t` for `id` if this node holds its lease with `epoch`, unexpired, in the same
-    /// transaction; else [`StoreError::Fenced`].
+    /// Writes `t` for `id` under the lease epoch `epoch`, unless a token was stored under a
+    /// later epoch (then [`StoreError::Fenced`]).
     pub async fn put_tokens_fenced(&self, id: &str, t: &TokenRecord, epoch: i64) -> Result<(), StoreError> {
         let value = encode(&TokenWire::from(t))?;
-        let (id, node) = (id.to_owned(), self.inner.node_id.clone());
+        let id = id.to_owned();
         self.run(Conn::Data, move |c| {
             Box::pin(async move {
                 let txn = c.transaction().await.map_err(pg)?;
                 // Durable before it is used, whatever the server's or database's default (a
                 // rotated refresh token lost in a crash is an account lost).
                 txn.batch_execute("SET LOCAL synchronous_commit = on").await.map_err(pg)?;
-                let lease = txn
-                    .query_opt(
-                        "SELECT 1 FROM amq2api.leases WHERE account = $1 AND node_id = $2 AND epoch = $3
-                         AND expires_at > now() FOR UPDATE",
-                        &[&id, &node, &epoch],
-                    )
-                    .await
-                    .map_err(pg)?;
-                if lease.is_none() {
-                    return Err(StoreError::Fenced { account: id, epoch });
-                }
                 let n = txn
                     .execute(
                         "INSERT INTO amq2api.tokens (account, value, epoch, updated_at) VALUES ($1, $2, $3, now())
@@ -769,8 +782,16 @@ impl PgStore {
         let renewed: HashMap<String, Held> =
             rows.iter().map(|r| (r.get::<_, String>(0), Held { epoch: r.get(1) })).collect();
         let mut held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+        let lost: Vec<(String, Held)> = held
+            .iter()
+            .filter(|(id, h)| renewed.get(*id) != Some(h))
+            .map(|(id, h)| (id.clone(), *h))
+            .collect();
         held.retain(|id, h| renewed.get(id) == Some(h));
-        Ok(held.clone())
+        let out = held.clone();
+        drop(held);
+        self.lost(lost);
+        Ok(out)
     }
 
     /// Takes `account`'s lease if it is free (no row, no holder, or expired), with the next
@@ -824,7 +845,10 @@ impl PgStore {
 
     /// Forgets a lease locally without touching the database (it was lost).
     pub fn forget(&self, account: &str) {
-        self.set_held(account, None);
+        if let Some(h) = self.held(account) {
+            self.set_held(account, None);
+            self.lost([(account.to_owned(), h)]);
+        }
     }
 
     /// Every node and lease (for `amqctl status` and the rebalancer).

@@ -394,6 +394,53 @@ async fn a_node_that_lost_its_lease_cannot_write_a_token() {
     drop(c);
 }
 
+/// A node whose lease ran out mid-refresh (paused, partitioned) holds the only live refresh
+/// token: it may still store it, under its old epoch, while no later holder has stored one;
+/// once one has, it never can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_rotated_under_a_lost_lease_is_stored_until_a_later_holder_stores_one() {
+    let Some(pg) = Postgres::start() else { return };
+    let lease = Duration::from_secs(2);
+    let a = PgStore::connect(&pg.url(), "node-a", lease).await.unwrap();
+    let b = PgStore::connect(&pg.url(), "node-b", lease).await.unwrap();
+    let rec = |t: &str| TokenRecord {
+        refresh_token: amq2api::config::Secret::new(t),
+        file_fingerprint: [7; 32],
+        rotated: true,
+        access_token: None,
+        access_expires_at: None,
+        updated_at: SystemTime::now(),
+    };
+    let stored = |s: &PgStore| {
+        let s = s.clone();
+        async move { s.get_async("x").await.unwrap().unwrap().tokens.unwrap().refresh_token.expose().to_owned() }
+    };
+    let ha = a.acquire("x").await.unwrap().expect("a free lease");
+    a.put_tokens_async("x", &rec("from-a-1")).await.unwrap();
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    // A learns it lost the lease; B has taken it, loaded from-a-1, and stored nothing yet.
+    assert!(a.renew().await.unwrap().is_empty());
+    assert_eq!(a.held("x"), None);
+    let hb = b.acquire("x").await.unwrap().expect("an expired lease is taken over");
+    assert_eq!(hb.epoch, ha.epoch + 1);
+    assert_eq!(stored(&b).await, "from-a-1");
+    // A's refresh, begun under its lease, ends now: the rotated token is stored.
+    a.put_tokens_async("x", &rec("from-a-2")).await.unwrap();
+    assert_eq!(stored(&b).await, "from-a-2");
+    // B (refused with from-a-1) takes from-a-2 and rotates it: its write goes through...
+    b.put_tokens_async("x", &rec("from-b-1")).await.unwrap();
+    // ...and from then on nothing of A's does.
+    match a.put_tokens_async("x", &rec("from-a-3")).await {
+        Err(StoreError::Fenced { account, epoch }) => assert_eq!((account.as_str(), epoch), ("x", ha.epoch)),
+        other => panic!("the old holder's write went through after the new holder's: {other:?}"),
+    }
+    assert_eq!(stored(&b).await, "from-b-1");
+    // A node that never held the lease writes nothing.
+    let c = PgStore::connect(&pg.url(), "node-c", lease).await.unwrap();
+    assert!(matches!(c.put_tokens_async("x", &rec("from-c")).await, Err(StoreError::Fenced { .. })));
+    assert_eq!(stored(&b).await, "from-b-1");
+}
+
 /// A lease row under a node's name that the node does not hold (its release failed, an
 /// acquire's answer was lost, the account left its file) is not renewed by that node: it runs
 /// out, and another node takes the account.
