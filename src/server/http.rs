@@ -109,6 +109,35 @@ async fn read_body(
     Ok((bytes, admission))
 }
 
+/// A request's record while `handle` runs: when the client goes away first (hyper drops the
+/// handler), its `Drop` writes the access line, metrics and usage under 499, charged for what
+/// the answer used so far (as a stream left early is, in `messages::StreamEnd`). Before, a
+/// non-streaming request whose client left was neither logged nor counted: its tokens and
+/// credits escaped the key's budgets.
+struct Left {
+    app: Arc<App>,
+    request_id: String,
+    started: Instant,
+    x: Exchange,
+    /// `handle` got to its end (it logged the request, or a stream will).
+    done: bool,
+}
+
+impl Drop for Left {
+    fn drop(&mut self) {
+        if self.done || !self.x.messages {
+            return;
+        }
+        self.app.metrics.request(&self.x.model, 499);
+        self.app.metrics.tokens(&self.x.model, self.x.tokens_in, self.x.tokens_out);
+        if let Some(c) = self.x.credits {
+            self.app.metrics.credits(&self.x.model, c);
+        }
+        self.app.metrics.request_duration(self.started.elapsed());
+        super::access_log(&self.app, &self.request_id, &self.x, 499, self.started);
+    }
+}
+
 /// Serves one request. Never panics on input; every error is Anthropic-shaped.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
@@ -119,7 +148,14 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         Ok(c @ (Caller::Named(_) | Caller::Unnamed(_))) => c.label(),
         _ => key_tag(&parts),
     };
-    let mut x = Exchange { key, ..Default::default() };
+    let mut left = Left {
+        app: app.clone(),
+        request_id: request_id.clone(),
+        started,
+        x: Exchange { key, ..Default::default() },
+        done: false,
+    };
+    let x = &mut left.x;
     // Every line logged for this request (failover, refresh, the stream's end) carries its id,
     // the client key's tag, and once known the model, the account and the attempt.
     let span = if parts.uri.path() == "/health" {
@@ -136,7 +172,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     };
     let mut resp = match tokio::time::timeout(
         app.config.server.request_timeout,
-        route(&app, &parts, body, caller, &request_id, &mut x, started).instrument(span),
+        route(&app, &parts, body, caller, &request_id, x, started).instrument(span),
     )
     .await
     {
@@ -163,9 +199,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     }
     // A stream is logged and timed when it ends (`messages::StreamEnd`).
     if !streaming && parts.uri.path() != "/health" && parts.uri.path() != "/metrics" {
-        super::access_log(&app, &request_id, &x, status, started);
+        super::access_log(&app, &request_id, x, status, started);
         app.metrics.request_duration(started.elapsed());
     }
+    left.done = true;
     resp
 }
 

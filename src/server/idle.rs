@@ -1,6 +1,8 @@
-//! Idle-connection accounting: an I/O wrapper that records the last read or write, and a count
-//! of requests in flight, so a keep-alive connection with neither is closed after the idle
-//! timeout (hyper has no idle timeout of its own for HTTP/1.1).
+//! Idle-connection accounting: an I/O wrapper that records the last read or write, a count of
+//! requests in flight, and since when a write has waited for the client, so that a keep-alive
+//! connection with neither reads, writes nor requests is closed after the idle timeout (hyper
+//! has no idle timeout of its own for HTTP/1.1), and so is one whose client has taken none of
+//! the response waiting for it for as long.
 
 use std::io;
 use std::pin::Pin;
@@ -16,6 +18,9 @@ pub struct Activity {
     origin: Instant,
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// Since when (ms after `origin`, plus one) a write has been waiting for the client to take
+    /// bytes; 0 when none waits.
+    blocked_ms: AtomicU64,
 }
 
 impl Activity {
@@ -24,11 +29,30 @@ impl Activity {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            blocked_ms: AtomicU64::new(0),
         })
     }
 
     fn touch(&self) {
         self.last_ms.store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// A write moved bytes (`true`) or must wait for the client (`false`).
+    fn wrote(&self, moved: bool) {
+        if moved {
+            self.touch();
+            self.blocked_ms.store(0, Ordering::Relaxed);
+        } else if self.blocked_ms.load(Ordering::Relaxed) == 0 {
+            self.blocked_ms.store(self.origin.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// True when a write has waited `limit` for a client that takes nothing (it stopped
+    /// reading: the response, its upstream call and its account would be held for as long as
+    /// the client likes).
+    pub fn is_stalled(&self, limit: Duration) -> bool {
+        let since = self.blocked_ms.load(Ordering::Relaxed);
+        since != 0 && self.origin.elapsed().as_millis() as u64 + 1 - since >= limit.as_millis() as u64
     }
 
     /// Marks a request in flight until the guard drops; `busy` counts it daemon-wide.
@@ -84,14 +108,22 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
 impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        match r {
+            Poll::Ready(Ok(n)) if n > 0 => self.activity.wrote(true),
+            Poll::Pending => self.activity.wrote(false),
+            _ => {}
         }
         r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        match r {
+            Poll::Ready(Ok(())) => self.activity.blocked_ms.store(0, Ordering::Relaxed),
+            Poll::Pending => self.activity.wrote(false),
+            Poll::Ready(Err(_)) => {}
+        }
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -104,8 +136,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        match r {
+            Poll::Ready(Ok(n)) if n > 0 => self.activity.wrote(true),
+            Poll::Pending => self.activity.wrote(false),
+            _ => {}
         }
         r
     }

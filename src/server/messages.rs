@@ -113,6 +113,10 @@ pub async fn aggregate(
         feed(st.on_end(), &mut agg);
     }
     while !st.is_finished() {
+        // What the answer has used so far, kept current: a client gone before the end (this
+        // future dropped) is still charged for it (`http::Left`).
+        x.tokens_out = st.output_estimate();
+        x.credits = st.credits();
         match stream.next().await {
             Some(Ok(ev)) => feed(st.on_event(ev), &mut agg),
             Some(Err(e)) => feed(st.on_error(&e), &mut agg),

@@ -46,8 +46,10 @@ pub struct App {
 /// budgets and its metrics.
 pub fn access_log(app: &App, request_id: &str, x: &Exchange, status: u16, started: Instant) {
     if let (true, Some(caller)) = (x.messages, &x.caller) {
-        // A request refused before any answer went out used nothing.
-        let served = status < 400 || x.first_byte.is_some();
+        // A request refused before any account answered used nothing; one an account
+        // answered used what the answer had used by then, however it ended (an error in the
+        // answer, `request_timeout_secs`, the client gone: 499).
+        let served = status < 400 || x.first_byte.is_some() || x.account.is_some();
         let (tokens_in, tokens_out) = if served { (x.tokens_in, x.tokens_out) } else { (0, 0) };
         let credits = x.credits.unwrap_or(0.0);
         app.metrics.key_request(caller.usage_name(), status, tokens_in, tokens_out, credits);
@@ -187,7 +189,10 @@ pub async fn serve(
 }
 
 /// Runs a connection until it ends, closing it when it has been idle (no request in flight, no
-/// byte moved) for `idle`.
+/// byte moved) for `idle`, or when its client has taken none of the response waiting for it
+/// for `idle` (a client that stopped reading held a stream, its upstream call and its account
+/// past `request_timeout_secs`: the stream's own timers run only when the client takes bytes).
+/// The stream then ends as a client gone (499).
 async fn drive<F, E>(
     conn: F,
     activity: std::sync::Arc<idle::Activity>,
@@ -213,7 +218,70 @@ async fn drive<F, E>(
                     tracing::debug!(%peer, "closing an idle connection");
                     return;
                 }
+                if activity.is_stalled(idle) {
+                    tracing::warn!(%peer, idle_s = idle.as_secs(), "closing a connection whose client has read nothing of its response for idle_timeout_secs");
+                    return;
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod stall_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::AsyncWriteExt;
+
+    /// Set when the producer's future is dropped.
+    struct Dropped(Arc<AtomicBool>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A client that asks for a stream and then reads nothing: once the response's writes have
+    /// waited the idle timeout, the connection is closed and the stream's producer (its upstream
+    /// call, its account) dropped. A real TCP pair; the server side's send buffer is small so
+    /// that the writes block soon, as they do after a few megabytes on a default socket.
+    #[tokio::test]
+    async fn a_client_that_reads_nothing_is_cut_after_the_idle_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        nix::sys::socket::setsockopt(&server, nix::sys::socket::sockopt::SndBuf, &4096).unwrap();
+        nix::sys::socket::setsockopt(&client, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
+        let activity = idle::Activity::new();
+        let (svc_activity, dropped) = (activity.clone(), Arc::new(AtomicBool::new(false)));
+        let flag = dropped.clone();
+        let svc = service_fn(move |_req| {
+            let guard = svc_activity.request(Arc::new(crate::memory::Activity::default()).begin());
+            let flag = flag.clone();
+            async move {
+                let out = body::Outbox::default();
+                let o = out.clone();
+                let producer = body::Producer::new(out, async move {
+                    let _dropped = Dropped(flag);
+                    loop {
+                        o.write(|b| b.extend_from_slice(&[b'x'; 16 * 1024]));
+                        o.room().await;
+                    }
+                });
+                Ok::<_, Infallible>(hyper::Response::new(body::Body::Stream(producer, Some(guard))))
+            }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(idle::IdleIo::new(server, activity.clone())), svc);
+        client.write_all(b"GET /v1/messages HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let t0 = Instant::now();
+        let idle = Duration::from_secs(1);
+        tokio::time::timeout(Duration::from_secs(20), drive(conn, activity, idle, peer))
+            .await
+            .expect("a stalled connection was kept");
+        assert!(t0.elapsed() >= idle, "cut before the idle timeout: {:?}", t0.elapsed());
+        assert!(dropped.load(Ordering::SeqCst), "the stream's producer lives on");
+        drop(client);
     }
 }

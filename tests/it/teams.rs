@@ -569,6 +569,51 @@ async fn a_stream_left_early_is_charged_for_its_output() {
     }
 }
 
+/// A non-streaming request whose client leaves before the answer is whole is logged and
+/// counted (499), and charged for what the answer used by then (it was neither logged nor
+/// counted: its tokens escaped the key's budgets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_left_before_its_answer_is_counted_and_charged() {
+    use tokio::io::AsyncWriteExt;
+    let keys = format!("[[key]]\nname = \"carol\"\nkey = \"{}\"\n", digest(CAROL));
+    let h = start(&keys, accounts(1), Duration::from_millis(30)).await;
+    let body = simple("tell me a story", false).to_string();
+    let mut conn = tokio::net::TcpStream::connect(&h.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-api-key: {CAROL}\r\n\
+         anthropic-version: 2023-06-01\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    // The answer is on its way (slowly): the client leaves.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while h.emulator.stats().open_streams == 0 {
+        assert!(std::time::Instant::now() < deadline, "no answer started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(h.emulator.stats().completed_streams, 0, "the answer ended before the client left");
+    drop(conn);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let u = usage_of(&h, "key", "carol");
+        if u["requests"] == 1 {
+            assert_eq!(u["errors"], 1, "{u}");
+            assert!(u["tokens_in"].as_u64().unwrap() > 0, "{u}");
+            assert!(u["tokens_out"].as_u64().unwrap() > 0, "no output charged: {u}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the request was never counted: {u}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The upstream answer was let go of with the client.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while h.emulator.stats().cancelled_streams == 0 {
+        assert!(std::time::Instant::now() < deadline, "the upstream answer was read on");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A refused accounts file stays reported while the keys file is edited and applied: each file's
 /// refusal is its own (a good keys file cleared the accounts file's error, and `STATUS=` and
 /// `amqctl status` then looked healthy while the broken file was never applied).
