@@ -222,7 +222,7 @@ async fn run_daemon(path: &Path, loaded: config::Loaded) -> i32 {
         Ok(l) => l,
         Err(e) => {
             eprintln!("amq2api: cannot take the sockets systemd passed: {e}");
-            return exit::OSERR;
+            return if e.kind() == std::io::ErrorKind::InvalidInput { exit::CONFIG } else { exit::OSERR };
         }
     };
     let mut http = Vec::new();

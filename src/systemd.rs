@@ -84,8 +84,12 @@ pub async fn keep_status(status: impl Fn() -> String, mut shutdown: crate::shutd
     }
 }
 
-/// TCP listeners passed by systemd socket activation, with their names (`FileDescriptorName=`).
-/// Empty when the process was not socket-activated.
+/// TCP listeners passed by systemd socket activation, with their names (`FileDescriptorName=`,
+/// for the log: every passed TCP listener is served, whatever its name, so that sockets added
+/// with `systemctl edit amq2api.socket` need no name of their own). Empty when the process was
+/// not socket-activated. A passed TCP socket that is not listening (a `.socket` unit with
+/// `Accept=yes` passes each connection instead) is an error of kind `InvalidInput`: accepting on
+/// it fails at once, every time, and the daemon would serve nothing.
 pub fn listeners() -> std::io::Result<Vec<(String, std::net::TcpListener)>> {
     let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
         .map(|n| n.split(':').map(str::to_string).collect())
@@ -95,7 +99,20 @@ pub fn listeners() -> std::io::Result<Vec<(String, std::net::TcpListener)>> {
     for i in 0..fds.len() {
         let name = names.get(i).cloned().unwrap_or_else(|| format!("fd{}", i + 3));
         match fds.take_tcp_listener(i) {
-            Ok(Some(l)) => out.push((name, l)),
+            Ok(Some(l)) => {
+                if !nix::sys::socket::getsockopt(&l, nix::sys::socket::sockopt::AcceptConn)
+                    .map_err(std::io::Error::from)?
+                {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!(
+                            "the socket {name} systemd passed is not listening (a .socket unit with Accept=yes passes \
+                             connections, one service per connection); amq2api.socket needs Accept=no (the default)"
+                        ),
+                    ));
+                }
+                out.push((name, l))
+            }
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(name = %name, error = %e, "ignoring a passed descriptor that is not a TCP listener")

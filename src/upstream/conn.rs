@@ -354,6 +354,9 @@ struct Head {
     reuse: bool,
 }
 
+/// How long a write that failed part-way waits for an answer the server may have sent first.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(2);
+
 /// Writes the request and reads the answer's head (informational answers skipped).
 async fn exchange(conn: &mut Conn, wire: &[u8]) -> Result<Head, Exchange> {
     use tokio::io::AsyncWriteExt;
@@ -362,14 +365,36 @@ async fn exchange(conn: &mut Conn, wire: &[u8]) -> Result<Head, Exchange> {
         match conn.io.write(&wire[written..]).await {
             Ok(0) if written == 0 => return Err(Exchange::Unsent("the connection is closed".into())),
             Ok(0) => {
-                return Err(Exchange::Failed("the connection closed while the request was written".into()));
+                let e = "the connection closed while the request was written".to_owned();
+                return early_answer(conn, e).await;
             }
             Ok(n) => written += n,
             Err(e) if written == 0 => return Err(Exchange::Unsent(format!("writing the request: {e}"))),
-            Err(e) => return Err(Exchange::Failed(format!("writing the request: {e}"))),
+            Err(e) => return early_answer(conn, format!("writing the request: {e}")).await,
         }
     }
-    conn.io.flush().await.map_err(|e| Exchange::Failed(format!("writing the request: {e}")))?;
+    if let Err(e) = conn.io.flush().await {
+        return early_answer(conn, format!("writing the request: {e}")).await;
+    }
+    read_head(conn).await
+}
+
+/// A write that failed part-way: a server may answer before it has read the whole request (413
+/// for a body too large, 400, 401), close, and reset the connection when more arrives. The answer
+/// it sent is the outcome (a clear refusal, not a connection failure to fail over on): read if
+/// it is there, else `error` stands. The connection is not used again.
+async fn early_answer(conn: &mut Conn, error: String) -> Result<Head, Exchange> {
+    match tokio::time::timeout(EARLY_ANSWER_WAIT, read_head(conn)).await {
+        Ok(Ok(mut head)) => {
+            head.reuse = false;
+            Ok(head)
+        }
+        _ => Err(Exchange::Failed(error)),
+    }
+}
+
+/// Reads the answer's head off the connection.
+async fn read_head(conn: &mut Conn) -> Result<Head, Exchange> {
     loop {
         if let Some(head) = parse_head(&mut conn.buf).map_err(Exchange::Failed)? {
             return Ok(head);
@@ -1011,6 +1036,42 @@ mod tests {
         let e = exchange(&mut conn, &wire).await.expect_err("the server hung up");
         assert!(matches!(e, Exchange::Failed(_)), "the request left: it must not be sent again ({e:?})");
         assert!(String::from_utf8_lossy(&server.await.unwrap()).starts_with("POST /token HTTP/1.1\r\n"));
+    }
+
+    /// A server that refuses a large request before reading it (413), answers, closes and so
+    /// resets the connection under the rest of the write: its answer is the outcome, not a
+    /// connection failure (which failover would take to every account in turn).
+    #[tokio::test]
+    async fn an_answer_sent_before_the_request_was_read_is_the_outcome() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let refusal = r#"{"message":"Request too large"}"#;
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let mut chunk = [0u8; 1024];
+                let n = sock.read(&mut chunk).await.unwrap();
+                assert!(n > 0);
+                got.extend_from_slice(&chunk[..n]);
+            }
+            let answer = format!(
+                "HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{refusal}",
+                refusal.len()
+            );
+            sock.write_all(answer.as_bytes()).await.unwrap();
+            // Closed with most of the request unread: the kernel answers the rest with a reset.
+            drop(sock);
+        });
+        let mut conn = Conn::new(Box::new(TcpStream::connect(addr).await.unwrap()));
+        let big = Request::post(format!("http://{addr}/generateAssistantResponse"))
+            .body(Bytes::from(vec![b'x'; 32 << 20]))
+            .unwrap();
+        let wire = serialize(&big, &Pool::key(&format!("http://{addr}/").parse().unwrap(), None).unwrap());
+        let head = exchange(&mut conn, &wire).await.expect("the server's answer");
+        assert_eq!(head.status, http::StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(!head.reuse, "a connection reset under a write is not used again");
+        server.await.unwrap();
     }
 
     /// Through the pool: a connection is reused after a body read to its end; a connection the

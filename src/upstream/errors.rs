@@ -202,7 +202,12 @@ fn decide(
     if is(type_name, "ServiceQuotaExceeded") {
         return UpstreamFailure::Quota { kind: QuotaKind::Monthly, message };
     }
-    if reason.contains("CONTENT_LENGTH_EXCEEDS_THRESHOLD") || message.contains("Input is too long") {
+    // 413: the request is larger than the service takes (a front end's limit, answered before
+    // the body was read): to the client, as to Claude Code, a prompt too long (it compacts).
+    if reason.contains("CONTENT_LENGTH_EXCEEDS_THRESHOLD")
+        || message.contains("Input is too long")
+        || status_is(StatusCode::PAYLOAD_TOO_LARGE)
+    {
         return UpstreamFailure::ContextTooLong { message };
     }
     if reason.contains("INSUFFICIENT_MODEL_CAPACITY")
@@ -322,6 +327,14 @@ mod tests {
                 400,
                 r#"{"__type":"ValidationException","message":"Input is too long.","reason":"CONTENT_LENGTH_EXCEEDS_THRESHOLD"}"#
             ),
+            UpstreamFailure::ContextTooLong { .. }
+        ));
+        assert!(matches!(
+            c(413, r#"{"message":"Request too large"}"#),
+            UpstreamFailure::ContextTooLong { .. }
+        ));
+        assert!(matches!(
+            c(413, "<html>413 Request Entity Too Large</html>"),
             UpstreamFailure::ContextTooLong { .. }
         ));
         assert!(matches!(

@@ -198,6 +198,33 @@ async fn socket_activation_serves_the_passed_socket() {
     assert_eq!(wait_exit(&mut child, Duration::from_secs(15)), 0);
 }
 
+/// A passed socket that is not listening (a `.socket` unit with `Accept=yes` passes each
+/// connection) is refused at start-up with exit 78 and a message naming the fix: accepting on
+/// it would fail at once, every time, and the daemon would serve nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn socket_activation_refuses_a_socket_that_is_not_listening() {
+    let s = setup("127.0.0.1:0").await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let conn = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    use std::os::fd::AsRawFd;
+    nix::fcntl::fcntl(&accepted, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).unwrap();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg("export LISTEN_PID=$$; exec \"$0\" --config \"$1\" 3<&\"$2\"")
+        .arg(env!("CARGO_BIN_EXE_amq2api"))
+        .arg(&s.config)
+        .arg(accepted.as_raw_fd().to_string())
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "https")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("not listening") && stderr.contains("Accept=no"), "{stderr}");
+    drop((conn, accepted));
+}
+
 /// Under systemd with a journal (`JOURNAL_STREAM` set), each entry goes to journald's native
 /// socket — here one the test binds, named by `AMQ2API_JOURNAL_SOCKET` — and its `MESSAGE` reads
 /// completely, as the terminal line does: the access log of a request names its status, account
