@@ -26,7 +26,10 @@
 //! [`crate::accounts::pool`]). A refresh itself starts only while the database confirms the
 //! lease ([`PgStore::lease_left`]), so such a write is the rare end of a pause or a partition
 //! that began mid-refresh. Token writes commit with `synchronous_commit = on` whatever the
-//! server's default.
+//! server's default. An account's state and counters are written only under the lease this node
+//! holds, at its epoch (checked in the same statement), so a node that lost the lease never puts
+//! its stale view over the new holder's; identities and catalogs are the account's facts, and
+//! any node writes them.
 //!
 //! # Connections
 //!
@@ -671,22 +674,51 @@ impl PgStore {
         .await
     }
 
-    async fn put_values(&self, table: &'static str, rows: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
+    /// Upserts `rows` into `table`. With `held_only` (an account's state and counters), only
+    /// the rows of accounts this node holds the lease of, at its epoch, in the database too: a
+    /// node that lost a lease (paused, partitioned) would put its stale view (cooling, invalid,
+    /// old counts) over the new holder's. Identities and catalogs are facts of the account, not
+    /// of a holder: any node may write them.
+    async fn put_values(
+        &self,
+        table: &'static str,
+        rows: Vec<(String, Vec<u8>)>,
+        held_only: bool,
+    ) -> Result<(), StoreError> {
+        let held = if held_only { Some(self.held_all()) } else { None };
+        let rows: Vec<(String, Vec<u8>, Option<i64>)> = rows
+            .into_iter()
+            .filter_map(|(id, v)| match &held {
+                None => Some((id, v, None)),
+                Some(held) => held.get(&id).map(|h| (id, v, Some(h.epoch))),
+            })
+            .collect();
         if rows.is_empty() {
             return Ok(());
         }
+        let node = self.inner.node_id.clone();
         self.run(Conn::Data, move |c| {
             Box::pin(async move {
                 let txn = c.transaction().await.map_err(pg)?;
-                let stmt = txn
-                    .prepare(&format!(
+                let sql = if held_only {
+                    format!(
+                        "INSERT INTO amq2api.{table} (account, value)
+                         SELECT $1::text, $2::bytea WHERE EXISTS (SELECT 1 FROM amq2api.leases
+                             WHERE account = $1::text AND node_id = $3::text AND epoch = $4::bigint)
+                         ON CONFLICT (account) DO UPDATE SET value = EXCLUDED.value"
+                    )
+                } else {
+                    format!(
                         "INSERT INTO amq2api.{table} (account, value) VALUES ($1, $2)
                          ON CONFLICT (account) DO UPDATE SET value = EXCLUDED.value"
-                    ))
-                    .await
-                    .map_err(pg)?;
-                for (id, value) in &rows {
-                    txn.execute(&stmt, &[id, value]).await.map_err(pg)?;
+                    )
+                };
+                let stmt = txn.prepare(&sql).await.map_err(pg)?;
+                for (id, value, epoch) in &rows {
+                    match epoch {
+                        Some(epoch) => txn.execute(&stmt, &[id, value, &node, epoch]).await.map_err(pg)?,
+                        None => txn.execute(&stmt, &[id, value]).await.map_err(pg)?,
+                    };
                 }
                 txn.commit().await.map_err(pg)
             })
@@ -1078,16 +1110,16 @@ impl Backend for PgStore {
         self.block(self.put_tokens_async(id, t))
     }
     fn put_states(&self, batch: &[(String, StateRecord)]) -> Result<(), StoreError> {
-        self.block(self.put_values("state", rows::<_, StateWire>(batch)?))
+        self.block(self.put_values("state", rows::<_, StateWire>(batch)?, true))
     }
     fn put_counters(&self, batch: &[(String, Counters)]) -> Result<(), StoreError> {
-        self.block(self.put_values("counters", rows::<_, CountersWire>(batch)?))
+        self.block(self.put_values("counters", rows::<_, CountersWire>(batch)?, true))
     }
     fn put_identities(&self, batch: &[(String, IdentityRecord)]) -> Result<(), StoreError> {
-        self.block(self.put_values("identity", rows::<_, IdentityWire>(batch)?))
+        self.block(self.put_values("identity", rows::<_, IdentityWire>(batch)?, false))
     }
     fn put_catalogs(&self, batch: &[(String, CatalogRecord)]) -> Result<(), StoreError> {
-        self.block(self.put_values("catalog", rows::<_, CatalogWire>(batch)?))
+        self.block(self.put_values("catalog", rows::<_, CatalogWire>(batch)?, false))
     }
     fn remove(&self, id: &str) -> Result<(), StoreError> {
         // Another node may still use the account (it is removed from this node's file first):

@@ -441,6 +441,46 @@ async fn a_token_rotated_under_a_lost_lease_is_stored_until_a_later_holder_store
     assert_eq!(stored(&b).await, "from-b-1");
 }
 
+/// An account's state and counters are written only by the node holding its lease: a node
+/// that lost it (paused, partitioned) would put its stale view over the new holder's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_writes_an_accounts_state_and_counters() {
+    use amq2api::store::{Backend, Counters, StateRecord};
+    let Some(pg) = Postgres::start() else { return };
+    let lease = Duration::from_secs(2);
+    let a = PgStore::connect(&pg.url(), "node-a", lease).await.unwrap();
+    let b = PgStore::connect(&pg.url(), "node-b", lease).await.unwrap();
+    let state = |reason: &str| StateRecord { reason: Some(reason.to_owned()), ..Default::default() };
+    let counted = |n: u64| Counters { requests: n, ..Default::default() };
+    let write = |s: &PgStore, reason: &'static str, n: u64| {
+        let s = s.clone();
+        tokio::task::spawn_blocking(move || {
+            s.put_states(&[("x".to_owned(), state(reason))]).unwrap();
+            s.put_counters(&[("x".to_owned(), counted(n))]).unwrap();
+        })
+    };
+    let stored = |s: &PgStore| {
+        let s = s.clone();
+        async move {
+            let r = s.get_async("x").await.unwrap().unwrap();
+            (r.state.reason.unwrap_or_default(), r.counters.requests)
+        }
+    };
+    a.acquire("x").await.unwrap().expect("a free lease");
+    write(&a, "from-a", 1).await.unwrap();
+    assert_eq!(stored(&b).await, ("from-a".to_owned(), 1));
+    // B cannot write what A holds.
+    write(&b, "from-b-too-early", 9).await.unwrap();
+    assert_eq!(stored(&b).await, ("from-a".to_owned(), 1));
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    b.acquire("x").await.unwrap().expect("an expired lease is taken over");
+    write(&b, "from-b", 2).await.unwrap();
+    // A, resumed, still believes it holds the lease: its writes change nothing.
+    assert!(a.held("x").is_some());
+    write(&a, "from-a-stale", 7).await.unwrap();
+    assert_eq!(stored(&b).await, ("from-b".to_owned(), 2));
+}
+
 /// A lease row under a node's name that the node does not hold (its release failed, an
 /// acquire's answer was lost, the account left its file) is not renewed by that node: it runs
 /// out, and another node takes the account.

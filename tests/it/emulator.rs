@@ -1987,7 +1987,8 @@ async fn replayed_reasoning_must_verify() {
 
     for (text, signature) in [
         (format!("{text}!"), signature.clone()),
-        (text.clone(), format!("A{}", &signature[1..])),
+        // The first character changed (to one it is not: 'A' stays a signature 1 time in 64).
+        (text.clone(), format!("{}{}", if signature.starts_with('A') { 'B' } else { 'A' }, &signature[1..])),
         (text.clone(), String::new()),
     ] {
         let bad = replay("claude-sonnet-5", json!({"reasoningText": {"text": text, "signature": signature}}));
