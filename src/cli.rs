@@ -244,6 +244,24 @@ async fn run_daemon(path: &Path, loaded: config::Loaded) -> i32 {
                 return exit::CONFIG;
             }
         }
+        // Anonymous access (no api_keys: it begins whenever the keys, if any, are none) only on
+        // loopback, as for `listen`: the sockets systemd passes are the listeners now.
+        if loaded.config.auth.allow_anonymous && loaded.config.auth.keys.is_empty() {
+            let public: Vec<String> = activated
+                .iter()
+                .filter_map(|(_, l)| l.local_addr().ok())
+                .filter(|a| !a.ip().is_loopback())
+                .map(|a| a.to_string())
+                .collect();
+            if !public.is_empty() {
+                eprintln!(
+                    "{}: error: systemd passed the non-loopback socket(s) {} and allow_anonymous is set without api_keys: anonymous access is only allowed on loopback listeners",
+                    path.display(),
+                    public.join(", ")
+                );
+                return exit::CONFIG;
+            }
+        }
         for (name, l) in activated {
             tracing::info!(name = %name, addr = ?l.local_addr().ok(), "using a socket passed by systemd");
             http.push(l);
@@ -313,10 +331,33 @@ fn man() -> i32 {
 /// `amq2api check-config`: prints every problem (errors and warnings) to stderr, a summary to
 /// stdout, and returns the exit code.
 pub fn check_config(path: &Path) -> i32 {
-    match config::load(path, &Env::from_process()) {
+    match config::load(path, &Env { checking: true, ..Env::from_process() }) {
         Ok(loaded) => {
             for w in &loaded.warnings.0 {
                 eprintln!("{w}");
+            }
+            // What the daemon parses at start-up beyond the files' syntax: the certificate and
+            // key, the extra CA file. A file that reads but is no PEM fails the start (78), so it
+            // fails the check too.
+            let mut refused = Vec::new();
+            if let Some(files) = &loaded.config.server.tls {
+                if let Err(e) = crate::server::tls::load_certified_key(&files.cert, &files.key) {
+                    refused.push(format!("{}: error: [server] TLS: {e}", path.display()));
+                }
+            }
+            if let Err(e) = crate::upstream::client::UpstreamClient::new(&loaded.config.upstream) {
+                refused.push(format!("{}: error: [upstream] {e}", path.display()));
+            }
+            if !refused.is_empty() {
+                for r in &refused {
+                    eprintln!("{r}");
+                }
+                eprintln!(
+                    "configuration invalid: {} error{}",
+                    refused.len(),
+                    if refused.len() == 1 { "" } else { "s" }
+                );
+                return exit::CONFIG;
             }
             // Placeholders (the example's values) pass validation but cannot sign in: a warning
             // each, and no plain "OK". The exit code stays 0: the files are valid.

@@ -277,6 +277,15 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
     };
     let tls = match (cert, key) {
         (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        (Some(_), None) if env.checking && env.credentials_directory.is_none() => {
+            ck.rep.warning_at(
+                s.tls_cert.as_ref().map(|c| c.span()),
+                "`tls_cert` is set without `tls_key`: the daemon needs the key as $CREDENTIALS_DIRECTORY/tls.key \
+                 (the unit's LoadCredential=tls.key:…), which only the service has; the certificate and key are \
+                 not checked here",
+            );
+            None
+        }
         (Some(_), None) => {
             ck.rep.error_at(
                 s.tls_cert.as_ref().map(|c| c.span()),
@@ -375,7 +384,9 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
             "[auth] has no api_keys (and no api_keys_file entries, no keys_file): add a key, or set allow_anonymous = true for a loopback-only setup",
         );
     }
-    if raw.auth.allow_anonymous && keys.is_empty() && keys_file.is_none() {
+    // With a keys file too: anonymous access begins the moment the file holds no key (emptied,
+    // or every entry removed), on whatever the daemon listens on.
+    if raw.auth.allow_anonymous && keys.is_empty() {
         for addr in server.listen.iter().filter(|a| !a.ip().is_loopback()) {
             ck.rep.error_at(
                 s.listen.as_ref().map(|l| l.span()),
@@ -670,12 +681,35 @@ endpoint = "http://example.com/"
         assert!(text.contains(":3:1: error: unknown field `listen_port`"), "{text}");
     }
 
+    /// Anonymous access only on loopback, with or without a keys file (an empty keys file
+    /// lets anyone in).
+    #[test]
+    fn anonymous_access_is_loopback_only_even_with_a_keys_file() {
+        for auth in ["allow_anonymous = true", "allow_anonymous = true\nkeys_file = \"keys.toml\""] {
+            let text =
+                format!("[server]\nlisten=[\"0.0.0.0:8080\"]\nallow_plaintext = true\n[auth]\n{auth}\n");
+            let e = parse_config(Path::new("/etc/a/amq2api.toml"), &text, &Env::default()).unwrap_err();
+            let e = e.to_string();
+            assert!(
+                e.contains("only allowed on loopback listeners") && e.contains("0.0.0.0:8080"),
+                "{auth}: {e}"
+            );
+            let text = text.replace("0.0.0.0", "127.0.0.1");
+            assert!(parse_config(Path::new("/etc/a/amq2api.toml"), &text, &Env::default()).is_ok(), "{auth}");
+        }
+        // A key in the file itself: anonymous access can never begin.
+        let text = "[server]\nlisten=[\"0.0.0.0:8080\"]\nallow_plaintext = true\n[auth]\nallow_anonymous = true\n\
+                    api_keys = [\"sk-amq-0123456789abcdef\"]\n";
+        assert!(parse_config(Path::new("/etc/a/amq2api.toml"), text, &Env::default()).is_ok());
+    }
+
     #[test]
     fn environment_paths() {
         let env = Env {
             state_directory: Some("/var/lib/x".into()),
             runtime_directory: Some("/run/x".into()),
             credentials_directory: None,
+            checking: false,
         };
         let (c, _) = parse_config(
             Path::new("/etc/a/amq2api.toml"),

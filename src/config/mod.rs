@@ -178,6 +178,10 @@ pub struct Env {
     pub credentials_directory: Option<PathBuf>,
     pub state_directory: Option<PathBuf>,
     pub runtime_directory: Option<PathBuf>,
+    /// `amq2api check-config` outside the service: what only the service's environment gives
+    /// (the TLS key as a credential, with no `$CREDENTIALS_DIRECTORY` here) is a warning, not an
+    /// error.
+    pub checking: bool,
 }
 
 impl Env {
@@ -193,6 +197,7 @@ impl Env {
             credentials_directory: get("CREDENTIALS_DIRECTORY"),
             state_directory: get("STATE_DIRECTORY"),
             runtime_directory: get("RUNTIME_DIRECTORY"),
+            checking: false,
         }
     }
 }

@@ -194,3 +194,50 @@ fn the_example_keys_file_parses() {
     assert!(alice.max_concurrency.is_some() && alice.tokens_per_day.is_some());
     assert!(alice.credits_per_month.is_some() && alice.expires.is_some());
 }
+
+/// `check-config` agrees with what the daemon accepts at start-up: a certificate or key file
+/// that reads but holds no PEM fails it (78), as it fails the start; a certificate whose key
+/// comes as the service's credential (`LoadCredential=tls.key`, README's recommended set-up) is
+/// a warning when checked outside the service, not an error.
+#[test]
+fn check_config_parses_the_tls_files_and_allows_the_key_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let accounts = dir.path().join("accounts.toml");
+    std::fs::write(&accounts, "").unwrap();
+    let config = config_for_accounts(dir.path(), &accounts);
+    let base = std::fs::read_to_string(&config).unwrap();
+    let with = |server: &str| {
+        std::fs::write(&config, base.replace("[server]\n", &format!("[server]\n{server}\n"))).unwrap();
+        check_config(&config)
+    };
+    // Readable, not PEM.
+    std::fs::write(dir.path().join("cert.pem"), "not a certificate\n").unwrap();
+    std::fs::write(dir.path().join("key.pem"), "not a key\n").unwrap();
+    let (code, _, stderr) = with("tls_cert = \"cert.pem\"\ntls_key = \"key.pem\"");
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("TLS") && stderr.contains("cert.pem"), "{stderr}");
+    // A real pair passes.
+    let ca = crate::common::certs::ca();
+    crate::common::certs::write_server_cert(&ca, dir.path(), "localhost");
+    let (code, _, stderr) = with("tls_cert = \"cert.pem\"\ntls_key = \"key.pem\"");
+    assert_eq!(code, 0, "{stderr}");
+    // The key as the service's credential: a warning here...
+    let (code, _, stderr) = with("tls_cert = \"cert.pem\"");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("warning") && stderr.contains("CREDENTIALS_DIRECTORY/tls.key"), "{stderr}");
+    // ...and an error to the daemon itself, which has no such credential here.
+    let out = Command::new(env!("CARGO_BIN_EXE_amq2api"))
+        .arg("--config")
+        .arg(&config)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("error: `tls_cert` is set without `tls_key`"), "{stderr}");
+    // A CA file that is no PEM.
+    std::fs::write(&config, format!("{base}[upstream]\nca_file = \"key.pem\"\n")).unwrap();
+    let (code, _, stderr) = check_config(&config);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("[upstream]"), "{stderr}");
+}

@@ -225,6 +225,33 @@ async fn socket_activation_refuses_a_socket_that_is_not_listening() {
     drop((conn, accepted));
 }
 
+/// Anonymous access is loopback-only for the sockets systemd passes too (`listen`, which the
+/// configuration check looks at, is ignored then).
+#[tokio::test(flavor = "multi_thread")]
+async fn socket_activation_refuses_anonymous_access_on_a_public_socket() {
+    let s = setup("127.0.0.1:0").await;
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let text = text.replace(&format!("api_keys = [\"{}\"]", common::API_KEY), "allow_anonymous = true");
+    let text = text.replace("[server]\n", "[server]\nallow_plaintext = true\n");
+    std::fs::write(&s.config, text).unwrap();
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    use std::os::fd::AsRawFd;
+    nix::fcntl::fcntl(&listener, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).unwrap();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg("export LISTEN_PID=$$; exec \"$0\" --config \"$1\" 3<&\"$2\"")
+        .arg(env!("CARGO_BIN_EXE_amq2api"))
+        .arg(&s.config)
+        .arg(listener.as_raw_fd().to_string())
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "https")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("allow_anonymous") && stderr.contains("loopback"), "{stderr}");
+}
+
 /// Under systemd with a journal (`JOURNAL_STREAM` set), each entry goes to journald's native
 /// socket — here one the test binds, named by `AMQ2API_JOURNAL_SOCKET` — and its `MESSAGE` reads
 /// completely, as the terminal line does: the access log of a request names its status, account
