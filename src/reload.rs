@@ -299,10 +299,33 @@ fn restart_notes(running: &config::Config, read: &config::Config) -> Vec<String>
     // The sections read at start only (no secrets in them: their debug forms compare whole).
     note(format!("{:?}", read.upstream) != format!("{:?}", running.upstream), "[upstream]");
     note(read.models != running.models, "[models]");
+    // `[server]` beyond `listen` (noted above) and the TLS files (a certificate is reloaded
+    // from wherever they now are): limits, timeouts, allow_plaintext. TLS turned on or off needs
+    // a restart too.
+    let mut server = read.server.clone();
+    server.listen.clone_from(&running.server.listen);
+    if server.tls.is_some() && running.server.tls.is_some() {
+        server.tls.clone_from(&running.server.tls);
+    }
+    note(server.tls.is_some() != running.server.tls.is_some(), "TLS (tls_cert, tls_key) turned on or off");
+    server.tls.clone_from(&running.server.tls);
     note(
-        format!("{:?}", (&read.server.drain_timeout, &read.server.request_timeout))
-            != format!("{:?}", (&running.server.drain_timeout, &running.server.request_timeout)),
-        "[server] timeouts",
+        format!("{server:?}") != format!("{:?}", running.server),
+        "[server] limits or timeouts (max_body_bytes, *_timeout_secs, max_connections, header limits, allow_plaintext)",
+    );
+    let mut accounts = read.accounts.clone();
+    accounts.file.clone_from(&running.accounts.file);
+    note(
+        format!("{accounts:?}") != format!("{:?}", running.accounts),
+        "[accounts] settings (strategy, refresh_before_expiry_secs, queue_timeout_secs, catalog_refresh_secs)",
+    );
+    note(
+        read.state.usage_retention_days != running.state.usage_retention_days,
+        "[state] usage_retention_days",
+    );
+    note(
+        read.control.socket != running.control.socket || read.control.mode != running.control.mode,
+        "[control]",
     );
     notes
 }
@@ -312,7 +335,10 @@ fn restart_notes(running: &config::Config, read: &config::Config) -> Vec<String>
 pub async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     match tokio::task::spawn_blocking(f).await {
         Ok(v) => v,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: the runtime is shutting down, and drops this task too (there is no value to
+        // give, and `into_panic` on a cancellation would panic itself).
+        Err(_) => std::future::pending().await,
     }
 }
 

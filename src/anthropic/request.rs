@@ -169,7 +169,24 @@ pub struct MessagesRequest {
     /// `output_config.effort` (`low`, `medium`, `high`, `xhigh`, `max`) as sent; which values a
     /// model takes is decided when translating for it.
     pub effort: Option<String>,
+    /// Structured outputs (`output_config.format`, `output_format`): the JSON Schema the answer
+    /// must match.
+    pub output_schema: Option<Value>,
     pub metadata_user_id: Option<String>,
+    /// The `anthropic-beta` features the request came with.
+    pub betas: Betas,
+}
+
+impl MessagesRequest {
+    /// The name the model is looked up by: with the 1M-context beta, the `[1m]` name (the 1M
+    /// variant when there is one; the model itself otherwise).
+    pub fn routed_model(&self) -> std::borrow::Cow<'_, str> {
+        if self.betas.context_1m && !self.model.trim_end().to_ascii_lowercase().ends_with("[1m]") {
+            std::borrow::Cow::Owned(format!("{}[1m]", self.model.trim_end()))
+        } else {
+            std::borrow::Cow::Borrowed(&self.model)
+        }
+    }
 }
 
 /// A JSON path for messages (`messages.3.content.0.text`), kept as borrowed links to the
@@ -307,8 +324,42 @@ pub const MAX_IMAGE_BASE64_BYTES: usize = 5 << 20;
 /// Media types Amazon Q (and Anthropic) accept for images.
 pub const IMAGE_MEDIA_TYPES: [&str; 4] = ["image/jpeg", "image/png", "image/gif", "image/webp"];
 
+/// What the `anthropic-beta` header (comma-separated, possibly repeated) turns on that changes
+/// how a request is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Betas {
+    /// `context-1m-…`: the model's 1M-token window (Claude Code sends the model's plain name
+    /// with this header for a `[1m]` model).
+    pub context_1m: bool,
+    /// `interleaved-thinking-…`: thinking between tool calls, whose budget may reach
+    /// `max_tokens` (it spans the turn).
+    pub interleaved_thinking: bool,
+}
+
+impl Betas {
+    /// From the header's values, joined.
+    pub fn from_header<'a>(values: impl IntoIterator<Item = &'a str>) -> Betas {
+        let mut b = Betas::default();
+        for name in values.into_iter().flat_map(|v| v.split(',')).map(str::trim) {
+            b.context_1m |= name.starts_with("context-1m-");
+            b.interleaved_thinking |= name.starts_with("interleaved-thinking-");
+        }
+        b
+    }
+}
+
 /// Parses a request body. `version` decides whether sampling parameters are allowed.
 pub fn parse(body: &[u8], version: ApiVersion, endpoint: Endpoint) -> Result<MessagesRequest, ApiError> {
+    parse_with(body, version, endpoint, Betas::default())
+}
+
+/// [`parse`] with the request's `anthropic-beta` features.
+pub fn parse_with(
+    body: &[u8],
+    version: ApiVersion,
+    endpoint: Endpoint,
+    betas: Betas,
+) -> Result<MessagesRequest, ApiError> {
     let text = std::str::from_utf8(body).map_err(|e| {
         ApiError::invalid(format!("The request body is not valid UTF-8 (at byte {})", e.valid_up_to()))
     })?;
@@ -317,7 +368,7 @@ pub fn parse(body: &[u8], version: ApiVersion, endpoint: Endpoint) -> Result<Mes
         let _ = write!(m, "{e}");
         ApiError::invalid(m)
     })?;
-    parse_value(&value, version, endpoint)
+    parse_value_with(&value, version, endpoint, betas)
 }
 
 /// A JSON value that refuses duplicate object keys (different parsers disagree on which one
@@ -387,6 +438,16 @@ pub fn parse_value(
     value: &Value,
     version: ApiVersion,
     endpoint: Endpoint,
+) -> Result<MessagesRequest, ApiError> {
+    parse_value_with(value, version, endpoint, Betas::default())
+}
+
+/// [`parse_value`] with the request's `anthropic-beta` features.
+pub fn parse_value_with(
+    value: &Value,
+    version: ApiVersion,
+    endpoint: Endpoint,
+    betas: Betas,
 ) -> Result<MessagesRequest, ApiError> {
     let root = Path::default();
     let obj = value.as_object().ok_or_else(|| {
@@ -496,7 +557,7 @@ pub fn parse_value(
                             .at("budget_tokens")
                             .err("Input should be greater than or equal to 1024"));
                     }
-                    if endpoint == Endpoint::Messages && b >= max_tokens {
+                    if endpoint == Endpoint::Messages && b >= max_tokens && !betas.interleaved_thinking {
                         return Err(p.at("budget_tokens").err(format!(
                             "`max_tokens` must be greater than `thinking.budget_tokens` ({b} >= {max_tokens})"
                         )));
@@ -516,14 +577,23 @@ pub fn parse_value(
         thinking_display = None;
     }
 
-    // `output_config` carries more than the effort (`format`, …): only the effort is used.
-    let effort = match get(obj, "output_config") {
-        None => None,
+    // `output_config`: the effort, and the format of structured outputs (also the beta's
+    // top-level `output_format`): `{"type": "json_schema", "schema": {…}}`.
+    let (effort, mut output_schema) = match get(obj, "output_config") {
+        None => (None, None),
         Some(v) => {
             let p = root.at("output_config");
-            opt_str(as_obj(v, &p)?, "effort", &p)?
+            let o = as_obj(v, &p)?;
+            let format = match get(o, "format") {
+                None | Some(Value::Null) => None,
+                Some(f) => Some(json_schema_format(f, &p.at("format"))?),
+            };
+            (opt_str(o, "effort", &p)?, format)
         }
     };
+    if let Some(f) = get(obj, "output_format").filter(|f| !f.is_null()) {
+        output_schema = Some(json_schema_format(f, &root.at("output_format"))?);
+    }
 
     let tools = match get(obj, "tools") {
         None => Vec::new(),
@@ -648,8 +718,25 @@ pub fn parse_value(
         thinking,
         thinking_display,
         effort,
+        output_schema,
         metadata_user_id,
+        betas,
     })
+}
+
+/// A structured-output format, `{"type": "json_schema", "schema": {…}}`: the schema.
+fn json_schema_format(v: &Value, p: &Path) -> Result<Value, ApiError> {
+    let o = as_obj(v, p)?;
+    match as_str(req(o, "type", p)?, &p.at("type"))? {
+        "json_schema" => {
+            let schema = req(o, "schema", p)?;
+            as_obj(schema, &p.at("schema"))?;
+            Ok(schema.clone())
+        }
+        other => Err(p
+            .at("type")
+            .err(format!("Input tag '{other}' does not match the expected tag: 'json_schema'"))),
+    }
 }
 
 /// Tool name rule of the Messages API.
@@ -663,8 +750,10 @@ fn parse_tools(v: &Value, p: &Path) -> Result<Vec<ToolDef>, ApiError> {
     for (i, t) in as_arr(v, p)?.iter().enumerate() {
         let tp = p.at(i);
         let o = as_obj(t, &tp)?;
-        let name = as_str(req(o, "name", &tp)?, &tp.at("name"))?.to_string();
         let kind = opt_str(o, "type", &tp)?;
+        // The MCP connector's toolset is named by its server.
+        let name_key = if kind.as_deref() == Some("mcp_toolset") { "mcp_server_name" } else { "name" };
+        let name = as_str(req(o, name_key, &tp)?, &tp.at(name_key))?.to_string();
         let def = match kind.as_deref() {
             None | Some("custom") => {
                 if !valid_tool_name(&name) {
@@ -926,6 +1015,13 @@ fn parse_block(v: &Value, p: &Path, role: Role, nested: bool) -> Result<Block, A
                 content,
             }
         }
+        // Tool search (Claude Code's `ENABLE_TOOL_SEARCH`): a tool_result names the deferred
+        // tools it loaded. Every tool is offered upstream anyway (`defer_loading` has no
+        // equivalent there), so the reference is context for the model.
+        "tool_reference" => {
+            let name = as_str(req(o, "tool_name", p)?, &p.at("tool_name"))?;
+            Block::Text { text: format!("[tool {name} loaded: it can be called now]") }
+        }
         k if !nested
             && (k == "server_tool_use"
                 || k == "mcp_tool_use"
@@ -1062,10 +1158,30 @@ mod tests {
             v
         };
         let r = parse_json(with(json!({"thinking": {"type": "adaptive", "display": "summarized"},
-            "output_config": {"effort": "max", "format": {"type": "json_schema"}}})))
+            "output_config": {"effort": "max", "format": {"type": "json_schema", "schema": {"type": "object"}}}})))
         .unwrap();
         assert_eq!((r.thinking, r.thinking_display.as_deref()), (Thinking::Adaptive, Some("summarized")));
         assert_eq!(r.effort.as_deref(), Some("max"));
+        assert_eq!(r.output_schema, Some(json!({"type": "object"})));
+        // The beta's top-level form; a format that is not a schema is refused.
+        let r =
+            parse_json(with(json!({"output_format": {"type": "json_schema", "schema": {"type": "array"}}})))
+                .unwrap();
+        assert_eq!(r.output_schema, Some(json!({"type": "array"})));
+        assert!(
+            err(with(json!({"output_format": {"type": "json_schema"}})))
+                .starts_with("output_format.schema: Field required")
+        );
+        assert!(
+            err(with(json!({"output_config": {"format": {"type": "regex"}}})))
+                .starts_with("output_config.format.type: Input tag 'regex'")
+        );
+        // An MCP connector's toolset is named by its server (then left out, as server tools are).
+        let r =
+            parse_json(with(json!({"tools": [{"type": "mcp_toolset", "mcp_server_name": "docs"}]}))).unwrap();
+        assert!(
+            matches!(&r.tools[0], ToolDef::Server { kind, name } if kind == "mcp_toolset" && name == "docs")
+        );
         // Disabled thinking has nothing to display; no output_config, no effort.
         let r = parse_json(with(json!({"thinking": {"type": "disabled", "display": "omitted"}}))).unwrap();
         assert_eq!((r.thinking, r.thinking_display, r.effort), (Thinking::Disabled, None, None));

@@ -128,6 +128,8 @@ impl Relay {
         session: Option<SessionKey>,
     ) -> Result<Connected, ApiError> {
         let mut budget = Budget::new(self.max_attempts);
+        // The request without replayed reasoning, once the service refused a signature in it.
+        let mut stripped: Option<GenerateRequest> = None;
         loop {
             let model = request.conversation_state.current_message.user_input_message.model_id.as_deref();
             let preferred = session
@@ -160,7 +162,8 @@ impl Relay {
             span.record("attempt", budget.attempt());
             let mut force = None;
             loop {
-                let next = match self.attempt(&lease.account, force.take(), request, budget.attempt()).await {
+                let sent = stripped.as_ref().unwrap_or(request);
+                let next = match self.attempt(&lease.account, force.take(), sent, budget.attempt()).await {
                     (Attempt::Connected { stream, pending, ended }, _) => {
                         self.metrics.attempt("ok");
                         if let Some(s) = session {
@@ -171,6 +174,18 @@ impl Relay {
                     (Attempt::NoToken(message), _) => {
                         self.metrics.attempt("refresh_failed");
                         budget.refresh_failed(lease.id(), format!("token refresh: {message}"))
+                    }
+                    (Attempt::Failed(f), _)
+                        if f.is_signature_refusal() && stripped.is_none() && request.replays_reasoning() =>
+                    {
+                        // A thinking block another model or service signed (a `/model` switch,
+                        // a fallback model, a session begun elsewhere): refused now, and in every
+                        // later request of the session, which carries it on. The history goes
+                        // again without replayed reasoning, on the same account (not its fault).
+                        self.metrics.attempt(f.kind());
+                        tracing::warn!(account = %lease.id(), "the service refused a replayed reasoning signature: sending the history again without reasoning");
+                        stripped = Some(request.without_replayed_reasoning());
+                        continue;
                     }
                     (Attempt::Failed(f), token) => {
                         self.metrics.attempt(f.kind());

@@ -277,15 +277,18 @@ async fn route(
             let max = app.config.server.count_tokens_max_bytes.min(app.config.server.max_body_bytes);
             let (bytes, admission) = read_body(app, parts, body, max).await?;
             let version = ApiVersion::from_header(header_str(parts, "anthropic-version"))?;
+            let betas = betas_of(parts);
             let len = bytes.len();
             let models = app.clone();
             let (model, counted) = app
                 .work
                 .run(admission, len, move || {
-                    let req = areq::parse(&bytes, version, Endpoint::CountTokens)?;
+                    let req = areq::parse_with(&bytes, version, Endpoint::CountTokens, betas)?;
                     let live = models.pool.union();
-                    let counted =
-                        models.models.resolve_live(&req.model, &live).map(|_| tokens::count_request(&req));
+                    let counted = models
+                        .models
+                        .resolve_live(&req.routed_model(), &live)
+                        .map(|_| tokens::count_request(&req));
                     Ok::<_, ApiError>((req.model, counted))
                 })
                 .await??;
@@ -297,6 +300,7 @@ async fn route(
             x.messages = true;
             let (bytes, admission) = read_body(app, parts, body, app.config.server.max_body_bytes).await?;
             let version = ApiVersion::from_header(header_str(parts, "anthropic-version"))?;
+            let betas = betas_of(parts);
             let session = header_str(parts, "x-claude-code-session-id").map(str::to_string);
             let key_tag = x.key.clone();
             let len = bytes.len();
@@ -304,7 +308,7 @@ async fn route(
             let prepared = app
                 .work
                 .run(admission, len, move || {
-                    messages::prepare(&work_app, &bytes, version, session.as_deref(), &key_tag)
+                    messages::prepare(&work_app, &bytes, version, betas, session.as_deref(), &key_tag)
                 })
                 .await??;
             x.model = prepared.req.model.clone();
@@ -337,6 +341,11 @@ async fn route(
         }
         _ => Err(not_found(parts.uri.path())),
     }
+}
+
+/// The request's `anthropic-beta` features (every value of the header).
+fn betas_of(parts: &http::request::Parts) -> areq::Betas {
+    areq::Betas::from_header(parts.headers.get_all("anthropic-beta").iter().filter_map(|v| v.to_str().ok()))
 }
 
 fn header_str<'a>(parts: &'a http::request::Parts, name: &str) -> Option<&'a str> {

@@ -62,10 +62,11 @@ pub fn prepare(
     app: &App,
     body: &[u8],
     version: ApiVersion,
+    betas: request::Betas,
     session: Option<&str>,
     key_tag: &str,
 ) -> Result<Prepared, ApiError> {
-    let req = request::parse(body, version, Endpoint::Messages)?;
+    let req = request::parse_with(body, version, Endpoint::Messages, betas)?;
     // The client session: Claude Code's (its header or metadata.user_id), else the client key
     // and the conversation's first user message — one conversation, one session.
     let session = session
@@ -76,7 +77,7 @@ pub fn prepare(
     // The live catalog: the model is resolved against what the accounts offer, and its limits
     // and reasoning schema come from there.
     let live = app.pool.union();
-    let caps = app.models.resolve_live(&req.model, &live).ok().and_then(|q| live.caps(&q));
+    let caps = app.models.resolve_live(&req.routed_model(), &live).ok().and_then(|q| live.caps(&q));
     let ctx = Context {
         models: &app.models,
         session_id: Some(session_text.as_str()),

@@ -115,7 +115,16 @@ pub fn request_fields(
     }
     if let Some(max_schema) = schema.pointer("/properties/max_tokens").filter(|_| req.max_tokens > 0) {
         let floor = max_schema.get("minimum").and_then(Value::as_u64).unwrap_or(0);
-        fields.insert("max_tokens".into(), json!(u64::from(req.max_tokens).max(floor)));
+        // Above the model's limit the model's limit (the client's own still cuts the answer).
+        let ceiling = max_schema.get("maximum").and_then(Value::as_u64).unwrap_or(u64::MAX).max(floor);
+        let max = u64::from(req.max_tokens).clamp(floor, ceiling);
+        fields.insert("max_tokens".into(), json!(max));
+        // A thinking budget must stay below it.
+        if let Some(budget) = fields.get_mut("thinking").and_then(|t| t.get_mut("budget_tokens")) {
+            if budget.as_u64().is_some_and(|b| b >= max) && max > 1 {
+                *budget = json!(max - 1);
+            }
+        }
     }
     let mut fields = Value::Object(fields);
     if check(schema, &fields, "").is_err() && req.thinking_display.as_deref() == Some("omitted") {

@@ -134,17 +134,13 @@ enum Turn {
 /// Translates a parsed request. Errors are client errors (400/404).
 pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, ApiError> {
     let q_model = match ctx.catalog {
-        Some(live) => ctx.models.resolve_live(&req.model, live)?,
-        None => ctx.models.resolve(&req.model)?,
+        Some(live) => ctx.models.resolve_live(&req.routed_model(), live)?,
+        None => ctx.models.resolve(&req.routed_model())?,
     };
-    if let Some(max) = ctx.caps.and_then(|c| c.max_output_tokens) {
-        if req.max_tokens as u64 > max {
-            return Err(ApiError::invalid(format!(
-                "max_tokens: {} > {max}, which is the maximum allowed number of output tokens for {}",
-                req.max_tokens, req.model
-            )));
-        }
-    }
+    // A `max_tokens` above the model's output limit is not refused: clients choose it by
+    // Anthropic's limits (Claude Code's non-streaming fallback asks for 64,000 whatever the
+    // model), and the service stops at its own limit anyway. Where the model takes a
+    // `max_tokens` field it gets the smaller of the two; the answer is cut at the client's.
     // The model's schema, when it reasons natively: checked first, so that a value the model
     // does not take is the client's 400, never the service's.
     let native = ctx.caps.and_then(|c| c.request_fields_schema.as_ref());
@@ -180,6 +176,22 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
             }
         }
     }
+    // A request that asks for a server tool and nothing else (Claude Code's WebSearch sends
+    // only `web_search`), or that forces one, would get an answer made up without it (search
+    // results from memory): refused, so that the tool visibly fails. Beside client tools a
+    // server tool is only left out.
+    let server_only = defined.is_empty();
+    for t in &req.tools {
+        if let ToolDef::Server { kind, name } = t {
+            let forced = matches!(&req.tool_choice, ToolChoice::Tool(n) if n == name);
+            if server_only || forced {
+                return Err(ApiError::invalid(format!(
+                    "tools: the server tool `{name}` ({kind}) is not supported by this server: Amazon Q cannot run \
+                     web search, web fetch, code execution or MCP connectors"
+                )));
+            }
+        }
+    }
 
     // Build merged turns. A system message stays where the client put it: after a user message it
     // joins that user turn (so it keeps its place once the assistant has answered), after an
@@ -193,6 +205,14 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
     // waiting for the next user turn is placed with it.
     let mut turn_of: Vec<Placed> = vec![Placed::Nowhere; req.messages.len()];
     let mut pending_at: Vec<usize> = Vec::new();
+    // Where the current tool loop began: the last user message that is not only tool results.
+    // Thinking written back as `<thinking>` text (models without native reasoning) is kept from
+    // there on only, as Anthropic leaves earlier turns' thinking out of the context: a long
+    // session's every past thought would fill the window (and the model would read its own
+    // old tags as part of its answers).
+    let loop_start = req.messages.iter().rposition(|m| {
+        m.role == Role::User && m.content.iter().any(|b| !matches!(b, Block::ToolResult { .. }))
+    });
     for (i, m) in req.messages.iter().enumerate() {
         match m.role {
             Role::System => {
@@ -226,11 +246,18 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
                 for j in pending_at.drain(..).chain([i]) {
                     turn_of[j] = at;
                 }
-                user_blocks(&m.content, i, turn, &mut total_images)?;
+                user_blocks(&m.content, turn, &mut total_images)?;
             }
             Role::Assistant => {
                 let mut turn = AssistantTurn::default();
-                assistant_blocks(&m.content, &mut turn, &mut names, native.is_some());
+                let thinking = if native.is_some() {
+                    Replay::Native
+                } else if loop_start.is_none_or(|start| i > start) {
+                    Replay::Text
+                } else {
+                    Replay::None
+                };
+                assistant_blocks(&m.content, &mut turn, &mut names, thinking);
                 match turns.last_mut() {
                     Some(Turn::Assistant(prev)) => {
                         prev.texts.append(&mut turn.texts);
@@ -326,6 +353,13 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
     }
     if req.single_tool_call && !matches!(req.tool_choice, ToolChoice::None) {
         instructions.push("Call at most one tool in this reply.".into());
+    }
+    // Structured outputs: the service has no such field, so the schema goes to the model as an
+    // instruction (best effort: the answer is not validated against it).
+    if let Some(schema) = &req.output_schema {
+        instructions.push(format!(
+            "Reply with one JSON value that matches this JSON Schema, and nothing else (no prose, no code fence):\n{schema}"
+        ));
     }
     let send_tools = match req.tool_choice {
         ToolChoice::None => {
@@ -493,25 +527,26 @@ fn plain_text(m: &Message) -> String {
         .join("\n\n")
 }
 
-/// `path` names the block (`messages.2.content.0`) for the error message.
-fn image(source: &ImageSource, path: impl FnOnce() -> String) -> Result<Image, ApiError> {
+/// An inline image as the service takes it; an image by URL or file id (this server fetches
+/// nothing) is the text that stands in for it, for the model to see and say.
+fn image(source: &ImageSource) -> Result<Image, String> {
     match source {
         ImageSource::Base64 { media_type, data } => Ok(Image {
             format: media_type.trim_start_matches("image/").to_string(),
             source: QImageSource { bytes: data.clone() },
         }),
-        ImageSource::Url { .. } | ImageSource::File { .. } => Err(ApiError::invalid(format!(
-            "{}.source.type: only base64 image sources are supported by this server (it does not fetch URLs or files)",
-            path()
-        ))),
+        ImageSource::Url { .. } | ImageSource::File { .. } => Err(
+            "[an image was attached here by URL or file id; this server passes only inline (base64) images, so it was left out]"
+                .into(),
+        ),
     }
 }
 
-fn document_text(
-    source: &DocumentSource,
-    title: &Option<String>,
-    path: impl FnOnce() -> String,
-) -> Result<String, ApiError> {
+/// A document as text. A PDF, or a document by URL or file id, is a note saying it was left
+/// out: the service takes no documents, and refusing the request would refuse every later one
+/// too (the block stays in the client's history: Claude Code would be stuck until `/clear`).
+fn document_text(source: &DocumentSource, title: &Option<String>) -> String {
+    let named = title.as_deref().map(|t| format!(" \"{t}\"")).unwrap_or_default();
     let body = match source {
         DocumentSource::Text { data } => data.clone(),
         DocumentSource::Content(blocks) => blocks
@@ -523,22 +558,20 @@ fn document_text(
             .collect::<Vec<_>>()
             .join("\n\n"),
         DocumentSource::Base64Pdf => {
-            return Err(ApiError::invalid(format!(
-                "{}.source.media_type: PDF documents are not supported by this server; send the text as a plain-text document",
-                path()
-            )));
+            return format!(
+                "[a PDF document{named} was attached here; this server cannot pass PDFs to the model, so its content was left out]"
+            );
         }
         DocumentSource::Url | DocumentSource::File => {
-            return Err(ApiError::invalid(format!(
-                "{}.source.type: only plain-text and inline content documents are supported (no URL or file sources)",
-                path()
-            )));
+            return format!(
+                "[a document{named} was attached here by URL or file id; this server fetches nothing, so its content was left out]"
+            );
         }
     };
-    Ok(match title {
+    match title {
         Some(t) => format!("<document title=\"{}\">\n{body}\n</document>", t.replace('"', "&quot;")),
         None => format!("<document>\n{body}\n</document>"),
-    })
+    }
 }
 
 fn search_result_text(source: &str, title: &str, content: &[String]) -> String {
@@ -560,34 +593,34 @@ fn push_image(turn: &mut UserTurn, img: Image, total: &mut usize) {
     }
 }
 
-/// The blocks of `messages[index]`, a user message, into `turn`.
-fn user_blocks(
-    blocks: &[Block],
-    index: usize,
-    turn: &mut UserTurn,
-    total_images: &mut usize,
-) -> Result<(), ApiError> {
-    for (j, b) in blocks.iter().enumerate() {
-        let at = || format!("messages.{index}.content.{j}");
+/// The blocks of a user message into `turn`.
+fn user_blocks(blocks: &[Block], turn: &mut UserTurn, total_images: &mut usize) -> Result<(), ApiError> {
+    for b in blocks {
         match b {
             Block::Text { text } => turn.texts.push(text.clone()),
-            Block::Image { source } => push_image(turn, image(source, at)?, total_images),
-            Block::Document { source, title } => turn.texts.push(document_text(source, title, at)?),
+            Block::Image { source } => match image(source) {
+                Ok(img) => push_image(turn, img, total_images),
+                Err(note) => turn.texts.push(note),
+            },
+            Block::Document { source, title } => turn.texts.push(document_text(source, title)),
             Block::SearchResult { source, title, content } => {
                 turn.texts.push(search_result_text(source, title, content))
             }
             Block::ToolResult { tool_use_id, content, is_error } => {
                 let mut parts: Vec<ToolResultContent> = Vec::new();
-                for (k, c) in content.iter().enumerate() {
-                    let at = || format!("messages.{index}.content.{j}.content.{k}");
+                for c in content {
                     match c {
                         Block::Text { text } => parts.push(ToolResultContent::Text(text.clone())),
-                        Block::Image { source } => {
-                            push_image(turn, image(source, at)?, total_images);
-                            parts.push(ToolResultContent::Text("[image attached to this message]".into()));
-                        }
+                        Block::Image { source } => match image(source) {
+                            Ok(img) => {
+                                push_image(turn, img, total_images);
+                                parts
+                                    .push(ToolResultContent::Text("[image attached to this message]".into()));
+                            }
+                            Err(note) => parts.push(ToolResultContent::Text(note)),
+                        },
                         Block::Document { source, title } => {
-                            parts.push(ToolResultContent::Text(document_text(source, title, at)?))
+                            parts.push(ToolResultContent::Text(document_text(source, title)))
                         }
                         Block::SearchResult { source, title, content } => {
                             parts.push(ToolResultContent::Text(search_result_text(source, title, content)))
@@ -645,13 +678,24 @@ fn user_blocks(
     Ok(())
 }
 
-/// An assistant message's blocks into `turn`. With `native` reasoning, the first thinking or
+/// How an assistant message's thinking goes back upstream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// As `reasoningContent` (the model reasons natively).
+    Native,
+    /// As `<thinking>` text (prompt-tag thinking, in the current tool loop).
+    Text,
+    /// Left out (prompt-tag thinking before the current tool loop).
+    None,
+}
+
+/// An assistant message's blocks into `turn`. With [`Replay::Native`], the first thinking or
 /// redacted_thinking block that can be replayed ([`super::reasoning::replayable`]) becomes the
 /// turn's `reasoningContent` — Amazon Q takes one per message, and the signature covers exactly
-/// one block's text, so several are never joined — and the other thinking blocks are left out
-/// (as Anthropic leaves earlier turns' thinking out of the context); otherwise thinking goes
-/// back as `<thinking>` text and redacted thinking is left out.
-fn assistant_blocks(blocks: &[Block], turn: &mut AssistantTurn, names: &mut ToolNames, native: bool) {
+/// one block's text, so several are never joined — and the other thinking blocks are left out;
+/// with [`Replay::Text`] thinking goes back as `<thinking>` text, with [`Replay::None`] it is
+/// left out; redacted thinking is left out but natively.
+fn assistant_blocks(blocks: &[Block], turn: &mut AssistantTurn, names: &mut ToolNames, thinking: Replay) {
     for b in blocks {
         match b {
             Block::Text { text } => {
@@ -659,14 +703,14 @@ fn assistant_blocks(blocks: &[Block], turn: &mut AssistantTurn, names: &mut Tool
                     turn.texts.push(text.clone())
                 }
             }
-            Block::Thinking { .. } | Block::RedactedThinking { .. } if native => {
+            Block::Thinking { .. } | Block::RedactedThinking { .. } if thinking == Replay::Native => {
                 if turn.reasoning.is_none() {
                     turn.reasoning = super::reasoning::replayable(b);
                 }
             }
-            Block::Thinking { thinking, .. } => {
-                if !thinking.is_empty() {
-                    turn.texts.push(format!("<thinking>{thinking}</thinking>"))
+            Block::Thinking { thinking: text, .. } => {
+                if thinking == Replay::Text && !text.is_empty() {
+                    turn.texts.push(format!("<thinking>{text}</thinking>"))
                 }
             }
             Block::ToolUse { id, name, input } => turn.uses.push(ToolUse {
@@ -958,26 +1002,119 @@ mod tests {
     }
 
     #[test]
-    fn url_images_and_pdfs_are_refused_and_sizes_checked() {
+    fn what_the_service_cannot_take_becomes_a_note_and_sizes_are_checked() {
         let models = ModelMap::default();
         let ctx = Context { models: &models, session_id: None, caps: None, catalog: None };
         let p = |v: Value| parse_value(&v, ApiVersion::default(), Endpoint::Messages).unwrap();
+        let content = |r: &MessagesRequest| {
+            translate(r, &ctx).unwrap().request.conversation_state.current_message.user_input_message.content
+        };
+        // A PDF, a URL image, a URL document, in the message and in a tool result: notes the
+        // model sees (a refusal would refuse every later request of the session too).
+        let r = p(json!({"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [
+            {"role": "user", "content": "Read it"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+                    {"type": "document", "title": "spec.pdf", "source": {"type": "base64", "media_type": "application/pdf", "data": "AA=="}}]},
+                {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}},
+                {"type": "document", "source": {"type": "url", "url": "https://example.com/b.pdf"}},
+                {"type": "text", "text": "Summarise"}]}]}));
+        let t = translate(&r, &ctx).unwrap();
+        let current = &t.request.conversation_state.current_message.user_input_message;
+        assert!(
+            current.content.contains("by URL or file id; this server passes only inline (base64) images"),
+            "{}",
+            current.content
+        );
+        assert!(
+            current.content.contains("a document was attached here by URL or file id"),
+            "{}",
+            current.content
+        );
+        let results = serde_json::to_string(&current.user_input_message_context).unwrap();
+        assert!(results.contains(r#"a PDF document \"spec.pdf\" was attached here"#), "{results}");
+        // Text documents stay text.
         let r = p(
             json!({"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": [
-            {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]}]}),
+            {"type": "document", "title": "notes", "source": {"type": "text", "media_type": "text/plain", "data": "hello"}}]}]}),
         );
-        assert!(translate(&r, &ctx).unwrap_err().message.contains("only base64 image sources"));
-        let r = p(
-            json!({"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": [
-            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "AA=="}}]}]}),
-        );
-        assert!(translate(&r, &ctx).unwrap_err().message.contains("PDF"));
+        assert!(content(&r).contains("<document title=\"notes\">\nhello\n</document>"));
         let r = p(
             json!({"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": "x".repeat(600_001)}]}),
         );
         assert!(translate(&r, &ctx).unwrap_err().message.starts_with("prompt is too long"));
         let r = p(json!({"model": "nope", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]}));
         assert_eq!(translate(&r, &ctx).unwrap_err().kind, ErrorKind::NotFound);
+    }
+
+    /// Prompt-tag thinking goes back only for the current tool loop (Anthropic leaves earlier
+    /// turns' thinking out of the context).
+    #[test]
+    fn text_thinking_is_replayed_for_the_current_tool_loop_only() {
+        let models = ModelMap::default();
+        let ctx = Context { models: &models, session_id: None, caps: None, catalog: None };
+        let v = json!({"model": "claude-sonnet-4-5", "max_tokens": 4096,
+            "thinking": {"type": "enabled", "budget_tokens": 2048},
+            "tools": [{"name": "Read", "input_schema": {"type": "object"}}],
+            "messages": [
+                {"role": "user", "content": "First question"},
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "OLD THOUGHT", "signature": ""},
+                    {"type": "text", "text": "First answer"}]},
+                {"role": "user", "content": "Second question"},
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "LOOP THOUGHT", "signature": ""},
+                    {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "done"}]}]});
+        let r = parse_value(&v, ApiVersion::default(), Endpoint::Messages).unwrap();
+        let t = translate(&r, &ctx).unwrap();
+        let history = serde_json::to_string(&t.request.conversation_state.history).unwrap();
+        assert!(!history.contains("OLD THOUGHT"), "{history}");
+        assert!(history.contains("First answer"), "{history}");
+        assert!(history.contains("<thinking>LOOP THOUGHT</thinking>"), "{history}");
+    }
+
+    /// Structured outputs reach the model as an instruction with the schema.
+    #[test]
+    fn a_structured_output_schema_is_an_instruction() {
+        let models = ModelMap::default();
+        let ctx = Context { models: &models, session_id: None, caps: None, catalog: None };
+        let v = json!({"model": "claude-sonnet-4-5", "max_tokens": 1,
+            "output_config": {"format": {"type": "json_schema", "schema": {"type": "object", "required": ["city"]}}},
+            "messages": [{"role": "user", "content": "Where is the Eiffel tower?"}]});
+        let r = parse_value(&v, ApiVersion::default(), Endpoint::Messages).unwrap();
+        let t = translate(&r, &ctx).unwrap();
+        let content = &t.request.conversation_state.current_message.user_input_message.content;
+        assert!(content.contains("Reply with one JSON value that matches this JSON Schema"), "{content}");
+        assert!(content.contains(r#""required":["city"]"#), "{content}");
+    }
+
+    /// Server tools: left out beside client tools; refused when they are all the request
+    /// offers, or when the request forces one (an answer made up without the tool).
+    #[test]
+    fn server_tools_alone_or_forced_are_refused() {
+        let models = ModelMap::default();
+        let ctx = Context { models: &models, session_id: None, caps: None, catalog: None };
+        let p = |tools: Value, choice: Value| {
+            let mut v = json!({"model": "claude-sonnet-4-5", "max_tokens": 1, "tools": tools,
+                "messages": [{"role": "user", "content": "Search the web for amq2api"}]});
+            if !choice.is_null() {
+                v["tool_choice"] = choice;
+            }
+            parse_value(&v, ApiVersion::default(), Endpoint::Messages).unwrap()
+        };
+        let search = json!({"type": "web_search_20250305", "name": "web_search", "max_uses": 8});
+        let read = json!({"name": "Read", "description": "Read a file", "input_schema": {"type": "object"}});
+        let e = translate(&p(json!([search.clone()]), Value::Null), &ctx).unwrap_err();
+        assert!(e.message.contains("server tool `web_search`"), "{}", e.message);
+        let e = translate(
+            &p(json!([search.clone(), read.clone()]), json!({"type": "tool", "name": "web_search"})),
+            &ctx,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("not supported by this server"), "{}", e.message);
+        let t = translate(&p(json!([search, read]), Value::Null), &ctx).unwrap();
+        let tools = serde_json::to_string(&t.request.conversation_state.current_message).unwrap();
+        assert!(tools.contains("\"Read\"") && !tools.contains("web_search"), "{tools}");
     }
 
     #[test]

@@ -157,6 +157,13 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Upstrea
     decide(Some(status), &type_name, message, &reason, retry_after)
 }
 
+impl UpstreamFailure {
+    /// The service refused a replayed reasoning signature (`THINKING_SIGNATURE_INVALID`).
+    pub fn is_signature_refusal(&self) -> bool {
+        matches!(self, UpstreamFailure::BadRequest { message } if message.starts_with("THINKING_SIGNATURE_INVALID"))
+    }
+}
+
 /// The rule for a failure's parts, before the stream (with its HTTP `status`) or in it (none):
 /// the exception's short name, its message and reason.
 fn decide(

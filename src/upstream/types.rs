@@ -38,6 +38,25 @@ impl GenerateRequest {
         })
         .expect("request types always serialise")
     }
+
+    /// Whether any history turn replays reasoning (`reasoningContent`).
+    pub fn replays_reasoning(&self) -> bool {
+        self.conversation_state.history.iter().any(
+            |m| matches!(m, HistoryMessage::AssistantResponseMessage(a) if a.reasoning_content.is_some()),
+        )
+    }
+
+    /// The same request with no reasoning replayed in its history: what goes again when the
+    /// service refuses a replayed signature (a thinking block another model or service signed).
+    pub fn without_replayed_reasoning(&self) -> GenerateRequest {
+        let mut out = self.clone();
+        for m in &mut out.conversation_state.history {
+            if let HistoryMessage::AssistantResponseMessage(a) = m {
+                a.reasoning_content = None;
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -779,6 +779,22 @@ async fn a_reload_says_what_needs_a_restart() {
         ),
         "{j:?}"
     );
+    std::fs::write(&h.config_path, &text).unwrap();
+    let j: ReloadResult = ctl.run(&["--json", "reload"]).await.ok().json();
+    assert!(!j.changes.contains("restart"), "{j:?}");
+    // A limit, an account setting, the usage retention: each named.
+    let changed = text.replacen("[server]\n", "[server]\nmax_body_bytes = 1234567\n", 1).replacen(
+        "[accounts]\n",
+        "[accounts]\nstrategy = \"round-robin\"\n",
+        1,
+    );
+    let changed = changed.replacen("[state]\n", "[state]\nusage_retention_days = 30\n", 1);
+    assert_ne!(changed, text);
+    std::fs::write(&h.config_path, changed).unwrap();
+    let j: ReloadResult = ctl.run(&["--json", "reload"]).await.ok().json();
+    for what in ["[server] limits or timeouts", "[accounts] settings", "[state] usage_retention_days"] {
+        assert!(j.changes.contains(what), "{what}: {j:?}");
+    }
     std::fs::write(&h.config_path, text).unwrap();
     let j: ReloadResult = ctl.run(&["--json", "reload"]).await.ok().json();
     assert!(!j.changes.contains("restart"), "{j:?}");
