@@ -1,7 +1,7 @@
 //! The accounts file, live: watches its directory (editors replace files by rename) and, when
 //! the file is a symlink, the directory of the file it points to (an edit of the target in place,
-//! the link re-pointed); debounces, and calls the reload path, which keeps the last good set
-//! when a version is invalid.
+//! the link re-pointed, that directory itself replaced at the same path); debounces, and calls
+//! the reload path, which keeps the last good set when a version is invalid.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -19,8 +19,12 @@ pub struct AccountsWatcher {
     file: PathBuf,
     /// The file names whose changes count (the file's own, and its target's).
     names: Arc<Mutex<Vec<OsString>>>,
-    /// The target's directory, when it is watched besides the file's own.
-    target_dir: Option<PathBuf>,
+    /// The target's directory, when it is watched besides the file's own, and its identity
+    /// (device, inode): a directory replaced at the same path is watched again.
+    target_dir: Option<(PathBuf, (u64, u64))>,
+    /// The watched target directory's path, for the event callback: the directory itself moved
+    /// or deleted (replaced) counts as a change of the file.
+    dir_seen: Arc<Mutex<Option<PathBuf>>>,
 }
 
 fn parent_of(file: &Path) -> PathBuf {
@@ -33,19 +37,24 @@ pub fn watch(file: &Path, tx: mpsc::UnboundedSender<()>) -> Result<AccountsWatch
     use notify::{EventKind, RecursiveMode, Watcher};
     let own_name = file.file_name().map(OsString::from).unwrap_or_default();
     let names = Arc::new(Mutex::new(vec![own_name]));
-    let seen = names.clone();
+    let dir_seen = Arc::new(Mutex::new(None::<PathBuf>));
+    let (seen, dir) = (names.clone(), dir_seen.clone());
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(ev) = res else { return };
         if matches!(ev.kind, EventKind::Access(_)) {
             return;
         }
         let names = seen.lock().unwrap_or_else(|e| e.into_inner());
-        if ev.paths.iter().any(|p| p.file_name().is_some_and(|n| names.iter().any(|m| m == n))) {
+        let dir = dir.lock().unwrap_or_else(|e| e.into_inner());
+        if ev.paths.iter().any(|p| {
+            p.file_name().is_some_and(|n| names.iter().any(|m| m == n))
+                || dir.as_ref().is_some_and(|d| p == d)
+        }) {
             let _ = tx.send(());
         }
     })?;
     watcher.watch(&parent_of(file), RecursiveMode::NonRecursive)?;
-    let mut w = AccountsWatcher { watcher, file: file.to_path_buf(), names, target_dir: None };
+    let mut w = AccountsWatcher { watcher, file: file.to_path_buf(), names, target_dir: None, dir_seen };
     w.follow_target();
     Ok(w)
 }
@@ -69,16 +78,21 @@ impl AccountsWatcher {
                 }
             }
         }
-        let dir = target.map(|(d, _)| d).filter(|d| Some(d) != own_dir.as_ref());
+        use std::os::unix::fs::MetadataExt;
+        let dir = target
+            .map(|(d, _)| d)
+            .filter(|d| Some(d) != own_dir.as_ref())
+            .and_then(|d| std::fs::metadata(&d).ok().map(|m| (d, (m.dev(), m.ino()))));
         if dir == self.target_dir {
             return;
         }
-        if let Some(old) = self.target_dir.take() {
+        if let Some((old, _)) = self.target_dir.take() {
+            // Gone already when the directory was replaced (the kernel dropped its watch).
             let _ = self.watcher.unwatch(&old);
         }
-        if let Some(d) = dir {
+        if let Some((d, id)) = dir {
             match self.watcher.watch(&d, RecursiveMode::NonRecursive) {
-                Ok(()) => self.target_dir = Some(d),
+                Ok(()) => self.target_dir = Some((d, id)),
                 Err(e) => tracing::warn!(
                     dir = %d.display(),
                     error = %e,
@@ -86,6 +100,8 @@ impl AccountsWatcher {
                 ),
             }
         }
+        *self.dir_seen.lock().unwrap_or_else(|e| e.into_inner()) =
+            self.target_dir.as_ref().map(|(d, _)| d.clone());
     }
 }
 
@@ -101,5 +117,44 @@ pub async fn next_burst(rx: &mut mpsc::UnboundedReceiver<()>) -> bool {
             Ok(None) => return false,
             Err(_) => return true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether a burst arrives within `within`.
+    async fn burst(rx: &mut mpsc::UnboundedReceiver<()>, within: Duration) -> bool {
+        tokio::time::timeout(within, next_burst(rx)).await.unwrap_or(false)
+    }
+
+    /// The accounts file is a symlink into a directory that is then replaced at the same path
+    /// (a deployment tool swapping a whole directory): the swap is seen, and so are edits in the
+    /// new directory afterwards. Before, the watch stayed on the old directory's inode and no
+    /// later edit was ever seen.
+    #[tokio::test]
+    async fn a_symlink_targets_directory_replaced_at_the_same_path_is_watched_again() {
+        let root = tempfile::tempdir().unwrap();
+        let (etc, real) = (root.path().join("etc"), root.path().join("srv/conf"));
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(&real).unwrap();
+        std::fs::write(real.join("accounts.toml"), "# v1\n").unwrap();
+        let file = etc.join("accounts.toml");
+        std::os::unix::fs::symlink(real.join("accounts.toml"), &file).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut w = watch(&file, tx).unwrap();
+        // The directory is replaced: a new one built beside it, the old moved away, the new
+        // moved in.
+        let new = root.path().join("srv/conf.new");
+        std::fs::create_dir(&new).unwrap();
+        std::fs::write(new.join("accounts.toml"), "# v2\n").unwrap();
+        std::fs::rename(&real, root.path().join("srv/conf.old")).unwrap();
+        std::fs::rename(&new, &real).unwrap();
+        assert!(burst(&mut rx, Duration::from_secs(5)).await, "the replaced directory was not seen");
+        w.follow_target();
+        // An edit in place in the new directory.
+        std::fs::write(real.join("accounts.toml"), "# v3\n").unwrap();
+        assert!(burst(&mut rx, Duration::from_secs(5)).await, "an edit in the new directory was not seen");
     }
 }
