@@ -57,6 +57,7 @@ mod tests {
             rate_multiplier: None,
             cache_checkpoints: None,
             request_fields_schema: None,
+            text_only: false,
         }
     }
 

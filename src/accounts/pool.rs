@@ -115,6 +115,9 @@ pub struct Account {
     removed: AtomicBool,
     refreshing: AtomicBool,
     refresh_failures: AtomicU32,
+    /// The profile ARN in use is the Builder ID one because `ListAvailableProfiles` failed
+    /// (not because it listed none): a refusal of it says nothing about the account.
+    profile_guessed: AtomicBool,
     next_refresh_try: Mutex<Option<Instant>>,
     counters_dirty: AtomicBool,
     pub tokens: Tokens,
@@ -225,6 +228,7 @@ impl Account {
             removed: AtomicBool::new(false),
             refreshing: AtomicBool::new(false),
             refresh_failures: AtomicU32::new(0),
+            profile_guessed: AtomicBool::new(false),
             next_refresh_try: Mutex::new(None),
             counters_dirty: AtomicBool::new(false),
             tokens: Tokens::new(chain, access),
@@ -1320,6 +1324,7 @@ impl Pool {
                     .or(profiles.first())
                     .map(|p| p.arn.clone())
                     .unwrap_or_else(|| super::identity::BUILDER_ID_PROFILE_ARN.to_owned());
+                a.profile_guessed.store(false, Ordering::SeqCst);
                 tracing::info!(account = %a.id, profile_arn = %arn, profiles = profiles.len(), "profile ARN learned");
                 if a.identity.learn_profile(arn.clone(), spec.credentials_fingerprint()) {
                     self.sink.identity(&a.id, &a.identity.record());
@@ -1327,10 +1332,17 @@ impl Pool {
                 Some(arn)
             }
             Err(f) => {
+                a.profile_guessed.store(true, Ordering::SeqCst);
                 tracing::warn!(account = %a.id, failure = %f, "ListAvailableProfiles failed: using the Builder ID profile for now");
                 Some(super::identity::BUILDER_ID_PROFILE_ARN.to_owned())
             }
         }
+    }
+
+    /// Whether the profile ARN last used was a guess (the Builder ID one, `ListAvailableProfiles`
+    /// having failed): asked again at the next call.
+    pub fn profile_guessed(&self, a: &Account) -> bool {
+        a.profile_guessed.load(Ordering::SeqCst)
     }
 
     /// Forgets a learned profile ARN (it was refused); false when the ARN in use was not a
@@ -1513,8 +1525,15 @@ impl Pool {
 
     /// Moves an account according to an upstream failure.
     pub fn apply_failure(&self, a: &Account, f: &UpstreamFailure) {
-        if !matches!(f, UpstreamFailure::BadRequest { .. } | UpstreamFailure::ContextTooLong { .. }) {
-            // The account's own trouble: one request at a time until it answers again.
+        // The account's own trouble: one request at a time until it answers again. A busy
+        // model (capacity) is not the account's: taken as such, a service-wide capacity spike
+        // cut every account it touched to one request at a time.
+        if !matches!(
+            f,
+            UpstreamFailure::BadRequest { .. }
+                | UpstreamFailure::ContextTooLong { .. }
+                | UpstreamFailure::Capacity { .. }
+        ) {
             a.proven.store(false, Ordering::Relaxed);
         }
         {
@@ -1570,9 +1589,24 @@ impl Pool {
             UpstreamFailure::Capacity { message } | UpstreamFailure::Transient { message, .. } => {
                 a.state.lock().unwrap_or_else(|e| e.into_inner()).set_error(message.clone());
             }
-            UpstreamFailure::ModelNotOffered { message }
-            | UpstreamFailure::NotFound { message }
-            | UpstreamFailure::Unreachable { message } => {
+            // No chat endpoint takes the account's credentials (the relay tried each): it failed
+            // fast and stayed active, so the least busy choice kept picking it, and each request
+            // spent one of its attempts there. Cooled down, with a growing backoff.
+            UpstreamFailure::NotFound { message } => {
+                let strikes = {
+                    let mut st = a.state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.strikes += 1;
+                    st.strikes
+                };
+                let wait = backoff(strikes, Duration::from_secs(30), Duration::from_secs(1800));
+                self.set_state(
+                    a,
+                    State::Cooling,
+                    Some(now + wait),
+                    Some(format!("no chat endpoint takes the account's credentials: {message}")),
+                );
+            }
+            UpstreamFailure::ModelNotOffered { message } | UpstreamFailure::Unreachable { message } => {
                 a.state.lock().unwrap_or_else(|e| e.into_inner()).set_error(message.clone());
             }
             UpstreamFailure::BadRequest { .. } | UpstreamFailure::ContextTooLong { .. } => {}

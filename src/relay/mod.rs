@@ -289,10 +289,23 @@ impl Relay {
                     }
                     // Refused by both: the first endpoint's answer is the one that counts (the
                     // other was only a fallback; its refusal says nothing new about the account).
-                    break Attempt::Failed(match first.take() {
+                    let f = match first.take() {
                         Some(f1) if refused => f1,
                         _ => f,
-                    });
+                    };
+                    // The Builder ID profile stood in for one that could not be listed (an IAM
+                    // Identity Center account needs its own): its refusal is no verdict on the
+                    // account (it was made invalid, for good), only this attempt's failure.
+                    let stand_in_refused = matches!(&f, UpstreamFailure::AccessDenied { message }
+                        if message.to_ascii_lowercase().contains("not authorized"));
+                    if stand_in_refused && self.pool.profile_guessed(account) {
+                        tracing::warn!(account = %account.id, "the stand-in profile ARN was refused (ListAvailableProfiles had failed): failing over; the profiles are listed again next time");
+                        break Attempt::Failed(UpstreamFailure::Transient {
+                            status: Some(403),
+                            message: "the account's profiles could not be listed, and the stand-in profile ARN was refused".into(),
+                        });
+                    }
+                    break Attempt::Failed(f);
                 }
             }
         };

@@ -91,6 +91,7 @@ impl Catalog {
             max_output_tokens: m.max_output_tokens,
             request_fields_schema: m.request_fields_schema.clone(),
             max_cache_checkpoints: m.cache_checkpoints.unwrap_or(0),
+            text_only: m.text_only,
         })
     }
 
@@ -155,6 +156,7 @@ mod tests {
             rate_multiplier: None,
             cache_checkpoints: None,
             request_fields_schema: None,
+            text_only: false,
         }
     }
 

@@ -45,6 +45,8 @@ pub struct ModelCaps {
     /// `promptCaching.maximumCacheCheckpointsPerRequest` when the model supports caching (0: it
     /// does not).
     pub max_cache_checkpoints: u32,
+    /// The model takes no images (`supportedInputTypes` without `IMAGE`).
+    pub text_only: bool,
 }
 
 /// Context window (tokens) used to turn `contextUsageEvent` percentages into input tokens.

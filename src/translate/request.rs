@@ -210,6 +210,7 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
     // there on only, as Anthropic leaves earlier turns' thinking out of the context: a long
     // session's every past thought would fill the window (and the model would read its own
     // old tags as part of its answers).
+    let text_only = ctx.caps.is_some_and(|c| c.text_only);
     let loop_start = req.messages.iter().rposition(|m| {
         m.role == Role::User && m.content.iter().any(|b| !matches!(b, Block::ToolResult { .. }))
     });
@@ -246,7 +247,7 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
                 for j in pending_at.drain(..).chain([i]) {
                     turn_of[j] = at;
                 }
-                user_blocks(&m.content, turn, &mut total_images)?;
+                user_blocks(&m.content, turn, &mut total_images, text_only)?;
             }
             Role::Assistant => {
                 let mut turn = AssistantTurn::default();
@@ -529,7 +530,14 @@ fn plain_text(m: &Message) -> String {
 
 /// An inline image as the service takes it; an image by URL or file id (this server fetches
 /// nothing) is the text that stands in for it, for the model to see and say.
-fn image(source: &ImageSource) -> Result<Image, String> {
+fn image(source: &ImageSource, text_only: bool) -> Result<Image, String> {
+    if text_only {
+        // The service refuses the whole request otherwise, and every later one of the session
+        // (the image stays in the history).
+        return Err(
+            "[an image was attached here; the model answering takes text only, so it was left out]".into()
+        );
+    }
     match source {
         ImageSource::Base64 { media_type, data } => Ok(Image {
             format: media_type.trim_start_matches("image/").to_string(),
@@ -594,11 +602,16 @@ fn push_image(turn: &mut UserTurn, img: Image, total: &mut usize) {
 }
 
 /// The blocks of a user message into `turn`.
-fn user_blocks(blocks: &[Block], turn: &mut UserTurn, total_images: &mut usize) -> Result<(), ApiError> {
+fn user_blocks(
+    blocks: &[Block],
+    turn: &mut UserTurn,
+    total_images: &mut usize,
+    text_only: bool,
+) -> Result<(), ApiError> {
     for b in blocks {
         match b {
             Block::Text { text } => turn.texts.push(text.clone()),
-            Block::Image { source } => match image(source) {
+            Block::Image { source } => match image(source, text_only) {
                 Ok(img) => push_image(turn, img, total_images),
                 Err(note) => turn.texts.push(note),
             },
@@ -611,7 +624,7 @@ fn user_blocks(blocks: &[Block], turn: &mut UserTurn, total_images: &mut usize) 
                 for c in content {
                     match c {
                         Block::Text { text } => parts.push(ToolResultContent::Text(text.clone())),
-                        Block::Image { source } => match image(source) {
+                        Block::Image { source } => match image(source, text_only) {
                             Ok(img) => {
                                 push_image(turn, img, total_images);
                                 parts
@@ -862,6 +875,7 @@ mod tests {
             max_output_tokens: None,
             request_fields_schema: None,
             max_cache_checkpoints: 4,
+            text_only: false,
         };
         let t =
             translate(&req, &Context { models: &models, session_id: None, caps: Some(&caps), catalog: None })
@@ -1071,6 +1085,33 @@ mod tests {
         assert!(!history.contains("OLD THOUGHT"), "{history}");
         assert!(history.contains("First answer"), "{history}");
         assert!(history.contains("<thinking>LOOP THOUGHT</thinking>"), "{history}");
+    }
+
+    /// A model that takes text only gets notes where the images were (the service would refuse
+    /// the request, and every later one of the session).
+    #[test]
+    fn images_for_a_text_only_model_become_notes() {
+        let models = ModelMap::default();
+        let caps = crate::translate::ModelCaps {
+            max_input_tokens: None,
+            max_output_tokens: None,
+            request_fields_schema: None,
+            max_cache_checkpoints: 0,
+            text_only: true,
+        };
+        let ctx = Context { models: &models, session_id: None, caps: Some(&caps), catalog: None };
+        let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+        let v = json!({"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
+            {"type": "text", "text": "What is this?"}]}]});
+        let r = parse_value(&v, ApiVersion::default(), Endpoint::Messages).unwrap();
+        let t = translate(&r, &ctx).unwrap();
+        let current = &t.request.conversation_state.current_message.user_input_message;
+        assert!(current.images.is_empty(), "{current:?}");
+        assert!(current.content.contains("takes text only"), "{}", current.content);
+        let all = Context { caps: None, ..ctx };
+        let t = translate(&r, &all).unwrap();
+        assert_eq!(t.request.conversation_state.current_message.user_input_message.images.len(), 1);
     }
 
     /// Structured outputs reach the model as an instruction with the schema.

@@ -23,6 +23,10 @@ pub struct CatalogModel {
     pub cache_checkpoints: Option<u32>,
     /// `additionalModelRequestFieldsSchema`.
     pub request_fields_schema: Option<Value>,
+    /// `supportedInputTypes` names no `IMAGE`: the model refuses a request holding an image
+    /// (a record stored before this field reads as false).
+    #[serde(default)]
+    pub text_only: bool,
 }
 
 /// The models of a catalog, by `modelId`.
@@ -96,6 +100,9 @@ pub fn parse_page(body: &[u8]) -> Result<Page, String> {
                     .get("additionalModelRequestFieldsSchema")
                     .filter(|s| s.is_object())
                     .cloned(),
+                text_only: m.get("supportedInputTypes").and_then(Value::as_array).is_some_and(|types| {
+                    !types.iter().any(|t| t.as_str().is_some_and(|t| t.eq_ignore_ascii_case("IMAGE")))
+                }),
             })
         })
         .collect();

@@ -82,9 +82,10 @@ impl UpstreamFailure {
         };
         match decided {
             // An exception in the stream that names no account-level cause but a busy service
-            // (`MODEL_TEMPORARILY_UNAVAILABLE`, a throttle or an unavailable service mid-stream):
-            // the model's capacity, as before the stream.
-            UpstreamFailure::Transient { .. } | UpstreamFailure::Throttled { .. } if e.is_capacity() => {
+            // (`MODEL_TEMPORARILY_UNAVAILABLE`, an unavailable service mid-stream): the model's
+            // capacity, as before the stream. A throttle stays the account's (it cools down, as
+            // for a 429 before the stream): taken as the model's, the account kept its traffic.
+            UpstreamFailure::Transient { .. } if e.is_capacity() => {
                 UpstreamFailure::Capacity { message: e.to_string() }
             }
             UpstreamFailure::Transient { status, .. } => {
@@ -299,7 +300,10 @@ mod tests {
         let busy = ex("error", "Encountered an unexpected error.", Some("MODEL_TEMPORARILY_UNAVAILABLE"));
         assert!(matches!(busy, UpstreamFailure::Capacity { .. }), "{busy:?}");
         let throttled = ex("ThrottlingException", "Rate exceeded", None);
-        assert!(matches!(throttled, UpstreamFailure::Capacity { .. }), "{throttled:?}");
+        assert!(matches!(throttled, UpstreamFailure::Throttled { .. }), "{throttled:?}");
+        let busy =
+            ex("ThrottlingException", "I am experiencing high traffic", Some("INSUFFICIENT_MODEL_CAPACITY"));
+        assert!(matches!(busy, UpstreamFailure::Capacity { .. }), "{busy:?}");
         let internal = ex("InternalServerException", "oops", None);
         assert!(matches!(internal, UpstreamFailure::Transient { status: None, .. }), "{internal:?}");
         let cut = ex("ContentLengthExceededException", "too long", None);

@@ -1199,3 +1199,33 @@ async fn claude_code_session_shapes_get_through() {
     assert!(last().to_string().contains("[tool Read loaded: it can be called now]"));
     h.stop().await;
 }
+
+/// An image for a model that takes text only (`supportedInputTypes` without `IMAGE`): the
+/// service would refuse the request, and every later one of the session (the image stays in
+/// the history). It becomes a note; the model answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_for_a_text_only_model_becomes_a_note() {
+    let h = Harness::start(Setup::default()).await;
+    catalogs_fetched(&h, &["acct-1"]).await;
+    let png =
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+    let body = |model: &str| {
+        json!({"model": model, "max_tokens": 256, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
+            {"type": "text", "text": "What is in the picture?"}]}]})
+    };
+    let r = post(&h, "/v1/messages", &body("deepseek-3.2")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = h.emulator.stats_for(&client_id("acct-1")).last_request.unwrap();
+    let current = &sent["conversationState"]["currentMessage"]["userInputMessage"];
+    assert!(current.get("images").is_none_or(|i| i.as_array().is_some_and(|a| a.is_empty())), "{current}");
+    assert!(current["content"].as_str().unwrap().contains("takes text only"), "{current}");
+    // A model that takes images still gets it.
+    assert_eq!(post(&h, "/v1/messages", &body("claude-sonnet-4-5-20250929")).await.status, 200);
+    let sent = h.emulator.stats_for(&client_id("acct-1")).last_request.unwrap();
+    assert_eq!(
+        sent["conversationState"]["currentMessage"]["userInputMessage"]["images"].as_array().unwrap().len(),
+        1
+    );
+    h.stop().await;
+}

@@ -907,6 +907,57 @@ async fn a_refused_profile_is_asked_for_again_once() {
     h.stop().await;
 }
 
+/// An IAM Identity Center account whose profiles cannot be listed for a while (the listing
+/// fails): the Builder ID profile stands in, the service refuses it ("not authorized"), and
+/// that refusal is only the attempt's failure. Before, it made the account invalid for good,
+/// though nothing was wrong with it. Once the listing works, the account serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_profile_listing_is_no_verdict_on_the_account() {
+    let setup = Setup {
+        accounts: vec!["idc".into()],
+        emulator: EmulatorOptions { require_profile_arn: true, ..Default::default() },
+        ..Default::default()
+    };
+    let h = Harness::start(setup).await;
+    let cid = client_id("idc");
+    let real = "arn:aws:codewhisperer:us-east-1:123456789012:profile/REALPROFILE1";
+    h.emulator.set_profile_arn(&cid, Some(real));
+    h.emulator.set_listing_behaviour(&cid, Behaviour::Unavailable);
+    let r = post(&h, "/v1/messages", &simple("one", false)).await;
+    assert_ne!(r.status, 200, "{}", r.text());
+    assert_eq!(h.account("idc")["state"], "active", "{}", h.account("idc"));
+    h.emulator.set_listing_behaviour(&cid, Behaviour::Normal);
+    let r = post(&h, "/v1/messages", &simple("two", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(h.account("idc")["profile_arn"], real);
+    assert_eq!(h.emulator.stats_for(&cid).last_request.unwrap()["profileArn"], real);
+    h.stop().await;
+}
+
+/// An account that no chat endpoint takes (Amazon Q's endpoint gone, the runtime refusing its
+/// token) is cooled down, not left active to be picked by every request; the other account
+/// serves meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_no_endpoint_takes_is_cooled_down() {
+    use amq2api::emulator::Role;
+    let setup = Setup { accounts: vec!["gone".into(), "fine".into()], ..Default::default() };
+    let h = Harness::start(setup).await;
+    h.emulator.set_role_enabled(Role::AmazonQ, false);
+    h.emulator.set_role_access(&client_id("gone"), Role::Runtime, Some(false));
+    h.emulator.set_role_access(&client_id("fine"), Role::Runtime, Some(true));
+    for i in 0..6 {
+        let r = post(&h, "/v1/messages", &simple(&format!("request {i}"), false)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let gone = h.account("gone");
+    assert_eq!(gone["state"], "cooling", "{gone}");
+    assert!(gone["reason"].as_str().is_some_and(|r| r.contains("no chat endpoint")), "{gone}");
+    let tried =
+        h.emulator.stats_for(&client_id("gone")).requests + h.emulator.stats_for(&client_id("gone")).refused;
+    assert!(tried <= 2, "the cooling account was still tried: {tried}");
+    h.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Egress proxies
 

@@ -97,8 +97,9 @@ fn caps_of(q_model: &str) -> ModelCaps {
     ModelCaps {
         max_input_tokens: Some(m.max_input_tokens),
         max_output_tokens: Some(m.max_output_tokens),
-        request_fields_schema: m.request_fields_schema,
+        request_fields_schema: m.request_fields_schema.clone(),
         max_cache_checkpoints: m.prompt_caching.max_checkpoints,
+        text_only: !m.takes_images(),
     }
 }
 

@@ -99,8 +99,9 @@ fn caps_of(q_model: &str) -> Option<ModelCaps> {
         // The output limit is the daemon's own check (tests/it/messages.rs); these tests are about
         // what reaches the service, so the schema alone speaks for max_tokens here.
         max_output_tokens: None,
-        request_fields_schema: m.request_fields_schema,
+        request_fields_schema: m.request_fields_schema.clone(),
         max_cache_checkpoints: m.prompt_caching.max_checkpoints,
+        text_only: !m.takes_images(),
     })
 }
 
