@@ -216,6 +216,7 @@
 //! |---|---|---|
 //! | `normal` | `Normal` | a normal reply |
 //! | `suspended` | `Suspended` | 403 `AccessDeniedException`, reason `TEMPORARILY_SUSPENDED` |
+//! | `bearer-refused` | `BearerRefused` | 403 `AccessDeniedException` "The bearer token included in the request is invalid.", whatever the token |
 //! | `locked` | `Locked` | 403 `AccessDeniedException` "Your User ID temporarily is suspended. We've locked your account as a security precaution…", no reason |
 //! | `throttled [<secs>]` | `Throttled` | 429 `ThrottlingException`, no reason; `retry-after: <secs>` when given |
 //! | `suspicious` | `Suspicious` | 429 `ThrottlingException` "Due to suspicious activity, we are imposing temporary limits on your account…", `"reason": null` |

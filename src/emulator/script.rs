@@ -50,6 +50,10 @@ pub enum Behaviour {
     /// 403 `AccessDeniedException` "…temporarily is suspended. We've locked your account…",
     /// without a reason.
     Locked,
+    /// 403 `AccessDeniedException` "The bearer token included in the request is invalid.",
+    /// whatever the token (one refreshed just now too): an account whose chat calls refuse
+    /// every token its sign-in gives.
+    BearerRefused,
     /// 400 `ValidationException`, reason `TOOL_USE_RESULT_MISMATCH`.
     ToolUseResultMismatch,
     /// 400 `ValidationException`, reason `TOOL_SCHEMA_INVALID`.
@@ -205,6 +209,7 @@ fn apply(out: &mut Directives, word: &str, args: &str) -> bool {
         "reasoning" => Behaviour::Reasoning,
         "suspicious" => Behaviour::Suspicious,
         "locked" => Behaviour::Locked,
+        "bearer-refused" => Behaviour::BearerRefused,
         "tool-mismatch" => Behaviour::ToolUseResultMismatch,
         "tool-schema-invalid" => Behaviour::ToolSchemaInvalid,
         "signature-invalid" => Behaviour::SignatureInvalid,
@@ -291,6 +296,7 @@ mod tests {
             ("#emulator: silent 1500", Behaviour::SilentAfterFirstByte(ms(1500))),
             ("#emulator: suspicious", Behaviour::Suspicious),
             ("#emulator: locked", Behaviour::Locked),
+            ("#emulator: bearer-refused", Behaviour::BearerRefused),
             ("#emulator: tool-mismatch", Behaviour::ToolUseResultMismatch),
             ("#emulator: tool-schema-invalid", Behaviour::ToolSchemaInvalid),
             ("#emulator: signature-invalid", Behaviour::SignatureInvalid),

@@ -153,6 +153,7 @@ pub(super) fn behaviour_error(behaviour: &Behaviour, request_id: &str) -> Option
         ),
         Behaviour::Suspicious => throttled(SUSPICIOUS, Reason::Null),
         Behaviour::Locked => access_denied(LOCKED, request_id),
+        Behaviour::BearerRefused => access_denied(BEARER_INVALID, request_id),
         Behaviour::ToolUseResultMismatch => {
             invalid("Tool use and tool result do not match.", "TOOL_USE_RESULT_MISMATCH")
         }

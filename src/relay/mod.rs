@@ -298,6 +298,15 @@ impl Relay {
                     // account (it was made invalid, for good), only this attempt's failure.
                     let stand_in_refused = matches!(&f, UpstreamFailure::AccessDenied { message }
                         if message.to_ascii_lowercase().contains("not authorized"));
+                    // A token refreshed just now and refused by every endpoint: refreshing
+                    // again on every request would not help (a refresh and three chat calls each
+                    // time); the account cools down as one no endpoint takes.
+                    if fresh && f == UpstreamFailure::TokenInvalid {
+                        tracing::warn!(account = %account.id, "a freshly refreshed token was refused by every chat endpoint: cooling the account down");
+                        break Attempt::Failed(UpstreamFailure::NotFound {
+                            message: "a freshly refreshed token was refused by every chat endpoint".into(),
+                        });
+                    }
                     if stand_in_refused && self.pool.profile_guessed(account) {
                         tracing::warn!(account = %account.id, "the stand-in profile ARN was refused (ListAvailableProfiles had failed): failing over; the profiles are listed again next time");
                         break Attempt::Failed(UpstreamFailure::Transient {

@@ -958,6 +958,26 @@ async fn an_account_no_endpoint_takes_is_cooled_down() {
     h.stop().await;
 }
 
+/// An account whose every token is refused by every chat endpoint, a freshly refreshed one
+/// too: cooled down after one forced refresh, not refreshed again on every request (a refresh
+/// and three chat calls each time, for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_whose_fresh_token_is_refused_cools_down_instead_of_refreshing_per_request() {
+    let setup = Setup { accounts: vec!["refused".into(), "fine".into()], ..Default::default() };
+    let h = Harness::start(setup).await;
+    h.emulator.set_behaviour(&client_id("refused"), Behaviour::BearerRefused);
+    for i in 0..8 {
+        let r = post(&h, "/v1/messages", &simple(&format!("request {i}"), false)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let refused = h.account("refused");
+    assert_eq!(refused["state"], "cooling", "{refused}");
+    assert!(refused["reason"].as_str().is_some_and(|r| r.contains("freshly refreshed token")), "{refused}");
+    let refreshes = h.emulator.stats_for(&client_id("refused")).refreshes;
+    assert!(refreshes <= 2, "refreshed {refreshes} times");
+    h.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Egress proxies
 
