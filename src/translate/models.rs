@@ -134,11 +134,33 @@ impl ModelMap {
     /// The Amazon Q model for a Claude model name, or 404 `not_found_error` as Anthropic answers.
     pub fn resolve(&self, claude_name: &str) -> Result<String, ApiError> {
         let name = claude_name.trim().to_ascii_lowercase();
+        // `[1m]` asks for the model's 1M window; without a catalog, the model itself.
+        let name = name.strip_suffix("[1m]").map(str::to_owned).unwrap_or(name);
         let plausible = !name.is_empty()
             && name.len() <= 128
             && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:@/".contains(&b));
         if !plausible {
             return Err(ApiError::new(ErrorKind::NotFound, format!("model: {}", claude_name.escape_debug())));
+        }
+        // The operator's prefixes win.
+        if let Some((_, q)) = self.overrides.iter().find(|(p, _)| name.starts_with(p.as_str())) {
+            return Ok(q.clone());
+        }
+        // A model newer than any of its family here (the table is from 2025; the catalog knows
+        // the rest once an account has fetched it): the service's id for it, rather than an older
+        // model answering under the client's name (`claude-sonnet-4-6` starts with the table's
+        // `claude-sonnet-4`). The service says so if it has no such model.
+        if let Some((id, family, version)) = derived_id(&name) {
+            let best = self
+                .entries
+                .iter()
+                .map(|(_, q)| q)
+                .filter(|q| q.contains(family))
+                .map(|q| version_key(q))
+                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+            if best.is_none_or(|best| version > best) {
+                return Ok(id);
+            }
         }
         if let Some((_, q)) = self.entries.iter().find(|(p, _)| name.starts_with(p.as_str())) {
             return Ok(q.clone());
@@ -180,6 +202,34 @@ impl ModelMap {
 }
 
 /// Sort key for "newest": the numeric parts of a model id.
+/// `claude-{family}-{major}[-{minor}][-{date}]` as the service names it
+/// (`claude-{family}-{major}[.{minor}]`), with the family and the version.
+fn derived_id(name: &str) -> Option<(String, &'static str, f64)> {
+    let mut parts = name.split('-');
+    if parts.next()? != "claude" {
+        return None;
+    }
+    let named = parts.next()?;
+    let family = ["opus", "sonnet", "haiku", "fable"].into_iter().find(|f| *f == named)?;
+    let small = |p: &str| !p.is_empty() && p.len() <= 2 && p.bytes().all(|b| b.is_ascii_digit());
+    let major = parts.next().filter(|p| small(p))?;
+    let rest: Vec<&str> = parts.collect();
+    let (minor, tail) = match rest.as_slice() {
+        [m, tail @ ..] if small(m) => (Some(*m), tail),
+        tail => (None, tail),
+    };
+    // Nothing after the version but a date.
+    if !tail.iter().all(|p| p.len() == 8 && p.bytes().all(|b| b.is_ascii_digit())) || tail.len() > 1 {
+        return None;
+    }
+    let id = match minor {
+        Some(m) => format!("claude-{family}-{major}.{m}"),
+        None => format!("claude-{family}-{major}"),
+    };
+    let version = version_key(&id);
+    Some((id, family, version))
+}
+
 fn version_key(id: &str) -> f64 {
     let digits: String = id.chars().filter(|c| c.is_ascii_digit() || *c == '.').collect();
     digits.trim_matches('.').parse().unwrap_or(0.0)
@@ -210,6 +260,13 @@ mod tests {
         assert_eq!(m.resolve("claude-sonnet-4-20250514").unwrap(), "claude-sonnet-4");
         assert_eq!(m.resolve("claude-haiku-4-5").unwrap(), "claude-haiku-4.5");
         assert_eq!(m.resolve("claude-opus-4-1-20250805").unwrap(), "claude-opus-4.5");
+        // Newer than the table knows (no catalog yet): the service's id, not an older model.
+        assert_eq!(m.resolve("claude-opus-4-8").unwrap(), "claude-opus-4.8");
+        assert_eq!(m.resolve("claude-opus-4-8[1m]").unwrap(), "claude-opus-4.8");
+        assert_eq!(m.resolve("claude-sonnet-5").unwrap(), "claude-sonnet-5");
+        assert_eq!(m.resolve("claude-sonnet-4-6-20260217").unwrap(), "claude-sonnet-4.6");
+        assert_eq!(m.resolve("claude-fable-5").unwrap(), "claude-fable-5");
+        assert_eq!(m.resolve("claude-sonnet-4-5[1m]").unwrap(), "claude-sonnet-4.5");
         assert_eq!(m.resolve("claude-3-5-haiku-latest").unwrap(), "claude-haiku-4.5");
         let e = m.resolve("gpt-4").unwrap_err();
         assert_eq!(e.kind, ErrorKind::NotFound);
