@@ -178,7 +178,7 @@ pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
         }
         Err(e) => tracing::debug!(error = %e, "cluster: cannot read commands"),
     }
-    pool.revive_from_store().await;
+    pool.revive_from_store_in_background();
 }
 
 /// Loads what the store holds for `id` (just acquired) and serves it until `until`.

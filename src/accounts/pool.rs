@@ -541,6 +541,8 @@ pub struct Pool {
     catalog_slots: tokio::sync::Semaphore,
     /// Removed accounts whose rotated refresh token is not stored yet: kept until it is.
     orphans: Mutex<Vec<Arc<Account>>>,
+    /// `[cluster]`: a [`Pool::revive_from_store`] pass is running (one at a time).
+    reviving: AtomicBool,
     /// Removed accounts, while anything still holds them (a refresh in flight, a request, an
     /// orphan): one added back is this same account again, never a second token chain for
     /// one id beside it (which would start from an older token).
@@ -624,6 +626,7 @@ impl Pool {
             catalog_refresh: settings.catalog_refresh,
             catalog_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_REFRESHES),
             orphans: Mutex::new(Vec::new()),
+            reviving: AtomicBool::new(false),
             retired: Mutex::new(Vec::new()),
             refreshes_ok: AtomicU64::new(0),
             refreshes_failed: AtomicU64::new(0),
@@ -1059,7 +1062,11 @@ impl Pool {
     /// stored after the refusal). Called by the lease loop.
     pub async fn revive_from_store(&self) {
         for a in self.accounts() {
-            if a.held_for(0)
+            // A refresh holding the chain (an operator's `amqctl refresh`, up to a token
+            // endpoint's timeout) is not waited for: the next pass looks again.
+            let quiet = a.tokens.quiet().is_some();
+            if quiet
+                && a.held_for(0)
                 && a.state().state == State::Invalid
                 && !a.tokens.has_unsaved()
                 && self.take_newer_stored_chain(&a).await
@@ -1069,6 +1076,19 @@ impl Pool {
                 self.set_state(&a, State::Active, None, None);
             }
         }
+    }
+
+    /// [`Pool::revive_from_store`] on its own task, one pass at a time: the lease loop calls
+    /// it and goes on to its renewals (store reads must never hold them up).
+    pub fn revive_from_store_in_background(self: &Arc<Self>) {
+        if self.reviving.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            pool.revive_from_store().await;
+            pool.reviving.store(false, Ordering::SeqCst);
+        });
     }
 
     async fn refresh_tokens(&self, a: &Account, force: Option<&Secret>) -> Result<Secret, RefreshError> {

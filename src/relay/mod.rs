@@ -309,9 +309,10 @@ impl Relay {
                     }
                     if stand_in_refused && self.pool.profile_guessed(account) {
                         tracing::warn!(account = %account.id, "the stand-in profile ARN was refused (ListAvailableProfiles had failed): failing over; the profiles are listed again next time");
-                        break Attempt::Failed(UpstreamFailure::Transient {
-                            status: Some(403),
-                            message: "the account's profiles could not be listed, and the stand-in profile ARN was refused".into(),
+                        break Attempt::Failed(UpstreamFailure::NotFound {
+                            message:
+                                "its profiles could not be listed, and the stand-in profile ARN was refused"
+                                    .into(),
                         });
                     }
                     break Attempt::Failed(f);
@@ -399,7 +400,13 @@ pub fn failure_to_api(f: &UpstreamFailure) -> ApiError {
         UpstreamFailure::ModelNotOffered { message } => {
             ApiError::new(ErrorKind::NotFound, format!("no account offers the requested model ({message})"))
         }
-        UpstreamFailure::NotFound { message } | UpstreamFailure::Unreachable { message } => {
+        // No endpoint took the account (its credentials, or a fresh token refused everywhere):
+        // no usable account, as for the others the pool parks.
+        UpstreamFailure::NotFound { message } => ApiError::new(
+            ErrorKind::Overloaded,
+            format!("no usable Amazon Q account: no endpoint took the last one tried ({message})"),
+        ),
+        UpstreamFailure::Unreachable { message } => {
             ApiError::new(ErrorKind::Api, format!("no Amazon Q endpoint took the request: {message}"))
         }
         UpstreamFailure::TokenInvalid

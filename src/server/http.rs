@@ -129,9 +129,12 @@ impl Drop for Left {
             return;
         }
         self.app.metrics.request(&self.x.model, 499);
-        self.app.metrics.tokens(&self.x.model, self.x.tokens_in, self.x.tokens_out);
-        if let Some(c) = self.x.credits {
-            self.app.metrics.credits(&self.x.model, c);
+        // Tokens only when an account answered (as usage, in `access_log`).
+        if self.x.account.is_some() {
+            self.app.metrics.tokens(&self.x.model, self.x.tokens_in, self.x.tokens_out);
+            if let Some(c) = self.x.credits {
+                self.app.metrics.credits(&self.x.model, c);
+            }
         }
         self.app.metrics.request_duration(self.started.elapsed());
         super::access_log(&self.app, &self.request_id, &self.x, 499, self.started);

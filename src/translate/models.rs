@@ -201,7 +201,6 @@ impl ModelMap {
     }
 }
 
-/// Sort key for "newest": the numeric parts of a model id.
 /// `claude-{family}-{major}[-{minor}][-{date}]` as the service names it
 /// (`claude-{family}-{major}[.{minor}]`), with the family and the version.
 fn derived_id(name: &str) -> Option<(String, &'static str, f64)> {
@@ -230,6 +229,7 @@ fn derived_id(name: &str) -> Option<(String, &'static str, f64)> {
     Some((id, family, version))
 }
 
+/// Sort key for "newest": the numeric parts of a model id.
 fn version_key(id: &str) -> f64 {
     let digits: String = id.chars().filter(|c| c.is_ascii_digit() || *c == '.').collect();
     digits.trim_matches('.').parse().unwrap_or(0.0)

@@ -176,21 +176,38 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
             }
         }
     }
-    // A request that asks for a server tool and nothing else (Claude Code's WebSearch sends
-    // only `web_search`), or that forces one, would get an answer made up without it (search
-    // results from memory): refused, so that the tool visibly fails. Beside client tools a
-    // server tool is only left out.
-    let server_only = defined.is_empty();
-    for t in &req.tools {
-        if let ToolDef::Server { kind, name } = t {
-            let forced = matches!(&req.tool_choice, ToolChoice::Tool(n) if n == name);
-            if server_only || forced {
-                return Err(ApiError::invalid(format!(
-                    "tools: the server tool `{name}` ({kind}) is not supported by this server: Amazon Q cannot run \
-                     web search, web fetch, code execution or MCP connectors"
-                )));
-            }
+    // Server tools Amazon Q cannot run: a request that forces one (by name, or `any` with no
+    // client tool) would get an answer made up without it (search results from memory), so it
+    // is refused and the tool visibly fails; otherwise the model is told they are not there
+    // (a chat front end may offer web search on every turn, and most turns need none).
+    let server: Vec<(&str, &str)> = req
+        .tools
+        .iter()
+        .filter_map(|t| match t {
+            ToolDef::Server { kind, name } => Some((name.as_str(), kind.as_str())),
+            _ => None,
+        })
+        .collect();
+    for (name, kind) in &server {
+        let forced = match &req.tool_choice {
+            ToolChoice::Tool(n) => n == name,
+            ToolChoice::Any => defined.is_empty(),
+            _ => false,
+        };
+        if forced {
+            return Err(ApiError::invalid(format!(
+                "tools: the server tool `{name}` ({kind}) is not supported by this server: Amazon Q cannot run \
+                 web search, web fetch, code execution or MCP connectors"
+            )));
         }
+    }
+    if !server.is_empty() {
+        let names: Vec<String> = server.iter().map(|(n, _)| format!("`{n}`")).collect();
+        preamble.push(format!(
+            "The tools {} are not available in this conversation: do not claim to have used them; \
+             answer from what you know and say so when it may be out of date.",
+            names.join(", ")
+        ));
     }
 
     // Build merged turns. A system message stays where the client put it: after a user message it
@@ -1129,10 +1146,10 @@ mod tests {
         assert!(content.contains(r#""required":["city"]"#), "{content}");
     }
 
-    /// Server tools: left out beside client tools; refused when they are all the request
-    /// offers, or when the request forces one (an answer made up without the tool).
+    /// Server tools: left out, and the model told they are not there; refused when the
+    /// request forces one (an answer made up without the tool).
     #[test]
-    fn server_tools_alone_or_forced_are_refused() {
+    fn server_tools_are_left_out_and_refused_when_forced() {
         let models = ModelMap::default();
         let ctx = Context { models: &models, session_id: None, caps: None, catalog: None };
         let p = |tools: Value, choice: Value| {
@@ -1145,7 +1162,10 @@ mod tests {
         };
         let search = json!({"type": "web_search_20250305", "name": "web_search", "max_uses": 8});
         let read = json!({"name": "Read", "description": "Read a file", "input_schema": {"type": "object"}});
-        let e = translate(&p(json!([search.clone()]), Value::Null), &ctx).unwrap_err();
+        let t = translate(&p(json!([search.clone()]), Value::Null), &ctx).unwrap();
+        let sent = serde_json::to_string(&t.request.conversation_state.current_message).unwrap();
+        assert!(sent.contains("The tools `web_search` are not available in this conversation"), "{sent}");
+        let e = translate(&p(json!([search.clone()]), json!({"type": "any"})), &ctx).unwrap_err();
         assert!(e.message.contains("server tool `web_search`"), "{}", e.message);
         let e = translate(
             &p(json!([search.clone(), read.clone()]), json!({"type": "tool", "name": "web_search"})),
@@ -1154,7 +1174,10 @@ mod tests {
         .unwrap_err();
         assert!(e.message.contains("not supported by this server"), "{}", e.message);
         let t = translate(&p(json!([search, read]), Value::Null), &ctx).unwrap();
-        let tools = serde_json::to_string(&t.request.conversation_state.current_message).unwrap();
+        let tools = serde_json::to_string(
+            &t.request.conversation_state.current_message.user_input_message.user_input_message_context,
+        )
+        .unwrap();
         assert!(tools.contains("\"Read\"") && !tools.contains("web_search"), "{tools}");
     }
 

@@ -909,8 +909,8 @@ async fn a_refused_profile_is_asked_for_again_once() {
 
 /// An IAM Identity Center account whose profiles cannot be listed for a while (the listing
 /// fails): the Builder ID profile stands in, the service refuses it ("not authorized"), and
-/// that refusal is only the attempt's failure. Before, it made the account invalid for good,
-/// though nothing was wrong with it. Once the listing works, the account serves.
+/// the account cools down (it is listed again once back). Before, it was made invalid for
+/// good, though nothing was wrong with it. Once the listing works, the account serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_profile_listing_is_no_verdict_on_the_account() {
     let setup = Setup {
@@ -925,8 +925,12 @@ async fn a_failed_profile_listing_is_no_verdict_on_the_account() {
     h.emulator.set_listing_behaviour(&cid, Behaviour::Unavailable);
     let r = post(&h, "/v1/messages", &simple("one", false)).await;
     assert_ne!(r.status, 200, "{}", r.text());
-    assert_eq!(h.account("idc")["state"], "active", "{}", h.account("idc"));
+    let idc = h.account("idc");
+    assert_eq!(idc["state"], "cooling", "{idc}");
+    assert!(idc["reason"].as_str().is_some_and(|r| r.contains("profiles could not be listed")), "{idc}");
     h.emulator.set_listing_behaviour(&cid, Behaviour::Normal);
+    // Back now rather than after the cool-down.
+    ctl_json(&h, &["enable", "idc"]).await;
     let r = post(&h, "/v1/messages", &simple("two", false)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(h.account("idc")["profile_arn"], real);
