@@ -228,39 +228,33 @@ async fn run_daemon(path: &Path, loaded: config::Loaded) -> i32 {
     let mut http = Vec::new();
     if !activated.is_empty() {
         let cfg = &loaded.config.server;
-        if cfg.tls.is_none() && !cfg.allow_plaintext {
-            let public: Vec<String> = activated
-                .iter()
-                .filter_map(|(_, l)| l.local_addr().ok())
-                .filter(|a| !a.ip().is_loopback())
-                .map(|a| a.to_string())
-                .collect();
-            if !public.is_empty() {
-                eprintln!(
-                    "{}: error: systemd passed the non-loopback socket(s) {} and no TLS is configured: set tls_cert and tls_key, or allow_plaintext = true",
-                    path.display(),
-                    public.join(", ")
-                );
-                return exit::CONFIG;
-            }
-        }
-        // Anonymous access (no api_keys: it begins whenever the keys, if any, are none) only on
-        // loopback, as for `listen`: the sockets systemd passes are the listeners now.
-        if loaded.config.auth.allow_anonymous && loaded.config.auth.keys.is_empty() {
-            let public: Vec<String> = activated
-                .iter()
-                .filter_map(|(_, l)| l.local_addr().ok())
-                .filter(|a| !a.ip().is_loopback())
-                .map(|a| a.to_string())
-                .collect();
-            if !public.is_empty() {
-                eprintln!(
-                    "{}: error: systemd passed the non-loopback socket(s) {} and allow_anonymous is set without api_keys: anonymous access is only allowed on loopback listeners",
-                    path.display(),
-                    public.join(", ")
-                );
-                return exit::CONFIG;
-            }
+        // The rules `listen` is checked by hold for the sockets systemd passes, which are the
+        // listeners now: a public one needs TLS (or allow_plaintext), and anonymous access (no
+        // api_keys: it begins whenever the keys, if any, are none) only on loopback.
+        let public: Vec<String> = activated
+            .iter()
+            .filter_map(|(_, l)| l.local_addr().ok())
+            .filter(|a| !a.ip().is_loopback())
+            .map(|a| a.to_string())
+            .collect();
+        let refusal = if public.is_empty() {
+            None
+        } else if cfg.tls.is_none() && !cfg.allow_plaintext {
+            Some("no TLS is configured: set tls_cert and tls_key, or allow_plaintext = true")
+        } else if loaded.config.auth.allow_anonymous && loaded.config.auth.keys.is_empty() {
+            Some(
+                "allow_anonymous is set without api_keys: anonymous access is only allowed on loopback listeners",
+            )
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            eprintln!(
+                "{}: error: systemd passed the non-loopback socket(s) {} and {why}",
+                path.display(),
+                public.join(", ")
+            );
+            return exit::CONFIG;
         }
         for (name, l) in activated {
             tracing::info!(name = %name, addr = ?l.local_addr().ok(), "using a socket passed by systemd");

@@ -255,16 +255,21 @@ fn write_loop(store: &Arc<dyn Backend>, queue: &Queue) {
     }
 }
 
+/// The stored form of `chain` (and the access token that came with it, if any).
+pub fn token_record(chain: &Chain, access: Option<&Access>) -> TokenRecord {
+    TokenRecord {
+        refresh_token: chain.refresh_token.clone(),
+        file_fingerprint: chain.file_fingerprint,
+        rotated: chain.rotated,
+        access_token: access.map(|a| a.token.clone()),
+        access_expires_at: access.map(|a| a.expires_at),
+        updated_at: SystemTime::now(),
+    }
+}
+
 impl StateSink for StoreSink {
     fn tokens(&self, id: &AccountId, chain: &Chain, access: &Access) -> TokenWrite {
-        let record = TokenRecord {
-            refresh_token: chain.refresh_token.clone(),
-            file_fingerprint: chain.file_fingerprint,
-            rotated: chain.rotated,
-            access_token: Some(access.token.clone()),
-            access_expires_at: Some(access.expires_at),
-            updated_at: SystemTime::now(),
-        };
+        let record = token_record(chain, Some(access));
         let (done, answer) = tokio::sync::oneshot::channel();
         {
             let mut pending = self.tokens.lock();

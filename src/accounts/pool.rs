@@ -2329,17 +2329,7 @@ mod tests {
         // C's chain is stored now (C rotated it under a lease it then lost).
         let chain = c.tokens.chain().await;
         let access = c.tokens.current_access().unwrap();
-        *view.record.lock().unwrap() = Some(crate::store::AccountRecord {
-            tokens: Some(crate::store::TokenRecord {
-                refresh_token: chain.refresh_token.clone(),
-                file_fingerprint: chain.file_fingerprint,
-                rotated: chain.rotated,
-                access_token: Some(access.token.clone()),
-                access_expires_at: Some(access.expires_at),
-                updated_at: SystemTime::now(),
-            }),
-            ..Default::default()
-        });
+        *view.record.lock().unwrap() = Some(record_of(&chain, Some(&access)));
         // B's lease loop finds it: B serves again, on C's token, without a refresh.
         let refreshes = emu.stats().refreshes;
         b_pool.revive_from_store().await;
@@ -2356,17 +2346,7 @@ mod tests {
         // in the same refresh (no invalid state in between).
         let chain = b.tokens.chain().await;
         let access = b.tokens.current_access().unwrap();
-        *view.record.lock().unwrap() = Some(crate::store::AccountRecord {
-            tokens: Some(crate::store::TokenRecord {
-                refresh_token: chain.refresh_token.clone(),
-                file_fingerprint: chain.file_fingerprint,
-                rotated: true,
-                access_token: Some(access.token.clone()),
-                access_expires_at: Some(access.expires_at),
-                updated_at: SystemTime::now(),
-            }),
-            ..Default::default()
-        });
+        *view.record.lock().unwrap() = Some(record_of(&chain, Some(&access)));
         let d_pool = node(view.clone());
         let d = d_pool.get("a1").unwrap();
         let token = d_pool.access_token(&d, None).await;
@@ -2374,17 +2354,10 @@ mod tests {
         assert_eq!(d.state().state, State::Active);
     }
 
-    /// A record holding `chain` (and no access token).
-    fn record_of(chain: &Chain) -> crate::store::AccountRecord {
+    /// A record holding `chain` (and `access`).
+    fn record_of(chain: &Chain, access: Option<&Access>) -> crate::store::AccountRecord {
         crate::store::AccountRecord {
-            tokens: Some(crate::store::TokenRecord {
-                refresh_token: chain.refresh_token.clone(),
-                file_fingerprint: chain.file_fingerprint,
-                rotated: chain.rotated,
-                access_token: None,
-                access_expires_at: None,
-                updated_at: SystemTime::now(),
-            }),
+            tokens: Some(super::super::persist::token_record(chain, access)),
             ..Default::default()
         }
     }
@@ -2420,7 +2393,7 @@ mod tests {
             assert!(a.tokens.has_unsaved());
             // The lease is lost; the store still holds the token rotated from.
             pool.hold(a.id.as_str(), 0);
-            *view.record.lock().unwrap() = Some(record_of(&before));
+            *view.record.lock().unwrap() = Some(record_of(&before, None));
             // Still not stored: kept, retried.
             pool.access_token(a, None).await.unwrap_err();
             assert!(a.tokens.has_unsaved(), "the only live token was dropped");
@@ -2431,7 +2404,7 @@ mod tests {
             rotated: true,
             file_fingerprint: a2.tokens.chain().await.file_fingerprint,
         };
-        *view.record.lock().unwrap() = Some(record_of(&theirs));
+        *view.record.lock().unwrap() = Some(record_of(&theirs, None));
         let r = pool.access_token(&a2, None).await;
         assert!(matches!(&r, Err(RefreshError::Transient(m)) if m.contains("newer token")), "{r:?}");
         assert!(!a2.tokens.has_unsaved());

@@ -351,20 +351,24 @@ async fn assert_chains_intact(url: &str, emu: &Emulator, ids: &[String]) {
 
 /// The fencing rule itself, on the store: a node whose lease expired and was taken over cannot
 /// write a token, in the same transaction that checks the epoch; the new holder can.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_that_lost_its_lease_cannot_write_a_token() {
-    let Some(pg) = Postgres::start() else { return };
-    let lease = Duration::from_secs(2);
-    let a = PgStore::connect(&pg.url(), "node-a", lease).await.unwrap();
-    let b = PgStore::connect(&pg.url(), "node-b", lease).await.unwrap();
-    let rec = |t: &str| TokenRecord {
+/// A rotated chain's record holding refresh token `t`.
+fn rec(t: &str) -> TokenRecord {
+    TokenRecord {
         refresh_token: amq2api::config::Secret::new(t),
         file_fingerprint: [7; 32],
         rotated: true,
         access_token: None,
         access_expires_at: None,
         updated_at: SystemTime::now(),
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_lease_cannot_write_a_token() {
+    let Some(pg) = Postgres::start() else { return };
+    let lease = Duration::from_secs(2);
+    let a = PgStore::connect(&pg.url(), "node-a", lease).await.unwrap();
+    let b = PgStore::connect(&pg.url(), "node-b", lease).await.unwrap();
     let ha = a.acquire("x").await.unwrap().expect("a free lease");
     assert!(b.acquire("x").await.unwrap().is_none(), "a held lease is not taken");
     a.put_tokens_async("x", &rec("from-a-1")).await.unwrap();
@@ -403,14 +407,6 @@ async fn a_token_rotated_under_a_lost_lease_is_stored_until_a_later_holder_store
     let lease = Duration::from_secs(2);
     let a = PgStore::connect(&pg.url(), "node-a", lease).await.unwrap();
     let b = PgStore::connect(&pg.url(), "node-b", lease).await.unwrap();
-    let rec = |t: &str| TokenRecord {
-        refresh_token: amq2api::config::Secret::new(t),
-        file_fingerprint: [7; 32],
-        rotated: true,
-        access_token: None,
-        access_expires_at: None,
-        updated_at: SystemTime::now(),
-    };
     let stored = |s: &PgStore| {
         let s = s.clone();
         async move { s.get_async("x").await.unwrap().unwrap().tokens.unwrap().refresh_token.expose().to_owned() }

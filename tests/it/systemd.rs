@@ -141,27 +141,33 @@ async fn bad_config_exits_78() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("accounts.toml:2:6: error"));
 }
 
+/// The daemon as systemd starts it with socket activation, by hand: `fd` passed as fd 3 with
+/// LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (the daemon's own pid: the shell exports its pid,
+/// then becomes the daemon with exec). bash, not sh: dash takes only one-digit descriptors in a
+/// redirection. `fd` must not be close-on-exec.
+fn activated(config: &Path, fd: &impl std::os::fd::AsFd) -> Command {
+    use std::os::fd::AsRawFd;
+    nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).unwrap();
+    let mut c = Command::new("bash");
+    c.arg("-c")
+        .arg("export LISTEN_PID=$$; exec \"$0\" --config \"$1\" 3<&\"$2\"")
+        .arg(env!("CARGO_BIN_EXE_amq2api"))
+        .arg(config)
+        .arg(fd.as_fd().as_raw_fd().to_string())
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "https");
+    c
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn socket_activation_serves_the_passed_socket() {
     // The configured address must not be used when systemd passes a socket.
     let s = setup("127.0.0.1:0").await;
     let (sock, path) = notify_socket(s.dir.path());
-    // What systemd does, by hand: the socket is bound here (port 0, never freed and reused) and
-    // passed as fd 3 with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (the daemon's own pid: the
-    // shell exports its pid, then becomes the daemon with exec).
+    // The socket is bound here (port 0, never freed and reused) and passed as systemd does.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    use std::os::fd::AsRawFd;
-    nix::fcntl::fcntl(&listener, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).unwrap();
-    // bash, not sh: dash takes only one-digit descriptors in a redirection.
-    let mut child = Command::new("bash")
-        .arg("-c")
-        .arg("export LISTEN_PID=$$; exec \"$0\" --config \"$1\" 3<&\"$2\"")
-        .arg(env!("CARGO_BIN_EXE_amq2api"))
-        .arg(&s.config)
-        .arg(listener.as_raw_fd().to_string())
-        .env("LISTEN_FDS", "1")
-        .env("LISTEN_FDNAMES", "https")
+    let mut child = activated(&s.config, &listener)
         .env("NOTIFY_SOCKET", &path)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -207,18 +213,7 @@ async fn socket_activation_refuses_a_socket_that_is_not_listening() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let conn = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (accepted, _) = listener.accept().unwrap();
-    use std::os::fd::AsRawFd;
-    nix::fcntl::fcntl(&accepted, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).unwrap();
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg("export LISTEN_PID=$$; exec \"$0\" --config \"$1\" 3<&\"$2\"")
-        .arg(env!("CARGO_BIN_EXE_amq2api"))
-        .arg(&s.config)
-        .arg(accepted.as_raw_fd().to_string())
-        .env("LISTEN_FDS", "1")
-        .env("LISTEN_FDNAMES", "https")
-        .output()
-        .unwrap();
+    let out = activated(&s.config, &accepted).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("not listening") && stderr.contains("Accept=no"), "{stderr}");
@@ -235,18 +230,7 @@ async fn socket_activation_refuses_anonymous_access_on_a_public_socket() {
     let text = text.replace("[server]\n", "[server]\nallow_plaintext = true\n");
     std::fs::write(&s.config, text).unwrap();
     let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
-    use std::os::fd::AsRawFd;
-    nix::fcntl::fcntl(&listener, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).unwrap();
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg("export LISTEN_PID=$$; exec \"$0\" --config \"$1\" 3<&\"$2\"")
-        .arg(env!("CARGO_BIN_EXE_amq2api"))
-        .arg(&s.config)
-        .arg(listener.as_raw_fd().to_string())
-        .env("LISTEN_FDS", "1")
-        .env("LISTEN_FDNAMES", "https")
-        .output()
-        .unwrap();
+    let out = activated(&s.config, &listener).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("allow_anonymous") && stderr.contains("loopback"), "{stderr}");
