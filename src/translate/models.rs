@@ -151,13 +151,7 @@ impl ModelMap {
         // model answering under the client's name (`claude-sonnet-4-6` starts with the table's
         // `claude-sonnet-4`). The service says so if it has no such model.
         if let Some((id, family, version)) = derived_id(&name) {
-            let best = self
-                .entries
-                .iter()
-                .map(|(_, q)| q)
-                .filter(|q| q.contains(family))
-                .map(|q| version_key(q))
-                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+            let best = self.entries.iter().filter_map(|(_, q)| service_version(q, family)).max();
             if best.is_none_or(|best| version > best) {
                 return Ok(id);
             }
@@ -203,7 +197,7 @@ impl ModelMap {
 
 /// `claude-{family}-{major}[-{minor}][-{date}]` as the service names it
 /// (`claude-{family}-{major}[.{minor}]`), with the family and the version.
-fn derived_id(name: &str) -> Option<(String, &'static str, f64)> {
+fn derived_id(name: &str) -> Option<(String, &'static str, (u32, u32))> {
     let mut parts = name.split('-');
     if parts.next()? != "claude" {
         return None;
@@ -225,8 +219,17 @@ fn derived_id(name: &str) -> Option<(String, &'static str, f64)> {
         Some(m) => format!("claude-{family}-{major}.{m}"),
         None => format!("claude-{family}-{major}"),
     };
-    let version = version_key(&id);
+    let number = |p: &str| p.parse::<u32>().ok();
+    let version = (number(major)?, minor.map_or(Some(0), number)?);
     Some((id, family, version))
+}
+
+/// The (major, minor) version of a service id of `family` (`claude-opus-4.5`, `claude-sonnet-5`),
+/// compared as numbers (4.10 is after 4.9).
+fn service_version(q: &str, family: &str) -> Option<(u32, u32)> {
+    let v = q.strip_prefix("claude-")?.strip_prefix(family)?.strip_prefix('-')?;
+    let (major, minor) = v.split_once('.').unwrap_or((v, "0"));
+    Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
 /// Sort key for "newest": the numeric parts of a model id.
@@ -267,6 +270,8 @@ mod tests {
         assert_eq!(m.resolve("claude-sonnet-4-6-20260217").unwrap(), "claude-sonnet-4.6");
         assert_eq!(m.resolve("claude-fable-5").unwrap(), "claude-fable-5");
         assert_eq!(m.resolve("claude-sonnet-4-5[1m]").unwrap(), "claude-sonnet-4.5");
+        // Versions compare as numbers: 4.10 is newer than the table's 4.5.
+        assert_eq!(m.resolve("claude-opus-4-10").unwrap(), "claude-opus-4.10");
         assert_eq!(m.resolve("claude-3-5-haiku-latest").unwrap(), "claude-haiku-4.5");
         let e = m.resolve("gpt-4").unwrap_err();
         assert_eq!(e.kind, ErrorKind::NotFound);
