@@ -391,8 +391,19 @@ impl Watching {
         Fut: Future,
     {
         loop {
+            // A symlink that leads nowhere (its target's directory being swapped) is looked at
+            // again every second: the new target appears where nothing is watched.
+            let dangling = self.watcher.as_ref().is_some_and(|w| w.dangling());
             tokio::select! {
                 _ = shutdown.recv() => break,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)), if dangling => {
+                    if let Some(w) = self.watcher.as_mut() {
+                        w.follow_target();
+                        if !w.dangling() {
+                            reload().await;
+                        }
+                    }
+                }
                 more = crate::accounts::watch::next_burst(&mut self.rx) => {
                     if !more { break; }
                     // The symlink may have been re-pointed: watch where it leads now.

@@ -60,6 +60,13 @@ pub fn watch(file: &Path, tx: mpsc::UnboundedSender<()>) -> Result<AccountsWatch
 }
 
 impl AccountsWatcher {
+    /// The file is a symlink that leads to no file now (a target whose directory is being
+    /// replaced): where it will lead is not watched until it does.
+    pub fn dangling(&self) -> bool {
+        std::fs::symlink_metadata(&self.file).is_ok_and(|m| m.file_type().is_symlink())
+            && !std::fs::metadata(&self.file).is_ok_and(|m| m.is_file())
+    }
+
     /// Resolves the file's symlinks again and watches where they lead now (a regular file in
     /// another directory, or under another name). Nothing to do for a plain file.
     pub fn follow_target(&mut self) {

@@ -1219,3 +1219,39 @@ async fn a_session_stays_on_one_account_while_it_is_healthy() {
     assert_eq!(requests(other), moved + 4);
     h.stop().await;
 }
+
+/// The accounts file is a symlink into a directory that a deployment swaps by moving the old
+/// one away and the new one in: for a moment the link leads nowhere, and the new directory
+/// appears where nothing is watched. The daemon looks again every second while the link
+/// dangles, and applies the new file once it is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlinked_accounts_directory_swapped_in_two_moves_is_applied() {
+    let h = Harness::start(Setup::default()).await;
+    let dir = h.dir.path();
+    let conf = dir.join("srv/conf");
+    std::fs::create_dir_all(&conf).unwrap();
+    let one = accounts_toml(&["acct-1".to_string()]);
+    std::fs::write(conf.join("accounts.toml"), &one).unwrap();
+    let accounts = dir.join("accounts.toml");
+    std::fs::remove_file(&accounts).unwrap();
+    std::os::unix::fs::symlink(conf.join("accounts.toml"), &accounts).unwrap();
+    let count = |h: &Harness| h.ctl_json(&["status"])["accounts"].as_array().map_or(0, Vec::len);
+    // The watcher follows the new link (a reload of the same set).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(&h), 1);
+    // The swap: the old directory moved away (the link dangles), then the new one moved in.
+    h.emulator.add_account(&client_id("acct-2"), "secret-acct-2", "refresh-acct-2");
+    let new = dir.join("srv/conf.new");
+    std::fs::create_dir(&new).unwrap();
+    std::fs::write(new.join("accounts.toml"), accounts_toml(&["acct-1".to_string(), "acct-2".to_string()]))
+        .unwrap();
+    std::fs::rename(&conf, dir.join("srv/conf.old")).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    std::fs::rename(&new, &conf).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&h) != 2 {
+        assert!(Instant::now() < deadline, "the swapped-in accounts file was never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.stop().await;
+}
