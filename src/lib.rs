@@ -22,7 +22,8 @@
 //!   live), each account's token lifecycle, the model union of their catalogs, what is kept
 //!   in the store (`accounts::persist`: a token-writer thread committing rotated tokens
 //!   together, a writer thread batching states and counters), and the file watcher reload uses.
-//! - [`anthropic`]: Messages API request parsing (field-path errors), error JSON, SSE.
+//! - [`anthropic`]: Messages API request parsing (field-path errors, the `anthropic-beta`
+//!   features that change it), error JSON, SSE.
 //! - [`memory`]: gives the heap's free pages back to the kernel once the daemon is quiet
 //!   (`malloc_trim`, the library's one `unsafe` call).
 //! - [`metrics`]: the `/metrics` registry: requests, tokens, latencies, attempts, failovers, streams, pool.
@@ -35,12 +36,16 @@
 //!   connection and its bodies, client side and upstream) taken as another turn of the running
 //!   poll, not a yield that wakes another worker.
 //! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain; it
-//!   only speaks HTTP and SSE.
+//!   only speaks HTTP and SSE. A request whose client leaves is still logged and charged (499,
+//!   `server::http`); a connection whose client reads nothing for `idle_timeout_secs` is closed
+//!   (`server::idle`).
 //! - [`store`]: the state store behind one `Backend` trait: redb (embedded, the default) or
 //!   PostgreSQL (`[cluster]`): token chains, account states, counters, catalogs, usage per day;
 //!   versioned values.
 //! - [`cluster`]: node heartbeats and account leases with fencing epochs (on PostgreSQL), and the
-//!   lease check a token refresh asks first (`accounts::pool::ClusterView`).
+//!   lease check a token refresh asks first (`accounts::pool::ClusterView`); a token rotated
+//!   under a lease lost since is still stored unless a later holder stored one
+//!   (`store::postgres`), and the new holder takes it (`Pool::take_newer_stored_chain`).
 //! - [`systemd`]: sd_notify (READY, STATUS, RELOADING, STOPPING, EXTEND_TIMEOUT_USEC while
 //!   stopping), watchdog, socket activation.
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.
@@ -48,7 +53,7 @@
 //!   classification, the model catalog (identical catalogs shared between accounts), and the
 //!   HTTP client; [`upstream::conn`] is the daemon's own HTTP/1.1 client side and the one
 //!   connection pool for every upstream call (chat, token refresh, catalog, OIDC), and sends a
-//!   request at most once.
+//!   request at most once (an answer sent before the request was read whole is still read).
 //! - [`emulator`]: a strict Amazon Q + SSO OIDC stand-in on loopback (demo mode, tests, benchmarks).
 //!
 //! `amqctl`, the operator's CLI over the control socket (its command line, tables, import of seed
