@@ -6,19 +6,108 @@
 //! frame. Everything already readable upstream therefore leaves in one write, with no task and
 //! no channel between the upstream read and the client write, and dropping the body (the client
 //! went away) drops the producer and with it the upstream stream.
+//!
+//! An HTTP/2 stream's body is also watched ([`Body::cut_when_stalled`]): a client that stops
+//! reading one stream stalls it on flow control, hyper stops polling the body, and with it the
+//! producer and its timers; a watchdog then drops the producer (its upstream call, its account,
+//! the key's slot) once the client has taken nothing for the idle timeout. (HTTP/1.1 has the
+//! same check per connection, on its blocked socket writes: [`super::idle`].)
 
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 pub enum Body {
     Full(Option<Bytes>),
     /// A produced stream; the guard (if any) marks the connection busy until the body ends.
     Stream(Producer, Option<super::idle::RequestGuard>),
+    /// A produced stream a watchdog may cut ([`Body::cut_when_stalled`]).
+    Watched(Arc<Watched>),
+}
+
+/// The error a cut stream ends with: hyper resets the HTTP/2 stream (`RST_STREAM`), which also
+/// frees what its send buffer holds.
+#[derive(Debug, thiserror::Error)]
+#[error("the client took nothing of the stream for the idle timeout")]
+pub struct Cut;
+
+/// A stream shared between its body and the watchdog that may cut it.
+pub struct Watched {
+    origin: Instant,
+    /// When (ms after `origin`, plus one) the body last handed a frame over and has not been
+    /// polled since (hyper waits for the client's flow-control window); 0 otherwise.
+    handed_ms: AtomicU64,
+    /// The producer and the connection's busy mark; `None` once ended or cut.
+    stream: Mutex<Option<(Producer, Option<super::idle::RequestGuard>)>>,
+    cut: AtomicBool,
+}
+
+impl Watched {
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64 + 1
+    }
+
+    fn stalled(&self, limit: Duration) -> bool {
+        let since = self.handed_ms.load(Ordering::Relaxed);
+        since != 0 && self.now_ms() - since >= limit.as_millis() as u64
+    }
+
+    fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Cut>>> {
+        self.handed_ms.store(0, Ordering::Relaxed);
+        let mut slot = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((producer, _)) = slot.as_mut() else {
+            return Poll::Ready(self.cut.load(Ordering::Relaxed).then_some(Err(Cut)));
+        };
+        match producer.poll_chunk(cx) {
+            Poll::Ready(Some(b)) => {
+                self.handed_ms.store(self.now_ms(), Ordering::Relaxed);
+                Poll::Ready(Some(Ok(b)))
+            }
+            Poll::Ready(None) => {
+                let ended = slot.take();
+                drop(slot);
+                drop(ended);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Drops the stream when its client has taken nothing for `limit`; true when it did.
+    fn cut_if_stalled(&self, limit: Duration) -> bool {
+        let mut slot = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() || !self.stalled(limit) {
+            return false;
+        }
+        self.cut.store(true, Ordering::Relaxed);
+        let taken = slot.take();
+        drop(slot);
+        tracing::warn!(
+            idle_s = limit.as_secs(),
+            "cutting an HTTP/2 stream whose client has taken none of it for idle_timeout_secs"
+        );
+        // The producer's own end records the request (a client gone: 499).
+        drop(taken);
+        true
+    }
+}
+
+/// Checks a watched stream every quarter of `limit` (at least every 250 ms) until its body is
+/// gone or it is cut.
+async fn watchdog(w: Weak<Watched>, limit: Duration) {
+    let check = (limit / 4).max(Duration::from_millis(250));
+    loop {
+        tokio::time::sleep(check).await;
+        let Some(w) = w.upgrade() else { return };
+        if w.stream.lock().unwrap_or_else(|e| e.into_inner()).is_none() || w.cut_if_stalled(limit) {
+            return;
+        }
+    }
 }
 
 impl Body {
@@ -28,6 +117,31 @@ impl Body {
 
     pub fn empty() -> Self {
         Body::Full(None)
+    }
+
+    /// True for a produced stream.
+    pub fn is_stream(&self) -> bool {
+        !matches!(self, Body::Full(_))
+    }
+
+    /// A stream whose client takes nothing of it for `limit` is cut: its producer (the upstream
+    /// call, the account, the key's slot) is dropped, and the body ends with [`Cut`]. For
+    /// HTTP/2, whose flow control stops hyper from polling the body of a stream the client does
+    /// not read, so that the producer's own timers never run. Other bodies pass unchanged.
+    pub fn cut_when_stalled(self, limit: Duration) -> Body {
+        match self {
+            Body::Stream(producer, guard) => {
+                let w = Arc::new(Watched {
+                    origin: Instant::now(),
+                    handed_ms: AtomicU64::new(0),
+                    stream: Mutex::new(Some((producer, guard))),
+                    cut: AtomicBool::new(false),
+                });
+                tokio::spawn(watchdog(Arc::downgrade(&w), limit));
+                Body::Watched(w)
+            }
+            other => other,
+        }
     }
 }
 
@@ -135,12 +249,9 @@ impl Producer {
 
 impl HttpBody for Body {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = Cut;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Cut>>> {
         match &mut *self {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(producer, guard) => {
@@ -150,6 +261,7 @@ impl HttpBody for Body {
                 }
                 r.map(|o| o.map(|b| Ok(Frame::data(b))))
             }
+            Body::Watched(w) => w.poll_frame(cx).map(|o| o.map(|r| r.map(Frame::data))),
         }
     }
 
@@ -161,7 +273,7 @@ impl HttpBody for Body {
         match self {
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
-            Body::Stream(..) => SizeHint::default(),
+            Body::Stream(..) | Body::Watched(_) => SizeHint::default(),
         }
     }
 }

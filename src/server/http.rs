@@ -195,7 +195,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         resp.extensions_mut().insert(hyper::ext::ReasonPhrase::from_static(b"Overloaded"));
     }
     let status = resp.status().as_u16();
-    let streaming = matches!(resp.body(), Body::Stream(..));
+    let streaming = resp.body().is_stream();
     // A stream is counted when it ends, under its real outcome (`messages::StreamEnd`).
     if parts.uri.path().starts_with("/v1/messages") && !streaming {
         app.metrics.request(&x.model, status);

@@ -3,11 +3,16 @@
 //! connection with neither reads, writes nor requests is closed after the idle timeout (hyper
 //! has no idle timeout of its own for HTTP/1.1), and so is one whose client has taken none of
 //! the response waiting for it for as long.
+//!
+//! Bytes count as activity only on an HTTP/1.1 connection: HTTP/2 keeps its connections busy
+//! with its own PINGs (hyper pings every 30 s, and the client's answer is a read), so an
+//! HTTP/2 connection, and one that has not yet sent a request, is idle when no request has
+//! been in flight for the timeout, whatever bytes moved.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -21,6 +26,10 @@ pub struct Activity {
     /// Since when (ms after `origin`, plus one) a write has been waiting for the client to take
     /// bytes; 0 when none waits.
     blocked_ms: AtomicU64,
+    /// When a request last began or ended (ms after `origin`).
+    request_ms: AtomicU64,
+    /// An HTTP/1.1 request was seen: bytes count as activity.
+    http1: AtomicBool,
 }
 
 impl Activity {
@@ -30,6 +39,8 @@ impl Activity {
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             blocked_ms: AtomicU64::new(0),
+            request_ms: AtomicU64::new(0),
+            http1: AtomicBool::new(false),
         })
     }
 
@@ -55,15 +66,26 @@ impl Activity {
         since != 0 && self.origin.elapsed().as_millis() as u64 + 1 - since >= limit.as_millis() as u64
     }
 
+    fn request_touch(&self) {
+        self.request_ms.store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
     /// Marks a request in flight until the guard drops; `busy` counts it daemon-wide.
-    pub fn request(self: &Arc<Self>, busy: crate::memory::Busy) -> RequestGuard {
+    /// `http1`: it came over HTTP/1.1 (bytes then count as the connection's activity).
+    pub fn request(self: &Arc<Self>, busy: crate::memory::Busy, http1: bool) -> RequestGuard {
+        if http1 {
+            self.http1.store(true, Ordering::Relaxed);
+        }
         self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.request_touch();
         RequestGuard(self.clone(), busy)
     }
 
-    /// True when nothing is in flight and no byte moved for `idle`.
+    /// True when nothing is in flight and, for `idle`, no request was (nor, on HTTP/1.1, any
+    /// byte moved).
     pub fn is_idle(&self, idle: Duration) -> bool {
-        let since = self.origin.elapsed().as_millis() as u64 - self.last_ms.load(Ordering::Relaxed);
+        let last = if self.http1.load(Ordering::Relaxed) { &self.last_ms } else { &self.request_ms };
+        let since = self.origin.elapsed().as_millis() as u64 - last.load(Ordering::Relaxed);
         self.in_flight.load(Ordering::SeqCst) == 0 && since >= idle.as_millis() as u64
     }
 }
@@ -73,6 +95,7 @@ pub struct RequestGuard(Arc<Activity>, #[allow(dead_code)] crate::memory::Busy);
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.0.touch();
+        self.0.request_touch();
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }

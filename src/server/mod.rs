@@ -154,14 +154,20 @@ pub async fn serve(
             let _permit = permit;
             let activity = idle::Activity::new();
             let svc_activity = activity.clone();
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let app = app.clone();
-                let guard = svc_activity.request(app.activity.begin());
+                let h2 = req.version() == ::http::Version::HTTP_2;
+                let guard = svc_activity.request(app.activity.begin(), !h2);
                 async move {
                     let mut resp = http::handle(app, req).await;
                     // A streaming response stays "in flight" until its body ends.
                     if let body::Body::Stream(_, g) = resp.body_mut() {
                         *g = Some(guard);
+                    }
+                    // An HTTP/2 client that stops reading one stream blocks no socket write
+                    // (`drive` would see that): each such stream is watched on its own.
+                    if h2 {
+                        resp = resp.map(|b| b.cut_when_stalled(idle_timeout));
                     }
                     Ok::<_, Infallible>(resp)
                 }
@@ -257,7 +263,7 @@ mod stall_tests {
         let (svc_activity, dropped) = (activity.clone(), Arc::new(AtomicBool::new(false)));
         let flag = dropped.clone();
         let svc = service_fn(move |_req| {
-            let guard = svc_activity.request(Arc::new(crate::memory::Activity::default()).begin());
+            let guard = svc_activity.request(Arc::new(crate::memory::Activity::default()).begin(), true);
             let flag = flag.clone();
             async move {
                 let out = body::Outbox::default();
@@ -283,5 +289,132 @@ mod stall_tests {
         assert!(t0.elapsed() >= idle, "cut before the idle timeout: {:?}", t0.elapsed());
         assert!(dropped.load(Ordering::SeqCst), "the stream's producer lives on");
         drop(client);
+    }
+
+    /// HTTP/2 keeps a connection's bytes moving with PINGs (hyper's server pings, the client
+    /// answers): a connection with no request in flight for the idle timeout is closed all the
+    /// same, whether it has sent requests or none (a client that only holds a slot).
+    #[tokio::test]
+    async fn an_idle_http2_connection_is_closed_whatever_its_pings() {
+        use http_body_util::BodyExt;
+        use hyper_util::rt::TokioExecutor;
+        for requests in [0, 2] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let client = tokio::spawn(async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .handshake(TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+                let conn = tokio::spawn(conn);
+                for _ in 0..requests {
+                    let req = hyper::Request::get(format!("http://{addr}/health"))
+                        .body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .unwrap();
+                    let resp = send.send_request(req).await.unwrap();
+                    resp.into_body().collect().await.unwrap();
+                }
+                // The connection stays open (and answers the server's PINGs) until closed.
+                let _ = conn.await;
+                drop(send);
+            });
+            let (tcp, peer) = listener.accept().await.unwrap();
+            let activity = idle::Activity::new();
+            let svc_activity = activity.clone();
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let busy = Arc::new(crate::memory::Activity::default()).begin();
+                let guard = svc_activity.request(busy, req.version() != ::http::Version::HTTP_2);
+                async move {
+                    let _guard = guard;
+                    Ok::<_, Infallible>(hyper::Response::new(body::Body::full("ok")))
+                }
+            });
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(Duration::from_millis(100)))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(idle::IdleIo::new(tcp, activity.clone())), svc);
+            let t0 = Instant::now();
+            let idle = Duration::from_secs(1);
+            tokio::time::timeout(Duration::from_secs(10), drive(conn, activity, idle, peer))
+                .await
+                .unwrap_or_else(|_| panic!("an idle HTTP/2 connection ({requests} requests) was kept"));
+            assert!(t0.elapsed() >= idle, "closed before the idle timeout: {:?}", t0.elapsed());
+            client.abort();
+        }
+    }
+
+    /// HTTP/2: a client that stops reading one stream blocks on flow control, not on a socket
+    /// write, and hyper stops polling the body. The stream is cut once the client has taken
+    /// nothing for the idle timeout (the producer dropped, the stream reset), while a stream
+    /// whose upstream is silent for longer than that, read by its client, is left alone.
+    #[tokio::test]
+    async fn an_http2_stream_whose_client_reads_nothing_is_cut_after_the_idle_timeout() {
+        use http_body_util::BodyExt;
+        use hyper_util::rt::TokioExecutor;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let idle = Duration::from_secs(1);
+        let dropped = Arc::new(AtomicBool::new(false));
+        let flag = dropped.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let flag = flag.clone();
+                async move {
+                    let out = body::Outbox::default();
+                    let o = out.clone();
+                    let producer = if req.uri().path() == "/silent" {
+                        // Two pieces with a silence of twice the idle timeout between them.
+                        body::Producer::new(out, async move {
+                            o.write(|b| b.extend_from_slice(b"first;"));
+                            o.flush().await;
+                            tokio::time::sleep(2 * idle).await;
+                            o.write(|b| b.extend_from_slice(b"second"));
+                        })
+                    } else {
+                        body::Producer::new(out, async move {
+                            let _dropped = Dropped(flag);
+                            loop {
+                                o.write(|b| b.extend_from_slice(&[b'x'; 16 * 1024]));
+                                o.room().await;
+                            }
+                        })
+                    };
+                    let b = body::Body::Stream(producer, None).cut_when_stalled(idle);
+                    Ok::<_, Infallible>(hyper::Response::new(b))
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(65_535)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let get = |path: &str| {
+            hyper::Request::get(format!("http://{addr}{path}"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap()
+        };
+        // A silent upstream, a client that reads: the whole answer, nothing cut.
+        let resp = send.send_request(get("/silent")).await.unwrap();
+        let whole = resp.into_body().collect().await.expect("a silent upstream's stream was cut");
+        assert_eq!(&whole.to_bytes()[..], b"first;second");
+        // A client that reads nothing: cut after the idle timeout.
+        let t0 = Instant::now();
+        let resp = send.send_request(get("/stalled")).await.unwrap();
+        while !dropped.load(Ordering::SeqCst) {
+            assert!(t0.elapsed() < Duration::from_secs(20), "a stalled HTTP/2 stream was kept");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(t0.elapsed() >= idle, "cut before the idle timeout: {:?}", t0.elapsed());
+        // What the window let through arrives, then the reset.
+        assert!(resp.into_body().collect().await.is_err(), "a cut stream ended as if complete");
     }
 }
