@@ -288,7 +288,9 @@ async fn run_inner(
     // A refresh in flight may have rotated the refresh token at the token endpoint: its answer
     // must be stored before the process goes, or the chain is lost. Bounded by the refresh
     // call's own deadline.
-    let refresh_deadline = app.config.upstream.connect_timeout + Duration::from_secs(35);
+    let refresh_deadline = app.config.upstream.connect_timeout
+        + crate::upstream::client::TOKEN_CALL_DEADLINE
+        + Duration::from_secs(5);
     crate::systemd::extend_stop(refresh_deadline + Duration::from_secs(15));
     let lost = app.pool.finish(refresh_deadline).await;
     if !lost.is_empty() {

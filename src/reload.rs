@@ -136,8 +136,9 @@ impl Reloader {
             Ok((set, warnings)) => {
                 let old = self.info().accounts;
                 let diff = old.diff(&set);
-                let refused =
-                    if diff.is_empty() { Vec::new() } else { self.app.pool.apply(&set, &diff).await };
+                let applied =
+                    if diff.is_empty() { Default::default() } else { self.app.pool.apply(&set, &diff).await };
+                let refused = applied.refused;
                 if !diff.is_empty() {
                     tracing::info!(changes = %diff, "accounts file reloaded");
                 }
@@ -152,6 +153,25 @@ impl Reloader {
                     }
                     let out: HashSet<&AccountId> = refused.iter().map(|(id, _)| id).collect();
                     AccountSet::new(set.iter().filter(|s| !out.contains(&s.id)).cloned().collect())
+                };
+                // An account whose change waits keeps its current settings in the recorded
+                // set, so the next reload sees the change again.
+                let set = if applied.deferred.is_empty() {
+                    set
+                } else {
+                    for (id, why) in &applied.deferred {
+                        warnings.push(format!("{id}: not changed: {why}; reload again once the store works"));
+                    }
+                    AccountSet::new(
+                        set.iter()
+                            .map(|s| {
+                                old.get(&s.id)
+                                    .filter(|_| applied.deferred.iter().any(|(d, _)| *d == s.id))
+                                    .unwrap_or(s)
+                                    .clone()
+                            })
+                            .collect(),
+                    )
                 };
                 let r = Outcome { ok: true, changes: diff.to_string(), errors: vec![], warnings };
                 self.record(Source::Accounts, &r, Some(set));

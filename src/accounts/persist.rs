@@ -376,6 +376,7 @@ pub fn restored(records: BTreeMap<String, AccountRecord>) -> BTreeMap<String, Re
 }
 
 pub fn restored_one(r: AccountRecord) -> Restored {
+    let updated_at = r.tokens.as_ref().map(|t| t.updated_at);
     let (chain, access) = match r.tokens {
         Some(t) => {
             let access = match (t.access_token, t.access_expires_at) {
@@ -400,7 +401,15 @@ pub fn restored_one(r: AccountRecord) -> Restored {
         last_error_at: r.state.last_error_at,
         strikes: 0,
     });
-    Restored { chain, access, state, counters: Some(r.counters), identity: r.identity, catalog: r.catalog }
+    Restored {
+        chain,
+        access,
+        chain_updated_at: updated_at,
+        state,
+        counters: Some(r.counters),
+        identity: r.identity,
+        catalog: r.catalog,
+    }
 }
 
 #[cfg(test)]

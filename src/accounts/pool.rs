@@ -4,7 +4,7 @@
 
 use super::catalog::AccountCatalog;
 use super::identity::Identity;
-use super::tokens::{Access, Chain, MIN_VALIDITY, Tokens};
+use super::tokens::{Access, Chain, MIN_VALIDITY, Reset, Tokens};
 use crate::config::{
     AccountId, AccountSet, AccountSpec, AccountsConfig, AccountsDiff, Credentials, Kind, Secret, Strategy,
     UpstreamConfig,
@@ -90,11 +90,23 @@ impl StateSink for NoSink {
     }
 }
 
+/// What [`Pool::apply`] could not do, with the reasons.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Accounts that did not join (their stored state could not be read).
+    pub refused: Vec<(AccountId, String)>,
+    /// Accounts whose change waits (new credentials while a rotated refresh token of the
+    /// current ones cannot be stored): they keep their current settings.
+    pub deferred: Vec<(AccountId, String)>,
+}
+
 /// What a restart brings back for one account.
 #[derive(Debug, Clone, Default)]
 pub struct Restored {
     pub chain: Option<Chain>,
     pub access: Option<Access>,
+    /// When the chain was stored (`None`: not from the store).
+    pub chain_updated_at: Option<SystemTime>,
     pub state: Option<StateInfo>,
     pub counters: Option<Counters>,
     pub identity: Option<crate::store::IdentityRecord>,
@@ -502,6 +514,39 @@ impl PoolSummary {
     }
 }
 
+/// An account renamed in the file (its id changed, its credentials did not): the diff sees one
+/// account removed and another added, and the added one would start from the file's refresh
+/// token, long rotated (`invalid_grant`: the account lost, the live chain under the old id).
+/// Of `others` (records of ids no longer in the file, or accounts leaving the pool now), the
+/// newest chain grown from `spec`'s credentials is given up to it — its id, chain and access
+/// token — unless `spec`'s own record (`r`) holds a chain of those credentials at least as new
+/// (renamed and renamed back: the other id's is then the live one). Taken, so that two
+/// entries with one set of credentials do not both resume it.
+fn adopt_renamed<'a>(
+    spec: &AccountSpec,
+    r: &Restored,
+    others: impl Iterator<Item = (&'a String, &'a mut Restored)>,
+) -> Option<(String, Chain, Option<Access>)> {
+    if matches!(spec.credentials, Credentials::ApiKey { .. }) {
+        return None;
+    }
+    let fp = spec.credentials_fingerprint();
+    let when = |x: &Restored| x.chain_updated_at.unwrap_or(SystemTime::UNIX_EPOCH);
+    let mut best: Option<(&String, &mut Restored)> = None;
+    for (id, o) in others {
+        if o.chain.as_ref().is_some_and(|c| c.file_fingerprint == fp)
+            && best.as_ref().is_none_or(|(_, b)| when(o) > when(b))
+        {
+            best = Some((id, o));
+        }
+    }
+    let (id, o) = best?;
+    if r.chain.as_ref().is_some_and(|c| c.file_fingerprint == fp) && when(r) >= when(o) {
+        return None;
+    }
+    Some((id.clone(), o.chain.take()?, o.access.take()))
+}
+
 /// How often a request waiting for a slot looks at the accounts again without being woken.
 const RECHECK: Duration = Duration::from_millis(50);
 
@@ -519,6 +564,9 @@ pub struct Pool {
     refresh_before: Duration,
     queue_timeout: Duration,
     refresh_slots: tokio::sync::Semaphore,
+    /// Set when shutdown begins ([`Pool::finish`]): no new token call starts (a call cut off by
+    /// the process's end may have rotated the refresh token with nothing stored).
+    stopping: AtomicBool,
     sink: Arc<dyn StateSink>,
     /// Every refresh runs as a task of its own, tracked here: a refresh is never cancelled
     /// halfway (the token endpoint may already have rotated the refresh token; only storing
@@ -593,10 +641,21 @@ impl Pool {
         sink: Arc<dyn StateSink>,
     ) -> Arc<Pool> {
         let mut restored = restored;
+        let mut own: Vec<Restored> =
+            set.iter().map(|spec| restored.remove(spec.id.as_str()).unwrap_or_default()).collect();
+        // What is left belongs to ids no longer in the file: an account renamed while the
+        // daemon was down resumes its old id's chain (see [`adopt_renamed`]).
+        for (spec, r) in set.iter().zip(own.iter_mut()) {
+            if let Some((old, chain, access)) = adopt_renamed(spec, r, restored.iter_mut()) {
+                tracing::info!(account = %spec.id, from = %old, "account renamed: it resumes the refresh token stored under its old id");
+                r.chain = Some(chain);
+                r.access = access;
+            }
+        }
         let accounts: Vec<Arc<Account>> = set
             .iter()
-            .map(|spec| {
-                let r = restored.remove(spec.id.as_str()).unwrap_or_default();
+            .zip(own)
+            .map(|(spec, r)| {
                 let (account, new_identity) = Account::new(spec.clone(), &upstream, r);
                 if new_identity {
                     sink.identity(&account.id, &account.identity.record());
@@ -615,6 +674,7 @@ impl Pool {
             refresh_before: settings.refresh_before_expiry,
             queue_timeout: settings.queue_timeout,
             refresh_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_REFRESHES),
+            stopping: AtomicBool::new(false),
             sink,
             refreshes: crate::shutdown::Tasks::new(),
             background: crate::shutdown::Tasks::new(),
@@ -1100,6 +1160,12 @@ impl Pool {
                 force,
                 |chain| async move {
                     let _slot = self.refresh_slots.acquire().await;
+                    // Refreshes queued behind the slots when shutdown began end here: only
+                    // the calls already sent are waited for (each is bounded by its deadline,
+                    // which the shutdown's wait covers), and none is cut halfway.
+                    if self.stopping.load(Ordering::SeqCst) {
+                        return Err(RefreshError::Transient("the daemon is stopping; not refreshing".into()));
+                    }
                     // Read under the chain's lock, after the slot: a reload may have changed the
                     // credentials while this refresh waited. A chain and credentials of two
                     // different file versions (the new spec is in, the chain's reset still
@@ -1462,6 +1528,7 @@ impl Pool {
     /// rotated refresh token could not be stored (lost with this process).
     pub async fn finish(self: &Arc<Self>, timeout: Duration) -> Vec<AccountId> {
         let deadline = tokio::time::Instant::now() + timeout;
+        self.stopping.store(true, Ordering::SeqCst);
         self.background.stop(Duration::ZERO).await;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let cancelled = self.refreshes.stop(left).await;
@@ -1475,8 +1542,11 @@ impl Pool {
         let orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for a in self.accounts().into_iter().chain(orphans) {
             if a.tokens.has_unsaved() {
-                let stored = tokio::time::timeout_at(deadline, self.refresh_tokens(&a, None)).await;
-                if !matches!(stored, Ok(Ok(_))) && a.tokens.has_unsaved() {
+                // Only the write: no token call starts now.
+                let id = a.id.clone();
+                let write = a.tokens.store_unsaved(|chain, access| self.sink.tokens(&id, &chain, &access));
+                let stored = tokio::time::timeout_at(deadline, write).await;
+                if !matches!(stored, Ok(Ok(()))) && a.tokens.has_unsaved() {
                     unsaved.push(a.id.clone());
                 }
             }
@@ -1636,7 +1706,7 @@ impl Pool {
     /// Applies a new account set (a reload): joins, drains, resets, updates. Returns the added
     /// accounts that were not added, with why: their stored state could not be read, and
     /// starting from the file's token could overwrite a rotated chain the store still holds.
-    pub async fn apply(&self, new: &AccountSet, diff: &AccountsDiff) -> Vec<(AccountId, String)> {
+    pub async fn apply(&self, new: &AccountSet, diff: &AccountsDiff) -> Applied {
         // Lookups by id through maps: a linear search per account made a reload of a large file
         // quadratic (10,000 accounts took seconds).
         let specs: HashMap<&AccountId, &AccountSpec> = new.iter().map(|s| (&s.id, s)).collect();
@@ -1670,7 +1740,29 @@ impl Pool {
             .collect();
         let mut added = Vec::new();
         let mut refused = Vec::new();
+        let mut deferred = Vec::new();
         let mut revived = Vec::new();
+        // Accounts leaving with this change, by what they would give a renamed account (see
+        // [`adopt_renamed`]): their current chain, read once any refresh in flight has ended.
+        // Marked removed first, so that no new refresh of theirs starts meanwhile.
+        let mut leaving: Vec<(String, Restored)> = Vec::new();
+        if !joining.is_empty() && !diff.removed.is_empty() {
+            let removed: HashSet<&AccountId> = diff.removed.iter().collect();
+            for a in self.accounts().into_iter().filter(|a| removed.contains(&a.id)) {
+                if a.kind() == Kind::ApiKey || a.tokens.has_unsaved() {
+                    // An unsaved chain stays with its account (an orphan until stored).
+                    continue;
+                }
+                a.removed.store(true, Ordering::SeqCst);
+                let chain = a.tokens.chain().await;
+                let access = a.tokens.current_access();
+                // In memory, in use until now: newer than anything stored.
+                let updated = Some(SystemTime::now());
+                let r =
+                    Restored { chain: Some(chain), access, chain_updated_at: updated, ..Default::default() };
+                leaving.push((a.id.to_string(), r));
+            }
+        }
         for (id, restored) in joining.into_iter().zip(restored) {
             if let Some(spec) = specs.get(&id) {
                 if let Some(a) = self.revive(&id) {
@@ -1680,7 +1772,7 @@ impl Pool {
                     added.push(a);
                     continue;
                 }
-                let restored = match restored {
+                let mut restored = match restored {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(account = %id, error = %e, "account not added: its stored state cannot be read");
@@ -1688,6 +1780,13 @@ impl Pool {
                         continue;
                     }
                 };
+                if let Some((old, chain, access)) =
+                    adopt_renamed(spec, &restored, leaving.iter_mut().map(|(i, r)| (&*i, r)))
+                {
+                    tracing::info!(account = %id, from = %old, "account renamed: it resumes the refresh token of its old id");
+                    restored.chain = Some(chain);
+                    restored.access = access;
+                }
                 let (account, new_identity) = Account::new((*spec).clone(), &self.upstream, restored);
                 if self.clustered().is_some() {
                     account.held_until.store(0, Ordering::SeqCst);
@@ -1708,12 +1807,18 @@ impl Pool {
             else {
                 continue;
             };
-            self.update(&a, spec, change.credentials, stored_chains.get(&change.id).cloned()).await;
+            if let Err(why) =
+                self.update(&a, spec, change.credentials, stored_chains.get(&change.id).cloned()).await
+            {
+                deferred.push((change.id.clone(), why));
+            }
         }
         for (a, spec, stored) in revived {
             let credentials =
                 *a.fingerprint.read().unwrap_or_else(|e| e.into_inner()) != spec.credentials_fingerprint();
-            self.update(&a, spec, credentials, stored).await;
+            if let Err(why) = self.update(&a, spec, credentials, stored).await {
+                deferred.push((a.id.clone(), why));
+            }
             if self.clustered().is_some() {
                 a.held_until.store(0, Ordering::SeqCst);
             }
@@ -1742,7 +1847,7 @@ impl Pool {
         }
         self.union_changed();
         self.freed.notify_waiters();
-        refused
+        Applied { refused, deferred }
     }
 
     /// A removed account with this id that something still holds, taken back (out of the
@@ -1760,7 +1865,17 @@ impl Pool {
 
     /// Brings an account's settings to `spec`; `credentials`: they changed, and the token chain
     /// restarts (from `stored` when it grew from the new credentials, see [`Tokens::reset`]).
-    async fn update(&self, a: &Arc<Account>, spec: &AccountSpec, credentials: bool, stored: Option<Chain>) {
+    ///
+    /// `Err` (nothing changed) when the credentials changed while a rotated refresh token of
+    /// the current ones is held unsaved and still cannot be stored: replacing the chain would
+    /// drop the only live token. The change waits for a reload once the store works.
+    async fn update(
+        &self,
+        a: &Arc<Account>,
+        spec: &AccountSpec,
+        credentials: bool,
+        stored: Option<Chain>,
+    ) -> Result<(), String> {
         if credentials {
             let from_file = Chain {
                 refresh_token: match &spec.credentials {
@@ -1770,7 +1885,22 @@ impl Pool {
                 rotated: false,
                 file_fingerprint: spec.credentials_fingerprint(),
             };
-            a.tokens.reset(from_file, stored).await;
+            let mut reset = a.tokens.reset(from_file.clone(), stored.clone()).await;
+            if reset == Reset::Unsaved {
+                let id = a.id.clone();
+                if let Err(e) =
+                    a.tokens.store_unsaved(|chain, access| self.sink.tokens(&id, &chain, &access)).await
+                {
+                    tracing::error!(account = %a.id, error = %e, "the account's new credentials are not applied: a refresh token its current ones rotated is held in memory only (it cannot be stored), and replacing them would lose it; reload again once the store works");
+                    return Err(format!(
+                        "its new credentials wait: a rotated refresh token of its current ones cannot be stored ({e})"
+                    ));
+                }
+                reset = a.tokens.reset(from_file, stored).await;
+            }
+            if reset == Reset::Continued {
+                tracing::info!(account = %a.id, "the file's refresh token is one this account's chain already holds or rotated away from: the chain goes on");
+            }
             if a.state().state == State::Invalid {
                 self.set_state(a, State::Active, None, None);
             }
@@ -1780,6 +1910,7 @@ impl Pool {
         let mut held = a.spec.write().unwrap_or_else(|e| e.into_inner());
         *a.fingerprint.write().unwrap_or_else(|e| e.into_inner()) = spec.credentials_fingerprint();
         *held = spec.clone();
+        Ok(())
     }
 
     /// Keeps a removed account whose rotated refresh token is not stored yet, until it is (once:
@@ -2075,7 +2206,7 @@ mod tests {
             client,
             Arc::new(Unreadable),
         );
-        let refused = pool.apply(&two, &one.diff(&two)).await;
+        let refused = pool.apply(&two, &one.diff(&two)).await.refused;
         assert_eq!(refused.len(), 1, "{refused:?}");
         assert_eq!(refused[0].0.as_str(), "a2");
         assert!(refused[0].1.contains("input/output error"), "{refused:?}");
@@ -2169,6 +2300,72 @@ mod tests {
         assert_eq!(emu.stats().refreshes, refreshes, "a chain of the same credentials was reset");
     }
 
+    /// The file brings back a refresh token the account's chain holds or has rotated away
+    /// from (`amqctl export` written over the accounts file, some rotations later): the chain
+    /// goes on; restarting from that token would meet `invalid_grant`.
+    #[tokio::test]
+    async fn a_file_with_a_token_of_the_chains_past_continues_the_chain() {
+        let (emu, pool) = pool_with_a1(Arc::new(Flaky::default())).await;
+        let a = pool.get("a1").unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            pool.refresh_tokens(&a, a.tokens.current_access().map(|x| x.token).as_ref()).await.unwrap();
+            seen.push(emu.live_refresh_token("c-a1").unwrap());
+        }
+        let file = |token: &str| {
+            let text = format!(
+                "[[account]]\nid = \"a1\"\nclient_id = \"c-a1\"\nclient_secret = \"s-a1\"\nrefresh_token = \"{token}\"\n"
+            );
+            crate::config::accounts::parse(std::path::Path::new("accounts.toml"), &text).unwrap().0
+        };
+        let mut before = accounts(&["a1"]);
+        // An export taken one rotation ago, then one of the head itself.
+        for token in [&seen[1], &seen[2]] {
+            let next = file(token);
+            let applied = pool.apply(&next, &before.diff(&next)).await;
+            assert!(applied.refused.is_empty() && applied.deferred.is_empty());
+            assert!(pool.access_token(&a, None).await.is_ok());
+            pool.refresh_tokens(&a, a.tokens.current_access().map(|x| x.token).as_ref()).await.unwrap();
+            before = next;
+        }
+        assert_eq!(emu.stats().refresh_failures, 0, "the chain restarted from a dead token");
+        assert_eq!(a.state().state, State::Active);
+        // A token the chain never held is new credentials: the chain restarts from it.
+        emu.add_account("c-a1", "s-a1", "r-fresh");
+        let next = file("r-fresh");
+        pool.apply(&next, &before.diff(&next)).await;
+        assert_eq!(a.tokens.chain().await.refresh_token.expose(), "r-fresh");
+    }
+
+    /// New credentials in the file while a rotated refresh token of the current ones is held
+    /// unsaved (the store fails): the change waits, and the held token is kept; once the
+    /// store works, the change applies.
+    #[tokio::test]
+    async fn new_credentials_wait_while_a_rotated_token_is_unsaved() {
+        let sink = Arc::new(Flaky::default());
+        let (emu, pool) = pool_with_a1(sink.clone()).await;
+        let a = pool.get("a1").unwrap();
+        sink.failing.store(true, Ordering::SeqCst);
+        let r = pool.access_token(&a, None).await;
+        assert!(matches!(r, Err(RefreshError::NotStored(_))), "{r:?}");
+        let held = a.tokens.chain().await.refresh_token.expose().to_owned();
+        let good = accounts(&["a1"]);
+        let text = "[[account]]\nid = \"a1\"\nclient_id = \"c-a1\"\nclient_secret = \"s-a1-new\"\nrefresh_token = \"r-a1\"\n";
+        let next = crate::config::accounts::parse(std::path::Path::new("accounts.toml"), text).unwrap().0;
+        let applied = pool.apply(&next, &good.diff(&next)).await;
+        assert_eq!(applied.deferred.len(), 1, "{applied:?}");
+        assert!(applied.deferred[0].1.contains("cannot be stored"), "{applied:?}");
+        assert_eq!(a.tokens.chain().await.refresh_token.expose(), held, "the only live token was dropped");
+        assert!(a.tokens.has_unsaved());
+        // The store is back: the held token is stored first, then the change applies.
+        sink.failing.store(false, Ordering::SeqCst);
+        let applied = pool.apply(&next, &good.diff(&next)).await;
+        assert!(applied.deferred.is_empty(), "{applied:?}");
+        assert_eq!(sink.chains.lock().unwrap()["a1"].refresh_token.expose(), held);
+        assert_eq!(a.spec().credentials_fingerprint(), next.iter().next().unwrap().credentials_fingerprint());
+        assert_eq!(emu.stats().refresh_failures, 0);
+    }
+
     /// A refresh that finds the account's credentials and its chain from two versions of the
     /// file (a reload between writing the one and resetting the other) does not call the token
     /// endpoint with a mismatched pair, and does not mark the account invalid.
@@ -2201,7 +2398,7 @@ mod tests {
         pool.apply(&none, &one.diff(&none)).await;
         assert!(pool.persistence_problem().is_some());
         drop(a);
-        assert!(pool.apply(&one, &none.diff(&one)).await.is_empty());
+        assert!(pool.apply(&one, &none.diff(&one)).await.refused.is_empty());
         let back = pool.get("a1").unwrap();
         assert!(back.tokens.has_unsaved(), "a new account from the file's token, not the one removed");
         sink.failing.store(false, Ordering::SeqCst);
@@ -2232,7 +2429,7 @@ mod tests {
             async move { pool.access_token(&a, None).await }
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(pool.apply(&none, &one.diff(&none)).await.is_empty());
+        assert!(pool.apply(&none, &one.diff(&none)).await.refused.is_empty());
         assert!(pool.get("a1").is_none());
         assert!(pool.persistence_problem().is_none(), "nothing was unsaved when it was removed");
         drop(slots);

@@ -53,6 +53,45 @@ struct Held {
     /// While `unsaved` is set: the refresh token the unsaved chain replaced (dead upstream once
     /// rotated). A store that still holds it has not seen the newer chain.
     replaced: Option<Secret>,
+    /// Digests of the last refresh tokens this chain rotated away from (newest last), so that
+    /// a file that brings one of them back (an `amqctl export` pasted over the accounts file
+    /// some rotations later) is known as this chain's past, not as new credentials.
+    past: Vec<[u8; 32]>,
+}
+
+/// How many rotated-away refresh tokens a chain remembers (digests, in memory).
+const PAST_KEPT: usize = 16;
+
+impl Held {
+    fn new(chain: Chain) -> Held {
+        Held { chain, unsaved: None, replaced: None, past: Vec::new() }
+    }
+
+    /// `token` is this chain's head or one it rotated away from.
+    fn continues(&self, token: &Secret) -> bool {
+        token.expose() == self.chain.refresh_token.expose()
+            || self.past.contains(&crate::hash::sha256(token.expose().as_bytes()))
+    }
+
+    fn remember(&mut self, replaced: &Secret) {
+        if self.past.len() == PAST_KEPT {
+            self.past.remove(0);
+        }
+        self.past.push(crate::hash::sha256(replaced.expose().as_bytes()));
+    }
+}
+
+/// What [`Tokens::reset`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reset {
+    /// The chain already grew from these credentials.
+    Kept,
+    /// The file's refresh token is this chain's (its head or its past): the chain goes on.
+    Continued,
+    /// The chain restarts from the file's token (or the store's chain of these credentials).
+    Replaced,
+    /// Not done: a rotated chain is held unsaved, the only live one.
+    Unsaved,
 }
 
 /// See [`Tokens::quiet`].
@@ -64,7 +103,7 @@ pub const MIN_VALIDITY: Duration = Duration::from_secs(60);
 impl Tokens {
     pub fn new(chain: Chain, access: Option<Access>) -> Self {
         Tokens {
-            chain: tokio::sync::Mutex::new(Held { chain, unsaved: None, replaced: None }),
+            chain: tokio::sync::Mutex::new(Held::new(chain)),
             access: std::sync::RwLock::new(access),
             unsaved: std::sync::atomic::AtomicBool::new(false),
             generation: std::sync::atomic::AtomicU64::new(0),
@@ -98,17 +137,50 @@ impl Tokens {
     /// A chain that already grew from these credentials is kept as it is (a change applied a
     /// second time, after a reload whose end was not recorded). Returns whether the chain was
     /// replaced; the next use refreshes from a replaced chain.
-    pub async fn reset(&self, from_file: Chain, stored: Option<Chain>) -> bool {
+    ///
+    /// A file whose refresh token is this chain's head, or one the chain rotated away from
+    /// (`amqctl export` written over the accounts file, perhaps some rotations later), names
+    /// the same chain: it goes on (relabelled to the file's credentials) rather than restart
+    /// from a token that is dead upstream.
+    ///
+    /// Never while a rotated chain is held unsaved ([`Reset::Unsaved`]): it is the only live
+    /// one, and a reset would drop it; store it first ([`Tokens::store_unsaved`]).
+    pub async fn reset(&self, from_file: Chain, stored: Option<Chain>) -> Reset {
         let mut held = self.chain.lock().await;
         if held.chain.file_fingerprint == from_file.file_fingerprint {
-            return false;
+            return Reset::Kept;
+        }
+        if held.unsaved.is_some() {
+            return Reset::Unsaved;
+        }
+        if held.continues(&from_file.refresh_token) {
+            held.chain.file_fingerprint = from_file.file_fingerprint;
+            return Reset::Continued;
         }
         let chain = stored.filter(|c| c.file_fingerprint == from_file.file_fingerprint).unwrap_or(from_file);
-        *held = Held { chain, unsaved: None, replaced: None };
+        *held = Held::new(chain);
         self.unsaved.store(false, std::sync::atomic::Ordering::SeqCst);
         self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.invalidate_access();
-        true
+        Reset::Replaced
+    }
+
+    /// Stores a rotated chain held unsaved (with `persist`, as [`Tokens::get`] does), and
+    /// nothing else: no token call. `Ok` when nothing is left unsaved.
+    pub async fn store_unsaved<P, PF>(&self, persist: P) -> Result<(), String>
+    where
+        P: FnOnce(Chain, Access) -> PF,
+        PF: Future<Output = Result<(), String>>,
+    {
+        let mut held = self.chain.lock().await;
+        if let Some(access) = held.unsaved.clone() {
+            persist(held.chain.clone(), access.clone()).await?;
+            held.unsaved = None;
+            held.replaced = None;
+            self.unsaved.store(false, std::sync::atomic::Ordering::SeqCst);
+            self.publish(access);
+        }
+        Ok(())
     }
 
     /// Replaces the chain and the access token with what another holder stored (`[cluster]`
@@ -130,7 +202,7 @@ impl Tokens {
         {
             return;
         }
-        *held = Held { chain, unsaved: None, replaced: None };
+        *held = Held::new(chain);
         self.unsaved.store(false, std::sync::atomic::Ordering::SeqCst);
         self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         *self.access.write().unwrap_or_else(|e| e.into_inner()) = access;
@@ -218,6 +290,7 @@ impl Tokens {
         }
         // The old refresh token may already be dead: the successor is kept either way.
         let replaced = std::mem::replace(&mut held.chain, next).refresh_token;
+        held.remember(&replaced);
         self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = stored {
             held.unsaved = Some(access);

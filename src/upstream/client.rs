@@ -187,10 +187,29 @@ impl RefreshError {
 #[serde(rename_all = "camelCase")]
 struct TokenResponse {
     access_token: String,
+    #[serde(default, deserialize_with = "lenient_seconds")]
     expires_in: Option<u64>,
     refresh_token: Option<String>,
     #[serde(default)]
     profile_arn: Option<String>,
+}
+
+/// A token call's deadline beyond the connect timeout: the answer's head and body together.
+pub const TOKEN_CALL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// `expiresIn` as the services send it (whole seconds), or as a float or a numeric string: a
+/// token answer is not refused for its shape, since the refresh token it carries has already
+/// replaced the one sent (refusing the answer would lose the chain).
+fn lenient_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(match Option::<serde_json::Value>::deserialize(d)? {
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+        }
+        Some(serde_json::Value::String(s)) => {
+            s.trim().parse::<f64>().ok().filter(|f| *f >= 0.0).map(|f| f as u64)
+        }
+        _ => None,
+    })
 }
 
 /// The shared upstream client. Cheap to clone.
@@ -439,10 +458,13 @@ impl UpstreamClient {
         req: Request<Bytes>,
         proxy: Option<&Proxy>,
     ) -> Result<TokenGrant, RefreshError> {
-        let deadline = self.connect_timeout + Duration::from_secs(30);
+        // One deadline for the whole call (the answer's head and its body): shutdown waits
+        // for a call in flight this long ([`TOKEN_CALL_DEADLINE`]) and no longer.
+        let deadline = self.connect_timeout + TOKEN_CALL_DEADLINE;
+        let until = tokio::time::Instant::now() + deadline;
         // Sent at most once, as every call: a refresh sent twice would rotate the refresh token
         // twice and lose the chain with the first answer.
-        let resp = match tokio::time::timeout(deadline, self.pool.send(req, proxy)).await {
+        let resp = match tokio::time::timeout_at(until, self.pool.send(req, proxy)).await {
             Err(_) => {
                 return Err(RefreshError::Transient(format!("no answer within {} s", deadline.as_secs())));
             }
@@ -451,7 +473,8 @@ impl UpstreamClient {
         };
         let status = resp.status();
         let headers = resp.headers().clone();
-        let bytes = read_whole(resp.into_body(), MAX_BODY, deadline)
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        let bytes = read_whole(resp.into_body(), MAX_BODY, left)
             .await
             .map_err(|e| RefreshError::Transient(format!("reading the token answer: {e}")))?;
         if status == StatusCode::OK {

@@ -499,6 +499,116 @@ async fn a_stop_during_a_refresh_stores_its_answer_first() {
     assert!(emulator.stats().refreshes >= 12, "refreshes really happened: {}", emulator.stats().refreshes);
 }
 
+/// An account renamed in the file (a new id, the same credentials) resumes its rotated refresh
+/// token, whether renamed live (a reload) or while the daemon was down (a start), and renamed
+/// back. Before, the
+/// new id started from the file's token, long rotated: `invalid_grant`, the account invalid,
+/// and its live chain left under the old id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_account_resumes_its_rotated_refresh_token() {
+    use common::child::{AMQ2API, ChildDaemon, write_config};
+    let emulator = amq2api::emulator::Emulator::start(EmulatorOptions::default()).await.unwrap();
+    let cid = client_id("first");
+    emulator.add_account(&cid, "secret-first", "refresh-first");
+    let client = cid.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), &emulator, &["first".to_owned()], "");
+    let accounts = tmp.path().join("accounts.toml");
+    let entry = move |id: &str| {
+        format!(
+            "[[account]]\nid = \"{id}\"\nclient_id = \"{client}\"\nclient_secret = \"secret-first\"\nrefresh_token = \"refresh-first\"\n"
+        )
+    };
+    let emu = emulator.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let refreshed = |d: &ChildDaemon, id: &str| {
+            let r = d
+                .ctl_json(&["refresh", id])
+                .unwrap_or_else(|| panic!("{id}: {}", d.ctl_text(&["refresh", id])));
+            assert_eq!(r[0]["ok"], true, "{id}: {r}");
+        };
+        let d = ChildDaemon::start(std::process::Command::new(AMQ2API), &config, &[]);
+        refreshed(&d, "first");
+        assert_ne!(emu.live_refresh_token(&cid).unwrap(), "refresh-first", "the token rotated");
+        // Renamed live.
+        std::fs::write(&accounts, entry("second")).unwrap();
+        assert!(d.ctl_text(&["reload"]).contains("second"), "the rename was applied");
+        refreshed(&d, "second");
+        assert_eq!(d.stop(Duration::from_secs(30)), 0);
+        // Renamed while stopped, then back to the first name (whose own stored chain is dead
+        // now: the newest chain of these credentials wins).
+        for id in ["third", "first"] {
+            std::fs::write(&accounts, entry(id)).unwrap();
+            let d = ChildDaemon::start(std::process::Command::new(AMQ2API), &config, &[]);
+            refreshed(&d, id);
+            assert_eq!(d.stop(Duration::from_secs(30)), 0);
+            assert_eq!(
+                stored_refresh_token(&tmp.path().join("state"), id),
+                emu.live_refresh_token(&cid).unwrap(),
+                "{id}: the renamed account's chain is the live one"
+            );
+        }
+    })
+    .await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    assert_eq!(emulator.stats().refresh_failures, 0, "a refresh presented a dead token");
+}
+
+/// A stop while refreshes queue behind the refresh slots (a first start: every account's token
+/// is due at once): the token calls already sent are waited for and their answers stored, and
+/// no queued refresh starts a new call. (Before, the queue went on calling through the
+/// shutdown's wait, and the calls in flight at its end were cut off after the token endpoint
+/// had rotated their refresh tokens: those accounts met `invalid_grant` at the next start.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_refresh_backlog_starts_no_new_token_call() {
+    use common::child::{AMQ2API, ChildDaemon, write_config};
+    let emulator = amq2api::emulator::Emulator::start(EmulatorOptions {
+        token_delay: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ids: Vec<String> = (0..12).map(|i| format!("backlog-{i}")).collect();
+    for id in &ids {
+        emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), &emulator, &ids, "");
+    let emu = emulator.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let d = ChildDaemon::start(std::process::Command::new(AMQ2API), &config, &[]);
+        // The first wave is sent (its answers take 3 s); the rest wait for a slot.
+        let t0 = Instant::now();
+        while emu.stats().refreshes == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no refresh started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let sent = emu.stats().refreshes;
+        assert!(sent < ids.len() as u64, "no backlog: {sent} refreshes sent at once");
+        assert_eq!(d.stop(Duration::from_secs(60)), 0);
+        assert_eq!(
+            emu.stats().refreshes,
+            sent,
+            "refreshes queued at the stop still called the token endpoint"
+        );
+        for id in &ids {
+            assert_eq!(
+                stored_refresh_token(&tmp.path().join("state"), id),
+                emu.live_refresh_token(&client_id(id)).unwrap(),
+                "{id}'s live refresh token was not stored"
+            );
+        }
+    })
+    .await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    assert_eq!(emulator.stats().refresh_failures, 0);
+}
+
 /// Every account at its concurrency limit for the whole queue wait: the 429's `retry-after`
 /// is an honest estimate (how long requests have recently held an account), not "1".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
