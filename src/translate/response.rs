@@ -51,9 +51,13 @@ enum Open {
         text: String,
         signature: Option<String>,
     },
+    /// A tool call being received. Nothing of it has been sent yet: it leaves whole (start,
+    /// its input, stop) once its `stop` comes, so that a call the service cuts short (it does,
+    /// with large inputs) can be left out instead of reaching the client broken.
     Tool {
-        index: usize,
         upstream_id: String,
+        /// The client's name for the tool.
+        name: String,
         input: String,
     },
 }
@@ -181,8 +185,24 @@ impl ResponseState {
                 out.push(StreamEvent::BlockDelta { index, delta: Delta::Signature(sig) });
                 out.push(StreamEvent::BlockStop { index });
             }
-            Open::Tool { index, .. } => out.push(StreamEvent::BlockStop { index }),
+            Open::Tool { upstream_id, name, input } => {
+                // Not reached while a call is open (it is finished or left out first); whole,
+                // it is sent, else left out.
+                if input.trim().is_empty() || is_json_object(&input) {
+                    self.emit_tool(&upstream_id, name, input, out);
+                }
+            }
         }
+    }
+
+    /// A whole tool call: its block, its input in one delta (`{}` for none), its stop.
+    fn emit_tool(&mut self, upstream_id: &str, name: String, input: String, out: &mut Vec<StreamEvent>) {
+        let index = self.open_block(BlockStart::ToolUse { id: claude_tool_id(upstream_id), name }, out);
+        let input = if input.trim().is_empty() { "{}".to_string() } else { input };
+        out.push(StreamEvent::BlockDelta { index, delta: Delta::InputJson(input) });
+        out.push(StreamEvent::BlockStop { index });
+        self.tool_calls += 1;
+        self.done_tools.push(upstream_id.to_string());
     }
 
     fn open_block(&mut self, block: BlockStart, out: &mut Vec<StreamEvent>) -> usize {
@@ -409,7 +429,9 @@ impl ResponseState {
         // an error rather than hand over a call with broken input as if it were whole.
         if let Open::Tool { upstream_id, .. } = &self.open {
             let other = match &ev {
-                Event::AssistantResponse { .. } | Event::Reasoning { .. } => true,
+                // An empty text event is nothing: it does not end the call.
+                Event::AssistantResponse { content } => !content.is_empty(),
+                Event::Reasoning { .. } => true,
                 Event::ToolUse { tool_use_id, .. } => tool_use_id != upstream_id,
                 _ => false,
             };
@@ -453,23 +475,16 @@ impl ResponseState {
                         self.finish_into(out);
                         return;
                     }
+                    self.close_open(out);
                     let original = self.p.tool_names.original(&name).to_string();
-                    let index = self.open_block(
-                        BlockStart::ToolUse { id: claude_tool_id(&tool_use_id), name: original },
-                        out,
-                    );
-                    self.open = Open::Tool { index, upstream_id: tool_use_id.clone(), input: String::new() };
+                    self.open =
+                        Open::Tool { upstream_id: tool_use_id.clone(), name: original, input: String::new() };
                 }
-                let mut counted = None;
-                if let Open::Tool { index, input: acc, .. } = &mut self.open {
-                    if let Some(frag) = input.filter(|f| !f.is_empty()) {
-                        acc.push_str(&frag);
-                        counted = Some(frag.clone());
-                        out.push(StreamEvent::BlockDelta { index: *index, delta: Delta::InputJson(frag) });
-                    }
-                }
-                if let Some(frag) = counted {
+                if let Some(frag) = input.filter(|f| !f.is_empty()) {
                     self.count_later(&frag);
+                    if let Open::Tool { input: acc, .. } = &mut self.open {
+                        acc.push_str(&frag);
+                    }
                 }
                 if stop && !self.finish_tool(out) {
                     // Failed: the error ended the stream.
@@ -518,11 +533,7 @@ impl ResponseState {
 
     fn finish_into(&mut self, out: &mut Vec<StreamEvent>) {
         if matches!(self.open, Open::Tool { .. }) {
-            // Finishing (output cut upstream, max_tokens) inside a tool call: the block is never
-            // closed as whole, and a message_delta may not follow an open block, so the stream
-            // ends with an error as when upstream ends mid-call.
-            self.fail_in_tool_call(out, "the upstream output was cut in the middle of a tool call");
-            return;
+            self.cut_tool_call();
         }
         self.close_open(out);
         let (stop_reason, stop_sequence) = self.stop.take().unwrap_or_else(|| {
@@ -553,38 +564,51 @@ impl ResponseState {
             self.finish_into(&mut out);
             return out;
         }
-        if matches!(self.open, Open::Tool { .. }) {
-            self.fail_in_tool_call(
-                &mut out,
-                "the upstream stream ended in the middle of a tool call (no stop)",
-            );
-            return out;
+        if let Open::Tool { input, .. } = &self.open {
+            // Ended with no `stop` for the call: whole (its input one JSON object) it counts as
+            // made; else the service cut it (finish_into leaves it out).
+            if is_json_object(input) && !self.finish_tool(&mut out) {
+                return out;
+            }
         }
         self.finish_into(&mut out);
         out
     }
 
-    /// Ends the response with an `api_error` while a tool_use block is open (it is left open:
-    /// never presented as whole).
+    /// The output was cut inside a tool call (the service's output limit, or its own cut of a
+    /// large input, which ends the stream with no `stop`): the call is left out — nothing of
+    /// it was sent — and the message ends as cut, `max_tokens`, as Anthropic's does when
+    /// max_tokens falls inside a call. Clients then go on with a shorter step; an error would
+    /// have them send the same request again, and meet the same cut.
+    fn cut_tool_call(&mut self) {
+        if let Open::Tool { upstream_id, name, input } = std::mem::replace(&mut self.open, Open::None) {
+            tracing::warn!(
+                tool = %name,
+                tool_use_id = %upstream_id,
+                input_bytes = input.len(),
+                "the upstream output was cut in the middle of a tool call: the call is left out and the message ends with max_tokens"
+            );
+            self.stop = Some(("max_tokens".into(), None));
+        }
+    }
+
     /// Ends the open tool call as made: no input at all is `{}` (the SDK accumulates that from
     /// nothing); input that is not one JSON object fails the stream (Claude's tool input is an
     /// object; streamed and aggregated answers must not read it two ways). False when it failed.
     fn finish_tool(&mut self, out: &mut Vec<StreamEvent>) -> bool {
-        let Open::Tool { index, upstream_id, input } = std::mem::replace(&mut self.open, Open::None) else {
+        let Open::Tool { upstream_id, name, input } = std::mem::replace(&mut self.open, Open::None) else {
             return true;
         };
-        if input.trim().is_empty() {
-            out.push(StreamEvent::BlockDelta { index, delta: Delta::InputJson("{}".into()) });
-        } else if !is_json_object(&input) {
+        if !input.trim().is_empty() && !is_json_object(&input) {
             self.fail_in_tool_call(out, "the upstream tool call's input is not one JSON object");
             return false;
         }
-        out.push(StreamEvent::BlockStop { index });
-        self.tool_calls += 1;
-        self.done_tools.push(upstream_id);
+        self.emit_tool(&upstream_id, name, input, out);
         true
     }
 
+    /// Ends the response with an `api_error` over a tool call that cannot be sent (nothing of
+    /// it was).
     fn fail_in_tool_call(&mut self, out: &mut Vec<StreamEvent>, why: &str) {
         out.push(StreamEvent::Error(ApiError::new(
             ErrorKind::Api,
@@ -605,7 +629,7 @@ impl ResponseState {
             if !self.finished {
                 self.stop = Some(("max_tokens".into(), None));
             }
-            // Inside a tool call this is an error (finish_into), as when the stream ends there.
+            // Inside a tool call, the call is left out (finish_into).
             self.finish_into(&mut out);
             return out;
         }
@@ -858,7 +882,8 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(partials, vec!["{\"city\":", "\"Paris\"}"]);
+        // The call leaves whole, once its stop came: its input in one delta.
+        assert_eq!(partials, vec!["{\"city\":\"Paris\"}"]);
     }
 
     /// The service says the model reached its output limit (`metadataEvent` `stopReason`
@@ -1237,12 +1262,51 @@ mod tests {
             let (_, m) = run(params(), vec![Step::Ev(text("a")), Step::Fail(e)]);
             assert_eq!(m.unwrap_err().kind, ErrorKind::Api);
         }
-        // A tool call cut before stop is never presented as complete.
-        for last in [Step::End, Step::Fail(StreamError::Transport("reset".into()))] {
-            let (evs, m) = run(params(), vec![Step::Ev(tool("a", "t", Some("{\"x\": 1}"), false)), last]);
-            assert!(m.is_err());
-            assert!(!evs.iter().any(|e| matches!(e, StreamEvent::BlockStop { .. })));
+        // A tool call cut short (no stop, its input incomplete), by the end of the stream or by
+        // the service's output limit, is left out: nothing of it is sent, and the message ends
+        // as cut (max_tokens), with what came before it.
+        let tool_started = |evs: &[StreamEvent]| {
+            evs.iter().any(|e| matches!(e, StreamEvent::BlockStart { block: BlockStart::ToolUse { .. }, .. }))
+        };
+        let limit = StreamError::Exception {
+            exception_type: "ContentLengthExceededException".into(),
+            message: "x".into(),
+            reason: None,
+        };
+        for last in [Step::End, Step::Fail(limit)] {
+            let steps = vec![
+                Step::Ev(text("Writing it.")),
+                Step::Ev(tool("a", "t", Some("{\"x\": \"lo"), false)),
+                last,
+            ];
+            let (evs, m) = run(params(), steps);
+            let m = m.unwrap();
+            assert_eq!(m["stop_reason"], "max_tokens", "{m}");
+            assert_eq!(m["content"], json!([{"type": "text", "text": "Writing it."}]));
+            assert!(!tool_started(&evs), "{evs:?}");
         }
+        // Whole input with no stop: the call counts as made.
+        let (_, m) = run(params(), vec![Step::Ev(tool("a", "t", Some("{\"x\": 1}"), false)), Step::End]);
+        let m = m.unwrap();
+        assert_eq!(m["stop_reason"], "tool_use");
+        assert_eq!(m["content"][0]["input"], json!({"x": 1}));
+        // The upstream failed mid-call: an error, with nothing of the call sent.
+        let steps = vec![
+            Step::Ev(tool("a", "t", Some("{\"x\": 1"), false)),
+            Step::Fail(StreamError::Transport("reset".into())),
+        ];
+        let (evs, m) = run(params(), steps);
+        assert!(m.is_err());
+        assert!(!tool_started(&evs), "{evs:?}");
+        // An empty text event between a call's fragments does not end the call.
+        let steps = vec![
+            Step::Ev(tool("a", "t", Some("{\"x\":"), false)),
+            Step::Ev(text("")),
+            Step::Ev(tool("a", "t", Some(" 2}"), true)),
+            Step::End,
+        ];
+        let (_, m) = run(params(), steps);
+        assert_eq!(m.unwrap()["content"][0]["input"], json!({"x": 2}));
     }
 
     /// The exact bytes of a streamed reply, in the order of Anthropic's streaming documentation:
