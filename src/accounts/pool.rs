@@ -131,6 +131,11 @@ pub struct Account {
     /// (not because it listed none): a refusal of it says nothing about the account.
     profile_guessed: AtomicBool,
     next_refresh_try: Mutex<Option<Instant>>,
+    /// After a failed refresh, until when (ms since the Unix epoch; 0: no wait) the token
+    /// endpoint is not asked again for this account by requests, which then pass it by while
+    /// it has no valid access token (see [`Account::usable`]): the background refresher's
+    /// backoff, kept by the request path too.
+    refresh_wait_until_ms: AtomicU64,
     counters_dirty: AtomicBool,
     pub tokens: Tokens,
     identity: Identity,
@@ -242,6 +247,7 @@ impl Account {
             refresh_failures: AtomicU32::new(0),
             profile_guessed: AtomicBool::new(false),
             next_refresh_try: Mutex::new(None),
+            refresh_wait_until_ms: AtomicU64::new(0),
             counters_dirty: AtomicBool::new(false),
             tokens: Tokens::new(chain, access),
             identity,
@@ -410,6 +416,21 @@ impl Account {
             // Its token cannot be used until the rotated chain is stored.
             && !self.tokens.has_unsaved()
             && self.rpm_free(Instant::now()).is_ok()
+            // Its refresh failed and it waits to try again, with no token to serve meanwhile.
+            && (!self.refresh_waiting(now) || self.tokens.access_valid_for(MIN_VALIDITY))
+    }
+
+    /// A failed refresh's wait is not over.
+    fn refresh_waiting(&self, now: SystemTime) -> bool {
+        let until = self.refresh_wait_until_ms.load(Ordering::Relaxed);
+        until != 0 && until > unix_ms(now)
+    }
+
+    fn set_refresh_wait(&self, until: Option<Instant>) {
+        let ms =
+            until.map_or(0, |t| unix_ms(SystemTime::now() + t.saturating_duration_since(Instant::now())));
+        self.refresh_wait_until_ms.store(ms, Ordering::Relaxed);
+        *self.next_refresh_try.lock().unwrap_or_else(|e| e.into_inner()) = until;
     }
 
     /// A request is about to reach the account (whatever its outcome): its last use is now.
@@ -545,6 +566,11 @@ fn adopt_renamed<'a>(
         return None;
     }
     Some((id.clone(), o.chain.take()?, o.access.take()))
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// How often a request waiting for a slot looks at the accounts again without being woken.
@@ -1055,6 +1081,20 @@ impl Pool {
             if let Some(acc) = a.tokens.current_access().filter(|x| x.valid_for(MIN_VALIDITY)) {
                 return Ok(acc.token);
             }
+            // The last refresh failed and its wait is not over: the token endpoint is not asked
+            // again sooner for a request (an outage met once per request, or per waiting
+            // caller, is a retry storm); `amqctl refresh` (forced) still asks.
+            if a.refresh_waiting(SystemTime::now()) {
+                let left = a
+                    .refresh_wait_until_ms
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(unix_ms(SystemTime::now()));
+                let last = a.state().last_error.unwrap_or_default();
+                return Err(RefreshError::Transient(format!(
+                    "the last token refresh failed ({last}); the next try is in {} s",
+                    left.div_ceil(1000)
+                )));
+            }
         }
         let (pool, account) = (self.clone(), a.clone());
         // The refresh's log lines carry the request that needed it (when one did).
@@ -1469,7 +1509,7 @@ impl Pool {
             Ok(_) => {
                 tracing::debug!(account = %a.id, "token refreshed");
                 a.refresh_failures.store(0, Ordering::SeqCst);
-                *a.next_refresh_try.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                a.set_refresh_wait(None);
             }
             Err(e) => {
                 if e.is_permanent() && a.state().state == State::Disabled {
@@ -1488,8 +1528,7 @@ impl Pool {
                         }
                         _ => backoff(n, Duration::from_secs(2), Duration::from_secs(300)),
                     };
-                    *a.next_refresh_try.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(Instant::now() + backoff);
+                    a.set_refresh_wait(Some(Instant::now() + backoff));
                     if matches!(e, RefreshError::NotStored(_)) {
                         tracing::error!(account = %a.id, error = %e, retry_in_ms = backoff.as_millis() as u64, "the rotated refresh token is held in memory only; no refresh until it is stored");
                     } else {
@@ -2366,6 +2405,74 @@ mod tests {
         assert_eq!(emu.stats().refresh_failures, 0);
     }
 
+    /// A token endpoint that fails (an outage): the callers that waited for the failed refresh
+    /// get its error, and requests do not ask again until the backoff is over (the account is
+    /// passed by meanwhile); a forced refresh (`amqctl refresh`) still asks.
+    #[tokio::test]
+    async fn a_failed_refresh_is_not_retried_by_every_caller() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let down = format!("http://{}/token", listener.local_addr().unwrap());
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let _ = s.read(&mut buf).await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        let emu =
+            crate::emulator::Emulator::start(crate::emulator::EmulatorOptions::default()).await.unwrap();
+        emu.add_account("c-a1", "s-a1", "r-a1");
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[auth]\napi_keys = [\"sk-amq-0123456789abcdef\"]\n\
+             [upstream]\n{}[accounts]\nfile = \"accounts.toml\"\n",
+            crate::demo::upstream_keys(&emu).replace(&emu.token_endpoint(), &down)
+        );
+        let cfg = crate::config::parse_config(
+            std::path::Path::new("/etc/amq2api/amq2api.toml"),
+            &text,
+            &crate::config::Env::default(),
+        )
+        .unwrap()
+        .0;
+        let client = UpstreamClient::new(&cfg.upstream).unwrap();
+        let pool = Pool::new(
+            &accounts(&["a1"]),
+            BTreeMap::new(),
+            &cfg.accounts,
+            cfg.upstream.clone(),
+            client,
+            Arc::new(Flaky::default()),
+        );
+        let a = pool.get("a1").unwrap();
+        let waiting: Vec<_> = (0..5)
+            .map(|_| {
+                let (pool, a) = (pool.clone(), a.clone());
+                tokio::spawn(async move { pool.access_token(&a, None).await })
+            })
+            .collect();
+        for w in waiting {
+            let r = w.await.unwrap();
+            assert!(matches!(&r, Err(RefreshError::Transient(_))), "{r:?}");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "each waiting caller asked the token endpoint again");
+        let r = pool.access_token(&a, None).await;
+        assert!(matches!(&r, Err(RefreshError::Transient(m)) if m.contains("next try")), "{r:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "a request asked during the backoff");
+        assert!(!a.usable(SystemTime::now()), "an account with no token, waiting to refresh, is picked");
+        assert!(pool.refresh_now(&a).await.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "a forced refresh did not ask");
+    }
+
     /// A refresh that finds the account's credentials and its chain from two versions of the
     /// file (a reload between writing the one and resetting the other) does not call the token
     /// endpoint with a mismatched pair, and does not mark the account invalid.
@@ -2441,7 +2548,7 @@ mod tests {
 
         // The disk is back: the background refresher stores it.
         sink.failing.store(false, Ordering::SeqCst);
-        *a.next_refresh_try.lock().unwrap() = None;
+        a.set_refresh_wait(None);
         let deadline = Instant::now() + Duration::from_secs(10);
         while sink.stored.lock().unwrap().is_empty() {
             assert!(Instant::now() < deadline, "the rotated token was never stored");
@@ -2610,7 +2717,7 @@ mod tests {
         // a1: the store answers again, and the background refresher stores the token although
         // the account is not held here.
         sink.failing.store(false, Ordering::SeqCst);
-        *a1.next_refresh_try.lock().unwrap() = None;
+        a1.set_refresh_wait(None);
         let deadline = Instant::now() + Duration::from_secs(10);
         while a1.tokens.has_unsaved() {
             assert!(Instant::now() < deadline, "the rotated token was never stored");

@@ -41,6 +41,11 @@ pub struct Tokens {
     /// Bumped whenever the chain changes: a rotation, a reset (new credentials in the file), an
     /// adoption. An adoption read from the store before a change here is older than the chain.
     generation: std::sync::atomic::AtomicU64,
+    /// Refreshes that failed, and the last one's error: callers that waited for a refresh
+    /// that failed get its error, rather than each call the token endpoint again in turn (an
+    /// outage, or a dead token sent once per waiter).
+    failures: std::sync::atomic::AtomicU64,
+    last_failure: std::sync::Mutex<Option<RefreshError>>,
 }
 
 /// The chain, and the access token that came with it while the chain is not yet stored.
@@ -107,7 +112,14 @@ impl Tokens {
             access: std::sync::RwLock::new(access),
             unsaved: std::sync::atomic::AtomicBool::new(false),
             generation: std::sync::atomic::AtomicU64::new(0),
+            failures: std::sync::atomic::AtomicU64::new(0),
+            last_failure: std::sync::Mutex::new(None),
         }
+    }
+
+    /// True when an access token valid for at least `margin` is cached (no copy made).
+    pub fn access_valid_for(&self, margin: Duration) -> bool {
+        self.access.read().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|a| a.valid_for(margin))
     }
 
     pub fn current_access(&self) -> Option<Access> {
@@ -255,6 +267,7 @@ impl Tokens {
                 return Ok(a.token);
             }
         }
+        let failures = self.failures.load(std::sync::atomic::Ordering::SeqCst);
         let mut held = self.chain.lock().await;
         if let Some(access) = held.unsaved.clone() {
             persist(held.chain.clone(), access.clone()).await.map_err(RefreshError::NotStored)?;
@@ -267,7 +280,20 @@ impl Tokens {
         if let Some(a) = self.current_access().filter(usable) {
             return Ok(a.token);
         }
-        let grant = refresh(held.chain.clone()).await?;
+        // Or failed to, while we waited: its answer is ours too.
+        if self.failures.load(std::sync::atomic::Ordering::SeqCst) != failures {
+            if let Some(e) = self.last_failure.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                return Err(e);
+            }
+        }
+        let grant = match refresh(held.chain.clone()).await {
+            Ok(g) => g,
+            Err(e) => {
+                *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
+                self.failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return Err(e);
+            }
+        };
         let mut next = held.chain.clone();
         let mut rotated = false;
         if let Some(rt) = grant.refresh_token {

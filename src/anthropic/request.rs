@@ -321,6 +321,9 @@ fn opt_str(obj: &Map<String, Value>, key: &str, p: &Path) -> Result<Option<Strin
 /// base64 data as sent (`image exceeds 5 MB maximum: N bytes > 5242880 bytes`).
 pub const MAX_IMAGE_BASE64_BYTES: usize = 5 << 20;
 
+/// The longest model name taken.
+pub const MAX_MODEL_NAME: usize = 256;
+
 /// Media types Amazon Q (and Anthropic) accept for images.
 pub const IMAGE_MEDIA_TYPES: [&str; 4] = ["image/jpeg", "image/png", "image/gif", "image/webp"];
 
@@ -457,6 +460,13 @@ pub fn parse_value_with(
     let model = as_str(req(obj, "model", &root)?, &root.at("model"))?;
     if model.trim().is_empty() {
         return Err(root.at("model").err("String should have at least 1 character"));
+    }
+    // A model name is an identifier: no model is named with control characters or at such
+    // length (and the name reaches the access log).
+    if model.len() > MAX_MODEL_NAME || model.chars().any(char::is_control) {
+        return Err(root.at("model").err(format!(
+            "must be a model name (at most {MAX_MODEL_NAME} characters, no control characters)"
+        )));
     }
 
     let max_tokens = match endpoint {

@@ -328,7 +328,7 @@ pub fn parse_config(path: &Path, source: &str, env: &Env) -> Result<(Config, Dia
             1 << 30,
         ) as u64,
         queue_timeout: ck.secs(&s.queue_timeout_secs, "queue_timeout_secs", 30, 1, 3600),
-        request_timeout: ck.secs(&s.request_timeout_secs, "request_timeout_secs", 600, 1, 86_400),
+        request_timeout: ck.secs(&s.request_timeout_secs, "request_timeout_secs", 3600, 1, 86_400),
         header_read_timeout: ck.secs(&s.header_read_timeout_secs, "header_read_timeout_secs", 10, 1, 600),
         body_read_timeout: ck.secs(&s.body_read_timeout_secs, "body_read_timeout_secs", 30, 1, 3600),
         idle_timeout: ck.secs(&s.idle_timeout_secs, "idle_timeout_secs", 120, 1, 86_400),

@@ -40,9 +40,14 @@ pub fn error_response(e: &ApiError, request_id: &str) -> Response<Body> {
 }
 
 fn presented_key(req: &http::request::Parts) -> Option<&str> {
-    if let Some(k) = req.headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
-        return Some(k.trim());
-    }
+    api_key_header(req).or_else(|| bearer(req))
+}
+
+fn api_key_header(req: &http::request::Parts) -> Option<&str> {
+    req.headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+fn bearer(req: &http::request::Parts) -> Option<&str> {
     let auth = req.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, rest) = auth.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
@@ -56,7 +61,15 @@ fn key_tag(req: &http::request::Parts) -> String {
 /// Who sent the request (named key, unnamed key, anonymous), or the 401.
 fn identify(app: &App, req: &http::request::Parts) -> Result<Caller, ApiError> {
     let auth = app.auth.read().unwrap_or_else(|e| e.into_inner());
-    app.keys.identify(&auth, presented_key(req))
+    match (api_key_header(req), bearer(req)) {
+        // Both sent (the SDKs do, with both ANTHROPIC_API_KEY and ANTHROPIC_AUTH_TOKEN set):
+        // either may be this server's key.
+        (Some(key), Some(token)) => app
+            .keys
+            .identify(&auth, Some(key))
+            .or_else(|e| app.keys.identify(&auth, Some(token)).map_err(|_| e)),
+        (key, token) => app.keys.identify(&auth, key.or(token)),
+    }
 }
 
 /// Reads a body of at most `max` bytes, then waits for its share of the body budget.
@@ -128,12 +141,12 @@ impl Drop for Left {
         if self.done || !self.x.messages {
             return;
         }
-        self.app.metrics.request(&self.x.model, 499);
+        self.app.metrics.request(&self.x.model_label(), 499);
         // Tokens only when an account answered (as usage, in `access_log`).
         if self.x.account.is_some() {
-            self.app.metrics.tokens(&self.x.model, self.x.tokens_in, self.x.tokens_out);
+            self.app.metrics.tokens(&self.x.model_label(), self.x.tokens_in, self.x.tokens_out);
             if let Some(c) = self.x.credits {
-                self.app.metrics.credits(&self.x.model, c);
+                self.app.metrics.credits(&self.x.model_label(), c);
             }
         }
         self.app.metrics.request_duration(self.started.elapsed());
@@ -198,7 +211,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let streaming = resp.body().is_stream();
     // A stream is counted when it ends, under its real outcome (`messages::StreamEnd`).
     if parts.uri.path().starts_with("/v1/messages") && !streaming {
-        app.metrics.request(&x.model, status);
+        app.metrics.request(&x.model_label(), status);
     }
     // A stream is logged and timed when it ends (`messages::StreamEnd`).
     if !streaming && parts.uri.path() != "/health" && parts.uri.path() != "/metrics" {
@@ -283,20 +296,20 @@ async fn route(
             let betas = betas_of(parts);
             let len = bytes.len();
             let models = app.clone();
-            let (model, counted) = app
+            let (model, resolved, counted) = app
                 .work
                 .run(admission, len, move || {
                     let req = areq::parse_with(&bytes, version, Endpoint::CountTokens, betas)?;
                     let live = models.pool.union();
-                    let counted = models
-                        .models
-                        .resolve_live(&req.routed_model(), &live)
-                        .map(|_| tokens::count_request(&req));
-                    Ok::<_, ApiError>((req.model, counted))
+                    let resolved = models.models.resolve_live(&req.routed_model(), &live);
+                    let counted =
+                        resolved.as_ref().map(|_| tokens::count_request(&req)).map_err(Clone::clone);
+                    Ok::<_, ApiError>((req.model, resolved.ok(), counted))
                 })
                 .await??;
             Keys::check_model(&caller, &model)?;
             x.model = model;
+            x.upstream_model = resolved.unwrap_or_default();
             Ok(json_response(StatusCode::OK, &json!({"input_tokens": counted?})))
         }
         "/v1/messages" => {

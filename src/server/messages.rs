@@ -43,6 +43,19 @@ pub struct Exchange {
     pub first_byte: Option<Duration>,
 }
 
+impl Exchange {
+    /// The model as metrics and usage rows name it: the Claude-style id of the model the name
+    /// resolved to, or `other` (the client's own name is unbounded: dated names, aliases and
+    /// made-up names would each be a new series and a new row).
+    pub fn model_label(&self) -> String {
+        if self.upstream_model.is_empty() {
+            "other".into()
+        } else {
+            crate::translate::catalog::claude_id(&self.upstream_model)
+        }
+    }
+}
+
 /// The parsed and translated request, ready for an account.
 pub struct Prepared {
     pub req: MessagesRequest,
@@ -133,9 +146,9 @@ pub async fn aggregate(
             x.tokens_out = usage.output_tokens;
             x.credits = st.credits();
             lease.finish(Ok(spent(x)));
-            app.metrics.tokens(&x.model, x.tokens_in, x.tokens_out);
+            app.metrics.tokens(&x.model_label(), x.tokens_in, x.tokens_out);
             if let Some(c) = x.credits {
-                app.metrics.credits(&x.model, c);
+                app.metrics.credits(&x.model_label(), c);
             }
         }
         Err(e) => lease.finish(Err(e)),
@@ -202,12 +215,12 @@ impl Drop for StreamEnd {
         }
         // The client went away first: the lease ends with no verdict on the account.
         drop(self.lease.take());
-        self.app.metrics.request(&self.x.model, status);
+        self.app.metrics.request(&self.x.model_label(), status);
         // The usage the client was told: message_start's input tokens, and message_delta's
         // (input and output) if the stream got that far.
-        self.app.metrics.tokens(&self.x.model, self.x.tokens_in, self.x.tokens_out);
+        self.app.metrics.tokens(&self.x.model_label(), self.x.tokens_in, self.x.tokens_out);
         if let Some(c) = self.x.credits {
-            self.app.metrics.credits(&self.x.model, c);
+            self.app.metrics.credits(&self.x.model_label(), c);
         }
         self.app.metrics.stream_ended();
         self.app.metrics.request_duration(self.started.elapsed());

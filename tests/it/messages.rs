@@ -530,6 +530,22 @@ async fn auth_and_http_edge_errors() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
+    // Both headers (the SDKs send both when both ANTHROPIC_API_KEY and ANTHROPIC_AUTH_TOKEN
+    // are set): either may hold this server's key.
+    for (x_api_key, bearer, status) in [
+        ("sk-someone-elses-000000", API_KEY, 200),
+        (API_KEY, "sk-someone-elses-000000", 200),
+        ("sk-someone-elses-000000", "sk-another-one-0000000", 401),
+    ] {
+        let req = http::Request::post(h.url("/v1/messages"))
+            .header("content-type", "application/json")
+            .header("x-api-key", x_api_key)
+            .header("authorization", format!("Bearer {bearer}"))
+            .body(Full::new(good.clone()))
+            .unwrap();
+        let r = send(req).await;
+        assert_eq!(r.status, status, "x-api-key {x_api_key}, bearer {bearer}: {}", r.text());
+    }
     let key = || Some(("x-api-key", API_KEY.to_string()));
     let r = send_with(key(), "text/plain", good.clone(), "/v1/messages", "POST").await;
     assert_eq!((r.status, r.json()["error"]["type"].clone()), (400, json!("invalid_request_error")));
@@ -552,7 +568,8 @@ async fn auth_and_http_edge_errors() {
     assert_eq!(r.status, 401);
     let r = send_with(key(), "application/json", Bytes::new(), "/metrics", "GET").await;
     assert!(
-        r.text().contains("amq2api_requests_total{model=\"claude-sonnet-4-5-20250929\",status=\"200\"} 1"),
+        // The Bearer request and the two with both headers.
+        r.text().contains("amq2api_requests_total{model=\"claude-sonnet-4-5\",status=\"200\"} 3"),
         "{}",
         r.text()
     );
@@ -694,7 +711,9 @@ fn sample_sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
 #[tokio::test]
 async fn metrics_count_the_tokens_requests_and_latencies_of_answers() {
     let h = Harness::start(Setup::default()).await;
-    let model = "claude-sonnet-4-5-20250929";
+    // `simple` asks for claude-sonnet-4-5-20250929: metrics name the model the name resolved
+    // to (a dated name is its model's).
+    let label = "claude-sonnet-4-5";
     let r = post(&h, "/v1/messages", &simple("count these tokens", true)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let frames = r.sse();
@@ -716,14 +735,14 @@ async fn metrics_count_the_tokens_requests_and_latencies_of_answers() {
     let t = text.as_str();
     assert_eq!(
         (
-            sample_sum(t, "amq2api_tokens_total", &[("model", model), ("direction", "in")]),
-            sample_sum(t, "amq2api_tokens_total", &[("model", model), ("direction", "out")]),
+            sample_sum(t, "amq2api_tokens_total", &[("model", label), ("direction", "in")]),
+            sample_sum(t, "amq2api_tokens_total", &[("model", label), ("direction", "out")]),
         ),
         (tokens_in as f64, tokens_out as f64),
         "{t}"
     );
     assert_eq!(m.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8");
-    assert_eq!(sample_sum(t, "amq2api_requests_total", &[("model", model), ("status", "200")]), 2.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_requests_total", &[("model", label), ("status", "200")]), 2.0, "{t}");
     assert_eq!(sample_sum(t, "amq2api_upstream_attempts_total", &[("outcome", "ok")]), 2.0, "{t}");
     assert_eq!(sample_sum(t, "amq2api_upstream_attempts_total", &[]), 2.0, "{t}");
     assert_eq!(sample_sum(t, "amq2api_failovers_total", &[]), 0.0, "{t}");
@@ -924,7 +943,7 @@ async fn usage_is_the_services_when_given_and_credits_are_counted() {
     let account_credits = a["credits"].as_f64().unwrap();
     assert!((account_credits - 2.0 * credits).abs() < 0.001, "{account_credits} vs 2 × {credits}");
     let metrics = get(&h, "/metrics").await.text();
-    assert!(metrics.contains("amq2api_credits_total{model=\"claude-sonnet-4-5-20250929\"}"), "{metrics}");
+    assert!(metrics.contains("amq2api_credits_total{model=\"claude-sonnet-4-5\"}"), "{metrics}");
     h.stop().await;
 
     // Without tokenUsage: the estimate (context-usage share of the model's window); cache 0.
@@ -989,6 +1008,39 @@ async fn cache_breakpoints_become_cache_points_where_the_model_caches() {
     h.stop().await;
 }
 
+/// Model names are the client's to choose: metrics and usage name the model a name resolved
+/// to (or `other`), so that dated names and made-up names do not each make a new series, and
+/// a name that is no identifier (control characters, kilobytes) is refused.
+#[tokio::test]
+async fn client_model_names_do_not_grow_the_metrics() {
+    let h = Harness::start(Setup::default()).await;
+    for n in 0..20 {
+        for model in [format!("claude-sonnet-4-5-2025{:04}", 1000 + n), format!("claude-made-up-{n}")] {
+            let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+            let r = post(&h, "/v1/messages/count_tokens", &body).await;
+            assert!(r.status == 200 || r.status == 404, "{model}: {}", r.text());
+        }
+    }
+    let text = get(&h, "/metrics").await.text();
+    let labels: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("amq2api_requests_total{"))
+        .filter_map(|l| l.split("model=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(labels, ["claude-sonnet-4-5", "other"].into_iter().collect(), "{text}");
+    for model in ["claude-sonnet-4-5\nforged access line".to_string(), "c".repeat(300)] {
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        let r = post(&h, "/v1/messages/count_tokens", &body).await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(
+            r.json()["error"]["message"].as_str().unwrap().starts_with("model: must be a model name"),
+            "{}",
+            r.text()
+        );
+    }
+    h.stop().await;
+}
+
 /// A stream that fails after its 200 headers (a corrupt frame after some content: `event: error`
 /// `api_error`; an in-stream exception: `overloaded_error`) is counted in `/metrics` under the
 /// status its error stands for (500, 529), not 200; the tokens the client was told
@@ -996,7 +1048,9 @@ async fn cache_breakpoints_become_cache_points_where_the_model_caches() {
 #[tokio::test]
 async fn metrics_count_a_stream_failed_midway_under_its_real_outcome() {
     let h = Harness::start(Setup::default()).await;
-    let model = "claude-sonnet-4-5-20250929";
+    // `simple` asks for claude-sonnet-4-5-20250929: metrics name the model the name resolved
+    // to (a dated name is its model's).
+    let label = "claude-sonnet-4-5";
     for (directive, kind) in [
         ("corrupt-frame", "api_error"),
         ("exception error MODEL_TEMPORARILY_UNAVAILABLE", "overloaded_error"),
@@ -1010,10 +1064,10 @@ async fn metrics_count_a_stream_failed_midway_under_its_real_outcome() {
     }
     let text = get(&h, "/metrics").await.text();
     let t = text.as_str();
-    assert_eq!(sample_sum(t, "amq2api_requests_total", &[("model", model), ("status", "200")]), 0.0, "{t}");
-    assert_eq!(sample_sum(t, "amq2api_requests_total", &[("model", model), ("status", "500")]), 1.0, "{t}");
-    assert_eq!(sample_sum(t, "amq2api_requests_total", &[("model", model), ("status", "529")]), 1.0, "{t}");
-    assert!(sample_sum(t, "amq2api_tokens_total", &[("model", model), ("direction", "in")]) > 0.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_requests_total", &[("model", label), ("status", "200")]), 0.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_requests_total", &[("model", label), ("status", "500")]), 1.0, "{t}");
+    assert_eq!(sample_sum(t, "amq2api_requests_total", &[("model", label), ("status", "529")]), 1.0, "{t}");
+    assert!(sample_sum(t, "amq2api_tokens_total", &[("model", label), ("direction", "in")]) > 0.0, "{t}");
     assert_eq!(sample_sum(t, "amq2api_request_duration_seconds_count", &[]), 2.0, "{t}");
     assert_eq!(sample_sum(t, "amq2api_streams_in_flight", &[]), 0.0, "{t}");
     h.stop().await;

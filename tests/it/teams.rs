@@ -148,7 +148,8 @@ async fn rpm_and_concurrency_limits_hold_under_concurrent_load_and_counts_match_
         served += emu;
     }
     assert_eq!(served, 10 + 4, "what the emulator served");
-    let model = usage_of(&h, "model", "claude-sonnet-4-5-20250929");
+    // By the model the name resolved to.
+    let model = usage_of(&h, "model", "claude-sonnet-4-5");
     assert_eq!(model["requests"].as_u64(), Some(35));
     // Per-key counters on /metrics, named, never the key.
     let m = common::get(&h, "/metrics").await.text();
