@@ -197,7 +197,10 @@ impl Reloader {
     /// keys keep serving).
     pub async fn keys(&self) -> Outcome {
         let _guard = self.lock.lock().await;
-        let Some(path) = self.app.config.auth.keys_file.clone() else {
+        // The keys file of the configuration in use: a reload that removed `keys_file` (or
+        // named another) must not have the old file's next edit bring its keys back.
+        let path = self.app.auth.read().unwrap_or_else(|e| e.into_inner()).keys_file.clone();
+        let Some(path) = path else {
             return Outcome { ok: true, changes: "no changes".into(), errors: vec![], warnings: vec![] };
         };
         match off_runtime(move || config::keys::load(&path)).await {

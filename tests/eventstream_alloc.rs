@@ -184,7 +184,7 @@ fn a_text_frame_costs_two_allocations_from_bytes_to_sse() {
         stop_sequences: Vec::new(),
         thinking: false,
         tool_names: ToolNames::default(),
-        context_window: 200_000,
+        context_window: Some(200_000),
     };
     let mut st = ResponseState::new(params);
     let mut sse = Vec::with_capacity(1 << 20);

@@ -1510,13 +1510,20 @@ impl Pool {
                 tracing::debug!(account = %a.id, "token refreshed");
                 a.refresh_failures.store(0, Ordering::SeqCst);
                 a.set_refresh_wait(None);
+                // A refresh that works proves the credentials (an `amqctl refresh` after a
+                // fix elsewhere: the auth region, the proxy, a newer chain taken from the
+                // store): an account made invalid by an earlier refusal serves again.
+                if a.state().state == State::Invalid {
+                    tracing::info!(account = %a.id, "its token refresh works again: the account is active");
+                    self.set_state(a, State::Active, None, None);
+                }
             }
             Err(e) => {
                 if e.is_permanent() && a.state().state == State::Disabled {
                     // An operator's disable stands; the problem is still shown.
                     a.state.lock().unwrap_or_else(|e| e.into_inner()).set_error(e.to_string());
                 } else if e.is_permanent() {
-                    tracing::warn!(account = %a.id, error = %e, "credentials refused; the account is invalid until its credentials change");
+                    tracing::warn!(account = %a.id, error = %e, "credentials refused; the account is invalid until its credentials change or a refresh works (amqctl refresh)");
                     self.set_state(a, State::Invalid, None, Some(e.to_string()));
                 } else {
                     let n = a.refresh_failures.fetch_add(1, Ordering::SeqCst) + 1;
@@ -2402,6 +2409,21 @@ mod tests {
         assert!(applied.deferred.is_empty(), "{applied:?}");
         assert_eq!(sink.chains.lock().unwrap()["a1"].refresh_token.expose(), held);
         assert_eq!(a.spec().credentials_fingerprint(), next.iter().next().unwrap().credentials_fingerprint());
+        assert_eq!(emu.stats().refresh_failures, 0);
+    }
+
+    /// An account made invalid by a refused refresh whose problem was elsewhere (a wrong auth
+    /// region, fixed since; a newer chain in the store): a refresh that works (`amqctl
+    /// refresh`) makes it active again, without new credentials.
+    #[tokio::test]
+    async fn a_refresh_that_works_makes_an_invalid_account_active() {
+        let (emu, pool) = pool_with_a1(Arc::new(Flaky::default())).await;
+        let a = pool.get("a1").unwrap();
+        pool.set_state(&a, State::Invalid, None, Some("client registration rejected".into()));
+        assert!(!a.usable(SystemTime::now()));
+        pool.refresh_now(&a).await.unwrap();
+        assert_eq!(a.state().state, State::Active);
+        assert!(a.usable(SystemTime::now()));
         assert_eq!(emu.stats().refresh_failures, 0);
     }
 

@@ -235,6 +235,7 @@
 //! | `silent <ms>` | `SilentAfterFirstByte` | headers and `initial-response`, silence, then the rest |
 //! | `reset-before` | `ResetBeforeFirstByte` | TCP reset, no answer |
 //! | `reset-after` | `ResetAfterFirstByte` | headers and a few frames, then a TCP reset |
+//! | `empty-answer` | `EmptyAnswer` | headers and the opening frames, then the end of the body: no content, no closing events |
 //! | `corrupt-frame` | `CorruptFrame` | a few good frames, one with a bad message CRC, end of body |
 //! | `exception <type> [<message…>]` | `InStreamException` | a few frames, then an exception frame `{"message"}` (plus `"reason"` when the message looks like `UPPER_CASE`), end of body |
 //! | `tool-cut` | `ToolCallCutBeforeStop` | a tool call whose input stops half-way, no `stop`, end of body |

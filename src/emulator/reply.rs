@@ -235,6 +235,9 @@ pub(super) fn plan(info: &RequestInfo, behaviour: &Behaviour, shape: &Shape, ctx
     }
     let (text, tools) = match behaviour {
         Behaviour::LongReply { chars } => (long_text(*chars), Vec::new()),
+        Behaviour::EmptyAnswer => {
+            return Plan { segments, frame_delay, model_id: info.model_id.clone() };
+        }
         Behaviour::ResetAfterFirstByte => {
             segments.push(Segment::Text("Hello from the Amazon Q emulator. This reply is".into()));
             segments.push(Segment::Reset);

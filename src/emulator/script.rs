@@ -32,6 +32,9 @@ pub enum Behaviour {
     ResetBeforeFirstByte,
     /// Send the headers and a few frames, then close the TCP connection abruptly.
     ResetAfterFirstByte,
+    /// Send the headers and the opening frames, then end the body: no content, none of the
+    /// closing events (usage, metering): an answer cut before it began.
+    EmptyAnswer,
     /// Send a couple of good frames, then one whose message CRC is wrong, then end the body.
     CorruptFrame,
     /// Send a few frames, then an exception frame of this type with `{"message": …}`, then end.
@@ -182,6 +185,7 @@ fn apply(out: &mut Directives, word: &str, args: &str) -> bool {
         },
         "reset-before" => Behaviour::ResetBeforeFirstByte,
         "reset-after" => Behaviour::ResetAfterFirstByte,
+        "empty-answer" => Behaviour::EmptyAnswer,
         "corrupt-frame" => Behaviour::CorruptFrame,
         "exception" => {
             let (exception_type, message) = match args.split_once(char::is_whitespace) {

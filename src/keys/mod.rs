@@ -288,58 +288,77 @@ impl Keys {
     pub fn admit(caller: &Caller, model: &str, served: &str) -> Result<Option<Admitted>, ApiError> {
         let Caller::Named(k) = caller else { return Ok(None) };
         Keys::check_served(caller, model, served)?;
+        let now = Instant::now();
+        let mut l = k.live.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = Keys::limits(k, &mut l, now) {
+            l.refused += 1;
+            return Err(e);
+        }
+        if let Some(rpm) = k.spec.rpm {
+            if l.starts.len() == rpm.get() as usize {
+                l.starts.pop_front();
+            }
+            l.starts.push_back(now);
+        }
+        l.in_flight += 1;
+        drop(l);
+        Ok(Some(Admitted { live: k.live.clone() }))
+    }
+
+    /// The key's limits before its request's body is read (a `/v1/messages` or `count_tokens`
+    /// call): a key over its budgets, its `max_concurrency` or its `rpm` is refused then,
+    /// before its bodies take their share of the body budget and the parsing threads that
+    /// every key shares. Nothing is taken (the request is admitted, with its model, by
+    /// [`Keys::admit`]).
+    pub fn precheck(caller: &Caller) -> Result<(), ApiError> {
+        let Caller::Named(k) = caller else { return Ok(()) };
+        let mut l = k.live.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let r = Keys::limits(k, &mut l, Instant::now());
+        if r.is_err() {
+            l.refused += 1;
+        }
+        r
+    }
+
+    /// The budgets, `max_concurrency` and `rpm` of `k` against its live counts (rolled to now).
+    fn limits(k: &NamedKey, l: &mut LiveInner, now: Instant) -> Result<(), ApiError> {
         let spec = &k.spec;
         let name = &spec.name;
         let now_sys = SystemTime::now();
-        let now = Instant::now();
-        let mut l = k.live.inner.lock().unwrap_or_else(|e| e.into_inner());
         l.roll(now_sys);
-        let refused = |l: &mut LiveInner, e: ApiError| {
-            l.refused += 1;
-            Err(e)
-        };
         if let Some(limit) = spec.tokens_per_day {
             if l.day_tokens >= limit {
                 let (when, t) = next_day(l.day);
                 let used = l.day_tokens;
-                return refused(
-                    &mut l,
-                    rate_limited(
-                        format!(
-                            "key {name:?}: daily token budget used up ({used} of {limit} tokens_per_day); it resets at {when}"
-                        ),
-                        until(t, now_sys),
+                return Err(rate_limited(
+                    format!(
+                        "key {name:?}: daily token budget used up ({used} of {limit} tokens_per_day); it resets at {when}"
                     ),
-                );
+                    until(t, now_sys),
+                ));
             }
         }
         if let Some(limit) = spec.credits_per_month {
             if l.month_credits >= limit {
                 let (when, t) = next_month(l.day);
                 let used = l.month_credits;
-                return refused(
-                    &mut l,
-                    rate_limited(
-                        format!(
-                            "key {name:?}: monthly credit budget used up ({used:.2} of {limit} credits_per_month); it resets at {when}"
-                        ),
-                        until(t, now_sys),
+                return Err(rate_limited(
+                    format!(
+                        "key {name:?}: monthly credit budget used up ({used:.2} of {limit} credits_per_month); it resets at {when}"
                     ),
-                );
+                    until(t, now_sys),
+                ));
             }
         }
         if let Some(max) = spec.max_concurrency {
             if l.in_flight >= max.get() {
                 let n = l.in_flight;
-                return refused(
-                    &mut l,
-                    rate_limited(
-                        format!(
-                            "key {name:?}: {n} requests in flight, the most max_concurrency allows; retry when one ends"
-                        ),
-                        Duration::from_secs(1),
+                return Err(rate_limited(
+                    format!(
+                        "key {name:?}: {n} requests in flight, the most max_concurrency allows; retry when one ends"
                     ),
-                );
+                    Duration::from_secs(1),
+                ));
             }
         }
         if let Some(rpm) = spec.rpm {
@@ -353,21 +372,14 @@ impl Keys {
                 if now.duration_since(oldest) < RPM_WINDOW {
                     let wait = (oldest + RPM_WINDOW).duration_since(now);
                     let wait = Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
-                    return refused(
-                        &mut l,
-                        rate_limited(
-                            format!("key {name:?}: rpm limit of {rpm} requests a minute reached"),
-                            wait.max(Duration::from_secs(1)),
-                        ),
-                    );
+                    return Err(rate_limited(
+                        format!("key {name:?}: rpm limit of {rpm} requests a minute reached"),
+                        wait.max(Duration::from_secs(1)),
+                    ));
                 }
-                l.starts.pop_front();
             }
-            l.starts.push_back(now);
         }
-        l.in_flight += 1;
-        drop(l);
-        Ok(Some(Admitted { live: k.live.clone() }))
+        Ok(())
     }
 
     /// Counts a finished request: usage rows (key, account, model) and the key's budgets.

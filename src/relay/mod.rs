@@ -71,28 +71,42 @@ impl Leased {
         self.0.served_model(model);
     }
 
-    /// Records how the stream ended on the account and ends the lease: a success counts the
-    /// request and what it used; a failure after the first content (the stream cut or failing
-    /// midway, the request timing out, the daemon stopping) is a transient failure of the
-    /// account — nothing is failed over once content has reached the client.
-    pub fn finish(self, outcome: Result<Spent, &ApiError>) {
-        match outcome {
-            Ok(spent) => self.0.success(spent.tokens_in, spent.tokens_out, spent.credits),
-            Err(e) => self.0.failure(&after_content(e)),
+    /// Records how the stream ended on the account and ends the lease (nothing is failed over
+    /// once content has reached the client):
+    /// - answered: the request counts, with what it used;
+    /// - the upstream failed midway: the account's failure, by the same rule as before any
+    ///   content (a throttle mid-stream cools the account down, a suspension parks it, …);
+    /// - this daemon ended it (`request_timeout_secs`, shutdown, an answer it could not
+    ///   translate): no verdict on the account.
+    pub fn finish(self, ending: Ending<'_>) {
+        match ending {
+            Ending::Answered(spent) => self.0.success(spent.tokens_in, spent.tokens_out, spent.credits),
+            Ending::Upstream(e) => self.0.failure(&UpstreamFailure::from_stream_error(e)),
+            Ending::Daemon => {}
         }
     }
 }
 
-/// The account's failure for a stream that failed after its first content.
-fn after_content(e: &ApiError) -> UpstreamFailure {
-    UpstreamFailure::Transient { status: None, message: e.message.clone() }
+/// How a stream ended, for [`Leased::finish`].
+#[derive(Debug, Clone, Copy)]
+pub enum Ending<'a> {
+    Answered(Spent),
+    Upstream(&'a crate::upstream::StreamError),
+    Daemon,
 }
 
 fn is_content(ev: &Event) -> bool {
     matches!(ev, Event::AssistantResponse { .. } | Event::ToolUse { .. } | Event::Reasoning { .. })
 }
 
+/// One of the service's closing events: what it sends at the end of a whole answer.
+fn is_closing(ev: &Event) -> bool {
+    matches!(ev, Event::Metadata { .. } | Event::ContextUsage { .. } | Event::Metering { .. })
+}
+
 /// Reads a stream until its first content (or its end): until then it could still fail over.
+/// A stream that ends with nothing at all in it — no content, none of the service's closing
+/// events (usage, metering) — was cut, not answered: a failure of the attempt.
 async fn read_first_content(account: &Account, mut stream: EventStream) -> Attempt {
     let mut pending = Vec::new();
     loop {
@@ -103,6 +117,13 @@ async fn read_first_content(account: &Account, mut stream: EventStream) -> Attem
                 if content {
                     return Attempt::Connected { stream, pending, ended: false };
                 }
+            }
+            None if !pending.iter().any(is_closing) => {
+                tracing::info!(account = %account.id, "upstream stream ended with nothing in it");
+                return Attempt::Failed(UpstreamFailure::Transient {
+                    status: None,
+                    message: "the upstream answer ended with nothing in it".into(),
+                });
             }
             None => return Attempt::Connected { stream, pending, ended: true },
             Some(Err(e)) => {
@@ -127,7 +148,44 @@ impl Relay {
         request: &GenerateRequest,
         session: Option<SessionKey>,
     ) -> Result<Connected, ApiError> {
-        let mut budget = Budget::new(self.max_attempts);
+        self.connect_with(request, session, &mut self.budget()).await
+    }
+
+    /// A request's attempts, for [`Relay::connect_with`].
+    pub fn budget(&self) -> Budget {
+        Budget::new(self.max_attempts)
+    }
+
+    /// A stream that failed after its first content, before any of it reached the client (a
+    /// non-streaming answer is sent whole, at its end): the failure is the account's, as
+    /// before content, and the request may go to another account. True when it may (the
+    /// caller connects again with the same `budget`); false when the failure stands.
+    pub fn failed_unsent(
+        &self,
+        lease: Leased,
+        error: &crate::upstream::StreamError,
+        budget: &mut Budget,
+    ) -> bool {
+        let f = UpstreamFailure::from_stream_error(error);
+        self.metrics.attempt(f.kind());
+        lease.0.failure(&f);
+        match budget.after(lease.id(), f) {
+            Next::Failover => {
+                tracing::info!(account = %lease.id(), %error, "the answer failed before it was sent: failing over");
+                true
+            }
+            Next::RefreshAndRetry | Next::Stop(_) => false,
+        }
+    }
+
+    /// [`Relay::connect`] with the request's attempts so far (`budget`): a request that comes
+    /// back after [`Relay::failed_unsent`] goes on where it stopped.
+    pub async fn connect_with(
+        &self,
+        request: &GenerateRequest,
+        session: Option<SessionKey>,
+        budget: &mut Budget,
+    ) -> Result<Connected, ApiError> {
         // The request without replayed reasoning, once the service refused a signature in it.
         let mut stripped: Option<GenerateRequest> = None;
         loop {

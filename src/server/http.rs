@@ -102,6 +102,16 @@ async fn read_body(
         }
         None => return Err(ApiError::invalid("Content-Type must be application/json")),
     }
+    // A compressed body would be read as broken JSON: say what is wrong instead.
+    if let Some(enc) = parts.headers.get(header::CONTENT_ENCODING) {
+        let enc = String::from_utf8_lossy(enc.as_bytes());
+        if !enc.trim().eq_ignore_ascii_case("identity") {
+            return Err(ApiError::invalid(format!(
+                "Content-Encoding {enc:?} is not supported: send the request body uncompressed"
+            ))
+            .with_status(StatusCode::UNSUPPORTED_MEDIA_TYPE));
+        }
+    }
     let limited = http_body_util::Limited::new(body, max as usize);
     let timeout = app.config.server.body_read_timeout;
     let bytes = match tokio::time::timeout(timeout, limited.collect()).await {
@@ -291,6 +301,9 @@ async fn route(
         }
         "/v1/messages/count_tokens" => {
             let max = app.config.server.count_tokens_max_bytes.min(app.config.server.max_body_bytes);
+            // A key over its limits is refused before its body is read (it would take its
+            // share of the body budget and the parsing threads every key shares).
+            Keys::precheck(&caller)?;
             let (bytes, admission) = read_body(app, parts, body, max).await?;
             let version = ApiVersion::from_header(header_str(parts, "anthropic-version"))?;
             let betas = betas_of(parts);
@@ -314,6 +327,7 @@ async fn route(
         }
         "/v1/messages" => {
             x.messages = true;
+            Keys::precheck(&caller)?;
             let (bytes, admission) = read_body(app, parts, body, app.config.server.max_body_bytes).await?;
             let version = ApiVersion::from_header(header_str(parts, "anthropic-version"))?;
             let betas = betas_of(parts);

@@ -8,8 +8,9 @@ use super::body::{Outbox, Producer};
 use crate::anthropic::request::{self, ApiVersion, Endpoint, MessagesRequest};
 use crate::anthropic::sse::StreamEvent;
 use crate::anthropic::{ApiError, ErrorKind};
-use crate::relay::{Connected, Leased, Spent};
+use crate::relay::{Connected, Ending, Leased, Spent};
 use crate::translate::{Aggregator, Context, ResponseState, Translated, translate};
+use crate::upstream::StreamError;
 use crate::upstream::client::EventStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,42 +103,59 @@ pub fn prepare(
     Ok(Prepared { req, translated, session })
 }
 
-/// Non-streaming: the whole message as one JSON value.
+/// Non-streaming: the whole message as one JSON value. Nothing reaches the client before the
+/// end, so an answer whose stream fails midway (the account's capacity, a reset, a silent
+/// upstream) goes to another account, as one that fails before its first content does.
 pub async fn aggregate(
     app: &Arc<App>,
     p: &Prepared,
     x: &mut Exchange,
 ) -> Result<serde_json::Value, ApiError> {
-    let Connected { lease, mut stream, pending, ended } =
-        app.relay.connect(&p.translated.request, Some(p.session)).await?;
-    x.account = Some(lease.id().to_string());
-    lease.served_model(&p.translated.q_model);
-    let mut st = ResponseState::new(p.translated.response.clone());
-    let mut agg = Aggregator::default();
+    let mut budget = app.relay.budget();
     let feed = |evs: Vec<StreamEvent>, agg: &mut Aggregator| {
         for e in &evs {
             agg.push(e);
         }
     };
-    feed(st.start(), &mut agg);
-    for ev in pending {
-        feed(st.on_event(ev), &mut agg);
-    }
-    if ended {
-        feed(st.on_end(), &mut agg);
-    }
-    while !st.is_finished() {
-        // What the answer has used so far, kept current: a client gone before the end (this
-        // future dropped) is still charged for it (`http::Left`).
-        x.tokens_out = st.output_estimate();
-        x.credits = st.credits();
-        match stream.next().await {
-            Some(Ok(ev)) => feed(st.on_event(ev), &mut agg),
-            Some(Err(e)) => feed(st.on_error(&e), &mut agg),
-            None => feed(st.on_end(), &mut agg),
+    let (lease, st, agg) = 'attempts: loop {
+        let Connected { lease, mut stream, pending, ended } =
+            app.relay.connect_with(&p.translated.request, Some(p.session), &mut budget).await?;
+        x.account = Some(lease.id().to_string());
+        lease.served_model(&p.translated.q_model);
+        let mut st = ResponseState::new(p.translated.response.clone());
+        let mut agg = Aggregator::default();
+        feed(st.start(), &mut agg);
+        for ev in pending {
+            feed(st.on_event(ev), &mut agg);
         }
-    }
-    drop(stream);
+        if ended {
+            feed(st.on_end(), &mut agg);
+        }
+        while !st.is_finished() {
+            // What the answer has used so far, kept current: a client gone before the end (this
+            // future dropped) is still charged for it (`http::Left`).
+            x.tokens_out = st.output_estimate();
+            x.credits = st.credits();
+            match stream.next().await {
+                Some(Ok(ev)) => feed(st.on_event(ev), &mut agg),
+                Some(Err(e)) if !e.is_output_truncation() => {
+                    drop(stream);
+                    if app.relay.failed_unsent(lease, &e, &mut budget) {
+                        x.tokens_out = 0;
+                        x.credits = None;
+                        continue 'attempts;
+                    }
+                    // The failure stands: the answer ends with it (the account's verdict is
+                    // recorded).
+                    feed(st.on_error(&e), &mut agg);
+                    return agg.finish();
+                }
+                Some(Err(e)) => feed(st.on_error(&e), &mut agg),
+                None => feed(st.on_end(), &mut agg),
+            }
+        }
+        break (lease, st, agg);
+    };
     let result = agg.finish();
     match &result {
         Ok(_) => {
@@ -145,13 +163,14 @@ pub async fn aggregate(
             x.tokens_in = usage.total_input();
             x.tokens_out = usage.output_tokens;
             x.credits = st.credits();
-            lease.finish(Ok(spent(x)));
+            lease.finish(Ending::Answered(spent(x)));
             app.metrics.tokens(&x.model_label(), x.tokens_in, x.tokens_out);
             if let Some(c) = x.credits {
                 app.metrics.credits(&x.model_label(), c);
             }
         }
-        Err(e) => lease.finish(Err(e)),
+        // An answer this daemon could not make whole (a tool input that is no JSON object).
+        Err(_) => lease.finish(Ending::Daemon),
     }
     result
 }
@@ -162,14 +181,23 @@ pub async fn aggregate(
 ///
 /// At most [`TAKE_AT_ONCE`] events: an upstream that never lets the socket run dry still
 /// gets its output written (and the client's pace checked) between batches.
-async fn take_ready(stream: &mut EventStream, st: &mut ResponseState, out: &mut Vec<StreamEvent>) {
+async fn take_ready(
+    stream: &mut EventStream,
+    st: &mut ResponseState,
+    out: &mut Vec<StreamEvent>,
+    failed: &mut Option<StreamError>,
+) {
     for _ in 0..TAKE_AT_ONCE {
         if st.is_finished() {
             break;
         }
         match stream.next_ready().await {
             Some(Some(Ok(ev))) => st.on_event_into(ev, out),
-            Some(Some(Err(e))) => return out.extend(st.on_error(&e)),
+            Some(Some(Err(e))) => {
+                out.extend(st.on_error(&e));
+                *failed = Some(e);
+                return;
+            }
             Some(None) => return out.extend(st.on_end()),
             None => break,
         }
@@ -195,6 +223,9 @@ struct StreamEnd {
     lease: Option<Leased>,
     /// `None` until the stream has ended: the client went away first.
     outcome: Option<Result<(), ApiError>>,
+    /// The upstream's failure, when the stream ended on one (else an error is this daemon's:
+    /// `request_timeout_secs`, shutdown, an answer it could not translate).
+    failed: Option<StreamError>,
 }
 
 impl StreamEnd {
@@ -211,7 +242,11 @@ impl Drop for StreamEnd {
             Some(Ok(())) => 200,
         };
         if let (Some(lease), Some(outcome)) = (self.lease.take(), &self.outcome) {
-            lease.finish(outcome.as_ref().map(|()| spent(&self.x)));
+            lease.finish(match (outcome, &self.failed) {
+                (Ok(()), _) => Ending::Answered(spent(&self.x)),
+                (Err(_), Some(e)) => Ending::Upstream(e),
+                (Err(_), None) => Ending::Daemon,
+            });
         }
         // The client went away first: the lease ends with no verdict on the account.
         drop(self.lease.take());
@@ -247,7 +282,15 @@ pub async fn stream(
     let deadline = started + app.config.server.request_timeout;
     let mut drain = app.drain_expired.clone();
     app.metrics.stream_started();
-    let mut end = StreamEnd { app: app.clone(), x, request_id, started, lease: Some(lease), outcome: None };
+    let mut end = StreamEnd {
+        app: app.clone(),
+        x,
+        request_id,
+        started,
+        lease: Some(lease),
+        outcome: None,
+        failed: None,
+    };
     let o = out.clone();
     let span = tracing::Span::current();
     Ok(Producer::new(out, async move {
@@ -260,7 +303,7 @@ pub async fn stream(
         if ended {
             batch.extend(st.on_end());
         } else {
-            take_ready(&mut stream, &mut st, &mut batch).await;
+            take_ready(&mut stream, &mut st, &mut batch, &mut end.failed).await;
         }
         // Records usage and errors, and writes the events.
         let mut emit = |evs: &[StreamEvent], x: &mut Exchange| {
@@ -313,9 +356,12 @@ pub async fn stream(
                         match ev {
                             Some(Ok(ev)) => {
                                 st.on_event_into(ev, &mut evs);
-                                take_ready(&mut stream, &mut st, &mut evs).await;
+                                take_ready(&mut stream, &mut st, &mut evs, &mut end.failed).await;
                             }
-                            Some(Err(e)) => evs.extend(st.on_error(&e)),
+                            Some(Err(e)) => {
+                                evs.extend(st.on_error(&e));
+                                end.failed = Some(e);
+                            }
                             None => evs.extend(st.on_end()),
                         }
                     }

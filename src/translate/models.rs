@@ -49,9 +49,6 @@ pub struct ModelCaps {
     pub text_only: bool,
 }
 
-/// Context window (tokens) used to turn `contextUsageEvent` percentages into input tokens.
-pub const DEFAULT_CONTEXT_WINDOW: u64 = 200_000;
-
 #[derive(Debug, Clone)]
 pub struct ModelMap {
     /// (prefix, Amazon Q id), longest prefix first: the built-in table and the operator's.
@@ -188,10 +185,6 @@ impl ModelMap {
             })
             .collect();
         with_prefixes(out, &self.entries)
-    }
-
-    pub fn context_window(&self, _q_model: &str) -> u64 {
-        DEFAULT_CONTEXT_WINDOW
     }
 }
 

@@ -457,10 +457,7 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
         // Prompt-tag thinking only: native reasoning arrives as reasoning events.
         thinking: native.is_none() && !matches!(req.thinking, Thinking::Disabled),
         tool_names: names,
-        context_window: ctx
-            .caps
-            .and_then(|c| c.max_input_tokens)
-            .unwrap_or_else(|| ctx.models.context_window(&q_model)),
+        context_window: ctx.caps.and_then(|c| c.max_input_tokens),
     };
     let max_points = ctx.caps.map_or(0, |c| c.max_cache_checkpoints) as usize;
     if max_points > 0 {

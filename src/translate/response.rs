@@ -26,8 +26,10 @@ pub struct ResponseParams {
     /// Thinking was requested: `<thinking>` at the start of the answer becomes a thinking block.
     pub thinking: bool,
     pub tool_names: ToolNames,
-    /// Context window of the upstream model (for `contextUsageEvent`).
-    pub context_window: u64,
+    /// Context window of the upstream model, as its catalog gives it (for `contextUsageEvent`:
+    /// a share of a window guessed would make the input count wrong, a 1M model's five times
+    /// too low, and key budgets with it; without it, the daemon's own count stands).
+    pub context_window: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -494,7 +496,7 @@ impl ResponseState {
             Event::ContextUsage { percentage } => {
                 // An estimate of the input from the share of the model's window it used; the
                 // service's exact figures, when they came, stand.
-                let est = (percentage / 100.0 * self.p.context_window as f64).round() as u64;
+                let est = self.p.context_window.map_or(0, |w| (percentage / 100.0 * w as f64).round() as u64);
                 if est > 0 && self.exact.is_none() {
                     self.p.input_tokens = est;
                 }
@@ -777,7 +779,7 @@ mod tests {
             stop_sequences: vec![],
             thinking: false,
             tool_names: ToolNames::default(),
-            context_window: 200_000,
+            context_window: Some(200_000),
         }
     }
 

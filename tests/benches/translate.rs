@@ -330,7 +330,7 @@ fn params() -> ResponseParams {
         stop_sequences: vec![],
         thinking: false,
         tool_names: Default::default(),
-        context_window: 200_000,
+        context_window: Some(200_000),
     }
 }
 

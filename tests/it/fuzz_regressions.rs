@@ -135,7 +135,7 @@ fn params(max_tokens: u64, stop_sequences: &[&str]) -> ResponseParams {
         stop_sequences: stop_sequences.iter().map(|s| s.to_string()).collect(),
         thinking: false,
         tool_names: ToolNames::default(),
-        context_window: 200_000,
+        context_window: Some(200_000),
     }
 }
 

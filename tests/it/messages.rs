@@ -327,6 +327,53 @@ async fn faults_after_the_first_byte_end_with_an_error_event() {
     h.stop().await;
 }
 
+/// A non-streaming answer reaches the client only whole, at its end: one whose stream fails
+/// after its first content (a reset, the model's capacity) goes to another account, as one
+/// that fails before any content does, and the failure is the first account's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_streaming_answer_that_fails_midway_fails_over() {
+    use amq2api::emulator::Behaviour;
+    let h = Harness::start(Setup { accounts: vec!["acct-1".into(), "acct-2".into()], ..Default::default() })
+        .await;
+    h.emulator.set_behaviour(&client_id("acct-1"), Behaviour::ResetAfterFirstByte);
+    for i in 0..6 {
+        let r = post(&h, "/v1/messages", &simple(&format!("hello {i}"), false)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["stop_reason"], "end_turn");
+    }
+    let failed = h.emulator.stats_for(&client_id("acct-1")).requests;
+    assert!(failed > 0, "the failing account was never tried");
+    // An answer that ends with nothing in it (no content, none of the closing events) was
+    // cut before it began: another account answers, streamed or not.
+    h.emulator.set_behaviour(&client_id("acct-1"), Behaviour::EmptyAnswer);
+    let before = h.emulator.stats_for(&client_id("acct-1")).requests;
+    for i in 0..6 {
+        let stream = i % 2 == 0;
+        let r = post(&h, "/v1/messages", &simple(&format!("empty {i}"), stream)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let text = if stream {
+            r.sse()
+                .iter()
+                .filter(|(e, d)| e == "content_block_delta" && d["delta"]["type"] == "text_delta")
+                .count()
+        } else {
+            r.json()["content"].as_array().unwrap().len()
+        };
+        assert!(text > 0, "an empty answer reached the client: {}", r.text());
+    }
+    assert!(
+        h.emulator.stats_for(&client_id("acct-1")).requests > before,
+        "the empty account was never tried"
+    );
+    h.emulator.set_behaviour(&client_id("acct-1"), Behaviour::ResetAfterFirstByte);
+    assert!(h.account("acct-1")["last_error"].is_string(), "{}", h.account("acct-1"));
+    // Streaming: the first bytes went out, so the failure is the client's to see.
+    let r = post(&h, "/v1/messages", &simple("hello", true)).await;
+    let last = r.sse().last().unwrap().0.clone();
+    assert!(last == "message_stop" || last == "error", "{last}");
+    h.stop().await;
+}
+
 /// Starts a long streamed reply (slow when the emulator's fragments are) and returns its body
 /// after the 200.
 async fn slow_stream(h: &Harness) -> hyper::body::Incoming {
@@ -388,9 +435,11 @@ async fn verdicts(h: &Harness) -> (u64, u64, u64, Option<String>) {
 }
 
 /// Once content has reached the client, the stream's end is the account's verdict (recorded by
-/// the relay): a stream that ends well counts a request and its output tokens; one that fails
-/// midway — streaming or not — is a failure of the account with the error the client saw; one
-/// the client leaves is neither.
+/// the relay): a stream that ends well counts a request and its output tokens; one whose
+/// upstream fails midway — streaming or not — is a failure of the account, classified as one
+/// before any content is, with the upstream's error (which the client's names); one the client
+/// leaves is neither. (One the daemon ends itself — timeout, shutdown — is no verdict either:
+/// `a_stream_this_daemon_ends_is_no_verdict_on_its_account`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_end_of_a_stream_is_recorded_on_its_account() {
     let mut setup = Setup::default();
@@ -407,13 +456,21 @@ async fn the_end_of_a_stream_is_recorded_on_its_account() {
     assert_eq!(last.0, "error");
     let (requests, failures, _, last_error) = verdicts(&h).await;
     assert_eq!((requests, failures), (1, 1), "a mid-stream failure is the account's");
-    assert_eq!(last_error.as_deref(), last.1["error"]["message"].as_str(), "with the error the client saw");
+    let last_error = last_error.unwrap();
+    assert!(last.1["error"]["message"].as_str().unwrap().contains(&last_error), "{last_error}: {last:?}");
 
+    // Non-streaming, nothing sent yet: the failure is the account's as before any content (on
+    // every account the request went to; here, one).
     let r = post(&h, "/v1/messages", &simple("hello\n#emulator: corrupt-frame", false)).await;
     assert_eq!(r.status, 500, "{}", r.text());
     let (requests, failures, _, last_error) = verdicts(&h).await;
     assert_eq!((requests, failures), (1, 2));
-    assert_eq!(last_error.as_deref(), r.json()["error"]["message"].as_str());
+    let last_error = last_error.unwrap();
+    assert!(
+        r.json()["error"]["message"].as_str().unwrap().contains(&last_error),
+        "{last_error}: {}",
+        r.text()
+    );
 
     // The client leaves after the first bytes: no verdict.
     let mut body = slow_stream(&h).await;
@@ -427,6 +484,31 @@ async fn the_end_of_a_stream_is_recorded_on_its_account() {
     }
     let (requests, failures, _, _) = verdicts(&h).await;
     assert_eq!((requests, failures), (1, 2), "a stream the client left is no verdict");
+    h.stop().await;
+}
+
+/// How a stream ends after its first content is classified as a failure before any content
+/// is: a throttle in the middle of the answer cools the account down (it kept its traffic
+/// before). A stream this daemon ends itself (`request_timeout_secs`) is no verdict on the
+/// account: the account did nothing wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_this_daemon_ends_is_no_verdict_on_its_account() {
+    let mut setup = Setup { server: "request_timeout_secs = 1".into(), ..Default::default() };
+    setup.emulator.fragment_delay = Duration::from_millis(50);
+    let h = Harness::start(setup).await;
+    let r = post(&h, "/v1/messages", &simple("go on\n#emulator: long 5000", true)).await;
+    let last = r.sse().last().unwrap().clone();
+    assert_eq!(last.0, "error", "{last:?}");
+    assert!(last.1["error"]["message"].as_str().unwrap().contains("timed out"), "{last:?}");
+    let (_, failures, _, last_error) = verdicts(&h).await;
+    assert_eq!((failures, last_error), (0, None), "the daemon's own timeout was put on the account");
+    assert_eq!(h.account("acct-1")["state"], "active");
+
+    let r =
+        post(&h, "/v1/messages", &simple("hi\n#emulator: exception ThrottlingException Rate exceeded", true))
+            .await;
+    assert_eq!(r.sse().last().unwrap().0, "error");
+    assert_eq!(h.account("acct-1")["state"], "cooling", "a throttle mid-stream left the account serving");
     h.stop().await;
 }
 
@@ -547,6 +629,25 @@ async fn auth_and_http_edge_errors() {
         assert_eq!(r.status, status, "x-api-key {x_api_key}, bearer {bearer}: {}", r.text());
     }
     let key = || Some(("x-api-key", API_KEY.to_string()));
+    // A compressed body: 415 naming the encoding, not a JSON error about byte 1.
+    let req = http::Request::post(h.url("/v1/messages"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .header("x-api-key", API_KEY)
+        .body(Full::new(Bytes::from_static(b"\x1f\x8b\x08\x00")))
+        .unwrap();
+    let r = send(req).await;
+    assert_eq!(
+        (r.status, r.json()["error"]["type"].clone()),
+        (415, json!("invalid_request_error")),
+        "{}",
+        r.text()
+    );
+    assert!(
+        r.json()["error"]["message"].as_str().unwrap().contains("\"gzip\" is not supported"),
+        "{}",
+        r.text()
+    );
     let r = send_with(key(), "text/plain", good.clone(), "/v1/messages", "POST").await;
     assert_eq!((r.status, r.json()["error"]["type"].clone()), (400, json!("invalid_request_error")));
     let r = send_with(key(), "application/json", Bytes::from_static(b"{nope"), "/v1/messages", "POST").await;

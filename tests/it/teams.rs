@@ -148,9 +148,13 @@ async fn rpm_and_concurrency_limits_hold_under_concurrent_load_and_counts_match_
         served += emu;
     }
     assert_eq!(served, 10 + 4, "what the emulator served");
-    // By the model the name resolved to.
+    // By the model the name resolved to; a request refused before its body was read (the
+    // key over its limits then) has no model: `other`.
     let model = usage_of(&h, "model", "claude-sonnet-4-5");
-    assert_eq!(model["requests"].as_u64(), Some(35));
+    let other = usage_of(&h, "model", "other");
+    assert_eq!(model["requests"].as_u64().unwrap() + other["requests"].as_u64().unwrap(), 35);
+    assert_eq!(model["errors"].as_u64().unwrap() + other["errors"].as_u64().unwrap(), 21);
+    assert!(model["requests"].as_u64().unwrap() >= 14, "the requests served: {model}");
     // Per-key counters on /metrics, named, never the key.
     let m = common::get(&h, "/metrics").await.text();
     assert!(m.contains("amq2api_key_requests_total{key=\"alice\",status=\"429\"} 15"), "{m}");
@@ -362,6 +366,60 @@ async fn a_crash_loses_nothing_older_than_the_batch_window() {
         "{text}"
     );
     assert!(!text.contains(ALICE));
+}
+
+/// A key over its limits is refused before its request's body is read: its bodies do not take
+/// the body budget and parsing threads every key shares. Here a key at its `rpm` sends the
+/// headers of a large request and holds the body back: the 429 comes at once (before, the
+/// daemon waited for the whole body first), and `count_tokens` is refused the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_limits_is_refused_before_its_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let keys = format!("[[key]]\nname = \"alice\"\nkey = \"{ALICE}\"\nrpm = 1\n");
+    let h = start(&keys, accounts(1), Duration::ZERO).await;
+    assert_eq!(post_as(&h, ALICE, &simple("hi", false)).await.status, 200);
+    for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+        let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\nx-api-key: {ALICE}\r\ncontent-type: application/json\r\n\
+             content-length: 10000000\r\n\r\n{{\"model\": "
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{path}: no answer before the body"))
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer[..n]);
+        assert!(text.starts_with("HTTP/1.1 429"), "{path}: {text}");
+        assert!(text.contains("rpm limit"), "{path}: {text}");
+    }
+    h.stop().await;
+}
+
+/// A reload that drops `keys_file` from amq2api.toml drops its keys, and the old file's next
+/// edit (a configuration tool rewriting it) does not bring them back through the watcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_a_keys_file_no_longer_configured_stay_gone() {
+    let keys = format!("[[key]]\nname = \"alice\"\nkey = \"{ALICE}\"\n");
+    let h = start(&keys, accounts(1), Duration::ZERO).await;
+    assert_eq!(post_as(&h, ALICE, &simple("hi", false)).await.status, 200);
+    let config = h.dir.path().join("amq2api.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("keys_file = \"keys.toml\""), "{text}");
+    std::fs::write(&config, text.replace("keys_file = \"keys.toml\"", "")).unwrap();
+    let r = h.ctl_json(&["reload"]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(post_as(&h, ALICE, &simple("hi", false)).await.status, 401);
+    // The old file is rewritten (the watcher still watches it until a restart).
+    std::fs::write(h.dir.path().join("keys.toml"), format!("{keys}rpm = 100\n")).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        post_as(&h, ALICE, &simple("hi", false)).await.status,
+        401,
+        "the old keys file's keys came back"
+    );
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -258,7 +258,7 @@ fuzz_target!(|data: &[u8]| {
         stop_sequences: stop_sequences.clone(),
         thinking: input.thinking,
         tool_names: ToolNames::default(),
-        context_window: u64::from(input.context_window),
+        context_window: Some(u64::from(input.context_window)),
     };
 
     if debug {
