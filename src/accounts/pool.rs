@@ -2297,21 +2297,28 @@ mod tests {
         let emu =
             crate::emulator::Emulator::start(crate::emulator::EmulatorOptions::default()).await.unwrap();
         emu.add_account("c-a1", "s-a1", "r-a1");
-        let cfg = config_for(&emu);
-        let client = UpstreamClient::new(&cfg.upstream).unwrap();
-        let pool =
-            Pool::new(&accounts(&["a1"]), BTreeMap::new(), &cfg.accounts, cfg.upstream.clone(), client, sink);
+        let pool = pool_of(&config_for(&emu), &["a1"], sink);
         (emu, pool)
+    }
+
+    /// A pool serving `ids` with `cfg` through `sink`.
+    fn pool_of(cfg: &crate::config::Config, ids: &[&str], sink: Arc<dyn StateSink>) -> Arc<Pool> {
+        let client = UpstreamClient::new(&cfg.upstream).unwrap();
+        Pool::new(&accounts(ids), BTreeMap::new(), &cfg.accounts, cfg.upstream.clone(), client, sink)
     }
 
     /// The daemon's config against `emu`.
     fn config_for(emu: &crate::emulator::Emulator) -> crate::config::Config {
+        config_with_upstream(&crate::demo::upstream_keys(emu))
+    }
+
+    /// The daemon's config with these `[upstream]` keys.
+    fn config_with_upstream(keys: &str) -> crate::config::Config {
         crate::config::parse_config(
             std::path::Path::new("/etc/amq2api/amq2api.toml"),
             &format!(
                 "[server]\nlisten = [\"127.0.0.1:0\"]\n[auth]\napi_keys = [\"sk-amq-0123456789abcdef\"]\n\
-                 [upstream]\n{}[accounts]\nfile = \"accounts.toml\"\n",
-                crate::demo::upstream_keys(emu)
+                 [upstream]\n{keys}[accounts]\nfile = \"accounts.toml\"\n"
             ),
             &crate::config::Env::default(),
         )
@@ -2454,27 +2461,9 @@ mod tests {
         let emu =
             crate::emulator::Emulator::start(crate::emulator::EmulatorOptions::default()).await.unwrap();
         emu.add_account("c-a1", "s-a1", "r-a1");
-        let text = format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\n[auth]\napi_keys = [\"sk-amq-0123456789abcdef\"]\n\
-             [upstream]\n{}[accounts]\nfile = \"accounts.toml\"\n",
-            crate::demo::upstream_keys(&emu).replace(&emu.token_endpoint(), &down)
-        );
-        let cfg = crate::config::parse_config(
-            std::path::Path::new("/etc/amq2api/amq2api.toml"),
-            &text,
-            &crate::config::Env::default(),
-        )
-        .unwrap()
-        .0;
-        let client = UpstreamClient::new(&cfg.upstream).unwrap();
-        let pool = Pool::new(
-            &accounts(&["a1"]),
-            BTreeMap::new(),
-            &cfg.accounts,
-            cfg.upstream.clone(),
-            client,
-            Arc::new(Flaky::default()),
-        );
+        let cfg =
+            config_with_upstream(&crate::demo::upstream_keys(&emu).replace(&emu.token_endpoint(), &down));
+        let pool = pool_of(&cfg, &["a1"], Arc::new(Flaky::default()));
         let a = pool.get("a1").unwrap();
         let waiting: Vec<_> = (0..5)
             .map(|_| {
@@ -2623,15 +2612,7 @@ mod tests {
         let (emu, _) = pool_with_a1(Arc::new(Flaky::default())).await;
         let cfg = config_for(&emu);
         let node = |view: Arc<Shared>| {
-            let client = UpstreamClient::new(&cfg.upstream).unwrap();
-            let pool = Pool::new(
-                &accounts(&["a1"]),
-                BTreeMap::new(),
-                &cfg.accounts,
-                cfg.upstream.clone(),
-                client,
-                Arc::new(Flaky::default()),
-            );
+            let pool = pool_of(&cfg, &["a1"], Arc::new(Flaky::default()));
             pool.set_clustered(Duration::from_secs(1), view);
             pool.hold("a1", mono_ms() + 3_600_000);
             pool
@@ -2700,14 +2681,7 @@ mod tests {
         let cfg = config_for(&emu);
         let sink = Arc::new(Flaky::default());
         sink.failing.store(true, Ordering::SeqCst);
-        let pool = Pool::new(
-            &accounts(&["a1", "a2"]),
-            BTreeMap::new(),
-            &cfg.accounts,
-            cfg.upstream.clone(),
-            UpstreamClient::new(&cfg.upstream).unwrap(),
-            sink.clone(),
-        );
+        let pool = pool_of(&cfg, &["a1", "a2"], sink.clone());
         let view = Arc::new(Shared::default());
         pool.set_clustered(Duration::from_secs(1), view.clone());
         let (a1, a2) = (pool.get("a1").unwrap(), pool.get("a2").unwrap());

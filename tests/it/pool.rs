@@ -329,6 +329,53 @@ async fn an_account_removed_and_added_back_keeps_its_rotated_token() {
     h.stop().await;
 }
 
+/// Runs `f` off the runtime (it starts child daemons and waits on them); its panic is the
+/// test's.
+async fn blocking(f: impl FnOnce() + Send + 'static) {
+    if let Err(e) = tokio::task::spawn_blocking(f).await {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// [`assert_live_stored`] for each of `ids` (its client `client_id(id)`); `what` names the
+/// moment.
+fn assert_all_live_stored(
+    state_dir: &std::path::Path,
+    emu: &amq2api::emulator::Emulator,
+    ids: &[String],
+    what: &str,
+) {
+    for id in ids {
+        assert_live_stored(
+            state_dir,
+            emu,
+            id,
+            &client_id(id),
+            &format!("{what}: {id}'s live refresh token is not the stored one"),
+        );
+    }
+}
+
+/// An emulator with `opts` and the accounts `ids` (`secret-ID`, `refresh-ID`).
+async fn emulator_with(opts: EmulatorOptions, ids: &[String]) -> amq2api::emulator::Emulator {
+    let emulator = amq2api::emulator::Emulator::start(opts).await.unwrap();
+    for id in ids {
+        emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
+    }
+    emulator
+}
+
+/// The refresh token stored for `id` is the emulator's live one for `cid`.
+fn assert_live_stored(
+    state_dir: &std::path::Path,
+    emu: &amq2api::emulator::Emulator,
+    id: &str,
+    cid: &str,
+    what: &str,
+) {
+    assert_eq!(stored_refresh_token(state_dir, id), emu.live_refresh_token(cid).unwrap(), "{what}");
+}
+
 /// The refresh token at the head of the account's chain in a stopped daemon's store (the
 /// file's when the store has none).
 fn stored_refresh_token(state_dir: &std::path::Path, id: &str) -> String {
@@ -378,7 +425,7 @@ async fn a_full_or_read_only_disk_never_loses_the_refresh_token_chain() {
         }
     }
     let emu = emulator.clone();
-    let result = tokio::task::spawn_blocking(move || {
+    blocking(move || {
         for (run, read_only) in runs {
             let all: Vec<String> = (0..21).map(|i| format!("{run}-{i}")).collect();
             let first = all[..1].to_vec();
@@ -434,19 +481,10 @@ async fn a_full_or_read_only_disk_never_loses_the_refresh_token_chain() {
             });
             wait_refreshes(&emu, &client_id(&all[0]), 2, Duration::from_secs(20));
             assert_eq!(d.stop(Duration::from_secs(60)), 0);
-            for id in &all {
-                assert_eq!(
-                    stored_refresh_token(&disk.path(""), id),
-                    emu.live_refresh_token(&client_id(id)).unwrap(),
-                    "{id}: the stored chain is the live one"
-                );
-            }
+            assert_all_live_stored(&disk.path(""), &emu, &all, &format!("{run}, after recovery"));
         }
     })
     .await;
-    if let Err(e) = result {
-        std::panic::resume_unwind(e.into_panic());
-    }
     assert_eq!(emulator.stats().refresh_failures, 0, "a refresh presented a dead token");
 }
 
@@ -458,21 +496,17 @@ async fn a_stop_during_a_refresh_stores_its_answer_first() {
     use common::child::{AMQ2API, ChildDaemon, write_config};
     // Tokens that live 2 s with a 30 s margin: a refresh starts on every pass of the
     // refresher (once a second), and each answer takes 400 ms after the rotation.
-    let emulator = amq2api::emulator::Emulator::start(EmulatorOptions {
+    let opts = EmulatorOptions {
         access_token_ttl: Duration::from_secs(2),
         token_delay: Duration::from_millis(400),
         ..Default::default()
-    })
-    .await
-    .unwrap();
+    };
     let ids = vec!["stop-1".to_owned(), "stop-2".to_owned()];
-    for id in &ids {
-        emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
-    }
+    let emulator = emulator_with(opts, &ids).await;
     let tmp = tempfile::tempdir().unwrap();
     let config = write_config(tmp.path(), &emulator, &ids, "refresh_before_expiry_secs = 30");
     let emu = emulator.clone();
-    let result = tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let mut seed = 0x2545_f491u32;
         for round in 0..12 {
             seed ^= seed << 13;
@@ -482,19 +516,10 @@ async fn a_stop_during_a_refresh_stores_its_answer_first() {
             // Anywhere in a refresh cycle: before a refresh, while its answer is on the way, after.
             std::thread::sleep(Duration::from_millis((seed % 1500) as u64));
             assert_eq!(d.stop(Duration::from_secs(60)), 0, "round {round}: a clean stop exits 0");
-            for id in &ids {
-                assert_eq!(
-                    stored_refresh_token(&tmp.path().join("state"), id),
-                    emu.live_refresh_token(&client_id(id)).unwrap(),
-                    "round {round}: {id}'s live refresh token was not stored"
-                );
-            }
+            assert_all_live_stored(&tmp.path().join("state"), &emu, &ids, &format!("round {round}"));
         }
     })
     .await;
-    if let Err(e) = result {
-        std::panic::resume_unwind(e.into_panic());
-    }
     assert_eq!(emulator.stats().refresh_failures, 0);
     assert!(emulator.stats().refreshes >= 12, "refreshes really happened: {}", emulator.stats().refreshes);
 }
@@ -520,7 +545,7 @@ async fn a_renamed_account_resumes_its_rotated_refresh_token() {
         )
     };
     let emu = emulator.clone();
-    let result = tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let refreshed = |d: &ChildDaemon, id: &str| {
             let r = d
                 .ctl_json(&["refresh", id])
@@ -542,17 +567,16 @@ async fn a_renamed_account_resumes_its_rotated_refresh_token() {
             let d = ChildDaemon::start(std::process::Command::new(AMQ2API), &config, &[]);
             refreshed(&d, id);
             assert_eq!(d.stop(Duration::from_secs(30)), 0);
-            assert_eq!(
-                stored_refresh_token(&tmp.path().join("state"), id),
-                emu.live_refresh_token(&cid).unwrap(),
-                "{id}: the renamed account's chain is the live one"
+            assert_live_stored(
+                &tmp.path().join("state"),
+                &emu,
+                id,
+                &cid,
+                &format!("{id}: the renamed account's chain is the live one"),
             );
         }
     })
     .await;
-    if let Err(e) = result {
-        std::panic::resume_unwind(e.into_panic());
-    }
     assert_eq!(emulator.stats().refresh_failures, 0, "a refresh presented a dead token");
 }
 
@@ -564,20 +588,14 @@ async fn a_renamed_account_resumes_its_rotated_refresh_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_during_a_refresh_backlog_starts_no_new_token_call() {
     use common::child::{AMQ2API, ChildDaemon, write_config};
-    let emulator = amq2api::emulator::Emulator::start(EmulatorOptions {
-        token_delay: Duration::from_secs(3),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     let ids: Vec<String> = (0..12).map(|i| format!("backlog-{i}")).collect();
-    for id in &ids {
-        emulator.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
-    }
+    let emulator =
+        emulator_with(EmulatorOptions { token_delay: Duration::from_secs(3), ..Default::default() }, &ids)
+            .await;
     let tmp = tempfile::tempdir().unwrap();
     let config = write_config(tmp.path(), &emulator, &ids, "");
     let emu = emulator.clone();
-    let result = tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let d = ChildDaemon::start(std::process::Command::new(AMQ2API), &config, &[]);
         // The first wave is sent (its answers take 3 s); the rest wait for a slot.
         let t0 = Instant::now();
@@ -594,18 +612,9 @@ async fn a_stop_during_a_refresh_backlog_starts_no_new_token_call() {
             sent,
             "refreshes queued at the stop still called the token endpoint"
         );
-        for id in &ids {
-            assert_eq!(
-                stored_refresh_token(&tmp.path().join("state"), id),
-                emu.live_refresh_token(&client_id(id)).unwrap(),
-                "{id}'s live refresh token was not stored"
-            );
-        }
+        assert_all_live_stored(&tmp.path().join("state"), &emu, &ids, "after the stop");
     })
     .await;
-    if let Err(e) = result {
-        std::panic::resume_unwind(e.into_panic());
-    }
     assert_eq!(emulator.stats().refresh_failures, 0);
 }
 
@@ -657,7 +666,7 @@ async fn failover_log_lines_carry_the_request_id() {
     let tmp = tempfile::tempdir().unwrap();
     let config = write_config(tmp.path(), &emulator, &ids, "");
     let log = tmp.path().join("daemon.log");
-    let result = tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let d = ChildDaemon::start_logged(std::process::Command::new(AMQ2API), &config, &[], Some(&log));
         let addr = d.addr();
         let body = simple("refused twice", false).to_string();
@@ -692,9 +701,6 @@ async fn failover_log_lines_carry_the_request_id() {
         assert!(!access.is_empty(), "the access log names the request: {text}");
     })
     .await;
-    if let Err(e) = result {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }
 
 /// `[[account]]` entries for a social account and an API-key account registered with `e`.
