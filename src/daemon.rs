@@ -290,7 +290,8 @@ async fn run_inner(
     // call's own deadline.
     let refresh_deadline = app.config.upstream.connect_timeout
         + crate::upstream::client::TOKEN_CALL_DEADLINE
-        + Duration::from_secs(5);
+        + crate::upstream::client::TOKEN_BODY_FLOOR
+        + Duration::from_secs(1);
     crate::systemd::extend_stop(refresh_deadline + Duration::from_secs(15));
     let lost = app.pool.finish(refresh_deadline).await;
     if !lost.is_empty() {

@@ -154,8 +154,9 @@ impl Reloader {
                     let out: HashSet<&AccountId> = refused.iter().map(|(id, _)| id).collect();
                     AccountSet::new(set.iter().filter(|s| !out.contains(&s.id)).cloned().collect())
                 };
-                // An account whose change waits keeps its current settings in the recorded
-                // set, so the next reload sees the change again.
+                // An account whose change waits keeps its current settings (the account's own,
+                // which an account added back also has) in the recorded set, so the next
+                // reload sees the change again.
                 let set = if applied.deferred.is_empty() {
                     set
                 } else {
@@ -165,10 +166,15 @@ impl Reloader {
                     AccountSet::new(
                         set.iter()
                             .map(|s| {
-                                old.get(&s.id)
-                                    .filter(|_| applied.deferred.iter().any(|(d, _)| *d == s.id))
-                                    .unwrap_or(s)
-                                    .clone()
+                                if applied.deferred.iter().any(|(d, _)| *d == s.id) {
+                                    self.app
+                                        .pool
+                                        .get(s.id.as_str())
+                                        .map(|a| a.spec())
+                                        .unwrap_or_else(|| s.clone())
+                                } else {
+                                    s.clone()
+                                }
                             })
                             .collect(),
                     )

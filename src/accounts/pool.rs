@@ -136,6 +136,9 @@ pub struct Account {
     /// it has no valid access token (see [`Account::usable`]): the background refresher's
     /// backoff, kept by the request path too.
     refresh_wait_until_ms: AtomicU64,
+    /// The account is invalid because a refresh was refused (not for a chat API refusal): a
+    /// refresh that works again makes it active.
+    invalid_by_refresh: AtomicBool,
     counters_dirty: AtomicBool,
     pub tokens: Tokens,
     identity: Identity,
@@ -233,6 +236,12 @@ impl Account {
         if state.state == State::Invalid && !same_credentials {
             state = StateInfo::default();
         }
+        // Invalid by a refused refresh (its reason is the refusal's): a refresh that works
+        // again makes it active, after a restart too.
+        let by_refresh = state.state == State::Invalid
+            && state.reason.as_deref().is_some_and(|r| {
+                r.starts_with("refresh token rejected") || r.starts_with("client registration rejected")
+            });
         let (identity, new_identity) = Identity::restore(restored.identity);
         let account = Account {
             id: spec.id.clone(),
@@ -248,6 +257,7 @@ impl Account {
             profile_guessed: AtomicBool::new(false),
             next_refresh_try: Mutex::new(None),
             refresh_wait_until_ms: AtomicU64::new(0),
+            invalid_by_refresh: AtomicBool::new(by_refresh),
             counters_dirty: AtomicBool::new(false),
             tokens: Tokens::new(chain, access),
             identity,
@@ -1090,7 +1100,7 @@ impl Pool {
                     .load(Ordering::Relaxed)
                     .saturating_sub(unix_ms(SystemTime::now()));
                 let last = a.state().last_error.unwrap_or_default();
-                return Err(RefreshError::Transient(format!(
+                return Err(RefreshError::NotAttempted(format!(
                     "the last token refresh failed ({last}); the next try is in {} s",
                     left.div_ceil(1000)
                 )));
@@ -1111,7 +1121,7 @@ impl Pool {
                 {
                     // The lease was lost and the new holder stored a token of its own: this
                     // node's rotated one is superseded (the stored chain replaced it here).
-                    result = Err(RefreshError::Transient(
+                    result = Err(RefreshError::NotAttempted(
                         "this node lost the lease, and the new holder stored a newer token than the one rotated here"
                             .into(),
                     ));
@@ -1204,7 +1214,15 @@ impl Pool {
                     // the calls already sent are waited for (each is bounded by its deadline,
                     // which the shutdown's wait covers), and none is cut halfway.
                     if self.stopping.load(Ordering::SeqCst) {
-                        return Err(RefreshError::Transient("the daemon is stopping; not refreshing".into()));
+                        return Err(RefreshError::NotAttempted("the daemon is stopping; not refreshing".into()));
+                    }
+                    // A removed account (its request still in flight) no longer rotates its
+                    // chain: a renamed account may have taken it over (see [`adopt_renamed`]),
+                    // and two holders of one chain kill each other's token.
+                    if a.removed.load(Ordering::SeqCst) {
+                        return Err(RefreshError::NotAttempted(
+                            "the account was removed from the accounts file; not refreshing".into(),
+                        ));
                     }
                     // Read under the chain's lock, after the slot: a reload may have changed the
                     // credentials while this refresh waited. A chain and credentials of two
@@ -1215,7 +1233,7 @@ impl Pool {
                     let spec = a.spec();
                     let endpoints = a.endpoints();
                     if chain.file_fingerprint != spec.credentials_fingerprint() {
-                        return Err(RefreshError::Transient(
+                        return Err(RefreshError::NotAttempted(
                             "the account's credentials are being replaced (a reload); refreshing after that"
                                 .into(),
                         ));
@@ -1224,7 +1242,7 @@ impl Pool {
                         // Fencing's first line: never rotate a refresh token near the end of
                         // (or after) the lease; the new holder would find its token dead.
                         if !a.held_for(guard) {
-                            return Err(RefreshError::Transient(
+                            return Err(RefreshError::NotAttempted(
                                 "this node's lease on the account is ending; not refreshing".into(),
                             ));
                         }
@@ -1235,13 +1253,13 @@ impl Pool {
                             match leases.lease_left(a.id.as_str(), Duration::from_millis(guard)).await {
                                 Ok(true) => {}
                                 Ok(false) => {
-                                    return Err(RefreshError::Transient(
+                                    return Err(RefreshError::NotAttempted(
                                         "PostgreSQL says this node's lease on the account is gone or ending; not refreshing"
                                             .into(),
                                     ));
                                 }
                                 Err(e) => {
-                                    return Err(RefreshError::Transient(format!(
+                                    return Err(RefreshError::NotAttempted(format!(
                                         "cannot confirm this node's lease on the account ({e}); not refreshing"
                                     )));
                                 }
@@ -1512,8 +1530,9 @@ impl Pool {
                 a.set_refresh_wait(None);
                 // A refresh that works proves the credentials (an `amqctl refresh` after a
                 // fix elsewhere: the auth region, the proxy, a newer chain taken from the
-                // store): an account made invalid by an earlier refusal serves again.
-                if a.state().state == State::Invalid {
+                // store): an account made invalid by a refused refresh serves again (not one
+                // made invalid by the chat API: a refused API key, access denied).
+                if a.invalid_by_refresh.swap(false, Ordering::SeqCst) && a.state().state == State::Invalid {
                     tracing::info!(account = %a.id, "its token refresh works again: the account is active");
                     self.set_state(a, State::Active, None, None);
                 }
@@ -1525,8 +1544,18 @@ impl Pool {
                 } else if e.is_permanent() {
                     tracing::warn!(account = %a.id, error = %e, "credentials refused; the account is invalid until its credentials change or a refresh works (amqctl refresh)");
                     self.set_state(a, State::Invalid, None, Some(e.to_string()));
+                    a.invalid_by_refresh.store(true, Ordering::SeqCst);
+                } else if matches!(e, RefreshError::NotAttempted(_)) {
+                    // Not the account's failure: nothing to wait for longer.
+                    tracing::debug!(account = %a.id, error = %e, "token refresh not attempted");
                 } else {
-                    let n = a.refresh_failures.fetch_add(1, Ordering::SeqCst) + 1;
+                    // A failed token call is counted once, however many callers shared it
+                    // (the backoff's exponent is the chain's failures in a row); a store
+                    // failure, per try.
+                    let n = match e {
+                        RefreshError::NotStored(_) => a.refresh_failures.fetch_add(1, Ordering::SeqCst) + 1,
+                        _ => a.tokens.consecutive_failures().max(1),
+                    };
                     // Storing is retried sooner than the token endpoint is asked again: it
                     // recovers as soon as the disk does.
                     let backoff = match e {
@@ -1717,6 +1746,7 @@ impl Pool {
                 self.set_state(a, State::Suspended, None, Some(reason.clone()));
             }
             UpstreamFailure::AccessDenied { message } => {
+                a.invalid_by_refresh.store(false, Ordering::SeqCst);
                 self.set_state(a, State::Invalid, None, Some(format!("access denied: {message}")));
             }
             UpstreamFailure::TokenInvalid => {
@@ -1792,7 +1822,10 @@ impl Pool {
         // [`adopt_renamed`]): their current chain, read once any refresh in flight has ended.
         // Marked removed first, so that no new refresh of theirs starts meanwhile.
         let mut leaving: Vec<(String, Restored)> = Vec::new();
-        if !joining.is_empty() && !diff.removed.is_empty() {
+        // `[cluster]`: not across nodes (another node may hold the old id's lease and go on
+        // refreshing its chain): there a rename keeps the old id's chain in the store, and
+        // renaming back finds it.
+        if !joining.is_empty() && !diff.removed.is_empty() && self.clustered().is_none() {
             let removed: HashSet<&AccountId> = diff.removed.iter().collect();
             for a in self.accounts().into_iter().filter(|a| removed.contains(&a.id)) {
                 if a.kind() == Kind::ApiKey || a.tokens.has_unsaved() {
@@ -1813,6 +1846,16 @@ impl Pool {
             if let Some(spec) = specs.get(&id) {
                 if let Some(a) = self.revive(&id) {
                     tracing::info!(account = %id, "account added back: it resumes where it was removed");
+                    // Renamed away and back while something still held it: the account it
+                    // was renamed to, leaving now, carries the chain on (this one stopped
+                    // refreshing when it was removed).
+                    if let Some((from, chain, access)) =
+                        adopt_renamed(spec, &Restored::default(), leaving.iter_mut().map(|(i, r)| (&*i, r)))
+                    {
+                        tracing::info!(account = %id, from = %from, "account renamed back: it resumes the chain of the name it had");
+                        let seen = a.tokens.generation();
+                        a.tokens.adopt(chain, access, seen).await;
+                    }
                     let stored = restored.ok().and_then(|r| r.chain);
                     revived.push((a.clone(), *spec, stored));
                     added.push(a);
@@ -1942,9 +1985,24 @@ impl Pool {
                         "its new credentials wait: a rotated refresh token of its current ones cannot be stored ({e})"
                     ));
                 }
-                reset = a.tokens.reset(from_file, stored).await;
+                reset = a.tokens.reset(from_file.clone(), stored).await;
+                if reset == Reset::Unsaved {
+                    // Rotated again, and not stored again, meanwhile.
+                    return Err("its new credentials wait: a rotated refresh token of its current ones cannot be stored".into());
+                }
             }
             if reset == Reset::Continued {
+                let id = a.id.clone();
+                let relabelled = a
+                    .tokens
+                    .relabel(from_file.file_fingerprint, |chain, access| {
+                        self.sink.tokens(&id, &chain, &access)
+                    })
+                    .await;
+                if let Err(e) = relabelled {
+                    tracing::error!(account = %a.id, error = %e, "the file's refresh token is this account's own chain, which cannot be stored under the new entry; the change waits");
+                    return Err(format!("its chain cannot be stored under the new entry ({e})"));
+                }
                 tracing::info!(account = %a.id, "the file's refresh token is one this account's chain already holds or rotated away from: the chain goes on");
             }
             if a.state().state == State::Invalid {
@@ -1953,6 +2011,11 @@ impl Pool {
         }
         *a.endpoints.write().unwrap_or_else(|e| e.into_inner()) =
             endpoints_for(&self.upstream, spec.region.as_deref(), spec.auth_region.as_deref());
+        // New settings (a region, a proxy, credentials): a refresh that failed under the old
+        // ones is no reason to wait now.
+        a.set_refresh_wait(None);
+        a.refresh_failures.store(0, Ordering::SeqCst);
+        a.tokens.clear_failures();
         let mut held = a.spec.write().unwrap_or_else(|e| e.into_inner());
         *a.fingerprint.write().unwrap_or_else(|e| e.into_inner()) = spec.credentials_fingerprint();
         *held = spec.clone();
@@ -2358,7 +2421,8 @@ mod tests {
     /// goes on; restarting from that token would meet `invalid_grant`.
     #[tokio::test]
     async fn a_file_with_a_token_of_the_chains_past_continues_the_chain() {
-        let (emu, pool) = pool_with_a1(Arc::new(Flaky::default())).await;
+        let sink = Arc::new(Flaky::default());
+        let (emu, pool) = pool_with_a1(sink.clone()).await;
         let a = pool.get("a1").unwrap();
         let mut seen = Vec::new();
         for _ in 0..3 {
@@ -2377,6 +2441,13 @@ mod tests {
             let next = file(token);
             let applied = pool.apply(&next, &before.diff(&next)).await;
             assert!(applied.refused.is_empty() && applied.deferred.is_empty());
+            // Stored under the new entry's credentials: a restart finds it there.
+            let fp = next.iter().next().unwrap().credentials_fingerprint();
+            assert_eq!(
+                sink.chains.lock().unwrap()["a1"].file_fingerprint,
+                fp,
+                "the relabelled chain was not stored"
+            );
             assert!(pool.access_token(&a, None).await.is_ok());
             pool.refresh_tokens(&a, a.tokens.current_access().map(|x| x.token).as_ref()).await.unwrap();
             before = next;
@@ -2388,6 +2459,36 @@ mod tests {
         let next = file("r-fresh");
         pool.apply(&next, &before.diff(&next)).await;
         assert_eq!(a.tokens.chain().await.refresh_token.expose(), "r-fresh");
+    }
+
+    /// An account renamed away while a request still holds it, then renamed back: the old
+    /// holder no longer rotates the chain it gave away, and the name it comes back to resumes
+    /// the chain the other name carried on (renamed back, it would otherwise hold the token it
+    /// had when it left, dead since).
+    #[tokio::test]
+    async fn an_account_renamed_away_and_back_while_held_keeps_one_chain() {
+        let (emu, pool) = pool_with_a1(Arc::new(Flaky::default())).await;
+        let named = |id: &str| {
+            let text = format!(
+                "[[account]]\nid = \"{id}\"\nclient_id = \"c-a1\"\nclient_secret = \"s-a1\"\nrefresh_token = \"r-a1\"\n"
+            );
+            crate::config::accounts::parse(std::path::Path::new("accounts.toml"), &text).unwrap().0
+        };
+        let (first, second) = (named("a1"), named("b1"));
+        let held = pool.get("a1").unwrap();
+        pool.refresh_now(&held).await.unwrap();
+        pool.apply(&second, &first.diff(&second)).await;
+        // The request that still holds the old name: no token call of its own now.
+        let r = pool.refresh_now(&held).await;
+        assert!(matches!(&r, Err(RefreshError::NotAttempted(_))), "{r:?}");
+        let b = pool.get("b1").unwrap();
+        pool.refresh_now(&b).await.unwrap();
+        pool.apply(&first, &second.diff(&first)).await;
+        let back = pool.get("a1").unwrap();
+        assert!(Arc::ptr_eq(&back, &held), "not the account that was held");
+        assert_eq!(back.tokens.chain().await.refresh_token.expose(), emu.live_refresh_token("c-a1").unwrap());
+        pool.refresh_now(&back).await.unwrap();
+        assert_eq!(emu.stats().refresh_failures, 0, "a dead refresh token was presented");
     }
 
     /// New credentials in the file while a rotated refresh token of the current ones is held
@@ -2426,7 +2527,13 @@ mod tests {
     async fn a_refresh_that_works_makes_an_invalid_account_active() {
         let (emu, pool) = pool_with_a1(Arc::new(Flaky::default())).await;
         let a = pool.get("a1").unwrap();
-        pool.set_state(&a, State::Invalid, None, Some("client registration rejected".into()));
+        // Made invalid by the chat API (access denied): a refresh proves nothing about that.
+        pool.apply_failure(&a, &UpstreamFailure::AccessDenied { message: "not authorized".into() });
+        pool.refresh_now(&a).await.unwrap();
+        assert_eq!(a.state().state, State::Invalid);
+        // Made invalid by a refused refresh: a refresh that works clears it.
+        pool.set_state(&a, State::Invalid, None, Some("client registration rejected: wrong region".into()));
+        a.invalid_by_refresh.store(true, Ordering::SeqCst);
         assert!(!a.usable(SystemTime::now()));
         pool.refresh_now(&a).await.unwrap();
         assert_eq!(a.state().state, State::Active);
@@ -2476,8 +2583,12 @@ mod tests {
             assert!(matches!(&r, Err(RefreshError::Transient(_))), "{r:?}");
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1, "each waiting caller asked the token endpoint again");
+        // One failure, counted once: the wait is the first step's (2 s, ±25 %), not five steps'.
+        assert_eq!(a.tokens.consecutive_failures(), 1);
+        let wait = a.refresh_wait_until_ms.load(Ordering::SeqCst).saturating_sub(unix_ms(SystemTime::now()));
+        assert!(wait > 0 && wait <= 2_500, "waits {wait} ms after one failed refresh");
         let r = pool.access_token(&a, None).await;
-        assert!(matches!(&r, Err(RefreshError::Transient(m)) if m.contains("next try")), "{r:?}");
+        assert!(matches!(&r, Err(RefreshError::NotAttempted(m)) if m.contains("next try")), "{r:?}");
         assert_eq!(calls.load(Ordering::SeqCst), 1, "a request asked during the backoff");
         assert!(!a.usable(SystemTime::now()), "an account with no token, waiting to refresh, is picked");
         assert!(pool.refresh_now(&a).await.is_err());
@@ -2537,20 +2648,26 @@ mod tests {
         let (one, none) = (accounts(&["a1"]), accounts(&[]));
         let sink = Arc::new(Flaky::default());
         sink.failing.store(true, Ordering::SeqCst);
-        let (emu, pool) = pool_with_a1(sink.clone()).await;
+        // A slow token endpoint: the refresh is in flight (the token call sent, the token
+        // rotated upstream) when the account is removed. (A removed account starts no token
+        // call: a refresh still waiting for its slot then gives up.)
+        let opts = crate::emulator::EmulatorOptions {
+            token_delay: Duration::from_millis(400),
+            ..Default::default()
+        };
+        let emu = crate::emulator::Emulator::start(opts).await.unwrap();
+        emu.add_account("c-a1", "s-a1", "r-a1");
+        let pool = pool_of(&config_for(&emu), &["a1"], sink.clone());
         let a = pool.get("a1").unwrap();
-        // Every refresh slot taken: the refresh holds the chain and waits, as a slow token
-        // endpoint would make it.
-        let slots = pool.refresh_slots.acquire_many(MAX_CONCURRENT_REFRESHES as u32).await.unwrap();
         let refresh = tokio::spawn({
             let (pool, a) = (pool.clone(), a.clone());
             async move { pool.access_token(&a, None).await }
         });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(emu.stats().refreshes, 1, "the token call is in flight");
         assert!(pool.apply(&none, &one.diff(&none)).await.refused.is_empty());
         assert!(pool.get("a1").is_none());
         assert!(pool.persistence_problem().is_none(), "nothing was unsaved when it was removed");
-        drop(slots);
         let r = refresh.await.unwrap();
         assert!(matches!(r, Err(RefreshError::NotStored(_))), "{r:?}");
         assert_eq!(emu.stats().refreshes, 1, "the token was rotated upstream");
@@ -2706,7 +2823,7 @@ mod tests {
         };
         *view.record.lock().unwrap() = Some(record_of(&theirs, None));
         let r = pool.access_token(&a2, None).await;
-        assert!(matches!(&r, Err(RefreshError::Transient(m)) if m.contains("newer token")), "{r:?}");
+        assert!(matches!(&r, Err(RefreshError::NotAttempted(m)) if m.contains("newer token")), "{r:?}");
         assert!(!a2.tokens.has_unsaved());
         assert_eq!(a2.tokens.chain().await.refresh_token.expose(), "r-a2-the-new-holders");
 

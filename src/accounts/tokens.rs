@@ -46,6 +46,9 @@ pub struct Tokens {
     /// outage, or a dead token sent once per waiter).
     failures: std::sync::atomic::AtomicU64,
     last_failure: std::sync::Mutex<Option<RefreshError>>,
+    /// Token calls that failed in a row (reset by one that works, or by new settings): the
+    /// backoff's exponent, the same for every caller that shared one failure.
+    consecutive: std::sync::atomic::AtomicU32,
 }
 
 /// The chain, and the access token that came with it while the chain is not yet stored.
@@ -91,7 +94,8 @@ impl Held {
 pub enum Reset {
     /// The chain already grew from these credentials.
     Kept,
-    /// The file's refresh token is this chain's (its head or its past): the chain goes on.
+    /// The file's refresh token is this chain's (its head or its past): the chain goes on,
+    /// once relabelled to the file's credentials ([`Tokens::relabel`]); nothing changed yet.
     Continued,
     /// The chain restarts from the file's token (or the store's chain of these credentials).
     Replaced,
@@ -114,7 +118,18 @@ impl Tokens {
             generation: std::sync::atomic::AtomicU64::new(0),
             failures: std::sync::atomic::AtomicU64::new(0),
             last_failure: std::sync::Mutex::new(None),
+            consecutive: std::sync::atomic::AtomicU32::new(0),
         }
+    }
+
+    /// Token calls that failed in a row.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Forgets the failures in a row (the account's settings changed: try again at once).
+    pub fn clear_failures(&self) {
+        self.consecutive.store(0, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// True when an access token valid for at least `margin` is cached (no copy made).
@@ -166,7 +181,7 @@ impl Tokens {
             return Reset::Unsaved;
         }
         if held.continues(&from_file.refresh_token) {
-            held.chain.file_fingerprint = from_file.file_fingerprint;
+            // Relabelled by [`Tokens::relabel`], once stored under the new credentials.
             return Reset::Continued;
         }
         let chain = stored.filter(|c| c.file_fingerprint == from_file.file_fingerprint).unwrap_or(from_file);
@@ -175,6 +190,27 @@ impl Tokens {
         self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.invalidate_access();
         Reset::Replaced
+    }
+
+    /// The chain goes on under new file credentials (`fingerprint`; see [`Reset::Continued`]):
+    /// stored so relabelled first — a restart must find it under the file's credentials, or it
+    /// would start from the file's token, which may be one the chain rotated away from — then
+    /// relabelled here. `Err` (nothing changed) when the write fails.
+    pub async fn relabel<P, PF>(&self, fingerprint: [u8; 32], persist: P) -> Result<(), String>
+    where
+        P: FnOnce(Chain, Access) -> PF,
+        PF: Future<Output = Result<(), String>>,
+    {
+        let mut held = self.chain.lock().await;
+        let mut chain = held.chain.clone();
+        chain.file_fingerprint = fingerprint;
+        // No access token cached: an expired, empty one (the next use refreshes).
+        let access = self
+            .current_access()
+            .unwrap_or(Access { token: Secret::new(""), expires_at: SystemTime::UNIX_EPOCH });
+        persist(chain.clone(), access).await?;
+        held.chain = chain;
+        Ok(())
     }
 
     /// Stores a rotated chain held unsaved (with `persist`, as [`Tokens::get`] does), and
@@ -291,9 +327,13 @@ impl Tokens {
             Err(e) => {
                 *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
                 self.failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if !matches!(e, RefreshError::NotAttempted(_)) {
+                    self.consecutive.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
                 return Err(e);
             }
         };
+        self.consecutive.store(0, std::sync::atomic::Ordering::SeqCst);
         let mut next = held.chain.clone();
         let mut rotated = false;
         if let Some(rt) = grant.refresh_token {

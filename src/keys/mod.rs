@@ -290,7 +290,7 @@ impl Keys {
         Keys::check_served(caller, model, served)?;
         let now = Instant::now();
         let mut l = k.live.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = Keys::limits(k, &mut l, now) {
+        if let Err(e) = Keys::limits(k, &mut l, now, true) {
             l.refused += 1;
             return Err(e);
         }
@@ -305,23 +305,25 @@ impl Keys {
         Ok(Some(Admitted { live: k.live.clone() }))
     }
 
-    /// The key's limits before its request's body is read (a `/v1/messages` or `count_tokens`
-    /// call): a key over its budgets, its `max_concurrency` or its `rpm` is refused then,
+    /// The key's limits before its request's body is read: a key over its budgets — and, for a
+    /// `/v1/messages` call (`slots`), its `max_concurrency` or its `rpm` — is refused then,
     /// before its bodies take their share of the body budget and the parsing threads that
-    /// every key shares. Nothing is taken (the request is admitted, with its model, by
-    /// [`Keys::admit`]).
-    pub fn precheck(caller: &Caller) -> Result<(), ApiError> {
+    /// every key shares. (`count_tokens` takes no slot and no `rpm` start, so only the budgets
+    /// hold it back.) Nothing is taken: the request is admitted, with its model, by
+    /// [`Keys::admit`].
+    pub fn precheck(caller: &Caller, slots: bool) -> Result<(), ApiError> {
         let Caller::Named(k) = caller else { return Ok(()) };
         let mut l = k.live.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let r = Keys::limits(k, &mut l, Instant::now());
+        let r = Keys::limits(k, &mut l, Instant::now(), slots);
         if r.is_err() {
             l.refused += 1;
         }
         r
     }
 
-    /// The budgets, `max_concurrency` and `rpm` of `k` against its live counts (rolled to now).
-    fn limits(k: &NamedKey, l: &mut LiveInner, now: Instant) -> Result<(), ApiError> {
+    /// The budgets, and with `slots` the `max_concurrency` and `rpm`, of `k` against its live
+    /// counts (rolled to now).
+    fn limits(k: &NamedKey, l: &mut LiveInner, now: Instant, slots: bool) -> Result<(), ApiError> {
         let spec = &k.spec;
         let name = &spec.name;
         let now_sys = SystemTime::now();
@@ -349,6 +351,9 @@ impl Keys {
                     until(t, now_sys),
                 ));
             }
+        }
+        if !slots {
+            return Ok(());
         }
         if let Some(max) = spec.max_concurrency {
             if l.in_flight >= max.get() {

@@ -303,7 +303,7 @@ async fn route(
             let max = app.config.server.count_tokens_max_bytes.min(app.config.server.max_body_bytes);
             // A key over its limits is refused before its body is read (it would take its
             // share of the body budget and the parsing threads every key shares).
-            Keys::precheck(&caller)?;
+            Keys::precheck(&caller, false)?;
             let (bytes, admission) = read_body(app, parts, body, max).await?;
             let version = ApiVersion::from_header(header_str(parts, "anthropic-version"))?;
             let betas = betas_of(parts);
@@ -327,7 +327,7 @@ async fn route(
         }
         "/v1/messages" => {
             x.messages = true;
-            Keys::precheck(&caller)?;
+            Keys::precheck(&caller, true)?;
             let (bytes, admission) = read_body(app, parts, body, app.config.server.max_body_bytes).await?;
             let version = ApiVersion::from_header(header_str(parts, "anthropic-version"))?;
             let betas = betas_of(parts);

@@ -340,7 +340,10 @@ pub async fn stream(
         let mut drained = std::pin::pin!(drain.changed());
         let mut timeout = std::pin::pin!(tokio::time::sleep_until(deadline.into()));
         let mut ping = std::pin::pin!(tokio::time::sleep(PING_INTERVAL));
-        let mut last_event = Instant::now();
+        // When bytes last left for the client: pings keep a quiet stream alive, and a stream is
+        // quiet for the client while the upstream sends a tool call (it leaves whole, at its
+        // end), however busy the upstream is.
+        let mut last_sent = Instant::now();
         // One vector for every event's output, reused.
         let mut evs = Vec::new();
         while !st.is_finished() {
@@ -349,8 +352,8 @@ pub async fn stream(
             tokio::select! {
                 biased;
                 ev = stream.next() => {
-                    last_event = Instant::now();
-                    if last_event >= deadline {
+                    let now = Instant::now();
+                    if now >= deadline {
                         evs.extend(st.abort(ApiError::new(ErrorKind::Api, "request timed out (request_timeout_secs)")))
                     } else {
                         match ev {
@@ -374,15 +377,17 @@ pub async fn stream(
                 }
                 _ = &mut ping => {
                     let now = Instant::now();
-                    if now >= last_event + PING_INTERVAL {
-                        last_event = now;
+                    if now >= last_sent + PING_INTERVAL {
                         ping.as_mut().reset((now + PING_INTERVAL).into());
                         evs.push(StreamEvent::Ping);
                     } else {
-                        ping.as_mut().reset((last_event + PING_INTERVAL).into());
+                        ping.as_mut().reset((last_sent + PING_INTERVAL).into());
                         continue;
                     }
                 }
+            }
+            if !evs.is_empty() {
+                last_sent = Instant::now();
             }
             let fatal = evs.iter().any(|e| matches!(e, StreamEvent::Error(_)));
             // What the answer has used so far, kept current: a stream cut short (aborted, or the

@@ -176,6 +176,21 @@ pub enum StoreError {
 /// [`StoreError::Corrupt`]'s `table` when the file itself is damaged.
 pub const FILE_DAMAGED: &str = "(file)";
 
+/// A row of a table other than the tokens that does not decode (damaged, or written by a newer
+/// version): logged and read as absent — the account's state, counters, identity or catalog
+/// start afresh, and the row is written over with the next change — rather than stopping the
+/// start, whose way out (moving the store away) would lose every rotated refresh token. A
+/// token row stays strict: guessing there could lose a chain.
+fn lenient<T>(decoded: Result<T, StoreError>) -> Option<T> {
+    match decoded {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(error = %e, "an unreadable row of the state store is ignored (it is written anew with the next change)");
+            None
+        }
+    }
+}
+
 fn corrupt_message(table: &str, key: &str, detail: &str) -> String {
     if table == FILE_DAMAGED {
         format!("the store file {key} is damaged: {detail}")
@@ -704,23 +719,29 @@ impl Store {
             }
             for row in txn.open_table(STATE).ctx(path)?.iter().ctx(path)? {
                 let (key, value) = row.ctx(path)?;
-                let record = decode_state(key.value(), value.value())?;
-                out.entry(key.value().to_owned()).or_default().state = record;
+                if let Some(record) = lenient(decode_state(key.value(), value.value())) {
+                    out.entry(key.value().to_owned()).or_default().state = record;
+                }
             }
             for row in txn.open_table(COUNTERS).ctx(path)?.iter().ctx(path)? {
                 let (key, value) = row.ctx(path)?;
-                let record = decode_counters(key.value(), value.value())?;
-                out.entry(key.value().to_owned()).or_default().counters = record;
+                if let Some(record) = lenient(decode_counters(key.value(), value.value())) {
+                    out.entry(key.value().to_owned()).or_default().counters = record;
+                }
             }
             for row in txn.open_table(IDENTITY).ctx(path)?.iter().ctx(path)? {
                 let (key, value) = row.ctx(path)?;
-                let record = decode_identity(key.value(), value.value())?;
-                out.entry(key.value().to_owned()).or_default().identity = Some(record);
+                let record = lenient(decode_identity(key.value(), value.value()));
+                if record.is_some() {
+                    out.entry(key.value().to_owned()).or_default().identity = record;
+                }
             }
             for row in txn.open_table(CATALOG).ctx(path)?.iter().ctx(path)? {
                 let (key, value) = row.ctx(path)?;
-                let record = decode_catalog(key.value(), value.value())?;
-                out.entry(key.value().to_owned()).or_default().catalog = Some(record);
+                let record = lenient(decode_catalog(key.value(), value.value()));
+                if record.is_some() {
+                    out.entry(key.value().to_owned()).or_default().catalog = record;
+                }
             }
             Ok(out)
         })
@@ -736,19 +757,19 @@ impl Store {
                 None => None,
             };
             let state = match txn.open_table(STATE).ctx(path)?.get(id).ctx(path)? {
-                Some(v) => Some(decode_state(id, v.value())?),
+                Some(v) => lenient(decode_state(id, v.value())),
                 None => None,
             };
             let counters = match txn.open_table(COUNTERS).ctx(path)?.get(id).ctx(path)? {
-                Some(v) => Some(decode_counters(id, v.value())?),
+                Some(v) => lenient(decode_counters(id, v.value())),
                 None => None,
             };
             let identity = match txn.open_table(IDENTITY).ctx(path)?.get(id).ctx(path)? {
-                Some(v) => Some(decode_identity(id, v.value())?),
+                Some(v) => lenient(decode_identity(id, v.value())),
                 None => None,
             };
             let catalog = match txn.open_table(CATALOG).ctx(path)?.get(id).ctx(path)? {
-                Some(v) => Some(decode_catalog(id, v.value())?),
+                Some(v) => lenient(decode_catalog(id, v.value())),
                 None => None,
             };
             if tokens.is_none()

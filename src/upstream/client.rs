@@ -175,6 +175,11 @@ pub enum RefreshError {
     /// in memory and no refresh runs until it is stored (retried with backoff).
     #[error("the rotated refresh token could not be stored yet (retrying): {0}")]
     NotStored(String),
+    /// This daemon did not call the token endpoint now (a reload replacing the credentials,
+    /// the shutdown, a cluster lease ending, the wait after a failed refresh): no failure of
+    /// the account's, and no reason to wait longer.
+    #[error("token refresh not attempted now: {0}")]
+    NotAttempted(String),
 }
 
 impl RefreshError {
@@ -196,6 +201,8 @@ struct TokenResponse {
 
 /// A token call's deadline beyond the connect timeout: the answer's head and body together.
 pub const TOKEN_CALL_DEADLINE: Duration = Duration::from_secs(30);
+/// The least time a token answer's body gets, whatever is left of the deadline.
+pub const TOKEN_BODY_FLOOR: Duration = Duration::from_secs(5);
 
 /// `expiresIn` as the services send it (whole seconds), or as a float or a numeric string: a
 /// token answer is not refused for its shape, since the refresh token it carries has already
@@ -473,7 +480,9 @@ impl UpstreamClient {
         };
         let status = resp.status();
         let headers = resp.headers().clone();
-        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        // The answer's body gets at least a few seconds: after a 200 the token may already be
+        // rotated, and only this body carries the new one (shutdown's wait covers the floor).
+        let left = until.saturating_duration_since(tokio::time::Instant::now()).max(TOKEN_BODY_FLOOR);
         let bytes = read_whole(resp.into_body(), MAX_BODY, left)
             .await
             .map_err(|e| RefreshError::Transient(format!("reading the token answer: {e}")))?;

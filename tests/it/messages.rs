@@ -374,6 +374,36 @@ async fn a_non_streaming_answer_that_fails_midway_fails_over() {
     h.stop().await;
 }
 
+/// A tool call leaves whole, at its `stop`: while the service streams a long one, the client
+/// gets nothing of it, and the pings (every 15 s of the client's silence, not the upstream's)
+/// keep proxies with read timeouts from cutting the stream. Before, an upstream busy with a
+/// tool call for minutes held the pings back, and nothing at all went out.
+#[tokio::test]
+async fn pings_keep_a_stream_alive_while_a_long_tool_call_arrives() {
+    let h = Harness::start(Setup::default()).await;
+    let city = "Llanfairpwllgwyngyll ".repeat(14);
+    let prompt =
+        format!("w\n#emulator: tool get_weather {{\"city\": \"{city}\"}}\n#emulator: slow-fragments 400");
+    let body = json!({"model": "claude-sonnet-4-5", "max_tokens": 1024, "stream": true, "tools": weather_tools(),
+        "messages": [{"role": "user", "content": prompt}]});
+    let t0 = std::time::Instant::now();
+    let frames = post(&h, "/v1/messages", &body).await.sse();
+    assert!(
+        t0.elapsed() > Duration::from_secs(16),
+        "the call was not slow enough to show it: {:?}",
+        t0.elapsed()
+    );
+    let tool = frames
+        .iter()
+        .position(|(e, d)| e == "content_block_start" && d["content_block"]["type"] == "tool_use")
+        .unwrap_or_else(|| panic!("{frames:?}"));
+    // message_start's own ping, then at least one while the call arrived.
+    let pings = frames[..tool].iter().filter(|(e, _)| e == "ping").count();
+    assert!(pings >= 2, "no ping while the tool call arrived: {:?}", &frames[..tool]);
+    assert_eq!(frames.last().unwrap().0, "message_stop");
+    h.stop().await;
+}
+
 /// Starts a long streamed reply (slow when the emulator's fragments are) and returns its body
 /// after the 200.
 async fn slow_stream(h: &Harness) -> hyper::body::Incoming {

@@ -20,6 +20,10 @@ const CHILD_DIR_ENV: &str = "AMQ2API_STORE_TEST_DIR";
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+const COUNTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("counters");
+const IDENTITY: TableDefinition<&str, &[u8]> = TableDefinition::new("identity");
+const CATALOG: TableDefinition<&str, &[u8]> = TableDefinition::new("catalog");
 
 fn at(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
@@ -404,6 +408,30 @@ fn a_corrupt_value_is_reported_not_a_panic() {
     store.remove("truncated").unwrap();
     store.put_tokens("empty", &token("rt-new")).unwrap();
     assert_eq!(store.load_all().unwrap().len(), 2);
+}
+
+/// A row of another table than the tokens that does not decode (damaged, or written by a newer
+/// version) does not stop the start: it reads as absent and is written anew, and the tokens
+/// (the only live copies of rotated refresh tokens) load. Before, one such row made the store
+/// unreadable, and moving it away lost every chain.
+#[test]
+fn an_unreadable_state_row_does_not_hide_the_tokens() {
+    let (_tmp, dir) = dir();
+    {
+        let store = Store::open(&dir).unwrap();
+        store.put_tokens("good", &token("rt-good")).unwrap();
+    }
+    write_raw(&dir, |txn| {
+        for table in [STATE, COUNTERS, IDENTITY, CATALOG] {
+            let mut t = txn.open_table(table).unwrap();
+            t.insert("good", [0xee, b'{', b'}'].as_slice()).unwrap();
+        }
+    });
+    let store = Store::open(&dir).unwrap();
+    let all = store.load_all().unwrap();
+    assert_eq!(all["good"].tokens, Some(token("rt-good")));
+    assert!(all["good"].identity.is_none() && all["good"].catalog.is_none());
+    assert_eq!(store.get("good").unwrap().unwrap().tokens, Some(token("rt-good")));
 }
 
 /// Cheap pseudo-random numbers for the crash points (no extra crate).

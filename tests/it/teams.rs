@@ -35,7 +35,11 @@ async fn start(keys: &str, accounts: Vec<String>, fragment_delay: Duration) -> H
 }
 
 async fn post_as(h: &Harness, key: &str, body: &Value) -> common::Reply {
-    let req = http::Request::post(h.url("/v1/messages"))
+    post_to_as(h, "/v1/messages", key, body).await
+}
+
+async fn post_to_as(h: &Harness, path: &str, key: &str, body: &Value) -> common::Reply {
+    let req = http::Request::post(h.url(path))
         .header("content-type", "application/json")
         .header("x-api-key", key)
         .header("anthropic-version", "2023-06-01")
@@ -371,14 +375,19 @@ async fn a_crash_loses_nothing_older_than_the_batch_window() {
 /// A key over its limits is refused before its request's body is read: its bodies do not take
 /// the body budget and parsing threads every key shares. Here a key at its `rpm` sends the
 /// headers of a large request and holds the body back: the 429 comes at once (before, the
-/// daemon waited for the whole body first), and `count_tokens` is refused the same way.
+/// daemon waited for the whole body first). `count_tokens` takes no `rpm` start: it is held
+/// back by the budgets only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_over_its_limits_is_refused_before_its_body_is_read() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let keys = format!("[[key]]\nname = \"alice\"\nkey = \"{ALICE}\"\nrpm = 1\n");
     let h = start(&keys, accounts(1), Duration::ZERO).await;
     assert_eq!(post_as(&h, ALICE, &simple("hi", false)).await.status, 200);
-    for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+    let count = json!({"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]});
+    let r = post_to_as(&h, "/v1/messages/count_tokens", ALICE, &count).await;
+    assert_eq!(r.status, 200, "count_tokens held back by rpm: {}", r.text());
+    {
+        let path = "/v1/messages";
         let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
         let head = format!(
             "POST {path} HTTP/1.1\r\nhost: x\r\nx-api-key: {ALICE}\r\ncontent-type: application/json\r\n\
