@@ -27,8 +27,9 @@
 //! - [`memory`]: gives the heap's free pages back to the kernel once the daemon is quiet
 //!   (`malloc_trim`, the library's one `unsafe` call).
 //! - [`metrics`]: the `/metrics` registry: requests, tokens, latencies, attempts, failovers, streams, pool.
-//! - [`relay`]: the trip to Amazon Q: lease, token, send, classify, fail over ([`relay::retry`]),
-//!   Claude error, and the stream's end recorded on its account; `amqctl check` goes through it too.
+//! - [`relay`]: the trip to Amazon Q: lease, token, send, classify, fail over ([`relay::retry`];
+//!   a non-streaming answer that fails midway too, `Relay::failed_unsent`), Claude error, and the
+//!   stream's end recorded on its account (`relay::Ending`); `amqctl check` goes through it too.
 //! - [`reload`]: the one owner of configuration changes (SIGHUP, `amqctl reload`, the file watchers).
 //! - [`shutdown`]: the stop signal every background task listens to, and the task sets shutdown
 //!   waits for and then cancels.
@@ -38,7 +39,8 @@
 //! - [`server`]: the HTTPS front end: listeners, TLS, routing, auth, limits, streaming, drain; it
 //!   only speaks HTTP and SSE. A request whose client leaves is still logged and charged (499,
 //!   `server::http`); a connection whose client reads nothing for `idle_timeout_secs` is closed
-//!   (`server::idle`).
+//!   (`server::idle`; an HTTP/2 connection is idle by its requests, not its PINGs), and over
+//!   HTTP/2 such a stream alone is cut (`server::body::Watched`).
 //! - [`store`]: the state store behind one `Backend` trait: redb (embedded, the default) or
 //!   PostgreSQL (`[cluster]`): token chains, account states, counters, catalogs, usage per day;
 //!   versioned values.
