@@ -1829,7 +1829,10 @@ impl Pool {
             let removed: HashSet<&AccountId> = diff.removed.iter().collect();
             for a in self.accounts().into_iter().filter(|a| removed.contains(&a.id)) {
                 if a.kind() == Kind::ApiKey || a.tokens.has_unsaved() {
-                    // An unsaved chain stays with its account (an orphan until stored).
+                    // An unsaved chain stays with its account (an orphan until stored under
+                    // its old id, which a restart's rename adoption then finds). Given away
+                    // too, the orphan's late write could land after the new name's newer one
+                    // and make the older chain look the newest.
                     continue;
                 }
                 a.removed.store(true, Ordering::SeqCst);

@@ -151,12 +151,12 @@ impl Drop for Left {
         if self.done || !self.x.messages {
             return;
         }
-        self.app.metrics.request(&self.x.model_label(), 499);
+        self.app.metrics.request(self.x.model_label(), 499);
         // Tokens only when an account answered (as usage, in `access_log`).
         if self.x.account.is_some() {
-            self.app.metrics.tokens(&self.x.model_label(), self.x.tokens_in, self.x.tokens_out);
+            self.app.metrics.tokens(self.x.model_label(), self.x.tokens_in, self.x.tokens_out);
             if let Some(c) = self.x.credits {
-                self.app.metrics.credits(&self.x.model_label(), c);
+                self.app.metrics.credits(self.x.model_label(), c);
             }
         }
         self.app.metrics.request_duration(self.started.elapsed());
@@ -221,7 +221,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let streaming = resp.body().is_stream();
     // A stream is counted when it ends, under its real outcome (`messages::StreamEnd`).
     if parts.uri.path().starts_with("/v1/messages") && !streaming {
-        app.metrics.request(&x.model_label(), status);
+        app.metrics.request(x.model_label(), status);
     }
     // A stream is logged and timed when it ends (`messages::StreamEnd`).
     if !streaming && parts.uri.path() != "/health" && parts.uri.path() != "/metrics" {
@@ -322,7 +322,7 @@ async fn route(
                 .await??;
             Keys::check_model(&caller, &model)?;
             x.model = model;
-            x.upstream_model = resolved.unwrap_or_default();
+            x.resolved(resolved.unwrap_or_default());
             Ok(json_response(StatusCode::OK, &json!({"input_tokens": counted?})))
         }
         "/v1/messages" => {
@@ -342,7 +342,7 @@ async fn route(
                 })
                 .await??;
             x.model = prepared.req.model.clone();
-            x.upstream_model = prepared.translated.q_model.clone();
+            x.resolved(prepared.translated.q_model.clone());
             tracing::Span::current().record("model", x.model.as_str());
             x.stream = prepared.req.stream;
             // The key's limits, before any upstream call.

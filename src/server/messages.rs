@@ -33,8 +33,11 @@ pub struct Exchange {
     /// The key's concurrency slot, held until the response (a stream: its end) is done.
     pub admitted: Option<Arc<crate::keys::Admitted>>,
     pub model: String,
-    /// The Amazon Q model id the request was sent as (what the client's name resolved to).
+    /// The Amazon Q model id the request was sent as (what the client's name resolved to); set
+    /// with [`Exchange::resolved`].
     pub upstream_model: String,
+    /// [`Exchange::model_label`], made once (by [`Exchange::resolved`]).
+    pub label: String,
     pub stream: bool,
     pub account: Option<String>,
     pub tokens_in: u64,
@@ -48,12 +51,15 @@ impl Exchange {
     /// The model as metrics and usage rows name it: the Claude-style id of the model the name
     /// resolved to, or `other` (the client's own name is unbounded: dated names, aliases and
     /// made-up names would each be a new series and a new row).
-    pub fn model_label(&self) -> String {
-        if self.upstream_model.is_empty() {
-            "other".into()
-        } else {
-            crate::translate::catalog::claude_id(&self.upstream_model)
-        }
+    pub fn model_label(&self) -> &str {
+        if self.label.is_empty() { "other" } else { &self.label }
+    }
+
+    /// The client's model name resolved to `q_model`.
+    pub fn resolved(&mut self, q_model: String) {
+        self.label =
+            if q_model.is_empty() { String::new() } else { crate::translate::catalog::claude_id(&q_model) };
+        self.upstream_model = q_model;
     }
 }
 
@@ -164,9 +170,9 @@ pub async fn aggregate(
             x.tokens_out = usage.output_tokens;
             x.credits = st.credits();
             lease.finish(Ending::Answered(spent(x)));
-            app.metrics.tokens(&x.model_label(), x.tokens_in, x.tokens_out);
+            app.metrics.tokens(x.model_label(), x.tokens_in, x.tokens_out);
             if let Some(c) = x.credits {
-                app.metrics.credits(&x.model_label(), c);
+                app.metrics.credits(x.model_label(), c);
             }
         }
         // An answer this daemon could not make whole (a tool input that is no JSON object).
@@ -250,12 +256,12 @@ impl Drop for StreamEnd {
         }
         // The client went away first: the lease ends with no verdict on the account.
         drop(self.lease.take());
-        self.app.metrics.request(&self.x.model_label(), status);
+        self.app.metrics.request(self.x.model_label(), status);
         // The usage the client was told: message_start's input tokens, and message_delta's
         // (input and output) if the stream got that far.
-        self.app.metrics.tokens(&self.x.model_label(), self.x.tokens_in, self.x.tokens_out);
+        self.app.metrics.tokens(self.x.model_label(), self.x.tokens_in, self.x.tokens_out);
         if let Some(c) = self.x.credits {
-            self.app.metrics.credits(&self.x.model_label(), c);
+            self.app.metrics.credits(self.x.model_label(), c);
         }
         self.app.metrics.stream_ended();
         self.app.metrics.request_duration(self.started.elapsed());

@@ -57,7 +57,7 @@ pub fn access_log(app: &App, request_id: &str, x: &Exchange, status: u16, starte
             caller,
             crate::keys::UsageEvent {
                 account: x.account.clone(),
-                model: x.model_label(),
+                model: x.model_label().to_string(),
                 error: status >= 400,
                 tokens_in,
                 tokens_out,

@@ -194,6 +194,12 @@ fn lenient<T>(decoded: Result<T, StoreError>) -> Option<T> {
 fn corrupt_message(table: &str, key: &str, detail: &str) -> String {
     if table == FILE_DAMAGED {
         format!("the store file {key} is damaged: {detail}")
+    } else if table == "tokens" {
+        // The one row whose loss loses an account: say so where the operator reads it.
+        format!(
+            "store value {table}/{key} is corrupt: {detail} (it holds that account's live refresh token: keep the store \
+             file; a value of a newer version is read by that version again)"
+        )
     } else {
         format!("store value {table}/{key} is corrupt: {detail}")
     }
