@@ -197,7 +197,16 @@ impl Keys {
                 .clone();
             table.push(Arc::new(NamedKey { spec: spec.clone(), live }));
         }
-        lives.retain(|name, _| set.keys.iter().any(|k| &k.name == name));
+        // A name removed keeps its running state while requests it admitted are in flight or
+        // its last start is inside the `rpm` window: removed and added back by two quick
+        // reloads (an edit undone), it is the same key, not a fresh allowance.
+        let now_i = Instant::now();
+        lives.retain(|name, live| {
+            set.keys.iter().any(|k| &k.name == name) || Arc::strong_count(live) > 1 || {
+                let l = live.inner.lock().unwrap_or_else(|e| e.into_inner());
+                l.starts.back().is_some_and(|t| now_i.duration_since(*t) < RPM_WINDOW)
+            }
+        });
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
     }
 

@@ -406,6 +406,26 @@ async fn a_key_over_its_limits_is_refused_before_its_body_is_read() {
     h.stop().await;
 }
 
+/// A key removed and added back by two quick reloads (an edit undone) is the same key: its
+/// `rpm` window is not a fresh allowance. Before, the name started over with no starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_removed_and_added_back_keeps_its_rpm_window() {
+    let keys = format!("[[key]]\nname = \"alice\"\nkey = \"{ALICE}\"\nrpm = 2\n");
+    let h = start(&keys, accounts(1), Duration::ZERO).await;
+    for _ in 0..2 {
+        assert_eq!(post_as(&h, ALICE, &simple("hi", false)).await.status, 200);
+    }
+    let file = h.dir.path().join("keys.toml");
+    for text in [format!("[[key]]\nname = \"bob\"\nkey = \"{BOB}\"\n"), keys.clone()] {
+        std::fs::write(&file, text).unwrap();
+        let r = h.ctl_json(&["reload"]);
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    let r = post_as(&h, ALICE, &simple("hi", false)).await;
+    assert_eq!(r.status, 429, "the rpm window started over: {}", r.text());
+    h.stop().await;
+}
+
 /// A reload that drops `keys_file` from amq2api.toml drops its keys, and the old file's next
 /// edit (a configuration tool rewriting it) does not bring them back through the watcher.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
