@@ -251,6 +251,7 @@
 //! | `tools2` | calls of the first two defined tools, arguments generated from their schemas |
 //! | `thinking-tags` | `<thinking>…</thinking>` before the answer, as a model asked for visible reasoning writes |
 //! | `redacted-thinking` | one `reasoningContentEvent {"redactedContent"}` before the answer, instead of readable reasoning |
+//! | `empty-text-first` | an `assistantResponseEvent {"content": ""}` before anything else |
 //!
 //! # Counters
 //!

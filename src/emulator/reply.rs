@@ -226,6 +226,9 @@ pub(super) fn plan(info: &RequestInfo, behaviour: &Behaviour, shape: &Shape, ctx
         "messageMetadataEvent",
         &json!({ "conversationId": conversation_id, "utteranceId": ids.uuid() }),
     )));
+    if shape.empty_text_first {
+        segments.push(Segment::Frame(event_frame("assistantResponseEvent", &json!({ "content": "" }))));
+    }
     let mut reasoning_chars = 0;
     if let Some(reasoning) = reasoning(info, behaviour, shape, ctx) {
         if let Segment::Reasoning { text, .. } = &reasoning {

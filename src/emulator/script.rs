@@ -86,6 +86,8 @@ pub struct Shape {
     /// `redacted-thinking`: one `reasoningContentEvent {"redactedContent"}` before the answer,
     /// instead of readable reasoning.
     pub redacted_thinking: bool,
+    /// `empty-text-first`: an `assistantResponseEvent {"content": ""}` before anything else.
+    pub empty_text_first: bool,
 }
 
 /// Which tool calls the reply makes.
@@ -133,8 +135,10 @@ pub fn parse_directives(content: &str) -> Directives {
         let word = word.to_ascii_lowercase();
         // A trailing `once` on a behaviour directive (not on the reply-shaping ones, whose
         // arguments are free text).
-        let shaping =
-            matches!(word.as_str(), "tool" | "tools2" | "text" | "thinking-tags" | "redacted-thinking");
+        let shaping = matches!(
+            word.as_str(),
+            "tool" | "tools2" | "text" | "thinking-tags" | "redacted-thinking" | "empty-text-first"
+        );
         let (args, once) = match args.rsplit_once(char::is_whitespace) {
             _ if shaping => (args, false),
             _ if args.eq_ignore_ascii_case("once") => ("", true),
@@ -254,6 +258,10 @@ fn apply(out: &mut Directives, word: &str, args: &str) -> bool {
         }
         "redacted-thinking" => {
             out.shape.redacted_thinking = true;
+            return true;
+        }
+        "empty-text-first" => {
+            out.shape.empty_text_first = true;
             return true;
         }
         _ => return false,

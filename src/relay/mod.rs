@@ -95,8 +95,14 @@ pub enum Ending<'a> {
     Daemon,
 }
 
+/// Content: what the client would be sent. An empty text event is none (the service may send
+/// one first), so it does not end the time a failure can still fail over.
 fn is_content(ev: &Event) -> bool {
-    matches!(ev, Event::AssistantResponse { .. } | Event::ToolUse { .. } | Event::Reasoning { .. })
+    match ev {
+        Event::AssistantResponse { content } => !content.is_empty(),
+        Event::ToolUse { .. } | Event::Reasoning { .. } => true,
+        _ => false,
+    }
 }
 
 /// One of the service's closing events: what it sends at the end of a whole answer.

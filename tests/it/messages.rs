@@ -365,6 +365,19 @@ async fn a_non_streaming_answer_that_fails_midway_fails_over() {
         h.emulator.stats_for(&client_id("acct-1")).requests > before,
         "the empty account was never tried"
     );
+    // An empty text event first is no content: the empty answer after it still fails over.
+    let before = h.emulator.stats_for(&client_id("acct-1")).requests;
+    for i in 0..6 {
+        let r = post(&h, "/v1/messages", &simple(&format!("empty {i}\n#emulator: empty-text-first"), false))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let content = r.json()["content"].as_array().unwrap().len();
+        assert!(content > 0, "an empty answer reached the client: {}", r.text());
+    }
+    assert!(
+        h.emulator.stats_for(&client_id("acct-1")).requests > before,
+        "the empty account was never tried"
+    );
     h.emulator.set_behaviour(&client_id("acct-1"), Behaviour::ResetAfterFirstByte);
     assert!(h.account("acct-1")["last_error"].is_string(), "{}", h.account("acct-1"));
     // Streaming: the first bytes went out, so the failure is the client's to see.
