@@ -139,6 +139,8 @@ pub struct Account {
     /// The account is invalid because a refresh was refused (not for a chat API refusal): a
     /// refresh that works again makes it active.
     invalid_by_refresh: AtomicBool,
+    /// Its chain went to a renamed account (see [`adopt_renamed`]) when it was removed.
+    given_away: AtomicBool,
     counters_dirty: AtomicBool,
     pub tokens: Tokens,
     identity: Identity,
@@ -258,6 +260,7 @@ impl Account {
             next_refresh_try: Mutex::new(None),
             refresh_wait_until_ms: AtomicU64::new(0),
             invalid_by_refresh: AtomicBool::new(by_refresh),
+            given_away: AtomicBool::new(false),
             counters_dirty: AtomicBool::new(false),
             tokens: Tokens::new(chain, access),
             identity,
@@ -577,6 +580,10 @@ fn adopt_renamed<'a>(
     }
     Some((id.clone(), o.chain.take()?, o.access.take()))
 }
+
+/// How long an account waits to refresh after the daemon did not attempt it
+/// ([`RefreshError::NotAttempted`]).
+const NOT_ATTEMPTED_WAIT: Duration = Duration::from_secs(2);
 
 /// Milliseconds since the Unix epoch.
 fn unix_ms(t: SystemTime) -> u64 {
@@ -1546,8 +1553,11 @@ impl Pool {
                     self.set_state(a, State::Invalid, None, Some(e.to_string()));
                     a.invalid_by_refresh.store(true, Ordering::SeqCst);
                 } else if matches!(e, RefreshError::NotAttempted(_)) {
-                    // Not the account's failure: nothing to wait for longer.
+                    // Not the account's failure, and not counted as one; a short wait all the
+                    // same, so that a reason that lasts (a lease that cannot be confirmed while
+                    // PostgreSQL is slow) is not asked again by every request and every pass.
                     tracing::debug!(account = %a.id, error = %e, "token refresh not attempted");
+                    a.set_refresh_wait(Some(Instant::now() + NOT_ATTEMPTED_WAIT));
                 } else {
                     // A failed token call is counted once, however many callers shared it
                     // (the backoff's exponent is the chain's failures in a row); a store
@@ -1822,6 +1832,7 @@ impl Pool {
         // [`adopt_renamed`]): their current chain, read once any refresh in flight has ended.
         // Marked removed first, so that no new refresh of theirs starts meanwhile.
         let mut leaving: Vec<(String, Restored)> = Vec::new();
+        let mut leaving_accounts: Vec<Arc<Account>> = Vec::new();
         // `[cluster]`: not across nodes (another node may hold the old id's lease and go on
         // refreshing its chain): there a rename keeps the old id's chain in the store, and
         // renaming back finds it.
@@ -1836,29 +1847,39 @@ impl Pool {
                     continue;
                 }
                 a.removed.store(true, Ordering::SeqCst);
-                let chain = a.tokens.chain().await;
+                // Read once any refresh in flight has ended, and only if that refresh did not
+                // leave it unsaved (it then stays with its account, as above).
+                let Some(chain) = a.tokens.chain_if_saved().await else { continue };
                 let access = a.tokens.current_access();
                 // In memory, in use until now: newer than anything stored.
                 let updated = Some(SystemTime::now());
                 let r =
                     Restored { chain: Some(chain), access, chain_updated_at: updated, ..Default::default() };
                 leaving.push((a.id.to_string(), r));
+                leaving_accounts.push(a);
             }
         }
         for (id, restored) in joining.into_iter().zip(restored) {
             if let Some(spec) = specs.get(&id) {
                 if let Some(a) = self.revive(&id) {
                     tracing::info!(account = %id, "account added back: it resumes where it was removed");
-                    // Renamed away and back while something still held it: the account it
-                    // was renamed to, leaving now, carries the chain on (this one stopped
-                    // refreshing when it was removed).
-                    if let Some((from, chain, access)) =
-                        adopt_renamed(spec, &Restored::default(), leaving.iter_mut().map(|(i, r)| (&*i, r)))
-                    {
-                        tracing::info!(account = %id, from = %from, "account renamed back: it resumes the chain of the name it had");
-                        let seen = a.tokens.generation();
-                        a.tokens.adopt(chain, access, seen).await;
+                    // Renamed away and back while something still held it: its chain went to
+                    // the name it had (which stopped refreshing its own when it was removed),
+                    // and that name, leaving now, carries the chain on. Only then: an account
+                    // that gave nothing away keeps its own chain.
+                    if a.given_away.swap(false, Ordering::SeqCst) && !a.tokens.has_unsaved() {
+                        if let Some((from, chain, access)) = adopt_renamed(
+                            spec,
+                            &Restored::default(),
+                            leaving.iter_mut().map(|(i, r)| (&*i, r)),
+                        ) {
+                            tracing::info!(account = %id, from = %from, "account renamed back: it resumes the chain of the name it had");
+                            let seen = a.tokens.generation();
+                            a.tokens.adopt(chain, access, seen).await;
+                        }
                     }
+                    // Serving (and refreshing) again only now, with the chain it goes on with.
+                    a.removed.store(false, Ordering::SeqCst);
                     let stored = restored.ok().and_then(|r| r.chain);
                     revived.push((a.clone(), *spec, stored));
                     added.push(a);
@@ -1887,6 +1908,13 @@ impl Pool {
                     self.sink.identity(&account.id, &account.identity.record());
                 }
                 added.push(Arc::new(account));
+            }
+        }
+        // The leaving accounts whose chain a renamed account took: renamed back, they take
+        // it back (above, in a later apply).
+        for (a, (_, r)) in leaving_accounts.iter().zip(&leaving) {
+            if r.chain.is_none() {
+                a.given_away.store(true, Ordering::SeqCst);
             }
         }
         let current: HashMap<AccountId, Arc<Account>> = if diff.changed.is_empty() {
@@ -1951,7 +1979,8 @@ impl Pool {
             retired.swap_remove(at).upgrade()?
         };
         self.orphans.lock().unwrap_or_else(|e| e.into_inner()).retain(|o| !Arc::ptr_eq(o, &a));
-        a.removed.store(false, Ordering::SeqCst);
+        // Still `removed` (no refresh of its own starts) until the caller clears it, once it
+        // has the chain it goes on with.
         Some(a)
     }
 
@@ -1994,7 +2023,11 @@ impl Pool {
                     return Err("its new credentials wait: a rotated refresh token of its current ones cannot be stored".into());
                 }
             }
-            if reset == Reset::Continued {
+            if reset == Reset::Continued && self.clustered().is_some() && !a.held_for(0) {
+                // `[cluster]`: the node holding the account stores the chain under the new
+                // entry (a write here would be fenced); a lease taken later loads it.
+                a.tokens.relabel_in_memory(from_file.file_fingerprint).await;
+            } else if reset == Reset::Continued {
                 let id = a.id.clone();
                 let relabelled = a
                     .tokens
@@ -2367,6 +2400,15 @@ mod tests {
         (emu, pool)
     }
 
+    /// [`pool_with_a1`] through a [`Flaky`] store, `a1`'s token rotated once (and stored).
+    async fn rotated_a1() -> (Arc<Flaky>, crate::emulator::Emulator, Arc<Pool>, Arc<Account>) {
+        let sink = Arc::new(Flaky::default());
+        let (emu, pool) = pool_with_a1(sink.clone()).await;
+        let a = pool.get("a1").unwrap();
+        pool.refresh_now(&a).await.unwrap();
+        (sink, emu, pool, a)
+    }
+
     /// A pool serving `ids` with `cfg` through `sink`.
     fn pool_of(cfg: &crate::config::Config, ids: &[&str], sink: Arc<dyn StateSink>) -> Arc<Pool> {
         let client = UpstreamClient::new(&cfg.upstream).unwrap();
@@ -2492,6 +2534,63 @@ mod tests {
         assert_eq!(back.tokens.chain().await.refresh_token.expose(), emu.live_refresh_token("c-a1").unwrap());
         pool.refresh_now(&back).await.unwrap();
         assert_eq!(emu.stats().refresh_failures, 0, "a dead refresh token was presented");
+    }
+
+    /// `[cluster]`: a file that continues the chain, on a node that does not hold the account,
+    /// relabels it in memory only (a write there would be fenced, and the change would wait
+    /// until this node held the account and then write its stale chain over the holder's).
+    #[tokio::test]
+    async fn a_continued_chain_on_a_node_without_the_lease_is_relabelled_in_memory() {
+        let (sink, emu, pool, a) = rotated_a1().await;
+        let head = emu.live_refresh_token("c-a1").unwrap();
+        pool.set_clustered(Duration::from_secs(1), Arc::new(Shared::default()));
+        a.held_until.store(0, Ordering::SeqCst);
+        let writes = sink.stored.lock().unwrap().len();
+        let before = accounts(&["a1"]);
+        let text = format!(
+            "[[account]]\nid = \"a1\"\nclient_id = \"c-a1\"\nclient_secret = \"s-a1\"\nrefresh_token = \"{head}\"\n"
+        );
+        let next = crate::config::accounts::parse(std::path::Path::new("accounts.toml"), &text).unwrap().0;
+        let applied = pool.apply(&next, &before.diff(&next)).await;
+        assert!(applied.deferred.is_empty(), "{applied:?}");
+        assert_eq!(sink.stored.lock().unwrap().len(), writes, "a node without the lease wrote the chain");
+        let fp = next.iter().next().unwrap().credentials_fingerprint();
+        assert_eq!(a.tokens.chain().await.file_fingerprint, fp);
+        assert_eq!(a.tokens.chain().await.refresh_token.expose(), head);
+    }
+
+    /// An account renamed away while its rotated token was unsaved (so it kept its chain) and
+    /// renamed back keeps its own chain: the other name, which started from the file's token,
+    /// has nothing to give it.
+    #[tokio::test]
+    async fn an_account_that_gave_nothing_away_keeps_its_chain_when_renamed_back() {
+        // One rotation stored, the next one not: the chain it replaced is not the file's.
+        let (sink, emu, pool, held) = rotated_a1().await;
+        sink.failing.store(true, Ordering::SeqCst);
+        let r = pool.refresh_now(&held).await;
+        assert!(matches!(r, Err(RefreshError::NotStored(_))), "{r:?}");
+        let live = emu.live_refresh_token("c-a1").unwrap();
+        let named = |id: &str| {
+            let text = format!(
+                "[[account]]\nid = \"{id}\"\nclient_id = \"c-a1\"\nclient_secret = \"s-a1\"\nrefresh_token = \"r-a1\"\n"
+            );
+            crate::config::accounts::parse(std::path::Path::new("accounts.toml"), &text).unwrap().0
+        };
+        let (first, second) = (named("a1"), named("b1"));
+        pool.apply(&second, &first.diff(&second)).await;
+        pool.apply(&first, &second.diff(&first)).await;
+        let back = pool.get("a1").unwrap();
+        assert!(Arc::ptr_eq(&back, &held));
+        assert_eq!(
+            back.tokens.chain().await.refresh_token.expose(),
+            live,
+            "the unsaved live chain was replaced"
+        );
+        assert!(back.tokens.has_unsaved());
+        sink.failing.store(false, Ordering::SeqCst);
+        back.set_refresh_wait(None);
+        pool.access_token(&back, None).await.unwrap();
+        assert_eq!(emu.stats().refresh_failures, 0);
     }
 
     /// New credentials in the file while a rotated refresh token of the current ones is held

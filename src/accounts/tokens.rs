@@ -272,6 +272,20 @@ impl Tokens {
         self.chain.lock().await.chain.clone()
     }
 
+    /// The chain, once no refresh runs on it, unless it is held unsaved (read under one lock:
+    /// a refresh in flight may end unsaved).
+    pub async fn chain_if_saved(&self) -> Option<Chain> {
+        let held = self.chain.lock().await;
+        held.unsaved.is_none().then(|| held.chain.clone())
+    }
+
+    /// Relabels the chain to new file credentials in memory only (`[cluster]`, on a node that
+    /// does not hold the account: its holder stores the chain, and a lease taken later loads
+    /// what it stored).
+    pub async fn relabel_in_memory(&self, fingerprint: [u8; 32]) {
+        self.chain.lock().await.chain.file_fingerprint = fingerprint;
+    }
+
     fn publish(&self, access: Access) {
         *self.access.write().unwrap_or_else(|e| e.into_inner()) = Some(access);
     }

@@ -202,9 +202,9 @@ impl Keys {
         // reloads (an edit undone), it is the same key, not a fresh allowance.
         let now_i = Instant::now();
         lives.retain(|name, live| {
-            set.keys.iter().any(|k| &k.name == name) || Arc::strong_count(live) > 1 || {
+            set.keys.iter().any(|k| &k.name == name) || {
                 let l = live.inner.lock().unwrap_or_else(|e| e.into_inner());
-                l.starts.back().is_some_and(|t| now_i.duration_since(*t) < RPM_WINDOW)
+                l.in_flight > 0 || l.starts.back().is_some_and(|t| now_i.duration_since(*t) < RPM_WINDOW)
             }
         });
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);

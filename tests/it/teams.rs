@@ -48,6 +48,17 @@ async fn post_to_as(h: &Harness, path: &str, key: &str, body: &Value) -> common:
     send(req).await
 }
 
+/// A daemon whose keys file holds `alice` with `limits`, after `n` requests of hers served;
+/// returns the keys file's text too.
+async fn alice_served(limits: &str, n: usize) -> (String, Harness) {
+    let keys = format!("[[key]]\nname = \"alice\"\nkey = \"{ALICE}\"\n{limits}\n");
+    let h = start(&keys, accounts(1), Duration::ZERO).await;
+    for _ in 0..n {
+        assert_eq!(post_as(&h, ALICE, &simple("hi", false)).await.status, 200);
+    }
+    (keys, h)
+}
+
 /// Fires `n` requests at once as `key`; returns the replies.
 async fn burst(h: &Harness, key: &str, n: usize, stream: bool) -> Vec<common::Reply> {
     let mut tasks = Vec::new();
@@ -410,13 +421,11 @@ async fn a_key_over_its_limits_is_refused_before_its_body_is_read() {
 /// `rpm` window is not a fresh allowance. Before, the name started over with no starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_removed_and_added_back_keeps_its_rpm_window() {
-    let keys = format!("[[key]]\nname = \"alice\"\nkey = \"{ALICE}\"\nrpm = 2\n");
-    let h = start(&keys, accounts(1), Duration::ZERO).await;
-    for _ in 0..2 {
-        assert_eq!(post_as(&h, ALICE, &simple("hi", false)).await.status, 200);
-    }
+    let (keys, h) = alice_served("rpm = 2", 2).await;
     let file = h.dir.path().join("keys.toml");
-    for text in [format!("[[key]]\nname = \"bob\"\nkey = \"{BOB}\"\n"), keys.clone()] {
+    // Removed, another change (a second reload while it is out), then back.
+    let bob = format!("[[key]]\nname = \"bob\"\nkey = \"{BOB}\"\n");
+    for text in [bob.clone(), format!("{bob}rpm = 5\n"), keys.clone()] {
         std::fs::write(&file, text).unwrap();
         let r = h.ctl_json(&["reload"]);
         assert_eq!(r["ok"], true, "{r}");
@@ -453,11 +462,7 @@ async fn keys_of_a_keys_file_no_longer_configured_stay_gone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reload_that_lowers_a_limit_applies_to_the_next_request_and_a_bad_file_changes_nothing() {
-    let keys = format!("[[key]]\nname = \"alice\"\nkey = \"{ALICE}\"\nrpm = 100\n");
-    let h = start(&keys, accounts(1), Duration::ZERO).await;
-    for _ in 0..3 {
-        assert_eq!(post_as(&h, ALICE, &simple("hi", false)).await.status, 200);
-    }
+    let (_, h) = alice_served("rpm = 100", 3).await;
     // Through the watcher: the file changes, the next request sees rpm = 3.
     std::fs::write(
         h.dir.path().join("keys.toml"),
