@@ -141,6 +141,9 @@ pub struct Account {
     invalid_by_refresh: AtomicBool,
     /// Its chain went to a renamed account (see [`adopt_renamed`]) when it was removed.
     given_away: AtomicBool,
+    /// When (ms since the Unix epoch; 0: not known here) its access token was last obtained:
+    /// with its expiry, the token's lifetime (see [`Pool::refresh_due`]).
+    token_obtained_ms: AtomicU64,
     counters_dirty: AtomicBool,
     pub tokens: Tokens,
     identity: Identity,
@@ -261,6 +264,7 @@ impl Account {
             refresh_wait_until_ms: AtomicU64::new(0),
             invalid_by_refresh: AtomicBool::new(by_refresh),
             given_away: AtomicBool::new(false),
+            token_obtained_ms: AtomicU64::new(0),
             counters_dirty: AtomicBool::new(false),
             tokens: Tokens::new(chain, access),
             identity,
@@ -584,6 +588,19 @@ fn adopt_renamed<'a>(
 /// How long an account waits to refresh after the daemon did not attempt it
 /// ([`RefreshError::NotAttempted`]).
 const NOT_ATTEMPTED_WAIT: Duration = Duration::from_secs(2);
+
+/// How long before its expiry an access token is refreshed: `wanted`, but never more than half
+/// its lifetime when that is known. Tokens that live no longer than `refresh_before_expiry`
+/// (a service that shortened them) would otherwise be due at once, and every account would
+/// rotate its refresh token on every pass of the refresher, once a second.
+fn refresh_margin(wanted: Duration, a: &Account, acc: &Access) -> Duration {
+    let obtained = a.token_obtained_ms.load(Ordering::Relaxed);
+    if obtained == 0 {
+        return wanted;
+    }
+    let lifetime = Duration::from_millis(unix_ms(acc.expires_at).saturating_sub(obtained));
+    wanted.min(lifetime / 2)
+}
 
 /// Milliseconds since the Unix epoch.
 fn unix_ms(t: SystemTime) -> u64 {
@@ -1535,6 +1552,7 @@ impl Pool {
                 tracing::debug!(account = %a.id, "token refreshed");
                 a.refresh_failures.store(0, Ordering::SeqCst);
                 a.set_refresh_wait(None);
+                a.token_obtained_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
                 // A refresh that works proves the credentials (an `amqctl refresh` after a
                 // fix elsewhere: the auth region, the proxy, a newer chain taken from the
                 // store): an account made invalid by a refused refresh serves again (not one
@@ -2104,7 +2122,9 @@ impl Pool {
             let due = unsaved
                 || match a.tokens.current_access() {
                     None => true,
-                    Some(acc) => acc.expires_at <= now + self.refresh_before + jitter,
+                    Some(acc) => {
+                        acc.expires_at <= now + refresh_margin(self.refresh_before + jitter, &a, &acc)
+                    }
                 };
             if !due || a.refreshing.swap(true, Ordering::SeqCst) {
                 continue;
@@ -2591,6 +2611,33 @@ mod tests {
         back.set_refresh_wait(None);
         pool.access_token(&back, None).await.unwrap();
         assert_eq!(emu.stats().refresh_failures, 0);
+    }
+
+    /// Access tokens that live no longer than `refresh_before_expiry_secs` (300 s by default)
+    /// are refreshed at half their lifetime, not on every pass of the refresher: before, each
+    /// such account rotated its refresh token once a second.
+    #[tokio::test]
+    async fn short_lived_tokens_are_not_refreshed_on_every_pass() {
+        let opts = crate::emulator::EmulatorOptions {
+            access_token_ttl: Duration::from_secs(4),
+            ..Default::default()
+        };
+        let emu = crate::emulator::Emulator::start(opts).await.unwrap();
+        emu.add_account("c-a1", "s-a1", "r-a1");
+        let pool = pool_of(&config_for(&emu), &["a1"], Arc::new(Flaky::default()));
+        for _ in 0..12 {
+            pool.refresh_due();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(emu.stats().refreshes, 1, "refreshed on every pass");
+        // Past half its lifetime, it is due again.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let t0 = Instant::now();
+        while emu.stats().refreshes < 2 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never refreshed again");
+            pool.refresh_due();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// New credentials in the file while a rotated refresh token of the current ones is held
