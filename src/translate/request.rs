@@ -879,18 +879,23 @@ mod tests {
         j
     }
 
+    /// A model's capabilities: `checkpoints` cache points, `text_only`, nothing else known.
+    fn caps_with(checkpoints: u32, text_only: bool) -> crate::translate::ModelCaps {
+        crate::translate::ModelCaps {
+            max_input_tokens: None,
+            max_output_tokens: None,
+            request_fields_schema: None,
+            max_cache_checkpoints: checkpoints,
+            text_only,
+        }
+    }
+
     /// Where the cache points of a request land, for a model that takes four: `history.N` or
     /// `current`.
     fn cache_points(v: Value) -> Vec<String> {
         let req = parse_value(&v, ApiVersion::default(), Endpoint::Messages).unwrap();
         let models = ModelMap::default();
-        let caps = crate::translate::ModelCaps {
-            max_input_tokens: None,
-            max_output_tokens: None,
-            request_fields_schema: None,
-            max_cache_checkpoints: 4,
-            text_only: false,
-        };
+        let caps = caps_with(4, false);
         let t =
             translate(&req, &Context { models: &models, session_id: None, caps: Some(&caps), catalog: None })
                 .unwrap();
@@ -1106,13 +1111,7 @@ mod tests {
     #[test]
     fn images_for_a_text_only_model_become_notes() {
         let models = ModelMap::default();
-        let caps = crate::translate::ModelCaps {
-            max_input_tokens: None,
-            max_output_tokens: None,
-            request_fields_schema: None,
-            max_cache_checkpoints: 0,
-            text_only: true,
-        };
+        let caps = caps_with(0, true);
         let ctx = Context { models: &models, session_id: None, caps: Some(&caps), catalog: None };
         let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
         let v = json!({"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": [

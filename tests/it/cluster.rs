@@ -363,12 +363,18 @@ fn rec(t: &str) -> TokenRecord {
     }
 }
 
+/// Two nodes, `node-a` and `node-b`, on `pg` with leases of `lease`.
+async fn two_nodes(pg: &Postgres, lease: Duration) -> (PgStore, PgStore) {
+    let a = PgStore::connect(&pg.url(), "node-a", lease).await.unwrap();
+    let b = PgStore::connect(&pg.url(), "node-b", lease).await.unwrap();
+    (a, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_its_lease_cannot_write_a_token() {
     let Some(pg) = Postgres::start() else { return };
     let lease = Duration::from_secs(2);
-    let a = PgStore::connect(&pg.url(), "node-a", lease).await.unwrap();
-    let b = PgStore::connect(&pg.url(), "node-b", lease).await.unwrap();
+    let (a, b) = two_nodes(&pg, lease).await;
     let ha = a.acquire("x").await.unwrap().expect("a free lease");
     assert!(b.acquire("x").await.unwrap().is_none(), "a held lease is not taken");
     a.put_tokens_async("x", &rec("from-a-1")).await.unwrap();
@@ -405,8 +411,7 @@ async fn a_node_that_lost_its_lease_cannot_write_a_token() {
 async fn a_token_rotated_under_a_lost_lease_is_stored_until_a_later_holder_stores_one() {
     let Some(pg) = Postgres::start() else { return };
     let lease = Duration::from_secs(2);
-    let a = PgStore::connect(&pg.url(), "node-a", lease).await.unwrap();
-    let b = PgStore::connect(&pg.url(), "node-b", lease).await.unwrap();
+    let (a, b) = two_nodes(&pg, lease).await;
     let stored = |s: &PgStore| {
         let s = s.clone();
         async move { s.get_async("x").await.unwrap().unwrap().tokens.unwrap().refresh_token.expose().to_owned() }
@@ -444,8 +449,7 @@ async fn only_the_lease_holder_writes_an_accounts_state_and_counters() {
     use amq2api::store::{Backend, Counters, StateRecord};
     let Some(pg) = Postgres::start() else { return };
     let lease = Duration::from_secs(2);
-    let a = PgStore::connect(&pg.url(), "node-a", lease).await.unwrap();
-    let b = PgStore::connect(&pg.url(), "node-b", lease).await.unwrap();
+    let (a, b) = two_nodes(&pg, lease).await;
     let state = |reason: &str| StateRecord { reason: Some(reason.to_owned()), ..Default::default() };
     let counted = |n: u64| Counters { requests: n, ..Default::default() };
     let write = |s: &PgStore, reason: &'static str, n: u64| {
@@ -484,8 +488,7 @@ async fn only_the_lease_holder_writes_an_accounts_state_and_counters() {
 async fn a_lease_a_node_does_not_hold_runs_out() {
     let Some(pg) = Postgres::start() else { return };
     let lease = Duration::from_secs(2);
-    let a = PgStore::connect(&pg.url(), "node-a", lease).await.unwrap();
-    let b = PgStore::connect(&pg.url(), "node-b", lease).await.unwrap();
+    let (a, b) = two_nodes(&pg, lease).await;
     a.acquire("x").await.unwrap().expect("a free lease");
     let ha = a.acquire("y").await.unwrap().expect("a free lease");
     // The same node, knowing only y (x's row is under its name, not in its map).

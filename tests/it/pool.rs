@@ -981,18 +981,31 @@ async fn rpm_caps_the_requests_an_account_starts_each_minute() {
     h.stop().await;
 }
 
-/// A profile ARN the service stops taking ("User is not authorized to make this call") is
-/// asked for again, once, and the request goes through with the new one; the file's
-/// `profile_arn` always wins and is never asked for.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_profile_is_asked_for_again_once() {
+/// `n` non-streaming requests, each served (200).
+async fn all_served(h: &Harness, n: usize) {
+    for i in 0..n {
+        let r = post(h, "/v1/messages", &simple(&format!("request {i}"), false)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+}
+
+/// A daemon with one IAM Identity Center account, `idc`, against an emulator that requires
+/// a profile ARN; and that account's client id.
+async fn idc_account() -> (Harness, String) {
     let setup = Setup {
         accounts: vec!["idc".into()],
         emulator: EmulatorOptions { require_profile_arn: true, ..Default::default() },
         ..Default::default()
     };
-    let h = Harness::start(setup).await;
-    let cid = client_id("idc");
+    (Harness::start(setup).await, client_id("idc"))
+}
+
+/// A profile ARN the service stops taking ("User is not authorized to make this call") is
+/// asked for again, once, and the request goes through with the new one; the file's
+/// `profile_arn` always wins and is never asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_profile_is_asked_for_again_once() {
+    let (h, cid) = idc_account().await;
     let first = "arn:aws:codewhisperer:us-east-1:123456789012:profile/FIRSTPROFILE";
     let second = "arn:aws:codewhisperer:us-east-1:123456789012:profile/SECONDPROFIL";
     h.emulator.set_profile_arn(&cid, Some(first));
@@ -1029,13 +1042,7 @@ async fn a_refused_profile_is_asked_for_again_once() {
 /// good, though nothing was wrong with it. Once the listing works, the account serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_profile_listing_is_no_verdict_on_the_account() {
-    let setup = Setup {
-        accounts: vec!["idc".into()],
-        emulator: EmulatorOptions { require_profile_arn: true, ..Default::default() },
-        ..Default::default()
-    };
-    let h = Harness::start(setup).await;
-    let cid = client_id("idc");
+    let (h, cid) = idc_account().await;
     let real = "arn:aws:codewhisperer:us-east-1:123456789012:profile/REALPROFILE1";
     h.emulator.set_profile_arn(&cid, Some(real));
     h.emulator.set_listing_behaviour(&cid, Behaviour::Unavailable);
@@ -1065,10 +1072,7 @@ async fn an_account_no_endpoint_takes_is_cooled_down() {
     h.emulator.set_role_enabled(Role::AmazonQ, false);
     h.emulator.set_role_access(&client_id("gone"), Role::Runtime, Some(false));
     h.emulator.set_role_access(&client_id("fine"), Role::Runtime, Some(true));
-    for i in 0..6 {
-        let r = post(&h, "/v1/messages", &simple(&format!("request {i}"), false)).await;
-        assert_eq!(r.status, 200, "{}", r.text());
-    }
+    all_served(&h, 6).await;
     let gone = h.account("gone");
     assert_eq!(gone["state"], "cooling", "{gone}");
     assert!(gone["reason"].as_str().is_some_and(|r| r.contains("no chat endpoint")), "{gone}");
@@ -1086,10 +1090,7 @@ async fn an_account_whose_fresh_token_is_refused_cools_down_instead_of_refreshin
     let setup = Setup { accounts: vec!["refused".into(), "fine".into()], ..Default::default() };
     let h = Harness::start(setup).await;
     h.emulator.set_behaviour(&client_id("refused"), Behaviour::BearerRefused);
-    for i in 0..8 {
-        let r = post(&h, "/v1/messages", &simple(&format!("request {i}"), false)).await;
-        assert_eq!(r.status, 200, "{}", r.text());
-    }
+    all_served(&h, 8).await;
     let refused = h.account("refused");
     assert_eq!(refused["state"], "cooling", "{refused}");
     assert!(refused["reason"].as_str().is_some_and(|r| r.contains("freshly refreshed token")), "{refused}");
