@@ -54,7 +54,14 @@ pub struct Reloader {
     info: RwLock<ReloadInfo>,
     /// One reload at a time (a watcher burst and an `amqctl reload` may meet).
     lock: tokio::sync::Mutex<()>,
+    /// The last accounts reload left accounts out or changes waiting for the store: the
+    /// accounts watcher tries again every [`RETRY_WAITING`] by itself.
+    waiting: std::sync::atomic::AtomicBool,
 }
+
+/// How often accounts that could not join, or changes that waited for the store, are tried
+/// again while some are left.
+pub const RETRY_WAITING: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Reloader {
     /// `accounts` is the set the daemon started with.
@@ -80,7 +87,14 @@ impl Reloader {
                 errors: [None, None, None],
             }),
             lock: tokio::sync::Mutex::new(()),
+            waiting: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Accounts left out, or changes waiting, at the last accounts reload (tried again by the
+    /// accounts watcher).
+    pub fn waiting(&self) -> bool {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn config_path(&self) -> &std::path::Path {
@@ -139,6 +153,10 @@ impl Reloader {
                 let applied =
                     if diff.is_empty() { Default::default() } else { self.app.pool.apply(&set, &diff).await };
                 let refused = applied.refused;
+                self.waiting.store(
+                    !refused.is_empty() || !applied.deferred.is_empty(),
+                    std::sync::atomic::Ordering::SeqCst,
+                );
                 if !diff.is_empty() {
                     tracing::info!(changes = %diff, "accounts file reloaded");
                 }
@@ -149,7 +167,10 @@ impl Reloader {
                     set
                 } else {
                     for (id, why) in &refused {
-                        warnings.push(format!("{id}: not added: {why}; reload again once the store answers"));
+                        warnings.push(format!(
+                            "{id}: not added: {why}; tried again every {}s",
+                            RETRY_WAITING.as_secs()
+                        ));
                     }
                     let out: HashSet<&AccountId> = refused.iter().map(|(id, _)| id).collect();
                     AccountSet::new(set.iter().filter(|s| !out.contains(&s.id)).cloned().collect())
@@ -161,7 +182,10 @@ impl Reloader {
                     set
                 } else {
                     for (id, why) in &applied.deferred {
-                        warnings.push(format!("{id}: not changed: {why}; reload again once the store works"));
+                        warnings.push(format!(
+                            "{id}: not changed: {why}; tried again every {}s",
+                            RETRY_WAITING.as_secs()
+                        ));
                     }
                     AccountSet::new(
                         set.iter()
@@ -184,6 +208,8 @@ impl Reloader {
                 return r;
             }
             Err(diags) => {
+                // The file's next edit is what changes anything now.
+                self.waiting.store(false, std::sync::atomic::Ordering::SeqCst);
                 for d in diags.errors() {
                     tracing::error!("accounts file not applied (the last good set keeps serving): {d}");
                 }
@@ -381,7 +407,10 @@ pub fn watch_accounts(
 ) -> impl Future<Output = ()> + Send + 'static {
     let file = reloader.app.config.accounts.file.clone();
     let watching = Watching::start(&file, "accounts");
-    async move { watching.run(shutdown, || reloader.accounts()).await }
+    async move {
+        let waiting = || reloader.waiting();
+        watching.run(shutdown, || reloader.accounts(), waiting).await
+    }
 }
 
 /// The keys-file watcher (as [`watch_accounts`]); nothing to do without `keys_file`.
@@ -389,7 +418,7 @@ pub fn watch_keys(reloader: Arc<Reloader>, shutdown: Shutdown) -> impl Future<Ou
     let watching = reloader.app.config.auth.keys_file.clone().map(|file| Watching::start(&file, "keys"));
     async move {
         if let Some(w) = watching {
-            w.run(shutdown, || reloader.keys()).await;
+            w.run(shutdown, || reloader.keys(), || false).await;
         }
     }
 }
@@ -413,8 +442,9 @@ impl Watching {
         Watching { watcher, rx }
     }
 
-    /// Calls `reload` once for each burst of changes until the stop.
-    async fn run<F, Fut>(mut self, mut shutdown: Shutdown, mut reload: F)
+    /// Calls `reload` once for each burst of changes until the stop, and every
+    /// [`RETRY_WAITING`] while `waiting` says the last one left something to do again.
+    async fn run<F, Fut>(mut self, mut shutdown: Shutdown, mut reload: F, waiting: impl Fn() -> bool)
     where
         F: FnMut() -> Fut,
         Fut: Future,
@@ -425,6 +455,10 @@ impl Watching {
             let dangling = self.watcher.as_ref().is_some_and(|w| w.dangling());
             tokio::select! {
                 _ = shutdown.recv() => break,
+                _ = tokio::time::sleep(RETRY_WAITING), if waiting() => {
+                    tracing::info!("trying again the accounts that waited for the store");
+                    reload().await;
+                }
                 _ = tokio::time::sleep(std::time::Duration::from_secs(1)), if dangling => {
                     if let Some(w) = self.watcher.as_mut() {
                         w.follow_target();

@@ -585,6 +585,18 @@ fn adopt_renamed<'a>(
     Some((id.clone(), o.chain.take()?, o.access.take()))
 }
 
+/// An account renamed (`to`) has taken the chain of `from`, one of the accounts `leaving`:
+/// if that chain is held unsaved there, it moves to `to` whole, to be stored under the new id
+/// (the old one, removed, no longer writes it: its late write could land after the new id's
+/// newer one and make the older chain look the newest).
+async fn take_over(leaving: &[Arc<Account>], from: &str, to: &Account) {
+    let Some(old) = leaving.iter().find(|a| a.id.as_str() == from) else { return };
+    if let Some(u) = old.tokens.take_unsaved().await {
+        tracing::warn!(account = %to.id, from = %from, "the renamed account's rotated refresh token is not stored yet: it is stored under the new id once the store works");
+        to.tokens.hold_unsaved(u).await;
+    }
+}
+
 /// How long an account waits to refresh after the daemon did not attempt it
 /// ([`RefreshError::NotAttempted`]).
 const NOT_ATTEMPTED_WAIT: Duration = Duration::from_secs(2);
@@ -1857,17 +1869,14 @@ impl Pool {
         if !joining.is_empty() && !diff.removed.is_empty() && self.clustered().is_none() {
             let removed: HashSet<&AccountId> = diff.removed.iter().collect();
             for a in self.accounts().into_iter().filter(|a| removed.contains(&a.id)) {
-                if a.kind() == Kind::ApiKey || a.tokens.has_unsaved() {
-                    // An unsaved chain stays with its account (an orphan until stored under
-                    // its old id, which a restart's rename adoption then finds). Given away
-                    // too, the orphan's late write could land after the new name's newer one
-                    // and make the older chain look the newest.
+                if a.kind() == Kind::ApiKey {
                     continue;
                 }
                 a.removed.store(true, Ordering::SeqCst);
-                // Read once any refresh in flight has ended, and only if that refresh did not
-                // leave it unsaved (it then stays with its account, as above).
-                let Some(chain) = a.tokens.chain_if_saved().await else { continue };
+                // Read once any refresh in flight has ended. A chain held unsaved (the store
+                // fails) is the only live one: the renamed account takes it whole, unsaved
+                // state and all (see [`take_over`]), and stores it under its new id.
+                let chain = a.tokens.chain().await;
                 let access = a.tokens.current_access();
                 // In memory, in use until now: newer than anything stored.
                 let updated = Some(SystemTime::now());
@@ -1894,6 +1903,7 @@ impl Pool {
                             tracing::info!(account = %id, from = %from, "account renamed back: it resumes the chain of the name it had");
                             let seen = a.tokens.generation();
                             a.tokens.adopt(chain, access, seen).await;
+                            take_over(&leaving_accounts, &from, &a).await;
                         }
                     }
                     // Serving (and refreshing) again only now, with the chain it goes on with.
@@ -1911,21 +1921,27 @@ impl Pool {
                         continue;
                     }
                 };
+                let mut renamed_from = None;
                 if let Some((old, chain, access)) =
                     adopt_renamed(spec, &restored, leaving.iter_mut().map(|(i, r)| (&*i, r)))
                 {
                     tracing::info!(account = %id, from = %old, "account renamed: it resumes the refresh token of its old id");
                     restored.chain = Some(chain);
                     restored.access = access;
+                    renamed_from = Some(old);
                 }
                 let (account, new_identity) = Account::new((*spec).clone(), &self.upstream, restored);
+                let account = Arc::new(account);
+                if let Some(old) = renamed_from {
+                    take_over(&leaving_accounts, &old, &account).await;
+                }
                 if self.clustered().is_some() {
                     account.held_until.store(0, Ordering::SeqCst);
                 }
                 if new_identity {
                     self.sink.identity(&account.id, &account.identity.record());
                 }
-                added.push(Arc::new(account));
+                added.push(account);
             }
         }
         // The leaving accounts whose chain a renamed account took: renamed back, they take
@@ -2030,7 +2046,7 @@ impl Pool {
                 if let Err(e) =
                     a.tokens.store_unsaved(|chain, access| self.sink.tokens(&id, &chain, &access)).await
                 {
-                    tracing::error!(account = %a.id, error = %e, "the account's new credentials are not applied: a refresh token its current ones rotated is held in memory only (it cannot be stored), and replacing them would lose it; reload again once the store works");
+                    tracing::error!(account = %a.id, error = %e, "the account's new credentials are not applied: a refresh token its current ones rotated is held in memory only (it cannot be stored), and replacing them would lose it; they are applied once it is stored");
                     return Err(format!(
                         "its new credentials wait: a rotated refresh token of its current ones cannot be stored ({e})"
                     ));
@@ -2579,11 +2595,13 @@ mod tests {
         assert_eq!(a.tokens.chain().await.refresh_token.expose(), head);
     }
 
-    /// An account renamed away while its rotated token was unsaved (so it kept its chain) and
-    /// renamed back keeps its own chain: the other name, which started from the file's token,
-    /// has nothing to give it.
+    /// An account renamed while its rotated refresh token cannot be stored (a full disk): the
+    /// new name takes the chain along, unsaved, and stores it under its own id once the store
+    /// works; the old name no longer holds it, so it never writes it. Renamed back and forth
+    /// meanwhile, the chain follows the name. Before, the new name started from the file's
+    /// token, dead since the first rotation (`invalid_grant`).
     #[tokio::test]
-    async fn an_account_that_gave_nothing_away_keeps_its_chain_when_renamed_back() {
+    async fn an_account_renamed_while_its_token_is_unsaved_takes_the_chain_along() {
         // One rotation stored, the next one not: the chain it replaced is not the file's.
         let (sink, emu, pool, held) = rotated_a1().await;
         sink.failing.store(true, Ordering::SeqCst);
@@ -2597,20 +2615,31 @@ mod tests {
             crate::config::accounts::parse(std::path::Path::new("accounts.toml"), &text).unwrap().0
         };
         let (first, second) = (named("a1"), named("b1"));
+        let moved = |to: &Arc<Account>, from: &Arc<Account>| {
+            assert!(to.tokens.has_unsaved(), "{} does not hold the unsaved chain", to.id);
+            assert!(!from.tokens.has_unsaved(), "{} still holds the unsaved chain", from.id);
+        };
         pool.apply(&second, &first.diff(&second)).await;
+        let b = pool.get("b1").unwrap();
+        assert_eq!(b.tokens.chain().await.refresh_token.expose(), live, "started from the file's token");
+        moved(&b, &held);
+        // Renamed back while the store still fails, and away again: the chain follows.
         pool.apply(&first, &second.diff(&first)).await;
         let back = pool.get("a1").unwrap();
         assert!(Arc::ptr_eq(&back, &held));
-        assert_eq!(
-            back.tokens.chain().await.refresh_token.expose(),
-            live,
-            "the unsaved live chain was replaced"
-        );
-        assert!(back.tokens.has_unsaved());
+        assert_eq!(back.tokens.chain().await.refresh_token.expose(), live);
+        moved(&back, &b);
+        pool.apply(&second, &first.diff(&second)).await;
+        assert!(Arc::ptr_eq(&pool.get("b1").unwrap(), &b));
+        moved(&b, &held);
+        // The store works again: the chain is stored under the new id, and only there.
         sink.failing.store(false, Ordering::SeqCst);
-        back.set_refresh_wait(None);
-        pool.access_token(&back, None).await.unwrap();
-        assert_eq!(emu.stats().refresh_failures, 0);
+        b.set_refresh_wait(None);
+        pool.access_token(&b, None).await.unwrap();
+        assert_eq!(sink.chains.lock().unwrap()["b1"].refresh_token.expose(), live);
+        assert_ne!(sink.chains.lock().unwrap()["a1"].refresh_token.expose(), live);
+        pool.refresh_now(&b).await.unwrap();
+        assert_eq!(emu.stats().refresh_failures, 0, "a dead refresh token was presented");
     }
 
     /// Access tokens that live no longer than `refresh_before_expiry_secs` (300 s by default)

@@ -89,6 +89,14 @@ impl Held {
     }
 }
 
+/// A rotated chain held unsaved, handed from one account to another
+/// ([`Tokens::take_unsaved`], [`Tokens::hold_unsaved`]).
+pub struct Unsaved {
+    chain: Chain,
+    access: Access,
+    replaced: Option<Secret>,
+}
+
 /// What [`Tokens::reset`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reset {
@@ -272,11 +280,29 @@ impl Tokens {
         self.chain.lock().await.chain.clone()
     }
 
-    /// The chain, once no refresh runs on it, unless it is held unsaved (read under one lock:
-    /// a refresh in flight may end unsaved).
-    pub async fn chain_if_saved(&self) -> Option<Chain> {
-        let held = self.chain.lock().await;
-        held.unsaved.is_none().then(|| held.chain.clone())
+    /// A rotated chain held unsaved, taken out to go on under another account (an account
+    /// renamed while its store write failed): this one keeps the chain's value but no longer
+    /// holds it unsaved, so it never writes it under its old id (that late write could make
+    /// the older chain look the newest). `None` when nothing is held unsaved (a store retry
+    /// may have stored it meanwhile).
+    pub async fn take_unsaved(&self) -> Option<Unsaved> {
+        let mut held = self.chain.lock().await;
+        let access = held.unsaved.take()?;
+        self.unsaved.store(false, std::sync::atomic::Ordering::SeqCst);
+        Some(Unsaved { chain: held.chain.clone(), access, replaced: held.replaced.take() })
+    }
+
+    /// Holds a chain taken with [`Tokens::take_unsaved`] as this account's own, unsaved: it is
+    /// stored (under this account) before its access token is used, and no refresh runs
+    /// meanwhile.
+    pub async fn hold_unsaved(&self, u: Unsaved) {
+        let mut held = self.chain.lock().await;
+        held.chain = u.chain;
+        held.unsaved = Some(u.access);
+        held.replaced = u.replaced;
+        self.unsaved.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.invalidate_access();
     }
 
     /// Relabels the chain to new file credentials in memory only (`[cluster]`, on a node that

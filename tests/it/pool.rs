@@ -423,6 +423,13 @@ async fn a_full_or_read_only_disk_never_loses_the_refresh_token_chain() {
             let id = format!("{run}-{i}");
             emulator.add_account(&client_id(&id), &format!("secret-{id}"), &format!("refresh-{id}"));
         }
+        // The credentials one account's entry changes to (a client of its own).
+        let id = format!("{run}-19");
+        emulator.add_account(
+            &client_id(&format!("{id}-moved")),
+            &format!("secret-{id}"),
+            &format!("refresh-{id}-moved"),
+        );
     }
     let emu = emulator.clone();
     blocking(move || {
@@ -449,6 +456,28 @@ async fn a_full_or_read_only_disk_never_loses_the_refresh_token_chain() {
             });
             let problem = d.health()["store"]["problem"].as_str().unwrap().to_owned();
             assert!(problem.contains("No space left on device"), "{problem}");
+            // One account renamed meanwhile: the new name takes the unsaved chain along (from
+            // the file's token, long rotated, it would meet `invalid_grant`). Another one's
+            // credentials changed: the change waits (it would drop the unsaved chain), and
+            // applies by itself once the store works.
+            let renamed = format!("{run}-renamed");
+            let last = format!("\"{}\"", all[20]);
+            let moved = client_id(&format!("{}-moved", all[19]));
+            let text = accounts_toml(&all)
+                .replace(&format!("id = {last}"), &format!("id = \"{renamed}\""))
+                .replace(&format!("\"{}\"", client_id(&all[19])), &format!("\"{moved}\""))
+                .replace(&format!("\"refresh-{}\"", all[19]), &format!("\"refresh-{}-moved\"", all[19]));
+            std::fs::write(tmp.path().join("accounts.toml"), text).unwrap();
+            let t0 = Instant::now();
+            while !d.ctl_text(&["status"]).contains(&renamed) {
+                assert!(t0.elapsed() < Duration::from_secs(20), "the rename was not applied");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let h = d.health();
+            assert_eq!(h["accounts"]["tokens_unsaved"], 21, "the renamed account's chain was dropped: {h}");
+            let r = d.ctl_json(&["reload"]).expect("reload");
+            let waits = r["warnings"].to_string();
+            assert!(waits.contains("not changed") && waits.contains(&all[19]), "{r}");
             let status = d.ctl_text(&["status"]);
             assert!(status.contains("DEGRADED: ") && status.contains("No space left"), "{status}");
             assert!(status.contains("NOT STORED"), "{status}");
@@ -480,8 +509,12 @@ async fn a_full_or_read_only_disk_never_loses_the_refresh_token_chain() {
                 h["status"] == "ok" && h["accounts"]["tokens_unsaved"] == 0 && h.get("store").is_none()
             });
             wait_refreshes(&emu, &client_id(&all[0]), 2, Duration::from_secs(20));
+            wait_refreshes(&emu, &moved, 2, Duration::from_secs(30));
             assert_eq!(d.stop(Duration::from_secs(60)), 0);
-            assert_all_live_stored(&disk.path(""), &emu, &all, &format!("{run}, after recovery"));
+            let what = format!("{run}, after recovery");
+            assert_all_live_stored(&disk.path(""), &emu, &all[..19], &what);
+            assert_live_stored(&disk.path(""), &emu, &all[19], &moved, &what);
+            assert_live_stored(&disk.path(""), &emu, &renamed, &client_id(&all[20]), &what);
         }
     })
     .await;
