@@ -24,6 +24,11 @@ pub struct Cli {
     /// Print JSON (stable, for scripts) instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Give up (exit 69) when the daemon has not answered within SECS: a stopped or wedged
+    /// daemon still accepts connections. Default 30 for reads, 300 for actions (reload,
+    /// refresh, check, enable, disable).
+    #[arg(long, global = true, env = "AMQCTL_TIMEOUT", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: Option<u64>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -9,8 +9,39 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::path::Path;
 
-/// One request to the daemon.
+/// How long amqctl waits for the daemon's whole answer: a stopped or wedged daemon still
+/// accepts connections (the kernel queues them), and would otherwise hang amqctl for good.
+/// Actions (`reload`, `refresh`, `check`) may wait on the store, a token endpoint or the
+/// service; reads answer from memory.
+fn deadline(method: &str) -> std::time::Duration {
+    let default = if method == "GET" { 30 } else { 300 };
+    std::time::Duration::from_secs(TIMEOUT.get().copied().flatten().unwrap_or(default))
+}
+
+/// `--timeout` (`AMQCTL_TIMEOUT`), set once at the start.
+static TIMEOUT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+
+/// Sets `--timeout` for every call that follows.
+pub fn set_timeout(secs: Option<u64>) {
+    let _ = TIMEOUT.set(secs);
+}
+
+/// One request to the daemon, within [`deadline`].
 async fn call(socket: &Path, method: &str, path: &str) -> Result<(u16, Bytes), Failure> {
+    let limit = deadline(method);
+    tokio::time::timeout(limit, exchange(socket, method, path)).await.unwrap_or_else(|_| {
+        Err(fail(
+            exit::UNAVAILABLE,
+            format!(
+                "amq2api did not answer on {} within {}s (stopped or wedged? see systemctl status amq2api)",
+                socket.display(),
+                limit.as_secs()
+            ),
+        ))
+    })
+}
+
+async fn exchange(socket: &Path, method: &str, path: &str) -> Result<(u16, Bytes), Failure> {
     let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
             fail(exit::UNAVAILABLE, not_running(socket, e.kind() == std::io::ErrorKind::NotFound))

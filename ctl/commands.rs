@@ -16,6 +16,7 @@ fn print_json(body: &Bytes) {
 
 /// Runs a command that calls the daemon (main runs the offline ones); returns the exit code.
 pub async fn run(cli: &Cli) -> Result<i32, Failure> {
+    crate::client::set_timeout(cli.timeout);
     let s = &cli.socket;
     match &cli.command {
         Command::Status => {
@@ -46,7 +47,7 @@ pub async fn run(cli: &Cli) -> Result<i32, Failure> {
             Ok(exit::OK)
         }
         Command::Account { id } => {
-            let (a, body) = get::<AccountInfo>(s, "GET", &format!("/v1/accounts/{id}")).await?;
+            let (a, body) = get::<AccountInfo>(s, "GET", &account_path(id, "")?).await?;
             if cli.json {
                 print_json(&body);
             } else {
@@ -60,7 +61,7 @@ pub async fn run(cli: &Cli) -> Result<i32, Failure> {
             let verb = if matches!(cli.command, Command::Enable { .. }) { "enable" } else { "disable" };
             // Several accounts (or --all): a line each as for refresh and check, and a summary.
             let [id] = ids.as_slice() else { return actions(cli, verb, ids, *all).await };
-            let (r, body) = get::<ActionResult>(s, "POST", &format!("/v1/accounts/{id}/{verb}")).await?;
+            let (r, body) = get::<ActionResult>(s, "POST", &account_path(id, verb)?).await?;
             if cli.json {
                 print_json(&body);
             } else {
@@ -96,7 +97,7 @@ pub async fn run(cli: &Cli) -> Result<i32, Failure> {
             if cli.json {
                 print_json(&body);
             } else {
-                print!("{}", crate::render::render_export(&e));
+                out!("{}", crate::render::render_export(&e));
             }
             Ok(exit::OK)
         }
@@ -105,7 +106,7 @@ pub async fn run(cli: &Cli) -> Result<i32, Failure> {
             if cli.json {
                 print_json(&body);
             } else {
-                print!("{}", crate::keys::render_keys(&list));
+                out!("{}", crate::keys::render_keys(&list));
             }
             Ok(exit::OK)
         }
@@ -115,9 +116,9 @@ pub async fn run(cli: &Cli) -> Result<i32, Failure> {
             if cli.json {
                 print_json(&body);
             } else if *csv {
-                print!("{}", crate::keys::render_usage_csv(&rows));
+                out!("{}", crate::keys::render_usage_csv(&rows));
             } else {
-                print!("{}", crate::keys::render_usage(&rows, by.as_str()));
+                out!("{}", crate::keys::render_usage(&rows, by.as_str()));
             }
             Ok(exit::OK)
         }
@@ -127,6 +128,15 @@ pub async fn run(cli: &Cli) -> Result<i32, Failure> {
         | Command::Man
         | Command::Key(_) => Ok(exit::OK),
     }
+}
+
+/// The control path of account `id` (and its `action`, if any). An id the accounts file could
+/// not hold is no account (exit 64), not a malformed request (a space) or another account's
+/// path (`a1?x` is `a1` to a URL).
+fn account_path(id: &str, action: &str) -> Result<String, Failure> {
+    let id = amq2api::config::AccountId::parse(id)
+        .map_err(|e| fail(exit::USAGE, format!("no account {id:?}: {e}")))?;
+    Ok(if action.is_empty() { format!("/v1/accounts/{id}") } else { format!("/v1/accounts/{id}/{action}") })
 }
 
 /// refresh / check: one line per account as results arrive, a summary, non-zero if any failed.
@@ -142,11 +152,11 @@ async fn actions(cli: &Cli, verb: &str, ids: &[String], all: bool) -> Result<i32
     } else {
         ids.to_vec()
     };
+    let paths = ids.iter().map(|id| account_path(id, verb)).collect::<Result<Vec<_>, _>>()?;
     let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    for (i, id) in ids.iter().enumerate() {
-        let (s, path, id, tx, limit) =
-            (s.clone(), format!("/v1/accounts/{id}/{verb}"), id.clone(), tx.clone(), limit.clone());
+    for (i, (id, path)) in ids.iter().zip(paths).enumerate() {
+        let (s, id, tx, limit) = (s.clone(), id.clone(), tx.clone(), limit.clone());
         tokio::spawn(async move {
             let _permit = limit.acquire_owned().await;
             let r = get::<ActionResult>(&s, "POST", &path).await.map(|(r, _)| r);

@@ -23,7 +23,7 @@ pub fn new_key(name: &str, json: bool) -> Result<i32, Failure> {
     let entry = format!("[[key]]\nname = \"{name}\"\nkey = \"sha256:{digest}\"\nenabled = true\n");
     if json {
         let v = serde_json::json!({"name": name, "key": key, "digest": format!("sha256:{digest}"), "entry": entry});
-        println!("{v}");
+        outln!("{v}");
     } else {
         // The key on stderr, the entry on stdout: `amqctl key new bob >> keys.toml` appends only
         // the digest, and the key shows on the terminal, once.
@@ -32,7 +32,7 @@ pub fn new_key(name: &str, json: bool) -> Result<i32, Failure> {
         eprintln!("    {key}");
         eprintln!();
         eprintln!("Its entry for the keys file ([auth] keys_file), holding only the key's digest:");
-        print!("\n{entry}");
+        out!("\n{entry}");
     }
     Ok(exit::OK)
 }

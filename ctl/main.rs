@@ -89,7 +89,7 @@ fn run(cli: Cli) -> i32 {
                         "amqctl: warning: stdout holds this account's secrets (client secret, refresh token): \
                          append it to accounts.toml (root:amq2api, mode 0640), then run amqctl reload"
                     );
-                    print!("{}", done.entry);
+                    out!("{}", done.entry);
                     exit::OK
                 }),
                 Err(e) => Err(fail(exit::OSERR, e.to_string())),

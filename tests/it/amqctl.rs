@@ -482,6 +482,39 @@ async fn status_accounts_and_account_in_tables_and_json() {
 }
 
 // ---------------------------------------------------------------------------------------------
+/// Ids no accounts file could hold are no account (exit 64), whatever they would do to a URL:
+/// a space or a non-ASCII letter used to fail as an unexpected answer (70), and `a1?x` showed
+/// account `a1`.
+#[tokio::test]
+async fn ids_no_file_could_hold_are_no_account() {
+    let h = start(&["alpha"]).await;
+    let mut ctl = Ctl::of(&h);
+    for id in ["Team A", "é", "alpha?x", "alpha#x", "alpha/enable", ""] {
+        let r = ctl.run(&["account", id]).await.code(64);
+        assert!(r.stderr.contains("no account"), "{id:?}: {r}");
+        assert!(r.stdout.is_empty(), "{id:?}: {r}");
+        ctl.run(&["--json", "enable", id]).await.code(64);
+        ctl.run(&["refresh", "alpha", id]).await.code(64);
+    }
+    ctl.run(&["account", "alpha"]).await.code(0);
+}
+
+/// A daemon that accepts connections and never answers (stopped with SIGSTOP, or wedged: the
+/// kernel still queues connections): amqctl gives up after `--timeout` with exit 69, not hang.
+#[tokio::test]
+async fn amqctl_gives_up_on_a_daemon_that_never_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    // Bound and listening, never accepted from.
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let mut ctl = Ctl::new(&socket);
+    let t0 = Instant::now();
+    let r = ctl.run(&["--timeout", "1", "status"]).await.code(69);
+    assert!(r.stderr.contains("did not answer") && r.stderr.contains("within 1s"), "{r}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    ctl.run(&["--timeout", "0", "status"]).await.code(64);
+}
+
 // refresh
 
 #[tokio::test]
