@@ -195,6 +195,22 @@ fn decide(
             message: format!("overage limit: {message}"),
         };
     }
+    // The request's own fault: its message may quote the request (a tool id, a name the client
+    // chose: "…for the following Ids: toolu_suspended"), so none of the rules that read the
+    // message to park an account apply to it; only the service's own fields do. (The service
+    // says quotas, suspicion and suspension with other exceptions: PROTOCOL.md §5.)
+    if is(type_name, "Validation") || is(type_name, "Serialization") {
+        if reason.contains("MONTHLY_REQUEST_COUNT") {
+            return UpstreamFailure::Quota { kind: QuotaKind::Monthly, message };
+        }
+        if reason.contains("DAILY_REQUEST_COUNT") {
+            return UpstreamFailure::Quota { kind: QuotaKind::Daily, message };
+        }
+        if reason.contains("CONTENT_LENGTH_EXCEEDS_THRESHOLD") || message.contains("Input is too long") {
+            return UpstreamFailure::ContextTooLong { message };
+        }
+        return UpstreamFailure::BadRequest { message };
+    }
     if message.to_ascii_lowercase().contains("suspicious activity") {
         return UpstreamFailure::Suspicious { message };
     }
@@ -277,6 +293,35 @@ mod tests {
     /// An exception in the stream before any content follows the same rule as the answer
     /// before the stream: the account's own causes park the account, the request's own are
     /// not failed over, and a busy service is capacity.
+    /// A refused request whose message quotes what the client chose (a tool id, a name) never
+    /// parks the account: before, `toolu_suspended` suspended it and `toolu_MONTHLY_REQUEST_COUNT`
+    /// parked it for the month, on every account the request failed over to.
+    #[test]
+    fn client_text_in_a_refusal_parks_no_account() {
+        for id in [
+            "toolu_suspended_1",
+            "toolu_MONTHLY_REQUEST_COUNT",
+            "toolu_DAILY_REQUEST_COUNT",
+            "suspicious activity",
+            "locked your account",
+            "high traffic",
+        ] {
+            let body = format!(
+                r#"{{"__type":"com.amazon.aws.codewhisperer#ValidationException","message":"Bedrock error message: Expected toolResult blocks at messages.2.content for the following Ids: {id}","reason":null}}"#
+            );
+            let f = c(400, &body);
+            assert!(matches!(f, UpstreamFailure::BadRequest { .. }), "{id}: {f:?}");
+            assert!(!f.try_another_account(), "{id}");
+        }
+        // The service's own fields still count.
+        let quota =
+            c(400, r#"{"__type":"ValidationException","message":"limit","reason":"MONTHLY_REQUEST_COUNT"}"#);
+        assert!(matches!(quota, UpstreamFailure::Quota { kind: QuotaKind::Monthly, .. }), "{quota:?}");
+        let long =
+            c(400, r#"{"__type":"ValidationException","message":"Input is too long for requested model."}"#);
+        assert!(matches!(long, UpstreamFailure::ContextTooLong { .. }), "{long:?}");
+    }
+
     #[test]
     fn a_stream_exception_before_content_is_classified_as_an_answer_would_be() {
         use crate::upstream::StreamError;
