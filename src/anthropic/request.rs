@@ -659,6 +659,11 @@ pub fn parse_value_with(
     // A tool_result must answer a tool_use of the assistant turn just before it (consecutive
     // same-role messages form one turn; system messages do not end a turn).
     let mut open_tool_uses: HashSet<String> = HashSet::new();
+    // The open ones in order, with the message each came in, and those answered so far: each
+    // must be answered in the user turn that follows (Anthropic refuses the request otherwise,
+    // and Amazon Q refuses a history with a tool use left unanswered).
+    let mut opened: Vec<(String, usize)> = Vec::new();
+    let mut answered: HashSet<String> = HashSet::new();
     // Tool-use ids are unique in the whole conversation (Anthropic refuses a repeated one, and
     // Amazon Q refuses a history that repeats one).
     let mut tool_use_ids: HashSet<String> = HashSet::new();
@@ -679,7 +684,10 @@ pub fn parse_value_with(
         };
         let content = parse_content(req(o, "content", &p)?, &p.at("content"), role)?;
         if role == Role::Assistant && last_role != Some(Role::Assistant) {
+            unanswered(&opened, &answered, &mp)?;
             open_tool_uses.clear();
+            opened.clear();
+            answered.clear();
         }
         if role != Role::System {
             last_role = Some(role);
@@ -691,11 +699,15 @@ pub fn parse_value_with(
                         return Err(p.at("content").at(j).at("id").err("`tool_use` ids must be unique"));
                     }
                     open_tool_uses.insert(id.clone());
+                    opened.push((id.clone(), i));
                 }
                 Block::ToolResult { tool_use_id, .. } if !open_tool_uses.contains(tool_use_id) => {
                     return Err(p.at("content").at(j).at("tool_use_id").err(format!(
                         "unexpected `tool_use_id` found in `tool_result` blocks: {tool_use_id}. Each `tool_result` block must have a corresponding `tool_use` block in the previous message."
                     )));
+                }
+                Block::ToolResult { tool_use_id, .. } => {
+                    answered.insert(tool_use_id.clone());
                 }
                 _ => {}
             }
@@ -708,6 +720,11 @@ pub fn parse_value_with(
             cache_messages.push(messages.len());
         }
         messages.push(Message { role, content });
+    }
+    // A conversation that ends with the tool uses (the assistant's turn, prefilled) has no
+    // answer due yet.
+    if last_role == Some(Role::User) {
+        unanswered(&opened, &answered, &mp)?;
     }
     if !messages.iter().any(|m| m.role == Role::User) {
         return Err(mp.err("At least one message with role 'user' is required"));
@@ -839,6 +856,22 @@ fn client_tool(kind: &str) -> Option<(&'static str, Value)> {
     } else {
         None
     }
+}
+
+/// Tool uses of the assistant turn before left without a result in the user turn after it:
+/// Anthropic's refusal, naming the message that made them.
+fn unanswered(
+    opened: &[(String, usize)],
+    answered: &HashSet<String>,
+    messages: &Path,
+) -> Result<(), ApiError> {
+    let left: Vec<&(String, usize)> = opened.iter().filter(|(id, _)| !answered.contains(id)).collect();
+    let Some((_, at)) = left.first() else { return Ok(()) };
+    let ids: Vec<&str> = left.iter().map(|(id, _)| id.as_str()).collect();
+    Err(messages.at(*at).err(format!(
+        "`tool_use` ids were found without `tool_result` blocks immediately after: {}. Each `tool_use` block must have a corresponding `tool_result` block in the next message.",
+        ids.join(", ")
+    )))
 }
 
 fn parse_content(v: &Value, p: &Path, role: Role) -> Result<Vec<Block>, ApiError> {

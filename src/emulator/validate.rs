@@ -73,6 +73,8 @@ pub enum Rule {
     ToolResultTooLong,
     ToolResultAnswersToolUse,
     ToolResultOnce,
+    ToolUseAnswered,
+    UserContentNonEmpty,
     AdditionalFieldsObject,
     ReasoningContentShape,
     CachePointShape,
@@ -135,6 +137,10 @@ impl Rule {
                 "every tool result answers a toolUse in an earlier assistant message"
             }
             Rule::ToolResultOnce => "each toolUseId is answered by at most one tool result",
+            Rule::ToolUseAnswered => {
+                "every toolUse of an assistant message is answered by a tool result in the user message after it"
+            }
+            Rule::UserContentNonEmpty => "a user message without tool results has non-blank content",
             Rule::AdditionalFieldsObject => "additionalModelRequestFields, if present, is a JSON object",
             Rule::ReasoningContentShape => {
                 "reasoningContent is exactly one of {reasoningText: {text: string, signature: string}} or {redactedContent: non-empty base64}"
@@ -289,6 +295,8 @@ struct Validator {
     tool_uses: HashMap<String, String>,
     /// Tool-use ids already answered by a tool result.
     answered: HashSet<String>,
+    /// The tool uses of the assistant message just walked, which the next user message answers.
+    due: Vec<String>,
 }
 
 impl Validator {
@@ -316,6 +324,23 @@ impl Validator {
         if let Some(images) = msg.get("images") {
             check_images(images, &format!("{path}.images"))?;
         }
+        self.user_context(msg, path)?;
+        let has_results = context(msg, path)?
+            .and_then(|ctx| ctx.get("toolResults"))
+            .and_then(Value::as_array)
+            .is_some_and(|r| !r.is_empty());
+        if content.trim().is_empty() && !has_results {
+            return fail(Rule::UserContentNonEmpty, format!("{path}.content"));
+        }
+        let due = std::mem::take(&mut self.due);
+        if due.iter().any(|id| !self.answered.contains(id)) {
+            return fail(Rule::ToolUseAnswered, format!("{path}.userInputMessageContext.toolResults"));
+        }
+        Ok(())
+    }
+
+    /// A user message's context: its environment and tool results.
+    fn user_context(&mut self, msg: &Map<String, Value>, path: &str) -> Check {
         let Some(ctx) = context(msg, path)? else {
             return Ok(());
         };
@@ -420,6 +445,7 @@ impl Validator {
             if self.tool_uses.insert(id.to_owned(), name.to_owned()).is_some() {
                 return fail(Rule::ToolUseIdUnique, format!("{use_path}.toolUseId"));
             }
+            self.due.push(id.to_owned());
         }
         Ok(())
     }
@@ -707,7 +733,7 @@ mod tests {
     fn minimal_request_is_valid() {
         let body = json!({"conversationState": {
             "chatTriggerType": "MANUAL",
-            "currentMessage": {"userInputMessage": {"content": ""}}
+            "currentMessage": {"userInputMessage": {"content": "Hi"}}
         }});
         validate_request(&body).expect("minimal request is valid");
     }
@@ -810,6 +836,13 @@ mod tests {
         rejects(Rule::HistoryEndsWithAssistant, "conversationState.history[2]", |b| {
             let history = at(b, "/conversationState/history").as_array_mut().unwrap();
             history.push(json!({"userInputMessage": {"content": "dangling"}}));
+            // Answering the tool uses before it, so that only the ending is wrong.
+            let results = at(b, &format!("{CTX}/toolResults")).clone();
+            set(
+                b,
+                "/conversationState/history/2/userInputMessage/userInputMessageContext",
+                json!({"toolResults": results}),
+            );
         });
     }
 
@@ -1108,6 +1141,30 @@ mod tests {
             let results = at(b, &format!("{CTX}/toolResults")).as_array_mut().unwrap();
             results.push(results[0].clone());
         });
+    }
+
+    #[test]
+    fn tool_uses_are_answered_in_the_next_user_message() {
+        let p = format!("{}.toolResults", dotted(CTX));
+        rejects(Rule::ToolUseAnswered, &p, |b| {
+            set(b, &format!("{CUR}/content"), json!("Go on"));
+            remove(b, &format!("{CTX}/toolResults"));
+        });
+    }
+
+    #[test]
+    fn user_content_is_not_blank_without_tool_results() {
+        rejects(Rule::UserContentNonEmpty, &format!("{}.content", dotted(CUR)), |b| {
+            set(b, &format!("{CUR}/content"), json!(" \n"));
+            remove(b, &format!("{CTX}/toolResults"));
+        });
+        rejects(Rule::UserContentNonEmpty, "conversationState.history[0].userInputMessage.content", |b| {
+            set(b, "/conversationState/history/0/userInputMessage/content", json!(""))
+        });
+        // With tool results, no text is needed.
+        let mut body = baseline();
+        set(&mut body, &format!("{CUR}/content"), json!(""));
+        validate_request(&body).expect("tool results without text are valid");
     }
 
     #[test]

@@ -116,6 +116,9 @@ struct UserTurn {
     images: Vec<Image>,
     omitted_images: usize,
     results: Vec<ToolResult>,
+    /// Where each result's id is in `results`, and that result's size in characters (a
+    /// search and a recount per result made a request of many results quadratic).
+    result_at: HashMap<String, (usize, usize)>,
 }
 
 #[derive(Default)]
@@ -669,30 +672,31 @@ fn user_blocks(
                 }
                 let id = q_tool_use_id(tool_use_id);
                 let status = if *is_error { ToolResultStatus::Error } else { ToolResultStatus::Success };
-                let at = match turn.results.iter().position(|r| r.tool_use_id == id) {
-                    Some(at) => {
-                        // The same tool_use_id answered twice: merge into one result.
-                        let existing = &mut turn.results[at];
-                        existing.content.extend(parts);
-                        if status == ToolResultStatus::Error {
-                            existing.status = ToolResultStatus::Error;
-                        }
-                        at
-                    }
-                    None => {
-                        turn.results.push(ToolResult { tool_use_id: id, content: parts, status });
-                        turn.results.len() - 1
-                    }
-                };
-                // Amazon Q's limit holds for the merged result.
-                let size: usize = turn.results[at]
-                    .content
+                let added: usize = parts
                     .iter()
                     .map(|p| match p {
                         ToolResultContent::Text(t) => t.chars().count(),
                         ToolResultContent::Json(v) => v.to_string().chars().count(),
                     })
                     .sum();
+                let size = match turn.result_at.get_mut(&id) {
+                    Some((at, size)) => {
+                        // Two ids that are one in Amazon Q's form: merged into one result.
+                        let existing = &mut turn.results[*at];
+                        existing.content.extend(parts);
+                        if status == ToolResultStatus::Error {
+                            existing.status = ToolResultStatus::Error;
+                        }
+                        *size += added;
+                        *size
+                    }
+                    None => {
+                        turn.result_at.insert(id.clone(), (turn.results.len(), added));
+                        turn.results.push(ToolResult { tool_use_id: id, content: parts, status });
+                        added
+                    }
+                };
+                // Amazon Q's limit holds for the merged result.
                 if size > MAX_TOOL_RESULT_CHARS {
                     return Err(too_long("a tool result", size, MAX_TOOL_RESULT_CHARS));
                 }
@@ -755,6 +759,11 @@ fn assistant_blocks(blocks: &[Block], turn: &mut AssistantTurn, names: &mut Tool
     }
 }
 
+/// The text of a user message that has none and no tool results (Amazon Q refuses it empty).
+const BLANK_MESSAGE: &str = "(empty message)";
+/// The same for a message of images only.
+const IMAGES_ONLY_MESSAGE: &str = "(see the attached image)";
+
 fn user_message(turn: UserTurn, q_model: &str, tools: Vec<Tool>) -> Result<UserInputMessage, ApiError> {
     let mut texts = turn.texts;
     if turn.omitted_images > 0 {
@@ -763,7 +772,12 @@ fn user_message(turn: UserTurn, q_model: &str, tools: Vec<Tool>) -> Result<UserI
             turn.omitted_images
         ));
     }
-    let content = texts.join("\n\n");
+    let mut content = texts.join("\n\n");
+    // Amazon Q refuses a user message with no text unless it carries tool results
+    // ("Improperly formed request"): an image-only follow-up, a blank text block.
+    if content.trim().is_empty() && turn.results.is_empty() {
+        content = if turn.images.is_empty() { BLANK_MESSAGE } else { IMAGES_ONLY_MESSAGE }.into();
+    }
     let n = content.chars().count();
     if n > MAX_USER_MESSAGE_CHARS {
         return Err(too_long("a user message", n, MAX_USER_MESSAGE_CHARS));

@@ -598,6 +598,51 @@ fn invalid_cases() -> Vec<(&'static str, ApiVersion, Value, &'static str)> {
             "messages.0.content.0.tool_use_id: unexpected `tool_use_id`",
         ),
         (
+            "tool_use left unanswered",
+            V1,
+            with(
+                body(json!([user(json!("Hi")), call.clone(), user(json!("never mind"))])),
+                "tools",
+                weather.clone(),
+            ),
+            "messages.1: `tool_use` ids were found without `tool_result` blocks immediately after: toolu_01. \
+             Each `tool_use` block must have a corresponding `tool_result` block in the next message.",
+        ),
+        (
+            "parallel tool uses answered in part",
+            V1,
+            with(
+                body(json!([
+                    user(json!("Weather in Oslo and Rome?")),
+                    {"role": "assistant", "content": [
+                        {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Oslo"}},
+                        {"type": "tool_use", "id": "toolu_02", "name": "get_weather", "input": {"city": "Rome"}}]},
+                    user(json!([{"type": "tool_result", "tool_use_id": "toolu_01", "content": "cold"}])),
+                    {"role": "assistant", "content": "Oslo is cold."},
+                    user(json!("and Rome?"))
+                ])),
+                "tools",
+                weather.clone(),
+            ),
+            "messages.1: `tool_use` ids were found without `tool_result` blocks immediately after: toolu_02.",
+        ),
+        (
+            "tool use answered only in a later turn",
+            V1,
+            with(
+                body(json!([
+                    user(json!("Hi")),
+                    call.clone(),
+                    user(json!("wait")),
+                    {"role": "assistant", "content": "ok"},
+                    user(json!([{"type": "tool_result", "tool_use_id": "toolu_01", "content": "x"}]))
+                ])),
+                "tools",
+                weather.clone(),
+            ),
+            "messages.1: `tool_use` ids were found without `tool_result` blocks",
+        ),
+        (
             "tool_use in a user message",
             V1,
             body(json!([user(
@@ -1033,5 +1078,26 @@ fn the_invalid_table_differs_from_valid_requests_only_where_it_says() {
     for (i, b) in valid.iter().enumerate() {
         let q = run(b, ApiVersion::V2023_06_01).unwrap_or_else(|e| panic!("valid[{i}]: {e}"));
         validate_request(&q).unwrap_or_else(|v| panic!("valid[{i}]: {v}"));
+    }
+}
+
+/// User messages with no text and no tool results (an image-only follow-up, a blank text block)
+/// are sent with a short text: Amazon Q refuses them blank ("Improperly formed request").
+#[test]
+fn blank_user_messages_are_sent_with_a_text() {
+    let png =
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+    let image =
+        json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}});
+    let cases = [
+        json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": [image]}]),
+        json!([{"role": "user", "content": [{"type": "text", "text": ""}]}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Go on"}]),
+        json!([{"role": "user", "content": " \n"}]),
+    ];
+    for (i, messages) in cases.into_iter().enumerate() {
+        let q = run(&body(messages), ApiVersion::V2023_06_01).unwrap_or_else(|e| panic!("case {i}: {e}"));
+        validate_request(&q).unwrap_or_else(|v| panic!("case {i}: {v}"));
     }
 }
