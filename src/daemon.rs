@@ -181,9 +181,11 @@ async fn run_inner(
     let connections = crate::shutdown::Tasks::new();
     let mut servers = Vec::new();
     let mut addrs = Vec::new();
+    let mut listening = Vec::new();
     for l in listeners.http {
         l.set_nonblocking(true).map_err(RunError::Listener)?;
         let addr = l.local_addr().map_err(RunError::Listener)?;
+        listening.push(addr);
         let listener = tokio::net::TcpListener::from_std(l).map_err(RunError::Listener)?;
         tracing::info!(%addr, tls = opts.tls.is_some(), "listening");
         addrs.push(format!("{}://{addr}", if opts.tls.is_some() { "https" } else { "http" }));
@@ -196,8 +198,15 @@ async fn run_inner(
             connections.clone(),
         )));
     }
-    let reloader =
-        Arc::new(Reloader::new(app.clone(), config_path, Env::from_process(), tls_cert, accounts, key_set));
+    let reloader = Arc::new(Reloader::new(
+        app.clone(),
+        config_path,
+        Env::from_process(),
+        tls_cert,
+        accounts,
+        key_set,
+        listening,
+    ));
     let named = app.keys.list().len();
     let status = {
         let (app, reloader) = (app.clone(), reloader.clone());

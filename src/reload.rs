@@ -54,6 +54,8 @@ pub struct Reloader {
     info: RwLock<ReloadInfo>,
     /// One reload at a time (a watcher burst and an `amqctl reload` may meet).
     lock: tokio::sync::Mutex<()>,
+    /// The addresses the daemon listens on (fixed until a restart).
+    listening: Vec<std::net::SocketAddr>,
     /// The last accounts reload left accounts out or changes waiting for the store: the
     /// accounts watcher tries again every [`RETRY_WAITING`] by itself.
     waiting: std::sync::atomic::AtomicBool,
@@ -72,6 +74,7 @@ impl Reloader {
         tls_cert: Option<Arc<tls::ReloadableCert>>,
         accounts: AccountSet,
         keys: KeySet,
+        listening: Vec<std::net::SocketAddr>,
     ) -> Reloader {
         Reloader {
             app,
@@ -87,6 +90,7 @@ impl Reloader {
                 errors: [None, None, None],
             }),
             lock: tokio::sync::Mutex::new(()),
+            listening,
             waiting: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -128,101 +132,114 @@ impl Reloader {
     }
 
     async fn accounts_locked(&self) -> Outcome {
-        let path = self.app.config.accounts.file.clone();
-        // An empty file while accounts serve is most likely one being rewritten in place
-        // (truncated, then written): taking it would drop every account until the write ends.
-        // The watcher sees the write that follows; an operator who means no accounts at all
-        // leaves a comment in the file.
-        let serving = !self.info().accounts.is_empty();
-        if serving && std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0) {
-            let message = format!(
-                "{}: error: the accounts file is empty (being written?); the accounts loaded keep \
-                 serving (to remove every account, leave a comment in the file)",
-                path.display()
-            );
-            tracing::error!("accounts file not applied (the last good set keeps serving): {message}");
-            let r =
-                Outcome { ok: false, changes: "no changes".into(), errors: vec![message], warnings: vec![] };
-            self.record(Source::Accounts, &r, None);
-            return r;
-        }
-        let result = match off_runtime(move || config::accounts::load(&path)).await {
-            Ok((set, warnings)) => {
-                let old = self.info().accounts;
-                let diff = old.diff(&set);
-                let applied =
-                    if diff.is_empty() { Default::default() } else { self.app.pool.apply(&set, &diff).await };
-                let refused = applied.refused;
-                self.waiting.store(
-                    !refused.is_empty() || !applied.deferred.is_empty(),
-                    std::sync::atomic::Ordering::SeqCst,
-                );
-                if !diff.is_empty() {
-                    tracing::info!(changes = %diff, "accounts file reloaded");
-                }
-                let mut warnings: Vec<String> = warnings.0.iter().map(|w| w.to_string()).collect();
-                // An account that could not join stays out of the recorded set, so the next
-                // reload (or the watcher's next event) tries it again.
-                let set = if refused.is_empty() {
-                    set
-                } else {
-                    for (id, why) in &refused {
-                        warnings.push(format!(
-                            "{id}: not added: {why}; tried again every {}s",
-                            RETRY_WAITING.as_secs()
-                        ));
-                    }
-                    let out: HashSet<&AccountId> = refused.iter().map(|(id, _)| id).collect();
-                    AccountSet::new(set.iter().filter(|s| !out.contains(&s.id)).cloned().collect())
-                };
-                // An account whose change waits keeps its current settings (the account's own,
-                // which an account added back also has) in the recorded set, so the next
-                // reload sees the change again.
-                let set = if applied.deferred.is_empty() {
-                    set
-                } else {
-                    for (id, why) in &applied.deferred {
-                        warnings.push(format!(
-                            "{id}: not changed: {why}; tried again every {}s",
-                            RETRY_WAITING.as_secs()
-                        ));
-                    }
-                    AccountSet::new(
-                        set.iter()
-                            .map(|s| {
-                                if applied.deferred.iter().any(|(d, _)| *d == s.id) {
-                                    self.app
-                                        .pool
-                                        .get(s.id.as_str())
-                                        .map(|a| a.spec())
-                                        .unwrap_or_else(|| s.clone())
-                                } else {
-                                    s.clone()
-                                }
-                            })
-                            .collect(),
-                    )
-                };
-                let r = Outcome { ok: true, changes: diff.to_string(), errors: vec![], warnings };
-                self.record(Source::Accounts, &r, Some(set));
-                return r;
-            }
-            Err(diags) => {
+        match self.read_accounts().await {
+            Ok((set, warnings)) => self.apply_accounts(set, warnings).await,
+            Err(r) => {
                 // The file's next edit is what changes anything now.
                 self.waiting.store(false, std::sync::atomic::Ordering::SeqCst);
+                self.record(Source::Accounts, &r, None);
+                r
+            }
+        }
+    }
+
+    /// The accounts file, read and checked (nothing applied): the set and its warnings, or
+    /// the refusal.
+    async fn read_accounts(&self) -> Result<(AccountSet, Vec<String>), Outcome> {
+        let path = self.app.config.accounts.file.clone();
+        let serving = !self.info().accounts.is_empty();
+        let load = || {
+            let path = path.clone();
+            off_runtime(move || config::accounts::load(&path))
+        };
+        let (mut set, mut warnings) = match load().await {
+            Ok(read) => read,
+            Err(diags) => {
                 for d in diags.errors() {
                     tracing::error!("accounts file not applied (the last good set keeps serving): {d}");
                 }
-                Outcome {
-                    ok: false,
-                    changes: "no changes".into(),
-                    errors: diags.errors().map(|d| d.to_string()).collect(),
-                    warnings: diags.warnings().map(|d| d.to_string()).collect(),
-                }
+                return Err(refusal(&diags));
             }
         };
-        self.record(Source::Accounts, &result, None);
-        result
+        // No account while accounts serve: most likely a file being rewritten in place
+        // (truncated, then written), read between the two: taking it would drop every account
+        // until the write ends. Read again; still empty and the file empty, it is refused (the
+        // watcher sees the write that follows). An operator who means no accounts at all
+        // leaves a comment in the file.
+        if serving && set.is_empty() {
+            if let Ok(again) = load().await {
+                (set, warnings) = again;
+            }
+            if set.is_empty() && std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+                let message = format!(
+                    "{}: error: the accounts file is empty (being written?); the accounts loaded keep \
+                     serving (to remove every account, leave a comment in the file)",
+                    path.display()
+                );
+                tracing::error!("accounts file not applied (the last good set keeps serving): {message}");
+                return Err(Outcome {
+                    ok: false,
+                    changes: "no changes".into(),
+                    errors: vec![message],
+                    warnings: vec![],
+                });
+            }
+        }
+        Ok((set, warnings.0.iter().map(|w| w.to_string()).collect()))
+    }
+
+    /// Applies an accounts set read by [`Reloader::read_accounts`] as the difference to the
+    /// recorded one.
+    async fn apply_accounts(&self, set: AccountSet, mut warnings: Vec<String>) -> Outcome {
+        let old = self.info().accounts;
+        let diff = old.diff(&set);
+        let applied =
+            if diff.is_empty() { Default::default() } else { self.app.pool.apply(&set, &diff).await };
+        let refused = applied.refused;
+        self.waiting
+            .store(!refused.is_empty() || !applied.deferred.is_empty(), std::sync::atomic::Ordering::SeqCst);
+        if !diff.is_empty() {
+            tracing::info!(changes = %diff, "accounts file reloaded");
+        }
+        // An account that could not join stays out of the recorded set, so the next reload (or
+        // the retry of waiting ones) tries it again.
+        let set = if refused.is_empty() {
+            set
+        } else {
+            for (id, why) in &refused {
+                warnings
+                    .push(format!("{id}: not added: {why}; tried again every {}s", RETRY_WAITING.as_secs()));
+            }
+            let out: HashSet<&AccountId> = refused.iter().map(|(id, _)| id).collect();
+            AccountSet::new(set.iter().filter(|s| !out.contains(&s.id)).cloned().collect())
+        };
+        // An account whose change waits keeps its current settings (the account's own, which
+        // an account added back also has) in the recorded set, so the next reload sees the
+        // change again.
+        let set = if applied.deferred.is_empty() {
+            set
+        } else {
+            for (id, why) in &applied.deferred {
+                warnings.push(format!(
+                    "{id}: not changed: {why}; tried again every {}s",
+                    RETRY_WAITING.as_secs()
+                ));
+            }
+            AccountSet::new(
+                set.iter()
+                    .map(|s| {
+                        if applied.deferred.iter().any(|(d, _)| *d == s.id) {
+                            self.app.pool.get(s.id.as_str()).map(|a| a.spec()).unwrap_or_else(|| s.clone())
+                        } else {
+                            s.clone()
+                        }
+                    })
+                    .collect(),
+            )
+        };
+        let r = Outcome { ok: true, changes: diff.to_string(), errors: vec![], warnings };
+        self.record(Source::Accounts, &r, Some(set));
+        r
     }
 
     /// Re-reads the keys file and applies it; an invalid file changes nothing (the last good
@@ -235,31 +252,51 @@ impl Reloader {
         let Some(path) = path else {
             return Outcome { ok: true, changes: "no changes".into(), errors: vec![], warnings: vec![] };
         };
-        match off_runtime(move || config::keys::load(&path)).await {
-            Ok((set, warnings)) => {
-                let changes = self.apply_keys(set).await;
-                let r = Outcome {
+        let read = off_runtime(move || config::keys::load(&path)).await;
+        let r =
+            match read.map_err(|d| refusal(&d)).and_then(|(set, w)| self.keys_checked(set).map(|s| (s, w))) {
+                Ok((set, warnings)) => Outcome {
                     ok: true,
-                    changes,
+                    changes: self.apply_keys(set).await,
                     errors: vec![],
                     warnings: warnings.0.iter().map(|w| w.to_string()).collect(),
-                };
-                self.record(Source::Keys, &r, None);
-                r
-            }
-            Err(diags) => {
-                for d in diags.errors() {
-                    tracing::error!("keys file not applied (the last good keys keep serving): {d}");
+                },
+                Err(r) => {
+                    for e in &r.errors {
+                        tracing::error!("keys file not applied (the last good keys keep serving): {e}");
+                    }
+                    r
                 }
-                let r = Outcome {
+            };
+        self.record(Source::Keys, &r, None);
+        r
+    }
+
+    /// `set`, read from the keys file, unless it holds no key while keys serve and the file is
+    /// empty: a file being rewritten in place (truncated, then written), read between the two,
+    /// would refuse every key holder until the write ends. (A file of comments only is taken:
+    /// every key removed on purpose.)
+    fn keys_checked(&self, set: KeySet) -> Result<KeySet, Outcome> {
+        let path = self.app.auth.read().unwrap_or_else(|e| e.into_inner()).keys_file.clone();
+        let serving = !self.info().keys.keys.is_empty();
+        match path {
+            Some(path)
+                if serving
+                    && set.keys.is_empty()
+                    && std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0) =>
+            {
+                Err(Outcome {
                     ok: false,
                     changes: "no changes".into(),
-                    errors: diags.errors().map(|d| d.to_string()).collect(),
-                    warnings: diags.warnings().map(|d| d.to_string()).collect(),
-                };
-                self.record(Source::Keys, &r, None);
-                r
+                    errors: vec![format!(
+                        "{}: error: the keys file is empty (being written?); the keys loaded keep serving \
+                         (to remove every key, leave a comment in the file)",
+                        path.display()
+                    )],
+                    warnings: vec![],
+                })
             }
+            _ => Ok(set),
         }
     }
 
@@ -277,8 +314,10 @@ impl Reloader {
         changes
     }
 
-    /// SIGHUP / `amqctl reload`: re-reads amq2api.toml (client keys, TLS certificate) and the
-    /// accounts file. Settings that need a restart (listeners, state dir) are reported.
+    /// SIGHUP / `amqctl reload`: re-reads amq2api.toml (client keys, TLS certificate), the keys
+    /// file and the accounts file. Everything that can refuse the reload is checked before any
+    /// of it applies: a reload applies whole or not at all. Settings that need a restart
+    /// (listeners, state dir) are reported.
     pub async fn all(&self) -> Outcome {
         let _guard = self.lock.lock().await;
         let (path, env) = (self.config_path.clone(), self.env.clone());
@@ -288,17 +327,64 @@ impl Reloader {
                 for d in diags.errors() {
                     tracing::error!("configuration not applied (the running one stays): {d}");
                 }
-                let r = Outcome {
-                    ok: false,
-                    changes: "no changes".into(),
-                    errors: diags.errors().map(|d| d.to_string()).collect(),
-                    warnings: diags.warnings().map(|d| d.to_string()).collect(),
-                };
-                self.record(Source::Config, &r, None);
+                let r = refusal(&diags);
+                self.record_by_file(&diags);
                 return r;
             }
         };
-        // amq2api.toml and the keys file read well: their earlier refusals are over.
+        // A running listener the new `[auth]` would open to anyone (`listen` itself applies
+        // only at a restart, so the file's own check does not see these).
+        if loaded.config.auth.allow_anonymous && loaded.config.auth.keys.is_empty() {
+            if let Some(addr) = self.listening.iter().find(|a| !a.ip().is_loopback()) {
+                let message = format!(
+                    "{}: error: allow_anonymous without api_keys is only allowed on loopback listeners, and the \
+                     daemon listens on {addr} (a change of listen applies only at a restart)",
+                    self.config_path.display()
+                );
+                return self.refuse(Source::Config, message);
+            }
+        }
+        let keys = match self.keys_checked(loaded.keys.clone()) {
+            Ok(k) => k,
+            Err(r) => {
+                self.record(Source::Keys, &r, None);
+                return r;
+            }
+        };
+        let certified = match (&self.tls_cert, &loaded.config.server.tls) {
+            (Some(_), Some(files)) => {
+                let files = files.clone();
+                let (cert, key) = (files.cert.clone(), files.key.clone());
+                match off_runtime(move || tls::load_certified_key(&cert, &key)).await {
+                    Ok(ck) => Some(ck),
+                    Err(e) => {
+                        // systemd copies a credential when the service starts, not at a reload.
+                        let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
+                            .is_some_and(|d| files.key.starts_with(std::path::Path::new(&d)));
+                        let hint = if credential && matches!(e, tls::TlsError::Mismatch(_)) {
+                            " (the key is a systemd credential, copied only when the service starts: restart \
+                             amq2api to load a new key)"
+                        } else {
+                            ""
+                        };
+                        let message = format!(
+                            "{}: error: the TLS certificate cannot be loaded, the old one stays in use: {e}{hint}",
+                            self.config_path.display()
+                        );
+                        return self.refuse(Source::Config, message);
+                    }
+                }
+            }
+            _ => None,
+        };
+        let (accounts, mut warnings) = match self.read_accounts().await {
+            Ok(read) => read,
+            Err(r) => {
+                self.record(Source::Accounts, &r, None);
+                return r;
+            }
+        };
+        // Every file read well: their earlier refusals are over.
         {
             let mut info = self.info.write().unwrap_or_else(|e| e.into_inner());
             info.errors[Source::Config as usize] = None;
@@ -306,29 +392,72 @@ impl Reloader {
         }
         let mut notes = Vec::new();
         *self.app.auth.write().unwrap_or_else(|e| e.into_inner()) = loaded.config.auth.clone();
-        let key_changes = self.apply_keys(loaded.keys.clone()).await;
+        let key_changes = self.apply_keys(keys).await;
         if key_changes != "no changes" {
             notes.push(key_changes);
         }
         if loaded.config.auth.keys_file != self.app.config.auth.keys_file {
             notes.push("keys_file changed: restart to watch the new file".into());
         }
-        if let (Some(cert), Some(files)) = (&self.tls_cert, &loaded.config.server.tls) {
-            let (cert, files) = (cert.clone(), files.clone());
-            match off_runtime(move || cert.reload(&files.cert, &files.key)).await {
-                Ok(()) => notes.push("TLS certificate reloaded".to_string()),
-                Err(e) => {
-                    tracing::error!(error = %e, "new TLS certificate refused; the old one stays in use");
-                    notes.push(format!("TLS certificate NOT reloaded: {e}"));
-                }
-            }
+        if let (Some(cert), Some(ck)) = (&self.tls_cert, certified) {
+            cert.set(ck);
+            notes.push("TLS certificate reloaded".to_string());
         }
         notes.extend(restart_notes(&self.app.config, &loaded.config));
-        let mut r = self.accounts_locked().await;
+        // The keys file's warnings too (the accounts file's come with its own read).
+        let keys_file = loaded.config.auth.keys_file.as_deref();
+        warnings.extend(
+            loaded.warnings.warnings().filter(|d| Some(d.file.as_path()) == keys_file).map(|d| d.to_string()),
+        );
+        let mut r = self.apply_accounts(accounts, warnings).await;
         if !notes.is_empty() {
             r.changes = format!("{}; {}", r.changes, notes.join("; "));
         }
         r
+    }
+
+    /// A refusal of the whole reload for one file's reason (`Source`): nothing applied.
+    fn refuse(&self, source: Source, message: String) -> Outcome {
+        tracing::error!("configuration not applied (the running one stays): {message}");
+        let r = Outcome { ok: false, changes: "no changes".into(), errors: vec![message], warnings: vec![] };
+        self.record(source, &r, None);
+        r
+    }
+
+    /// A refused reload's errors, each kept under its own file's name: a fix of the accounts
+    /// file that its watcher applies then clears the accounts file's error, which a SIGHUP
+    /// found (before, it stayed in `amqctl status` and `STATUS=` until the next SIGHUP).
+    fn record_by_file(&self, diags: &config::Diagnostics) {
+        let keys_file = self.app.auth.read().unwrap_or_else(|e| e.into_inner()).keys_file.clone();
+        let mut by: [Vec<String>; 3] = Default::default();
+        for d in diags.errors() {
+            let source = if d.file == self.app.config.accounts.file {
+                Source::Accounts
+            } else if Some(&d.file) == keys_file.as_ref() {
+                Source::Keys
+            } else {
+                Source::Config
+            };
+            by[source as usize].push(d.to_string());
+        }
+        for (i, errors) in by.into_iter().enumerate() {
+            if errors.is_empty() {
+                continue;
+            }
+            let source = [Source::Accounts, Source::Keys, Source::Config][i];
+            let r = Outcome { ok: false, changes: "no changes".into(), errors, warnings: vec![] };
+            self.record(source, &r, None);
+        }
+    }
+}
+
+/// The outcome of a file refused for `diags`.
+fn refusal(diags: &config::Diagnostics) -> Outcome {
+    Outcome {
+        ok: false,
+        changes: "no changes".into(),
+        errors: diags.errors().map(|d| d.to_string()).collect(),
+        warnings: diags.warnings().map(|d| d.to_string()).collect(),
     }
 }
 

@@ -51,11 +51,9 @@ impl ReloadableCert {
         Arc::new(ReloadableCert { current: RwLock::new(Arc::new(ck)) })
     }
 
-    /// Loads the files again; on error the old certificate stays in use.
-    pub fn reload(&self, cert: &Path, key: &Path) -> Result<(), TlsError> {
-        let ck = load_certified_key(cert, key)?;
+    /// Serves `ck` from the next handshake on.
+    pub fn set(&self, ck: CertifiedKey) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ck);
-        Ok(())
     }
 }
 

@@ -833,6 +833,28 @@ async fn a_reload_says_what_needs_a_restart() {
     assert!(!j.changes.contains("restart"), "{j:?}");
 }
 
+/// An accounts file refused by `amqctl reload` (or SIGHUP), then fixed: the watcher's reload
+/// of the fixed file clears the error. Before, a refusal found by a whole reload was kept as
+/// amq2api.toml's and stayed in `amqctl status` and `STATUS=` until the next SIGHUP.
+#[tokio::test]
+async fn an_accounts_file_fixed_after_a_refused_reload_clears_the_error() {
+    let names = ["alpha"];
+    let h = start(&names).await;
+    let mut ctl = Ctl::of(&h);
+    wait_tokens(&mut ctl, 1).await;
+    let file = h.dir.path().join("accounts.toml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{good}[[account]]\nid = \"Bad Id\"\n")).unwrap();
+    ctl.run(&["reload"]).await.code(78);
+    assert!(ctl.status().await.config.last_reload_error.is_some_and(|e| e.contains("Bad Id")));
+    std::fs::write(&file, &good).unwrap();
+    let t0 = Instant::now();
+    while let Some(e) = ctl.status().await.config.last_reload_error {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the fixed file's error stayed: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn reload_reports_changes_and_refuses_an_invalid_file() {
     let names = ["alpha", "beta"];

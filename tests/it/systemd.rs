@@ -236,6 +236,53 @@ async fn socket_activation_refuses_anonymous_access_on_a_public_socket() {
     assert!(stderr.contains("allow_anonymous") && stderr.contains("loopback"), "{stderr}");
 }
 
+/// A reload may not open a running public listener to anonymous access: the file's own check
+/// looks at `listen`, which applies only at a restart (and is ignored for passed sockets), so
+/// the reload checks the sockets the daemon serves. Before, the new `[auth]` applied at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_never_opens_a_public_socket_to_anonymous_access() {
+    let s = setup("127.0.0.1:0").await;
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(&s.config, text.replace("[server]\n", "[server]\nallow_plaintext = true\n")).unwrap();
+    let (sock, path) = notify_socket(s.dir.path());
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut child = activated(&s.config, &listener)
+        .env("NOTIFY_SOCKET", &path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(listener);
+    let ready =
+        tokio::task::spawn_blocking(move || wait_for(&sock, "READY=1", Duration::from_secs(15))).await;
+    if ready.is_err() {
+        let _ = child.kill();
+        panic!("not ready");
+    }
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replace(&format!("api_keys = [\"{}\"]", common::API_KEY), "allow_anonymous = true"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_amqctl"))
+        .arg("--socket")
+        .arg(s.dir.path().join("control.sock"))
+        .arg("reload")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("allow_anonymous") && stderr.contains("loopback"), "{stderr}");
+    let keyless = http::Request::get(format!("http://127.0.0.1:{port}/v1/models"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(common::send(keyless).await.status, 401, "anonymous access opened on a public socket");
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(15)), 0);
+}
+
 /// Under systemd with a journal (`JOURNAL_STREAM` set), each entry goes to journald's native
 /// socket — here one the test binds, named by `AMQ2API_JOURNAL_SOCKET` — and its `MESSAGE` reads
 /// completely, as the terminal line does: the access log of a request names its status, account

@@ -460,6 +460,41 @@ async fn keys_of_a_keys_file_no_longer_configured_stay_gone() {
     h.stop().await;
 }
 
+/// A keys file emptied (truncated before it is written again, as an editor saving in place or
+/// a `>` redirect does) does not take every key away meanwhile, through the watcher or a
+/// reload; a file of comments only does, on purpose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_keys_file_keeps_the_keys_serving() {
+    let keys = format!("[[key]]\nname = \"alice\"\nkey = \"{ALICE}\"\n");
+    let h = start(&keys, accounts(1), Duration::ZERO).await;
+    let file = h.dir.path().join("keys.toml");
+    h.ctl_json(&["status"]);
+    std::fs::write(&file, "").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_amqctl"))
+        .arg("--socket")
+        .arg(h.dir.path().join("control.sock"))
+        .args(["--json", "reload"])
+        .output()
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(78), "{r}");
+    assert!(r["errors"].to_string().contains("the keys file is empty"), "{r}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        post_as(&h, ALICE, &simple("hi", false)).await.status,
+        200,
+        "the keys went with the emptied file"
+    );
+    std::fs::write(&file, "# no keys for now\n").unwrap();
+    let t0 = std::time::Instant::now();
+    while post_as(&h, ALICE, &simple("hi", false)).await.status != 401 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "a file of comments only did not remove the keys");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reload_that_lowers_a_limit_applies_to_the_next_request_and_a_bad_file_changes_nothing() {
     let (_, h) = alice_served("rpm = 100", 3).await;

@@ -121,15 +121,21 @@ async fn http1_and_h2_over_tls_and_certificate_reload() {
     assert!(out.contains("TLS certificate reloaded"), "{out}");
     assert_eq!(presented_cert(&ca, &h).await, second);
 
-    // A broken certificate is refused and the working one stays.
+    // A broken certificate refuses the reload (exit 78, kept for `amqctl status` and
+    // `STATUS=`), and the working one stays. Before, the reload said ok and exited 0, and
+    // nothing showed it until the old certificate expired.
     std::fs::write(
         tls_dir.path().join("cert.pem"),
         "-----BEGIN CERTIFICATE-----\nnot a cert\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
     let h3 = h.clone_for_ctl();
-    let (_, out) = tokio::task::spawn_blocking(move || amqctl(&h3, &["reload"])).await.unwrap();
-    assert!(out.contains("TLS certificate NOT reloaded"), "{out}");
+    let (code, out) = tokio::task::spawn_blocking(move || amqctl(&h3, &["reload"])).await.unwrap();
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("the TLS certificate cannot be loaded"), "{out}");
+    let status = h.ctl_json(&["status"]);
+    let kept = status["config"]["last_reload_error"].as_str().unwrap_or_default().to_owned();
+    assert!(kept.contains("TLS certificate"), "{status}");
     assert_eq!(presented_cert(&ca, &h).await, second);
     let (_, frames) = stream_over(&ca, &h, true).await;
     assert_eq!(frames.last().unwrap().0, "message_stop");
