@@ -127,13 +127,38 @@ fn proxy_url(p: &crate::config::accounts::Proxy) -> String {
     format!("{scheme}://{auth}{host}:{}", p.port)
 }
 
-/// Every account's live credentials (the head of each token chain).
-pub async fn export(shared: &Context) -> Export {
+/// Every account's live credentials (the head of each token chain). Under `[cluster]`, an
+/// account another node holds is read from the store: that node rotates its chain, and this
+/// node's copy (from its start or its last lease) is long dead. `Err` when the store cannot
+/// say (a dead token handed out for a move would lose the account).
+pub async fn export(shared: &Context) -> Result<Export, String> {
     use crate::config::Credentials;
     let mut accounts = Vec::new();
     for a in shared.app.pool.accounts() {
         let spec = a.spec();
-        let chain = a.tokens.chain().await;
+        let mut chain = a.tokens.chain().await;
+        if let Some(store) =
+            shared.cluster.as_ref().filter(|_| !a.held_for(0) && spec.kind() != crate::config::Kind::ApiKey)
+        {
+            let record = store
+                .get_async(a.id.as_str())
+                .await
+                .map_err(|e| format!("cannot read account {}'s chain from the cluster's store: {e}", a.id))?;
+            // A chain of other credentials is not this entry's (the file's token is the live one).
+            let fingerprint = spec.credentials_fingerprint();
+            match record.and_then(|r| r.tokens).filter(|t| t.file_fingerprint == fingerprint) {
+                Some(t) => {
+                    chain.refresh_token = t.refresh_token;
+                    chain.rotated = t.rotated;
+                }
+                None => {
+                    if let Some(token) = spec.credentials.refresh_token() {
+                        chain.refresh_token = token.clone();
+                        chain.rotated = false;
+                    }
+                }
+            }
+        }
         let (client_id, client_secret, refresh_token, api_key) = match &spec.credentials {
             Credentials::Oidc { client_id, client_secret, .. } => (
                 Some(client_id.expose().to_owned()),
@@ -163,11 +188,11 @@ pub async fn export(shared: &Context) -> Export {
             proxy: spec.proxy.as_ref().map(proxy_url),
         });
     }
-    Export {
+    Ok(Export {
         accounts_file: shared.app.config.accounts.file.display().to_string(),
         exported_at: unix(Some(SystemTime::now())).unwrap_or(0),
         accounts,
-    }
+    })
 }
 
 /// What the control API reads and acts on.
@@ -542,7 +567,10 @@ async fn handle(shared: &Arc<Context>, peer: Peer, req: Request<Incoming>) -> Re
                     "permission denied: export hands out every account's secrets and is for root only (sudo amqctl export)",
                 );
             }
-            let e = export(shared).await;
+            let e = match export(shared).await {
+                Ok(e) => e,
+                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e),
+            };
             let rotated = e.accounts.iter().filter(|a| a.rotated).count();
             tracing::warn!(
                 uid = peer.uid,

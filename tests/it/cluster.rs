@@ -1041,6 +1041,18 @@ fn all_commands_reach_every_node() {
     }
     assert_eq!(emu.stats().refresh_failures, 0);
     rt.block_on(assert_chains_intact(&pg.url(), &emu, &ids));
+
+    // export on either node hands out every account's live refresh token, those the other
+    // node holds (and has rotated) included: before, q1 gave its own long-dead copy of q2's.
+    for d in &daemons {
+        let e = d.ctl_json(&["export"]).expect("amqctl export");
+        for a in e["accounts"].as_array().unwrap() {
+            let id = a["id"].as_str().unwrap();
+            let live = emu.live_refresh_token(&client_id(id)).unwrap();
+            assert_eq!(a["refresh_token"], live.as_str(), "{id}: a dead refresh token exported");
+            assert_eq!(a["rotated"], true, "{id}");
+        }
+    }
     for d in daemons {
         assert_eq!(d.stop(Duration::from_secs(20)), 0);
     }
