@@ -116,11 +116,24 @@ pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
             pool.hold(id, 0);
         }
     }
+    let ids: Vec<String> = pool.accounts().iter().map(|a| a.id.to_string()).collect();
+    // Accounts gone from this node's file: their leases are given up (renewed on, they would
+    // count towards this node's share and keep the nodes whose file still has them from
+    // serving them), unless a rotated token of theirs still waits to be stored.
+    let mut mine = held.len();
+    let listed: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    for id in held.keys().filter(|id| !listed.contains(id.as_str()) && !pool.unsaved_orphan(id)) {
+        match store.release(id).await {
+            Ok(()) => {
+                tracing::info!(account = %id, "cluster: lease given up (the account left this node's accounts file)");
+                mine -= 1;
+            }
+            Err(e) => tracing::warn!(account = %id, error = %e, "cluster: cannot release a lease"),
+        }
+    }
     let Ok((nodes, leases)) = store.cluster_view().await else { return };
     let live = nodes.iter().filter(|n| n.alive).count().max(1);
-    let ids: Vec<String> = pool.accounts().iter().map(|a| a.id.to_string()).collect();
     let target = ids.len().div_ceil(live);
-    let mut mine = held.len();
     let taken: HashSet<&str> = leases
         .iter()
         .filter(|l| l.node_id.is_some() && l.expires_in_ms > 0)

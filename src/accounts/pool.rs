@@ -241,12 +241,7 @@ impl Account {
         if state.state == State::Invalid && !same_credentials {
             state = StateInfo::default();
         }
-        // Invalid by a refused refresh (its reason is the refusal's): a refresh that works
-        // again makes it active, after a restart too.
-        let by_refresh = state.state == State::Invalid
-            && state.reason.as_deref().is_some_and(|r| {
-                r.starts_with("refresh token rejected") || r.starts_with("client registration rejected")
-            });
+        let by_refresh = invalid_by_refresh(&state);
         let (identity, new_identity) = Identity::restore(restored.identity);
         let account = Account {
             id: spec.id.clone(),
@@ -597,6 +592,15 @@ async fn take_over(leaving: &[Arc<Account>], from: &str, to: &Account) {
     }
 }
 
+/// Invalid by a refused refresh (its reason is the refusal's): a refresh that works again
+/// makes it active, after a restart or a `[cluster]` handover too.
+fn invalid_by_refresh(state: &StateInfo) -> bool {
+    state.state == State::Invalid
+        && state.reason.as_deref().is_some_and(|r| {
+            r.starts_with("refresh token rejected") || r.starts_with("client registration rejected")
+        })
+}
+
 /// How long an account waits to refresh after the daemon did not attempt it
 /// ([`RefreshError::NotAttempted`]).
 const NOT_ATTEMPTED_WAIT: Duration = Duration::from_secs(2);
@@ -801,6 +805,9 @@ impl Pool {
             a.tokens.adopt(chain, restored.access, seen).await;
         }
         if let Some(st) = restored.state {
+            // As at a start: the node that stored it may have left it invalid by a refused
+            // refresh, and a chain stored since (by a node that lost its lease, say) may work.
+            a.invalid_by_refresh.store(invalid_by_refresh(&st), Ordering::SeqCst);
             *a.state.lock().unwrap_or_else(|e| e.into_inner()) = st;
         }
         if let Some(c) = restored.counters {
@@ -2094,6 +2101,13 @@ impl Pool {
 
     /// Keeps a removed account whose rotated refresh token is not stored yet, until it is (once:
     /// the reload and the refresh that rotated it may both get here).
+    /// A removed account whose rotated refresh token is still held unsaved (`[cluster]`: its
+    /// lease is kept until the token is stored, the write being fenced without it).
+    pub fn unsaved_orphan(&self, id: &str) -> bool {
+        let orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+        orphans.iter().any(|a| a.id.as_str() == id && a.tokens.has_unsaved())
+    }
+
     fn orphan(&self, a: &Arc<Account>) {
         let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
         if !orphans.iter().any(|o| Arc::ptr_eq(o, a)) {
@@ -2895,6 +2909,30 @@ mod tests {
         > {
             Box::pin(std::future::ready(Ok(self.record.lock().unwrap().clone())))
         }
+    }
+
+    /// `[cluster]` handover: the node that stored the account left it invalid by a refused
+    /// refresh, and the chain stored with it works (another node stored it later). The new
+    /// holder's `amqctl refresh` makes it active, as after a restart; before, it stayed
+    /// invalid until `amqctl enable`, the refresh that worked notwithstanding.
+    #[tokio::test]
+    async fn an_account_adopted_invalid_by_a_refused_refresh_serves_once_a_refresh_works() {
+        let (_sink, emu, pool, a) = rotated_a1().await;
+        pool.set_clustered(Duration::from_secs(1), Arc::new(Shared::default()));
+        let chain = a.tokens.chain().await;
+        let state = StateInfo {
+            state: State::Invalid,
+            reason: Some("refresh token rejected: invalid_grant".into()),
+            ..Default::default()
+        };
+        let restored = Restored { chain: Some(chain), state: Some(state), ..Default::default() };
+        let seen = pool.chain_generation("a1");
+        pool.adopt("a1", restored, seen).await;
+        pool.hold("a1", mono_ms() + 3_600_000);
+        assert_eq!(a.state().state, State::Invalid);
+        pool.refresh_now(&a).await.unwrap();
+        assert_eq!(a.state().state, State::Active, "a refresh that works left it invalid");
+        assert_eq!(emu.stats().refresh_failures, 0);
     }
 
     /// Node C rotated the refresh token under a lease it then lost, and stores the new one

@@ -1253,6 +1253,14 @@ fn a_cluster_node_takes_accounts_added_and_removed_by_a_reload() {
     assert!(r["ok"] == true && r["changes"].as_str().unwrap().contains("acct-0"), "{r}");
     wait_until(Duration::from_secs(20), "the removed account dropped", || serving(&d) == 2);
     assert_eq!(rt.block_on(ask(&d.addr())), 200);
+    // Its lease is given up (renewed on, it counted towards this node's share, and nodes whose
+    // file still has the account could not serve it).
+    wait_until(Duration::from_secs(10), "the removed account's lease given up", || {
+        let status = d.ctl_json(&["status"]).unwrap();
+        !status["cluster"]["leases"].as_array().unwrap().iter().any(|l| {
+            l["account"] == "acct-0" && l["node_id"] == "l1" && l["expires_in_ms"].as_i64().unwrap_or(0) > 0
+        })
+    });
     assert!(!node.log().contains("panicked"), "{}", node.log());
     assert_eq!(d.stop(Duration::from_secs(20)), 0);
     rt.block_on(emu.shutdown());
