@@ -71,8 +71,19 @@ pub async fn run(
         }
         Err(e) => tracing::warn!(error = %e, "cannot reach PostgreSQL at start-up; retrying"),
     }
+    // The tables' housekeeping: at the start, then about every ten minutes.
+    let mut ticks: u64 = 0;
+    let prune_every = (Duration::from_secs(600).as_millis() / tick(lease).as_millis().max(1)) as u64;
     loop {
         step(&store, &pool, &status()).await;
+        if ticks % prune_every.max(1) == 0 {
+            match store.prune().await {
+                Ok(n) if n > 0 => tracing::info!(rows = n, "cluster: old commands and silent nodes pruned"),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "cluster: cannot prune"),
+            }
+        }
+        ticks += 1;
         tokio::select! {
             _ = tokio::time::sleep(tick(lease)) => {}
             _ = stop.recv() => break,

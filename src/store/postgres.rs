@@ -7,9 +7,9 @@
 //! |------------------------------------------------|-----------------------------------------------|
 //! | `migrations (version, applied_at)`             | the versions applied ([`MIGRATIONS`])         |
 //! | `tokens / state / counters / identity / catalog (account, value)` | the redb store's values, byte for byte (version byte ++ JSON) |
-//! | `nodes (node_id, started_at, heartbeat_at, lease_ms, status)` | each node's heartbeat          |
+//! | `nodes (node_id, started_at, heartbeat_at, lease_ms, status)` | each node's heartbeat (a node silent for 7 days is pruned) |
 //! | `leases (account, node_id, epoch, expires_at)` | who serves an account, until when; `epoch` grows at every change of holder |
-//! | `commands (id, account, command, …)`           | `amqctl` account commands for the holder      |
+//! | `commands (id, account, command, …)`           | `amqctl` account commands for the holder (done ones pruned after a day; pending ones indexed, migration 3) |
 //! | `usage (day, dim, name, requests, errors, tokens_in, tokens_out, credits)` | usage per key / account / model per UTC day, the fleet's (migration 2) |
 //!
 //! Migrations run at start-up in one transaction under an advisory lock, so nodes starting
@@ -75,7 +75,13 @@ pub const MIGRATIONS: &[&str] = &[
          requests bigint NOT NULL, errors bigint NOT NULL, tokens_in bigint NOT NULL,
          tokens_out bigint NOT NULL, credits double precision NOT NULL,
          PRIMARY KEY (day, dim, name));",
+    // 3: the pending commands found without reading the done ones (pruned after a day).
+    "CREATE INDEX commands_pending ON amq2api.commands (account) WHERE done_at IS NULL;",
 ];
+
+/// How long a done command is kept (for a look at what ran), and a node not heard from.
+const DONE_COMMANDS_KEPT: &str = "1 day";
+const SILENT_NODES_KEPT: &str = "7 days";
 
 /// Longest one statement (or transaction) may take before the connection is dropped.
 const STATEMENT_DEADLINE: Duration = Duration::from_secs(5);
@@ -559,9 +565,19 @@ impl PgStore {
             Box::pin(async move {
                 let txn = c.transaction().await.map_err(pg)?;
                 txn.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(pg)?;
+                // Created only when missing: `CREATE SCHEMA IF NOT EXISTS` asks for the right to
+                // create schemas in the database even when the schema exists, which a
+                // least-privilege role (its schema made for it by a DBA) does not have.
+                let exists: bool = txn
+                    .query_one("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'amq2api')", &[])
+                    .await
+                    .map_err(pg)?
+                    .get(0);
+                if !exists {
+                    txn.batch_execute("CREATE SCHEMA IF NOT EXISTS amq2api").await.map_err(pg)?;
+                }
                 txn.batch_execute(
-                    "CREATE SCHEMA IF NOT EXISTS amq2api;
-                     CREATE TABLE IF NOT EXISTS amq2api.migrations (version integer PRIMARY KEY,
+                    "CREATE TABLE IF NOT EXISTS amq2api.migrations (version integer PRIMARY KEY,
                          applied_at timestamptz NOT NULL DEFAULT now());",
                 )
                 .await
@@ -942,6 +958,37 @@ impl PgStore {
                     .await
                     .map_err(pg)?;
                 Ok(row.get(0))
+            })
+        })
+        .await
+    }
+
+    /// Deletes done commands older than [`DONE_COMMANDS_KEPT`] and nodes not heard from for
+    /// [`SILENT_NODES_KEPT`] (each `amqctl refresh --all` adds a row per account, and every
+    /// pod name ever started would be listed in `amqctl status` for good). Returns how many
+    /// rows went.
+    pub async fn prune(&self) -> Result<u64, StoreError> {
+        self.run(Conn::Leases, |c| {
+            Box::pin(async move {
+                let commands = c
+                    .execute(
+                        &format!(
+                            "DELETE FROM amq2api.commands WHERE done_at < now() - interval '{DONE_COMMANDS_KEPT}'"
+                        ),
+                        &[],
+                    )
+                    .await
+                    .map_err(pg)?;
+                let nodes = c
+                    .execute(
+                        &format!(
+                            "DELETE FROM amq2api.nodes WHERE heartbeat_at < now() - interval '{SILENT_NODES_KEPT}'"
+                        ),
+                        &[],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(commands + nodes)
             })
         })
         .await

@@ -370,6 +370,59 @@ async fn two_nodes(pg: &Postgres, lease: Duration) -> (PgStore, PgStore) {
     (a, b)
 }
 
+/// A role that owns the `amq2api` schema (made for it by a DBA) and may not create schemas in
+/// the database (least privilege) starts: before, `CREATE SCHEMA IF NOT EXISTS` asked for that
+/// right even when the schema existed, and every node failed every start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_without_create_on_the_database_uses_the_schema_made_for_it() {
+    let Some(pg) = Postgres::start() else { return };
+    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "CREATE ROLE limited LOGIN; CREATE SCHEMA amq2api AUTHORIZATION limited;
+             REVOKE CREATE ON DATABASE postgres FROM PUBLIC;",
+        )
+        .await
+        .unwrap();
+    let url = pg.url().replace("user=postgres", "user=limited");
+    let store = PgStore::connect(&url, "node-a", Duration::from_secs(5)).await;
+    let store = store.unwrap_or_else(|e| panic!("{e}"));
+    assert!(store.acquire("x").await.unwrap().is_some());
+}
+
+/// Done commands older than a day and nodes silent for a week are pruned; pending commands,
+/// recent ones and live nodes stay (before, both tables only grew).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_commands_and_silent_nodes_are_pruned() {
+    let Some(pg) = Postgres::start() else { return };
+    let (a, _b) = two_nodes(&pg, Duration::from_secs(5)).await;
+    a.heartbeat("ok").await.unwrap();
+    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "INSERT INTO amq2api.commands (account, command, done_by, done_at) VALUES
+                 ('x', 'refresh', 'node-a', now() - interval '2 days'),
+                 ('x', 'refresh', 'node-a', now() - interval '1 hour');
+             INSERT INTO amq2api.commands (account, command) VALUES ('x', 'enable');
+             INSERT INTO amq2api.nodes (node_id, started_at, heartbeat_at, lease_ms)
+                 VALUES ('gone', now() - interval '30 days', now() - interval '8 days', 5000);",
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.prune().await.unwrap(), 2);
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(count("SELECT count(*) FROM amq2api.commands").await, 2, "the recent and the pending stay");
+    assert_eq!(count("SELECT count(*) FROM amq2api.commands WHERE done_at IS NULL").await, 1);
+    assert_eq!(count("SELECT count(*) FROM amq2api.nodes WHERE node_id = 'gone'").await, 0);
+    assert_eq!(count("SELECT count(*) FROM amq2api.nodes WHERE node_id = 'node-a'").await, 1);
+    assert_eq!(a.prune().await.unwrap(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_its_lease_cannot_write_a_token() {
     let Some(pg) = Postgres::start() else { return };
