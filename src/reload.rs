@@ -578,30 +578,45 @@ impl Watching {
         F: FnMut() -> Fut,
         Fut: Future,
     {
+        // Where the path leads is looked at again every second: a symlink that leads nowhere
+        // (its target's directory being swapped), or one re-pointed among the path's
+        // directories (a release switched under /etc/amq2api), changes nothing where anything
+        // is watched.
+        let mut look = tokio::time::interval(std::time::Duration::from_secs(1));
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry_at = tokio::time::Instant::now() + RETRY_WAITING;
         loop {
-            // A symlink that leads nowhere (its target's directory being swapped) is looked at
-            // again every second: the new target appears where nothing is watched.
-            let dangling = self.watcher.as_ref().is_some_and(|w| w.dangling());
+            let watching = self.watcher.is_some();
+            // Only cancel-safe futures here (a burst's first signal is taken by `recv`, its
+            // rest waited for below): a tick must never drop an edit half seen.
             tokio::select! {
                 _ = shutdown.recv() => break,
-                _ = tokio::time::sleep(RETRY_WAITING), if waiting() => {
+                _ = tokio::time::sleep_until(retry_at), if waiting() => {
                     tracing::info!("trying again the accounts that waited for the store");
                     reload().await;
                 }
-                _ = tokio::time::sleep(std::time::Duration::from_secs(1)), if dangling => {
-                    if let Some(w) = self.watcher.as_mut() {
+                _ = look.tick(), if watching => {
+                    if let Some(w) = self.watcher.as_mut().filter(|w| w.moved()) {
                         w.follow_target();
                         if !w.dangling() {
                             reload().await;
                         }
                     }
                 }
-                more = crate::accounts::watch::next_burst(&mut self.rx) => {
-                    if !more { break; }
+                first = self.rx.recv() => {
+                    if first.is_none() || !crate::accounts::watch::rest_of_burst(&mut self.rx).await {
+                        break;
+                    }
                     // The symlink may have been re-pointed: watch where it leads now.
                     if let Some(w) = self.watcher.as_mut() { w.follow_target(); }
                     reload().await;
                 }
+            }
+            // The next retry: RETRY_WAITING after the one that ran, or after the reload that
+            // left something waiting (never at once).
+            let now = tokio::time::Instant::now();
+            if !waiting() || retry_at <= now {
+                retry_at = now + RETRY_WAITING;
             }
         }
     }

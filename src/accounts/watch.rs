@@ -25,6 +25,18 @@ pub struct AccountsWatcher {
     /// The watched target directory's path, for the event callback: the directory itself moved
     /// or deleted (replaced) counts as a change of the file.
     dir_seen: Arc<Mutex<Option<PathBuf>>>,
+    /// Where the file's path led when last followed, and the identity of the directory the
+    /// own watch was set on: a symlink among the path's directories re-pointed (a release
+    /// directory switched under `/etc/amq2api`) sends no event where anything is watched, and
+    /// is found by [`AccountsWatcher::moved`].
+    resolved: Option<PathBuf>,
+    own_dir_id: Option<(u64, u64)>,
+}
+
+/// A path's (device, inode), following symlinks.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn parent_of(file: &Path) -> PathBuf {
@@ -54,7 +66,15 @@ pub fn watch(file: &Path, tx: mpsc::UnboundedSender<()>) -> Result<AccountsWatch
         }
     })?;
     watcher.watch(&parent_of(file), RecursiveMode::NonRecursive)?;
-    let mut w = AccountsWatcher { watcher, file: file.to_path_buf(), names, target_dir: None, dir_seen };
+    let mut w = AccountsWatcher {
+        watcher,
+        file: file.to_path_buf(),
+        names,
+        target_dir: None,
+        dir_seen,
+        resolved: None,
+        own_dir_id: identity(&parent_of(file)),
+    };
     w.follow_target();
     Ok(w)
 }
@@ -67,10 +87,33 @@ impl AccountsWatcher {
             && !std::fs::metadata(&self.file).is_ok_and(|m| m.is_file())
     }
 
+    /// The file's path leads somewhere else than when last followed (a symlink re-pointed
+    /// anywhere along it, the target appearing or going): call
+    /// [`AccountsWatcher::follow_target`], then read the file. Cheap enough to ask every second.
+    pub fn moved(&self) -> bool {
+        std::fs::canonicalize(&self.file).ok() != self.resolved
+    }
+
     /// Resolves the file's symlinks again and watches where they lead now (a regular file in
-    /// another directory, or under another name). Nothing to do for a plain file.
+    /// another directory, or under another name, its directory itself reached through a
+    /// re-pointed symlink). Nothing to do for a plain file.
     pub fn follow_target(&mut self) {
         use notify::{RecursiveMode, Watcher};
+        self.resolved = std::fs::canonicalize(&self.file).ok();
+        // The own directory's watch was set on the directory its path led to then.
+        let own = parent_of(&self.file);
+        let own_id = identity(&own);
+        if own_id.is_some() && own_id != self.own_dir_id {
+            let _ = self.watcher.unwatch(&own);
+            match self.watcher.watch(&own, RecursiveMode::NonRecursive) {
+                Ok(()) => self.own_dir_id = own_id,
+                Err(e) => tracing::warn!(
+                    dir = %own.display(),
+                    error = %e,
+                    "cannot watch the accounts file's directory; reload with SIGHUP or amqctl reload"
+                ),
+            }
+        }
         let own_dir = std::fs::canonicalize(parent_of(&self.file)).ok();
         let target = std::fs::canonicalize(&self.file)
             .ok()
@@ -115,9 +158,12 @@ impl AccountsWatcher {
 /// Collapses bursts: waits for a first signal, then until the channel is quiet for [`DEBOUNCE`].
 /// Returns false when the channel is closed.
 pub async fn next_burst(rx: &mut mpsc::UnboundedReceiver<()>) -> bool {
-    if rx.recv().await.is_none() {
-        return false;
-    }
+    rx.recv().await.is_some() && rest_of_burst(rx).await
+}
+
+/// After a burst's first signal: waits until the channel is quiet for [`DEBOUNCE`]. Returns
+/// false when the channel is closed.
+pub async fn rest_of_burst(rx: &mut mpsc::UnboundedReceiver<()>) -> bool {
     loop {
         match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
             Ok(Some(())) => continue,
@@ -163,5 +209,34 @@ mod tests {
         // An edit in place in the new directory.
         std::fs::write(real.join("accounts.toml"), "# v3\n").unwrap();
         assert!(burst(&mut rx, Duration::from_secs(5)).await, "an edit in the new directory was not seen");
+    }
+
+    /// The accounts file's directory is a symlink into a release directory, switched to the
+    /// next release (`/etc/amq2api -> /opt/app/current/etc`, `current` re-pointed): nothing
+    /// watched sees the switch, `moved` does, and after following it edits in the new
+    /// release are seen. Before, the watch stayed on the old release's directory.
+    #[tokio::test]
+    async fn a_symlinked_directory_re_pointed_to_another_release_is_followed() {
+        let root = tempfile::tempdir().unwrap();
+        for r in ["r1", "r2"] {
+            std::fs::create_dir_all(root.path().join("srv").join(r)).unwrap();
+            std::fs::write(root.path().join("srv").join(r).join("accounts.toml"), format!("# {r}\n"))
+                .unwrap();
+        }
+        let etc = root.path().join("etc");
+        std::os::unix::fs::symlink(root.path().join("srv/r1"), &etc).unwrap();
+        let file = etc.join("accounts.toml");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut w = watch(&file, tx).unwrap();
+        assert!(!w.moved());
+        // The switch: a new link renamed over the old one.
+        std::os::unix::fs::symlink(root.path().join("srv/r2"), root.path().join("etc.new")).unwrap();
+        std::fs::rename(root.path().join("etc.new"), &etc).unwrap();
+        assert!(w.moved(), "the switch was not noticed");
+        w.follow_target();
+        assert!(!w.moved());
+        while burst(&mut rx, Duration::from_millis(300)).await {}
+        std::fs::write(root.path().join("srv/r2/accounts.toml"), "# r2, edited\n").unwrap();
+        assert!(burst(&mut rx, Duration::from_secs(5)).await, "an edit in the new release was not seen");
     }
 }
