@@ -33,8 +33,9 @@
 use crate::accounts::Pool;
 use crate::accounts::pool::ClusterView;
 use crate::accounts::pool::mono_ms;
+use crate::store::postgres::Held;
 use crate::store::postgres::PgStore;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,13 +50,17 @@ fn valid_until(t0_ms: u64, lease: Duration) -> u64 {
     t0_ms + lease_ms - lease_ms / 10
 }
 
-/// Runs the lease loop until `stop`; then gives every lease up (another node takes over at
-/// once rather than after the lease expires).
+/// Runs the lease loop until `stop` (the daemon's shutdown begins: the listeners close and the
+/// drain starts). Then each account is given up as soon as nothing uses it — another node takes
+/// it at its next tick, rather than after the lease runs out — and the rest stay renewed, so
+/// that the drain's failovers and refreshes still hold them, until nothing is held or `done`
+/// (the daemon is finished with the pool; [`release_all`] gives up what is left).
 pub async fn run(
     store: PgStore,
     pool: Arc<Pool>,
     status: impl Fn() -> String + Send + 'static,
     mut stop: crate::shutdown::Shutdown,
+    mut done: crate::shutdown::Shutdown,
 ) {
     let lease = store.lease();
     let node = store.node_id().to_owned();
@@ -89,6 +94,54 @@ pub async fn run(
             _ = stop.recv() => break,
         }
     }
+    if let Err(e) = store.leaving().await {
+        tracing::debug!(error = %e, "cluster: cannot say this node is stopping");
+    }
+    let mut renewed = std::time::Instant::now();
+    loop {
+        release_idle(&store, &pool).await;
+        if store.held_all().is_empty() {
+            break;
+        }
+        if renewed.elapsed() >= tick(lease) {
+            renewed = std::time::Instant::now();
+            renew(&store, &pool, &status()).await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LEAVING_CHECK) => {}
+            _ = done.recv() => break,
+        }
+    }
+}
+
+/// How long a node not heard from still counts for the share one node takes in one tick.
+const RECENT_NODE: Duration = Duration::from_secs(600);
+
+/// How often a stopping node looks for accounts it can give up.
+const LEAVING_CHECK: Duration = Duration::from_millis(100);
+
+/// Gives up the lease of every held account nothing uses: no request in flight, no rotated
+/// token waiting to be stored, no token refresh running (the guard is held until the lease is
+/// given up, as for rebalancing). An account gone from the file goes unless its token waits.
+async fn release_idle(store: &PgStore, pool: &Pool) {
+    for id in store.held_all().into_keys() {
+        let released = match pool.get(&id) {
+            Some(a) => {
+                if a.in_flight() > 0 || a.tokens.has_unsaved() {
+                    continue;
+                }
+                let Some(_quiet) = a.tokens.quiet() else { continue };
+                pool.hold(&id, 0);
+                store.release(&id).await
+            }
+            None if pool.unsaved_orphan(&id) => continue,
+            None => store.release(&id).await,
+        };
+        match released {
+            Ok(()) => tracing::info!(account = %id, "cluster: lease given up (stopping)"),
+            Err(e) => tracing::debug!(account = %id, error = %e, "cluster: could not release the lease"),
+        }
+    }
 }
 
 /// At shutdown (after the drain): gives every lease up.
@@ -101,8 +154,9 @@ pub async fn release_all(store: &PgStore, pool: &Pool) {
     }
 }
 
-/// One tick of the lease loop.
-pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
+/// The heartbeat and the renewal of every lease held, with the pool told what it holds until
+/// when. `None` (the leases still validly held run out on their own) when PostgreSQL fails.
+async fn renew(store: &PgStore, pool: &Pool, status: &str) -> Option<(HashMap<String, Held>, u64)> {
     let lease = store.lease();
     let t0 = mono_ms();
     let held = match store.heartbeat(status).await {
@@ -112,9 +166,8 @@ pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
     let held = match held {
         Ok(h) => h,
         Err(e) => {
-            // Keep serving under the leases still validly held (they run out on their own).
             tracing::warn!(error = %e, "cluster: cannot renew leases");
-            return;
+            return None;
         }
     };
     let until = valid_until(t0, lease);
@@ -127,6 +180,12 @@ pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
             pool.hold(id, 0);
         }
     }
+    Some((held, until))
+}
+
+/// One tick of the lease loop.
+pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
+    let Some((held, until)) = renew(store, pool, status).await else { return };
     let ids: Vec<String> = pool.accounts().iter().map(|a| a.id.to_string()).collect();
     // Accounts gone from this node's file: their leases are given up (renewed on, they would
     // count towards this node's share and keep the nodes whose file still has them from
@@ -145,6 +204,17 @@ pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
     let Ok((nodes, leases)) = store.cluster_view().await else { return };
     let live = nodes.iter().filter(|n| n.alive).count().max(1);
     let target = ids.len().div_ceil(live);
+    // Nodes heard from lately, alive now or not: after a PostgreSQL outage longer than a lease
+    // every heartbeat is stale, and the first node back would see itself alone and take every
+    // account (the others getting theirs back one rebalancing at a time, for minutes). A node
+    // takes at most its share among these in one tick: the others, back a tick later, take
+    // theirs; gone for good, they leave the rest to the next ticks.
+    let known = nodes
+        .iter()
+        .filter(|n| n.alive || (!n.leaving && n.heartbeat_age_ms < RECENT_NODE.as_millis() as i64))
+        .count()
+        .max(1);
+    let per_tick = ids.len().div_ceil(known);
     let taken: HashSet<&str> = leases
         .iter()
         .filter(|l| l.node_id.is_some() && l.expires_in_ms > 0)
@@ -157,8 +227,9 @@ pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
             let start = crate::hash::sha256(store.node_id().as_bytes())[0] as usize % free.len();
             free.rotate_left(start);
         }
+        let mut acquired = 0;
         for id in free {
-            if mine >= target {
+            if mine >= target || acquired >= per_tick {
                 break;
             }
             match store.acquire(id).await {
@@ -166,6 +237,7 @@ pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
                     adopt(store, pool, id, until).await;
                     tracing::info!(account = %id, epoch = h.epoch, "cluster: lease acquired");
                     mine += 1;
+                    acquired += 1;
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -174,24 +246,36 @@ pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
                 }
             }
         }
-    } else if mine > target && nodes.iter().any(|n| n.alive && (n.leases as usize) < target) {
-        // Hand one idle account over per tick: nothing in flight, and no token refresh running
-        // (one that finished after the handover would rotate the refresh token the new holder
-        // has just loaded, and its own write would be fenced: the chain lost). The refresh
-        // guard is held until the lease is given up, so none starts meanwhile either; one that
-        // starts after sees the lease gone and does not refresh.
+    } else if mine > target {
+        // Hand idle accounts over, as many as the neediest live node lacks (a node restarted
+        // empty in a rolling restart gets its share back in a tick or two, not one account a
+        // tick from each node): nothing in flight, and no token refresh running (one that
+        // finished after the handover would rotate the refresh token the new holder has just
+        // loaded, and its own write would be fenced: the chain lost). The refresh guard is
+        // held until the lease is given up, so none starts meanwhile either; one that starts
+        // after sees the lease gone and does not refresh.
+        let lacking = nodes
+            .iter()
+            .filter(|n| n.alive)
+            .map(|n| target.saturating_sub(n.leases as usize))
+            .max()
+            .unwrap_or(0);
+        let mut give = (mine - target).min(lacking);
         for a in pool
             .accounts()
             .into_iter()
             .filter(|a| held.contains_key(a.id.as_str()) && a.in_flight() == 0 && !a.tokens.has_unsaved())
         {
+            if give == 0 {
+                break;
+            }
             let Some(_quiet) = a.tokens.quiet() else { continue };
             pool.hold(a.id.as_str(), 0);
             match store.release(a.id.as_str()).await {
                 Ok(()) => tracing::info!(account = %a.id, "cluster: lease handed over (rebalancing)"),
                 Err(e) => tracing::warn!(account = %a.id, error = %e, "cluster: cannot release a lease"),
             }
-            break;
+            give -= 1;
         }
     }
     match store.take_commands().await {

@@ -233,13 +233,18 @@ async fn run_inner(
         tokio::spawn(crate::reload::on_sighup(reloader.clone(), status.clone(), shutdown_signal.clone())),
         tokio::spawn(crate::memory::run_trimmer(app.activity.clone(), shutdown_signal.clone())),
     ];
+    // The lease loop outlives the other tasks: it gives accounts up as the drain frees them,
+    // and keeps the rest until the pool is done with (`pool_done`).
+    let (pool_done, pool_done_signal) = crate::shutdown::channel();
+    let mut lease_loop = None;
     if let Some(store) = &cluster {
         tasks.push(tokio::spawn(app.keys.clone().run_fleet_budgets(shutdown_signal.clone())));
-        tasks.push(tokio::spawn(crate::cluster::run(
+        lease_loop = Some(tokio::spawn(crate::cluster::run(
             store.clone(),
             pool.clone(),
             status.clone(),
             shutdown_signal.clone(),
+            pool_done_signal,
         )));
     }
     // systemd: ready, a status line kept current, the watchdog.
@@ -309,6 +314,10 @@ async fn run_inner(
             accounts = %ids.join(", "),
             "stopping with rotated refresh tokens that could not be stored: these accounts need new credentials"
         );
+    }
+    pool_done.fire();
+    if let Some(l) = lease_loop {
+        let _ = l.await;
     }
     if let Some(store) = &cluster {
         crate::cluster::release_all(store, &app.pool).await;

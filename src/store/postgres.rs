@@ -75,8 +75,10 @@ pub const MIGRATIONS: &[&str] = &[
          requests bigint NOT NULL, errors bigint NOT NULL, tokens_in bigint NOT NULL,
          tokens_out bigint NOT NULL, credits double precision NOT NULL,
          PRIMARY KEY (day, dim, name));",
-    // 3: the pending commands found without reading the done ones (pruned after a day).
-    "CREATE INDEX commands_pending ON amq2api.commands (account) WHERE done_at IS NULL;",
+    // 3: the pending commands found without reading the done ones (pruned after a day); a
+    // node that is stopping, no longer counted in the others' shares.
+    "CREATE INDEX commands_pending ON amq2api.commands (account) WHERE done_at IS NULL;
+     ALTER TABLE amq2api.nodes ADD COLUMN leaving boolean NOT NULL DEFAULT false;",
 ];
 
 /// How long a done command is kept (for a look at what ran), and a node not heard from.
@@ -113,7 +115,10 @@ pub struct NodeRow {
     pub node_id: String,
     /// Milliseconds since its last heartbeat.
     pub heartbeat_age_ms: i64,
+    /// Heard from within its lease, and not stopping.
     pub alive: bool,
+    /// Stopping: it gives its accounts up as they go idle, and takes none.
+    pub leaving: bool,
     pub status: String,
     pub leases: i64,
 }
@@ -764,6 +769,21 @@ impl PgStore {
         .await
     }
 
+    /// Marks this node as stopping: the other nodes stop counting it in their shares (and take
+    /// the accounts it gives up at once), though it still renews what it holds until done.
+    pub async fn leaving(&self) -> Result<(), StoreError> {
+        let node = self.inner.node_id.clone();
+        self.run(Conn::Leases, move |c| {
+            Box::pin(async move {
+                c.execute("UPDATE amq2api.nodes SET leaving = true WHERE node_id = $1", &[&node])
+                    .await
+                    .map_err(pg)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
     /// Marks this node as just started (a restart with the same node id) and takes back the
     /// leases it held under that id that have not expired, with a new epoch (fencing any older
     /// process of the same name).
@@ -775,7 +795,8 @@ impl PgStore {
                     c.execute(
                         "INSERT INTO amq2api.nodes (node_id, started_at, heartbeat_at, lease_ms)
                          VALUES ($1, now(), now(), $2)
-                         ON CONFLICT (node_id) DO UPDATE SET started_at = now(), heartbeat_at = now()",
+                         ON CONFLICT (node_id) DO UPDATE SET started_at = now(), heartbeat_at = now(),
+                             leaving = false",
                         &[&node, &lease_ms],
                     )
                     .await
@@ -906,9 +927,11 @@ impl PgStore {
                 let nodes = c
                     .query(
                         "SELECT n.node_id, (extract(epoch from now() - n.heartbeat_at) * 1000)::bigint,
-                             n.heartbeat_at > now() - n.lease_ms * interval '1 millisecond', n.status,
+                             n.heartbeat_at > now() - n.lease_ms * interval '1 millisecond' AND NOT n.leaving,
+                             n.status,
                              (SELECT count(*) FROM amq2api.leases l WHERE l.node_id = n.node_id
-                                 AND l.expires_at > now())
+                                 AND l.expires_at > now()),
+                             n.leaving
                          FROM amq2api.nodes n ORDER BY n.node_id",
                         &[],
                     )
@@ -921,6 +944,7 @@ impl PgStore {
                         alive: r.get(2),
                         status: r.get(3),
                         leases: r.get(4),
+                        leaving: r.get(5),
                     })
                     .collect();
                 let leases = c

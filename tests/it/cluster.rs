@@ -1112,6 +1112,76 @@ fn all_commands_reach_every_node() {
     rt.block_on(emu.shutdown());
 }
 
+/// PostgreSQL away for longer than a lease (every lease and heartbeat stale): the first node
+/// back takes no more than its share in a tick, and each node serves its share again within a
+/// few ticks. Before, the first node back saw itself alone and took every account, and the
+/// others got theirs back one rebalancing at a time (minutes with many accounts), while the
+/// load balancer sent them their full share of requests.
+#[test]
+fn after_a_postgresql_outage_the_nodes_share_the_accounts_again_at_once() {
+    let Some(pg) = Postgres::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ids = ids(30);
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
+    let nodes: Vec<Node> =
+        ["o1", "o2", "o3"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 3)).collect();
+    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
+    wait_until(Duration::from_secs(40), "ten accounts per node", || daemons.iter().all(|d| serving(d) == 10));
+    pg.stop();
+    std::thread::sleep(Duration::from_secs(6));
+    pg.resume();
+    let took = wait_until(Duration::from_secs(8), "every node serving its share again", || {
+        daemons.iter().all(|d| serving(d) >= 8)
+    });
+    eprintln!("shared again {took:?} after PostgreSQL came back");
+    for d in daemons {
+        assert_eq!(d.stop(Duration::from_secs(20)), 0);
+    }
+    assert_eq!(emu.stats().refresh_failures, 0);
+    rt.block_on(emu.shutdown());
+}
+
+/// A node stopped while it serves a long answer gives up its other accounts at once: the other
+/// node serves them at its next tick, not after their leases run out (here 15 s: a rolling
+/// restart took a node's share of the fleet out for that long). The long answer completes.
+#[test]
+fn a_stopping_node_gives_up_its_idle_accounts_at_once() {
+    let Some(pg) = Postgres::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ids = ids(4);
+    let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
+    let nodes: Vec<Node> = ["s1", "s2"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 15)).collect();
+    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
+    wait_until(Duration::from_secs(40), "two accounts per node", || daemons.iter().all(|d| serving(d) == 2));
+    let addr = daemons[0].addr();
+    let long = rt.spawn(async move {
+        let req = http::Request::post(format!("http://{addr}/v1/messages"))
+            .header("content-type", "application/json")
+            .header("x-api-key", API_KEY)
+            .header("anthropic-version", "2023-06-01")
+            .body(Full::new(Bytes::from(
+                common::simple("slow\n#emulator: slow-fragments 700", false).to_string(),
+            )))
+            .unwrap();
+        let resp = common::client().request(req).await.unwrap();
+        resp.status().as_u16()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemons[0].pid()), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    let took =
+        wait_until(Duration::from_secs(10), "s2 serving s1's idle accounts", || serving(&daemons[1]) >= 3);
+    eprintln!("s2 took s1's idle accounts {took:?} after the stop");
+    assert_eq!(rt.block_on(long).unwrap(), 200, "the long answer did not complete");
+    let mut daemons = daemons.into_iter();
+    assert_eq!(daemons.next().unwrap().stop(Duration::from_secs(30)), 0);
+    let s2 = daemons.next().unwrap();
+    wait_until(Duration::from_secs(10), "s2 serving every account", || serving(&s2) == 4);
+    assert_eq!(emu.stats().refresh_failures, 0);
+    assert_eq!(s2.stop(Duration::from_secs(20)), 0);
+    rt.block_on(emu.shutdown());
+}
+
 /// What PostgreSQL has done so far (pg_stat_database for the database, pg_stat_statements
 /// for the daemons' statements).
 #[derive(Debug, Clone, Copy, Default)]
