@@ -6,13 +6,15 @@
 //!
 //! 1. heartbeats and renews its unexpired leases; a lease missing from the answer is lost
 //!    (another node took it after it expired) and the account stops serving here at once;
-//! 2. counts the live nodes (heartbeat within their lease) and takes free or expired leases up
-//!    to its fair share (`ceil(accounts / live nodes)`), each with the next epoch, loading the
-//!    account's stored tokens before serving it — so a dead node's accounts are served again
-//!    within `lease_secs` plus a tick;
-//! 3. when it holds more than its share while another live node holds less, gives up one idle
-//!    account (no request in flight, no token refresh running, no rotated token unsaved) per tick: a joining node fills
-//!    up gradually, no stream is cut, no rotated refresh token is lost;
+//! 2. gives up the leases of accounts gone from its file (once nothing of them can still
+//!    write the chain), counts the live nodes (heartbeat within their lease, not stopping) and
+//!    takes free or expired leases up to its fair share (`ceil(accounts / live nodes)`), and
+//!    at most its share among the nodes heard from in the last 10 minutes in one tick, each
+//!    with the next epoch, loading the account's stored tokens before serving it — so a dead
+//!    node's accounts are served again within `lease_secs` plus a tick;
+//! 3. when it holds more than its share while another live node holds less, gives up idle
+//!    accounts (no request in flight, no token refresh running, no rotated token unsaved), as
+//!    many as the neediest node lacks: no stream is cut, no rotated refresh token is lost;
 //! 4. runs the `amqctl` commands (refresh, enable, disable) queued for the accounts it holds
 //!    (a refresh on its own task: the loop never waits for the token endpoint);
 //! 5. takes the stored chain of an account it holds that is invalid because its refresh
@@ -28,7 +30,9 @@
 //! token write itself is fenced by the epoch in the database (see [`crate::store::postgres`]):
 //! a token a node rotated under a lease it then lost is still stored unless a later holder
 //! stored one, and the new holder takes it when its own refresh token is refused.
-//! A node renews only the leases it holds, at their epochs.
+//! A node renews only the leases it holds, at their epochs. A stopping node marks itself so
+//! (the others stop counting it), gives each account up as soon as it is idle and renews the
+//! rest until the daemon is done with the pool ([`run`]).
 
 use crate::accounts::Pool;
 use crate::accounts::pool::ClusterView;
@@ -114,6 +118,25 @@ pub async fn run(
     }
 }
 
+/// Gives up the lease of `id`, an account gone from this node's file, unless something of it
+/// can still write its chain: a rotated token waiting to be stored, or a token refresh in
+/// flight (its answer, stored after the release, would be fenced: the chain lost). The refresh
+/// guard is held until the lease is given up, so none starts meanwhile. `None`: kept for now.
+async fn release_removed(
+    store: &PgStore,
+    pool: &Pool,
+    id: &str,
+) -> Option<Result<(), crate::store::StoreError>> {
+    match pool.removed_account(id) {
+        Some(a) if a.tokens.has_unsaved() => None,
+        Some(a) => {
+            let _quiet = a.tokens.quiet()?;
+            Some(store.release(id).await)
+        }
+        None => Some(store.release(id).await),
+    }
+}
+
 /// How long a node not heard from still counts for the share one node takes in one tick.
 const RECENT_NODE: Duration = Duration::from_secs(600);
 
@@ -134,8 +157,10 @@ async fn release_idle(store: &PgStore, pool: &Pool) {
                 pool.hold(&id, 0);
                 store.release(&id).await
             }
-            None if pool.unsaved_orphan(&id) => continue,
-            None => store.release(&id).await,
+            None => match release_removed(store, pool, &id).await {
+                Some(r) => r,
+                None => continue,
+            },
         };
         match released {
             Ok(()) => tracing::info!(account = %id, "cluster: lease given up (stopping)"),
@@ -192,13 +217,14 @@ pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
     // serving them), unless a rotated token of theirs still waits to be stored.
     let mut mine = held.len();
     let listed: HashSet<&str> = ids.iter().map(String::as_str).collect();
-    for id in held.keys().filter(|id| !listed.contains(id.as_str()) && !pool.unsaved_orphan(id)) {
-        match store.release(id).await {
-            Ok(()) => {
+    for id in held.keys().filter(|id| !listed.contains(id.as_str())) {
+        match release_removed(store, pool, id).await {
+            Some(Ok(())) => {
                 tracing::info!(account = %id, "cluster: lease given up (the account left this node's accounts file)");
                 mine -= 1;
             }
-            Err(e) => tracing::warn!(account = %id, error = %e, "cluster: cannot release a lease"),
+            Some(Err(e)) => tracing::warn!(account = %id, error = %e, "cluster: cannot release a lease"),
+            None => {}
         }
     }
     let Ok((nodes, leases)) = store.cluster_view().await else { return };

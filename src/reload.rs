@@ -148,11 +148,11 @@ impl Reloader {
     async fn read_accounts(&self) -> Result<(AccountSet, Vec<String>), Outcome> {
         let path = self.app.config.accounts.file.clone();
         let serving = !self.info().accounts.is_empty();
-        let load = || {
+        let read = {
             let path = path.clone();
-            off_runtime(move || config::accounts::load(&path))
+            off_runtime(move || config::accounts::load_sized(&path)).await
         };
-        let (mut set, mut warnings) = match load().await {
+        let (set, warnings, bytes) = match read {
             Ok(read) => read,
             Err(diags) => {
                 for d in diags.errors() {
@@ -161,29 +161,24 @@ impl Reloader {
                 return Err(refusal(&diags));
             }
         };
-        // No account while accounts serve: most likely a file being rewritten in place
-        // (truncated, then written), read between the two: taking it would drop every account
-        // until the write ends. Read again; still empty and the file empty, it is refused (the
-        // watcher sees the write that follows). An operator who means no accounts at all
-        // leaves a comment in the file.
-        if serving && set.is_empty() {
-            if let Ok(again) = load().await {
-                (set, warnings) = again;
-            }
-            if set.is_empty() && std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0) {
-                let message = format!(
-                    "{}: error: the accounts file is empty (being written?); the accounts loaded keep \
-                     serving (to remove every account, leave a comment in the file)",
-                    path.display()
-                );
-                tracing::error!("accounts file not applied (the last good set keeps serving): {message}");
-                return Err(Outcome {
-                    ok: false,
-                    changes: "no changes".into(),
-                    errors: vec![message],
-                    warnings: vec![],
-                });
-            }
+        // Read empty while accounts serve: most likely a file being rewritten in place
+        // (truncated, then written), read between the two; taking it would drop every account
+        // until the write ends. Refused (the watcher sees the write that follows); decided on
+        // the bytes read, not on a later look at the file. An operator who means no accounts
+        // at all leaves a comment in the file.
+        if serving && bytes == 0 {
+            let message = format!(
+                "{}: error: the accounts file is empty (being written?); the accounts loaded keep \
+                 serving (to remove every account, leave a comment in the file)",
+                path.display()
+            );
+            tracing::error!("accounts file not applied (the last good set keeps serving): {message}");
+            return Err(Outcome {
+                ok: false,
+                changes: "no changes".into(),
+                errors: vec![message],
+                warnings: vec![],
+            });
         }
         Ok((set, warnings.0.iter().map(|w| w.to_string()).collect()))
     }
@@ -252,50 +247,46 @@ impl Reloader {
         let Some(path) = path else {
             return Outcome { ok: true, changes: "no changes".into(), errors: vec![], warnings: vec![] };
         };
-        let read = off_runtime(move || config::keys::load(&path)).await;
-        let r =
-            match read.map_err(|d| refusal(&d)).and_then(|(set, w)| self.keys_checked(set).map(|s| (s, w))) {
-                Ok((set, warnings)) => Outcome {
-                    ok: true,
-                    changes: self.apply_keys(set).await,
-                    errors: vec![],
-                    warnings: warnings.0.iter().map(|w| w.to_string()).collect(),
-                },
-                Err(r) => {
-                    for e in &r.errors {
-                        tracing::error!("keys file not applied (the last good keys keep serving): {e}");
-                    }
-                    r
+        let read = off_runtime(move || config::keys::load_sized(&path)).await;
+        let r = match read
+            .map_err(|d| refusal(&d))
+            .and_then(|(set, w, bytes)| self.keys_checked(set, bytes).map(|s| (s, w)))
+        {
+            Ok((set, warnings)) => Outcome {
+                ok: true,
+                changes: self.apply_keys(set).await,
+                errors: vec![],
+                warnings: warnings.0.iter().map(|w| w.to_string()).collect(),
+            },
+            Err(r) => {
+                for e in &r.errors {
+                    tracing::error!("keys file not applied (the last good keys keep serving): {e}");
                 }
-            };
+                r
+            }
+        };
         self.record(Source::Keys, &r, None);
         r
     }
 
-    /// `set`, read from the keys file, unless it holds no key while keys serve and the file is
-    /// empty: a file being rewritten in place (truncated, then written), read between the two,
+    /// `set`, read from the keys file (`bytes` long), unless the file was read empty while keys
+    /// serve: a file being rewritten in place (truncated, then written), read between the two,
     /// would refuse every key holder until the write ends. (A file of comments only is taken:
     /// every key removed on purpose.)
-    fn keys_checked(&self, set: KeySet) -> Result<KeySet, Outcome> {
+    fn keys_checked(&self, set: KeySet, bytes: usize) -> Result<KeySet, Outcome> {
         let path = self.app.auth.read().unwrap_or_else(|e| e.into_inner()).keys_file.clone();
         let serving = !self.info().keys.keys.is_empty();
         match path {
-            Some(path)
-                if serving
-                    && set.keys.is_empty()
-                    && std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0) =>
-            {
-                Err(Outcome {
-                    ok: false,
-                    changes: "no changes".into(),
-                    errors: vec![format!(
-                        "{}: error: the keys file is empty (being written?); the keys loaded keep serving \
-                         (to remove every key, leave a comment in the file)",
-                        path.display()
-                    )],
-                    warnings: vec![],
-                })
-            }
+            Some(path) if serving && bytes == 0 => Err(Outcome {
+                ok: false,
+                changes: "no changes".into(),
+                errors: vec![format!(
+                    "{}: error: the keys file is empty (being written?); the keys loaded keep serving \
+                     (to remove every key, leave a comment in the file)",
+                    path.display()
+                )],
+                warnings: vec![],
+            }),
             _ => Ok(set),
         }
     }
@@ -344,7 +335,18 @@ impl Reloader {
                 return self.refuse(Source::Config, message);
             }
         }
-        let keys = match self.keys_checked(loaded.keys.clone()) {
+        // The keys file read again, to decide on the bytes of the read that applies.
+        let keys = match &loaded.config.auth.keys_file {
+            None => Ok(KeySet::default()),
+            Some(file) => {
+                let file = file.clone();
+                match off_runtime(move || config::keys::load_sized(&file)).await {
+                    Ok((set, _, bytes)) => self.keys_checked(set, bytes),
+                    Err(diags) => Err(refusal(&diags)),
+                }
+            }
+        };
+        let keys = match keys {
             Ok(k) => k,
             Err(r) => {
                 self.record(Source::Keys, &r, None);
@@ -429,6 +431,19 @@ impl Reloader {
     /// found (before, it stayed in `amqctl status` and `STATUS=` until the next SIGHUP).
     fn record_by_file(&self, diags: &config::Diagnostics) {
         let keys_file = self.app.auth.read().unwrap_or_else(|e| e.into_inner()).keys_file.clone();
+        // amq2api.toml read without an error of its own (the keys file then too, unless it has
+        // one): their earlier refusals are over, though another file refuses this reload.
+        let main_ok = !diags
+            .errors()
+            .any(|d| d.file != self.app.config.accounts.file && Some(&d.file) != keys_file.as_ref());
+        if main_ok {
+            let keys_ok = !diags.errors().any(|d| Some(&d.file) == keys_file.as_ref());
+            let mut info = self.info.write().unwrap_or_else(|e| e.into_inner());
+            info.errors[Source::Config as usize] = None;
+            if keys_ok {
+                info.errors[Source::Keys as usize] = None;
+            }
+        }
         let mut by: [Vec<String>; 3] = Default::default();
         for d in diags.errors() {
             let source = if d.file == self.app.config.accounts.file {
@@ -585,6 +600,8 @@ impl Watching {
         let mut look = tokio::time::interval(std::time::Duration::from_secs(1));
         look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut retry_at = tokio::time::Instant::now() + RETRY_WAITING;
+        // Without a watcher (it could not be set up) no event comes, but the retries do.
+        let mut events = self.watcher.is_some();
         loop {
             let watching = self.watcher.is_some();
             // Only cancel-safe futures here (a burst's first signal is taken by `recv`, its
@@ -598,14 +615,15 @@ impl Watching {
                 _ = look.tick(), if watching => {
                     if let Some(w) = self.watcher.as_mut().filter(|w| w.moved()) {
                         w.follow_target();
-                        if !w.dangling() {
+                        if w.present() {
                             reload().await;
                         }
                     }
                 }
-                first = self.rx.recv() => {
+                first = self.rx.recv(), if events => {
                     if first.is_none() || !crate::accounts::watch::rest_of_burst(&mut self.rx).await {
-                        break;
+                        events = false;
+                        continue;
                     }
                     // The symlink may have been re-pointed: watch where it leads now.
                     if let Some(w) = self.watcher.as_mut() { w.follow_target(); }

@@ -2101,13 +2101,22 @@ impl Pool {
 
     /// Keeps a removed account whose rotated refresh token is not stored yet, until it is (once:
     /// the reload and the refresh that rotated it may both get here).
-    /// A removed account whose rotated refresh token is still held unsaved (`[cluster]`: its
-    /// lease is kept until the token is stored, the write being fenced without it).
-    pub fn unsaved_orphan(&self, id: &str) -> bool {
-        let orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
-        orphans.iter().any(|a| a.id.as_str() == id && a.tokens.has_unsaved())
+    /// A removed account that something still holds (a request, a token refresh in flight, a
+    /// rotated token waiting to be stored), if any: `[cluster]` gives its lease up only once
+    /// nothing of it can still write the chain (a write after the release would be fenced,
+    /// and the chain lost).
+    pub fn removed_account(&self, id: &str) -> Option<Arc<Account>> {
+        let orphan = {
+            let orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+            orphans.iter().find(|a| a.id.as_str() == id).cloned()
+        };
+        orphan.or_else(|| {
+            let retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+            retired.iter().filter_map(std::sync::Weak::upgrade).find(|a| a.id.as_str() == id)
+        })
     }
 
+    /// Keeps `a`, removed with a rotated token not yet stored, until it is stored.
     fn orphan(&self, a: &Arc<Account>) {
         let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
         if !orphans.iter().any(|o| Arc::ptr_eq(o, a)) {

@@ -80,18 +80,17 @@ pub fn watch(file: &Path, tx: mpsc::UnboundedSender<()>) -> Result<AccountsWatch
 }
 
 impl AccountsWatcher {
-    /// The file is a symlink that leads to no file now (a target whose directory is being
-    /// replaced): where it will lead is not watched until it does.
-    pub fn dangling(&self) -> bool {
-        std::fs::symlink_metadata(&self.file).is_ok_and(|m| m.file_type().is_symlink())
-            && !std::fs::metadata(&self.file).is_ok_and(|m| m.is_file())
-    }
-
     /// The file's path leads somewhere else than when last followed (a symlink re-pointed
-    /// anywhere along it, the target appearing or going): call
+    /// anywhere along it, the target appearing or going, its directory replaced): call
     /// [`AccountsWatcher::follow_target`], then read the file. Cheap enough to ask every second.
     pub fn moved(&self) -> bool {
         std::fs::canonicalize(&self.file).ok() != self.resolved
+            || identity(&parent_of(&self.file)).is_some_and(|id| Some(id) != self.own_dir_id)
+    }
+
+    /// The file can be read now (not missing, not a symlink that leads nowhere).
+    pub fn present(&self) -> bool {
+        std::fs::metadata(&self.file).is_ok_and(|m| m.is_file())
     }
 
     /// Resolves the file's symlinks again and watches where they lead now (a regular file in
@@ -238,5 +237,29 @@ mod tests {
         while burst(&mut rx, Duration::from_millis(300)).await {}
         std::fs::write(root.path().join("srv/r2/accounts.toml"), "# r2, edited\n").unwrap();
         assert!(burst(&mut rx, Duration::from_secs(5)).await, "an edit in the new release was not seen");
+    }
+
+    /// A plain file's directory replaced at the same path (no symlink anywhere): `moved` sees
+    /// it, and edits in the new directory are seen once followed.
+    #[tokio::test]
+    async fn a_plain_files_directory_replaced_at_the_same_path_is_followed() {
+        let root = tempfile::tempdir().unwrap();
+        let etc = root.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        let file = etc.join("accounts.toml");
+        std::fs::write(&file, "# v1\n").unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut w = watch(&file, tx).unwrap();
+        let new = root.path().join("etc.new");
+        std::fs::create_dir(&new).unwrap();
+        std::fs::write(new.join("accounts.toml"), "# v2\n").unwrap();
+        std::fs::rename(&etc, root.path().join("etc.old")).unwrap();
+        std::fs::rename(&new, &etc).unwrap();
+        assert!(w.moved(), "the replaced directory was not noticed");
+        w.follow_target();
+        assert!(!w.moved());
+        while burst(&mut rx, Duration::from_millis(300)).await {}
+        std::fs::write(&file, "# v3\n").unwrap();
+        assert!(burst(&mut rx, Duration::from_secs(5)).await, "an edit in the new directory was not seen");
     }
 }

@@ -675,6 +675,12 @@ pub fn valid_region(r: &str) -> bool {
 
 /// Reads and parses an accounts file, adding a warning when the file is readable by others.
 pub fn load(path: &Path) -> Result<(AccountSet, Diagnostics), Diagnostics> {
+    load_sized(path).map(|(set, diags, _)| (set, diags))
+}
+
+/// [`load`], and how many bytes the file held when it was read (a reload tells a file being
+/// rewritten in place, empty for a moment, from one that lists no account on purpose).
+pub fn load_sized(path: &Path) -> Result<(AccountSet, Diagnostics, usize), Diagnostics> {
     let mut rep = Reporter::new(path, "");
     let source = match super::read::read_text(path) {
         Ok(s) => s,
@@ -687,7 +693,7 @@ pub fn load(path: &Path) -> Result<(AccountSet, Diagnostics), Diagnostics> {
     if let Some(w) = permission_warning(path) {
         diags.0.push(w);
     }
-    Ok((set, diags))
+    Ok((set, diags, source.len()))
 }
 
 /// Whether a value is a placeholder of the kind example files hold (`example-client-id`,

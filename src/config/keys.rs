@@ -338,6 +338,12 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 /// Reads and parses a keys file, with a warning when it is readable by every user.
 pub fn load(path: &Path) -> Result<(KeySet, Diagnostics), Diagnostics> {
+    load_sized(path).map(|(set, diags, _)| (set, diags))
+}
+
+/// [`load`], and how many bytes the file held when it was read (see
+/// [`super::accounts::load_sized`]).
+pub fn load_sized(path: &Path) -> Result<(KeySet, Diagnostics, usize), Diagnostics> {
     let mut rep = Reporter::new(path, "");
     let source = match super::read::read_text(path) {
         Ok(s) => s,
@@ -362,7 +368,7 @@ pub fn load(path: &Path) -> Result<(KeySet, Diagnostics), Diagnostics> {
             });
         }
     }
-    Ok((set, diags))
+    Ok((set, diags, source.len()))
 }
 
 #[cfg(test)]

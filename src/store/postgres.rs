@@ -143,6 +143,10 @@ struct Inner {
     /// gave up: a token rotated under it is written with it (see the module documentation).
     lost: Mutex<HashMap<String, i64>>,
     problem: Mutex<Option<StoreProblem>>,
+    /// This process is stopping ([`PgStore::leaving`]): every heartbeat says so (and only this
+    /// process's heartbeats set the flag, so a row left marked by an earlier process of the
+    /// same name is cleared by the next one's first heartbeat).
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 /// Which connection an operation uses.
@@ -410,6 +414,7 @@ impl PgStore {
                 held: Mutex::new(HashMap::new()),
                 lost: Mutex::new(HashMap::new()),
                 problem: Mutex::new(None),
+                leaving: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         store.migrate().await?;
@@ -753,13 +758,15 @@ impl PgStore {
     pub async fn heartbeat(&self, status: &str) -> Result<(), StoreError> {
         let (node, lease_ms, status) =
             (self.inner.node_id.clone(), self.inner.lease.as_millis() as i64, status.to_owned());
+        let leaving = self.inner.leaving.load(std::sync::atomic::Ordering::SeqCst);
         self.run(Conn::Leases, move |c| {
             Box::pin(async move {
                 c.execute(
-                    "INSERT INTO amq2api.nodes (node_id, started_at, heartbeat_at, lease_ms, status)
-                     VALUES ($1, now(), now(), $2, $3)
-                     ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = now(), lease_ms = $2, status = $3",
-                    &[&node, &lease_ms, &status],
+                    "INSERT INTO amq2api.nodes (node_id, started_at, heartbeat_at, lease_ms, status, leaving)
+                     VALUES ($1, now(), now(), $2, $3, $4)
+                     ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = now(), lease_ms = $2, status = $3,
+                         leaving = $4",
+                    &[&node, &lease_ms, &status, &leaving],
                 )
                 .await
                 .map_err(pg)?;
@@ -772,6 +779,7 @@ impl PgStore {
     /// Marks this node as stopping: the other nodes stop counting it in their shares (and take
     /// the accounts it gives up at once), though it still renews what it holds until done.
     pub async fn leaving(&self) -> Result<(), StoreError> {
+        self.inner.leaving.store(true, std::sync::atomic::Ordering::SeqCst);
         let node = self.inner.node_id.clone();
         self.run(Conn::Leases, move |c| {
             Box::pin(async move {

@@ -200,6 +200,12 @@ fn decide(
     // message to park an account apply to it; only the service's own fields do. (The service
     // says quotas, suspicion and suspension with other exceptions: PROTOCOL.md §5.)
     if is(type_name, "Validation") || is(type_name, "Serialization") {
+        if reason.contains("INSUFFICIENT_MODEL_CAPACITY") {
+            return UpstreamFailure::Capacity { message };
+        }
+        if reason.contains("TEMPORARILY_SUSPENDED") {
+            return UpstreamFailure::Suspended { reason: format!("{reason}: {message}") };
+        }
         if reason.contains("MONTHLY_REQUEST_COUNT") {
             return UpstreamFailure::Quota { kind: QuotaKind::Monthly, message };
         }
@@ -320,6 +326,14 @@ mod tests {
         let long =
             c(400, r#"{"__type":"ValidationException","message":"Input is too long for requested model."}"#);
         assert!(matches!(long, UpstreamFailure::ContextTooLong { .. }), "{long:?}");
+        let busy = c(
+            400,
+            r#"{"__type":"ValidationException","message":"busy","reason":"INSUFFICIENT_MODEL_CAPACITY"}"#,
+        );
+        assert!(matches!(busy, UpstreamFailure::Capacity { .. }), "{busy:?}");
+        let banned =
+            c(400, r#"{"__type":"ValidationException","message":"x","reason":"TEMPORARILY_SUSPENDED"}"#);
+        assert!(matches!(banned, UpstreamFailure::Suspended { .. }), "{banned:?}");
     }
 
     #[test]

@@ -842,10 +842,20 @@ async fn an_accounts_file_fixed_after_a_refused_reload_clears_the_error() {
     let h = start(&names).await;
     let mut ctl = Ctl::of(&h);
     wait_tokens(&mut ctl, 1).await;
+    // amq2api.toml refused first, then fixed while the accounts file breaks: the fixed file's
+    // error goes at once, the accounts file's when the watcher applies its fix.
+    let config = h.dir.path().join("amq2api.toml");
+    let main = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{main}\n[bogus]\n")).unwrap();
+    ctl.run(&["reload"]).await.code(78);
+    assert!(ctl.status().await.config.last_reload_error.is_some_and(|e| e.contains("bogus")));
+    std::fs::write(&config, &main).unwrap();
     let file = h.dir.path().join("accounts.toml");
     let good = std::fs::read_to_string(&file).unwrap();
     std::fs::write(&file, format!("{good}[[account]]\nid = \"Bad Id\"\n")).unwrap();
     ctl.run(&["reload"]).await.code(78);
+    let e = ctl.status().await.config.last_reload_error.unwrap_or_default();
+    assert!(!e.contains("bogus"), "amq2api.toml's fixed error stayed: {e}");
     assert!(ctl.status().await.config.last_reload_error.is_some_and(|e| e.contains("Bad Id")));
     std::fs::write(&file, &good).unwrap();
     let t0 = Instant::now();

@@ -392,7 +392,8 @@ async fn a_role_without_create_on_the_database_uses_the_schema_made_for_it() {
 }
 
 /// Done commands older than a day and nodes silent for a week are pruned; pending commands,
-/// recent ones and live nodes stay (before, both tables only grew).
+/// recent ones and live nodes stay (before, both tables only grew). And a node's `leaving`
+/// mark is its own process's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_commands_and_silent_nodes_are_pruned() {
     let Some(pg) = Postgres::start() else { return };
@@ -421,6 +422,20 @@ async fn old_commands_and_silent_nodes_are_pruned() {
     assert_eq!(count("SELECT count(*) FROM amq2api.nodes WHERE node_id = 'gone'").await, 0);
     assert_eq!(count("SELECT count(*) FROM amq2api.nodes WHERE node_id = 'node-a'").await, 1);
     assert_eq!(a.prune().await.unwrap(), 0);
+
+    // A row left marked as stopping by an earlier process of the same name is cleared by this
+    // one's next heartbeat (else no node would count it, nor hand it accounts).
+    client.batch_execute("UPDATE amq2api.nodes SET leaving = true WHERE node_id = 'node-a'").await.unwrap();
+    a.heartbeat("ok").await.unwrap();
+    let (nodes, _) = a.cluster_view().await.unwrap();
+    let me = nodes.iter().find(|n| n.node_id == "node-a").unwrap();
+    assert!(me.alive && !me.leaving, "{me:?}");
+    // Once this process stops, it says so, and its heartbeats go on saying so.
+    a.leaving().await.unwrap();
+    a.heartbeat("stopping").await.unwrap();
+    let (nodes, _) = a.cluster_view().await.unwrap();
+    let me = nodes.iter().find(|n| n.node_id == "node-a").unwrap();
+    assert!(!me.alive && me.leaving, "{me:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1109,6 +1124,59 @@ fn all_commands_reach_every_node() {
     for d in daemons {
         assert_eq!(d.stop(Duration::from_secs(20)), 0);
     }
+    rt.block_on(emu.shutdown());
+}
+
+/// An account removed from a node's file while its token refresh is at the token endpoint:
+/// the node keeps the lease until the rotated token is stored (given up at once, the answer's
+/// write was fenced and the chain lost: the next holder met `invalid_grant`).
+#[test]
+fn an_account_removed_during_its_refresh_keeps_its_lease_until_the_token_is_stored() {
+    let Some(pg) = Postgres::start() else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ids = ids(2);
+    let emu = rt.block_on(async {
+        let emu = Emulator::start(EmulatorOptions {
+            token_delay: Duration::from_millis(2500),
+            ..EmulatorOptions::default()
+        })
+        .await
+        .unwrap();
+        for id in &ids {
+            emu.add_account(&client_id(id), &format!("secret-{id}"), &format!("refresh-{id}"));
+        }
+        emu
+    });
+    let node = Node::new(&emu, &ids, &pg.url(), "r1", 3);
+    let d = node.start();
+    wait_until(Duration::from_secs(30), "both accounts served", || serving(&d) == 2);
+    let before = emu.stats_for(&client_id("acct-0")).refreshes;
+    let socket = node.dir.path().join("control.sock");
+    let refresh = std::thread::spawn(move || {
+        Command::new(common::child::AMQCTL)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["refresh", "acct-0"])
+            .output()
+            .unwrap()
+    });
+    // The refresh is at the token endpoint (2.5 s): remove the account meanwhile.
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(node.dir.path().join("accounts.toml"), common::accounts_toml(&ids[1..])).unwrap();
+    d.ctl_json(&["reload"]).expect("amqctl reload");
+    let out = refresh.join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(emu.stats_for(&client_id("acct-0")).refreshes, before + 1);
+    // The rotated token is the stored one, and the lease goes once it is.
+    rt.block_on(assert_chains_intact(&pg.url(), &emu, &ids[..1]));
+    wait_until(Duration::from_secs(10), "acct-0's lease given up", || {
+        let status = d.ctl_json(&["status"]).unwrap();
+        !status["cluster"]["leases"].as_array().unwrap().iter().any(|l| {
+            l["account"] == "acct-0" && l["node_id"] == "r1" && l["expires_in_ms"].as_i64().unwrap_or(0) > 0
+        })
+    });
+    assert_eq!(d.stop(Duration::from_secs(30)), 0);
+    assert_eq!(emu.stats().refresh_failures, 0);
     rt.block_on(emu.shutdown());
 }
 
