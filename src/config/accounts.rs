@@ -117,9 +117,43 @@ impl fmt::Display for Proxy {
             ProxyScheme::Socks5 { remote_dns: false } => "socks5",
             ProxyScheme::Socks5 { remote_dns: true } => "socks5h",
         };
-        let user = self.auth.as_ref().map(|(u, _)| format!("{u}:***@")).unwrap_or_default();
-        write!(f, "{scheme}://{user}{}:{}", self.host, self.port)
+        let user = self.auth.as_ref().map(|(u, _)| format!("{}:***@", percent_encode(u))).unwrap_or_default();
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        write!(f, "{scheme}://{user}{host}:{}", self.port)
     }
+}
+
+/// `s` with every byte but the unreserved ones (RFC 3986: letters, digits, `-._~`) written
+/// `%XX`: a user name or password as a URL's userinfo holds it.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `%XX` sequences decoded (a proxy user name or password with `@`, `:`, `/` in it); `None`
+/// for a bad sequence or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Parses `http://[user:pass@]host:port` or `socks5[h]://[user:pass@]host:port`.
@@ -137,20 +171,25 @@ pub fn parse_proxy(url: &str) -> Result<Proxy, String> {
         }
         _ => return Err(bad("has an unsupported scheme")),
     };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.contains('/') || rest.contains('?') {
-        return Err(bad("has a path"));
-    }
+    // The user name and password first (percent-encoded, they may hold any character; a
+    // password with a `/` in it is no path).
     let (auth, hostport) = match rest.rsplit_once('@') {
         Some((userinfo, hp)) => {
             let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            let (Some(u), Some(p)) = (percent_decode(u), percent_decode(p)) else {
+                return Err(bad("has a bad %-escape in its user name or password"));
+            };
             if u.is_empty() {
                 return Err(bad("has an empty user name"));
             }
-            (Some((u.to_owned(), Secret::new(p))), hp)
+            (Some((u, Secret::new(p))), hp)
         }
         None => (None, rest),
     };
+    let hostport = hostport.strip_suffix('/').unwrap_or(hostport);
+    if hostport.contains('/') || hostport.contains('?') || hostport.contains('#') {
+        return Err(bad("has a path"));
+    }
     let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
         let (h, p) = v6.split_once("]:").ok_or_else(|| bad("needs a port"))?;
         (h.to_owned(), p)
@@ -165,15 +204,20 @@ pub fn parse_proxy(url: &str) -> Result<Proxy, String> {
     Ok(Proxy { scheme, host, port, auth })
 }
 
-/// A URL with any password replaced (for error messages).
+/// A URL with any password replaced (for error messages), whatever its shape: everything
+/// between the user name and the last `@` goes, with a scheme or without (`user:pw@host:3128`,
+/// a `socks5:/` typo).
 fn redact_url(url: &str) -> String {
-    match (url.split_once("://"), url.rsplit_once('@')) {
-        (Some((scheme, rest)), Some(_)) => {
-            let (userinfo, hp) = rest.rsplit_once('@').unwrap_or(("", rest));
+    match url.rsplit_once('@') {
+        Some((before, hp)) => {
+            let (scheme, userinfo) = match before.split_once("://") {
+                Some((scheme, userinfo)) => (format!("{scheme}://"), userinfo),
+                None => (String::new(), before),
+            };
             let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{hp}")
+            format!("{scheme}{user}:***@{hp}")
         }
-        _ => url.to_owned(),
+        None => url.to_owned(),
     }
 }
 
@@ -878,5 +922,30 @@ refresh_token = "c"
         assert!(valid_region("us-gov-west-1"));
         assert!(!valid_region("US-east-1"));
         assert!(!valid_region("useast1"));
+    }
+
+    /// Proxy URLs: a percent-encoded user name and password (any character, `/` and `@`
+    /// included) decode; an unencoded `/` in a password is no path; the password never shows
+    /// in an error, whatever the URL's shape; an IPv6 host shows in brackets.
+    #[test]
+    fn proxy_userinfo_is_percent_decoded_and_never_shown() {
+        let p = parse_proxy("http://u%40corp:p%2Fw%3A%23%3F@proxy.corp:3128").unwrap();
+        let (u, pw) = p.auth.clone().unwrap();
+        assert_eq!((u.as_str(), pw.expose()), ("u@corp", "p/w:#?"));
+        assert_eq!(p.to_string(), "http://u%40corp:***@proxy.corp:3128");
+        let p = parse_proxy("socks5h://alice:s/cret@[::1]:1080").unwrap();
+        assert_eq!(p.auth.as_ref().unwrap().1.expose(), "s/cret");
+        assert_eq!(p.to_string(), "socks5h://alice:***@[::1]:1080");
+        for bad in [
+            "alice:s3cret@proxy.corp:3128",
+            "socks5:/alice:s3cret@proxy.corp:3128",
+            "http://a:s3cret@h:3128/x",
+        ] {
+            let e = parse_proxy(bad).unwrap_err();
+            assert!(!e.contains("s3cret"), "{e}");
+        }
+        assert!(parse_proxy("http://a:%zz@h:1").unwrap_err().contains("%-escape"));
+        assert!(parse_proxy("http://h:1/path").unwrap_err().contains("has a path"));
+        assert_eq!(percent_encode("p/w:#?é"), "p%2Fw%3A%23%3F%C3%A9");
     }
 }

@@ -122,7 +122,14 @@ fn proxy_url(p: &crate::config::accounts::Proxy) -> String {
         ProxyScheme::Socks5 { remote_dns: false } => "socks5",
         ProxyScheme::Socks5 { remote_dns: true } => "socks5h",
     };
-    let auth = p.auth.as_ref().map(|(u, pw)| format!("{u}:{}@", pw.expose())).unwrap_or_default();
+    let auth = p
+        .auth
+        .as_ref()
+        .map(|(u, pw)| {
+            use crate::config::accounts::percent_encode;
+            format!("{}:{}@", percent_encode(u), percent_encode(pw.expose()))
+        })
+        .unwrap_or_default();
     let host = if p.host.contains(':') { format!("[{}]", p.host) } else { p.host.clone() };
     format!("{scheme}://{auth}{host}:{}", p.port)
 }
