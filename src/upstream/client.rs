@@ -288,10 +288,21 @@ impl UpstreamClient {
             resp.headers().get("x-amzn-requestid").and_then(|v| v.to_str().ok()).map(str::to_string);
         if status != StatusCode::OK {
             let headers = resp.headers().clone();
-            // A body too large, too slow or cut off: classified by status and headers alone.
-            let bytes =
-                read_whole(resp.into_body(), MAX_BODY, self.first_byte_timeout).await.unwrap_or_default();
-            return Err(classify(status, &headers, &bytes));
+            // A body too large, too slow or cut off: classified by status and headers alone,
+            // except that a refusal that may have said "throttled" or "no capacity" in the
+            // part that never came is not taken for the request's own fault (which stops the
+            // request: no other account is tried).
+            let failure = match read_whole(resp.into_body(), MAX_BODY, self.first_byte_timeout).await {
+                Ok(bytes) => classify(status, &headers, &bytes),
+                Err(_) => match classify(status, &headers, b"") {
+                    UpstreamFailure::BadRequest { message } => UpstreamFailure::Transient {
+                        status: Some(status.as_u16()),
+                        message: format!("{message} (the answer's body was cut off)"),
+                    },
+                    other => other,
+                },
+            };
+            return Err(failure);
         }
         Ok(EventStream {
             body: resp.into_body(),

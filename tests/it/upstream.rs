@@ -373,6 +373,35 @@ async fn amazon_q_connections_are_reused_and_ones_closed_while_idle_are_replaced
     assert_eq!(counts.requests.load(Ordering::SeqCst), 5);
 }
 
+/// A 400 whose body is cut off (it might have said "throttled" or "no capacity") is a failure
+/// of that attempt, which fails over, not the request's own fault, which stops it; one whose
+/// body came whole is classified by what it says.
+#[tokio::test]
+async fn a_refusal_whose_body_is_cut_off_is_not_the_requests_fault() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = sock.read(&mut buf).await;
+                let part = r#"{"__type":"ThrottlingException","mess"#;
+                let head = format!(
+                    "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n{part}"
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                // Closed with 150 bytes of the body missing.
+            });
+        }
+    });
+    let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
+    let token = Secret::new("t");
+    let failure = c.generate(&endpoint.parse().unwrap(), &caller(&token), body("hi"), 1).await.err().unwrap();
+    assert!(matches!(failure, UpstreamFailure::Transient { status: Some(400), .. }), "{failure:?}");
+    assert!(failure.try_another_account(), "{failure:?}");
+}
+
 #[tokio::test]
 async fn a_request_read_on_a_reused_connection_is_never_sent_again() {
     use std::sync::atomic::Ordering;
