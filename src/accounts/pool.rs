@@ -1819,6 +1819,23 @@ impl Pool {
                     Some(format!("no chat endpoint takes the account's credentials: {message}")),
                 );
             }
+            // Its proxy fails fast (or is silent), and the account stayed active: picked again
+            // and again as the least busy, each request spent an attempt on it. Cooled down,
+            // with a growing backoff, while the others serve.
+            UpstreamFailure::ProxyFailed { message } => {
+                let strikes = {
+                    let mut st = a.state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.strikes += 1;
+                    st.strikes
+                };
+                let wait = backoff(strikes, Duration::from_secs(10), Duration::from_secs(600));
+                self.set_state(
+                    a,
+                    State::Cooling,
+                    Some(now + wait),
+                    Some(format!("its proxy fails: {message}")),
+                );
+            }
             UpstreamFailure::ModelNotOffered { message } | UpstreamFailure::Unreachable { message } => {
                 a.state.lock().unwrap_or_else(|e| e.into_inner()).set_error(message.clone());
             }
@@ -2918,6 +2935,22 @@ mod tests {
         > {
             Box::pin(std::future::ready(Ok(self.record.lock().unwrap().clone())))
         }
+    }
+
+    /// An account whose proxy fails is cooled down, with a growing backoff: it fails fast, so
+    /// as the least busy it was picked again and again, each request spending an attempt on it.
+    #[tokio::test]
+    async fn an_account_whose_proxy_fails_is_cooled_down() {
+        let (_sink, _emu, pool, a) = rotated_a1().await;
+        let failure = UpstreamFailure::ProxyFailed { message: "cannot reach the proxy".into() };
+        pool.apply_failure(&a, &failure);
+        let st = a.state();
+        assert_eq!(st.state, State::Cooling, "{:?}", st.reason);
+        assert!(st.reason.as_deref().is_some_and(|r| r.contains("its proxy fails")), "{:?}", st.reason);
+        let first = st.until.unwrap();
+        pool.apply_failure(&a, &failure);
+        assert!(a.state().until.unwrap() > first, "the backoff does not grow");
+        assert!(failure.try_another_account());
     }
 
     /// `[cluster]` handover: the node that stored the account left it invalid by a refused

@@ -473,6 +473,13 @@ pub fn failure_to_api(f: &UpstreamFailure) -> ApiError {
         UpstreamFailure::Unreachable { message } => {
             ApiError::new(ErrorKind::Api, format!("no Amazon Q endpoint took the request: {message}"))
         }
+        // Its proxy is the account's: no usable account, as for the others the pool parks.
+        UpstreamFailure::ProxyFailed { message } => ApiError::new(
+            ErrorKind::Overloaded,
+            format!(
+                "no usable Amazon Q account: the last one tried cannot reach Amazon Q through its proxy ({message})"
+            ),
+        ),
         UpstreamFailure::TokenInvalid
         | UpstreamFailure::Suspended { .. }
         | UpstreamFailure::AccessDenied { .. } => ApiError::new(

@@ -527,6 +527,7 @@ fn send_failure(e: &super::conn::ConnError) -> UpstreamFailure {
         ConnError::Proxy { error, .. } if error.target_unreachable() => {
             UpstreamFailure::Unreachable { message: e.to_string() }
         }
+        ConnError::Proxy { .. } => UpstreamFailure::ProxyFailed { message: e.to_string() },
         _ => UpstreamFailure::Transient { status: None, message: e.to_string() },
     }
 }

@@ -234,9 +234,15 @@ impl Pool {
             };
             Ok(Conn::new(io))
         };
-        tokio::time::timeout(self.connect_timeout, connect)
-            .await
-            .map_err(|_| ConnError::ConnectTimeout(key.describe()))?
+        tokio::time::timeout(self.connect_timeout, connect).await.map_err(|_| match &key.proxy {
+            // Through a proxy, silence is the proxy's (or the path behind it): the account's.
+            Some(proxy) => ConnError::Proxy {
+                target: format!("{}:{}", key.host, key.port),
+                proxy: proxy.to_string(),
+                error: tunnel::TunnelError::Timeout(self.connect_timeout),
+            },
+            None => ConnError::ConnectTimeout(key.describe()),
+        })?
     }
 
     /// Sends `req`, through `proxy` when given, and returns the answer's head with the body

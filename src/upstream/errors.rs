@@ -38,6 +38,11 @@ pub enum UpstreamFailure {
     /// anything was sent.
     #[error("endpoint unreachable: {message}")]
     Unreachable { message: String },
+    /// The account's own proxy fails (down, silent, refusing its credentials or the tunnel,
+    /// not speaking its protocol): nothing was sent, no endpoint is reached through it, and
+    /// the account is cooled down while another serves.
+    #[error("the account's proxy fails: {message}")]
+    ProxyFailed { message: String },
     /// The service has no capacity for the model right now: transient, try another account.
     #[error("model capacity exhausted: {message}")]
     Capacity { message: String },
@@ -110,6 +115,7 @@ impl UpstreamFailure {
             UpstreamFailure::ModelNotOffered { .. } => "model_not_offered",
             UpstreamFailure::NotFound { .. } => "not_found",
             UpstreamFailure::Unreachable { .. } => "unreachable",
+            UpstreamFailure::ProxyFailed { .. } => "proxy_failed",
             UpstreamFailure::Capacity { .. } => "capacity",
             UpstreamFailure::Quota { .. } => "quota",
             UpstreamFailure::TokenInvalid => "token_invalid",

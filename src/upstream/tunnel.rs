@@ -38,6 +38,9 @@ pub enum TunnelError {
     Io(std::io::Error),
     #[error("SOCKS5: {0}")]
     Socks(tokio_socks::Error),
+    /// No tunnel, with TLS through it, within the connect timeout.
+    #[error("no tunnel within {} s", .0.as_secs())]
+    Timeout(std::time::Duration),
 }
 
 impl TunnelError {
@@ -47,7 +50,12 @@ impl TunnelError {
     /// no endpoint can be reached through it.
     pub fn target_unreachable(&self) -> bool {
         match self {
-            TunnelError::Refused(_) | TunnelError::Resolve { .. } => true,
+            // Not the target's: the proxy wants other credentials, forbids the tunnel, or
+            // limits the account (`HTTP/1.1 407 …`, 403, 429).
+            TunnelError::Refused(line) => {
+                !matches!(line.split_whitespace().nth(1), Some("407" | "403" | "429"))
+            }
+            TunnelError::Resolve { .. } => true,
             TunnelError::Socks(e) => target_unreachable(e),
             _ => false,
         }

@@ -612,14 +612,17 @@ async fn proxy_failures_are_typed_and_name_the_proxy_without_its_password() {
     let http = TestProxy::start(Protocol::HttpConnect, auth).await;
     let hang_up = TestProxy::start(Protocol::HangUp, None).await;
     let silent = TestProxy::start(Protocol::Silent, None).await;
+    // Each is the account's own proxy failing (the account cools down; no other endpoint is
+    // tried through it), a silent one too: before, it was "unreachable", and the relay spent a
+    // second connect timeout trying the other endpoint through the same dead proxy.
     let cases = [
-        (socks.url("socks5", wrong), "transient", "the proxy refused the user name and password"),
-        (http.url("http", wrong), "transient", "the proxy refused the user name and password"),
-        (socks.url("socks5", None), "transient", "the proxy wants a user name and password"),
-        (http.url("http", None), "transient", "the proxy wants a user name and password"),
-        (hang_up.url("socks5", None), "transient", "talking to the proxy"),
-        (hang_up.url("http", None), "transient", "talking to the proxy"),
-        (silent.url("http", wrong), "unreachable", "timed out"),
+        (socks.url("socks5", wrong), "proxy_failed", "the proxy refused the user name and password"),
+        (http.url("http", wrong), "proxy_failed", "the proxy refused the user name and password"),
+        (socks.url("socks5", None), "proxy_failed", "the proxy wants a user name and password"),
+        (http.url("http", None), "proxy_failed", "the proxy wants a user name and password"),
+        (hang_up.url("socks5", None), "proxy_failed", "talking to the proxy"),
+        (hang_up.url("http", None), "proxy_failed", "talking to the proxy"),
+        (silent.url("http", wrong), "proxy_failed", "no tunnel within 1 s"),
     ];
     for (url, kind, says) in cases {
         let p = proxy(&url);
