@@ -115,8 +115,17 @@ fn is_closing(ev: &Event) -> bool {
 /// events (usage, metering) — was cut, not answered: a failure of the attempt.
 async fn read_first_content(account: &Account, mut stream: EventStream) -> Attempt {
     let mut pending = Vec::new();
+    let within = stream.first_content_within();
+    let deadline = tokio::time::Instant::now() + within;
     loop {
-        match stream.next().await {
+        let Ok(next) = tokio::time::timeout_at(deadline, stream.next()).await else {
+            tracing::info!(account = %account.id, "upstream stream sent no content within {} s", within.as_secs());
+            return Attempt::Failed(UpstreamFailure::Transient {
+                status: None,
+                message: format!("no content within {} s of the answer's start", within.as_secs()),
+            });
+        };
+        match next {
             Some(Ok(ev)) => {
                 let content = is_content(&ev);
                 pending.push(ev);

@@ -310,6 +310,7 @@ impl UpstreamClient {
             idle_timeout: self.idle_timeout,
             idle: Box::pin(tokio::time::sleep(self.idle_timeout)),
             quiet_since: None,
+            first_content: self.first_byte_timeout,
             request_id,
             done: false,
         })
@@ -620,9 +621,14 @@ pub struct EventStream {
     /// the current wait. A busy stream thus does not move a timer for every chunk.
     idle: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// When the upstream last went quiet: set by the first wait that finds nothing, cleared by
-    /// any bytes. It outlives a wait that is dropped (the SSE stream drops `next()` for its
-    /// pings), so the idle timeout counts from the last bytes, not from the latest wait.
+    /// a whole frame (not by any bytes: an upstream trickling a byte at a time, never finishing
+    /// a frame, would otherwise hold the request until `request_timeout_secs`). It outlives a
+    /// wait that is dropped (the SSE stream drops `next()` for its pings), so the idle timeout
+    /// counts from the last frame, not from the latest wait.
     quiet_since: Option<tokio::time::Instant>,
+    /// How long the first content may take once the answer's head is here
+    /// (`first_byte_timeout_secs`; see [`EventStream::first_content_within`]).
+    first_content: Duration,
     request_id: Option<String>,
     done: bool,
 }
@@ -631,6 +637,13 @@ impl EventStream {
     /// Amazon Q's request id (`x-amzn-RequestId`), for logs.
     pub fn request_id(&self) -> Option<&str> {
         self.request_id.as_deref()
+    }
+
+    /// How long the answer's first content may take after its head (`first_byte_timeout_secs`):
+    /// an upstream that sends frames with nothing in them, or one byte at a time, fails over
+    /// then instead of holding the request until `request_timeout_secs`.
+    pub fn first_content_within(&self) -> Duration {
+        self.first_content
     }
 
     /// The next event if it can be had without waiting — decoded from bytes already read, or
@@ -671,6 +684,7 @@ impl EventStream {
         loop {
             match self.decoder.next_frame() {
                 Ok(Some(frame)) => {
+                    self.quiet_since = None;
                     let ev = parse_frame(&frame);
                     if ev.is_err() {
                         self.done = true;
@@ -705,7 +719,6 @@ impl EventStream {
                     return Some(Err(StreamError::Transport(e.to_string())));
                 }
                 Ok(Some(Ok(frame))) => {
-                    self.quiet_since = None;
                     if let Ok(data) = frame.into_data() {
                         self.decoder.push_bytes(data);
                     }

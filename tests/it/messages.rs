@@ -1438,3 +1438,23 @@ async fn an_image_for_a_text_only_model_becomes_a_note() {
     );
     h.stop().await;
 }
+
+/// An answer whose head comes at once but whose content does not (frames with nothing in them,
+/// a silence shorter than the idle timeout): past `first_byte_timeout_secs` from its start it
+/// fails over to another account, and the client gets its answer from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_with_no_content_in_time_fails_over() {
+    let h = Harness::start(Setup {
+        accounts: vec!["acct-1".into(), "acct-2".into()],
+        upstream: "first_byte_timeout_secs = 1\nstream_idle_timeout_secs = 30".into(),
+        ..Default::default()
+    })
+    .await;
+    let t0 = std::time::Instant::now();
+    let r = post(&h, "/v1/messages", &simple("hi\n#emulator: silent 8000 once", true)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.sse().last().unwrap().0, "message_stop", "{}", r.text());
+    assert!(t0.elapsed() < Duration::from_secs(6), "waited out the silence: {:?}", t0.elapsed());
+    assert_eq!(h.emulator.stats().requests, 2, "no failover");
+    h.stop().await;
+}

@@ -402,6 +402,46 @@ async fn a_refusal_whose_body_is_cut_off_is_not_the_requests_fault() {
     assert!(failure.try_another_account(), "{failure:?}");
 }
 
+/// An upstream that answers 200 and then trickles one byte at a time, never finishing a frame:
+/// the idle timeout counts from the last whole frame, so the stream ends with `Idle`. Before,
+/// any byte reset it, and such an upstream held the request until `request_timeout_secs`.
+#[tokio::test]
+async fn an_upstream_trickling_bytes_that_make_no_frame_is_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = sock.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.amazon.eventstream\r\n\
+                            transfer-encoding: chunked\r\n\r\n";
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                // A prelude that promises a 16 MiB frame, one byte every 300 ms.
+                for b in [0x01u8, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10].iter().cycle().take(200) {
+                    let chunk = format!("1\r\n{}\r\n", *b as char);
+                    if sock.write_all(chunk.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            });
+        }
+    });
+    let cfg = UpstreamConfig { stream_idle_timeout: Duration::from_secs(1), ..counting_config(&endpoint) };
+    let c = UpstreamClient::new(&cfg).unwrap();
+    let token = Secret::new("t");
+    let mut stream = c.generate(&endpoint.parse().unwrap(), &caller(&token), body("hi"), 1).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let end =
+        tokio::time::timeout(Duration::from_secs(20), stream.next()).await.expect("the stream never ended");
+    assert!(matches!(end, Some(Err(StreamError::Idle(1)))), "{end:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
 #[tokio::test]
 async fn a_request_read_on_a_reused_connection_is_never_sent_again() {
     use std::sync::atomic::Ordering;
