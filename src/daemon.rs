@@ -132,6 +132,12 @@ async fn run_inner(
     let upstream = config.upstream.clone();
     let client = off_runtime(move || UpstreamClient::new(&upstream)).await?;
     let pool = Pool::new(&accounts, restored, &config.accounts, config.upstream.clone(), client, sink);
+    // Chains taken over from another id's record, stored under their new ids before serving
+    // (under `[cluster]` at the first use under the account's lease: a write without it is
+    // fenced).
+    if cluster.is_none() {
+        pool.store_unsaved().await;
+    }
     if let Some(store) = &cluster {
         // Half a lease: a refresh never starts so late that the lease could end before its
         // answer is stored.

@@ -720,12 +720,35 @@ impl Pool {
         let mut own: Vec<Restored> =
             set.iter().map(|spec| restored.remove(spec.id.as_str()).unwrap_or_default()).collect();
         // What is left belongs to ids no longer in the file: an account renamed while the
-        // daemon was down resumes its old id's chain (see [`adopt_renamed`]).
+        // daemon was down resumes its old id's chain (see [`adopt_renamed`]). So does a chain
+        // stored under an id the file now gives other credentials (ids swapped or shifted:
+        // `{a: X, b: Y}` become `{b: X, c: Y}`): that entry starts from its new credentials,
+        // and its stored chain is the live one of the entry that has its old credentials.
+        let mut stranded: BTreeMap<String, Restored> = set
+            .iter()
+            .zip(own.iter())
+            .filter_map(|(spec, r)| {
+                let chain = r.chain.as_ref()?;
+                (chain.file_fingerprint != spec.credentials_fingerprint()).then(|| {
+                    let r = Restored {
+                        chain: Some(chain.clone()),
+                        access: r.access.clone(),
+                        chain_updated_at: r.chain_updated_at,
+                        ..Default::default()
+                    };
+                    (spec.id.to_string(), r)
+                })
+            })
+            .collect();
+        let mut adopted = HashSet::new();
         for (spec, r) in set.iter().zip(own.iter_mut()) {
-            if let Some((old, chain, access)) = adopt_renamed(spec, r, restored.iter_mut()) {
-                tracing::info!(account = %spec.id, from = %old, "account renamed: it resumes the refresh token stored under its old id");
+            if let Some((old, chain, access)) =
+                adopt_renamed(spec, r, restored.iter_mut().chain(stranded.iter_mut()))
+            {
+                tracing::info!(account = %spec.id, from = %old, "the account resumes the refresh token stored under another id (renamed, or ids swapped)");
                 r.chain = Some(chain);
                 r.access = access;
+                adopted.insert(spec.id.clone());
             }
         }
         let accounts: Vec<Arc<Account>> = set
@@ -735,6 +758,11 @@ impl Pool {
                 let (account, new_identity) = Account::new(spec.clone(), &upstream, r);
                 if new_identity {
                     sink.identity(&account.id, &account.identity.record());
+                }
+                // Stored under its new id before any use ([`Pool::store_unsaved`], before the
+                // daemon serves): the id it came from may write over its record.
+                if adopted.contains(&account.id) {
+                    account.tokens.hold_as_unsaved();
                 }
                 Arc::new(account)
             })
@@ -1868,7 +1896,8 @@ impl Pool {
             }
         };
         let stored_chains: HashMap<AccountId, Chain> = rekeyed
-            .into_iter()
+            .iter()
+            .cloned()
             .zip(restored.split_off(joining.len()))
             .filter_map(|(id, r)| match r {
                 Ok(r) => r.chain.map(|c| (id, c)),
@@ -1882,6 +1911,31 @@ impl Pool {
         let mut refused = Vec::new();
         let mut deferred = Vec::new();
         let mut revived = Vec::new();
+        // Credentials that move between ids in the running set (ids swapped or shifted:
+        // `{a: X, b: Y}` become `{b: X, c: Y}`). Applied live, the changed entry would restart
+        // from the file's long-rotated token and drop the live chain of its old credentials,
+        // which the entry now holding them never got. Such changes wait for a restart, which
+        // moves each stored chain with its credentials (see [`Pool::new`]).
+        let running: Vec<(AccountId, [u8; 32])> = self
+            .accounts()
+            .iter()
+            .map(|a| (a.id.clone(), *a.fingerprint.read().unwrap_or_else(|e| e.into_inner())))
+            .collect();
+        let held_by = |fp: [u8; 32], not: &AccountId| {
+            running.iter().find(|(id, f)| *f == fp && id != not).map(|(id, _)| id.clone())
+        };
+        let mut moving: HashMap<AccountId, String> = HashMap::new();
+        for id in &rekeyed {
+            if let Some(spec) = specs.get(id) {
+                if let Some(other) = held_by(spec.credentials_fingerprint(), id) {
+                    moving.insert(id.clone(), format!(
+                        "its new credentials are those account {other} has now (ids swapped or shifted in the file): applied at the next restart, which moves each refresh token chain with its credentials"
+                    ));
+                }
+            }
+        }
+        let rekeyed_fps: Vec<(AccountId, [u8; 32])> =
+            running.iter().filter(|(id, _)| rekeyed.contains(id)).cloned().collect();
         // Accounts leaving with this change, by what they would give a renamed account (see
         // [`adopt_renamed`]): their current chain, read once any refresh in flight has ended.
         // Marked removed first, so that no new refresh of theirs starts meanwhile.
@@ -1937,6 +1991,15 @@ impl Pool {
                     added.push(a);
                     continue;
                 }
+                let fp = spec.credentials_fingerprint();
+                if let Some((other, _)) = rekeyed_fps.iter().find(|(_, f)| *f == fp) {
+                    let why = format!(
+                        "its credentials are those account {other} has now, and {other} takes others (ids swapped or shifted in the file): added at the next restart, which moves each refresh token chain with its credentials"
+                    );
+                    tracing::warn!(account = %id, "account not added: {why}");
+                    refused.push((id, why));
+                    continue;
+                }
                 let mut restored = match restored {
                     Ok(r) => r,
                     Err(e) => {
@@ -1985,6 +2048,11 @@ impl Pool {
             else {
                 continue;
             };
+            if let Some(why) = moving.get(&change.id) {
+                tracing::warn!(account = %change.id, "the account's change waits: {why}");
+                deferred.push((change.id.clone(), why.clone()));
+                continue;
+            }
             if let Err(why) =
                 self.update(&a, spec, change.credentials, stored_chains.get(&change.id).cloned()).await
             {
@@ -2118,6 +2186,20 @@ impl Pool {
 
     /// Keeps a removed account whose rotated refresh token is not stored yet, until it is (once:
     /// the reload and the refresh that rotated it may both get here).
+    /// Stores every chain held unsaved now (with no token call), as the start does for chains
+    /// taken over from another id's record; what cannot be stored stays held (no refresh runs
+    /// on it) and is retried by the refresher.
+    pub async fn store_unsaved(&self) {
+        for a in self.accounts().into_iter().filter(|a| a.tokens.has_unsaved()) {
+            let id = a.id.clone();
+            if let Err(e) =
+                a.tokens.store_unsaved(|chain, access| self.sink.tokens(&id, &chain, &access)).await
+            {
+                tracing::error!(account = %a.id, error = %e, "the refresh token it took over cannot be stored yet; it is held, and stored once the store works");
+            }
+        }
+    }
+
     /// A removed account that something still holds (a request, a token refresh in flight, a
     /// rotated token waiting to be stored), if any: `[cluster]` gives its lease up only once
     /// nothing of it can still write the chain (a write after the release would be fenced,
@@ -2935,6 +3017,96 @@ mod tests {
         > {
             Box::pin(std::future::ready(Ok(self.record.lock().unwrap().clone())))
         }
+    }
+
+    /// Entries `ids` with the credentials of the accounts `creds` (client `c-X`, secret `s-X`,
+    /// refresh token `r-X`), pairwise.
+    fn entries(ids: &[&str], creds: &[&str]) -> AccountSet {
+        let text: String = ids
+            .iter()
+            .zip(creds)
+            .map(|(id, c)| {
+                format!("[[account]]\nid = \"{id}\"\nclient_id = \"c-{c}\"\nclient_secret = \"s-{c}\"\nrefresh_token = \"r-{c}\"\n")
+            })
+            .collect();
+        crate::config::accounts::parse(std::path::Path::new("accounts.toml"), &text).unwrap().0
+    }
+
+    /// Ids swapped or shifted in the file (`{a1: A, b1: B}` become `{b1: A, c1: B}`), both
+    /// chains rotated: live, the change waits and the new entry is not added (applied, `b1`
+    /// restarted from A's dead file token and dropped B's live chain, and `c1` started from B's
+    /// dead one); at a restart each chain moves with its credentials, stored under its new id
+    /// before the daemon serves, and both refresh.
+    #[tokio::test]
+    async fn ids_swapped_in_the_file_keep_both_chains() {
+        let sink = Arc::new(Flaky::default());
+        let emu =
+            crate::emulator::Emulator::start(crate::emulator::EmulatorOptions::default()).await.unwrap();
+        for c in ["a1", "b1"] {
+            emu.add_account(&format!("c-{c}"), &format!("s-{c}"), &format!("r-{c}"));
+        }
+        let before = entries(&["a1", "b1"], &["a1", "b1"]);
+        let client = UpstreamClient::new(&config_for(&emu).upstream).unwrap();
+        let pool = Pool::new(
+            &before,
+            BTreeMap::new(),
+            &config_for(&emu).accounts,
+            config_for(&emu).upstream,
+            client,
+            sink.clone(),
+        );
+        for id in ["a1", "b1"] {
+            let a = pool.get(id).unwrap();
+            pool.refresh_now(&a).await.unwrap();
+        }
+        let live = |c: &str| emu.live_refresh_token(&format!("c-{c}")).unwrap();
+        let after = entries(&["b1", "c1"], &["a1", "b1"]);
+        let applied = pool.apply(&after, &before.diff(&after)).await;
+        assert!(
+            applied.deferred.iter().any(|(id, why)| id.as_str() == "b1" && why.contains("swapped")),
+            "{applied:?}"
+        );
+        assert!(
+            applied.refused.iter().any(|(id, why)| id.as_str() == "c1" && why.contains("swapped")),
+            "{applied:?}"
+        );
+        let b = pool.get("b1").unwrap();
+        assert_eq!(b.tokens.chain().await.refresh_token.expose(), live("b1"), "b1's live chain was dropped");
+        pool.refresh_now(&b).await.unwrap();
+        assert_eq!(emu.stats().refresh_failures, 0);
+
+        // The restart: the store's records, the swapped file.
+        let restored: BTreeMap<String, Restored> = sink
+            .chains
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, c)| {
+                let r = Restored {
+                    chain: Some(c.clone()),
+                    chain_updated_at: Some(SystemTime::now()),
+                    ..Default::default()
+                };
+                (id.clone(), r)
+            })
+            .collect();
+        let client = UpstreamClient::new(&config_for(&emu).upstream).unwrap();
+        let pool = Pool::new(
+            &after,
+            restored,
+            &config_for(&emu).accounts,
+            config_for(&emu).upstream,
+            client,
+            sink.clone(),
+        );
+        pool.store_unsaved().await;
+        assert_eq!(sink.chains.lock().unwrap()["b1"].refresh_token.expose(), live("a1"));
+        assert_eq!(sink.chains.lock().unwrap()["c1"].refresh_token.expose(), live("b1"));
+        for id in ["b1", "c1"] {
+            let a = pool.get(id).unwrap();
+            pool.refresh_now(&a).await.unwrap();
+        }
+        assert_eq!(emu.stats().refresh_failures, 0, "a dead refresh token was presented");
     }
 
     /// An account whose proxy fails is cooled down, with a growing backoff: it fails fast, so

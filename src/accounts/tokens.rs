@@ -305,6 +305,24 @@ impl Tokens {
         self.invalidate_access();
     }
 
+    /// Holds the chain as not yet stored (its access token, or none, held back), for a chain
+    /// this account took over from another entry's stored record at start: it is stored under
+    /// this account before any use, and no refresh runs until it is (the entry it came from
+    /// may write over its own record with its next rotation). For a fresh account only: it
+    /// does nothing if the chain is in use.
+    pub fn hold_as_unsaved(&self) {
+        let Ok(mut held) = self.chain.try_lock() else { return };
+        if held.unsaved.is_some() {
+            return;
+        }
+        let access = self
+            .current_access()
+            .unwrap_or(Access { token: Secret::new(""), expires_at: SystemTime::UNIX_EPOCH });
+        held.unsaved = Some(access);
+        self.unsaved.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.invalidate_access();
+    }
+
     /// Relabels the chain to new file credentials in memory only (`[cluster]`, on a node that
     /// does not hold the account: its holder stores the chain, and a lease taken later loads
     /// what it stored).
