@@ -206,7 +206,18 @@ impl Reloader {
                     .push(format!("{id}: not added: {why}; tried again every {}s", RETRY_WAITING.as_secs()));
             }
             let out: HashSet<&AccountId> = refused.iter().map(|(id, _)| id).collect();
-            AccountSet::new(set.iter().filter(|s| !out.contains(&s.id)).cloned().collect())
+            // An account renamed to one of them stays, under its old id, until it joins.
+            for k in &applied.kept {
+                warnings
+                    .push(format!("{}: kept under its old id until the entry it was renamed to joins", k.id));
+            }
+            AccountSet::new(
+                set.iter()
+                    .filter(|s| !out.contains(&s.id))
+                    .cloned()
+                    .chain(applied.kept.iter().cloned())
+                    .collect(),
+            )
         };
         // An account whose change waits keeps its current settings (the account's own, which
         // an account added back also has) in the recorded set, so the next reload sees the

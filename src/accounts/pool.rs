@@ -98,6 +98,9 @@ pub struct Applied {
     /// Accounts whose change waits (new credentials while a rotated refresh token of the
     /// current ones cannot be stored): they keep their current settings.
     pub deferred: Vec<(AccountId, String)>,
+    /// Accounts the file no longer lists that stay (with their settings): the entry they were
+    /// renamed to could not join, and keeps their chain when it does.
+    pub kept: Vec<AccountSpec>,
 }
 
 /// What a restart brings back for one account.
@@ -1911,6 +1914,8 @@ impl Pool {
         let mut refused = Vec::new();
         let mut deferred = Vec::new();
         let mut revived = Vec::new();
+        let mut kept: Vec<AccountSpec> = Vec::new();
+        let mut kept_ids: HashSet<String> = HashSet::new();
         // Credentials that move between ids in the running set (ids swapped or shifted:
         // `{a: X, b: Y}` become `{b: X, c: Y}`). Applied live, the changed entry would restart
         // from the file's long-rotated token and drop the live chain of its old credentials,
@@ -2004,6 +2009,18 @@ impl Pool {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(account = %id, error = %e, "account not added: its stored state cannot be read");
+                        // Renamed: the old id stays until the new one joins (removed now, the
+                        // retry would have no chain to give the new id, which would start from
+                        // the file's long-rotated token).
+                        for (old, a) in leaving.iter().map(|(i, _)| i).zip(&leaving_accounts) {
+                            if *a.fingerprint.read().unwrap_or_else(|e| e.into_inner()) == fp
+                                && !kept_ids.contains(old.as_str())
+                            {
+                                tracing::info!(account = %old, renamed_to = %id, "the renamed account stays under its old id until the new one can join");
+                                kept_ids.insert(old.clone());
+                                kept.push(a.spec());
+                            }
+                        }
                         refused.push((id, format!("cannot read its stored state: {e}")));
                         continue;
                     }
@@ -2073,7 +2090,8 @@ impl Pool {
             let mut list = self.accounts.write().unwrap_or_else(|e| e.into_inner());
             // The stored chain is kept: an account removed and added back (commented out for a
             // while, say) resumes its rotated refresh token instead of a dead one.
-            let removed: HashSet<&AccountId> = diff.removed.iter().collect();
+            let removed: HashSet<&AccountId> =
+                diff.removed.iter().filter(|id| !kept_ids.contains(id.as_str())).collect();
             let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
             retired.retain(|w| w.strong_count() > 0);
             for a in list.iter().filter(|a| removed.contains(&a.id)) {
@@ -2091,9 +2109,13 @@ impl Pool {
             // Under the list's lock, so that two applies cannot leave the index behind it.
             *self.by_id.write().unwrap_or_else(|e| e.into_inner()) = index(&list);
         }
+        // Kept: serving (and refreshing) again.
+        for a in leaving_accounts.iter().filter(|a| kept_ids.contains(a.id.as_str())) {
+            a.removed.store(false, Ordering::SeqCst);
+        }
         self.union_changed();
         self.freed.notify_waiters();
-        Applied { refused, deferred }
+        Applied { refused, deferred, kept }
     }
 
     /// A removed account with this id that something still holds, taken back (out of the
@@ -2523,6 +2545,8 @@ mod tests {
     #[derive(Default)]
     struct Flaky {
         failing: std::sync::atomic::AtomicBool,
+        /// The next `restore` fails (once).
+        unreadable: std::sync::atomic::AtomicBool,
         stored: Mutex<Vec<(String, String)>>,
         /// Each account's last stored chain, as a store keeps it.
         chains: Mutex<HashMap<String, Chain>>,
@@ -2542,6 +2566,9 @@ mod tests {
         fn state(&self, _: &AccountId, _: &StateInfo) {}
         fn counters(&self, _: Vec<(AccountId, Counters)>) {}
         fn restore(&self, ids: &[AccountId]) -> Vec<Result<Restored, String>> {
+            if self.unreadable.swap(false, Ordering::SeqCst) {
+                return ids.iter().map(|_| Err("the store cannot be read".to_string())).collect();
+            }
             let chains = self.chains.lock().unwrap();
             ids.iter()
                 .map(|id| Ok(Restored { chain: chains.get(id.as_str()).cloned(), ..Restored::default() }))
@@ -3017,6 +3044,33 @@ mod tests {
         > {
             Box::pin(std::future::ready(Ok(self.record.lock().unwrap().clone())))
         }
+    }
+
+    /// An account renamed while the store cannot be read: the new id is not added, and the old
+    /// one stays (serving, its chain with it) until the new one joins; then the new id takes
+    /// the chain. Before, the old id was removed at once, and the retry had no chain to give:
+    /// the new id started from the file's long-rotated token.
+    #[tokio::test]
+    async fn a_rename_the_store_refuses_once_keeps_the_old_id_until_the_new_one_joins() {
+        let (sink, emu, pool, a) = rotated_a1().await;
+        let named = |id: &str| entries(&[id], &["a1"]);
+        let (first, second) = (named("a1"), named("b1"));
+        sink.unreadable.store(true, Ordering::SeqCst);
+        let applied = pool.apply(&second, &first.diff(&second)).await;
+        assert_eq!(applied.refused.len(), 1, "{applied:?}");
+        assert_eq!(applied.kept.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), ["a1"], "{applied:?}");
+        assert!(Arc::ptr_eq(&pool.get("a1").unwrap(), &a), "the old id left");
+        assert!(pool.get("b1").is_none());
+        pool.refresh_now(&a).await.unwrap();
+        // The retry, as the reloader records it: the old id is still in the set.
+        let recorded = entries(&["a1"], &["a1"]);
+        let applied = pool.apply(&second, &recorded.diff(&second)).await;
+        assert!(applied.refused.is_empty() && applied.kept.is_empty(), "{applied:?}");
+        let b = pool.get("b1").unwrap();
+        assert!(pool.get("a1").is_none());
+        assert_eq!(b.tokens.chain().await.refresh_token.expose(), emu.live_refresh_token("c-a1").unwrap());
+        pool.refresh_now(&b).await.unwrap();
+        assert_eq!(emu.stats().refresh_failures, 0, "a dead refresh token was presented");
     }
 
     /// Entries `ids` with the credentials of the accounts `creds` (client `c-X`, secret `s-X`,
