@@ -416,13 +416,26 @@ impl Relay {
                     if ended {
                         break Ok(());
                     }
-                    break loop {
-                        match stream.next().await {
-                            Some(Ok(_)) => continue,
-                            None => break Ok(()),
-                            Some(Err(e)) => break Err(UpstreamFailure::from_stream_error(&e)),
+                    // Bounded as a whole: an answer that never ends (frames with nothing in
+                    // them) must not hold the check, nor the account, for good.
+                    let rest = async {
+                        loop {
+                            match stream.next().await {
+                                Some(Ok(_)) => continue,
+                                None => break Ok(()),
+                                Some(Err(e)) => break Err(UpstreamFailure::from_stream_error(&e)),
+                            }
                         }
                     };
+                    break tokio::time::timeout(CHECK_ANSWER_WITHIN, rest).await.unwrap_or_else(|_| {
+                        Err(UpstreamFailure::Transient {
+                            status: None,
+                            message: format!(
+                                "the answer did not end within {} s",
+                                CHECK_ANSWER_WITHIN.as_secs()
+                            ),
+                        })
+                    });
                 }
             }
         };
@@ -432,6 +445,9 @@ impl Relay {
         outcome.map_err(|failure| CheckFailure::Upstream { failure })
     }
 }
+
+/// How long the rest of a check's answer (a minimal one) may take once its content began.
+const CHECK_ANSWER_WITHIN: Duration = Duration::from_secs(60);
 
 /// Why `amqctl check` failed.
 #[derive(Debug, thiserror::Error)]
