@@ -1917,30 +1917,66 @@ impl Pool {
         let mut kept: Vec<AccountSpec> = Vec::new();
         let mut kept_ids: HashSet<String> = HashSet::new();
         // Credentials that move between ids in the running set (ids swapped or shifted:
-        // `{a: X, b: Y}` become `{b: X, c: Y}`). Applied live, the changed entry would restart
-        // from the file's long-rotated token and drop the live chain of its old credentials,
-        // which the entry now holding them never got. Such changes wait for a restart, which
-        // moves each stored chain with its credentials (see [`Pool::new`]).
+        // `{a: X, b: Y}` become `{b: X, c: Y}`, or `{a: Y, b: Z}`). Applied live, an entry would
+        // restart from the file's long-rotated token and drop the live chain of its old
+        // credentials, which the entry now having them never got. Every entry involved waits
+        // for a restart, which moves each stored chain with its credentials (see
+        // [`Pool::new`]): one that takes credentials another entry gives up (removed, or
+        // changed to others) waits or is not added, and the one giving them up waits or stays.
+        // Credentials another entry keeps (two entries sharing them) are no move.
         let running: Vec<(AccountId, [u8; 32])> = self
             .accounts()
             .iter()
             .map(|a| (a.id.clone(), *a.fingerprint.read().unwrap_or_else(|e| e.into_inner())))
             .collect();
-        let held_by = |fp: [u8; 32], not: &AccountId| {
-            running.iter().find(|(id, f)| *f == fp && id != not).map(|(id, _)| id.clone())
+        let removed_ids: HashSet<&AccountId> = diff.removed.iter().collect();
+        let giving_up = |fp: [u8; 32], not: &AccountId| {
+            running
+                .iter()
+                .find(|(id, f)| *f == fp && id != not && (removed_ids.contains(id) || rekeyed.contains(id)))
+                .map(|(id, _)| id.clone())
         };
+        let restart = "(ids swapped or shifted in the file): applied at the next restart, which moves each refresh token chain with its credentials";
         let mut moving: HashMap<AccountId, String> = HashMap::new();
+        let mut blocked: HashMap<AccountId, String> = HashMap::new();
+        let mut givers: Vec<AccountId> = Vec::new();
         for id in &rekeyed {
-            if let Some(spec) = specs.get(id) {
-                if let Some(other) = held_by(spec.credentials_fingerprint(), id) {
-                    moving.insert(id.clone(), format!(
-                        "its new credentials are those account {other} has now (ids swapped or shifted in the file): applied at the next restart, which moves each refresh token chain with its credentials"
-                    ));
-                }
+            if let Some(other) = specs.get(id).and_then(|s| giving_up(s.credentials_fingerprint(), id)) {
+                moving.insert(
+                    id.clone(),
+                    format!("its new credentials are those account {other} gives up {restart}"),
+                );
+                givers.push(other);
             }
         }
-        let rekeyed_fps: Vec<(AccountId, [u8; 32])> =
-            running.iter().filter(|(id, _)| rekeyed.contains(id)).cloned().collect();
+        for id in &joining {
+            if let Some(other) = specs
+                .get(id)
+                .and_then(|s| giving_up(s.credentials_fingerprint(), id))
+                .filter(|o| rekeyed.contains(o))
+            {
+                blocked.insert(
+                    id.clone(),
+                    format!("its credentials are those account {other} gives up {restart}"),
+                );
+                givers.push(other);
+            }
+        }
+        // The givers: a removed one stays (serving, its chain with it), a changed one waits.
+        for g in givers {
+            if removed_ids.contains(&g) {
+                if kept_ids.insert(g.to_string()) {
+                    if let Some(a) = self.get(g.as_str()) {
+                        tracing::warn!(account = %g, "the account stays until a restart: its credentials move to another id");
+                        kept.push(a.spec());
+                    }
+                }
+            } else {
+                moving.entry(g.clone()).or_insert_with(|| {
+                    format!("its credentials go to another entry while it takes others {restart}")
+                });
+            }
+        }
         // Accounts leaving with this change, by what they would give a renamed account (see
         // [`adopt_renamed`]): their current chain, read once any refresh in flight has ended.
         // Marked removed first, so that no new refresh of theirs starts meanwhile.
@@ -1952,7 +1988,8 @@ impl Pool {
         if !joining.is_empty() && !diff.removed.is_empty() && self.clustered().is_none() {
             let removed: HashSet<&AccountId> = diff.removed.iter().collect();
             for a in self.accounts().into_iter().filter(|a| removed.contains(&a.id)) {
-                if a.kind() == Kind::ApiKey {
+                // A kept giver gives nothing: it stays, and keeps its chain.
+                if a.kind() == Kind::ApiKey || kept_ids.contains(a.id.as_str()) {
                     continue;
                 }
                 a.removed.store(true, Ordering::SeqCst);
@@ -1997,12 +2034,9 @@ impl Pool {
                     continue;
                 }
                 let fp = spec.credentials_fingerprint();
-                if let Some((other, _)) = rekeyed_fps.iter().find(|(_, f)| *f == fp) {
-                    let why = format!(
-                        "its credentials are those account {other} has now, and {other} takes others (ids swapped or shifted in the file): added at the next restart, which moves each refresh token chain with its credentials"
-                    );
+                if let Some(why) = blocked.get(&id) {
                     tracing::warn!(account = %id, "account not added: {why}");
-                    refused.push((id, why));
+                    refused.push((id.clone(), why.clone()));
                     continue;
                 }
                 let mut restored = match restored {
@@ -3124,10 +3158,34 @@ mod tests {
             applied.refused.iter().any(|(id, why)| id.as_str() == "c1" && why.contains("swapped")),
             "{applied:?}"
         );
-        let b = pool.get("b1").unwrap();
-        assert_eq!(b.tokens.chain().await.refresh_token.expose(), live("b1"), "b1's live chain was dropped");
-        pool.refresh_now(&b).await.unwrap();
+        assert_eq!(applied.kept.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), ["a1"], "{applied:?}");
+        // The reloader's retry, from the set it recorded (a1 kept, b1 as it was): the same.
+        let applied = pool.apply(&after, &before.diff(&after)).await;
+        assert_eq!(
+            (applied.deferred.len(), applied.refused.len(), applied.kept.len()),
+            (1, 1, 1),
+            "{applied:?}"
+        );
+        for (id, c) in [("a1", "a1"), ("b1", "b1")] {
+            let a = pool.get(id).unwrap_or_else(|| panic!("{id} left"));
+            assert_eq!(
+                a.tokens.chain().await.refresh_token.expose(),
+                live(c),
+                "{id}'s live chain was dropped"
+            );
+            pool.refresh_now(&a).await.unwrap();
+        }
         assert_eq!(emu.stats().refresh_failures, 0);
+        // Shifted the other way, `{a1: A, b1: B}` to `{a1: B, b1: Z}`: both wait.
+        let shifted = entries(&["a1", "b1"], &["b1", "z1"]);
+        let applied = pool.apply(&shifted, &before.diff(&shifted)).await;
+        let mut waiting: Vec<&str> = applied.deferred.iter().map(|(id, _)| id.as_str()).collect();
+        waiting.sort();
+        assert_eq!(waiting, ["a1", "b1"], "{applied:?}");
+        // Two entries sharing credentials is no move: the change applies.
+        let shared = entries(&["a1", "b1"], &["a1", "a1"]);
+        let applied = pool.apply(&shared, &before.diff(&shared)).await;
+        assert!(applied.deferred.is_empty(), "{applied:?}");
 
         // The restart: the store's records, the swapped file.
         let restored: BTreeMap<String, Restored> = sink

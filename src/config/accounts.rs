@@ -137,20 +137,24 @@ pub fn percent_encode(s: &str) -> String {
     out
 }
 
-/// `%XX` sequences decoded (a proxy user name or password with `@`, `:`, `/` in it); `None`
-/// for a bad sequence or bytes that are not UTF-8.
+/// `%XX` sequences decoded (a proxy user name or password with `@`, `:`, `/` in it); a `%` not
+/// followed by two hex digits is kept as it is (`50%off`, as browsers read URLs). `None` when
+/// the bytes decoded are not UTF-8.
 fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
+        let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match hex.filter(|_| b[i] == b'%').and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
         }
     }
     String::from_utf8(out).ok()
@@ -177,7 +181,9 @@ pub fn parse_proxy(url: &str) -> Result<Proxy, String> {
         Some((userinfo, hp)) => {
             let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
             let (Some(u), Some(p)) = (percent_decode(u), percent_decode(p)) else {
-                return Err(bad("has a bad %-escape in its user name or password"));
+                return Err(bad(
+                    "has %-escapes in its user name or password that are not UTF-8 (write a literal % as %25)",
+                ));
             };
             if u.is_empty() {
                 return Err(bad("has an empty user name"));
@@ -944,7 +950,8 @@ refresh_token = "c"
             let e = parse_proxy(bad).unwrap_err();
             assert!(!e.contains("s3cret"), "{e}");
         }
-        assert!(parse_proxy("http://a:%zz@h:1").unwrap_err().contains("%-escape"));
+        assert_eq!(parse_proxy("http://a:50%off@h:1").unwrap().auth.unwrap().1.expose(), "50%off");
+        assert!(parse_proxy("http://a:%ff@h:1").unwrap_err().contains("%25"));
         assert!(parse_proxy("http://h:1/path").unwrap_err().contains("has a path"));
         assert_eq!(percent_encode("p/w:#?é"), "p%2Fw%3A%23%3F%C3%A9");
     }

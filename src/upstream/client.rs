@@ -295,10 +295,13 @@ impl UpstreamClient {
             let failure = match read_whole(resp.into_body(), MAX_BODY, self.first_byte_timeout).await {
                 Ok(bytes) => classify(status, &headers, &bytes),
                 Err(_) => match classify(status, &headers, b"") {
-                    UpstreamFailure::BadRequest { message } => UpstreamFailure::Transient {
-                        status: Some(status.as_u16()),
-                        message: format!("{message} (the answer's body was cut off)"),
-                    },
+                    // Unless the headers say what it was (`x-amzn-ErrorType`).
+                    UpstreamFailure::BadRequest { message } if !headers.contains_key("x-amzn-errortype") => {
+                        UpstreamFailure::Transient {
+                            status: Some(status.as_u16()),
+                            message: format!("{message} (the answer's body was cut off)"),
+                        }
+                    }
                     other => other,
                 },
             };
@@ -310,7 +313,7 @@ impl UpstreamClient {
             idle_timeout: self.idle_timeout,
             idle: Box::pin(tokio::time::sleep(self.idle_timeout)),
             quiet_since: None,
-            first_content: self.first_byte_timeout,
+            first_content: self.first_byte_timeout.max(self.idle_timeout),
             request_id,
             done: false,
         })
@@ -639,9 +642,10 @@ impl EventStream {
         self.request_id.as_deref()
     }
 
-    /// How long the answer's first content may take after its head (`first_byte_timeout_secs`):
-    /// an upstream that sends frames with nothing in them, or one byte at a time, fails over
-    /// then instead of holding the request until `request_timeout_secs`.
+    /// How long the answer's first content may take after its head (the longer of
+    /// `first_byte_timeout_secs` and `stream_idle_timeout_secs`, which an operator raises for
+    /// long silent starts): an upstream that sends frames with nothing in them fails over then
+    /// instead of holding the request until `request_timeout_secs`.
     pub fn first_content_within(&self) -> Duration {
         self.first_content
     }

@@ -206,13 +206,20 @@ impl Pool {
     async fn connect(&self, key: &Key) -> Result<Conn, ConnError> {
         // Errors name the endpoint, and the proxy when there is one.
         let host = if key.proxy.is_some() { key.describe() } else { key.host.clone() };
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
         let connect = async {
             let tcp = match &key.proxy {
                 None => TcpStream::connect((key.host.as_str(), key.port))
                     .await
                     .map_err(|e| ConnError::Connect { host: host.clone(), reason: e.to_string() })?,
                 Some(proxy) => {
-                    tunnel::open(proxy, &key.host, key.port).await.map_err(|error| ConnError::Proxy {
+                    // Silence before the tunnel is up is the proxy's (the account's); after it,
+                    // the endpoint's, as on a direct connection.
+                    let tunnel = tokio::time::timeout_at(deadline, tunnel::open(proxy, &key.host, key.port));
+                    let opened = tunnel
+                        .await
+                        .unwrap_or_else(|_| Err(tunnel::TunnelError::Timeout(self.connect_timeout)));
+                    opened.map_err(|error| ConnError::Proxy {
                         target: format!("{}:{}", key.host, key.port),
                         proxy: proxy.to_string(),
                         error,
@@ -234,15 +241,9 @@ impl Pool {
             };
             Ok(Conn::new(io))
         };
-        tokio::time::timeout(self.connect_timeout, connect).await.map_err(|_| match &key.proxy {
-            // Through a proxy, silence is the proxy's (or the path behind it): the account's.
-            Some(proxy) => ConnError::Proxy {
-                target: format!("{}:{}", key.host, key.port),
-                proxy: proxy.to_string(),
-                error: tunnel::TunnelError::Timeout(self.connect_timeout),
-            },
-            None => ConnError::ConnectTimeout(key.describe()),
-        })?
+        tokio::time::timeout_at(deadline, connect)
+            .await
+            .map_err(|_| ConnError::ConnectTimeout(key.describe()))?
     }
 
     /// Sends `req`, through `proxy` when given, and returns the answer's head with the body

@@ -50,11 +50,10 @@ impl TunnelError {
     /// no endpoint can be reached through it.
     pub fn target_unreachable(&self) -> bool {
         match self {
-            // Not the target's: the proxy wants other credentials, forbids the tunnel, or
-            // limits the account (`HTTP/1.1 407 …`, 403, 429).
-            TunnelError::Refused(line) => {
-                !matches!(line.split_whitespace().nth(1), Some("407" | "403" | "429"))
-            }
+            // Not the target's: the proxy wants other credentials or limits the account
+            // (`HTTP/1.1 407 …`, 429). A 403 is often a destination not on the proxy's
+            // allow-list: another endpoint may do.
+            TunnelError::Refused(line) => !matches!(line.split_whitespace().nth(1), Some("407" | "429")),
             TunnelError::Resolve { .. } => true,
             TunnelError::Socks(e) => target_unreachable(e),
             _ => false,

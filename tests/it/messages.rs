@@ -1439,14 +1439,14 @@ async fn an_image_for_a_text_only_model_becomes_a_note() {
     h.stop().await;
 }
 
-/// An answer whose head comes at once but whose content does not (frames with nothing in them,
-/// a silence shorter than the idle timeout): past `first_byte_timeout_secs` from its start it
-/// fails over to another account, and the client gets its answer from there.
+/// An answer whose head comes at once but whose content does not: past the longer of
+/// `first_byte_timeout_secs` and `stream_idle_timeout_secs` from its start it fails over to
+/// another account, and the client gets its answer from there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_with_no_content_in_time_fails_over() {
     let h = Harness::start(Setup {
         accounts: vec!["acct-1".into(), "acct-2".into()],
-        upstream: "first_byte_timeout_secs = 1\nstream_idle_timeout_secs = 30".into(),
+        upstream: "first_byte_timeout_secs = 1\nstream_idle_timeout_secs = 2".into(),
         ..Default::default()
     })
     .await;
