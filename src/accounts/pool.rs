@@ -595,6 +595,13 @@ async fn take_over(leaving: &[Arc<Account>], from: &str, to: &Account) {
     }
 }
 
+/// One more strike against the account (its cooldowns grow with them); the count now.
+fn strike(a: &Account) -> u32 {
+    let mut st = a.state.lock().unwrap_or_else(|e| e.into_inner());
+    st.strikes += 1;
+    st.strikes
+}
+
 /// Invalid by a refused refresh (its reason is the refusal's): a refresh that works again
 /// makes it active, after a restart or a `[cluster]` handover too.
 fn invalid_by_refresh(state: &StateInfo) -> bool {
@@ -1788,11 +1795,7 @@ impl Pool {
         let now = SystemTime::now();
         match f {
             UpstreamFailure::Throttled { retry_after, message } => {
-                let strikes = {
-                    let mut st = a.state.lock().unwrap_or_else(|e| e.into_inner());
-                    st.strikes += 1;
-                    st.strikes
-                };
+                let strikes = strike(a);
                 let wait = retry_after
                     .unwrap_or_else(|| backoff(strikes, Duration::from_secs(10), Duration::from_secs(600)));
                 self.set_state(a, State::Cooling, Some(now + wait), Some(format!("throttled: {message}")));
@@ -1837,11 +1840,7 @@ impl Pool {
             // fast and stayed active, so the least busy choice kept picking it, and each request
             // spent one of its attempts there. Cooled down, with a growing backoff.
             UpstreamFailure::NotFound { message } => {
-                let strikes = {
-                    let mut st = a.state.lock().unwrap_or_else(|e| e.into_inner());
-                    st.strikes += 1;
-                    st.strikes
-                };
+                let strikes = strike(a);
                 let wait = backoff(strikes, Duration::from_secs(30), Duration::from_secs(1800));
                 self.set_state(
                     a,
@@ -1854,11 +1853,7 @@ impl Pool {
             // and again as the least busy, each request spent an attempt on it. Cooled down,
             // with a growing backoff, while the others serve.
             UpstreamFailure::ProxyFailed { message } => {
-                let strikes = {
-                    let mut st = a.state.lock().unwrap_or_else(|e| e.into_inner());
-                    st.strikes += 1;
-                    st.strikes
-                };
+                let strikes = strike(a);
                 let wait = backoff(strikes, Duration::from_secs(10), Duration::from_secs(600));
                 self.set_state(
                     a,

@@ -159,6 +159,16 @@ fn activated(config: &Path, fd: &impl std::os::fd::AsFd) -> Command {
     c
 }
 
+/// The daemon started on `listener` as systemd passes it, telling `notify` when it is ready.
+fn spawn_activated(config: &Path, listener: &std::net::TcpListener, notify: &Path) -> Child {
+    activated(config, listener)
+        .env("NOTIFY_SOCKET", notify)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn socket_activation_serves_the_passed_socket() {
     // The configured address must not be used when systemd passes a socket.
@@ -167,12 +177,7 @@ async fn socket_activation_serves_the_passed_socket() {
     // The socket is bound here (port 0, never freed and reused) and passed as systemd does.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let mut child = activated(&s.config, &listener)
-        .env("NOTIFY_SOCKET", &path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_activated(&s.config, &listener, &path);
     drop(listener);
     let t0 = Instant::now();
     let stream = loop {
@@ -247,12 +252,7 @@ async fn a_reload_never_opens_a_public_socket_to_anonymous_access() {
     let (sock, path) = notify_socket(s.dir.path());
     let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let mut child = activated(&s.config, &listener)
-        .env("NOTIFY_SOCKET", &path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_activated(&s.config, &listener, &path);
     drop(listener);
     let ready =
         tokio::task::spawn_blocking(move || wait_for(&sock, "READY=1", Duration::from_secs(15))).await;

@@ -373,28 +373,45 @@ async fn amazon_q_connections_are_reused_and_ones_closed_while_idle_are_replaced
     assert_eq!(counts.requests.load(Ordering::SeqCst), 5);
 }
 
+/// A bare server on loopback that reads each request (one read) and then hands the socket to
+/// `answer`; its endpoint URL.
+async fn raw_server<F, Fut>(answer: F) -> String
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/", listener.local_addr().unwrap());
+    let answer = std::sync::Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = sock.read(&mut buf).await;
+                answer(sock).await;
+            });
+        }
+    });
+    endpoint
+}
+
 /// A 400 whose body is cut off (it might have said "throttled" or "no capacity") is a failure
 /// of that attempt, which fails over, not the request's own fault, which stops it; one whose
 /// body came whole is classified by what it says.
 #[tokio::test]
 async fn a_refusal_whose_body_is_cut_off_is_not_the_requests_fault() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}/", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                let _ = sock.read(&mut buf).await;
-                let part = r#"{"__type":"ThrottlingException","mess"#;
-                let head = format!(
-                    "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n{part}"
-                );
-                let _ = sock.write_all(head.as_bytes()).await;
-                // Closed with 150 bytes of the body missing.
-            });
-        }
-    });
+    use tokio::io::AsyncWriteExt;
+    let endpoint = raw_server(|mut sock| async move {
+        let part = r#"{"__type":"ThrottlingException","mess"#;
+        let head = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n{part}"
+        );
+        let _ = sock.write_all(head.as_bytes()).await;
+        // Closed with 150 bytes of the body missing.
+    })
+    .await;
     let c = UpstreamClient::new(&counting_config(&endpoint)).unwrap();
     let token = Secret::new("t");
     let failure = c.generate(&endpoint.parse().unwrap(), &caller(&token), body("hi"), 1).await.err().unwrap();
@@ -407,30 +424,23 @@ async fn a_refusal_whose_body_is_cut_off_is_not_the_requests_fault() {
 /// any byte reset it, and such an upstream held the request until `request_timeout_secs`.
 #[tokio::test]
 async fn an_upstream_trickling_bytes_that_make_no_frame_is_idle() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}/", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                let _ = sock.read(&mut buf).await;
-                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.amazon.eventstream\r\n\
-                            transfer-encoding: chunked\r\n\r\n";
-                if sock.write_all(head.as_bytes()).await.is_err() {
-                    return;
-                }
-                // A prelude that promises a 16 MiB frame, one byte every 300 ms.
-                for b in [0x01u8, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10].iter().cycle().take(200) {
-                    let chunk = format!("1\r\n{}\r\n", *b as char);
-                    if sock.write_all(chunk.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                }
-            });
+    use tokio::io::AsyncWriteExt;
+    let endpoint = raw_server(|mut sock| async move {
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.amazon.eventstream\r\n\
+                    transfer-encoding: chunked\r\n\r\n";
+        if sock.write_all(head.as_bytes()).await.is_err() {
+            return;
         }
-    });
+        // A prelude that promises a 16 MiB frame, one byte every 300 ms.
+        for b in [0x01u8, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10].iter().cycle().take(200) {
+            let chunk = format!("1\r\n{}\r\n", *b as char);
+            if sock.write_all(chunk.as_bytes()).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await;
     let cfg = UpstreamConfig { stream_idle_timeout: Duration::from_secs(1), ..counting_config(&endpoint) };
     let c = UpstreamClient::new(&cfg).unwrap();
     let token = Secret::new("t");
