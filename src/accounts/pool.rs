@@ -2235,8 +2235,6 @@ impl Pool {
         Ok(())
     }
 
-    /// Keeps a removed account whose rotated refresh token is not stored yet, until it is (once:
-    /// the reload and the refresh that rotated it may both get here).
     /// Stores every chain held unsaved now (with no token call), as the start does for chains
     /// taken over from another id's record; what cannot be stored stays held (no refresh runs
     /// on it) and is retried by the refresher.
@@ -2266,7 +2264,8 @@ impl Pool {
         })
     }
 
-    /// Keeps `a`, removed with a rotated token not yet stored, until it is stored.
+    /// Keeps a removed account whose rotated refresh token is not stored yet, until it is (once:
+    /// the reload and the refresh that rotated it may both get here).
     fn orphan(&self, a: &Arc<Account>) {
         let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
         if !orphans.iter().any(|o| Arc::ptr_eq(o, a)) {
