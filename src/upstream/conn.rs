@@ -42,6 +42,17 @@ use tokio::net::TcpStream;
 const MAX_IDLE: usize = 256;
 /// An idle connection older than this is closed rather than reused.
 const IDLE_FOR: Duration = Duration::from_secs(90);
+/// How often a checkin also closes the idle connections of every other key.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// Closes the connections idle for longer than [`IDLE_FOR`] at `now`, of every key, and
+/// forgets the keys left with none.
+fn sweep(map: &mut HashMap<Key, Vec<Idle>>, now: Instant) {
+    map.retain(|_, list| {
+        list.retain(|i| now.saturating_duration_since(i.since) <= IDLE_FOR);
+        !list.is_empty()
+    });
+}
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
@@ -125,6 +136,8 @@ pub struct Pool {
     tls: Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    /// When the idle connections of every key were last looked at ([`sweep`]).
+    swept: Mutex<Instant>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +172,12 @@ impl Pool {
     pub fn new(tls: &rustls::ClientConfig, connect_timeout: Duration) -> Arc<Self> {
         let mut tls = tls.clone();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Arc::new(Pool { tls: Arc::new(tls), connect_timeout, idle: Mutex::new(HashMap::new()) })
+        Arc::new(Pool {
+            tls: Arc::new(tls),
+            connect_timeout,
+            idle: Mutex::new(HashMap::new()),
+            swept: Mutex::new(Instant::now()),
+        })
     }
 
     fn key(uri: &Uri, proxy: Option<&Proxy>) -> Result<Key, ConnError> {
@@ -198,6 +216,13 @@ impl Pool {
         list.retain(|i| i.since.elapsed() <= IDLE_FOR);
         if list.len() < MAX_IDLE {
             list.push(Idle { conn, since: Instant::now() });
+        }
+        // Now and then every key: the connections of a key no longer used (an account removed,
+        // its proxy or endpoint changed) are closed too, not kept open for good.
+        let mut swept = self.swept.lock().unwrap_or_else(|e| e.into_inner());
+        if swept.elapsed() >= SWEEP_EVERY {
+            *swept = Instant::now();
+            sweep(&mut map, Instant::now());
         }
     }
 
@@ -767,6 +792,22 @@ mod tests {
         let mut probe = [0u8; 1];
         assert_eq!(tcp.peek(&mut probe).await.unwrap(), 0, "the close has arrived");
         Conn::new(Box::new(tcp))
+    }
+
+    /// A key no longer used (an account removed, its proxy changed) has its idle connections
+    /// closed by the sweep of another key's checkin; fresh ones stay. Before, they stayed open
+    /// for good (in CLOSE_WAIT once the server closed them).
+    #[tokio::test]
+    async fn the_sweep_closes_idle_connections_of_keys_no_longer_used() {
+        let key = |host: &str| Key { tls: false, host: host.into(), port: 80, proxy: None };
+        let now = Instant::now();
+        let mut map: HashMap<Key, Vec<Idle>> = HashMap::new();
+        let stale = now.checked_sub(IDLE_FOR + Duration::from_secs(1)).unwrap();
+        map.entry(key("old")).or_default().push(Idle { conn: closed_conn().await, since: stale });
+        map.entry(key("new")).or_default().push(Idle { conn: closed_conn().await, since: now });
+        sweep(&mut map, now);
+        assert!(!map.contains_key(&key("old")), "the unused key's connection is still kept");
+        assert_eq!(map.get(&key("new")).map(Vec::len), Some(1));
     }
 
     fn request(uri: &str) -> Request<Bytes> {
