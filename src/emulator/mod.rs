@@ -233,6 +233,7 @@
 //! | `slow-first-byte <ms>` | `SlowFirstByte` | sleep before the response headers |
 //! | `slow-fragments <ms>` | `SlowFragments` | sleep before every event frame after the first |
 //! | `silent <ms>` | `SilentAfterFirstByte` | headers and `initial-response`, silence, then the rest |
+//! | `empty-frames <ms>` | `EmptyFrames` | headers, then 20 `assistantResponseEvent {"content": ""}` frames that far apart (never idle, no content), then the rest |
 //! | `reset-before` | `ResetBeforeFirstByte` | TCP reset, no answer |
 //! | `reset-after` | `ResetAfterFirstByte` | headers and a few frames, then a TCP reset |
 //! | `empty-answer` | `EmptyAnswer` | headers and the opening frames, then the end of the body: no content, no closing events |

@@ -220,6 +220,13 @@ pub(super) fn plan(info: &RequestInfo, behaviour: &Behaviour, shape: &Shape, ctx
     match behaviour {
         Behaviour::SlowFragments(d) => frame_delay = *d,
         Behaviour::SilentAfterFirstByte(d) => segments.push(Segment::Silence(*d)),
+        Behaviour::EmptyFrames(d) => {
+            for _ in 0..super::script::EMPTY_FRAMES {
+                segments.push(Segment::Silence(*d));
+                segments
+                    .push(Segment::Frame(event_frame("assistantResponseEvent", &json!({ "content": "" }))));
+            }
+        }
         _ => {}
     }
     segments.push(Segment::Frame(event_frame(

@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// How many empty frames `empty-frames` sends before the answer.
+pub const EMPTY_FRAMES: u32 = 20;
+
 /// What the emulator does with a request that passed authentication and validation.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Behaviour {
@@ -47,6 +50,10 @@ pub enum Behaviour {
     Reasoning,
     /// Send the headers and the first frames, stay silent this long, then finish normally.
     SilentAfterFirstByte(Duration),
+    /// Send the headers, then [`EMPTY_FRAMES`] `assistantResponseEvent {"content": ""}` frames
+    /// this far apart (the stream is never idle, and nothing in it is content), then finish
+    /// normally.
+    EmptyFrames(Duration),
     /// 429 `ThrottlingException` "Due to suspicious activity, we are imposing temporary
     /// limits…", `"reason": null`: the account is being watched.
     Suspicious,
@@ -187,6 +194,10 @@ fn apply(out: &mut Directives, word: &str, args: &str) -> bool {
             Some(d) => Behaviour::SilentAfterFirstByte(d),
             None => return false,
         },
+        "empty-frames" => match millis() {
+            Some(d) => Behaviour::EmptyFrames(d),
+            None => return false,
+        },
         "reset-before" => Behaviour::ResetBeforeFirstByte,
         "reset-after" => Behaviour::ResetAfterFirstByte,
         "empty-answer" => Behaviour::EmptyAnswer,
@@ -306,6 +317,7 @@ mod tests {
             ("#emulator: long 5000", Behaviour::LongReply { chars: 5000 }),
             ("#emulator: reasoning", Behaviour::Reasoning),
             ("#emulator: silent 1500", Behaviour::SilentAfterFirstByte(ms(1500))),
+            ("#emulator: empty-frames 500", Behaviour::EmptyFrames(ms(500))),
             ("#emulator: suspicious", Behaviour::Suspicious),
             ("#emulator: locked", Behaviour::Locked),
             ("#emulator: bearer-refused", Behaviour::BearerRefused),

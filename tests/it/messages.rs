@@ -1456,5 +1456,12 @@ async fn an_answer_with_no_content_in_time_fails_over() {
     assert_eq!(r.sse().last().unwrap().0, "message_stop", "{}", r.text());
     assert!(t0.elapsed() < Duration::from_secs(6), "waited out the silence: {:?}", t0.elapsed());
     assert_eq!(h.emulator.stats().requests, 2, "no failover");
+    // Frames with nothing in them, closer together than the idle timeout, for 10 s: the same.
+    let t0 = std::time::Instant::now();
+    let r = post(&h, "/v1/messages", &simple("hi\n#emulator: empty-frames 500 once", true)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.sse().last().unwrap().0, "message_stop", "{}", r.text());
+    assert!(t0.elapsed() < Duration::from_secs(6), "waited out the empty frames: {:?}", t0.elapsed());
+    assert_eq!(h.emulator.stats().requests, 4, "no failover");
     h.stop().await;
 }
