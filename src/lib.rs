@@ -21,7 +21,11 @@
 //! - [`accounts`]: the account pool (selection, leases, cooldowns, a changed accounts file applied
 //!   live), each account's token lifecycle, the model union of their catalogs, what is kept
 //!   in the store (`accounts::persist`: a token-writer thread committing rotated tokens
-//!   together, a writer thread batching states and counters), and the file watcher reload uses.
+//!   together, a writer thread batching states and counters), and the file watcher reload uses
+//!   (it follows symlinks re-pointed anywhere along the file's path). Token chains move with
+//!   their credentials: a renamed account takes its old id's chain (`adopt_renamed`, unsaved
+//!   ones too, `take_over`), and ids swapped in the file wait for a restart, where `Pool::new`
+//!   moves each stored chain to the entry with its credentials.
 //! - [`anthropic`]: Messages API request parsing (field-path errors, the `anthropic-beta`
 //!   features that change it), error JSON, SSE.
 //! - [`memory`]: gives the heap's free pages back to the kernel once the daemon is quiet
@@ -30,7 +34,9 @@
 //! - [`relay`]: the trip to Amazon Q: lease, token, send, classify, fail over ([`relay::retry`];
 //!   a non-streaming answer that fails midway too, `Relay::failed_unsent`), Claude error, and the
 //!   stream's end recorded on its account (`relay::Ending`); `amqctl check` goes through it too.
-//! - [`reload`]: the one owner of configuration changes (SIGHUP, `amqctl reload`, the file watchers).
+//! - [`reload`]: the one owner of configuration changes (SIGHUP, `amqctl reload`, the file watchers):
+//!   every file checked before anything applies, and changes that waited for the store tried
+//!   again every 10 s.
 //! - [`shutdown`]: the stop signal every background task listens to, and the task sets shutdown
 //!   waits for and then cancels.
 //! - [`selfwake`]: wakes a task sends itself while it runs (hyper's hand-overs between a
@@ -47,7 +53,8 @@
 //! - [`cluster`]: node heartbeats and account leases with fencing epochs (on PostgreSQL), and the
 //!   lease check a token refresh asks first (`accounts::pool::ClusterView`); a token rotated
 //!   under a lease lost since is still stored unless a later holder stored one
-//!   (`store::postgres`), and the new holder takes it (`Pool::take_newer_stored_chain`).
+//!   (`store::postgres`), and the new holder takes it (`Pool::take_newer_stored_chain`). A
+//!   stopping node gives its accounts up as they go idle (`cluster::run`).
 //! - [`systemd`]: sd_notify (READY, STATUS, RELOADING, STOPPING, EXTEND_TIMEOUT_USEC while
 //!   stopping), watchdog, socket activation.
 //! - [`translate`]: Claude → Amazon Q requests, Amazon Q events → Claude events, model map, tokens.

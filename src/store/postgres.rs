@@ -995,8 +995,8 @@ impl PgStore {
         .await
     }
 
-    /// Deletes done commands older than [`DONE_COMMANDS_KEPT`] and nodes not heard from for
-    /// [`SILENT_NODES_KEPT`] (each `amqctl refresh --all` adds a row per account, and every
+    /// Deletes done commands older than a day and nodes not heard from for a week
+    /// (each `amqctl refresh --all` adds a row per account, and every
     /// pod name ever started would be listed in `amqctl status` for good). Returns how many
     /// rows went.
     pub async fn prune(&self) -> Result<u64, StoreError> {

@@ -200,6 +200,25 @@ impl Node {
     }
 }
 
+/// Nodes `names` on `pg` (leases of `lease_secs`) serving `ids`, started, once each serves
+/// `per_node` accounts (`what`, within `within`).
+#[allow(clippy::too_many_arguments)]
+fn fleet(
+    emu: &Emulator,
+    ids: &[String],
+    pg: &Postgres,
+    names: &[&str],
+    lease_secs: u64,
+    per_node: u64,
+    within: Duration,
+    what: &str,
+) -> (Vec<Node>, Vec<ChildDaemon>) {
+    let nodes: Vec<Node> = names.iter().map(|n| Node::new(emu, ids, &pg.url(), n, lease_secs)).collect();
+    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
+    wait_until(within, what, || daemons.iter().all(|d| serving(d) == per_node));
+    (nodes, daemons)
+}
+
 /// Accounts a node serves now (its `/health` total).
 fn serving(d: &ChildDaemon) -> u64 {
     d.health()["accounts"]["total"].as_u64().unwrap_or(0)
@@ -691,11 +710,16 @@ fn a_restarted_cluster_reuses_stored_access_tokens() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let ids = ids(4);
     let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
-    let nodes: Vec<Node> = ["r1", "r2"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 3)).collect();
-    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
-    wait_until(Duration::from_secs(20), "every account served, 2 per node", || {
-        daemons.iter().all(|d| serving(d) == 2)
-    });
+    let (nodes, daemons) = fleet(
+        &emu,
+        &ids,
+        &pg,
+        &["r1", "r2"],
+        3,
+        2,
+        Duration::from_secs(20),
+        "every account served, 2 per node",
+    );
     // Every account gets its access token (one refresh each).
     for d in &daemons {
         let addr = d.addr();
@@ -1054,9 +1078,8 @@ fn all_commands_reach_every_node() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let ids = ids(4);
     let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
-    let nodes: Vec<Node> = ["q1", "q2"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 3)).collect();
-    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
-    wait_until(Duration::from_secs(20), "two accounts per node", || daemons.iter().all(|d| serving(d) == 2));
+    let (nodes, daemons) =
+        fleet(&emu, &ids, &pg, &["q1", "q2"], 3, 2, Duration::from_secs(20), "two accounts per node");
     let held_by_q2: Vec<String> = ids
         .iter()
         .filter(|id| {
@@ -1191,10 +1214,8 @@ fn after_a_postgresql_outage_the_nodes_share_the_accounts_again_at_once() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let ids = ids(30);
     let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
-    let nodes: Vec<Node> =
-        ["o1", "o2", "o3"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 3)).collect();
-    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
-    wait_until(Duration::from_secs(40), "ten accounts per node", || daemons.iter().all(|d| serving(d) == 10));
+    let (_nodes, daemons) =
+        fleet(&emu, &ids, &pg, &["o1", "o2", "o3"], 3, 10, Duration::from_secs(40), "ten accounts per node");
     pg.stop();
     std::thread::sleep(Duration::from_secs(6));
     pg.resume();
@@ -1218,9 +1239,8 @@ fn a_stopping_node_gives_up_its_idle_accounts_at_once() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let ids = ids(4);
     let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
-    let nodes: Vec<Node> = ["s1", "s2"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 15)).collect();
-    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
-    wait_until(Duration::from_secs(40), "two accounts per node", || daemons.iter().all(|d| serving(d) == 2));
+    let (_nodes, daemons) =
+        fleet(&emu, &ids, &pg, &["s1", "s2"], 15, 2, Duration::from_secs(40), "two accounts per node");
     let addr = daemons[0].addr();
     let long = rt.spawn(async move {
         let req = http::Request::post(format!("http://{addr}/v1/messages"))
@@ -1321,9 +1341,8 @@ fn pg_load_per_1000_requests() {
     });
     let ids = ids(4);
     let emu = rt.block_on(emulator(&ids, Duration::from_secs(3600)));
-    let nodes: Vec<Node> = ["m1", "m2"].iter().map(|n| Node::new(&emu, &ids, &pg.url(), n, 15)).collect();
-    let daemons: Vec<ChildDaemon> = nodes.iter().map(|n| n.start()).collect();
-    wait_until(Duration::from_secs(60), "two accounts per node", || daemons.iter().all(|d| serving(d) == 2));
+    let (_nodes, daemons) =
+        fleet(&emu, &ids, &pg, &["m1", "m2"], 15, 2, Duration::from_secs(60), "two accounts per node");
     let addrs: Vec<String> = daemons.iter().map(|d| d.addr()).collect();
     // Every account with its access token first (the refreshes are not part of the steady state).
     for addr in &addrs {
