@@ -198,19 +198,19 @@ impl Reloader {
         }
         // An account that could not join stays out of the recorded set, so the next reload (or
         // the retry of waiting ones) tries it again.
-        let set = if refused.is_empty() {
+        for (id, why) in &refused {
+            warnings.push(format!("{id}: not added: {why}; tried again every {}s", RETRY_WAITING.as_secs()));
+        }
+        // An account the file no longer lists that stays (renamed to one that could not join,
+        // or giving its credentials to another id until a restart) stays in the recorded set
+        // too, so the next reload sees its removal again.
+        for k in &applied.kept {
+            warnings.push(format!("{}: kept under its old id for now (see the other warnings)", k.id));
+        }
+        let set = if refused.is_empty() && applied.kept.is_empty() {
             set
         } else {
-            for (id, why) in &refused {
-                warnings
-                    .push(format!("{id}: not added: {why}; tried again every {}s", RETRY_WAITING.as_secs()));
-            }
             let out: HashSet<&AccountId> = refused.iter().map(|(id, _)| id).collect();
-            // An account renamed to one of them stays, under its old id, until it joins.
-            for k in &applied.kept {
-                warnings
-                    .push(format!("{}: kept under its old id until the entry it was renamed to joins", k.id));
-            }
             AccountSet::new(
                 set.iter()
                     .filter(|s| !out.contains(&s.id))

@@ -1415,3 +1415,31 @@ async fn a_symlinked_accounts_directory_swapped_in_two_moves_is_applied() {
     }
     h.stop().await;
 }
+
+/// Credentials moved from an id the file drops to one it keeps (`{acct-1: X, acct-2: Y}` become
+/// `{acct-1: Y}`): through the daemon's reload and its retries, both accounts keep their live
+/// chains until a restart. Before, the dropped id was not recorded as kept, and the retry 10 s
+/// later applied the change: acct-1 restarted from Y's long-rotated file token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_moved_from_a_dropped_id_wait_through_the_retries() {
+    let h = Harness::start(Setup { accounts: vec!["acct-1".into(), "acct-2".into()], ..Default::default() })
+        .await;
+    for id in ["acct-1", "acct-2"] {
+        assert_eq!(ctl_json(&h, &["refresh", id]).await[0]["ok"], true);
+    }
+    let text = format!(
+        "[[account]]\nid = \"acct-1\"\nclient_id = \"{}\"\nclient_secret = \"secret-acct-2\"\nrefresh_token = \"refresh-acct-2\"\n",
+        client_id("acct-2")
+    );
+    std::fs::write(h.dir.path().join("accounts.toml"), text).unwrap();
+    let r = ctl_json(&h, &["reload"]).await;
+    assert!(r["warnings"].to_string().contains("swapped"), "{r}");
+    // Past a retry (10 s): still waiting, both serving with their own chains.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    for id in ["acct-1", "acct-2"] {
+        let refreshed = &ctl_json(&h, &["refresh", id]).await[0];
+        assert_eq!(refreshed["ok"], true, "{id}: {refreshed}");
+    }
+    assert_eq!(h.emulator.stats().refresh_failures, 0, "a dead refresh token was presented");
+    h.stop().await;
+}
