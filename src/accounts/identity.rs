@@ -5,7 +5,7 @@
 use crate::config::Kind;
 use crate::store::IdentityRecord;
 use crate::upstream::{Agent, Role};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 
 /// The Builder ID placeholder profile ARN, accepted for OIDC accounts without a profile.
 pub const BUILDER_ID_PROFILE_ARN: &str = "arn:aws:codewhisperer:us-east-1:638616132270:profile/AAAACCCCXXXX";
@@ -14,7 +14,9 @@ pub const SOCIAL_PROFILE_ARN: &str = "arn:aws:codewhisperer:us-east-1:6994759413
 
 /// An account's identity.
 pub struct Identity {
-    agent: Agent,
+    /// Replaced only when a `[cluster]` node takes the account over from another
+    /// ([`Identity::adopt`]): an account looks like one installation whichever node serves it.
+    agent: RwLock<Arc<Agent>>,
     learned: Mutex<Learned>,
 }
 
@@ -33,7 +35,7 @@ impl Identity {
         match rec {
             Some(r) if Agent::valid_machine_id(&r.machine_id) => (
                 Identity {
-                    agent: Agent::new(r.machine_id),
+                    agent: RwLock::new(Arc::new(Agent::new(r.machine_id))),
                     learned: Mutex::new(Learned {
                         profile_arn: r.profile_arn,
                         profile_for: r.profile_for,
@@ -44,7 +46,7 @@ impl Identity {
             ),
             _ => (
                 Identity {
-                    agent: Agent::new(Agent::new_machine_id()),
+                    agent: RwLock::new(Arc::new(Agent::new(Agent::new_machine_id()))),
                     learned: Mutex::new(Learned::default()),
                 },
                 true,
@@ -56,15 +58,47 @@ impl Identity {
         self.learned.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn agent(&self) -> &Agent {
-        &self.agent
+    pub fn agent(&self) -> Arc<Agent> {
+        self.agent.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// `[cluster]`: takes what the node that served the account before stored (its machine
+    /// id, the profile and endpoint it learned), as this node takes the account over: two
+    /// nodes that started at once each made a machine id of their own, and the service would
+    /// otherwise see the account move from one installation to another at every handover.
+    /// A damaged record changes nothing; true when something changed.
+    pub fn adopt(&self, rec: IdentityRecord) -> bool {
+        if !Agent::valid_machine_id(&rec.machine_id) {
+            return false;
+        }
+        let mut changed = false;
+        {
+            let mut agent = self.agent.write().unwrap_or_else(|e| e.into_inner());
+            if agent.machine_id() != rec.machine_id {
+                *agent = Arc::new(Agent::new(rec.machine_id));
+                changed = true;
+            }
+        }
+        let mut l = self.lock();
+        let endpoint = rec.endpoint.as_deref().and_then(Role::parse);
+        if rec.profile_arn.is_some() && (l.profile_arn != rec.profile_arn || l.profile_for != rec.profile_for)
+        {
+            l.profile_arn = rec.profile_arn;
+            l.profile_for = rec.profile_for;
+            changed = true;
+        }
+        if endpoint.is_some() && l.endpoint != endpoint {
+            l.endpoint = endpoint;
+            changed = true;
+        }
+        changed
     }
 
     /// What the store keeps.
     pub fn record(&self) -> IdentityRecord {
         let l = self.lock().clone();
         IdentityRecord {
-            machine_id: self.agent.machine_id().to_owned(),
+            machine_id: self.agent().machine_id().to_owned(),
             profile_arn: l.profile_arn,
             profile_for: l.profile_for,
             endpoint: l.endpoint.map(|r| r.as_str().to_owned()),

@@ -291,7 +291,7 @@ impl Account {
     }
 
     /// The installation this account looks like.
-    pub fn agent(&self) -> &Agent {
+    pub fn agent(&self) -> Arc<Agent> {
         self.identity.agent()
     }
 
@@ -851,6 +851,9 @@ impl Pool {
         if let Some(c) = restored.counters {
             *a.counters.lock().unwrap_or_else(|e| e.into_inner()) = c;
         }
+        if let Some(rec) = restored.identity {
+            a.identity.adopt(rec);
+        }
     }
 
     /// The account's token chain generation ([`Tokens::generation`]), read before its stored
@@ -1355,7 +1358,7 @@ impl Pool {
                                     client_id,
                                     client_secret,
                                     &chain.refresh_token,
-                                    a.agent(),
+                                    &a.agent(),
                                     spec.proxy.as_ref(),
                                 )
                                 .await
@@ -1365,7 +1368,7 @@ impl Pool {
                                 .social_refresh(
                                     &endpoints.social_token,
                                     &chain.refresh_token,
-                                    a.agent(),
+                                    &a.agent(),
                                     spec.proxy.as_ref(),
                                 )
                                 .await
@@ -1451,8 +1454,9 @@ impl Pool {
         let token = self.access_token(a, None).await.map_err(|e| e.to_string())?;
         let kind = a.kind();
         let proxy = a.proxy();
+        let agent = a.agent();
         let caller =
-            Caller { bearer: &token, api_key: kind == Kind::ApiKey, agent: a.agent(), proxy: proxy.as_ref() };
+            Caller { bearer: &token, api_key: kind == Kind::ApiKey, agent: &agent, proxy: proxy.as_ref() };
         let role = a.identity.chat_order(kind)[0];
         let arn = match role {
             Role::Q => self.profile_arn(a, &caller).await,
@@ -3253,6 +3257,43 @@ mod tests {
         pool.refresh_now(&a).await.unwrap();
         assert_eq!(a.state().state, State::Active, "a refresh that works left it invalid");
         assert_eq!(emu.stats().refresh_failures, 0);
+    }
+
+    /// `[cluster]` handover: two nodes that started at once each made the account a machine id;
+    /// the new holder takes the one the previous holder stored (and the profile and endpoint
+    /// it learned), so the service sees one installation whichever node serves the account.
+    #[tokio::test]
+    async fn an_adopted_account_keeps_the_machine_id_the_previous_holder_used() {
+        let (_sink, emu, pool, a) = rotated_a1().await;
+        pool.set_clustered(Duration::from_secs(1), Arc::new(Shared::default()));
+        let mine = a.agent().machine_id().to_owned();
+        let theirs = crate::upstream::Agent::new_machine_id();
+        assert_ne!(mine, theirs);
+        let fingerprint = a.spec().credentials_fingerprint();
+        let arn = "arn:aws:codewhisperer:us-east-1:111122223333:profile/LEARNEDELSEWHERE".to_owned();
+        let identity = crate::store::IdentityRecord {
+            machine_id: theirs.clone(),
+            profile_arn: Some(arn.clone()),
+            profile_for: Some(fingerprint),
+            endpoint: Some("runtime".into()),
+        };
+        // A damaged record changes nothing.
+        let damaged = crate::store::IdentityRecord { machine_id: "short".into(), ..identity.clone() };
+        let seen = pool.chain_generation("a1");
+        let restored = Restored { identity: Some(damaged), ..Default::default() };
+        pool.adopt("a1", restored, seen).await;
+        assert_eq!(a.agent().machine_id(), mine);
+        let restored = Restored { identity: Some(identity), ..Default::default() };
+        pool.adopt("a1", restored, seen).await;
+        pool.hold("a1", mono_ms() + 3_600_000);
+        assert_eq!(a.agent().machine_id(), theirs);
+        assert_eq!(a.identity().learned_profile(&fingerprint), Some(arn));
+        assert_eq!(a.identity().endpoint(), Some(Role::Runtime));
+        assert_eq!(a.identity().record().machine_id, theirs, "what this node stores next");
+        pool.refresh_now(&a).await.unwrap();
+        let ua = emu.stats_for("c-a1").refresh_user_agent.unwrap_or_default();
+        assert!(ua.contains(&theirs), "the refresh went out as {ua}");
+        assert!(!ua.contains(&mine), "{ua}");
     }
 
     /// Node C rotated the refresh token under a lease it then lost, and stores the new one

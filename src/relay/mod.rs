@@ -318,12 +318,9 @@ impl Relay {
         };
         let kind = account.kind();
         let proxy = account.proxy();
-        let caller = Caller {
-            bearer: &token,
-            api_key: kind == Kind::ApiKey,
-            agent: account.agent(),
-            proxy: proxy.as_ref(),
-        };
+        let agent = account.agent();
+        let caller =
+            Caller { bearer: &token, api_key: kind == Kind::ApiKey, agent: &agent, proxy: proxy.as_ref() };
         let endpoints = account.endpoints();
         let order = account.identity().chat_order(kind);
         let mut reasked = false;
