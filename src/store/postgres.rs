@@ -42,7 +42,7 @@
 
 use super::redb::{
     CatalogWire, CountersWire, IdentityWire, StateWire, TokenWire, decode_catalog, decode_counters,
-    decode_identity, decode_state, decode_tokens, encode,
+    decode_identity, decode_tokens, encode, lenient, state_or_disabled,
 };
 use super::{
     AccountRecord, Backend, CatalogRecord, Counters, IdentityRecord, StateRecord, StoreError, StoreProblem,
@@ -1166,13 +1166,17 @@ fn rows<'a, R: 'a, W: serde::Serialize + From<&'a R>>(
     batch.iter().map(|(id, r)| Ok((id.clone(), encode(&W::from(r))?))).collect()
 }
 
+/// As the embedded store reads them: a token row strictly (guessing could lose a chain), a
+/// state row that does not decode as `disabled` (it may hold an operator's `amqctl disable`),
+/// the other rows leniently (read as absent, written anew). Before, one such row stopped every
+/// node's start, and an older node could not start once a newer one had written a new state.
 fn fill(rec: &mut AccountRecord, table: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
     match table {
         "tokens" => rec.tokens = Some(decode_tokens(id, value)?),
-        "state" => rec.state = decode_state(id, value)?,
-        "counters" => rec.counters = decode_counters(id, value)?,
-        "identity" => rec.identity = Some(decode_identity(id, value)?),
-        "catalog" => rec.catalog = Some(decode_catalog(id, value)?),
+        "state" => rec.state = state_or_disabled(id, value),
+        "counters" => rec.counters = lenient(decode_counters(id, value)).unwrap_or_default(),
+        "identity" => rec.identity = lenient(decode_identity(id, value)),
+        "catalog" => rec.catalog = lenient(decode_catalog(id, value)),
         _ => {}
     }
     Ok(())

@@ -180,13 +180,36 @@ pub const FILE_DAMAGED: &str = "(file)";
 /// version): logged and read as absent — the account's state, counters, identity or catalog
 /// start afresh, and the row is written over with the next change — rather than stopping the
 /// start, whose way out (moving the store away) would lose every rotated refresh token. A
-/// token row stays strict: guessing there could lose a chain.
-fn lenient<T>(decoded: Result<T, StoreError>) -> Option<T> {
+/// token row stays strict: guessing there could lose a chain. A state row has its own rule
+/// ([`state_or_disabled`]).
+pub(super) fn lenient<T>(decoded: Result<T, StoreError>) -> Option<T> {
     match decoded {
         Ok(v) => Some(v),
         Err(e) => {
             tracing::warn!(error = %e, "an unreadable row of the state store is ignored (it is written anew with the next change)");
             None
+        }
+    }
+}
+
+/// A state row that does not decode (damaged, or a state a newer version wrote) reads as
+/// `disabled`, with a reason `amqctl status` shows: the row may hold an operator's `amqctl
+/// disable`, which nothing but `amqctl enable` undoes. Read as active, as before, the account
+/// served again, and its next change wrote the operator's decision away. The start goes on
+/// (the tokens, the rows that matter most, are read as they are).
+pub(super) fn state_or_disabled(key: &str, raw: &[u8]) -> StateRecord {
+    match decode_state(key, raw) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(account = key, error = %e, "the account's stored state is unreadable: it stays disabled until `amqctl enable`");
+            StateRecord {
+                state: AccountState::Disabled,
+                since: Some(SystemTime::now()),
+                reason: Some(format!(
+                    "its stored state is unreadable ({e}); it may have been disabled: `amqctl enable {key}` serves it again"
+                )),
+                ..StateRecord::default()
+            }
         }
     }
 }
@@ -725,9 +748,8 @@ impl Store {
             }
             for row in txn.open_table(STATE).ctx(path)?.iter().ctx(path)? {
                 let (key, value) = row.ctx(path)?;
-                if let Some(record) = lenient(decode_state(key.value(), value.value())) {
-                    out.entry(key.value().to_owned()).or_default().state = record;
-                }
+                out.entry(key.value().to_owned()).or_default().state =
+                    state_or_disabled(key.value(), value.value());
             }
             for row in txn.open_table(COUNTERS).ctx(path)?.iter().ctx(path)? {
                 let (key, value) = row.ctx(path)?;
@@ -762,10 +784,8 @@ impl Store {
                 Some(v) => Some(decode_tokens(id, v.value())?),
                 None => None,
             };
-            let state = match txn.open_table(STATE).ctx(path)?.get(id).ctx(path)? {
-                Some(v) => lenient(decode_state(id, v.value())),
-                None => None,
-            };
+            let state =
+                txn.open_table(STATE).ctx(path)?.get(id).ctx(path)?.map(|v| state_or_disabled(id, v.value()));
             let counters = match txn.open_table(COUNTERS).ctx(path)?.get(id).ctx(path)? {
                 Some(v) => lenient(decode_counters(id, v.value())),
                 None => None,

@@ -568,6 +568,51 @@ async fn only_the_lease_holder_writes_an_accounts_state_and_counters() {
     assert_eq!(stored(&b).await, ("from-b".to_owned(), 2));
 }
 
+/// Rows that do not decode (damaged, or written by a newer version) are read as the embedded
+/// store reads them: a state as `disabled` with its reason (it may hold an operator's `amqctl
+/// disable`), counters, identity and catalog as absent, the tokens as they are. Before, one such
+/// row stopped every node's start, and an older node could not start once a newer one had
+/// written a state it did not know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_rows_other_than_tokens_stop_no_start() {
+    use amq2api::store::{AccountState, Backend, StateRecord};
+    let Some(pg) = Postgres::start() else { return };
+    let (a, _b) = two_nodes(&pg, Duration::from_secs(5)).await;
+    a.acquire("x").await.unwrap().expect("a free lease");
+    a.put_tokens_async("x", &rec("rt-x")).await.unwrap();
+    let s = a.clone();
+    tokio::task::spawn_blocking(move || {
+        s.put_states(&[(
+            "x".to_owned(),
+            StateRecord { state: AccountState::Disabled, ..Default::default() },
+        )])
+        .unwrap();
+    })
+    .await
+    .unwrap();
+    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "UPDATE amq2api.state SET value = convert_to(replace(convert_from(value, 'SQL_ASCII'), '\"disabled\"', '\"paused\"'), 'SQL_ASCII') WHERE account = 'x';
+             INSERT INTO amq2api.counters (account, value) VALUES ('x', '\\xee7b7d') ON CONFLICT (account) DO UPDATE SET value = EXCLUDED.value;
+             INSERT INTO amq2api.identity (account, value) VALUES ('x', '\\xee7b7d') ON CONFLICT (account) DO UPDATE SET value = EXCLUDED.value;
+             INSERT INTO amq2api.catalog (account, value) VALUES ('x', '\\xee7b7d') ON CONFLICT (account) DO UPDATE SET value = EXCLUDED.value;",
+        )
+        .await
+        .unwrap();
+    let all = a.load_all_async().await.unwrap_or_else(|e| panic!("{e}"));
+    let one = a.get_async("x").await.unwrap().unwrap();
+    for r in [&all["x"], &one] {
+        assert_eq!(r.tokens.as_ref().map(|t| t.refresh_token.expose().to_owned()), Some("rt-x".to_owned()));
+        assert_eq!(r.state.state, AccountState::Disabled, "{:?}", r.state);
+        let reason = r.state.reason.as_deref().unwrap_or_default();
+        assert!(reason.contains("unreadable") && reason.contains("paused"), "{reason}");
+        assert!(r.identity.is_none() && r.catalog.is_none());
+        assert_eq!(r.counters.requests, 0);
+    }
+}
+
 /// A lease row under a node's name that the node does not hold (its release failed, an
 /// acquire's answer was lost, the account left its file) is not renewed by that node: it runs
 /// out, and another node takes the account.

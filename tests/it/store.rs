@@ -434,6 +434,49 @@ fn an_unreadable_state_row_does_not_hide_the_tokens() {
     assert_eq!(store.get("good").unwrap().unwrap().tokens, Some(token("rt-good")));
 }
 
+/// A state row that does not decode reads as disabled, with a reason that says why and how to
+/// serve the account again: it may hold an operator's `amqctl disable`. Before, it read as
+/// active, the account served again, and its next change wrote the decision away. A state a
+/// newer version wrote (unknown to this one, as after a downgrade) reads the same way.
+#[test]
+fn an_unreadable_state_row_reads_as_disabled() {
+    let (_tmp, dir) = dir();
+    let disabled = StateRecord { state: AccountState::Disabled, ..Default::default() };
+    {
+        let store = Store::open(&dir).unwrap();
+        for id in ["damaged", "newer"] {
+            store.put_tokens(id, &token(&format!("rt-{id}"))).unwrap();
+            store.put_state(id, &disabled).unwrap();
+        }
+    }
+    let db = Database::create(dir.join(FILE_NAME)).unwrap();
+    let raw = {
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(STATE).unwrap();
+        t.get("newer").unwrap().unwrap().value().to_vec()
+    };
+    drop(db);
+    let text = String::from_utf8_lossy(&raw[1..]).replace("\"disabled\"", "\"paused\"");
+    assert!(text.contains("paused"), "{text}");
+    let newer = [&raw[..1], text.as_bytes()].concat();
+    write_raw(&dir, |txn| {
+        let mut t = txn.open_table(STATE).unwrap();
+        t.insert("damaged", [0xee, b'{', b'}'].as_slice()).unwrap();
+        t.insert("newer", newer.as_slice()).unwrap();
+    });
+    let store = Store::open(&dir).unwrap();
+    let all = store.load_all().unwrap();
+    for id in ["damaged", "newer"] {
+        for st in [all[id].state.clone(), store.get(id).unwrap().unwrap().state] {
+            assert_eq!(st.state, AccountState::Disabled, "{id}: {st:?}");
+            let reason = st.reason.unwrap_or_default();
+            assert!(reason.contains("unreadable") && reason.contains("amqctl enable"), "{id}: {reason}");
+        }
+        assert_eq!(all[id].tokens, Some(token(&format!("rt-{id}"))));
+    }
+    assert!(all["newer"].state.reason.as_deref().unwrap_or_default().contains("paused"));
+}
+
 /// Cheap pseudo-random numbers for the crash points (no extra crate).
 struct Rng(u64);
 
