@@ -120,13 +120,6 @@ impl Identity {
         changed
     }
 
-    /// Forgets the learned profile (it was refused): the next call asks again.
-    pub fn forget_profile(&self) {
-        let mut l = self.lock();
-        l.profile_arn = None;
-        l.profile_for = None;
-    }
-
     /// The chat endpoints to try, in order: the one that last worked first, else the kind's
     /// order (oidc: Amazon Q first; social and api-key: the Kiro runtime first).
     pub fn chat_order(&self, kind: Kind) -> [Role; 2] {
@@ -176,8 +169,6 @@ mod tests {
         assert!(!id.learn_profile("arn:x".into(), [1; 32]));
         assert_eq!(id.learned_profile(&[1; 32]).as_deref(), Some("arn:x"));
         assert_eq!(id.learned_profile(&[2; 32]), None, "new credentials ask again");
-        id.forget_profile();
-        assert_eq!(id.learned_profile(&[1; 32]), None);
         assert_eq!(id.chat_order(Kind::Oidc), [Role::Q, Role::Runtime]);
         assert_eq!(id.chat_order(Kind::Social), [Role::Runtime, Role::Q]);
         assert_eq!(id.chat_order(Kind::ApiKey), [Role::Runtime, Role::Q]);

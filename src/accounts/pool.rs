@@ -130,9 +130,6 @@ pub struct Account {
     removed: AtomicBool,
     refreshing: AtomicBool,
     refresh_failures: AtomicU32,
-    /// The profile ARN in use is the Builder ID one because `ListAvailableProfiles` failed
-    /// (not because it listed none): a refusal of it says nothing about the account.
-    profile_guessed: AtomicBool,
     next_refresh_try: Mutex<Option<Instant>>,
     /// After a failed refresh, until when (ms since the Unix epoch; 0: no wait) the token
     /// endpoint is not asked again for this account by requests, which then pass it by while
@@ -257,7 +254,6 @@ impl Account {
             removed: AtomicBool::new(false),
             refreshing: AtomicBool::new(false),
             refresh_failures: AtomicU32::new(0),
-            profile_guessed: AtomicBool::new(false),
             next_refresh_try: Mutex::new(None),
             refresh_wait_until_ms: AtomicU64::new(0),
             invalid_by_refresh: AtomicBool::new(by_refresh),
@@ -600,6 +596,13 @@ fn strike(a: &Account) -> u32 {
     let mut st = a.state.lock().unwrap_or_else(|e| e.into_inner());
     st.strikes += 1;
     st.strikes
+}
+
+/// The profile an account's listing names for it: the first in its region (the file's
+/// `region`), else the first; `None` for an empty listing.
+fn choose_profile(profiles: &[crate::upstream::Profile], region: Option<&str>) -> Option<String> {
+    let in_region = |p: &&crate::upstream::Profile| region.is_none_or(|r| p.arn.split(':').nth(3) == Some(r));
+    profiles.iter().find(in_region).or(profiles.first()).map(|p| p.arn.clone())
 }
 
 /// Invalid by a refused refresh (its reason is the refusal's): a refresh that works again
@@ -1544,16 +1547,8 @@ impl Pool {
         let spec = a.spec();
         match self.client.list_profiles(&a.endpoints().q, caller).await {
             Ok(profiles) => {
-                let in_region = |p: &&crate::upstream::Profile| {
-                    spec.region.as_deref().is_none_or(|r| p.arn.split(':').nth(3) == Some(r))
-                };
-                let arn = profiles
-                    .iter()
-                    .find(in_region)
-                    .or(profiles.first())
-                    .map(|p| p.arn.clone())
+                let arn = choose_profile(&profiles, spec.region.as_deref())
                     .unwrap_or_else(|| super::identity::BUILDER_ID_PROFILE_ARN.to_owned());
-                a.profile_guessed.store(false, Ordering::SeqCst);
                 tracing::info!(account = %a.id, profile_arn = %arn, profiles = profiles.len(), "profile ARN learned");
                 if a.identity.learn_profile(arn.clone(), spec.credentials_fingerprint()) {
                     self.sink.identity(&a.id, &a.identity.record());
@@ -1561,30 +1556,49 @@ impl Pool {
                 Some(arn)
             }
             Err(f) => {
-                a.profile_guessed.store(true, Ordering::SeqCst);
                 tracing::warn!(account = %a.id, failure = %f, "ListAvailableProfiles failed: using the Builder ID profile for now");
                 Some(super::identity::BUILDER_ID_PROFILE_ARN.to_owned())
             }
         }
     }
 
-    /// Whether the profile ARN last used was a guess (the Builder ID one, `ListAvailableProfiles`
-    /// having failed): asked again at the next call.
-    pub fn profile_guessed(&self, a: &Account) -> bool {
-        a.profile_guessed.load(Ordering::SeqCst)
-    }
-
-    /// Forgets a learned profile ARN (it was refused); false when the ARN in use was not a
-    /// learned one (the file's, or a fixed one), so asking again would not help.
-    pub fn forget_learned_profile(&self, a: &Account) -> bool {
+    /// The learned profile ARN `refused` was refused ("not authorized"): the account's profiles
+    /// are listed again, and the one the listing names now is learned (and stored) in its
+    /// place. `None`, the learned one kept, when there is nothing to ask (the file's ARN, one
+    /// not learned by listing, one learned since) or nothing better to learn: the listing
+    /// fails, comes back empty, or names the same one. Before, the learned ARN was forgotten
+    /// (and stored so) before the listing: when the listing failed, the account sent the
+    /// Builder ID stand-in everywhere, was refused and cooled down, and its profile stayed
+    /// lost across restarts, though the other endpoint took the learned one.
+    pub async fn relist_profile(
+        &self,
+        a: &Arc<Account>,
+        caller: &Caller<'_>,
+        refused: &str,
+    ) -> Option<String> {
         let spec = a.spec();
-        if spec.profile_arn.is_some() || a.identity.learned_profile(&spec.credentials_fingerprint()).is_none()
-        {
-            return false;
+        let fingerprint = spec.credentials_fingerprint();
+        if spec.profile_arn.is_some() || a.kind() != Kind::Oidc {
+            return None;
         }
-        a.identity.forget_profile();
-        self.sink.identity(&a.id, &a.identity.record());
-        true
+        let _one = a.profile_lock.lock().await;
+        if a.identity.learned_profile(&fingerprint).as_deref() != Some(refused) {
+            // Not learned, or another request learned a newer one meanwhile: that one is tried.
+            return a.identity.learned_profile(&fingerprint).filter(|arn| arn != refused);
+        }
+        let profiles = match self.client.list_profiles(&a.endpoints().q, caller).await {
+            Ok(p) => p,
+            Err(f) => {
+                tracing::warn!(account = %a.id, failure = %f, "ListAvailableProfiles failed: keeping the learned profile ARN");
+                return None;
+            }
+        };
+        let arn = choose_profile(&profiles, spec.region.as_deref()).filter(|arn| arn != refused)?;
+        tracing::info!(account = %a.id, profile_arn = %arn, profiles = profiles.len(), "profile ARN learned again");
+        if a.identity.learn_profile(arn.clone(), fingerprint) {
+            self.sink.identity(&a.id, &a.identity.record());
+        }
+        Some(arn)
     }
 
     /// The chat endpoint `role` took the account's credentials: remembered (and stored).

@@ -302,8 +302,10 @@ impl Relay {
     /// its credentials first — reading until the first content. The other endpoint is tried
     /// only on answers that mean "this endpoint does not take this credential" (404, nothing
     /// listening, a 403 for a token that was just refreshed), never on a 4xx about the request;
-    /// the one that works is remembered. A 403 "not authorized" with a learned profile ARN asks
-    /// for the profile again once. Returns the token used.
+    /// the one that works is remembered. A 403 "not authorized" with a learned profile ARN lists
+    /// the profiles again, once: a new one is tried on the same endpoint; else (the listing
+    /// fails or names the same one) the learned one goes on to the other endpoint. Returns the
+    /// token used.
     async fn attempt(
         &self,
         account: &Arc<Account>,
@@ -325,8 +327,9 @@ impl Relay {
         let order = account.identity().chat_order(kind);
         let mut reasked = false;
         let mut i = 0;
-        // The first endpoint's failure, when it sent us to the other one.
-        let mut first: Option<UpstreamFailure> = None;
+        // The first endpoint's failure, when it sent us to the other one, and the profile ARN
+        // sent there.
+        let mut first: Option<(UpstreamFailure, Option<String>)> = None;
         let outcome = loop {
             let role = order[i];
             let arn = self.pool.profile_arn(account, &caller).await;
@@ -340,10 +343,13 @@ impl Relay {
                 Err(f) => {
                     let not_authorized = matches!(&f, UpstreamFailure::AccessDenied { message }
                         if message.to_ascii_lowercase().contains("not authorized"));
-                    if not_authorized && !reasked && self.pool.forget_learned_profile(account) {
-                        tracing::info!(account = %account.id, "profile ARN refused: asking for it again");
+                    if not_authorized && !reasked {
                         reasked = true;
-                        continue;
+                        let refused = arn.as_deref().unwrap_or_default();
+                        if self.pool.relist_profile(account, &caller, refused).await.is_some() {
+                            tracing::info!(account = %account.id, "profile ARN refused: trying the one listed now");
+                            continue;
+                        }
                     }
                     let refused = match &f {
                         UpstreamFailure::NotFound { .. } | UpstreamFailure::Unreachable { .. } => true,
@@ -353,21 +359,28 @@ impl Relay {
                     };
                     if refused && i + 1 < order.len() {
                         tracing::info!(account = %account.id, endpoint = role.as_str(), failure = %f, "this endpoint does not take the account's credentials: trying the other one");
-                        first = Some(f);
+                        first = Some((f, arn));
                         i += 1;
                         continue;
                     }
                     // Refused by both: the first endpoint's answer is the one that counts (the
                     // other was only a fallback; its refusal says nothing new about the account).
-                    let f = match first.take() {
-                        Some(f1) if refused => f1,
-                        _ => f,
+                    let (f, sent) = match first.take() {
+                        Some((f1, arn1)) if refused => (f1, arn1),
+                        _ => (f, arn),
                     };
                     // The Builder ID profile stood in for one that could not be listed (an IAM
                     // Identity Center account needs its own): its refusal is no verdict on the
-                    // account (it was made invalid, for good), only this attempt's failure.
+                    // account (it was made invalid, for good), only this attempt's failure. What
+                    // was sent decides (the stand-in, while the account knows no such profile of
+                    // its own), not the account's flag alone: a listing that worked for another
+                    // request meanwhile clears the flag, and the refusal was then read as the
+                    // account's.
+                    let stand_in = crate::accounts::identity::BUILDER_ID_PROFILE_ARN;
                     let stand_in_refused = matches!(&f, UpstreamFailure::AccessDenied { message }
-                        if message.to_ascii_lowercase().contains("not authorized"));
+                        if message.to_ascii_lowercase().contains("not authorized"))
+                        && sent.as_deref() == Some(stand_in)
+                        && account.known_profile_arn().as_deref() != Some(stand_in);
                     // A token refreshed just now and refused by every endpoint: refreshing
                     // again on every request would not help (a refresh and three chat calls each
                     // time); the account cools down as one no endpoint takes.
@@ -377,7 +390,7 @@ impl Relay {
                             message: "a freshly refreshed token was refused by every chat endpoint".into(),
                         });
                     }
-                    if stand_in_refused && self.pool.profile_guessed(account) {
+                    if stand_in_refused {
                         tracing::warn!(account = %account.id, "the stand-in profile ARN was refused (ListAvailableProfiles had failed): failing over; the profiles are listed again next time");
                         break Attempt::Failed(UpstreamFailure::NotFound {
                             message:

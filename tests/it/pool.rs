@@ -4,7 +4,7 @@
 
 use crate::common;
 
-use amq2api::emulator::{Behaviour, EmulatorOptions};
+use amq2api::emulator::{Behaviour, EmulatorOptions, Role};
 use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, Full};
@@ -837,7 +837,7 @@ async fn every_kind_of_account_gets_its_bearer_and_serves_on_its_endpoint() {
 /// remembers it (across a restart); an ordinary 4xx about the request never moves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accounts_fall_back_to_the_other_endpoint_and_remember_it() {
-    use amq2api::emulator::Role as EmuRole;
+    use Role as EmuRole;
     // The runtime is switched off: social and API-key accounts go to Amazon Q (which takes
     // social tokens; API keys it refuses: they stay on the runtime and fail over).
     let setup = Setup {
@@ -1076,6 +1076,36 @@ async fn a_refused_profile_is_asked_for_again_once() {
     h.emulator.set_profile_arn(&client_id("pinned"), Some(first));
     assert_eq!(post(&h, "/v1/messages", &simple("pinned", false)).await.status, 200);
     assert_eq!(h.emulator.stats_for(&client_id("pinned")).profile_requests, 0);
+    h.stop().await;
+}
+
+/// A learned profile ARN refused by one endpoint ("not authorized") while the profiles cannot
+/// be listed is kept: the other endpoint takes it and the request goes through, and the ARN
+/// survives a restart. Before, it was forgotten (and stored so) before the listing was
+/// asked; the listing failed, the Builder ID stand-in was refused by both endpoints, and the
+/// account cooled down, its profile lost until a listing worked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learned_profile_is_kept_when_the_listing_fails() {
+    let (mut h, cid) = idc_account().await;
+    let learned = "arn:aws:codewhisperer:us-east-1:123456789012:profile/LEARNEDPROF1";
+    h.emulator.set_profile_arn(&cid, Some(learned));
+    assert_eq!(post(&h, "/v1/messages", &simple("one", false)).await.status, 200);
+    assert_eq!(h.account("idc")["profile_arn"], learned);
+    // Amazon Q's endpoint stops taking the account; the runtime takes it; no listing works.
+    h.emulator.set_role_access(&cid, Role::AmazonQ, Some(false));
+    h.emulator.set_role_access(&cid, Role::Runtime, Some(true));
+    h.emulator.set_listing_behaviour(&cid, Behaviour::Unavailable);
+    let r = post(&h, "/v1/messages", &simple("two", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let s = h.emulator.stats_for(&cid);
+    assert_eq!(s.last_request.unwrap()["profileArn"], learned);
+    let idc = h.account("idc");
+    assert_eq!(idc["profile_arn"], learned, "{idc}");
+    assert_eq!(idc["state"], "active", "{idc}");
+    h.restart().await;
+    assert_eq!(h.account("idc")["profile_arn"], learned);
+    assert_eq!(post(&h, "/v1/messages", &simple("three", false)).await.status, 200);
+    assert_eq!(h.emulator.stats_for(&cid).last_request.unwrap()["profileArn"], learned);
     h.stop().await;
 }
 
