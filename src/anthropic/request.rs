@@ -619,7 +619,15 @@ pub fn parse_value_with(
             if let Some(d) = get(o, "disable_parallel_tool_use") {
                 single_tool_call = as_bool(d, &p.at("disable_parallel_tool_use"))?;
             }
-            match as_str(req(o, "type", &p)?, &p.at("type"))? {
+            let kind = as_str(req(o, "type", &p)?, &p.at("type"))?;
+            // A tool call demanded with no tool to call: refused as Anthropic refuses it (the
+            // model was told to call one of none, and a tool of an earlier turn, offered again
+            // as a placeholder, could come back as a call the client never defined). `auto`
+            // and `none` say nothing that tools would be needed for, and are taken.
+            if tools.is_empty() && matches!(kind, "any" | "tool") {
+                return Err(root.err("tool_choice may only be specified while providing tools."));
+            }
+            match kind {
                 "auto" => ToolChoice::Auto,
                 "any" => ToolChoice::Any,
                 "none" => ToolChoice::None,
@@ -1126,6 +1134,40 @@ mod tests {
         assert_eq!(r.thinking_display, None);
         assert_eq!(r.messages[3].role, Role::System);
         assert_eq!(r.metadata_user_id.as_deref(), Some("u"));
+    }
+
+    #[test]
+    fn a_tool_call_demanded_without_tools_is_refused() {
+        let with = |extra: Value| {
+            let mut v =
+                json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]});
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            v
+        };
+        let refused = "tool_choice may only be specified while providing tools.";
+        for tools in [json!(null), json!([])] {
+            for choice in [json!({"type": "any"}), json!({"type": "tool", "name": "f"})] {
+                let mut v = json!({"tool_choice": choice});
+                if !tools.is_null() {
+                    v["tools"] = tools.clone();
+                }
+                assert_eq!(err(with(v)), refused);
+            }
+            for (choice, expected) in [("auto", ToolChoice::Auto), ("none", ToolChoice::None)] {
+                let mut v = json!({"tool_choice": {"type": choice}});
+                if !tools.is_null() {
+                    v["tools"] = tools.clone();
+                }
+                assert_eq!(parse_json(with(v)).unwrap().tool_choice, expected);
+            }
+        }
+        let tools = json!([{"name": "f", "input_schema": {"type": "object"}}]);
+        let r = parse_json(with(json!({"tools": tools, "tool_choice": {"type": "any"}}))).unwrap();
+        assert_eq!(r.tool_choice, ToolChoice::Any);
+        assert_eq!(
+            err(with(json!({"tools": tools, "tool_choice": {"type": "tool", "name": "g"}}))),
+            "tool_choice.name: Tool 'g' not found in tools"
+        );
     }
 
     #[test]

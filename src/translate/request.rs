@@ -114,6 +114,9 @@ fn too_long(what: &str, n: usize, max: usize) -> ApiError {
 struct UserTurn {
     texts: Vec<String>,
     images: Vec<Image>,
+    /// Where each of `images` is named in a tool result (that result's index in `results`, and
+    /// the part that says "attached"), to be said omitted if the image is dropped.
+    image_from: Vec<Option<(usize, usize)>>,
     omitted_images: usize,
     results: Vec<ToolResult>,
     /// Where each result's id is in `results`, and that result's size in characters (a
@@ -220,7 +223,6 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
     let mut turns: Vec<Turn> = Vec::new();
     let mut pending_system: Vec<String> = Vec::new();
     let first_user = req.messages.iter().position(|m| m.role == Role::User).unwrap_or(req.messages.len());
-    let mut total_images = 0usize;
     // The turn each Claude message went into (for its cache breakpoint); a system message
     // waiting for the next user turn is placed with it.
     let mut turn_of: Vec<Placed> = vec![Placed::Nowhere; req.messages.len()];
@@ -267,7 +269,7 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
                 for j in pending_at.drain(..).chain([i]) {
                     turn_of[j] = at;
                 }
-                user_blocks(&m.content, turn, &mut total_images, text_only)?;
+                user_blocks(&m.content, turn, text_only)?;
             }
             Role::Assistant => {
                 let mut turn = AssistantTurn::default();
@@ -442,6 +444,7 @@ pub fn translate(req: &MessagesRequest, ctx: &Context) -> Result<Translated, Api
         }
     }
     current.texts.splice(0..0, head);
+    note_omitted_images(&mut current);
     current.texts.extend(instructions);
     if let Some(p) = prefill {
         current.texts.push(format!(
@@ -608,28 +611,47 @@ fn search_result_text(source: &str, title: &str, content: &[String]) -> String {
     )
 }
 
-fn push_image(turn: &mut UserTurn, img: Image, total: &mut usize) {
-    *total += 1;
+/// What a tool result says in place of an image it held that goes with the message.
+const IMAGE_ATTACHED: &str = "[image attached to this message]";
+/// … of one dropped past Amazon Q's limit.
+const IMAGE_OMITTED: &str = "[image omitted: Amazon Q accepts at most 10 images per message]";
+
+/// An image into `turn`; `from`: the tool result part that names it. Amazon Q takes ten: the
+/// newest are kept, and the oldest become a note; a tool result that named a dropped one says
+/// so (it said "attached", and the model paired the images left with the wrong results).
+fn push_image(turn: &mut UserTurn, img: Image, from: Option<(usize, usize)>) {
     turn.images.push(img);
+    turn.image_from.push(from);
     if turn.images.len() > MAX_IMAGES_PER_MESSAGE {
-        // Keep the newest ten; the oldest become a note.
         turn.images.remove(0);
+        if let Some((r, part)) = turn.image_from.remove(0) {
+            if let Some(p) = turn.results.get_mut(r).and_then(|r| r.content.get_mut(part)) {
+                *p = ToolResultContent::Text(IMAGE_OMITTED.into());
+            }
+        }
         turn.omitted_images += 1;
     }
 }
 
+/// The note on images dropped from `turn`, once, among its texts (the current message's before
+/// the instructions and the reply's prefill, which must stay last).
+fn note_omitted_images(turn: &mut UserTurn) {
+    if turn.omitted_images > 0 {
+        turn.texts.push(format!(
+            "[{} older image(s) omitted: Amazon Q accepts at most {MAX_IMAGES_PER_MESSAGE} images per message]",
+            turn.omitted_images
+        ));
+        turn.omitted_images = 0;
+    }
+}
+
 /// The blocks of a user message into `turn`.
-fn user_blocks(
-    blocks: &[Block],
-    turn: &mut UserTurn,
-    total_images: &mut usize,
-    text_only: bool,
-) -> Result<(), ApiError> {
+fn user_blocks(blocks: &[Block], turn: &mut UserTurn, text_only: bool) -> Result<(), ApiError> {
     for b in blocks {
         match b {
             Block::Text { text } => turn.texts.push(text.clone()),
             Block::Image { source } => match image(source, text_only) {
-                Ok(img) => push_image(turn, img, total_images),
+                Ok(img) => push_image(turn, img, None),
                 Err(note) => turn.texts.push(note),
             },
             Block::Document { source, title } => turn.texts.push(document_text(source, title)),
@@ -638,14 +660,15 @@ fn user_blocks(
             }
             Block::ToolResult { tool_use_id, content, is_error } => {
                 let mut parts: Vec<ToolResultContent> = Vec::new();
+                // Its images, with the part that names each: pushed once the result has its place.
+                let mut images: Vec<(Image, usize)> = Vec::new();
                 for c in content {
                     match c {
                         Block::Text { text } => parts.push(ToolResultContent::Text(text.clone())),
                         Block::Image { source } => match image(source, text_only) {
                             Ok(img) => {
-                                push_image(turn, img, total_images);
-                                parts
-                                    .push(ToolResultContent::Text("[image attached to this message]".into()));
+                                images.push((img, parts.len()));
+                                parts.push(ToolResultContent::Text(IMAGE_ATTACHED.into()));
                             }
                             Err(note) => parts.push(ToolResultContent::Text(note)),
                         },
@@ -679,23 +702,28 @@ fn user_blocks(
                         ToolResultContent::Json(v) => v.to_string().chars().count(),
                     })
                     .sum();
-                let size = match turn.result_at.get_mut(&id) {
+                let (at, offset, size) = match turn.result_at.get_mut(&id) {
                     Some((at, size)) => {
                         // Two ids that are one in Amazon Q's form: merged into one result.
                         let existing = &mut turn.results[*at];
+                        let offset = existing.content.len();
                         existing.content.extend(parts);
                         if status == ToolResultStatus::Error {
                             existing.status = ToolResultStatus::Error;
                         }
                         *size += added;
-                        *size
+                        (*at, offset, *size)
                     }
                     None => {
-                        turn.result_at.insert(id.clone(), (turn.results.len(), added));
+                        let at = turn.results.len();
+                        turn.result_at.insert(id.clone(), (at, added));
                         turn.results.push(ToolResult { tool_use_id: id, content: parts, status });
-                        added
+                        (at, 0, added)
                     }
                 };
+                for (img, part) in images {
+                    push_image(turn, img, Some((at, offset + part)));
+                }
                 // Amazon Q's limit holds for the merged result.
                 if size > MAX_TOOL_RESULT_CHARS {
                     return Err(too_long("a tool result", size, MAX_TOOL_RESULT_CHARS));
@@ -764,14 +792,9 @@ const BLANK_MESSAGE: &str = "(empty message)";
 /// The same for a message of images only.
 const IMAGES_ONLY_MESSAGE: &str = "(see the attached image)";
 
-fn user_message(turn: UserTurn, q_model: &str, tools: Vec<Tool>) -> Result<UserInputMessage, ApiError> {
-    let mut texts = turn.texts;
-    if turn.omitted_images > 0 {
-        texts.push(format!(
-            "[{} older image(s) omitted: Amazon Q accepts at most {MAX_IMAGES_PER_MESSAGE} images per message]",
-            turn.omitted_images
-        ));
-    }
+fn user_message(mut turn: UserTurn, q_model: &str, tools: Vec<Tool>) -> Result<UserInputMessage, ApiError> {
+    note_omitted_images(&mut turn);
+    let texts = turn.texts;
     let mut content = texts.join("\n\n");
     // Amazon Q refuses a user message with no text unless it carries tool results
     // ("Improperly formed request"): an image-only follow-up, a blank text block.

@@ -970,6 +970,16 @@ fn invalid_cases() -> Vec<(&'static str, ApiVersion, Value, &'static str)> {
             "tool_choice naming a tool without tools",
             V1,
             with(ok.clone(), "tool_choice", json!({"type": "tool", "name": "get_weather"})),
+            "tool_choice may only be specified while providing tools.",
+        ),
+        (
+            "tool_choice naming a tool not among the tools",
+            V1,
+            with(
+                with(ok.clone(), "tools", json!([{"name": "get_time", "input_schema": {"type": "object"}}])),
+                "tool_choice",
+                json!({"type": "tool", "name": "get_weather"}),
+            ),
             "tool_choice.name: Tool 'get_weather' not found in tools",
         ),
         (
@@ -1100,4 +1110,52 @@ fn blank_user_messages_are_sent_with_a_text() {
         let q = run(&body(messages), ApiVersion::V2023_06_01).unwrap_or_else(|e| panic!("case {i}: {e}"));
         validate_request(&q).unwrap_or_else(|v| panic!("case {i}: {v}"));
     }
+}
+
+/// Twelve tool results of one image each: Amazon Q takes ten images, the two oldest are dropped,
+/// and the results that held them say so ("attached" before, and the model paired the ten left
+/// with the wrong results); the note on dropped images comes before the reply's prefill line,
+/// which stays last.
+#[test]
+fn tool_results_whose_images_are_dropped_say_so() {
+    let png =
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+    let image =
+        json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}});
+    let uses: Vec<Value> = (0..12)
+        .map(
+            |i| json!({"type": "tool_use", "id": format!("toolu_{i:02}"), "name": "screenshot", "input": {}}),
+        )
+        .collect();
+    let results: Vec<Value> = (0..12)
+        .map(|i| {
+            json!({"type": "tool_result", "tool_use_id": format!("toolu_{i:02}"),
+                "content": [{"type": "text", "text": format!("screen {i}")}, image]})
+        })
+        .collect();
+    let mut req = body(json!([
+        {"role": "user", "content": "Take the screenshots"},
+        {"role": "assistant", "content": uses},
+        {"role": "user", "content": results},
+        {"role": "assistant", "content": "The glitch is in screen"}
+    ]));
+    req["tools"] = json!([{"name": "screenshot", "input_schema": {"type": "object"}}]);
+    let q = run(&req, ApiVersion::V2023_06_01).unwrap();
+    validate_request(&q).unwrap_or_else(|v| panic!("{v}"));
+    let cur = current(&q);
+    assert_eq!(cur["images"].as_array().unwrap().len(), 10);
+    let results = cur["userInputMessageContext"]["toolResults"].as_array().unwrap();
+    assert_eq!(results.len(), 12);
+    for (i, r) in results.iter().enumerate() {
+        let texts: Vec<&str> =
+            r["content"].as_array().unwrap().iter().filter_map(|c| c["text"].as_str()).collect();
+        assert_eq!(texts[0], format!("screen {i}"));
+        let expected = if i < 2 { "omitted" } else { "attached" };
+        assert!(texts[1].contains(expected), "result {i}: {texts:?}");
+    }
+    let c = content(cur);
+    let note = c.find("[2 older image(s) omitted").unwrap_or_else(|| panic!("{c}"));
+    let prefill = c.find("Begin your reply with exactly").unwrap_or_else(|| panic!("{c}"));
+    assert!(note < prefill, "{c}");
+    assert!(c.trim_end().ends_with("The glitch is in screen"), "{c}");
 }
