@@ -156,7 +156,7 @@ impl Oidc {
             .header(header::USER_AGENT, concat!("amq2api/", env!("CARGO_PKG_VERSION"), " amqctl-login"))
             .body(Bytes::from(body.to_string()))
             .map_err(|e| fail(exit::USAGE, e.to_string()))?;
-        let resp = tokio::time::timeout(Duration::from_secs(30), self.pool.send(req, None))
+        let resp = tokio::time::timeout(Duration::from_secs(30), self.pool.send(req, None, "amqctl-login"))
             .await
             .map_err(|_| unreachable("no answer within 30 s".into()))?
             .map_err(|e| unreachable(e.to_string()))?;

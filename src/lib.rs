@@ -61,7 +61,8 @@
 //! - [`upstream`]: the Amazon Q side: event-stream codec, request and event types, error
 //!   classification, the model catalog (identical catalogs shared between accounts), and the
 //!   HTTP client; [`upstream::conn`] is the daemon's own HTTP/1.1 client side and the one
-//!   connection pool for every upstream call (chat, token refresh, catalog, OIDC), and sends a
+//!   connection pool for every upstream call (chat, token refresh, catalog, OIDC), partitioned by
+//!   account (its machine id: no connection or TLS session carries two accounts), and sends a
 //!   request at most once (an answer sent before the request was read whole is still read).
 //! - [`emulator`]: a strict Amazon Q + SSO OIDC stand-in on loopback (demo mode, tests, benchmarks).
 //!

@@ -422,6 +422,9 @@ pub struct Stats {
     pub catalog_requests: u64,
     /// Authenticated `ListAvailableProfiles` calls.
     pub profile_requests: u64,
+    /// Connections that carried calls of more than one installation (the machine ids in their
+    /// user agents differ): accounts a connection ties together.
+    pub shared_connections: u64,
 }
 
 /// Counters of one account (a snapshot).

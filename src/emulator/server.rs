@@ -80,6 +80,9 @@ pub(super) fn json_response(
 #[derive(Default)]
 pub(super) struct ConnCtl {
     kill: Notify,
+    /// The installation (machine id) the connection's first call named, and whether another
+    /// has been seen on it since.
+    installation: std::sync::Mutex<(Option<String>, bool)>,
 }
 
 impl ConnCtl {
@@ -87,6 +90,31 @@ impl ConnCtl {
     pub fn kill(&self) {
         self.kill.notify_one();
     }
+
+    /// Notes the installation a call on this connection names; true the first time a second
+    /// one is seen.
+    fn note_installation(&self, id: &str) -> bool {
+        let mut seen = self.installation.lock().unwrap_or_else(|e| e.into_inner());
+        match &seen.0 {
+            None => {
+                seen.0 = Some(id.to_owned());
+                false
+            }
+            Some(first) if first != id && !seen.1 => {
+                seen.1 = true;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+}
+
+/// The machine id a user agent names (`KiroIDE-<version>-<64 hex digits>`), if any.
+fn installation_of(user_agent: &str) -> Option<&str> {
+    let at = user_agent.find("KiroIDE-")?;
+    let rest = &user_agent[at + "KiroIDE-".len()..];
+    let id = rest.split_whitespace().next()?.rsplit('-').next()?;
+    (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
 }
 
 /// Serves `listener` until `shutdown` turns true (or its sender goes), then closes every
@@ -175,6 +203,12 @@ fn role_of(path: &str) -> Option<Role> {
 
 async fn route(req: Request<Incoming>, shared: Arc<Shared>, ctl: Arc<ConnCtl>) -> Response<Body> {
     let request_id = shared.ids().uuid();
+    let ua = req.headers().get(hyper::header::USER_AGENT).and_then(|v| v.to_str().ok());
+    if let Some(id) = ua.and_then(installation_of)
+        && ctl.note_installation(id)
+    {
+        shared.count_shared_connection();
+    }
     let path = req.uri().path().to_owned();
     if let Some(role) = role_of(&path)
         && !shared.role_enabled(role)

@@ -487,6 +487,11 @@ impl Shared {
         self.lock().stats.rejected_malformed += 1;
     }
 
+    /// Counts a connection seen carrying a second installation's calls.
+    pub fn count_shared_connection(&self) {
+        self.lock().stats.shared_connections += 1;
+    }
+
     /// Counts a call `role` refused to take from the account.
     pub fn count_refused(&self, id: &str) {
         let mut inner = self.lock();

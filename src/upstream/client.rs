@@ -272,17 +272,21 @@ impl UpstreamClient {
             .header(header::ACCEPT, EVENT_STREAM_OR_JSON)
             .body(body)
             .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
-        let resp =
-            match tokio::time::timeout(self.first_byte_timeout, self.pool.send(req, caller.proxy)).await {
-                Err(_) => {
-                    return Err(UpstreamFailure::Transient {
-                        status: None,
-                        message: format!("no answer within {} s", self.first_byte_timeout.as_secs()),
-                    });
-                }
-                Ok(Err(e)) => return Err(send_failure(&e)),
-                Ok(Ok(r)) => r,
-            };
+        let resp = match tokio::time::timeout(
+            self.first_byte_timeout,
+            self.pool.send(req, caller.proxy, caller.agent.machine_id()),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(UpstreamFailure::Transient {
+                    status: None,
+                    message: format!("no answer within {} s", self.first_byte_timeout.as_secs()),
+                });
+            }
+            Ok(Err(e)) => return Err(send_failure(&e)),
+            Ok(Ok(r)) => r,
+        };
         let status = resp.status();
         let request_id =
             resp.headers().get("x-amzn-requestid").and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -341,7 +345,7 @@ impl UpstreamClient {
             .header(X_AMZ_USER_AGENT, agent.amz_user_agent())
             .body(Bytes::from(body.to_string()))
             .map_err(|e| RefreshError::Transient(e.to_string()))?;
-        self.token_call(req, proxy).await
+        self.token_call(req, proxy, agent.machine_id()).await
     }
 
     /// The Kiro auth service's `refreshToken` (social accounts): `{"refreshToken"}`, with the
@@ -359,7 +363,7 @@ impl UpstreamClient {
             .header(header::USER_AGENT, agent.kiro())
             .body(Bytes::from(body.to_string()))
             .map_err(|e| RefreshError::Transient(e.to_string()))?;
-        self.token_call(req, proxy).await
+        self.token_call(req, proxy, agent.machine_id()).await
     }
 
     /// `ListAvailableProfiles` on the Amazon Q endpoint: the profiles the account may use.
@@ -370,7 +374,7 @@ impl UpstreamClient {
             .header(X_AMZ_TARGET, HeaderValue::from_static(PROFILES_TARGET))
             .body(Bytes::from_static(b"{\"maxResults\":10}"))
             .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
-        let (status, headers, bytes) = self.call_whole(req, caller.proxy).await?;
+        let (status, headers, bytes) = self.call_whole(req, caller).await?;
         if status != StatusCode::OK {
             return Err(classify(status, &headers, &bytes));
         }
@@ -438,7 +442,7 @@ impl UpstreamClient {
                 }
             }
             .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
-            let (status, headers, bytes) = self.call_whole(req, caller.proxy).await?;
+            let (status, headers, bytes) = self.call_whole(req, caller).await?;
             if status != StatusCode::OK {
                 return Err(classify(status, &headers, &bytes));
             }
@@ -458,10 +462,11 @@ impl UpstreamClient {
     pub(crate) async fn call_whole(
         &self,
         req: Request<Bytes>,
-        proxy: Option<&Proxy>,
+        caller: &Caller<'_>,
     ) -> Result<(StatusCode, http::HeaderMap, Bytes), UpstreamFailure> {
         let t = |message: String| UpstreamFailure::Transient { status: None, message };
-        let resp = match tokio::time::timeout(self.first_byte_timeout, self.pool.send(req, proxy)).await {
+        let send = self.pool.send(req, caller.proxy, caller.agent.machine_id());
+        let resp = match tokio::time::timeout(self.first_byte_timeout, send).await {
             Err(_) => return Err(t(format!("no answer within {} s", self.first_byte_timeout.as_secs()))),
             Ok(Err(e)) => return Err(send_failure(&e)),
             Ok(Ok(r)) => r,
@@ -479,6 +484,7 @@ impl UpstreamClient {
         &self,
         req: Request<Bytes>,
         proxy: Option<&Proxy>,
+        installation: &str,
     ) -> Result<TokenGrant, RefreshError> {
         // One deadline for the whole call (the answer's head and its body): shutdown waits
         // for a call in flight this long ([`TOKEN_CALL_DEADLINE`]) and no longer.
@@ -486,7 +492,7 @@ impl UpstreamClient {
         let until = tokio::time::Instant::now() + deadline;
         // Sent at most once, as every call: a refresh sent twice would rotate the refresh token
         // twice and lose the chain with the first answer.
-        let resp = match tokio::time::timeout_at(until, self.pool.send(req, proxy)).await {
+        let resp = match tokio::time::timeout_at(until, self.pool.send(req, proxy, installation)).await {
             Err(_) => {
                 return Err(RefreshError::Transient(format!("no answer within {} s", deadline.as_secs())));
             }

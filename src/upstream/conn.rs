@@ -47,6 +47,11 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 /// Closes the connections idle for longer than [`IDLE_FOR`] at `now`, of every key, and
 /// forgets the keys left with none.
+/// Installations whose TLS session caches are kept at most ([`Pool::tls_for`]).
+const MAX_TLS_SESSIONS_KEPT: usize = 4096;
+/// TLS sessions kept per installation (one per endpoint host, and some to spare).
+const SESSIONS_PER_INSTALLATION: usize = 8;
+
 fn sweep(map: &mut HashMap<Key, Vec<Idle>>, now: Instant) {
     map.retain(|_, list| {
         list.retain(|i| now.saturating_duration_since(i.since) <= IDLE_FOR);
@@ -57,11 +62,16 @@ fn sweep(map: &mut HashMap<Key, Vec<Idle>>, now: Instant) {
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
-/// What a connection is for: the endpoint and the proxy it goes through. Connections are
-/// shared only between requests with equal keys; proxies are equal when their scheme, address
-/// and credentials are.
+/// What a connection is for: the installation that sends on it (an account's machine id), the
+/// endpoint and the proxy it goes through. Connections are shared only between requests with
+/// equal keys; proxies are equal when their scheme, address and credentials are. One account's
+/// requests never travel on another's connection (nor resume its TLS session, see
+/// [`Pool::tls_for`]): each account looks like one installation of its own to the service, on
+/// the wire as in its user agents, and a connection carrying many accounts' tokens would tie
+/// them together.
 #[derive(Clone, PartialEq, Eq)]
 struct Key {
+    installation: String,
     tls: bool,
     host: String,
     port: u16,
@@ -71,7 +81,7 @@ struct Key {
 /// Equal keys hash alike: the password is left out (equal proxies have equal passwords too).
 impl Hash for Key {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        (self.tls, &self.host, self.port).hash(state);
+        (&self.installation, self.tls, &self.host, self.port).hash(state);
         if let Some(p) = &self.proxy {
             let scheme = match p.scheme {
                 ProxyScheme::Http => 0u8,
@@ -131,9 +141,11 @@ struct Idle {
     since: Instant,
 }
 
-/// The pool of idle connections, by endpoint and proxy.
+/// The pool of idle connections, by installation, endpoint and proxy.
 pub struct Pool {
     tls: Arc<rustls::ClientConfig>,
+    /// `tls` with a TLS session cache of each installation's own ([`Pool::tls_for`]).
+    tls_of: Mutex<HashMap<String, Arc<rustls::ClientConfig>>>,
     connect_timeout: Duration,
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
     /// When the idle connections of every key were last looked at ([`sweep`]).
@@ -174,13 +186,33 @@ impl Pool {
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Arc::new(Pool {
             tls: Arc::new(tls),
+            tls_of: Mutex::new(HashMap::new()),
             connect_timeout,
             idle: Mutex::new(HashMap::new()),
             swept: Mutex::new(Instant::now()),
         })
     }
 
-    fn key(uri: &Uri, proxy: Option<&Proxy>) -> Result<Key, ConnError> {
+    /// The TLS configuration of `installation`'s connections: the shared one with a session
+    /// cache of its own, so that no account resumes a TLS session another account began (a
+    /// session ticket presented again names the connection it came from). Bounded: past
+    /// [`MAX_TLS_SESSIONS_KEPT`] installations the caches start afresh (full handshakes, once).
+    fn tls_for(&self, installation: &str) -> Arc<rustls::ClientConfig> {
+        let mut map = self.tls_of.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(installation) {
+            return c.clone();
+        }
+        if map.len() >= MAX_TLS_SESSIONS_KEPT {
+            map.clear();
+        }
+        let mut c = (*self.tls).clone();
+        c.resumption = rustls::client::Resumption::in_memory_sessions(SESSIONS_PER_INSTALLATION);
+        let c = Arc::new(c);
+        map.insert(installation.to_owned(), c.clone());
+        c
+    }
+
+    fn key(uri: &Uri, proxy: Option<&Proxy>, installation: &str) -> Result<Key, ConnError> {
         let tls = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
@@ -189,7 +221,7 @@ impl Pool {
         let host = uri.host().ok_or_else(|| ConnError::Endpoint(uri.to_string()))?;
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        Ok(Key { tls, host, port, proxy: proxy.cloned() })
+        Ok(Key { installation: installation.to_owned(), tls, host, port, proxy: proxy.cloned() })
     }
 
     /// An idle connection that is still open, if any.
@@ -256,7 +288,7 @@ impl Pool {
             let io: Box<dyn Io> = if key.tls {
                 let name = rustls::pki_types::ServerName::try_from(key.host.clone())
                     .map_err(|e| ConnError::Connect { host: host.clone(), reason: e.to_string() })?;
-                let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                let tls = tokio_rustls::TlsConnector::from(self.tls_for(&key.installation))
                     .connect(name, tcp)
                     .await
                     .map_err(|e| ConnError::Connect { host: host.clone(), reason: e.to_string() })?;
@@ -271,14 +303,16 @@ impl Pool {
             .map_err(|_| ConnError::ConnectTimeout(key.describe()))?
     }
 
-    /// Sends `req`, through `proxy` when given, and returns the answer's head with the body
-    /// still to come; the connection goes with it.
+    /// Sends `req` for `installation` (an account's machine id: one account's connections and
+    /// TLS sessions are its own), through `proxy` when given, and returns the answer's head with
+    /// the body still to come; the connection goes with it.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<Bytes>,
         proxy: Option<&Proxy>,
+        installation: &str,
     ) -> Result<Driven, ConnError> {
-        let key = Self::key(req.uri(), proxy)?;
+        let key = Self::key(req.uri(), proxy, installation)?;
         let wire = serialize(&req, &key);
         let mut reused = self.checkout(&key);
         loop {
@@ -799,7 +833,13 @@ mod tests {
     /// for good (in CLOSE_WAIT once the server closed them).
     #[tokio::test]
     async fn the_sweep_closes_idle_connections_of_keys_no_longer_used() {
-        let key = |host: &str| Key { tls: false, host: host.into(), port: 80, proxy: None };
+        let key = |host: &str| Key {
+            installation: "test".into(),
+            tls: false,
+            host: host.into(),
+            port: 80,
+            proxy: None,
+        };
         let now = Instant::now();
         let mut map: HashMap<Key, Vec<Idle>> = HashMap::new();
         let stale = now.checked_sub(IDLE_FOR + Duration::from_secs(1)).unwrap();
@@ -857,14 +897,14 @@ mod tests {
         assert!(parse_head(&mut head).unwrap().unwrap().reuse);
 
         let uri: Uri = "http://[::1]:8080/x".parse().unwrap();
-        let wire = serialize(&request("http://[::1]:8080/x"), &Pool::key(&uri, None).unwrap());
+        let wire = serialize(&request("http://[::1]:8080/x"), &Pool::key(&uri, None, "test").unwrap());
         assert!(
             String::from_utf8_lossy(&wire).contains("host: [::1]:8080\r\n"),
             "{}",
             String::from_utf8_lossy(&wire)
         );
         let uri: Uri = "http://127.0.0.1:8080/x".parse().unwrap();
-        let wire = serialize(&request("http://127.0.0.1:8080/x"), &Pool::key(&uri, None).unwrap());
+        let wire = serialize(&request("http://127.0.0.1:8080/x"), &Pool::key(&uri, None, "test").unwrap());
         assert!(String::from_utf8_lossy(&wire).contains("host: 127.0.0.1:8080\r\n"));
 
         assert_eq!(chunk_size(b"0000000000000000000a").unwrap(), 10);
@@ -892,8 +932,8 @@ mod tests {
         let mut keys = HashMap::new();
         for (i, route) in routes.iter().enumerate() {
             let proxy = route.map(|r| parse_proxy(r).unwrap());
-            let key = Pool::key(&uri, proxy.as_ref()).unwrap();
-            assert!(key == Pool::key(&uri, proxy.as_ref()).unwrap(), "a key equals itself");
+            let key = Pool::key(&uri, proxy.as_ref(), "test").unwrap();
+            assert!(key == Pool::key(&uri, proxy.as_ref(), "test").unwrap(), "a key equals itself");
             assert_eq!(keys.insert(key, i), None, "{route:?} shares a key");
         }
         assert_eq!(keys.len(), routes.len());
@@ -902,7 +942,7 @@ mod tests {
     #[test]
     fn a_request_goes_on_the_wire_in_origin_form_with_host_and_length() {
         let uri: Uri = "http://127.0.0.1:8080/generateAssistantResponse?x=1".parse().unwrap();
-        let key = Pool::key(&uri, None).unwrap();
+        let key = Pool::key(&uri, None, "test").unwrap();
         let req = Request::post(uri)
             .header("x-amz-target", "T")
             .header(http::header::CONTENT_LENGTH, "999")
@@ -913,7 +953,7 @@ mod tests {
             "POST /generateAssistantResponse?x=1 HTTP/1.1\r\nhost: 127.0.0.1:8080\r\nx-amz-target: T\r\ncontent-length: 2\r\n\r\n{}"
         );
         let get = Request::get("https://q.us-east-1.amazonaws.com/m").body(Bytes::new()).unwrap();
-        let key = Pool::key(get.uri(), None).unwrap();
+        let key = Pool::key(get.uri(), None, "test").unwrap();
         assert_eq!(
             String::from_utf8(serialize(&get, &key)).unwrap(),
             "GET /m HTTP/1.1\r\nhost: q.us-east-1.amazonaws.com\r\n\r\n"
@@ -1079,7 +1119,7 @@ mod tests {
         let mut conn = Conn::new(Box::new(TcpStream::connect(addr).await.unwrap()));
         let wire = serialize(
             &request("/token"),
-            &Pool::key(&format!("http://{addr}/").parse().unwrap(), None).unwrap(),
+            &Pool::key(&format!("http://{addr}/").parse().unwrap(), None, "test").unwrap(),
         );
         let e = exchange(&mut conn, &wire).await.expect_err("the server hung up");
         assert!(matches!(e, Exchange::Failed(_)), "the request left: it must not be sent again ({e:?})");
@@ -1115,7 +1155,8 @@ mod tests {
         let big = Request::post(format!("http://{addr}/generateAssistantResponse"))
             .body(Bytes::from(vec![b'x'; 32 << 20]))
             .unwrap();
-        let wire = serialize(&big, &Pool::key(&format!("http://{addr}/").parse().unwrap(), None).unwrap());
+        let wire =
+            serialize(&big, &Pool::key(&format!("http://{addr}/").parse().unwrap(), None, "test").unwrap());
         let head = exchange(&mut conn, &wire).await.expect("the server's answer");
         assert_eq!(head.status, http::StatusCode::PAYLOAD_TOO_LARGE);
         assert!(!head.reuse, "a connection reset under a write is not used again");
@@ -1165,11 +1206,11 @@ mod tests {
             }
             Ok::<_, BodyError>(got)
         };
-        assert_eq!(read(pool.send(request(&uri), None).await.unwrap()).await.unwrap(), b"first");
-        assert_eq!(read(pool.send(request(&uri), None).await.unwrap()).await.unwrap(), b"second");
+        assert_eq!(read(pool.send(request(&uri), None, "test").await.unwrap()).await.unwrap(), b"first");
+        assert_eq!(read(pool.send(request(&uri), None, "test").await.unwrap()).await.unwrap(), b"second");
         // Let the server's close arrive before the next checkout.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let cut = read(pool.send(request(&uri), None).await.unwrap()).await;
+        let cut = read(pool.send(request(&uri), None, "test").await.unwrap()).await;
         assert!(matches!(cut, Err(BodyError::Cut)), "{cut:?}");
         assert_eq!(server.await.unwrap(), 3, "three requests, each sent once");
     }

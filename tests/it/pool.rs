@@ -758,7 +758,8 @@ fn social_and_api_key(e: &amq2api::emulator::Emulator) -> String {
 /// One account of each kind: each gets its bearer its own way (OIDC refresh, the Kiro auth
 /// service, the key itself with `tokentype: API_KEY`), serves on its kind's endpoint (Amazon Q
 /// for OIDC, the Kiro runtime for the others) with its kind's profile ARN, and looks like an
-/// installation of its own: no two accounts ever send the same user agent.
+/// installation of its own: no two accounts ever send the same user agent, nor send on the
+/// same connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_account_gets_its_bearer_and_serves_on_its_endpoint() {
     let setup = Setup {
@@ -794,6 +795,7 @@ async fn every_kind_of_account_gets_its_bearer_and_serves_on_its_endpoint() {
     assert_eq!(arn(&social), "arn:aws:codewhisperer:us-east-1:699475941385:profile/EHGA3GRVQMUK");
     assert!(arn(&key).is_null());
     assert!(h.emulator.shared_user_agents().is_empty(), "{:?}", h.emulator.shared_user_agents());
+    assert_eq!(h.emulator.stats().shared_connections, 0, "a connection carried two accounts' calls");
     for s in [&oidc, &social, &key] {
         assert!(s.chat_user_agent.as_deref().unwrap().contains("KiroIDE-"), "{s:?}");
     }
@@ -829,6 +831,7 @@ async fn every_kind_of_account_gets_its_bearer_and_serves_on_its_endpoint() {
     let machine = agents_before.0.as_deref().unwrap().rsplit('-').next().unwrap().to_owned();
     assert!(oidc.user_agents.iter().all(|ua| ua.ends_with(&machine)), "{:?}", oidc.user_agents);
     assert!(oidc.user_agents.len() <= 3, "one agent per API called: {:?}", oidc.user_agents);
+    assert_eq!(h.emulator.stats().shared_connections, 0, "a connection carried two accounts' calls");
     h.stop().await;
 }
 

@@ -713,7 +713,9 @@ async fn proxy_failures_are_typed_and_name_the_proxy_without_its_password() {
 /// Amazon Q as users reach it: over HTTPS. A TLS front on loopback (a certificate for
 /// `localhost` from a throwaway CA, given as `ca_file`) relays to the emulator. A token
 /// refresh and three streamed calls go through one TLS connection, each stream read to its
-/// end; without the CA the same call is refused at the handshake and names the endpoint.
+/// end; another account's call opens a connection of its own, with a full handshake (it resumes
+/// no TLS session the first account began: a session ticket presented again would tie the two
+/// together); without the CA the same call is refused at the handshake and names the endpoint.
 #[tokio::test]
 async fn amazon_q_and_oidc_over_tls_share_one_connection_and_check_the_certificate() {
     use std::sync::Arc;
@@ -727,12 +729,15 @@ async fn amazon_q_and_oidc_over_tls_share_one_connection_and_check_the_certifica
     let emulator = e.addr();
     let handshakes = Arc::new(AtomicUsize::new(0));
     let counted = handshakes.clone();
+    let kinds = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = kinds.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { return };
-            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            let (acceptor, counted, seen) = (acceptor.clone(), counted.clone(), seen.clone());
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                seen.lock().unwrap().push(tls.get_ref().1.handshake_kind());
                 counted.fetch_add(1, Ordering::SeqCst);
                 let mut plain = tokio::net::TcpStream::connect(emulator).await.unwrap();
                 let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
@@ -766,6 +771,27 @@ async fn amazon_q_and_oidc_over_tls_share_one_connection_and_check_the_certifica
         assert!(!text.is_empty(), "call {i}: the reply's text arrives over TLS");
     }
     assert_eq!(handshakes.load(Ordering::SeqCst), 1, "a refresh and three calls, one TLS connection");
+    // Another account (another installation): a connection and a TLS session of its own.
+    let other = Agent::new(Agent::new_machine_id());
+    let mut s = c
+        .generate(
+            &endpoint.parse().unwrap(),
+            &Caller { agent: &other, ..caller(&grant.access_token) },
+            body("hi"),
+            1,
+        )
+        .await
+        .unwrap();
+    while let Some(ev) = s.next().await {
+        ev.unwrap();
+    }
+    assert_eq!(handshakes.load(Ordering::SeqCst), 2, "another account, another connection");
+    let full = Some(rustls::HandshakeKind::Full);
+    assert_eq!(
+        *kinds.lock().unwrap(),
+        vec![full, full],
+        "the second account resumed the first one's TLS session"
+    );
 
     // The system's roots only: the test CA is unknown, the handshake fails, nothing is sent.
     cfg.ca_file = None;
@@ -773,7 +799,7 @@ async fn amazon_q_and_oidc_over_tls_share_one_connection_and_check_the_certifica
     let refused = refresh(&c, &token_uri).await.expect_err("an unknown CA is refused");
     let shown = refused.to_string();
     assert!(shown.contains("localhost") && shown.to_lowercase().contains("certificate"), "{shown}");
-    assert_eq!(handshakes.load(Ordering::SeqCst), 1, "no handshake completed without the CA");
+    assert_eq!(handshakes.load(Ordering::SeqCst), 2, "no handshake completed without the CA");
 }
 
 /// The idle timeout counts from the last bytes received, not from the latest wait: a consumer
