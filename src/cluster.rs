@@ -321,7 +321,8 @@ async fn adopt(store: &PgStore, pool: &Arc<Pool>, id: &str, until: u64) {
     let seen = pool.chain_generation(id);
     match store.get_async(id).await {
         Ok(Some(rec)) => pool.adopt(id, crate::accounts::persist::restored_one(rec), seen).await,
-        Ok(None) => {}
+        // Nothing stored yet: the identity this node made is the account's from now on.
+        Ok(None) => pool.adopt(id, crate::accounts::pool::Restored::default(), seen).await,
         Err(e) => {
             // Serving on possibly stale tokens could refresh a dead chain: give it back.
             tracing::warn!(account = %id, error = %e, "cluster: cannot load the account; giving its lease back");

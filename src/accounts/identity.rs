@@ -66,32 +66,34 @@ impl Identity {
     /// id, the profile and endpoint it learned), as this node takes the account over: two
     /// nodes that started at once each made a machine id of their own, and the service would
     /// otherwise see the account move from one installation to another at every handover.
-    /// A damaged record changes nothing; true when something changed.
+    /// False, nothing changed, for a damaged record (the caller stores its own instead).
     pub fn adopt(&self, rec: IdentityRecord) -> bool {
         if !Agent::valid_machine_id(&rec.machine_id) {
             return false;
         }
-        let mut changed = false;
         {
             let mut agent = self.agent.write().unwrap_or_else(|e| e.into_inner());
             if agent.machine_id() != rec.machine_id {
                 *agent = Arc::new(Agent::new(rec.machine_id));
-                changed = true;
             }
         }
         let mut l = self.lock();
-        let endpoint = rec.endpoint.as_deref().and_then(Role::parse);
-        if rec.profile_arn.is_some() && (l.profile_arn != rec.profile_arn || l.profile_for != rec.profile_for)
-        {
+        if rec.profile_arn.is_some() {
             l.profile_arn = rec.profile_arn;
             l.profile_for = rec.profile_for;
-            changed = true;
         }
-        if endpoint.is_some() && l.endpoint != endpoint {
-            l.endpoint = endpoint;
-            changed = true;
+        if let Some(endpoint) = rec.endpoint.as_deref().and_then(Role::parse) {
+            l.endpoint = Some(endpoint);
         }
-        changed
+        true
+    }
+
+    /// Forgets the learned profile (a social account's, refused): the fixed one stands in
+    /// until the next refresh names one.
+    pub fn forget_profile(&self) {
+        let mut l = self.lock();
+        l.profile_arn = None;
+        l.profile_for = None;
     }
 
     /// What the store keeps.

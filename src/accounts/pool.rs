@@ -837,8 +837,8 @@ impl Pool {
     }
 
     /// `[cluster]`: takes over what the store holds for an account whose lease this node has
-    /// just acquired (the previous holder's rotated refresh token, access token, state and
-    /// counters), replacing what this node knew, which may be stale.
+    /// just acquired (the previous holder's rotated refresh token, access token, state,
+    /// counters and identity), replacing what this node knew, which may be stale.
     pub async fn adopt(&self, id: &str, restored: Restored, seen: u64) {
         let Some(a) = self.get(id) else { return };
         let fingerprint = a.spec().credentials_fingerprint();
@@ -854,8 +854,10 @@ impl Pool {
         if let Some(c) = restored.counters {
             *a.counters.lock().unwrap_or_else(|e| e.into_inner()) = c;
         }
-        if let Some(rec) = restored.identity {
-            a.identity.adopt(rec);
+        // The identity the previous holder stored; none (or a damaged one): this node's is
+        // stored, so that the next holder takes it over in turn.
+        if !restored.identity.is_some_and(|rec| a.identity.adopt(rec)) {
+            self.sink.identity(&a.id, &a.identity.record());
         }
     }
 
@@ -1497,7 +1499,8 @@ impl Pool {
     fn fetch_catalogs_due(self: &Arc<Self>) {
         let now = SystemTime::now();
         for a in self.accounts() {
-            if a.removed.load(Ordering::SeqCst) || !a.enabled() || a.tokens.has_unsaved() {
+            // `[cluster]`: only the holder's (another node serves it, with its own token).
+            if a.removed.load(Ordering::SeqCst) || !a.enabled() || a.tokens.has_unsaved() || !a.held_for(0) {
                 continue;
             }
             if matches!(a.state().state, State::Invalid | State::Suspended | State::Disabled) {
@@ -1564,9 +1567,11 @@ impl Pool {
 
     /// The learned profile ARN `refused` was refused ("not authorized"): the account's profiles
     /// are listed again, and the one the listing names now is learned (and stored) in its
-    /// place. `None`, the learned one kept, when there is nothing to ask (the file's ARN, one
-    /// not learned by listing, one learned since) or nothing better to learn: the listing
-    /// fails, comes back empty, or names the same one. Before, the learned ARN was forgotten
+    /// place; one another request learned meanwhile is returned as it is. `None`, the learned
+    /// one kept, when there is nothing to ask (the file's ARN, one not learned by listing) or
+    /// nothing better to learn: the listing fails, comes back empty, or names the same one. A
+    /// social account's ARN (named by its refresh) is forgotten, and the fixed social one
+    /// stands in until the next refresh names one. Before, the learned ARN was forgotten
     /// (and stored so) before the listing: when the listing failed, the account sent the
     /// Builder ID stand-in everywhere, was refused and cooled down, and its profile stayed
     /// lost across restarts, though the other endpoint took the learned one.
@@ -1578,8 +1583,20 @@ impl Pool {
     ) -> Option<String> {
         let spec = a.spec();
         let fingerprint = spec.credentials_fingerprint();
-        if spec.profile_arn.is_some() || a.kind() != Kind::Oidc {
+        if spec.profile_arn.is_some() {
             return None;
+        }
+        let stand_in = super::identity::SOCIAL_PROFILE_ARN;
+        let learned = a.identity.learned_profile(&fingerprint);
+        match a.kind() {
+            Kind::Oidc => {}
+            Kind::Social if refused != stand_in && learned.as_deref() == Some(refused) => {
+                a.identity.forget_profile();
+                self.sink.identity(&a.id, &a.identity.record());
+                tracing::info!(account = %a.id, "the profile ARN its refresh named was refused: the fixed one stands in until the next refresh");
+                return Some(stand_in.to_owned());
+            }
+            _ => return None,
         }
         let _one = a.profile_lock.lock().await;
         if a.identity.learned_profile(&fingerprint).as_deref() != Some(refused) {
@@ -2596,6 +2613,8 @@ mod tests {
         stored: Mutex<Vec<(String, String)>>,
         /// Each account's last stored chain, as a store keeps it.
         chains: Mutex<HashMap<String, Chain>>,
+        /// The machine ids stored, in order: (account, machine id).
+        identities: Mutex<Vec<(String, String)>>,
     }
 
     impl StateSink for Flaky {
@@ -2611,6 +2630,9 @@ mod tests {
         }
         fn state(&self, _: &AccountId, _: &StateInfo) {}
         fn counters(&self, _: Vec<(AccountId, Counters)>) {}
+        fn identity(&self, id: &AccountId, rec: &crate::store::IdentityRecord) {
+            self.identities.lock().unwrap().push((id.to_string(), rec.machine_id.clone()));
+        }
         fn restore(&self, ids: &[AccountId]) -> Vec<Result<Restored, String>> {
             if self.unreadable.swap(false, Ordering::SeqCst) {
                 return ids.iter().map(|_| Err("the store cannot be read".to_string())).collect();
@@ -3278,7 +3300,7 @@ mod tests {
     /// it learned), so the service sees one installation whichever node serves the account.
     #[tokio::test]
     async fn an_adopted_account_keeps_the_machine_id_the_previous_holder_used() {
-        let (_sink, emu, pool, a) = rotated_a1().await;
+        let (sink, emu, pool, a) = rotated_a1().await;
         pool.set_clustered(Duration::from_secs(1), Arc::new(Shared::default()));
         let mine = a.agent().machine_id().to_owned();
         let theirs = crate::upstream::Agent::new_machine_id();
@@ -3291,12 +3313,18 @@ mod tests {
             profile_for: Some(fingerprint),
             endpoint: Some("runtime".into()),
         };
-        // A damaged record changes nothing.
+        // A damaged record, or none, changes nothing, and this node's is stored for the next
+        // holder to take over.
         let damaged = crate::store::IdentityRecord { machine_id: "short".into(), ..identity.clone() };
         let seen = pool.chain_generation("a1");
-        let restored = Restored { identity: Some(damaged), ..Default::default() };
-        pool.adopt("a1", restored, seen).await;
-        assert_eq!(a.agent().machine_id(), mine);
+        for stored in [Some(damaged), None] {
+            sink.identities.lock().unwrap().clear();
+            let restored = Restored { identity: stored, ..Default::default() };
+            pool.adopt("a1", restored, seen).await;
+            assert_eq!(a.agent().machine_id(), mine);
+            assert_eq!(*sink.identities.lock().unwrap(), vec![("a1".to_owned(), mine.clone())]);
+        }
+        sink.identities.lock().unwrap().clear();
         let restored = Restored { identity: Some(identity), ..Default::default() };
         pool.adopt("a1", restored, seen).await;
         pool.hold("a1", mono_ms() + 3_600_000);
@@ -3304,6 +3332,7 @@ mod tests {
         assert_eq!(a.identity().learned_profile(&fingerprint), Some(arn));
         assert_eq!(a.identity().endpoint(), Some(Role::Runtime));
         assert_eq!(a.identity().record().machine_id, theirs, "what this node stores next");
+        assert!(sink.identities.lock().unwrap().is_empty(), "the stored identity was written again");
         pool.refresh_now(&a).await.unwrap();
         let ua = emu.stats_for("c-a1").refresh_user_agent.unwrap_or_default();
         assert!(ua.contains(&theirs), "the refresh went out as {ua}");

@@ -1199,7 +1199,10 @@ impl Backend for PgStore {
         self.block(self.put_values("counters", rows::<_, CountersWire>(batch)?, true))
     }
     fn put_identities(&self, batch: &[(String, IdentityRecord)]) -> Result<(), StoreError> {
-        self.block(self.put_values("identity", rows::<_, IdentityWire>(batch)?, false))
+        // Only the lease holder's: two nodes that started at once each made the account a
+        // machine id, and the one stored must be the one the holder serves with (a later holder
+        // takes it over, `Pool::adopt`).
+        self.block(self.put_values("identity", rows::<_, IdentityWire>(batch)?, true))
     }
     fn put_catalogs(&self, batch: &[(String, CatalogRecord)]) -> Result<(), StoreError> {
         self.block(self.put_values("catalog", rows::<_, CatalogWire>(batch)?, false))

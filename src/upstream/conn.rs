@@ -38,20 +38,22 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Idle connections kept per endpoint and proxy.
+/// Idle connections kept per key (installation, endpoint and proxy).
 const MAX_IDLE: usize = 256;
 /// An idle connection older than this is closed rather than reused.
 const IDLE_FOR: Duration = Duration::from_secs(90);
 /// How often a checkin also closes the idle connections of every other key.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
-/// Closes the connections idle for longer than [`IDLE_FOR`] at `now`, of every key, and
-/// forgets the keys left with none.
 /// Installations whose TLS session caches are kept at most ([`Pool::tls_for`]).
 const MAX_TLS_SESSIONS_KEPT: usize = 4096;
-/// TLS sessions kept per installation (one per endpoint host, and some to spare).
-const SESSIONS_PER_INSTALLATION: usize = 8;
+/// The TLS session cache of one installation, in rustls's units: it keeps the sessions of
+/// `n / 8` servers (eight TLS 1.3 tickets each), here eight hosts (chat, runtime, OIDC, the
+/// Kiro auth and management services, and some to spare).
+const SESSIONS_PER_INSTALLATION: usize = 8 * 8;
 
+/// Closes the connections idle for longer than [`IDLE_FOR`] at `now`, of every key, and
+/// forgets the keys left with none.
 fn sweep(map: &mut HashMap<Key, Vec<Idle>>, now: Instant) {
     map.retain(|_, list| {
         list.retain(|i| now.saturating_duration_since(i.since) <= IDLE_FOR);
@@ -196,14 +198,17 @@ impl Pool {
     /// The TLS configuration of `installation`'s connections: the shared one with a session
     /// cache of its own, so that no account resumes a TLS session another account began (a
     /// session ticket presented again names the connection it came from). Bounded: past
-    /// [`MAX_TLS_SESSIONS_KEPT`] installations the caches start afresh (full handshakes, once).
+    /// [`MAX_TLS_SESSIONS_KEPT`] installations, one installation's cache is dropped for each
+    /// new one (its next connection makes a full handshake).
     fn tls_for(&self, installation: &str) -> Arc<rustls::ClientConfig> {
         let mut map = self.tls_of.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = map.get(installation) {
             return c.clone();
         }
         if map.len() >= MAX_TLS_SESSIONS_KEPT {
-            map.clear();
+            if let Some(gone) = map.keys().next().cloned() {
+                map.remove(&gone);
+            }
         }
         let mut c = (*self.tls).clone();
         c.resumption = rustls::client::Resumption::in_memory_sessions(SESSIONS_PER_INSTALLATION);

@@ -742,6 +742,18 @@ fn three_nodes_share_accounts_and_survive_a_kill_and_a_pause() {
     assert_eq!(stats.refresh_failures, 0, "a refresh token was lost (refused as rotated away)");
     assert_eq!(stats.overlapping_refreshes, 0, "two nodes refreshed one account at once");
     rt.block_on(assert_chains_intact(&pg.url(), &emu, &ids));
+    // Each account was one installation whichever node served it: the nodes started at once,
+    // each making it a machine id, and every holder took over the one stored.
+    for id in &ids {
+        let machines: std::collections::BTreeSet<String> = emu
+            .stats_for(&client_id(id))
+            .user_agents
+            .iter()
+            .filter_map(|ua| ua.split_whitespace().find_map(|w| w.strip_prefix("KiroIDE-")))
+            .filter_map(|v| v.rsplit('-').next().map(str::to_owned))
+            .collect();
+        assert_eq!(machines.len(), 1, "{id} looked like several installations: {machines:?}");
+    }
     for d in daemons.into_iter().flatten() {
         assert_eq!(d.stop(Duration::from_secs(20)), 0);
     }

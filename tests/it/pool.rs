@@ -1476,3 +1476,32 @@ async fn credentials_moved_from_a_dropped_id_wait_through_the_retries() {
     assert_eq!(h.emulator.stats().refresh_failures, 0, "a dead refresh token was presented");
     h.stop().await;
 }
+
+/// A social account's profile ARN (named by its refresh) that the service stops taking is
+/// forgotten, and the fixed social ARN stands in at once, on the same endpoint: the request
+/// goes through. (Listing profiles is an IAM Identity Center matter; a social account has
+/// nothing to list.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_social_accounts_refused_profile_gives_way_to_the_fixed_one() {
+    let own = "arn:aws:codewhisperer:us-east-1:123456789012:profile/SOCIALOWN001";
+    let setup = Setup {
+        accounts: vec![],
+        more_accounts: Some(Box::new(move |e: &amq2api::emulator::Emulator| {
+            e.add_social_account_as("kiro-social", "social-refresh-1", Some(own));
+            "[[account]]\nid = \"kiro-social\"\nrefresh_token = \"social-refresh-1\"\n\n".to_owned()
+        })),
+        ..Default::default()
+    };
+    let h = Harness::start(setup).await;
+    let r = post(&h, "/v1/messages", &simple("one", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let arn = || h.emulator.stats_for("kiro-social").last_request.unwrap()["profileArn"].clone();
+    assert_eq!(arn(), own);
+    // The account's own profile is gone: the service wants the fixed one now.
+    h.emulator.set_profile_arn("kiro-social", None);
+    let r = post(&h, "/v1/messages", &simple("two", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(arn(), "arn:aws:codewhisperer:us-east-1:699475941385:profile/EHGA3GRVQMUK");
+    assert_eq!(h.account("kiro-social")["state"], "active");
+    h.stop().await;
+}
