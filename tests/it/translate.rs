@@ -1091,14 +1091,18 @@ fn the_invalid_table_differs_from_valid_requests_only_where_it_says() {
     }
 }
 
+/// A one-pixel PNG image block.
+fn png_image() -> Value {
+    let png =
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+    json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}})
+}
+
 /// User messages with no text and no tool results (an image-only follow-up, a blank text block)
 /// are sent with a short text: Amazon Q refuses them blank ("Improperly formed request").
 #[test]
 fn blank_user_messages_are_sent_with_a_text() {
-    let png =
-        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
-    let image =
-        json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}});
+    let image = png_image();
     let cases = [
         json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
             {"role": "user", "content": [image]}]),
@@ -1118,10 +1122,7 @@ fn blank_user_messages_are_sent_with_a_text() {
 /// which stays last.
 #[test]
 fn tool_results_whose_images_are_dropped_say_so() {
-    let png =
-        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
-    let image =
-        json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}});
+    let image = png_image();
     let uses: Vec<Value> = (0..12)
         .map(
             |i| json!({"type": "tool_use", "id": format!("toolu_{i:02}"), "name": "screenshot", "input": {}}),
