@@ -77,11 +77,10 @@ impl Identity {
                 *agent = Arc::new(Agent::new(rec.machine_id));
             }
         }
+        // The profile as the holder left it, none included (one it forgot as refused).
         let mut l = self.lock();
-        if rec.profile_arn.is_some() {
-            l.profile_arn = rec.profile_arn;
-            l.profile_for = rec.profile_for;
-        }
+        l.profile_arn = rec.profile_arn;
+        l.profile_for = rec.profile_for;
         if let Some(endpoint) = rec.endpoint.as_deref().and_then(Role::parse) {
             l.endpoint = Some(endpoint);
         }

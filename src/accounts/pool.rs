@@ -1570,8 +1570,9 @@ impl Pool {
     /// place; one another request learned meanwhile is returned as it is. `None`, the learned
     /// one kept, when there is nothing to ask (the file's ARN, one not learned by listing) or
     /// nothing better to learn: the listing fails, comes back empty, or names the same one. A
-    /// social account's ARN (named by its refresh) is forgotten, and the fixed social one
-    /// stands in until the next refresh names one. Before, the learned ARN was forgotten
+    /// social account's ARN (named by its refresh) refused by its `last` endpoint too is
+    /// forgotten, and the fixed social one stands in until the next refresh names one (by the
+    /// first endpoint only, it goes on to the other). Before, the learned ARN was forgotten
     /// (and stored so) before the listing: when the listing failed, the account sent the
     /// Builder ID stand-in everywhere, was refused and cooled down, and its profile stayed
     /// lost across restarts, though the other endpoint took the learned one.
@@ -1580,6 +1581,7 @@ impl Pool {
         a: &Arc<Account>,
         caller: &Caller<'_>,
         refused: &str,
+        last: bool,
     ) -> Option<String> {
         let spec = a.spec();
         let fingerprint = spec.credentials_fingerprint();
@@ -1590,7 +1592,7 @@ impl Pool {
         let learned = a.identity.learned_profile(&fingerprint);
         match a.kind() {
             Kind::Oidc => {}
-            Kind::Social if refused != stand_in && learned.as_deref() == Some(refused) => {
+            Kind::Social if last && refused != stand_in && learned.as_deref() == Some(refused) => {
                 a.identity.forget_profile();
                 self.sink.identity(&a.id, &a.identity.record());
                 tracing::info!(account = %a.id, "the profile ARN its refresh named was refused: the fixed one stands in until the next refresh");

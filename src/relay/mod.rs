@@ -344,10 +344,14 @@ impl Relay {
                     let not_authorized = matches!(&f, UpstreamFailure::AccessDenied { message }
                         if message.to_ascii_lowercase().contains("not authorized"));
                     if not_authorized && !reasked {
-                        reasked = true;
                         let refused = arn.as_deref().unwrap_or_default();
-                        if self.pool.relist_profile(account, &caller, refused).await.is_some() {
-                            tracing::info!(account = %account.id, "profile ARN refused: trying the one listed now");
+                        let last = i + 1 >= order.len();
+                        let other = self.pool.relist_profile(account, &caller, refused, last).await;
+                        // Asked once an attempt (an OIDC account's listing is a call); a social
+                        // account's learned ARN goes on to the other endpoint first.
+                        reasked = other.is_some() || last || kind != Kind::Social;
+                        if other.is_some() {
+                            tracing::info!(account = %account.id, "profile ARN refused: trying another");
                             continue;
                         }
                     }

@@ -1477,10 +1477,10 @@ async fn credentials_moved_from_a_dropped_id_wait_through_the_retries() {
     h.stop().await;
 }
 
-/// A social account's profile ARN (named by its refresh) that the service stops taking is
-/// forgotten, and the fixed social ARN stands in at once, on the same endpoint: the request
-/// goes through. (Listing profiles is an IAM Identity Center matter; a social account has
-/// nothing to list.)
+/// A social account's profile ARN (named by its refresh) refused by its first endpoint goes on
+/// to the other one, and is kept; refused by both, it is forgotten, and the fixed social ARN
+/// stands in at once: the request goes through. (Listing profiles is an IAM Identity Center
+/// matter; a social account has nothing to list.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_social_accounts_refused_profile_gives_way_to_the_fixed_one() {
     let own = "arn:aws:codewhisperer:us-east-1:123456789012:profile/SOCIALOWN001";
@@ -1497,9 +1497,16 @@ async fn a_social_accounts_refused_profile_gives_way_to_the_fixed_one() {
     assert_eq!(r.status, 200, "{}", r.text());
     let arn = || h.emulator.stats_for("kiro-social").last_request.unwrap()["profileArn"].clone();
     assert_eq!(arn(), own);
+    // The runtime stops taking the account: Amazon Q's endpoint takes it, with its own ARN.
+    h.emulator.set_role_access("kiro-social", Role::Runtime, Some(false));
+    let r = post(&h, "/v1/messages", &simple("two", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(arn(), own);
+    assert_eq!(h.account("kiro-social")["profile_arn"], own);
+    h.emulator.set_role_access("kiro-social", Role::Runtime, None);
     // The account's own profile is gone: the service wants the fixed one now.
     h.emulator.set_profile_arn("kiro-social", None);
-    let r = post(&h, "/v1/messages", &simple("two", false)).await;
+    let r = post(&h, "/v1/messages", &simple("three", false)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(arn(), "arn:aws:codewhisperer:us-east-1:699475941385:profile/EHGA3GRVQMUK");
     assert_eq!(h.account("kiro-social")["state"], "active");
