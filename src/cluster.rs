@@ -319,13 +319,22 @@ pub async fn step(store: &PgStore, pool: &Arc<Pool>, status: &str) {
 async fn adopt(store: &PgStore, pool: &Arc<Pool>, id: &str, until: u64) {
     // Before the read: a refresh of this node's that lands meanwhile is newer than the record.
     let seen = pool.chain_generation(id);
-    match store.get_async(id).await {
+    let own = match store.get_async(id).await {
         Ok(Some(rec)) => pool.adopt(id, crate::accounts::persist::restored_one(rec), seen).await,
-        // Nothing stored yet: the identity this node made is the account's from now on.
         Ok(None) => pool.adopt(id, crate::accounts::pool::Restored::default(), seen).await,
         Err(e) => {
             // Serving on possibly stale tokens could refresh a dead chain: give it back.
             tracing::warn!(account = %id, error = %e, "cluster: cannot load the account; giving its lease back");
+            let _ = store.release(id).await;
+            return;
+        }
+    };
+    // No identity stored yet: the one this node made is the account's from now on, stored
+    // before it serves (queued, the write could be dropped with a lease lost meanwhile, and the
+    // next holder would store a machine id of its own: a second installation).
+    if let Some(identity) = own {
+        if let Err(e) = store.put_identity_async(id, &identity).await {
+            tracing::warn!(account = %id, error = %e, "cluster: cannot store the account's identity; giving its lease back");
             let _ = store.release(id).await;
             return;
         }

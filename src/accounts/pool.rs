@@ -839,8 +839,16 @@ impl Pool {
     /// `[cluster]`: takes over what the store holds for an account whose lease this node has
     /// just acquired (the previous holder's rotated refresh token, access token, state,
     /// counters and identity), replacing what this node knew, which may be stale.
-    pub async fn adopt(&self, id: &str, restored: Restored, seen: u64) {
-        let Some(a) = self.get(id) else { return };
+    ///
+    /// Returns this node's identity when the store held none (or a damaged one), for the
+    /// caller to store before the account serves, so that the next holder takes it over.
+    pub async fn adopt(
+        &self,
+        id: &str,
+        restored: Restored,
+        seen: u64,
+    ) -> Option<crate::store::IdentityRecord> {
+        let a = self.get(id)?;
         let fingerprint = a.spec().credentials_fingerprint();
         if let Some(chain) = restored.chain.filter(|c| c.file_fingerprint == fingerprint) {
             a.tokens.adopt(chain, restored.access, seen).await;
@@ -854,11 +862,8 @@ impl Pool {
         if let Some(c) = restored.counters {
             *a.counters.lock().unwrap_or_else(|e| e.into_inner()) = c;
         }
-        // The identity the previous holder stored; none (or a damaged one): this node's is
-        // stored, so that the next holder takes it over in turn.
-        if !restored.identity.is_some_and(|rec| a.identity.adopt(rec)) {
-            self.sink.identity(&a.id, &a.identity.record());
-        }
+        // The identity the previous holder stored; none (or a damaged one): this node's.
+        (!restored.identity.is_some_and(|rec| a.identity.adopt(rec))).then(|| a.identity.record())
     }
 
     /// The account's token chain generation ([`Tokens::generation`]), read before its stored
@@ -3315,20 +3320,19 @@ mod tests {
             profile_for: Some(fingerprint),
             endpoint: Some("runtime".into()),
         };
-        // A damaged record, or none, changes nothing, and this node's is stored for the next
-        // holder to take over.
+        // A damaged record, or none, changes nothing, and this node's is handed back, for the
+        // lease loop to store before the account serves (the next holder takes it over).
         let damaged = crate::store::IdentityRecord { machine_id: "short".into(), ..identity.clone() };
         let seen = pool.chain_generation("a1");
         for stored in [Some(damaged), None] {
-            sink.identities.lock().unwrap().clear();
             let restored = Restored { identity: stored, ..Default::default() };
-            pool.adopt("a1", restored, seen).await;
+            let own = pool.adopt("a1", restored, seen).await;
             assert_eq!(a.agent().machine_id(), mine);
-            assert_eq!(*sink.identities.lock().unwrap(), vec![("a1".to_owned(), mine.clone())]);
+            assert_eq!(own.map(|r| r.machine_id), Some(mine.clone()));
         }
         sink.identities.lock().unwrap().clear();
         let restored = Restored { identity: Some(identity), ..Default::default() };
-        pool.adopt("a1", restored, seen).await;
+        assert!(pool.adopt("a1", restored, seen).await.is_none(), "nothing of its own to store");
         pool.hold("a1", mono_ms() + 3_600_000);
         assert_eq!(a.agent().machine_id(), theirs);
         assert_eq!(a.identity().learned_profile(&fingerprint), Some(arn));

@@ -664,6 +664,12 @@ impl PgStore {
     }
 
     /// The fenced token write (see the module documentation).
+    /// Writes `id`'s identity now, under this node's lease (a row of an account it does not
+    /// hold is not written).
+    pub async fn put_identity_async(&self, id: &str, rec: &IdentityRecord) -> Result<(), StoreError> {
+        self.put_values("identity", rows::<_, IdentityWire>(&[(id.to_owned(), rec.clone())])?, true).await
+    }
+
     pub async fn put_tokens_async(&self, id: &str, t: &TokenRecord) -> Result<(), StoreError> {
         let Some(epoch) = self.write_epoch(id) else {
             return Err(StoreError::Fenced { account: id.to_owned(), epoch: 0 });

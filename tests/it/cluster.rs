@@ -743,7 +743,13 @@ fn three_nodes_share_accounts_and_survive_a_kill_and_a_pause() {
     assert_eq!(stats.overlapping_refreshes, 0, "two nodes refreshed one account at once");
     rt.block_on(assert_chains_intact(&pg.url(), &emu, &ids));
     // Each account was one installation whichever node served it: the nodes started at once,
-    // each making it a machine id, and every holder took over the one stored.
+    // each making it a machine id, and every holder took over the one stored (and stored it).
+    let stored: Vec<(String, Vec<u8>)> = rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let rows = client.query("SELECT account, value FROM amq2api.identity", &[]).await.unwrap();
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    });
     for id in &ids {
         let machines: std::collections::BTreeSet<String> = emu
             .stats_for(&client_id(id))
@@ -753,6 +759,12 @@ fn three_nodes_share_accounts_and_survive_a_kill_and_a_pause() {
             .filter_map(|v| v.rsplit('-').next().map(str::to_owned))
             .collect();
         assert_eq!(machines.len(), 1, "{id} looked like several installations: {machines:?}");
+        let row = stored.iter().find(|(a, _)| a == id).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+        let machine = machines.first().unwrap();
+        assert!(
+            row.as_deref().is_some_and(|v| v.contains(machine.as_str())),
+            "{id}: stored {row:?}, used {machine}"
+        );
     }
     for d in daemons.into_iter().flatten() {
         assert_eq!(d.stop(Duration::from_secs(20)), 0);
