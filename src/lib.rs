@@ -53,7 +53,8 @@
 //! - [`cluster`]: node heartbeats and account leases with fencing epochs (on PostgreSQL), and the
 //!   lease check a token refresh asks first (`accounts::pool::ClusterView`); a token rotated
 //!   under a lease lost since is still stored unless a later holder stored one
-//!   (`store::postgres`), and the new holder takes it (`Pool::take_newer_stored_chain`). A
+//!   (`store::postgres`), and the new holder takes it (`Pool::take_newer_stored_chain`), with
+//!   the account's identity (machine id, profile: `Pool::adopt`, stored by the holder only). A
 //!   stopping node gives its accounts up as they go idle (`cluster::run`).
 //! - [`systemd`]: sd_notify (READY, STATUS, RELOADING, STOPPING, EXTEND_TIMEOUT_USEC while
 //!   stopping), watchdog, socket activation.

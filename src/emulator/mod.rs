@@ -294,6 +294,7 @@ use tokio::task::JoinHandle;
 pub use catalog::{ModelEntry, PromptCaching, default_catalog};
 pub use device::{DeviceDecision, DeviceFlow, DeviceStats};
 pub use script::Behaviour;
+pub use server::installation_of;
 pub use validate::{Rule, RuleViolation, validate_request};
 
 use sha2::{Digest, Sha256};

@@ -110,7 +110,7 @@ impl ConnCtl {
 }
 
 /// The machine id a user agent names (`KiroIDE-<version>-<64 hex digits>`), if any.
-fn installation_of(user_agent: &str) -> Option<&str> {
+pub fn installation_of(user_agent: &str) -> Option<&str> {
     let at = user_agent.find("KiroIDE-")?;
     let rest = &user_agent[at + "KiroIDE-".len()..];
     let id = rest.split_whitespace().next()?.rsplit('-').next()?;

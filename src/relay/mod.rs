@@ -302,10 +302,11 @@ impl Relay {
     /// its credentials first — reading until the first content. The other endpoint is tried
     /// only on answers that mean "this endpoint does not take this credential" (404, nothing
     /// listening, a 403 for a token that was just refreshed), never on a 4xx about the request;
-    /// the one that works is remembered. A 403 "not authorized" with a learned profile ARN lists
-    /// the profiles again, once: a new one is tried on the same endpoint; else (the listing
-    /// fails or names the same one) the learned one goes on to the other endpoint. Returns the
-    /// token used.
+    /// the one that works is remembered. A 403 "not authorized" with a learned profile ARN
+    /// (`Pool::relist_profile`) lists an OIDC account's profiles again, once: a new one is tried
+    /// on the same endpoint; else the learned one goes on to the other endpoint. A social
+    /// account's goes on to the other endpoint, and the fixed social ARN stands in once both
+    /// refused it. Returns the token used.
     async fn attempt(
         &self,
         account: &Arc<Account>,
@@ -376,10 +377,8 @@ impl Relay {
                     // The Builder ID profile stood in for one that could not be listed (an IAM
                     // Identity Center account needs its own): its refusal is no verdict on the
                     // account (it was made invalid, for good), only this attempt's failure. What
-                    // was sent decides (the stand-in, while the account knows no such profile of
-                    // its own), not the account's flag alone: a listing that worked for another
-                    // request meanwhile clears the flag, and the refusal was then read as the
-                    // account's.
+                    // this attempt sent decides (the stand-in, while the account knows no such
+                    // profile of its own), whatever another request learned meanwhile.
                     let stand_in = crate::accounts::identity::BUILDER_ID_PROFILE_ARN;
                     let stand_in_refused = matches!(&f, UpstreamFailure::AccessDenied { message }
                         if message.to_ascii_lowercase().contains("not authorized"))

@@ -272,12 +272,8 @@ impl UpstreamClient {
             .header(header::ACCEPT, EVENT_STREAM_OR_JSON)
             .body(body)
             .map_err(|e| UpstreamFailure::Transient { status: None, message: e.to_string() })?;
-        let resp = match tokio::time::timeout(
-            self.first_byte_timeout,
-            self.pool.send(req, caller.proxy, caller.agent.machine_id()),
-        )
-        .await
-        {
+        let send = self.pool.send(req, caller.proxy, caller.agent.machine_id());
+        let resp = match tokio::time::timeout(self.first_byte_timeout, send).await {
             Err(_) => {
                 return Err(UpstreamFailure::Transient {
                     status: None,

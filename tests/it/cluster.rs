@@ -755,8 +755,7 @@ fn three_nodes_share_accounts_and_survive_a_kill_and_a_pause() {
             .stats_for(&client_id(id))
             .user_agents
             .iter()
-            .filter_map(|ua| ua.split_whitespace().find_map(|w| w.strip_prefix("KiroIDE-")))
-            .filter_map(|v| v.rsplit('-').next().map(str::to_owned))
+            .filter_map(|ua| amq2api::emulator::installation_of(ua).map(str::to_owned))
             .collect();
         assert_eq!(machines.len(), 1, "{id} looked like several installations: {machines:?}");
         let row = stored.iter().find(|(a, _)| a == id).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
